@@ -1,0 +1,130 @@
+"""Settings read from the environment.
+
+Every setting has a ``SYNC_WORKER_`` variable and, where Prefect has an equivalent, falls
+back to the ``PREFECT_`` variable so that a Prefect user's environment just works. The
+environment is read each time :func:`get_settings` is called (it is cheap), so tests and
+scripts can change variables between calls.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Optional
+
+DEFAULT_API_URL = "http://127.0.0.1:4200/api"
+DEFAULT_METRICS_PORT = 4201
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value that cannot be used."""
+
+
+def _lookup(env: Mapping[str, str], *names: str) -> tuple[Optional[str], Optional[str]]:
+    for name in names:
+        value = env.get(name)
+        if value is not None:
+            return name, value
+    return None, None
+
+
+def _str(env: Mapping[str, str], *names: str, default: Optional[str] = None) -> Optional[str]:
+    _, value = _lookup(env, *names)
+    return default if value is None or value == "" else value
+
+
+def _bool(env: Mapping[str, str], *names: str, default: bool) -> bool:
+    name, value = _lookup(env, *names)
+    if value is None:
+        return default
+    lowered = value.strip().lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise SettingsError(f"{name}={value!r} is not a boolean (use true/false, 1/0, yes/no, on/off)")
+
+
+def _number(env: Mapping[str, str], *names: str, default: float, kind: type = float) -> float:
+    name, value = _lookup(env, *names)
+    if value is None or value.strip() == "":
+        return default
+    try:
+        return kind(value)
+    except ValueError:
+        raise SettingsError(f"{name}={value!r} is not a valid {kind.__name__}") from None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A snapshot of the configuration.
+
+    Attributes:
+        api_url: base URL of the API, ending in ``/api``.
+        auth_string: ``user:password`` sent as HTTP Basic auth (and as the websocket token).
+        api_key: sent as a Bearer token (Prefect Cloud style); the auth string wins if both.
+        storage: where parameter and result records live: a directory path, or
+            ``server`` for the API's own storage endpoint (no shared disk needed).
+        allow_pickle: whether records written with the pickle serializer may be read.
+            Off by default: unpickling data from a queue executes code.
+        delete_failed_submissions: delete a run whose task is unknown or whose
+            parameters cannot be read (Prefect's behaviour), instead of leaving it.
+        request_timeout: seconds for one HTTP request to the API.
+        client_metrics_enabled / client_metrics_port: the Prometheus client metrics
+            server started by workers.
+        drain_timeout: seconds a stopping worker waits for in-flight runs.
+    """
+
+    api_url: str = DEFAULT_API_URL
+    auth_string: Optional[str] = None
+    api_key: Optional[str] = None
+    storage: str = str(Path.home() / ".sync_worker" / "storage")
+    allow_pickle: bool = False
+    delete_failed_submissions: bool = True
+    request_timeout: float = 30.0
+    client_metrics_enabled: bool = False
+    client_metrics_port: int = DEFAULT_METRICS_PORT
+    drain_timeout: float = 30.0
+
+    @property
+    def uses_server_storage(self) -> bool:
+        return self.storage == "server"
+
+
+def get_settings(env: Optional[Mapping[str, str]] = None) -> Settings:
+    """Read the settings from ``env`` (default: ``os.environ``)."""
+    env = os.environ if env is None else env
+    defaults = Settings()
+    return Settings(
+        api_url=_str(env, "SYNC_WORKER_API_URL", "PREFECT_API_URL", default=defaults.api_url).rstrip("/"),
+        auth_string=_str(env, "SYNC_WORKER_API_AUTH_STRING", "PREFECT_API_AUTH_STRING"),
+        api_key=_str(env, "SYNC_WORKER_API_KEY", "PREFECT_API_KEY"),
+        storage=_str(env, "SYNC_WORKER_STORAGE", default=defaults.storage),
+        allow_pickle=_bool(env, "SYNC_WORKER_ALLOW_PICKLE", default=defaults.allow_pickle),
+        delete_failed_submissions=_bool(
+            env,
+            "SYNC_WORKER_DELETE_FAILED_SUBMISSIONS",
+            "PREFECT_TASKS_SCHEDULING_DELETE_FAILED_SUBMISSIONS",
+            default=defaults.delete_failed_submissions,
+        ),
+        request_timeout=_number(env, "SYNC_WORKER_REQUEST_TIMEOUT", "PREFECT_API_REQUEST_TIMEOUT", default=defaults.request_timeout),
+        client_metrics_enabled=_bool(
+            env,
+            "SYNC_WORKER_CLIENT_METRICS_ENABLED",
+            "PREFECT_CLIENT_METRICS_ENABLED",
+            default=defaults.client_metrics_enabled,
+        ),
+        client_metrics_port=int(
+            _number(
+                env,
+                "SYNC_WORKER_CLIENT_METRICS_PORT",
+                "PREFECT_CLIENT_METRICS_PORT",
+                default=defaults.client_metrics_port,
+                kind=int,
+            )
+        ),
+        drain_timeout=_number(env, "SYNC_WORKER_DRAIN_TIMEOUT", default=defaults.drain_timeout),
+    )
