@@ -1,0 +1,196 @@
+"""A small synchronous REST client for the task-run API (embedded server or Prefect 3).
+
+One ``requests.Session`` is shared by all threads of a process (its connection pool is
+thread-safe), so a worker with ten busy threads keeps ten warm keep-alive connections
+instead of opening one per state change.
+
+Retries: reads, deletes, record writes and state proposals are retried on connection
+errors and 5xx answers with exponential backoff and jitter (tenacity). Proposals are safe
+to retry because the server orchestrates them: a proposal that did land the first time is
+answered REJECT the second time, which the engine treats as "already there". Creating a
+run is *not* retried: a create that reached the server before the connection broke would
+otherwise run the task twice.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from typing import Any, Callable, Dict, Optional, TypeVar
+from urllib.parse import urlsplit, urlunsplit
+
+import requests
+import tenacity
+from requests.adapters import HTTPAdapter
+
+from sync_worker.exceptions import APIError, ObjectNotFound, Unauthorized
+from sync_worker.schemas import OrchestrationResult, State, TaskRun
+from sync_worker.settings import Settings, get_settings
+
+logger = logging.getLogger("sync_worker.client")
+
+T = TypeVar("T")
+
+#: How many connections one client keeps per host: enough for a worker's threads.
+POOL_SIZE = 64
+
+
+def _is_retryable(exc: BaseException) -> bool:
+    if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
+        return True
+    return isinstance(exc, APIError) and exc.status_code >= 500
+
+
+def _log_retry(retry_state: tenacity.RetryCallState) -> None:
+    exc = retry_state.outcome.exception() if retry_state.outcome else None
+    logger.warning(
+        "API call failed (%s), retrying in %.1fs (attempt %d)",
+        exc, retry_state.next_action.sleep if retry_state.next_action else 0, retry_state.attempt_number,
+    )
+
+
+class Client:
+    """REST client for ``/api/task_runs`` and the embedded server's ``/api/storage``.
+
+    Args default to the environment (:func:`sync_worker.settings.get_settings`).
+    ``retry_attempts`` bounds the retries of idempotent calls; set it to 1 to fail fast.
+    """
+
+    def __init__(
+        self,
+        api_url: Optional[str] = None,
+        auth_string: Optional[str] = None,
+        api_key: Optional[str] = None,
+        timeout: Optional[float] = None,
+        *,
+        retry_attempts: int = 6,
+        settings: Optional[Settings] = None,
+    ):
+        settings = settings or get_settings()
+        self.api_url = (api_url or settings.api_url).rstrip("/")
+        self.auth_string = auth_string if auth_string is not None else settings.auth_string
+        self.api_key = api_key if api_key is not None else settings.api_key
+        self.timeout = timeout if timeout is not None else settings.request_timeout
+        self._session = requests.Session()
+        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=POOL_SIZE)
+        self._session.mount("http://", adapter)
+        self._session.mount("https://", adapter)
+        self._session.headers.update({"Accept": "application/json"})
+        if self.auth_string:
+            token = base64.b64encode(self.auth_string.encode()).decode()
+            self._session.headers["Authorization"] = f"Basic {token}"
+        elif self.api_key:
+            self._session.headers["Authorization"] = f"Bearer {self.api_key}"
+        self._retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(_is_retryable),
+            stop=tenacity.stop_after_attempt(max(1, retry_attempts)),
+            wait=tenacity.wait_exponential_jitter(initial=0.1, max=5.0),
+            before_sleep=_log_retry,
+            reraise=True,
+        )
+
+    # -- plumbing ---------------------------------------------------------------------
+    @property
+    def auth_token(self) -> Optional[str]:
+        """What the websocket ``auth`` message carries: the auth string, else the API key."""
+        return self.auth_string or self.api_key
+
+    @property
+    def headers(self) -> Dict[str, str]:
+        """Headers for connections made outside the session (the websocket handshake)."""
+        return {k: v for k, v in self._session.headers.items() if k == "Authorization"}
+
+    def websocket_url(self, path: str) -> str:
+        parts = urlsplit(f"{self.api_url}/{path.lstrip('/')}")
+        scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
+        return urlunsplit((scheme, parts.netloc, parts.path, parts.query, ""))
+
+    def _request(self, method: str, path: str, *, json_body: Any = None, data: Optional[bytes] = None,
+                 headers: Optional[Dict[str, str]] = None) -> requests.Response:
+        body = data
+        request_headers = dict(headers or {})
+        if json_body is not None:
+            body = json.dumps(json_body).encode()
+            request_headers["Content-Type"] = "application/json"
+        response = self._session.request(
+            method, f"{self.api_url}{path}", data=body, headers=request_headers, timeout=self.timeout
+        )
+        if response.status_code >= 400:
+            raise _api_error(method, path, response)
+        return response
+
+    def _retried(self, call: Callable[[], T]) -> T:
+        return self._retrying(call)
+
+    # -- task runs --------------------------------------------------------------------
+    def create_task_run(self, body: Dict[str, Any]) -> TaskRun:
+        """Create a run from a body built by :func:`sync_worker.schemas.task_run_create`."""
+        response = self._request("POST", "/task_runs/", json_body=body)
+        return TaskRun.from_json(response.json())
+
+    def read_task_run(self, task_run_id: str) -> TaskRun:
+        response = self._retried(lambda: self._request("GET", f"/task_runs/{task_run_id}"))
+        return TaskRun.from_json(response.json())
+
+    def delete_task_run(self, task_run_id: str) -> None:
+        self._retried(lambda: self._request("DELETE", f"/task_runs/{task_run_id}"))
+
+    def set_task_run_state(self, task_run_id: str, state: State, force: bool = False) -> OrchestrationResult:
+        body = {"state": state.to_json(), "force": force}
+        response = self._retried(lambda: self._request("POST", f"/task_runs/{task_run_id}/set_state", json_body=body))
+        return OrchestrationResult.from_json(response.json())
+
+    def health(self) -> bool:
+        """True when the server answers its health check; raises on auth errors."""
+        try:
+            response = self._request("GET", "/health")
+        except (requests.ConnectionError, requests.Timeout):
+            return False
+        except APIError as exc:
+            if isinstance(exc, Unauthorized):
+                raise
+            return False
+        return response.json() is True
+
+    # -- records (embedded server only) ---------------------------------------------
+    def write_record(self, key: str, data: bytes) -> None:
+        self._retried(lambda: self._request(
+            "PUT", f"/storage/{key}", data=data, headers={"Content-Type": "application/octet-stream"}
+        ))
+
+    def read_record(self, key: str) -> bytes:
+        return self._retried(lambda: self._request("GET", f"/storage/{key}")).content
+
+    # -- lifecycle --------------------------------------------------------------------
+    def close(self) -> None:
+        self._session.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Client({self.api_url!r})"
+
+
+def _api_error(method: str, path: str, response: requests.Response) -> APIError:
+    try:
+        payload = response.json()
+    except ValueError:
+        payload = response.text[:500]
+    detail = payload
+    if isinstance(payload, dict):
+        detail = payload.get("detail") or payload.get("exception_detail") or payload.get("exception_message") or payload
+    status = response.status_code
+    message = f"{method} {path} failed with {status}: {detail}"
+    if status in (401, 403):
+        message += (
+            " — check SYNC_WORKER_API_AUTH_STRING / PREFECT_API_AUTH_STRING (or the API key) "
+            "against the server's auth string"
+        )
+        return Unauthorized(message, status_code=status, detail=detail, response=response)
+    if status == 404:
+        return ObjectNotFound(message, status_code=status, detail=detail, response=response)
+    return APIError(message, status_code=status, detail=detail, response=response)

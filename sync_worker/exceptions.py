@@ -1,0 +1,59 @@
+"""The errors sync_worker raises, so callers can catch them by meaning."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import requests
+
+
+class SyncWorkerError(Exception):
+    """Base class for sync_worker's own errors."""
+
+
+class APIError(requests.HTTPError, SyncWorkerError):
+    """The API answered with an error status.
+
+    A subclass of ``requests.HTTPError`` so code that already treats HTTP errors (for
+    example ``critical_service_loop``, which forgives 5xx) handles it without knowing us.
+    """
+
+    def __init__(self, message: str, *, status_code: int, detail: Any = None, response: Optional[requests.Response] = None):
+        super().__init__(message, response=response)
+        self.status_code = status_code
+        self.detail = detail
+
+
+class ObjectNotFound(APIError):
+    """404: the task run (or record) does not exist on this server."""
+
+
+class Unauthorized(APIError):
+    """401/403: the credentials are missing or wrong."""
+
+
+class SerializationError(SyncWorkerError, ValueError):
+    """A value could not be serialized (parameters at submit time, or a result)."""
+
+
+class ParameterReadError(SyncWorkerError):
+    """A task run's parameters could not be read; the run cannot be executed."""
+
+
+class TaskRunFailed(SyncWorkerError):
+    """The task run ended in a failed state; the message is the server's state message."""
+
+    def __init__(self, message: str, *, state: Any = None, exception_type: Optional[str] = None, traceback: Optional[str] = None):
+        super().__init__(message)
+        self.state = state
+        self.exception_type = exception_type
+        self.traceback = traceback
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        if self.traceback:
+            text += "\n\nRemote traceback:\n" + self.traceback
+        return text
+
+
+class CredentialsError(SyncWorkerError):
+    """The server refused our credentials: retrying will not help."""

@@ -1,0 +1,310 @@
+"""The objects of Prefect 3's task-run protocol, as plain dataclasses.
+
+``from_json`` reads what a Prefect 3 server (or the embedded server) sends, ignoring
+fields it does not know, so a newer server does not break an older client. ``to_json``
+writes only what Prefect's API accepts. Ids are kept as strings: they are only ever
+compared and sent back.
+"""
+from __future__ import annotations
+
+import enum
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Dict, List, Mapping, Optional, Union
+
+
+class StateType(str, enum.Enum):
+    SCHEDULED = "SCHEDULED"
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+    CRASHED = "CRASHED"
+    PAUSED = "PAUSED"
+    CANCELLING = "CANCELLING"
+
+
+TERMINAL_STATES = frozenset(
+    {StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED, StateType.CRASHED}
+)
+
+
+class SetStateStatus(str, enum.Enum):
+    """The server's answer to a proposed state."""
+
+    ACCEPT = "ACCEPT"
+    REJECT = "REJECT"
+    ABORT = "ABORT"
+    WAIT = "WAIT"
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def parse_datetime(value: Any) -> Optional[datetime]:
+    """Parse an ISO 8601 timestamp as Prefect writes it (``...Z``) into an aware datetime."""
+    if value is None or isinstance(value, datetime):
+        return value
+    text = str(value)
+    if text.endswith("Z"):
+        text = text[:-1] + "+00:00"
+    parsed = datetime.fromisoformat(text)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+
+
+def format_datetime(value: Optional[datetime]) -> Optional[str]:
+    if value is None:
+        return None
+    return value.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+@dataclass
+class StateDetails:
+    deferred: Optional[bool] = None
+    task_parameters_id: Optional[str] = None
+    task_run_id: Optional[str] = None
+    flow_run_id: Optional[str] = None
+    scheduled_time: Optional[datetime] = None
+    retriable: Optional[bool] = None
+    cache_key: Optional[str] = None
+
+    @classmethod
+    def from_json(cls, data: Optional[Mapping[str, Any]]) -> "StateDetails":
+        if not data:
+            return cls()
+        return cls(
+            deferred=data.get("deferred"),
+            task_parameters_id=_opt_str(data.get("task_parameters_id")),
+            task_run_id=_opt_str(data.get("task_run_id")),
+            flow_run_id=_opt_str(data.get("flow_run_id")),
+            scheduled_time=parse_datetime(data.get("scheduled_time")),
+            retriable=data.get("retriable"),
+            cache_key=data.get("cache_key"),
+        )
+
+    def to_json(self) -> Dict[str, Any]:
+        """Only the fields that are set: Prefect fills in its defaults for the rest."""
+        out: Dict[str, Any] = {}
+        for name in ("deferred", "task_parameters_id", "task_run_id", "flow_run_id", "retriable", "cache_key"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        if self.scheduled_time is not None:
+            out["scheduled_time"] = format_datetime(self.scheduled_time)
+        return out
+
+
+@dataclass
+class State:
+    type: StateType
+    name: Optional[str] = None
+    message: Optional[str] = None
+    timestamp: Optional[datetime] = None
+    id: Optional[str] = None
+    state_details: StateDetails = field(default_factory=StateDetails)
+    data: Any = None
+
+    def __post_init__(self) -> None:
+        self.type = StateType(self.type)
+        if self.name is None:
+            self.name = self.type.value.capitalize()
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "State":
+        return cls(
+            type=StateType(data["type"]),
+            name=data.get("name"),
+            message=data.get("message"),
+            timestamp=parse_datetime(data.get("timestamp")),
+            id=_opt_str(data.get("id")),
+            state_details=StateDetails.from_json(data.get("state_details")),
+            data=data.get("data"),
+        )
+
+    def to_json(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"type": self.type.value, "name": self.name}
+        if self.message is not None:
+            out["message"] = self.message
+        if self.timestamp is not None:
+            out["timestamp"] = format_datetime(self.timestamp)
+        details = self.state_details.to_json()
+        if details:
+            out["state_details"] = details
+        if self.data is not None:
+            out["data"] = self.data
+        return out
+
+    def is_terminal(self) -> bool:
+        return self.type in TERMINAL_STATES
+
+    def is_scheduled(self) -> bool:
+        return self.type is StateType.SCHEDULED
+
+    def is_completed(self) -> bool:
+        return self.type is StateType.COMPLETED
+
+    def is_failed(self) -> bool:
+        return self.type is StateType.FAILED
+
+    def __str__(self) -> str:
+        return f"{self.name}({self.type.value})" + (f": {self.message}" if self.message else "")
+
+
+def Scheduled(*, deferred: bool = True, task_parameters_id: Optional[str] = None, scheduled_time: Optional[datetime] = None) -> State:
+    """The state a background run is created in."""
+    return State(
+        StateType.SCHEDULED,
+        "Scheduled",
+        state_details=StateDetails(deferred=deferred, task_parameters_id=task_parameters_id, scheduled_time=scheduled_time),
+    )
+
+
+def Pending(*, deferred: bool = True) -> State:
+    return State(StateType.PENDING, "Pending", state_details=StateDetails(deferred=deferred))
+
+
+def Running() -> State:
+    return State(StateType.RUNNING, "Running")
+
+
+def Completed(data: Any = None) -> State:
+    return State(StateType.COMPLETED, "Completed", data=data)
+
+
+def Failed(message: str, *, name: str = "Failed", data: Any = None, deferred: bool = True) -> State:
+    """``deferred=True`` makes a Prefect server put the retry back on the task queue."""
+    return State(StateType.FAILED, name, message=message, data=data, state_details=StateDetails(deferred=deferred))
+
+
+@dataclass
+class EmpiricalPolicy:
+    retries: int = 0
+    retry_delay: Union[float, List[float], None] = 0
+    retry_jitter_factor: Optional[float] = None
+
+    @classmethod
+    def from_json(cls, data: Optional[Mapping[str, Any]]) -> "EmpiricalPolicy":
+        if not data:
+            return cls()
+        return cls(
+            retries=int(data.get("retries") or 0),
+            retry_delay=data.get("retry_delay", 0),
+            retry_jitter_factor=data.get("retry_jitter_factor"),
+        )
+
+    def to_json(self) -> Dict[str, Any]:
+        out: Dict[str, Any] = {"retries": self.retries, "retry_delay": self.retry_delay}
+        if self.retry_jitter_factor is not None:
+            out["retry_jitter_factor"] = self.retry_jitter_factor
+        return out
+
+
+@dataclass
+class TaskRun:
+    id: str
+    name: str
+    task_key: str
+    dynamic_key: str
+    state: Optional[State] = None
+    empirical_policy: EmpiricalPolicy = field(default_factory=EmpiricalPolicy)
+    tags: List[str] = field(default_factory=list)
+    run_count: int = 0
+    flow_run_id: Optional[str] = None
+    task_inputs: Dict[str, Any] = field(default_factory=dict)
+    created: Optional[datetime] = None
+    expected_start_time: Optional[datetime] = None
+    start_time: Optional[datetime] = None
+    end_time: Optional[datetime] = None
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "TaskRun":
+        state = data.get("state")
+        return cls(
+            id=str(data["id"]),
+            name=data.get("name") or "",
+            task_key=data["task_key"],
+            dynamic_key=data.get("dynamic_key") or "",
+            state=State.from_json(state) if state else None,
+            empirical_policy=EmpiricalPolicy.from_json(data.get("empirical_policy")),
+            tags=list(data.get("tags") or []),
+            run_count=int(data.get("run_count") or 0),
+            flow_run_id=_opt_str(data.get("flow_run_id")),
+            task_inputs=dict(data.get("task_inputs") or {}),
+            created=parse_datetime(data.get("created")),
+            expected_start_time=parse_datetime(data.get("expected_start_time")),
+            start_time=parse_datetime(data.get("start_time")),
+            end_time=parse_datetime(data.get("end_time")),
+        )
+
+    def to_json(self) -> Dict[str, Any]:
+        return {
+            "id": self.id,
+            "name": self.name,
+            "task_key": self.task_key,
+            "dynamic_key": self.dynamic_key,
+            "state": self.state.to_json() if self.state else None,
+            "empirical_policy": self.empirical_policy.to_json(),
+            "tags": list(self.tags),
+            "run_count": self.run_count,
+            "flow_run_id": self.flow_run_id,
+            "task_inputs": dict(self.task_inputs),
+            "created": format_datetime(self.created),
+            "expected_start_time": format_datetime(self.expected_start_time),
+            "start_time": format_datetime(self.start_time),
+            "end_time": format_datetime(self.end_time),
+        }
+
+
+def task_run_create(
+    *,
+    name: str,
+    task_key: str,
+    state: State,
+    empirical_policy: Optional[EmpiricalPolicy] = None,
+    tags: Optional[List[str]] = None,
+    task_inputs: Optional[Dict[str, Any]] = None,
+    dynamic_key: Optional[str] = None,
+) -> Dict[str, Any]:
+    """The body of ``POST /task_runs/`` in the shape Prefect's own client sends."""
+    return {
+        "name": name,
+        "task_key": task_key,
+        "dynamic_key": dynamic_key or f"{task_key}-{uuid.uuid4().hex}",
+        "flow_run_id": None,
+        "empirical_policy": (empirical_policy or EmpiricalPolicy()).to_json(),
+        "tags": list(tags or []),
+        "task_inputs": {name: [] for name in (task_inputs or {})},
+        "state": state.to_json(),
+    }
+
+
+@dataclass
+class OrchestrationResult:
+    status: SetStateStatus
+    state: Optional[State] = None
+    details: Dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "OrchestrationResult":
+        state = data.get("state")
+        return cls(
+            status=SetStateStatus(data["status"]),
+            state=State.from_json(state) if state else None,
+            details=dict(data.get("details") or {}),
+        )
+
+    @property
+    def reason(self) -> Optional[str]:
+        return self.details.get("reason")
+
+    @property
+    def delay_seconds(self) -> float:
+        """How long a WAIT asks the caller to wait before proposing again."""
+        return float(self.details.get("delay_seconds") or 0)
+
+
+def _opt_str(value: Any) -> Optional[str]:
+    return None if value is None else str(value)
