@@ -16,6 +16,8 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import os
+import threading
 from typing import Any, Callable, Dict, Optional, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -194,3 +196,28 @@ def _api_error(method: str, path: str, response: requests.Response) -> APIError:
     if status == 404:
         return ObjectNotFound(message, status_code=status, detail=detail, response=response)
     return APIError(message, status_code=status, detail=detail, response=response)
+
+
+_default_clients: Dict[tuple, Client] = {}
+_default_lock = threading.Lock()
+
+
+def get_client(settings: Optional[Settings] = None) -> Client:
+    """The process-wide client for these settings, so repeated ``.delay()`` calls reuse
+    one connection pool. Forgotten in a forked child: sockets must not be shared."""
+    settings = settings or get_settings()
+    key = (settings.api_url, settings.auth_string, settings.api_key, settings.request_timeout)
+    with _default_lock:
+        client = _default_clients.get(key)
+        if client is None:
+            client = _default_clients[key] = Client(settings=settings)
+        return client
+
+
+def _forget_clients_after_fork() -> None:
+    global _default_lock
+    _default_lock = threading.Lock()
+    _default_clients.clear()
+
+
+os.register_at_fork(after_in_child=_forget_clients_after_fork)

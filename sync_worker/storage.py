@@ -1,0 +1,290 @@
+"""Parameter and result records, and the stores that hold them.
+
+A background run does not carry its parameters: the submitter writes them to a store as
+a *record* and puts the record's key in the run's ``task_parameters_id``; the worker
+reads them back. Results travel the same way, the COMPLETED state's ``data`` naming the
+record. The record layout is Prefect 3's ``ResultRecord`` so that records written by
+Prefect can be read here and the other way round::
+
+    {"metadata": {"storage_key": "<key>", "expiration": null,
+                  "serializer": {"type": "json", ...}, "prefect_version": "...",
+                  "storage_block_id": null},
+     "result": "<the serializer's output, as text>"}
+
+Serializers: ``json`` (default) and ``pickle`` (base64-wrapped, as Prefect writes it).
+Reading a pickle record executes code chosen by whoever wrote it, so it is refused
+unless ``SYNC_WORKER_ALLOW_PICKLE=true``.
+
+Stores: a local directory (default, ``SYNC_WORKER_STORAGE``), or the embedded server's
+``/api/storage`` endpoint (``SYNC_WORKER_STORAGE=server``) for workers and submitters on
+different machines with no shared disk.
+"""
+from __future__ import annotations
+
+import base64
+import importlib
+import json
+import os
+import re
+import tempfile
+import traceback
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from sync_worker.exceptions import ObjectNotFound, ParameterReadError, SerializationError, SyncWorkerError
+from sync_worker.settings import Settings, get_settings
+
+if TYPE_CHECKING:
+    from sync_worker.client import Client
+
+#: Written into records' metadata; Prefect requires the field, its value is informational.
+RECORD_VERSION = "3.8.8"
+
+SERIALIZERS = ("json", "pickle")
+
+_KEY = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+
+_JSON_SERIALIZER = {
+    "type": "json",
+    "jsonlib": "json",
+    "object_encoder": "prefect.serializers.prefect_json_object_encoder",
+    "object_decoder": "prefect.serializers.prefect_json_object_decoder",
+    "dumps_kwargs": {},
+    "loads_kwargs": {},
+}
+_PICKLE_SERIALIZER = {"type": "pickle", "picklelib": "pickle", "picklelib_version": None}
+
+PICKLE_OPT_IN = (
+    "reading it would unpickle data from the queue, which can execute arbitrary code; "
+    "set SYNC_WORKER_ALLOW_PICKLE=true on the worker if you trust every submitter"
+)
+
+
+class RecordNotFound(SyncWorkerError, KeyError):
+    """No record is stored under this key."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "record not found"
+
+
+class RecordStore(Protocol):
+    def write(self, key: str, data: bytes) -> None: ...
+
+    def read(self, key: str) -> bytes: ...
+
+    def delete(self, key: str) -> None: ...
+
+
+def check_key(key: str) -> str:
+    if not _KEY.match(key):
+        raise ValueError(f"invalid record key {key!r}: use 1-200 characters from A-Z a-z 0-9 . _ -")
+    return key
+
+
+class LocalDirectoryStore:
+    """Records as files in one directory; writes are atomic (temp file + rename)."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path).expanduser()
+
+    def write(self, key: str, data: bytes) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".tmp-")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+            os.replace(tmp, self.path / check_key(key))
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            raise
+
+    def read(self, key: str) -> bytes:
+        try:
+            return (self.path / check_key(key)).read_bytes()
+        except FileNotFoundError:
+            raise RecordNotFound(f"no record {key!r} in {self.path}") from None
+
+    def delete(self, key: str) -> None:
+        try:
+            (self.path / check_key(key)).unlink()
+        except FileNotFoundError:
+            pass
+
+    def __repr__(self) -> str:
+        return f"LocalDirectoryStore({str(self.path)!r})"
+
+
+class ServerStore:
+    """Records kept by the embedded server (``/api/storage/{key}``)."""
+
+    def __init__(self, client: Client):
+        self.client = client
+
+    def write(self, key: str, data: bytes) -> None:
+        self.client.write_record(check_key(key), data)
+
+    def read(self, key: str) -> bytes:
+        try:
+            return self.client.read_record(check_key(key))
+        except ObjectNotFound:
+            raise RecordNotFound(f"no record {key!r} on {self.client.api_url}") from None
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client._retried(lambda: self.client._request("DELETE", f"/storage/{check_key(key)}"))
+        except ObjectNotFound:
+            pass
+
+    def __repr__(self) -> str:
+        return f"ServerStore({self.client.api_url!r})"
+
+
+def get_store(settings: Settings | None = None, client: Client | None = None) -> RecordStore:
+    """The store named by ``SYNC_WORKER_STORAGE``: a directory, or ``server``."""
+    settings = settings or get_settings()
+    if settings.uses_server_storage:
+        if client is None:
+            from sync_worker.client import get_client
+
+            client = get_client(settings)
+        return ServerStore(client)
+    return LocalDirectoryStore(settings.storage)
+
+
+# -- records -----------------------------------------------------------------------------
+def dump_record(value: Any, serializer: str = "json", key: str | None = None) -> bytes:
+    """Serialize ``value`` into a Prefect-layout record; raises SerializationError."""
+    if serializer == "json":
+        try:
+            payload = json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise SerializationError(
+                f"cannot serialize {_describe(value)} with the json serializer: {exc}. "
+                "Pass JSON-compatible values (str, int, float, bool, None, list, dict with "
+                "str keys), or opt in to pickle with result_serializer='pickle'"
+            ) from exc
+        serializer_meta: dict[str, Any] = _JSON_SERIALIZER
+    elif serializer == "pickle":
+        import pickle
+
+        try:
+            payload = base64.encodebytes(pickle.dumps(value)).decode()
+        except Exception as exc:
+            raise SerializationError(f"cannot pickle {_describe(value)}: {exc}") from exc
+        serializer_meta = _PICKLE_SERIALIZER
+    else:
+        raise ValueError(f"unknown serializer {serializer!r}; choose one of {', '.join(SERIALIZERS)}")
+    metadata = {
+        "storage_key": key,
+        "expiration": None,
+        "serializer": serializer_meta,
+        "prefect_version": RECORD_VERSION,
+        "storage_block_id": None,
+    }
+    return json.dumps({"metadata": metadata, "result": payload}).encode()
+
+
+def load_record(data: bytes, *, allow_pickle: bool = False) -> Any:
+    """Read a record written by :func:`dump_record` or by Prefect."""
+    try:
+        record = json.loads(data)
+        serializer = record["metadata"]["serializer"]
+        kind = serializer["type"]
+        payload = record["result"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SerializationError(f"not a valid record: {exc!r}") from exc
+    if kind == "json":
+        if serializer.get("jsonlib", "json") != "json":
+            raise SerializationError(f"unsupported json library {serializer.get('jsonlib')!r} in record")
+        return json.loads(payload) if isinstance(payload, str) else payload
+    if kind == "pickle":
+        if not allow_pickle:
+            raise SerializationError(f"the record is pickled; {PICKLE_OPT_IN}")
+        picklelib = serializer.get("picklelib") or "pickle"
+        try:
+            pickler = importlib.import_module(picklelib)
+        except ImportError:
+            # cloudpickle output is readable by the standard library for importable objects
+            import pickle as pickler
+        return pickler.loads(base64.decodebytes(payload.encode()))
+    raise SerializationError(f"unsupported serializer {kind!r} in record")
+
+
+def write_parameters(store: RecordStore, parameters: dict[str, Any], serializer: str = "json") -> str:
+    """Store a run's parameters (Prefect's payload shape) and return the record key."""
+    key = str(uuid.uuid4())
+    store.write(key, dump_record({"parameters": parameters, "context": {}}, serializer, key))
+    return key
+
+
+def read_parameters(store: RecordStore, key: str, *, allow_pickle: bool = False) -> dict[str, Any]:
+    """The payload dict ``{"parameters": {...}, ...}``; ParameterReadError says what went wrong."""
+    try:
+        payload = load_record(store.read(key), allow_pickle=allow_pickle)
+    except RecordNotFound as exc:
+        raise ParameterReadError(f"parameters {key!r} not found: {exc}. Do the submitter and the worker share "
+                                 "the same SYNC_WORKER_STORAGE?") from exc
+    except SerializationError as exc:
+        raise ParameterReadError(f"cannot read parameters {key!r}: {exc}") from exc
+    if not isinstance(payload, dict) or not isinstance(payload.get("parameters", {}), dict):
+        raise ParameterReadError(f"parameters {key!r} are not a mapping of argument names to values")
+    payload.setdefault("parameters", {})
+    return payload
+
+
+def write_result(store: RecordStore, value: Any, serializer: str = "json", key: str | None = None) -> dict[str, Any] | None:
+    """Persist a result; returns the COMPLETED state's ``data`` (the record metadata).
+
+    ``None`` is not written: a state with no data means the result is ``None``, which
+    saves a file per run for the many tasks that return nothing.
+    """
+    if value is None:
+        return None
+    key = key or str(uuid.uuid4())
+    data = dump_record(value, serializer, key)
+    store.write(key, data)
+    return json.loads(data)["metadata"]
+
+
+def write_exception(store: RecordStore, exc: BaseException) -> dict[str, Any]:
+    """Persist a failure as a JSON record: type, message and the formatted traceback."""
+    return write_result(store, describe_exception(exc))  # type: ignore[return-value]
+
+
+def describe_exception(exc: BaseException) -> dict[str, str]:
+    return {
+        "type": type(exc).__qualname__,
+        "message": str(exc),
+        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+    }
+
+
+def read_result(store: RecordStore, data: Any, *, allow_pickle: bool = False) -> Any:
+    """The value behind a terminal state's ``data`` (record metadata, or None)."""
+    if data is None:
+        return None
+    if not isinstance(data, dict) or not data.get("storage_key"):
+        raise SerializationError(f"the state's data does not name a stored result: {data!r}")
+    return load_record(store.read(data["storage_key"]), allow_pickle=allow_pickle)
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, dict) and set(value) >= {"parameters"}:
+        bad = [name for name, v in value["parameters"].items() if not _json_ok(v)]
+        if bad:
+            return "parameter(s) " + ", ".join(
+                f"{name!r} ({type(value['parameters'][name]).__name__})" for name in bad
+            )
+    return f"a value of type {type(value).__name__}"
+
+
+def _json_ok(value: Any) -> bool:
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return False
+    return True

@@ -1,0 +1,297 @@
+"""``@task``, ``Task.delay`` and ``TaskRunFuture``: the submitting side.
+
+``send_email.delay(to="a@b.c")`` binds the arguments against the function's signature
+(a wrong call fails here, in the caller, not later in a worker), stores the parameters as
+a record, creates a SCHEDULED *deferred* run on the server, and returns a future at once.
+A worker serving the task's key picks the run up.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
+
+import tenacity
+
+from sync_worker.exceptions import SerializationError, TaskRunFailed
+from sync_worker.schemas import EmpiricalPolicy, Scheduled, State, StateType, TaskRun, task_run_create
+from sync_worker.settings import get_settings
+from sync_worker.storage import SERIALIZERS, RecordStore, get_store, read_result, write_parameters
+
+if TYPE_CHECKING:
+    from typing_extensions import ParamSpec
+
+    from sync_worker.client import Client
+
+    P = ParamSpec("P")
+else:
+    P = TypeVar("P")
+
+R = TypeVar("R")
+
+logger = logging.getLogger("sync_worker.tasks")
+
+#: Polling intervals of ``TaskRunFuture.wait``: start fast (a no-op run completes in a
+#: few milliseconds on the embedded server), back off to at most this many seconds.
+POLL_INITIAL = 0.001
+POLL_MAX = 0.25
+
+
+def default_task_key(fn: Callable[..., Any]) -> str:
+    """``module.qualname``: stable across processes and restarts.
+
+    A function defined in a script run as ``python jobs.py`` lives in ``__main__``; the
+    worker imports it as ``jobs``. Using the script's file name for ``__main__`` makes
+    both sides compute the same key.
+    """
+    module = fn.__module__
+    if module == "__main__":
+        main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+        if main_file:
+            module = os.path.splitext(os.path.basename(main_file))[0]
+    return f"{module}.{fn.__qualname__}"
+
+
+class Task(Generic[P, R]):
+    """A function that can run in the background.
+
+    Calling the task runs the function inline. ``delay``/``apply_async`` submit a run.
+    ``result_serializer`` ("json" or "pickle") is used for both the parameters and the
+    result, as Prefect does. ``timeout_seconds`` is enforced by the worker.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[P, R],
+        *,
+        name: str | None = None,
+        task_key: str | None = None,
+        retries: int = 0,
+        retry_delay_seconds: float | Sequence[float] = 0,
+        retry_jitter_factor: float | None = None,
+        timeout_seconds: float | None = None,
+        tags: Iterable[str] | None = None,
+        persist_result: bool = True,
+        result_serializer: str = "json",
+    ):
+        if not callable(fn):
+            raise TypeError(f"@task needs a function, got {fn!r}")
+        if inspect.iscoroutinefunction(fn):
+            raise TypeError(f"{fn.__qualname__} is a coroutine function: sync_worker runs synchronous functions only")
+        if retries < 0:
+            raise ValueError("retries must be >= 0")
+        if result_serializer not in SERIALIZERS:
+            raise ValueError(f"result_serializer must be one of {SERIALIZERS}, got {result_serializer!r}")
+        if retry_jitter_factor is not None and retry_jitter_factor < 0:
+            raise ValueError("retry_jitter_factor must be >= 0")
+        self.fn = fn
+        self.name = name or fn.__name__
+        self.task_key = task_key or default_task_key(fn)
+        self.retries = retries
+        self.retry_delay_seconds = (
+            [float(d) for d in retry_delay_seconds] if isinstance(retry_delay_seconds, (list, tuple)) else float(retry_delay_seconds)
+        )
+        self.retry_jitter_factor = retry_jitter_factor
+        self.timeout_seconds = timeout_seconds
+        self.tags = sorted(set(tags or ()))
+        self.persist_result = persist_result
+        self.result_serializer = result_serializer
+        self._signature = inspect.signature(fn)
+        functools.update_wrapper(self, fn)  # type: ignore[arg-type]
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
+        return self.fn(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<Task {self.name} key={self.task_key!r}>"
+
+    def with_options(self, **options: Any) -> Task[P, R]:
+        """A copy of this task with some options changed."""
+        current = {
+            "name": self.name, "task_key": self.task_key, "retries": self.retries,
+            "retry_delay_seconds": self.retry_delay_seconds, "retry_jitter_factor": self.retry_jitter_factor,
+            "timeout_seconds": self.timeout_seconds, "tags": self.tags, "persist_result": self.persist_result,
+            "result_serializer": self.result_serializer,
+        }
+        current.update(options)
+        return Task(self.fn, **current)
+
+    @property
+    def takes_parameters(self) -> bool:
+        return bool(self._signature.parameters)
+
+    def bind(self, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The call's parameters by name, defaults applied; TypeError for a wrong call."""
+        try:
+            bound = self._signature.bind(*args, **(kwargs or {}))
+        except TypeError as exc:
+            raise TypeError(f"{self.name}(): {exc}") from None
+        bound.apply_defaults()
+        return dict(bound.arguments)
+
+    # -- submitting -------------------------------------------------------------------
+    def delay(self, *args: P.args, **kwargs: P.kwargs) -> TaskRunFuture[R]:
+        """Submit a background run with these arguments; returns at once."""
+        return self.apply_async(args, kwargs)
+
+    def apply_async(
+        self,
+        args: Sequence[Any] | None = None,
+        kwargs: dict[str, Any] | None = None,
+        *,
+        client: Client | None = None,
+        store: RecordStore | None = None,
+    ) -> TaskRunFuture[R]:
+        """Submit a background run. Nothing is created if the parameters cannot be stored."""
+        parameters = self.bind(args or (), kwargs)
+        settings = get_settings()
+        if client is None:
+            from sync_worker.client import get_client
+
+            client = get_client(settings)
+        store = store or get_store(settings, client)
+
+        parameters_id = write_parameters(store, parameters, self.result_serializer) if parameters else None
+        body = task_run_create(
+            name=self.name,
+            task_key=self.task_key,
+            state=Scheduled(task_parameters_id=parameters_id),
+            empirical_policy=self.empirical_policy,
+            tags=self.tags,
+            task_inputs=parameters,
+        )
+        try:
+            task_run = client.create_task_run(body)
+        except BaseException:
+            if parameters_id:
+                _quietly_delete(store, parameters_id)
+            raise
+        logger.debug("Submitted %s run %s", self.name, task_run.id)
+        return TaskRunFuture(task_run.id, client=client, store=store, task_run=task_run)
+
+    @property
+    def empirical_policy(self) -> EmpiricalPolicy:
+        return EmpiricalPolicy(
+            retries=self.retries, retry_delay=self.retry_delay_seconds, retry_jitter_factor=self.retry_jitter_factor
+        )
+
+
+@overload
+def task(fn: Callable[P, R]) -> Task[P, R]: ...
+
+
+@overload
+def task(
+    *,
+    name: str | None = ...,
+    task_key: str | None = ...,
+    retries: int = ...,
+    retry_delay_seconds: float | Sequence[float] = ...,
+    retry_jitter_factor: float | None = ...,
+    timeout_seconds: float | None = ...,
+    tags: Iterable[str] | None = ...,
+    persist_result: bool = ...,
+    result_serializer: str = ...,
+) -> Callable[[Callable[P, R]], Task[P, R]]: ...
+
+
+def task(fn: Callable[..., Any] | None = None, **options: Any) -> Any:
+    """Make a function a background task: ``@task`` or ``@task(retries=3, ...)``."""
+    if fn is None:
+        return lambda f: Task(f, **options)
+    return Task(fn, **options)
+
+
+class TaskRunFuture(Generic[R]):
+    """A handle on a submitted run: poll its state, wait for it, fetch its result."""
+
+    def __init__(self, task_run_id: str, *, client: Client | None = None, store: RecordStore | None = None,
+                 task_run: TaskRun | None = None):
+        self.task_run_id = task_run_id
+        if client is None:
+            from sync_worker.client import get_client
+
+            client = get_client()
+        self._client = client
+        self._store = store
+        self._last: TaskRun | None = task_run
+
+    def __repr__(self) -> str:
+        return f"<TaskRunFuture {self.task_run_id} {self._last.state if self._last else ''}>"
+
+    @property
+    def task_run(self) -> TaskRun:
+        """The run as the server last reported it (refreshed unless already finished)."""
+        if self._last is None or not self._finished(self._last):
+            self._last = self._client.read_task_run(self.task_run_id)
+        return self._last
+
+    @property
+    def state(self) -> State:
+        state = self.task_run.state
+        assert state is not None
+        return state
+
+    @staticmethod
+    def _finished(task_run: TaskRun) -> bool:
+        return task_run.state is not None and task_run.state.is_terminal()
+
+    def wait(self, timeout: float | None = None) -> State:
+        """Block until the run is finished or ``timeout`` seconds passed; return its state.
+
+        A run waiting for a retry (``AwaitingRetry``) is not finished.
+        """
+        if self._last is not None and self._finished(self._last):
+            return self.state
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_result(lambda finished: not finished),
+            wait=tenacity.wait_exponential(multiplier=POLL_INITIAL, min=POLL_INITIAL, max=POLL_MAX),
+            stop=tenacity.stop_after_delay(timeout) if timeout is not None else tenacity.stop_never,
+            retry_error_callback=lambda _state: False,
+        )
+        retrying(lambda: self._finished(self.task_run))
+        return self.state
+
+    def result(self, timeout: float | None = None, raise_on_failure: bool = True) -> R:
+        """The task's return value.
+
+        Raises TimeoutError if the run is not finished within ``timeout``; raises
+        :class:`TaskRunFailed` (with the remote traceback) if it failed, or returns that
+        exception when ``raise_on_failure=False``.
+        """
+        state = self.wait(timeout)
+        if not state.is_terminal():
+            raise TimeoutError(f"task run {self.task_run_id} is still {state.name} after {timeout}s")
+        settings = get_settings()
+        store = self._store or get_store(settings, self._client)
+        if state.type is StateType.COMPLETED:
+            return read_result(store, state.data, allow_pickle=settings.allow_pickle)
+        error = self._failure(state, store)
+        if raise_on_failure:
+            raise error
+        return error  # type: ignore[return-value]
+
+    def _failure(self, state: State, store: RecordStore) -> TaskRunFailed:
+        details: dict[str, Any] = {}
+        try:
+            stored = read_result(store, state.data)
+            if isinstance(stored, dict):
+                details = stored
+        except Exception as exc:  # the failure record is a courtesy; the state message is the fact
+            logger.debug("No failure record for %s: %s", self.task_run_id, exc)
+        message = state.message or f"task run {self.task_run_id} ended {state.name}"
+        return TaskRunFailed(message, state=state, exception_type=details.get("type"), traceback=details.get("traceback"))
+
+
+def _quietly_delete(store: RecordStore, key: str) -> None:
+    try:
+        store.delete(key)
+    except Exception as exc:
+        logger.warning("Could not delete parameters %s after a failed submit: %s", key, exc)
+
+
+__all__ = ["Task", "TaskRunFuture", "task", "default_task_key", "SerializationError"]
