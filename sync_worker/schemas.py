@@ -245,7 +245,7 @@ class TaskRun:
             "name": self.name,
             "task_key": self.task_key,
             "dynamic_key": self.dynamic_key,
-            "state": self.state.to_json() if self.state else None,
+            "state": self._state_json(),
             "empirical_policy": self.empirical_policy.to_json(),
             "tags": list(self.tags),
             "run_count": self.run_count,
@@ -256,6 +256,15 @@ class TaskRun:
             "start_time": format_datetime(self.start_time),
             "end_time": format_datetime(self.end_time),
         }
+
+
+    def _state_json(self) -> Optional[Dict[str, Any]]:
+        if self.state is None:
+            return None
+        out = self.state.to_json()
+        if self.state.id is not None:  # proposals never carry an id (Prefect forbids it); runs do
+            out["id"] = self.state.id
+        return out
 
 
 def task_run_create(

@@ -1,0 +1,106 @@
+"""Records in Prefect's layout, and the local directory store."""
+from __future__ import annotations
+
+import base64
+import datetime
+import json
+import pickle
+
+import pytest
+
+from sync_worker.exceptions import ParameterReadError, SerializationError
+from sync_worker.storage import (
+    LocalDirectoryStore,
+    RecordNotFound,
+    dump_record,
+    load_record,
+    read_parameters,
+    read_result,
+    write_exception,
+    write_parameters,
+    write_result,
+)
+
+
+@pytest.fixture
+def store(tmp_path):
+    return LocalDirectoryStore(tmp_path / "records")
+
+
+def test_json_record_has_prefects_layout():
+    record = json.loads(dump_record({"a": [1, 2]}, "json", "key-1"))
+    assert set(record) == {"metadata", "result"}
+    assert record["metadata"]["storage_key"] == "key-1"
+    assert record["metadata"]["serializer"]["type"] == "json"
+    assert set(record["metadata"]) == {"storage_key", "expiration", "serializer", "prefect_version", "storage_block_id"}
+    assert json.loads(record["result"]) == {"a": [1, 2]}
+
+
+def test_parameters_round_trip(store):
+    key = write_parameters(store, {"x": 1, "name": "é"})
+    assert read_parameters(store, key) == {"parameters": {"x": 1, "name": "é"}, "context": {}}
+    assert (store.path / key).exists()
+
+
+def test_unserializable_parameter_is_named(store):
+    with pytest.raises(SerializationError, match=r"'when' \(datetime\).*result_serializer='pickle'"):
+        write_parameters(store, {"ok": 1, "when": datetime.datetime(2026, 1, 1)})
+    assert not any(store.path.glob("*")) if store.path.exists() else True
+
+
+def test_nan_is_refused_by_json():
+    with pytest.raises(SerializationError):
+        dump_record(float("nan"))
+
+
+def test_pickle_needs_the_opt_in(store):
+    key = write_parameters(store, {"when": datetime.date(2026, 1, 1)}, serializer="pickle")
+    with pytest.raises(ParameterReadError, match="SYNC_WORKER_ALLOW_PICKLE=true"):
+        read_parameters(store, key)
+    assert read_parameters(store, key, allow_pickle=True)["parameters"] == {"when": datetime.date(2026, 1, 1)}
+
+
+def test_reads_a_record_written_the_way_prefect_writes_pickles():
+    # Prefect's PickleSerializer: base64.encodebytes(cloudpickle.dumps(obj)), picklelib named in metadata
+    payload = base64.encodebytes(pickle.dumps({"parameters": {"x": 41}})).decode()
+    data = json.dumps({
+        "metadata": {"storage_key": "k", "expiration": None, "prefect_version": "3.8.8", "storage_block_id": None,
+                     "serializer": {"type": "pickle", "picklelib": "cloudpickle", "picklelib_version": None}},
+        "result": payload,
+    }).encode()
+    assert load_record(data, allow_pickle=True) == {"parameters": {"x": 41}}
+
+
+def test_missing_and_corrupt_parameters_say_what_is_wrong(store):
+    with pytest.raises(ParameterReadError, match="not found.*SYNC_WORKER_STORAGE"):
+        read_parameters(store, "no-such-key")
+    store.write("corrupt", b"{not json")
+    with pytest.raises(ParameterReadError, match="not a valid record"):
+        read_parameters(store, "corrupt")
+    store.write("list", dump_record({"parameters": [1, 2]}))
+    with pytest.raises(ParameterReadError, match="not a mapping"):
+        read_parameters(store, "list")
+
+
+def test_results_and_none(store):
+    assert write_result(store, None) is None
+    assert read_result(store, None) is None
+    data = write_result(store, {"total": 3})
+    assert read_result(store, data) == {"total": 3}
+
+
+def test_exception_record_has_the_traceback(store):
+    try:
+        raise ValueError("boom")
+    except ValueError as exc:
+        data = write_exception(store, exc)
+    record = read_result(store, data)
+    assert record["type"] == "ValueError" and record["message"] == "boom"
+    assert "Traceback" in record["traceback"] and 'raise ValueError("boom")' in record["traceback"]
+
+
+def test_keys_cannot_escape_the_directory(store):
+    with pytest.raises(ValueError, match="invalid record key"):
+        store.write("../outside", b"x")
+    with pytest.raises(RecordNotFound):
+        store.read("missing")
