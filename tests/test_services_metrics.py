@@ -1,0 +1,176 @@
+"""The client metrics server: a real HTTP server on a free port, scraped with requests."""
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from sync_worker import metrics
+from sync_worker.services import (
+    ClientMetricsPortInUse,
+    critical_service_loop,
+    start_client_metrics_server,
+    stop_client_metrics_server,
+)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def scrape(port: int) -> str:
+    response = requests.get(f"http://127.0.0.1:{port}/metrics", timeout=10)
+    response.raise_for_status()
+    return response.text
+
+
+def sample(text: str, series: str) -> float | None:
+    """The value of one exposed series (name with labels, as in the exposition text)."""
+    for line in text.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split(" ")[1])
+    return None
+
+
+def port_is_closed(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            return False
+    except ConnectionRefusedError:
+        return True
+
+
+@pytest.fixture
+def metrics_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[int]:
+    """Metrics enabled on a free port; the server is stopped after the test."""
+    for name in ("PREFECT_CLIENT_METRICS_ENABLED", "PREFECT_CLIENT_METRICS_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    port = free_port()
+    monkeypatch.setenv("SYNC_WORKER_CLIENT_METRICS_ENABLED", "true")
+    monkeypatch.setenv("SYNC_WORKER_CLIENT_METRICS_PORT", str(port))
+    stop_client_metrics_server()
+    try:
+        yield port
+    finally:
+        stop_client_metrics_server()
+
+
+def server_threads() -> set[threading.Thread]:
+    """Threads running an HTTP server's serve_forever (by name on 3.10+, by target on 3.9)."""
+
+    def serves(t: threading.Thread) -> bool:
+        target = getattr(t, "_target", None)
+        return "serve_forever" in t.name or getattr(target, "__name__", "") == "serve_forever"
+
+    return {t for t in threading.enumerate() if serves(t)}
+
+
+def test_scrape_shows_a_counter_moved_by_the_service_loop(metrics_env: int) -> None:
+    assert start_client_metrics_server(addr="127.0.0.1") == metrics_env
+    series = 'sync_worker_service_loop_errors_total{exception="ConnectionRefusedError"}'
+    before = sample(scrape(metrics_env), series) or 0.0
+
+    closed = free_port()
+
+    def workload() -> None:
+        socket.create_connection(("127.0.0.1", closed), timeout=5).close()
+
+    for _ in range(2):
+        critical_service_loop(workload, 1, run_once=True, printer=pytest.fail)
+    text = scrape(metrics_env)
+    assert sample(text, series) == before + 2
+    # Every metric of the contract is exposed with its Prometheus name and type.
+    for line in (
+        "# TYPE sync_worker_task_runs_received_total counter",
+        "# TYPE sync_worker_task_runs_in_flight gauge",
+        "# TYPE sync_worker_free_slots gauge",
+        "# TYPE sync_worker_task_run_duration_seconds histogram",
+        "# TYPE sync_worker_subscription_reconnects_total counter",
+    ):
+        assert line in text
+
+
+def test_a_worker_side_metric_shows_with_its_labels(metrics_env: int) -> None:
+    start_client_metrics_server(addr="127.0.0.1")
+    key = "tests.test_services_metrics:scraped"
+    metrics.RUNS_COMPLETED.labels(task_key=key).inc(3)
+    metrics.RUN_DURATION.labels(task_key=key).observe(0.2)
+    text = scrape(metrics_env)
+    assert sample(text, f'sync_worker_task_runs_completed_total{{task_key="{key}"}}') == 3.0
+    assert sample(text, f'sync_worker_task_run_duration_seconds_count{{task_key="{key}"}}') == 1.0
+
+
+def test_disabled_by_default_starts_nothing(metrics_env: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SYNC_WORKER_CLIENT_METRICS_ENABLED")
+    threads = server_threads()
+    assert start_client_metrics_server(addr="127.0.0.1") is None
+    assert port_is_closed(metrics_env)
+    assert server_threads() == threads
+
+
+def test_prefect_setting_enables_it(metrics_env: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SYNC_WORKER_CLIENT_METRICS_ENABLED")
+    monkeypatch.setenv("PREFECT_CLIENT_METRICS_ENABLED", "true")
+    assert start_client_metrics_server(addr="127.0.0.1") == metrics_env
+    assert "sync_worker_service_loop_errors" in scrape(metrics_env)
+
+
+def test_starting_twice_is_harmless(metrics_env: int) -> None:
+    threads = server_threads()
+    assert start_client_metrics_server(addr="127.0.0.1") == metrics_env
+    started = server_threads() - threads
+    assert len(started) == 1
+    # Again, and from many threads at once: the same server, no new thread, no error.
+    assert start_client_metrics_server(addr="127.0.0.1") == metrics_env
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        ports = list(pool.map(lambda _: start_client_metrics_server(addr="127.0.0.1"), range(16)))
+    assert ports == [metrics_env] * 16
+    assert server_threads() - threads == started
+    assert scrape(metrics_env)
+
+
+def test_stop_joins_the_thread_and_closes_the_port(metrics_env: int) -> None:
+    threads = server_threads()
+    start_client_metrics_server(addr="127.0.0.1")
+    (thread,) = server_threads() - threads
+    assert scrape(metrics_env)
+
+    stop_client_metrics_server()
+    assert not thread.is_alive()
+    assert port_is_closed(metrics_env)
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"http://127.0.0.1:{metrics_env}/metrics", timeout=5)
+    stop_client_metrics_server()  # stopping again is harmless
+
+    # The port was released: it can start again on the same port.
+    assert start_client_metrics_server(addr="127.0.0.1") == metrics_env
+    assert scrape(metrics_env)
+
+
+def test_default_address_is_all_interfaces(metrics_env: int) -> None:
+    start_client_metrics_server()
+    assert scrape(metrics_env)  # reachable on 127.0.0.1 through 0.0.0.0
+    with socket.create_connection(("127.0.0.1", metrics_env), timeout=5) as conn:
+        assert conn.getpeername()[1] == metrics_env
+
+
+def test_port_in_use_is_a_clear_error(metrics_env: int) -> None:
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", metrics_env))
+        blocker.listen(1)
+        with pytest.raises(ClientMetricsPortInUse) as info:
+            start_client_metrics_server(addr="127.0.0.1")
+    message = str(info.value)
+    assert f"client metrics port {metrics_env} is in use" in message
+    assert "SYNC_WORKER_CLIENT_METRICS_PORT" in message
+    assert "SYNC_WORKER_CLIENT_METRICS_ENABLED=false" in message
+    assert isinstance(info.value, OSError)
+    # Nothing half-started: once the port is free, starting works.
+    assert start_client_metrics_server(addr="127.0.0.1") == metrics_env
+    assert scrape(metrics_env)
