@@ -1,0 +1,516 @@
+"""The websocket subscription to a server's queue of scheduled task runs.
+
+Protocol (Prefect 3, ``/api/task_runs/subscriptions/scheduled``, subprotocol ``prefect``)::
+
+    client -> {"type": "auth", "token": T | null}
+    server -> {"type": "auth_success"}            (or close 1008 "...reason...")
+    client -> {"type": "subscribe", "keys": [...], "client_id": "host-pid"}
+    server -> one task run (full TaskRun JSON), then waits for
+    client -> {"type": "ack"}                      before sending the next one
+
+One thread per connection reads the socket. Messages with a ``"type"`` are control
+messages (``set_state_result`` answers of the embedded server's ``set_state`` extension);
+messages without one are task runs, queued for the consumer (:meth:`Subscription.__iter__`).
+Because the reader demultiplexes, several executor threads can propose states over the
+same socket (:meth:`Subscription.set_state`) while the service thread waits for runs.
+
+Why ``quit`` is never sent: the server may already have written the next run to the
+wire, and a ``quit`` that crosses it loses that run on a Prefect server (it stays
+SCHEDULED forever). Closing the socket instead puts an unacknowledged run back on the
+queue on both servers, so :meth:`Subscription.close` only ever closes.
+
+Reconnection: connection errors (refused, reset, closed, 5xx handshake, silence on a
+dead link detected by pings) are intermittent and retried with exponential backoff and
+jitter (tenacity) until :meth:`close`. Refused credentials (handshake 401/403, close 1008)
+raise :class:`SubscriptionAuthError` at once: retrying cannot fix them.
+
+The ``set_state`` fast path can be switched off with ``SYNC_WORKER_FAST_PATH=false``
+(then every state goes over REST, as with a Prefect server).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import socket
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import tenacity
+import websocket
+
+from sync_worker import metrics
+from sync_worker.exceptions import (
+    APIError,
+    CredentialsError,
+    ObjectNotFound,
+    SyncWorkerError,
+)
+from sync_worker.schemas import OrchestrationResult, State, TaskRun
+
+logger = logging.getLogger("sync_worker.subscription")
+
+SUBSCRIPTION_PATH = "task_runs/subscriptions/scheduled"
+FAST_PATH_ENV = "SYNC_WORKER_FAST_PATH"
+
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_PROTOCOL_VIOLATION = 4001
+
+_AUTH_HINT = (
+    "check SYNC_WORKER_API_AUTH_STRING / PREFECT_API_AUTH_STRING (or SYNC_WORKER_API_KEY / "
+    "PREFECT_API_KEY) against the server's auth string, and SYNC_WORKER_API_URL / PREFECT_API_URL"
+)
+
+_process_has_connected = False
+_process_lock = threading.Lock()
+
+
+def fast_path_enabled(env: dict[str, str] | None = None) -> bool:
+    """Whether ``SYNC_WORKER_FAST_PATH`` allows states over the socket (default: yes)."""
+    value = (env if env is not None else os.environ).get(FAST_PATH_ENV, "true").strip().lower()
+    return value not in {"0", "false", "no", "off"}
+
+
+class SubscriptionError(SyncWorkerError):
+    """The subscription cannot continue and retrying will not help."""
+
+
+class SubscriptionAuthError(SubscriptionError, CredentialsError):
+    """The server refused our credentials (handshake 401/403 or close 1008)."""
+
+
+class ConnectionLost(ConnectionError):
+    """The socket went away (or never came up). Intermittent: the subscription reconnects.
+
+    A ``ConnectionError`` so that ``services.is_intermittent`` and callers that already
+    forgive network errors treat it as such.
+    """
+
+
+class FastPathUnavailable(RuntimeError):
+    """No connected socket offers ``set_state`` right now: use REST."""
+
+
+def _is_intermittent(exc: BaseException) -> bool:
+    if isinstance(exc, SubscriptionError):
+        return False
+    try:
+        from sync_worker.services import is_intermittent
+    except ImportError:  # pragma: no cover - services.py not there yet
+        is_intermittent = None
+    if is_intermittent is not None and is_intermittent(exc):
+        return True
+    return isinstance(exc, (ConnectionError, OSError, websocket.WebSocketException))
+
+
+class _Pending:
+    """One ``set_state`` request awaiting its answer from the reader thread."""
+
+    __slots__ = ("error", "event", "reply")
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.reply: dict[str, Any] | None = None
+        self.error: BaseException | None = None
+
+
+class _Connection:
+    """One authenticated, subscribed socket and the thread that reads it."""
+
+    def __init__(self, ws: websocket.WebSocket, extensions: list[str], ping_interval: float):
+        self.ws = ws
+        self.extensions = extensions
+        self.ping_interval = ping_interval
+        self.runs: queue.Queue[Any] = queue.Queue()
+        self.closed = threading.Event()
+        self.error: BaseException | None = None
+        self._pending: dict[str, _Pending] = {}
+        self._pending_lock = threading.Lock()
+        self._pong_due: float | None = None
+        self._thread = threading.Thread(target=self._read_loop, name="sync-worker-subscription-reader", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def supports_set_state(self) -> bool:
+        return "set_state" in self.extensions and not self.closed.is_set()
+
+    def send_json(self, message: dict[str, Any]) -> None:
+        """Send one message; websocket-client serialises concurrent sends with its own lock."""
+        if self.closed.is_set():
+            raise ConnectionLost("subscription socket is closed")
+        try:
+            self.ws.send(json.dumps(message))
+        except (websocket.WebSocketException, OSError) as exc:
+            self.abort(ConnectionLost(f"sending on the subscription socket failed: {exc}"))
+            raise ConnectionLost(str(exc)) from exc
+
+    def request(self, message: dict[str, Any], timeout: float) -> dict[str, Any]:
+        request_id = uuid.uuid4().hex
+        pending = _Pending()
+        with self._pending_lock:
+            if self.closed.is_set():
+                raise ConnectionLost("subscription socket is closed")
+            self._pending[request_id] = pending
+        try:
+            self.send_json({**message, "request_id": request_id})
+            if not pending.event.wait(timeout):
+                raise ConnectionLost(f"no answer to {message.get('type')} within {timeout}s")
+        finally:
+            with self._pending_lock:
+                self._pending.pop(request_id, None)
+        if pending.error is not None:
+            raise pending.error
+        assert pending.reply is not None
+        return pending.reply
+
+    def _read_loop(self) -> None:
+        try:
+            while True:
+                try:
+                    opcode, data = self.ws.recv_data(control_frame=True)
+                except websocket.WebSocketTimeoutException:
+                    self._keepalive()
+                    continue
+                self._pong_due = None  # any traffic proves the link is alive
+                if opcode == websocket.ABNF.OPCODE_CLOSE:
+                    raise _close_error(data)
+                if opcode in (websocket.ABNF.OPCODE_PING, websocket.ABNF.OPCODE_PONG):
+                    continue
+                self._dispatch(json.loads(data))
+        except BaseException as exc:  # noqa: BLE001 - every way out ends this connection
+            if not isinstance(exc, (SubscriptionError, ConnectionLost)):
+                exc = ConnectionLost(f"subscription connection lost: {exc!r}")
+            self.abort(exc)
+
+    def _keepalive(self) -> None:
+        now = time.monotonic()
+        if self._pong_due is None:
+            self._pong_due = now + self.ping_interval
+            self.ws.ping()
+        elif now >= self._pong_due:
+            raise ConnectionLost(f"no traffic from the server for {2 * self.ping_interval:.0f}s (dead link)")
+
+    def _dispatch(self, message: Any) -> None:
+        if not isinstance(message, dict):
+            logger.warning("Ignoring malformed subscription message: %r", message)
+            return
+        kind = message.get("type")
+        if kind is None:
+            try:
+                run = TaskRun.from_json(message)
+            except (KeyError, TypeError, ValueError) as exc:
+                # Nobody can execute it; acknowledging lets the queue move on instead of
+                # stalling this subscription behind it forever.
+                logger.error("Discarding a malformed task run from the server (%r): %.500r", exc, message)
+                self.send_json({"type": "ack"})
+                return
+            self.runs.put(run)
+        elif kind == "set_state_result":
+            with self._pending_lock:
+                pending = self._pending.get(str(message.get("request_id")))
+            if pending is None:
+                logger.debug("Late set_state_result for request %s ignored", message.get("request_id"))
+                return
+            pending.reply = message
+            pending.event.set()
+        else:
+            logger.debug("Ignoring control message of type %r", kind)
+
+    def abort(self, exc: BaseException) -> None:
+        """End the connection: wake the consumer and every waiting ``set_state`` caller."""
+        with self._pending_lock:
+            if self.closed.is_set():
+                return
+            self.error = exc
+            self.closed.set()
+            pending = list(self._pending.values())
+        for item in pending:
+            item.error = ConnectionLost(f"subscription connection lost before the answer: {exc}")
+            item.event.set()
+        try:
+            self.ws.send_close()
+        except Exception as err:  # noqa: BLE001 - best effort: the peer may be gone
+            logger.debug("Sending close on the subscription socket: %r", err)
+        sock = self.ws.sock
+        if sock is not None:
+            # Wakes the reader thread if it is blocked in recv (ws.abort() would not:
+            # send_close already marked the socket disconnected).
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError as err:
+                logger.debug("Shutting down the subscription socket: %r", err)
+        if threading.current_thread() is self._thread:
+            self.ws.shutdown()
+        self.runs.put(_END)
+
+
+_END = object()
+
+
+def _close_error(data: bytes) -> BaseException:
+    code = struct.unpack("!H", data[:2])[0] if len(data) >= 2 else None
+    reason = data[2:].decode("utf-8", "replace") if len(data) > 2 else ""
+    if code == CLOSE_POLICY_VIOLATION:
+        return SubscriptionAuthError(f"The server refused the subscription (close 1008: {reason or 'policy violation'}); {_AUTH_HINT}")
+    if code == CLOSE_PROTOCOL_VIOLATION:
+        return SubscriptionError(f"The server rejected the subscription (close 4001: {reason})")
+    return ConnectionLost(f"the server closed the subscription (code {code}, reason {reason!r})")
+
+
+class Subscription:
+    """An iterator over the task runs a server delivers for ``keys``.
+
+    Usage (one consumer thread)::
+
+        sub = Subscription(keys, client_id, client=client)
+        for task_run in sub:          # blocks; reconnects by itself
+            ...                       # reserve capacity first
+            sub.ack()                 # then accept it (the server sends the next one)
+        ...
+        sub.close()                   # from any thread; iteration ends
+
+    Args:
+        keys: the task keys to receive runs of.
+        client_id: identifies this worker to the server (``host-pid``).
+        client: a :class:`sync_worker.client.Client` for the URL and credentials.
+        fast_path: offer ``set_state`` over the socket when the server supports it
+            (default: ``SYNC_WORKER_FAST_PATH``, on).
+        ping_interval: seconds of silence after which a ping is sent; a link silent for
+            twice this is considered dead and reconnected.
+        max_backoff: cap of the reconnection backoff, in seconds.
+    """
+
+    def __init__(
+        self,
+        keys: Iterable[str],
+        client_id: str,
+        *,
+        client: Any,
+        fast_path: bool | None = None,
+        ping_interval: float = 15.0,
+        max_backoff: float = 10.0,
+        open_timeout: float | None = None,
+    ):
+        self.keys = sorted(set(keys))
+        if not self.keys:
+            raise ValueError("a subscription needs at least one task key")
+        self.client_id = client_id
+        self.client = client
+        self.url = client.websocket_url(SUBSCRIPTION_PATH)
+        self.fast_path = fast_path_enabled() if fast_path is None else fast_path
+        self.ping_interval = ping_interval
+        self.max_backoff = max_backoff
+        self.open_timeout = open_timeout if open_timeout is not None else min(float(client.timeout or 30.0), 30.0)
+        self._closed = threading.Event()
+        self._lock = threading.Lock()
+        self._conn: _Connection | None = None
+        self._holding: TaskRun | None = None
+        self._holding_conn: _Connection | None = None
+        self.connects = 0
+
+    # -- state -----------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    @property
+    def connected(self) -> bool:
+        conn = self._conn
+        return conn is not None and not conn.closed.is_set()
+
+    @property
+    def holding(self) -> TaskRun | None:
+        """The delivered run not acknowledged yet (the server holds the next one back)."""
+        return self._holding
+
+    @property
+    def supports_set_state(self) -> bool:
+        conn = self._conn
+        return self.fast_path and conn is not None and conn.supports_set_state
+
+    # -- connecting --------------------------------------------------------------------
+    def _open(self) -> _Connection:
+        if self.closed:
+            raise _Closed()
+        headers = [f"{name}: {value}" for name, value in self.client.headers.items()]
+        try:
+            ws = websocket.create_connection(
+                self.url, timeout=self.open_timeout, subprotocols=["prefect"], header=headers,
+                enable_multithread=True,
+            )
+        except websocket.WebSocketBadStatusException as exc:
+            if exc.status_code in (401, 403):
+                raise SubscriptionAuthError(
+                    f"The server refused the subscription handshake at {self.url} "
+                    f"(HTTP {exc.status_code}); {_AUTH_HINT}"
+                ) from exc
+            if exc.status_code >= 500:
+                raise ConnectionLost(f"subscription handshake failed with HTTP {exc.status_code}") from exc
+            raise SubscriptionError(f"subscription handshake at {self.url} failed with HTTP {exc.status_code}") from exc
+        except (websocket.WebSocketException, OSError) as exc:
+            raise ConnectionLost(f"cannot connect to {self.url}: {exc}") from exc
+        try:
+            ws.send(json.dumps({"type": "auth", "token": self.client.auth_token}))
+            reply = self._recv_handshake(ws)
+            if reply.get("type") != "auth_success":
+                raise SubscriptionAuthError(
+                    f"The server did not accept the subscription's auth message ({reply.get('reason') or reply}); {_AUTH_HINT}"
+                )
+            extensions = list(reply.get("extensions") or [])
+            ws.send(json.dumps({"type": "subscribe", "keys": self.keys, "client_id": self.client_id}))
+            ws.settimeout(self.ping_interval)
+        except BaseException as exc:
+            ws.shutdown()
+            if isinstance(exc, (websocket.WebSocketException, OSError)):
+                raise ConnectionLost(f"subscription handshake with {self.url} failed: {exc}") from exc
+            raise
+        conn = _Connection(ws, extensions, self.ping_interval)
+        with self._lock:
+            if self.closed:
+                conn.abort(_Closed())
+                raise _Closed()
+            self._conn = conn
+        conn.start()
+        self._count_connect()
+        logger.info("Subscribed to %s as %s (keys: %s%s)", self.url, self.client_id, ", ".join(self.keys),
+                    "; set_state over the socket" if self.supports_set_state else "")
+        return conn
+
+    @staticmethod
+    def _recv_handshake(ws: websocket.WebSocket) -> dict[str, Any]:
+        while True:
+            opcode, data = ws.recv_data(control_frame=True)
+            if opcode == websocket.ABNF.OPCODE_CLOSE:
+                raise _close_error(data)
+            if opcode in (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY):
+                return json.loads(data)
+
+    def _count_connect(self) -> None:
+        global _process_has_connected
+        self.connects += 1
+        metrics.SUBSCRIPTION_CONNECTS.inc()
+        with _process_lock:
+            if _process_has_connected:
+                metrics.SUBSCRIPTION_RECONNECTS.inc()
+            _process_has_connected = True
+
+    def _connect_with_backoff(self) -> _Connection | None:
+        def before_sleep(state: tenacity.RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            delay = state.next_action.sleep if state.next_action else 0
+            logger.warning("Subscription to %s unavailable (%s); reconnecting in %.1fs", self.url, exc, delay)
+
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(lambda exc: not self.closed and _is_intermittent(exc)),
+            wait=tenacity.wait_exponential_jitter(initial=0.2, max=self.max_backoff, jitter=0.5),
+            stop=tenacity.stop_when_event_set(self._closed),
+            sleep=self._closed.wait,
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        try:
+            return retrying(self._open)
+        except _Closed:
+            return None
+        except Exception:
+            if self.closed:
+                return None
+            raise
+
+    # -- consuming ---------------------------------------------------------------------
+    def __iter__(self) -> Iterator[TaskRun]:
+        while not self.closed:
+            conn = self._conn
+            if conn is None or conn.closed.is_set():
+                if conn is not None:
+                    self._drop(conn)
+                conn = self._connect_with_backoff()
+                if conn is None:
+                    return
+            item = conn.runs.get()
+            if item is _END:
+                self._drop(conn)
+                continue
+            self._holding, self._holding_conn = item, conn
+            try:
+                yield item
+            finally:
+                if self._holding is item:
+                    # The consumer moved on (or raised) without acking: it will not run
+                    # it. Closing the socket lets the server give it to someone else.
+                    self._holding = self._holding_conn = None
+                    logger.debug("Run %s not acknowledged; closing the socket to release it", item.id)
+                    conn.abort(ConnectionLost("run released without ack"))
+
+    def _drop(self, conn: _Connection) -> None:
+        self._holding = self._holding_conn = None
+        with self._lock:
+            if self._conn is conn:
+                self._conn = None
+        err = conn.error
+        if isinstance(err, SubscriptionError):
+            raise err
+        if not self.closed:
+            logger.warning("Subscription connection lost (%s); reconnecting", err)
+
+    def ack(self) -> None:
+        """Accept the held run. Raises :class:`ConnectionLost` if it cannot be sent:
+        then the server re-queues the run and the caller must not execute it."""
+        conn = self._holding_conn
+        if conn is None:
+            raise ConnectionLost("no run is held (or its connection is gone)")
+        conn.send_json({"type": "ack"})
+        self._holding = self._holding_conn = None
+
+    def close(self) -> None:
+        """Stop the subscription from any thread. Never sends ``quit`` (see module doc):
+        an unacknowledged run goes back to the server's queue."""
+        with self._lock:
+            self._closed.set()
+            conn = self._conn
+        if conn is not None:
+            conn.abort(_Closed())
+
+    # -- the set_state extension -----------------------------------------------------
+    def set_state(self, task_run_id: str, state: State, force: bool = False, timeout: float = 30.0) -> OrchestrationResult:
+        """Propose a state over the socket (embedded server's ``set_state`` extension).
+
+        Raises :class:`FastPathUnavailable` when no connected socket offers it and
+        :class:`ConnectionLost` when the connection breaks before the answer; in both
+        cases the caller proposes over REST instead.
+        """
+        conn = self._conn
+        if not self.fast_path or conn is None or not conn.supports_set_state:
+            raise FastPathUnavailable("set_state over the socket is not available")
+        reply = conn.request(
+            {"type": "set_state", "task_run_id": task_run_id, "state": state.to_json(), "force": force},
+            timeout=timeout,
+        )
+        status = int(reply.get("status_code") or 0)
+        if status in (200, 201):
+            return OrchestrationResult.from_json(reply["result"])
+        detail = reply.get("detail")
+        message = f"set_state of task run {task_run_id} over the socket failed with {status}: {detail}"
+        if status == 404:
+            raise ObjectNotFound(message, status_code=status, detail=detail)
+        raise APIError(message, status_code=status, detail=detail)
+
+    def __enter__(self) -> Subscription:  # noqa: PYI034
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Subscription({self.url!r}, keys={self.keys!r})"
+
+
+class _Closed(Exception):
+    """Internal: the subscription was closed while connecting."""
