@@ -409,7 +409,7 @@ class Subscription:
 
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception(lambda exc: not self.closed and _is_intermittent(exc)),
-            wait=tenacity.wait_exponential_jitter(initial=0.2, max=self.max_backoff, jitter=0.5),
+            wait=tenacity.wait_exponential(multiplier=0.2, max=self.max_backoff) + tenacity.wait_random(0, 0.5),
             stop=tenacity.stop_when_event_set(self._closed),
             sleep=self._closed.wait,
             before_sleep=before_sleep,

@@ -1,0 +1,346 @@
+"""Runs one delivered task run through its states.
+
+::
+
+    read parameters (only if the run has a parameters record and the function takes any)
+    propose PENDING (deferred)      ABORT: another worker holds the claim -> skip quietly
+                                    REJECT: log, skip
+    propose RUNNING                 REJECT (e.g. the run is already terminal) -> skip:
+                                    a run is never executed twice
+    call the function               (timeout_seconds enforced, see sync_worker.timeouts)
+    propose COMPLETED(data=result record) or FAILED(message, data=exception record)
+        ACCEPT                      done
+        REJECT + SCHEDULED          AwaitingRetry: the server re-delivers the run when the
+                                    retry is due; no worker slot is held while waiting
+        ABORT                       skip quietly
+        WAIT                        sleep details.delay_seconds, propose again (bounded)
+
+Every proposal goes over the subscription socket when the server offers the
+``set_state`` extension (one round trip on an open connection) and over REST otherwise;
+if the socket breaks mid-proposal the proposal is repeated over REST. The server
+orchestrates both identically.
+
+Known limit: if the socket breaks after the server applied a PENDING proposal but before
+its answer arrived, the REST repeat is answered ABORT (the claim looks like someone
+else's) and the run is skipped here; the embedded server's lease re-delivers it.
+"""
+from __future__ import annotations
+
+import enum
+import inspect
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import tenacity
+
+from sync_worker import metrics
+from sync_worker.exceptions import (
+    ObjectNotFound,
+    ParameterReadError,
+    SerializationError,
+)
+from sync_worker.schemas import (
+    Completed,
+    Failed,
+    OrchestrationResult,
+    Pending,
+    Running,
+    SetStateStatus,
+    State,
+    StateType,
+    TaskRun,
+)
+from sync_worker.services import is_intermittent
+from sync_worker.storage import read_parameters, write_exception, write_result
+from sync_worker.timeouts import TaskRunTimeoutError, call_with_timeout
+
+if TYPE_CHECKING:
+    from sync_worker.client import Client
+    from sync_worker.settings import Settings
+    from sync_worker.storage import RecordStore
+    from sync_worker.subscription import Subscription
+    from sync_worker.tasks import Task
+
+logger = logging.getLogger("sync_worker.engine")
+
+#: How many WAIT answers in a row a proposal tolerates before giving up on the run.
+MAX_WAITS = 30
+#: Upper bound of one WAIT sleep, whatever the server asks.
+MAX_WAIT_SECONDS = 30.0
+#: How long a state proposal keeps being retried while the server is unreachable.
+REPORT_RETRY_SECONDS = 60.0
+
+
+class Outcome(str, enum.Enum):
+    """What became of a run on this worker."""
+
+    COMPLETED = "completed"
+    FAILED = "failed"
+    TIMED_OUT = "timed_out"
+    RETRYING = "retrying"  # failed; the server scheduled a retry
+    SKIPPED = "skipped"  # not executed here (claimed elsewhere, terminal, refused)
+
+
+def should_try_to_read_parameters(task: Task[..., Any], task_run: TaskRun) -> bool:
+    """Whether a run's parameters must be read from the store before it can run.
+
+    True when the run's state names a parameters record (``task_parameters_id``) and the
+    function takes parameters at all; a function without parameters never needs them.
+    """
+    state = task_run.state
+    if state is None or not state.state_details.task_parameters_id:
+        return False
+    return bool(inspect.signature(task.fn).parameters)
+
+
+def exception_message(exc: BaseException) -> str:
+    """Prefect's wording of a failed run's message."""
+    return f"Task run encountered an exception {type(exc).__name__}: {exc}"
+
+
+class TaskRunEngine:
+    """Executes one task run of ``task``, reporting states to the server.
+
+    Args:
+        task: the :class:`~sync_worker.tasks.Task` whose key matches the run.
+        task_run: the run as delivered.
+        client: REST client (every proposal can fall back to it).
+        store: where parameter and result records live.
+        settings: for ``allow_pickle`` and ``request_timeout``.
+        subscription: the worker's subscription, for the ``set_state`` fast path.
+    """
+
+    def __init__(
+        self,
+        task: Task[..., Any],
+        task_run: TaskRun,
+        *,
+        client: Client,
+        store: RecordStore,
+        settings: Settings,
+        subscription: Subscription | None = None,
+    ):
+        self.task = task
+        self.task_run = task_run
+        self.client = client
+        self.store = store
+        self.settings = settings
+        self.subscription = subscription
+        self.logger = logging.LoggerAdapter(logger, {"task_run_id": task_run.id})
+        self.state: State | None = task_run.state
+        self.outcome: Outcome | None = None
+
+    @property
+    def _label(self) -> str:
+        return f"{self.task_run.name!r} ({self.task_run.id})"
+
+    # -- proposals ---------------------------------------------------------------------
+    def propose(self, state: State, force: bool = False) -> OrchestrationResult:
+        """Propose ``state``; honours WAIT by sleeping and proposing again (bounded)."""
+        state.state_details.task_run_id = self.task_run.id
+        for _ in range(MAX_WAITS):
+            result = self._send(state, force)
+            if result.status is not SetStateStatus.WAIT:
+                if result.state is not None and result.status is SetStateStatus.ACCEPT:
+                    self.state = result.state
+                return result
+            delay = min(max(result.delay_seconds, 0.0), MAX_WAIT_SECONDS)
+            self.logger.debug("Server asked to wait %.2fs before %s for %s", delay, state.name, self._label)
+            time.sleep(delay)
+        self.logger.warning("Giving up %s for %s after %d WAIT answers", state.name, self._label, MAX_WAITS)
+        return result
+
+    def _send(self, state: State, force: bool) -> OrchestrationResult:
+        sub = self.subscription
+        if sub is not None and sub.supports_set_state:
+            from sync_worker.subscription import ConnectionLost, FastPathUnavailable
+
+            try:
+                return sub.set_state(self.task_run.id, state, force=force, timeout=self.settings.request_timeout)
+            except (FastPathUnavailable, ConnectionLost) as exc:
+                self.logger.debug("set_state over the socket failed (%s); proposing %s over REST", exc, state.name)
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(is_intermittent),
+            wait=tenacity.wait_exponential(multiplier=0.5, max=5.0) + tenacity.wait_random(0, 0.5),
+            stop=tenacity.stop_after_delay(REPORT_RETRY_SECONDS),
+            before_sleep=lambda rs: self.logger.warning(
+                "Could not report %s for %s (%s); retrying", state.name, self._label,
+                rs.outcome.exception() if rs.outcome else None),
+            reraise=True,
+        )
+        # The client retries briefly by itself; this outlasts a server restart.
+        return retrying(self.client.set_task_run_state, self.task_run.id, state, force=force)
+
+    # -- the run -----------------------------------------------------------------------
+    def run(self) -> Outcome:
+        """Take the run through its states; never raises for the run's own failures."""
+        try:
+            self.outcome = self._run()
+        except ObjectNotFound:
+            self.logger.warning("Task run %s no longer exists on the server; skipping it", self._label)
+            self.outcome = Outcome.SKIPPED
+        except Exception:
+            self.logger.exception("Could not report the states of task run %s", self._label)
+            self.outcome = Outcome.SKIPPED
+        return self.outcome
+
+    def _run(self) -> Outcome:
+        task, run = self.task, self.task_run
+        key = task.task_key
+        parameters: dict[str, Any] = {}
+        parameter_error: ParameterReadError | None = None
+        if should_try_to_read_parameters(task, run):
+            assert run.state is not None
+            try:
+                payload = read_parameters(
+                    self.store, run.state.state_details.task_parameters_id, allow_pickle=self.settings.allow_pickle
+                )
+                parameters = payload.get("parameters", {})
+            except ParameterReadError as exc:
+                parameter_error = exc
+
+        if not self._claim():
+            return Outcome.SKIPPED
+
+        if parameter_error is not None:
+            # A retry would read the same bad record: fail for good, with the reason.
+            message = f"Task run could not start: {parameter_error}"
+            self.logger.error("%s: %s", self._label, message)
+            result = self.propose(
+                Failed(message, data=self._exception_record(parameter_error), deferred=False), force=True
+            )
+            if result.status is SetStateStatus.ACCEPT:
+                metrics.RUNS_FAILED.labels(task_key=key).inc()
+                return Outcome.FAILED
+            return Outcome.SKIPPED
+
+        running = self.propose(Running())
+        if running.status is not SetStateStatus.ACCEPT:
+            current = running.state
+            if current is not None and current.is_terminal():
+                self.logger.info("Task run %s is already %s; not running it again", self._label, current.name)
+            elif running.status is SetStateStatus.ABORT:
+                self.logger.debug("RUNNING aborted for %s: %s", self._label, running.reason)
+            else:
+                self.logger.warning("Server refused RUNNING for %s (%s): %s", self._label, running.status.value,
+                                    running.reason or current)
+            return Outcome.SKIPPED
+
+        metrics.RUNS_STARTED.labels(task_key=key).inc()
+        self.logger.debug("Running %s", self._label)
+        return self._execute(parameters)
+
+    def _claim(self) -> bool:
+        """PENDING with ``deferred=True``: the claim that makes a delivery ours."""
+        result = self.propose(Pending(deferred=True))
+        if result.status is SetStateStatus.ACCEPT:
+            return True
+        if result.status is SetStateStatus.ABORT:
+            self.logger.debug("Task run %s is claimed elsewhere (%s); skipping", self._label, result.reason)
+        else:
+            self.logger.warning("Server refused PENDING for %s (%s): %s", self._label, result.status.value,
+                                result.reason or result.state)
+        return False
+
+    def _execute(self, parameters: dict[str, Any]) -> Outcome:
+        task = self.task
+        started = time.monotonic()
+        if task.timeout_seconds is not None:
+            reported: list[Outcome] = []
+            call = call_with_timeout(
+                task.fn, parameters, task.timeout_seconds,
+                on_timeout=lambda: reported.append(self._report_timeout()),
+                name=f"sync-worker-task-{self.task_run.id}",
+            )
+            self._observe(started)
+            if call.timed_out:
+                return reported[0]
+            if call.exception is not None:
+                return self._report_failure(call.exception)
+            return self._report_success(call.result)
+        try:
+            value = task.fn(**parameters)
+        except BaseException as exc:  # noqa: BLE001 - SystemExit in a task fails the run, not the worker
+            self._observe(started)
+            return self._report_failure(exc)
+        self._observe(started)
+        return self._report_success(value)
+
+    def _observe(self, started: float) -> None:
+        metrics.RUN_DURATION.labels(task_key=self.task.task_key).observe(time.monotonic() - started)
+
+    # -- final states -------------------------------------------------------------------
+    def _report_success(self, value: Any) -> Outcome:
+        data = None
+        if self.task.persist_result:
+            try:
+                data = write_result(self.store, value, serializer=self.task.result_serializer)
+            except SerializationError as exc:
+                return self._report_failure(exc)
+        result = self.propose(Completed(data=data))
+        return self._final(result, Outcome.COMPLETED)
+
+    def _report_failure(self, exc: BaseException) -> Outcome:
+        if not isinstance(exc, Exception):
+            # SystemExit / KeyboardInterrupt raised by the task: still a failure of the run,
+            # not of the worker.
+            self.logger.warning("Task run %s raised %r", self._label, exc)
+        message = exception_message(exc)
+        self.logger.info("%s failed: %s", self._label, message, exc_info=self.logger.isEnabledFor(logging.DEBUG))
+        result = self.propose(Failed(message, data=self._exception_record(exc), deferred=True))
+        return self._final(result, Outcome.FAILED)
+
+    def _report_timeout(self) -> Outcome:
+        message = f"Task run exceeded timeout of {self.task.timeout_seconds} second(s)"
+        self.logger.error("%s: %s", self._label, message)
+        exc = TaskRunTimeoutError(message)
+        result = self.propose(Failed(message, name="TimedOut", data=self._exception_record(exc), deferred=True))
+        return self._final(result, Outcome.TIMED_OUT)
+
+    def _exception_record(self, exc: BaseException) -> Any:
+        try:
+            return write_exception(self.store, exc)
+        except Exception as err:  # noqa: BLE001 - the state message still says what happened
+            self.logger.warning("Could not store the exception of %s: %s", self._label, err)
+            return None
+
+    def _final(self, result: OrchestrationResult, wanted: Outcome) -> Outcome:
+        key = self.task.task_key
+        if result.status is SetStateStatus.ACCEPT:
+            if wanted is Outcome.COMPLETED:
+                metrics.RUNS_COMPLETED.labels(task_key=key).inc()
+            else:
+                metrics.RUNS_FAILED.labels(task_key=key).inc()
+            return wanted
+        state = result.state
+        if result.status is SetStateStatus.REJECT and state is not None and state.type is StateType.SCHEDULED:
+            metrics.RUNS_RETRIED.labels(task_key=key).inc()
+            self.logger.info("%s will be retried (%s%s)", self._label, state.name,
+                             f", at {state.state_details.scheduled_time.isoformat()}"
+                             if state.state_details.scheduled_time else "")
+            return Outcome.RETRYING
+        if result.status is SetStateStatus.ABORT:
+            self.logger.debug("Final state of %s aborted: %s", self._label, result.reason)
+        else:
+            self.logger.warning("Server refused the final state of %s (%s): %s", self._label,
+                                result.status.value, result.reason or state)
+        return Outcome.SKIPPED
+
+
+def run_task_run(
+    task: Task[..., Any],
+    task_run: TaskRun,
+    *,
+    client: Client,
+    store: RecordStore,
+    settings: Settings,
+    subscription: Subscription | None = None,
+) -> Outcome:
+    """Run one delivered task run (see :class:`TaskRunEngine`)."""
+    return TaskRunEngine(
+        task, task_run, client=client, store=store, settings=settings, subscription=subscription
+    ).run()
+
+
+__all__ = ["Outcome", "TaskRunEngine", "exception_message", "run_task_run", "should_try_to_read_parameters"]
