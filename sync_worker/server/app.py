@@ -1,0 +1,241 @@
+"""The WSGI application: routing (werkzeug.routing) and the REST endpoints under ``/api``.
+
+Hand-written rather than Flask: the request path is short (route, auth, read body, call
+:class:`core.Core`, serialize), which matters at thousands of requests per second.
+Every error is a JSON object with a ``detail`` saying what was wrong.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from werkzeug.exceptions import MethodNotAllowed
+from werkzeug.exceptions import NotFound as RouteNotFound
+from werkzeug.routing import Map, RequestRedirect, Rule
+
+from .core import Conflict, Core, NotFound, parse_json_body
+from .database import DatabaseClosed
+from .models import ValidationError, validate_set_state
+from .subscriptions import SubscriptionRegistry, handle_websocket
+
+logger = logging.getLogger("sync_worker.server.app")
+
+RECORD_KEY = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+UPGRADED = "sync_worker.upgraded"  # environ flag: the connection now belongs to a websocket
+CLOSE = "sync_worker.close"  # environ flag: close the HTTP connection after this response
+
+StartResponse = Callable[..., Any]
+Response = tuple[str, list[tuple[str, str]], bytes]
+
+_JSON = "application/json"
+_STATUS = {
+    200: "200 OK", 201: "201 Created", 204: "204 No Content", 400: "400 Bad Request",
+    401: "401 Unauthorized", 404: "404 Not Found", 405: "405 Method Not Allowed", 409: "409 Conflict",
+    411: "411 Length Required", 413: "413 Content Too Large", 422: "422 Unprocessable Entity",
+    426: "426 Upgrade Required", 500: "500 Internal Server Error", 503: "503 Service Unavailable",
+}
+
+
+class HTTPError(Exception):
+    def __init__(self, code: int, detail: str, extra: dict[str, Any] | None = None) -> None:
+        super().__init__(detail)
+        self.code = code
+        self.detail = detail
+        self.extra = extra or {}
+
+
+def _json(code: int, body: Any) -> Response:
+    data = body if isinstance(body, bytes) else (body if isinstance(body, str) else json.dumps(body)).encode()
+    return _STATUS[code], [("Content-Type", _JSON), ("Content-Length", str(len(data)))], data
+
+
+def _error(code: int, detail: str, extra: dict[str, Any] | None = None) -> Response:
+    body = {"detail": detail}
+    if extra:
+        body.update(extra)
+    return _json(code, body)
+
+
+class App:
+    """WSGI callable. ``max_body_size`` bounds request bodies (413 beyond it)."""
+
+    def __init__(self, core: Core, registry: SubscriptionRegistry, max_body_size: int) -> None:
+        self.core = core
+        self.registry = registry
+        self.max_body_size = max_body_size
+        self.url_map = Map(
+            [
+                Rule("/api/health", endpoint="health", methods=["GET"]),
+                Rule("/api/task_runs/", endpoint="create", methods=["POST"]),
+                Rule("/api/task_runs/subscriptions/scheduled", endpoint="subscribe", methods=["GET"]),
+                Rule("/api/task_runs/<run_id>", endpoint="read", methods=["GET"]),
+                Rule("/api/task_runs/<run_id>", endpoint="delete", methods=["DELETE"]),
+                Rule("/api/task_runs/<run_id>/set_state", endpoint="set_state", methods=["POST"]),
+                Rule("/api/storage/<key>", endpoint="record_put", methods=["PUT"]),
+                Rule("/api/storage/<key>", endpoint="record_get", methods=["GET"]),
+                Rule("/api/storage/<key>", endpoint="record_delete", methods=["DELETE"]),
+            ],
+            strict_slashes=False,
+            merge_slashes=False,
+        )
+        self._adapter = self.url_map.bind("localhost")
+        self._handlers: dict[str, Callable[..., Response]] = {
+            "health": self.health,
+            "create": self.create,
+            "read": self.read,
+            "delete": self.delete,
+            "set_state": self.set_state,
+            "record_put": self.record_put,
+            "record_get": self.record_get,
+            "record_delete": self.record_delete,
+        }
+
+    # -- WSGI ------------------------------------------------------------------------------------
+    def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        try:
+            status, headers, body = self.dispatch(environ)
+        except Exception:  # pragma: no cover - a bug; keep serving
+            logger.exception("error handling %s %s", environ.get("REQUEST_METHOD"), environ.get("PATH_INFO"))
+            environ[CLOSE] = True
+            status, headers, body = _error(500, "Internal server error")
+        if environ.get(UPGRADED):
+            return []
+        if environ.get(CLOSE):
+            headers.append(("Connection", "close"))
+        start_response(status, headers)
+        return [body]
+
+    def dispatch(self, environ: dict[str, Any]) -> Response:
+        method = environ["REQUEST_METHOD"]
+        path = environ.get("PATH_INFO") or "/"
+        try:
+            endpoint, args = self._adapter.match(path, method)
+        except RouteNotFound:
+            self._discard_body(environ)
+            return _error(404, f"Not found: {method} {path}")
+        except MethodNotAllowed as exc:
+            self._discard_body(environ)
+            allowed = ", ".join(sorted(exc.valid_methods or []))
+            return _error(405, f"Method {method} not allowed for {path} (allowed: {allowed})")
+        except RequestRedirect:  # pragma: no cover - strict_slashes is off
+            self._discard_body(environ)
+            return _error(404, f"Not found: {method} {path}")
+        if endpoint == "subscribe":
+            return self.subscribe(environ)
+        if not self.core.check_authorization(environ.get("HTTP_AUTHORIZATION")):
+            self._discard_body(environ)
+            return _error(401, "Unauthorized: this server requires 'Authorization: Basic <base64 of the auth "
+                               "string>' (set SYNC_WORKER_API_AUTH_STRING / PREFECT_API_AUTH_STRING)",
+                          {"exception_message": "Unauthorized"})
+        try:
+            return self._handlers[endpoint](environ, **args)
+        except HTTPError as exc:
+            return _error(exc.code, exc.detail, exc.extra)
+        except ValidationError as exc:
+            return _json(422, exc.to_json())
+        except NotFound as exc:
+            return _error(404, str(exc))
+        except Conflict as exc:
+            return _error(409, str(exc))
+        except DatabaseClosed:
+            environ[CLOSE] = True
+            return _error(503, "Server is shutting down")
+
+    # -- bodies ----------------------------------------------------------------------------------
+    def _read_body(self, environ: dict[str, Any]) -> bytes:
+        stream = environ["wsgi.input"]
+        length_text = environ.get("CONTENT_LENGTH")
+        if environ.get("wsgi.input_terminated"):  # chunked
+            data = stream.read(self.max_body_size + 1)
+            if len(data) > self.max_body_size:
+                environ[CLOSE] = True
+                raise HTTPError(413, f"Request body is larger than the limit of {self.max_body_size} bytes")
+            return data
+        if not length_text:
+            return b""
+        try:
+            length = int(length_text)
+            if length < 0:
+                raise ValueError
+        except ValueError:
+            environ[CLOSE] = True
+            raise HTTPError(400, f"Invalid Content-Length header: {length_text!r}") from None
+        if length > self.max_body_size:
+            environ[CLOSE] = True  # the body is not read: this connection cannot be reused
+            raise HTTPError(413, f"Request body of {length} bytes is larger than the limit of "
+                                 f"{self.max_body_size} bytes")
+        data = stream.read(length) if length else b""
+        if len(data) < length:
+            environ[CLOSE] = True
+            raise HTTPError(400, "Request body is shorter than its Content-Length")
+        return data
+
+    def _discard_body(self, environ: dict[str, Any]) -> None:
+        """Consume an unused body so the keep-alive connection stays in sync."""
+        try:
+            self._read_body(environ)
+        except HTTPError:
+            environ[CLOSE] = True
+
+    def _json_body(self, environ: dict[str, Any]) -> Any:
+        raw = self._read_body(environ)
+        if not raw:
+            raise ValidationError(["body"], "Field required: the request needs a JSON body", "missing")
+        value, error = parse_json_body(raw)
+        if error is not None:
+            raise HTTPError(422, error, {"exception_message": "Invalid request received."})
+        return value
+
+    # -- endpoints -------------------------------------------------------------------------------
+    def health(self, environ: dict[str, Any]) -> Response:
+        self._discard_body(environ)
+        return _json(200, b"true")
+
+    def create(self, environ: dict[str, Any]) -> Response:
+        body = self._json_body(environ)
+        return _json(201, self.core.create_task_run(body))
+
+    def read(self, environ: dict[str, Any], run_id: str) -> Response:
+        self._discard_body(environ)
+        return _json(200, self.core.read_task_run(run_id))
+
+    def delete(self, environ: dict[str, Any], run_id: str) -> Response:
+        self._discard_body(environ)
+        self.core.delete_task_run(run_id)
+        return _STATUS[204], [("Content-Length", "0")], b""
+
+    def set_state(self, environ: dict[str, Any], run_id: str) -> Response:
+        proposed, force = validate_set_state(self._json_body(environ))
+        return _json(201, self.core.set_state(run_id, proposed, force))
+
+    def _record_key(self, key: str) -> str:
+        if not RECORD_KEY.match(key):
+            raise HTTPError(422, f"Invalid storage key {key!r}: use 1-200 characters from A-Z a-z 0-9 . _ -")
+        return key
+
+    def record_put(self, environ: dict[str, Any], key: str) -> Response:
+        data = self._read_body(environ)
+        self.core.put_record(self._record_key(key), data)
+        return _STATUS[204], [("Content-Length", "0")], b""
+
+    def record_get(self, environ: dict[str, Any], key: str) -> Response:
+        self._discard_body(environ)
+        data = self.core.read_record(self._record_key(key))
+        return _STATUS[200], [("Content-Type", "application/octet-stream"), ("Content-Length", str(len(data)))], data
+
+    def record_delete(self, environ: dict[str, Any], key: str) -> Response:
+        self._discard_body(environ)
+        self.core.delete_record(self._record_key(key))
+        return _STATUS[204], [("Content-Length", "0")], b""
+
+    def subscribe(self, environ: dict[str, Any]) -> Response:
+        if "websocket" not in environ.get("HTTP_UPGRADE", "").lower() or "werkzeug.socket" not in environ:
+            self._discard_body(environ)
+            return _error(426, "This endpoint is a websocket: connect with a websocket client "
+                               "(subprotocol 'prefect')")
+        environ[UPGRADED] = True
+        handle_websocket(environ, self.core, self.registry, self.max_body_size)
+        return "101 Switching Protocols", [], b""

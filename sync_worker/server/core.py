@@ -1,0 +1,191 @@
+"""The server's operations, independent of HTTP and websockets.
+
+REST handlers (``app.py``) and the subscription socket (``subscriptions.py``) both call these,
+so a state proposed over REST and one proposed over the socket's ``set_state`` extension go
+through the same orchestration, in the database writer thread.
+"""
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Callable
+from typing import Any
+
+from .database import QSTATE_NONE, Database, RunRow, Transaction
+from .models import TERMINAL, ValidationError, build_task_run
+from .orchestration import Decision, orchestrate
+from .runqueue import RunQueue
+
+logger = logging.getLogger("sync_worker.server.core")
+
+
+class NotFound(LookupError):
+    """No such task run / record."""
+
+
+class Conflict(ValueError):
+    """A task run with this id already exists."""
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+class Core:
+    def __init__(self, db: Database, queue: RunQueue, auth_string: str | None = None) -> None:
+        self.db = db
+        self.queue = queue
+        self.auth_string = auth_string
+        self._basic = (
+            ("Basic " + base64.b64encode(auth_string.encode()).decode()).encode() if auth_string else None
+        )
+
+    # -- auth ----------------------------------------------------------------------------------
+    def check_authorization(self, header: str | None) -> bool:
+        """REST: ``Authorization: Basic base64(auth_string)`` (constant-time comparison)."""
+        if self._basic is None:
+            return True
+        if not header:
+            return False
+        return hmac.compare_digest(header.strip().encode("utf-8", "replace"), self._basic)
+
+    def check_token(self, token: Any) -> bool:
+        """Websocket auth message token == auth string (constant-time comparison)."""
+        if self.auth_string is None:
+            return True
+        if not isinstance(token, str):
+            return False
+        return hmac.compare_digest(token.encode("utf-8", "replace"), self.auth_string.encode())
+
+    # -- task runs -------------------------------------------------------------------------------
+    def create_task_run(self, body: Any) -> str:
+        """Validate and store a run (queued when SCHEDULED + deferred); returns its JSON text."""
+        now = time.time()
+        run = build_task_run(body, now)
+        state = run["state"]
+        background = state["type"] == "SCHEDULED" and bool(state["state_details"].get("deferred"))
+        row = RunRow(id=run["id"], task_key=run["task_key"], state_type=state["type"], run=run,
+                     background=background)
+        if background:
+            row.due = _parse_due(state, now)
+        text = row.dump()
+        queue = self.queue
+
+        def op(tx: Transaction) -> None:
+            if background:
+                queue.admit(tx, row, now)
+            try:
+                tx.insert_run(row)
+            except sqlite3.IntegrityError:
+                raise Conflict(f"A task run with id {row.id} already exists") from None
+
+        self.db.write(op)
+        logger.debug("created task run %s (%s) in state %s", row.id, row.task_key, row.state_type)
+        return text
+
+    def read_task_run(self, run_id: str) -> str:
+        row = self.db.read_run(run_id)
+        if row is None:
+            raise NotFound("Task not found")
+        return row.dump()
+
+    def delete_task_run(self, run_id: str) -> None:
+        queue = self.queue
+
+        def op(tx: Transaction) -> bool:
+            row = tx.delete_run(run_id)
+            if row is None:
+                return False
+            tx.after_commit(lambda: queue.release(run_id))
+            return True
+
+        if not self.db.write(op):
+            raise NotFound("Task not found")
+        logger.debug("deleted task run %s", run_id)
+
+    def _set_state_op(self, run_id: str, proposed: dict[str, Any], force: bool) -> Callable[[Transaction], Decision]:
+        queue = self.queue
+
+        def op(tx: Transaction) -> Decision:
+            row = tx.get_run(run_id)
+            if row is None:
+                raise NotFound("Task not found")
+            now = time.time()
+            previous = row.state_type
+            decision = orchestrate(row.run, proposed, force, now, row.background)
+            if decision.changed:
+                new_type = decision.state["type"]
+                row.state_type = new_type
+                row.touch()
+                if decision.queue:
+                    row.due = decision.due
+                    queue.admit(tx, row, now)
+                else:
+                    row.qstate = QSTATE_NONE
+                    if new_type in TERMINAL:
+                        tx.after_commit(lambda: queue.release(run_id))
+                tx.update_run(row)
+                logger.debug("task run %s: %s -> %s (%s, proposed %s%s)", run_id, previous, new_type,
+                             decision.status, proposed["type"], ", forced" if force else "")
+            else:
+                logger.debug("task run %s: %s proposed in %s -> %s", run_id, proposed["type"], previous,
+                             decision.status)
+            return decision
+
+        return op
+
+    def set_state(self, run_id: str, proposed: dict[str, Any], force: bool) -> dict[str, Any]:
+        """Orchestrate a proposed state; returns the orchestration result JSON object."""
+        decision: Decision = self.db.write(self._set_state_op(run_id, proposed, force))
+        return decision.result_json()
+
+    def set_state_async(self, run_id: str, proposed: dict[str, Any], force: bool,
+                        callback: Callable[[dict[str, Any] | None, BaseException | None], None]) -> None:
+        """:meth:`set_state` without waiting: ``callback(result, error)`` runs after the commit
+        (in the writer thread: keep it short)."""
+
+        def done(decision: Decision | None, error: BaseException | None) -> None:
+            callback(decision.result_json() if decision is not None else None, error)
+
+        self.db.submit(self._set_state_op(run_id, proposed, force), done)
+
+    # -- records ---------------------------------------------------------------------------------
+    def put_record(self, key: str, data: bytes) -> None:
+        self.db.write(lambda tx: tx.put_record(key, data))
+
+    def read_record(self, key: str) -> bytes:
+        data = self.db.read_record(key)
+        if data is None:
+            raise NotFound(f"No record with key {key!r}")
+        return data
+
+    def delete_record(self, key: str) -> None:
+        if not self.db.write(lambda tx: tx.delete_record(key)):
+            raise NotFound(f"No record with key {key!r}")
+
+
+def _parse_due(state: dict[str, Any], now: float) -> float:
+    from .models import parse_time
+
+    scheduled = state["state_details"].get("scheduled_time")
+    if not scheduled:
+        return now
+    try:
+        return parse_time(scheduled, [])
+    except ValidationError:  # pragma: no cover - validated on the way in
+        return now
+
+
+def parse_json_body(raw: bytes) -> tuple[Any, str | None]:
+    """(value, None) or (None, error message) for a request body."""
+    try:
+        return json.loads(raw), None
+    except (ValueError, UnicodeDecodeError) as exc:
+        return None, f"Request body is not valid JSON: {exc}"
+
+
+dumps = _dumps

@@ -1,0 +1,506 @@
+"""Storage of the embedded server: a small interface and its SQLite backend.
+
+Why an interface: the server needs only a handful of operations (insert/read/update/delete a
+run, list the queued runs of a key, records for the storage endpoint), so a PostgreSQL backend
+can implement the same :class:`Database`/:class:`Transaction` pair later without touching the
+HTTP, websocket or orchestration code.
+
+Why one writer thread: SQLite allows one writer at a time. Every write goes through
+:meth:`Database.write`/:meth:`Database.submit`, which hand an operation (a function of a
+:class:`Transaction`) to the writer thread. The writer drains everything that is waiting and
+runs it in ONE transaction ("group commit"), each operation inside its own SAVEPOINT so a
+failing operation changes nothing and does not affect its neighbours. Callers wait for the
+COMMIT, so a 201/ACCEPT is only returned for data that is in the database. Under load the cost
+of a commit is shared by all operations in the batch.
+
+Because all read-modify-write logic (orchestration) runs *inside* the writer, operations on a
+run are serialized: two workers racing to claim the same run cannot both win.
+
+Durability: WAL journal mode with ``synchronous=NORMAL`` (default) survives a crash of the
+server process (committed transactions are in the WAL file); an OS crash or power loss may
+lose the last transactions. ``synchronous=FULL`` also survives power loss at the cost of one
+fsync per group commit.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import sqlite3
+import threading
+from abc import ABC, abstractmethod
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+logger = logging.getLogger("sync_worker.server.database")
+
+# Values of the ``qstate`` column: where a queued run currently is.
+QSTATE_NONE = 0  # not queued (not SCHEDULED, or not a background run)
+QSTATE_DB = 1  # queued, waiting in the database (not loaded into memory yet, or not due)
+QSTATE_MEMORY = 2  # queued and loaded into the server's in-memory buffer, or delivered
+
+
+class DatabaseClosed(RuntimeError):
+    """The database was closed (the server is stopping)."""
+
+
+@dataclass
+class RunRow:
+    """One task run as stored: the TaskRun JSON plus the queue bookkeeping columns."""
+
+    id: str
+    task_key: str
+    state_type: str
+    run: dict[str, Any]
+    qstate: int = QSTATE_NONE
+    due: float = 0.0
+    deliveries: int = 0
+    background: bool = False
+    seq: int | None = None
+    data: str | None = field(default=None, repr=False)  # JSON text of ``run`` when current
+
+    def dump(self) -> str:
+        """The TaskRun JSON text (cached until the row is modified via :meth:`touch`)."""
+        if self.data is None:
+            self.data = json.dumps(self.run, separators=(",", ":"))
+        return self.data
+
+    def touch(self) -> None:
+        """Forget the cached JSON text after ``run`` was modified."""
+        self.data = None
+
+
+class Transaction(ABC):
+    """What one write operation may do. Only valid inside the writer thread."""
+
+    @abstractmethod
+    def get_run(self, run_id: str) -> RunRow | None:
+        """The run with this id, or None."""
+
+    @abstractmethod
+    def insert_run(self, row: RunRow) -> int:
+        """Insert a new run; returns its sequence number (creation order)."""
+
+    @abstractmethod
+    def update_run(self, row: RunRow) -> None:
+        """Write back a run read with :meth:`get_run` and modified."""
+
+    @abstractmethod
+    def delete_run(self, run_id: str) -> RunRow | None:
+        """Delete a run; returns what was deleted, or None if it did not exist."""
+
+    @abstractmethod
+    def take_queued(self, task_key: str, now: float, limit: int) -> list[tuple[int, str]]:
+        """Up to ``limit`` due runs of ``task_key`` waiting in the database, oldest first,
+        moved to ``QSTATE_MEMORY``. Returns (seq, id) pairs."""
+
+    @abstractmethod
+    def put_record(self, key: str, data: bytes) -> None:
+        """Store a blob for the storage endpoint."""
+
+    @abstractmethod
+    def delete_record(self, key: str) -> bool:
+        """Delete a blob; False if there was none."""
+
+    def after_commit(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` in the writer thread once this operation's writes are committed."""
+        self._hooks.append(fn)
+
+    _hooks: list[Callable[[], None]]
+
+
+@dataclass
+class RecoveryInfo:
+    """What the server must rebuild in memory when it starts on an existing database."""
+
+    queued_keys: list[str]  # keys with runs waiting in the database
+    delayed: list[tuple[float, str]]  # (due, task_key) of queued runs not due yet
+    leased: list[tuple[str, str]]  # (id, state_type) of PENDING/RUNNING runs
+
+
+class Database(ABC):
+    """The storage interface used by the server."""
+
+    @abstractmethod
+    def write(self, op: Callable[[Transaction], Any]) -> Any:
+        """Run ``op`` in a write transaction, wait for the commit, return its result
+        (or raise its exception)."""
+
+    @abstractmethod
+    def submit(self, op: Callable[[Transaction], Any],
+               callback: Callable[[Any, BaseException | None], None] | None = None) -> None:
+        """Like :meth:`write` without waiting; ``callback(result, error)`` is called in the
+        writer thread after the commit."""
+
+    @abstractmethod
+    def read_run(self, run_id: str) -> RunRow | None:
+        """A committed snapshot of a run (any thread)."""
+
+    @abstractmethod
+    def read_record(self, key: str) -> bytes | None:
+        """A stored blob, or None."""
+
+    @abstractmethod
+    def recover(self) -> RecoveryInfo:
+        """Prepare the database after a (re)start and say what to rebuild in memory."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Finish pending writes and close."""
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS task_runs (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    task_key TEXT NOT NULL,
+    state_type TEXT NOT NULL,
+    qstate INTEGER NOT NULL DEFAULT 0,
+    due REAL NOT NULL DEFAULT 0,
+    deliveries INTEGER NOT NULL DEFAULT 0,
+    background INTEGER NOT NULL DEFAULT 0,
+    data TEXT NOT NULL
+);
+-- the queue: runs waiting in the database, per key in creation order
+CREATE INDEX IF NOT EXISTS ix_task_runs_queue ON task_runs (task_key, seq) WHERE qstate = 1;
+-- queued runs not due yet (retries), found at start-up
+CREATE INDEX IF NOT EXISTS ix_task_runs_due ON task_runs (due) WHERE qstate = 1;
+-- runs loaded in memory, reset at start-up
+CREATE INDEX IF NOT EXISTS ix_task_runs_memory ON task_runs (qstate) WHERE qstate = 2;
+-- runs a worker held when the server stopped
+CREATE INDEX IF NOT EXISTS ix_task_runs_active ON task_runs (state_type)
+    WHERE state_type IN ('PENDING', 'RUNNING');
+CREATE TABLE IF NOT EXISTS records (
+    key TEXT PRIMARY KEY,
+    data BLOB NOT NULL
+);
+"""
+
+_COLUMNS = "seq, id, task_key, state_type, qstate, due, deliveries, background, data"
+
+
+def _row(values: tuple[Any, ...]) -> RunRow:
+    seq, run_id, task_key, state_type, qstate, due, deliveries, background, data = values
+    return RunRow(id=run_id, task_key=task_key, state_type=state_type, run=json.loads(data),
+                  qstate=qstate, due=due, deliveries=deliveries, background=bool(background),
+                  seq=seq, data=data)
+
+
+class _Op:
+    __slots__ = ("callback", "error", "event", "fn", "result")
+
+    def __init__(self, fn: Callable[[Transaction], Any],
+                 callback: Callable[[Any, BaseException | None], None] | None) -> None:
+        self.fn = fn
+        self.callback = callback
+        self.event: threading.Event | None = None if callback else threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+_STOP = object()
+
+
+class _SQLiteTransaction(Transaction):
+    """Transaction on the writer's connection, with a write-through cache of recent runs."""
+
+    def __init__(self, db: SQLiteDatabase) -> None:
+        self._db = db
+        self._conn = db._writer_conn
+        self._hooks = []
+        self.touched: list[str] = []
+
+    def get_run(self, run_id: str) -> RunRow | None:
+        cache = self._db._cache
+        row = cache.get(run_id)
+        if row is not None:
+            cache.move_to_end(run_id)
+            self.touched.append(run_id)
+            return row
+        values = self._conn.execute(f"SELECT {_COLUMNS} FROM task_runs WHERE id = ?", (run_id,)).fetchone()
+        if values is None:
+            return None
+        row = _row(values)
+        self._cache_put(row)
+        return row
+
+    def _cache_put(self, row: RunRow) -> None:
+        cache = self._db._cache
+        cache[row.id] = row
+        self.touched.append(row.id)
+        if len(cache) > self._db._cache_size:
+            cache.popitem(last=False)
+
+    def insert_run(self, row: RunRow) -> int:
+        cur = self._conn.execute(
+            "INSERT INTO task_runs (id, task_key, state_type, qstate, due, deliveries, background, data)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (row.id, row.task_key, row.state_type, row.qstate, row.due, row.deliveries,
+             int(row.background), row.dump()),
+        )
+        row.seq = cur.lastrowid
+        self._cache_put(row)
+        return row.seq  # type: ignore[return-value]
+
+    def update_run(self, row: RunRow) -> None:
+        self._conn.execute(
+            "UPDATE task_runs SET state_type = ?, qstate = ?, due = ?, deliveries = ?, data = ? WHERE id = ?",
+            (row.state_type, row.qstate, row.due, row.deliveries, row.dump(), row.id),
+        )
+        self.touched.append(row.id)
+
+    def delete_run(self, run_id: str) -> RunRow | None:
+        row = self.get_run(run_id)
+        if row is None:
+            return None
+        self._conn.execute("DELETE FROM task_runs WHERE id = ?", (run_id,))
+        self._db._cache.pop(run_id, None)
+        return row
+
+    def take_queued(self, task_key: str, now: float, limit: int) -> list[tuple[int, str]]:
+        rows = self._conn.execute(
+            "SELECT seq, id FROM task_runs WHERE task_key = ? AND qstate = 1 AND due <= ? ORDER BY seq LIMIT ?",
+            (task_key, now, limit),
+        ).fetchall()
+        if rows:
+            self._conn.executemany("UPDATE task_runs SET qstate = 2 WHERE seq = ?", [(seq,) for seq, _ in rows])
+            cache = self._db._cache
+            for _, run_id in rows:
+                cached = cache.get(run_id)
+                if cached is not None:
+                    cached.qstate = QSTATE_MEMORY
+                    self.touched.append(run_id)
+        return [(seq, run_id) for seq, run_id in rows]
+
+    def put_record(self, key: str, data: bytes) -> None:
+        self._conn.execute("INSERT OR REPLACE INTO records (key, data) VALUES (?, ?)", (key, data))
+
+    def delete_record(self, key: str) -> bool:
+        return self._conn.execute("DELETE FROM records WHERE key = ?", (key,)).rowcount > 0
+
+
+class SQLiteDatabase(Database):
+    """SQLite backend: WAL mode, one writer thread with group commit, pooled readers."""
+
+    def __init__(self, path: str, synchronous: str = "NORMAL", max_batch: int = 1000,
+                 cache_size: int = 20000) -> None:
+        if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
+            raise ValueError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, not {synchronous!r}")
+        self.path = path
+        self.synchronous = synchronous.upper()
+        self._max_batch = max_batch
+        self._cache: OrderedDict[str, RunRow] = OrderedDict()
+        self._cache_size = cache_size
+        self._ops: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._closed = False
+        self._close_lock = threading.Lock()
+        self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
+        self._all_readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        self._writer_conn = self._connect()
+        self._writer_conn.executescript(_SCHEMA)
+        self._writer = threading.Thread(target=self._writer_loop, name="sync-worker-db-writer", daemon=True)
+        self._writer.start()
+
+    # -- connections -----------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={self.synchronous}")
+        conn.execute("PRAGMA busy_timeout=30000")
+        return conn
+
+    def _reader(self) -> sqlite3.Connection:
+        try:
+            return self._readers.get_nowait()
+        except queue.Empty:
+            conn = self._connect()
+            with self._readers_lock:
+                self._all_readers.append(conn)
+            return conn
+
+    def _read(self, sql: str, params: Iterable[Any]) -> tuple[Any, ...] | None:
+        if self._closed:
+            raise DatabaseClosed("the database is closed")
+        conn = self._reader()
+        try:
+            return conn.execute(sql, tuple(params)).fetchone()
+        finally:
+            self._readers.put(conn)
+
+    # -- reads -----------------------------------------------------------------------------
+    def read_run(self, run_id: str) -> RunRow | None:
+        values = self._read(f"SELECT {_COLUMNS} FROM task_runs WHERE id = ?", (run_id,))
+        return None if values is None else _row(values)
+
+    def read_run_text(self, run_id: str) -> tuple[str, str, int, str, int] | None:
+        """(TaskRun JSON text, state_type, qstate, task_key, seq) without parsing the JSON:
+        the delivery path."""
+        values = self._read("SELECT data, state_type, qstate, task_key, seq FROM task_runs WHERE id = ?", (run_id,))
+        return None if values is None else (values[0], values[1], values[2], values[3], values[4])
+
+    def read_record(self, key: str) -> bytes | None:
+        values = self._read("SELECT data FROM records WHERE key = ?", (key,))
+        return None if values is None else bytes(values[0])
+
+    def count_runs(self, state_type: str | None = None) -> int:
+        if state_type is None:
+            values = self._read("SELECT count(*) FROM task_runs", ())
+        else:
+            values = self._read("SELECT count(*) FROM task_runs WHERE state_type = ?", (state_type,))
+        return int(values[0]) if values else 0
+
+    # -- writes ----------------------------------------------------------------------------
+    def write(self, op: Callable[[Transaction], Any]) -> Any:
+        item = _Op(op, None)
+        self._enqueue(item)
+        assert item.event is not None
+        item.event.wait()
+        if item.error is not None:
+            raise item.error
+        return item.result
+
+    def submit(self, op: Callable[[Transaction], Any],
+               callback: Callable[[Any, BaseException | None], None] | None = None) -> None:
+        self._enqueue(_Op(op, callback or _ignore))
+
+    def _enqueue(self, item: _Op) -> None:
+        if self._closed:
+            raise DatabaseClosed("the database is closed")
+        self._ops.put(item)
+
+    def _writer_loop(self) -> None:
+        conn = self._writer_conn
+        stop = False
+        while not stop:
+            first = self._ops.get()
+            batch: list[_Op] = []
+            if first is _STOP:
+                stop = True
+            else:
+                batch.append(first)
+            while len(batch) < self._max_batch:
+                try:
+                    item = self._ops.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stop = True
+                    continue
+                batch.append(item)
+            if batch:
+                self._run_batch(conn, batch)
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
+        hooks: list[tuple[_Op, list[Callable[[], None]]]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:  # pragma: no cover - disk trouble
+            for item in batch:
+                item.error = exc
+                self._complete(item)
+            return
+        for item in batch:
+            tx = _SQLiteTransaction(self)
+            conn.execute("SAVEPOINT op")
+            try:
+                item.result = item.fn(tx)
+                conn.execute("RELEASE op")
+                hooks.append((item, tx._hooks))
+            except BaseException as exc:  # noqa: BLE001 - reported to the caller
+                conn.execute("ROLLBACK TO op")
+                conn.execute("RELEASE op")
+                for run_id in tx.touched:
+                    self._cache.pop(run_id, None)
+                item.error = exc
+                hooks.append((item, []))
+        try:
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:  # pragma: no cover - disk full and the like
+            logger.error("commit of %d operations failed: %s", len(batch), exc)
+            try:
+                conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            self._cache.clear()
+            for item in batch:
+                if item.error is None:
+                    item.error = exc
+                self._complete(item)
+            self._on_commit_failure()
+            return
+        for item, item_hooks in hooks:
+            for hook in item_hooks:
+                try:
+                    hook()
+                except Exception:  # pragma: no cover - a bug in a hook must not kill the writer
+                    logger.exception("after-commit hook failed")
+            self._complete(item)
+
+    def _on_commit_failure(self) -> None:
+        """Hook for the server: in-memory queue state may be stale after a failed commit."""
+
+    def _complete(self, item: _Op) -> None:
+        if item.event is not None:
+            item.event.set()
+        else:
+            try:
+                item.callback(item.result, item.error)  # type: ignore[misc]
+            except Exception:  # pragma: no cover
+                logger.exception("write callback failed")
+
+    # -- recovery --------------------------------------------------------------------------
+    def recover(self) -> RecoveryInfo:
+        def op(tx: Transaction) -> RecoveryInfo:
+            conn = self._writer_conn
+            # Runs that were in the old process's memory (buffered or sent, never claimed)
+            # wait in the database again.
+            conn.execute("UPDATE task_runs SET qstate = 1 WHERE qstate = 2")
+            self._cache.clear()
+            keys = [r[0] for r in conn.execute("SELECT DISTINCT task_key FROM task_runs WHERE qstate = 1")]
+            import time
+
+            now = time.time()
+            delayed = [(due, key) for due, key in conn.execute(
+                "SELECT due, task_key FROM task_runs WHERE qstate = 1 AND due > ?", (now,))]
+            leased = [(run_id, st) for run_id, st in conn.execute(
+                "SELECT id, state_type FROM task_runs WHERE state_type IN ('PENDING', 'RUNNING')")]
+            return RecoveryInfo(queued_keys=keys, delayed=delayed, leased=leased)
+
+        return self.write(op)
+
+    def close(self) -> None:
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._ops.put(_STOP)
+        self._writer.join(timeout=10)
+        # Fail whatever raced in after the stop marker.
+        while True:
+            try:
+                item = self._ops.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, _Op):
+                item.error = DatabaseClosed("the database is closed")
+                self._complete(item)
+        try:
+            self._writer_conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error:  # pragma: no cover
+            pass
+        self._writer_conn.close()
+        with self._readers_lock:
+            for conn in self._all_readers:
+                try:
+                    conn.close()
+                except sqlite3.Error:  # pragma: no cover
+                    pass
+            self._all_readers.clear()
+
+
+def _ignore(result: Any, error: BaseException | None) -> None:
+    if error is not None and not isinstance(error, DatabaseClosed):
+        logger.debug("background write failed: %s", error)

@@ -1,0 +1,363 @@
+"""The delivery queue: which queued run goes to which subscriber, and leases.
+
+The queue itself lives in the database (``qstate`` column, indexed per task key in creation
+order). In memory there is, per task key, only a bounded heap of ``(seq, id)`` of runs that
+are due and loaded ("buffer"); when a key has more runs waiting than the buffer holds, the
+extra runs stay in the database (``overflow``) and are loaded in creation order as the buffer
+drains. Runs scheduled for later (retries with a delay) are remembered as ``(due, key)`` timers
+only. So 100,000 queued runs cost a few hundred ids of memory, not 100,000 run objects.
+
+A run taken for a subscriber is *outstanding* (owned by that subscriber) until it reaches a
+terminal state or is scheduled again. When the subscriber's connection drops:
+
+- a run sent but not acknowledged goes straight back to the buffer;
+- a run acknowledged (leased) gets a timer of ``lease_timeout`` seconds; when it fires and the
+  run is still not finished, it is rescheduled (or marked CRASHED after ``max_deliveries``).
+
+The open connection is the lease's heartbeat: a run whose worker stays connected keeps it.
+Every decision that changes the database runs as an operation in the writer thread; the
+in-memory structures are updated after the commit, under :attr:`RunQueue.lock`.
+"""
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+from typing import Any
+
+from .database import (
+    QSTATE_DB,
+    QSTATE_MEMORY,
+    QSTATE_NONE,
+    Database,
+    DatabaseClosed,
+    RecoveryInfo,
+    RunRow,
+    Transaction,
+)
+from .models import TERMINAL
+from .orchestration import system_state
+
+logger = logging.getLogger("sync_worker.server.runqueue")
+
+#: owner of runs found PENDING/RUNNING when the server started (their worker's connection
+#: died with the previous server process)
+RECOVERED = "recovered"
+
+
+class Waiter:
+    """What the queue needs from a subscriber."""
+
+    keys: list[str]
+    leased: set[str]
+
+    def wake(self) -> None:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class _Key:
+    __slots__ = ("heap", "overflow", "refilling", "waiters")
+
+    def __init__(self) -> None:
+        self.heap: list[tuple[int, str]] = []
+        self.overflow = False  # due runs of this key may be waiting in the database
+        self.refilling = False  # a refill operation is queued in the writer
+        self.waiters: set[Waiter] = set()
+
+
+class RunQueue:
+    def __init__(self, db: Database, *, lease_timeout: float = 30.0, max_deliveries: int = 3,
+                 buffer_size: int = 1000) -> None:
+        self.db = db
+        self.lease_timeout = lease_timeout
+        self.max_deliveries = max_deliveries
+        self.buffer_size = buffer_size
+        self.lock = threading.Lock()
+        self._keys: dict[str, _Key] = {}
+        self._in_heap: set[str] = set()
+        self.outstanding: dict[str, Any] = {}  # run id -> Waiter (or RECOVERED)
+        self._timers: list[tuple[float, int, str, Any]] = []
+        self._timer_seq = itertools.count()
+        self._timer_cond = threading.Condition(self.lock)
+        self._stopped = False
+        self._thread = threading.Thread(target=self._timer_loop, name="sync-worker-queue-timers", daemon=True)
+        self._thread.start()
+
+    # -- helpers (lock held) -----------------------------------------------------------------
+    def _key(self, task_key: str) -> _Key:
+        key = self._keys.get(task_key)
+        if key is None:
+            key = self._keys[task_key] = _Key()
+        return key
+
+    def _push(self, task_key: str, seq: int, run_id: str) -> None:
+        if run_id in self._in_heap:
+            return
+        key = self._key(task_key)
+        heapq.heappush(key.heap, (seq, run_id))
+        self._in_heap.add(run_id)
+        self._wake(key)
+
+    def _wake(self, key: _Key) -> None:
+        if key.waiters:
+            waiters = list(key.waiters)
+            key.waiters.clear()
+            for waiter in waiters:
+                waiter.wake()
+
+    def _add_timer(self, when: float, kind: str, payload: Any) -> None:
+        heapq.heappush(self._timers, (when, next(self._timer_seq), kind, payload))
+        self._timer_cond.notify()
+
+    def _release(self, run_id: str) -> None:
+        owner = self.outstanding.pop(run_id, None)
+        if owner is not None and owner is not RECOVERED:
+            owner.leased.discard(run_id)
+
+    def _maybe_refill(self, task_key: str, key: _Key) -> None:
+        if key.overflow and not key.refilling and len(key.heap) <= self.buffer_size // 2:
+            key.refilling = True
+            try:
+                self.db.submit(lambda tx: self._refill_op(tx, task_key))
+            except DatabaseClosed:
+                key.refilling = False
+
+    # -- called inside write operations (writer thread) -------------------------------------
+    def admit(self, tx: Transaction, row: RunRow, now: float) -> None:
+        """``row`` is becoming SCHEDULED on the queue (due at ``row.due``): decide where it
+        waits (sets ``row.qstate``) and update memory after the commit."""
+        run_id, task_key = row.id, row.task_key
+        with self.lock:
+            key = self._key(task_key)
+            if run_id in self._in_heap:
+                row.qstate = QSTATE_MEMORY
+                tx.after_commit(lambda: self.release(run_id))
+                return
+            if row.due <= now and not key.overflow and len(key.heap) < self.buffer_size:
+                row.qstate = QSTATE_MEMORY
+            else:
+                row.qstate = QSTATE_DB
+                if row.due <= now:
+                    key.overflow = True
+        if row.qstate == QSTATE_MEMORY:
+            def pushed() -> None:
+                with self.lock:
+                    self._release(run_id)
+                    self._push(task_key, row.seq, run_id)  # type: ignore[arg-type]
+            tx.after_commit(pushed)
+        else:
+            due = row.due
+
+            def waiting() -> None:
+                with self.lock:
+                    self._release(run_id)
+                    if due > time.time():
+                        self._add_timer(due, "due", task_key)
+                    else:
+                        key = self._key(task_key)
+                        key.overflow = True
+                        if key.waiters:
+                            self._maybe_refill(task_key, key)
+            tx.after_commit(waiting)
+
+    def _refill_op(self, tx: Transaction, task_key: str) -> None:
+        now = time.time()
+        with self.lock:
+            key = self._key(task_key)
+            room = max(self.buffer_size - len(key.heap), 1)
+        rows = tx.take_queued(task_key, now, room)
+        with self.lock:
+            if len(rows) < room:
+                key.overflow = False
+
+        def loaded() -> None:
+            with self.lock:
+                key.refilling = False
+                for seq, run_id in rows:
+                    if run_id not in self.outstanding:
+                        self._push(task_key, seq, run_id)
+                if key.overflow and len(key.heap) <= self.buffer_size // 2:
+                    self._maybe_refill(task_key, key)
+        tx.after_commit(loaded)
+
+    def on_commit_failure(self) -> None:
+        """After a failed commit the memory may claim runs are loaded that are not: reload."""
+        with self.lock:
+            for key in self._keys.values():
+                key.overflow = True
+                key.refilling = False
+
+    # -- after-commit notifications ------------------------------------------------------------
+    def release(self, run_id: str) -> None:
+        """The run finished, was deleted or rescheduled: nobody owns it any more."""
+        with self.lock:
+            self._release(run_id)
+
+    # -- subscribers -----------------------------------------------------------------------------
+    def take(self, waiter: Waiter) -> str | None:
+        """The oldest due run on the waiter's keys, now outstanding for it; or None, and the
+        waiter is woken (``wake()``) when something arrives."""
+        with self.lock:
+            best: tuple[int, str] | None = None
+            best_key: str | None = None
+            for task_key in waiter.keys:
+                key = self._keys.get(task_key)
+                if key is None:
+                    continue
+                if key.heap and (best is None or key.heap[0] < best):
+                    best = key.heap[0]
+                    best_key = task_key
+                elif not key.heap and key.overflow:
+                    self._maybe_refill(task_key, key)
+            if best is None:
+                for task_key in waiter.keys:
+                    self._key(task_key).waiters.add(waiter)
+                return None
+            key = self._keys[best_key]  # type: ignore[index]
+            heapq.heappop(key.heap)
+            run_id = best[1]
+            self._in_heap.discard(run_id)
+            self.outstanding[run_id] = waiter
+            self._maybe_refill(best_key, key)  # type: ignore[arg-type]
+            return run_id
+
+    def forget_waiter(self, waiter: Waiter) -> None:
+        with self.lock:
+            for task_key in waiter.keys:
+                key = self._keys.get(task_key)
+                if key is not None:
+                    key.waiters.discard(waiter)
+
+    def discard(self, waiter: Waiter, run_id: str) -> None:
+        """A taken run turned out not to be deliverable (deleted, or no longer SCHEDULED)."""
+        with self.lock:
+            if self.outstanding.get(run_id) is waiter:
+                del self.outstanding[run_id]
+
+    def give_back(self, waiter: Waiter, run_id: str, task_key: str, seq: int) -> None:
+        """A run sent to ``waiter`` was not acknowledged: back in the buffer at once."""
+        with self.lock:
+            if self.outstanding.get(run_id) is waiter:
+                del self.outstanding[run_id]
+                self._push(task_key, seq, run_id)
+
+    def acked(self, waiter: Waiter, run_id: str) -> None:
+        with self.lock:
+            if self.outstanding.get(run_id) is waiter:
+                waiter.leased.add(run_id)
+
+    def connection_lost(self, waiter: Waiter) -> None:
+        """Start the lease timers of the runs the waiter acknowledged and still holds."""
+        with self.lock:
+            for task_key in waiter.keys:
+                key = self._keys.get(task_key)
+                if key is not None:
+                    key.waiters.discard(waiter)
+            if self._stopped:
+                return
+            when = time.time() + self.lease_timeout
+            for run_id in list(waiter.leased):
+                if self.outstanding.get(run_id) is waiter:
+                    self._add_timer(when, "lease", (run_id, waiter))
+            if waiter.leased:
+                logger.info("%d run(s) held by a lost connection are re-queued in %.1f s unless they finish",
+                            len(waiter.leased), self.lease_timeout)
+
+    # -- leases ----------------------------------------------------------------------------------
+    def _lease_expired_op(self, tx: Transaction, run_id: str, owner: Any) -> None:
+        with self.lock:
+            if self.outstanding.get(run_id) is not owner:
+                return  # finished, rescheduled or re-delivered since
+        row = tx.get_run(run_id)
+        if row is None or row.state_type in TERMINAL:
+            tx.after_commit(lambda: self.release(run_id))
+            return
+        now = time.time()
+        row.deliveries += 1
+        if row.deliveries >= self.max_deliveries:
+            message = (
+                f"The run was delivered {row.deliveries} time(s) and each time its worker's connection was lost "
+                f"before it finished; not delivering it again (max_deliveries={self.max_deliveries})."
+            )
+            system_state(row.run, "CRASHED", now, message=message)
+            row.state_type = "CRASHED"
+            row.qstate = QSTATE_NONE
+            row.touch()
+            tx.update_run(row)
+            tx.after_commit(lambda: self.release(run_id))
+            logger.warning("run %s marked CRASHED: %s", run_id, message)
+            return
+        message = (
+            f"Re-queued: the worker holding this run lost its connection and the run did not finish within "
+            f"the lease timeout ({self.lease_timeout:g} s); delivery {row.deliveries} of {self.max_deliveries}."
+        )
+        system_state(row.run, "SCHEDULED", now, message=message, scheduled_time=now, deferred=True)
+        row.state_type = "SCHEDULED"
+        row.due = now
+        row.touch()
+        self.admit(tx, row, now)
+        tx.update_run(row)
+        logger.info("run %s: %s", run_id, message)
+
+    # -- timers ----------------------------------------------------------------------------------
+    def _timer_loop(self) -> None:
+        with self.lock:
+            while not self._stopped:
+                now = time.time()
+                if not self._timers:
+                    self._timer_cond.wait()
+                    continue
+                when = self._timers[0][0]
+                if when > now:
+                    self._timer_cond.wait(min(when - now, 1.0))
+                    continue
+                _, _, kind, payload = heapq.heappop(self._timers)
+                try:
+                    if kind == "due":
+                        key = self._key(payload)
+                        key.overflow = True
+                        self._maybe_refill(payload, key)
+                        self._wake(key)
+                    elif kind == "lease":
+                        run_id, owner = payload
+                        if self.outstanding.get(run_id) is owner:
+                            self.db.submit(lambda tx, r=run_id, o=owner: self._lease_expired_op(tx, r, o))
+                except DatabaseClosed:
+                    return
+                except Exception:  # pragma: no cover - keep the timers alive
+                    logger.exception("queue timer failed")
+
+    # -- start/stop ------------------------------------------------------------------------------
+    def recover(self, info: RecoveryInfo) -> None:
+        """Rebuild memory from the database after a start."""
+        with self.lock:
+            for task_key in info.queued_keys:
+                self._key(task_key).overflow = True
+            for due, task_key in info.delayed:
+                self._add_timer(due, "due", task_key)
+            when = time.time() + self.lease_timeout
+            for run_id, _state in info.leased:
+                self.outstanding[run_id] = RECOVERED
+                self._add_timer(when, "lease", (run_id, RECOVERED))
+        if info.queued_keys or info.leased:
+            logger.info("recovered %d key(s) with queued runs and %d run(s) left PENDING/RUNNING "
+                        "(re-queued in %.1f s unless they finish)",
+                        len(info.queued_keys), len(info.leased), self.lease_timeout)
+
+    def stop(self) -> None:
+        with self.lock:
+            self._stopped = True
+            self._timer_cond.notify_all()
+        self._thread.join(timeout=2)
+
+    def stats(self) -> dict[str, int]:
+        with self.lock:
+            return {
+                "buffered": len(self._in_heap),
+                "outstanding": len(self.outstanding),
+                "timers": len(self._timers),
+                "keys": len(self._keys),
+            }
+

@@ -1,0 +1,394 @@
+"""The websocket ``/api/task_runs/subscriptions/scheduled`` (Prefect 3 protocol + extensions).
+
+Per connection there are three threads: simple-websocket's reader, the HTTP handler thread
+running :meth:`Subscription.receive_loop` (acks, quit, ``set_state`` requests) and a sender
+thread (:meth:`Subscription._send_loop`) that delivers one run at a time and sends the
+``set_state_result`` answers. ``set_state`` requests are handed to the database writer
+without waiting, so a worker's state reports do not serialize behind each other; their
+answers may come back in any order (matched by ``request_id``).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+from collections import deque
+from typing import Any
+
+import simple_websocket
+from simple_websocket.errors import ConnectionClosed
+from wsproto.events import TextMessage
+
+from .core import Core, NotFound
+from .database import QSTATE_MEMORY, DatabaseClosed
+from .models import ValidationError, validate_state
+
+logger = logging.getLogger("sync_worker.server.subscriptions")
+
+POLICY_VIOLATION = 1008
+UNSUPPORTED_DATA = 1003
+PROTOCOL_ERROR = 1002
+GOING_AWAY = 1001
+NORMAL = 1000
+PREFECT_VIOLATION = 4001
+
+EXTENSIONS = ["set_state"]
+
+
+class WebSocket(simple_websocket.Server):
+    """simple-websocket server socket whose sends are thread-safe and complete (sendall)."""
+
+    def __init__(self, environ: dict[str, Any], **kwargs: Any) -> None:
+        self.send_lock = threading.Lock()
+        super().__init__(environ, **kwargs)
+
+    def send(self, data: Any) -> None:
+        with self.send_lock:
+            if not self.connected:
+                raise ConnectionClosed(self.close_reason, self.close_message)
+            self.sock.sendall(self.ws.send(TextMessage(data=data)))
+
+    def close(self, reason: int | None = None, message: str | None = None) -> None:
+        with self.send_lock:
+            super().close(reason, message)
+
+    def shutdown(self) -> None:
+        """Unblock the reader thread and drop the TCP connection."""
+        self.connected = False
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+class _Close(Exception):
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def _decode(message: Any) -> dict[str, Any]:
+    if isinstance(message, bytes):
+        try:
+            message = message.decode("utf-8")
+        except UnicodeDecodeError:
+            raise _Close(UNSUPPORTED_DATA, "Protocol violation: messages must be UTF-8 JSON text") from None
+    try:
+        value = json.loads(message)
+    except ValueError:
+        raise _Close(UNSUPPORTED_DATA, "Protocol violation: message is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise _Close(PREFECT_VIOLATION, "Protocol violation: expected a JSON object") from None
+    return value
+
+
+class SubscriptionRegistry:
+    """Live connections, so that stopping the server can close them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sockets: set[WebSocket] = set()
+        self.closing = False
+
+    def add(self, ws: WebSocket) -> bool:
+        with self._lock:
+            if self.closing:
+                return False
+            self._sockets.add(ws)
+            return True
+
+    def remove(self, ws: WebSocket) -> None:
+        with self._lock:
+            self._sockets.discard(ws)
+
+    def close_all(self) -> None:
+        with self._lock:
+            self.closing = True
+            sockets = list(self._sockets)
+        for ws in sockets:
+            try:
+                ws.close(GOING_AWAY, "Server is shutting down")
+            except (ConnectionClosed, OSError):
+                pass
+            ws.shutdown()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._sockets)
+
+
+def handle_websocket(environ: dict[str, Any], core: Core, registry: SubscriptionRegistry,
+                     max_message_size: int | None) -> None:
+    """Serve one subscription connection until it ends (runs in the HTTP handler thread)."""
+    ws = WebSocket(environ, subprotocols=["prefect"], max_message_size=max_message_size)
+    peer = environ.get("REMOTE_ADDR", "?")
+    if not registry.add(ws):
+        _close(ws, GOING_AWAY, "Server is shutting down")
+        return
+    subscription: Subscription | None = None
+    try:
+        try:
+            if ws.subprotocol == "prefect":
+                _authenticate(ws, core)
+            elif core.auth_string is not None:
+                raise _Close(PROTOCOL_ERROR, "'prefect' subprotocol required when auth is configured")
+            keys, client_id = _read_subscribe(ws)
+            subscription = Subscription(ws, core, keys, client_id, peer)
+            subscription.run()
+        except _Close as close:
+            logger.info("closing subscription connection from %s: %s (%d)", peer, close.reason, close.code)
+            _close(ws, close.code, close.reason)
+        except ConnectionClosed:
+            pass
+    finally:
+        registry.remove(ws)
+        ws.shutdown()
+        ws.thread.join(timeout=1.0)
+
+
+def _close(ws: WebSocket, code: int, reason: str) -> None:
+    try:
+        ws.close(code, reason)
+    except (ConnectionClosed, OSError):
+        return
+    # Give the client a moment to answer the close frame before dropping the connection.
+    ws.thread.join(timeout=1.0)
+
+
+def _authenticate(ws: WebSocket, core: Core) -> None:
+    message = ws.receive()
+    try:
+        value = _decode(message)
+    except _Close:
+        value = {}
+    if value.get("type") != "auth":
+        raise _Close(POLICY_VIOLATION, "Expected 'auth' message")
+    if core.auth_string is not None:
+        token = value.get("token")
+        if not token:
+            raise _Close(POLICY_VIOLATION, "Auth required but no token provided")
+        if not core.check_token(token):
+            raise _Close(POLICY_VIOLATION, "Invalid token")
+    ws.send(json.dumps({"type": "auth_success", "extensions": EXTENSIONS}))
+
+
+def _read_subscribe(ws: WebSocket) -> tuple[list[str], str]:
+    value = _decode(ws.receive())
+    if value.get("type") != "subscribe":
+        raise _Close(PREFECT_VIOLATION, "Protocol violation: expected 'subscribe' message")
+    keys = value.get("keys")
+    if not keys:
+        raise _Close(PREFECT_VIOLATION, "Protocol violation: expected 'keys' in subscribe message")
+    if not isinstance(keys, list) or not all(isinstance(k, str) and k for k in keys):
+        raise _Close(PREFECT_VIOLATION, "Protocol violation: 'keys' must be a list of task key strings")
+    client_id = value.get("client_id")
+    if not client_id:
+        raise _Close(PREFECT_VIOLATION, "Protocol violation: expected 'client_id' in subscribe message")
+    if not isinstance(client_id, str):
+        raise _Close(PREFECT_VIOLATION, "Protocol violation: 'client_id' must be a string")
+    return list(dict.fromkeys(keys)), client_id
+
+
+class Subscription:
+    """One subscribed worker connection (a :class:`runqueue.Waiter`)."""
+
+    def __init__(self, ws: WebSocket, core: Core, keys: list[str], client_id: str, peer: str) -> None:
+        self.ws = ws
+        self.core = core
+        self.queue = core.queue
+        self.keys = keys
+        self.client_id = client_id
+        self.peer = peer
+        self.leased: set[str] = set()
+        self._cond = threading.Condition()
+        self._outbox: deque[dict[str, Any]] = deque()
+        self._woken = True
+        self._in_flight: tuple[str, str, int] | None = None  # (id, task_key, seq) awaiting its ack
+        self._closed = False
+        self._quitting = False
+        self.delivered = 0
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    # -- Waiter ----------------------------------------------------------------------------------
+    def wake(self) -> None:
+        with self._cond:
+            self._woken = True
+            self._cond.notify()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def run(self) -> None:
+        logger.info("Task worker %r (%s) subscribed to task keys %r", self.client_id, self.peer, self.keys)
+        sender = threading.Thread(target=self._send_loop, name=f"sync-worker-ws-send-{self.client_id}", daemon=True)
+        sender.start()
+        reason = "connection closed"
+        try:
+            reason = self.receive_loop()
+        except _Close as close:
+            reason = close.reason
+            logger.info("closing subscription of %r: %s (%d)", self.client_id, close.reason, close.code)
+            self._stop_sending()
+            sender.join(timeout=2)
+            _close(self.ws, close.code, close.reason)
+        except ConnectionClosed:
+            pass
+        finally:
+            self._stop_sending()
+            sender.join(timeout=2)
+            self.queue.forget_waiter(self)
+            with self._cond:
+                in_flight, self._in_flight = self._in_flight, None
+            if in_flight is not None:
+                self.queue.give_back(self, *in_flight)
+            self.queue.connection_lost(self)
+            logger.info("Task worker %r (%s) disconnected (%s) after %d deliveries", self.client_id, self.peer,
+                        reason, self.delivered)
+
+    def _stop_sending(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+
+    # -- receiving -------------------------------------------------------------------------------
+    def receive_loop(self) -> str:
+        ws = self.ws
+        while True:
+            value = _decode(ws.receive())
+            kind = value.get("type")
+            if kind == "ack":
+                # (never call the queue while holding self._cond: the queue calls wake())
+                in_flight = self._in_flight
+                if in_flight is not None:
+                    self.queue.acked(self, in_flight[0])
+                with self._cond:
+                    self._in_flight = None
+                    self._woken = True
+                    self._cond.notify()
+                if in_flight is None:
+                    logger.debug("ack from %r with no run awaiting one; ignored", self.client_id)
+            elif kind == "set_state":
+                self._set_state(value)
+            elif kind == "quit":
+                with self._cond:
+                    self._quitting = True
+                    in_flight, self._in_flight = self._in_flight, None
+                if in_flight is not None:
+                    self.queue.give_back(self, *in_flight)
+                self._stop_sending()
+                _close(ws, NORMAL, "")
+                return "quit"
+            else:
+                raise _Close(PREFECT_VIOLATION, "Protocol violation: expected 'ack' message")
+
+    def _set_state(self, value: dict[str, Any]) -> None:
+        request_id = value.get("request_id")
+        run_id = value.get("task_run_id")
+        try:
+            if not isinstance(request_id, (str, int)) or isinstance(request_id, bool):
+                raise ValidationError(["request_id"], "Input should be a valid string", "string_type")
+            if not isinstance(run_id, str) or not run_id:
+                raise ValidationError(["task_run_id"], "Input should be a valid string", "string_type")
+            if "state" not in value:
+                raise ValidationError(["state"], "Field required", "missing")
+            proposed = validate_state(value["state"], ["state"])
+            force = value.get("force", False)
+            if force is None:
+                force = False
+            if not isinstance(force, bool):
+                raise ValidationError(["force"], "Input should be a valid boolean", "bool_type")
+        except ValidationError as exc:
+            self._post({"type": "set_state_result", "request_id": request_id, "status_code": 422,
+                        "detail": exc.detail})
+            return
+
+        def done(result: dict[str, Any] | None, error: BaseException | None) -> None:
+            if error is None:
+                reply = {"type": "set_state_result", "request_id": request_id, "status_code": 201, "result": result}
+            elif isinstance(error, NotFound):
+                reply = {"type": "set_state_result", "request_id": request_id, "status_code": 404,
+                         "detail": "Task not found"}
+            elif isinstance(error, DatabaseClosed):
+                reply = {"type": "set_state_result", "request_id": request_id, "status_code": 503,
+                         "detail": "Server is shutting down"}
+            else:
+                logger.error("set_state for %s failed: %r", run_id, error)
+                reply = {"type": "set_state_result", "request_id": request_id, "status_code": 500,
+                         "detail": f"Internal error: {type(error).__name__}"}
+            self._post(reply)
+
+        try:
+            self.core.set_state_async(run_id, proposed, force, done)
+        except DatabaseClosed:
+            done(None, DatabaseClosed())
+
+    def _post(self, message: dict[str, Any]) -> None:
+        with self._cond:
+            if self._closed:
+                return
+            self._outbox.append(message)
+            self._cond.notify()
+
+    # -- sending ---------------------------------------------------------------------------------
+    def _send_loop(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._closed and not self._outbox and not self._wants_run():
+                        self._cond.wait()
+                    if self._closed:
+                        return
+                    messages = list(self._outbox)
+                    self._outbox.clear()
+                    want_run = self._wants_run()
+                    if want_run:
+                        self._woken = False
+                for message in messages:
+                    self.ws.send(json.dumps(message, separators=(",", ":")))
+                if want_run:
+                    self._deliver_next()
+        except (ConnectionClosed, OSError):
+            self.ws.shutdown()
+        except DatabaseClosed:
+            return
+        except Exception:  # pragma: no cover - a bug: drop the connection, the worker reconnects
+            logger.exception("subscription sender of %r failed", self.client_id)
+            self.ws.shutdown()
+
+    def _wants_run(self) -> bool:
+        return self._woken and self._in_flight is None and not self._quitting
+
+    def _deliver_next(self) -> None:
+        while True:
+            run_id = self.queue.take(self)
+            if run_id is None:
+                return
+            found = self.core.db.read_run_text(run_id)  # type: ignore[attr-defined]
+            if found is None or found[1] != "SCHEDULED" or found[2] != QSTATE_MEMORY:
+                self.queue.discard(self, run_id)  # deleted or claimed since it was queued
+                continue
+            text, _state, _qstate, task_key, seq = found
+            with self._cond:
+                if self._closed:
+                    give_back = True
+                else:
+                    give_back = False
+                    self._in_flight = (run_id, task_key, seq)
+            if give_back:
+                self.queue.give_back(self, run_id, task_key, seq)
+                return
+            try:
+                self.ws.send(text)
+            except (ConnectionClosed, OSError):
+                with self._cond:
+                    if self._in_flight is not None and self._in_flight[0] == run_id:
+                        self._in_flight = None
+                self.queue.give_back(self, run_id, task_key, seq)
+                raise
+            self.delivered += 1
+            return

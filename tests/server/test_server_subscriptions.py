@@ -1,0 +1,267 @@
+"""The subscription websocket: handshake, violations, delivery, ack, quit, set_state extension."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+import websocket
+from conftest import read_close, wait_for
+
+
+def _handshake_close(wire, *messages, subprotocol=True):
+    ws = wire.connect(subprotocol=subprotocol)
+    try:
+        for message in messages:
+            ws.send(message if isinstance(message, str) else json.dumps(message))
+            if isinstance(message, dict) and message.get("type") == "auth":
+                assert json.loads(ws.recv())["type"] == "auth_success"
+        ws.settimeout(5)
+        return read_close(ws)
+    finally:
+        ws.close()
+
+
+def test_auth_success_advertises_extensions(wire, protocol):
+    ws = wire.connect()
+    assert ws.subprotocol == "prefect"
+    ws.send(json.dumps(protocol("ws_01_client_auth.json")))
+    reply = json.loads(ws.recv())
+    assert reply == {"type": "auth_success", "extensions": ["set_state"]}
+    ws.close()
+
+
+@pytest.mark.parametrize("capture", ["ws_violation_no_client_id.json", "ws_violation_no_keys.json",
+                                     "ws_violation_wrong_type.json"])
+def test_subscribe_violations_match_prefect(wire, protocol, capture):
+    violation = protocol(capture)
+    code, reason = _handshake_close(wire, {"type": "auth", "token": None}, violation["sent"])
+    assert (code, reason) == (violation["result"]["code"], violation["result"]["reason"])
+
+
+def test_missing_auth_message_matches_prefect(wire, protocol):
+    violation = protocol("ws_violation_missing_auth_message.json")
+    code, reason = _handshake_close(wire, violation["sent"])
+    assert (code, reason) == (violation["result"]["code"], violation["result"]["reason"])
+
+
+def test_garbage_before_auth_is_policy_violation(wire):
+    assert _handshake_close(wire, "garbage{") == (1008, "Expected 'auth' message")
+
+
+def test_garbage_after_auth_closes_with_reason(wire):
+    code, reason = _handshake_close(wire, {"type": "auth", "token": None}, "not json at all")
+    assert code == 1003
+    assert "JSON" in reason
+    code, reason = _handshake_close(wire, {"type": "auth", "token": None}, {"type": "subscribe", "keys": "k",
+                                                                            "client_id": "c"})
+    assert code == 4001
+    assert "keys" in reason
+
+
+def test_unexpected_message_after_subscribe_is_4001_and_others_unaffected(wire):
+    good = wire.subscribe(client_id="good")
+    bad = wire.subscribe(client_id="bad")
+    time.sleep(0.1)
+    bad.send({"type": "hello"})
+    assert bad.close_code() == (4001, "Protocol violation: expected 'ack' message")
+    run = wire.create()
+    assert good.next_run()["id"] == run["id"]
+
+
+def test_binary_garbage_after_subscribe(wire):
+    good = wire.subscribe(client_id="good")
+    bad = wire.subscribe(client_id="bad")
+    bad.ws.send_binary(b"\xff\xfe\x00")
+    code, reason = bad.close_code()
+    assert code == 1003 and reason
+    run = wire.create()
+    assert good.next_run()["id"] == run["id"]
+
+
+def test_delivery_ack_and_full_task_run(wire, protocol):
+    subscriber = wire.subscribe()
+    created = wire.create()
+    delivered = subscriber.next_run()
+    assert delivered == created
+    expected_keys = set(protocol("ws_04_server_task_run.json"))
+    assert set(delivered) == expected_keys
+
+
+def test_run_created_before_subscription_is_delivered(wire):
+    created = wire.create()
+    subscriber = wire.subscribe()
+    assert subscriber.next_run()["id"] == created["id"]
+
+
+def test_one_run_in_flight_until_ack(wire):
+    subscriber = wire.subscribe()
+    first, second = wire.create(), wire.create()
+    assert subscriber.next_run()["id"] == first["id"]
+    subscriber.expect_no_run(0.3)
+    subscriber.ack()
+    assert subscriber.next_run()["id"] == second["id"]
+
+
+def test_only_subscribed_keys_are_delivered(wire):
+    subscriber = wire.subscribe(keys=["tests.a"])
+    wire.create("tests.b")
+    subscriber.expect_no_run(0.3)
+    run_a = wire.create("tests.a")
+    assert subscriber.next_run()["id"] == run_a["id"]
+
+
+def test_non_deferred_scheduled_run_is_not_queued(wire):
+    subscriber = wire.subscribe()
+    wire.create(deferred=False)
+    subscriber.expect_no_run(0.3)
+
+
+def test_delivery_order_is_creation_order(wire):
+    created = [wire.create()["id"] for _ in range(30)]
+    subscriber = wire.subscribe()
+    delivered = []
+    for _ in created:
+        delivered.append(subscriber.next_run()["id"])
+        subscriber.ack()
+    assert delivered == created
+
+
+def test_multiple_keys_delivered_in_creation_order(wire):
+    created = [wire.create(key)["id"] for key in ["k.a", "k.b", "k.a", "k.c", "k.b"]]
+    subscriber = wire.subscribe(keys=["k.a", "k.b", "k.c"])
+    delivered = []
+    for _ in created:
+        delivered.append(subscriber.next_run()["id"])
+        subscriber.ack()
+    assert delivered == created
+
+
+def test_two_subscribers_share_a_key_without_duplicates(wire):
+    subscribers = [wire.subscribe(client_id=f"worker-{i}") for i in range(2)]
+    created = {wire.create()["id"] for _ in range(60)}
+    received: dict[int, list[str]] = {0: [], 1: []}
+    errors = []
+
+    def consume(i):
+        try:
+            while True:
+                try:
+                    run = subscribers[i].next_run(timeout=1.0)
+                except websocket.WebSocketTimeoutException:
+                    return
+                received[i].append(run["id"])
+                time.sleep(0.005)
+                subscribers[i].ack()
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert not errors
+    everything = received[0] + received[1]
+    assert len(everything) == len(set(everything)) == 60
+    assert set(everything) == created
+    assert received[0] and received[1]
+
+
+def test_quit_ends_subscription_cleanly_and_returns_unacked_run(wire):
+    first = wire.subscribe(client_id="quitter")
+    run = wire.create()
+    assert first.next_run()["id"] == run["id"]
+    first.send({"type": "quit"})
+    assert first.close_code()[0] == 1000
+    second = wire.subscribe(client_id="next")
+    assert second.next_run()["id"] == run["id"]
+
+
+def test_set_state_extension(wire):
+    subscriber = wire.subscribe()
+    run = wire.create()
+    assert subscriber.next_run()["id"] == run["id"]
+    subscriber.ack()
+    reply = subscriber.set_state(run["id"], "PENDING", state_details={"deferred": True})
+    assert reply["status_code"] == 201
+    assert reply["result"]["status"] == "ACCEPT"
+    assert reply["result"]["state"]["type"] == "PENDING"
+    assert subscriber.set_state(run["id"], "RUNNING")["result"]["status"] == "ACCEPT"
+    done = subscriber.set_state(run["id"], "COMPLETED")
+    assert done["result"]["status"] == "ACCEPT"
+    assert done["result"]["details"] == {"type": "accept_details"}
+    assert wire.read(run["id"])["state_type"] == "COMPLETED"
+
+
+def test_set_state_extension_errors(wire):
+    subscriber = wire.subscribe()
+    missing = subscriber.set_state("no-such-run", "PENDING")
+    assert missing["status_code"] == 404
+    assert missing["detail"] == "Task not found"
+    run = wire.create()
+    invalid = subscriber.set_state(run["id"], "EXPLODED")
+    assert invalid["status_code"] == 422
+    assert "state.type" in invalid["detail"]
+    subscriber.send({"type": "set_state", "request_id": "r1", "task_run_id": run["id"]})
+    message = subscriber.recv()
+    while message.get("request_id") != "r1":  # the run itself may come first
+        message = subscriber.recv()
+    assert message["status_code"] == 422 and "state" in message["detail"]
+    # the socket still works
+    assert subscriber.set_state(run["id"], "PENDING")["status_code"] == 201
+
+
+def test_set_state_does_not_count_as_ack(wire):
+    subscriber = wire.subscribe()
+    first, second = wire.create(), wire.create()
+    assert subscriber.next_run()["id"] == first["id"]
+    subscriber.set_state(first["id"], "PENDING")
+    subscriber.expect_no_run(0.3)
+    subscriber.ack()
+    assert subscriber.next_run()["id"] == second["id"]
+
+
+def test_websocket_auth(server_factory, make_wire):
+    server = server_factory(auth_string="admin:s3cret")
+    w = make_wire(server)
+    for token, reason in [(None, "Auth required but no token provided"), ("wrong", "Invalid token")]:
+        ws = w.connect()
+        ws.send(json.dumps({"type": "auth", "token": token}))
+        assert read_close(ws) == (1008, reason)
+        ws.close()
+    subscriber = w.subscribe(token="admin:s3cret")
+    run = w.create()
+    assert subscriber.next_run()["id"] == run["id"]
+
+
+def test_legacy_client_without_subprotocol(server_factory, make_wire):
+    open_server = server_factory()
+    w = make_wire(open_server)
+    ws = w.connect(subprotocol=False)
+    ws.send(json.dumps({"type": "subscribe", "keys": ["tests.add"], "client_id": "legacy"}))
+    run = w.create()
+    assert json.loads(ws.recv())["id"] == run["id"]
+    ws.close()
+
+
+def test_legacy_client_refused_when_auth_configured(server_factory, make_wire):
+    server = server_factory(auth_string="a:b")
+    w = make_wire(server)
+    ws = w.connect(subprotocol=False)
+    assert read_close(ws)[0] == 1002
+    ws.close()
+
+
+def test_stop_closes_websockets_fast(server_factory, make_wire):
+    server = server_factory()
+    w = make_wire(server)
+    subscriber = w.subscribe()
+    wait_for(lambda: server.stats()["subscriptions"] == 1)
+    started = time.monotonic()
+    server.stop()
+    assert time.monotonic() - started < 1.0
+    code, reason = subscriber.close_code()
+    assert code == 1001
+    assert "shutting down" in reason
