@@ -86,7 +86,7 @@ class Client:
         self._retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception(_is_retryable),
             stop=tenacity.stop_after_attempt(max(1, retry_attempts)),
-            wait=tenacity.wait_exponential_jitter(initial=0.1, max=5.0),
+            wait=tenacity.wait_exponential_jitter(multiplier=0.1, max=5.0),
             before_sleep=_log_retry,
             reraise=True,
         )

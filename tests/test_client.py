@@ -1,0 +1,146 @@
+"""The REST client against the real embedded server, and against a stub that fails on purpose."""
+from __future__ import annotations
+
+import http.server
+import json
+import socket
+import threading
+
+import pytest
+import requests
+
+from sync_worker.client import Client
+from sync_worker.exceptions import APIError, ObjectNotFound, Unauthorized
+from sync_worker.schemas import Pending, Running, Scheduled, SetStateStatus, StateType, task_run_create
+
+
+def create(client: Client, key: str = "tests.key"):
+    return client.create_task_run(task_run_create(name="t", task_key=key, state=Scheduled()))
+
+
+def test_health_and_round_trip(server):
+    client = Client(server.url)
+    assert client.health() is True
+    run = create(client)
+    assert run.state.type is StateType.SCHEDULED and run.state.state_details.deferred is True
+    assert client.read_task_run(run.id) == run
+    assert client.set_task_run_state(run.id, Pending()).status is SetStateStatus.ACCEPT
+    assert client.set_task_run_state(run.id, Running()).state.type is StateType.RUNNING
+    client.delete_task_run(run.id)
+    with pytest.raises(ObjectNotFound, match="404"):
+        client.read_task_run(run.id)
+
+
+def test_errors_carry_the_servers_detail(server):
+    client = Client(server.url)
+    with pytest.raises(ObjectNotFound) as info:
+        client.read_task_run("00000000-0000-0000-0000-000000000000")
+    assert info.value.status_code == 404 and info.value.detail
+    with pytest.raises(APIError) as info:
+        client.create_task_run({"name": 5})
+    assert info.value.status_code == 422
+    assert "task_key" in str(info.value.detail) or "name" in str(info.value.detail)
+
+
+def test_records(server):
+    client = Client(server.url)
+    client.write_record("abc-1", b'{"x": 1}')
+    assert client.read_record("abc-1") == b'{"x": 1}'
+    with pytest.raises(ObjectNotFound):
+        client.read_record("missing")
+
+
+def test_wrong_credentials_are_unauthorized_with_a_hint(server_factory):
+    server = server_factory(auth_string="admin:secret")
+    assert Client(server.url, auth_string="admin:secret").health() is True
+    with pytest.raises(Unauthorized, match="SYNC_WORKER_API_AUTH_STRING") as info:
+        Client(server.url, auth_string="admin:wrong").read_task_run("x")
+    assert info.value.status_code == 401
+    with pytest.raises(Unauthorized):
+        Client(server.url).health()
+
+
+def test_websocket_url():
+    assert Client("http://h:1/api").websocket_url("task_runs/subscriptions/scheduled") == \
+        "ws://h:1/api/task_runs/subscriptions/scheduled"
+    assert Client("https://h/api/").websocket_url("/x") == "wss://h/api/x"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_server_down():
+    client = Client(f"http://127.0.0.1:{free_port()}/api", retry_attempts=2)
+    assert client.health() is False
+    with pytest.raises(requests.ConnectionError):
+        create(client)
+
+
+class FlakyServer:
+    """Answers 503 to the first ``failures`` requests, then ``body``; counts requests."""
+
+    def __init__(self, failures: int, body: dict):
+        self.requests = 0
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _answer(self):
+                length = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(length)
+                outer.requests += 1
+                status, payload = (503, {"detail": "try later"}) if outer.requests <= failures else (200, body)
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/api"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+RUN = {"id": "r1", "name": "t", "task_key": "k", "dynamic_key": "d",
+       "state": {"type": "SCHEDULED", "name": "Scheduled"}}
+
+
+def test_reads_are_retried_through_5xx():
+    flaky = FlakyServer(failures=2, body=RUN)
+    try:
+        run = Client(flaky.url, retry_attempts=5).read_task_run("r1")
+        assert run.id == "r1" and flaky.requests == 3
+    finally:
+        flaky.close()
+
+
+def test_creates_are_not_retried():
+    flaky = FlakyServer(failures=1, body=RUN)
+    try:
+        with pytest.raises(APIError) as info:
+            create(Client(flaky.url, retry_attempts=5))
+        assert info.value.status_code == 503 and flaky.requests == 1
+    finally:
+        flaky.close()
+
+
+def test_retries_are_bounded():
+    flaky = FlakyServer(failures=100, body=RUN)
+    try:
+        with pytest.raises(APIError):
+            Client(flaky.url, retry_attempts=3).read_task_run("r1")
+        assert flaky.requests == 3
+    finally:
+        flaky.close()

@@ -1,0 +1,126 @@
+"""Submitting: @task, .delay/.apply_async and TaskRunFuture against the embedded server."""
+from __future__ import annotations
+
+import datetime
+import socket
+
+import pytest
+
+from sync_worker.client import Client
+from sync_worker.exceptions import SerializationError, TaskRunFailed
+from sync_worker.schemas import Completed, Failed, Pending, Running, StateType
+from sync_worker.storage import LocalDirectoryStore, read_parameters, write_exception, write_result
+from sync_worker.tasks import Task, task
+
+
+@task(retries=2, retry_delay_seconds=[1, 5], tags=["b", "a"])
+def add(x: int, y: int = 10) -> int:
+    return x + y
+
+
+@task
+def no_args() -> str:
+    return "hi"
+
+
+@pytest.fixture
+def store(tmp_path):
+    return LocalDirectoryStore(tmp_path / "records")
+
+
+@pytest.fixture
+def unreachable_client():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return Client(f"http://127.0.0.1:{port}/api", retry_attempts=1)
+
+
+def test_decorator_forms_and_inline_call():
+    assert add(1, 2) == 3
+    assert isinstance(add, Task) and add.name == "add"
+    assert add.task_key == "test_tasks.add"
+    assert add.tags == ["a", "b"]
+    custom = task(name="n", task_key="my.key")(lambda: 1)
+    assert custom.task_key == "my.key" and custom.name == "n"
+    with pytest.raises(TypeError, match="coroutine"):
+        task(_async_fn)
+
+
+async def _async_fn():
+    return 1
+
+
+def test_delay_creates_a_scheduled_deferred_run_with_stored_parameters(server, store):
+    client = Client(server.url)
+    future = add.apply_async((1,), client=client, store=store)
+    run = client.read_task_run(future.task_run_id)
+    assert run.task_key == add.task_key and run.name == "add"
+    assert run.state.type is StateType.SCHEDULED and run.state.state_details.deferred is True
+    assert run.empirical_policy.retries == 2 and run.empirical_policy.retry_delay == [1.0, 5.0]
+    assert sorted(run.tags) == ["a", "b"]
+    assert set(run.task_inputs) == {"x", "y"}
+    stored = read_parameters(store, run.state.state_details.task_parameters_id)
+    assert stored["parameters"] == {"x": 1, "y": 10}
+
+
+def test_no_parameters_no_record(server, store):
+    future = no_args.apply_async(client=Client(server.url), store=store)
+    assert future.task_run.state.state_details.task_parameters_id is None
+    assert not store.path.exists() or not any(store.path.iterdir())
+
+
+def test_wrong_call_fails_in_the_caller_before_any_request(unreachable_client, store):
+    with pytest.raises(TypeError, match=r"add\(\): missing a required argument: 'x'"):
+        add.apply_async((), {}, client=unreachable_client, store=store)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'z'"):
+        add.apply_async((1,), {"z": 2}, client=unreachable_client, store=store)
+
+
+def test_unserializable_parameters_create_nothing(unreachable_client, store):
+    with pytest.raises(SerializationError, match="'x' \\(datetime\\)"):
+        add.apply_async((datetime.datetime.now(),), client=unreachable_client, store=store)
+    assert not store.path.exists() or not any(store.path.iterdir())
+
+
+def test_a_failed_create_removes_the_parameters(unreachable_client, store):
+    import requests
+
+    with pytest.raises(requests.ConnectionError):
+        add.apply_async((1,), client=unreachable_client, store=store)
+    assert not [p for p in store.path.iterdir() if not p.name.startswith(".")]
+
+
+def test_future_result_of_a_completed_run(server, store):
+    client = Client(server.url)
+    future = add.apply_async((1, 2), client=client, store=store)
+    client.set_task_run_state(future.task_run_id, Pending())
+    client.set_task_run_state(future.task_run_id, Running())
+    client.set_task_run_state(future.task_run_id, Completed(data=write_result(store, {"sum": 3})))
+    assert future.result(timeout=5) == {"sum": 3}
+    assert future.state.is_completed()
+
+
+def test_future_of_a_failed_run_raises_with_the_remote_traceback(server, store):
+    client = Client(server.url)
+    future = no_args.apply_async(client=client, store=store)
+    try:
+        raise KeyError("missing")
+    except KeyError as exc:
+        data = write_exception(store, exc)
+    client.set_task_run_state(future.task_run_id, Pending())
+    client.set_task_run_state(future.task_run_id, Running())
+    client.set_task_run_state(future.task_run_id, Failed("Task run encountered an exception KeyError: 'missing'", data=data))
+    with pytest.raises(TaskRunFailed, match="KeyError") as info:
+        future.result(timeout=5)
+    assert info.value.exception_type == "KeyError"
+    assert "Remote traceback" in str(info.value) and 'raise KeyError("missing")' in str(info.value)
+    returned = future.result(timeout=5, raise_on_failure=False)
+    assert isinstance(returned, TaskRunFailed)
+
+
+def test_result_times_out_while_the_run_waits(server, store):
+    future = no_args.apply_async(client=Client(server.url), store=store)
+    with pytest.raises(TimeoutError, match="still Scheduled"):
+        future.result(timeout=0.2)
+    assert future.wait(timeout=0.05).type is StateType.SCHEDULED
