@@ -81,14 +81,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.add_marker(pytest.mark.prefect)
         if not PREFECT_AVAILABLE:
             if REQUIRE_PREFECT:
-                item.add_marker(pytest.mark.usefixtures("_prefect_required"))
-            else:
-                item.add_marker(pytest.mark.skip(reason=SKIP_REASON))
-
-
-@pytest.fixture
-def _prefect_required() -> None:
-    pytest.fail(f"SYNC_WORKER_REQUIRE_PREFECT is set but {SKIP_REASON}", pytrace=False)
+                raise pytest.UsageError(f"SYNC_WORKER_REQUIRE_PREFECT is set but {SKIP_REASON}")
+            item.add_marker(pytest.mark.skip(reason=SKIP_REASON))
 
 
 # --------------------------------------------------------------------------- server
