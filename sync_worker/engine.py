@@ -30,6 +30,7 @@ import enum
 import inspect
 import logging
 import time
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import tenacity
@@ -130,6 +131,7 @@ class TaskRunEngine:
         self.logger = logging.LoggerAdapter(logger, {"task_run_id": task_run.id})
         self.state: State | None = task_run.state
         self.outcome: Outcome | None = None
+        self._local_retry: State | None = None
 
     @property
     def _label(self) -> str:
@@ -229,6 +231,32 @@ class TaskRunEngine:
 
         metrics.RUNS_STARTED.labels(task_key=key).inc()
         self.logger.debug("Running %s", self._label)
+        outcome = self._execute(parameters)
+        while outcome is Outcome.RETRYING and self._local_retry is not None:
+            outcome = self._retry_here(self._local_retry, parameters)
+        return outcome
+
+    def _retry_here(self, retry: State, parameters: dict[str, Any]) -> Outcome:
+        """Retry in this thread, when the server will not deliver the retry again.
+
+        The embedded server re-queues a run it answered ``AwaitingRetry`` (its state is
+        ``deferred``) and delivers it when due: no slot is held meanwhile. A Prefect
+        server does not (its own engine retries in-process, and its retry state is not
+        deferred), so here, as Prefect's engine does, the worker waits for the scheduled
+        time, holding the slot, and runs again.
+        """
+        self._local_retry = None
+        scheduled = retry.state_details.scheduled_time
+        if scheduled is not None:
+            delay = (scheduled - datetime.now(UTC)).total_seconds()
+            if delay > 0:
+                time.sleep(delay)
+        running = self.propose(Running())
+        if running.status is not SetStateStatus.ACCEPT:
+            self.logger.warning("Server refused the retry of %s (%s): %s", self._label, running.status.value,
+                                running.reason or running.state)
+            return Outcome.SKIPPED
+        metrics.RUNS_STARTED.labels(task_key=self.task.task_key).inc()
         return self._execute(parameters)
 
     def _claim(self) -> bool:
@@ -316,6 +344,8 @@ class TaskRunEngine:
         state = result.state
         if result.status is SetStateStatus.REJECT and state is not None and state.type is StateType.SCHEDULED:
             metrics.RUNS_RETRIED.labels(task_key=key).inc()
+            if not state.state_details.deferred:
+                self._local_retry = state
             self.logger.info("%s will be retried (%s%s)", self._label, state.name,
                              f", at {state.state_details.scheduled_time.isoformat()}"
                              if state.state_details.scheduled_time else "")
