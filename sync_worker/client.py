@@ -74,6 +74,11 @@ class Client:
         self.api_key = api_key if api_key is not None else settings.api_key
         self.timeout = timeout if timeout is not None else settings.request_timeout
         self._session = requests.Session()
+        # Proxies from the environment are resolved once here; with trust_env on, requests
+        # would re-read every *_proxy variable (and ~/.netrc) on each call, which costs more
+        # CPU than the rest of a small request.
+        self._session.proxies.update(requests.utils.get_environ_proxies(self.api_url))
+        self._session.trust_env = False
         adapter = HTTPAdapter(pool_connections=4, pool_maxsize=POOL_SIZE)
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)

@@ -144,3 +144,13 @@ def test_retries_are_bounded():
         assert flaky.requests == 3
     finally:
         flaky.close()
+
+
+def test_proxy_settings_from_the_environment_are_still_honoured(server, monkeypatch):
+    # proxies are resolved once per client (not per request): a dead proxy breaks this
+    # client, and NO_PROXY for the API host exempts it
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("NO_PROXY", "")
+    assert Client(server.url, retry_attempts=1).health() is False
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    assert Client(server.url, retry_attempts=1).health() is True
