@@ -397,3 +397,49 @@ def python_script(tmp_path: Path) -> Iterator[Callable[..., Script]]:
     yield make
     for script in scripts:
         script.stop()
+
+
+# --------------------------------------------------------------------------- sync_worker side
+
+
+@pytest.fixture
+def sync_worker_env(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
+    """Factory: point sync_worker (in this process) at a Prefect server.
+
+    Clears every SYNC_WORKER_*/PREFECT_* variable, then sets the API URL, the auth string
+    of an auth server, and SYNC_WORKER_STORAGE = the server's Prefect storage directory
+    (so parameter/result records are shared with Prefect's callers and workers).
+    """
+
+    def configure(server: PrefectServer, **extra: str) -> None:
+        for name in list(os.environ):
+            if name.startswith(("SYNC_WORKER_", "PREFECT_")) and name != "SYNC_WORKER_REQUIRE_PREFECT":
+                monkeypatch.delenv(name)
+        monkeypatch.setenv("SYNC_WORKER_API_URL", server.api_url)
+        monkeypatch.setenv("SYNC_WORKER_STORAGE", str(server.storage_path))
+        if server.auth_string is not None:
+            monkeypatch.setenv("SYNC_WORKER_API_AUTH_STRING", server.auth_string)
+        for name, value in extra.items():
+            monkeypatch.setenv(name, value)
+
+    return configure
+
+
+@pytest.fixture
+def start_worker() -> Iterator[Callable[..., object]]:
+    """Factory: start a sync_worker TaskWorker in this process (non-blocking); stopped and
+    drained (bounded) at teardown."""
+    workers: list = []
+
+    def start(*tasks: object, limit: int | None = 4) -> object:
+        from sync_worker import TaskWorker
+
+        worker = TaskWorker(*tasks, limit=limit)
+        workers.append(worker)
+        return worker.start(block=False)
+
+    yield start
+    for worker in workers:
+        worker.stop()
+    for worker in workers:
+        assert worker.join(30), f"{worker!r} did not drain within 30s"

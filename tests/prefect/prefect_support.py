@@ -1,0 +1,50 @@
+"""Helpers shared by the Prefect compatibility tests (imported by the test modules;
+fixtures live in conftest.py)."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+PrefectServer = Any  # conftest.PrefectServer; not imported: "conftest" is ambiguous on sys.path
+
+
+def read_run(server: PrefectServer, run_id: str) -> dict:
+    """The run as Prefect's API shows it."""
+    import requests
+
+    response = requests.get(f"{server.api_url}/task_runs/{run_id}", headers=server.auth_header(), timeout=30)
+    response.raise_for_status()
+    return response.json()
+
+
+def state_history(server: PrefectServer, run_id: str) -> list[dict]:
+    """All states of a run, oldest first (``GET /api/task_run_states/?task_run_id=``)."""
+    import requests
+
+    response = requests.get(
+        f"{server.api_url}/task_run_states/", params={"task_run_id": run_id}, headers=server.auth_header(), timeout=30
+    )
+    response.raise_for_status()
+    return sorted(response.json(), key=lambda state: state["timestamp"])
+
+
+def wait_for_run(server: PrefectServer, run_id: str, state_types: set[str], timeout: float) -> dict | None:
+    """Poll the API until the run's state type is in ``state_types``; None if the run was deleted."""
+    import requests
+
+    deadline = time.monotonic() + timeout
+    last: dict | None = None
+    while True:
+        response = requests.get(f"{server.api_url}/task_runs/{run_id}", headers=server.auth_header(), timeout=30)
+        if response.status_code == 404:
+            return None
+        response.raise_for_status()
+        last = response.json()
+        if last["state_type"] in state_types:
+            return last
+        if time.monotonic() >= deadline:
+            raise AssertionError(
+                f"run {run_id} is {last['state_type']}/{last['state_name']} after {timeout}s, wanted {state_types}: "
+                f"{last['state']}"
+            )
+        time.sleep(0.1)
