@@ -168,6 +168,9 @@ class Client:
     def read_record(self, key: str) -> bytes:
         return self._retried(lambda: self._request("GET", f"/storage/{key}")).content
 
+    def delete_record(self, key: str) -> None:
+        self._retried(lambda: self._request("DELETE", f"/storage/{key}"))
+
     # -- lifecycle --------------------------------------------------------------------
     def close(self) -> None:
         self._session.close()

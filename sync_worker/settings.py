@@ -67,7 +67,9 @@ class Settings:
         auth_string: ``user:password`` sent as HTTP Basic auth (and as the websocket token).
         api_key: sent as a Bearer token (Prefect Cloud style); the auth string wins if both.
         storage: where parameter and result records live: a directory path, or
-            ``server`` for the API's own storage endpoint (no shared disk needed).
+            ``server`` for the API's own storage endpoint (no shared disk needed). Falls
+            back to Prefect's ``PREFECT_RESULTS_LOCAL_STORAGE_PATH`` so that sync_worker and
+            Prefect clients on one machine share their records.
         allow_pickle: whether records written with the pickle serializer may be read.
             Off by default: unpickling data from a queue executes code.
         delete_failed_submissions: delete a run whose task is unknown or whose
@@ -102,7 +104,8 @@ def get_settings(env: Optional[Mapping[str, str]] = None) -> Settings:
         api_url=_str(env, "SYNC_WORKER_API_URL", "PREFECT_API_URL", default=defaults.api_url).rstrip("/"),
         auth_string=_str(env, "SYNC_WORKER_API_AUTH_STRING", "PREFECT_API_AUTH_STRING"),
         api_key=_str(env, "SYNC_WORKER_API_KEY", "PREFECT_API_KEY"),
-        storage=_str(env, "SYNC_WORKER_STORAGE", default=defaults.storage),
+        storage=_str(env, "SYNC_WORKER_STORAGE", "PREFECT_RESULTS_LOCAL_STORAGE_PATH", "PREFECT_LOCAL_STORAGE_PATH",
+                     default=defaults.storage),
         allow_pickle=_bool(env, "SYNC_WORKER_ALLOW_PICKLE", default=defaults.allow_pickle),
         delete_failed_submissions=_bool(
             env,

@@ -43,7 +43,11 @@ RECORD_VERSION = "3.8.8"
 
 SERIALIZERS = ("json", "pickle")
 
-_KEY = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+_KEY = re.compile(r"^(parameters/)?[A-Za-z0-9._-]{1,200}$")
+
+#: Parameter records live in a ``parameters/`` namespace, as Prefect lays them out
+#: (``<storage>/parameters/<task_parameters_id>``), so both can share one directory.
+PARAMETERS_PREFIX = "parameters/"
 
 _JSON_SERIALIZER = {
     "type": "json",
@@ -69,6 +73,8 @@ class RecordNotFound(SyncWorkerError, KeyError):
 
 
 class RecordStore(Protocol):
+    """Where records live. Keys are ``[A-Za-z0-9._-]`` names, optionally ``parameters/<name>``."""
+
     def write(self, key: str, data: bytes) -> None: ...
 
     def read(self, key: str) -> bytes: ...
@@ -78,7 +84,8 @@ class RecordStore(Protocol):
 
 def check_key(key: str) -> str:
     if not _KEY.match(key):
-        raise ValueError(f"invalid record key {key!r}: use 1-200 characters from A-Z a-z 0-9 . _ -")
+        raise ValueError(f"invalid record key {key!r}: use 1-200 characters from A-Z a-z 0-9 . _ - "
+                         f"(optionally after {PARAMETERS_PREFIX!r})")
     return key
 
 
@@ -88,13 +95,21 @@ class LocalDirectoryStore:
     def __init__(self, path: str | os.PathLike[str]):
         self.path = Path(path).expanduser()
 
+    def location(self, key: str) -> Path:
+        """The file of a record: Prefect callers are given this absolute path as storage key."""
+        return self.path / check_key(key)
+
     def write(self, key: str, data: bytes) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=".tmp-")
+        target = self.location(key)
+        try:
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+        except FileNotFoundError:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
-            os.replace(tmp, self.path / check_key(key))
+            os.replace(tmp, target)
         except BaseException:
             try:
                 os.unlink(tmp)
@@ -104,13 +119,13 @@ class LocalDirectoryStore:
 
     def read(self, key: str) -> bytes:
         try:
-            return (self.path / check_key(key)).read_bytes()
+            return self.location(key).read_bytes()
         except FileNotFoundError:
             raise RecordNotFound(f"no record {key!r} in {self.path}") from None
 
     def delete(self, key: str) -> None:
         try:
-            (self.path / check_key(key)).unlink()
+            self.location(key).unlink()
         except FileNotFoundError:
             pass
 
@@ -124,18 +139,22 @@ class ServerStore:
     def __init__(self, client: Client):
         self.client = client
 
+    @staticmethod
+    def _remote(key: str) -> str:
+        return check_key(key).replace("/", ".")
+
     def write(self, key: str, data: bytes) -> None:
-        self.client.write_record(check_key(key), data)
+        self.client.write_record(self._remote(key), data)
 
     def read(self, key: str) -> bytes:
         try:
-            return self.client.read_record(check_key(key))
+            return self.client.read_record(self._remote(key))
         except ObjectNotFound:
             raise RecordNotFound(f"no record {key!r} on {self.client.api_url}") from None
 
     def delete(self, key: str) -> None:
         try:
-            self.client._retried(lambda: self.client._request("DELETE", f"/storage/{check_key(key)}"))
+            self.client.delete_record(self._remote(key))
         except ObjectNotFound:
             pass
 
@@ -217,14 +236,16 @@ def load_record(data: bytes, *, allow_pickle: bool = False) -> Any:
 def write_parameters(store: RecordStore, parameters: dict[str, Any], serializer: str = "json") -> str:
     """Store a run's parameters (Prefect's payload shape) and return the record key."""
     key = str(uuid.uuid4())
-    store.write(key, dump_record({"parameters": parameters, "context": {}}, serializer, key))
+    store.write(PARAMETERS_PREFIX + key, dump_record({"parameters": parameters, "context": {}}, serializer, key))
     return key
 
 
 def read_parameters(store: RecordStore, key: str, *, allow_pickle: bool = False) -> dict[str, Any]:
-    """The payload dict ``{"parameters": {...}, ...}``; ParameterReadError says what went wrong."""
+    """The payload dict ``{"parameters": {...}, ...}``; ParameterReadError says what went wrong.
+
+    ``key`` is the run's ``task_parameters_id``."""
     try:
-        payload = load_record(store.read(key), allow_pickle=allow_pickle)
+        payload = load_record(store.read(PARAMETERS_PREFIX + key), allow_pickle=allow_pickle)
     except RecordNotFound as exc:
         raise ParameterReadError(f"parameters {key!r} not found: {exc}. Do the submitter and the worker share "
                                  "the same SYNC_WORKER_STORAGE?") from exc
@@ -236,16 +257,16 @@ def read_parameters(store: RecordStore, key: str, *, allow_pickle: bool = False)
     return payload
 
 
-def write_result(store: RecordStore, value: Any, serializer: str = "json", key: str | None = None) -> dict[str, Any] | None:
+def write_result(store: RecordStore, value: Any, serializer: str = "json", key: str | None = None) -> dict[str, Any]:
     """Persist a result; returns the COMPLETED state's ``data`` (the record metadata).
 
-    ``None`` is not written: a state with no data means the result is ``None``, which
-    saves a file per run for the many tasks that return nothing.
+    ``None`` is written like any value: a Prefect caller treats a COMPLETED state without
+    data as a missing result. In a local directory the storage key is the record's
+    absolute path, which is where a Prefect caller looks for it.
     """
-    if value is None:
-        return None
     key = key or str(uuid.uuid4())
-    data = dump_record(value, serializer, key)
+    storage_key = str(store.location(key)) if isinstance(store, LocalDirectoryStore) else key
+    data = dump_record(value, serializer, storage_key)
     store.write(key, data)
     return json.loads(data)["metadata"]
 
@@ -256,20 +277,38 @@ def write_exception(store: RecordStore, exc: BaseException) -> dict[str, Any]:
 
 
 def describe_exception(exc: BaseException) -> dict[str, str]:
+    """``type``/``message``/``traceback`` for sync_worker; ``__exc_type__`` lets Prefect's
+    JSON decoder rebuild the exception for a Prefect caller (builtin types only: it refuses
+    to import anything else, so other exceptions are described as ``Exception``)."""
+    cls = type(exc)
+    builtin = cls.__module__ == "builtins" and isinstance(getattr(__import__("builtins"), cls.__name__, None), type)
     return {
-        "type": type(exc).__qualname__,
+        "__exc_type__": f"builtins.{cls.__name__}" if builtin else "builtins.Exception",
+        "type": cls.__qualname__,
         "message": str(exc),
         "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
     }
 
 
 def read_result(store: RecordStore, data: Any, *, allow_pickle: bool = False) -> Any:
-    """The value behind a terminal state's ``data`` (record metadata, or None)."""
+    """The value behind a terminal state's ``data``.
+
+    ``data`` is record metadata naming a key in ``store``, or (as Prefect writes it) an
+    absolute path to the record file; ``None`` (an old sync_worker state) means ``None``.
+    """
     if data is None:
         return None
     if not isinstance(data, dict) or not data.get("storage_key"):
         raise SerializationError(f"the state's data does not name a stored result: {data!r}")
-    return load_record(store.read(data["storage_key"]), allow_pickle=allow_pickle)
+    key = data["storage_key"]
+    if os.path.isabs(key):
+        try:
+            raw = Path(key).read_bytes()
+        except FileNotFoundError:
+            raise RecordNotFound(f"no result record at {key}") from None
+    else:
+        raw = store.read(key)
+    return load_record(raw, allow_pickle=allow_pickle)
 
 
 def _describe(value: Any) -> str:

@@ -45,3 +45,8 @@ def test_bad_values_name_the_variable():
 def test_storage_server_mode():
     assert get_settings({"SYNC_WORKER_STORAGE": "server"}).uses_server_storage
     assert not get_settings({"SYNC_WORKER_STORAGE": "/tmp/x"}).uses_server_storage
+
+
+def test_storage_falls_back_to_prefects_directory():
+    assert get_settings({"PREFECT_RESULTS_LOCAL_STORAGE_PATH": "/p"}).storage == "/p"
+    assert get_settings({"PREFECT_RESULTS_LOCAL_STORAGE_PATH": "/p", "SYNC_WORKER_STORAGE": "/s"}).storage == "/s"

@@ -39,7 +39,7 @@ def test_json_record_has_prefects_layout():
 def test_parameters_round_trip(store):
     key = write_parameters(store, {"x": 1, "name": "é"})
     assert read_parameters(store, key) == {"parameters": {"x": 1, "name": "é"}, "context": {}}
-    assert (store.path / key).exists()
+    assert (store.path / "parameters" / key).exists()
 
 
 def test_unserializable_parameter_is_named(store):
@@ -74,19 +74,33 @@ def test_reads_a_record_written_the_way_prefect_writes_pickles():
 def test_missing_and_corrupt_parameters_say_what_is_wrong(store):
     with pytest.raises(ParameterReadError, match="not found.*SYNC_WORKER_STORAGE"):
         read_parameters(store, "no-such-key")
-    store.write("corrupt", b"{not json")
+    store.write("parameters/corrupt", b"{not json")
     with pytest.raises(ParameterReadError, match="not a valid record"):
         read_parameters(store, "corrupt")
-    store.write("list", dump_record({"parameters": [1, 2]}))
+    store.write("parameters/list", dump_record({"parameters": [1, 2]}))
     with pytest.raises(ParameterReadError, match="not a mapping"):
         read_parameters(store, "list")
 
 
 def test_results_and_none(store):
-    assert write_result(store, None) is None
+    none = write_result(store, None)  # a Prefect caller needs a record even for None
+    assert none["storage_key"] and read_result(store, none) is None
     assert read_result(store, None) is None
     data = write_result(store, {"total": 3})
     assert read_result(store, data) == {"total": 3}
+
+
+def test_local_results_are_named_by_absolute_path_as_prefect_does(store, tmp_path):
+    data = write_result(store, 2)
+    assert data["storage_key"].startswith(str(store.path)) and json.loads(open(data["storage_key"]).read())
+    # a reader with another default store still finds it
+    assert read_result(LocalDirectoryStore(tmp_path / "elsewhere"), data) == 2
+
+
+def test_parameters_live_where_prefect_keeps_them(store):
+    key = write_parameters(store, {"x": 1})
+    assert (store.path / "parameters" / key).is_file()
+    assert json.loads((store.path / "parameters" / key).read_text())["metadata"]["storage_key"] == key
 
 
 def test_exception_record_has_the_traceback(store):
@@ -96,11 +110,14 @@ def test_exception_record_has_the_traceback(store):
         data = write_exception(store, exc)
     record = read_result(store, data)
     assert record["type"] == "ValueError" and record["message"] == "boom"
+    assert record["__exc_type__"] == "builtins.ValueError"  # Prefect's decoder rebuilds it
     assert "Traceback" in record["traceback"] and 'raise ValueError("boom")' in record["traceback"]
 
 
 def test_keys_cannot_escape_the_directory(store):
     with pytest.raises(ValueError, match="invalid record key"):
         store.write("../outside", b"x")
+    with pytest.raises(ValueError, match="invalid record key"):
+        store.write("parameters/../../x", b"x")
     with pytest.raises(RecordNotFound):
         store.read("missing")

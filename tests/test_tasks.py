@@ -67,7 +67,7 @@ def test_delay_creates_a_scheduled_deferred_run_with_stored_parameters(server, s
 def test_no_parameters_no_record(server, store):
     future = no_args.apply_async(client=Client(server.url), store=store)
     assert future.task_run.state.state_details.task_parameters_id is None
-    assert not store.path.exists() or not any(store.path.iterdir())
+    assert not store.path.exists() or not [p for p in store.path.rglob("*") if p.is_file()]
 
 
 def test_wrong_call_fails_in_the_caller_before_any_request(unreachable_client, store):
@@ -80,7 +80,7 @@ def test_wrong_call_fails_in_the_caller_before_any_request(unreachable_client, s
 def test_unserializable_parameters_create_nothing(unreachable_client, store):
     with pytest.raises(SerializationError, match="'x' \\(datetime\\)"):
         add.apply_async((datetime.datetime.now(),), client=unreachable_client, store=store)
-    assert not store.path.exists() or not any(store.path.iterdir())
+    assert not store.path.exists() or not [p for p in store.path.rglob("*") if p.is_file()]
 
 
 def test_a_failed_create_removes_the_parameters(unreachable_client, store):
@@ -88,7 +88,7 @@ def test_a_failed_create_removes_the_parameters(unreachable_client, store):
 
     with pytest.raises(requests.ConnectionError):
         add.apply_async((1,), client=unreachable_client, store=store)
-    assert not [p for p in store.path.iterdir() if not p.name.startswith(".")]
+    assert store.path.exists() and not [p for p in store.path.rglob("*") if p.is_file()]
 
 
 def test_future_result_of_a_completed_run(server, store):
