@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
+from prometheus_client import REGISTRY
 
 from sync_worker import metrics
 from sync_worker.services import (
@@ -174,3 +179,87 @@ def test_port_in_use_is_a_clear_error(metrics_env: int) -> None:
     # Nothing half-started: once the port is free, starting works.
     assert start_client_metrics_server(addr="127.0.0.1") == metrics_env
     assert scrape(metrics_env)
+
+
+# ---------------------------------------------------------------------------------------
+# End to end: a worker's runs, as a Prometheus scrape sees them
+# ---------------------------------------------------------------------------------------
+
+
+def _poll(condition, timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def test_worker_runs_move_the_scraped_counters(
+    metrics_env: int, server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sync_worker.exceptions import TaskRunFailed
+    from sync_worker.schemas import StateType
+    from sync_worker.tasks import task
+    from sync_worker.worker import TaskWorker
+
+    for name in ("SYNC_WORKER_API_AUTH_STRING", "PREFECT_API_AUTH_STRING", "SYNC_WORKER_API_KEY", "PREFECT_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SYNC_WORKER_API_URL", server.url)
+    monkeypatch.setenv("SYNC_WORKER_STORAGE", str(tmp_path / "records"))
+
+    # Keys unique to this test run, so the labelled series start from nothing.
+    suffix = uuid.uuid4().hex[:8]
+
+    @task(task_key=f"tests.metrics.double.{suffix}")
+    def double(x: int) -> int:
+        return 2 * x
+
+    @task(task_key=f"tests.metrics.boom.{suffix}")
+    def boom() -> None:
+        raise ValueError("boom")
+
+    def series(name: str, key: str) -> str:
+        return f'{name}{{task_key="{key}"}}'
+
+    baseline = scrape_or_none(metrics_env)
+    assert baseline is None  # nothing listens before the worker starts it
+
+    in_flight_before = REGISTRY.get_sample_value("sync_worker_task_runs_in_flight")
+    runs = 5
+    futures = [double.delay(i) for i in range(runs)]
+    failing = boom.delay()
+    worker = TaskWorker(double, boom, limit=3).start(block=False)
+    try:
+        assert [f.result(timeout=60) for f in futures] == [0, 2, 4, 6, 8]
+        with pytest.raises(TaskRunFailed):
+            failing.result(timeout=60)
+        assert failing.state.type == StateType.FAILED
+        # The worker started the metrics server (enabled through the environment).
+        text = scrape(metrics_env)
+        d, b = double.task_key, boom.task_key
+        assert sample(text, series("sync_worker_task_runs_received_total", d)) == runs
+        assert sample(text, series("sync_worker_task_runs_started_total", d)) == runs
+        # A future resolves when the server records COMPLETED; the counter moves just
+        # after the worker hears back, so poll briefly.
+        assert _poll(lambda: sample(scrape(metrics_env), series("sync_worker_task_runs_completed_total", d)) == runs)
+        text = scrape(metrics_env)
+        assert sample(text, series("sync_worker_task_run_duration_seconds_count", d)) == runs
+        assert sample(text, series("sync_worker_task_runs_failed_total", d)) in (None, 0.0)
+        assert sample(text, series("sync_worker_task_runs_received_total", b)) == 1
+        assert sample(text, series("sync_worker_task_runs_started_total", b)) == 1
+        assert _poll(lambda: sample(scrape(metrics_env), series("sync_worker_task_runs_failed_total", b)) == 1)
+        assert sample(scrape(metrics_env), series("sync_worker_task_runs_completed_total", b)) in (None, 0.0)
+        assert (sample(text, "sync_worker_subscription_connects_total") or 0) >= 1
+    finally:
+        worker.stop()
+        assert worker.join(30), "worker did not stop within 30 s"
+    # Nothing left in flight once the worker has drained.
+    assert _poll(lambda: sample(scrape(metrics_env), "sync_worker_task_runs_in_flight") == in_flight_before)
+
+
+def scrape_or_none(port: int) -> str | None:
+    try:
+        return scrape(port)
+    except requests.ConnectionError:
+        return None
