@@ -1,0 +1,88 @@
+"""Workers as real processes (``python -m sync_worker worker ...``): SIGTERM drains,
+two workers share a key, the CLI's exit codes."""
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sync_worker.schemas import StateType
+from tests.worker import worker_tasks as wt
+
+
+def worker_command(*specs: str, limit: int = 10, extra: tuple[str, ...] = ()) -> list[str]:
+    return [sys.executable, "-m", "sync_worker", "worker", *specs, "--limit", str(limit), *extra]
+
+
+def wait_for(condition: Callable[[], Any], timeout: float = 30.0, message: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+
+
+def lines(path: Path, prefix: str) -> list[tuple[int, int]]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        kind, i, pid = line.split()
+        if kind == prefix:
+            out.append((int(i), int(pid)))
+    return out
+
+
+def test_sigterm_lets_in_flight_runs_finish_and_exits_0(api_env, spawn, tmp_path, start_worker):
+    marks = tmp_path / "marks"
+    proc = spawn(worker_command("tests.worker.worker_tasks:mark", limit=3), api_env)
+    futures = [wt.mark.delay(i, str(marks), 2.0) for i in range(6)]
+    wait_for(lambda: len(lines(marks, "start")) == 3, message="3 runs in flight")
+    time.sleep(0.2)
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=40)
+    assert proc.returncode == 0, err
+    assert time.monotonic() - sent < 10
+    started = {i for i, _ in lines(marks, "start")}
+    ended = {i for i, _ in lines(marks, "end")}
+    assert len(started) == 3 and started == ended  # in-flight runs finished, nothing new started
+    by_index = dict(enumerate(futures))
+    for i in started:
+        assert by_index[i].wait(5).type is StateType.COMPLETED
+    assert "SIGTERM received, initiating graceful shutdown" in err
+    # The runs it did not start were not lost: another worker completes them.
+    start_worker(wt.mark, limit=3)
+    assert sorted(f.result(timeout=60) for f in futures) == list(range(6))
+
+
+def test_two_worker_processes_share_one_key_each_run_once(api_env, spawn, tmp_path):
+    marks = tmp_path / "marks"
+    procs = [spawn(worker_command("tests.worker.worker_tasks:mark", limit=2), api_env) for _ in range(2)]
+    futures = [wt.mark.delay(i, str(marks), 0.05) for i in range(60)]
+    assert [f.result(timeout=90) for f in futures] == list(range(60))
+    starts = lines(marks, "start")
+    assert Counter(i for i, _ in starts) == Counter(range(60))  # each run executed exactly once
+    pids = Counter(pid for _, pid in starts)
+    assert set(pids) == {p.pid for p in procs}  # both workers took a share
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+        assert proc.returncode == 0
+
+
+def test_cli_worker_with_timeout_exits_0_and_bad_spec_exits_2(api_env, spawn):
+    proc = spawn(worker_command("tests.worker.worker_tasks:add", extra=("--timeout", "1")), api_env)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "Task worker timed out after 1.0 seconds" in err
+    bad = spawn(worker_command("tests.worker.worker_tasks:plain_function"), api_env)
+    _, err = bad.communicate(timeout=30)
+    assert bad.returncode == 2
+    assert "is a function, not a task" in err
