@@ -240,6 +240,10 @@ def write_parameters(store: RecordStore, parameters: dict[str, Any], serializer:
     return key
 
 
+def delete_parameters(store: RecordStore, key: str) -> None:
+    store.delete(PARAMETERS_PREFIX + key)
+
+
 def read_parameters(store: RecordStore, key: str, *, allow_pickle: bool = False) -> dict[str, Any]:
     """The payload dict ``{"parameters": {...}, ...}``; ParameterReadError says what went wrong.
 

@@ -20,7 +20,7 @@ import tenacity
 from sync_worker.exceptions import SerializationError, TaskRunFailed
 from sync_worker.schemas import EmpiricalPolicy, Scheduled, State, StateType, TaskRun, task_run_create
 from sync_worker.settings import get_settings
-from sync_worker.storage import SERIALIZERS, RecordStore, get_store, read_result, write_parameters
+from sync_worker.storage import SERIALIZERS, RecordStore, delete_parameters, get_store, read_result, write_parameters
 
 if TYPE_CHECKING:
     from typing_extensions import ParamSpec
@@ -289,7 +289,7 @@ class TaskRunFuture(Generic[R]):
 
 def _quietly_delete(store: RecordStore, key: str) -> None:
     try:
-        store.delete(key)
+        delete_parameters(store, key)
     except Exception as exc:
         logger.warning("Could not delete parameters %s after a failed submit: %s", key, exc)
 
