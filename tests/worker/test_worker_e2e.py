@@ -114,10 +114,12 @@ def test_never_more_than_limit_runs_at_once(api_env, start_worker):
     futures = [wt.probe.delay(0.05) for _ in range(30)]
     seen_busy = wait_for(lambda: worker.current_tasks == 3, message="3 runs in flight")
     assert seen_busy and worker.available_tasks == 0
+    assert _sample("sync_worker_free_slots") == 0
     assert [f.result(timeout=60) for f in futures] == [0.05] * 30
     assert wt.PROBE.calls == 30
     assert wt.PROBE.max_seen == 3  # reached, never exceeded
     assert worker.current_tasks == 0 and worker.available_tasks == 3
+    assert _sample("sync_worker_free_slots") == 3 and _sample("sync_worker_task_runs_in_flight") == 0
     assert worker.finished_task_runs == {"tests.probe": 30}
 
 
