@@ -8,8 +8,8 @@ HTTP, websocket or orchestration code.
 Why one writer thread: SQLite allows one writer at a time. Every write goes through
 :meth:`Database.write`/:meth:`Database.submit`, which hand an operation (a function of a
 :class:`Transaction`) to the writer thread. The writer drains everything that is waiting and
-runs it in ONE transaction ("group commit"), each operation inside its own SAVEPOINT so a
-failing operation changes nothing and does not affect its neighbours. Callers wait for the
+runs it in ONE transaction ("group commit"); an operation that fails has written nothing (see
+:class:`Transaction`) and does not affect its neighbours. Callers wait for the
 COMMIT, so a 201/ACCEPT is only returned for data that is in the database. Under load the cost
 of a commit is shared by all operations in the batch.
 
@@ -73,7 +73,12 @@ class RunRow:
 
 
 class Transaction(ABC):
-    """What one write operation may do. Only valid inside the writer thread."""
+    """What one write operation may do. Only valid inside the writer thread.
+
+    Contract of an operation: it validates and decides first and writes last, so that when it
+    raises, it has written nothing (a failing statement changes nothing in SQLite). This
+    spares a SAVEPOINT per operation; other operations of the same group commit are unaffected.
+    """
 
     @abstractmethod
     def get_run(self, run_id: str) -> RunRow | None:
@@ -404,14 +409,12 @@ class SQLiteDatabase(Database):
             return
         for item in batch:
             tx = _SQLiteTransaction(self)
-            conn.execute("SAVEPOINT op")
             try:
                 item.result = item.fn(tx)
-                conn.execute("RELEASE op")
                 hooks.append((item, tx._hooks))
             except BaseException as exc:  # noqa: BLE001 - reported to the caller
-                conn.execute("ROLLBACK TO op")
-                conn.execute("RELEASE op")
+                # Operations raise before they write (see Transaction), so nothing to undo in
+                # the database; the cached rows they touched may have been modified, though.
                 for run_id in tx.touched:
                     self._cache.pop(run_id, None)
                 item.error = exc

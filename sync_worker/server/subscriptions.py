@@ -14,6 +14,7 @@ import logging
 import socket
 import threading
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import simple_websocket
@@ -36,12 +37,49 @@ PREFECT_VIOLATION = 4001
 EXTENSIONS = ["set_state"]
 
 
+class _Signal:
+    """The ``event_class`` given to simple-websocket, whose reader thread calls ``set()`` each
+    time a message arrived (or the connection closed).
+
+    Until :meth:`attach` it is a plain Event: the handler thread reads the auth and subscribe
+    messages with ``ws.receive()``. After it, ``set()`` runs the attached callback right in the
+    reader thread, so an ack or a set_state is handled without waking another thread first
+    (each thread hop costs latency under the GIL, and one run is in flight per connection).
+    """
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._callback: Callable[[], None] | None = None
+
+    def set(self) -> None:
+        callback = self._callback
+        if callback is None:
+            self._event.set()
+        else:
+            callback()
+
+    def clear(self) -> None:
+        self._event.clear()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._event.wait(timeout)
+
+    def attach(self, callback: Callable[[], None]) -> None:
+        self._callback = callback
+        callback()  # what arrived before
+
+
 class WebSocket(simple_websocket.Server):
     """simple-websocket server socket whose sends are thread-safe and complete (sendall)."""
 
+    event: _Signal
+
     def __init__(self, environ: dict[str, Any], **kwargs: Any) -> None:
         self.send_lock = threading.Lock()
-        super().__init__(environ, **kwargs)
+        super().__init__(environ, event_class=_Signal, **kwargs)
 
     def send(self, data: Any) -> None:
         with self.send_lock:
@@ -192,7 +230,13 @@ def _read_subscribe(ws: WebSocket) -> tuple[list[str], str]:
 
 
 class Subscription:
-    """One subscribed worker connection (a :class:`runqueue.Waiter`)."""
+    """One subscribed worker connection (a :class:`runqueue.Waiter`).
+
+    Threads: the HTTP handler thread waits in :meth:`run` until the connection ends and then
+    cleans up; simple-websocket's reader thread handles each incoming message
+    (:meth:`_on_messages`) and, on an ack, sends the next run itself; a sender thread sends
+    ``set_state_result`` answers and delivers a run when one arrives for an idle connection.
+    """
 
     def __init__(self, ws: WebSocket, core: Core, keys: list[str], client_id: str, peer: str) -> None:
         self.ws = ws
@@ -208,6 +252,10 @@ class Subscription:
         self._in_flight: tuple[str, str, int] | None = None  # (id, task_key, seq) awaiting its ack
         self._closed = False
         self._quitting = False
+        self._done = threading.Event()
+        self._close_request: tuple[int, str] | None = None
+        self._drain_lock = threading.Lock()
+        self._deliver_lock = threading.Lock()
         self.delivered = 0
 
     def __hash__(self) -> int:
@@ -229,15 +277,17 @@ class Subscription:
         sender.start()
         reason = "connection closed"
         try:
-            reason = self.receive_loop()
-        except _Close as close:
-            reason = close.reason
-            logger.info("closing subscription of %r: %s (%d)", self.client_id, close.reason, close.code)
-            self._stop_sending()
-            sender.join(timeout=2)
-            _close(self.ws, close.code, close.reason)
-        except ConnectionClosed:
-            pass
+            self.ws.event.attach(self._on_messages)
+            self._done.wait()
+            request = self._close_request
+            if request is not None:
+                code, reason = request
+                reason = reason or "quit"
+                self._stop_sending()
+                sender.join(timeout=2)
+                if code != NORMAL:
+                    logger.info("closing subscription of %r: %s (%d)", self.client_id, reason, code)
+                _close(self.ws, code, "" if code == NORMAL else request[1])
         finally:
             self._stop_sending()
             sender.join(timeout=2)
@@ -255,36 +305,55 @@ class Subscription:
             self._closed = True
             self._cond.notify()
 
-    # -- receiving -------------------------------------------------------------------------------
-    def receive_loop(self) -> str:
-        ws = self.ws
-        while True:
-            value = _decode(ws.receive())
-            kind = value.get("type")
-            if kind == "ack":
-                # (never call the queue while holding self._cond: the queue calls wake())
-                in_flight = self._in_flight
-                if in_flight is not None:
-                    self.queue.acked(self, in_flight[0])
-                with self._cond:
-                    self._in_flight = None
-                    self._woken = True
-                    self._cond.notify()
-                if in_flight is None:
-                    logger.debug("ack from %r with no run awaiting one; ignored", self.client_id)
-            elif kind == "set_state":
-                self._set_state(value)
-            elif kind == "quit":
-                with self._cond:
-                    self._quitting = True
-                    in_flight, self._in_flight = self._in_flight, None
-                if in_flight is not None:
-                    self.queue.give_back(self, *in_flight)
-                self._stop_sending()
-                _close(ws, NORMAL, "")
-                return "quit"
-            else:
-                raise _Close(PREFECT_VIOLATION, "Protocol violation: expected 'ack' message")
+    def _request_close(self, code: int, reason: str) -> None:
+        """Ask the handler thread to close the connection (never close from the reader thread:
+        simple-websocket would mark the connection open again after our callback)."""
+        if self._close_request is None:
+            self._close_request = (code, reason)
+        self._done.set()
+
+    # -- receiving (simple-websocket's reader thread) ---------------------------------------------
+    def _on_messages(self) -> None:
+        with self._drain_lock:
+            buffer = self.ws.input_buffer
+            while buffer and not self._done.is_set():
+                message = buffer.pop(0)
+                try:
+                    self._handle(message)
+                except _Close as close:
+                    self._request_close(close.code, close.reason)
+                except (ConnectionClosed, OSError):
+                    self._done.set()
+                except Exception:  # a bug: drop this connection, keep the server
+                    logger.exception("error handling a message from %r", self.client_id)
+                    self._request_close(1011, "Internal server error")
+            if not self.ws.connected:
+                self._done.set()
+
+    def _handle(self, message: Any) -> None:
+        value = _decode(message)
+        kind = value.get("type")
+        if kind == "ack":
+            in_flight = self._in_flight
+            if in_flight is None:
+                logger.debug("ack from %r with no run awaiting one; ignored", self.client_id)
+                return
+            # (never call the queue while holding self._cond: the queue calls wake())
+            self.queue.acked(self, in_flight[0])
+            with self._cond:
+                self._in_flight = None
+            self._try_deliver()
+        elif kind == "set_state":
+            self._set_state(value)
+        elif kind == "quit":
+            with self._cond:
+                self._quitting = True
+                in_flight, self._in_flight = self._in_flight, None
+            if in_flight is not None:
+                self.queue.give_back(self, *in_flight)
+            self._request_close(NORMAL, "")
+        else:
+            raise _Close(PREFECT_VIOLATION, "Protocol violation: expected 'ack' message")
 
     def _set_state(self, value: dict[str, Any]) -> None:
         request_id = value.get("request_id")
@@ -324,8 +393,8 @@ class Subscription:
 
         try:
             self.core.set_state_async(run_id, proposed, force, done)
-        except DatabaseClosed:
-            done(None, DatabaseClosed())
+        except DatabaseClosed as exc:
+            done(None, exc)
 
     def _post(self, message: dict[str, Any]) -> None:
         with self._cond:
@@ -339,56 +408,54 @@ class Subscription:
         try:
             while True:
                 with self._cond:
-                    while not self._closed and not self._outbox and not self._wants_run():
+                    while not self._closed and not self._outbox and not self._woken:
                         self._cond.wait()
                     if self._closed:
                         return
                     messages = list(self._outbox)
                     self._outbox.clear()
-                    want_run = self._wants_run()
-                    if want_run:
-                        self._woken = False
+                    woken, self._woken = self._woken, False
                 for message in messages:
                     self.ws.send(json.dumps(message, separators=(",", ":")))
-                if want_run:
-                    self._deliver_next()
+                if woken:
+                    self._try_deliver()
         except (ConnectionClosed, OSError):
-            self.ws.shutdown()
+            self._done.set()
         except DatabaseClosed:
             return
         except Exception:  # pragma: no cover - a bug: drop the connection, the worker reconnects
             logger.exception("subscription sender of %r failed", self.client_id)
-            self.ws.shutdown()
+            self._done.set()
 
-    def _wants_run(self) -> bool:
-        return self._woken and self._in_flight is None and not self._quitting
-
-    def _deliver_next(self) -> None:
-        while True:
-            run_id = self.queue.take(self)
-            if run_id is None:
-                return
-            found = self.core.db.read_run_text(run_id)  # type: ignore[attr-defined]
-            if found is None or found[1] != "SCHEDULED" or found[2] != QSTATE_MEMORY:
-                self.queue.discard(self, run_id)  # deleted or claimed since it was queued
-                continue
-            text, _state, _qstate, task_key, seq = found
+    def _try_deliver(self) -> None:
+        """Send the next run if none is awaiting its ack (any thread; one at a time)."""
+        with self._deliver_lock:
             with self._cond:
-                if self._closed:
-                    give_back = True
-                else:
-                    give_back = False
-                    self._in_flight = (run_id, task_key, seq)
-            if give_back:
-                self.queue.give_back(self, run_id, task_key, seq)
-                return
-            try:
-                self.ws.send(text)
-            except (ConnectionClosed, OSError):
+                if self._in_flight is not None or self._closed or self._quitting:
+                    return
+            while True:
+                run_id = self.queue.take(self)
+                if run_id is None:
+                    return  # registered as a waiter: wake() will call us again
+                found = self.core.db.read_run_text(run_id)  # type: ignore[attr-defined]
+                if found is None or found[1] != "SCHEDULED" or found[2] != QSTATE_MEMORY:
+                    self.queue.discard(self, run_id)  # deleted or claimed since it was queued
+                    continue
+                text, _state, _qstate, task_key, seq = found
                 with self._cond:
-                    if self._in_flight is not None and self._in_flight[0] == run_id:
-                        self._in_flight = None
-                self.queue.give_back(self, run_id, task_key, seq)
-                raise
-            self.delivered += 1
-            return
+                    closed = self._closed
+                    if not closed:
+                        self._in_flight = (run_id, task_key, seq)
+                if closed:
+                    self.queue.give_back(self, run_id, task_key, seq)
+                    return
+                try:
+                    self.ws.send(text)
+                except (ConnectionClosed, OSError):
+                    with self._cond:
+                        if self._in_flight is not None and self._in_flight[0] == run_id:
+                            self._in_flight = None
+                    self.queue.give_back(self, run_id, task_key, seq)
+                    raise
+                self.delivered += 1
+                return
