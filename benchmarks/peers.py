@@ -268,7 +268,7 @@ def print_table(results: list[dict]) -> None:
     header = (
         f"{'system':<9} {'variant':<8} {'conc':>4} {'runs':>6} {'enqueue/s':>10} "
         f"{'e2e runs/s':>10} {'p50 ms':>7} {'p95 ms':>7} {'RSS MB':>7} {'HWM MB':>7} "
-        f"{'cpu ms/job':>10}"
+        f"{'cpu ms/job':>10} {'drain s':>8} {'load':>5}"
     )
     print(header)
     print("-" * len(header))
@@ -281,7 +281,8 @@ def print_table(results: list[dict]) -> None:
             f"{_fmt(r['enqueue_per_s'], '10.0f')} {_fmt(r['e2e_runs_per_s'], '10.0f')} "
             f"{_fmt(r['latency_p50_ms'], '7.2f')} {_fmt(r['latency_p95_ms'], '7.2f')} "
             f"{_fmt(r['worker_rss_mb'], '7.1f')} {_fmt(r['worker_hwm_mb'], '7.1f')} "
-            f"{_fmt(r.get('worker_cpu_ms_per_job'), '10.3f')}"
+            f"{_fmt(r.get('worker_cpu_ms_per_job'), '10.3f')} {_fmt(r.get('drain_after_enqueue_s'), '8.2f')}"
+            f" {_fmt(r.get('loadavg_1m_before'), '5.1f')}"
         )
 
 
@@ -336,7 +337,9 @@ def outer_main(args: argparse.Namespace) -> int:
             " -> last task's own completion timestamp); p50/p95: enqueue->completion seen via BLPOP,"
             f" {args.latency_samples} sequential jobs on an idle worker; RSS/HWM: VmRSS/VmHWM of the"
             " process that ran the tasks (RQ fork: the parent worker); cpu ms/job: worker process"
-            " tree CPU (incl. reaped children) during the e2e phase / N."
+            " tree CPU (incl. reaped children) during the e2e phase / N; drain s: last job finished"
+            " minus end of enqueuing (~0 = e2e was bound by the single-thread enqueuer); load: 1-min"
+            " load average before the e2e phase (2 cores; other work on the machine shows here)."
         )
         print(f"total wall time: {elapsed:.1f}s")
     log(f"total wall time {elapsed:.1f}s")
@@ -517,6 +520,7 @@ def _measure(args, r, enqueue, worker: subprocess.Popen[bytes], result: dict) ->
     r.delete(DONE_KEY)
     time.sleep(0.5)  # let start-up work (imports, connection set-up, heartbeats) settle; not a sync
 
+    result["loadavg_1m_before"] = round(os.getloadavg()[0], 2)  # the machine is shared: show noise
     tree = _tree(worker.pid)
     redis_pid = int(r.info("server")["process_id"])
     cpu0, rcpu0 = _cpu_seconds(tree), _cpu_seconds([redis_pid])
@@ -534,8 +538,11 @@ def _measure(args, r, enqueue, worker: subprocess.Popen[bytes], result: dict) ->
     task_pids = {int(pid) for pid, _ in signals}
     e2e_s = last_finished - t0_wall
     r.delete(DONE_KEY)
+    # Drain after the last enqueue: ~0 means e2e was bound by the (single-thread) enqueuing side.
+    drain_s = last_finished - (t0_wall + enqueue_s)
     result.update(
         enqueue_s=round(enqueue_s, 4),
+        drain_after_enqueue_s=round(drain_s, 4),
         enqueue_per_s=round(n / enqueue_s, 1),
         e2e_s=round(e2e_s, 4),
         e2e_runs_per_s=round(n / e2e_s, 1),
@@ -561,6 +568,8 @@ def _measure(args, r, enqueue, worker: subprocess.Popen[bytes], result: dict) ->
         latency_p95_ms=round(q[94], 3),
         latency_max_ms=round(max(samples), 3),
     )
+
+    result["loadavg_1m_after"] = round(os.getloadavg()[0], 2)
 
     # 4. Memory of the process that ran the tasks (RQ fork: horses are gone -> the parent).
     tree = _tree(worker.pid)
