@@ -224,8 +224,8 @@ def critical_service_loop(
         memory: how many recent errors to remember for the summary.
         consecutive: how many consecutive errors start a backoff.
         backoff: how many times the error limit may be reached before giving up.
-        printer: a ``print``-like function for the summaries (called with no arguments
-            for a blank line).
+        printer: a ``print``-like function for the summaries, called with one string
+            each time; a logger method (``logger.warning``) works too.
         run_once: return after the first call (after handling its error, if any).
         jitter_range: if set, each sleep is drawn from a clamped Poisson distribution
             (:class:`wait_clamped_poisson`) whose mean is the current interval, bounded
@@ -280,7 +280,7 @@ def critical_service_loop(
                     continue
                 seen.add(type(error))
                 printer("".join(format_exception(type(error), error, tb)))
-                printer()
+                printer("")  # Prefect calls printer(): same blank line, and logger methods accept it
 
             backoff_count += 1
             if backoff_count >= backoff:

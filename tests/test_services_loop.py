@@ -173,7 +173,7 @@ def test_threshold_prints_one_example_per_type_then_backs_off_doubling(make) -> 
     assert texts[1] == EXAMPLES_MESSAGE
     assert texts[2].startswith("Traceback (most recent call last):")
     assert "requests.exceptions.ConnectionError" in texts[2]
-    assert texts[3] == ""  # printer() with no arguments: a blank line
+    assert texts[3] == ""  # a blank line after each example
     assert "requests.exceptions.HTTPError: 503 Server Error" in texts[4]
     assert texts[5] == ""
     assert texts[6] == backing_off(2)
@@ -192,6 +192,19 @@ def test_success_after_backoff_resets_interval_with_message(make) -> None:
     assert sleep.seconds == [0.25, 0.25, 0.5, 0.25, 0.25]
     assert printer.texts[-2:] == [backing_off(0.5), RESET_MESSAGE]
     assert printer.texts.count(RESET_MESSAGE) == 1
+
+
+def test_a_logger_method_works_as_printer(make, caplog: pytest.LogCaptureFixture) -> None:
+    # The worker passes logger.warning; every printer call must be a valid log call.
+    workload, _, sleep, stop = make(["refused"])
+    with caplog.at_level(logging.WARNING, logger="tests.printer"), pytest.raises(RuntimeError):
+        critical_service_loop(
+            workload, 1, printer=logging.getLogger("tests.printer").warning, stop_event=stop, sleep=sleep
+        )
+    logged = [r.getMessage() for r in caplog.records if r.name == "tests.printer"]
+    assert logged[:2] == [THRESHOLD_MESSAGE, EXAMPLES_MESSAGE]
+    assert "requests.exceptions.ConnectionError" in logged[2]
+    assert logged[3:] == [""]
 
 
 def test_default_backoff_raises_at_first_threshold(make) -> None:
