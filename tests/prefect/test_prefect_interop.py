@@ -1,0 +1,173 @@
+"""Prefect's own code and sync_worker on one Prefect 3.8.8 server (issue 5, parts 2 and 3).
+
+- A Prefect ``@task`` submitted with ``.delay()`` by Prefect's client is executed by a
+  sync_worker worker; Prefect's ``future.result()`` gets the value. Prefect writes the
+  parameters pickled, so the worker needs the explicit pickle opt-in.
+- A sync_worker ``.delay()`` is executed by Prefect's own ``prefect.task_worker.serve``.
+
+Prefect's caller and worker run in subprocesses (their own event loop and settings) with
+the server's PREFECT_HOME, so every side shares Prefect's default storage directory, which
+sync_worker uses through SYNC_WORKER_STORAGE. The two sides agree on the task key the way
+the README describes: sync_worker takes Prefect's key (``task_key=prefect_task.task_key``).
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+from prefect_support import read_run, wait_for_run
+
+PREFECT_TASKS = '''
+from prefect import task
+
+@task
+def add_one(x: int) -> int:
+    return x + 1
+'''
+
+GAP_EVENTS = (
+    "G3: Prefect's future.result() wakes only on a prefect.task-run.Completed event from /api/events/out and "
+    "the server emits none for REST set_state; the engine must POST the state event to /api/events after a "
+    "terminal ACCEPT (prefect-facts C)."
+)
+
+
+def add_one(x: int) -> int:
+    """sync_worker's side of Prefect's ``add_one``: same signature, executed by our worker."""
+    return x + 1
+
+
+def _prefect_caller(python_script, tmp_path, server, *, wait: bool):
+    (tmp_path / "ptasks.py").write_text(PREFECT_TASKS)
+    return python_script(
+        f"""
+        import json, time
+        from ptasks import add_one
+        future = add_one.delay(x=1)
+        print(json.dumps({{"task_key": add_one.task_key, "run": str(future.task_run_id)}}), flush=True)
+        if {wait!r}:
+            started = time.monotonic()
+            try:
+                value = future.result(timeout=20)
+                print(json.dumps({{"value": value, "waited": time.monotonic() - started}}), flush=True)
+            except Exception as exc:
+                print(json.dumps({{"error": repr(exc), "waited": time.monotonic() - started}}), flush=True)
+        """,
+        server.client_env(),
+        name="caller.py",
+    ).start()
+
+
+def _prefect_worker(python_script, tmp_path, server):
+    (tmp_path / "ptasks.py").write_text(PREFECT_TASKS)
+    return python_script(
+        """
+        import json
+        from prefect.task_worker import serve
+        from ptasks import add_one
+        print(json.dumps({"task_key": add_one.task_key}), flush=True)
+        serve(add_one)
+        """,
+        server.client_env(),
+        name="pworker.py",
+    ).start()
+
+
+# ----------------------------------------------------------------------------- Prefect caller -> sync_worker
+
+
+def test_prefect_delay_is_executed_by_a_sync_worker_with_the_pickle_opt_in(
+    prefect_server, tmp_path, python_script, sync_worker_env, start_worker
+):
+    from sync_worker import TaskRunFuture, task
+
+    sync_worker_env(prefect_server, SYNC_WORKER_ALLOW_PICKLE="true")
+    caller = _prefect_caller(python_script, tmp_path, prefect_server, wait=False)
+    submitted = caller.expect("run", timeout=60)
+    assert caller.wait(timeout=60).returncode == 0
+
+    start_worker(task(add_one, task_key=submitted["task_key"]))
+    run = wait_for_run(prefect_server, submitted["run"], {"COMPLETED", "FAILED"}, timeout=60)
+    assert run is not None and run["state_type"] == "COMPLETED", run and run["state"]
+    assert TaskRunFuture(submitted["run"]).result(timeout=10) == 2
+
+
+@pytest.mark.xfail(strict=True, reason=GAP_EVENTS)
+def test_prefect_future_result_wakes_up_with_the_value_computed_by_sync_worker(
+    prefect_server, tmp_path, python_script, sync_worker_env, start_worker
+):
+    from sync_worker import task
+
+    sync_worker_env(prefect_server, SYNC_WORKER_ALLOW_PICKLE="true")
+    caller = _prefect_caller(python_script, tmp_path, prefect_server, wait=True)
+    submitted = caller.expect("run", timeout=60)
+
+    def slow_add_one(x: int) -> int:
+        # Finish well after the caller's one REST read, so that only an event can wake it.
+        time.sleep(4)
+        return x + 1
+
+    start_worker(task(slow_add_one, task_key=submitted["task_key"]))
+
+    outcome = caller.expect("waited", timeout=90)
+    assert outcome.get("value") == 2, outcome
+    # Prefect's result(timeout=20) also reads the API once when its timeout expires: a
+    # caller that was never woken would still get the value, but only after 20 s.
+    assert outcome["waited"] < 12, f"Prefect's caller was not woken up: it waited {outcome['waited']:.1f}s"
+    assert caller.wait(timeout=30).returncode == 0
+
+
+def test_prefect_pickled_parameters_without_the_opt_in_fail_the_run_saying_how_to_opt_in(
+    prefect_server, tmp_path, python_script, sync_worker_env, start_worker
+):
+    from sync_worker import task
+
+    sync_worker_env(prefect_server)  # no SYNC_WORKER_ALLOW_PICKLE
+    caller = _prefect_caller(python_script, tmp_path, prefect_server, wait=False)
+    submitted = caller.expect("run", timeout=60)
+    assert caller.wait(timeout=60).returncode == 0
+
+    calls: list[int] = []
+
+    def add_one_tracked(x: int) -> int:
+        calls.append(x)
+        return x + 1
+
+    start_worker(task(add_one_tracked, task_key=submitted["task_key"]))
+    run = wait_for_run(prefect_server, submitted["run"], {"COMPLETED", "FAILED"}, timeout=60)
+    assert run is not None and run["state_type"] == "FAILED"
+    assert "SYNC_WORKER_ALLOW_PICKLE=true" in run["state"]["message"]
+    assert "pickle" in run["state"]["message"]
+    assert calls == []
+
+
+# ----------------------------------------------------------------------------- sync_worker -> Prefect's worker
+
+
+def test_sync_worker_delay_is_executed_by_prefect_serve(prefect_server, tmp_path, python_script, sync_worker_env):
+    from sync_worker import task
+
+    sync_worker_env(prefect_server)
+    worker = _prefect_worker(python_script, tmp_path, prefect_server)
+    key = worker.expect("task_key", timeout=60)["task_key"]
+
+    future = task(add_one, task_key=key).delay(41)
+    run = wait_for_run(prefect_server, future.task_run_id, {"COMPLETED", "FAILED"}, timeout=60)
+    worker.stop()
+    assert run is not None, f"Prefect's worker deleted the run: it could not read its parameters\n{worker.snapshot()}"
+    assert run["state_type"] == "COMPLETED", worker.snapshot()
+    assert read_run(prefect_server, future.task_run_id)["state"]["data"]["storage_key"]
+
+
+def test_sync_worker_future_reads_the_result_of_prefects_worker(
+    prefect_server, tmp_path, python_script, sync_worker_env
+):
+    from sync_worker import task
+
+    sync_worker_env(prefect_server, SYNC_WORKER_ALLOW_PICKLE="true")  # Prefect's worker pickles results
+    worker = _prefect_worker(python_script, tmp_path, prefect_server)
+    key = worker.expect("task_key", timeout=60)["task_key"]
+    try:
+        assert task(add_one, task_key=key).delay(41).result(timeout=60) == 42
+    finally:
+        worker.stop()
