@@ -402,6 +402,9 @@ def python_script(tmp_path: Path) -> Iterator[Callable[..., Script]]:
 # --------------------------------------------------------------------------- sync_worker side
 
 
+_SERVER_AUTH = object()
+
+
 @pytest.fixture
 def sync_worker_env(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
     """Factory: point sync_worker (in this process) at a Prefect server.
@@ -411,14 +414,23 @@ def sync_worker_env(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
     (so parameter/result records are shared with Prefect's callers and workers).
     """
 
-    def configure(server: PrefectServer, **extra: str) -> None:
+    def configure(
+        server: PrefectServer,
+        *,
+        auth_string: str | None | object = _SERVER_AUTH,
+        auth_variable: str = "SYNC_WORKER_API_AUTH_STRING",
+        **extra: str,
+    ) -> None:
+        """``auth_string``: default the server's own; None for none; or a (wrong) string,
+        put in ``auth_variable`` (e.g. Prefect's PREFECT_API_AUTH_STRING)."""
         for name in list(os.environ):
             if name.startswith(("SYNC_WORKER_", "PREFECT_")) and name != "SYNC_WORKER_REQUIRE_PREFECT":
                 monkeypatch.delenv(name)
         monkeypatch.setenv("SYNC_WORKER_API_URL", server.api_url)
         monkeypatch.setenv("SYNC_WORKER_STORAGE", str(server.storage_path))
-        if server.auth_string is not None:
-            monkeypatch.setenv("SYNC_WORKER_API_AUTH_STRING", server.auth_string)
+        value = server.auth_string if auth_string is _SERVER_AUTH else auth_string
+        if value is not None:
+            monkeypatch.setenv(auth_variable, str(value))
         for name, value in extra.items():
             monkeypatch.setenv(name, value)
 
