@@ -29,8 +29,11 @@ from __future__ import annotations
 import enum
 import inspect
 import logging
+import os
+import socket
 import time
-from datetime import UTC, datetime
+import uuid
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
 import tenacity
@@ -132,6 +135,9 @@ class TaskRunEngine:
         self.state: State | None = task_run.state
         self.outcome: Outcome | None = None
         self._local_retry: State | None = None
+        #: Marks this engine's PENDING/RUNNING proposals, so that a repeated proposal
+        #: can recognise the state an earlier attempt already set.
+        self.claim = f"{socket.gethostname()}-{os.getpid()} ({uuid.uuid4().hex[:12]})"
 
     @property
     def _label(self) -> str:
@@ -143,6 +149,9 @@ class TaskRunEngine:
         state.state_details.task_run_id = self.task_run.id
         for _ in range(MAX_WAITS):
             result = self._send(state, force)
+            if result.status in (SetStateStatus.ABORT, SetStateStatus.REJECT) and self._landed(state, result):
+                self.logger.debug("%s of %s had already been applied (a repeated proposal)", state.name, self._label)
+                result = OrchestrationResult(SetStateStatus.ACCEPT, result.state, {"type": "accept_details"})
             if result.status is not SetStateStatus.WAIT:
                 if result.state is not None and result.status is SetStateStatus.ACCEPT:
                     self.state = result.state
@@ -152,6 +161,29 @@ class TaskRunEngine:
             time.sleep(delay)
         self.logger.warning("Giving up %s for %s after %d WAIT answers", state.name, self._label, MAX_WAITS)
         return result
+
+    def _landed(self, proposed: State, result: OrchestrationResult) -> bool:
+        """Whether a refused proposal is in fact already the run's state: ours, applied by
+        an earlier attempt whose answer was lost (socket dropped, REST retry after a
+        timeout). Recognised by the unique claim marker in the message of PENDING and
+        RUNNING, and by the message or result record of final states."""
+        if proposed.message is None and proposed.data is None:
+            return False
+        current = result.state
+        if current is None or current.type is not proposed.type:
+            if result.status is not SetStateStatus.ABORT or current is not None:
+                return False
+            try:  # a Prefect server answers ABORT without the current state
+                current = self.client.read_task_run(self.task_run.id).state
+            except Exception as exc:  # noqa: BLE001 - then it is not recognisably ours
+                self.logger.debug("Could not read %s: %s", self._label, exc)
+                return False
+        return (
+            current is not None
+            and current.type is proposed.type
+            and current.message == proposed.message
+            and (proposed.data is None or current.data == proposed.data)
+        )
 
     def _send(self, state: State, force: bool) -> OrchestrationResult:
         sub = self.subscription
@@ -217,7 +249,7 @@ class TaskRunEngine:
                 return Outcome.FAILED
             return Outcome.SKIPPED
 
-        running = self.propose(Running())
+        running = self.propose(self._running())
         if running.status is not SetStateStatus.ACCEPT:
             current = running.state
             if current is not None and current.is_terminal():
@@ -248,10 +280,10 @@ class TaskRunEngine:
         self._local_retry = None
         scheduled = retry.state_details.scheduled_time
         if scheduled is not None:
-            delay = (scheduled - datetime.now(UTC)).total_seconds()
+            delay = (scheduled - datetime.now(timezone.utc)).total_seconds()
             if delay > 0:
                 time.sleep(delay)
-        running = self.propose(Running())
+        running = self.propose(self._running())
         if running.status is not SetStateStatus.ACCEPT:
             self.logger.warning("Server refused the retry of %s (%s): %s", self._label, running.status.value,
                                 running.reason or running.state)
@@ -259,9 +291,16 @@ class TaskRunEngine:
         metrics.RUNS_STARTED.labels(task_key=self.task.task_key).inc()
         return self._execute(parameters)
 
+    def _running(self) -> State:
+        state = Running()
+        state.message = f"Running on {self.claim}"
+        return state
+
     def _claim(self) -> bool:
         """PENDING with ``deferred=True``: the claim that makes a delivery ours."""
-        result = self.propose(Pending(deferred=True))
+        claim = Pending(deferred=True)
+        claim.message = f"Claimed by {self.claim}"
+        result = self.propose(claim)
         if result.status is SetStateStatus.ACCEPT:
             return True
         if result.status is SetStateStatus.ABORT:

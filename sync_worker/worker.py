@@ -88,7 +88,7 @@ class StopTaskWorker(Exception):
 
 
 def _now() -> _dt.datetime:
-    return _dt.datetime.now(_dt.UTC)
+    return _dt.datetime.now(_dt.timezone.utc)
 
 
 _workers: weakref.WeakSet[TaskWorker] = weakref.WeakSet()

@@ -287,6 +287,36 @@ def test_fast_path_failure_mid_flight_falls_back_to_rest(api_env, monkeypatch):
     assert BrokenSocket.calls == 3 and rest.count == 3
 
 
+def test_lost_answers_are_recognised_when_the_proposal_is_repeated(api_env, tmp_path):
+    """The socket applies each proposal but drops before the answer: the REST repeat is
+    refused (the state is already there) and the engine recognises its own claim."""
+    from sync_worker.engine import run_task_run
+    from sync_worker.settings import get_settings
+    from sync_worker.storage import get_store
+    from sync_worker.subscription import ConnectionLost
+
+    client = Client()
+
+    class LostAnswers:
+        supports_set_state = True
+        applied: list[str] = []
+
+        def set_state(self, task_run_id: str, state: Any, force: bool = False, timeout: float = 0) -> Any:
+            result = client.set_task_run_state(task_run_id, state, force=force)
+            LostAnswers.applied.append(f"{state.type.value}:{result.status.value}")
+            raise ConnectionLost("socket dropped after the server applied the state")
+
+    marks = tmp_path / "marks"
+    future = wt.mark.delay(7, str(marks))
+    run = client.read_task_run(future.task_run_id)
+    outcome = run_task_run(wt.mark, run, client=client, store=get_store(get_settings(), client),
+                           settings=get_settings(), subscription=LostAnswers())
+    assert LostAnswers.applied == ["PENDING:ACCEPT", "RUNNING:ACCEPT", "COMPLETED:ACCEPT"]
+    assert outcome.value == "completed"  # not skipped as "claimed elsewhere"
+    assert future.result(timeout=5) == 7
+    assert marks.read_text().count("start 7") == 1  # executed once
+
+
 def test_wrong_credentials_stop_the_worker_with_a_clear_error(server_factory, api_env, monkeypatch):
     secured = server_factory(auth_string="admin:right", database=str(Path(api_env["SYNC_WORKER_STORAGE"]).parent / "auth.db"))
     monkeypatch.setenv("SYNC_WORKER_API_URL", secured.url)
