@@ -188,6 +188,8 @@ class _Connection:
             if not isinstance(exc, (SubscriptionError, ConnectionLost)):
                 exc = ConnectionLost(f"subscription connection lost: {exc!r}")
             self.abort(exc)
+        finally:
+            self.ws.shutdown()  # close the descriptor (abort() only shuts the socket down)
 
     def _keepalive(self) -> None:
         now = time.monotonic()
@@ -246,8 +248,6 @@ class _Connection:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError as err:
                 logger.debug("Shutting down the subscription socket: %r", err)
-        if threading.current_thread() is self._thread:
-            self.ws.shutdown()
         self.runs.put(_END)
 
 

@@ -358,6 +358,9 @@ class TaskWorker:
             executor = self._executor
             if executor is not None:
                 executor.shutdown(wait=True)
+            if self._client is not None and self._client is not self._client_arg:
+                self._client.close()  # our own connection pool; the next start() makes a new one
+                self._client = self._store = None
             if self._limit is not None:
                 metrics.FREE_SLOTS.dec(self._limit - self._reserved)
             self._done.set()

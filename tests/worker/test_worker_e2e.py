@@ -6,6 +6,7 @@ Most tests run twice (``state_path``): states reported over the subscription soc
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -222,7 +223,7 @@ def test_status_server_json(api_env, free_port):
     assert status["limit"] == 2 and status["current"] == 2 and status["available"] == 0
     assert status["stopping"] is False and status["started_at"]
     assert status["tasks"] == ["tests.add", "tests.probe"]
-    assert status["client_id"].endswith(f"-{__import__('os').getpid()}")
+    assert status["client_id"].endswith(f"-{os.getpid()}")
     assert set(status["in_flight"]["tests.probe"]) <= {f.task_run_id for f in futures}
     assert status["finished"] == {"tests.add": 0, "tests.probe": 0}
     assert requests.get(f"http://127.0.0.1:{free_port}/nope", timeout=5).status_code == 404
@@ -361,3 +362,30 @@ def test_worker_survives_a_server_restart(server_factory, tmp_path, monkeypatch,
     assert in_flight.result(timeout=60) == 0  # the in-flight run reported its end after the restart
     assert worker.started
     assert _sample("sync_worker_subscription_reconnects_total") > reconnects_before
+
+
+def _open_sockets() -> int:
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:")
+        except OSError:  # the descriptor listdir itself used
+            pass
+    return count
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_start_stop_cycles_do_not_leak_sockets_or_threads(api_env):
+    def cycle() -> None:
+        worker = TaskWorker(wt.add)
+        worker.start(block=False)
+        assert wt.add.delay(1, 1).result(timeout=20) == 2
+        worker.stop()
+        assert worker.join(20)
+
+    cycle()  # warm up: the submitter's own keep-alive connection
+    sockets, threads = _open_sockets(), threading.active_count()
+    for _ in range(10):
+        cycle()
+    wait_for(lambda: threading.active_count() <= threads, timeout=10, message="threads to end")
+    assert _open_sockets() <= sockets + 1
