@@ -77,11 +77,13 @@ class Core:
 
         def op(tx: Transaction) -> None:
             if background:
-                queue.admit(tx, row, now)
+                queue.place(row, now)
             try:
                 tx.insert_run(row)
             except sqlite3.IntegrityError:
                 raise Conflict(f"A task run with id {row.id} already exists") from None
+            if background:
+                queue.placed(tx, row)
 
         self.db.write(op)
         logger.debug("created task run %s (%s) in state %s", row.id, row.task_key, row.state_type)
@@ -123,12 +125,16 @@ class Core:
                 row.touch()
                 if decision.queue:
                     row.due = decision.due
-                    queue.admit(tx, row, now)
+                    queue.place(row, now)
                 else:
                     row.qstate = QSTATE_NONE
-                    if new_type in TERMINAL:
-                        tx.after_commit(lambda: queue.release(run_id))
                 tx.update_run(row)
+                if decision.queue:
+                    queue.placed(tx, row)
+                elif new_type in TERMINAL:
+                    tx.after_commit(lambda: queue.release(run_id))
+                else:
+                    tx.after_commit(lambda: queue.unqueue(run_id))
                 logger.debug("task run %s: %s -> %s (%s, proposed %s%s)", run_id, previous, new_type,
                              decision.status, proposed["type"], ", forced" if force else "")
             else:

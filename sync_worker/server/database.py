@@ -267,7 +267,7 @@ class _SQLiteTransaction(Transaction):
     def take_queued(self, task_key: str, now: float, limit: int) -> list[tuple[int, str]]:
         rows = self._conn.execute(
             "SELECT seq, id FROM task_runs WHERE task_key = ? AND qstate = 1 AND due <= ? ORDER BY seq LIMIT ?",
-            (task_key, now, limit),
+            (task_key, now + 0.001, limit),
         ).fetchall()
         if rows:
             self._conn.executemany("UPDATE task_runs SET qstate = 2 WHERE seq = ?", [(seq,) for seq, _ in rows])
@@ -290,7 +290,7 @@ class SQLiteDatabase(Database):
     """SQLite backend: WAL mode, one writer thread with group commit, pooled readers."""
 
     def __init__(self, path: str, synchronous: str = "NORMAL", max_batch: int = 1000,
-                 cache_size: int = 20000) -> None:
+                 cache_size: int = 2000) -> None:
         if synchronous.upper() not in ("OFF", "NORMAL", "FULL", "EXTRA"):
             raise ValueError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, not {synchronous!r}")
         self.path = path

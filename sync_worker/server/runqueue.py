@@ -46,6 +46,10 @@ logger = logging.getLogger("sync_worker.server.runqueue")
 #: died with the previous server process)
 RECOVERED = "recovered"
 
+#: a run due within this many seconds counts as due now (timestamps go through ISO 8601 text
+#: with microseconds, so "now" read back can be a hair later than the clock it came from)
+DUE_TOLERANCE = 0.001
+
 
 class Waiter:
     """What the queue needs from a subscriber."""
@@ -76,7 +80,8 @@ class RunQueue:
         self.buffer_size = buffer_size
         self.lock = threading.Lock()
         self._keys: dict[str, _Key] = {}
-        self._in_heap: set[str] = set()
+        self._in_heap: set[str] = set()  # ids queued in a heap (stale heap entries are skipped)
+        self._texts: dict[str, str] = {}  # TaskRun JSON of buffered runs: delivery needs no read
         self.outstanding: dict[str, Any] = {}  # run id -> Waiter (or RECOVERED)
         self._timers: list[tuple[float, int, str, Any]] = []
         self._timer_seq = itertools.count()
@@ -92,7 +97,9 @@ class RunQueue:
             key = self._keys[task_key] = _Key()
         return key
 
-    def _push(self, task_key: str, seq: int, run_id: str) -> None:
+    def _push(self, task_key: str, seq: int, run_id: str, text: str | None = None) -> None:
+        if text is not None:
+            self._texts[run_id] = text
         if run_id in self._in_heap:
             return
         key = self._key(task_key)
@@ -116,6 +123,10 @@ class RunQueue:
         if owner is not None and owner is not RECOVERED:
             owner.leased.discard(run_id)
 
+    def _unqueue(self, run_id: str) -> None:
+        self._in_heap.discard(run_id)  # its heap entry becomes stale
+        self._texts.pop(run_id, None)
+
     def _maybe_refill(self, task_key: str, key: _Key) -> None:
         if key.overflow and not key.refilling and len(key.heap) <= self.buffer_size // 2:
             key.refilling = True
@@ -125,35 +136,35 @@ class RunQueue:
                 key.refilling = False
 
     # -- called inside write operations (writer thread) -------------------------------------
-    def admit(self, tx: Transaction, row: RunRow, now: float) -> None:
+    def place(self, row: RunRow, now: float) -> None:
         """``row`` is becoming SCHEDULED on the queue (due at ``row.due``): decide where it
-        waits (sets ``row.qstate``) and update memory after the commit."""
-        run_id, task_key = row.id, row.task_key
+        waits, i.e. set ``row.qstate``. Call before writing the row, then :meth:`placed`."""
         with self.lock:
-            key = self._key(task_key)
-            if run_id in self._in_heap:
-                row.qstate = QSTATE_MEMORY
-                tx.after_commit(lambda: self.release(run_id))
-                return
-            if row.due <= now and not key.overflow and len(key.heap) < self.buffer_size:
+            key = self._key(row.task_key)
+            due_now = row.due <= now + DUE_TOLERANCE
+            if row.id in self._in_heap or (due_now and not key.overflow and len(key.heap) < self.buffer_size):
                 row.qstate = QSTATE_MEMORY
             else:
                 row.qstate = QSTATE_DB
-                if row.due <= now:
-                    key.overflow = True
+                if due_now:
+                    key.overflow = True  # runs queued after this one must wait behind it
+
+    def placed(self, tx: Transaction, row: RunRow) -> None:
+        """After writing a row :meth:`place` decided on: update memory once committed."""
+        run_id, task_key, seq, due = row.id, row.task_key, row.seq, row.due
         if row.qstate == QSTATE_MEMORY:
+            text = row.dump()  # as committed (the cached row may change again later)
+
             def pushed() -> None:
                 with self.lock:
                     self._release(run_id)
-                    self._push(task_key, row.seq, run_id)  # type: ignore[arg-type]
+                    self._push(task_key, seq, run_id, text)  # type: ignore[arg-type]
             tx.after_commit(pushed)
         else:
-            due = row.due
-
             def waiting() -> None:
                 with self.lock:
                     self._release(run_id)
-                    if due > time.time():
+                    if due > time.time() + DUE_TOLERANCE:
                         self._add_timer(due, "due", task_key)
                     else:
                         key = self._key(task_key)
@@ -191,25 +202,37 @@ class RunQueue:
 
     # -- after-commit notifications ------------------------------------------------------------
     def release(self, run_id: str) -> None:
-        """The run finished, was deleted or rescheduled: nobody owns it any more."""
+        """The run finished or was deleted: nobody owns it, it is not queued."""
         with self.lock:
             self._release(run_id)
+            self._unqueue(run_id)
+
+    def unqueue(self, run_id: str) -> None:
+        """The run left SCHEDULED (claimed, or changed over REST): not deliverable any more;
+        whoever holds it keeps it."""
+        with self.lock:
+            self._unqueue(run_id)
 
     # -- subscribers -----------------------------------------------------------------------------
-    def take(self, waiter: Waiter) -> str | None:
-        """The oldest due run on the waiter's keys, now outstanding for it; or None, and the
-        waiter is woken (``wake()``) when something arrives."""
+    def take(self, waiter: Waiter) -> tuple[str, str, int, str | None] | None:
+        """The oldest due run on the waiter's keys, now outstanding for it, as (id, task key,
+        seq, TaskRun JSON or None if it must be read); or None, and the waiter is woken
+        (``wake()``) when something arrives."""
         with self.lock:
             best: tuple[int, str] | None = None
             best_key: str | None = None
+            in_heap = self._in_heap
             for task_key in waiter.keys:
                 key = self._keys.get(task_key)
                 if key is None:
                     continue
-                if key.heap and (best is None or key.heap[0] < best):
-                    best = key.heap[0]
+                heap = key.heap
+                while heap and heap[0][1] not in in_heap:
+                    heapq.heappop(heap)  # stale: unqueued since it was pushed
+                if heap and (best is None or heap[0] < best):
+                    best = heap[0]
                     best_key = task_key
-                elif not key.heap and key.overflow:
+                elif not heap and key.overflow:
                     self._maybe_refill(task_key, key)
             if best is None:
                 for task_key in waiter.keys:
@@ -218,10 +241,10 @@ class RunQueue:
             key = self._keys[best_key]  # type: ignore[index]
             heapq.heappop(key.heap)
             run_id = best[1]
-            self._in_heap.discard(run_id)
+            in_heap.discard(run_id)
             self.outstanding[run_id] = waiter
             self._maybe_refill(best_key, key)  # type: ignore[arg-type]
-            return run_id
+            return run_id, best_key, best[0], self._texts.pop(run_id, None)  # type: ignore[return-value]
 
     def forget_waiter(self, waiter: Waiter) -> None:
         with self.lock:
@@ -236,12 +259,12 @@ class RunQueue:
             if self.outstanding.get(run_id) is waiter:
                 del self.outstanding[run_id]
 
-    def give_back(self, waiter: Waiter, run_id: str, task_key: str, seq: int) -> None:
+    def give_back(self, waiter: Waiter, run_id: str, task_key: str, seq: int, text: str | None = None) -> None:
         """A run sent to ``waiter`` was not acknowledged: back in the buffer at once."""
         with self.lock:
             if self.outstanding.get(run_id) is waiter:
                 del self.outstanding[run_id]
-                self._push(task_key, seq, run_id)
+                self._push(task_key, seq, run_id, text)
 
     def acked(self, waiter: Waiter, run_id: str) -> None:
         with self.lock:
@@ -297,8 +320,9 @@ class RunQueue:
         row.state_type = "SCHEDULED"
         row.due = now
         row.touch()
-        self.admit(tx, row, now)
+        self.place(row, now)
         tx.update_run(row)
+        self.placed(tx, row)
         logger.info("run %s: %s", run_id, message)
 
     # -- timers ----------------------------------------------------------------------------------

@@ -249,7 +249,7 @@ class Subscription:
         self._cond = threading.Condition()
         self._outbox: deque[dict[str, Any]] = deque()
         self._woken = True
-        self._in_flight: tuple[str, str, int] | None = None  # (id, task_key, seq) awaiting its ack
+        self._in_flight: tuple[str, str, int, str | None] | None = None  # (id, key, seq, text) awaiting ack
         self._closed = False
         self._quitting = False
         self._done = threading.Event()
@@ -434,20 +434,22 @@ class Subscription:
                 if self._in_flight is not None or self._closed or self._quitting:
                     return
             while True:
-                run_id = self.queue.take(self)
-                if run_id is None:
+                taken = self.queue.take(self)
+                if taken is None:
                     return  # registered as a waiter: wake() will call us again
-                found = self.core.db.read_run_text(run_id)  # type: ignore[attr-defined]
-                if found is None or found[1] != "SCHEDULED" or found[2] != QSTATE_MEMORY:
-                    self.queue.discard(self, run_id)  # deleted or claimed since it was queued
-                    continue
-                text, _state, _qstate, task_key, seq = found
+                run_id, task_key, seq, text = taken
+                if text is None:  # loaded from the database, not created/queued in this process
+                    found = self.core.db.read_run_text(run_id)  # type: ignore[attr-defined]
+                    if found is None or found[1] != "SCHEDULED" or found[2] != QSTATE_MEMORY:
+                        self.queue.discard(self, run_id)  # deleted or claimed since it was queued
+                        continue
+                    text = found[0]
                 with self._cond:
                     closed = self._closed
                     if not closed:
-                        self._in_flight = (run_id, task_key, seq)
+                        self._in_flight = (run_id, task_key, seq, text)
                 if closed:
-                    self.queue.give_back(self, run_id, task_key, seq)
+                    self.queue.give_back(self, run_id, task_key, seq, text)
                     return
                 try:
                     self.ws.send(text)
@@ -455,7 +457,7 @@ class Subscription:
                     with self._cond:
                         if self._in_flight is not None and self._in_flight[0] == run_id:
                             self._in_flight = None
-                    self.queue.give_back(self, run_id, task_key, seq)
+                    self.queue.give_back(self, run_id, task_key, seq, text)
                     raise
                 self.delivered += 1
                 return
