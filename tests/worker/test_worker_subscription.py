@@ -1,0 +1,128 @@
+"""The websocket subscription on its own: handshake errors, backoff, the never-quit rule,
+and the set_state extension against the embedded server."""
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+
+from sync_worker.client import Client
+from sync_worker.exceptions import ObjectNotFound
+from sync_worker.schemas import Pending, Running, SetStateStatus, StateType
+from sync_worker.subscription import FastPathUnavailable, Subscription, SubscriptionAuthError
+from tests.worker import worker_tasks as wt
+
+
+class _Status(BaseHTTPRequestHandler):
+    """Answers every request (websocket upgrades included) with the server's status."""
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.server.hits += 1  # type: ignore[attr-defined]
+        self.send_response(self.server.status)  # type: ignore[attr-defined]
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def status_server() -> Iterator[ThreadingHTTPServer]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Status)
+    server.hits = 0  # type: ignore[attr-defined]
+    server.status = 401  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def _client(server: ThreadingHTTPServer) -> Client:
+    return Client(api_url=f"http://127.0.0.1:{server.server_address[1]}/api", auth_string="user:pass")
+
+
+def test_handshake_401_raises_at_once_naming_the_settings(status_server):
+    sub = Subscription(["k"], "c-1", client=_client(status_server))
+    started = time.monotonic()
+    with pytest.raises(SubscriptionAuthError) as info:
+        next(iter(sub))
+    assert time.monotonic() - started < 5
+    assert status_server.hits == 1  # not retried
+    assert "HTTP 401" in str(info.value)
+    assert "SYNC_WORKER_API_AUTH_STRING" in str(info.value) and "PREFECT_API_AUTH_STRING" in str(info.value)
+
+
+def test_handshake_503_is_retried_with_backoff_until_closed(status_server):
+    status_server.status = 503
+    sub = Subscription(["k"], "c-1", client=_client(status_server), max_backoff=0.2)
+    results: list[Any] = []
+    thread = threading.Thread(target=lambda: results.append(list(sub)), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while status_server.hits < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert status_server.hits >= 4  # kept trying
+    sub.close()
+    thread.join(5)
+    assert not thread.is_alive() and results == [[]]  # iteration simply ends
+
+
+def test_close_without_ack_gives_the_run_to_another_subscriber(api_env):
+    client = Client()
+    first = Subscription([wt.add.task_key], "first-1", client=client)
+    future = wt.add.delay(1, 2)
+    runs = iter(first)  # keep the iterator: dropping it releases the held run
+    delivered = next(runs)
+    assert delivered.id == future.task_run_id
+    assert first.holding is not None
+    first.close()  # no ack, no quit: the run goes back to the queue
+    second = Subscription([wt.add.task_key], "second-1", client=client)
+    try:
+        runs_b = iter(second)
+        again = next(runs_b)
+        assert again.id == future.task_run_id
+        second.ack()
+    finally:
+        second.close()
+
+
+def test_set_state_over_the_socket(api_env):
+    client = Client()
+    sub = Subscription([wt.add.task_key], "c-2", client=client)
+    future = wt.add.delay(2, 3)
+    try:
+        runs = iter(sub)
+        run = next(runs)
+        sub.ack()
+        assert sub.supports_set_state
+        assert sub.set_state(run.id, Pending()).status is SetStateStatus.ACCEPT
+        result = sub.set_state(run.id, Running())
+        assert result.status is SetStateStatus.ACCEPT and result.state.type is StateType.RUNNING
+        assert client.read_task_run(future.task_run_id).state.type is StateType.RUNNING  # same as REST sees
+        assert sub.set_state(run.id, Pending()).status is SetStateStatus.ABORT  # the claim is taken
+        with pytest.raises(ObjectNotFound):
+            sub.set_state("00000000-0000-0000-0000-000000000000", Running())
+    finally:
+        sub.close()
+    with pytest.raises(FastPathUnavailable):
+        sub.set_state(future.task_run_id, Running())
+
+
+def test_fast_path_switched_off_by_environment(api_env, monkeypatch):
+    monkeypatch.setenv("SYNC_WORKER_FAST_PATH", "false")
+    sub = Subscription([wt.add.task_key], "c-3", client=Client())
+    wt.add.delay(1, 1)
+    try:
+        runs = iter(sub)
+        next(runs)
+        sub.ack()
+        assert not sub.supports_set_state
+        with pytest.raises(FastPathUnavailable):
+            sub.set_state("x", Running())
+    finally:
+        sub.close()
