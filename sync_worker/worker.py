@@ -187,6 +187,11 @@ class TaskWorker:
         return None if self._limit is None else self._limit - self._reserved
 
     @property
+    def error(self) -> BaseException | None:
+        """The error that ended the service (e.g. refused credentials), if one did."""
+        return self._error
+
+    @property
     def settings(self) -> Settings:
         return self._settings or get_settings()
 
@@ -205,7 +210,7 @@ class TaskWorker:
         :meth:`join`, or use the worker as a context manager.
 
         Raises the error that ended the service (e.g. refused credentials) in blocking
-        mode; in non-blocking mode it is logged and available from :meth:`join`.
+        mode; in non-blocking mode it is logged and kept in :attr:`error`.
         """
         self._begin()
         if not block:
@@ -377,23 +382,27 @@ class TaskWorker:
         metrics.RUNS_RECEIVED.labels(task_key=task_run.task_key).inc()
         logger.info("Received task run: %s - %s", task_run.id, task_run.name)
         task = self._tasks_by_key.get(task_run.task_key)
-        subscription = self._subscription
-        assert subscription is not None
         if task is None:
-            subscription.ack()
-            self._unknown_task(task_run)
+            if self._ack(task_run):
+                self._unknown_task(task_run)
             return
         if not self._reserve_slot():
             return  # stopping: the socket is closed, the run goes back to the queue
-        from sync_worker.subscription import ConnectionLost
-
-        try:
-            subscription.ack()
-        except ConnectionLost as exc:
-            logger.info("Could not acknowledge %s (%s); the server will deliver it again", task_run.id, exc)
+        if not self._ack(task_run):
             self._release_slot()
             return
         self._submit(task, task_run)
+
+    def _ack(self, task_run: TaskRun) -> bool:
+        from sync_worker.subscription import ConnectionLost
+
+        assert self._subscription is not None
+        try:
+            self._subscription.ack()
+        except ConnectionLost as exc:
+            logger.info("Could not acknowledge %s (%s); the server will deliver it again", task_run.id, exc)
+            return False
+        return True
 
     def _unknown_task(self, task_run: TaskRun) -> None:
         logger.warning("Task %r (key %r) not found in task worker registry.", task_run.name, task_run.task_key)

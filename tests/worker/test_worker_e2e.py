@@ -331,6 +331,9 @@ def test_wrong_credentials_stop_the_worker_with_a_clear_error(server_factory, ap
     assert time.monotonic() - started < 10  # no endless retry
     assert "SYNC_WORKER_API_AUTH_STRING" in str(info.value) and "PREFECT_API_AUTH_STRING" in str(info.value)
     assert not worker.started
+    background = TaskWorker(wt.add).start(block=False)  # a WSGI app's worker: the error is kept
+    assert background.join(10)
+    assert isinstance(background.error, SubscriptionAuthError) and not background.started
 
 
 def test_right_credentials_work(server_factory, api_env, monkeypatch, start_worker):
