@@ -171,3 +171,58 @@ def test_sync_worker_future_reads_the_result_of_prefects_worker(
         assert task(add_one, task_key=key).delay(41).result(timeout=60) == 42
     finally:
         worker.stop()
+
+
+def test_prefect_client_reads_values_none_and_exceptions_of_runs_sync_worker_executed(
+    prefect_server, tmp_path, python_script, sync_worker_env, start_worker
+):
+    """Once the runs are final, Prefect's future.result() reads our JSON result records: the
+    value, None, and for a failure the task's own exception type and message."""
+    from sync_worker import task
+
+    (tmp_path / "ptasks.py").write_text(
+        "from prefect import task\n\n@task\ndef op(kind: str):\n    raise NotImplementedError('executed by sync_worker')\n"
+    )
+    submitter = python_script(
+        """
+        import json
+        from ptasks import op
+        runs = {kind: str(op.delay(kind).task_run_id) for kind in ("value", "none", "error")}
+        print(json.dumps({"task_key": op.task_key, "runs": runs}), flush=True)
+        """,
+        prefect_server.client_env(),
+        name="submit.py",
+    ).start()
+    submitted = submitter.expect("runs", timeout=60)
+    assert submitter.wait(timeout=60).returncode == 0
+
+    def op(kind: str):
+        if kind == "error":
+            raise ValueError("bad kind")
+        return {"a": [1, 2]} if kind == "value" else None
+
+    sync_worker_env(prefect_server, SYNC_WORKER_ALLOW_PICKLE="true")
+    start_worker(task(op, task_key=submitted["task_key"]))
+    for run_id in submitted["runs"].values():
+        wait_for_run(prefect_server, run_id, {"COMPLETED", "FAILED"}, timeout=60)
+
+    reader = python_script(
+        f"""
+        import json, uuid
+        from prefect.futures import PrefectDistributedFuture
+        for kind, run_id in {submitted['runs']!r}.items():
+            future = PrefectDistributedFuture(task_run_id=uuid.UUID(run_id))
+            try:
+                print(json.dumps({{"kind": kind, "value": future.result(timeout=30)}}), flush=True)
+            except Exception as exc:
+                print(json.dumps({{"kind": kind, "error": type(exc).__name__, "message": str(exc)}}), flush=True)
+        """,
+        prefect_server.client_env(),
+        name="reader.py",
+    ).start()
+    result = reader.wait(timeout=120)
+    assert result.returncode == 0, result.describe()
+    seen = {line["kind"]: line for line in result.json_lines()}
+    assert seen["value"] == {"kind": "value", "value": {"a": [1, 2]}}
+    assert seen["none"] == {"kind": "none", "value": None}
+    assert (seen["error"].get("error"), seen["error"].get("message")) == ("ValueError", "bad kind"), seen["error"]
