@@ -185,6 +185,23 @@ def test_unknown_task_key_is_logged_and_deleted(api_env, start_worker, caplog):
         worker.join(20)
 
 
+def test_unknown_task_key_is_kept_when_deleting_is_off(api_env, caplog, monkeypatch):
+    monkeypatch.setenv("SYNC_WORKER_DELETE_FAILED_SUBMISSIONS", "false")
+    caplog.set_level(logging.WARNING, logger="sync_worker.worker")
+    stranger = Task(wt.plain_function, task_key="tests.stranger")
+    worker = TaskWorker(wt.add)
+    worker.task_keys.add("tests.stranger")
+    worker.start(block=False)
+    try:
+        future = stranger.delay()
+        wait_for(lambda: "not found in task worker registry" in caplog.text, message="the warning")
+        assert wt.add.delay(1, 1).result(timeout=20) == 2
+        assert future.state.type is StateType.SCHEDULED  # left alone, not deleted, not run
+    finally:
+        worker.stop()
+        worker.join(20)
+
+
 def _gone(client: Client, task_run_id: str) -> bool:
     try:
         client.read_task_run(task_run_id)
