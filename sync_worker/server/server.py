@@ -8,14 +8,18 @@ makes keep-alive safe here.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
+import sys
 import threading
 import time
+from http import HTTPStatus
 from typing import Any
+from urllib.parse import unquote
 
-from werkzeug.serving import ThreadedWSGIServer, WSGIRequestHandler
+from werkzeug.serving import DechunkedInput, ThreadedWSGIServer, WSGIRequestHandler
 
 from .app import CLOSE, UPGRADED, App
 from .core import Core
@@ -27,6 +31,32 @@ logger = logging.getLogger("sync_worker.server.server")
 
 DEFAULT_MAX_BODY_SIZE = 10 * 1024 * 1024
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
+
+
+MAX_HEADERS = 100
+
+
+class _Headers:
+    """Request headers: case-insensitive ``get``, ``items`` in arrival order."""
+
+    __slots__ = ("_items", "_lower")
+
+    def __init__(self) -> None:
+        self._items: list[tuple[str, str]] = []
+        self._lower: dict[str, str] = {}
+
+    def add(self, name: str, value: str) -> None:
+        self._items.append((name, value))
+        self._lower.setdefault(name.lower(), value)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return self._lower.get(name.lower(), default)
+
+    def items(self) -> list[tuple[str, str]]:
+        return self._items
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in self._lower
 
 
 class _RequestHandler(WSGIRequestHandler):
@@ -50,10 +80,110 @@ class _RequestHandler(WSGIRequestHandler):
             self.server.untrack(self.connection)
 
     def handle_one_request(self) -> None:
+        """Read one request and answer it.
+
+        Replaces http.server's parsing (which builds an ``email.message.Message`` per request,
+        a large share of the cost of a small request) with a plain header loop.
+        """
+        self.close_connection = True
         if self.server.closing:
-            self.close_connection = True
             return
-        super().handle_one_request()
+        try:
+            line = self.rfile.readline(65537)
+        except (TimeoutError, OSError):
+            return
+        if not line:
+            return
+        if len(line) > 65536:
+            self._reject(414, "Request line too long")
+            return
+        if not self._parse(line):
+            return
+        self.run_wsgi()
+
+    def _parse(self, line: bytes) -> bool:
+        self.raw_requestline = line
+        self.requestline = text = line.decode("iso-8859-1").rstrip("\r\n")
+        words = text.split()
+        if len(words) != 3 or not words[2].startswith("HTTP/1."):
+            self.command, self.path, self.request_version = "", "", "HTTP/1.0"
+            self._reject(400, f"Bad request line {text[:100]!r}")
+            return False
+        self.command, self.path, self.request_version = words
+        headers = _Headers()
+        rfile = self.rfile
+        for _ in range(MAX_HEADERS + 1):
+            raw = rfile.readline(65537)
+            if raw in (b"\r\n", b"\n", b""):
+                break
+            if len(raw) > 65536:
+                self._reject(431, "Header line too long")
+                return False
+            name, sep, value = raw.decode("iso-8859-1").partition(":")
+            if not sep or not name or name != name.strip():
+                self._reject(400, f"Malformed header line {raw[:100]!r}")
+                return False
+            headers.add(name, value.strip())
+        else:
+            self._reject(431, f"More than {MAX_HEADERS} headers")
+            return False
+        self.headers = headers  # type: ignore[assignment]
+        connection = headers.get("Connection", "").lower()
+        if self.request_version == "HTTP/1.0":
+            self.close_connection = "keep-alive" not in connection
+        else:
+            self.close_connection = "close" in connection
+        return True
+
+    def _reject(self, code: int, detail: str) -> None:
+        body = json.dumps({"detail": detail}).encode()
+        self.close_connection = True
+        try:
+            self.wfile.write(
+                f"HTTP/1.1 {code} {HTTPStatus(code).phrase}\r\nContent-Type: application/json\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode("latin-1") + body
+            )
+        except OSError:
+            pass
+
+    def make_environ(self) -> dict[str, Any]:
+        """The WSGI environ (what werkzeug's handler builds, minus what this app never reads)."""
+        path, _, query = self.path.partition("?")
+        if "%" in path:
+            path = unquote(path, "latin-1")
+        server_address = self.server.server_address
+        environ: dict[str, Any] = {
+            "wsgi.version": (1, 0),
+            "wsgi.url_scheme": "http",
+            "wsgi.input": self.rfile,
+            "wsgi.errors": sys.stderr,
+            "wsgi.multithread": True,
+            "wsgi.multiprocess": False,
+            "wsgi.run_once": False,
+            "werkzeug.socket": self.connection,
+            "REQUEST_METHOD": self.command,
+            "SCRIPT_NAME": "",
+            "PATH_INFO": path,
+            "QUERY_STRING": query,
+            "REMOTE_ADDR": self.client_address[0] if self.client_address else "<local>",
+            "REMOTE_PORT": self.client_address[1] if self.client_address else 0,
+            "SERVER_NAME": server_address[0],
+            "SERVER_PORT": str(server_address[1]),
+            "SERVER_PROTOCOL": self.request_version,
+        }
+        for name, value in self.headers.items():
+            if "_" in name:
+                continue  # as werkzeug: "_" and "-" would be ambiguous
+            key = name.upper().replace("-", "_")
+            if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+                key = "HTTP_" + key
+            if key in environ:
+                value = f"{environ[key]},{value}"
+            environ[key] = value
+        if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
+            environ["wsgi.input_terminated"] = True
+            environ["wsgi.input"] = DechunkedInput(self.rfile)
+        return environ
 
     def run_wsgi(self) -> None:
         if self.headers.get("Expect", "").lower().strip(" \t") == "100-continue":
@@ -86,7 +216,6 @@ class _RequestHandler(WSGIRequestHandler):
         lines.append(b"\r\n")
         lines.append(body)
         self.wfile.write(b"".join(lines))
-        self.log_request(status.split(" ", 1)[0], len(body))
 
     def log_request(self, code: Any = "-", size: Any = "-") -> None:
         if logger.isEnabledFor(5):
