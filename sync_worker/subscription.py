@@ -313,6 +313,7 @@ class Subscription:
         self._conn: _Connection | None = None
         self._holding: TaskRun | None = None
         self._holding_conn: _Connection | None = None
+        self._released = False
         self.connects = 0
 
     # -- state -----------------------------------------------------------------------
@@ -396,8 +397,9 @@ class Subscription:
         global _process_has_connected
         self.connects += 1
         metrics.SUBSCRIPTION_CONNECTS.inc()
+        released, self._released = self._released, False
         with _process_lock:
-            if _process_has_connected:
+            if _process_has_connected and not released:  # a deliberate release is no lost link
                 metrics.SUBSCRIPTION_RECONNECTS.inc()
             _process_has_connected = True
 
@@ -443,11 +445,8 @@ class Subscription:
                 yield item
             finally:
                 if self._holding is item:
-                    # The consumer moved on (or raised) without acking: it will not run
-                    # it. Closing the socket lets the server give it to someone else.
-                    self._holding = self._holding_conn = None
-                    logger.debug("Run %s not acknowledged; closing the socket to release it", item.id)
-                    conn.abort(ConnectionLost("run released without ack"))
+                    # The consumer moved on (or raised) without acking: it will not run it.
+                    self.release()
 
     def _drop(self, conn: _Connection) -> None:
         self._holding = self._holding_conn = None
@@ -457,8 +456,21 @@ class Subscription:
         err = conn.error
         if isinstance(err, SubscriptionError):
             raise err
-        if not self.closed:
+        if isinstance(err, _Released):
+            self._released = True
+        elif not self.closed:
             logger.warning("Subscription connection lost (%s); reconnecting", err)
+
+    def release(self) -> None:
+        """Give the held run back without running it: close its connection without an
+        ack, so the server re-queues the run for any subscriber (the next iteration
+        reconnects). A worker whose slots are all busy uses this so that the one run the
+        protocol makes it hold does not wait for its slots while another worker is idle."""
+        conn, held = self._holding_conn, self._holding
+        self._holding = self._holding_conn = None
+        if conn is not None:
+            logger.debug("Releasing run %s: closing the socket without ack", held.id if held else None)
+            conn.abort(_Released("run released without ack"))
 
     def ack(self) -> None:
         """Accept the held run. Raises :class:`ConnectionLost` if it cannot be sent:
@@ -510,6 +522,10 @@ class Subscription:
 
     def __repr__(self) -> str:
         return f"Subscription({self.url!r}, keys={self.keys!r})"
+
+
+class _Released(Exception):
+    """Internal: the consumer gave the held run back (see :meth:`Subscription.release`)."""
 
 
 class _Closed(Exception):
