@@ -48,3 +48,24 @@ def wait_for_run(server: PrefectServer, run_id: str, state_types: set[str], time
                 f"{last['state']}"
             )
         time.sleep(0.1)
+
+
+#: Prepended to a Prefect caller script: prints {"read": <run id>, "state": <type>} each time
+#: Prefect's client reads a task run. PrefectDistributedFuture.result() reads the run ONCE
+#: before it starts waiting for an event, so that line tells a test, without sleeping,
+#: that the caller is now waiting (prefect/futures.py:311-333).
+TRACE_TASK_RUN_READS = '''
+import json as _json
+from prefect.client.orchestration import PrefectClient as _PrefectClient
+
+_original_read_task_run = _PrefectClient.read_task_run
+
+
+async def _traced_read_task_run(self, *args, **kwargs):
+    run = await _original_read_task_run(self, *args, **kwargs)
+    print(_json.dumps({"read": str(run.id), "state": run.state.type.value if run.state else None}), flush=True)
+    return run
+
+
+_PrefectClient.read_task_run = _traced_read_task_run
+'''

@@ -12,10 +12,10 @@ the README describes: sync_worker takes Prefect's key (``task_key=prefect_task.t
 """
 from __future__ import annotations
 
-import time
+import textwrap
 
 import pytest
-from prefect_support import read_run, wait_for_run
+from prefect_support import TRACE_TASK_RUN_READS, read_run, wait_for_run
 
 PREFECT_TASKS = '''
 from prefect import task
@@ -40,7 +40,7 @@ def add_one(x: int) -> int:
 def _prefect_caller(python_script, tmp_path, server, *, wait: bool):
     (tmp_path / "ptasks.py").write_text(PREFECT_TASKS)
     return python_script(
-        f"""
+        TRACE_TASK_RUN_READS + textwrap.dedent(f"""
         import json, time
         from ptasks import add_one
         future = add_one.delay(x=1)
@@ -52,7 +52,7 @@ def _prefect_caller(python_script, tmp_path, server, *, wait: bool):
                 print(json.dumps({{"value": value, "waited": time.monotonic() - started}}), flush=True)
             except Exception as exc:
                 print(json.dumps({{"error": repr(exc), "waited": time.monotonic() - started}}), flush=True)
-        """,
+        """),
         server.client_env(),
         name="caller.py",
     ).start()
@@ -101,19 +101,16 @@ def test_prefect_future_result_wakes_up_with_the_value_computed_by_sync_worker(
     sync_worker_env(prefect_server, SYNC_WORKER_ALLOW_PICKLE="true")
     caller = _prefect_caller(python_script, tmp_path, prefect_server, wait=True)
     submitted = caller.expect("run", timeout=60)
-
-    def slow_add_one(x: int) -> int:
-        # Finish well after the caller's one REST read, so that only an event can wake it.
-        time.sleep(4)
-        return x + 1
-
-    start_worker(task(slow_add_one, task_key=submitted["task_key"]))
+    # result() has read the run once (still SCHEDULED): from now on only an event wakes it
+    read = caller.expect("read", timeout=60)
+    assert (read["read"], read["state"]) == (submitted["run"], "SCHEDULED")
+    start_worker(task(add_one, task_key=submitted["task_key"]))
 
     outcome = caller.expect("waited", timeout=90)
     assert outcome.get("value") == 2, outcome
     # Prefect's result(timeout=20) also reads the API once when its timeout expires: a
     # caller that was never woken would still get the value, but only after 20 s.
-    assert outcome["waited"] < 12, f"Prefect's caller was not woken up: it waited {outcome['waited']:.1f}s"
+    assert outcome["waited"] < 10, f"Prefect's caller was not woken up: it waited {outcome['waited']:.1f}s"
     assert caller.wait(timeout=30).returncode == 0
 
 

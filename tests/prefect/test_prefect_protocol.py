@@ -11,12 +11,14 @@ from __future__ import annotations
 import base64
 import json
 import pickle
+import textwrap
 import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+from prefect_support import TRACE_TASK_RUN_READS
 
 PREFECT_TASKS = '''
 from prefect import task
@@ -275,7 +277,7 @@ def test_rest_set_state_does_not_wake_a_prefect_caller_but_a_state_event_does(pr
     (tmp_path / "ptasks.py").write_text(PREFECT_TASKS)
     short_timeout = 6.0
     caller = python_script(
-        f"""
+        TRACE_TASK_RUN_READS + textwrap.dedent(f"""
         import json, time
         from ptasks import add_one
         for timeout in ({short_timeout}, 60.0):
@@ -284,7 +286,7 @@ def test_rest_set_state_does_not_wake_a_prefect_caller_but_a_state_event_does(pr
             started = time.monotonic()
             value = future.result(timeout=timeout)
             print(json.dumps({{"value": value, "waited": time.monotonic() - started}}), flush=True)
-        """,
+        """),
         prefect_server.client_env(),
         name="caller.py",
     ).start()
@@ -298,9 +300,9 @@ def test_rest_set_state_does_not_wake_a_prefect_caller_but_a_state_event_does(pr
     waits = []
     for with_event in (False, True):
         run_id = caller.expect("run", timeout=60)["run"]
-        # The caller must be past its one REST read (run not final yet) and waiting for an
-        # event; there is no observable signal for that, hence this pause.
-        time.sleep(2.0)
+        # result() reads the run once (not final yet), then waits for an event only
+        read = caller.expect("read", timeout=60)
+        assert (read["read"], read["state"]) == (run_id, "SCHEDULED")
         for state in (PENDING, RUNNING):
             assert _set_state(prefect_server, run_id, state)["status"] == "ACCEPT"
         completed = _set_state(prefect_server, run_id, {**COMPLETED, "data": metadata})
