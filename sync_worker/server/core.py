@@ -17,7 +17,7 @@ from typing import Any
 
 from .database import QSTATE_NONE, Database, RunRow, Transaction
 from .models import TERMINAL, ValidationError, build_task_run
-from .orchestration import Decision, orchestrate
+from .orchestration import orchestrate
 from .runqueue import RunQueue
 
 logger = logging.getLogger("sync_worker.server.core")
@@ -109,10 +109,11 @@ class Core:
             raise NotFound("Task not found")
         logger.debug("deleted task run %s", run_id)
 
-    def _set_state_op(self, run_id: str, proposed: dict[str, Any], force: bool) -> Callable[[Transaction], Decision]:
+    def _set_state_op(self, run_id: str, proposed: dict[str, Any], force: bool) -> Callable[[Transaction], str]:
+        """The write operation; its result is the orchestration result as JSON text."""
         queue = self.queue
 
-        def op(tx: Transaction) -> Decision:
+        def op(tx: Transaction) -> str:
             row = tx.get_run(run_id)
             if row is None:
                 raise NotFound("Task not found")
@@ -140,24 +141,21 @@ class Core:
             else:
                 logger.debug("task run %s: %s proposed in %s -> %s", run_id, proposed["type"], previous,
                              decision.status)
-            return decision
+            # decision.state is the run's current state in every case (new, or kept)
+            return (f'{{"status":"{decision.status}","state":{row.state_json()},'
+                    f'"details":{_dumps(decision.details)}}}')
 
         return op
 
-    def set_state(self, run_id: str, proposed: dict[str, Any], force: bool) -> dict[str, Any]:
-        """Orchestrate a proposed state; returns the orchestration result JSON object."""
-        decision: Decision = self.db.write(self._set_state_op(run_id, proposed, force))
-        return decision.result_json()
+    def set_state(self, run_id: str, proposed: dict[str, Any], force: bool) -> str:
+        """Orchestrate a proposed state; returns the orchestration result as JSON text."""
+        return self.db.write(self._set_state_op(run_id, proposed, force))
 
     def set_state_async(self, run_id: str, proposed: dict[str, Any], force: bool,
-                        callback: Callable[[dict[str, Any] | None, BaseException | None], None]) -> None:
-        """:meth:`set_state` without waiting: ``callback(result, error)`` runs after the commit
-        (in the writer thread: keep it short)."""
-
-        def done(decision: Decision | None, error: BaseException | None) -> None:
-            callback(decision.result_json() if decision is not None else None, error)
-
-        self.db.submit(self._set_state_op(run_id, proposed, force), done)
+                        callback: Callable[[str | None, BaseException | None], None]) -> None:
+        """:meth:`set_state` without waiting: ``callback(result_text, error)`` runs after the
+        commit (in the writer thread: keep it short)."""
+        self.db.submit(self._set_state_op(run_id, proposed, force), callback)
 
     # -- records ---------------------------------------------------------------------------------
     def put_record(self, key: str, data: bytes) -> None:

@@ -60,11 +60,23 @@ class RunRow:
     background: bool = False
     seq: int | None = None
     data: str | None = field(default=None, repr=False)  # JSON text of ``run`` when current
+    _state: Any = field(default=None, repr=False)  # the state dict ``_state_text`` was made from
+    _state_text: str = field(default="", repr=False)
+
+    def state_json(self) -> str:
+        """JSON text of the current state (serialized once: it goes into the stored run and
+        into the orchestration result)."""
+        state = self.run.get("state")
+        if state is not self._state:
+            self._state = state
+            self._state_text = json.dumps(state, separators=(",", ":"))
+        return self._state_text
 
     def dump(self) -> str:
         """The TaskRun JSON text (cached until the row is modified via :meth:`touch`)."""
         if self.data is None:
-            self.data = json.dumps(self.run, separators=(",", ":"))
+            rest = json.dumps({k: v for k, v in self.run.items() if k != "state"}, separators=(",", ":"))
+            self.data = f'{rest[:-1]},"state":{self.state_json()}}}'
         return self.data
 
     def touch(self) -> None:

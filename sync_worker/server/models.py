@@ -9,9 +9,10 @@ from __future__ import annotations
 import math
 import os
 import random
+import time
 import uuid
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from typing import Any
 
 STATE_TYPES = frozenset(
@@ -95,9 +96,24 @@ class _Collector:
             raise first
 
 
+UTC = timezone.utc  # noqa: UP017 - datetime.UTC needs Python 3.11; we support 3.9
+_second: tuple[int, str] = (-1, "")
+
+
 def iso(ts: float) -> str:
-    """Epoch seconds -> ``2026-11-23T15:39:44.735937Z`` (Prefect's format)."""
-    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    """Epoch seconds -> ``2026-11-23T15:39:44.735937Z`` (Prefect's format).
+
+    Called several times per state change: the date/time part is formatted once per second.
+    """
+    global _second
+    whole = int(ts)
+    micros = round((ts - whole) * 1_000_000)
+    if micros >= 1_000_000:
+        whole, micros = whole + 1, micros - 1_000_000
+    cached = _second
+    if cached[0] != whole:
+        cached = _second = (whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)))
+    return f"{cached[1]}.{micros:06d}Z"
 
 
 def parse_time(value: Any, loc: list[Any]) -> float:

@@ -247,7 +247,7 @@ class Subscription:
         self.peer = peer
         self.leased: set[str] = set()
         self._cond = threading.Condition()
-        self._outbox: deque[dict[str, Any]] = deque()
+        self._outbox: deque[str] = deque()  # JSON texts to send
         self._woken = True
         self._in_flight: tuple[str, str, int, str | None] | None = None  # (id, key, seq, text) awaiting ack
         self._closed = False
@@ -372,31 +372,31 @@ class Subscription:
             if not isinstance(force, bool):
                 raise ValidationError(["force"], "Input should be a valid boolean", "bool_type")
         except ValidationError as exc:
-            self._post({"type": "set_state_result", "request_id": request_id, "status_code": 422,
-                        "detail": exc.detail})
+            self._post(json.dumps({"type": "set_state_result", "request_id": request_id, "status_code": 422,
+                                   "detail": exc.detail}))
             return
 
-        def done(result: dict[str, Any] | None, error: BaseException | None) -> None:
+        prefix = f'{{"type":"set_state_result","request_id":{json.dumps(request_id)},'
+
+        def done(result: str | None, error: BaseException | None) -> None:
             if error is None:
-                reply = {"type": "set_state_result", "request_id": request_id, "status_code": 201, "result": result}
-            elif isinstance(error, NotFound):
-                reply = {"type": "set_state_result", "request_id": request_id, "status_code": 404,
-                         "detail": "Task not found"}
+                self._post(f'{prefix}"status_code":201,"result":{result}}}')
+                return
+            if isinstance(error, NotFound):
+                code, detail = 404, "Task not found"
             elif isinstance(error, DatabaseClosed):
-                reply = {"type": "set_state_result", "request_id": request_id, "status_code": 503,
-                         "detail": "Server is shutting down"}
+                code, detail = 503, "Server is shutting down"
             else:
                 logger.error("set_state for %s failed: %r", run_id, error)
-                reply = {"type": "set_state_result", "request_id": request_id, "status_code": 500,
-                         "detail": f"Internal error: {type(error).__name__}"}
-            self._post(reply)
+                code, detail = 500, f"Internal error: {type(error).__name__}"
+            self._post(f'{prefix}"status_code":{code},"detail":{json.dumps(detail)}}}')
 
         try:
             self.core.set_state_async(run_id, proposed, force, done)
         except DatabaseClosed as exc:
             done(None, exc)
 
-    def _post(self, message: dict[str, Any]) -> None:
+    def _post(self, message: str) -> None:
         with self._cond:
             if self._closed:
                 return
@@ -416,7 +416,7 @@ class Subscription:
                     self._outbox.clear()
                     woken, self._woken = self._woken, False
                 for message in messages:
-                    self.ws.send(json.dumps(message, separators=(",", ":")))
+                    self.ws.send(message)
                 if woken:
                     self._try_deliver()
         except (ConnectionClosed, OSError):
