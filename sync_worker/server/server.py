@@ -280,11 +280,14 @@ class Server:
         synchronous: SQLite ``synchronous`` pragma: NORMAL survives a crash of this process,
             FULL also survives power loss (slower).
         buffer_size: run ids per task key kept in memory; more wait in the database.
+        ping_interval: seconds between websocket pings; a subscriber that does not answer
+            one before the next is disconnected (so a vanished worker's leases start to run
+            out even without a TCP reset). None disables.
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 4200, database: str = "", auth_string: str | None = None,
                  lease_timeout: float = 30.0, max_deliveries: int = 3, max_body_size: int = DEFAULT_MAX_BODY_SIZE,
-                 synchronous: str = "NORMAL", buffer_size: int = 1000) -> None:
+                 synchronous: str = "NORMAL", buffer_size: int = 1000, ping_interval: float | None = 20.0) -> None:
         if not database:
             database = os.path.join(os.path.expanduser("~"), ".sync_worker", "server.db")
         if lease_timeout <= 0:
@@ -302,6 +305,7 @@ class Server:
         self.max_body_size = max_body_size
         self.synchronous = synchronous
         self.buffer_size = buffer_size
+        self.ping_interval = ping_interval
         self.db: SQLiteDatabase | None = None
         self.queue: RunQueue | None = None
         self.core: Core | None = None
@@ -342,7 +346,7 @@ class Server:
         try:
             self.queue.recover(self.db.recover())
             self.core = Core(self.db, self.queue, self.auth_string)
-            app = App(self.core, self._registry, self.max_body_size)
+            app = App(self.core, self._registry, self.max_body_size, self.ping_interval)
             listener = _bind(self.host, self.port)
             try:
                 http = _HTTPServer(self.host, self.port, app, _RequestHandler, fd=listener.fileno())

@@ -151,6 +151,7 @@ class SubscriptionRegistry:
             except (ConnectionClosed, OSError):
                 pass
             ws.shutdown()
+            ws.event.set()  # wake whoever waits on this connection
 
     def __len__(self) -> int:
         with self._lock:
@@ -158,9 +159,10 @@ class SubscriptionRegistry:
 
 
 def handle_websocket(environ: dict[str, Any], core: Core, registry: SubscriptionRegistry,
-                     max_message_size: int | None) -> None:
+                     max_message_size: int | None, ping_interval: float | None = None) -> None:
     """Serve one subscription connection until it ends (runs in the HTTP handler thread)."""
-    ws = WebSocket(environ, subprotocols=["prefect"], max_message_size=max_message_size)
+    ws = WebSocket(environ, subprotocols=["prefect"], max_message_size=max_message_size,
+                   ping_interval=ping_interval)
     peer = environ.get("REMOTE_ADDR", "?")
     if not registry.add(ws):
         _close(ws, GOING_AWAY, "Server is shutting down")
@@ -278,7 +280,11 @@ class Subscription:
         reason = "connection closed"
         try:
             self.ws.event.attach(self._on_messages)
-            self._done.wait()
+            # simple-websocket's reader can end without a last set() (e.g. after refusing an
+            # oversized message): also watch the thread itself.
+            while not self._done.wait(0.25):
+                if not self.ws.thread.is_alive():
+                    break
             request = self._close_request
             if request is not None:
                 code, reason = request

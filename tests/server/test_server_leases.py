@@ -213,3 +213,20 @@ def test_delayed_retry_survives_restart(server_factory, make_wire, tmp_path):
     except websocket.WebSocketTimeoutException:
         pass
     assert subscriber.next_run(timeout=10)["id"] == run["id"]
+
+
+def test_silent_subscriber_is_dropped_by_ping_and_its_runs_redelivered(server_factory, make_wire):
+    """A worker that stops answering (no FIN, no reads) loses its connection at the next ping,
+    and its leased run is delivered again after the lease."""
+    server = server_factory(ping_interval=0.3, lease_timeout=0.3)
+    w = make_wire(server)
+    silent = w.subscribe(client_id="silent")
+    run = w.create()
+    assert silent.next_run()["id"] == run["id"]
+    silent.ack()
+    silent.set_state(run["id"], "PENDING")
+    # from now on the silent client never reads again, so it never answers a ping
+    other = w.subscribe(client_id="other")
+    # (the other client answers pings: websocket-client does so whenever it reads)
+    again = other.next_run(timeout=10)
+    assert again["id"] == run["id"]

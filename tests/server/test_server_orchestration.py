@@ -126,3 +126,29 @@ def test_retry_delay_list_and_jitter():
     samples = {retry_delay({"retry_delay": 10, "retry_jitter_factor": 0.5}, 1) for _ in range(50)}
     assert all(5 <= s <= 15 for s in samples)
     assert len(samples) > 1
+
+
+def test_racing_claims_have_exactly_one_winner(wire, server):
+    import threading
+
+    import requests
+
+    runs = [wire.create()["id"] for _ in range(20)]
+    results: dict[str, list[str]] = {run_id: [] for run_id in runs}
+    barrier = threading.Barrier(4)
+
+    def claim() -> None:
+        session = requests.Session()
+        barrier.wait()
+        for run_id in runs:
+            body = session.post(f"{server.url}/task_runs/{run_id}/set_state",
+                                json={"state": {"type": "PENDING"}}).json()
+            results[run_id].append(body["status"])
+
+    threads = [threading.Thread(target=claim) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    for statuses in results.values():
+        assert sorted(statuses) == ["ABORT", "ABORT", "ABORT", "ACCEPT"]

@@ -265,3 +265,16 @@ def test_stop_closes_websockets_fast(server_factory, make_wire):
     code, reason = subscriber.close_code()
     assert code == 1001
     assert "shutting down" in reason
+
+
+def test_oversized_message_closes_only_that_connection(server_factory, make_wire):
+    server = server_factory(max_body_size=2000)
+    w = make_wire(server)
+    good = w.subscribe(client_id="good")
+    bad = w.subscribe(client_id="bad")
+    bad.send({"type": "set_state", "request_id": "x" * 5000})
+    code, reason = bad.close_code()
+    assert code == 1009 and reason
+    run = w.create()
+    assert good.next_run()["id"] == run["id"]
+    wait_for(lambda: server.stats()["subscriptions"] == 1, timeout=5)  # the bad one is gone
