@@ -46,7 +46,7 @@ def test_delay_and_task_worker_complete_runs_on_prefect(prefect_server, sync_wor
     def add(x: int, y: int) -> int:
         return x + y
 
-    @task(task_key=_key("greet"))
+    @task(task_key=_key("greet"), tags=["greeting"], retries=2)
     def greet(name: str = "world") -> str:
         return f"hello {name}"
 
@@ -67,6 +67,9 @@ def test_delay_and_task_worker_complete_runs_on_prefect(prefect_server, sync_wor
         assert run["state"]["data"]["storage_key"]  # the result record, as Prefect's UI/clients expect
         names = [state["name"] for state in state_history(prefect_server, future.task_run_id)]
         assert names == ["Scheduled", "Pending", "Running", "Completed"]
+    greeting = read_run(prefect_server, hello.task_run_id)
+    assert (greeting["name"], greeting["tags"], greeting["empirical_policy"]["retries"]) == ("greet", ["greeting"], 2)
+    assert read_run(prefect_server, sums[0].task_run_id)["task_inputs"] == {"x": [], "y": []}
 
 
 def test_failing_task_without_retries_ends_failed_with_the_exception(prefect_server, sync_worker_env, start_worker):
