@@ -36,3 +36,7 @@ def server_factory(tmp_path: Path) -> Iterator[Callable[..., Any]]:
 @pytest.fixture
 def server(server_factory: Callable[..., Any]) -> Any:
     return server_factory()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: takes more than a minute (deselect with -m 'not slow')")
