@@ -34,7 +34,7 @@ import socket
 import time
 import uuid
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import tenacity
 
@@ -52,8 +52,10 @@ from sync_worker.schemas import (
     Running,
     SetStateStatus,
     State,
+    StateDetails,
     StateType,
     TaskRun,
+    format_datetime,
 )
 from sync_worker.services import is_intermittent
 from sync_worker.storage import read_parameters, write_exception, write_result
@@ -124,6 +126,7 @@ class TaskRunEngine:
         store: RecordStore,
         settings: Settings,
         subscription: Subscription | None = None,
+        retry_scheduler: RetryScheduler | None = None,
     ):
         self.task = task
         self.task_run = task_run
@@ -131,6 +134,11 @@ class TaskRunEngine:
         self.store = store
         self.settings = settings
         self.subscription = subscription
+        self.retry_scheduler = retry_scheduler
+        #: The embedded server says so in its auth_success (the set_state extension);
+        #: otherwise assume a Prefect server, whose orchestration needs the extra steps
+        #: marked "Prefect" below.
+        self.prefect_server = not (subscription is not None and "set_state" in subscription.server_extensions)
         self.logger = logging.LoggerAdapter(logger, {"task_run_id": task_run.id})
         self.state: State | None = task_run.state
         self.outcome: Outcome | None = None
@@ -234,6 +242,8 @@ class TaskRunEngine:
             except ParameterReadError as exc:
                 parameter_error = exc
 
+        if self.prefect_server and self._already_finished():
+            return Outcome.SKIPPED
         if not self._claim():
             return Outcome.SKIPPED
 
@@ -268,6 +278,48 @@ class TaskRunEngine:
             outcome = self._retry_here(self._local_retry, parameters)
         return outcome
 
+    def _queue_retry(self, retry: State) -> None:
+        """Prefect: put an ``AwaitingRetry`` run back on the task queue.
+
+        The embedded server re-queues a run it answered ``AwaitingRetry`` by itself (that
+        state is ``deferred``) and delivers it when due. A Prefect server does not (its own
+        engine retries in-process): proposing the same state again with ``deferred=True``
+        and the run's ``task_parameters_id`` makes it queue the run, and it delivers it at
+        once. So the proposal is made when the retry is due, from the worker's retry
+        timers, and no slot is held meanwhile. Without timers (a run executed on its own),
+        or if the proposal is refused, the retry happens here in-process.
+        """
+        due = retry.state_details.scheduled_time
+        delivered = self.task_run.state
+        requeue = State(
+            StateType.SCHEDULED, retry.name, message=retry.message,
+            state_details=StateDetails(
+                deferred=True, scheduled_time=due,
+                task_parameters_id=delivered.state_details.task_parameters_id if delivered else None,
+            ),
+        )
+        delay = (due - datetime.now(timezone.utc)).total_seconds() if due is not None else 0.0
+        if delay > 0:
+            if self.retry_scheduler is not None:
+                self.retry_scheduler.schedule(delay, lambda: self._requeue(requeue), self.task_run.id)
+            else:
+                self._local_retry = retry
+        elif not self._requeue(requeue):
+            self._local_retry = retry
+
+    def _requeue(self, state: State) -> bool:
+        try:
+            result = self.propose(state)
+        except Exception as exc:  # noqa: BLE001 - reported; the caller decides what next
+            self.logger.error("Could not re-queue the retry of %s: %s", self._label, exc)
+            return False
+        if result.status is not SetStateStatus.ACCEPT:
+            self.logger.error("Server refused to re-queue the retry of %s (%s): %s", self._label,
+                              result.status.value, result.reason)
+            return False
+        self.logger.debug("Retry of %s is back on the queue", self._label)
+        return True
+
     def _retry_here(self, retry: State, parameters: dict[str, Any]) -> Outcome:
         """Retry in this thread, when the server will not deliver the retry again.
 
@@ -290,6 +342,16 @@ class TaskRunEngine:
             return Outcome.SKIPPED
         metrics.RUNS_STARTED.labels(task_key=self.task.task_key).inc()
         return self._execute(parameters)
+
+    def _already_finished(self) -> bool:
+        """Prefect: a late delivery of a FAILED run, or of a COMPLETED one without result
+        data, would be accepted again (Prefect only protects COMPLETED-with-data), so
+        read the run's current state first. The embedded server refuses the claim itself."""
+        current = self.client.read_task_run(self.task_run.id).state
+        if current is not None and current.is_terminal():
+            self.logger.info("Task run %s is already %s; not running it again", self._label, current.name)
+            return True
+        return False
 
     def _running(self) -> State:
         state = Running()
@@ -379,15 +441,17 @@ class TaskRunEngine:
                 metrics.RUNS_COMPLETED.labels(task_key=key).inc()
             else:
                 metrics.RUNS_FAILED.labels(task_key=key).inc()
+            if self.prefect_server and result.state is not None:
+                emit_final_state_event(self.client, self.task_run, result.state)
             return wanted
         state = result.state
         if result.status is SetStateStatus.REJECT and state is not None and state.type is StateType.SCHEDULED:
             metrics.RUNS_RETRIED.labels(task_key=key).inc()
-            if not state.state_details.deferred:
-                self._local_retry = state
             self.logger.info("%s will be retried (%s%s)", self._label, state.name,
                              f", at {state.state_details.scheduled_time.isoformat()}"
                              if state.state_details.scheduled_time else "")
+            if not state.state_details.deferred:
+                self._queue_retry(state)
             return Outcome.RETRYING
         if result.status is SetStateStatus.ABORT:
             self.logger.debug("Final state of %s aborted: %s", self._label, result.reason)
@@ -395,6 +459,53 @@ class TaskRunEngine:
             self.logger.warning("Server refused the final state of %s (%s): %s", self._label,
                                 result.status.value, result.reason or state)
         return Outcome.SKIPPED
+
+
+class RetryScheduler(Protocol):
+    """Runs ``action`` after ``delay`` seconds (the worker's retry timers)."""
+
+    def schedule(self, delay: float, action: Callable[[], Any], name: str) -> None: ...
+
+
+#: API URLs that answered 404 to POST /events (the embedded server): not asked again.
+_NO_EVENTS: set[str] = set()
+
+
+def emit_final_state_event(client: Client, task_run: TaskRun, state: State) -> None:
+    """Prefect: tell a waiting Prefect caller that the run finished.
+
+    A Prefect server records REST ``set_state`` but emits no task-run event for it, and
+    ``PrefectDistributedFuture.result()`` waits only for events (``/api/events/out``):
+    without this it returns at its timeout, or never. The event is named after the state
+    *type* (the caller's filter), the real name stays in ``validated_state``.
+    """
+    if client.api_url in _NO_EVENTS:
+        return
+    state_json = state.to_json()
+    state_json.setdefault("message", "")
+    event = {
+        "id": state.id or str(uuid.uuid4()),
+        "occurred": format_datetime(state.timestamp or datetime.now(timezone.utc)),
+        "event": f"prefect.task-run.{state.type.value.capitalize()}",
+        "resource": {
+            "prefect.resource.id": f"prefect.task-run.{task_run.id}",
+            "prefect.resource.name": task_run.name,
+            "prefect.state-name": state.name,
+            "prefect.state-type": state.type.value,
+        },
+        "related": [],
+        "payload": {
+            "intended": {"from": "RUNNING", "to": state.type.value},
+            "initial_state": {"type": "RUNNING", "name": "Running", "message": "", "state_details": {}},
+            "validated_state": state_json,
+        },
+    }
+    try:
+        client._request("POST", "/events", json_body=[event])
+    except ObjectNotFound:
+        _NO_EVENTS.add(client.api_url)
+    except Exception as exc:  # noqa: BLE001 - the state is recorded; only the caller's wake-up is late
+        logger.warning("Could not send the final-state event of task run %s: %s", task_run.id, exc)
 
 
 def run_task_run(
@@ -405,10 +516,12 @@ def run_task_run(
     store: RecordStore,
     settings: Settings,
     subscription: Subscription | None = None,
+    retry_scheduler: RetryScheduler | None = None,
 ) -> Outcome:
     """Run one delivered task run (see :class:`TaskRunEngine`)."""
     return TaskRunEngine(
-        task, task_run, client=client, store=store, settings=settings, subscription=subscription
+        task, task_run, client=client, store=store, settings=settings, subscription=subscription,
+        retry_scheduler=retry_scheduler,
     ).run()
 
 

@@ -314,6 +314,7 @@ class Subscription:
         self._holding: TaskRun | None = None
         self._holding_conn: _Connection | None = None
         self._released = False
+        self._extensions: list[str] = []
         self.connects = 0
 
     # -- state -----------------------------------------------------------------------
@@ -335,6 +336,12 @@ class Subscription:
     def supports_set_state(self) -> bool:
         conn = self._conn
         return self.fast_path and conn is not None and conn.supports_set_state
+
+    @property
+    def server_extensions(self) -> list[str]:
+        """What the server announced in ``auth_success`` (the embedded server:
+        ``["set_state"]``; a Prefect server: nothing), whatever ``fast_path`` says."""
+        return list(self._extensions)
 
     # -- connecting --------------------------------------------------------------------
     def _open(self) -> _Connection:
@@ -372,6 +379,7 @@ class Subscription:
             if isinstance(exc, (websocket.WebSocketException, OSError)):
                 raise ConnectionLost(f"subscription handshake with {self.url} failed: {exc}") from exc
             raise
+        self._extensions = extensions
         conn = _Connection(ws, extensions, self.ping_interval)
         with self._lock:
             if self.closed:

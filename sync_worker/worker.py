@@ -51,7 +51,7 @@ import threading
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from sync_worker import metrics
 from sync_worker.engine import Outcome, run_task_run, should_try_to_read_parameters
@@ -108,6 +108,51 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+class _RetryTimers:
+    """Timers that put Prefect-server retries back on the queue when they are due.
+
+    A Prefect server does not re-queue a run it answered ``AwaitingRetry``; the engine
+    does it by proposing the state again when the retry is due (see
+    ``TaskRunEngine._queue_retry``). Waiting on a timer instead of in the run's thread
+    means a retry holds no slot while it waits. A stopping worker fires its pending
+    timers at once (``flush``): the runs go back on the queue (early; the server
+    makes whoever takes them wait) instead of staying ``AwaitingRetry`` for ever.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: dict[threading.Timer, Callable[[], Any]] = {}
+
+    def schedule(self, delay: float, action: Callable[[], Any], name: str) -> None:
+        timer = threading.Timer(delay, lambda: self._fire(timer))
+        timer.name = f"sync-worker-retry-{name}"
+        timer.daemon = True
+        with self._lock:
+            self._pending[timer] = action
+        timer.start()
+
+    def _fire(self, timer: threading.Timer) -> None:
+        with self._lock:
+            action = self._pending.pop(timer, None)
+        if action is not None:
+            self._run(action)
+
+    @staticmethod
+    def _run(action: Callable[[], Any]) -> None:
+        try:
+            action()
+        except Exception:  # noqa: BLE001 - one retry must not take the worker down
+            logger.exception("Re-queueing a retry failed")
+
+    def flush(self) -> int:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        for timer, action in pending.items():
+            timer.cancel()
+            self._run(action)
+        return len(pending)
+
+
 class TaskWorker:
     """Serves tasks: runs their background runs as the server delivers them.
 
@@ -160,6 +205,7 @@ class TaskWorker:
         self._done = threading.Event()
         self._done.set()
         self._error: BaseException | None = None
+        self._retry_timers = _RetryTimers()
         self._pid = os.getpid()
         _workers.add(self)
 
@@ -369,6 +415,9 @@ class TaskWorker:
             executor = self._executor
             if executor is not None:
                 executor.shutdown(wait=True)
+            flushed = self._retry_timers.flush()
+            if flushed:
+                logger.info("Put %d waiting retr%s back on the queue early", flushed, "y" if flushed == 1 else "ies")
             if self._client is not None and self._client is not self._client_arg:
                 self._client.close()  # our own connection pool; the next start() makes a new one
                 self._client = self._store = None
@@ -472,7 +521,7 @@ class TaskWorker:
             assert self._client is not None and self._store is not None
             outcome = run_task_run(
                 task, task_run, client=self._client, store=self._store, settings=self.settings,
-                subscription=self._subscription,
+                subscription=self._subscription, retry_scheduler=self._retry_timers,
             )
             logger.debug("Task run %s finished here: %s", task_run.id, outcome.value)
         except BaseException:
@@ -519,6 +568,7 @@ class TaskWorker:
         self._stop_event = threading.Event()
         self._done = threading.Event()
         self._done.set()
+        self._retry_timers = _RetryTimers()  # the parent's timer threads are not here
         if was_running:
             logger.warning(
                 "TaskWorker for %s was started in process %s before it forked; its threads do not "

@@ -288,6 +288,7 @@ def test_fast_path_failure_mid_flight_falls_back_to_rest(api_env, monkeypatch):
 
     class BrokenSocket:
         supports_set_state = True
+        server_extensions = ["set_state"]
         calls = 0
 
         def set_state(self, *args: Any, **kwargs: Any) -> Any:
@@ -317,6 +318,7 @@ def test_lost_answers_are_recognised_when_the_proposal_is_repeated(api_env, tmp_
 
     class LostAnswers:
         supports_set_state = True
+        server_extensions = ["set_state"]
         applied: list[str] = []
 
         def set_state(self, task_run_id: str, state: Any, force: bool = False, timeout: float = 0) -> Any:
