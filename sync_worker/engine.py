@@ -18,11 +18,16 @@
 Every proposal goes over the subscription socket when the server offers the
 ``set_state`` extension (one round trip on an open connection) and over REST otherwise;
 if the socket breaks mid-proposal the proposal is repeated over REST. The server
-orchestrates both identically.
+orchestrates both identically. A repeated proposal whose first attempt did land is
+refused (ABORT/REJECT); the engine recognises its own state by the unique claim marker
+it puts in the PENDING and RUNNING messages (and by the message/result of final states)
+and carries on instead of skipping a run it holds.
 
-Known limit: if the socket breaks after the server applied a PENDING proposal but before
-its answer arrived, the REST repeat is answered ABORT (the claim looks like someone
-else's) and the run is skipped here; the embedded server's lease re-delivers it.
+On a Prefect server (no ``set_state`` extension announced) three more steps keep the
+same guarantees: the run's current state is read before claiming (Prefect would accept
+a claim on a FAILED run), a final-state event is POSTed to ``/api/events`` (Prefect
+callers wait for events only), and an ``AwaitingRetry`` is put back on the queue by the
+worker's retry timers when due (Prefect does not re-queue it).
 """
 from __future__ import annotations
 
@@ -321,13 +326,9 @@ class TaskRunEngine:
         return True
 
     def _retry_here(self, retry: State, parameters: dict[str, Any]) -> Outcome:
-        """Retry in this thread, when the server will not deliver the retry again.
-
-        The embedded server re-queues a run it answered ``AwaitingRetry`` (its state is
-        ``deferred``) and delivers it when due: no slot is held meanwhile. A Prefect
-        server does not (its own engine retries in-process, and its retry state is not
-        deferred), so here, as Prefect's engine does, the worker waits for the scheduled
-        time, holding the slot, and runs again.
+        """Retry in this thread: the fallback of :meth:`_queue_retry` when the retry
+        cannot be put back on a Prefect server's queue. As Prefect's own engine does, it
+        waits for the scheduled time, holding the slot, and runs again.
         """
         self._local_retry = None
         scheduled = retry.state_details.scheduled_time

@@ -179,3 +179,20 @@ def test_worker_thread_count_does_not_grow_when_stopped():
     while threading.active_count() > before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert threading.active_count() <= before
+
+
+def test_retry_timers_fire_when_due_and_flush_runs_the_rest_at_once():
+    from sync_worker.worker import _RetryTimers
+
+    timers = _RetryTimers()
+    fired: list[str] = []
+    timers.schedule(0.05, lambda: fired.append("soon"), "a")
+    timers.schedule(60, lambda: fired.append("later-1"), "b")
+    timers.schedule(60, lambda: fired.append("later-2"), "c")
+    deadline = time.monotonic() + 5
+    while "soon" not in fired and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert fired == ["soon"]
+    assert timers.flush() == 2  # a stopping worker re-queues waiting retries now
+    assert sorted(fired) == ["later-1", "later-2", "soon"]
+    assert timers.flush() == 0
