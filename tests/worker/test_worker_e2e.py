@@ -428,3 +428,18 @@ def test_a_full_worker_hands_the_next_run_to_an_idle_one(api_env, start_worker, 
     assert idle.finished_task_runs == {"tests.mark": 1}
     assert long_run.result(timeout=20) == 1
     assert busy.finished_task_runs == {"tests.mark": 1}
+
+
+def test_start_serves_the_client_metrics_when_enabled(api_env, start_worker, free_port, monkeypatch):
+    from sync_worker.services import stop_client_metrics_server
+
+    monkeypatch.setenv("SYNC_WORKER_CLIENT_METRICS_ENABLED", "true")
+    monkeypatch.setenv("SYNC_WORKER_CLIENT_METRICS_PORT", str(free_port))
+    try:
+        start_worker(wt.add)
+        assert wt.add.delay(3, 4).result(timeout=20) == 7
+        scrape = requests.get(f"http://127.0.0.1:{free_port}/metrics", timeout=5).text
+        assert 'sync_worker_task_runs_completed_total{task_key="tests.add"}' in scrape
+        assert "sync_worker_subscription_connects_total" in scrape
+    finally:
+        stop_client_metrics_server()
