@@ -153,9 +153,10 @@ class Core:
 
     def set_state_async(self, run_id: str, proposed: dict[str, Any], force: bool,
                         callback: Callable[[str | None, BaseException | None], None]) -> None:
-        """:meth:`set_state` without waiting: ``callback(result_text, error)`` runs after the
-        commit (in the writer thread: keep it short)."""
-        self.db.submit(self._set_state_op(run_id, proposed, force), callback)
+        """:meth:`set_state` without waiting for other writers: ``callback(result_text, error)``
+        runs after the commit, in this thread if it committed itself, else in the thread that
+        did (keep it short). Call it holding no lock that operations or hooks take."""
+        self.db.submit(self._set_state_op(run_id, proposed, force), callback, inline=True)
 
     # -- records ---------------------------------------------------------------------------------
     def put_record(self, key: str, data: bytes) -> None:

@@ -5,10 +5,11 @@ run, list the queued runs of a key, records for the storage endpoint), so a Post
 can implement the same :class:`Database`/:class:`Transaction` pair later without touching the
 HTTP, websocket or orchestration code.
 
-Why one writer thread: SQLite allows one writer at a time. Every write goes through
+Why one writer at a time: SQLite allows one writer at a time. Every write goes through
 :meth:`Database.write`/:meth:`Database.submit`, which hand an operation (a function of a
-:class:`Transaction`) to the writer thread. The writer drains everything that is waiting and
-runs it in ONE transaction ("group commit"); an operation that fails has written nothing (see
+:class:`Transaction`) to the single committer: the calling thread itself when nothing is
+being committed, else the writer thread once the current batch is done. The committer drains
+everything that is waiting and runs it in ONE transaction ("group commit"); an operation that fails has written nothing (see
 :class:`Transaction`) and does not affect its neighbours. Callers wait for the
 COMMIT, so a 201/ACCEPT is only returned for data that is in the database. Under load the cost
 of a commit is shared by all operations in the batch.
@@ -29,7 +30,7 @@ import queue
 import sqlite3
 import threading
 from abc import ABC, abstractmethod
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -147,9 +148,10 @@ class Database(ABC):
 
     @abstractmethod
     def submit(self, op: Callable[[Transaction], Any],
-               callback: Callable[[Any, BaseException | None], None] | None = None) -> None:
-        """Like :meth:`write` without waiting; ``callback(result, error)`` is called in the
-        writer thread after the commit."""
+               callback: Callable[[Any, BaseException | None], None] | None = None,
+               inline: bool = False) -> None:
+        """Like :meth:`write` without waiting for other writers; ``callback(result, error)`` is
+        called after the commit, by the committing thread (this one only if ``inline``)."""
 
     @abstractmethod
     def read_run(self, run_id: str) -> RunRow | None:
@@ -217,7 +219,6 @@ class _Op:
         self.error: BaseException | None = None
 
 
-_STOP = object()
 
 
 class _SQLiteTransaction(Transaction):
@@ -310,7 +311,12 @@ class SQLiteDatabase(Database):
         self._max_batch = max_batch
         self._cache: OrderedDict[str, RunRow] = OrderedDict()
         self._cache_size = cache_size
-        self._ops: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._mutex = threading.Lock()
+        self._pending: deque[_Op] = deque()
+        self._leading = False  # a thread (a caller, or the writer thread) is committing
+        self._stopping = False
+        self._handoff = threading.Event()  # the writer thread takes over
+        self._idle = threading.Condition(self._mutex)
         self._closed = False
         self._close_lock = threading.Lock()
         self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
@@ -370,9 +376,14 @@ class SQLiteDatabase(Database):
         return int(values[0]) if values else 0
 
     # -- writes ----------------------------------------------------------------------------
+    # Leader/follower group commit: a thread that submits while no batch is being committed
+    # commits itself, right away ("inline"), with whatever else is waiting; operations that
+    # arrive meanwhile wait and are committed together in the next batch, by the writer
+    # thread. Uncontended writes so cost no thread switch (each one costs latency under the
+    # GIL); contended ones are batched as before.
     def write(self, op: Callable[[Transaction], Any]) -> Any:
         item = _Op(op, None)
-        self._enqueue(item)
+        self._enqueue(item, inline=True)
         assert item.event is not None
         item.event.wait()
         if item.error is not None:
@@ -380,35 +391,63 @@ class SQLiteDatabase(Database):
         return item.result
 
     def submit(self, op: Callable[[Transaction], Any],
-               callback: Callable[[Any, BaseException | None], None] | None = None) -> None:
-        self._enqueue(_Op(op, callback or _ignore))
+               callback: Callable[[Any, BaseException | None], None] | None = None,
+               inline: bool = False) -> None:
+        """``inline=True`` may run the operation (and its callback) in the calling thread:
+        only for callers that hold no lock an operation or hook might take."""
+        self._enqueue(_Op(op, callback or _ignore), inline=inline)
 
-    def _enqueue(self, item: _Op) -> None:
-        if self._closed:
-            raise DatabaseClosed("the database is closed")
-        self._ops.put(item)
+    def _enqueue(self, item: _Op, inline: bool) -> None:
+        with self._mutex:
+            if self._closed:
+                raise DatabaseClosed("the database is closed")
+            self._pending.append(item)
+            if self._leading:
+                return  # the current leader, or the writer thread after it, commits it
+            self._leading = True
+            if not inline:
+                self._handoff.set()
+                return
+        # We lead: one batch here, the rest (if anything arrived meanwhile) in the writer.
+        try:
+            self._run_batch(self._writer_conn, self._take_batch())
+        finally:
+            with self._mutex:
+                if self._pending:
+                    self._handoff.set()
+                else:
+                    self._leading = False
+                    self._idle.notify_all()
+
+    def _take_batch(self) -> list[_Op]:
+        with self._mutex:
+            pending = self._pending
+            if len(pending) <= self._max_batch:
+                batch = list(pending)
+                pending.clear()
+            else:
+                batch = [pending.popleft() for _ in range(self._max_batch)]
+            return batch
 
     def _writer_loop(self) -> None:
         conn = self._writer_conn
-        stop = False
-        while not stop:
-            first = self._ops.get()
-            batch: list[_Op] = []
-            if first is _STOP:
-                stop = True
-            else:
-                batch.append(first)
-            while len(batch) < self._max_batch:
-                try:
-                    item = self._ops.get_nowait()
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    stop = True
-                    continue
-                batch.append(item)
-            if batch:
-                self._run_batch(conn, batch)
+        while True:
+            self._handoff.wait()
+            self._handoff.clear()
+            while True:
+                batch = self._take_batch()
+                if batch:
+                    try:
+                        self._run_batch(conn, batch)
+                    except Exception:  # pragma: no cover - a bug; keep committing the others
+                        logger.exception("group commit failed")
+                with self._mutex:
+                    if not self._pending:
+                        self._leading = False
+                        self._idle.notify_all()
+                        break
+            if self._stopping:
+                return
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
         hooks: list[tuple[_Op, list[Callable[[], None]]]] = []
@@ -490,18 +529,14 @@ class SQLiteDatabase(Database):
         with self._close_lock:
             if self._closed:
                 return
-            self._closed = True
-        self._ops.put(_STOP)
+            with self._mutex:
+                self._closed = True  # no new operations
+                # let the current leader (or the writer thread) commit what is pending
+                self._idle.wait_for(lambda: not self._leading, timeout=10)
+                self._stopping = True
+                self._leading = True
+            self._handoff.set()
         self._writer.join(timeout=10)
-        # Fail whatever raced in after the stop marker.
-        while True:
-            try:
-                item = self._ops.get_nowait()
-            except queue.Empty:
-                break
-            if isinstance(item, _Op):
-                item.error = DatabaseClosed("the database is closed")
-                self._complete(item)
         try:
             self._writer_conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         except sqlite3.Error:  # pragma: no cover

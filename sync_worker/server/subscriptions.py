@@ -257,6 +257,7 @@ class Subscription:
         self._done = threading.Event()
         self._close_request: tuple[int, str] | None = None
         self._drain_lock = threading.Lock()
+        self._draining: int | None = None  # ident of the thread handling messages right now
         self._deliver_lock = threading.Lock()
         self.delivered = 0
 
@@ -321,20 +322,27 @@ class Subscription:
     # -- receiving (simple-websocket's reader thread) ---------------------------------------------
     def _on_messages(self) -> None:
         with self._drain_lock:
-            buffer = self.ws.input_buffer
-            while buffer and not self._done.is_set():
-                message = buffer.pop(0)
-                try:
-                    self._handle(message)
-                except _Close as close:
-                    self._request_close(close.code, close.reason)
-                except (ConnectionClosed, OSError):
-                    self._done.set()
-                except Exception:  # a bug: drop this connection, keep the server
-                    logger.exception("error handling a message from %r", self.client_id)
-                    self._request_close(1011, "Internal server error")
-            if not self.ws.connected:
+            self._draining = threading.get_ident()
+            try:
+                self._drain()
+            finally:
+                self._draining = None
+
+    def _drain(self) -> None:
+        buffer = self.ws.input_buffer
+        while buffer and not self._done.is_set():
+            message = buffer.pop(0)
+            try:
+                self._handle(message)
+            except _Close as close:
+                self._request_close(close.code, close.reason)
+            except (ConnectionClosed, OSError):
                 self._done.set()
+            except Exception:  # a bug: drop this connection, keep the server
+                logger.exception("error handling a message from %r", self.client_id)
+                self._request_close(1011, "Internal server error")
+        if not self.ws.connected:
+            self._done.set()
 
     def _handle(self, message: Any) -> None:
         value = _decode(message)
@@ -386,7 +394,15 @@ class Subscription:
 
         def done(result: str | None, error: BaseException | None) -> None:
             if error is None:
-                self._post(f'{prefix}"status_code":201,"result":{result}}}')
+                reply = f'{prefix}"status_code":201,"result":{result}}}'
+                if self._draining == threading.get_ident():
+                    # committed inline by this connection's own message handler: answer now
+                    try:
+                        self.ws.send(reply)
+                    except (ConnectionClosed, OSError):
+                        pass  # the reader sees the connection end
+                else:
+                    self._post(reply)
                 return
             if isinstance(error, NotFound):
                 code, detail = 404, "Task not found"
