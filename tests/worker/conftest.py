@@ -63,7 +63,8 @@ def spawn() -> Iterator[Callable[..., subprocess.Popen]]:
     procs: list[subprocess.Popen] = []
 
     def start(args: list[str], env: dict[str, str], **kwargs: Any) -> subprocess.Popen:
-        full_env = {**os.environ, **env, "PYTHONPATH": str(REPO)}
+        full_env = {**os.environ, **env}
+        full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         proc = subprocess.Popen(args, cwd=kwargs.pop("cwd", REPO), env=full_env, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True, **kwargs)
         procs.append(proc)

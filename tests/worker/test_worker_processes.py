@@ -86,3 +86,59 @@ def test_cli_worker_with_timeout_exits_0_and_bad_spec_exits_2(api_env, spawn):
     _, err = bad.communicate(timeout=30)
     assert bad.returncode == 2
     assert "is a function, not a task" in err
+
+
+def test_sigterm_with_runs_past_the_drain_timeout_exits_1(api_env, spawn, tmp_path):
+    marks = tmp_path / "marks"
+    env = {**api_env, "SYNC_WORKER_DRAIN_TIMEOUT": "1"}
+    proc = spawn(worker_command("tests.worker.worker_tasks:mark", limit=2), env)
+    future = wt.mark.delay(0, str(marks), 30.0)
+    wait_for(lambda: len(lines(marks, "start")) == 1, message="the run in flight")
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1  # runs abandoned: not a clean exit
+    assert time.monotonic() - sent < 10  # bounded by the drain timeout, not the 30 s run
+    assert "Drain timeout (1.0s) passed with 1 run(s) still running: " + future.task_run_id in err
+
+
+def test_ctrl_c_stops_taking_runs_and_finishes_in_flight_ones(api_env, spawn, tmp_path):
+    marks = tmp_path / "marks"
+    proc = spawn(worker_command("tests.worker.worker_tasks:mark", limit=1), api_env)
+    first = wt.mark.delay(0, str(marks), 1.0)
+    wait_for(lambda: len(lines(marks, "start")) == 1, message="the run in flight")
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "Task worker interrupted, stopping..." in err
+    assert first.wait(5).type is StateType.COMPLETED
+
+
+PRELOAD_APP = '''
+from sync_worker import TaskWorker
+from jobs import ALL_TASKS
+from app import app  # noqa: F401
+
+# The anti-pattern: a worker started at import time, in the gunicorn master (--preload).
+worker = TaskWorker(*ALL_TASKS, limit=1).start(block=False)
+'''
+
+
+def test_gunicorn_preload_with_a_worker_started_at_import_warns_in_each_child(api_env, spawn, tmp_path):
+    (tmp_path / "preload_app.py").write_text(PRELOAD_APP)
+    flask_app = Path(__file__).resolve().parents[2] / "examples" / "flask_app"
+    env = {**api_env, "PYTHONPATH": f"{flask_app}"}
+    proc = spawn([sys.executable, "-m", "gunicorn", "--preload", "-w", "2", "-b", "127.0.0.1:0",
+                  "--chdir", str(tmp_path), "preload_app:app"], env, cwd=tmp_path)
+    warnings: list[str] = []
+
+    def two_warnings() -> bool:
+        line = proc.stderr.readline()
+        if "NOT running here" in line:
+            warnings.append(line)
+        return len(warnings) == 2
+
+    wait_for(two_warnings, message="a fork warning from each gunicorn worker")
+    assert all("post_fork" in w for w in warnings)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
