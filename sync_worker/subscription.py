@@ -383,7 +383,7 @@ class Subscription:
         conn = _Connection(ws, extensions, self.ping_interval)
         with self._lock:
             if self.closed:
-                conn.abort(_Closed())
+                ws.shutdown()  # its reader thread never started: nobody else closes it
                 raise _Closed()
             self._conn = conn
         conn.start()
