@@ -509,21 +509,9 @@ def emit_final_state_event(client: Client, task_run: TaskRun, state: State) -> N
         logger.warning("Could not send the final-state event of task run %s: %s", task_run.id, exc)
 
 
-def run_task_run(
-    task: Task[..., Any],
-    task_run: TaskRun,
-    *,
-    client: Client,
-    store: RecordStore,
-    settings: Settings,
-    subscription: Subscription | None = None,
-    retry_scheduler: RetryScheduler | None = None,
-) -> Outcome:
-    """Run one delivered task run (see :class:`TaskRunEngine`)."""
-    return TaskRunEngine(
-        task, task_run, client=client, store=store, settings=settings, subscription=subscription,
-        retry_scheduler=retry_scheduler,
-    ).run()
+def run_task_run(task: Task[..., Any], task_run: TaskRun, **options: Any) -> Outcome:
+    """Run one delivered task run; ``options`` are :class:`TaskRunEngine`'s keywords."""
+    return TaskRunEngine(task, task_run, **options).run()
 
 
 __all__ = ["Outcome", "TaskRunEngine", "exception_message", "run_task_run", "should_try_to_read_parameters"]

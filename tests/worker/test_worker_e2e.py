@@ -9,7 +9,6 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,20 +22,11 @@ from sync_worker.schemas import StateType
 from sync_worker.tasks import Task
 from sync_worker.worker import TaskWorker, serve
 from tests.worker import worker_tasks as wt
+from tests.worker.worker_helpers import wait_for
 
 
 def _sample(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels or None) or 0.0
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 20.0, message: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {message}")
 
 
 class RestCalls:

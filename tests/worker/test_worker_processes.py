@@ -6,26 +6,15 @@ import signal
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 from sync_worker.schemas import StateType
 from tests.worker import worker_tasks as wt
+from tests.worker.worker_helpers import wait_for
 
 
 def worker_command(*specs: str, limit: int = 10, extra: tuple[str, ...] = ()) -> list[str]:
     return [sys.executable, "-m", "sync_worker", "worker", *specs, "--limit", str(limit), *extra]
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 30.0, message: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {message}")
 
 
 def lines(path: Path, prefix: str) -> list[tuple[int, int]]:
