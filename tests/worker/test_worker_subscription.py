@@ -126,3 +126,76 @@ def test_fast_path_switched_off_by_environment(api_env, monkeypatch):
             sub.set_state("x", Running())
     finally:
         sub.close()
+
+
+def test_an_idle_link_is_kept_alive_by_pings(api_env):
+    sub = Subscription(["tests.nothing"], "idle-1", client=Client(), ping_interval=0.3)
+    thread = threading.Thread(target=lambda: list(sub), daemon=True)
+    thread.start()
+    time.sleep(2.0)  # several ping intervals without any run
+    try:
+        assert sub.connects == 1 and sub.connected  # pings answered: no reconnect
+    finally:
+        sub.close()
+        thread.join(5)
+
+
+class SilentServer:
+    """A websocket server that authenticates, then never says anything again (no pongs
+    either): a link that died without a FIN, as behind a dropped NAT entry."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen()
+        self.port = self.listener.getsockname()[1]
+        self.accepted = 0
+        self.conns: list[Any] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        import base64
+        import hashlib
+
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            self.conns.append(conn)
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += conn.recv(4096)
+            key = next(line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
+                       if line.lower().startswith(b"sec-websocket-key"))
+            accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+            conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         b"Sec-WebSocket-Protocol: prefect\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
+            payload = b'{"type": "auth_success"}'
+            conn.sendall(bytes([0x81, len(payload)]) + payload)  # then silence
+
+    def close(self) -> None:
+        self.listener.close()
+        for conn in self.conns:
+            conn.close()
+
+
+def test_a_dead_link_is_detected_by_missing_pongs_and_reconnected():
+    silent = SilentServer()
+    client = Client(api_url=f"http://127.0.0.1:{silent.port}/api")
+    sub = Subscription(["k"], "c-dead", client=client, ping_interval=0.3, max_backoff=0.2)
+    thread = threading.Thread(target=lambda: list(sub), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while silent.accepted < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert silent.accepted >= 2  # gave up on the silent link and connected again
+    finally:
+        sub.close()
+        thread.join(5)
+        silent.close()
+    assert not thread.is_alive()
