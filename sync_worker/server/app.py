@@ -24,6 +24,10 @@ from .subscriptions import SubscriptionRegistry, handle_websocket
 logger = logging.getLogger("sync_worker.server.app")
 
 RECORD_KEY = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+#: what ``GET /api/admin/version`` answers: the Prefect server version whose wire protocol this
+#: server speaks (the captures in shared/prefect-protocol). Prefect clients check that the
+#: major version matches theirs before they use a server.
+PREFECT_API_VERSION = "3.8.8"
 UPGRADED = "sync_worker.upgraded"  # environ flag: the connection now belongs to a websocket
 CLOSE = "sync_worker.close"  # environ flag: close the HTTP connection after this response
 
@@ -71,6 +75,8 @@ class App:
         self.url_map = Map(
             [
                 Rule("/api/health", endpoint="health", methods=["GET"]),
+                Rule("/api/admin/version", endpoint="version", methods=["GET"]),
+                Rule("/api/csrf-token", endpoint="csrf", methods=["GET"]),
                 Rule("/api/task_runs/", endpoint="create", methods=["POST"]),
                 Rule("/api/task_runs/subscriptions/scheduled", endpoint="subscribe", methods=["GET"]),
                 Rule("/api/task_runs/<run_id>", endpoint="read", methods=["GET"]),
@@ -86,6 +92,8 @@ class App:
         self._adapter = self.url_map.bind("localhost")
         self._handlers: dict[str, Callable[..., Response]] = {
             "health": self.health,
+            "version": self.version,
+            "csrf": self.csrf,
             "create": self.create,
             "read": self.read,
             "delete": self.delete,
@@ -195,6 +203,16 @@ class App:
     def health(self, environ: dict[str, Any]) -> Response:
         self._discard_body(environ)
         return _json(200, b"true")
+
+    def version(self, environ: dict[str, Any]) -> Response:
+        self._discard_body(environ)
+        return _json(200, json.dumps(PREFECT_API_VERSION))
+
+    def csrf(self, environ: dict[str, Any]) -> Response:
+        """Prefect clients ask for a CSRF token before their first change; this answer (the
+        one of a Prefect server with CSRF protection off) makes them stop asking."""
+        self._discard_body(environ)
+        return _error(422, "CSRF protection is disabled.")
 
     def create(self, environ: dict[str, Any]) -> Response:
         body = self._json_body(environ)

@@ -286,3 +286,12 @@ def test_json_error_bodies_are_json(wire):
     ):
         assert response.headers["Content-Type"] == "application/json"
         assert isinstance(json.loads(response.text)["detail"], str)
+
+
+def test_prefect_client_handshake_endpoints(wire):
+    version = wire.http.get(wire.url + "/admin/version")
+    assert version.status_code == 200
+    assert version.json().split(".")[0] == "3"  # Prefect clients require the same major version
+    csrf = wire.http.get(wire.url + "/csrf-token?client=abc")
+    assert csrf.status_code == 422
+    assert "CSRF protection is disabled." in csrf.text
