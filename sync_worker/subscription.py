@@ -472,8 +472,11 @@ class Subscription:
     def release(self) -> None:
         """Give the held run back without running it: close its connection without an
         ack, so the server re-queues the run for any subscriber (the next iteration
-        reconnects). A worker whose slots are all busy uses this so that the one run the
-        protocol makes it hold does not wait for its slots while another worker is idle."""
+        reconnects). Done automatically when the consumer moves on without acking.
+
+        Mind that on the embedded server the connection is also the lease of the runs
+        acknowledged on it: they are re-queued if they do not finish within the server's
+        lease timeout after the connection closed."""
         conn, held = self._holding_conn, self._holding
         self._holding = self._holding_conn = None
         if conn is not None:

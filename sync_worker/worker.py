@@ -8,10 +8,12 @@ the ``/status`` JSON), without asyncio. Per worker:
   subscription, and for each delivered run *reserves a free slot first, then acks*.
   Reserving before the ack is the backpressure: the server holds the next run back until
   the ack, so a worker whose slots are all busy takes nothing more and an idle worker gets
-  the runs. The protocol still hands a busy worker the next run right after its ack; if
-  no slot frees within ``HOLD_GRACE_SECONDS`` the worker gives that run back (closes
-  the socket without an ack, so the server re-queues it) and resubscribes only when a
-  slot is free.
+  the runs. The protocol still hands a full worker the next run right after its last
+  ack: that one run waits, unacknowledged, for this worker's first free slot (if the
+  worker stops first, closing the socket re-queues it). Handing it back by closing the
+  socket was tried and rejected: on the embedded server the open connection is the
+  lease of the runs in flight, so closing it would get long runs re-delivered to
+  another worker while they are still running here.
 - an **executor**, ``ThreadPoolExecutor(max_workers=limit)``, runs each run through the
   engine (:mod:`sync_worker.engine`).
 
@@ -48,7 +50,6 @@ import signal
 import socket
 import sys
 import threading
-import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable
@@ -78,9 +79,6 @@ __all__ = [
 
 #: How often a service thread waiting for a free slot checks whether it should stop.
 _SLOT_POLL_SECONDS = 0.1
-#: How long a delivered run may wait for one of this worker's slots before it is handed
-#: back to the server (so that an idle worker can take it).
-HOLD_GRACE_SECONDS = 0.5
 
 
 class StopTaskWorker(Exception):
@@ -441,11 +439,8 @@ class TaskWorker:
             if self._ack(task_run):
                 self._unknown_task(task_run)
             return
-        if not self._reserve_slot(grace=HOLD_GRACE_SECONDS):
-            if self._stop_event.is_set():
-                return  # stopping: the socket is closed, the run goes back to the queue
-            self._pause_while_full(task_run)
-            return
+        if not self._reserve_slot():
+            return  # stopping: the socket is closed, the run goes back to the queue
         if not self._ack(task_run):
             self._release_slot()
             return
@@ -472,27 +467,11 @@ class TaskWorker:
             except Exception as exc:  # noqa: BLE001 - logged; the worker carries on
                 logger.warning("Could not delete task run %s: %s", task_run.id, exc)
 
-    def _pause_while_full(self, task_run: TaskRun) -> None:
-        """Every slot is busy: hand the held run back and wait, unsubscribed, for a slot.
-
-        The protocol sends the next run right after an ack, so a full worker always holds
-        one unacknowledged run. Keeping it would make it wait for this worker's slots
-        while another worker may be idle; closing the socket re-queues it at once.
-        """
-        assert self._subscription is not None and self._slots is not None
-        logger.debug("All %s slots busy: giving run %s back until one is free", self._limit, task_run.id)
-        self._subscription.release()
-        while not self._slots.acquire(timeout=_SLOT_POLL_SECONDS):
-            if self._stop_event.is_set():
-                return
-        self._slots.release()  # free again: the subscription reconnects and takes the next run
-
-    def _reserve_slot(self, grace: float | None = None) -> bool:
-        """Take a slot; False if stopping, or if none was free within ``grace`` seconds."""
+    def _reserve_slot(self) -> bool:
+        """Take a slot, waiting for one; False if the worker is stopping."""
         if self._slots is not None:
-            deadline = None if grace is None else time.monotonic() + grace
             while not self._slots.acquire(timeout=_SLOT_POLL_SECONDS):
-                if self._stop_event.is_set() or (deadline is not None and time.monotonic() >= deadline):
+                if self._stop_event.is_set():
                     return False
         with self._lock:
             self._reserved += 1

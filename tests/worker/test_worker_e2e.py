@@ -403,23 +403,6 @@ def test_start_stop_cycles_do_not_leak_sockets_or_threads(api_env):
     assert _open_sockets() <= sockets + 1
 
 
-def test_a_full_worker_hands_the_next_run_to_an_idle_one(api_env, start_worker, tmp_path):
-    marks = tmp_path / "marks"
-    busy = start_worker(wt.mark, limit=1)
-    long_run = wt.mark.delay(1, str(marks), 4.0)
-    wait_for(lambda: busy.current_tasks == 1, message="the long run in flight")
-    waiting = wt.mark.delay(2, str(marks))  # delivered to the busy worker, which has no slot
-    time.sleep(1.0)  # longer than HOLD_GRACE_SECONDS: the busy worker gave it back
-    started = time.monotonic()
-    idle = start_worker(wt.mark, limit=1)
-    assert waiting.result(timeout=20) == 2
-    assert time.monotonic() - started < 2.5  # not after the long run's 4 s
-    assert long_run.state.type is StateType.RUNNING  # still going on the busy worker
-    assert idle.finished_task_runs == {"tests.mark": 1}
-    assert long_run.result(timeout=20) == 1
-    assert busy.finished_task_runs == {"tests.mark": 1}
-
-
 def test_start_serves_the_client_metrics_when_enabled(api_env, start_worker, free_port, monkeypatch):
     from sync_worker.services import stop_client_metrics_server
 
