@@ -66,10 +66,8 @@ def _error(code: int, detail: str, extra: dict[str, Any] | None = None) -> Respo
 class App:
     """WSGI callable. ``max_body_size`` bounds request bodies (413 beyond it)."""
 
-    def __init__(self, core: Core, registry: SubscriptionRegistry, max_body_size: int,
-                 ping_interval: float | None = None) -> None:
+    def __init__(self, core: Core, registry: SubscriptionRegistry, max_body_size: int) -> None:
         self.core = core
-        self.ping_interval = ping_interval
         self.registry = registry
         self.max_body_size = max_body_size
         self.url_map = Map(
@@ -257,5 +255,5 @@ class App:
             return _error(426, "This endpoint is a websocket: connect with a websocket client "
                                "(subprotocol 'prefect')")
         environ[UPGRADED] = True
-        handle_websocket(environ, self.core, self.registry, self.max_body_size, self.ping_interval)
+        handle_websocket(environ, self.core, self.registry, self.max_body_size)
         return "101 Switching Protocols", [], b""

@@ -311,7 +311,7 @@ class Server:
         self.core: Core | None = None
         self._http: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
-        self._registry = SubscriptionRegistry()
+        self._registry = SubscriptionRegistry(ping_interval)
         self._lock = threading.Lock()
         self._started = False
         self._stopped = threading.Event()
@@ -346,7 +346,7 @@ class Server:
         try:
             self.queue.recover(self.db.recover())
             self.core = Core(self.db, self.queue, self.auth_string)
-            app = App(self.core, self._registry, self.max_body_size, self.ping_interval)
+            app = App(self.core, self._registry, self.max_body_size)
             listener = _bind(self.host, self.port)
             try:
                 http = _HTTPServer(self.host, self.port, app, _RequestHandler, fd=listener.fileno())

@@ -19,7 +19,7 @@ from typing import Any
 
 import simple_websocket
 from simple_websocket.errors import ConnectionClosed
-from wsproto.events import TextMessage
+from wsproto.events import Ping, TextMessage
 
 from .core import Core, NotFound
 from .database import QSTATE_MEMORY, DatabaseClosed
@@ -91,6 +91,12 @@ class WebSocket(simple_websocket.Server):
         with self.send_lock:
             super().close(reason, message)
 
+    def ping(self) -> None:
+        with self.send_lock:
+            if not self.connected:
+                raise ConnectionClosed(self.close_reason, self.close_message)
+            self.sock.sendall(self.ws.send(Ping()))
+
     def shutdown(self) -> None:
         """Unblock the reader thread and drop the TCP connection."""
         self.connected = False
@@ -123,19 +129,56 @@ def _decode(message: Any) -> dict[str, Any]:
 
 
 class SubscriptionRegistry:
-    """Live connections, so that stopping the server can close them."""
+    """Live connections, so that stopping the server can close them, and their keep-alive.
 
-    def __init__(self) -> None:
+    One thread pings every connection each ``ping_interval`` seconds and drops the ones that
+    did not answer the previous ping (a worker that vanished without closing its TCP
+    connection must not keep its leases forever). simple-websocket can ping by itself, but
+    then each of its reader threads polls the socket before every read: one more system
+    call per message.
+    """
+
+    def __init__(self, ping_interval: float | None = None) -> None:
         self._lock = threading.Lock()
         self._sockets: set[WebSocket] = set()
         self.closing = False
+        self.ping_interval = ping_interval
+        self._stop = threading.Event()
+        self._pinger: threading.Thread | None = None
 
     def add(self, ws: WebSocket) -> bool:
         with self._lock:
             if self.closing:
                 return False
             self._sockets.add(ws)
+            if self.ping_interval and self._pinger is None:
+                self._pinger = threading.Thread(target=self._ping_loop, name="sync-worker-ws-pinger", daemon=True)
+                self._pinger.start()
             return True
+
+    def _ping_loop(self) -> None:
+        assert self.ping_interval
+        while not self._stop.wait(self.ping_interval):
+            with self._lock:
+                sockets = list(self._sockets)
+            for ws in sockets:
+                if not ws.connected:
+                    continue
+                if not ws.pong_received:
+                    logger.info("closing a subscription connection that did not answer a ping within %g s",
+                                self.ping_interval)
+                    try:
+                        ws.close(POLICY_VIOLATION, "Ping/Pong timeout")
+                    except (ConnectionClosed, OSError):
+                        pass
+                    ws.shutdown()
+                    ws.event.set()
+                    continue
+                ws.pong_received = False
+                try:
+                    ws.ping()
+                except (ConnectionClosed, OSError):
+                    pass
 
     def remove(self, ws: WebSocket) -> None:
         with self._lock:
@@ -145,6 +188,7 @@ class SubscriptionRegistry:
         with self._lock:
             self.closing = True
             sockets = list(self._sockets)
+        self._stop.set()
         for ws in sockets:
             try:
                 ws.close(GOING_AWAY, "Server is shutting down")
@@ -159,10 +203,9 @@ class SubscriptionRegistry:
 
 
 def handle_websocket(environ: dict[str, Any], core: Core, registry: SubscriptionRegistry,
-                     max_message_size: int | None, ping_interval: float | None = None) -> None:
+                     max_message_size: int | None) -> None:
     """Serve one subscription connection until it ends (runs in the HTTP handler thread)."""
-    ws = WebSocket(environ, subprotocols=["prefect"], max_message_size=max_message_size,
-                   ping_interval=ping_interval)
+    ws = WebSocket(environ, subprotocols=["prefect"], max_message_size=max_message_size)
     peer = environ.get("REMOTE_ADDR", "?")
     if not registry.add(ws):
         _close(ws, GOING_AWAY, "Server is shutting down")
