@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import textwrap
 
-import pytest
 from prefect_support import TRACE_TASK_RUN_READS, read_run, wait_for_run
 
 PREFECT_TASKS = '''
@@ -25,11 +24,6 @@ def add_one(x: int) -> int:
     return x + 1
 '''
 
-GAP_EVENTS = (
-    "G3: Prefect's future.result() wakes only on a prefect.task-run.Completed event from /api/events/out and "
-    "the server emits none for REST set_state; the engine must POST the state event to /api/events after a "
-    "terminal ACCEPT (prefect-facts C)."
-)
 
 
 def add_one(x: int) -> int:
@@ -92,7 +86,6 @@ def test_prefect_delay_is_executed_by_a_sync_worker_with_the_pickle_opt_in(
     assert TaskRunFuture(submitted["run"]).result(timeout=10) == 2
 
 
-@pytest.mark.xfail(strict=True, reason=GAP_EVENTS)
 def test_prefect_future_result_wakes_up_with_the_value_computed_by_sync_worker(
     prefect_server, tmp_path, python_script, sync_worker_env, start_worker
 ):
