@@ -13,6 +13,7 @@ the README describes: sync_worker takes Prefect's key (``task_key=prefect_task.t
 from __future__ import annotations
 
 import textwrap
+import time
 
 from prefect_support import TRACE_TASK_RUN_READS, read_run, wait_for_run
 
@@ -216,3 +217,28 @@ def test_prefect_client_reads_values_none_and_exceptions_of_runs_sync_worker_exe
     assert seen["value"] == {"kind": "value", "value": {"a": [1, 2]}}
     assert seen["none"] == {"kind": "none", "value": None}
     assert (seen["error"].get("error"), seen["error"].get("message")) == ("ValueError", "bad kind"), seen["error"]
+
+
+def test_prefect_caller_wakes_with_an_error_when_sync_worker_times_the_run_out(
+    prefect_server, tmp_path, python_script, sync_worker_env, start_worker
+):
+    """A FAILED state named "TimedOut" still wakes Prefect's waiter (it listens for the state TYPE's event)."""
+    from sync_worker import task
+
+    sync_worker_env(prefect_server, SYNC_WORKER_ALLOW_PICKLE="true")
+    caller = _prefect_caller(python_script, tmp_path, prefect_server, wait=True)
+    submitted = caller.expect("run", timeout=60)
+    caller.expect("read", timeout=60)
+
+    def hangs(x: int) -> int:
+        for _ in range(100):  # interruptible between bytecodes; gives up after 10 s anyway
+            time.sleep(0.1)
+        return x
+
+    start_worker(task(hangs, task_key=submitted["task_key"], timeout_seconds=1))
+    outcome = caller.expect("waited", timeout=90)
+    assert "error" in outcome, outcome
+    assert "timeout" in outcome["error"].lower(), outcome
+    assert outcome["waited"] < 10, f"Prefect's caller was not woken up: it waited {outcome['waited']:.1f}s"
+    run = read_run(prefect_server, submitted["run"])
+    assert (run["state_type"], run["state_name"]) == ("FAILED", "TimedOut")
