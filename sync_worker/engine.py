@@ -132,6 +132,7 @@ class TaskRunEngine:
         settings: Settings,
         subscription: Subscription | None = None,
         retry_scheduler: RetryScheduler | None = None,
+        on_executed: Callable[[], None] | None = None,
     ):
         self.task = task
         self.task_run = task_run
@@ -144,6 +145,16 @@ class TaskRunEngine:
         #: otherwise assume a Prefect server, whose orchestration needs the extra steps
         #: marked "Prefect" below.
         self.prefect_server = not (subscription is not None and "set_state" in subscription.server_extensions)
+        #: The embedded server answers RUNNING for a run already RUNNING with ABORT, so there
+        #: the RUNNING proposal itself is the claim and the PENDING round trip is skipped.
+        self.claims_with_running = (
+            subscription is not None and "direct_running" in subscription.server_extensions
+            and subscription.supports_set_state
+        )
+        #: Called once the task function has returned, before its final state is reported:
+        #: the worker frees the execution slot then, so the next run's delivery overlaps
+        #: this run's report.
+        self.on_executed = on_executed
         self.logger = logging.LoggerAdapter(logger, {"task_run_id": task_run.id})
         self.state: State | None = task_run.state
         self.outcome: Outcome | None = None
@@ -249,7 +260,7 @@ class TaskRunEngine:
 
         if self.prefect_server and self._already_finished():
             return Outcome.SKIPPED
-        if not self._claim():
+        if (parameter_error is not None or not self.claims_with_running) and not self._claim():
             return Outcome.SKIPPED
 
         if parameter_error is not None:
@@ -386,6 +397,7 @@ class TaskRunEngine:
             self._observe(started)
             if call.timed_out:
                 return reported[0]
+            self._executed()
             if call.exception is not None:
                 return self._report_failure(call.exception)
             return self._report_success(call.result)
@@ -393,9 +405,16 @@ class TaskRunEngine:
             value = task.fn(**parameters)
         except BaseException as exc:  # noqa: BLE001 - SystemExit in a task fails the run, not the worker
             self._observe(started)
+            self._executed()
             return self._report_failure(exc)
         self._observe(started)
+        self._executed()
         return self._report_success(value)
+
+    def _executed(self) -> None:
+        callback, self.on_executed = self.on_executed, None
+        if callback is not None:
+            callback()
 
     def _observe(self, started: float) -> None:
         metrics.RUN_DURATION.labels(task_key=self.task.task_key).observe(time.monotonic() - started)

@@ -38,7 +38,7 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import tenacity
@@ -129,6 +129,7 @@ class _Connection:
         self.runs: queue.Queue[Any] = queue.Queue()
         self.closed = threading.Event()
         self.error: BaseException | None = None
+        self.uses_credit = False  # subscribed with the credit extension (see Subscription.grant)
         self._pending: dict[str, _Pending] = {}
         self._pending_lock = threading.Lock()
         self._pong_due: float | None = None
@@ -297,6 +298,7 @@ class Subscription:
         ping_interval: float = 15.0,
         max_backoff: float = 10.0,
         open_timeout: float | None = None,
+        credit: Callable[[], int] | None = None,
     ):
         self.keys = sorted(set(keys))
         if not self.keys:
@@ -315,6 +317,8 @@ class Subscription:
         self._holding_conn: _Connection | None = None
         self._released = False
         self._extensions: list[str] = []
+        self._credit = credit
+        self._grant_lock = threading.Lock()
         self.connects = 0
 
     # -- state -----------------------------------------------------------------------
@@ -352,6 +356,9 @@ class Subscription:
             ws = websocket.create_connection(
                 self.url, timeout=self.open_timeout, subprotocols=["prefect"], header=headers,
                 enable_multithread=True,
+                # websocket-client's UTF-8 check of incoming frames is pure Python and cost a
+                # third of the worker's CPU; json.loads rejects invalid text anyway.
+                skip_utf8_validation=True,
             )
         except websocket.WebSocketBadStatusException as exc:
             if exc.status_code in (401, 403):
@@ -372,20 +379,33 @@ class Subscription:
                     f"The server did not accept the subscription's auth message ({reply.get('reason') or reply}); {_AUTH_HINT}"
                 )
             extensions = list(reply.get("extensions") or [])
-            ws.send(json.dumps({"type": "subscribe", "keys": self.keys, "client_id": self.client_id}))
+            subscribe: dict[str, Any] = {"type": "subscribe", "keys": self.keys, "client_id": self.client_id}
+            # Held until the connection is published, so that a grant() cannot fall between
+            # counting the free slots and the server knowing about them.
+            self._grant_lock.acquire()
+            granting = self.fast_path and self._credit is not None and "credit" in extensions
+            if granting:
+                subscribe["credit"] = max(0, self._credit())
+            ws.send(json.dumps(subscribe))
             ws.settimeout(self.ping_interval)
         except BaseException as exc:
+            if self._grant_lock.locked():
+                self._grant_lock.release()
             ws.shutdown()
             if isinstance(exc, (websocket.WebSocketException, OSError)):
                 raise ConnectionLost(f"subscription handshake with {self.url} failed: {exc}") from exc
             raise
         self._extensions = extensions
         conn = _Connection(ws, extensions, self.ping_interval)
-        with self._lock:
-            if self.closed:
-                ws.shutdown()  # its reader thread never started: nobody else closes it
-                raise _Closed()
-            self._conn = conn
+        conn.uses_credit = granting
+        try:
+            with self._lock:
+                if self.closed:
+                    ws.shutdown()  # its reader thread never started: nobody else closes it
+                    raise _Closed()
+                self._conn = conn
+        finally:
+            self._grant_lock.release()
         conn.start()
         self._count_connect()
         logger.info("Subscribed to %s as %s (keys: %s%s)", self.url, self.client_id, ", ".join(self.keys),
@@ -491,6 +511,20 @@ class Subscription:
             raise ConnectionLost("no run is held (or its connection is gone)")
         conn.send_json({"type": "ack"})
         self._holding = self._holding_conn = None
+
+    def grant(self, n: int = 1) -> None:
+        """Tell the server ``n`` more runs may be sent (the ``credit`` extension): called
+        when an execution slot frees. A no-op on servers without the extension (Prefect's
+        one-run-per-ack flow control applies there) and while disconnected (the next
+        subscribe message carries the free slots)."""
+        with self._grant_lock:
+            conn = self._conn
+            if conn is None or not conn.uses_credit or conn.closed.is_set():
+                return
+            try:
+                conn.send_json({"type": "credit", "n": n})
+            except ConnectionLost:
+                pass  # the reader notices; the reconnect's subscribe counts the free slots
 
     def close(self) -> None:
         """Stop the subscription from any thread. Never sends ``quit`` (see module doc):

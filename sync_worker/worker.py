@@ -77,6 +77,9 @@ __all__ = [
     "should_try_to_read_parameters",
 ]
 
+#: Runs a worker without a limit lets the server send ahead (the credit extension).
+UNLIMITED_CREDIT = 100
+
 #: How often a service thread waiting for a free slot checks whether it should stop.
 _SLOT_POLL_SECONDS = 0.1
 
@@ -296,7 +299,8 @@ class TaskWorker:
             from sync_worker.subscription import Subscription
 
             self._subscription = Subscription(
-                self.task_keys, self.client_id, client=self._client, fast_path=self.fast_path
+                self.task_keys, self.client_id, client=self._client, fast_path=self.fast_path,
+                credit=self._free_slots,
             )
             self._executor = ThreadPoolExecutor(
                 max_workers=self._limit, thread_name_prefix="sync-worker-run"
@@ -438,6 +442,7 @@ class TaskWorker:
         if task is None:
             if self._ack(task_run):
                 self._unknown_task(task_run)
+                self._subscription.grant()  # it took no slot
             return
         if not self._reserve_slot():
             return  # stopping: the socket is closed, the run goes back to the queue
@@ -479,28 +484,48 @@ class TaskWorker:
             metrics.FREE_SLOTS.dec()
         return True
 
-    def _release_slot(self) -> None:
+    def _release_slot(self, grant_credit: bool = False) -> None:
         with self._lock:
             self._reserved -= 1
         if self._slots is not None:
             self._slots.release()
         if self._limit is not None:
             metrics.FREE_SLOTS.inc()
+        subscription = self._subscription
+        if grant_credit and subscription is not None:
+            subscription.grant()
+
+    def _free_slots(self) -> int:
+        """Credit for a new subscription: the slots free now (a fixed window without a limit)."""
+        if self._limit is None:
+            return UNLIMITED_CREDIT
+        with self._lock:
+            return max(0, self._limit - self._reserved)
 
     def _submit(self, task: Task[..., Any], task_run: TaskRun) -> None:
         with self._lock:
             self.in_flight_task_runs.setdefault(task.task_key, {})[task_run.id] = _now()
         metrics.RUNS_IN_FLIGHT.inc()
         assert self._executor is not None
-        self._executor.submit(self._safe_run, task, task_run)
+        self._executor.submit(self._safe_run, task, task_run, True)
 
-    def _safe_run(self, task: Task[..., Any], task_run: TaskRun) -> Outcome | None:
+    def _safe_run(self, task: Task[..., Any], task_run: TaskRun, delivered: bool = False) -> Outcome | None:
         outcome = None
+        released = False
+
+        def release_slot() -> None:
+            # once the function returned (engine's on_executed) or at the end, whichever first;
+            # a slot freed by a delivered run is worth one more delivery (credit extension)
+            nonlocal released
+            if not released:
+                released = True
+                self._release_slot(grant_credit=delivered)
+
         try:
             assert self._client is not None and self._store is not None
             outcome = run_task_run(
                 task, task_run, client=self._client, store=self._store, settings=self.settings,
-                subscription=self._subscription, retry_scheduler=self._retry_timers,
+                subscription=self._subscription, retry_scheduler=self._retry_timers, on_executed=release_slot,
             )
             logger.debug("Task run %s finished here: %s", task_run.id, outcome.value)
         except BaseException:
@@ -510,7 +535,7 @@ class TaskWorker:
                 self.in_flight_task_runs.setdefault(task.task_key, {}).pop(task_run.id, None)
                 self.finished_task_runs[task.task_key] = self.finished_task_runs.get(task.task_key, 0) + 1
             metrics.RUNS_IN_FLIGHT.dec()
-            self._release_slot()
+            release_slot()
         return outcome
 
     def execute_task_run(self, task_run: TaskRun) -> Outcome | None:

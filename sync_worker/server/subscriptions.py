@@ -6,6 +6,15 @@ thread (:meth:`Subscription._send_loop`) that delivers one run at a time and sen
 ``set_state_result`` answers. ``set_state`` requests are handed to the database writer
 without waiting, so a worker's state reports do not serialize behind each other; their
 answers may come back in any order (matched by ``request_id``).
+
+Flow control (the ``credit`` extension): as in Prefect, a connection holds one run at a
+time by default, and each ack lets the next one go. A client that saw ``credit`` in
+``auth_success`` may put ``"credit": N`` in its subscribe message: the server then sends
+up to N runs without waiting for acks (one credit each) and sends more only when the
+client grants them with ``{"type": "credit", "n": K}`` — a worker grants one credit per
+free execution slot, so delivery is pipelined and a busy worker still never holds a run
+it cannot start. Acks keep their meaning (they turn a delivered run into a leased one) and
+acknowledge the oldest unacknowledged run.
 """
 from __future__ import annotations
 
@@ -13,7 +22,7 @@ import json
 import logging
 import socket
 import threading
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
@@ -34,7 +43,12 @@ GOING_AWAY = 1001
 NORMAL = 1000
 PREFECT_VIOLATION = 4001
 
-EXTENSIONS = ["set_state"]
+#: set_state: proposals over this socket; credit: flow control (below); direct_running:
+#: RUNNING proposed for a RUNNING run is answered ABORT, so RUNNING alone claims a run.
+EXTENSIONS = ["set_state", "credit", "direct_running"]
+
+#: Most runs one connection may hold unacknowledged or granted, whatever credit it asks for.
+MAX_CREDIT = 1000
 
 
 class _Signal:
@@ -217,8 +231,8 @@ def handle_websocket(environ: dict[str, Any], core: Core, registry: Subscription
                 _authenticate(ws, core)
             elif core.auth_string is not None:
                 raise _Close(PROTOCOL_ERROR, "'prefect' subprotocol required when auth is configured")
-            keys, client_id = _read_subscribe(ws)
-            subscription = Subscription(ws, core, keys, client_id, peer)
+            keys, client_id, credit = _read_subscribe(ws)
+            subscription = Subscription(ws, core, keys, client_id, peer, credit)
             subscription.run()
         except _Close as close:
             logger.info("closing subscription connection from %s: %s (%d)", peer, close.reason, close.code)
@@ -257,7 +271,7 @@ def _authenticate(ws: WebSocket, core: Core) -> None:
     ws.send(json.dumps({"type": "auth_success", "extensions": EXTENSIONS}))
 
 
-def _read_subscribe(ws: WebSocket) -> tuple[list[str], str]:
+def _read_subscribe(ws: WebSocket) -> tuple[list[str], str, int | None]:
     value = _decode(ws.receive())
     if value.get("type") != "subscribe":
         raise _Close(PREFECT_VIOLATION, "Protocol violation: expected 'subscribe' message")
@@ -271,7 +285,10 @@ def _read_subscribe(ws: WebSocket) -> tuple[list[str], str]:
         raise _Close(PREFECT_VIOLATION, "Protocol violation: expected 'client_id' in subscribe message")
     if not isinstance(client_id, str):
         raise _Close(PREFECT_VIOLATION, "Protocol violation: 'client_id' must be a string")
-    return list(dict.fromkeys(keys)), client_id
+    credit = value.get("credit")
+    if credit is not None and (not isinstance(credit, int) or isinstance(credit, bool) or credit < 0):
+        raise _Close(PREFECT_VIOLATION, "Protocol violation: 'credit' must be a whole number >= 0")
+    return list(dict.fromkeys(keys)), client_id, credit
 
 
 class Subscription:
@@ -283,7 +300,8 @@ class Subscription:
     ``set_state_result`` answers and delivers a run when one arrives for an idle connection.
     """
 
-    def __init__(self, ws: WebSocket, core: Core, keys: list[str], client_id: str, peer: str) -> None:
+    def __init__(self, ws: WebSocket, core: Core, keys: list[str], client_id: str, peer: str,
+                 credit: int | None = None) -> None:
         self.ws = ws
         self.core = core
         self.queue = core.queue
@@ -294,7 +312,11 @@ class Subscription:
         self._cond = threading.Condition()
         self._outbox: deque[str] = deque()  # JSON texts to send
         self._woken = True
-        self._in_flight: tuple[str, str, int, str | None] | None = None  # (id, key, seq, text) awaiting ack
+        # delivered runs awaiting their ack, oldest first: id -> (id, key, seq, text)
+        self._unacked: OrderedDict[str, tuple[str, str, int, str | None]] = OrderedDict()
+        # ``None``: Prefect's protocol (one unacknowledged run; an ack releases the next).
+        # A number: the credit extension (runs that may still be sent before a grant).
+        self._credit = None if credit is None else min(credit, MAX_CREDIT)
         self._closed = False
         self._quitting = False
         self._done = threading.Event()
@@ -342,9 +364,7 @@ class Subscription:
             self._stop_sending()
             sender.join(timeout=2)
             self.queue.forget_waiter(self)
-            with self._cond:
-                in_flight, self._in_flight = self._in_flight, None
-            if in_flight is not None:
+            for in_flight in self._take_unacked():
                 self.queue.give_back(self, *in_flight)
             self.queue.connection_lost(self)
             logger.info("Task worker %r (%s) disconnected (%s) after %d deliveries", self.client_id, self.peer,
@@ -391,22 +411,30 @@ class Subscription:
         value = _decode(message)
         kind = value.get("type")
         if kind == "ack":
-            in_flight = self._in_flight
+            with self._cond:
+                in_flight = self._unacked.popitem(last=False)[1] if self._unacked else None
             if in_flight is None:
                 logger.debug("ack from %r with no run awaiting one; ignored", self.client_id)
                 return
             # (never call the queue while holding self._cond: the queue calls wake())
             self.queue.acked(self, in_flight[0])
+            if self._credit is None:
+                self._try_deliver()
+        elif kind == "credit":
+            n = value.get("n", 1)
+            if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+                raise _Close(PREFECT_VIOLATION, "Protocol violation: 'n' must be a whole number >= 0")
             with self._cond:
-                self._in_flight = None
+                if self._credit is None:
+                    raise _Close(PREFECT_VIOLATION, "Protocol violation: 'credit' without credit in subscribe")
+                self._credit = min(self._credit + n, MAX_CREDIT)
             self._try_deliver()
         elif kind == "set_state":
             self._set_state(value)
         elif kind == "quit":
             with self._cond:
                 self._quitting = True
-                in_flight, self._in_flight = self._in_flight, None
-            if in_flight is not None:
+            for in_flight in self._take_unacked():
                 self.queue.give_back(self, *in_flight)
             self._request_close(NORMAL, "")
         else:
@@ -461,6 +489,18 @@ class Subscription:
         except DatabaseClosed as exc:
             done(None, exc)
 
+    def _take_unacked(self) -> list[tuple[str, str, int, str | None]]:
+        with self._cond:
+            runs = list(self._unacked.values())
+            self._unacked.clear()
+        return runs
+
+    def _may_send(self) -> bool:
+        """Under ``self._cond``: whether flow control lets one more run go."""
+        if self._credit is None:
+            return not self._unacked
+        return self._credit > 0
+
     def _post(self, message: str) -> None:
         with self._cond:
             if self._closed:
@@ -493,36 +533,42 @@ class Subscription:
             self._done.set()
 
     def _try_deliver(self) -> None:
-        """Send the next run if none is awaiting its ack (any thread; one at a time)."""
+        """Send runs while flow control allows (any thread; one sender at a time)."""
         with self._deliver_lock:
+            while self._deliver_one():
+                pass
+
+    def _deliver_one(self) -> bool:
+        """Send one run if flow control allows and one is due; True if one was sent."""
+        with self._cond:
+            if self._closed or self._quitting or not self._may_send():
+                return False
+        while True:
+            taken = self.queue.take(self)
+            if taken is None:
+                return False  # registered as a waiter: wake() will call us again
+            run_id, task_key, seq, text = taken
+            if text is None:  # loaded from the database, not created/queued in this process
+                found = self.core.db.read_run_text(run_id)  # type: ignore[attr-defined]
+                if found is None or found[1] != "SCHEDULED" or found[2] != QSTATE_MEMORY:
+                    self.queue.discard(self, run_id)  # deleted or claimed since it was queued
+                    continue
+                text = found[0]
             with self._cond:
-                if self._in_flight is not None or self._closed or self._quitting:
-                    return
-            while True:
-                taken = self.queue.take(self)
-                if taken is None:
-                    return  # registered as a waiter: wake() will call us again
-                run_id, task_key, seq, text = taken
-                if text is None:  # loaded from the database, not created/queued in this process
-                    found = self.core.db.read_run_text(run_id)  # type: ignore[attr-defined]
-                    if found is None or found[1] != "SCHEDULED" or found[2] != QSTATE_MEMORY:
-                        self.queue.discard(self, run_id)  # deleted or claimed since it was queued
-                        continue
-                    text = found[0]
+                closed = self._closed
+                if not closed:
+                    self._unacked[run_id] = (run_id, task_key, seq, text)
+                    if self._credit is not None:
+                        self._credit -= 1
+            if closed:
+                self.queue.give_back(self, run_id, task_key, seq, text)
+                return False
+            try:
+                self.ws.send(text)
+            except (ConnectionClosed, OSError):
                 with self._cond:
-                    closed = self._closed
-                    if not closed:
-                        self._in_flight = (run_id, task_key, seq, text)
-                if closed:
-                    self.queue.give_back(self, run_id, task_key, seq, text)
-                    return
-                try:
-                    self.ws.send(text)
-                except (ConnectionClosed, OSError):
-                    with self._cond:
-                        if self._in_flight is not None and self._in_flight[0] == run_id:
-                            self._in_flight = None
-                    self.queue.give_back(self, run_id, task_key, seq, text)
-                    raise
-                self.delivered += 1
-                return
+                    self._unacked.pop(run_id, None)
+                self.queue.give_back(self, run_id, task_key, seq, text)
+                raise
+            self.delivered += 1
+            return True
