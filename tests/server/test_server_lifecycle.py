@@ -43,10 +43,11 @@ def test_synchronous_option(tmp_path, synchronous):
 
 
 @pytest.mark.parametrize("kwargs", [{"lease_timeout": 0}, {"max_deliveries": 0}, {"max_body_size": 0},
-                                    {"synchronous": "SOMETIMES"}])
+                                    {"synchronous": "SOMETIMES"}, {"database": ":memory:"}])
 def test_bad_options_are_refused(tmp_path, kwargs):
+    kwargs.setdefault("database", str(tmp_path / "s.db"))
     with pytest.raises(ValueError):
-        Server(port=0, database=str(tmp_path / "s.db"), **kwargs).start()
+        Server(port=0, **kwargs).start()
 
 
 def test_port_in_use_raises_oserror(server, tmp_path):
