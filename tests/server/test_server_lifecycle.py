@@ -68,3 +68,11 @@ def test_fixture_factory_restarts_on_the_same_file(server_factory):
     first.stop()
     second = server_factory(database=first.database)
     assert requests.get(f"{second.url}/task_runs/{created['id']}").json()["id"] == created["id"]
+
+
+def test_two_servers_cannot_share_a_database(server, tmp_path):
+    from sync_worker.server.database import DatabaseInUse
+
+    with pytest.raises(DatabaseInUse):
+        Server(port=0, database=server.database).start()
+    assert requests.get(server.url + "/health").json() is True
