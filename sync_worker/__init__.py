@@ -47,7 +47,33 @@ _EXPORTS = {
     "CredentialsError": "sync_worker.exceptions",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "APIError",
+    "Client",
+    "CredentialsError",
+    "ObjectNotFound",
+    "ParameterReadError",
+    "SerializationError",
+    "Settings",
+    "StopTaskWorker",
+    "SyncWorkerError",
+    "Task",
+    "TaskRunFailed",
+    "TaskRunFuture",
+    "TaskWorker",
+    "Unauthorized",
+    "critical_service_loop",
+    "get_client",
+    "get_settings",
+    "serve",
+    "should_try_to_read_parameters",
+    "start_client_metrics_server",
+    "stop_client_metrics_server",
+    "task",
+]
+
+
+assert sorted(__all__) == sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
