@@ -88,10 +88,15 @@ def run(args: argparse.Namespace) -> int:
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, on_signal)
+    from sync_worker.server.database import DatabaseInUse
+
     try:
         server.start()
     except OSError as exc:
         logger.error("cannot listen on %s:%s: %s", args.host, args.port, exc)
+        return 1
+    except DatabaseInUse as exc:
+        logger.error("cannot start: %s", exc)
         return 1
     try:
         while not stop.wait(0.5):

@@ -24,6 +24,7 @@ fsync per group commit.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import queue
@@ -45,6 +46,10 @@ QSTATE_MEMORY = 2  # queued and loaded into the server's in-memory buffer, or de
 
 class DatabaseClosed(RuntimeError):
     """The database was closed (the server is stopping)."""
+
+
+class DatabaseInUse(RuntimeError):
+    """Another server already serves this database file."""
 
 
 @dataclass
@@ -308,6 +313,13 @@ class SQLiteDatabase(Database):
             raise ValueError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, not {synchronous!r}")
         self.path = path
         self.synchronous = synchronous.upper()
+        # One server per file: two would each deliver the same queued runs.
+        self._lock_file = open(path + ".lock", "a+")  # noqa: SIM115 - held until close()
+        try:
+            fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock_file.close()
+            raise DatabaseInUse(f"{path} is used by another running server") from None
         self._max_batch = max_batch
         self._cache: OrderedDict[str, RunRow] = OrderedDict()
         self._cache_size = cache_size
@@ -322,8 +334,12 @@ class SQLiteDatabase(Database):
         self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._all_readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
-        self._writer_conn = self._connect()
-        self._writer_conn.executescript(_SCHEMA)
+        try:
+            self._writer_conn = self._connect()
+            self._writer_conn.executescript(_SCHEMA)
+        except BaseException:
+            self._lock_file.close()
+            raise
         self._writer = threading.Thread(target=self._writer_loop, name="sync-worker-db-writer", daemon=True)
         self._writer.start()
 
@@ -542,6 +558,7 @@ class SQLiteDatabase(Database):
         except sqlite3.Error:  # pragma: no cover
             pass
         self._writer_conn.close()
+        self._lock_file.close()  # releases the lock
         with self._readers_lock:
             for conn in self._all_readers:
                 try:

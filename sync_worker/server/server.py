@@ -296,6 +296,9 @@ class Server:
             raise ValueError("max_deliveries must be >= 1")
         if max_body_size < 1:
             raise ValueError("max_body_size must be >= 1")
+        if database == ":memory:" or database.startswith("file::memory:"):
+            raise ValueError("the server needs a database file (its connections cannot share an in-memory "
+                             "database); use a temporary file instead")
         self.host = host
         self.port = port
         self.database = database

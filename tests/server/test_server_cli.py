@@ -100,3 +100,12 @@ def test_port_in_use_exits_nonzero(tmp_path, server):
     )
     assert process.returncode == 1
     assert "cannot listen" in process.stderr
+
+
+def test_database_in_use_exits_nonzero(server):
+    process = subprocess.run(
+        [sys.executable, "-m", "sync_worker.server", "--port", "0", "--db", server.database],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert process.returncode == 1
+    assert "another running server" in process.stderr

@@ -43,10 +43,11 @@ def test_synchronous_option(tmp_path, synchronous):
 
 
 @pytest.mark.parametrize("kwargs", [{"lease_timeout": 0}, {"max_deliveries": 0}, {"max_body_size": 0},
-                                    {"synchronous": "SOMETIMES"}])
+                                    {"synchronous": "SOMETIMES"}, {"database": ":memory:"}])
 def test_bad_options_are_refused(tmp_path, kwargs):
+    kwargs.setdefault("database", str(tmp_path / "s.db"))
     with pytest.raises(ValueError):
-        Server(port=0, database=str(tmp_path / "s.db"), **kwargs).start()
+        Server(port=0, **kwargs).start()
 
 
 def test_port_in_use_raises_oserror(server, tmp_path):
@@ -67,3 +68,11 @@ def test_fixture_factory_restarts_on_the_same_file(server_factory):
     first.stop()
     second = server_factory(database=first.database)
     assert requests.get(f"{second.url}/task_runs/{created['id']}").json()["id"] == created["id"]
+
+
+def test_two_servers_cannot_share_a_database(server, tmp_path):
+    from sync_worker.server.database import DatabaseInUse
+
+    with pytest.raises(DatabaseInUse):
+        Server(port=0, database=server.database).start()
+    assert requests.get(server.url + "/health").json() is True
