@@ -63,7 +63,7 @@ from sync_worker.schemas import (
     format_datetime,
 )
 from sync_worker.services import is_intermittent
-from sync_worker.storage import read_parameters, write_exception, write_result
+from sync_worker.storage import describe_exception, inline_result, read_parameters, write_result
 from sync_worker.timeouts import TaskRunTimeoutError, call_with_timeout
 
 if TYPE_CHECKING:
@@ -424,7 +424,7 @@ class TaskRunEngine:
         data = None
         if self.task.persist_result:
             try:
-                data = write_result(self.store, value, serializer=self.task.result_serializer)
+                data = self._result_data(value, self.task.result_serializer)
             except SerializationError as exc:
                 return self._report_failure(exc)
         result = self.propose(Completed(data=data))
@@ -447,9 +447,18 @@ class TaskRunEngine:
         result = self.propose(Failed(message, name="TimedOut", data=self._exception_record(exc), deferred=True))
         return self._final(result, Outcome.TIMED_OUT)
 
+    def _result_data(self, value: Any, serializer: str) -> Any:
+        """The final state's ``data``: inline on the embedded server when small (no file;
+        no Prefect caller reads these), else a record in the store."""
+        if not self.prefect_server:
+            data = inline_result(value, serializer)
+            if data is not None:
+                return data
+        return write_result(self.store, value, serializer=serializer)
+
     def _exception_record(self, exc: BaseException) -> Any:
         try:
-            return write_exception(self.store, exc)
+            return self._result_data(describe_exception(exc), "json")
         except Exception as err:  # noqa: BLE001 - the state message still says what happened
             self.logger.warning("Could not store the exception of %s: %s", self._label, err)
             return None

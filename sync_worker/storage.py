@@ -174,9 +174,18 @@ def get_store(settings: Settings | None = None, client: Client | None = None) ->
     return LocalDirectoryStore(settings.storage)
 
 
+#: Largest serialized result carried inside its state (see :func:`inline_result`).
+INLINE_RESULT_LIMIT = 16 * 1024
+
+
 # -- records -----------------------------------------------------------------------------
 def dump_record(value: Any, serializer: str = "json", key: str | None = None) -> bytes:
     """Serialize ``value`` into a Prefect-layout record; raises SerializationError."""
+    return json.dumps(make_record(value, serializer, key)).encode()
+
+
+def make_record(value: Any, serializer: str = "json", key: str | None = None) -> dict[str, Any]:
+    """The record of ``value`` as a dict (see :func:`dump_record`)."""
     if serializer == "json":
         try:
             payload = json.dumps(value, allow_nan=False)
@@ -204,13 +213,13 @@ def dump_record(value: Any, serializer: str = "json", key: str | None = None) ->
         "prefect_version": RECORD_VERSION,
         "storage_block_id": None,
     }
-    return json.dumps({"metadata": metadata, "result": payload}).encode()
+    return {"metadata": metadata, "result": payload}
 
 
-def load_record(data: bytes, *, allow_pickle: bool = False) -> Any:
-    """Read a record written by :func:`dump_record` or by Prefect."""
+def load_record(data: bytes | dict[str, Any], *, allow_pickle: bool = False) -> Any:
+    """Read a record written by :func:`dump_record` or by Prefect (bytes, or parsed)."""
     try:
-        record = json.loads(data)
+        record = json.loads(data) if isinstance(data, (bytes, str)) else data
         serializer = record["metadata"]["serializer"]
         kind = serializer["type"]
         payload = record["result"]
@@ -275,6 +284,18 @@ def write_result(store: RecordStore, value: Any, serializer: str = "json", key: 
     return json.loads(data)["metadata"]
 
 
+def inline_result(value: Any, serializer: str = "json") -> dict[str, Any] | None:
+    """State ``data`` that carries a small result itself: the whole record, no file.
+
+    For the embedded server only (a Prefect caller expects record metadata naming a
+    file): a result travels with its state, so a worker writes no file per run and a
+    waiting caller reads none. ``None`` when the result is larger than
+    :data:`INLINE_RESULT_LIMIT` (then use :func:`write_result`).
+    """
+    record = make_record(value, serializer)
+    return record if len(record["result"]) <= INLINE_RESULT_LIMIT else None
+
+
 def write_exception(store: RecordStore, exc: BaseException) -> dict[str, Any]:
     """Persist a failure as a JSON record: type, message and the formatted traceback."""
     return write_result(store, describe_exception(exc))  # type: ignore[return-value]
@@ -297,11 +318,14 @@ def describe_exception(exc: BaseException) -> dict[str, str]:
 def read_result(store: RecordStore, data: Any, *, allow_pickle: bool = False) -> Any:
     """The value behind a terminal state's ``data``.
 
-    ``data`` is record metadata naming a key in ``store``, or (as Prefect writes it) an
-    absolute path to the record file; ``None`` (an old sync_worker state) means ``None``.
+    ``data`` is record metadata naming a key in ``store`` or (as Prefect writes it) an
+    absolute path to the record file, or a whole record carried inline; ``None`` (an old
+    sync_worker state) means ``None``.
     """
     if data is None:
         return None
+    if isinstance(data, dict) and "result" in data and "metadata" in data:
+        return load_record(data, allow_pickle=allow_pickle)  # carried inline (inline_result)
     if not isinstance(data, dict) or not data.get("storage_key"):
         raise SerializationError(f"the state's data does not name a stored result: {data!r}")
     key = data["storage_key"]

@@ -121,3 +121,14 @@ def test_keys_cannot_escape_the_directory(store):
         store.write("parameters/../../x", b"x")
     with pytest.raises(RecordNotFound):
         store.read("missing")
+
+
+def test_small_results_can_travel_inline_in_the_state(store):
+    from sync_worker.storage import INLINE_RESULT_LIMIT, inline_result
+
+    data = inline_result({"total": 3})
+    assert data["metadata"]["serializer"]["type"] == "json" and data["metadata"]["storage_key"] is None
+    assert read_result(store, json.loads(json.dumps(data))) == {"total": 3}  # survives the wire
+    assert read_result(store, inline_result(None)) is None
+    assert inline_result("x" * (INLINE_RESULT_LIMIT + 1)) is None  # too big: the caller writes a file
+    assert not store.path.exists()
