@@ -275,7 +275,7 @@ def test_rest_set_state_does_not_wake_a_prefect_caller_but_a_state_event_does(pr
     import requests
 
     (tmp_path / "ptasks.py").write_text(PREFECT_TASKS)
-    short_timeout = 6.0
+    short_timeout = 10.0
     caller = python_script(
         TRACE_TASK_RUN_READS + textwrap.dedent(f"""
         import json, time
