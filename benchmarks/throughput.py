@@ -13,8 +13,10 @@ Measured per variant:
 - idle submit->result p50/p95: ``.delay()`` then ``.result()``, one at a time;
 - worker RSS: VmHWM (peak) and VmRSS of the worker process at the end.
 
-Variants: ``fast`` (states over the subscription socket, the embedded server's
-extension) and ``rest`` (every state an HTTP round trip, as against a Prefect server),
+Variants: ``fast`` (the embedded server's extensions: runs created and awaited over its
+rpc socket, delivery with credit flow control, states over the subscription socket) and
+``rest`` (Prefect's protocol only: every create and state change an HTTP round trip,
+results polled, one run per ack — what a Prefect server gets),
 run one after the other in the same invocation so their ratio is meaningful on a noisy
 machine. ``--peers`` also runs benchmarks/peers.py (Dramatiq, RQ, Celery on Redis) and
 prints one table with ratios to sync_worker's fast path.
@@ -110,6 +112,16 @@ def rss_mb(pid: int) -> tuple[float, float]:
     return fields.get("VmHWM", 0.0), fields.get("VmRSS", 0.0)
 
 
+def cpu_seconds(pid: int | None = None) -> float:
+    """user+system CPU seconds of a process (this one by default): unlike wall time, not
+    inflated by other work on a shared machine."""
+    if pid is None:
+        times = os.times()
+        return times.user + times.system
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
@@ -121,6 +133,8 @@ def run_variant(name: str, fast_path: bool, runs: int, limit: int, submitters: i
 
     import bench_tasks
 
+    # the submitting side follows the variant too: "rest" is what a Prefect server gets
+    os.environ["SYNC_WORKER_FAST_PATH"] = "true" if fast_path else "false"
     with tempfile.TemporaryDirectory(prefix=f"sync-worker-bench-{name}-") as tmp:
         storage = os.path.join(tmp, "records")
         server, url = start_server(tmp)
@@ -141,6 +155,7 @@ def run_variant(name: str, fast_path: bool, runs: int, limit: int, submitters: i
 
             shares = [runs // submitters + (1 if i < runs % submitters else 0) for i in range(submitters)]
             threads = [threading.Thread(target=submit, args=(share,)) for share in shares]
+            cpu_before = (cpu_seconds(server.pid), cpu_seconds(worker.pid), cpu_seconds())
             started = time.perf_counter()
             for thread in threads:
                 thread.start()
@@ -149,6 +164,8 @@ def run_variant(name: str, fast_path: bool, runs: int, limit: int, submitters: i
             submitted = time.perf_counter()
             wait_until(lambda: finished(status_url) >= runs, 600, f"{runs} runs to finish", interval=0.002)
             done = time.perf_counter()
+            cpu_after = (cpu_seconds(server.pid), cpu_seconds(worker.pid), cpu_seconds())
+            cpu_ms = [1000 * (after - before) / runs for before, after in zip(cpu_before, cpu_after, strict=True)]
 
             sample = ids[:: max(1, len(ids) // 500)]
             start_delays = []
@@ -180,6 +197,8 @@ def run_variant(name: str, fast_path: bool, runs: int, limit: int, submitters: i
         "start_p50_ms": statistics.median(start_delays), "start_p95_ms": percentile(start_delays, 0.95),
         "latency_p50_ms": statistics.median(latencies), "latency_p95_ms": percentile(latencies, 0.95),
         "worker_rss_mb": rss, "worker_peak_rss_mb": hwm,
+        "cpu_ms_per_run": {"server": cpu_ms[0], "worker": cpu_ms[1], "submitter": cpu_ms[2]},
+        "loadavg_1m": os.getloadavg()[0],
     }
 
 
@@ -240,8 +259,10 @@ def main() -> int:
     print()
     for r in rows:
         if r["system"] == "sync_worker":
+            cpu = r["cpu_ms_per_run"]
             print(f"{r['variant']}: submit->start p50 {r['start_p50_ms']:.1f} ms, p95 {r['start_p95_ms']:.1f} ms; "
-                  f"worker peak RSS {r['worker_peak_rss_mb']:.1f} MB")
+                  f"worker peak RSS {r['worker_peak_rss_mb']:.1f} MB; CPU ms per run: server {cpu['server']:.2f}, "
+                  f"worker {cpu['worker']:.2f}, submitter {cpu['submitter']:.2f} (load avg {r['loadavg_1m']:.1f})")
     print(f"import sync_worker: {imported:.1f} ms (median of 7 fresh interpreters)")
     return 0
 

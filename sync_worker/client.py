@@ -88,6 +88,7 @@ class Client:
             self._session.headers["Authorization"] = f"Basic {token}"
         elif self.api_key:
             self._session.headers["Authorization"] = f"Bearer {self.api_key}"
+        self._rpc: Any = _UNSET
         self._retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception(_is_retryable),
             stop=tenacity.stop_after_attempt(max(1, retry_attempts)),
@@ -126,12 +127,50 @@ class Client:
             raise _api_error(method, path, response)
         return response
 
+    @property
+    def rpc(self) -> Any:
+        """The embedded server's rpc socket (:mod:`sync_worker.rpc`), opened on first use;
+        None when ``SYNC_WORKER_FAST_PATH=false``."""
+        if self._rpc is _UNSET:
+            from sync_worker.rpc import rpc_channel
+
+            self._rpc = rpc_channel(self)
+        return self._rpc
+
+    def call_rpc(self, message: Dict[str, Any], what: str, timeout: Optional[float] = None) -> Any:
+        """``result`` of an rpc answer; raises what the REST call would have raised.
+
+        Raises :class:`sync_worker.rpc.RpcUnavailable` when nothing was sent (use REST).
+        """
+        from sync_worker.rpc import ConnectionLost, RpcUnavailable
+
+        channel = self.rpc
+        if channel is None:
+            raise RpcUnavailable("the fast path is switched off")
+        try:
+            reply = channel.call(message, self.timeout if timeout is None else timeout)
+        except ConnectionLost as exc:
+            raise requests.ConnectionError(f"{what} over the rpc socket: {exc}") from exc
+        status = int(reply.get("status_code") or 500)
+        if status >= 400:
+            raise _error_for(what, status, reply.get("detail"), None)
+        return reply.get("result")
+
     def _retried(self, call: Callable[[], T]) -> T:
         return self._retrying(call)
 
     # -- task runs --------------------------------------------------------------------
     def create_task_run(self, body: Dict[str, Any]) -> TaskRun:
-        """Create a run from a body built by :func:`sync_worker.schemas.task_run_create`."""
+        """Create a run from a body built by :func:`sync_worker.schemas.task_run_create`.
+
+        Over the embedded server's rpc socket when there is one, else ``POST /task_runs/``.
+        """
+        from sync_worker.rpc import RpcUnavailable
+
+        try:
+            return TaskRun.from_json(self.call_rpc({"type": "create", "body": body}, "POST /task_runs/"))
+        except RpcUnavailable:
+            pass
         response = self._request("POST", "/task_runs/", json_body=body)
         return TaskRun.from_json(response.json())
 
@@ -174,6 +213,8 @@ class Client:
     # -- lifecycle --------------------------------------------------------------------
     def close(self) -> None:
         self._session.close()
+        if self._rpc not in (_UNSET, None):
+            self._rpc.close()
 
     def __enter__(self) -> "Client":
         return self
@@ -185,6 +226,9 @@ class Client:
         return f"Client({self.api_url!r})"
 
 
+_UNSET = object()
+
+
 def _api_error(method: str, path: str, response: requests.Response) -> APIError:
     try:
         payload = response.json()
@@ -193,8 +237,11 @@ def _api_error(method: str, path: str, response: requests.Response) -> APIError:
     detail = payload
     if isinstance(payload, dict):
         detail = payload.get("detail") or payload.get("exception_detail") or payload.get("exception_message") or payload
-    status = response.status_code
-    message = f"{method} {path} failed with {status}: {detail}"
+    return _error_for(f"{method} {path}", response.status_code, detail, response)
+
+
+def _error_for(what: str, status: int, detail: Any, response: Optional[requests.Response]) -> APIError:
+    message = f"{what} failed with {status}: {detail}"
     if status in (401, 403):
         message += (
             " — check SYNC_WORKER_API_AUTH_STRING / PREFECT_API_AUTH_STRING (or the API key) "

@@ -215,11 +215,11 @@ class _Connection:
                 self.send_json({"type": "ack"})
                 return
             self.runs.put(run)
-        elif kind == "set_state_result":
+        elif "request_id" in message:  # the answer to a request (set_state_result, rpc answers)
             with self._pending_lock:
                 pending = self._pending.get(str(message.get("request_id")))
             if pending is None:
-                logger.debug("Late set_state_result for request %s ignored", message.get("request_id"))
+                logger.debug("Late %s for request %s ignored", kind, message.get("request_id"))
                 return
             pending.reply = message
             pending.event.set()

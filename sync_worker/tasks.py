@@ -12,6 +12,7 @@ import inspect
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
@@ -35,10 +36,14 @@ R = TypeVar("R")
 
 logger = logging.getLogger("sync_worker.tasks")
 
-#: Polling intervals of ``TaskRunFuture.wait``: start fast (a no-op run completes in a
-#: few milliseconds on the embedded server), back off to at most this many seconds.
+#: Polling intervals of ``TaskRunFuture.wait`` (servers without the rpc socket): start
+#: fast (a no-op run completes in a few milliseconds), back off to at most this many seconds.
 POLL_INITIAL = 0.001
 POLL_MAX = 0.25
+#: On the embedded server ``wait`` is answered when the run finishes; after this many
+#: seconds without an answer the state is read over REST once (a run crashed by a lease,
+#: or a lost answer) and the wait goes on.
+PUSHED_WAIT_CHUNK = 5.0
 
 
 def default_task_key(fn: Callable[..., Any]) -> str:
@@ -247,14 +252,42 @@ class TaskRunFuture(Generic[R]):
         """
         if self._last is not None and self._finished(self._last):
             return self.state
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if self._wait_pushed(deadline):
+            return self.state
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_result(lambda finished: not finished),
             wait=tenacity.wait_exponential(multiplier=POLL_INITIAL, min=POLL_INITIAL, max=POLL_MAX),
-            stop=tenacity.stop_after_delay(timeout) if timeout is not None else tenacity.stop_never,
+            stop=tenacity.stop_after_delay(remaining) if remaining is not None else tenacity.stop_never,
             retry_error_callback=lambda _state: False,
         )
         retrying(lambda: self._finished(self.task_run))
         return self.state
+
+    def _wait_pushed(self, deadline: float | None) -> bool:
+        """Wait on the embedded server's rpc socket; False if it is not available (poll)."""
+        import requests
+
+        from sync_worker.rpc import RpcUnavailable
+
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return self._finished(self.task_run)
+            chunk = PUSHED_WAIT_CHUNK if remaining is None else min(PUSHED_WAIT_CHUNK, remaining)
+            try:
+                result = self._client.call_rpc({"type": "wait", "task_run_id": self.task_run_id},
+                                               "wait for task run", timeout=chunk)
+            except RpcUnavailable:
+                return False
+            except requests.ConnectionError:  # no answer in this chunk, or the socket broke
+                if self._finished(self.task_run):
+                    return True
+                continue
+            self._last = TaskRun.from_json(result)
+            if self._finished(self._last):
+                return True
 
     def result(self, timeout: float | None = None, raise_on_failure: bool = True) -> R:
         """The task's return value.

@@ -79,6 +79,12 @@ def test_server_down():
         create(client)
 
 
+@pytest.fixture
+def rest_only(monkeypatch):
+    """These tests are about the REST policy: no rpc socket (which a stub would count)."""
+    monkeypatch.setenv("SYNC_WORKER_FAST_PATH", "false")
+
+
 class FlakyServer:
     """Answers 503 to the first ``failures`` requests, then ``body``; counts requests."""
 
@@ -117,7 +123,7 @@ RUN = {"id": "r1", "name": "t", "task_key": "k", "dynamic_key": "d",
        "state": {"type": "SCHEDULED", "name": "Scheduled"}}
 
 
-def test_reads_are_retried_through_5xx():
+def test_reads_are_retried_through_5xx(rest_only):
     flaky = FlakyServer(failures=2, body=RUN)
     try:
         run = Client(flaky.url, retry_attempts=5).read_task_run("r1")
@@ -126,7 +132,7 @@ def test_reads_are_retried_through_5xx():
         flaky.close()
 
 
-def test_creates_are_not_retried():
+def test_creates_are_not_retried(rest_only):
     flaky = FlakyServer(failures=1, body=RUN)
     try:
         with pytest.raises(APIError) as info:
@@ -136,7 +142,7 @@ def test_creates_are_not_retried():
         flaky.close()
 
 
-def test_retries_are_bounded():
+def test_retries_are_bounded(rest_only):
     flaky = FlakyServer(failures=100, body=RUN)
     try:
         with pytest.raises(APIError):
@@ -154,3 +160,35 @@ def test_proxy_settings_from_the_environment_are_still_honoured(server, monkeypa
     assert Client(server.url, retry_attempts=1).health() is False
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     assert Client(server.url, retry_attempts=1).health() is True
+
+
+def test_creates_go_over_the_rpc_socket_of_the_embedded_server(server):
+    client = Client(server.url)
+    run = create(client)
+    assert client.rpc is not None and client.rpc._conn is not None  # the socket carried it
+    assert client.read_task_run(run.id).state.type is StateType.SCHEDULED
+    with pytest.raises(APIError) as info:  # errors keep their REST shape
+        client.create_task_run({"name": 5})
+    assert info.value.status_code == 422 and "task_key" in str(info.value.detail)
+
+
+def test_without_the_rpc_endpoint_creates_use_rest(rest_only, server):
+    client = Client(server.url)
+    assert client.rpc is None
+    assert create(client).state.type is StateType.SCHEDULED
+
+
+def test_a_server_without_the_endpoint_is_asked_once(monkeypatch):
+    monkeypatch.delenv("SYNC_WORKER_FAST_PATH", raising=False)
+    stub = FlakyServer(failures=0, body=RUN)  # any GET (the handshake too) gets a plain 200
+    try:
+        client = Client(stub.url, retry_attempts=1)
+        from sync_worker.rpc import RpcUnavailable
+
+        with pytest.raises(RpcUnavailable):
+            client.rpc.call({"type": "create"}, 1)
+        with pytest.raises(RpcUnavailable, match="failed recently"):
+            client.rpc.call({"type": "create"}, 1)
+        assert stub.requests == 1
+    finally:
+        stub.close()

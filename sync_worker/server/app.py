@@ -19,6 +19,7 @@ from werkzeug.routing import Map, RequestRedirect, Rule
 from .core import Conflict, Core, NotFound, parse_json_body
 from .database import DatabaseClosed
 from .models import ValidationError, validate_set_state
+from .rpc import handle_rpc
 from .subscriptions import SubscriptionRegistry, handle_websocket
 
 logger = logging.getLogger("sync_worker.server.app")
@@ -77,6 +78,7 @@ class App:
                 Rule("/api/csrf-token", endpoint="csrf", methods=["GET"]),
                 Rule("/api/task_runs/", endpoint="create", methods=["POST"]),
                 Rule("/api/task_runs/subscriptions/scheduled", endpoint="subscribe", methods=["GET"]),
+                Rule("/api/sync_worker/rpc", endpoint="rpc", methods=["GET"]),
                 Rule("/api/task_runs/<run_id>", endpoint="read", methods=["GET"]),
                 Rule("/api/task_runs/<run_id>", endpoint="delete", methods=["DELETE"]),
                 Rule("/api/task_runs/<run_id>/set_state", endpoint="set_state", methods=["POST"]),
@@ -133,6 +135,8 @@ class App:
             return _error(404, f"Not found: {method} {path}")
         if endpoint == "subscribe":
             return self.subscribe(environ)
+        if endpoint == "rpc":
+            return self.subscribe(environ, handler=handle_rpc)
         if not self.core.check_authorization(environ.get("HTTP_AUTHORIZATION")):
             self._discard_body(environ)
             return _error(401, "Unauthorized: this server requires 'Authorization: Basic <base64 of the auth "
@@ -249,11 +253,11 @@ class App:
         self.core.delete_record(self._record_key(key))
         return _STATUS[204], [("Content-Length", "0")], b""
 
-    def subscribe(self, environ: dict[str, Any]) -> Response:
+    def subscribe(self, environ: dict[str, Any], handler: Callable[..., None] = handle_websocket) -> Response:
         if "websocket" not in environ.get("HTTP_UPGRADE", "").lower() or "werkzeug.socket" not in environ:
             self._discard_body(environ)
             return _error(426, "This endpoint is a websocket: connect with a websocket client "
                                "(subprotocol 'prefect')")
         environ[UPGRADED] = True
-        handle_websocket(environ, self.core, self.registry, self.max_body_size)
+        handler(environ, self.core, self.registry, self.max_body_size)
         return "101 Switching Protocols", [], b""

@@ -11,6 +11,7 @@ import hmac
 import json
 import logging
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -39,6 +40,9 @@ class Core:
     def __init__(self, db: Database, queue: RunQueue, auth_string: str | None = None) -> None:
         self.db = db
         self.queue = queue
+        # run id -> callbacks waiting for the run to reach a terminal state (rpc "wait")
+        self._finish_waiters: dict[str, list[Callable[[str], None]]] = {}
+        self._finish_lock = threading.Lock()
         self.auth_string = auth_string
         self._basic = (
             ("Basic " + base64.b64encode(auth_string.encode()).decode()).encode() if auth_string else None
@@ -64,6 +68,17 @@ class Core:
     # -- task runs -------------------------------------------------------------------------------
     def create_task_run(self, body: Any) -> str:
         """Validate and store a run (queued when SCHEDULED + deferred); returns its JSON text."""
+        op, text = self._create_op(body)
+        self.db.write(op)
+        return text
+
+    def create_task_run_async(self, body: Any, callback: Callable[[str | None, BaseException | None], None]) -> None:
+        """:meth:`create_task_run` without waiting: ``callback(run_text, error)`` after the
+        commit (see :meth:`set_state_async`). Invalid bodies raise ValidationError here."""
+        op, text = self._create_op(body)
+        self.db.submit(op, lambda _result, error: callback(None if error else text, error), inline=True)
+
+    def _create_op(self, body: Any) -> tuple[Callable[[Transaction], None], str]:
         now = time.time()
         run = build_task_run(body, now)
         state = run["state"]
@@ -84,10 +99,9 @@ class Core:
                 raise Conflict(f"A task run with id {row.id} already exists") from None
             if background:
                 queue.placed(tx, row)
+            logger.debug("created task run %s (%s) in state %s", row.id, row.task_key, row.state_type)
 
-        self.db.write(op)
-        logger.debug("created task run %s (%s) in state %s", row.id, row.task_key, row.state_type)
-        return text
+        return op, text
 
     def read_task_run(self, run_id: str) -> str:
         row = self.db.read_run(run_id)
@@ -134,6 +148,8 @@ class Core:
                     queue.placed(tx, row)
                 elif new_type in TERMINAL:
                     tx.after_commit(lambda: queue.release(run_id))
+                    text = row.dump()
+                    tx.after_commit(lambda: self._finished(run_id, text))
                 else:
                     tx.after_commit(lambda: queue.unqueue(run_id))
                 logger.debug("task run %s: %s -> %s (%s, proposed %s%s)", run_id, previous, new_type,
@@ -146,6 +162,49 @@ class Core:
                     f'"details":{_dumps(decision.details)}}}')
 
         return op
+
+    # -- waiting for a run to finish (rpc "wait") ---------------------------------------------------
+    def when_finished(self, run_id: str, callback: Callable[[str], None]) -> Callable[[], None]:
+        """Call ``callback(run_text)`` once the run is in a terminal state (at once if it is).
+
+        Raises NotFound for an unknown run. Returns a function that cancels the wait.
+        Terminal states set by orchestration notify waiters; others (a lease running out
+        into CRASHED) are seen by the client's own timeout and re-check.
+        """
+        with self._finish_lock:  # registered before the check: a commit in between still finds it
+            self._finish_waiters.setdefault(run_id, []).append(callback)
+        found = self.db.read_run_text(run_id)  # type: ignore[attr-defined]
+        if found is None or found[1] in TERMINAL:
+            if self._unregister(run_id, callback):
+                if found is None:
+                    raise NotFound("Task not found")
+                callback(found[0])
+
+        def cancel() -> None:
+            self._unregister(run_id, callback)
+
+        return cancel
+
+    def _unregister(self, run_id: str, callback: Callable[[str], None]) -> bool:
+        with self._finish_lock:
+            callbacks = self._finish_waiters.get(run_id)
+            if not callbacks or callback not in callbacks:
+                return False
+            callbacks.remove(callback)
+            if not callbacks:
+                del self._finish_waiters[run_id]
+            return True
+
+    def _finished(self, run_id: str, text: str) -> None:
+        if run_id not in self._finish_waiters:  # the common case: nobody waits (checked again below)
+            return
+        with self._finish_lock:
+            callbacks = self._finish_waiters.pop(run_id, [])
+        for callback in callbacks:
+            try:
+                callback(text)
+            except Exception:  # pragma: no cover - a waiter's bug must not break the commit path
+                logger.exception("finish callback of %s failed", run_id)
 
     def set_state(self, run_id: str, proposed: dict[str, Any], force: bool) -> str:
         """Orchestrate a proposed state; returns the orchestration result as JSON text."""

@@ -1,0 +1,117 @@
+"""The client side of the embedded server's rpc socket (``/api/sync_worker/rpc``).
+
+A process keeps one websocket per :class:`~sync_worker.client.Client`, shared by its
+threads: ``.delay()`` sends a ``create`` on it instead of an HTTP request, and
+``TaskRunFuture.wait()`` a ``wait`` that the server answers when the run finishes,
+instead of polling. Against a server without the endpoint (a Prefect server), or while
+the socket cannot be opened, :meth:`RpcChannel.call` raises :class:`RpcUnavailable`
+*before sending anything* and the caller uses REST; the answer is remembered, so a
+Prefect server is asked once. ``SYNC_WORKER_FAST_PATH=false`` turns it off.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+import websocket
+
+from sync_worker.subscription import ConnectionLost, Subscription, _Connection, fast_path_enabled
+
+if TYPE_CHECKING:
+    from sync_worker.client import Client
+
+logger = logging.getLogger("sync_worker.rpc")
+
+RPC_PATH = "sync_worker/rpc"
+
+#: After a failed connection attempt, REST is used for this long before trying again.
+RETRY_AFTER_SECONDS = 2.0
+#: Keep-alive of an idle rpc socket (and how soon a dead one is noticed).
+PING_INTERVAL = 15.0
+
+
+class RpcUnavailable(RuntimeError):
+    """The rpc socket cannot be used now; nothing was sent: use REST."""
+
+
+class RpcChannel:
+    """One lazily opened rpc socket of a client (thread-safe)."""
+
+    def __init__(self, client: Client):
+        self.client = client
+        self.url = client.websocket_url(RPC_PATH)
+        self._lock = threading.Lock()
+        self._conn: _Connection | None = None
+        self._unsupported = False
+        self._retry_at = 0.0
+
+    def call(self, message: dict[str, Any], timeout: float) -> dict[str, Any]:
+        """Send a request and wait for its answer.
+
+        Raises :class:`RpcUnavailable` if nothing was sent, :class:`ConnectionLost` if the
+        socket broke or no answer came within ``timeout`` after sending (the request may
+        or may not have been carried out).
+        """
+        return self._connection().request(message, timeout)
+
+    def _connection(self) -> _Connection:
+        with self._lock:
+            conn = self._conn
+            if conn is not None and not conn.closed.is_set():
+                return conn
+            if self._unsupported:
+                raise RpcUnavailable(f"{self.url} is not served here")
+            if time.monotonic() < self._retry_at:
+                raise RpcUnavailable("the rpc socket failed recently")
+            try:
+                self._conn = conn = self._open()
+            except RpcUnavailable:
+                self._retry_at = time.monotonic() + RETRY_AFTER_SECONDS
+                raise
+            return conn
+
+    def _open(self) -> _Connection:
+        headers = [f"{name}: {value}" for name, value in self.client.headers.items()]
+        try:
+            ws = websocket.create_connection(
+                self.url, timeout=min(float(self.client.timeout or 30.0), 10.0), subprotocols=["prefect"],
+                header=headers, enable_multithread=True, skip_utf8_validation=True,
+            )
+        except websocket.WebSocketBadStatusException as exc:
+            if exc.status_code in (403, 404):  # a Prefect server: no such endpoint
+                self._unsupported = True
+                logger.debug("%s answered %s: using REST", self.url, exc.status_code)
+            raise RpcUnavailable(f"rpc handshake failed with HTTP {exc.status_code}") from exc
+        except (websocket.WebSocketException, OSError) as exc:
+            raise RpcUnavailable(f"cannot connect to {self.url}: {exc}") from exc
+        try:
+            ws.send(json.dumps({"type": "auth", "token": self.client.auth_token}))
+            reply = Subscription._recv_handshake(ws)
+            if reply.get("type") != "auth_success":
+                raise RpcUnavailable(f"rpc auth refused: {reply}")
+            ws.settimeout(PING_INTERVAL)
+        except Exception as exc:
+            ws.shutdown()
+            # wrong credentials included: REST then gives the user the proper 401 error
+            raise RpcUnavailable(f"rpc handshake failed: {exc}") from exc
+        conn = _Connection(ws, [], PING_INTERVAL)
+        conn.start()
+        logger.debug("rpc socket open to %s", self.url)
+        return conn
+
+    def close(self) -> None:
+        with self._lock:
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.abort(ConnectionLost("rpc channel closed"))
+
+
+def rpc_channel(client: Client) -> RpcChannel | None:
+    """The channel a client should use, or None when the fast path is switched off."""
+    return RpcChannel(client) if fast_path_enabled() else None
+
+
+__all__ = ["ConnectionLost", "RpcChannel", "RpcUnavailable", "rpc_channel"]

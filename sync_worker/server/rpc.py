@@ -1,0 +1,189 @@
+"""The websocket ``/api/sync_worker/rpc``: submitting runs and waiting for them, fast.
+
+An extension of the embedded server (a Prefect server has no such endpoint; clients fall
+back to REST there). One connection per client process carries many concurrent requests:
+
+    client -> {"type": "auth", "token": T | null}          server -> {"type": "auth_success", ...}
+    client -> {"type": "create", "request_id": R, "body": {...POST /task_runs/ body...}}
+    server -> {"type": "create_result", "request_id": R, "status_code": 201, "result": {...TaskRun...}}
+    client -> {"type": "wait", "request_id": R, "task_run_id": ID}
+    server -> {"type": "wait_result", "request_id": R, "status_code": 200, "result": {...TaskRun...}}
+              (sent when the run reaches a terminal state; 404 with "detail" for an unknown run)
+
+Errors answer ``status_code`` 4xx/5xx with a ``detail``, as REST does. Why: a REST create
+costs the client most of a millisecond of CPU in ``requests`` and the server an HTTP parse;
+a message on an open socket costs a fraction of that, and a ``wait`` answered at the commit
+of the final state replaces polling.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import deque
+from typing import Any
+
+from simple_websocket.errors import ConnectionClosed
+
+from .core import Conflict, Core, NotFound
+from .database import DatabaseClosed
+from .models import ValidationError
+from .subscriptions import (
+    GOING_AWAY,
+    PREFECT_VIOLATION,
+    SubscriptionRegistry,
+    WebSocket,
+    _authenticate,
+    _Close,
+    _close,
+    _decode,
+)
+
+logger = logging.getLogger("sync_worker.server.rpc")
+
+#: Most waits one connection may have outstanding (each holds a callback in the server).
+MAX_WAITS = 10_000
+
+
+def handle_rpc(environ: dict[str, Any], core: Core, registry: SubscriptionRegistry,
+               max_message_size: int | None) -> None:
+    """Serve one rpc connection until it ends (runs in the HTTP handler thread)."""
+    ws = WebSocket(environ, subprotocols=["prefect"], max_message_size=max_message_size)
+    peer = environ.get("REMOTE_ADDR", "?")
+    if not registry.add(ws):
+        _close(ws, GOING_AWAY, "Server is shutting down")
+        return
+    channel: RpcChannel | None = None
+    try:
+        try:
+            _authenticate(ws, core)
+            channel = RpcChannel(ws, core, peer)
+            channel.run()
+        except _Close as close:
+            logger.info("closing rpc connection from %s: %s (%d)", peer, close.reason, close.code)
+            _close(ws, close.code, close.reason)
+        except ConnectionClosed:
+            pass
+    finally:
+        if channel is not None:
+            channel.cancel_waits()
+        registry.remove(ws)
+        ws.shutdown()
+        ws.thread.join(timeout=1.0)
+
+
+class RpcChannel:
+    """One rpc connection: the handler thread reads requests; a sender thread writes the
+    answers, which arrive from whichever thread committed (never block a committer on a
+    slow client's socket)."""
+
+    def __init__(self, ws: WebSocket, core: Core, peer: str) -> None:
+        self.ws = ws
+        self.core = core
+        self.peer = peer
+        self._cond = threading.Condition()
+        self._outbox: deque[str] = deque()
+        self._closed = False
+        # request_id -> cancel function of an outstanding wait (a client that gave up on one
+        # just ignores its late answer; the server forgets it when the run ends or on close)
+        self._waits: dict[str, Any] = {}
+
+    def run(self) -> None:
+        logger.debug("rpc connection from %s", self.peer)
+        sender = threading.Thread(target=self._send_loop, name="sync-worker-rpc-send", daemon=True)
+        sender.start()
+        try:
+            while True:
+                message = self.ws.receive()
+                if message is None:  # the connection ended
+                    return
+                self._handle(_decode(message))
+        finally:
+            with self._cond:
+                self._closed = True
+                self._cond.notify()
+            sender.join(timeout=2)
+
+    def _handle(self, value: dict[str, Any]) -> None:
+        kind = value.get("type")
+        request_id = value.get("request_id")
+        if kind not in ("create", "wait"):
+            raise _Close(PREFECT_VIOLATION, "Protocol violation: expected 'create' or 'wait'")
+        if not isinstance(request_id, str) or not request_id:
+            raise _Close(PREFECT_VIOLATION, "Protocol violation: 'request_id' must be a non-empty string")
+        if kind == "create":
+            self._create(request_id, value.get("body"))
+        else:
+            self._wait(request_id, value.get("task_run_id"))
+
+    def _create(self, request_id: str, body: Any) -> None:
+        def done(text: str | None, error: BaseException | None) -> None:
+            if error is None:
+                self._reply("create_result", request_id, 201, result=text)
+            elif isinstance(error, Conflict):
+                self._reply("create_result", request_id, 409, detail=str(error))
+            elif isinstance(error, DatabaseClosed):
+                self._reply("create_result", request_id, 503, detail="Server is shutting down")
+            else:
+                logger.error("rpc create failed: %r", error)
+                self._reply("create_result", request_id, 500, detail=f"Internal error: {type(error).__name__}")
+
+        try:
+            self.core.create_task_run_async(body, done)
+        except ValidationError as exc:
+            self._reply("create_result", request_id, 422, detail=exc.detail)
+        except DatabaseClosed as exc:
+            done(None, exc)
+
+    def _wait(self, request_id: str, run_id: Any) -> None:
+        if not isinstance(run_id, str) or not run_id:
+            self._reply("wait_result", request_id, 422, detail="task_run_id: Input should be a valid string")
+            return
+        if len(self._waits) >= MAX_WAITS:
+            self._reply("wait_result", request_id, 429, detail=f"more than {MAX_WAITS} waits on one connection")
+            return
+
+        def finished(text: str) -> None:
+            self._waits.pop(request_id, None)
+            self._reply("wait_result", request_id, 200, result=text)
+
+        self._waits[request_id] = None  # reserved before registering: `finished` may run at once
+        try:
+            cancel = self.core.when_finished(run_id, finished)
+        except NotFound:
+            self._waits.pop(request_id, None)
+            self._reply("wait_result", request_id, 404, detail="Task not found")
+            return
+        if request_id in self._waits:
+            self._waits[request_id] = cancel
+
+    def cancel_waits(self) -> None:
+        for cancel in list(self._waits.values()):
+            if cancel is not None:
+                cancel()
+        self._waits.clear()
+
+    def _reply(self, kind: str, request_id: str, status: int, *, result: str | None = None,
+               detail: str | None = None) -> None:
+        head = f'{{"type":"{kind}","request_id":{json.dumps(request_id)},"status_code":{status},'
+        text = head + (f'"result":{result}}}' if result is not None else f'"detail":{json.dumps(detail)}}}')
+        with self._cond:
+            if self._closed:
+                return
+            self._outbox.append(text)
+            self._cond.notify()
+
+    def _send_loop(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._closed and not self._outbox:
+                        self._cond.wait()
+                    if self._closed and not self._outbox:
+                        return
+                    messages = list(self._outbox)
+                    self._outbox.clear()
+                for message in messages:
+                    self.ws.send(message)
+        except (ConnectionClosed, OSError):
+            self.ws.shutdown()
