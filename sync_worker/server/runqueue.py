@@ -14,7 +14,11 @@ terminal state or is scheduled again. When the subscriber's connection drops:
 - a run acknowledged (leased) gets a timer of ``lease_timeout`` seconds; when it fires and the
   run is still not finished, it is rescheduled (or marked CRASHED after ``max_deliveries``).
 
-The open connection is the lease's heartbeat: a run whose worker stays connected keeps it.
+The open connection is the lease's heartbeat: a run whose worker stays connected keeps it
+(a pinger drops connections that stop answering pings, so a vanished machine does not hold
+its runs forever). A worker that subscribes again with the same ``client_id`` (after a network
+blip, or after this server restarted: the claiming client_id is stored with the run) takes
+its leases back, so its runs in flight are not delivered to someone else.
 Every decision that changes the database runs as an operation in the writer thread; the
 in-memory structures are updated after the commit, under :attr:`RunQueue.lock`.
 """
