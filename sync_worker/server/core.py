@@ -123,8 +123,10 @@ class Core:
             raise NotFound("Task not found")
         logger.debug("deleted task run %s", run_id)
 
-    def _set_state_op(self, run_id: str, proposed: dict[str, Any], force: bool) -> Callable[[Transaction], str]:
-        """The write operation; its result is the orchestration result as JSON text."""
+    def _set_state_op(self, run_id: str, proposed: dict[str, Any], force: bool,
+                      holder: str | None = None) -> Callable[[Transaction], str]:
+        """The write operation; its result is the orchestration result as JSON text.
+        ``holder``: client_id of the subscription the proposal came over (it holds the run)."""
         queue = self.queue
 
         def op(tx: Transaction) -> str:
@@ -137,6 +139,11 @@ class Core:
             if decision.changed:
                 new_type = decision.state["type"]
                 row.state_type = new_type
+                if new_type in ("PENDING", "RUNNING"):
+                    if holder is not None:
+                        row.holder = holder
+                else:
+                    row.holder = None
                 row.touch()
                 if decision.queue:
                     row.due = decision.due
@@ -211,11 +218,12 @@ class Core:
         return self.db.write(self._set_state_op(run_id, proposed, force))
 
     def set_state_async(self, run_id: str, proposed: dict[str, Any], force: bool,
-                        callback: Callable[[str | None, BaseException | None], None]) -> None:
+                        callback: Callable[[str | None, BaseException | None], None],
+                        holder: str | None = None) -> None:
         """:meth:`set_state` without waiting for other writers: ``callback(result_text, error)``
         runs after the commit, in this thread if it committed itself, else in the thread that
         did (keep it short). Call it holding no lock that operations or hooks take."""
-        self.db.submit(self._set_state_op(run_id, proposed, force), callback, inline=True)
+        self.db.submit(self._set_state_op(run_id, proposed, force, holder), callback, inline=True)
 
     # -- records ---------------------------------------------------------------------------------
     def put_record(self, key: str, data: bytes) -> None:

@@ -65,6 +65,7 @@ class RunRow:
     deliveries: int = 0
     background: bool = False
     seq: int | None = None
+    holder: str | None = None  # client_id of the worker that claimed it over its socket
     data: str | None = field(default=None, repr=False)  # JSON text of ``run`` when current
     _state: Any = field(default=None, repr=False)  # the state dict ``_state_text`` was made from
     _state_text: str = field(default="", repr=False)
@@ -140,7 +141,7 @@ class RecoveryInfo:
 
     queued_keys: list[str]  # keys with runs waiting in the database
     delayed: list[tuple[float, str]]  # (due, task_key) of queued runs not due yet
-    leased: list[tuple[str, str]]  # (id, state_type) of PENDING/RUNNING runs
+    leased: list[tuple[str, str, str | None]]  # (id, state_type, holder) of PENDING/RUNNING runs
 
 
 class Database(ABC):
@@ -185,7 +186,8 @@ CREATE TABLE IF NOT EXISTS task_runs (
     due REAL NOT NULL DEFAULT 0,
     deliveries INTEGER NOT NULL DEFAULT 0,
     background INTEGER NOT NULL DEFAULT 0,
-    data TEXT NOT NULL
+    data TEXT NOT NULL,
+    holder TEXT
 );
 -- the queue: runs waiting in the database, per key in creation order
 CREATE INDEX IF NOT EXISTS ix_task_runs_queue ON task_runs (task_key, seq) WHERE qstate = 1;
@@ -202,14 +204,14 @@ CREATE TABLE IF NOT EXISTS records (
 );
 """
 
-_COLUMNS = "seq, id, task_key, state_type, qstate, due, deliveries, background, data"
+_COLUMNS = "seq, id, task_key, state_type, qstate, due, deliveries, background, data, holder"
 
 
 def _row(values: tuple[Any, ...]) -> RunRow:
-    seq, run_id, task_key, state_type, qstate, due, deliveries, background, data = values
+    seq, run_id, task_key, state_type, qstate, due, deliveries, background, data, holder = values
     return RunRow(id=run_id, task_key=task_key, state_type=state_type, run=json.loads(data),
                   qstate=qstate, due=due, deliveries=deliveries, background=bool(background),
-                  seq=seq, data=data)
+                  seq=seq, data=data, holder=holder)
 
 
 class _Op:
@@ -269,8 +271,9 @@ class _SQLiteTransaction(Transaction):
 
     def update_run(self, row: RunRow) -> None:
         self._conn.execute(
-            "UPDATE task_runs SET state_type = ?, qstate = ?, due = ?, deliveries = ?, data = ? WHERE id = ?",
-            (row.state_type, row.qstate, row.due, row.deliveries, row.dump(), row.id),
+            "UPDATE task_runs SET state_type = ?, qstate = ?, due = ?, deliveries = ?, data = ?, holder = ?"
+            " WHERE id = ?",
+            (row.state_type, row.qstate, row.due, row.deliveries, row.dump(), row.holder, row.id),
         )
         self.touched.append(row.id)
 
@@ -337,6 +340,9 @@ class SQLiteDatabase(Database):
         try:
             self._writer_conn = self._connect()
             self._writer_conn.executescript(_SCHEMA)
+            columns = {r[1] for r in self._writer_conn.execute("PRAGMA table_info(task_runs)")}
+            if "holder" not in columns:  # a database made by an earlier version
+                self._writer_conn.execute("ALTER TABLE task_runs ADD COLUMN holder TEXT")
         except BaseException:
             self._lock_file.close()
             raise
@@ -535,8 +541,8 @@ class SQLiteDatabase(Database):
             now = time.time()
             delayed = [(due, key) for due, key in conn.execute(
                 "SELECT due, task_key FROM task_runs WHERE qstate = 1 AND due > ?", (now,))]
-            leased = [(run_id, st) for run_id, st in conn.execute(
-                "SELECT id, state_type FROM task_runs WHERE state_type IN ('PENDING', 'RUNNING')")]
+            leased = [(run_id, st, holder) for run_id, st, holder in conn.execute(
+                "SELECT id, state_type, holder FROM task_runs WHERE state_type IN ('PENDING', 'RUNNING')")]
             return RecoveryInfo(queued_keys=keys, delayed=delayed, leased=leased)
 
         return self.write(op)

@@ -14,7 +14,11 @@ terminal state or is scheduled again. When the subscriber's connection drops:
 - a run acknowledged (leased) gets a timer of ``lease_timeout`` seconds; when it fires and the
   run is still not finished, it is rescheduled (or marked CRASHED after ``max_deliveries``).
 
-The open connection is the lease's heartbeat: a run whose worker stays connected keeps it.
+The open connection is the lease's heartbeat: a run whose worker stays connected keeps it
+(a pinger drops connections that stop answering pings, so a vanished machine does not hold
+its runs forever). A worker that subscribes again with the same ``client_id`` (after a network
+blip, or after this server restarted: the claiming client_id is stored with the run) takes
+its leases back, so its runs in flight are not delivered to someone else.
 Every decision that changes the database runs as an operation in the writer thread; the
 in-memory structures are updated after the commit, under :attr:`RunQueue.lock`.
 """
@@ -56,6 +60,7 @@ class Waiter:
 
     keys: list[str]
     leased: set[str]
+    client_id: str
 
     def wake(self) -> None:  # pragma: no cover - interface
         raise NotImplementedError
@@ -83,6 +88,7 @@ class RunQueue:
         self._in_heap: set[str] = set()  # ids queued in a heap (stale heap entries are skipped)
         self._texts: dict[str, str] = {}  # TaskRun JSON of buffered runs: delivery needs no read
         self.outstanding: dict[str, Any] = {}  # run id -> Waiter (or RECOVERED)
+        self._recovered_holders: dict[str, str] = {}  # run id -> client_id, for RECOVERED runs
         self._timers: list[tuple[float, int, str, Any]] = []
         self._timer_seq = itertools.count()
         self._timer_cond = threading.Condition(self.lock)
@@ -120,7 +126,9 @@ class RunQueue:
 
     def _release(self, run_id: str) -> None:
         owner = self.outstanding.pop(run_id, None)
-        if owner is not None and owner is not RECOVERED:
+        if owner is RECOVERED:
+            self._recovered_holders.pop(run_id, None)
+        elif owner is not None:
             owner.leased.discard(run_id)
 
     def _unqueue(self, run_id: str) -> None:
@@ -271,6 +279,29 @@ class RunQueue:
             if self.outstanding.get(run_id) is waiter:
                 waiter.leased.add(run_id)
 
+    def adopt(self, waiter: Waiter) -> int:
+        """A worker (re)subscribed: it takes over the leases it held through an earlier
+        connection with the same client_id (a network blip, or this server restarted), whose
+        lease timers then do nothing. Returns how many."""
+        client_id = waiter.client_id
+        adopted = 0
+        with self.lock:
+            for run_id, owner in list(self.outstanding.items()):
+                if owner is waiter:
+                    continue
+                if owner is RECOVERED:
+                    if self._recovered_holders.get(run_id) != client_id:
+                        continue
+                    del self._recovered_holders[run_id]
+                elif getattr(owner, "client_id", None) != client_id or run_id not in owner.leased:
+                    continue  # another worker's, or sent but never acknowledged
+                else:
+                    owner.leased.discard(run_id)
+                self.outstanding[run_id] = waiter
+                waiter.leased.add(run_id)
+                adopted += 1
+        return adopted
+
     def connection_lost(self, waiter: Waiter) -> None:
         """Start the lease timers of the runs the waiter acknowledged and still holds."""
         with self.lock:
@@ -362,8 +393,10 @@ class RunQueue:
             for due, task_key in info.delayed:
                 self._add_timer(due, "due", task_key)
             when = time.time() + self.lease_timeout
-            for run_id, _state in info.leased:
+            for run_id, _state, holder in info.leased:
                 self.outstanding[run_id] = RECOVERED
+                if holder:
+                    self._recovered_holders[run_id] = holder
                 self._add_timer(when, "lease", (run_id, RECOVERED))
         if info.queued_keys or info.leased:
             logger.info("recovered %d key(s) with queued runs and %d run(s) left PENDING/RUNNING "

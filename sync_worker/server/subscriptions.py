@@ -341,6 +341,10 @@ class Subscription:
     # -- lifecycle -------------------------------------------------------------------------------
     def run(self) -> None:
         logger.info("Task worker %r (%s) subscribed to task keys %r", self.client_id, self.peer, self.keys)
+        adopted = self.queue.adopt(self)
+        if adopted:
+            logger.info("Task worker %r reconnected: it keeps the lease of %d run(s) it holds", self.client_id,
+                        adopted)
         sender = threading.Thread(target=self._send_loop, name=f"sync-worker-ws-send-{self.client_id}", daemon=True)
         sender.start()
         reason = "connection closed"
@@ -485,7 +489,7 @@ class Subscription:
             self._post(f'{prefix}"status_code":{code},"detail":{json.dumps(detail)}}}')
 
         try:
-            self.core.set_state_async(run_id, proposed, force, done)
+            self.core.set_state_async(run_id, proposed, force, done, holder=self.client_id)
         except DatabaseClosed as exc:
             done(None, exc)
 

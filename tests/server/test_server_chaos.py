@@ -30,10 +30,14 @@ def test_random_drops_and_failures_lose_nothing(server_factory, make_wire):
     def work(index: int) -> None:
         rng = random.Random(index)
         subscriber = None
+        lives = 0
         try:
             while not stop.is_set():
                 if subscriber is None:
-                    subscriber = w.subscribe(client_id=f"chaos-{index}")
+                    # a worker that died comes back as a new process: a new client_id (the same
+                    # one would take over the leases of its previous connection)
+                    lives += 1
+                    subscriber = w.subscribe(client_id=f"chaos-{index}-{lives}")
                 try:
                     run = subscriber.next_run(timeout=0.5)
                 except websocket.WebSocketTimeoutException:
@@ -97,11 +101,15 @@ def test_server_restart_under_load_loses_nothing(server_factory, make_wire, tmp_
 
     def work(index: int) -> None:
         subscriber = None
+        lives = 0
         try:
             while not stop.is_set():
                 try:
                     if subscriber is None:
-                        subscriber = w.subscribe(client_id=f"restart-{index}")
+                        # this test worker forgets its runs when its connection breaks, so it
+                        # must not come back under the same client_id (that one keeps leases)
+                        lives += 1
+                        subscriber = w.subscribe(client_id=f"restart-{index}-{lives}")
                     run = subscriber.next_run(timeout=0.5)
                     subscriber.ack()
                     if subscriber.set_state(run["id"], "PENDING")["result"]["status"] != "ACCEPT":

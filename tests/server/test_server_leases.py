@@ -230,3 +230,51 @@ def test_silent_subscriber_is_dropped_by_ping_and_its_runs_redelivered(server_fa
     # (the other client answers pings: websocket-client does so whenever it reads)
     again = other.next_run(timeout=10)
     assert again["id"] == run["id"]
+
+
+def test_reconnecting_worker_keeps_its_leases(server_factory, make_wire):
+    server = server_factory(lease_timeout=0.3)
+    w = make_wire(server)
+    first = w.subscribe(client_id="host-1")
+    run = w.create()
+    first.next_run()
+    first.ack()
+    first.set_state(run["id"], "PENDING")
+    first.set_state(run["id"], "RUNNING")
+    first.ws.close()  # a network blip
+    again = w.subscribe(client_id="host-1")  # the same worker is back
+    other = w.subscribe(client_id="host-2")
+    other.expect_no_run(1.0)  # well past the lease: not re-delivered
+    assert again.set_state(run["id"], "COMPLETED")["result"]["status"] == "ACCEPT"
+
+
+def test_reconnect_under_another_client_id_does_not_take_leases(server_factory, make_wire):
+    server = server_factory(lease_timeout=0.3)
+    w = make_wire(server)
+    first = w.subscribe(client_id="host-1")
+    run = w.create()
+    first.next_run()
+    first.ack()
+    first.set_state(run["id"], "PENDING")
+    first.ws.close()
+    stranger = w.subscribe(client_id="host-2")
+    assert stranger.next_run(timeout=10)["id"] == run["id"]
+
+
+def test_worker_reconnecting_after_server_restart_keeps_its_leases(server_factory, make_wire, tmp_path):
+    db = str(tmp_path / "restart.db")
+    first = server_factory(database=db, lease_timeout=0.5)
+    w = make_wire(first)
+    holder = w.subscribe(client_id="host-1")
+    run = w.create()
+    holder.next_run()
+    holder.ack()
+    holder.set_state(run["id"], "PENDING")
+    holder.set_state(run["id"], "RUNNING")
+    first.stop()
+    second = server_factory(database=db, lease_timeout=0.5)
+    w2 = make_wire(second)
+    back = w2.subscribe(client_id="host-1")
+    other = w2.subscribe(client_id="host-2")
+    other.expect_no_run(1.2)
+    assert back.set_state(run["id"], "COMPLETED")["result"]["status"] == "ACCEPT"
