@@ -445,7 +445,7 @@ class TaskWorker:
                 self._unknown_task(task_run)
             return
         if not self._reserve_slot():
-            return  # stopping: the socket is closed, the run goes back to the queue
+            return  # stopping: never acked, it goes back to the queue when the socket closes
         if not self._ack(task_run):
             self._release_slot()
             return
