@@ -271,11 +271,14 @@ class Subscription:
     Usage (one consumer thread)::
 
         sub = Subscription(keys, client_id, client=client)
-        for task_run in sub:          # blocks; reconnects by itself
+        for task_run in sub:          # blocks; reconnects by itself; ends when closed
             ...                       # reserve capacity first
             sub.ack()                 # then accept it (the server sends the next one)
-        ...
-        sub.close()                   # from any thread; iteration ends
+        sub.close()                   # from any thread
+
+    ``next_run(timeout)`` is the same with a timeout (the worker polls its stop event).
+    Moving on without ``ack()`` releases the run: the socket is closed without an ack
+    and the server re-queues it.
 
     Args:
         keys: the task keys to receive runs of.
@@ -286,6 +289,9 @@ class Subscription:
         ping_interval: seconds of silence after which a ping is sent; a link silent for
             twice this is considered dead and reconnected.
         max_backoff: cap of the reconnection backoff, in seconds.
+        open_timeout: seconds for the handshake (default: the client's timeout, at most 30).
+        stop_event: when set, consuming stops (no new connection, :meth:`next_run` returns
+            None) but an open connection stays open until :meth:`close`.
     """
 
     def __init__(
@@ -299,6 +305,7 @@ class Subscription:
         max_backoff: float = 10.0,
         open_timeout: float | None = None,
         credit: Callable[[], int] | None = None,
+        stop_event: threading.Event | None = None,
     ):
         self.keys = sorted(set(keys))
         if not self.keys:
@@ -310,6 +317,7 @@ class Subscription:
         self.ping_interval = ping_interval
         self.max_backoff = max_backoff
         self.open_timeout = open_timeout if open_timeout is not None else min(float(client.timeout or 30.0), 30.0)
+        self.stop_event = stop_event
         self._closed = threading.Event()
         self._lock = threading.Lock()
         self._conn: _Connection | None = None
@@ -349,7 +357,7 @@ class Subscription:
 
     # -- connecting --------------------------------------------------------------------
     def _open(self) -> _Connection:
-        if self.closed:
+        if self._stopping():
             raise _Closed()
         headers = [f"{name}: {value}" for name, value in self.client.headers.items()]
         try:
@@ -431,6 +439,17 @@ class Subscription:
                 metrics.SUBSCRIPTION_RECONNECTS.inc()
             _process_has_connected = True
 
+    def _stopping(self) -> bool:
+        return self.closed or (self.stop_event is not None and self.stop_event.is_set())
+
+    def _sleep(self, seconds: float) -> None:
+        """Backoff sleep that ends early on close() or the stop event."""
+        deadline = time.monotonic() + seconds
+        while not self._stopping():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._closed.wait(min(remaining, 0.1)):
+                return
+
     def _connect_with_backoff(self) -> _Connection | None:
         def before_sleep(state: tenacity.RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
@@ -438,10 +457,10 @@ class Subscription:
             logger.warning("Subscription to %s unavailable (%s); reconnecting in %.1fs", self.url, exc, delay)
 
         retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception(lambda exc: not self.closed and _is_intermittent(exc)),
+            retry=tenacity.retry_if_exception(lambda exc: not self._stopping() and _is_intermittent(exc)),
             wait=tenacity.wait_exponential(multiplier=0.2, max=self.max_backoff) + tenacity.wait_random(0, 0.5),
-            stop=tenacity.stop_when_event_set(self._closed),
-            sleep=self._closed.wait,
+            stop=lambda state: self._stopping(),
+            sleep=self._sleep,
             before_sleep=before_sleep,
             reraise=True,
         )
@@ -450,30 +469,55 @@ class Subscription:
         except _Closed:
             return None
         except Exception:
-            if self.closed:
+            if self._stopping():
                 return None
             raise
 
     # -- consuming ---------------------------------------------------------------------
-    def __iter__(self) -> Iterator[TaskRun]:
-        while not self.closed:
+    def next_run(self, timeout: float | None = None) -> TaskRun | None:
+        """The next delivered run, now held until :meth:`ack` or :meth:`release`.
+
+        Connects, and reconnects with backoff, as needed. Returns None after ``timeout``
+        seconds without a run, or once the subscription is closed or its ``stop_event``
+        is set (the connection then stays open until :meth:`close`: on the embedded
+        server it is the lease of the runs acknowledged on it). A run still held from the
+        previous call is released first.
+        """
+        if self._holding is not None:
+            self.release()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._stopping():
             conn = self._conn
             if conn is None or conn.closed.is_set():
                 if conn is not None:
                     self._drop(conn)
                 conn = self._connect_with_backoff()
                 if conn is None:
-                    return
-            item = conn.runs.get()
+                    return None
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return None
+            try:
+                item = conn.runs.get(timeout=remaining)
+            except queue.Empty:
+                return None
             if item is _END:
                 self._drop(conn)
                 continue
             self._holding, self._holding_conn = item, conn
+            return item
+        return None
+
+    def __iter__(self) -> Iterator[TaskRun]:
+        """Delivered runs until closed; moving on without :meth:`ack` releases a run."""
+        while True:
+            run = self.next_run()
+            if run is None:
+                return
             try:
-                yield item
+                yield run
             finally:
-                if self._holding is item:
-                    # The consumer moved on (or raised) without acking: it will not run it.
+                if self._holding is run:
                     self.release()
 
     def _drop(self, conn: _Connection) -> None:

@@ -301,6 +301,7 @@ class TaskWorker:
             self._subscription = Subscription(
                 self.task_keys, self.client_id, client=self._client, fast_path=self.fast_path,
                 credit=self._free_slots,
+                stop_event=self._stop_event,
             )
             self._executor = ThreadPoolExecutor(
                 max_workers=self._limit, thread_name_prefix="sync-worker-run"
@@ -342,7 +343,9 @@ class TaskWorker:
         """Stop taking runs. Returns at once (safe from any thread, a signal handler or a
         task); in-flight runs go on and finish. Use :meth:`join` to wait for them.
 
-        The subscription socket is closed without ``quit``: a run delivered but not yet
+        The subscription socket stays open until the in-flight runs have finished (on the
+        embedded server it is their lease: closing it early would get long runs delivered
+        to another worker), then it is closed without ``quit``: a run delivered but not
         acknowledged goes back to the server's queue instead of being lost.
         """
         with self._lock:
@@ -353,10 +356,7 @@ class TaskWorker:
             self.stopping = True
             self._started_at = None
             self._stop_event.set()
-            subscription = self._subscription
         logger.info("Stopping task worker %s...", self.client_id)
-        if subscription is not None:
-            subscription.close()
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait until the worker has stopped and its in-flight runs finished; True if so."""
@@ -412,11 +412,15 @@ class TaskWorker:
             with self._lock:
                 self.stopping = True
                 self._started_at = None
-                if self._subscription is not None:
-                    self._subscription.close()
+            self._stop_event.set()
             executor = self._executor
             if executor is not None:
                 executor.shutdown(wait=True)
+            # Only now: on the embedded server the open connection is the lease of the
+            # runs that were in flight. A run delivered but not acknowledged goes back to
+            # the queue when it closes.
+            if self._subscription is not None:
+                self._subscription.close()
             flushed = self._retry_timers.flush()
             if flushed:
                 logger.info("Put %d waiting retr%s back on the queue early", flushed, "y" if flushed == 1 else "ies")
@@ -430,10 +434,11 @@ class TaskWorker:
     def _serve_subscription(self) -> None:
         subscription = self._subscription
         assert subscription is not None
-        for task_run in subscription:
-            self._receive(task_run)
-        if self.stopping:
-            raise StopTaskWorker
+        while not self._stop_event.is_set():
+            task_run = subscription.next_run(timeout=_SLOT_POLL_SECONDS)
+            if task_run is not None:
+                self._receive(task_run)
+        raise StopTaskWorker
 
     def _receive(self, task_run: TaskRun) -> None:
         metrics.RUNS_RECEIVED.labels(task_key=task_run.task_key).inc()
@@ -445,7 +450,7 @@ class TaskWorker:
                 self._subscription.grant()  # it took no slot
             return
         if not self._reserve_slot():
-            return  # stopping: the socket is closed, the run goes back to the queue
+            return  # stopping: never acked, it goes back to the queue when the socket closes
         if not self._ack(task_run):
             self._release_slot()
             return

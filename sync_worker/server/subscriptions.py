@@ -49,6 +49,9 @@ EXTENSIONS = ["set_state", "credit", "direct_running"]
 
 #: Most runs one connection may hold unacknowledged or granted, whatever credit it asks for.
 MAX_CREDIT = 1000
+#: set_state requests of one connection that may await their answers; past this the server
+#: stops reading that connection until answers have been sent
+MAX_UNANSWERED = 256
 
 
 class _Signal:
@@ -93,6 +96,7 @@ class WebSocket(simple_websocket.Server):
 
     def __init__(self, environ: dict[str, Any], **kwargs: Any) -> None:
         self.send_lock = threading.Lock()
+        self.ping_failures = 0
         super().__init__(environ, event_class=_Signal, **kwargs)
 
     def send(self, data: Any) -> None:
@@ -102,14 +106,34 @@ class WebSocket(simple_websocket.Server):
             self.sock.sendall(self.ws.send(TextMessage(data=data)))
 
     def close(self, reason: int | None = None, message: str | None = None) -> None:
-        with self.send_lock:
+        # A send blocked on a client that does not read holds the lock: give up on the close
+        # frame then (the caller drops the connection anyway).
+        if not self.send_lock.acquire(timeout=0.5):
+            raise ConnectionClosed(reason, message)
+        try:
             super().close(reason, message)
+        finally:
+            self.send_lock.release()
 
-    def ping(self) -> None:
-        with self.send_lock:
+    def ping(self) -> bool:
+        """Send a ping without ever blocking (the pinger serves every connection); False if
+        it could not be sent now."""
+        if not self.send_lock.acquire(blocking=False):
+            return False  # a send is in progress: the connection is busy, not dead
+        try:
             if not self.connected:
-                raise ConnectionClosed(self.close_reason, self.close_message)
-            self.sock.sendall(self.ws.send(Ping()))
+                return False
+            frame = self.ws.send(Ping())
+            try:
+                sent = self.sock.send(frame, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return False  # the client does not read: its pong will be missing
+            if sent < len(frame):  # half a frame on the wire: this stream is unusable
+                self.shutdown()
+                return False
+            return True
+        finally:
+            self.send_lock.release()
 
     def shutdown(self) -> None:
         """Unblock the reader thread and drop the TCP connection."""
@@ -178,7 +202,7 @@ class SubscriptionRegistry:
             for ws in sockets:
                 if not ws.connected:
                     continue
-                if not ws.pong_received:
+                if not ws.pong_received or ws.ping_failures >= 3:
                     logger.info("closing a subscription connection that did not answer a ping within %g s",
                                 self.ping_interval)
                     try:
@@ -188,11 +212,16 @@ class SubscriptionRegistry:
                     ws.shutdown()
                     ws.event.set()
                     continue
-                ws.pong_received = False
+                ws.pong_received = False  # before sending: the pong may beat us back
                 try:
-                    ws.ping()
-                except (ConnectionClosed, OSError):
-                    pass
+                    sent = ws.ping()
+                except OSError:
+                    sent = False
+                if sent:
+                    ws.ping_failures = 0
+                else:  # busy sending, or the client reads nothing: tolerated 3 times
+                    ws.pong_received = True
+                    ws.ping_failures += 1
 
     def remove(self, ws: WebSocket) -> None:
         with self._lock:
@@ -323,6 +352,9 @@ class Subscription:
         self._close_request: tuple[int, str] | None = None
         self._drain_lock = threading.Lock()
         self._draining: int | None = None  # ident of the thread handling messages right now
+        self._direct: list[str] = []  # answers to send by that thread once its commit is done
+        self._again = False
+        self._unanswered = 0  # set_state requests whose answer is not sent yet
         self._deliver_lock = threading.Lock()
         self.delivered = 0
 
@@ -336,7 +368,7 @@ class Subscription:
     def wake(self) -> None:
         with self._cond:
             self._woken = True
-            self._cond.notify()
+            self._cond.notify_all()
 
     # -- lifecycle -------------------------------------------------------------------------------
     def run(self) -> None:
@@ -377,7 +409,7 @@ class Subscription:
     def _stop_sending(self) -> None:
         with self._cond:
             self._closed = True
-            self._cond.notify()
+            self._cond.notify_all()
 
     def _request_close(self, code: int, reason: str) -> None:
         """Ask the handler thread to close the connection (never close from the reader thread:
@@ -388,12 +420,21 @@ class Subscription:
 
     # -- receiving (simple-websocket's reader thread) ---------------------------------------------
     def _on_messages(self) -> None:
-        with self._drain_lock:
-            self._draining = threading.get_ident()
+        """Handle what arrived. Never blocks a caller other than the one handling messages:
+        a thread that finds another one at work leaves a note (``_again``) that the other
+        one reads before it stops (the stopping server calls this to wake a connection)."""
+        self._again = True
+        while self._again:
+            if not self._drain_lock.acquire(blocking=False):
+                return
             try:
-                self._drain()
+                self._draining = threading.get_ident()
+                while self._again:
+                    self._again = False
+                    self._drain()
             finally:
                 self._draining = None
+                self._drain_lock.release()
 
     def _drain(self) -> None:
         buffer = self.ws.input_buffer
@@ -445,6 +486,15 @@ class Subscription:
             raise _Close(PREFECT_VIOLATION, "Protocol violation: expected 'ack' message")
 
     def _set_state(self, value: dict[str, Any]) -> None:
+        # Backpressure: a client that sends requests faster than it reads the answers stops
+        # being read (TCP pushes back on it) instead of filling the server's memory and the
+        # database queue that everybody shares.
+        with self._cond:
+            while self._unanswered >= MAX_UNANSWERED and not self._closed and not self._done.is_set():
+                self._cond.wait(0.5)
+            if self._closed or self._done.is_set():
+                return
+            self._unanswered += 1
         request_id = value.get("request_id")
         run_id = value.get("task_run_id")
         try:
@@ -471,11 +521,10 @@ class Subscription:
             if error is None:
                 reply = f'{prefix}"status_code":201,"result":{result}}}'
                 if self._draining == threading.get_ident():
-                    # committed inline by this connection's own message handler: answer now
-                    try:
-                        self.ws.send(reply)
-                    except (ConnectionClosed, OSError):
-                        pass  # the reader sees the connection end
+                    # committed inline by this connection's own message handler: it sends the
+                    # answer itself right after (not here: a send that blocks on a client that
+                    # does not read must not hold up the other writers)
+                    self._direct.append(reply)
                 else:
                     self._post(reply)
                 return
@@ -492,6 +541,14 @@ class Subscription:
             self.core.set_state_async(run_id, proposed, force, done, holder=self.client_id)
         except DatabaseClosed as exc:
             done(None, exc)
+        while self._direct:
+            self.ws.send(self._direct.pop(0))
+            self._answered(1)
+
+    def _answered(self, count: int) -> None:
+        with self._cond:
+            self._unanswered -= count
+            self._cond.notify_all()
 
     def _take_unacked(self) -> list[tuple[str, str, int, str | None]]:
         with self._cond:
@@ -510,7 +567,7 @@ class Subscription:
             if self._closed:
                 return
             self._outbox.append(message)
-            self._cond.notify()
+            self._cond.notify_all()
 
     # -- sending ---------------------------------------------------------------------------------
     def _send_loop(self) -> None:
@@ -526,6 +583,8 @@ class Subscription:
                     woken, self._woken = self._woken, False
                 for message in messages:
                     self.ws.send(message)
+                if messages:
+                    self._answered(len(messages))
                 if woken:
                     self._try_deliver()
         except (ConnectionClosed, OSError):

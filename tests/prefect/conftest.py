@@ -175,7 +175,9 @@ def _healthy(api_url: str) -> bool:
     return response.status_code == 200
 
 
-def start_prefect_server(home: Path, auth_string: str | None = None, attempts: int = 3) -> PrefectServer:
+def start_prefect_server(
+    home: Path, auth_string: str | None = None, attempts: int = 3, extra_env: dict[str, str] | None = None
+) -> PrefectServer:
     """Start `prefect server start` on a free port and wait (bounded) until healthy."""
     home.mkdir(parents=True, exist_ok=True)
     last_error = ""
@@ -197,6 +199,7 @@ def start_prefect_server(home: Path, auth_string: str | None = None, attempts: i
             env[f"PREFECT_SERVER_SERVICES_{name}_ENABLED"] = "false"
         if auth_string is not None:
             env["PREFECT_SERVER_API_AUTH_STRING"] = auth_string
+        env.update(extra_env or {})
         cmd = [
             sys.executable, "-m", "prefect", "server", "start",
             "--host", "127.0.0.1", "--port", str(port), "--no-ui", "--analytics-off",
@@ -256,13 +259,32 @@ def prefect_auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pr
         _SERVERS.pop("prefect_auth_server", None)
 
 
+@pytest.fixture(scope="session")
+def prefect_lazy_events_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PrefectServer]:
+    """A Prefect server whose event persister flushes only every 120 s (default 5 s): an event
+    missed by a live /api/events/out subscription cannot be recovered by its backfill."""
+    server = start_prefect_server(
+        tmp_path_factory.mktemp("prefect-lazy-events-home"),
+        extra_env={
+            "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "120",
+            "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_BATCH_SIZE": "10000",
+        },
+    )
+    _SERVERS["prefect_lazy_events_server"] = server
+    try:
+        yield server
+    finally:
+        server.stop()
+        _SERVERS.pop("prefect_lazy_events_server", None)
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):  # type: ignore[no-untyped-def]
     """Attach the Prefect server's log to the report of a failed test that used it."""
     outcome = yield
     report = outcome.get_result()
     if report.failed:
-        for name in ("prefect_server", "prefect_auth_server"):
+        for name in ("prefect_server", "prefect_auth_server", "prefect_lazy_events_server"):
             server = _SERVERS.get(name)
             if server is not None and name in getattr(item, "fixturenames", ()):
                 report.sections.append((f"{name} log ({server.log_path})", server.log_tail()))
@@ -311,6 +333,9 @@ class Script:
         self._stdout: list[str] = []
         self._stderr: list[str] = []
         self._readers: list[threading.Thread] = []
+        self._json: list[dict] = []
+        self._claimed: set[int] = set()
+        self._ended = False
 
     def start(self, *args: str) -> Script:
         self.process = subprocess.Popen(
@@ -332,24 +357,31 @@ class Script:
         if feed:
             self._lines.put(None)
 
-    def expect(self, key: str, timeout: float) -> dict:
-        """The next JSON line of stdout that has ``key``; AssertionError after ``timeout``."""
+    def expect(self, key: str, timeout: float, **match: object) -> dict:
+        """The first JSON line of stdout that has ``key`` (and the ``match`` values) and was
+        not returned before (lines may arrive in any order); AssertionError after ``timeout``."""
         deadline = time.monotonic() + timeout
         while True:
+            for index, obj in enumerate(self._json):
+                if key in obj and index not in self._claimed and all(obj.get(k) == v for k, v in match.items()):
+                    self._claimed.add(index)
+                    return obj
             remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            if remaining <= 0 or self._ended:
                 break
             try:
                 line = self._lines.get(timeout=remaining)
             except queue.Empty:
                 break
             if line is None:
-                self._lines.put(None)  # keep the end marker for later calls
-                break
+                self._ended = True
+                continue
             obj = _json_or_none(line)
-            if obj is not None and key in obj:
-                return obj
-        raise AssertionError(f"{self.path.name} printed no {key!r} line within {timeout}s; {self.snapshot()}")
+            if obj is not None:
+                self._json.append(obj)
+        raise AssertionError(
+            f"{self.path.name} printed no {key!r} line {match or ''} within {timeout}s; {self.snapshot()}"
+        )
 
     def snapshot(self) -> str:
         code = self.process.poll() if self.process else None

@@ -69,3 +69,29 @@ async def _traced_read_task_run(self, *args, **kwargs):
 
 _PrefectClient.read_task_run = _traced_read_task_run
 '''
+
+
+#: Prepended to a Prefect caller script: prints {"subscribed": true} once Prefect's
+#: TaskRunWaiter has its /api/events/out subscription up. That subscription is started in
+#: the background *before* future.result() reads the run, and is not awaited: an event
+#: published before it is up is only found later by its backfill, which reads events the
+#: server's event persister has already flushed to the database (every 5 s). With
+#: SLOW_EVENT_SUBSCRIPTION_SECONDS set, the subscription comes up that much later, which
+#: reproduces that race on purpose.
+TRACE_EVENT_SUBSCRIPTION = '''
+import asyncio as _asyncio
+import json as _json
+import os as _os
+from prefect.events.clients import PrefectEventSubscriber as _Subscriber
+
+_original_reconnect = _Subscriber._reconnect
+
+
+async def _traced_reconnect(self):
+    await _asyncio.sleep(float(_os.environ.get("SLOW_EVENT_SUBSCRIPTION_SECONDS", "0")))
+    await _original_reconnect(self)
+    print(_json.dumps({"subscribed": True}), flush=True)
+
+
+_Subscriber._reconnect = _traced_reconnect
+'''

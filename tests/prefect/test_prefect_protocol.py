@@ -301,8 +301,8 @@ def test_rest_set_state_does_not_wake_a_prefect_caller_but_a_state_event_does(pr
     for with_event in (False, True):
         run_id = caller.expect("run", timeout=60)["run"]
         # result() reads the run once (not final yet), then waits for an event only
-        read = caller.expect("read", timeout=60)
-        assert (read["read"], read["state"]) == (run_id, "SCHEDULED")
+        read = caller.expect("read", timeout=60, read=run_id)
+        assert read["state"] == "SCHEDULED"
         for state in (PENDING, RUNNING):
             assert _set_state(prefect_server, run_id, state)["status"] == "ACCEPT"
         completed = _set_state(prefect_server, run_id, {**COMPLETED, "data": metadata})

@@ -278,3 +278,44 @@ def test_oversized_message_closes_only_that_connection(server_factory, make_wire
     run = w.create()
     assert good.next_run()["id"] == run["id"]
     wait_for(lambda: server.stats()["subscriptions"] == 1, timeout=5)  # the bad one is gone
+
+
+def test_client_that_never_reads_does_not_stall_the_server(server_factory, make_wire):
+    """A subscriber floods set_state requests and never reads the answers: its connection
+    clogs, everyone else's requests keep being served."""
+    import socket as socket_module
+
+    server = server_factory()
+    w = make_wire(server)
+    run = w.create("tests.flood")
+    flooder = w.subscribe(keys=["tests.flood"], client_id="flooder")
+    request = json.dumps({"type": "set_state", "request_id": "r", "task_run_id": run["id"],
+                          "state": {"type": "PENDING"}, "force": True})
+    stop = threading.Event()
+
+    def flood() -> None:
+        try:
+            while not stop.is_set():
+                flooder.ws.send(request)
+        except (OSError, websocket.WebSocketException):
+            pass
+
+    thread = threading.Thread(target=flood, daemon=True)
+    thread.start()
+    try:
+        time.sleep(1.0)  # by now the server's answers to the flooder fill the socket buffers
+        good = w.subscribe(client_id="good")
+        started = time.monotonic()
+        for _ in range(5):
+            created = w.create()
+            assert good.next_run(timeout=5)["id"] == created["id"]
+            good.ack()
+            assert good.set_state(created["id"], "PENDING", timeout=5)["status_code"] == 201
+        assert time.monotonic() - started < 5
+    finally:
+        stop.set()
+        try:
+            flooder.ws.sock.shutdown(socket_module.SHUT_RDWR)
+        except OSError:
+            pass
+        thread.join(timeout=5)

@@ -1,12 +1,12 @@
 """On the embedded server the subscription connection is the lease of the runs a worker
-acknowledged: a full worker must keep it open (not close it to hand a waiting run back),
-or its long runs are re-delivered to another worker while still running."""
+acknowledged: a full worker keeps it open, a stopping worker keeps it open until its
+runs finished, and a worker that reconnects (same client_id) keeps its leases. Otherwise
+a long run would be re-delivered, and executed again, while still running."""
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-import pytest
 
 from tests.worker import worker_tasks as wt
 from tests.worker.worker_helpers import wait_for
@@ -32,12 +32,6 @@ def test_a_full_worker_keeps_the_lease_of_its_long_run(server_factory, tmp_path,
     assert _starts(marks, 1) == 1, marks.read_text()  # executed once, not re-queued by a lease timer
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "server gap: the lease of an acknowledged run is tied to the connection it was acknowledged on; "
-    "when the same worker (same client_id) reconnects after a network blip, its runs in flight still "
-    "time out and are re-delivered to another worker while they run. Fix (server): on subscribe, move "
-    "the leased runs of a lost connection with the same client_id to the new one and cancel their timers."
-))
 def test_a_long_run_keeps_its_lease_when_its_worker_reconnects(server_factory, tmp_path, monkeypatch, start_worker):
     from sync_worker.subscription import ConnectionLost
 
@@ -54,4 +48,21 @@ def test_a_long_run_keeps_its_lease_when_its_worker_reconnects(server_factory, t
     wait_for(lambda: subscription.connects > connects, message="the worker reconnected")
     assert long_run.result(timeout=30) == 1
     time.sleep(1.5)
-    assert _starts(marks, 1) == 1, marks.read_text()
+    assert _starts(marks, 1) == 1, marks.read_text()  # the server kept the lease for the same client_id
+
+
+def test_a_stopping_worker_keeps_its_connection_until_its_runs_finished(api_env, start_worker, tmp_path):
+    marks = tmp_path / "marks"
+    worker = start_worker(wt.mark, limit=1)
+    long_run = wt.mark.delay(1, str(marks), 1.5)
+    held = wt.mark.delay(2, str(marks))  # delivered, not acknowledged: the worker is full
+    wait_for(lambda: worker.current_tasks == 1, message="the long run in flight")
+    subscription = worker._subscription
+    worker.stop()
+    time.sleep(0.5)
+    assert subscription.connected  # still the lease of the run in flight
+    assert worker.join(20)
+    assert not subscription.connected  # closed after the drain
+    assert long_run.result(timeout=5) == 1
+    assert held.state.type.value == "SCHEDULED"  # handed back to the queue, not lost
+    assert _starts(marks, 2) == 0
