@@ -217,6 +217,16 @@ class Core:
         """Orchestrate a proposed state; returns the orchestration result as JSON text."""
         return self.db.write(self._set_state_op(run_id, proposed, force))
 
+    def set_states_async(self, proposals: list[tuple[str, dict[str, Any], bool, Callable[..., None]]],
+                         holder: str | None = None) -> None:
+        """Several :meth:`set_state_async` at once, in order, committed together when possible:
+        ``proposals`` are (run_id, proposed, force, callback)."""
+        self.db.submit_many(
+            [(self._set_state_op(run_id, proposed, force, holder), callback)
+             for run_id, proposed, force, callback in proposals],
+            inline=True,
+        )
+
     def set_state_async(self, run_id: str, proposed: dict[str, Any], force: bool,
                         callback: Callable[[str | None, BaseException | None], None],
                         holder: str | None = None) -> None:

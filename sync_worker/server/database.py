@@ -419,11 +419,20 @@ class SQLiteDatabase(Database):
         only for callers that hold no lock an operation or hook might take."""
         self._enqueue(_Op(op, callback or _ignore), inline=inline)
 
-    def _enqueue(self, item: _Op, inline: bool) -> None:
+    def submit_many(self, ops: list[tuple[Callable[[Transaction], Any], Callable[[Any, BaseException | None], None]]],
+                    inline: bool = False) -> None:
+        """:meth:`submit` for several operations, queued together (so committed together
+        when nobody else is committing), in order."""
+        self._enqueue([_Op(op, callback) for op, callback in ops], inline=inline)
+
+    def _enqueue(self, item: _Op | list[_Op], inline: bool) -> None:
         with self._mutex:
             if self._closed:
                 raise DatabaseClosed("the database is closed")
-            self._pending.append(item)
+            if isinstance(item, list):
+                self._pending.extend(item)
+            else:
+                self._pending.append(item)
             if self._leading:
                 return  # the current leader, or the writer thread after it, commits it
             self._leading = True

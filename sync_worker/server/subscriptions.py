@@ -355,6 +355,7 @@ class Subscription:
         self._direct: list[str] = []  # answers to send by that thread once its commit is done
         self._again = False
         self._unanswered = 0  # set_state requests whose answer is not sent yet
+        self._batch: list[tuple[str, dict[str, Any], bool, Callable[..., None]]] = []
         self._deliver_lock = threading.Lock()
         self.delivered = 0
 
@@ -438,19 +439,39 @@ class Subscription:
 
     def _drain(self) -> None:
         buffer = self.ws.input_buffer
-        while buffer and not self._done.is_set():
-            message = buffer.pop(0)
+        try:
+            while buffer and not self._done.is_set():
+                message = buffer.pop(0)
+                try:
+                    self._handle(message)
+                except _Close as close:
+                    self._request_close(close.code, close.reason)
+                except (ConnectionClosed, OSError):
+                    self._done.set()
+                except Exception:  # a bug: drop this connection, keep the server
+                    logger.exception("error handling a message from %r", self.client_id)
+                    self._request_close(1011, "Internal server error")
+        finally:
             try:
-                self._handle(message)
-            except _Close as close:
-                self._request_close(close.code, close.reason)
+                self._flush_set_states()
             except (ConnectionClosed, OSError):
                 self._done.set()
-            except Exception:  # a bug: drop this connection, keep the server
-                logger.exception("error handling a message from %r", self.client_id)
-                self._request_close(1011, "Internal server error")
         if not self.ws.connected:
             self._done.set()
+
+    def _flush_set_states(self) -> None:
+        """Commit the set_state requests read so far (together: one transaction for all the
+        messages that arrived at once), then send the answers this thread committed."""
+        batch, self._batch = self._batch, []
+        if batch:
+            try:
+                self.core.set_states_async(batch, holder=self.client_id)
+            except DatabaseClosed as exc:
+                for _run_id, _proposed, _force, done in batch:
+                    done(None, exc)
+        while self._direct:
+            self.ws.send(self._direct.pop(0))
+            self._answered(1)
 
     def _handle(self, message: Any) -> None:
         value = _decode(message)
@@ -489,6 +510,8 @@ class Subscription:
         # Backpressure: a client that sends requests faster than it reads the answers stops
         # being read (TCP pushes back on it) instead of filling the server's memory and the
         # database queue that everybody shares.
+        if self._unanswered + len(self._batch) >= MAX_UNANSWERED:
+            self._flush_set_states()  # (their answers are what we are about to wait for)
         with self._cond:
             while self._unanswered >= MAX_UNANSWERED and not self._closed and not self._done.is_set():
                 self._cond.wait(0.5)
@@ -537,13 +560,7 @@ class Subscription:
                 code, detail = 500, f"Internal error: {type(error).__name__}"
             self._post(f'{prefix}"status_code":{code},"detail":{json.dumps(detail)}}}')
 
-        try:
-            self.core.set_state_async(run_id, proposed, force, done, holder=self.client_id)
-        except DatabaseClosed as exc:
-            done(None, exc)
-        while self._direct:
-            self.ws.send(self._direct.pop(0))
-            self._answered(1)
+        self._batch.append((run_id, proposed, force, done))  # committed by _flush_set_states
 
     def _answered(self, count: int) -> None:
         with self._cond:

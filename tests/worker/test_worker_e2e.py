@@ -101,16 +101,22 @@ def test_timeout_marks_the_run_timed_out(state_path, start_worker):
 
 def test_never_more_than_limit_runs_at_once(api_env, start_worker):
     wt.PROBE.reset()
+    # The gauges are process-wide: measure this worker's part of them.
+    free_before = _sample("sync_worker_free_slots")
+    in_flight_before = _sample("sync_worker_task_runs_in_flight")
     worker = start_worker(wt.probe, limit=3)
     futures = [wt.probe.delay(0.05) for _ in range(30)]
     seen_busy = wait_for(lambda: worker.current_tasks == 3, message="3 runs in flight")
     assert seen_busy and worker.available_tasks == 0
-    assert _sample("sync_worker_free_slots") == 0
+    assert _sample("sync_worker_free_slots") == free_before
     assert [f.result(timeout=60) for f in futures] == [0.05] * 30
     assert wt.PROBE.calls == 30
     assert wt.PROBE.max_seen == 3  # reached, never exceeded
-    assert worker.current_tasks == 0 and worker.available_tasks == 3
-    assert _sample("sync_worker_free_slots") == 3 and _sample("sync_worker_task_runs_in_flight") == 0
+    # A run's slot is released just after its final state is reported.
+    wait_for(lambda: worker.current_tasks == 0, message="all slots released")
+    assert worker.available_tasks == 3
+    assert _sample("sync_worker_free_slots") == free_before + 3
+    assert _sample("sync_worker_task_runs_in_flight") == in_flight_before
     assert worker.finished_task_runs == {"tests.probe": 30}
 
 
