@@ -1,11 +1,19 @@
 """The websocket ``/api/task_runs/subscriptions/scheduled`` (Prefect 3 protocol + extensions).
 
-Per connection there are three threads: simple-websocket's reader, the HTTP handler thread
-running :meth:`Subscription.receive_loop` (acks, quit, ``set_state`` requests) and a sender
-thread (:meth:`Subscription._send_loop`) that delivers one run at a time and sends the
-``set_state_result`` answers. ``set_state`` requests are handed to the database writer
-without waiting, so a worker's state reports do not serialize behind each other; their
-answers may come back in any order (matched by ``request_id``).
+Per connection there are three threads:
+
+- simple-websocket's reader thread handles each message as it arrives (:meth:`Subscription._on_messages`):
+  an ack sends the next run right away; ``set_state`` requests (the extension) that arrived
+  together are committed together, in this thread when no other commit is running, and
+  answered from it; ``quit`` and protocol violations end the connection;
+- the HTTP handler thread authenticates, reads the subscription, then waits for the end and
+  cleans up (the unacknowledged run goes back to the queue, acknowledged ones start their
+  lease timers);
+- a sender thread delivers a run when one arrives for an idle connection and sends answers
+  committed by other threads.
+
+Answers to ``set_state`` may come back in any order (matched by ``request_id``). One run is in
+flight per connection, as in Prefect: the next one is sent after the ack.
 """
 from __future__ import annotations
 
