@@ -42,7 +42,13 @@ GOING_AWAY = 1001
 NORMAL = 1000
 PREFECT_VIOLATION = 4001
 
-EXTENSIONS = ["set_state"]
+#: Extensions offered in ``auth_success`` (Prefect clients ignore the field):
+#: - ``set_state``: see CONTRACT.md;
+#: - ``prefetch``: a subscribe message may carry ``"prefetch": N`` (1-1000, default 1): up to N
+#:   runs are sent before their acks; each ack acknowledges the oldest unacknowledged run. One
+#:   run in flight costs a round trip per run; N hides it.
+EXTENSIONS = ["set_state", "prefetch"]
+MAX_PREFETCH = 1000
 #: set_state requests of one connection that may await their answers; past this the server
 #: stops reading that connection until answers have been sent
 MAX_UNANSWERED = 256
@@ -254,8 +260,8 @@ def handle_websocket(environ: dict[str, Any], core: Core, registry: Subscription
                 _authenticate(ws, core)
             elif core.auth_string is not None:
                 raise _Close(PROTOCOL_ERROR, "'prefect' subprotocol required when auth is configured")
-            keys, client_id = _read_subscribe(ws)
-            subscription = Subscription(ws, core, keys, client_id, peer)
+            keys, client_id, prefetch = _read_subscribe(ws)
+            subscription = Subscription(ws, core, keys, client_id, peer, prefetch)
             subscription.run()
         except _Close as close:
             logger.info("closing subscription connection from %s: %s (%d)", peer, close.reason, close.code)
@@ -294,7 +300,7 @@ def _authenticate(ws: WebSocket, core: Core) -> None:
     ws.send(json.dumps({"type": "auth_success", "extensions": EXTENSIONS}))
 
 
-def _read_subscribe(ws: WebSocket) -> tuple[list[str], str]:
+def _read_subscribe(ws: WebSocket) -> tuple[list[str], str, int]:
     value = _decode(ws.receive())
     if value.get("type") != "subscribe":
         raise _Close(PREFECT_VIOLATION, "Protocol violation: expected 'subscribe' message")
@@ -308,7 +314,11 @@ def _read_subscribe(ws: WebSocket) -> tuple[list[str], str]:
         raise _Close(PREFECT_VIOLATION, "Protocol violation: expected 'client_id' in subscribe message")
     if not isinstance(client_id, str):
         raise _Close(PREFECT_VIOLATION, "Protocol violation: 'client_id' must be a string")
-    return list(dict.fromkeys(keys)), client_id
+    prefetch = value.get("prefetch", 1)
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or not 1 <= prefetch <= MAX_PREFETCH:
+        raise _Close(PREFECT_VIOLATION,
+                     f"Protocol violation: 'prefetch' must be a whole number from 1 to {MAX_PREFETCH}")
+    return list(dict.fromkeys(keys)), client_id, prefetch
 
 
 class Subscription:
@@ -320,7 +330,9 @@ class Subscription:
     ``set_state_result`` answers and delivers a run when one arrives for an idle connection.
     """
 
-    def __init__(self, ws: WebSocket, core: Core, keys: list[str], client_id: str, peer: str) -> None:
+    def __init__(self, ws: WebSocket, core: Core, keys: list[str], client_id: str, peer: str,
+                 prefetch: int = 1) -> None:
+        self.prefetch = prefetch
         self.ws = ws
         self.core = core
         self.queue = core.queue
@@ -331,7 +343,8 @@ class Subscription:
         self._cond = threading.Condition()
         self._outbox: deque[str] = deque()  # JSON texts to send
         self._woken = True
-        self._in_flight: tuple[str, str, int, str | None] | None = None  # (id, key, seq, text) awaiting ack
+        # (id, key, seq, text) of the runs sent and not acknowledged yet, oldest first
+        self._in_flight: deque[tuple[str, str, int, str | None]] = deque()
         self._closed = False
         self._quitting = False
         self._done = threading.Event()
@@ -388,9 +401,10 @@ class Subscription:
             sender.join(timeout=2)
             self.queue.forget_waiter(self)
             with self._cond:
-                in_flight, self._in_flight = self._in_flight, None
-            if in_flight is not None:
-                self.queue.give_back(self, *in_flight)
+                unacked = list(self._in_flight)
+                self._in_flight.clear()
+            for entry in unacked:
+                self.queue.give_back(self, *entry)
             self.queue.connection_lost(self)
             logger.info("Task worker %r (%s) disconnected (%s) after %d deliveries", self.client_id, self.peer,
                         reason, self.delivered)
@@ -465,23 +479,24 @@ class Subscription:
         value = _decode(message)
         kind = value.get("type")
         if kind == "ack":
-            in_flight = self._in_flight
-            if in_flight is None:
+            if not self._in_flight:
                 logger.debug("ack from %r with no run awaiting one; ignored", self.client_id)
                 return
+            oldest = self._in_flight[0]  # only this thread removes entries
             # (never call the queue while holding self._cond: the queue calls wake())
-            self.queue.acked(self, in_flight[0])
+            self.queue.acked(self, oldest[0])
             with self._cond:
-                self._in_flight = None
+                self._in_flight.popleft()
             self._try_deliver()
         elif kind == "set_state":
             self._set_state(value)
         elif kind == "quit":
             with self._cond:
                 self._quitting = True
-                in_flight, self._in_flight = self._in_flight, None
-            if in_flight is not None:
-                self.queue.give_back(self, *in_flight)
+                unacked = list(self._in_flight)
+                self._in_flight.clear()
+            for entry in unacked:
+                self.queue.give_back(self, *entry)
             self._request_close(NORMAL, "")
         else:
             raise _Close(PREFECT_VIOLATION, "Protocol violation: expected 'ack' message")
@@ -581,12 +596,12 @@ class Subscription:
             self._done.set()
 
     def _try_deliver(self) -> None:
-        """Send the next run if none is awaiting its ack (any thread; one at a time)."""
+        """Send runs while fewer than ``prefetch`` await their acks (any thread; one at a time)."""
         with self._deliver_lock:
-            with self._cond:
-                if self._in_flight is not None or self._closed or self._quitting:
-                    return
             while True:
+                with self._cond:
+                    if len(self._in_flight) >= self.prefetch or self._closed or self._quitting:
+                        return
                 taken = self.queue.take(self)
                 if taken is None:
                     return  # registered as a waiter: wake() will call us again
@@ -597,20 +612,20 @@ class Subscription:
                         self.queue.discard(self, run_id)  # deleted or claimed since it was queued
                         continue
                     text = found[0]
+                entry = (run_id, task_key, seq, text)
                 with self._cond:
                     closed = self._closed
                     if not closed:
-                        self._in_flight = (run_id, task_key, seq, text)
+                        self._in_flight.append(entry)
                 if closed:
-                    self.queue.give_back(self, run_id, task_key, seq, text)
+                    self.queue.give_back(self, *entry)
                     return
                 try:
                     self.ws.send(text)
                 except (ConnectionClosed, OSError):
                     with self._cond:
-                        if self._in_flight is not None and self._in_flight[0] == run_id:
-                            self._in_flight = None
-                    self.queue.give_back(self, run_id, task_key, seq, text)
+                        if entry in self._in_flight:
+                            self._in_flight.remove(entry)
+                    self.queue.give_back(self, *entry)
                     raise
                 self.delivered += 1
-                return
