@@ -169,9 +169,9 @@ def test_worker_started_before_fork_is_not_running_in_the_child_and_warns():
     assert "post_fork" in proc.stderr
 
 
-def test_worker_thread_count_does_not_grow_when_stopped():
+def test_worker_thread_count_does_not_grow_when_stopped(monkeypatch):
     before = threading.active_count()
-    os.environ.setdefault("SYNC_WORKER_API_URL", "http://127.0.0.1:9/api")
+    monkeypatch.setenv("SYNC_WORKER_API_URL", "http://127.0.0.1:9/api")  # nothing listens: fine
     worker = TaskWorker(_with_params, limit=2).start(block=False)
     worker.stop()
     assert worker.join(10)
