@@ -57,7 +57,8 @@ def _connection(url: str) -> http.client.HTTPConnection:
 class Worker:
     """A subscriber: acks each run and drives it to COMPLETED from ``concurrency`` threads."""
 
-    def __init__(self, url: str, task_key: str, concurrency: int, set_state: str, auth: str | None) -> None:
+    def __init__(self, url: str, task_key: str, concurrency: int, set_state: str, auth: str | None,
+                 prefetch: int = 1) -> None:
         self.url = url
         self.task_key = task_key
         self.set_state_mode = set_state
@@ -71,7 +72,12 @@ class Worker:
         assert reply["type"] == "auth_success", reply
         if set_state == "ws" and "set_state" not in reply.get("extensions", []):
             raise SystemExit("server does not offer the set_state extension; use --set-state rest")
-        self.ws.send(json.dumps({"type": "subscribe", "keys": [task_key], "client_id": f"bench-{os.getpid()}"}))
+        subscribe: dict[str, Any] = {"type": "subscribe", "keys": [task_key], "client_id": f"bench-{os.getpid()}"}
+        if prefetch > 1:
+            if "prefetch" not in reply.get("extensions", []):
+                raise SystemExit("server does not offer the prefetch extension; use --prefetch 1")
+            subscribe["prefetch"] = prefetch
+        self.ws.send(json.dumps(subscribe))
         self.send_lock = threading.Lock()
         self.work: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.pending: dict[str, Any] = {}
@@ -171,8 +177,8 @@ class Worker:
 
 
 def _worker_main(url: str, task_key: str, runs: int, concurrency: int, mode: str, auth: str | None,
-                 out: Any) -> None:
-    worker = Worker(url, task_key, concurrency, mode, auth)
+                 prefetch: int, out: Any) -> None:
+    worker = Worker(url, task_key, concurrency, mode, auth, prefetch)
     worker.start(runs)
     out.put(("ready", None))
     finished = worker.done.wait(max(300.0, runs / 20))
@@ -212,7 +218,7 @@ def _creator_main(url: str, task_key: str, runs: int, threads: int, auth: str | 
 
     go.wait()
     started = time.time()
-    workers = [threading.Thread(target=create, args=(c, n)) for c, n in zip(connections, per_thread)]
+    workers = [threading.Thread(target=create, args=(c, n)) for c, n in zip(connections, per_thread, strict=True)]
     for t in workers:
         t.start()
     for t in workers:
@@ -264,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="executor threads of the subscriber proposing states")
     parser.add_argument("--set-state", choices=["ws", "rest"], default="ws",
                         help="report states over the socket's set_state extension or REST")
+    parser.add_argument("--prefetch", type=int, default=1,
+                        help="runs the server may send before their acks (the embedded server's prefetch "
+                             "extension; 1 = the Prefect protocol)")
     parser.add_argument("--sequential", action="store_true",
                         help="create all runs first, then subscribe (measures each side alone)")
     parser.add_argument("--url", help="use an already running server at this API URL instead of starting one")
@@ -279,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     task_key = f"bench-{uuid.uuid4().hex[:8]}"
     print(f"server {url} ({'subprocess' if process else 'external'}), {args.runs} runs, "
           f"{args.creators}x{args.threads} create threads, {args.concurrency} executor threads, "
+          f"prefetch {args.prefetch}, "
           f"set_state over {args.set_state}, synchronous={args.synchronous}, {os.cpu_count()} CPUs")
     ctx = multiprocessing.get_context("spawn")
     out = ctx.Queue()
@@ -288,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
     creators = [ctx.Process(target=_creator_main, args=(url, task_key, n, args.threads, args.auth_string, go, out))
                 for n in per_creator]
     worker = ctx.Process(target=_worker_main,
-                         args=(url, task_key, args.runs, args.concurrency, args.set_state, args.auth_string, out))
+                         args=(url, task_key, args.runs, args.concurrency, args.set_state, args.auth_string,
+                               args.prefetch, out))
     results: dict[str, Any] = {"created": []}
     cpu_before = _cpu_seconds(process.pid) if process else float("nan")
     try:

@@ -36,8 +36,10 @@ import inspect
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
+from collections import deque
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
@@ -499,6 +501,65 @@ class RetryScheduler(Protocol):
 #: API URLs that answered 404 to POST /events (the embedded server): not asked again.
 _NO_EVENTS: set[str] = set()
 
+#: Seconds after which a final-state event is POSTed a second time (see _EventRepeater).
+REPEAT_EVENT_AFTER = 8.0
+
+
+class _EventRepeater:
+    """POSTs final-state events a second time, :data:`REPEAT_EVENT_AFTER` seconds later.
+
+    Prefect's caller subscribes to ``/api/events/out`` in the background and reads the
+    run without waiting for that subscription; an event published before it is up is
+    only found again by a backfill from the database, which Prefect's event persister
+    fills every few seconds. A run finished inside that window would leave the caller
+    asleep until its timeout. The repeat arrives after the subscription is up. It needs
+    a new event id: Prefect's event pipeline drops an id it has seen (a waiter woken twice
+    for one run is harmless). One daemon thread, batching one POST per API.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._queue: deque[tuple[float, Client, dict[str, Any]]] = deque()
+        self._thread: threading.Thread | None = None
+
+    def add(self, client: Client, event: dict[str, Any]) -> None:
+        with self._cond:
+            repeat = {**event, "id": str(uuid.uuid4())}
+            self._queue.append((time.monotonic() + REPEAT_EVENT_AFTER, client, repeat))
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._loop, name="sync-worker-events", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._cond.wait()
+                delay = self._queue[0][0] - time.monotonic()
+                if delay > 0:
+                    self._cond.wait(delay)
+                    continue
+                due: dict[int, tuple[Client, list[dict[str, Any]]]] = {}
+                while self._queue and self._queue[0][0] <= time.monotonic():
+                    _, client, event = self._queue.popleft()
+                    due.setdefault(id(client), (client, []))[1].append(event)
+            for client, events in due.values():
+                try:
+                    client._request("POST", "/events", json_body=events)
+                except Exception as exc:  # noqa: BLE001 - the first POST went through; this is a courtesy
+                    logger.debug("Repeating %d final-state event(s) failed: %s", len(events), exc)
+
+    def forget(self) -> None:
+        """After a fork: the thread is the parent's; the queue is not ours to send."""
+        self._cond = threading.Condition()
+        self._queue.clear()
+        self._thread = None
+
+
+_REPEATER = _EventRepeater()
+os.register_at_fork(after_in_child=_REPEATER.forget)
+
 
 def emit_final_state_event(client: Client, task_run: TaskRun, state: State) -> None:
     """Prefect: tell a waiting Prefect caller that the run finished.
@@ -533,8 +594,10 @@ def emit_final_state_event(client: Client, task_run: TaskRun, state: State) -> N
         client._request("POST", "/events", json_body=[event])
     except ObjectNotFound:
         _NO_EVENTS.add(client.api_url)
+        return
     except Exception as exc:  # noqa: BLE001 - the state is recorded; only the caller's wake-up is late
         logger.warning("Could not send the final-state event of task run %s: %s", task_run.id, exc)
+    _REPEATER.add(client, event)
 
 
 def run_task_run(task: Task[..., Any], task_run: TaskRun, **options: Any) -> Outcome:

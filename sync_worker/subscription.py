@@ -10,7 +10,8 @@ Protocol (Prefect 3, ``/api/task_runs/subscriptions/scheduled``, subprotocol ``p
 
 One thread per connection reads the socket. Messages with a ``"type"`` are control
 messages (``set_state_result`` answers of the embedded server's ``set_state`` extension);
-messages without one are task runs, queued for the consumer (:meth:`Subscription.__iter__`).
+messages without one are task runs, queued for the consumer (:meth:`Subscription.next_run`,
+or iterate the subscription).
 Because the reader demultiplexes, several executor threads can propose states over the
 same socket (:meth:`Subscription.set_state`) while the service thread waits for runs.
 
@@ -21,7 +22,7 @@ queue on both servers, so :meth:`Subscription.close` only ever closes.
 
 Reconnection: connection errors (refused, reset, closed, 5xx handshake, silence on a
 dead link detected by pings) are intermittent and retried with exponential backoff and
-jitter (tenacity) until :meth:`close`. Refused credentials (handshake 401/403, close 1008)
+jitter (tenacity) until :meth:`close` or the stop event. Refused credentials (handshake 401/403, close 1008)
 raise :class:`SubscriptionAuthError` at once: retrying cannot fix them.
 
 The ``set_state`` fast path can be switched off with ``SYNC_WORKER_FAST_PATH=false``

@@ -1,19 +1,31 @@
 """The websocket ``/api/task_runs/subscriptions/scheduled`` (Prefect 3 protocol + extensions).
 
-Per connection there are three threads: simple-websocket's reader, the HTTP handler thread
-running :meth:`Subscription.receive_loop` (acks, quit, ``set_state`` requests) and a sender
-thread (:meth:`Subscription._send_loop`) that delivers one run at a time and sends the
-``set_state_result`` answers. ``set_state`` requests are handed to the database writer
-without waiting, so a worker's state reports do not serialize behind each other; their
-answers may come back in any order (matched by ``request_id``).
+Per connection there are three threads:
 
-Flow control (the ``credit`` extension): as in Prefect, a connection holds one run at a
-time by default, and each ack lets the next one go. A client that saw ``credit`` in
-``auth_success`` may put ``"credit": N`` in its subscribe message: the server then sends
-up to N runs without waiting for acks (one credit each) and sends more only when the
-client grants them with ``{"type": "credit", "n": K}`` — a worker grants one credit per
-free execution slot, so delivery is pipelined and a busy worker still never holds a run
-it cannot start. Acks keep their meaning (they turn a delivered run into a leased one) and
+- simple-websocket's reader thread handles each message as it arrives (:meth:`Subscription._on_messages`):
+  an ack sends the next run right away; ``set_state`` requests (the extension) that arrived
+  together are committed together, in this thread when no other commit is running, and
+  answered from it; ``quit`` and protocol violations end the connection;
+- the HTTP handler thread authenticates, reads the subscription, then waits for the end and
+  cleans up (the unacknowledged run goes back to the queue, acknowledged ones start their
+  lease timers);
+- a sender thread delivers a run when one arrives for an idle connection and sends answers
+  committed by other threads.
+
+Answers to ``set_state`` may come back in any order (matched by ``request_id``).
+
+Flow control: as in Prefect, a connection holds one run at a time by default, and each ack
+lets the next one go. Two extensions lift that, offered in ``auth_success``:
+
+- ``prefetch``: ``"prefetch": N`` in the subscribe message (1-1000) lets up to N runs await
+  their acks (a window: each ack lets one more go);
+- ``credit``: ``"credit": N`` in the subscribe message: the server sends up to N runs
+  without waiting for acks (one credit each) and more only when the client grants them with
+  ``{"type": "credit", "n": K}``. A worker grants one credit per free execution slot, so
+  delivery is pipelined and a busy worker never holds a run it cannot start (the
+  sync_worker worker uses this one).
+
+Either way acks keep their meaning (they turn a delivered run into a leased one) and
 acknowledge the oldest unacknowledged run.
 """
 from __future__ import annotations
@@ -43,11 +55,13 @@ GOING_AWAY = 1001
 NORMAL = 1000
 PREFECT_VIOLATION = 4001
 
-#: set_state: proposals over this socket; credit: flow control (below); direct_running:
-#: RUNNING proposed for a RUNNING run is answered ABORT, so RUNNING alone claims a run.
-EXTENSIONS = ["set_state", "credit", "direct_running"]
-
-#: Most runs one connection may hold unacknowledged or granted, whatever credit it asks for.
+#: Extensions offered in ``auth_success`` (Prefect clients ignore the field): ``set_state``
+#: (proposals over this socket), ``prefetch`` and ``credit`` (flow control, see the module
+#: docstring), ``direct_running`` (RUNNING proposed for a RUNNING run is answered ABORT, so
+#: RUNNING alone claims a run).
+EXTENSIONS = ["set_state", "prefetch", "credit", "direct_running"]
+MAX_PREFETCH = 1000
+#: Most runs one connection may be granted, whatever credit it asks for.
 MAX_CREDIT = 1000
 #: set_state requests of one connection that may await their answers; past this the server
 #: stops reading that connection until answers have been sent
@@ -260,8 +274,8 @@ def handle_websocket(environ: dict[str, Any], core: Core, registry: Subscription
                 _authenticate(ws, core)
             elif core.auth_string is not None:
                 raise _Close(PROTOCOL_ERROR, "'prefect' subprotocol required when auth is configured")
-            keys, client_id, credit = _read_subscribe(ws)
-            subscription = Subscription(ws, core, keys, client_id, peer, credit)
+            keys, client_id, prefetch, credit = _read_subscribe(ws)
+            subscription = Subscription(ws, core, keys, client_id, peer, prefetch, credit)
             subscription.run()
         except _Close as close:
             logger.info("closing subscription connection from %s: %s (%d)", peer, close.reason, close.code)
@@ -300,7 +314,7 @@ def _authenticate(ws: WebSocket, core: Core) -> None:
     ws.send(json.dumps({"type": "auth_success", "extensions": EXTENSIONS}))
 
 
-def _read_subscribe(ws: WebSocket) -> tuple[list[str], str, int | None]:
+def _read_subscribe(ws: WebSocket) -> tuple[list[str], str, int, int | None]:
     value = _decode(ws.receive())
     if value.get("type") != "subscribe":
         raise _Close(PREFECT_VIOLATION, "Protocol violation: expected 'subscribe' message")
@@ -314,10 +328,16 @@ def _read_subscribe(ws: WebSocket) -> tuple[list[str], str, int | None]:
         raise _Close(PREFECT_VIOLATION, "Protocol violation: expected 'client_id' in subscribe message")
     if not isinstance(client_id, str):
         raise _Close(PREFECT_VIOLATION, "Protocol violation: 'client_id' must be a string")
+    prefetch = value.get("prefetch", 1)
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or not 1 <= prefetch <= MAX_PREFETCH:
+        raise _Close(PREFECT_VIOLATION,
+                     f"Protocol violation: 'prefetch' must be a whole number from 1 to {MAX_PREFETCH}")
     credit = value.get("credit")
     if credit is not None and (not isinstance(credit, int) or isinstance(credit, bool) or credit < 0):
         raise _Close(PREFECT_VIOLATION, "Protocol violation: 'credit' must be a whole number >= 0")
-    return list(dict.fromkeys(keys)), client_id, credit
+    if credit is not None and "prefetch" in value:
+        raise _Close(PREFECT_VIOLATION, "Protocol violation: use either 'prefetch' or 'credit', not both")
+    return list(dict.fromkeys(keys)), client_id, prefetch, credit
 
 
 class Subscription:
@@ -330,7 +350,8 @@ class Subscription:
     """
 
     def __init__(self, ws: WebSocket, core: Core, keys: list[str], client_id: str, peer: str,
-                 credit: int | None = None) -> None:
+                 prefetch: int = 1, credit: int | None = None) -> None:
+        self.prefetch = prefetch
         self.ws = ws
         self.core = core
         self.queue = core.queue
@@ -343,7 +364,7 @@ class Subscription:
         self._woken = True
         # delivered runs awaiting their ack, oldest first: id -> (id, key, seq, text)
         self._unacked: OrderedDict[str, tuple[str, str, int, str | None]] = OrderedDict()
-        # ``None``: Prefect's protocol (one unacknowledged run; an ack releases the next).
+        # ``None``: an ack-driven window of ``prefetch`` runs (1: Prefect's protocol).
         # A number: the credit extension (runs that may still be sent before a grant).
         self._credit = None if credit is None else min(credit, MAX_CREDIT)
         self._closed = False
@@ -478,12 +499,16 @@ class Subscription:
         kind = value.get("type")
         if kind == "ack":
             with self._cond:
-                in_flight = self._unacked.popitem(last=False)[1] if self._unacked else None
-            if in_flight is None:
+                oldest = next(iter(self._unacked.values()), None)  # only this thread removes entries
+            if oldest is None:
                 logger.debug("ack from %r with no run awaiting one; ignored", self.client_id)
                 return
+            # leased before it leaves the unacknowledged runs: a connection closing in between
+            # then gives it back instead of losing it
             # (never call the queue while holding self._cond: the queue calls wake())
-            self.queue.acked(self, in_flight[0])
+            self.queue.acked(self, oldest[0])
+            with self._cond:
+                self._unacked.pop(oldest[0], None)
             if self._credit is None:
                 self._try_deliver()
         elif kind == "credit":
@@ -576,7 +601,7 @@ class Subscription:
     def _may_send(self) -> bool:
         """Under ``self._cond``: whether flow control lets one more run go."""
         if self._credit is None:
-            return not self._unacked
+            return len(self._unacked) < self.prefetch
         return self._credit > 0
 
     def _post(self, message: str) -> None:

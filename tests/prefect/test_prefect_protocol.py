@@ -175,12 +175,19 @@ def test_failed_with_retries_left_is_rejected_but_requeued_only_by_an_explicit_s
         ws.close()
 
 
-def test_running_after_completed_is_accepted_so_workers_must_check_themselves(prefect_server):
+@pytest.mark.parametrize("with_data", [True, False], ids=["completed-with-result", "completed-without-result"])
+def test_a_completed_run_is_protected_only_when_its_state_has_result_data(prefect_server, with_data):
     run = _create_run(prefect_server, f"terminal-{uuid.uuid4().hex[:8]}")
-    for state in (PENDING, RUNNING, COMPLETED):
+    data = {"storage_key": "somewhere", "expiration": None, "serializer": {"type": "json"},
+            "prefect_version": "3.8.8", "storage_block_id": None} if with_data else None
+    for state in (PENDING, RUNNING, {**COMPLETED, "data": data}):
         assert _set_state(prefect_server, run["id"], state)["status"] == "ACCEPT"
-    again = _set_state(prefect_server, run["id"], RUNNING)
-    assert (again["status"], again["state"]["type"]) == ("ACCEPT", "RUNNING")
+    again = _set_state(prefect_server, run["id"], PENDING)
+    if with_data:
+        assert (again["status"], again["state"]["type"]) == ("REJECT", "COMPLETED")
+        assert again["details"]["reason"] == "This run is already completed."
+    else:  # a worker must check for itself before running it again
+        assert (again["status"], again["state"]["type"]) == ("ACCEPT", "PENDING")
 
 
 # ----------------------------------------------------------------------------- records
@@ -330,7 +337,7 @@ def test_rest_set_state_does_not_wake_a_prefect_caller_but_a_state_event_does(pr
     assert with_event < short_timeout, f"the event did not wake the caller ({with_event:.1f}s)"
 
 
-def test_post_events_needs_no_task_run_recorder_involvement(prefect_server):
+def test_an_event_without_client_orchestration_is_not_recorded_as_a_state(prefect_server):
     """An event without prefect.orchestration=client is not recorded as a state (no second writer)."""
     import requests
 

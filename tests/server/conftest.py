@@ -5,6 +5,7 @@ import base64
 import json
 import time
 import uuid
+from pathlib import Path
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -12,7 +13,12 @@ import pytest
 import requests
 import websocket
 
-PROTOCOL = "/work/shared/prefect-protocol"
+# shared/ sits beside the repository (in CI too); /work/shared is where development has it
+PROTOCOL = next(
+    (str(p) for p in (Path(__file__).resolve().parents[3] / "shared" / "prefect-protocol",
+                      Path("/work/shared/prefect-protocol")) if p.is_dir()),
+    "/work/shared/prefect-protocol",
+)
 SUBSCRIPTION_PATH = "/task_runs/subscriptions/scheduled"
 
 

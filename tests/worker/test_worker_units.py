@@ -6,6 +6,7 @@ Timeout enforcement, parameter-reading decision, task specs of the CLI, fork saf
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -128,7 +129,7 @@ def test_limit_and_counters_before_start():
     assert worker.finished_task_runs == {k: 0 for k in worker.task_keys}
     unlimited = TaskWorker(_with_params, limit=None)
     assert unlimited.limit is None and unlimited.available_tasks is None and unlimited.current_tasks == 0
-    assert worker.client_id == f"{os.uname().nodename}-{os.getpid()}" or worker.client_id.endswith(f"-{os.getpid()}")
+    assert worker.client_id == f"{socket.gethostname()}-{os.getpid()}"
 
 
 # -- fork safety ------------------------------------------------------------------------------
@@ -169,9 +170,9 @@ def test_worker_started_before_fork_is_not_running_in_the_child_and_warns():
     assert "post_fork" in proc.stderr
 
 
-def test_worker_thread_count_does_not_grow_when_stopped():
+def test_worker_thread_count_does_not_grow_when_stopped(monkeypatch):
     before = threading.active_count()
-    os.environ.setdefault("SYNC_WORKER_API_URL", "http://127.0.0.1:9/api")
+    monkeypatch.setenv("SYNC_WORKER_API_URL", "http://127.0.0.1:9/api")  # nothing listens: fine
     worker = TaskWorker(_with_params, limit=2).start(block=False)
     worker.stop()
     assert worker.join(10)
