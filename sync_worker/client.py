@@ -8,8 +8,8 @@ Retries: reads, deletes, record writes and state proposals are retried on connec
 errors and 5xx answers with exponential backoff and jitter (tenacity). Proposals are safe
 to retry because the server orchestrates them: a proposal that did land the first time is
 answered REJECT the second time, which the engine treats as "already there". Creating a
-run is *not* retried: a create that reached the server before the connection broke would
-otherwise run the task twice.
+run is retried only when the server refused it (429/503): a create that reached the server
+before the connection broke would otherwise run the task twice.
 """
 from __future__ import annotations
 
@@ -89,6 +89,15 @@ class Client:
         elif self.api_key:
             self._session.headers["Authorization"] = f"Bearer {self.api_key}"
         self._rpc: Any = _UNSET
+        # A create refused with 429/503 was not carried out (the server said so), so unlike
+        # a broken connection it is safe to repeat: a busy Prefect server answers 503.
+        self._refused_retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(lambda exc: isinstance(exc, APIError) and exc.status_code in (429, 503)),
+            stop=tenacity.stop_after_attempt(max(1, retry_attempts)),
+            wait=tenacity.wait_exponential_jitter(multiplier=0.1, max=5.0),
+            before_sleep=_log_retry,
+            reraise=True,
+        )
         self._retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception(_is_retryable),
             stop=tenacity.stop_after_attempt(max(1, retry_attempts)),
@@ -171,8 +180,12 @@ class Client:
             return TaskRun.from_json(self.call_rpc({"type": "create", "body": body}, "POST /task_runs/"))
         except RpcUnavailable:
             pass
-        response = self._request("POST", "/task_runs/", json_body=body)
+        response = self._refused_retrying(lambda: self._request("POST", "/task_runs/", json_body=body))
         return TaskRun.from_json(response.json())
+
+    def emit_events(self, events: list[Dict[str, Any]]) -> None:
+        """``POST /events``: Prefect's event intake (its callers wait for state-change events)."""
+        self._request("POST", "/events", json_body=events)
 
     def read_task_run(self, task_run_id: str) -> TaskRun:
         response = self._retried(lambda: self._request("GET", f"/task_runs/{task_run_id}"))

@@ -546,7 +546,7 @@ class _EventRepeater:
                     due.setdefault(id(client), (client, []))[1].append(event)
             for client, events in due.values():
                 try:
-                    client._request("POST", "/events", json_body=events)
+                    client.emit_events(events)
                 except Exception as exc:  # noqa: BLE001 - the first POST went through; this is a courtesy
                     logger.debug("Repeating %d final-state event(s) failed: %s", len(events), exc)
 
@@ -591,7 +591,7 @@ def emit_final_state_event(client: Client, task_run: TaskRun, state: State) -> N
         },
     }
     try:
-        client._request("POST", "/events", json_body=[event])
+        client.emit_events([event])
     except ObjectNotFound:
         _NO_EVENTS.add(client.api_url)
         return

@@ -132,12 +132,22 @@ def test_reads_are_retried_through_5xx(rest_only):
         flaky.close()
 
 
-def test_creates_are_not_retried(rest_only):
-    flaky = FlakyServer(failures=1, body=RUN)
+def test_creates_are_repeated_only_when_the_server_refused_them(rest_only):
+    # 503 means "not done, try later": repeated; a broken connection is not (test_server_down)
+    flaky = FlakyServer(failures=2, body=RUN)
+    try:
+        assert create(Client(flaky.url, retry_attempts=5)).id == "r1"
+        assert flaky.requests == 3
+    finally:
+        flaky.close()
+
+
+def test_creates_stop_after_the_retry_budget(rest_only):
+    flaky = FlakyServer(failures=100, body=RUN)
     try:
         with pytest.raises(APIError) as info:
-            create(Client(flaky.url, retry_attempts=5))
-        assert info.value.status_code == 503 and flaky.requests == 1
+            create(Client(flaky.url, retry_attempts=2))
+        assert info.value.status_code == 503 and flaky.requests == 2
     finally:
         flaky.close()
 
