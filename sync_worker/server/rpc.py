@@ -29,14 +29,13 @@ from .core import Conflict, Core, NotFound
 from .database import DatabaseClosed
 from .models import ValidationError
 from .subscriptions import (
-    GOING_AWAY,
     PREFECT_VIOLATION,
     SubscriptionRegistry,
     WebSocket,
     _authenticate,
     _Close,
-    _close,
     _decode,
+    serve_socket,
 )
 
 logger = logging.getLogger("sync_worker.server.rpc")
@@ -48,28 +47,16 @@ MAX_WAITS = 10_000
 def handle_rpc(environ: dict[str, Any], core: Core, registry: SubscriptionRegistry,
                max_message_size: int | None) -> None:
     """Serve one rpc connection until it ends (runs in the HTTP handler thread)."""
-    ws = WebSocket(environ, subprotocols=["prefect"], max_message_size=max_message_size)
-    peer = environ.get("REMOTE_ADDR", "?")
-    if not registry.add(ws):
-        _close(ws, GOING_AWAY, "Server is shutting down")
-        return
-    channel: RpcChannel | None = None
-    try:
+
+    def serve(ws: WebSocket, peer: str) -> None:
+        _authenticate(ws, core)
+        channel = RpcChannel(ws, core, peer)
         try:
-            _authenticate(ws, core)
-            channel = RpcChannel(ws, core, peer)
             channel.run()
-        except _Close as close:
-            logger.info("closing rpc connection from %s: %s (%d)", peer, close.reason, close.code)
-            _close(ws, close.code, close.reason)
-        except ConnectionClosed:
-            pass
-    finally:
-        if channel is not None:
+        finally:
             channel.cancel_waits()
-        registry.remove(ws)
-        ws.shutdown()
-        ws.thread.join(timeout=1.0)
+
+    serve_socket(environ, registry, max_message_size, "rpc", serve)
 
 
 class RpcChannel:

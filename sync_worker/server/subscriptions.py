@@ -259,26 +259,21 @@ class SubscriptionRegistry:
             return len(self._sockets)
 
 
-def handle_websocket(environ: dict[str, Any], core: Core, registry: SubscriptionRegistry,
-                     max_message_size: int | None) -> None:
-    """Serve one subscription connection until it ends (runs in the HTTP handler thread)."""
+def serve_socket(environ: dict[str, Any], registry: SubscriptionRegistry, max_message_size: int | None,
+                 what: str, serve: Callable[[WebSocket, str], None]) -> None:
+    """Accept a websocket (subprotocol ``prefect``), run ``serve(ws, peer)`` in this HTTP
+    handler thread until the connection ends, and close it with the code and reason of a
+    protocol violation (:class:`_Close`) raised by ``serve``."""
     ws = WebSocket(environ, subprotocols=["prefect"], max_message_size=max_message_size)
     peer = environ.get("REMOTE_ADDR", "?")
     if not registry.add(ws):
         _close(ws, GOING_AWAY, "Server is shutting down")
         return
-    subscription: Subscription | None = None
     try:
         try:
-            if ws.subprotocol == "prefect":
-                _authenticate(ws, core)
-            elif core.auth_string is not None:
-                raise _Close(PROTOCOL_ERROR, "'prefect' subprotocol required when auth is configured")
-            keys, client_id, prefetch, credit = _read_subscribe(ws)
-            subscription = Subscription(ws, core, keys, client_id, peer, prefetch, credit)
-            subscription.run()
+            serve(ws, peer)
         except _Close as close:
-            logger.info("closing subscription connection from %s: %s (%d)", peer, close.reason, close.code)
+            logger.info("closing %s connection from %s: %s (%d)", what, peer, close.reason, close.code)
             _close(ws, close.code, close.reason)
         except ConnectionClosed:
             pass
@@ -286,6 +281,21 @@ def handle_websocket(environ: dict[str, Any], core: Core, registry: Subscription
         registry.remove(ws)
         ws.shutdown()
         ws.thread.join(timeout=1.0)
+
+
+def handle_websocket(environ: dict[str, Any], core: Core, registry: SubscriptionRegistry,
+                     max_message_size: int | None) -> None:
+    """Serve one subscription connection until it ends (runs in the HTTP handler thread)."""
+
+    def serve(ws: WebSocket, peer: str) -> None:
+        if ws.subprotocol == "prefect":
+            _authenticate(ws, core)
+        elif core.auth_string is not None:
+            raise _Close(PROTOCOL_ERROR, "'prefect' subprotocol required when auth is configured")
+        keys, client_id, prefetch, credit = _read_subscribe(ws)
+        Subscription(ws, core, keys, client_id, peer, prefetch, credit).run()
+
+    serve_socket(environ, registry, max_message_size, "subscription", serve)
 
 
 def _close(ws: WebSocket, code: int, reason: str) -> None:
