@@ -43,6 +43,7 @@ class Core:
         # run id -> callbacks waiting for the run to reach a terminal state (rpc "wait")
         self._finish_waiters: dict[str, list[Callable[[str], None]]] = {}
         self._finish_lock = threading.Lock()
+        queue.on_finished = self._finished  # a lease running out into CRASHED wakes waiters too
         self.auth_string = auth_string
         self._basic = (
             ("Basic " + base64.b64encode(auth_string.encode()).decode()).encode() if auth_string else None
@@ -175,17 +176,16 @@ class Core:
         """Call ``callback(run_text)`` once the run is in a terminal state (at once if it is).
 
         Raises NotFound for an unknown run. Returns a function that cancels the wait.
-        Terminal states set by orchestration notify waiters; others (a lease running out
-        into CRASHED) are seen by the client's own timeout and re-check.
+        Terminal states set by orchestration notify waiters, and so does a lease running
+        out into CRASHED.
         """
         with self._finish_lock:  # registered before the check: a commit in between still finds it
             self._finish_waiters.setdefault(run_id, []).append(callback)
         found = self.db.read_run_text(run_id)  # type: ignore[attr-defined]
-        if found is None or found[1] in TERMINAL:
-            if self._unregister(run_id, callback):
-                if found is None:
-                    raise NotFound("Task not found")
-                callback(found[0])
+        if (found is None or found[1] in TERMINAL) and self._unregister(run_id, callback):
+            if found is None:
+                raise NotFound("Task not found")
+            callback(found[0])
 
         def cancel() -> None:
             self._unregister(run_id, callback)

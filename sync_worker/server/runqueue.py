@@ -29,6 +29,7 @@ import itertools
 import logging
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 from .database import (
@@ -89,6 +90,8 @@ class RunQueue:
         self._texts: dict[str, str] = {}  # TaskRun JSON of buffered runs: delivery needs no read
         self.outstanding: dict[str, Any] = {}  # run id -> Waiter (or RECOVERED)
         self._recovered_holders: dict[str, str] = {}  # run id -> client_id, for RECOVERED runs
+        #: called (run id, TaskRun JSON) after the queue itself finished a run (CRASHED)
+        self.on_finished: Callable[[str, str], None] | None = None
         self._timers: list[tuple[float, int, str, Any]] = []
         self._timer_seq = itertools.count()
         self._timer_cond = threading.Condition(self.lock)
@@ -340,7 +343,13 @@ class RunQueue:
             row.qstate = QSTATE_NONE
             row.touch()
             tx.update_run(row)
-            tx.after_commit(lambda: self.release(run_id))
+            text = row.dump()
+
+            def crashed() -> None:
+                self.release(run_id)
+                if self.on_finished is not None:
+                    self.on_finished(run_id, text)
+            tx.after_commit(crashed)
             logger.warning("run %s marked CRASHED: %s", run_id, message)
             return
         message = (

@@ -5,7 +5,6 @@ import json
 import uuid
 
 import websocket
-
 from conftest import read_close
 
 
@@ -89,7 +88,7 @@ def test_rpc_needs_the_auth_string(server_factory, make_wire):
     wire = make_wire(server_factory(auth_string="admin:pw"), auth_string="admin:pw")
     code, reason = read_close(rpc_connect(wire, token="admin:wrong"))
     assert code == 1008 and reason == "Invalid token"
-    ws, auth = rpc_socket(wire)
+    _ws, auth = rpc_socket(wire)
     assert auth["type"] == "auth_success"
 
 
@@ -98,3 +97,20 @@ def test_garbage_closes_the_rpc_socket_with_4001(wire):
     ws.send(json.dumps({"type": "hello", "request_id": "x"}))
     code, reason = read_close(ws)
     assert code == 4001 and "create" in reason
+
+
+def test_wait_is_answered_when_a_lease_runs_out_into_crashed(server_factory, make_wire):
+    server = server_factory(lease_timeout=0.3, max_deliveries=1)
+    wire = make_wire(server)
+    run = wire.create()
+    holder = wire.subscribe(client_id="doomed")
+    holder.next_run()
+    holder.ack()
+    holder.set_state(run["id"], "PENDING")
+    ws, _auth = rpc_socket(wire)
+    ws.send(json.dumps({"type": "wait", "request_id": "w", "task_run_id": run["id"]}))
+    holder.ws.close()  # the worker dies: one delivery allowed, so the run is marked CRASHED
+    ws.settimeout(10)
+    reply = json.loads(ws.recv())
+    assert reply["type"] == "wait_result" and reply["status_code"] == 200
+    assert reply["result"]["state"]["type"] == "CRASHED"
