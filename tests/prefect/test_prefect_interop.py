@@ -15,7 +15,6 @@ from __future__ import annotations
 import textwrap
 import time
 
-import pytest
 from prefect_support import (
     TRACE_EVENT_SUBSCRIPTION,
     TRACE_TASK_RUN_READS,
@@ -33,15 +32,6 @@ def add_one(x: int) -> int:
 
 
 
-GAP_EVENT_RACE = (
-    "G10: Prefect's TaskRunWaiter subscribes to /api/events/out in the background and does not wait for it "
-    "before reading the run; an event published before the subscription is up is only recovered by backfill "
-    "from the database, which the event persister fills every 5 s. A run that our worker finishes inside that "
-    "window leaves the caller asleep until its timeout (forever without one); Prefect's own worker has the same "
-    "race. Fix in the engine: POST the final event again (same id: the server and the subscriber dedupe) after "
-    "the persister's flush interval, ~6-10 s later, e.g. batched from one timer thread. (This test delays the "
-    "subscription 5 s and turns the persister's flush down to 120 s.)"
-)
 
 
 def add_one(x: int) -> int:
@@ -128,7 +118,6 @@ def test_prefect_future_result_wakes_up_with_the_value_computed_by_sync_worker(
     assert caller.wait(timeout=30).returncode == 0
 
 
-@pytest.mark.xfail(strict=True, reason=GAP_EVENT_RACE)
 def test_prefect_caller_wakes_even_if_its_event_subscription_comes_up_late(
     prefect_lazy_events_server, tmp_path, python_script, sync_worker_env, start_worker
 ):

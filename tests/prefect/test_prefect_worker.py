@@ -14,12 +14,6 @@ import uuid
 import pytest
 from prefect_support import read_run, state_history, wait_for_run
 
-GAP_503 = (
-    "G8: Prefect on SQLite answers 503 'Service Unavailable' when the database is busy (the transaction was "
-    "rolled back); Prefect's own client retries 503 for every request, sync_worker's Client does not retry "
-    "POST /task_runs/, so .delay() fails under concurrent load."
-)
-
 
 def _key(name: str) -> str:
     """A key of its own per test: the session's server keeps one in-memory queue per key."""
@@ -191,7 +185,6 @@ def test_a_retry_waiting_for_its_delay_does_not_hold_a_slot(prefect_server, sync
     assert (run["state_type"], run["run_count"]) == ("COMPLETED", 2)
 
 
-@pytest.mark.xfail(strict=True, reason=GAP_503)
 def test_delay_survives_a_busy_prefect_database(prefect_server, sync_worker_env):
     """A write lock on Prefect's SQLite database makes its API answer 503 at once (measured:
     0.01 s); Prefect's own client retries. Here the lock is held for one second."""
