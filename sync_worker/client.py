@@ -43,6 +43,21 @@ def _is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, APIError) and exc.status_code >= 500
 
 
+def _was_refused(exc: BaseException) -> bool:
+    return isinstance(exc, APIError) and exc.status_code in (429, 503)
+
+
+def _retry_policy(predicate: Callable[[BaseException], bool], attempts: int) -> tenacity.Retrying:
+    """Exponential backoff with jitter, ``attempts`` tries, for errors ``predicate`` accepts."""
+    return tenacity.Retrying(
+        retry=tenacity.retry_if_exception(predicate),
+        stop=tenacity.stop_after_attempt(max(1, attempts)),
+        wait=tenacity.wait_exponential_jitter(multiplier=0.1, max=5.0),
+        before_sleep=_log_retry,
+        reraise=True,
+    )
+
+
 def _log_retry(retry_state: tenacity.RetryCallState) -> None:
     exc = retry_state.outcome.exception() if retry_state.outcome else None
     logger.warning(
@@ -91,20 +106,8 @@ class Client:
         self._rpc: Any = _UNSET
         # A create refused with 429/503 was not carried out (the server said so), so unlike
         # a broken connection it is safe to repeat: a busy Prefect server answers 503.
-        self._refused_retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception(lambda exc: isinstance(exc, APIError) and exc.status_code in (429, 503)),
-            stop=tenacity.stop_after_attempt(max(1, retry_attempts)),
-            wait=tenacity.wait_exponential_jitter(multiplier=0.1, max=5.0),
-            before_sleep=_log_retry,
-            reraise=True,
-        )
-        self._retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception(_is_retryable),
-            stop=tenacity.stop_after_attempt(max(1, retry_attempts)),
-            wait=tenacity.wait_exponential_jitter(multiplier=0.1, max=5.0),
-            before_sleep=_log_retry,
-            reraise=True,
-        )
+        self._refused_retrying = _retry_policy(_was_refused, retry_attempts)
+        self._retrying = _retry_policy(_is_retryable, retry_attempts)
 
     # -- plumbing ---------------------------------------------------------------------
     @property
