@@ -9,7 +9,8 @@ from collections.abc import Sequence
 LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """argparse type of counts (also used by the server's options)."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError("must be a whole number >= 1")
@@ -19,7 +20,7 @@ def _positive_int(text: str) -> int:
 def _limit(text: str) -> int | None:
     if text.lower() in ("none", "0", "unlimited"):
         return None
-    return _positive_int(text)
+    return positive_int(text)
 
 
 def _add_worker_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -70,8 +71,8 @@ def _add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
             "submits a batch of runs (including one that fails and is retried) and prints the results."
         ),
     )
-    parser.add_argument("--runs", type=_positive_int, default=20, help="how many runs to submit (default 20)")
-    parser.add_argument("--limit", type=_positive_int, default=10, help="the worker's concurrency limit (default 10)")
+    parser.add_argument("--runs", type=positive_int, default=20, help="how many runs to submit (default 20)")
+    parser.add_argument("--limit", type=positive_int, default=10, help="the worker's concurrency limit (default 10)")
     parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     def run(args: argparse.Namespace) -> int:

@@ -9,23 +9,17 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from sync_worker.cli import LOG_FORMAT, positive_int
+
 logger = logging.getLogger("sync_worker.server.cli")
 
 DEFAULT_DB = str(Path.home() / ".sync_worker" / "server.db")
-LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 
 
 def _positive_float(text: str) -> float:
     value = float(text)
     if value <= 0:
         raise argparse.ArgumentTypeError("must be > 0")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be a whole number >= 1")
     return value
 
 
@@ -53,9 +47,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "default from SYNC_WORKER_SERVER_AUTH_STRING or PREFECT_SERVER_API_AUTH_STRING")
     parser.add_argument("--lease-timeout", type=_positive_float, default=30.0, metavar="SECONDS",
                         help="seconds before a run held by a disconnected worker is delivered again (default 30)")
-    parser.add_argument("--max-deliveries", type=_positive_int, default=3, metavar="N",
+    parser.add_argument("--max-deliveries", type=positive_int, default=3, metavar="N",
                         help="deliveries to lost workers after which a run is marked CRASHED (default 3)")
-    parser.add_argument("--max-body-size", type=_positive_int, default=10 * 1024 * 1024, metavar="BYTES",
+    parser.add_argument("--max-body-size", type=positive_int, default=10 * 1024 * 1024, metavar="BYTES",
                         help="largest request body or websocket message (default 10 MiB)")
     parser.add_argument("--synchronous", choices=["NORMAL", "FULL"], default="NORMAL",
                         help="SQLite durability: NORMAL survives a server crash, FULL also power loss "
