@@ -279,9 +279,9 @@ def write_result(store: RecordStore, value: Any, serializer: str = "json", key: 
     """
     key = key or str(uuid.uuid4())
     storage_key = str(store.location(key)) if isinstance(store, LocalDirectoryStore) else key
-    data = dump_record(value, serializer, storage_key)
-    store.write(key, data)
-    return json.loads(data)["metadata"]
+    record = make_record(value, serializer, storage_key)
+    store.write(key, json.dumps(record).encode())
+    return record["metadata"]
 
 
 def inline_result(value: Any, serializer: str = "json") -> dict[str, Any] | None:
