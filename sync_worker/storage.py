@@ -195,7 +195,7 @@ def make_record(value: Any, serializer: str = "json", key: str | None = None) ->
                 "Pass JSON-compatible values (str, int, float, bool, None, list, dict with "
                 "str keys), or opt in to pickle with result_serializer='pickle'"
             ) from exc
-        serializer_meta: dict[str, Any] = _JSON_SERIALIZER
+        serializer_meta: dict[str, Any] = {**_JSON_SERIALIZER, "dumps_kwargs": {}, "loads_kwargs": {}}
     elif serializer == "pickle":
         import pickle
 
@@ -203,7 +203,7 @@ def make_record(value: Any, serializer: str = "json", key: str | None = None) ->
             payload = base64.encodebytes(pickle.dumps(value)).decode()
         except Exception as exc:
             raise SerializationError(f"cannot pickle {_describe(value)}: {exc}") from exc
-        serializer_meta = _PICKLE_SERIALIZER
+        serializer_meta = dict(_PICKLE_SERIALIZER)
     else:
         raise ValueError(f"unknown serializer {serializer!r}; choose one of {', '.join(SERIALIZERS)}")
     metadata = {
