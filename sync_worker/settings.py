@@ -78,6 +78,8 @@ class Settings:
         client_metrics_enabled / client_metrics_port: the Prometheus client metrics
             server started by workers.
         drain_timeout: seconds a stopping worker waits for in-flight runs.
+        fast_path: use the embedded server's extensions when it offers them (states and
+            creates over websockets, credit flow control); off, every call is Prefect's REST.
     """
 
     api_url: str = DEFAULT_API_URL
@@ -90,6 +92,7 @@ class Settings:
     client_metrics_enabled: bool = False
     client_metrics_port: int = DEFAULT_METRICS_PORT
     drain_timeout: float = 30.0
+    fast_path: bool = True
 
     @property
     def uses_server_storage(self) -> bool:
@@ -130,4 +133,5 @@ def get_settings(env: Optional[Mapping[str, str]] = None) -> Settings:
             )
         ),
         drain_timeout=_number(env, "SYNC_WORKER_DRAIN_TIMEOUT", default=defaults.drain_timeout),
+        fast_path=_bool(env, "SYNC_WORKER_FAST_PATH", default=defaults.fast_path),
     )

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import queue
 import socket
 import struct
@@ -57,7 +56,6 @@ from sync_worker.schemas import OrchestrationResult, State, TaskRun
 logger = logging.getLogger("sync_worker.subscription")
 
 SUBSCRIPTION_PATH = "task_runs/subscriptions/scheduled"
-FAST_PATH_ENV = "SYNC_WORKER_FAST_PATH"
 
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_PROTOCOL_VIOLATION = 4001
@@ -72,9 +70,10 @@ _process_lock = threading.Lock()
 
 
 def fast_path_enabled(env: dict[str, str] | None = None) -> bool:
-    """Whether ``SYNC_WORKER_FAST_PATH`` allows states over the socket (default: yes)."""
-    value = (env if env is not None else os.environ).get(FAST_PATH_ENV, "true").strip().lower()
-    return value not in {"0", "false", "no", "off"}
+    """Whether ``SYNC_WORKER_FAST_PATH`` allows the embedded server's extensions (default: yes)."""
+    from sync_worker.settings import get_settings
+
+    return get_settings(env).fast_path
 
 
 class SubscriptionError(SyncWorkerError):
