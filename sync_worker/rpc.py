@@ -10,7 +10,6 @@ Prefect server is asked once. ``SYNC_WORKER_FAST_PATH=false`` turns it off.
 """
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -18,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import websocket
 
-from sync_worker.subscription import ConnectionLost, Subscription, _Connection, fast_path_enabled
+from sync_worker.subscription import ConnectionLost, _Connection, authenticate, fast_path_enabled, open_socket
 
 if TYPE_CHECKING:
     from sync_worker.client import Client
@@ -74,12 +73,8 @@ class RpcChannel:
             return conn
 
     def _open(self) -> _Connection:
-        headers = [f"{name}: {value}" for name, value in self.client.headers.items()]
         try:
-            ws = websocket.create_connection(
-                self.url, timeout=min(float(self.client.timeout or 30.0), 10.0), subprotocols=["prefect"],
-                header=headers, enable_multithread=True, skip_utf8_validation=True,
-            )
+            ws = open_socket(self.client, self.url, min(float(self.client.timeout or 30.0), 10.0))
         except websocket.WebSocketBadStatusException as exc:
             if exc.status_code in (403, 404):  # a Prefect server: no such endpoint
                 self._unsupported = True
@@ -88,8 +83,7 @@ class RpcChannel:
         except (websocket.WebSocketException, OSError) as exc:
             raise RpcUnavailable(f"cannot connect to {self.url}: {exc}") from exc
         try:
-            ws.send(json.dumps({"type": "auth", "token": self.client.auth_token}))
-            reply = Subscription._recv_handshake(ws)
+            reply = authenticate(ws, self.client)
             if reply.get("type") != "auth_success":
                 raise RpcUnavailable(f"rpc auth refused: {reply}")
             ws.settimeout(PING_INTERVAL)

@@ -255,6 +255,29 @@ class _Connection:
 _END = object()
 
 
+def open_socket(client: Any, url: str, timeout: float) -> websocket.WebSocket:
+    """A websocket to the API with the options every sync_worker socket uses (subscription,
+    rpc). Raises websocket-client's errors; callers say what they mean."""
+    headers = [f"{name}: {value}" for name, value in client.headers.items()]
+    return websocket.create_connection(
+        url, timeout=timeout, subprotocols=["prefect"], header=headers, enable_multithread=True,
+        # websocket-client's UTF-8 check of incoming frames is pure Python and cost a third
+        # of the worker's CPU; json.loads rejects invalid text anyway.
+        skip_utf8_validation=True,
+    )
+
+
+def authenticate(ws: websocket.WebSocket, client: Any) -> dict[str, Any]:
+    """Send Prefect's auth message; the server's answer (a close frame raises)."""
+    ws.send(json.dumps({"type": "auth", "token": client.auth_token}))
+    while True:
+        opcode, data = ws.recv_data(control_frame=True)
+        if opcode == websocket.ABNF.OPCODE_CLOSE:
+            raise _close_error(data)
+        if opcode in (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY):
+            return json.loads(data)
+
+
 def _close_error(data: bytes) -> BaseException:
     code = struct.unpack("!H", data[:2])[0] if len(data) >= 2 else None
     reason = data[2:].decode("utf-8", "replace") if len(data) > 2 else ""
@@ -359,15 +382,8 @@ class Subscription:
     def _open(self) -> _Connection:
         if self._stopping():
             raise _Closed()
-        headers = [f"{name}: {value}" for name, value in self.client.headers.items()]
         try:
-            ws = websocket.create_connection(
-                self.url, timeout=self.open_timeout, subprotocols=["prefect"], header=headers,
-                enable_multithread=True,
-                # websocket-client's UTF-8 check of incoming frames is pure Python and cost a
-                # third of the worker's CPU; json.loads rejects invalid text anyway.
-                skip_utf8_validation=True,
-            )
+            ws = open_socket(self.client, self.url, self.open_timeout)
         except websocket.WebSocketBadStatusException as exc:
             if exc.status_code in (401, 403):
                 raise SubscriptionAuthError(
@@ -380,8 +396,7 @@ class Subscription:
         except (websocket.WebSocketException, OSError) as exc:
             raise ConnectionLost(f"cannot connect to {self.url}: {exc}") from exc
         try:
-            ws.send(json.dumps({"type": "auth", "token": self.client.auth_token}))
-            reply = self._recv_handshake(ws)
+            reply = authenticate(ws, self.client)
             if reply.get("type") != "auth_success":
                 raise SubscriptionAuthError(
                     f"The server did not accept the subscription's auth message ({reply.get('reason') or reply}); {_AUTH_HINT}"
@@ -419,15 +434,6 @@ class Subscription:
         logger.info("Subscribed to %s as %s (keys: %s%s)", self.url, self.client_id, ", ".join(self.keys),
                     "; set_state over the socket" if self.supports_set_state else "")
         return conn
-
-    @staticmethod
-    def _recv_handshake(ws: websocket.WebSocket) -> dict[str, Any]:
-        while True:
-            opcode, data = ws.recv_data(control_frame=True)
-            if opcode == websocket.ABNF.OPCODE_CLOSE:
-                raise _close_error(data)
-            if opcode in (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY):
-                return json.loads(data)
 
     def _count_connect(self) -> None:
         global _process_has_connected
