@@ -188,7 +188,7 @@ def test_without_the_rpc_endpoint_creates_use_rest(rest_only, server):
     assert create(client).state.type is StateType.SCHEDULED
 
 
-def test_a_server_without_the_endpoint_is_asked_once(monkeypatch):
+def test_a_failed_rpc_handshake_is_not_retried_right_away(monkeypatch):
     monkeypatch.delenv("SYNC_WORKER_FAST_PATH", raising=False)
     stub = FlakyServer(failures=0, body=RUN)  # any GET (the handshake too) gets a plain 200
     try:
