@@ -50,3 +50,10 @@ def test_storage_server_mode():
 def test_storage_falls_back_to_prefects_directory():
     assert get_settings({"PREFECT_RESULTS_LOCAL_STORAGE_PATH": "/p"}).storage == "/p"
     assert get_settings({"PREFECT_RESULTS_LOCAL_STORAGE_PATH": "/p", "SYNC_WORKER_STORAGE": "/s"}).storage == "/s"
+
+
+def test_fast_path_switch():
+    assert get_settings({}).fast_path is True
+    assert get_settings({"SYNC_WORKER_FAST_PATH": "false"}).fast_path is False
+    with pytest.raises(SettingsError, match="SYNC_WORKER_FAST_PATH='maybe'"):
+        get_settings({"SYNC_WORKER_FAST_PATH": "maybe"})
