@@ -34,7 +34,7 @@ def _add_worker_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
         epilog="example: sync-worker worker myapp.tasks:send_email myapp.tasks:resize_image --limit 20",
     )
-    parser.add_argument("tasks", nargs="+", metavar="MODULE:TASK", help="an importable @task, e.g. myapp.tasks:send_email")
+    parser.add_argument("tasks", nargs="*", metavar="MODULE:TASK", help="an importable @task, e.g. myapp.tasks:send_email")
     parser.add_argument("--limit", type=_limit, default=10,
                         help="most runs executing at once (default 10; 'none' for no limit)")
     parser.add_argument("--status-port", type=int, default=None, metavar="PORT",
@@ -42,9 +42,25 @@ def _add_worker_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                         help="stop after this many seconds (default: run until stopped)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    # Django projects: the same worker as `manage.py sync_worker` (sync_worker.contrib.django)
+    parser.add_argument("--django", metavar="SETTINGS_MODULE", default=None,
+                        help="set up this Django settings module and serve the project's tasks instead of MODULE:TASK")
+    parser.add_argument("--queue", action="append", dest="queues", metavar="QUEUE",
+                        help="with --django: serve this queue (repeatable; default: every queue in QUEUES)")
 
     def run(args: argparse.Namespace) -> int:
         from sync_worker.worker import run_worker_command
+
+        if args.django:
+            if args.tasks:
+                parser.error("give either MODULE:TASK arguments or --django, not both")
+            from sync_worker.contrib.django.worker import run_for_settings
+
+            return run_for_settings(args.django, queues=args.queues, limit=args.limit, timeout=args.timeout)
+        if not args.tasks:
+            parser.error("the following arguments are required: MODULE:TASK (or --django SETTINGS_MODULE)")
+        if args.queues:
+            parser.error("--queue needs --django (queues are Django's)")
 
         return run_worker_command(args.tasks, limit=args.limit, status_port=args.status_port, timeout=args.timeout)
 
