@@ -1,0 +1,205 @@
+"""SyncWorkerBackend without a worker: validation, enqueue refusals, get_result mapping,
+settings, against a real embedded server."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+def module_level(x: int) -> int:
+    return x
+
+
+def with_context(context: Any, x: int) -> int:
+    return x
+
+
+def without_context_arg(x: int) -> int:
+    return x
+
+
+async def coroutine_task() -> None:
+    pass
+
+
+def _task(func: Any, **options: Any) -> Any:
+    from sync_worker.contrib.django.compat import task_backends
+
+    options.setdefault("backend", "default")
+    return task_backends[options["backend"]].task_class(func=func, **options)
+
+
+@pytest.fixture
+def backend(api_env: dict[str, str]) -> Any:
+    from sync_worker.contrib.django.compat import task_backends
+
+    return task_backends["default"]
+
+
+def _store_files(api_env: dict[str, str]) -> list[Path]:
+    store = Path(api_env["SYNC_WORKER_STORAGE"])
+    return [p for p in store.rglob("*") if p.is_file()] if store.exists() else []
+
+
+def test_backend_is_configured_from_tasks_setting(backend: Any) -> None:
+    from sync_worker.contrib.django import SyncWorkerBackend
+
+    assert isinstance(backend, SyncWorkerBackend)
+    assert backend.supports_defer and backend.supports_get_result
+    assert not backend.supports_priority and not backend.supports_async_task
+    assert backend.queues == {"default", "emails"}
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: _task(lambda: None), "module level"),
+        (lambda: _task(coroutine_task), "async"),
+        (lambda: _task(module_level, priority=5), "priority"),
+        (lambda: _task(module_level, queue_name="reports"), "Queue 'reports' is not valid"),
+        (lambda: _task(without_context_arg, takes_context=True), "first argument of 'context'"),
+        (lambda: _task(module_level).using(run_after=datetime(2030, 1, 1)), "aware datetime"),
+    ],
+    ids=["closure", "coroutine", "priority", "unknown-queue", "context-arg", "naive-run-after"],
+)
+def test_validate_task_refuses_what_cannot_run(backend: Any, make: Any, message: str) -> None:
+    from sync_worker.contrib.django.compat import InvalidTask
+
+    with pytest.raises(InvalidTask, match=message):
+        make()
+
+
+def test_task_defined_in_main_is_refused(backend: Any) -> None:
+    from sync_worker.contrib.django.compat import InvalidTask
+
+    def in_main() -> None:
+        pass
+
+    in_main.__module__ = "__main__"
+    in_main.__qualname__ = "in_main"
+    with pytest.raises(InvalidTask, match="__main__: a worker cannot import it"):
+        _task(in_main)
+
+
+def test_non_json_arguments_are_refused_and_nothing_is_stored(backend: Any, api_env: dict[str, str]) -> None:
+    task = _task(module_level)
+    with pytest.raises(TypeError, match="JSON-serializable"):
+        task.enqueue(object())
+    with pytest.raises(TypeError, match="JSON-serializable"):
+        task.enqueue(float("nan"))
+    assert _store_files(api_env) == []
+
+
+def test_wrong_call_fails_in_the_caller(backend: Any, api_env: dict[str, str]) -> None:
+    with pytest.raises(TypeError, match=r"module_level\(\): missing a required argument: 'x'"):
+        _task(module_level).enqueue()
+    with pytest.raises(TypeError, match="unexpected keyword argument 'y'"):
+        _task(with_context, takes_context=True).enqueue(1, y=2)
+    assert _store_files(api_env) == []
+
+
+def test_enqueue_returns_a_ready_result_whose_id_is_the_run_id(backend: Any) -> None:
+    from django.utils import timezone
+
+    from notes.tasks import create_note
+    from sync_worker.contrib.django.backend import task_key
+
+    before = timezone.now()
+    result = create_note.enqueue(text="queued only")
+    assert result.status == "READY" and not result.is_finished
+    assert result.args == [] and result.kwargs == {"text": "queued only"}
+    assert result.attempts == 0 and result.worker_ids == [] and result.errors == []
+    assert result.started_at is None and result.finished_at is None
+    assert before - timedelta(seconds=5) <= result.enqueued_at <= timezone.now() + timedelta(seconds=5)
+    with pytest.raises(ValueError, match="not finished"):
+        _ = result.return_value
+
+    run = backend.client.read_task_run(result.id)
+    assert run.task_key == task_key("notes.tasks.create_note", "default") == "django:default:notes.tasks.create_note"
+    assert run.state.type.value == "SCHEDULED" and run.state.state_details.deferred
+
+    again = create_note.get_result(result.id)
+    assert again.id == result.id and again.status == "READY" and again.kwargs == {"text": "queued only"}
+    result.refresh()
+    assert result.status == "READY"
+
+
+def test_run_after_becomes_the_scheduled_time(backend: Any) -> None:
+    from django.utils import timezone
+
+    from notes.tasks import create_note
+
+    when = (timezone.now() + timedelta(hours=1)).replace(microsecond=0)
+    result = create_note.using(run_after=when).enqueue("later")
+    run = backend.client.read_task_run(result.id)
+    assert run.state.state_details.scheduled_time == when
+
+
+def test_get_result_of_unknown_or_foreign_run(backend: Any) -> None:
+    from notes.tasks import create_note
+    from sync_worker import task
+    from sync_worker.contrib.django.compat import TaskResultDoesNotExist
+
+    with pytest.raises(TaskResultDoesNotExist):
+        backend.get_result("00000000-0000-0000-0000-000000000000")
+    with pytest.raises(TaskResultDoesNotExist):
+        create_note.get_result("not-a-run-id")
+
+    foreign = task(module_level).delay(1)  # one of our own @task runs: not a Django task's
+    with pytest.raises(TaskResultDoesNotExist, match="not of a Django task"):
+        backend.get_result(foreign.task_run_id)
+
+
+def test_get_result_checks_the_task(backend: Any) -> None:
+    from notes.tasks import create_note, whoami
+    from sync_worker.contrib.django.compat import FRAMEWORK
+
+    result = create_note.enqueue("mismatch")
+    mismatch = __import__(FRAMEWORK, fromlist=["exceptions"]).exceptions.TaskResultMismatch
+    with pytest.raises(mismatch):
+        whoami.get_result(result.id)
+
+
+def test_options_override_the_environment_and_unknown_options_are_refused(api_env: dict[str, str]) -> None:
+    from django.core.exceptions import ImproperlyConfigured
+
+    from sync_worker.contrib.django import SyncWorkerBackend
+
+    backend = SyncWorkerBackend("other", {"OPTIONS": {"API_URL": "http://127.0.0.1:1/api", "STORAGE": "server",
+                                                      "FAST_PATH": False}})
+    settings = backend.sync_worker_settings
+    assert settings.api_url == "http://127.0.0.1:1/api"
+    assert settings.uses_server_storage and settings.fast_path is False
+    assert SyncWorkerBackend("plain", {}).sync_worker_settings.api_url == api_env["SYNC_WORKER_API_URL"]
+    with pytest.raises(ImproperlyConfigured, match="unknown sync_worker OPTIONS API_URLS"):
+        SyncWorkerBackend("bad", {"OPTIONS": {"API_URLS": "x"}})
+
+
+@pytest.mark.parametrize(
+    ("qualname", "traceback_text", "expected"),
+    [
+        ("ValueError", "Traceback...\nValueError: boom", "builtins.ValueError"),
+        ("NoteRejected", "Traceback...\nnotes.tasks.NoteRejected: x: y", "notes.tasks.NoteRejected"),
+        ("Outer.Inner", "Traceback...\npkg.mod.Outer.Inner", "pkg.mod.Outer.Inner"),
+        ("KeyError", "KeyError: 'a'\n\nDuring handling...\nmy.Err: no\n", "builtins.KeyError"),
+    ],
+)
+def test_exception_class_path_from_traceback(django_project: Any, qualname: str, traceback_text: str,
+                                             expected: str) -> None:
+    from sync_worker.contrib.django.backend import exception_class_path
+
+    assert exception_class_path(qualname, traceback_text) == expected
+
+
+def test_worker_refuses_unknown_queue_and_other_backends(api_env: dict[str, str], django_project: Any) -> None:
+    from sync_worker.contrib.django.worker import build_worker
+
+    with pytest.raises(ValueError, match="queue\\(s\\) reports not in"):
+        build_worker(queues=["reports"])
+    worker = build_worker(queues=["emails"], limit=1)
+    assert "django:emails:notes.tasks.send_digest" in worker.task_keys
+    assert "django:emails:notes.tasks.create_note" in worker.task_keys  # .using(queue_name=...) may move any task
+    assert not any(key.startswith("django:default:") for key in worker.task_keys)
