@@ -56,7 +56,8 @@ def _add_worker_parser(subparsers: argparse._SubParsersAction) -> None:
                 parser.error("give either MODULE:TASK arguments or --django, not both")
             from sync_worker.contrib.django.worker import run_for_settings
 
-            return run_for_settings(args.django, queues=args.queues, limit=args.limit, timeout=args.timeout)
+            return run_for_settings(args.django, queues=args.queues, limit=args.limit, timeout=args.timeout,
+                                    status_port=args.status_port)
         if not args.tasks:
             parser.error("the following arguments are required: MODULE:TASK (or --django SETTINGS_MODULE)")
         if args.queues:

@@ -3,6 +3,7 @@ subprocess runs the task against the same SQLite database, get_result() reports 
 from __future__ import annotations
 
 import re
+import socket
 import sys
 import time
 from datetime import timedelta
@@ -163,11 +164,28 @@ def test_our_own_task_runs_in_the_django_worker(start_worker: Any) -> None:
 def test_cli_worker_with_django_settings(start_worker: Any) -> None:
     from notes.tasks import create_note
 
+    import requests
+
+    from tests.server.conftest import wait_for
+
     result = create_note.enqueue("via sync-worker worker --django")
-    worker = start_worker("worker", "--django", "mysite.settings", "--limit", "1",
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    worker = start_worker("worker", "--django", "mysite.settings", "--limit", "1", "--status-port", str(port),
                           command=[sys.executable, "-m", "sync_worker"])
     wait_finished(result)
     assert result.status == "SUCCESSFUL", worker.output()
+
+    def status() -> Any:
+        try:
+            return requests.get(f"http://127.0.0.1:{port}/status", timeout=5).json()
+        except requests.ConnectionError:
+            return None
+
+    body = wait_for(status, timeout=30)
+    assert "django:default:notes.tasks.create_note" in body["tasks"] and body["limit"] == 1
+    assert body["finished"]["django:default:notes.tasks.create_note"] == 1
 
 
 def test_sigterm_drains_and_exits_zero(start_worker: Any) -> None:

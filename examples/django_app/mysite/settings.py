@@ -77,5 +77,5 @@ LOGGING = {
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)-7s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "loggers": {"sync_worker": {"handlers": ["console"], "level": "INFO"}},
+    "loggers": {"sync_worker": {"handlers": ["console"], "level": "INFO", "propagate": False}},
 }

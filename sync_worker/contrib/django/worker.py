@@ -46,7 +46,11 @@ def current_task_run() -> Any:
 
 
 def make_runner(django_task: Any, backend: Any, worker_id: Callable[[], str]) -> Callable[..., Any]:
-    """The function our engine calls for a run of ``django_task`` (parameters: args, kwargs)."""
+    """The function our engine calls for a run of ``django_task`` (parameters: args, kwargs).
+
+    Its result, the run's result record, is ``{"return_value": ..., "worker_id": ...}``:
+    the worker id is how ``get_result`` knows who ran a successful attempt.
+    """
     from sync_worker.contrib.django import db
     from sync_worker.contrib.django.compat import TaskContext, normalize_json, task_finished, task_started
 
@@ -99,9 +103,10 @@ def _as_running(task_run: Any) -> Any:
 def _send_finished(signal: Any, backend: Any, result: Any, error: BaseException | None) -> None:
     from datetime import datetime, timezone
 
+    from sync_worker.contrib.django.backend import _aware
     from sync_worker.contrib.django.compat import TaskResultStatus
 
-    object.__setattr__(result, "finished_at", datetime.now(timezone.utc))
+    object.__setattr__(result, "finished_at", _aware(datetime.now(timezone.utc)))
     object.__setattr__(result, "status", TaskResultStatus.FAILED if error else TaskResultStatus.SUCCESSFUL)
     try:
         signal.send(type(backend), task_result=result)
@@ -230,15 +235,22 @@ def run_django_worker(
     limit: int | None = 10,
     timeout: float | None = None,
     modules: Iterable[str] = (),
+    status_port: int | None = None,
 ) -> int:
     """Serve until stopped (SIGTERM/Ctrl-C drain in-flight runs); the exit status."""
     from sync_worker.exceptions import CredentialsError
+    from sync_worker.worker import create_status_server
 
     try:
         worker = build_worker(backend_alias, queues, limit, modules)
     except ValueError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
+    status_server = None
+    if status_port is not None:
+        status_server = create_status_server(worker, status_port)
+        threading.Thread(target=status_server.serve_forever, name="sync-worker-status", daemon=True).start()
+        logger.info("Status server on http://127.0.0.1:%s/status", status_server.server_address[1])
     try:
         worker.start(timeout=timeout)
     except CredentialsError as exc:
@@ -246,6 +258,10 @@ def run_django_worker(
         return 1
     except KeyboardInterrupt:
         return 130
+    finally:
+        if status_server is not None:
+            status_server.shutdown()
+            status_server.server_close()
     return 0
 
 

@@ -30,6 +30,8 @@ class Command(BaseCommand):
                             help="the TASKS alias to serve (default 'default')")
         parser.add_argument("--module", action="append", dest="modules", default=[], metavar="MODULE",
                             help="also import this module to find tasks (repeatable)")
+        parser.add_argument("--status-port", type=int, default=None, metavar="PORT",
+                            help="serve GET /status (JSON) on 127.0.0.1:PORT")
         parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                             help="stop after this many seconds (default: run until stopped)")
         parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
@@ -42,6 +44,7 @@ class Command(BaseCommand):
             logging.basicConfig(format=LOG_FORMAT)  # unless the project's LOGGING already did
         logging.getLogger("sync_worker").setLevel(options["log_level"])
         status = run_django_worker(backend_alias=options["backend"], queues=options["queues"],
-                                   limit=options["limit"], timeout=options["timeout"], modules=options["modules"])
+                                   limit=options["limit"], timeout=options["timeout"], modules=options["modules"],
+                                   status_port=options["status_port"])
         if status:
             raise CommandError(f"sync_worker worker exited with status {status}", returncode=status)
