@@ -133,3 +133,59 @@ def wait_finished(result: Any, timeout: float = 60.0) -> Any:
         result.refresh()
     assert result.is_finished, f"task result {result.id} still {result.status} after {timeout} s"
     return result
+
+
+def _postgres_bin(name: str) -> str | None:
+    import glob
+    import shutil
+
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return candidates[-1] if candidates else None
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[dict[str, str]]:
+    """A throwaway PostgreSQL cluster on 127.0.0.1 (initdb + pg_ctl; as root it runs as
+    the ``postgres`` user), with the example's tables migrated. Skipped (with the reason)
+    where PostgreSQL is not installed, unless SYNC_WORKER_REQUIRE_POSTGRES=1."""
+    import shutil
+    import socket
+    import tempfile
+
+    initdb, pg_ctl = _postgres_bin("initdb"), _postgres_bin("pg_ctl")
+    if not initdb or not pg_ctl:
+        if os.environ.get("SYNC_WORKER_REQUIRE_POSTGRES") == "1":
+            raise RuntimeError("SYNC_WORKER_REQUIRE_POSTGRES=1 but initdb/pg_ctl were not found")
+        pytest.skip("PostgreSQL is not installed (initdb/pg_ctl not found)")
+    base = Path(tempfile.mkdtemp(prefix="sync-worker-pg-"))
+    prefix: list[str] = []
+    if os.geteuid() == 0:
+        import pwd
+
+        user = pwd.getpwnam("postgres")
+        os.chown(base, user.pw_uid, user.pw_gid)
+        prefix = ["runuser", "-u", "postgres", "--"]
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    data = base / "data"
+    subprocess.run([*prefix, initdb, "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"],
+                   check=True, capture_output=True, timeout=120)
+    subprocess.run([*prefix, pg_ctl, "-D", str(data), "-l", str(base / "log"), "-w", "-t", "60", "-o",
+                    f"-p {port} -k {base} -c listen_addresses=127.0.0.1 -c fsync=off", "start"],
+                   check=True, capture_output=True, timeout=120)
+    env = {"DJANGO_DB_ENGINE": "postgresql", "DJANGO_DB_HOST": "127.0.0.1", "DJANGO_DB_PORT": str(port),
+           "DJANGO_DB_USER": "postgres", "DJANGO_DB_NAME": "postgres"}
+    try:
+        full_env = {**os.environ, **env, "DJANGO_SETTINGS_MODULE": "mysite.settings"}
+        full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+        subprocess.run([sys.executable, "manage.py", "migrate", "-v0"], cwd=EXAMPLE, env=full_env, check=True,
+                       timeout=120)
+        yield env
+    finally:
+        subprocess.run([*prefix, pg_ctl, "-D", str(data), "-m", "immediate", "stop"], capture_output=True,
+                       timeout=60)
+        shutil.rmtree(base, ignore_errors=True)

@@ -183,9 +183,10 @@ def test_cli_worker_with_django_settings(start_worker: Any) -> None:
         except requests.ConnectionError:
             return None
 
-    body = wait_for(status, timeout=30)
-    assert "django:default:notes.tasks.create_note" in body["tasks"] and body["limit"] == 1
-    assert body["finished"]["django:default:notes.tasks.create_note"] == 1
+    key = "django:default:notes.tasks.create_note"
+    # counted once the worker's thread is done with the run, a moment after its state is reported
+    body = wait_for(lambda: (b := status()) is not None and b["finished"].get(key) == 1 and b, timeout=30)
+    assert key in body["tasks"] and body["limit"] == 1
 
 
 def test_sigterm_drains_and_exits_zero(start_worker: Any) -> None:

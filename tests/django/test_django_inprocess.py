@@ -13,6 +13,7 @@ import pytest
 import requests
 
 from tests.django.conftest import wait_finished
+from tests.server.conftest import wait_for
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -50,7 +51,7 @@ def test_runserver_with_autoreloader_runs_one_worker_in_the_child(start_worker: 
     _wait_http(f"http://127.0.0.1:{port}/", web)
     result = wait_finished(create_note.enqueue("run by runserver's in-process worker"))
     assert result.status == "SUCCESSFUL", web.output()
-    pids = _started_pids(web.output())
+    pids = wait_for(lambda: _started_pids(web.output()), timeout=30)  # logged by the thread that started it
     assert len(pids) == 1, web.output()  # the reloader's parent did not start one
     assert pids[0] != str(web.proc.pid)  # the serving child did
 

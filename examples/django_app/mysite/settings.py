@@ -1,7 +1,9 @@
 """Settings of the example project: SQLite, Django's Tasks framework on sync_worker.
 
 Environment (all optional): DJANGO_DB_PATH (the SQLite file), DJANGO_CONN_MAX_AGE
-(seconds a connection is kept; Django's default 0 closes it after each request or run),
+(seconds a connection is kept; Django's default 0 closes it after each request or run;
+"none": forever), DJANGO_DB_ENGINE=postgresql with DJANGO_DB_HOST/PORT/NAME/USER,
+DJANGO_CONN_HEALTH_CHECKS=1 and DJANGO_PG_OPTIONS (libpq "options", e.g. "-c x=y"),
 SYNC_WORKER_IN_PROCESS=1 (run the worker inside the web process), and sync_worker's own
 SYNC_WORKER_API_URL / SYNC_WORKER_STORAGE / ... (see the README).
 """
@@ -52,6 +54,20 @@ DATABASES = {
         "OPTIONS": {"timeout": 20},
     }
 }
+
+if os.environ.get("DJANGO_DB_ENGINE") == "postgresql":  # the tests run the example on PostgreSQL too
+    DATABASES = {
+        "default": {
+            "ENGINE": "django.db.backends.postgresql",
+            "NAME": os.environ.get("DJANGO_DB_NAME", "postgres"),
+            "USER": os.environ.get("DJANGO_DB_USER", "postgres"),
+            "HOST": os.environ.get("DJANGO_DB_HOST", "127.0.0.1"),
+            "PORT": os.environ.get("DJANGO_DB_PORT", "5432"),
+            "CONN_MAX_AGE": DATABASES["default"]["CONN_MAX_AGE"],
+            "CONN_HEALTH_CHECKS": os.environ.get("DJANGO_CONN_HEALTH_CHECKS") == "1",
+            "OPTIONS": {"options": os.environ["DJANGO_PG_OPTIONS"]} if os.environ.get("DJANGO_PG_OPTIONS") else {},
+        }
+    }
 
 TASKS = {
     "default": {
