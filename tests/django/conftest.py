@@ -52,10 +52,18 @@ def django_project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     os.environ["DJANGO_SETTINGS_MODULE"] = "mysite.settings"
     if str(EXAMPLE) not in sys.path:
         sys.path.insert(0, str(EXAMPLE))
+    import logging
+
     import django
     from django.core.management import call_command
 
+    # django.setup() applies the example's LOGGING, which gives the "sync_worker" logger its
+    # own handler and stops propagation; the rest of the suite reads sync_worker's records
+    # through the root logger (caplog), so this process keeps the logger as it was.
+    ours = logging.getLogger("sync_worker")
+    saved = (list(ours.handlers), ours.level, ours.propagate)
     django.setup()
+    ours.handlers[:], ours.level, ours.propagate = saved
     call_command("migrate", verbosity=0)
     return database
 
