@@ -203,3 +203,18 @@ def test_worker_refuses_unknown_queue_and_other_backends(api_env: dict[str, str]
     assert "django:emails:notes.tasks.send_digest" in worker.task_keys
     assert "django:emails:notes.tasks.create_note" in worker.task_keys  # .using(queue_name=...) may move any task
     assert not any(key.startswith("django:default:") for key in worker.task_keys)
+
+
+def test_async_enqueue_and_get_result(backend: Any) -> None:
+    """Django's aenqueue/aget_result run our synchronous calls in a thread (sync_to_async)."""
+    import asyncio
+
+    from notes.tasks import create_note
+
+    async def enqueue_and_read() -> tuple[Any, Any]:
+        result = await create_note.aenqueue("from async code")
+        return result, await create_note.aget_result(result.id)
+
+    result, again = asyncio.run(enqueue_and_read())
+    assert result.status == again.status == "READY"
+    assert again.id == result.id and again.args == ["from async code"]
