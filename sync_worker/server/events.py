@@ -64,7 +64,7 @@ from wsproto.events import TextMessage
 from wsproto.utilities import LocalProtocolError
 
 from .core import Core
-from .database import QSTATE_NONE, Transaction
+from .database import QSTATE_NONE, DatabaseClosed, Transaction
 from .models import DEFAULT_STATE_NAMES, STATE_TYPES, TERMINAL, ValidationError, iso, make_state, parse_time
 
 logger = logging.getLogger("sync_worker.server.events")
@@ -73,6 +73,8 @@ logger = logging.getLogger("sync_worker.server.events")
 #: PREFECT_EVENTS_MAXIMUM_WEBSOCKET_BACKFILL default: 15 minutes)
 MAX_EVENTS = 10_000
 MAX_BACKFILL_SECONDS = 15 * 60.0
+#: and at most about this many bytes of event JSON (a final state may carry a small result)
+MAX_EVENT_BYTES = 64 * 1024 * 1024
 #: event ids remembered to make intake idempotent
 MAX_SEEN_IDS = 50_000
 #: events a subscriber may have waiting to be sent; a subscriber that falls this far
@@ -95,10 +97,11 @@ TASK_RUN_PREFIX = "prefect.task-run."
 class Event:
     """A validated event: the JSON object to pass on plus what filters look at."""
 
-    __slots__ = ("data", "id", "name", "occurred", "resource", "related", "_text")
+    __slots__ = ("data", "id", "name", "occurred", "resource", "related", "size", "_text")
 
-    def __init__(self, data: dict[str, Any], occurred: float) -> None:
+    def __init__(self, data: dict[str, Any], occurred: float, size: int = 0) -> None:
         self.data = data
+        self.size = size  # approximate JSON size in bytes, for the backfill buffer's budget
         self.id: str = data["id"]
         self.name: str = data["event"]
         self.occurred = occurred
@@ -133,7 +136,7 @@ def _resource(value: Any, loc: list[Any]) -> dict[str, str]:
     return value
 
 
-def validate_event(value: Any, loc: list[Any], now: float) -> Event:
+def validate_event(value: Any, loc: list[Any], now: float, size: int = 0) -> Event:
     """One event as Prefect's ``Event`` schema has it; ``received`` is set to ``now``."""
     if not isinstance(value, dict):
         raise ValidationError(loc, "Input should be a valid dictionary (an event object)", "dict_type", value)
@@ -168,7 +171,7 @@ def validate_event(value: Any, loc: list[Any], now: float) -> Event:
         "follows": follows,
         "received": iso(now),
     }
-    return Event(data, occurred)
+    return Event(data, occurred, size)
 
 
 def _task_run_id(event: Event) -> str | None:
@@ -458,6 +461,7 @@ class EventBus:
         self.core = core
         self._lock = threading.Lock()
         self._events: deque[Event] = deque()
+        self._event_bytes = 0
         self._seen: OrderedDict[str, None] = OrderedDict()
         self._subscribers: set[_Subscriber] = set()
         self._sockets: set[simple_websocket.Server] = set()
@@ -470,11 +474,15 @@ class EventBus:
     def publish(self, event: Event) -> None:
         """Keep ``event`` for backfill and offer it to every live subscriber."""
         now = time.time()
+        if not event.size:
+            event.size = len(event.text())
         with self._lock:
             events = self._events
             events.append(event)
-            while events and (len(events) > MAX_EVENTS or events[0].occurred < now - MAX_BACKFILL_SECONDS - 60):
-                events.popleft()
+            self._event_bytes += event.size
+            while events and (len(events) > MAX_EVENTS or self._event_bytes > MAX_EVENT_BYTES
+                              or events[0].occurred < now - MAX_BACKFILL_SECONDS - 60):
+                self._event_bytes -= events.popleft().size
             subscribers = list(self._subscribers)
         for subscriber in subscribers:
             subscriber.offer(event)
@@ -484,7 +492,7 @@ class EventBus:
         try:
             run = json.loads(text)
             data = final_state_event(run)
-            event = Event(data, parse_time(data["occurred"], []))
+            event = Event(data, parse_time(data["occurred"], []), len(text))
         except (ValueError, KeyError, TypeError, ValidationError):  # pragma: no cover - we wrote the run
             logger.exception("cannot build the final-state event of task run %s", run_id)
             return
@@ -501,6 +509,10 @@ class EventBus:
                 self._seen.popitem(last=False)
             return True
 
+    def _forget(self, event_id: str) -> None:
+        with self._lock:
+            self._seen.pop(event_id, None)
+
     # -- intake ------------------------------------------------------------------------------
     def ingest(self, event: Event) -> None:
         """Record a validated event (task-run state) and pass it on; idempotent on its id."""
@@ -514,7 +526,11 @@ class EventBus:
             except ValidationError as exc:
                 logger.warning("task-run event %s (%s) not recorded: %s", event.id, event.name, exc.detail)
             else:
-                self.core.db.write(self._record_op(run_id, state, event))
+                try:
+                    self.core.db.write(self._record_op(run_id, state, event))
+                except BaseException:
+                    self._forget(event.id)  # not recorded: a re-sent copy must be taken
+                    raise
         self.publish(event)
 
     def _record_op(self, run_id: str, state: dict[str, Any], event: Event) -> Callable[[Transaction], None]:
@@ -543,6 +559,11 @@ class EventBus:
                              event.id)
                 return
             previous = row.state_type
+            details = state["state_details"]
+            if not details.get("task_parameters_id"):
+                # as orchestration does: a run re-queued later (its worker died) must still
+                # find its parameters, and Prefect's events name them only when scheduling
+                details["task_parameters_id"] = (current.get("state_details") or {}).get("task_parameters_id")
             _apply_state(row.run, state, event)
             row.state_type = new_type
             row.touch()
@@ -617,7 +638,8 @@ class EventBus:
 
     def stats(self) -> dict[str, int]:
         with self._lock:
-            return {"events": len(self._events), "subscribers": len(self._subscribers)}
+            return {"events": len(self._events), "event_bytes": self._event_bytes,
+                    "subscribers": len(self._subscribers), "dropped_logs": self.dropped_logs}
 
 
 # --------------------------------------------------------------------------- websockets
@@ -668,15 +690,16 @@ def _close(ws: simple_websocket.Server, code: int, reason: str, wait: bool = Tru
         pass
 
 
-def _receive_json(ws: _Socket, bus: EventBus) -> Any:
-    """The next message as JSON (None when the connection ended)."""
+def _receive_json(ws: _Socket, bus: EventBus, sized: bool = False) -> Any:
+    """The next message as JSON (None when the connection ended); with ``sized``, a
+    (value, message length) pair."""
     while True:
         if bus.closing:
             raise _Close(GOING_AWAY, "Server is shutting down")
         message = ws.receive(timeout=0.25)
         if message is None:
             if not ws.connected or not ws.thread.is_alive():
-                return None
+                return (None, 0) if sized else None
             continue
         if isinstance(message, bytes):
             try:
@@ -684,9 +707,10 @@ def _receive_json(ws: _Socket, bus: EventBus) -> Any:
             except UnicodeDecodeError:
                 raise _Close(UNSUPPORTED_DATA, "Protocol violation: messages must be UTF-8 JSON text") from None
         try:
-            return json.loads(message)
+            value = json.loads(message)
         except ValueError:
             raise _Close(UNSUPPORTED_DATA, "Protocol violation: message is not valid JSON") from None
+        return (value, len(message)) if sized else value
 
 
 def _handshake(ws: _Socket, core: Core, bus: EventBus) -> bool:
@@ -751,17 +775,20 @@ def handle_events_in(environ: dict[str, Any], core: Core, bus: EventBus, max_mes
     def serve(ws: _Socket) -> None:
         received = 0
         while True:
-            value = _receive_json(ws, bus)
+            value, size = _receive_json(ws, bus, sized=True)
             if value is None:
                 break
             if not isinstance(value, dict):
                 raise _Close(UNSUPPORTED_DATA, "Protocol violation: expected one event (a JSON object) per message")
             try:
-                event = validate_event(value, ["event"], time.time())
+                event = validate_event(value, ["event"], time.time(), size)
             except ValidationError as exc:
                 logger.warning("dropped an invalid event from %s: %s", peer, exc.detail)
                 continue
-            bus.ingest(event)
+            try:
+                bus.ingest(event)
+            except DatabaseClosed:
+                raise _Close(GOING_AWAY, "Server is shutting down") from None
             received += 1
         logger.debug("events connection from %s ended after %d event(s)", peer, received)
 

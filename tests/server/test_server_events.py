@@ -231,6 +231,28 @@ def test_the_completed_event_arriving_after_the_worker_disconnected_still_releas
     assert wire.read(run_id)["state_type"] == "COMPLETED"
 
 
+def test_a_run_whose_prefect_worker_died_is_delivered_again_with_its_parameters(server_factory, make_wire, sockets):
+    """Prefect's Pending/Running events do not name the parameters record; the run keeps it,
+    so the next worker can still read the parameters when the lease runs out."""
+    server = server_factory(lease_timeout=0.2, max_deliveries=3)
+    wire = make_wire(server)
+    run_id = create_captured_run(wire)
+    worker = wire.subscribe([CAPTURED_TASK_KEY], client_id="dies")
+    delivered = worker.next_run()
+    parameters_id = delivered["state"]["state_details"]["task_parameters_id"]
+    assert delivered["id"] == run_id and parameters_id
+    worker.ack()
+    scheduled, pending, running, completed = captured_events(run_id)
+    intake = events_in(sockets, server)
+    intake.send(pending)
+    intake.send(running)
+    wait_for_state(wire, run_id, "RUNNING")
+    worker.close()  # the worker dies mid-run
+    again = wire.subscribe([CAPTURED_TASK_KEY], client_id="next").next_run(timeout=15)
+    assert again["id"] == run_id and again["state_type"] == "SCHEDULED"
+    assert again["state"]["state_details"]["task_parameters_id"] == parameters_id
+
+
 def test_events_arriving_out_of_order_keep_the_newest_state(server, wire, sockets):
     """Events of one run come over different connections (the submitter's Scheduled event
     may arrive after the worker's); the newest ``occurred`` wins."""
