@@ -638,9 +638,10 @@ class EventBus:
         """Register a subscriber and return the backfill, atomically: an event published
         meanwhile is in exactly one of the two."""
         subscriber = _Subscriber(event_filter)
-        with self._lock:
-            past = [e for e in self._events if event_filter.matches(e)] if backfill else []
+        with self._lock:  # a copy only: matching may build events, not while publishers wait
+            kept = list(self._events) if backfill else []
             self._subscribers.add(subscriber)
+        past = [e for e in kept if event_filter.matches(e)]
         past.sort(key=lambda e: e.occurred)
         return subscriber, past
 

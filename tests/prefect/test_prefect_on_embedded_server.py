@@ -96,7 +96,7 @@ class EmbeddedServer:
         env.update(
             PREFECT_API_URL=self.api_url,
             PREFECT_HOME=str(self.home / "prefect-home"),
-            PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(self.home / "storage"),
+            PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(self.storage_path),
             PREFECT_SERVER_ANALYTICS_ENABLED="false",
             DO_NOT_TRACK="1",
             PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW="ignore",
@@ -107,6 +107,11 @@ class EmbeddedServer:
             env["PREFECT_API_AUTH_STRING"] = value
         env.update(extra)
         return env
+
+    @property
+    def storage_path(self) -> Path:
+        """Prefect's local result storage of the callers and workers (parameters and results)."""
+        return self.home / "storage"
 
     def auth_header(self) -> dict[str, str]:
         if self.auth_string is None:
@@ -305,6 +310,36 @@ def test_runs_stay_completed_and_are_not_requeued_after_prefects_worker_disconne
     for run_id in line["runs"]:
         run = embedded.read(run_id)  # three lease timeouts later: not CRASHED, not SCHEDULED
         assert run["state_type"] == "COMPLETED", (run["state"], embedded.log_tail())
+
+
+def add_one(x: int) -> int:
+    """sync_worker's side of Prefect's ``add_one``: same signature, executed by our worker."""
+    return x + 1
+
+
+def test_a_prefect_caller_waiting_on_a_run_a_sync_worker_worker_finished_wakes_up(
+    embedded, python_script, sync_worker_env, start_worker
+):
+    """The server announces the final state our worker set (set_state, not an event) on
+    /api/events/out. Prefect's ``future.wait(timeout=60)`` returns as soon as it sees it;
+    unwoken, it would return after 60 s. (Reading the *value* back is part 3 of issue 12.)"""
+    from sync_worker import task
+
+    sync_worker_env(embedded, SYNC_WORKER_ALLOW_PICKLE="true")  # Prefect pickles the parameters
+    caller = _caller(python_script, embedded, '''
+        future = add_one.delay(x=1)
+        emit(run=str(future.task_run_id), key=add_one.task_key)
+        started = time.monotonic()
+        future.wait(timeout=60)
+        emit(waited=time.monotonic() - started, state=future.state.type.value)
+        ''')
+    submitted = caller.expect("run", timeout=90)
+    start_worker(task(add_one, task_key=submitted["key"]))
+    outcome = caller.expect("waited", timeout=120)
+    assert outcome["state"] == "COMPLETED", outcome
+    assert outcome["waited"] < 30, f"Prefect's caller was not woken: it waited {outcome['waited']:.1f}s"
+    assert caller.wait(timeout=30).returncode == 0
+    assert embedded.read(submitted["run"])["state_type"] == "COMPLETED"
 
 
 # ----------------------------------------------------------------------------- with an auth string
