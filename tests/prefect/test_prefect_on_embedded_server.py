@@ -30,9 +30,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 60.0
 LEASE_TIMEOUT = 1.0
-#: a Prefect caller's delay() -> result() on an idle 2-core machine took 1.3-1.6 s (see the
-#: NOTE of issue 12); the issue asks for 2 s. SYNC_WORKER_PREFECT_RESULT_BOUND loosens it on
-#: a slow CI machine.
+#: a Prefect caller's delay() -> result() took 0.28-1.48 s (24 measurements, 2 cores shared
+#: with other jobs, load average 9-15); the issue asks for 2 s. SYNC_WORKER_PREFECT_RESULT_BOUND
+#: loosens it on a slower CI machine.
 RESULT_BOUND = float(os.environ.get("SYNC_WORKER_PREFECT_RESULT_BOUND", "2.0"))
 
 PREFECT_TASKS = '''
