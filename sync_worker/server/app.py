@@ -18,6 +18,7 @@ from werkzeug.routing import Map, RequestRedirect, Rule
 
 from .core import Conflict, Core, NotFound, parse_json_body
 from .database import DatabaseClosed
+from .events import EventBus, handle_events_in, handle_events_out, validate_logs
 from .models import ValidationError, validate_set_state
 from .rpc import handle_rpc
 from .subscriptions import SubscriptionRegistry, handle_websocket
@@ -67,8 +68,10 @@ def _error(code: int, detail: str, extra: dict[str, Any] | None = None) -> Respo
 class App:
     """WSGI callable. ``max_body_size`` bounds request bodies (413 beyond it)."""
 
-    def __init__(self, core: Core, registry: SubscriptionRegistry, max_body_size: int) -> None:
+    def __init__(self, core: Core, registry: SubscriptionRegistry, max_body_size: int,
+                 events: EventBus | None = None) -> None:
         self.core = core
+        self.events = events if events is not None else EventBus(core)
         self.registry = registry
         self.max_body_size = max_body_size
         self.url_map = Map(
@@ -85,6 +88,12 @@ class App:
                 Rule("/api/storage/<key>", endpoint="record_put", methods=["PUT"]),
                 Rule("/api/storage/<key>", endpoint="record_get", methods=["GET"]),
                 Rule("/api/storage/<key>", endpoint="record_delete", methods=["DELETE"]),
+                # Prefect's events and the small endpoints its client calls (see events.py)
+                Rule("/api/events/in", endpoint="events_in", methods=["GET"]),
+                Rule("/api/events/out", endpoint="events_out", methods=["GET"]),
+                Rule("/api/events", endpoint="events_post", methods=["POST"]),
+                Rule("/api/admin/storage", endpoint="admin_storage", methods=["GET"]),
+                Rule("/api/logs/", endpoint="logs", methods=["POST"]),
             ],
             strict_slashes=False,
             merge_slashes=False,
@@ -101,6 +110,9 @@ class App:
             "record_put": self.record_put,
             "record_get": self.record_get,
             "record_delete": self.record_delete,
+            "events_post": self.events_post,
+            "admin_storage": self.admin_storage,
+            "logs": self.logs,
         }
 
     # -- WSGI ------------------------------------------------------------------------------------
@@ -137,6 +149,9 @@ class App:
             return self.subscribe(environ)
         if endpoint == "rpc":
             return self.subscribe(environ, handler=handle_rpc)
+        if endpoint in ("events_in", "events_out"):  # authenticated in-band, as Prefect does
+            handle = handle_events_in if endpoint == "events_in" else handle_events_out
+            return self.subscribe(environ, handler=lambda env, core, _registry, size: handle(env, core, self.events, size))
         if not self.core.check_authorization(environ.get("HTTP_AUTHORIZATION")):
             self._discard_body(environ)
             return _error(401, "Unauthorized: this server requires 'Authorization: Basic <base64 of the auth "
@@ -252,6 +267,23 @@ class App:
         self._discard_body(environ)
         self.core.delete_record(self._record_key(key))
         return _STATUS[204], [("Content-Length", "0")], b""
+
+    def events_post(self, environ: dict[str, Any]) -> Response:
+        """Prefect's ``POST /api/events``: a batch of events (recorded as on /api/events/in)."""
+        self.events.ingest_body(self._json_body(environ))
+        return _STATUS[204], [("Content-Length", "0")], b""
+
+    def admin_storage(self, environ: dict[str, Any]) -> Response:
+        """Prefect's client asks for the server's default result storage block: none here."""
+        self._discard_body(environ)
+        return _json(200, b'{"default_result_storage_block_id":null}')
+
+    def logs(self, environ: dict[str, Any]) -> Response:
+        """Prefect's workers send their task logs here. They are validated and DROPPED (this
+        server keeps no logs: storage grows with live work, not history); 201 as Prefect."""
+        count = validate_logs(self._json_body(environ))
+        self.events.dropped_logs += count
+        return _json(201, b"null")
 
     def subscribe(self, environ: dict[str, Any], handler: Callable[..., None] = handle_websocket) -> Response:
         if "websocket" not in environ.get("HTTP_UPGRADE", "").lower() or "werkzeug.socket" not in environ:

@@ -44,6 +44,9 @@ class Core:
         self._finish_waiters: dict[str, list[Callable[[str], None]]] = {}
         self._finish_lock = threading.Lock()
         queue.on_finished = self._finished  # a lease running out into CRASHED wakes waiters too
+        #: called (run id, TaskRun JSON) after every final state, in the committing thread
+        #: (keep them short): the events module announces them to Prefect's callers
+        self.finish_listeners: list[Callable[[str, str], None]] = []
         self.auth_string = auth_string
         self._basic = (
             ("Basic " + base64.b64encode(auth_string.encode()).decode()).encode() if auth_string else None
@@ -202,7 +205,15 @@ class Core:
                 del self._finish_waiters[run_id]
             return True
 
-    def _finished(self, run_id: str, text: str) -> None:
+    def _finished(self, run_id: str, text: str, announce: bool = True) -> None:
+        """A run reached a final state: tell the listeners (unless ``announce`` is False: the
+        state came from an event, which is passed on itself) and wake its waiters."""
+        if announce:
+            for listener in self.finish_listeners:
+                try:
+                    listener(run_id, text)
+                except Exception:  # pragma: no cover - a listener's bug must not break the commit path
+                    logger.exception("finish listener failed for %s", run_id)
         if run_id not in self._finish_waiters:  # the common case: nobody waits (checked again below)
             return
         with self._finish_lock:

@@ -24,6 +24,7 @@ from werkzeug.serving import DechunkedInput, ThreadedWSGIServer, WSGIRequestHand
 from .app import CLOSE, UPGRADED, App
 from .core import Core
 from .database import SQLiteDatabase
+from .events import EventBus
 from .runqueue import RunQueue
 from .subscriptions import SubscriptionRegistry
 
@@ -312,6 +313,7 @@ class Server:
         self.db: SQLiteDatabase | None = None
         self.queue: RunQueue | None = None
         self.core: Core | None = None
+        self.events: EventBus | None = None  # Prefect's event endpoints (events.py)
         self._http: _HTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._registry = SubscriptionRegistry(ping_interval)
@@ -350,6 +352,7 @@ class Server:
             self.queue.recover(self.db.recover())
             self.core = Core(self.db, self.queue, self.auth_string)
             app = App(self.core, self._registry, self.max_body_size)
+            self.events = app.events
             listener = _bind(self.host, self.port)
             try:
                 http = _HTTPServer(self.host, self.port, app, _RequestHandler, fd=listener.fileno())
@@ -393,6 +396,8 @@ class Server:
         if self._thread is not None:
             self._thread.join(timeout=2)
         self._registry.close_all()
+        if self.events is not None:
+            self.events.close()
         threads: list[threading.Thread] = []
         if http is not None:
             for sock, thread in http.connections().items():

@@ -1,0 +1,894 @@
+"""Prefect's event endpoints on the embedded server: ``/api/events/in``, ``/api/events/out``
+and ``POST /api/events``.
+
+Why: Prefect 3.8's own task engine reports task-run states as *events* (client-side
+orchestration) on the websocket ``/api/events/in``, and Prefect's callers wait for a run's
+final state on ``/api/events/out``. Without these two, Prefect's ``serve()`` runs a task
+on this server but the server never learns how it ended, and Prefect's ``future.result()``
+never wakes.
+
+Intake (``/api/events/in``, and the same rules for ``POST /api/events``):
+
+- the socket speaks Prefect's handshake: subprotocol ``prefect``, the client's ping is
+  answered, ``{"type": "auth", "token": T}`` -> ``{"type": "auth_success"}`` (close 1008 with
+  a reason on a missing/wrong token); then one event (JSON object) per text frame.
+- an event that is not valid (no id, bad ``occurred``, no ``prefect.resource.id`` ...) is
+  dropped with a warning in the server log naming the field; the connection stays open.
+  Prefect's client re-sends every unconfirmed event after a reconnect, so closing the
+  socket on one bad event would only repeat it forever. A frame that is not a JSON object
+  closes the connection (1003): that client does not speak this protocol.
+- ``prefect.task-run.*`` events whose resource says ``"prefect.orchestration": "client"``
+  (what Prefect's engine sends) are recorded on the run, as Prefect's task-run recorder
+  does: the state is ``payload.validated_state`` (its ``data`` kept as sent), with the event
+  id as state id and ``occurred`` as timestamp; ``run_count``, ``start_time``,
+  ``end_time`` and ``total_run_time`` come from ``payload.task_run``. The newest
+  ``occurred`` wins (events of one run come over different connections: the submitter's
+  Scheduled event may arrive after the worker's Running), an event id already recorded is
+  ignored (clients re-send after a reconnect), and a run in a final state only takes a
+  newer final state. A final state releases the worker's lease (the run is not re-queued
+  or CRASHED when that worker disconnects) and wakes rpc waiters; a SCHEDULED state (the
+  submitter's initial event, Prefect's in-process ``AwaitingRetry``) never (re-)queues the
+  run: Prefect's engine retries in-process. Events for runs this server does not know are
+  only passed on (this server has no flow runs; Prefect's recorder would create the run).
+- every valid event, recorded or not, is passed on to ``/api/events/out`` subscribers.
+
+Out (``/api/events/out``): ping -> auth -> ``auth_success`` (in-band only: Prefect's
+subscriber sends no Authorization header), then ``{"type": "filter", "filter": EventFilter,
+"backfill": true}``; the server sends ``{"type": "event", "event": ...}`` for every matching
+event: first the backfill (events since ``filter.occurred.since``, at most 15 minutes back,
+oldest first), then live ones. An invalid filter closes with 1002 and the reason, as
+Prefect does. A ``prefect.task-run.<Completed|Failed|Cancelled|Crashed>`` event is emitted
+for every final state this server records however it got there (a worker's ``set_state``,
+``force``, a lease running out into CRASHED, cancellation), so a Prefect caller waiting on a
+run that a sync_worker worker finished wakes up too.
+
+Events are kept in memory only (the last :data:`MAX_EVENTS`, at most
+:data:`MAX_BACKFILL_SECONDS` old): they are a notification stream, the run's state is in the
+database. A server restart loses the backfill; a Prefect caller that waits across it reads
+the run again when its ``result(timeout=...)`` expires.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from typing import Any
+
+import simple_websocket
+from simple_websocket.errors import ConnectionClosed
+from wsproto.events import TextMessage
+from wsproto.utilities import LocalProtocolError
+
+from .core import Core
+from .database import QSTATE_NONE, DatabaseClosed, Transaction
+from .models import DEFAULT_STATE_NAMES, STATE_TYPES, TERMINAL, ValidationError, iso, make_state, parse_time
+
+logger = logging.getLogger("sync_worker.server.events")
+
+#: events kept for backfill (newest), and how far back a subscriber may ask (Prefect's
+#: PREFECT_EVENTS_MAXIMUM_WEBSOCKET_BACKFILL default: 15 minutes)
+MAX_EVENTS = 10_000
+MAX_BACKFILL_SECONDS = 15 * 60.0
+#: and at most about this many bytes of event JSON (a final state may carry a small result)
+MAX_EVENT_BYTES = 64 * 1024 * 1024
+#: event ids remembered to make intake idempotent
+MAX_SEEN_IDS = 50_000
+#: events a subscriber may have waiting to be sent; a subscriber that falls this far
+#: behind is disconnected (Prefect's subscriber reconnects and backfills)
+MAX_OUTBOX = 10_000
+
+NORMAL = 1000
+GOING_AWAY = 1001
+PROTOCOL_ERROR = 1002
+UNSUPPORTED_DATA = 1003
+POLICY_VIOLATION = 1008
+TRY_AGAIN_LATER = 1013
+
+TASK_RUN_PREFIX = "prefect.task-run."
+
+
+# --------------------------------------------------------------------------- events
+
+
+class Event:
+    """A validated event: the JSON object to pass on plus what filters look at."""
+
+    __slots__ = ("data", "id", "name", "occurred", "resource", "related", "size", "_source", "_text")
+
+    def __init__(self, data: dict[str, Any], occurred: float, size: int = 0) -> None:
+        self.data: dict[str, Any] | None = data
+        self.size = size  # approximate JSON size in bytes, for the backfill buffer's budget
+        self.id: str = data["id"]
+        self.name: str = data["event"]
+        self.occurred = occurred
+        self.resource: dict[str, str] = data["resource"]
+        self.related: list[dict[str, str]] = data["related"]
+        self._source: str | None = None
+        self._text: str | None = None
+
+    def materialize(self) -> bool:
+        """Make sure the fields are there (see :class:`_FinalStateEvent`); False if it cannot."""
+        return True
+
+    def text(self) -> str:
+        if self._text is None:
+            self._text = json.dumps(self.data, separators=(",", ":"))
+        return self._text
+
+
+class _FinalStateEvent(Event):
+    """The announcement of a final state, built only when somebody looks at it (a live
+    subscriber, or a backfill): on the commit path, where every final state passes, it is
+    one small object; parsing the run and building the event costs tens of microseconds."""
+
+    __slots__ = ()
+
+    def __init__(self, run_text: str, now: float) -> None:  # (no super().__init__: built lazily)
+        self.data = None
+        self._source = run_text
+        self._text = None
+        self.size = len(run_text)
+        self.occurred = now  # the state's timestamp is this commit's time; exact once built
+        self.id = self.name = ""
+        self.resource = {}
+        self.related = []
+
+    def materialize(self) -> bool:
+        if self.data is not None:
+            return True
+        source = self._source
+        if source is None:
+            return False
+        try:
+            data = final_state_event(json.loads(source))
+            occurred = parse_time(data["occurred"], [])
+        except (ValueError, KeyError, TypeError, ValidationError):  # pragma: no cover - we wrote the run
+            logger.exception("cannot build a final-state event from %.200s", source)
+            self._source = None
+            return False
+        self.id, self.name, self.occurred = data["id"], data["event"], occurred
+        self.resource, self.related = data["resource"], data["related"]
+        self.data = data  # last: other threads take a set ``data`` to mean "built"
+        self._source = None
+        return True
+
+    def text(self) -> str:
+        self.materialize()
+        return super().text()
+
+
+def _uuid(value: Any, loc: list[Any]) -> str:
+    if not isinstance(value, str):
+        raise ValidationError(loc, "Input should be a valid UUID string", "uuid_type", value)
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise ValidationError(loc, f"Input should be a valid UUID, not {value[:60]!r}", "uuid_parsing") from None
+
+
+def _resource(value: Any, loc: list[Any]) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise ValidationError(loc, "Input should be a valid dictionary of string labels", "dict_type", value)
+    for key, label in value.items():
+        if not isinstance(label, str):
+            raise ValidationError(loc + [key], "Input should be a valid string", "string_type", label)
+    resource_id = value.get("prefect.resource.id")
+    if not resource_id:
+        raise ValidationError(loc, "Resources must include a non-empty prefect.resource.id label", "value_error")
+    return value
+
+
+def validate_event(value: Any, loc: list[Any], now: float, size: int = 0) -> Event:
+    """One event as Prefect's ``Event`` schema has it; ``received`` is set to ``now``."""
+    if not isinstance(value, dict):
+        raise ValidationError(loc, "Input should be a valid dictionary (an event object)", "dict_type", value)
+    if "id" not in value:
+        raise ValidationError(loc + ["id"], "Field required", "missing")
+    event_id = _uuid(value["id"], loc + ["id"])
+    if "occurred" not in value:
+        raise ValidationError(loc + ["occurred"], "Field required", "missing")
+    occurred = parse_time(value["occurred"], loc + ["occurred"])
+    name = value.get("event")
+    if not isinstance(name, str) or not name:
+        raise ValidationError(loc + ["event"], "Field required: a non-empty event name", "missing")
+    resource = _resource(value.get("resource"), loc + ["resource"])
+    related = value.get("related") or []
+    if not isinstance(related, list):
+        raise ValidationError(loc + ["related"], "Input should be a valid list", "list_type", related)
+    for i, item in enumerate(related):
+        _resource(item, loc + ["related", i])
+    payload = value.get("payload") or {}
+    if not isinstance(payload, dict):
+        raise ValidationError(loc + ["payload"], "Input should be a valid dictionary", "dict_type", payload)
+    follows = value.get("follows")
+    if follows is not None:
+        follows = _uuid(follows, loc + ["follows"])
+    data = {
+        "occurred": value["occurred"],
+        "event": name,
+        "resource": resource,
+        "related": related,
+        "payload": payload,
+        "id": event_id,
+        "follows": follows,
+        "received": iso(now),
+    }
+    return Event(data, occurred, size)
+
+
+def _task_run_id(event: Event) -> str | None:
+    """The run an event of Prefect's client-side orchestration is about, else None."""
+    if not event.name.startswith(TASK_RUN_PREFIX) or event.resource.get("prefect.orchestration") != "client":
+        return None
+    resource_id = event.resource["prefect.resource.id"]
+    if not resource_id.startswith(TASK_RUN_PREFIX):
+        return None
+    try:
+        return str(uuid.UUID(resource_id[len(TASK_RUN_PREFIX):]))
+    except ValueError:
+        return None
+
+
+def _event_state(event: Event, run_id: str) -> dict[str, Any]:
+    """The run state an event records (``payload.validated_state``); ValidationError if the
+    payload has none that is valid."""
+    loc = ["payload", "validated_state"]
+    value = event.data["payload"].get("validated_state")
+    if not isinstance(value, dict):
+        raise ValidationError(loc, "Field required: a task-run event needs the state it validated", "missing")
+    state_type = value.get("type")
+    if state_type not in STATE_TYPES:
+        raise ValidationError(loc + ["type"], f"{state_type!r} is not a valid state type", "enum", state_type)
+    details = value.get("state_details") or {}
+    if not isinstance(details, dict):
+        raise ValidationError(loc + ["state_details"], "Input should be a valid dictionary", "dict_type", details)
+    name = value.get("name")
+    message = value.get("message")
+    state = make_state(state_type, run_id, event.occurred,
+                       name=name if isinstance(name, str) and name else DEFAULT_STATE_NAMES[state_type],
+                       message=message if isinstance(message, str) else None,
+                       data=value.get("data"), details=details)
+    state["id"] = event.id
+    state["timestamp"] = iso(event.occurred)
+    return state
+
+
+_RUN_FIELDS = ("run_count", "start_time", "end_time", "total_run_time")
+
+
+def _apply_state(run: dict[str, Any], state: dict[str, Any], event: Event) -> None:
+    run["state"] = state
+    run["state_id"] = state["id"]
+    run["state_name"] = state["name"]
+    run["state_type"] = state["type"]
+    run["updated"] = iso(time.time())
+    if state["type"] == "SCHEDULED":
+        scheduled = state["state_details"].get("scheduled_time")
+        if scheduled:
+            run["next_scheduled_start_time"] = scheduled
+            run["expected_start_time"] = scheduled
+    else:
+        run["next_scheduled_start_time"] = None
+    task_run = event.data["payload"].get("task_run")
+    if isinstance(task_run, dict):
+        for name in _RUN_FIELDS:
+            if name in task_run and task_run[name] is not None:
+                run[name] = task_run[name]
+    if state["type"] in TERMINAL and not run.get("end_time"):
+        run["end_time"] = state["timestamp"]
+
+
+def final_state_event(run: dict[str, Any]) -> dict[str, Any]:
+    """The ``prefect.task-run.<Type>`` event announcing a final state this server recorded.
+
+    Named after the state *type* (what Prefect's TaskRunWaiter filters on: a COMPLETED
+    state named "Cached" still wakes it); the real name is in the resource and the state.
+    """
+    state = run["state"]
+    state_type = state["type"]
+    message = state.get("message") or ""
+    return {
+        "occurred": state["timestamp"],
+        "event": TASK_RUN_PREFIX + state_type.title(),
+        "resource": {
+            "prefect.resource.id": TASK_RUN_PREFIX + run["id"],
+            "prefect.resource.name": str(run.get("name") or run.get("task_key") or ""),
+            "prefect.run-count": str(run.get("run_count", 0)),
+            "prefect.state-message": message,
+            "prefect.state-name": state["name"],
+            "prefect.state-timestamp": state["timestamp"],
+            "prefect.state-type": state_type,
+            "prefect.orchestration": "server",
+        },
+        "related": [],
+        "payload": {
+            "intended": {"from": None, "to": state_type},
+            "initial_state": None,
+            "validated_state": {
+                "type": state_type,
+                "name": state["name"],
+                "message": message,
+                "state_details": state.get("state_details") or {},
+                "data": state.get("data"),
+            },
+            "task_run": {name: run.get(name) for name in ("name", "task_key", "dynamic_key", *_RUN_FIELDS)},
+        },
+        "id": state["id"],
+        "follows": None,
+        "received": iso(time.time()),
+    }
+
+
+# --------------------------------------------------------------------------- filters
+
+
+def _str_list(value: Any, loc: str) -> list[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise ValueError(f"{loc}: Input should be a valid list of strings")
+    return value
+
+
+def _object(value: Any, loc: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{loc}: Input should be a valid dictionary")
+    return value
+
+
+def _labels(value: Any, loc: str) -> dict[str, list[str]] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValueError(f"{loc}: Input should be a valid dictionary of labels")
+    labels: dict[str, list[str]] = {}
+    for key, expected in value.items():
+        values = [expected] if isinstance(expected, str) else expected
+        labels[key] = _str_list(values, f"{loc}.{key}") or []
+    return labels
+
+
+def _label_matches(actual: str | None, expected: list[str]) -> bool:
+    """Prefect's label matching: ``*`` any value, ``prefix*``, ``!value`` negation."""
+    positive = [v for v in expected if not v.startswith("!")]
+    negative = [v[1:] for v in expected if v.startswith("!")]
+    for value in negative:
+        if actual is not None and (actual == value or (value.endswith("*") and actual.startswith(value[:-1]))):
+            return False
+    if not positive:
+        return True
+    if actual is None:
+        return False
+    return any(v == "*" or actual == v or (v.endswith("*") and actual.startswith(v[:-1])) for v in positive)
+
+
+class _ResourceFilter:
+    def __init__(self, value: Any, loc: str, role: bool = False) -> None:
+        value = _object(value, loc)
+        self.ids = _str_list(value.get("id"), f"{loc}.id")
+        self.prefixes = _str_list(value.get("id_prefix"), f"{loc}.id_prefix")
+        self.roles = _str_list(value.get("role"), f"{loc}.role") if role else None
+        self.labels = _labels(value.get("labels"), f"{loc}.labels")
+
+    def matches(self, resource: dict[str, str]) -> bool:
+        resource_id = resource.get("prefect.resource.id", "")
+        if self.ids and resource_id not in self.ids:
+            return False
+        if self.prefixes and not any(resource_id.startswith(p) for p in self.prefixes):
+            return False
+        if self.roles and resource.get("prefect.resource.role") not in self.roles:
+            return False
+        if self.labels and not all(_label_matches(resource.get(k), v) for k, v in self.labels.items()):
+            return False
+        return True
+
+
+class EventFilter:
+    """Prefect's ``EventFilter`` (what ``/api/events/out`` subscribers send): occurred,
+    event names, resource, related, any_resource, id, text. ValueError names a bad field."""
+
+    def __init__(self, value: Any, now: float) -> None:
+        if not isinstance(value, dict):
+            raise ValueError("filter: Input should be a valid dictionary")
+        occurred = _object(value.get("occurred"), "occurred")
+        earliest = now - MAX_BACKFILL_SECONDS
+        self.since = earliest
+        if occurred.get("since") is not None:
+            try:
+                self.since = max(parse_time(occurred["since"], ["occurred", "since"]), earliest)
+            except ValidationError as exc:
+                raise ValueError(exc.detail) from None
+        self.until = float("inf")
+        if occurred.get("until") is not None:
+            try:
+                self.until = parse_time(occurred["until"], ["occurred", "until"])
+            except ValidationError as exc:
+                raise ValueError(exc.detail) from None
+        event = _object(value.get("event"), "event")
+        self.prefixes = _str_list(event.get("prefix"), "event.prefix")
+        self.exclude_prefixes = _str_list(event.get("exclude_prefix"), "event.exclude_prefix")
+        self.names = set(_str_list(event.get("name"), "event.name") or ()) or None
+        self.exclude_names = set(_str_list(event.get("exclude_name"), "event.exclude_name") or ()) or None
+        self.resource = _ResourceFilter(value.get("resource"), "resource") if value.get("resource") else None
+        self.any_resource = (_ResourceFilter(value.get("any_resource"), "any_resource")
+                             if value.get("any_resource") else None)
+        related = value.get("related")
+        if isinstance(related, dict):
+            related = [related]
+        if related is not None and not isinstance(related, list):
+            raise ValueError("related: Input should be a valid dictionary or list")
+        self.related = [_ResourceFilter(r, f"related.{i}", role=True) for i, r in enumerate(related or [])]
+        ids = _object(value.get("id"), "id").get("id")
+        self.ids = set(_str_list(ids, "id.id") or ()) or None
+        text = value.get("text")
+        self.include_terms: list[str] = []
+        self.exclude_terms: list[str] = []
+        if text is not None:
+            query = _object(text, "text").get("query")
+            if not isinstance(query, str):
+                raise ValueError("text.query: Input should be a valid string")
+            for term in query.lower().split():
+                if term.startswith("-") and len(term) > 1:
+                    self.exclude_terms.append(term[1:])
+                else:
+                    self.include_terms.append(term)
+
+    def matches(self, event: Event) -> bool:
+        if event.data is None and not event.materialize():
+            return False
+        if not self.since <= event.occurred <= self.until:
+            return False
+        name = event.name
+        if self.names is not None and name not in self.names:
+            return False
+        if self.exclude_names is not None and name in self.exclude_names:
+            return False
+        if self.prefixes and not any(name.startswith(p) for p in self.prefixes):
+            return False
+        if self.exclude_prefixes and any(name.startswith(p) for p in self.exclude_prefixes):
+            return False
+        if self.ids is not None and event.id not in self.ids:
+            return False
+        if self.resource is not None and not self.resource.matches(event.resource):
+            return False
+        if self.any_resource is not None and not any(
+                self.any_resource.matches(r) for r in [event.resource, *event.related]):
+            return False
+        for related in self.related:
+            if not any(related.matches(r) for r in event.related):
+                return False
+        if self.include_terms or self.exclude_terms:
+            text = event.text().lower()
+            if self.include_terms and not any(term in text for term in self.include_terms):
+                return False
+            if any(term in text for term in self.exclude_terms):
+                return False
+        return True
+
+
+# --------------------------------------------------------------------------- the bus
+
+
+class _Subscriber:
+    """One ``/api/events/out`` connection: matching events wait in an outbox that the
+    connection's handler thread sends."""
+
+    def __init__(self, event_filter: EventFilter) -> None:
+        self.filter = event_filter
+        self.cond = threading.Condition()
+        self.outbox: deque[Event] = deque()
+        self.overflowed = False
+        self.closed = False
+
+    def offer(self, event: Event) -> None:
+        if not self.filter.matches(event):
+            return
+        with self.cond:
+            if len(self.outbox) >= MAX_OUTBOX:
+                self.overflowed = True
+            else:
+                self.outbox.append(event)
+            self.cond.notify()
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify()
+
+
+class EventBus:
+    """Event intake (recording task-run states), the backfill buffer and live subscribers."""
+
+    def __init__(self, core: Core) -> None:
+        self.core = core
+        self._lock = threading.Lock()
+        self._events: deque[Event] = deque()
+        self._event_bytes = 0
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._subscribers: set[_Subscriber] = set()
+        self._sockets: set[simple_websocket.Server] = set()
+        self._no_sockets = threading.Condition(self._lock)
+        self.closing = False
+        self.dropped_logs = 0
+        core.finish_listeners.append(self._run_finished)
+
+    # -- publishing --------------------------------------------------------------------------
+    def publish(self, event: Event) -> None:
+        """Keep ``event`` for backfill and offer it to every live subscriber."""
+        now = time.time()
+        if not event.size:
+            event.size = len(event.text())
+        with self._lock:
+            events = self._events
+            events.append(event)
+            self._event_bytes += event.size
+            while events and (len(events) > MAX_EVENTS or self._event_bytes > MAX_EVENT_BYTES
+                              or events[0].occurred < now - MAX_BACKFILL_SECONDS - 60):
+                self._event_bytes -= events.popleft().size
+            subscribers = list(self._subscribers)
+        for subscriber in subscribers:
+            subscriber.offer(event)
+
+    def _run_finished(self, run_id: str, text: str) -> None:
+        """Core hook (writer thread, after the commit): a final state was recorded."""
+        self.publish(_FinalStateEvent(text, time.time()))
+
+    def _remember(self, event_id: str) -> bool:
+        """False if the id was seen before."""
+        with self._lock:
+            if event_id in self._seen:
+                return False
+            self._seen[event_id] = None
+            if len(self._seen) > MAX_SEEN_IDS:
+                self._seen.popitem(last=False)
+            return True
+
+    def _forget(self, event_id: str) -> None:
+        with self._lock:
+            self._seen.pop(event_id, None)
+
+    # -- intake ------------------------------------------------------------------------------
+    def ingest(self, event: Event) -> None:
+        """Record a validated event (task-run state) and pass it on; idempotent on its id."""
+        if not self._remember(event.id):
+            logger.debug("event %s (%s) already received; ignored", event.id, event.name)
+            return
+        run_id = _task_run_id(event)
+        if run_id is not None:
+            try:
+                state = _event_state(event, run_id)
+            except ValidationError as exc:
+                logger.warning("task-run event %s (%s) not recorded: %s", event.id, event.name, exc.detail)
+            else:
+                try:
+                    self.core.db.write(self._record_op(run_id, state, event))
+                except BaseException:
+                    self._forget(event.id)  # not recorded: a re-sent copy must be taken
+                    raise
+        self.publish(event)
+
+    def _record_op(self, run_id: str, state: dict[str, Any], event: Event) -> Callable[[Transaction], None]:
+        core = self.core
+        queue = core.queue
+
+        def op(tx: Transaction) -> None:
+            row = tx.get_run(run_id)
+            if row is None:
+                logger.debug("event %s is about task run %s, which this server does not have", event.id, run_id)
+                return
+            current = row.run.get("state") or {}
+            if current.get("id") == event.id:
+                return  # recorded before (the client re-sent it)
+            try:
+                current_time = parse_time(current.get("timestamp"), [])
+            except ValidationError:
+                current_time = 0.0
+            new_type = state["type"]
+            if event.occurred <= current_time:
+                logger.debug("task run %s: %s event %s is older than its %s state; not recorded", run_id,
+                             new_type, event.id, row.state_type)
+                return
+            if row.state_type in TERMINAL and new_type not in TERMINAL:
+                logger.debug("task run %s is %s; %s event %s not recorded", run_id, row.state_type, new_type,
+                             event.id)
+                return
+            previous = row.state_type
+            details = state["state_details"]
+            if not details.get("task_parameters_id"):
+                # as orchestration does: a run re-queued later (its worker died) must still
+                # find its parameters, and Prefect's events name them only when scheduling
+                details["task_parameters_id"] = (current.get("state_details") or {}).get("task_parameters_id")
+            _apply_state(row.run, state, event)
+            row.state_type = new_type
+            row.touch()
+            if new_type == "SCHEDULED":
+                pass  # never (re-)queued by an event: a queued run stays queued, a held one held
+            elif new_type in TERMINAL:
+                row.qstate = QSTATE_NONE
+                row.holder = None
+                text = row.dump()
+                tx.after_commit(lambda: queue.release(run_id))
+                tx.after_commit(lambda: core._finished(run_id, text, announce=False))
+            elif row.qstate != QSTATE_NONE:
+                row.qstate = QSTATE_NONE
+                tx.after_commit(lambda: queue.unqueue(run_id))
+            tx.update_run(row)
+            logger.debug("task run %s: %s -> %s (event %s)", run_id, previous, new_type, event.id)
+
+        return op
+
+    def ingest_body(self, body: Any) -> int:
+        """``POST /api/events``: a list of events, all validated before any is recorded."""
+        if not isinstance(body, list):
+            raise ValidationError(["body"], "Input should be a valid list of events", "list_type", body)
+        now = time.time()
+        events = [validate_event(item, ["body", i], now) for i, item in enumerate(body)]
+        for event in events:
+            self.ingest(event)
+        return len(events)
+
+    # -- subscribers -------------------------------------------------------------------------
+    def subscribe(self, event_filter: EventFilter, backfill: bool) -> tuple[_Subscriber, list[Event]]:
+        """Register a subscriber and return the backfill, atomically: an event published
+        meanwhile is in exactly one of the two."""
+        subscriber = _Subscriber(event_filter)
+        with self._lock:  # a copy only: matching may build events, not while publishers wait
+            kept = list(self._events) if backfill else []
+            self._subscribers.add(subscriber)
+        past = [e for e in kept if event_filter.matches(e)]
+        past.sort(key=lambda e: e.occurred)
+        return subscriber, past
+
+    def unsubscribe(self, subscriber: _Subscriber) -> None:
+        with self._lock:
+            self._subscribers.discard(subscriber)
+
+    def add_socket(self, ws: simple_websocket.Server) -> bool:
+        with self._lock:
+            if self.closing:
+                return False
+            self._sockets.add(ws)
+            return True
+
+    def remove_socket(self, ws: simple_websocket.Server) -> None:
+        with self._lock:
+            self._sockets.discard(ws)
+            if not self._sockets:
+                self._no_sockets.notify_all()
+
+    def close(self, timeout: float = 1.5) -> None:
+        """Server stopping: every events connection is closed (1001) by its own handler
+        thread, which notices within a quarter of a second; waits for that (bounded), then
+        closes what is left itself."""
+        with self._lock:
+            self.closing = True
+            subscribers = list(self._subscribers)
+        for subscriber in subscribers:
+            subscriber.close()
+        with self._lock:
+            self._no_sockets.wait_for(lambda: not self._sockets, timeout=timeout)
+            sockets = list(self._sockets)
+        for ws in sockets:
+            _close(ws, GOING_AWAY, "Server is shutting down", wait=False)
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {"events": len(self._events), "event_bytes": self._event_bytes,
+                    "subscribers": len(self._subscribers), "dropped_logs": self.dropped_logs}
+
+
+# --------------------------------------------------------------------------- websockets
+
+
+class _Close(Exception):
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class _Socket(simple_websocket.Server):
+    """simple-websocket server socket with complete, thread-safe sends."""
+
+    def __init__(self, environ: dict[str, Any], **kwargs: Any) -> None:
+        self.send_lock = threading.Lock()
+        super().__init__(environ, **kwargs)
+
+    def send(self, data: Any) -> None:
+        with self.send_lock:
+            if not self.connected:
+                raise ConnectionClosed(self.close_reason, self.close_message)
+            self.sock.sendall(self.ws.send(TextMessage(data=data)))
+
+    def close(self, reason: int | None = None, message: str | None = None) -> None:
+        # one close frame, whichever thread gets here first (wsproto refuses a second one)
+        if not self.send_lock.acquire(timeout=0.5):
+            raise ConnectionClosed(reason, message)
+        try:
+            super().close(reason, message)
+        except LocalProtocolError:
+            raise ConnectionClosed(reason, message) from None
+        finally:
+            self.send_lock.release()
+
+
+def _close(ws: simple_websocket.Server, code: int, reason: str, wait: bool = True) -> None:
+    try:
+        ws.close(code, reason)
+    except (ConnectionClosed, OSError):
+        pass
+    if wait:
+        ws.thread.join(timeout=1.0)  # let the client answer the close frame
+    try:
+        ws.sock.shutdown(2)
+    except OSError:
+        pass
+
+
+def _receive_json(ws: _Socket, bus: EventBus, sized: bool = False) -> Any:
+    """The next message as JSON (None when the connection ended); with ``sized``, a
+    (value, message length) pair."""
+    while True:
+        if bus.closing:
+            raise _Close(GOING_AWAY, "Server is shutting down")
+        message = ws.receive(timeout=0.25)
+        if message is None:
+            if not ws.connected or not ws.thread.is_alive():
+                return (None, 0) if sized else None
+            continue
+        if isinstance(message, bytes):
+            try:
+                message = message.decode("utf-8")
+            except UnicodeDecodeError:
+                raise _Close(UNSUPPORTED_DATA, "Protocol violation: messages must be UTF-8 JSON text") from None
+        try:
+            value = json.loads(message)
+        except ValueError:
+            raise _Close(UNSUPPORTED_DATA, "Protocol violation: message is not valid JSON") from None
+        return (value, len(message)) if sized else value
+
+
+def _handshake(ws: _Socket, core: Core, bus: EventBus) -> bool:
+    """Prefect's accept_prefect_socket: with subprotocol ``prefect`` the first message must
+    be ``auth``; without it the connection is refused when auth is configured, else served
+    as a legacy client. False if the connection ended first."""
+    if ws.subprotocol != "prefect":
+        if core.auth_string is not None:
+            raise _Close(PROTOCOL_ERROR, "'prefect' subprotocol required when auth is configured")
+        return True
+    try:
+        value = _receive_json(ws, bus)
+    except _Close as close:
+        if close.code == GOING_AWAY:
+            raise
+        value = {}
+    if value is None:
+        return False
+    if not isinstance(value, dict) or value.get("type") != "auth":
+        raise _Close(POLICY_VIOLATION, "Expected 'auth' message")
+    if core.auth_string is not None:
+        token = value.get("token")
+        if not token:
+            raise _Close(POLICY_VIOLATION, "Auth required but no token provided")
+        if not core.check_token(token):
+            raise _Close(POLICY_VIOLATION, "Invalid token")
+    ws.send('{"type":"auth_success"}')
+    return True
+
+
+def _serve(environ: dict[str, Any], core: Core, bus: EventBus, max_message_size: int | None, what: str,
+           serve: Callable[[_Socket], None]) -> None:
+    ws = _Socket(environ, subprotocols=["prefect"], max_message_size=max_message_size)
+    peer = environ.get("REMOTE_ADDR", "?")
+    if not bus.add_socket(ws):
+        _close(ws, GOING_AWAY, "Server is shutting down")
+        return
+    try:
+        if _handshake(ws, core, bus):
+            serve(ws)
+    except _Close as close:
+        logger.info("closing %s connection from %s: %s (%d)", what, peer, close.reason, close.code)
+        _close(ws, close.code, close.reason)
+    except ConnectionClosed:
+        pass
+    except Exception:  # pragma: no cover - a bug: drop this connection, keep the server
+        logger.exception("error serving %s connection from %s", what, peer)
+        _close(ws, 1011, "Internal server error")
+    finally:
+        bus.remove_socket(ws)
+        try:
+            ws.sock.shutdown(2)
+        except OSError:
+            pass
+        ws.thread.join(timeout=1.0)
+
+
+def handle_events_in(environ: dict[str, Any], core: Core, bus: EventBus, max_message_size: int | None) -> None:
+    """``/api/events/in``: one event per frame, until the client closes."""
+    peer = environ.get("REMOTE_ADDR", "?")
+
+    def serve(ws: _Socket) -> None:
+        received = 0
+        while True:
+            value, size = _receive_json(ws, bus, sized=True)
+            if value is None:
+                break
+            if not isinstance(value, dict):
+                raise _Close(UNSUPPORTED_DATA, "Protocol violation: expected one event (a JSON object) per message")
+            try:
+                event = validate_event(value, ["event"], time.time(), size)
+            except ValidationError as exc:
+                logger.warning("dropped an invalid event from %s: %s", peer, exc.detail)
+                continue
+            try:
+                bus.ingest(event)
+            except DatabaseClosed:
+                raise _Close(GOING_AWAY, "Server is shutting down") from None
+            received += 1
+        logger.debug("events connection from %s ended after %d event(s)", peer, received)
+
+    _serve(environ, core, bus, max_message_size, "events-in", serve)
+
+
+def handle_events_out(environ: dict[str, Any], core: Core, bus: EventBus, max_message_size: int | None) -> None:
+    """``/api/events/out``: a filter, then the matching events (backfill first)."""
+
+    def serve(ws: _Socket) -> None:
+        message = _receive_json(ws, bus)
+        if message is None:
+            return
+        if not isinstance(message, dict) or message.get("type") != "filter":
+            raise _Close(PROTOCOL_ERROR, "Expected 'filter' message")
+        try:
+            event_filter = EventFilter(message.get("filter"), time.time())
+        except ValueError as exc:
+            raise _Close(PROTOCOL_ERROR, f"Invalid filter: {exc}") from None
+        backfill = message.get("backfill", True) is not False
+        subscriber, past = bus.subscribe(event_filter, backfill)
+        try:
+            for event in past:
+                ws.send(f'{{"type":"event","event":{event.text()}}}')
+            _send_live(ws, subscriber)
+        finally:
+            bus.unsubscribe(subscriber)
+
+    _serve(environ, core, bus, max_message_size, "events-out", serve)
+
+
+def _send_live(ws: _Socket, subscriber: _Subscriber) -> None:
+    while True:
+        with subscriber.cond:
+            while not subscriber.outbox and not subscriber.closed and not subscriber.overflowed:
+                subscriber.cond.wait(0.25)
+                if not ws.connected or not ws.thread.is_alive():
+                    return
+            if subscriber.closed:
+                raise _Close(GOING_AWAY, "Server is shutting down")
+            if subscriber.overflowed:
+                raise _Close(TRY_AGAIN_LATER, f"More than {MAX_OUTBOX} events waiting to be sent to this "
+                                              "subscriber; reconnect to backfill")
+            events = list(subscriber.outbox)
+            subscriber.outbox.clear()
+        for event in events:
+            ws.send(f'{{"type":"event","event":{event.text()}}}')
+
+
+def validate_logs(body: Any) -> int:
+    """``POST /api/logs/``: a list of log objects (Prefect's LogCreate). Returns how many."""
+    if not isinstance(body, list):
+        raise ValidationError(["body"], "Input should be a valid list of logs", "list_type", body)
+    for i, item in enumerate(body):
+        if not isinstance(item, dict):
+            raise ValidationError(["body", i], "Input should be a valid dictionary (a log object)", "dict_type", item)
+        for name in ("name", "message"):
+            if not isinstance(item.get(name), str):
+                raise ValidationError(["body", i, name], "Field required: a string", "missing")
+        if "level" in item and (isinstance(item["level"], bool) or not isinstance(item["level"], int)):
+            raise ValidationError(["body", i, "level"], "Input should be a valid integer", "int_type", item["level"])
+    return len(body)
