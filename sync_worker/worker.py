@@ -731,12 +731,12 @@ def run_worker_command(
     try:
         tasks = [load_task(spec) for spec in task_specs]
     except TaskSpecError as exc:
-        sys.stderr.write(f"error: {exc}\n")
+        sys.stderr.write(f"sync-worker worker: error: {exc}\n")  # as sync_worker.cli_support prints
         return 2
     try:
         serve(*tasks, limit=limit, status_server_port=status_port, timeout=timeout)
     except CredentialsError as exc:
-        sys.stderr.write(f"error: {exc}\n")
+        sys.stderr.write(f"sync-worker worker: error: {exc}\n")  # as sync_worker.cli_support prints
         return 1
     except KeyboardInterrupt:
         return 130
