@@ -97,3 +97,24 @@ def test_json_log_formatter():
     document = json.loads(JsonFormatter().format(record))
     assert document["message"] == "Starting w" and document["level"] == "INFO"
     assert document["logger"] == "sync_worker.worker" and document["time"].endswith("+00:00")
+
+
+def test_the_readme_logging_configuration_gives_json_lines(capsys):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    logs = readme[readme.index("## Logs"):readme.index("## Troubleshooting")]
+    snippet = re.search(r"```python\n(.*?)```", logs, re.S).group(1)
+    logger = logging.getLogger("sync_worker")
+    saved = (logger.level, logger.propagate, list(logger.handlers))
+    try:
+        exec(compile(snippet, "README.md", "exec"), {})
+        logging.getLogger("sync_worker.worker").info("Starting task worker %s", "w-1")
+    finally:
+        for handler in logger.handlers:
+            if handler not in saved[2]:
+                logger.removeHandler(handler)
+        logger.setLevel(saved[0])
+        logger.propagate = saved[1]
+    line = json.loads(capsys.readouterr().err.strip().splitlines()[-1])
+    assert line["message"] == "Starting task worker w-1" and line["logger"] == "sync_worker.worker"
