@@ -84,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="sync-worker",
         description="Background tasks for synchronous Python (Prefect 3 task-run protocol).",
+        epilog="exit codes: 0 done, 1 a failure at run time (e.g. refused credentials), 2 a mistake in an "
+               "option or a SYNC_WORKER_* setting (one line naming it), 130 interrupted",
     )
     from sync_worker import __version__
 

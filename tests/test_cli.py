@@ -288,3 +288,8 @@ def test_server_logs_where_its_database_is(tmp_path):
     assert (f"Task runs and parameter/result records (SYNC_WORKER_STORAGE=server) are kept in {database}; "
             "stop the server before copying or deleting it") in text
     assert process.returncode == 0
+
+
+def test_top_level_help_lists_the_exit_codes():
+    result = run("--help")
+    assert "exit codes: 0 done, 1 a failure at run time" in " ".join(result.stdout.split())
