@@ -2,11 +2,12 @@
 
 Needs a server (``sync-worker server``) and, unless ``--with-worker`` is given, a worker::
 
+    python3 -m pip install '.[examples]'                    # once, from the repository root
     sync-worker server &                                    # http://127.0.0.1:4200/api
     sync-worker worker examples.tasks:add examples.tasks:slow_square examples.tasks:flaky &
-    python examples/submit_and_wait.py --runs 20
+    python3 examples/submit_and_wait.py --runs 20
 
-    python examples/submit_and_wait.py --with-worker        # worker threads in this process
+    python3 examples/submit_and_wait.py --with-worker       # worker threads in this process
 
 SYNC_WORKER_API_URL points both sides at another server. Submitter and worker must share
 the parameter/result store: the same ``SYNC_WORKER_STORAGE`` directory, or

@@ -45,14 +45,18 @@ _EXPORTS = {
     "ParameterReadError": "sync_worker.exceptions",
     "TaskRunFailed": "sync_worker.exceptions",
     "CredentialsError": "sync_worker.exceptions",
+    "ConfigurationError": "sync_worker.exceptions",
+    "PortUnavailable": "sync_worker.exceptions",
 }
 
 __all__ = [
     "APIError",
     "Client",
+    "ConfigurationError",
     "CredentialsError",
     "ObjectNotFound",
     "ParameterReadError",
+    "PortUnavailable",
     "SerializationError",
     "Settings",
     "StopTaskWorker",
@@ -93,9 +97,11 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from sync_worker.client import Client, get_client
     from sync_worker.exceptions import (
         APIError,
+        ConfigurationError,
         CredentialsError,
         ObjectNotFound,
         ParameterReadError,
+        PortUnavailable,
         SerializationError,
         SyncWorkerError,
         TaskRunFailed,

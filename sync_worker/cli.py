@@ -2,25 +2,22 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
-LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
-
-
-def positive_int(text: str) -> int:
-    """argparse type of counts (also used by the server's options)."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be a whole number >= 1")
-    return value
-
-
-def _limit(text: str) -> int | None:
-    if text.lower() in ("none", "0", "unlimited"):
-        return None
-    return positive_int(text)
+# option types, logging and error handling shared by every subcommand (positive_int and
+# LOG_FORMAT are also imported from here by the server's options)
+from sync_worker.cli_support import (
+    LOG_FORMAT,  # noqa: F401
+    ArgumentParser,
+    add_logging_options,
+    configure_logging,
+    port,
+    positive_float,
+    positive_int,
+    run_command,
+    worker_limit,
+)
 
 
 def _add_worker_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -35,13 +32,13 @@ def _add_worker_parser(subparsers: argparse._SubParsersAction) -> None:
         epilog="example: sync-worker worker myapp.tasks:send_email myapp.tasks:resize_image --limit 20",
     )
     parser.add_argument("tasks", nargs="*", metavar="MODULE:TASK", help="an importable @task, e.g. myapp.tasks:send_email")
-    parser.add_argument("--limit", type=_limit, default=10,
-                        help="most runs executing at once (default 10; 'none' for no limit)")
-    parser.add_argument("--status-port", type=int, default=None, metavar="PORT",
-                        help="serve GET /status (JSON) on 127.0.0.1:PORT")
-    parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+    parser.add_argument("--limit", type=worker_limit, default=10, metavar="N",
+                        help="most runs executing at once: a whole number >= 1 (default 10), or 'none' for no limit")
+    parser.add_argument("--status-port", type=port, default=None, metavar="PORT",
+                        help="serve GET /status (JSON) on 127.0.0.1:PORT (0 = any free port)")
+    parser.add_argument("--timeout", type=positive_float, default=None, metavar="SECONDS",
                         help="stop after this many seconds (default: run until stopped)")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_logging_options(parser)
     # Django projects: the same worker as `manage.py sync_worker` (sync_worker.contrib.django)
     parser.add_argument("--django", metavar="SETTINGS_MODULE", default=None,
                         help="set up this Django settings module and serve the project's tasks instead of MODULE:TASK")
@@ -90,7 +87,7 @@ def _add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--runs", type=positive_int, default=20, help="how many runs to submit (default 20)")
     parser.add_argument("--limit", type=positive_int, default=10, help="the worker's concurrency limit (default 10)")
-    parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_logging_options(parser, default_level="WARNING")
 
     def run(args: argparse.Namespace) -> int:
         from sync_worker.demo import run_demo
@@ -101,14 +98,16 @@ def _add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="sync-worker",
         description="Background tasks for synchronous Python (Prefect 3 task-run protocol).",
+        epilog="exit codes: 0 done, 1 a failure at run time (e.g. refused credentials), 2 a mistake in an "
+               "option or a SYNC_WORKER_* setting (one line naming it), 130 interrupted",
     )
     from sync_worker import __version__
 
     parser.add_argument("--version", action="version", version=f"sync-worker {__version__}")
-    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND")
+    subparsers = parser.add_subparsers(title="commands", metavar="COMMAND", dest="command")
     _add_demo_parser(subparsers)
     _add_server_parser(subparsers)
     _add_worker_parser(subparsers)
@@ -121,11 +120,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
-    logging.basicConfig(level=getattr(args, "log_level", "INFO"), format=LOG_FORMAT)
-    try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        return 130
+    configure_logging(getattr(args, "log_level", "INFO"), getattr(args, "log_format", "text"))
+    return run_command(args.func, args, f"{parser.prog} {args.command}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -136,6 +136,10 @@ class Client:
             method, f"{self.api_url}{path}", data=body, headers=request_headers, timeout=self.timeout
         )
         if response.status_code >= 400:
+            if response.status_code == 404:  # a URL without /api? (checked only on this error path)
+                from sync_worker.diagnostics import api_url_error
+
+                raise api_url_error(self.api_url, self.headers) or _api_error(method, path, response)
             raise _api_error(method, path, response)
         return response
 

@@ -57,3 +57,20 @@ class TaskRunFailed(SyncWorkerError):
 
 class CredentialsError(SyncWorkerError):
     """The server refused our credentials: retrying will not help."""
+
+
+class ConfigurationError(SyncWorkerError, ValueError):
+    """A setting, option or argument holds a value that cannot be used.
+
+    The message names the setting (``SYNC_WORKER_...``), the option (``--status-port``) or
+    the argument (``status_server_port``) and says what to do; the ``sync-worker`` command
+    prints it as one line and exits 2. A ``ValueError`` so existing ``except ValueError``
+    code keeps working.
+    """
+
+
+class PortUnavailable(ConfigurationError, OSError):
+    """A port we were asked to listen on is out of range or already in use.
+
+    Also an ``OSError``, which is what binding a socket raised before this class existed.
+    """

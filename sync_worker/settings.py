@@ -7,10 +7,14 @@ scripts can change variables between calls.
 """
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Optional
+from urllib.parse import urlsplit
+
+from sync_worker.exceptions import ConfigurationError
 
 DEFAULT_API_URL = "http://127.0.0.1:4200/api"
 DEFAULT_METRICS_PORT = 4201
@@ -19,8 +23,10 @@ _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
 
-class SettingsError(ValueError):
-    """An environment variable holds a value that cannot be used."""
+class SettingsError(ConfigurationError):
+    """An environment variable holds a value that cannot be used (the message names it).
+
+    A :class:`~sync_worker.exceptions.ConfigurationError`, hence also a ``ValueError``."""
 
 
 def _lookup(env: Mapping[str, str], *names: str) -> tuple[Optional[str], Optional[str]]:
@@ -55,7 +61,7 @@ def _number(env: Mapping[str, str], *names: str, default: float, kind: type = fl
     try:
         return kind(value)
     except ValueError:
-        raise SettingsError(f"{name}={value!r} is not a valid {kind.__name__}") from None
+        raise SettingsError(f"{name}={value!r} is not a {'whole number' if kind is int else 'number'}") from None
 
 
 @dataclass(frozen=True)
@@ -103,7 +109,7 @@ def get_settings(env: Optional[Mapping[str, str]] = None) -> Settings:
     """Read the settings from ``env`` (default: ``os.environ``)."""
     env = os.environ if env is None else env
     defaults = Settings()
-    return Settings(
+    return _checked(env, Settings(
         api_url=_str(env, "SYNC_WORKER_API_URL", "PREFECT_API_URL", default=defaults.api_url).rstrip("/"),
         auth_string=_str(env, "SYNC_WORKER_API_AUTH_STRING", "PREFECT_API_AUTH_STRING"),
         api_key=_str(env, "SYNC_WORKER_API_KEY", "PREFECT_API_KEY"),
@@ -134,4 +140,26 @@ def get_settings(env: Optional[Mapping[str, str]] = None) -> Settings:
         ),
         drain_timeout=_number(env, "SYNC_WORKER_DRAIN_TIMEOUT", default=defaults.drain_timeout),
         fast_path=_bool(env, "SYNC_WORKER_FAST_PATH", default=defaults.fast_path),
-    )
+    ))
+
+
+def _checked(env: Mapping[str, str], settings: Settings) -> Settings:
+    """What parsing alone lets through: a URL without a scheme, a negative timeout, a port
+    past 65535. Only values read from the environment can fail (the defaults are valid), and
+    the error names the variable the value came from."""
+
+    def refuse(names: tuple[str, ...], why: str) -> None:
+        name, value = _lookup(env, *names)
+        raise SettingsError(f"{name}={value!r} {why}")
+
+    parts = urlsplit(settings.api_url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        refuse(("SYNC_WORKER_API_URL", "PREFECT_API_URL"),
+               "is not an http(s) URL (for example http://127.0.0.1:4200/api)")
+    if not (math.isfinite(settings.request_timeout) and settings.request_timeout > 0):
+        refuse(("SYNC_WORKER_REQUEST_TIMEOUT", "PREFECT_API_REQUEST_TIMEOUT"), "must be a number of seconds > 0")
+    if not (math.isfinite(settings.drain_timeout) and settings.drain_timeout >= 0):
+        refuse(("SYNC_WORKER_DRAIN_TIMEOUT",), "must be a number of seconds >= 0")
+    if not 0 <= settings.client_metrics_port <= 65535:
+        refuse(("SYNC_WORKER_CLIENT_METRICS_PORT", "PREFECT_CLIENT_METRICS_PORT"), "is not a port (0-65535)")
+    return settings

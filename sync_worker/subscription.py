@@ -392,7 +392,10 @@ class Subscription:
                 ) from exc
             if exc.status_code >= 500:
                 raise ConnectionLost(f"subscription handshake failed with HTTP {exc.status_code}") from exc
-            raise SubscriptionError(f"subscription handshake at {self.url} failed with HTTP {exc.status_code}") from exc
+            from sync_worker.diagnostics import api_url_error  # a URL without /api?
+
+            raise (exc.status_code == 404 and api_url_error(self.client.api_url, self.client.headers)) or SubscriptionError(
+                f"subscription handshake at {self.url} failed with HTTP {exc.status_code}") from exc
         except (websocket.WebSocketException, OSError) as exc:
             raise ConnectionLost(f"cannot connect to {self.url}: {exc}") from exc
         try:

@@ -320,7 +320,8 @@ class TaskWorker:
             except OSError as exc:
                 logger.warning("Client metrics server not started: %s", exc)
             keys = " | ".join(sorted(self.task_keys))
-            logger.info("Starting task worker %s (limit %s) for task(s): %s", self.client_id, self._limit, keys)
+            logger.info("Starting task worker %s (limit %s, server %s) for task(s): %s", self.client_id,
+                        self._limit or "none", getattr(self._client, "api_url", "?"), keys)
             self._service_thread = threading.Thread(target=self._service, name="sync-worker-service", daemon=True)
             self._service_thread.start()
 
@@ -635,7 +636,12 @@ def create_status_server(task_worker: TaskWorker, port: int = 0, host: str = "12
         def log_message(self, format: str, *args: Any) -> None:
             logger.debug("status server: " + format, *args)
 
-    server = http.server.ThreadingHTTPServer((host, port), Handler)
+    try:
+        server = http.server.ThreadingHTTPServer((host, port), Handler)
+    except (OSError, OverflowError) as exc:  # a port in use or out of range: say which option
+        from sync_worker.diagnostics import port_unavailable
+
+        raise port_unavailable("status server", "--status-port / status_server_port", host, port, exc) from exc
     server.daemon_threads = True
     return server
 
@@ -653,6 +659,11 @@ def serve(
         limit: the most runs executing at once (default 10; ``None``: no limit).
         status_server_port: serve ``GET /status`` (JSON) on ``127.0.0.1:<port>``.
         timeout: return after this many seconds (default: run until stopped).
+
+    Raises:
+        PortUnavailable: ``status_server_port`` is out of range or in use (a
+            :class:`~sync_worker.exceptions.ConfigurationError`, and an ``OSError``).
+        SettingsError: a ``SYNC_WORKER_*`` variable holds a value that cannot be used.
 
     Example::
 
@@ -720,12 +731,12 @@ def run_worker_command(
     try:
         tasks = [load_task(spec) for spec in task_specs]
     except TaskSpecError as exc:
-        sys.stderr.write(f"error: {exc}\n")
+        sys.stderr.write(f"sync-worker worker: error: {exc}\n")  # as sync_worker.cli_support prints
         return 2
     try:
         serve(*tasks, limit=limit, status_server_port=status_port, timeout=timeout)
     except CredentialsError as exc:
-        sys.stderr.write(f"error: {exc}\n")
+        sys.stderr.write(f"sync-worker worker: error: {exc}\n")  # as sync_worker.cli_support prints
         return 1
     except KeyboardInterrupt:
         return 130

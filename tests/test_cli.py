@@ -64,3 +64,232 @@ def test_worker_rejects_a_bad_limit():
     result = run("worker", "sync_worker.demo:add", "--limit", "-3", timeout=30)
     assert result.returncode == 2
     assert "--limit" in result.stderr
+
+
+# -- user mistakes: one line naming the option or setting, exit code 2 ----------------------------
+import json  # noqa: E402
+import os  # noqa: E402
+import re  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import threading  # noqa: E402
+
+from sync_worker.cli import build_parser  # noqa: E402
+
+
+def clean_env(tmp_path, **extra: str) -> dict[str, str]:
+    """This environment without sync_worker/Prefect settings, a private store, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SYNC_WORKER_", "PREFECT_"))}
+    env["SYNC_WORKER_STORAGE"] = str(tmp_path / "store")
+    env.update(extra)
+    return env
+
+
+def run_env(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sync_worker", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.fixture
+def taken_port():
+    """A port something else listens on."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(1)
+    yield sock.getsockname()[1]
+    sock.close()
+
+
+@pytest.mark.parametrize("args,line", [
+    (["worker", "sync_worker.demo:add", "--status-port", "99999"],
+     "sync-worker worker: error: argument --status-port: '99999': must be 0-65535 (0 = any free port) "
+     "(see sync-worker worker --help)"),
+    (["worker", "sync_worker.demo:add", "--limit", "0"],
+     "sync-worker worker: error: argument --limit: '0': must be >= 1 (use --limit none for no limit) "
+     "(see sync-worker worker --help)"),
+    (["worker", "sync_worker.demo:add", "--limit", "ten"],
+     "sync-worker worker: error: argument --limit: 'ten' is not a whole number (or 'none' for no limit) "
+     "(see sync-worker worker --help)"),
+    (["worker", "sync_worker.demo:add", "--timeout", "soon"],
+     "sync-worker worker: error: argument --timeout: 'soon' is not a number (see sync-worker worker --help)"),
+    (["server", "--port", "abc"],
+     "sync-worker server: error: argument --port: 'abc' is not a port number (0-65535) (see sync-worker server --help)"),
+    (["server", "--port", "70000"],
+     "sync-worker server: error: argument --port: '70000': must be 0-65535 (0 = any free port) "
+     "(see sync-worker server --help)"),
+    (["server", "--lease-timeout", "-1"],
+     "sync-worker server: error: argument --lease-timeout: '-1': must be a number > 0 (see sync-worker server --help)"),
+    (["server", "--max-deliveries", "x"],
+     "sync-worker server: error: argument --max-deliveries: 'x' is not a whole number (see sync-worker server --help)"),
+    (["demo", "--runs", "0"],
+     "sync-worker demo: error: argument --runs: '0': must be a whole number >= 1 (see sync-worker demo --help)"),
+])
+def test_bad_options_are_one_line_naming_the_option(tmp_path, args, line):
+    result = run_env(clean_env(tmp_path), *args, timeout=30)
+    assert result.returncode == 2
+    assert result.stderr == line + "\n"  # one line, no usage block, no traceback
+
+
+@pytest.mark.parametrize("variable,value,message", [
+    ("SYNC_WORKER_REQUEST_TIMEOUT", "abc", "SYNC_WORKER_REQUEST_TIMEOUT='abc' is not a number"),
+    ("SYNC_WORKER_REQUEST_TIMEOUT", "0", "SYNC_WORKER_REQUEST_TIMEOUT='0' must be a number of seconds > 0"),
+    ("PREFECT_API_REQUEST_TIMEOUT", "-5", "PREFECT_API_REQUEST_TIMEOUT='-5' must be a number of seconds > 0"),
+    ("SYNC_WORKER_DRAIN_TIMEOUT", "-1", "SYNC_WORKER_DRAIN_TIMEOUT='-1' must be a number of seconds >= 0"),
+    ("SYNC_WORKER_ALLOW_PICKLE", "maybe",
+     "SYNC_WORKER_ALLOW_PICKLE='maybe' is not a boolean (use true/false, 1/0, yes/no, on/off)"),
+    ("SYNC_WORKER_FAST_PATH", "fast",
+     "SYNC_WORKER_FAST_PATH='fast' is not a boolean (use true/false, 1/0, yes/no, on/off)"),
+    ("SYNC_WORKER_CLIENT_METRICS_PORT", "99999", "SYNC_WORKER_CLIENT_METRICS_PORT='99999' is not a port (0-65535)"),
+    ("SYNC_WORKER_CLIENT_METRICS_PORT", "http", "SYNC_WORKER_CLIENT_METRICS_PORT='http' is not a whole number"),
+    ("SYNC_WORKER_API_URL", "localhost:4200",
+     "SYNC_WORKER_API_URL='localhost:4200' is not an http(s) URL (for example http://127.0.0.1:4200/api)"),
+])
+def test_bad_settings_are_one_line_naming_the_variable(tmp_path, variable, value, message):
+    result = run_env(clean_env(tmp_path, **{variable: value}), "worker", "sync_worker.demo:add", "--timeout", "5",
+                     timeout=30)
+    assert result.returncode == 2
+    assert result.stderr == f"sync-worker worker: error: {message}\n"
+
+
+def test_status_port_in_use_is_one_line(tmp_path, taken_port):
+    result = run_env(clean_env(tmp_path), "worker", "sync_worker.demo:add", "--status-port", str(taken_port),
+                     timeout=30)
+    assert result.returncode == 2
+    assert result.stderr == (
+        f"sync-worker worker: error: status server port {taken_port} (--status-port / status_server_port) is in use "
+        "on 127.0.0.1: choose another port, or 0 for any free port\n")
+
+
+def test_server_port_in_use_is_one_line_and_leaves_no_files(tmp_path, taken_port):
+    database = tmp_path / "new-dir" / "queue.db"
+    result = run_env(clean_env(tmp_path), "server", "--port", str(taken_port), "--db", str(database), timeout=30)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == (
+        f"sync-worker server: error: server port {taken_port} (--host/--port) is in use on 127.0.0.1: "
+        "choose another port, or 0 for any free port")
+    assert not (tmp_path / "new-dir").exists()  # neither the files nor the directory it created
+
+
+def test_failed_server_start_keeps_files_that_were_there(tmp_path, taken_port, server_factory):
+    database = tmp_path / "queue.db"
+    server_factory(database=str(database)).stop()  # a database from an earlier run
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = run_env(clean_env(tmp_path), "server", "--port", str(taken_port), "--db", str(database), timeout=30)
+    assert result.returncode == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert database.stat().st_size > 0
+
+
+def test_server_database_in_use_is_one_line(tmp_path, server):
+    result = run_env(clean_env(tmp_path), "server", "--port", "0", "--db", server.database, timeout=30)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == (
+        f"sync-worker server: error: cannot start: {server.database} is used by another running server (--db); "
+        "stop it or choose another --db")
+
+
+def test_api_url_without_api_says_what_to_set(tmp_path, server):
+    base = server.url[: -len("/api")]
+    result = run_env(clean_env(tmp_path, SYNC_WORKER_API_URL=base), "worker", "sync_worker.demo:add",
+                     "--timeout", "20", timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == (
+        f"sync-worker worker: error: SYNC_WORKER_API_URL is {base}, which lacks /api: the server there answers 404 "
+        f"for the task-run API but is healthy at {server.url}/health; set SYNC_WORKER_API_URL={server.url}")
+
+
+@pytest.mark.parametrize("fast_path", ["true", "false"])
+def test_api_url_without_api_from_python(tmp_path, server, monkeypatch, fast_path):
+    """.delay() raises a ConfigurationError that names PREFECT_API_URL when that is what was set."""
+    from sync_worker import ConfigurationError
+    from sync_worker.client import Client
+    from sync_worker.demo import add
+
+    monkeypatch.delenv("SYNC_WORKER_API_URL", raising=False)
+    monkeypatch.setenv("PREFECT_API_URL", server.url[: -len("/api")])
+    monkeypatch.setenv("SYNC_WORKER_STORAGE", str(tmp_path / "store"))
+    monkeypatch.setenv("SYNC_WORKER_FAST_PATH", fast_path)
+    with pytest.raises(ConfigurationError, match=re.escape(f"set PREFECT_API_URL={server.url}")):
+        add.delay(1, 2)
+    # a real 404 behind a correct URL stays ObjectNotFound, without the hint
+    from sync_worker import ObjectNotFound
+
+    with Client(api_url=server.url) as client, pytest.raises(ObjectNotFound) as info:
+        client.read_task_run("00000000-0000-0000-0000-000000000000")
+    assert not isinstance(info.value, ConfigurationError)
+
+
+def test_serve_from_python_raises_port_unavailable(taken_port):
+    from sync_worker import ConfigurationError, PortUnavailable, serve
+    from sync_worker.demo import add
+
+    with pytest.raises(PortUnavailable, match=rf"status server port {taken_port} .* is in use") as info:
+        serve(add, status_server_port=taken_port, timeout=1)
+    assert isinstance(info.value, ConfigurationError) and isinstance(info.value, OSError)
+    with pytest.raises(PortUnavailable, match="status server port 99999 .* is not a port: use 0-65535"):
+        serve(add, status_server_port=99999, timeout=1)
+
+
+def test_every_option_of_every_subcommand_has_help():
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    missing = [
+        f"{name} {'/'.join(action.option_strings) or action.dest}"
+        for name, sub in subparsers.choices.items()
+        for action in sub._actions
+        if not action.help or action.help == "==SUPPRESS=="
+    ]
+    assert missing == []
+    assert all(a.help for a in parser._actions if a.option_strings)
+
+
+# -- logs a user can use -----------------------------------------------------------------------
+def test_worker_logs_its_tasks_limit_and_server(tmp_path, server):
+    result = run_env(clean_env(tmp_path, SYNC_WORKER_API_URL=server.url), "worker", "sync_worker.demo:add",
+                     "sync_worker.demo:flaky", "--limit", "3", "--timeout", "1", timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert re.search(rf"Starting task worker \S+ \(limit 3, server {re.escape(server.url)}\) for task\(s\): "
+                     r"sync_worker\.demo\.add \| sync_worker\.demo\.flaky", result.stderr), result.stderr
+
+
+def test_worker_logs_json(tmp_path, server):
+    result = run_env(clean_env(tmp_path, SYNC_WORKER_API_URL=server.url), "worker", "sync_worker.demo:add",
+                     "--limit", "none", "--timeout", "1", "--log-format", "json", timeout=60)
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stderr.splitlines()]  # every line is one JSON object
+    starting = [r for r in records if r["message"].startswith("Starting task worker")]
+    assert len(starting) == 1
+    assert starting[0]["level"] == "INFO" and starting[0]["logger"] == "sync_worker.worker"
+    assert f"(limit none, server {server.url})" in starting[0]["message"]
+    assert set(starting[0]) >= {"time", "level", "logger", "message", "process", "thread"}
+
+
+def test_server_logs_where_its_database_is(tmp_path):
+    database = tmp_path / "q.db"
+    process = subprocess.Popen([sys.executable, "-m", "sync_worker", "server", "--port", "0", "--db", str(database)],
+                               stderr=subprocess.PIPE, text=True, env=clean_env(tmp_path))
+    lines: list[str] = []
+    found = threading.Event()
+
+    def read():
+        for line in process.stderr:
+            lines.append(line)
+            if "are kept in" in line:
+                found.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert found.wait(30), "".join(lines)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+    text = "".join(lines)
+    assert f"(database {database})" in text
+    assert (f"Task runs and parameter/result records (SYNC_WORKER_STORAGE=server) are kept in {database}; "
+            "stop the server before copying or deleting it") in text
+    assert process.returncode == 0
+
+
+def test_top_level_help_lists_the_exit_codes():
+    result = run("--help")
+    assert "exit codes: 0 done, 1 a failure at run time" in " ".join(result.stdout.split())

@@ -1,12 +1,13 @@
 """A Flask app that submits background runs from its views.
 
+Needs Flask and gunicorn: ``python3 -m pip install '.[examples]'`` from the repository root.
 Run it with the worker threads inside each gunicorn worker process (see gunicorn.conf.py)::
 
     sync-worker server &
     cd examples/flask_app && gunicorn -c gunicorn.conf.py app:app
 
     curl -X POST 'http://127.0.0.1:8000/multiply?x=6&y=7'    # {"task_run_id": "..."}
-    curl 'http://127.0.0.1:8000/result/<task_run_id>'        # {"state": "COMPLETED", "result": 42.0}
+    curl 'http://127.0.0.1:8000/result/<task_run_id>?wait=10' # {"result": 42.0, "state": "COMPLETED"}
 """
 from __future__ import annotations
 

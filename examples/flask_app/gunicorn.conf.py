@@ -6,6 +6,8 @@ master (for example at import time with ``--preload``) would not run in the work
 (sync_worker logs a WARNING if that happens). ``start(block=False)`` returns at once and
 installs no signal handler: gunicorn keeps its own. ``worker_exit`` stops taking runs and
 lets in-flight runs finish (at most SYNC_WORKER_DRAIN_TIMEOUT seconds).
+
+Needs gunicorn and Flask: ``python3 -m pip install '.[examples]'`` from the repository root.
 """
 from __future__ import annotations
 

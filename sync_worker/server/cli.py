@@ -9,25 +9,16 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from sync_worker.cli import LOG_FORMAT, positive_int
+from sync_worker.cli import positive_int
+from sync_worker.cli_support import add_logging_options, configure_logging, port, positive_float, removed_on_failure
 
 logger = logging.getLogger("sync_worker.server.cli")
 
 DEFAULT_DB = str(Path.home() / ".sync_worker" / "server.db")
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return value
-
-
-def _port(text: str) -> int:
-    value = int(text)
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError("must be 0-65535 (0 = any free port)")
-    return value
+_positive_float = positive_float  # option types whose errors name the option and the value
+_port = port
 
 
 def _default_auth_string() -> Any:
@@ -54,18 +45,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--synchronous", choices=["NORMAL", "FULL"], default="NORMAL",
                         help="SQLite durability: NORMAL survives a server crash, FULL also power loss "
                              "(default NORMAL)")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    add_logging_options(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT, then stop cleanly (exit code 0)."""
-    root = logging.getLogger()
-    if not root.handlers:
-        logging.basicConfig(level=args.log_level, format=LOG_FORMAT)
-    else:
-        root.setLevel(args.log_level)
-    logging.getLogger("sync_worker").setLevel(args.log_level)
+    configure_logging(args.log_level, getattr(args, "log_format", "text"))
 
     from sync_worker.server import Server
 
@@ -84,14 +70,23 @@ def run(args: argparse.Namespace) -> int:
             previous[sig] = signal.signal(sig, on_signal)
     from sync_worker.server.database import DatabaseInUse
 
+    from sync_worker.exceptions import ConfigurationError
+
+    # user mistakes are one line and exit code 2 (sync_worker.cli_support.run_command); a start
+    # that fails leaves none of the database files behind that it created itself
+    database = os.path.abspath(args.db)
     try:
-        server.start()
-    except OSError as exc:
-        logger.error("cannot listen on %s:%s: %s", args.host, args.port, exc)
-        return 1
+        with removed_on_failure([os.path.dirname(database), database, database + ".lock",
+                                 database + "-wal", database + "-shm"]):
+            server.start()
     except DatabaseInUse as exc:
-        logger.error("cannot start: %s", exc)
-        return 1
+        raise ConfigurationError(f"cannot start: {exc} (--db); stop it or choose another --db") from exc
+    except OSError as exc:
+        from sync_worker.diagnostics import port_unavailable
+
+        raise port_unavailable("server", "--host/--port", args.host, args.port, exc) from exc
+    logger.info("Task runs and parameter/result records (SYNC_WORKER_STORAGE=server) are kept in %s; "
+                "stop the server before copying or deleting it", database)
     try:
         while not stop.wait(0.5):
             pass

@@ -105,9 +105,13 @@ class Subscriber:
 
 
 def read_close(ws: websocket.WebSocket) -> tuple[int, str]:
+    """The server's close code and reason. Read with recv_frame, which does not answer the close:
+    recv_data would, and under load the server may have dropped the connection already, so the
+    answer failed with BrokenPipeError and lost the code (seen once in a full run)."""
     while True:
-        opcode, data = ws.recv_data(control_frame=True)
-        if opcode == websocket.ABNF.OPCODE_CLOSE:
+        frame = ws.recv_frame()
+        if frame.opcode == websocket.ABNF.OPCODE_CLOSE:
+            data = frame.data
             code = int.from_bytes(data[:2], "big") if len(data) >= 2 else 1005
             return code, data[2:].decode()
 

@@ -98,8 +98,11 @@ def test_port_in_use_exits_nonzero(tmp_path, server):
         [sys.executable, "-m", "sync_worker.server", "--port", str(server.port), "--db", str(tmp_path / "x.db")],
         capture_output=True, text=True, timeout=30, check=False,
     )
-    assert process.returncode == 1
-    assert "cannot listen" in process.stderr
+    assert process.returncode == 2  # a user mistake: one line naming the option
+    assert process.stderr.splitlines()[-1] == (
+        f"python -m sync_worker.server: error: server port {server.port} (--host/--port) is in use on 127.0.0.1: "
+        "choose another port, or 0 for any free port")
+    assert not (tmp_path / "x.db").exists() and not (tmp_path / "x.db.lock").exists()
 
 
 def test_database_in_use_exits_nonzero(server):
@@ -107,5 +110,5 @@ def test_database_in_use_exits_nonzero(server):
         [sys.executable, "-m", "sync_worker.server", "--port", "0", "--db", server.database],
         capture_output=True, text=True, timeout=30, check=False,
     )
-    assert process.returncode == 1
-    assert "another running server" in process.stderr
+    assert process.returncode == 2
+    assert "another running server (--db)" in process.stderr.splitlines()[-1]

@@ -1,0 +1,179 @@
+"""What every ``sync-worker`` subcommand shares: option types whose errors name the option,
+one-line errors instead of tracebacks for user mistakes, and logging (text or JSON).
+
+Exit codes of the command: 0 done, 1 a failure at run time (refused credentials, a worker
+that failed), 2 a user mistake (a bad option, a bad ``SYNC_WORKER_*`` value, a port in use,
+a database another server holds), 130 interrupted. A user mistake is always one line on
+stderr, ``<prog>: error: <what>``, naming the option or setting to change.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error: ``prog: error: argument --port: ...`` (no usage
+    block, which for the server is ten lines that push the reason off the screen)."""
+
+    def error(self, message: str) -> Any:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+# -- option types: argparse prints "argument --opt: <message>" -----------------------------
+def positive_int(text: str) -> int:
+    """A count >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a whole number >= 1")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """Seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a number > 0")
+    return value
+
+
+def port(text: str) -> int:
+    """A TCP port, 0-65535 (0 = any free port)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535)") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be 0-65535 (0 = any free port)")
+    return value
+
+
+def worker_limit(text: str) -> int | None:
+    """``--limit``: a whole number >= 1, or ``none`` for no limit.
+
+    ``0`` is refused rather than read as "no limit": it reads just as well as "take
+    nothing", and ``TaskWorker(limit=0)`` refuses it too.
+    """
+    if text.strip().lower() in ("none", "unlimited"):
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (or 'none' for no limit)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be >= 1 (use --limit none for no limit)")
+    return value
+
+
+# -- logging -------------------------------------------------------------------------------
+_RECORD_FIELDS = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``time`` (UTC, ISO 8601), ``level``, ``logger``,
+    ``message``, ``process``, ``thread``, ``exc_info`` when there is one, and any
+    ``extra={...}`` fields. For log shippers that want JSON; use it from ``logging``
+    configuration as ``{"()": "sync_worker.cli_support.JsonFormatter"}``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        document: dict[str, Any] = {
+            "time": _dt.datetime.fromtimestamp(record.created, _dt.timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "process": record.process,
+            "thread": record.threadName,
+        }
+        if record.exc_info:
+            document["exc_info"] = self.formatException(record.exc_info)
+        for key, value in vars(record).items():
+            if key not in _RECORD_FIELDS and key not in document:
+                document[key] = value if isinstance(value, (str, int, float, bool, type(None))) else repr(value)
+        return json.dumps(document, ensure_ascii=False)
+
+
+def add_logging_options(parser: argparse.ArgumentParser, default_level: str = "INFO") -> None:
+    """``--log-level`` and ``--log-format`` (both with help text)."""
+    parser.add_argument("--log-level", default=default_level, choices=LOG_LEVELS, type=str.upper,
+                        help=f"least severe log messages shown on stderr (default {default_level})")
+    parser.add_argument("--log-format", default="text", choices=["text", "json"],
+                        help="text (default) or json: one JSON object per line, for log collectors")
+
+
+def configure_logging(level: str = "INFO", log_format: str = "text") -> None:
+    """Send log records to stderr in ``log_format``; leaves handlers a host already set up
+    (pytest, an application's own ``logging`` configuration) in place."""
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(LOG_FORMAT))
+        root.addHandler(handler)
+    root.setLevel(level)
+    logging.getLogger("sync_worker").setLevel(level)
+
+
+# -- running a subcommand ------------------------------------------------------------------
+def run_command(func: Callable[[argparse.Namespace], Any], args: argparse.Namespace, prog: str) -> int:
+    """Run a subcommand; a user mistake becomes one line on stderr and exit code 2.
+
+    :class:`~sync_worker.exceptions.ConfigurationError` (which includes bad
+    ``SYNC_WORKER_*`` values and ports that cannot be used) is a user mistake; other
+    sync_worker errors (refused credentials, a failed worker) are one line and exit 1.
+    Anything else is a bug and keeps its traceback.
+    """
+    from sync_worker.exceptions import ConfigurationError, SyncWorkerError
+
+    try:
+        return int(func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except ConfigurationError as exc:
+        _print_error(prog, exc)
+        return 2
+    except SyncWorkerError as exc:
+        _print_error(prog, exc)
+        return 1
+
+
+def _print_error(prog: str, exc: BaseException) -> None:
+    text = " ".join(str(exc).split("\n\n", 1)[0].split())  # one line, without a remote traceback
+    sys.stderr.write(f"{prog}: error: {text}\n")
+    sys.stderr.flush()
+
+
+@contextmanager
+def removed_on_failure(paths: Sequence[str]) -> Iterator[None]:
+    """Delete those of ``paths`` (files or empty directories) that did not exist on entry
+    if the block raises: a server that failed to start leaves no database files behind
+    that it created itself, and never touches files that were there before."""
+    existed = {path for path in paths if os.path.lexists(path)}
+    try:
+        yield
+    except BaseException:
+        for path in reversed(paths):  # a directory after the files in it: list parents first
+            if path in existed:
+                continue
+            try:
+                if os.path.isdir(path) and not os.path.islink(path):
+                    os.rmdir(path)  # only if empty
+                elif os.path.lexists(path):
+                    os.remove(path)
+            except OSError:
+                pass
+        raise
