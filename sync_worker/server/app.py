@@ -161,7 +161,11 @@ class App:
         stream = environ["wsgi.input"]
         length_text = environ.get("CONTENT_LENGTH")
         if environ.get("wsgi.input_terminated"):  # chunked
-            data = stream.read(self.max_body_size + 1)
+            try:
+                data = stream.read(self.max_body_size + 1)
+            except (OSError, ValueError) as exc:
+                environ[CLOSE] = True  # the rest of the stream cannot be framed
+                raise HTTPError(400, f"Malformed chunked request body: {exc}") from None
             if len(data) > self.max_body_size:
                 environ[CLOSE] = True
                 raise HTTPError(413, f"Request body is larger than the limit of {self.max_body_size} bytes")

@@ -182,7 +182,7 @@ class _RequestHandler(WSGIRequestHandler):
             environ[key] = value
         if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
             environ["wsgi.input_terminated"] = True
-            environ["wsgi.input"] = DechunkedInput(self.rfile)
+            environ["wsgi.input"] = _BoundedDechunkedInput(self.rfile)
         return environ
 
     def run_wsgi(self) -> None:
@@ -226,6 +226,23 @@ class _RequestHandler(WSGIRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         logger.debug("http: " + format, *args)
+
+
+class _BoundedDechunkedInput(DechunkedInput):
+    """Werkzeug's chunked-body reader with a bounded chunk-size line (its own reads a line of
+    any length into memory)."""
+
+    def read_chunk_len(self) -> int:
+        line = self._rfile.readline(1026)
+        if len(line) > 1024 or not line.endswith(b"\n"):
+            raise OSError("Invalid chunk header (a chunk size line of at most 1024 bytes was expected)")
+        try:
+            size = int(line.split(b";", 1)[0].strip(), 16)
+        except ValueError:
+            raise OSError("Invalid chunk header") from None
+        if size < 0:
+            raise OSError("Negative chunk length not allowed")
+        return size
 
 
 class _HTTPServer(ThreadedWSGIServer):

@@ -44,6 +44,7 @@ from wsproto.events import Ping, TextMessage
 
 from .core import Core, NotFound
 from .database import QSTATE_MEMORY, DatabaseClosed
+from . import validation
 from .models import ValidationError, validate_state
 
 logger = logging.getLogger("sync_worker.server.subscriptions")
@@ -172,9 +173,10 @@ def _decode(message: Any) -> dict[str, Any]:
         except UnicodeDecodeError:
             raise _Close(UNSUPPORTED_DATA, "Protocol violation: messages must be UTF-8 JSON text") from None
     try:
-        value = json.loads(message)
-    except ValueError:
-        raise _Close(UNSUPPORTED_DATA, "Protocol violation: message is not valid JSON") from None
+        value = validation.loads(message, "message")
+    except validation.JSONRejected as exc:  # README "Websocket close codes"
+        code = UNSUPPORTED_DATA if exc.kind in ("json", "utf8") else POLICY_VIOLATION
+        raise _Close(code, validation.close_reason(f"Protocol violation: {exc.detail}")) from None
     if not isinstance(value, dict):
         raise _Close(PREFECT_VIOLATION, "Protocol violation: expected a JSON object") from None
     return value
@@ -338,6 +340,9 @@ def _read_subscribe(ws: WebSocket) -> tuple[list[str], str, int, int | None]:
         raise _Close(PREFECT_VIOLATION, "Protocol violation: expected 'client_id' in subscribe message")
     if not isinstance(client_id, str):
         raise _Close(PREFECT_VIOLATION, "Protocol violation: 'client_id' must be a string")
+    problem = validation.subscribe_problem(keys, client_id)
+    if problem:
+        raise _Close(PREFECT_VIOLATION, validation.close_reason(f"Protocol violation: {problem}"))
     prefetch = value.get("prefetch", 1)
     if isinstance(prefetch, bool) or not isinstance(prefetch, int) or not 1 <= prefetch <= MAX_PREFETCH:
         raise _Close(PREFECT_VIOLATION,
