@@ -34,6 +34,7 @@ import json
 import logging
 import socket
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
@@ -41,6 +42,7 @@ from typing import Any
 import simple_websocket
 from simple_websocket.errors import ConnectionClosed
 from wsproto.events import Ping, TextMessage
+from wsproto.utilities import LocalProtocolError
 
 from .core import Core, NotFound
 from .database import QSTATE_MEMORY, DatabaseClosed
@@ -127,8 +129,33 @@ class WebSocket(simple_websocket.Server):
             raise ConnectionClosed(reason, message)
         try:
             super().close(reason, message)
+        except LocalProtocolError:  # the close handshake already happened (e.g. after a protocol error)
+            self.connected = False
+            raise ConnectionClosed(reason, message) from None
         finally:
             self.send_lock.release()
+
+    def _handle_events(self) -> bool:
+        keep_going = super()._handle_events()
+        if not keep_going:
+            self._linger()
+        return keep_going
+
+    def _linger(self, seconds: float = 1.0) -> None:
+        """After the close frame went out (a protocol error such as bad UTF-8 included), read and
+        drop what the client still sends until it closes, for up to ``seconds``: a socket closed
+        with unread data is reset, and the client would never see the close code."""
+        deadline = time.monotonic() + seconds
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self.sock.settimeout(left)
+                if not self.sock.recv(65536):
+                    return
+        except OSError:
+            return
 
     def ping(self) -> bool:
         """Send a ping without ever blocking (the pinger serves every connection); False if
@@ -281,6 +308,8 @@ def serve_socket(environ: dict[str, Any], registry: SubscriptionRegistry, max_me
             pass
     finally:
         registry.remove(ws)
+        if not ws.connected:  # the reader is ending: let it send its close frame (e.g. 1007) first
+            ws.thread.join(timeout=1.0)
         ws.shutdown()
         ws.thread.join(timeout=1.0)
 
