@@ -54,6 +54,14 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--synchronous", choices=["NORMAL", "FULL"], default="NORMAL",
                         help="SQLite durability: NORMAL survives a server crash, FULL also power loss "
                              "(default NORMAL)")
+    parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                        help="also answer requests whose Host is NAME (repeatable; '*' = any). By default "
+                             "only localhost, IP addresses and the bound address are answered, so that web "
+                             "pages cannot reach the server through DNS rebinding")
+    parser.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
+                        help="also accept requests and websockets sent with this Origin, e.g. "
+                             "https://dashboard.example (repeatable; '*' = any). By default requests from "
+                             "web pages (with a foreign Origin) are refused")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.set_defaults(func=run)
 
@@ -71,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
 
     server = Server(host=args.host, port=args.port, database=args.db, auth_string=args.auth_string,
                     lease_timeout=args.lease_timeout, max_deliveries=args.max_deliveries,
-                    max_body_size=args.max_body_size, synchronous=args.synchronous)
+                    max_body_size=args.max_body_size, synchronous=args.synchronous,
+                    allowed_hosts=args.allowed_host, allowed_origins=args.allowed_origin)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from http import HTTPStatus
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import unquote
 
@@ -25,6 +26,7 @@ from .app import CLOSE, UPGRADED, App
 from .core import Core
 from .database import SQLiteDatabase
 from .runqueue import RunQueue
+from .security import RequestGuard
 from .subscriptions import SubscriptionRegistry
 
 logger = logging.getLogger("sync_worker.server.server")
@@ -300,11 +302,14 @@ class Server:
         ping_interval: seconds between websocket pings; a subscriber that does not answer
             one before the next is disconnected (so a vanished worker's leases start to run
             out even without a TCP reset). None disables.
+        allowed_hosts, allowed_origins: ``Host`` names and ``Origin`` values accepted besides
+            this server's own (see :mod:`.security`; ``"*"`` accepts any).
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 4200, database: str = "", auth_string: str | None = None,
                  lease_timeout: float = 30.0, max_deliveries: int = 3, max_body_size: int = DEFAULT_MAX_BODY_SIZE,
-                 synchronous: str = "NORMAL", buffer_size: int = 1000, ping_interval: float | None = 20.0) -> None:
+                 synchronous: str = "NORMAL", buffer_size: int = 1000, ping_interval: float | None = 20.0,
+                 allowed_hosts: Iterable[str] = (), allowed_origins: Iterable[str] = ()) -> None:
         if not database:
             database = os.path.join(os.path.expanduser("~"), ".sync_worker", "server.db")
         if lease_timeout <= 0:
@@ -326,6 +331,8 @@ class Server:
         self.synchronous = synchronous
         self.buffer_size = buffer_size
         self.ping_interval = ping_interval
+        self.allowed_hosts = list(allowed_hosts)
+        self.allowed_origins = list(allowed_origins)
         self.db: SQLiteDatabase | None = None
         self.queue: RunQueue | None = None
         self.core: Core | None = None
@@ -366,7 +373,8 @@ class Server:
         try:
             self.queue.recover(self.db.recover())
             self.core = Core(self.db, self.queue, self.auth_string)
-            app = App(self.core, self._registry, self.max_body_size)
+            app = RequestGuard(App(self.core, self._registry, self.max_body_size), self.host,
+                               self.allowed_hosts, self.allowed_origins)
             listener = _bind(self.host, self.port)
             try:
                 http = _HTTPServer(self.host, self.port, app, _RequestHandler, fd=listener.fileno())
