@@ -17,7 +17,7 @@ from werkzeug.exceptions import NotFound as RouteNotFound
 from werkzeug.routing import Map, RequestRedirect, Rule
 
 from .core import Conflict, Core, NotFound, parse_json_body
-from .database import DatabaseClosed
+from .database import DatabaseClosed, StorageError
 from .models import ValidationError, validate_set_state
 from .rpc import handle_rpc
 from .subscriptions import SubscriptionRegistry, handle_websocket
@@ -41,6 +41,7 @@ _STATUS = {
     401: "401 Unauthorized", 404: "404 Not Found", 405: "405 Method Not Allowed", 409: "409 Conflict",
     411: "411 Length Required", 413: "413 Content Too Large", 422: "422 Unprocessable Entity",
     426: "426 Upgrade Required", 500: "500 Internal Server Error", 503: "503 Service Unavailable",
+    507: "507 Insufficient Storage",
 }
 
 
@@ -155,6 +156,8 @@ class App:
         except DatabaseClosed:
             environ[CLOSE] = True
             return _error(503, "Server is shutting down")
+        except StorageError as exc:  # disk full (507), database locked (503)
+            return _error(exc.status, exc.detail)
 
     # -- bodies ----------------------------------------------------------------------------------
     def _read_body(self, environ: dict[str, Any]) -> bytes:

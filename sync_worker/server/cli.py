@@ -41,7 +41,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "--auth-string logs a warning)")
     parser.add_argument("--port", type=_port, default=4200, help="port (default 4200; 0 = any free port)")
     parser.add_argument("--db", default=DEFAULT_DB, metavar="PATH",
-                        help=f"SQLite database file, created if missing (default {DEFAULT_DB})")
+                        help=f"SQLite database file, created if missing; its directory must exist "
+                             f"(default {DEFAULT_DB}, directory created)")
     parser.add_argument("--auth-string", default=_default_auth_string(), metavar="S",
                         help="require HTTP Basic auth with this string (and it as the websocket token); "
                              "default from SYNC_WORKER_SERVER_AUTH_STRING or PREFECT_SERVER_API_AUTH_STRING")
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
 
     from sync_worker.server import Server
 
-    server = Server(host=args.host, port=args.port, database=args.db, auth_string=args.auth_string,
+    server = Server(host=args.host, port=args.port, database="" if args.db == DEFAULT_DB else args.db, auth_string=args.auth_string,
                     lease_timeout=args.lease_timeout, max_deliveries=args.max_deliveries,
                     max_body_size=args.max_body_size, synchronous=args.synchronous,
                     allowed_hosts=args.allowed_host, allowed_origins=args.allowed_origin)
@@ -91,14 +92,14 @@ def run(args: argparse.Namespace) -> int:
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, on_signal)
-    from sync_worker.server.database import DatabaseInUse
+    from sync_worker.server.database import DatabaseFileError, DatabaseInUse
 
     try:
         server.start()
     except OSError as exc:
         logger.error("cannot listen on %s:%s: %s", args.host, args.port, exc)
         return 1
-    except DatabaseInUse as exc:
+    except (DatabaseInUse, DatabaseFileError) as exc:
         logger.error("cannot start: %s", exc)
         return 1
     try:

@@ -140,8 +140,10 @@ class RequestGuard:
 def _has_body(environ: dict[str, Any]) -> bool:
     if environ.get("wsgi.input_terminated"):
         return True
-    length = environ.get("CONTENT_LENGTH")
-    return bool(length) and length.strip() not in ("0", "")
+    try:
+        return int(environ.get("CONTENT_LENGTH") or 0) > 0
+    except ValueError:
+        return False  # the app answers 400 for a bad Content-Length
 
 
 def _is_loopback(host: str) -> bool:

@@ -288,8 +288,10 @@ class Server:
 
     Args:
         host, port: where to listen (port 0 = any free port; see :attr:`port`).
-        database: path of the SQLite file (created if missing). A new Server on the same
-            file rebuilds the queue from it.
+        database: path of the SQLite file (created if missing; its directory must exist, except
+            for the default ``~/.sync_worker/server.db``). A new Server on the same file
+            rebuilds the queue from it. A file that is not one of our databases is refused
+            with :class:`.database.DatabaseFileError`.
         auth_string: require ``Authorization: Basic base64(auth_string)`` on REST and this
             token in the websocket auth message. None = no auth.
         lease_timeout: seconds a run held by a worker whose connection dropped waits before it
@@ -310,6 +312,7 @@ class Server:
                  lease_timeout: float = 30.0, max_deliveries: int = 3, max_body_size: int = DEFAULT_MAX_BODY_SIZE,
                  synchronous: str = "NORMAL", buffer_size: int = 1000, ping_interval: float | None = 20.0,
                  allowed_hosts: Iterable[str] = (), allowed_origins: Iterable[str] = ()) -> None:
+        self._default_database = not database  # its directory is created; an explicit one's must exist
         if not database:
             database = os.path.join(os.path.expanduser("~"), ".sync_worker", "server.db")
         if lease_timeout <= 0:
@@ -364,8 +367,8 @@ class Server:
         if self.host not in LOOPBACK and not self.auth_string:
             logger.warning("listening on %s without an auth string: anyone who can reach this port can "
                            "create and read task runs (set an auth string)", self.host)
-        directory = os.path.dirname(os.path.abspath(self.database))
-        os.makedirs(directory, exist_ok=True)
+        if self._default_database:
+            os.makedirs(os.path.dirname(os.path.abspath(self.database)), exist_ok=True)
         self.db = SQLiteDatabase(self.database, synchronous=self.synchronous)
         self.queue = RunQueue(self.db, lease_timeout=self.lease_timeout, max_deliveries=self.max_deliveries,
                               buffer_size=self.buffer_size)

@@ -45,7 +45,7 @@ from wsproto.events import Ping, TextMessage
 from wsproto.utilities import LocalProtocolError
 
 from .core import Core, NotFound
-from .database import QSTATE_MEMORY, DatabaseClosed
+from .database import QSTATE_MEMORY, DatabaseClosed, StorageError
 from . import validation
 from .models import ValidationError, validate_state
 
@@ -624,6 +624,8 @@ class Subscription:
                 code, detail = 404, "Task not found"
             elif isinstance(error, DatabaseClosed):
                 code, detail = 503, "Server is shutting down"
+            elif isinstance(error, StorageError):  # disk full (507), database locked (503)
+                code, detail = error.status, error.detail
             else:
                 logger.error("set_state for %s failed: %r", run_id, error)
                 code, detail = 500, f"Internal error: {type(error).__name__}"
