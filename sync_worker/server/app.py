@@ -6,10 +6,12 @@ Every error is a JSON object with a ``detail`` saying what was wrong.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from werkzeug.exceptions import MethodNotAllowed
@@ -45,6 +47,49 @@ _STATUS = {
 }
 
 
+#: request bodies being received at once may hold at most this many bytes (or 4 x the body
+#: limit if larger): many slow uploads wait their turn (503) instead of filling the memory
+MIN_BODY_BUDGET = 64 * 1024 * 1024
+_CHUNK = 64 * 1024
+
+
+def _read_chunks(stream: Any, limit: int) -> bytes:
+    """Up to ``limit`` bytes, read as they arrive (``read(limit)`` would allocate all of
+    ``limit`` at once, for a client that may send a fraction of it)."""
+    parts: list[bytes] = []
+    left = limit
+    while left > 0:
+        part = stream.read(min(_CHUNK, left))
+        if not part:
+            break
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
+
+
+class BodyBudget:
+    """Bytes of request bodies being received, bounded (see :data:`MIN_BODY_BUDGET`)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def reserve(self, size: int, environ: dict[str, Any]) -> Iterator[None]:
+        with self._lock:
+            if self.used + size > self.limit and self.used > 0:
+                environ[CLOSE] = True  # the body is not read
+                raise HTTPError(503, f"Server busy: {self.used} bytes of request bodies are being received; "
+                                     "retry in a moment", {"retry_after": 1})
+            self.used += size
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.used -= size
+
+
 class HTTPError(Exception):
     def __init__(self, code: int, detail: str, extra: dict[str, Any] | None = None) -> None:
         super().__init__(detail)
@@ -72,6 +117,7 @@ class App:
         self.core = core
         self.registry = registry
         self.max_body_size = max_body_size
+        self.bodies = BodyBudget(max(MIN_BODY_BUDGET, 4 * max_body_size))
         self.url_map = Map(
             [
                 Rule("/api/health", endpoint="health", methods=["GET"]),
@@ -164,11 +210,15 @@ class App:
         stream = environ["wsgi.input"]
         length_text = environ.get("CONTENT_LENGTH")
         if environ.get("wsgi.input_terminated"):  # chunked
-            try:
-                data = stream.read(self.max_body_size + 1)
-            except (OSError, ValueError) as exc:
-                environ[CLOSE] = True  # the rest of the stream cannot be framed
-                raise HTTPError(400, f"Malformed chunked request body: {exc}") from None
+            with self.bodies.reserve(self.max_body_size + 1, environ):
+                try:
+                    data = _read_chunks(stream, self.max_body_size + 1)
+                except TimeoutError:
+                    environ[CLOSE] = True
+                    raise HTTPError(408, "Request body not received in time") from None
+                except (OSError, ValueError) as exc:
+                    environ[CLOSE] = True  # the rest of the stream cannot be framed
+                    raise HTTPError(400, f"Malformed chunked request body: {exc}") from None
             if len(data) > self.max_body_size:
                 environ[CLOSE] = True
                 raise HTTPError(413, f"Request body is larger than the limit of {self.max_body_size} bytes")
@@ -186,7 +236,14 @@ class App:
             environ[CLOSE] = True  # the body is not read: this connection cannot be reused
             raise HTTPError(413, f"Request body of {length} bytes is larger than the limit of "
                                  f"{self.max_body_size} bytes")
-        data = stream.read(length) if length else b""
+        if not length:
+            return b""
+        with self.bodies.reserve(length, environ):
+            try:
+                data = _read_chunks(stream, length)
+            except OSError:  # timed out (slow client), reset
+                environ[CLOSE] = True
+                raise HTTPError(408, "Request body not received in time") from None
         if len(data) < length:
             environ[CLOSE] = True
             raise HTTPError(400, "Request body is shorter than its Content-Length")

@@ -55,6 +55,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--synchronous", choices=["NORMAL", "FULL"], default="NORMAL",
                         help="SQLite durability: NORMAL survives a server crash, FULL also power loss "
                              "(default NORMAL)")
+    parser.add_argument("--ping-interval", type=_positive_float, default=20.0, metavar="SECONDS",
+                        help="seconds between websocket pings; a worker that misses one is disconnected and "
+                             "its leases start to run out (default 20)")
+    parser.add_argument("--request-timeout", type=_positive_float, default=60.0, metavar="SECONDS",
+                        help="seconds a request's headers and body have to arrive (default 60)")
+    parser.add_argument("--idle-timeout", type=_positive_float, default=60.0, metavar="SECONDS",
+                        help="seconds an idle keep-alive connection stays open (default 60)")
     parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
                         help="also answer requests whose Host is NAME (repeatable; '*' = any). By default "
                              "only localhost, IP addresses and the bound address are answered, so that web "
@@ -81,7 +88,9 @@ def run(args: argparse.Namespace) -> int:
     server = Server(host=args.host, port=args.port, database="" if args.db == DEFAULT_DB else args.db, auth_string=args.auth_string,
                     lease_timeout=args.lease_timeout, max_deliveries=args.max_deliveries,
                     max_body_size=args.max_body_size, synchronous=args.synchronous,
-                    allowed_hosts=args.allowed_host, allowed_origins=args.allowed_origin)
+                    allowed_hosts=args.allowed_host, allowed_origins=args.allowed_origin,
+                    ping_interval=args.ping_interval, request_timeout=args.request_timeout,
+                    idle_timeout=args.idle_timeout)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:

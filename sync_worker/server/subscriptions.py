@@ -64,6 +64,9 @@ PREFECT_VIOLATION = 4001
 #: RUNNING alone claims a run).
 EXTENSIONS = ["set_state", "prefetch", "credit", "direct_running"]
 MAX_PREFETCH = 1000
+#: seconds a new connection has for each handshake message (auth, subscribe) before it is
+#: closed 1008: a connection that never authenticates must not hold a thread forever
+HANDSHAKE_TIMEOUT = 5.0
 #: Most runs one connection may be granted, whatever credit it asks for.
 MAX_CREDIT = 1000
 #: set_state requests of one connection that may await their answers; past this the server
@@ -339,7 +342,9 @@ def _close(ws: WebSocket, code: int, reason: str) -> None:
 
 
 def _authenticate(ws: WebSocket, core: Core) -> None:
-    message = ws.receive()
+    message = ws.receive(timeout=HANDSHAKE_TIMEOUT)
+    if message is None and ws.connected:
+        raise _Close(POLICY_VIOLATION, f"Expected 'auth' message within {HANDSHAKE_TIMEOUT:g} s")
     try:
         value = _decode(message)
     except _Close:
@@ -356,7 +361,10 @@ def _authenticate(ws: WebSocket, core: Core) -> None:
 
 
 def _read_subscribe(ws: WebSocket) -> tuple[list[str], str, int, int | None]:
-    value = _decode(ws.receive())
+    message = ws.receive(timeout=HANDSHAKE_TIMEOUT)
+    if message is None and ws.connected:
+        raise _Close(POLICY_VIOLATION, f"Expected 'subscribe' message within {HANDSHAKE_TIMEOUT:g} s")
+    value = _decode(message)
     if value.get("type") != "subscribe":
         raise _Close(PREFECT_VIOLATION, "Protocol violation: expected 'subscribe' message")
     keys = value.get("keys")
