@@ -51,7 +51,8 @@ def test_numbers_out_of_range_are_422_naming_field_and_rule(wire, policy, field,
      + b"[" * 990 + b"]" * 990 + b"}}", f"nested deeper than {validation.MAX_DEPTH}"),
     (b'{"task_key": "k", "dynamic_key": "d", "state": {"type": "SCHEDULED", "data": '
      + b"[" * 100000 + b"]" * 100000 + b"}}", "nested deeper"),
-])
+], ids=["overflow", "nan", "-infinity", "surrogate", "surrogate-in-list", "surrogate-key", "nested-990",
+        "nested-100000"])
 def test_json_that_cannot_be_stored_and_served_is_refused(wire, raw, rule):
     response = post_raw(wire, "/task_runs/", raw)
     assert response.status_code == 422, response.text
@@ -150,7 +151,7 @@ def test_bounded_lengths_and_ids(wire, overrides, field, rule):
     b"zz\r\n{}\r\n0\r\n\r\n",  # not hex
     b"2\r\n{}XX0\r\n\r\n",  # no terminator after the chunk
     b"1" * 5000 + b"\r\n",  # an endless size line
-])
+], ids=["not-hex", "no-terminator", "endless-size-line"])
 def test_malformed_chunked_bodies_are_400(server, chunks):
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         sock.sendall(b"POST /api/task_runs/ HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
@@ -185,7 +186,7 @@ def test_rpc_create_applies_the_same_rules(wire):
     ('{"type": "create", "request_id": "r\\ud800", "body": {}}', 1008, "lone UTF-16"),
     ('{"type": "create", "request_id": "r", "body": {"x": NaN}}', 1008, "NaN"),
     ("{nope", 1003, "not valid JSON"),
-])
+], ids=["nested", "surrogate", "nan", "garbage"])
 def test_rpc_socket_closes_with_a_documented_code(wire, frame, code, reason):
     ws = rpc(wire)
     ws.send(frame)
