@@ -40,7 +40,8 @@ Response = tuple[str, list[tuple[str, str]], bytes]
 _JSON = "application/json"
 _STATUS = {
     200: "200 OK", 201: "201 Created", 204: "204 No Content", 400: "400 Bad Request",
-    401: "401 Unauthorized", 404: "404 Not Found", 405: "405 Method Not Allowed", 409: "409 Conflict",
+    401: "401 Unauthorized", 404: "404 Not Found", 405: "405 Method Not Allowed", 408: "408 Request Timeout",
+    409: "409 Conflict",
     411: "411 Length Required", 413: "413 Content Too Large", 422: "422 Unprocessable Entity",
     426: "426 Upgrade Required", 500: "500 Internal Server Error", 503: "503 Service Unavailable",
     507: "507 Insufficient Storage",
