@@ -50,6 +50,7 @@ UTC = timezone.utc  # noqa: UP017 - datetime.UTC needs Python 3.11
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # a \uD800-\uDFFF escape: only then can json.loads produce a lone surrogate
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+_FRACTION = re.compile(r"(T\d\d:\d\d:\d\d\.)(\d{1,5})(?!\d)")
 
 
 class JSONRejected(ValueError):
@@ -241,6 +242,8 @@ def parse_datetime(value: Any, loc: list[Any]) -> Instant:
     text = value.strip()
     if text.endswith(("Z", "z")):
         text = text[:-1] + "+00:00"
+    # Python 3.10's fromisoformat wants 3 or 6 fraction digits: pad "...:40.5" to "...:40.500000"
+    text = _FRACTION.sub(lambda m: m.group(1) + m.group(2).ljust(6, "0"), text, count=1)
     try:
         parsed = datetime.fromisoformat(text)
     except ValueError:
