@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import socket
 import sys
@@ -322,7 +323,7 @@ _metrics_lock = threading.Lock()
 _metrics_server: tuple[WSGIServer, threading.Thread] | None = None
 
 
-def start_client_metrics_server(*, addr: str = "0.0.0.0") -> int | None:
+def start_client_metrics_server(*, addr: str | None = None) -> int | None:
     """Start the process-wide Prometheus ``/metrics`` server, if enabled.
 
     Enabled by ``SYNC_WORKER_CLIENT_METRICS_ENABLED`` (or Prefect's
@@ -332,8 +333,9 @@ def start_client_metrics_server(*, addr: str = "0.0.0.0") -> int | None:
     share it); it is safe from several threads.
 
     Args:
-        addr: the address to bind. ``0.0.0.0`` (all interfaces, like Prefect) so a
-            Prometheus on another host can scrape; pass ``127.0.0.1`` to keep it local.
+        addr: the address to bind; default ``SYNC_WORKER_CLIENT_METRICS_HOST`` or
+            ``127.0.0.1`` (local only: the metrics name your task keys; Prefect binds
+            ``0.0.0.0``). Set ``0.0.0.0`` for a Prometheus on another host.
 
     Returns:
         The port it listens on (useful with port 0), or None when disabled.
@@ -343,6 +345,9 @@ def start_client_metrics_server(*, addr: str = "0.0.0.0") -> int | None:
     """
     global _metrics_server
     from sync_worker.settings import get_settings
+
+    if addr is None:
+        addr = os.environ.get("SYNC_WORKER_CLIENT_METRICS_HOST") or "127.0.0.1"
 
     settings = get_settings()
     if not settings.client_metrics_enabled:

@@ -26,6 +26,7 @@ import importlib
 import json
 import os
 import re
+import stat
 import tempfile
 import traceback
 import uuid
@@ -329,14 +330,36 @@ def read_result(store: RecordStore, data: Any, *, allow_pickle: bool = False) ->
     if not isinstance(data, dict) or not data.get("storage_key"):
         raise SerializationError(f"the state's data does not name a stored result: {data!r}")
     key = data["storage_key"]
-    if os.path.isabs(key):
-        try:
-            raw = Path(key).read_bytes()
-        except FileNotFoundError:
-            raise RecordNotFound(f"no result record at {key}") from None
+    if isinstance(key, str) and os.path.isabs(key):
+        raw = _read_confined(store, key)
     else:
         raw = store.read(key)
     return load_record(raw, allow_pickle=allow_pickle)
+
+
+#: largest result record read from a path (a state names the path: it must not make a caller
+#: read /dev/zero or a huge file)
+MAX_RECORD_SIZE = 256 * 1024 * 1024
+
+
+def _read_confined(store: RecordStore, key: str) -> bytes:
+    """A record at an absolute path (how Prefect names results), read only when it is a
+    regular file inside the configured local store: whoever set the state chose the path."""
+    root = getattr(store, "path", None)
+    path = Path(key).resolve()
+    if root is None or not path.is_relative_to(Path(root).expanduser().resolve()):
+        raise SerializationError(f"result record path {key} is outside the configured store {store!r}; "
+                                 "not read (set SYNC_WORKER_STORAGE to the directory results are written to)")
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        raise RecordNotFound(f"no result record at {key}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise SerializationError(f"result record path {key} is not a regular file; not read")
+    if info.st_size > MAX_RECORD_SIZE:
+        raise SerializationError(f"result record {key} is {info.st_size} bytes, over the "
+                                 f"{MAX_RECORD_SIZE} byte limit; not read")
+    return path.read_bytes()
 
 
 def _describe(value: Any) -> str:

@@ -158,9 +158,19 @@ def test_stop_joins_the_thread_and_closes_the_port(metrics_env: int) -> None:
     assert scrape(metrics_env)
 
 
-def test_default_address_is_all_interfaces(metrics_env: int) -> None:
+def test_default_address_is_local_only(metrics_env: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """(issue 9) The metrics name task keys: bound to 127.0.0.1 unless
+    SYNC_WORKER_CLIENT_METRICS_HOST says otherwise."""
+    from sync_worker import services
+
+    monkeypatch.delenv("SYNC_WORKER_CLIENT_METRICS_HOST", raising=False)
     start_client_metrics_server()
-    assert scrape(metrics_env)  # reachable on 127.0.0.1 through 0.0.0.0
+    assert scrape(metrics_env)
+    assert services._metrics_server[0].server_address[0] == "127.0.0.1"
+    stop_client_metrics_server()
+    monkeypatch.setenv("SYNC_WORKER_CLIENT_METRICS_HOST", "0.0.0.0")
+    start_client_metrics_server()
+    assert services._metrics_server[0].server_address[0] == "0.0.0.0"
     with socket.create_connection(("127.0.0.1", metrics_env), timeout=5) as conn:
         assert conn.getpeername()[1] == metrics_env
 

@@ -93,8 +93,10 @@ def test_results_and_none(store):
 def test_local_results_are_named_by_absolute_path_as_prefect_does(store, tmp_path):
     data = write_result(store, 2)
     assert data["storage_key"].startswith(str(store.path)) and json.loads(open(data["storage_key"]).read())
-    # a reader with another default store still finds it
-    assert read_result(LocalDirectoryStore(tmp_path / "elsewhere"), data) == 2
+    assert read_result(store, data) == 2
+    # a reader whose store is elsewhere does not follow the path (issue 9: confined records)
+    with pytest.raises(SerializationError, match="outside the configured store"):
+        read_result(LocalDirectoryStore(tmp_path / "elsewhere"), data)
 
 
 def test_parameters_live_where_prefect_keeps_them(store):

@@ -6,10 +6,12 @@ Every error is a JSON object with a ``detail`` saying what was wrong.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
-from collections.abc import Callable, Iterable
+import threading
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from werkzeug.exceptions import MethodNotAllowed
@@ -17,7 +19,7 @@ from werkzeug.exceptions import NotFound as RouteNotFound
 from werkzeug.routing import Map, RequestRedirect, Rule
 
 from .core import Conflict, Core, NotFound, parse_json_body
-from .database import DatabaseClosed
+from .database import DatabaseClosed, StorageError
 from .events import EventBus, handle_events_in, handle_events_out, validate_logs
 from .models import ValidationError, validate_set_state
 from .rpc import handle_rpc
@@ -39,10 +41,55 @@ Response = tuple[str, list[tuple[str, str]], bytes]
 _JSON = "application/json"
 _STATUS = {
     200: "200 OK", 201: "201 Created", 204: "204 No Content", 400: "400 Bad Request",
-    401: "401 Unauthorized", 404: "404 Not Found", 405: "405 Method Not Allowed", 409: "409 Conflict",
+    401: "401 Unauthorized", 404: "404 Not Found", 405: "405 Method Not Allowed", 408: "408 Request Timeout",
+    409: "409 Conflict",
     411: "411 Length Required", 413: "413 Content Too Large", 422: "422 Unprocessable Entity",
     426: "426 Upgrade Required", 500: "500 Internal Server Error", 503: "503 Service Unavailable",
+    507: "507 Insufficient Storage",
 }
+
+
+#: request bodies being received at once may hold at most this many bytes (or 4 x the body
+#: limit if larger): many slow uploads wait their turn (503) instead of filling the memory
+MIN_BODY_BUDGET = 64 * 1024 * 1024
+_CHUNK = 64 * 1024
+
+
+def _read_chunks(stream: Any, limit: int) -> bytes:
+    """Up to ``limit`` bytes, read as they arrive (``read(limit)`` would allocate all of
+    ``limit`` at once, for a client that may send a fraction of it)."""
+    parts: list[bytes] = []
+    left = limit
+    while left > 0:
+        part = stream.read(min(_CHUNK, left))
+        if not part:
+            break
+        parts.append(part)
+        left -= len(part)
+    return b"".join(parts)
+
+
+class BodyBudget:
+    """Bytes of request bodies being received, bounded (see :data:`MIN_BODY_BUDGET`)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def reserve(self, size: int, environ: dict[str, Any]) -> Iterator[None]:
+        with self._lock:
+            if self.used + size > self.limit and self.used > 0:
+                environ[CLOSE] = True  # the body is not read
+                raise HTTPError(503, f"Server busy: {self.used} bytes of request bodies are being received; "
+                                     "retry in a moment", {"retry_after": 1})
+            self.used += size
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.used -= size
 
 
 class HTTPError(Exception):
@@ -74,6 +121,7 @@ class App:
         self.events = events if events is not None else EventBus(core)
         self.registry = registry
         self.max_body_size = max_body_size
+        self.bodies = BodyBudget(max(MIN_BODY_BUDGET, 4 * max_body_size))
         self.url_map = Map(
             [
                 Rule("/api/health", endpoint="health", methods=["GET"]),
@@ -170,13 +218,23 @@ class App:
         except DatabaseClosed:
             environ[CLOSE] = True
             return _error(503, "Server is shutting down")
+        except StorageError as exc:  # disk full (507), database locked (503)
+            return _error(exc.status, exc.detail)
 
     # -- bodies ----------------------------------------------------------------------------------
     def _read_body(self, environ: dict[str, Any]) -> bytes:
         stream = environ["wsgi.input"]
         length_text = environ.get("CONTENT_LENGTH")
         if environ.get("wsgi.input_terminated"):  # chunked
-            data = stream.read(self.max_body_size + 1)
+            with self.bodies.reserve(self.max_body_size + 1, environ):
+                try:
+                    data = _read_chunks(stream, self.max_body_size + 1)
+                except TimeoutError:
+                    environ[CLOSE] = True
+                    raise HTTPError(408, "Request body not received in time") from None
+                except (OSError, ValueError) as exc:
+                    environ[CLOSE] = True  # the rest of the stream cannot be framed
+                    raise HTTPError(400, f"Malformed chunked request body: {exc}") from None
             if len(data) > self.max_body_size:
                 environ[CLOSE] = True
                 raise HTTPError(413, f"Request body is larger than the limit of {self.max_body_size} bytes")
@@ -194,7 +252,14 @@ class App:
             environ[CLOSE] = True  # the body is not read: this connection cannot be reused
             raise HTTPError(413, f"Request body of {length} bytes is larger than the limit of "
                                  f"{self.max_body_size} bytes")
-        data = stream.read(length) if length else b""
+        if not length:
+            return b""
+        with self.bodies.reserve(length, environ):
+            try:
+                data = _read_chunks(stream, length)
+            except OSError:  # timed out (slow client), reset
+                environ[CLOSE] = True
+                raise HTTPError(408, "Request body not received in time") from None
         if len(data) < length:
             environ[CLOSE] = True
             raise HTTPError(400, "Request body is shorter than its Content-Length")

@@ -32,7 +32,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "--auth-string logs a warning)")
     parser.add_argument("--port", type=_port, default=4200, help="port (default 4200; 0 = any free port)")
     parser.add_argument("--db", default=DEFAULT_DB, metavar="PATH",
-                        help=f"SQLite database file, created if missing (default {DEFAULT_DB})")
+                        help=f"SQLite database file, created if missing; its directory must exist "
+                             f"(default {DEFAULT_DB}, directory created)")
     parser.add_argument("--auth-string", default=_default_auth_string(), metavar="S",
                         help="require HTTP Basic auth with this string (and it as the websocket token); "
                              "default from SYNC_WORKER_SERVER_AUTH_STRING or PREFECT_SERVER_API_AUTH_STRING")
@@ -45,6 +46,21 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--synchronous", choices=["NORMAL", "FULL"], default="NORMAL",
                         help="SQLite durability: NORMAL survives a server crash, FULL also power loss "
                              "(default NORMAL)")
+    parser.add_argument("--ping-interval", type=_positive_float, default=20.0, metavar="SECONDS",
+                        help="seconds between websocket pings; a worker that misses one is disconnected and "
+                             "its leases start to run out (default 20)")
+    parser.add_argument("--request-timeout", type=_positive_float, default=60.0, metavar="SECONDS",
+                        help="seconds a request's headers and body have to arrive (default 60)")
+    parser.add_argument("--idle-timeout", type=_positive_float, default=60.0, metavar="SECONDS",
+                        help="seconds an idle keep-alive connection stays open (default 60)")
+    parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                        help="also answer requests whose Host is NAME (repeatable; '*' = any). By default "
+                             "only localhost, IP addresses and the bound address are answered, so that web "
+                             "pages cannot reach the server through DNS rebinding")
+    parser.add_argument("--allowed-origin", action="append", default=[], metavar="ORIGIN",
+                        help="also accept requests and websockets sent with this Origin, e.g. "
+                             "https://dashboard.example (repeatable; '*' = any). By default requests from "
+                             "web pages (with a foreign Origin) are refused")
     add_logging_options(parser)
     parser.set_defaults(func=run)
 
@@ -55,9 +71,12 @@ def run(args: argparse.Namespace) -> int:
 
     from sync_worker.server import Server
 
-    server = Server(host=args.host, port=args.port, database=args.db, auth_string=args.auth_string,
+    server = Server(host=args.host, port=args.port, database="" if args.db == DEFAULT_DB else args.db, auth_string=args.auth_string,
                     lease_timeout=args.lease_timeout, max_deliveries=args.max_deliveries,
-                    max_body_size=args.max_body_size, synchronous=args.synchronous)
+                    max_body_size=args.max_body_size, synchronous=args.synchronous,
+                    allowed_hosts=args.allowed_host, allowed_origins=args.allowed_origin,
+                    ping_interval=args.ping_interval, request_timeout=args.request_timeout,
+                    idle_timeout=args.idle_timeout)
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -68,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, on_signal)
-    from sync_worker.server.database import DatabaseInUse
+    from sync_worker.server.database import DatabaseFileError, DatabaseInUse
 
     from sync_worker.exceptions import ConfigurationError
 
@@ -79,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         with removed_on_failure([os.path.dirname(database), database, database + ".lock",
                                  database + "-wal", database + "-shm"]):
             server.start()
-    except DatabaseInUse as exc:
+    except (DatabaseInUse, DatabaseFileError) as exc:
         raise ConfigurationError(f"cannot start: {exc} (--db); stop it or choose another --db") from exc
     except OSError as exc:
         from sync_worker.diagnostics import port_unavailable

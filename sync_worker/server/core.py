@@ -275,10 +275,12 @@ def _parse_due(state: dict[str, Any], now: float) -> float:
 
 def parse_json_body(raw: bytes) -> tuple[Any, str | None]:
     """(value, None) or (None, error message) for a request body."""
+    from .validation import JSONRejected, loads
+
     try:
-        return json.loads(raw), None
-    except (ValueError, UnicodeDecodeError) as exc:
-        return None, f"Request body is not valid JSON: {exc}"
+        return loads(raw, "Request body"), None
+    except JSONRejected as exc:
+        return None, exc.detail
 
 
 dumps = _dumps

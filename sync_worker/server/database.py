@@ -24,12 +24,15 @@ fsync per group commit.
 """
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
+import os
 import queue
 import sqlite3
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
@@ -50,6 +53,77 @@ class DatabaseClosed(RuntimeError):
 
 class DatabaseInUse(RuntimeError):
     """Another server already serves this database file."""
+
+
+class DatabaseFileError(RuntimeError):
+    """The database file cannot be used (not SQLite, corrupted, a directory, read-only,
+    another application's, a newer schema, a missing directory, a full disk at start-up).
+    The message is one line that names the file and what is wrong."""
+
+
+class StorageError(RuntimeError):
+    """A write or read the database refused for a reason outside the request: the disk is full
+    (``status`` 507) or the database is locked by another process (503). ``detail`` says
+    which, with the path, as REST and the sockets answer it."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+#: ``PRAGMA application_id`` of our databases ("SyWk"): tells them apart from other SQLite files
+APPLICATION_ID = 0x5379576B
+#: ``PRAGMA user_version``: the schema version, so that a later release can migrate
+SCHEMA_VERSION = 1
+#: seconds a write waits for a lock held by another process before answering "database locked"
+BUSY_TIMEOUT = 5.0
+#: the WAL file is truncated back to this size after checkpoints
+JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+_OUR_TABLES = {"task_runs", "records"}
+
+
+def storage_error(exc: BaseException, path: str) -> BaseException:
+    """A sqlite3 error -> :class:`StorageError` when it is about the disk or a lock (else ``exc``)."""
+    if not isinstance(exc, sqlite3.Error):
+        return exc
+    text = str(exc).lower()
+    if "full" in text or getattr(exc, "sqlite_errorcode", None) == 13:  # SQLITE_FULL
+        return StorageError(507, f"disk full: cannot write to the database {path} ({exc}); free some space")
+    if "locked" in text or "busy" in text:
+        return StorageError(503, f"database locked: {path} is locked by another process ({exc}); retry later")
+    if "readonly" in text or "read-only" in text:
+        return StorageError(503, f"database read-only: cannot write to {path} ({exc})")
+    if "disk i/o" in text:
+        return StorageError(503, f"disk I/O error on the database {path} ({exc})")
+    return exc
+
+
+def check_database_file(path: str) -> None:
+    """Refuse, with one line, what is not (or cannot become) one of our databases, before
+    SQLite touches it (it would happily add our tables to any SQLite file)."""
+    if os.path.isdir(path):
+        raise DatabaseFileError(f"database {path} is a directory, not a database file")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise DatabaseFileError(f"cannot create the database {path}: directory {directory} does not exist")
+    if not os.path.exists(path):
+        if not os.access(directory, os.W_OK):
+            raise DatabaseFileError(f"cannot create the database {path}: directory {directory} is not writable")
+        return
+    try:
+        with open(path, "r+b") as f:  # r+: a read-only file is refused here, not at the first write
+            head = f.read(len(_SQLITE_MAGIC))
+    except PermissionError:
+        raise DatabaseFileError(f"database {path} is read-only (the server needs to write to it)") from None
+    except OSError as exc:
+        if exc.errno == errno.EROFS:
+            raise DatabaseFileError(f"database {path} is on a read-only file system") from None
+        raise DatabaseFileError(f"cannot open the database {path}: {exc.strerror or exc}") from None
+    if head and head != _SQLITE_MAGIC:
+        raise DatabaseFileError(f"{path} is not an SQLite database (it starts with {head[:16]!r}); "
+                                "point --db at another file")
 
 
 @dataclass
@@ -316,8 +390,12 @@ class SQLiteDatabase(Database):
             raise ValueError(f"synchronous must be OFF, NORMAL, FULL or EXTRA, not {synchronous!r}")
         self.path = path
         self.synchronous = synchronous.upper()
+        check_database_file(path)
         # One server per file: two would each deliver the same queued runs.
-        self._lock_file = open(path + ".lock", "a+")  # noqa: SIM115 - held until close()
+        try:
+            self._lock_file = open(path + ".lock", "a+")  # noqa: SIM115 - held until close()
+        except OSError as exc:
+            raise DatabaseFileError(f"cannot create the lock file {path}.lock: {exc.strerror or exc}") from None
         try:
             fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -337,12 +415,15 @@ class SQLiteDatabase(Database):
         self._readers: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
         self._all_readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
+        self._failing_since: float | None = None  # first failed commit of the current outage
         try:
-            self._writer_conn = self._connect()
-            self._writer_conn.executescript(_SCHEMA)
-            columns = {r[1] for r in self._writer_conn.execute("PRAGMA table_info(task_runs)")}
-            if "holder" not in columns:  # a database made by an earlier version
-                self._writer_conn.execute("ALTER TABLE task_runs ADD COLUMN holder TEXT")
+            self._writer_conn = self._open_and_mark()
+        except sqlite3.Error as exc:
+            self._lock_file.close()
+            error = storage_error(exc, path)
+            if isinstance(error, StorageError):
+                raise DatabaseFileError(f"cannot start on the database {path}: {error.detail}") from None
+            raise DatabaseFileError(f"database {path} is corrupted or unreadable: {exc}") from None
         except BaseException:
             self._lock_file.close()
             raise
@@ -350,11 +431,49 @@ class SQLiteDatabase(Database):
         self._writer.start()
 
     # -- connections -----------------------------------------------------------------------
-    def _connect(self) -> sqlite3.Connection:
-        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
+    def _open_and_mark(self) -> sqlite3.Connection:
+        """The writer connection, on a database that is ours: a new/empty file is marked
+        (``application_id``, ``user_version``), one made by an earlier version of this server
+        (our tables, no mark) is adopted, anything else is refused before it is changed."""
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT)
+        try:
+            app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if app_id not in (0, APPLICATION_ID):
+                raise DatabaseFileError(f"database {self.path} belongs to another application "
+                                        f"(SQLite application_id {app_id:#x}); point --db at another file")
+            if app_id == 0 and tables - _OUR_TABLES - {"sqlite_sequence"}:
+                names = ", ".join(sorted(tables - _OUR_TABLES))[:200]
+                raise DatabaseFileError(f"database {self.path} belongs to another application (tables: {names}); "
+                                        "point --db at another file")
+            if app_id == APPLICATION_ID and version > SCHEMA_VERSION:
+                raise DatabaseFileError(f"database {self.path} has schema version {version}, made by a newer "
+                                        f"sync_worker (this one knows up to {SCHEMA_VERSION}); upgrade sync_worker")
+            self._configure(conn)
+            conn.executescript(_SCHEMA)
+            columns = {r[1] for r in conn.execute("PRAGMA table_info(task_runs)")}
+            if "holder" not in columns:  # a database made by an earlier version
+                conn.execute("ALTER TABLE task_runs ADD COLUMN holder TEXT")
+            if app_id != APPLICATION_ID or version != SCHEMA_VERSION:
+                conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _configure(self, conn: sqlite3.Connection) -> None:
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={self.synchronous}")
-        conn.execute("PRAGMA busy_timeout=30000")
+        conn.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT * 1000)}")
+        # WAL bounded: checkpoints every ~1000 pages (SQLite's default) and truncation back
+        # to this size after each, instead of a WAL that keeps its largest size forever
+        conn.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT}")
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=BUSY_TIMEOUT)
+        self._configure(conn)
         return conn
 
     def _reader(self) -> sqlite3.Connection:
@@ -369,9 +488,14 @@ class SQLiteDatabase(Database):
     def _read(self, sql: str, params: Iterable[Any]) -> tuple[Any, ...] | None:
         if self._closed:
             raise DatabaseClosed("the database is closed")
-        conn = self._reader()
+        try:
+            conn = self._reader()
+        except sqlite3.Error as exc:
+            raise storage_error(exc, self.path) from None
         try:
             return conn.execute(sql, tuple(params)).fetchone()
+        except sqlite3.Error as exc:
+            raise storage_error(exc, self.path) from None
         finally:
             self._readers.put(conn)
 
@@ -482,11 +606,14 @@ class SQLiteDatabase(Database):
 
     def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
         hooks: list[tuple[_Op, list[Callable[[], None]]]] = []
+        rolled_back: BaseException | None = None
         try:
             conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:  # pragma: no cover - disk trouble
+        except sqlite3.Error as exc:  # locked by another process, disk trouble
+            error = storage_error(exc, self.path)
+            self._note_failure(error)
             for item in batch:
-                item.error = exc
+                item.error = error
                 self._complete(item)
             return
         for item in batch:
@@ -497,14 +624,25 @@ class SQLiteDatabase(Database):
             except BaseException as exc:  # noqa: BLE001 - reported to the caller
                 # Operations raise before they write (see Transaction), so nothing to undo in
                 # the database; the cached rows they touched may have been modified, though.
+                # (A statement that failed for lack of space wrote nothing either.)
                 for run_id in tx.touched:
                     self._cache.pop(run_id, None)
-                item.error = exc
+                item.error = storage_error(exc, self.path)
                 hooks.append((item, []))
+                if not conn.in_transaction:
+                    # SQLite rolled the whole transaction back (it may, on a full disk): what
+                    # the batch did so far is gone, and nothing more may run in autocommit mode
+                    rolled_back = item.error
+                    break
         try:
+            if rolled_back is not None:
+                raise rolled_back
             conn.execute("COMMIT")
-        except sqlite3.Error as exc:  # pragma: no cover - disk full and the like
-            logger.error("commit of %d operations failed: %s", len(batch), exc)
+        except (sqlite3.Error, StorageError) as exc:  # disk full and the like
+            error = storage_error(exc, self.path)
+            if not isinstance(error, StorageError):  # e.g. "no transaction is active": say why
+                error = next((i.error for i in batch if isinstance(i.error, StorageError)), error)
+            self._note_failure(error)
             try:
                 conn.execute("ROLLBACK")
             except sqlite3.Error:
@@ -512,10 +650,14 @@ class SQLiteDatabase(Database):
             self._cache.clear()
             for item in batch:
                 if item.error is None:
-                    item.error = exc
+                    item.error = error
                 self._complete(item)
             self._on_commit_failure()
             return
+        if self._failing_since is not None:
+            logger.warning("database %s is writable again after %.1f s: writes are accepted again",
+                           self.path, time.monotonic() - self._failing_since)
+            self._failing_since = None
         for item, item_hooks in hooks:
             for hook in item_hooks:
                 try:
@@ -523,6 +665,14 @@ class SQLiteDatabase(Database):
                 except Exception:  # pragma: no cover - a bug in a hook must not kill the writer
                     logger.exception("after-commit hook failed")
             self._complete(item)
+
+    def _note_failure(self, error: BaseException) -> None:
+        """Log the first failure of an outage as an error; the rest of it at debug level."""
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+            logger.error("writes to the database are failing and refused until this is fixed: %s", error)
+        else:
+            logger.debug("write failed again: %s", error)
 
     def _on_commit_failure(self) -> None:
         """Hook for the server: in-memory queue state may be stale after a failed commit."""
@@ -545,8 +695,6 @@ class SQLiteDatabase(Database):
             conn.execute("UPDATE task_runs SET qstate = 1 WHERE qstate = 2")
             self._cache.clear()
             keys = [r[0] for r in conn.execute("SELECT DISTINCT task_key FROM task_runs WHERE qstate = 1")]
-            import time
-
             now = time.time()
             delayed = [(due, key) for due, key in conn.execute(
                 "SELECT due, task_key FROM task_runs WHERE qstate = 1 AND due > ?", (now,))]

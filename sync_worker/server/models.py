@@ -6,14 +6,15 @@ time for nothing. Validation errors name the field, e.g. ``body.state.type``.
 """
 from __future__ import annotations
 
-import math
 import os
 import random
 import time
 import uuid
 from collections.abc import Mapping
-from datetime import datetime, timezone
+from datetime import timezone
 from typing import Any
+
+from . import validation as v
 
 STATE_TYPES = frozenset(
     {"SCHEDULED", "PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED", "CRASHED", "PAUSED", "CANCELLING"}
@@ -104,8 +105,16 @@ def iso(ts: float) -> str:
     """Epoch seconds -> ``2026-11-23T15:39:44.735937Z`` (Prefect's format).
 
     Called several times per state change: the date/time part is formatted once per second.
+    A :class:`validation.Instant` (a time a client sent) is written back as it was read;
+    times before 1970 go through :func:`validation.format_epoch` (``int()`` truncates
+    towards zero, and ``strftime`` writes year 1 as ``1``).
     """
     global _second
+    text = getattr(ts, "text", None)
+    if text is not None:
+        return text
+    if ts < 0 or ts >= 253402300800:
+        return v.format_epoch(ts)
     whole = int(ts)
     micros = round((ts - whole) * 1_000_000)
     if micros >= 1_000_000:
@@ -117,19 +126,9 @@ def iso(ts: float) -> str:
 
 
 def parse_time(value: Any, loc: list[Any]) -> float:
-    """An ISO 8601 timestamp (naive = UTC) -> epoch seconds."""
-    if not isinstance(value, str):
-        raise ValidationError(loc, "Input should be a valid datetime string", "datetime_type", value)
-    text = value.strip()
-    if text.endswith(("Z", "z")):
-        text = text[:-1] + "+00:00"
-    try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
-        raise ValidationError(loc, f"Input should be a valid datetime, not {value!r}", "datetime_parsing", value) from None
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=UTC)
-    return parsed.timestamp()
+    """An ISO 8601 timestamp (naive = UTC, years 0001-9999) -> epoch seconds
+    (a :class:`validation.Instant` that remembers its exact text)."""
+    return v.parse_datetime(value, loc)
 
 
 _random = random.Random()
@@ -145,7 +144,7 @@ def new_id() -> str:
 
 # -- small validators ------------------------------------------------------------------------
 def _str(body: Mapping[str, Any], name: str, loc: list[Any], *, required: bool = False,
-         nullable: bool = True, default: str | None = None) -> str | None:
+         nullable: bool = True, default: str | None = None, max_length: int = v.MAX_NAME) -> str | None:
     if name not in body:
         if required:
             raise ValidationError(loc + [name], "Field required", "missing")
@@ -155,14 +154,26 @@ def _str(body: Mapping[str, Any], name: str, loc: list[Any], *, required: bool =
         return None
     if not isinstance(value, str):
         raise ValidationError(loc + [name], "Input should be a valid string", "string_type", value)
-    return value
+    return v.check_length(value, loc + [name], max_length)
 
 
-def _number(value: Any, loc: list[Any], *, minimum: float | None = 0.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValidationError(loc, "Input should be a valid number", "float_type", value)
-    if minimum is not None and value < minimum:
-        raise ValidationError(loc, f"Input should be greater than or equal to {minimum:g}", "greater_than_equal", value)
+def _number(value: Any, loc: list[Any], *, maximum: float = v.MAX_RETRY_DELAY) -> float:
+    return v.check_number(value, loc, maximum)
+
+
+def _uuid_or_none(body: Mapping[str, Any], name: str, loc: list[Any]) -> str | None:
+    value = body.get(name)
+    return None if value is None else v.check_uuid(value, loc + [name])
+
+
+def _str_dict(body: Mapping[str, Any], name: str, loc: list[Any]) -> dict[str, Any] | None:
+    """A JSON object with bounded keys (labels, task_inputs)."""
+    value = _dict(body, name, loc)
+    if value is not None:
+        if len(value) > v.MAX_ITEMS:
+            raise ValidationError(loc + [name], f"At most {v.MAX_ITEMS} entries are allowed", "too_long")
+        for key in value:
+            v.check_length(key, loc + [name, key[:40]], v.MAX_NAME)
     return value
 
 
@@ -181,8 +192,8 @@ def validate_empirical_policy(value: Any, loc: list[Any]) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValidationError(loc, "Input should be a valid dictionary", "dict_type", value)
     retries = value.get("retries")
-    if retries is not None and (isinstance(retries, bool) or not isinstance(retries, int) or retries < 0):
-        raise ValidationError(loc + ["retries"], "Input should be a whole number >= 0", "int_type", retries)
+    if retries is not None:
+        v.check_int(retries, loc + ["retries"], v.MAX_RETRIES)
     delay = value.get("retry_delay")
     if isinstance(delay, list):
         if len(delay) > 50:
@@ -193,12 +204,15 @@ def validate_empirical_policy(value: Any, loc: list[Any]) -> dict[str, Any]:
         _number(delay, loc + ["retry_delay"])
     jitter = value.get("retry_jitter_factor")
     if jitter is not None:
-        _number(jitter, loc + ["retry_jitter_factor"])
+        _number(jitter, loc + ["retry_jitter_factor"], maximum=v.MAX_JITTER_FACTOR)
+    # deprecated Prefect fields, echoed back: kept only when they are sane
     max_retries = value.get("max_retries", 0)
-    if max_retries is None or isinstance(max_retries, bool) or not isinstance(max_retries, int):
+    if (max_retries is None or isinstance(max_retries, bool) or not isinstance(max_retries, int)
+            or not 0 <= max_retries <= v.MAX_RETRIES):
         max_retries = 0
     delay_seconds = value.get("retry_delay_seconds", 0.0)
-    if isinstance(delay_seconds, bool) or not isinstance(delay_seconds, (int, float)):
+    if (isinstance(delay_seconds, bool) or not isinstance(delay_seconds, (int, float))
+            or not 0 <= delay_seconds <= v.MAX_RETRY_DELAY):
         delay_seconds = 0.0
     return {
         "max_retries": max_retries,
@@ -223,17 +237,32 @@ def validate_state(value: Any, loc: list[Any]) -> dict[str, Any]:
             "enum", state_type,
         )
     name = _str(value, "name", loc)
-    message = _str(value, "message", loc)
+    message = _str(value, "message", loc, max_length=v.MAX_MESSAGE)
     details = _dict(value, "state_details", loc) or {}
-    for key in ("task_parameters_id", "scheduled_time"):
-        if details.get(key) is not None and not isinstance(details[key], str):
-            raise ValidationError(loc + ["state_details", key], "Input should be a valid string", "string_type", details[key])
-    for key in ("deferred", "retriable"):
-        if details.get(key) is not None and not isinstance(details[key], bool):
-            raise ValidationError(loc + ["state_details", key], "Input should be a valid boolean", "bool_type", details[key])
+    dloc = loc + ["state_details"]
+    if details:
+        details = dict(details)  # normalized values below replace what the client sent
+        for key in ("task_parameters_id", "flow_run_id", "child_flow_run_id", "transition_id",
+                    "deployment_concurrency_lease_id"):
+            if details.get(key) is not None:  # ids a client turns into storage or database keys
+                details[key] = v.check_uuid(details[key], dloc + [key])
+        for key in ("deferred", "retriable", "pause_reschedule", "untrackable_result", "refresh_cache"):
+            if details.get(key) is not None and not isinstance(details[key], bool):
+                raise ValidationError(dloc + [key], "Input should be a valid boolean", "bool_type", details[key])
+        for key in ("cache_key", "pause_key", "traceparent"):
+            if details.get(key) is not None:
+                if not isinstance(details[key], str):
+                    raise ValidationError(dloc + [key], "Input should be a valid string", "string_type")
+                v.check_length(details[key], dloc + [key], v.MAX_KEY)
+        for key in ("cache_expiration", "pause_timeout"):
+            if details.get(key) is not None:
+                details[key] = v.parse_datetime(details[key], dloc + [key]).text
+        if details.get("task_run_id") is not None:
+            v.check_uuid(details["task_run_id"], dloc + ["task_run_id"])
     scheduled_time = None
     if details.get("scheduled_time") is not None:
-        scheduled_time = parse_time(details["scheduled_time"], loc + ["state_details", "scheduled_time"])
+        scheduled_time = parse_time(details["scheduled_time"], dloc + ["scheduled_time"])
+        details["scheduled_time"] = scheduled_time.text  # type: ignore[attr-defined]
     return {
         "type": state_type,
         "name": name,
@@ -277,31 +306,31 @@ def build_task_run(body: Any, now: float) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ValidationError(loc, "Input should be a valid dictionary (a JSON object)", "dict_type", body)
     c = _Collector()
-    name = c.check(_str, body, "name", loc)
-    task_key = c.check(_str, body, "task_key", loc, required=True)
+    name = c.check(_str, body, "name", loc, max_length=v.MAX_KEY)
+    task_key = c.check(_str, body, "task_key", loc, required=True, max_length=v.MAX_KEY)
     if task_key is not None and not task_key:
         c.errors.append(ValidationError(loc + ["task_key"], "String should have at least 1 character",
                                         "string_too_short", task_key))
-    if task_key is not None and len(task_key) > 2000:
-        c.errors.append(ValidationError(loc + ["task_key"], "String should have at most 2000 characters",
-                                        "string_too_long"))
-    dynamic_key = c.check(_str, body, "dynamic_key", loc, required=True)
-    run_id = c.check(_str, body, "id", loc)
-    if run_id is not None:
-        try:
-            run_id = str(uuid.UUID(run_id))
-        except ValueError:
-            c.errors.append(ValidationError(loc + ["id"], "Input should be a valid UUID", "uuid_parsing", run_id))
-    flow_run_id = c.check(_str, body, "flow_run_id", loc)
+    dynamic_key = c.check(_str, body, "dynamic_key", loc, required=True, max_length=v.MAX_KEY)
+    run_id = c.check(_uuid_or_none, body, "id", loc)
+    flow_run_id = c.check(_uuid_or_none, body, "flow_run_id", loc)
     tags = body.get("tags") or []
     if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
         c.errors.append(ValidationError(loc + ["tags"], "Input should be a valid list of strings", "list_type", tags))
-    task_inputs = c.check(_dict, body, "task_inputs", loc) or {}
-    labels = c.check(_dict, body, "labels", loc) or {}
+    elif len(tags) > v.MAX_ITEMS:
+        c.errors.append(ValidationError(loc + ["tags"], f"At most {v.MAX_ITEMS} tags are allowed", "too_long"))
+    else:
+        for i, tag in enumerate(tags):
+            c.check(v.check_length, tag, loc + ["tags", i], v.MAX_NAME)
+    task_inputs = c.check(_str_dict, body, "task_inputs", loc) or {}
+    labels = c.check(_str_dict, body, "labels", loc) or {}
     policy = c.check(validate_empirical_policy, body.get("empirical_policy"), loc + ["empirical_policy"])
     task_version = c.check(_str, body, "task_version", loc)
-    cache_key = c.check(_str, body, "cache_key", loc)
+    cache_key = c.check(_str, body, "cache_key", loc, max_length=v.MAX_KEY)
     cache_expiration = c.check(_str, body, "cache_expiration", loc)
+    if cache_expiration is not None:
+        cache_expiration = getattr(c.check(v.parse_datetime, cache_expiration, loc + ["cache_expiration"]),
+                                   "text", None)
     proposed = None
     if body.get("state") is not None:
         proposed = c.check(validate_state, body["state"], loc + ["state"])

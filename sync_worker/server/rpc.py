@@ -26,7 +26,7 @@ from typing import Any
 from simple_websocket.errors import ConnectionClosed
 
 from .core import Conflict, Core, NotFound
-from .database import DatabaseClosed
+from .database import DatabaseClosed, StorageError
 from .models import ValidationError
 from .subscriptions import (
     PREFECT_VIOLATION,
@@ -111,6 +111,8 @@ class RpcChannel:
                 self._reply("create_result", request_id, 409, detail=str(error))
             elif isinstance(error, DatabaseClosed):
                 self._reply("create_result", request_id, 503, detail="Server is shutting down")
+            elif isinstance(error, StorageError):  # disk full (507), database locked (503)
+                self._reply("create_result", request_id, error.status, detail=error.detail)
             else:
                 logger.error("rpc create failed: %r", error)
                 self._reply("create_result", request_id, 500, detail=f"Internal error: {type(error).__name__}")

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from http import HTTPStatus
+from collections.abc import Iterable
 from typing import Any
 from urllib.parse import unquote
 
@@ -26,6 +27,7 @@ from .core import Core
 from .database import SQLiteDatabase
 from .events import EventBus
 from .runqueue import RunQueue
+from .security import RequestGuard
 from .subscriptions import SubscriptionRegistry
 
 logger = logging.getLogger("sync_worker.server.server")
@@ -87,20 +89,40 @@ class _RequestHandler(WSGIRequestHandler):
         a large share of the cost of a small request) with a plain header loop.
         """
         self.close_connection = True
-        if self.server.closing:
+        server = self.server
+        if server.closing:
             return
+        conn = self.connection
         try:
+            # idle keep-alive connections (and connections that never send anything) are
+            # closed after idle_timeout; from the first byte on, the whole request must
+            # arrive within request_timeout (the watchdog enforces the total, the socket
+            # timeout each read and write)
+            conn.settimeout(server.idle_timeout)
+            if not self.rfile.peek(1):
+                return
+            conn.settimeout(server.request_timeout)
+            server.watch(conn, time.monotonic() + server.request_timeout)
             line = self.rfile.readline(65537)
-        except (TimeoutError, OSError):
+        except (TimeoutError, OSError, ValueError):
             return
         if not line:
             return
         if len(line) > 65536:
             self._reject(414, "Request line too long")
             return
-        if not self._parse(line):
+        try:
+            if not self._parse(line):
+                return
+        except (TimeoutError, OSError, ValueError):
+            self._reject(408, f"Request headers not received within {server.request_timeout:g} s")
             return
-        self.run_wsgi()
+        try:
+            self.run_wsgi()
+        except OSError:  # the client went away, or did not read the answer in time
+            self.close_connection = True
+        finally:
+            server.unwatch(conn)
 
     def _parse(self, line: bytes) -> bool:
         self.raw_requestline = line
@@ -183,10 +205,14 @@ class _RequestHandler(WSGIRequestHandler):
             environ[key] = value
         if "chunked" in environ.get("HTTP_TRANSFER_ENCODING", "").lower():
             environ["wsgi.input_terminated"] = True
-            environ["wsgi.input"] = DechunkedInput(self.rfile)
+            environ["wsgi.input"] = _BoundedDechunkedInput(self.rfile)
         return environ
 
     def run_wsgi(self) -> None:
+        if "websocket" in self.headers.get("Upgrade", "").lower():
+            # a websocket lives as long as it likes: its own handshake and ping timeouts apply
+            self.server.unwatch(self.connection)
+            self.connection.settimeout(None)
         if self.headers.get("Expect", "").lower().strip(" \t") == "100-continue":
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         environ = self.make_environ()
@@ -229,15 +255,66 @@ class _RequestHandler(WSGIRequestHandler):
         logger.debug("http: " + format, *args)
 
 
+class _BoundedDechunkedInput(DechunkedInput):
+    """Werkzeug's chunked-body reader with a bounded chunk-size line (its own reads a line of
+    any length into memory)."""
+
+    def read_chunk_len(self) -> int:
+        line = self._rfile.readline(1026)
+        if len(line) > 1024 or not line.endswith(b"\n"):
+            raise OSError("Invalid chunk header (a chunk size line of at most 1024 bytes was expected)")
+        try:
+            size = int(line.split(b";", 1)[0].strip(), 16)
+        except ValueError:
+            raise OSError("Invalid chunk header") from None
+        if size < 0:
+            raise OSError("Negative chunk length not allowed")
+        return size
+
+
 class _HTTPServer(ThreadedWSGIServer):
     """Werkzeug's threaded server (what ``make_server(threaded=True)`` builds), tracking open
     connections so that :meth:`Server.stop` can close idle keep-alive ones."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, request_timeout: float = 60.0, idle_timeout: float = 60.0,
+                 **kwargs: Any) -> None:
         self.closing = False
+        self.request_timeout = request_timeout
+        self.idle_timeout = idle_timeout
         self._conn_lock = threading.Lock()
         self._conns: dict[socket.socket, threading.Thread] = {}
+        self._deadlines: dict[socket.socket, float] = {}
+        self._watchdog: threading.Thread | None = None
         super().__init__(*args, **kwargs)
+
+    def watch(self, sock: socket.socket, deadline: float) -> None:
+        """Drop ``sock`` if the request it is reading is not complete by ``deadline``
+        (a client that trickles bytes resets every socket timeout, not this one)."""
+        with self._conn_lock:
+            self._deadlines[sock] = deadline
+            if self._watchdog is None:
+                self._watchdog = threading.Thread(target=self._watch_loop, name="sync-worker-http-watchdog",
+                                                  daemon=True)
+                self._watchdog.start()
+
+    def unwatch(self, sock: socket.socket) -> None:
+        with self._conn_lock:
+            self._deadlines.pop(sock, None)
+
+    def _watch_loop(self) -> None:
+        while not self.closing:
+            time.sleep(min(0.5, self.request_timeout / 4))
+            now = time.monotonic()
+            with self._conn_lock:
+                late = [sock for sock, deadline in self._deadlines.items() if deadline <= now]
+                for sock in late:
+                    del self._deadlines[sock]
+            for sock in late:
+                logger.info("closing a connection whose request did not arrive within %g s", self.request_timeout)
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
 
     def track(self, sock: socket.socket, thread: threading.Thread) -> None:
         with self._conn_lock:
@@ -246,6 +323,7 @@ class _HTTPServer(ThreadedWSGIServer):
     def untrack(self, sock: socket.socket) -> None:
         with self._conn_lock:
             self._conns.pop(sock, None)
+            self._deadlines.pop(sock, None)
 
     def connections(self) -> dict[socket.socket, threading.Thread]:
         with self._conn_lock:
@@ -270,8 +348,10 @@ class Server:
 
     Args:
         host, port: where to listen (port 0 = any free port; see :attr:`port`).
-        database: path of the SQLite file (created if missing). A new Server on the same
-            file rebuilds the queue from it.
+        database: path of the SQLite file (created if missing; its directory must exist, except
+            for the default ``~/.sync_worker/server.db``). A new Server on the same file
+            rebuilds the queue from it. A file that is not one of our databases is refused
+            with :class:`.database.DatabaseFileError`.
         auth_string: require ``Authorization: Basic base64(auth_string)`` on REST and this
             token in the websocket auth message. None = no auth.
         lease_timeout: seconds a run held by a worker whose connection dropped waits before it
@@ -284,11 +364,19 @@ class Server:
         ping_interval: seconds between websocket pings; a subscriber that does not answer
             one before the next is disconnected (so a vanished worker's leases start to run
             out even without a TCP reset). None disables.
+        request_timeout: seconds a request (line, headers and body) has to arrive once its first
+            byte did (408 or a closed connection beyond; bounds slow clients).
+        idle_timeout: seconds an idle keep-alive connection stays open.
+        allowed_hosts, allowed_origins: ``Host`` names and ``Origin`` values accepted besides
+            this server's own (see :mod:`.security`; ``"*"`` accepts any).
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 4200, database: str = "", auth_string: str | None = None,
                  lease_timeout: float = 30.0, max_deliveries: int = 3, max_body_size: int = DEFAULT_MAX_BODY_SIZE,
-                 synchronous: str = "NORMAL", buffer_size: int = 1000, ping_interval: float | None = 20.0) -> None:
+                 synchronous: str = "NORMAL", buffer_size: int = 1000, ping_interval: float | None = 20.0,
+                 allowed_hosts: Iterable[str] = (), allowed_origins: Iterable[str] = (),
+                 request_timeout: float = 60.0, idle_timeout: float = 60.0) -> None:
+        self._default_database = not database  # its directory is created; an explicit one's must exist
         if not database:
             database = os.path.join(os.path.expanduser("~"), ".sync_worker", "server.db")
         if lease_timeout <= 0:
@@ -310,6 +398,10 @@ class Server:
         self.synchronous = synchronous
         self.buffer_size = buffer_size
         self.ping_interval = ping_interval
+        self.request_timeout = request_timeout
+        self.idle_timeout = idle_timeout
+        self.allowed_hosts = list(allowed_hosts)
+        self.allowed_origins = list(allowed_origins)
         self.db: SQLiteDatabase | None = None
         self.queue: RunQueue | None = None
         self.core: Core | None = None
@@ -342,8 +434,8 @@ class Server:
         if self.host not in LOOPBACK and not self.auth_string:
             logger.warning("listening on %s without an auth string: anyone who can reach this port can "
                            "create and read task runs (set an auth string)", self.host)
-        directory = os.path.dirname(os.path.abspath(self.database))
-        os.makedirs(directory, exist_ok=True)
+        if self._default_database:
+            os.makedirs(os.path.dirname(os.path.abspath(self.database)), exist_ok=True)
         self.db = SQLiteDatabase(self.database, synchronous=self.synchronous)
         self.queue = RunQueue(self.db, lease_timeout=self.lease_timeout, max_deliveries=self.max_deliveries,
                               buffer_size=self.buffer_size)
@@ -353,9 +445,11 @@ class Server:
             self.core = Core(self.db, self.queue, self.auth_string)
             app = App(self.core, self._registry, self.max_body_size)
             self.events = app.events
+            app = RequestGuard(app, self.host, self.allowed_hosts, self.allowed_origins)
             listener = _bind(self.host, self.port)
             try:
-                http = _HTTPServer(self.host, self.port, app, _RequestHandler, fd=listener.fileno())
+                http = _HTTPServer(self.host, self.port, app, _RequestHandler, fd=listener.fileno(),
+                                   request_timeout=self.request_timeout, idle_timeout=self.idle_timeout)
             finally:
                 listener.close()  # the server holds its own duplicate of the descriptor
         except BaseException:

@@ -34,6 +34,7 @@ import json
 import logging
 import socket
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
@@ -41,9 +42,11 @@ from typing import Any
 import simple_websocket
 from simple_websocket.errors import ConnectionClosed
 from wsproto.events import Ping, TextMessage
+from wsproto.utilities import LocalProtocolError
 
 from .core import Core, NotFound
-from .database import QSTATE_MEMORY, DatabaseClosed
+from .database import QSTATE_MEMORY, DatabaseClosed, StorageError
+from . import validation
 from .models import ValidationError, validate_state
 
 logger = logging.getLogger("sync_worker.server.subscriptions")
@@ -61,6 +64,9 @@ PREFECT_VIOLATION = 4001
 #: RUNNING alone claims a run).
 EXTENSIONS = ["set_state", "prefetch", "credit", "direct_running"]
 MAX_PREFETCH = 1000
+#: seconds a new connection has for each handshake message (auth, subscribe) before it is
+#: closed 1008: a connection that never authenticates must not hold a thread forever
+HANDSHAKE_TIMEOUT = 5.0
 #: Most runs one connection may be granted, whatever credit it asks for.
 MAX_CREDIT = 1000
 #: set_state requests of one connection that may await their answers; past this the server
@@ -126,8 +132,33 @@ class WebSocket(simple_websocket.Server):
             raise ConnectionClosed(reason, message)
         try:
             super().close(reason, message)
+        except LocalProtocolError:  # the close handshake already happened (e.g. after a protocol error)
+            self.connected = False
+            raise ConnectionClosed(reason, message) from None
         finally:
             self.send_lock.release()
+
+    def _handle_events(self) -> bool:
+        keep_going = super()._handle_events()
+        if not keep_going:
+            self._linger()
+        return keep_going
+
+    def _linger(self, seconds: float = 1.0) -> None:
+        """After the close frame went out (a protocol error such as bad UTF-8 included), read and
+        drop what the client still sends until it closes, for up to ``seconds``: a socket closed
+        with unread data is reset, and the client would never see the close code."""
+        deadline = time.monotonic() + seconds
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self.sock.settimeout(left)
+                if not self.sock.recv(65536):
+                    return
+        except OSError:
+            return
 
     def ping(self) -> bool:
         """Send a ping without ever blocking (the pinger serves every connection); False if
@@ -172,9 +203,10 @@ def _decode(message: Any) -> dict[str, Any]:
         except UnicodeDecodeError:
             raise _Close(UNSUPPORTED_DATA, "Protocol violation: messages must be UTF-8 JSON text") from None
     try:
-        value = json.loads(message)
-    except ValueError:
-        raise _Close(UNSUPPORTED_DATA, "Protocol violation: message is not valid JSON") from None
+        value = validation.loads(message, "message")
+    except validation.JSONRejected as exc:  # README "Websocket close codes"
+        code = UNSUPPORTED_DATA if exc.kind in ("json", "utf8") else POLICY_VIOLATION
+        raise _Close(code, validation.close_reason(f"Protocol violation: {exc.detail}")) from None
     if not isinstance(value, dict):
         raise _Close(PREFECT_VIOLATION, "Protocol violation: expected a JSON object") from None
     return value
@@ -279,6 +311,8 @@ def serve_socket(environ: dict[str, Any], registry: SubscriptionRegistry, max_me
             pass
     finally:
         registry.remove(ws)
+        if not ws.connected:  # the reader is ending: let it send its close frame (e.g. 1007) first
+            ws.thread.join(timeout=1.0)
         ws.shutdown()
         ws.thread.join(timeout=1.0)
 
@@ -308,7 +342,9 @@ def _close(ws: WebSocket, code: int, reason: str) -> None:
 
 
 def _authenticate(ws: WebSocket, core: Core) -> None:
-    message = ws.receive()
+    message = ws.receive(timeout=HANDSHAKE_TIMEOUT)
+    if message is None and ws.connected:
+        raise _Close(POLICY_VIOLATION, f"Expected 'auth' message within {HANDSHAKE_TIMEOUT:g} s")
     try:
         value = _decode(message)
     except _Close:
@@ -325,7 +361,10 @@ def _authenticate(ws: WebSocket, core: Core) -> None:
 
 
 def _read_subscribe(ws: WebSocket) -> tuple[list[str], str, int, int | None]:
-    value = _decode(ws.receive())
+    message = ws.receive(timeout=HANDSHAKE_TIMEOUT)
+    if message is None and ws.connected:
+        raise _Close(POLICY_VIOLATION, f"Expected 'subscribe' message within {HANDSHAKE_TIMEOUT:g} s")
+    value = _decode(message)
     if value.get("type") != "subscribe":
         raise _Close(PREFECT_VIOLATION, "Protocol violation: expected 'subscribe' message")
     keys = value.get("keys")
@@ -338,6 +377,9 @@ def _read_subscribe(ws: WebSocket) -> tuple[list[str], str, int, int | None]:
         raise _Close(PREFECT_VIOLATION, "Protocol violation: expected 'client_id' in subscribe message")
     if not isinstance(client_id, str):
         raise _Close(PREFECT_VIOLATION, "Protocol violation: 'client_id' must be a string")
+    problem = validation.subscribe_problem(keys, client_id)
+    if problem:
+        raise _Close(PREFECT_VIOLATION, validation.close_reason(f"Protocol violation: {problem}"))
     prefetch = value.get("prefetch", 1)
     if isinstance(prefetch, bool) or not isinstance(prefetch, int) or not 1 <= prefetch <= MAX_PREFETCH:
         raise _Close(PREFECT_VIOLATION,
@@ -590,6 +632,8 @@ class Subscription:
                 code, detail = 404, "Task not found"
             elif isinstance(error, DatabaseClosed):
                 code, detail = 503, "Server is shutting down"
+            elif isinstance(error, StorageError):  # disk full (507), database locked (503)
+                code, detail = error.status, error.detail
             else:
                 logger.error("set_state for %s failed: %r", run_id, error)
                 code, detail = 500, f"Internal error: {type(error).__name__}"

@@ -38,7 +38,7 @@ _readers: dict[socket.socket, object] = {}
 def test_many_requests_on_one_connection(server):
     with _connect(server) as sock:
         for _ in range(20):
-            sock.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n")
+            sock.sendall(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
             status, headers, body = _read_response(sock)
             assert (status, body) == (200, b"true")
             assert headers.get("connection") != "close"
@@ -46,7 +46,7 @@ def test_many_requests_on_one_connection(server):
 
 def test_pipelined_requests(server):
     with _connect(server) as sock:
-        sock.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n" * 3)
+        sock.sendall(b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 3)
         for _ in range(3):
             assert _read_response(sock)[0] == 200
 
@@ -63,7 +63,7 @@ def test_chunked_body(server):
     body = json.dumps({"task_key": "chunked", "dynamic_key": "d"}).encode()
     with _connect(server) as sock:
         chunks = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in (body[:10], body[10:])) + b"0\r\n\r\n"
-        sock.sendall(b"POST /api/task_runs/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        sock.sendall(b"POST /api/task_runs/ HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
                      b"Content-Type: application/json\r\n\r\n" + chunks)
         status, _, response = _read_response(sock)
         assert status == 201, response
@@ -73,7 +73,7 @@ def test_chunked_body(server):
 def test_expect_100_continue(server):
     body = json.dumps({"task_key": "expect", "dynamic_key": "d"}).encode()
     with _connect(server) as sock:
-        sock.sendall(b"POST /api/task_runs/ HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+        sock.sendall(b"POST /api/task_runs/ HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nExpect: 100-continue\r\n"
                      b"Content-Length: %d\r\n\r\n" % len(body))
         assert _read_response(sock)[0] == 100
         sock.sendall(body)

@@ -27,10 +27,15 @@ def test_stop_is_idempotent_and_start_once(tmp_path):
     server.stop()
 
 
-def test_database_directory_is_created(tmp_path):
+def test_explicit_database_directory_must_exist(tmp_path):
+    """(issue 9) An explicit path in a missing directory is a typo more often than a wish:
+    refused, naming the directory; the default location is created (test_server_dbfile)."""
+    from sync_worker.server.database import DatabaseFileError
+
     path = tmp_path / "deep" / "er" / "server.db"
-    with Server(port=0, database=str(path)):
-        assert path.exists()
+    with pytest.raises(DatabaseFileError, match="does not exist"):
+        Server(port=0, database=str(path)).start()
+    assert not path.parent.exists()
 
 
 @pytest.mark.parametrize("synchronous", ["NORMAL", "FULL"])

@@ -213,8 +213,8 @@ def test_keep_alive_survives_errors(wire):
     sock = socket.create_connection((wire.url.split("//")[1].split(":")[0], int(wire.url.rsplit(":", 1)[1].split("/")[0])))
     try:
         body = b'{"a": 1}'
-        request = (b"POST /api/nothing HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
-                   + b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        request = (b"POST /api/nothing HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+                   + b"GET /api/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         sock.sendall(request)
         data = b""
         sock.settimeout(5)
