@@ -161,13 +161,14 @@ def test_status_port_in_use_is_one_line(tmp_path, taken_port):
 
 
 def test_server_port_in_use_is_one_line_and_leaves_no_files(tmp_path, taken_port):
-    database = tmp_path / "new-dir" / "queue.db"
+    (tmp_path / "data").mkdir()  # an explicit --db needs its directory to exist
+    database = tmp_path / "data" / "queue.db"
     result = run_env(clean_env(tmp_path), "server", "--port", str(taken_port), "--db", str(database), timeout=30)
     assert result.returncode == 2
     assert result.stderr.splitlines()[-1] == (
         f"sync-worker server: error: server port {taken_port} (--host/--port) is in use on 127.0.0.1: "
         "choose another port, or 0 for any free port")
-    assert not (tmp_path / "new-dir").exists()  # neither the files nor the directory it created
+    assert list((tmp_path / "data").iterdir()) == []  # none of the files it created (db, lock, wal, shm)
 
 
 def test_failed_server_start_keeps_files_that_were_there(tmp_path, taken_port, server_factory):

@@ -98,8 +98,10 @@ def run(args: argparse.Namespace) -> int:
         with removed_on_failure([os.path.dirname(database), database, database + ".lock",
                                  database + "-wal", database + "-shm"]):
             server.start()
-    except (DatabaseInUse, DatabaseFileError) as exc:
+    except DatabaseInUse as exc:
         raise ConfigurationError(f"cannot start: {exc} (--db); stop it or choose another --db") from exc
+    except DatabaseFileError as exc:
+        raise ConfigurationError(f"cannot start: {exc} (--db)") from exc
     except OSError as exc:
         from sync_worker.diagnostics import port_unavailable
 

@@ -24,7 +24,7 @@ def start_cli(db: str) -> subprocess.CompletedProcess:
 
 
 def assert_one_line_refusal(result: subprocess.CompletedProcess, *needles: str) -> None:
-    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert result.returncode == 2, (result.stdout, result.stderr)  # a user mistake: exit 2
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr

@@ -122,7 +122,7 @@ def test_starting_on_a_full_disk_is_a_one_line_error(small_disk: Path):
     db = small_disk / "new.db"
     result = subprocess.run([sys.executable, "-m", "sync_worker", "server", "--port", "0", "--db", str(db)],
                             capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
-    assert result.returncode == 1
+    assert result.returncode == 2  # a user-facing start error: exit 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
     assert "disk full" in lines[0] and str(db) in lines[0]
