@@ -45,10 +45,13 @@ _EXPORTS = {
     "ParameterReadError": "sync_worker.exceptions",
     "TaskRunFailed": "sync_worker.exceptions",
     "CredentialsError": "sync_worker.exceptions",
+    "TaskRunCancelled": "sync_worker.exceptions",
+    "Cancelled": "sync_worker.exceptions",
 }
 
 __all__ = [
     "APIError",
+    "Cancelled",
     "Client",
     "CredentialsError",
     "ObjectNotFound",
@@ -58,6 +61,7 @@ __all__ = [
     "StopTaskWorker",
     "SyncWorkerError",
     "Task",
+    "TaskRunCancelled",
     "TaskRunFailed",
     "TaskRunFuture",
     "TaskWorker",
@@ -93,11 +97,13 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from sync_worker.client import Client, get_client
     from sync_worker.exceptions import (
         APIError,
+        Cancelled,
         CredentialsError,
         ObjectNotFound,
         ParameterReadError,
         SerializationError,
         SyncWorkerError,
+        TaskRunCancelled,
         TaskRunFailed,
         Unauthorized,
     )

@@ -78,6 +78,13 @@ class App:
                 Rule("/api/csrf-token", endpoint="csrf", methods=["GET"]),
                 Rule("/api/task_runs/", endpoint="create", methods=["POST"]),
                 Rule("/api/task_runs/subscriptions/scheduled", endpoint="subscribe", methods=["GET"]),
+                # operating the queue (listing.py, cancellation.py, retention.py)
+                Rule("/api/task_runs/filter", endpoint="filter", methods=["POST"]),
+                Rule("/api/task_runs/count", endpoint="count", methods=["POST"]),
+                Rule("/api/sync_worker/stats", endpoint="stats", methods=["GET"]),
+                Rule("/api/sync_worker/workers", endpoint="workers", methods=["GET"]),
+                Rule("/api/sync_worker/task_runs/<run_id>/cancel", endpoint="cancel", methods=["POST"]),
+                Rule("/api/sync_worker/purge", endpoint="purge", methods=["POST"]),
                 Rule("/api/sync_worker/rpc", endpoint="rpc", methods=["GET"]),
                 Rule("/api/task_runs/<run_id>", endpoint="read", methods=["GET"]),
                 Rule("/api/task_runs/<run_id>", endpoint="delete", methods=["DELETE"]),
@@ -101,6 +108,12 @@ class App:
             "record_put": self.record_put,
             "record_get": self.record_get,
             "record_delete": self.record_delete,
+            "filter": self.filter_runs,
+            "count": self.count_runs,
+            "stats": self.stats,
+            "workers": self.workers,
+            "cancel": self.cancel,
+            "purge": self.purge,
         }
 
     # -- WSGI ------------------------------------------------------------------------------------
@@ -252,6 +265,51 @@ class App:
         self._discard_body(environ)
         self.core.delete_record(self._record_key(key))
         return _STATUS[204], [("Content-Length", "0")], b""
+
+    # -- operating the queue ---------------------------------------------------------------------
+    def _optional_json_body(self, environ: dict[str, Any]) -> Any:
+        raw = self._read_body(environ)
+        if not raw.strip():
+            return None
+        value, error = parse_json_body(raw)
+        if error is not None:
+            raise HTTPError(422, error, {"exception_message": "Invalid request received."})
+        return value
+
+    def filter_runs(self, environ: dict[str, Any]) -> Response:
+        from .listing import filter_runs
+
+        return _json(200, filter_runs(self.core.db, self._optional_json_body(environ)))
+
+    def count_runs(self, environ: dict[str, Any]) -> Response:
+        from .listing import count_runs
+
+        return _json(200, count_runs(self.core.db, self._optional_json_body(environ)))
+
+    def stats(self, environ: dict[str, Any]) -> Response:
+        from .listing import stats
+
+        self._discard_body(environ)
+        return _json(200, stats(self.core.db, self.core.subscribers))
+
+    def workers(self, environ: dict[str, Any]) -> Response:
+        """The subscribed workers only (cheap: no database query)."""
+        from .listing import worker_info
+
+        self._discard_body(environ)
+        return _json(200, [worker_info(sub) for sub in list(self.core.subscribers)])
+
+    def cancel(self, environ: dict[str, Any], run_id: str) -> Response:
+        from .cancellation import cancel_run
+
+        self._discard_body(environ)
+        return _json(200, cancel_run(self.core, run_id))
+
+    def purge(self, environ: dict[str, Any]) -> Response:
+        from .retention import parse_purge, purge
+
+        older_than, states = parse_purge(self._optional_json_body(environ))
+        return _json(200, {"deleted": purge(self.core, older_than, states)})
 
     def subscribe(self, environ: dict[str, Any], handler: Callable[..., None] = handle_websocket) -> Response:
         if "websocket" not in environ.get("HTTP_UPGRADE", "").lower() or "werkzeug.socket" not in environ:

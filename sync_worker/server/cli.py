@@ -54,8 +54,20 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--synchronous", choices=["NORMAL", "FULL"], default="NORMAL",
                         help="SQLite durability: NORMAL survives a server crash, FULL also power loss "
                              "(default NORMAL)")
+    parser.add_argument("--retention", type=_duration, default="7d", metavar="DURATION",
+                        help="delete finished runs (and their records on this server) this long after they "
+                             "end, e.g. 12h, 7d, 2w; 0 keeps everything (default 7d)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     parser.set_defaults(func=run)
+
+
+def _duration(text: str) -> float:
+    from sync_worker.server.retention import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -71,7 +83,8 @@ def run(args: argparse.Namespace) -> int:
 
     server = Server(host=args.host, port=args.port, database=args.db, auth_string=args.auth_string,
                     lease_timeout=args.lease_timeout, max_deliveries=args.max_deliveries,
-                    max_body_size=args.max_body_size, synchronous=args.synchronous)
+                    max_body_size=args.max_body_size, synchronous=args.synchronous,
+                    retention=getattr(args, "retention", None))
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:

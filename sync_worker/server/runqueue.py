@@ -331,6 +331,19 @@ class RunQueue:
         if row is None or row.state_type in TERMINAL:
             tx.after_commit(lambda: self.release(run_id))
             return
+        if row.state_type == "CANCELLING":  # being cancelled: final, never delivered again
+            from .cancellation import finish_cancelling_op
+
+            finish_cancelling_op(tx, run_id, "Cancelled: the worker holding the run lost its connection "
+                                             "before it reported the cancellation.")
+            text = row.dump()
+
+            def cancelled() -> None:
+                self.release(run_id)
+                if self.on_finished is not None:
+                    self.on_finished(run_id, text)
+            tx.after_commit(cancelled)
+            return
         now = time.time()
         row.deliveries += 1
         if row.deliveries >= self.max_deliveries:

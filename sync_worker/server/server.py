@@ -287,7 +287,8 @@ class Server:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 4200, database: str = "", auth_string: str | None = None,
                  lease_timeout: float = 30.0, max_deliveries: int = 3, max_body_size: int = DEFAULT_MAX_BODY_SIZE,
-                 synchronous: str = "NORMAL", buffer_size: int = 1000, ping_interval: float | None = 20.0) -> None:
+                 synchronous: str = "NORMAL", buffer_size: int = 1000, ping_interval: float | None = 20.0,
+                 retention: float | None = None) -> None:
         if not database:
             database = os.path.join(os.path.expanduser("~"), ".sync_worker", "server.db")
         if lease_timeout <= 0:
@@ -309,6 +310,13 @@ class Server:
         self.synchronous = synchronous
         self.buffer_size = buffer_size
         self.ping_interval = ping_interval
+        # retention.py: seconds finished runs are kept (None = the 7-day default, 0 = forever)
+        from .retention import DEFAULT_RETENTION
+
+        self.retention = DEFAULT_RETENTION if retention is None else retention
+        if self.retention < 0:
+            raise ValueError("retention must be >= 0 (0 keeps every run)")
+        self._sweeper: Any = None
         self.db: SQLiteDatabase | None = None
         self.queue: RunQueue | None = None
         self.core: Core | None = None
@@ -349,6 +357,9 @@ class Server:
         try:
             self.queue.recover(self.db.recover())
             self.core = Core(self.db, self.queue, self.auth_string)
+            from .cancellation import recover_cancelling
+
+            recover_cancelling(self.core)
             app = App(self.core, self._registry, self.max_body_size)
             listener = _bind(self.host, self.port)
             try:
@@ -363,6 +374,10 @@ class Server:
         self.port = http.server_address[1]
         self._thread = threading.Thread(target=self._serve, name="sync-worker-server", daemon=True)
         self._thread.start()
+        if self.retention > 0:
+            from .retention import RetentionSweeper
+
+            self._sweeper = RetentionSweeper(self.core, self.retention).start()
         logger.info("Serving on %s (database %s)", self.url, self.database)
         return self
 
@@ -386,6 +401,8 @@ class Server:
                 return
             self._stopped.set()
         started = time.monotonic()
+        if self._sweeper is not None:
+            self._sweeper.stop()
         http = self._http
         if http is not None:
             http.closing = True
