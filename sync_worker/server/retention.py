@@ -29,6 +29,8 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+from sync_worker.durations import format_duration, parse_duration  # noqa: F401 - parse_duration re-exported
+
 from .database import DatabaseClosed, Transaction
 from .models import TERMINAL, ValidationError, iso
 
@@ -43,17 +45,6 @@ DEFAULT_RETENTION = 7 * 86400.0
 #: server record keys (see storage.ServerStore: "/" becomes ".")
 PARAMETERS_RECORD = "parameters."
 _RECORD_KEY = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$", re.IGNORECASE)
-_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
-
-
-def parse_duration(text: str) -> float:
-    """``"90"``/``"90s"``, ``"15m"``, ``"1h"``, ``"7d"``, ``"2w"`` -> seconds; ValueError otherwise."""
-    match = _DURATION.match(str(text))
-    if not match:
-        raise ValueError(f"invalid duration {text!r}: use a number with an optional unit s, m, h, d or w "
-                         "(e.g. 90s, 15m, 1h, 7d)")
-    return float(match.group(1)) * _UNITS[match.group(2).lower()]
 
 
 def record_keys(run: dict[str, Any]) -> list[str]:
@@ -159,7 +150,7 @@ class RetentionSweeper:
     def start(self) -> RetentionSweeper:
         self._thread.start()
         logger.info("retention: finished runs are deleted %s after they end (checked every %.0f s)",
-                    _human(self.retention), self.interval)
+                    format_duration(self.retention), self.interval)
         return self
 
     def _loop(self) -> None:
@@ -175,10 +166,3 @@ class RetentionSweeper:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
-
-
-def _human(seconds: float) -> str:
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size and seconds % size == 0:
-            return f"{seconds / size:g}{unit}"
-    return f"{seconds:g}s"
