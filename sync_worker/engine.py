@@ -45,8 +45,9 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import tenacity
 
-from sync_worker import metrics
+from sync_worker import cancellation, metrics
 from sync_worker.exceptions import (
+    Cancelled,
     ObjectNotFound,
     ParameterReadError,
     SerializationError,
@@ -93,6 +94,7 @@ class Outcome(str, enum.Enum):
     TIMED_OUT = "timed_out"
     RETRYING = "retrying"  # failed; the server scheduled a retry
     SKIPPED = "skipped"  # not executed here (claimed elsewhere, terminal, refused)
+    CANCELLED = "cancelled"  # cancelled while it ran here (sync_worker.cancellation)
 
 
 def should_try_to_read_parameters(task: Task[..., Any], task_run: TaskRun) -> bool:
@@ -388,11 +390,12 @@ class TaskRunEngine:
 
     def _execute(self, parameters: dict[str, Any]) -> Outcome:
         task = self.task
+        fn = cancellation.guard(self.task_run.id, task.fn)  # cancellable while it runs
         started = time.monotonic()
         if task.timeout_seconds is not None:
             reported: list[Outcome] = []
             call = call_with_timeout(
-                task.fn, parameters, task.timeout_seconds,
+                fn, parameters, task.timeout_seconds,
                 on_timeout=lambda: reported.append(self._report_timeout()),
                 name=f"sync-worker-task-{self.task_run.id}",
             )
@@ -404,7 +407,7 @@ class TaskRunEngine:
                 return self._report_failure(call.exception)
             return self._report_success(call.result)
         try:
-            value = task.fn(**parameters)
+            value = fn(**parameters)
         except BaseException as exc:  # noqa: BLE001 - SystemExit in a task fails the run, not the worker
             self._observe(started)
             self._executed()
@@ -433,6 +436,8 @@ class TaskRunEngine:
         return self._final(result, Outcome.COMPLETED)
 
     def _report_failure(self, exc: BaseException) -> Outcome:
+        if isinstance(exc, Cancelled):
+            return self._report_cancelled(exc)
         if not isinstance(exc, Exception):
             # SystemExit / KeyboardInterrupt raised by the task: still a failure of the run,
             # not of the worker.
@@ -441,6 +446,16 @@ class TaskRunEngine:
         self.logger.info("%s failed: %s", self._label, message, exc_info=self.logger.isEnabledFor(logging.DEBUG))
         result = self.propose(Failed(message, data=self._exception_record(exc), deferred=True))
         return self._final(result, Outcome.FAILED)
+
+    def _report_cancelled(self, exc: Cancelled) -> Outcome:
+        """The run was cancelled while it ran here (see :mod:`sync_worker.cancellation`)."""
+        self.logger.info("%s cancelled: %s", self._label, exc)
+        result = self.propose(State(StateType.CANCELLED, "Cancelled", message=f"Cancelled while running: {exc}"))
+        if result.status is SetStateStatus.ACCEPT:
+            return Outcome.CANCELLED
+        self.logger.warning("Server refused CANCELLED for %s (%s): %s", self._label, result.status.value,
+                            result.reason or result.state)
+        return Outcome.SKIPPED
 
     def _report_timeout(self) -> Outcome:
         message = f"Task run exceeded timeout of {self.task.timeout_seconds} second(s)"
