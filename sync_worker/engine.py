@@ -66,7 +66,14 @@ from sync_worker.schemas import (
     format_datetime,
 )
 from sync_worker.services import is_intermittent
-from sync_worker.storage import describe_exception, inline_result, read_parameters, write_result
+from sync_worker.storage import (
+    LocalDirectoryStore,
+    delete_parameters,
+    describe_exception,
+    inline_result,
+    read_parameters,
+    write_result,
+)
 from sync_worker.timeouts import TaskRunTimeoutError, call_with_timeout
 
 if TYPE_CHECKING:
@@ -125,6 +132,8 @@ class TaskRunEngine:
         settings: for ``allow_pickle`` and ``request_timeout``.
         subscription: the worker's subscription, for the ``set_state`` fast path.
     """
+
+    _parameters_id: str | None = None  # the parameters record read for this run (local files: deleted at COMPLETED)
 
     def __init__(
         self,
@@ -254,6 +263,7 @@ class TaskRunEngine:
         parameter_error: ParameterReadError | None = None
         if should_try_to_read_parameters(task, run):
             assert run.state is not None
+            self._parameters_id = run.state.state_details.task_parameters_id
             try:
                 payload = read_parameters(
                     self.store, run.state.state_details.task_parameters_id, allow_pickle=self.settings.allow_pickle
@@ -447,6 +457,17 @@ class TaskRunEngine:
         result = self.propose(Failed(message, data=self._exception_record(exc), deferred=True))
         return self._final(result, Outcome.FAILED)
 
+    def _forget_parameters(self) -> None:
+        """A COMPLETED run needs its parameters no more: delete a local parameters file (the
+        embedded server deletes the records it stores itself; FAILED/CRASHED/CANCELLED runs
+        keep theirs for ``sync-worker runs show/retry`` until retention removes them)."""
+        params_id = self._parameters_id
+        if params_id and isinstance(self.store, LocalDirectoryStore):
+            try:
+                delete_parameters(self.store, params_id)
+            except OSError as exc:
+                self.logger.debug("Could not delete the parameters of %s: %s", self._label, exc)
+
     def _report_cancelled(self, exc: Cancelled) -> Outcome:
         """The run was cancelled while it ran here (see :mod:`sync_worker.cancellation`)."""
         self.logger.info("%s cancelled: %s", self._label, exc)
@@ -485,6 +506,7 @@ class TaskRunEngine:
         if result.status is SetStateStatus.ACCEPT:
             if wanted is Outcome.COMPLETED:
                 metrics.RUNS_COMPLETED.labels(task_key=key).inc()
+                self._forget_parameters()
             else:
                 metrics.RUNS_FAILED.labels(task_key=key).inc()
             if self.prefect_server and result.state is not None:

@@ -400,6 +400,71 @@ def add_status_parser(subparsers: argparse._SubParsersAction) -> None:
     status.set_defaults(func=_wrap(cmd_status), log_level="WARNING")
 
 
+def cmd_storage_prune(args: argparse.Namespace) -> int:
+    """Delete record files older than ``--older-than`` from a local store directory."""
+    import os
+    import time
+    from pathlib import Path
+
+    from sync_worker.settings import get_settings
+    from sync_worker.storage import PARAMETERS_PREFIX
+
+    settings = get_settings()
+    directory = Path(args.dir or settings.storage).expanduser()
+    if not args.dir and settings.uses_server_storage:
+        raise CommandError("SYNC_WORKER_STORAGE=server: the embedded server deletes its records itself "
+                           "(--retention); pass --dir for a local directory")
+    if not directory.is_dir():
+        raise CommandError(f"{directory} is not a directory")
+    cutoff = time.time() - args.older_than
+    parameters_dir = directory / PARAMETERS_PREFIX.rstrip("/")
+    deleted = kept = size = 0
+    for root, _dirs, files in os.walk(directory):
+        in_parameters = Path(root) == parameters_dir or parameters_dir in Path(root).parents
+        for name in files:
+            path = Path(root) / name
+            try:
+                stat = path.stat()
+                if stat.st_mtime >= cutoff or (in_parameters and not args.include_parameters):
+                    kept += 1
+                    continue
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            deleted += 1
+            size += stat.st_size
+    if args.json:
+        _print_json({"deleted": deleted, "bytes": size, "kept": kept, "directory": str(directory)})
+    else:
+        print(f"deleted {deleted} record file(s) ({size} bytes) older than {args.older_than:g}s from {directory}; "
+              f"kept {kept}")
+    return 0
+
+
+def add_storage_parser(subparsers: argparse._SubParsersAction) -> None:
+    storage = subparsers.add_parser(
+        "storage", help="manage a local record store directory",
+        description="Manage a local record store directory (SYNC_WORKER_STORAGE).")
+    sub = storage.add_subparsers(title="commands", metavar="COMMAND")
+    storage.set_defaults(func=lambda args: (storage.print_help(), 2)[1])
+    prune = sub.add_parser(
+        "prune", help="delete result records older than a duration",
+        description="Delete result (and failure) record files older than --older-than from a local store "
+                    "directory that no server manages. Parameter files are kept unless --include-parameters: "
+                    "a run still waiting (a delayed one, or one whose key no worker serves yet) needs its "
+                    "parameters; those of COMPLETED runs are deleted by the worker already.",
+        epilog="examples:\n  sync-worker storage prune --older-than 7d\n"
+               "  sync-worker storage prune --older-than 30d --dir /var/lib/myapp/results --include-parameters",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    prune.add_argument("--older-than", type=_duration, required=True, metavar="DURATION",
+                       help="files last written longer ago than this, e.g. 12h, 7d")
+    prune.add_argument("--dir", default=None, help="the directory (default: SYNC_WORKER_STORAGE)")
+    prune.add_argument("--include-parameters", action="store_true",
+                       help="also delete parameter files older than the duration")
+    prune.add_argument("--json", action="store_true", help="print JSON")
+    prune.set_defaults(func=_wrap(cmd_storage_prune), log_level="WARNING")
+
+
 def _wrap(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     return lambda args: run_command(func, args)
 

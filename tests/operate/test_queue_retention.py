@@ -111,3 +111,40 @@ def test_result_timeout_says_no_worker_is_subscribed(api_env, start_worker, tmp_
     assert "still Scheduled" in str(info.value)
     busy.result(timeout=30)
     queued.result(timeout=30)
+
+
+def test_local_parameter_files_of_completed_runs_are_deleted(api_env, start_worker, tmp_path):
+    store = tmp_path / "store" / "parameters"
+    start_worker(qt.add, qt.boom, limit=2)
+    assert qt.add.delay(1, 2).result(timeout=30) == 3
+    # the worker deletes it once the server accepted COMPLETED (the caller may see that first)
+    wait_for(lambda: list(store.iterdir()) == [], 10, "the parameters file deleted")
+    failed = qt.boom.delay("keep my parameters")
+    with pytest.raises(TaskRunFailed):
+        failed.result(timeout=30)
+    waiting = qt.nobody.delay(3)
+    params = {p.name for p in store.iterdir()}
+    assert params == {failed.state.state_details.task_parameters_id,
+                      waiting.state.state_details.task_parameters_id}
+
+
+def test_storage_prune_deletes_old_result_files_and_keeps_parameters(tmp_path):
+    import os
+
+    store = tmp_path / "results"
+    (store / "parameters").mkdir(parents=True)
+    old_result, new_result, old_params = store / "r-old", store / "r-new", store / "parameters" / "p-old"
+    for path in (old_result, new_result, old_params):
+        path.write_text("{}")
+    week_ago = time.time() - 8 * 86400
+    os.utime(old_result, (week_ago, week_ago))
+    os.utime(old_params, (week_ago, week_ago))
+    out = cli({}, "storage", "prune", "--older-than", "7d", "--dir", str(store), "--json")
+    assert out.returncode == 0, out.stderr
+    assert '"deleted": 1' in out.stdout
+    assert not old_result.exists() and new_result.exists() and old_params.exists()
+    out = cli({}, "storage", "prune", "--older-than", "7d", "--dir", str(store), "--include-parameters")
+    assert out.returncode == 0 and "deleted 1 record file(s)" in out.stdout
+    assert not old_params.exists() and new_result.exists()
+    out = cli({}, "storage", "prune", "--older-than", "7d", "--dir", str(tmp_path / "missing"))
+    assert out.returncode == 1 and "is not a directory" in out.stderr
