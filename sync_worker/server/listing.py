@@ -60,7 +60,8 @@ def _obj(value: Any, loc: list[Any], allowed: set[str]) -> dict[str, Any]:
         return {}
     if not isinstance(value, dict):
         raise ValidationError(loc, "Input should be a valid dictionary (a JSON object)", "dict_type", value)
-    unknown = sorted(set(value) - allowed)
+    # a Prefect client sends every field of its models, unset ones as null: ignore those
+    unknown = sorted(k for k in set(value) - allowed if value[k] is not None)
     if unknown:
         raise ValidationError(loc + [unknown[0]], f"Extra inputs are not permitted (known fields: "
                                                    f"{', '.join(sorted(allowed))})", "extra_forbidden")

@@ -54,6 +54,13 @@ def test_filter_by_state_type_task_key_and_name(server, populated):
     either = client.filter_task_runs({"task_runs": {"operator": "or_", "task_key": {"any_": ["queue.boom"]},
                                                     "state": {"type": {"any_": ["SCHEDULED"]}}}})
     assert len(either) == 5
+    # what a Prefect client sends: every field of its models, the unset ones null
+    prefect_style = {"sort": "EXPECTED_START_TIME_DESC", "limit": 15, "offset": 0, "flows": None, "flow_runs": None,
+                     "deployments": None,
+                     "task_runs": {"operator": "and_", "id": None, "name": None, "tags": None, "start_time": None,
+                                   "subflow_runs": None, "flow_run_id": None, "future_field": None,
+                                   "state": {"operator": "and_", "type": {"any_": ["FAILED"]}, "name": None}}}
+    assert len(client.filter_task_runs(prefect_style)) == 2
     one = populated["adds"][0].task_run_id
     assert [r["id"] for r in client.filter_task_runs({"task_runs": {"id": {"any_": [one]}}})] == [one]
 
