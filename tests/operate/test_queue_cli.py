@@ -14,6 +14,7 @@ from sync_worker.client import Client
 from sync_worker.exceptions import TaskRunFailed
 from sync_worker.tasks import TaskRunFuture
 from tests.operate import queue_tasks as qt
+from tests.worker.worker_helpers import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -69,8 +70,10 @@ def test_show_failed_run_has_parameters_and_traceback(api_env, runs):
 
     out = cli(api_env, "runs", "show", runs["done"][1].task_run_id, "--json")
     shown = json.loads(out.stdout)
-    assert shown["result"] == 11 and shown["parameters"] == {"x": 1, "y": 10}
+    assert shown["result"] == 11
     assert shown["task_run"]["state"]["type"] == "COMPLETED"
+    out = cli(api_env, "runs", "show", runs["failed"].task_run_id, "--json")
+    assert json.loads(out.stdout)["parameters"] == {"message": "it broke"}
 
 
 def test_show_unknown_run_is_an_error(api_env, runs):
@@ -80,11 +83,21 @@ def test_show_unknown_run_is_an_error(api_env, runs):
 
 
 def test_retry_submits_a_new_run_with_the_same_parameters(api_env, runs):
-    out = cli(api_env, "runs", "retry", runs["done"][2].task_run_id, "--json")
+    out = cli(api_env, "runs", "retry", runs["failed"].task_run_id, "--json")
     assert out.returncode == 0, out.stderr
     new_id = json.loads(out.stdout)["task_run_id"]
-    assert new_id != runs["done"][2].task_run_id
-    assert TaskRunFuture(new_id).result(timeout=30) == 12
+    assert new_id != runs["failed"].task_run_id
+    with pytest.raises(TaskRunFailed, match="ValueError: it broke"):
+        TaskRunFuture(new_id).result(timeout=30)
+
+
+def test_retry_of_a_completed_run_says_its_parameters_are_gone(api_env, runs):
+    store = Path(api_env["SYNC_WORKER_STORAGE"]) / "parameters"
+    params_id = runs["done"][2].state.state_details.task_parameters_id
+    wait_for(lambda: not (store / params_id).exists(), 10, "the worker deleted the parameters")
+    out = cli(api_env, "runs", "retry", runs["done"][2].task_run_id)
+    assert out.returncode == 1
+    assert "its parameters are gone" in out.stderr and "COMPLETED has its parameters deleted" in out.stderr
 
 
 def test_cancel_waiting_runs_and_finished_ones_are_left_alone(api_env, runs):
