@@ -10,3 +10,11 @@ def noop() -> None:
 @task(task_key="bench.echo")
 def echo(x: int) -> int:
     return x
+
+
+@task(task_key="bench.started_at")
+def started_at(i: int) -> float:
+    """When it started (benchmarks/delayed_latency.py)."""
+    import time
+
+    return time.time()

@@ -47,10 +47,13 @@ _EXPORTS = {
     "CredentialsError": "sync_worker.exceptions",
     "ConfigurationError": "sync_worker.exceptions",
     "PortUnavailable": "sync_worker.exceptions",
+    "TaskRunCancelled": "sync_worker.exceptions",
+    "Cancelled": "sync_worker.exceptions",
 }
 
 __all__ = [
     "APIError",
+    "Cancelled",
     "Client",
     "ConfigurationError",
     "CredentialsError",
@@ -62,6 +65,7 @@ __all__ = [
     "StopTaskWorker",
     "SyncWorkerError",
     "Task",
+    "TaskRunCancelled",
     "TaskRunFailed",
     "TaskRunFuture",
     "TaskWorker",
@@ -98,12 +102,14 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from sync_worker.exceptions import (
         APIError,
         ConfigurationError,
+        Cancelled,
         CredentialsError,
         ObjectNotFound,
         ParameterReadError,
         PortUnavailable,
         SerializationError,
         SyncWorkerError,
+        TaskRunCancelled,
         TaskRunFailed,
         Unauthorized,
     )

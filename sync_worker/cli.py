@@ -111,6 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_parser(subparsers)
     _add_server_parser(subparsers)
     _add_worker_parser(subparsers)
+    from sync_worker.runs_cli import add_runs_parser, add_status_parser, add_storage_parser  # operating the queue
+
+    add_runs_parser(subparsers)
+    add_status_parser(subparsers)
+    add_storage_parser(subparsers)
     return parser
 
 

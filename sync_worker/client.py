@@ -26,7 +26,7 @@ import tenacity
 from requests.adapters import HTTPAdapter
 
 from sync_worker.exceptions import APIError, ObjectNotFound, Unauthorized
-from sync_worker.schemas import OrchestrationResult, State, TaskRun
+from sync_worker.schemas import OrchestrationResult, State, StateType, TaskRun
 from sync_worker.settings import Settings, get_settings
 
 logger = logging.getLogger("sync_worker.client")
@@ -205,6 +205,48 @@ class Client:
         body = {"state": state.to_json(), "force": force}
         response = self._retried(lambda: self._request("POST", f"/task_runs/{task_run_id}/set_state", json_body=body))
         return OrchestrationResult.from_json(response.json())
+
+    # -- operating the queue (runs_cli.py; filter/count also work against Prefect) --------------
+    def filter_task_runs(self, body: Optional[Dict[str, Any]] = None) -> list:
+        """``POST /task_runs/filter`` (Prefect's TaskRunFilter/sort/limit/offset): TaskRun dicts."""
+        return self._retried(lambda: self._request("POST", "/task_runs/filter", json_body=body or {})).json()
+
+    def count_task_runs(self, body: Optional[Dict[str, Any]] = None) -> int:
+        return int(self._retried(lambda: self._request("POST", "/task_runs/count", json_body=body or {})).json())
+
+    def read_stats(self) -> Dict[str, Any]:
+        """The embedded server's queue statistics (``GET /sync_worker/stats``)."""
+        return self._retried(lambda: self._request("GET", "/sync_worker/stats")).json()
+
+    def read_workers(self) -> list:
+        """The embedded server's subscribed workers (``GET /sync_worker/workers``)."""
+        return self._request("GET", "/sync_worker/workers").json()
+
+    def purge_task_runs(self, older_than_seconds: float, state_types: Optional[list] = None) -> int:
+        body = {"older_than_seconds": older_than_seconds, "state_types": state_types or []}
+        return int(self._request("POST", "/sync_worker/purge", json_body=body).json()["deleted"])
+
+    def cancel_task_run(self, task_run_id: str) -> Dict[str, Any]:
+        """Cancel a run: ``{"status": "cancelled"|"cancelling"|"unchanged", "task_run": {...}}``.
+
+        The embedded server cancels a waiting run at once and asks the worker of a running one
+        to stop it (see ``server/cancellation.py``). A Prefect server has no such call: the run
+        is forced to CANCELLED unless it is finished, which is what Prefect itself offers (its
+        worker is not interrupted; a late report of that worker is then refused or overrides it).
+        """
+        try:
+            return self._retried(lambda: self._request("POST", f"/sync_worker/task_runs/{task_run_id}/cancel")).json()
+        except APIError as exc:
+            missing_route = exc.status_code == 405 or (
+                exc.status_code == 404 and exc.detail != "Task not found")
+            if not missing_route:
+                raise
+        run = self.read_task_run(task_run_id)
+        if run.state is not None and run.state.is_terminal():
+            return {"status": "unchanged", "notified": False, "task_run": run.to_json()}
+        state = State(StateType.CANCELLED, "Cancelled", message="Cancelled by request.")
+        self.set_task_run_state(task_run_id, state, force=True)
+        return {"status": "cancelled", "notified": False, "task_run": self.read_task_run(task_run_id).to_json()}
 
     def health(self) -> bool:
         """True when the server answers its health check; raises on auth errors."""

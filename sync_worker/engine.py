@@ -45,8 +45,9 @@ from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 import tenacity
 
-from sync_worker import metrics
+from sync_worker import cancellation, metrics
 from sync_worker.exceptions import (
+    Cancelled,
     ObjectNotFound,
     ParameterReadError,
     SerializationError,
@@ -65,7 +66,14 @@ from sync_worker.schemas import (
     format_datetime,
 )
 from sync_worker.services import is_intermittent
-from sync_worker.storage import describe_exception, inline_result, read_parameters, write_result
+from sync_worker.storage import (
+    LocalDirectoryStore,
+    delete_parameters,
+    describe_exception,
+    inline_result,
+    read_parameters,
+    write_result,
+)
 from sync_worker.timeouts import TaskRunTimeoutError, call_with_timeout
 
 if TYPE_CHECKING:
@@ -93,6 +101,7 @@ class Outcome(str, enum.Enum):
     TIMED_OUT = "timed_out"
     RETRYING = "retrying"  # failed; the server scheduled a retry
     SKIPPED = "skipped"  # not executed here (claimed elsewhere, terminal, refused)
+    CANCELLED = "cancelled"  # cancelled while it ran here (sync_worker.cancellation)
 
 
 def should_try_to_read_parameters(task: Task[..., Any], task_run: TaskRun) -> bool:
@@ -123,6 +132,8 @@ class TaskRunEngine:
         settings: for ``allow_pickle`` and ``request_timeout``.
         subscription: the worker's subscription, for the ``set_state`` fast path.
     """
+
+    _parameters_id: str | None = None  # the parameters record read for this run (local files: deleted at COMPLETED)
 
     def __init__(
         self,
@@ -252,6 +263,7 @@ class TaskRunEngine:
         parameter_error: ParameterReadError | None = None
         if should_try_to_read_parameters(task, run):
             assert run.state is not None
+            self._parameters_id = run.state.state_details.task_parameters_id
             try:
                 payload = read_parameters(
                     self.store, run.state.state_details.task_parameters_id, allow_pickle=self.settings.allow_pickle
@@ -388,11 +400,12 @@ class TaskRunEngine:
 
     def _execute(self, parameters: dict[str, Any]) -> Outcome:
         task = self.task
+        fn = cancellation.guard(self.task_run.id, task.fn)  # cancellable while it runs
         started = time.monotonic()
         if task.timeout_seconds is not None:
             reported: list[Outcome] = []
             call = call_with_timeout(
-                task.fn, parameters, task.timeout_seconds,
+                fn, parameters, task.timeout_seconds,
                 on_timeout=lambda: reported.append(self._report_timeout()),
                 name=f"sync-worker-task-{self.task_run.id}",
             )
@@ -404,7 +417,7 @@ class TaskRunEngine:
                 return self._report_failure(call.exception)
             return self._report_success(call.result)
         try:
-            value = task.fn(**parameters)
+            value = fn(**parameters)
         except BaseException as exc:  # noqa: BLE001 - SystemExit in a task fails the run, not the worker
             self._observe(started)
             self._executed()
@@ -433,6 +446,8 @@ class TaskRunEngine:
         return self._final(result, Outcome.COMPLETED)
 
     def _report_failure(self, exc: BaseException) -> Outcome:
+        if isinstance(exc, Cancelled):
+            return self._report_cancelled(exc)
         if not isinstance(exc, Exception):
             # SystemExit / KeyboardInterrupt raised by the task: still a failure of the run,
             # not of the worker.
@@ -441,6 +456,27 @@ class TaskRunEngine:
         self.logger.info("%s failed: %s", self._label, message, exc_info=self.logger.isEnabledFor(logging.DEBUG))
         result = self.propose(Failed(message, data=self._exception_record(exc), deferred=True))
         return self._final(result, Outcome.FAILED)
+
+    def _forget_parameters(self) -> None:
+        """A COMPLETED run needs its parameters no more: delete a local parameters file (the
+        embedded server deletes the records it stores itself; FAILED/CRASHED/CANCELLED runs
+        keep theirs for ``sync-worker runs show/retry`` until retention removes them)."""
+        params_id = self._parameters_id
+        if params_id and isinstance(self.store, LocalDirectoryStore):
+            try:
+                delete_parameters(self.store, params_id)
+            except OSError as exc:
+                self.logger.debug("Could not delete the parameters of %s: %s", self._label, exc)
+
+    def _report_cancelled(self, exc: Cancelled) -> Outcome:
+        """The run was cancelled while it ran here (see :mod:`sync_worker.cancellation`)."""
+        self.logger.info("%s cancelled: %s", self._label, exc)
+        result = self.propose(State(StateType.CANCELLED, "Cancelled", message=f"Cancelled while running: {exc}"))
+        if result.status is SetStateStatus.ACCEPT:
+            return Outcome.CANCELLED
+        self.logger.warning("Server refused CANCELLED for %s (%s): %s", self._label, result.status.value,
+                            result.reason or result.state)
+        return Outcome.SKIPPED
 
     def _report_timeout(self) -> Outcome:
         message = f"Task run exceeded timeout of {self.task.timeout_seconds} second(s)"
@@ -470,6 +506,7 @@ class TaskRunEngine:
         if result.status is SetStateStatus.ACCEPT:
             if wanted is Outcome.COMPLETED:
                 metrics.RUNS_COMPLETED.labels(task_key=key).inc()
+                self._forget_parameters()
             else:
                 metrics.RUNS_FAILED.labels(task_key=key).inc()
             if self.prefect_server and result.state is not None:

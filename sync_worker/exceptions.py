@@ -74,3 +74,18 @@ class PortUnavailable(ConfigurationError, OSError):
 
     Also an ``OSError``, which is what binding a socket raised before this class existed.
     """
+
+
+class TaskRunCancelled(TaskRunFailed):
+    """The task run was cancelled (``future.cancel()``, ``sync-worker runs cancel``): it has no
+    result. A subclass of :class:`TaskRunFailed` so that code handling "the run produced no
+    result" handles this too; catch it first to tell the two apart."""
+
+
+class Cancelled(BaseException):
+    """Raised inside a task's thread when its run is cancelled while RUNNING.
+
+    A BaseException (like KeyboardInterrupt) so that a task's ``except Exception`` does not
+    swallow it. It is raised the way ``timeout_seconds`` interrupts a task
+    (:mod:`sync_worker.timeouts`): promptly in Python code, only when a blocking C call
+    returns, and never if the task catches it."""

@@ -223,6 +223,10 @@ class _Connection:
                 return
             pending.reply = message
             pending.event.set()
+        elif kind == "cancel":  # the embedded server cancels a run this worker holds
+            from sync_worker.cancellation import request
+
+            request(message.get("task_run_id"))
         else:
             logger.debug("Ignoring control message of type %r", kind)
 

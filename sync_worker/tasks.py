@@ -14,11 +14,12 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 import tenacity
 
-from sync_worker.exceptions import SerializationError, TaskRunFailed
+from sync_worker.exceptions import SerializationError, TaskRunCancelled, TaskRunFailed
 from sync_worker.schemas import EmpiricalPolicy, Scheduled, State, StateType, TaskRun, task_run_create
 from sync_worker.settings import get_settings
 from sync_worker.storage import SERIALIZERS, RecordStore, delete_parameters, get_store, read_result, write_parameters
@@ -150,8 +151,18 @@ class Task(Generic[P, R]):
         *,
         client: Client | None = None,
         store: RecordStore | None = None,
+        countdown: float | None = None,
+        eta: datetime | None = None,
     ) -> TaskRunFuture[R]:
-        """Submit a background run. Nothing is created if the parameters cannot be stored."""
+        """Submit a background run. Nothing is created if the parameters cannot be stored.
+
+        ``countdown=seconds`` or ``eta=aware datetime`` (not both) delay the run: it is created
+        SCHEDULED with that ``scheduled_time`` and the embedded server delivers it when due (it
+        waits in the server's database, holding no worker slot, and survives a server
+        restart). A Prefect server ignores ``scheduled_time`` for background runs and delivers
+        at once (see README, "Delayed runs").
+        """
+        scheduled_time = scheduled_time_from(countdown, eta)
         parameters = self.bind(args or (), kwargs)
         settings = get_settings()
         if client is None:
@@ -164,7 +175,7 @@ class Task(Generic[P, R]):
         body = task_run_create(
             name=self.name,
             task_key=self.task_key,
-            state=Scheduled(task_parameters_id=parameters_id),
+            state=Scheduled(task_parameters_id=parameters_id, scheduled_time=scheduled_time),
             empirical_policy=self.empirical_policy,
             tags=self.tags,
             task_inputs=parameters,
@@ -183,6 +194,26 @@ class Task(Generic[P, R]):
         return EmpiricalPolicy(
             retries=self.retries, retry_delay=self.retry_delay_seconds, retry_jitter_factor=self.retry_jitter_factor
         )
+
+
+def scheduled_time_from(countdown: float | None, eta: datetime | None) -> datetime | None:
+    """The ``scheduled_time`` of ``apply_async(countdown=...)`` / ``apply_async(eta=...)``."""
+    if countdown is not None and eta is not None:
+        raise TypeError("apply_async(): pass countdown or eta, not both")
+    if countdown is not None:
+        if isinstance(countdown, bool) or not isinstance(countdown, (int, float)):
+            raise TypeError(f"apply_async(): countdown must be a number of seconds, not {countdown!r}")
+        if countdown != countdown or countdown < 0:  # NaN, negative
+            raise ValueError(f"apply_async(): countdown must be >= 0 seconds, not {countdown!r}")
+        return datetime.now(timezone.utc) + timedelta(seconds=countdown)
+    if eta is not None:
+        if not isinstance(eta, datetime):
+            raise TypeError(f"apply_async(): eta must be a datetime, not {type(eta).__name__}")
+        if eta.tzinfo is None or eta.tzinfo.utcoffset(eta) is None:
+            raise TypeError("apply_async(): eta must be an aware datetime (with a tzinfo, e.g. "
+                            "datetime.now(timezone.utc) + timedelta(minutes=5)); a naive datetime is ambiguous")
+        return eta.astimezone(timezone.utc)
+    return None
 
 
 @overload
@@ -298,7 +329,8 @@ class TaskRunFuture(Generic[R]):
         """
         state = self.wait(timeout)
         if not state.is_terminal():
-            raise TimeoutError(f"task run {self.task_run_id} is still {state.name} after {timeout}s")
+            raise TimeoutError(f"task run {self.task_run_id} is still {state.name} after {timeout}s"
+                               + self._why_waiting(state))
         settings = get_settings()
         store = self._store or get_store(settings, self._client)
         if state.type is StateType.COMPLETED:
@@ -307,6 +339,28 @@ class TaskRunFuture(Generic[R]):
         if raise_on_failure:
             raise error
         return error  # type: ignore[return-value]
+
+    def cancel(self) -> bool:
+        """Cancel the run. A run that has not started is never delivered (True); a running
+        one is interrupted by its worker (``Cancelled`` raised in the task's thread) and ends
+        CANCELLED (True); a finished one is left alone (False). ``result()`` then raises
+        :class:`TaskRunCancelled`."""
+        answer = self._client.cancel_task_run(self.task_run_id)
+        self._last = TaskRun.from_json(answer["task_run"])
+        return answer.get("status") in ("cancelled", "cancelling")
+
+    def _why_waiting(self, state: State) -> str:
+        """``": no worker is subscribed to task key 'x'"`` when the embedded server says so."""
+        if state.type is not StateType.SCHEDULED:
+            return ""
+        task_key = self._last.task_key if self._last is not None else None
+        try:
+            workers = self._client.read_workers()
+        except Exception:  # a Prefect server, or no answer: we cannot tell
+            return ""
+        if task_key and not any(task_key in (w.get("task_keys") or []) for w in workers):
+            return f": no worker is subscribed to task key {task_key!r}"
+        return ""
 
     def _failure(self, state: State, store: RecordStore) -> TaskRunFailed:
         details: dict[str, Any] = {}
@@ -317,6 +371,8 @@ class TaskRunFuture(Generic[R]):
         except Exception as exc:  # the failure record is a courtesy; the state message is the fact
             logger.debug("No failure record for %s: %s", self.task_run_id, exc)
         message = state.message or f"task run {self.task_run_id} ended {state.name}"
+        if state.type is StateType.CANCELLED:
+            return TaskRunCancelled(message, state=state)
         return TaskRunFailed(message, state=state, exception_type=details.get("type"), traceback=details.get("traceback"))
 
 

@@ -129,6 +129,13 @@ class App:
                 Rule("/api/csrf-token", endpoint="csrf", methods=["GET"]),
                 Rule("/api/task_runs/", endpoint="create", methods=["POST"]),
                 Rule("/api/task_runs/subscriptions/scheduled", endpoint="subscribe", methods=["GET"]),
+                # operating the queue (listing.py, cancellation.py, retention.py)
+                Rule("/api/task_runs/filter", endpoint="filter", methods=["POST"]),
+                Rule("/api/task_runs/count", endpoint="count", methods=["POST"]),
+                Rule("/api/sync_worker/stats", endpoint="stats", methods=["GET"]),
+                Rule("/api/sync_worker/workers", endpoint="workers", methods=["GET"]),
+                Rule("/api/sync_worker/task_runs/<run_id>/cancel", endpoint="cancel", methods=["POST"]),
+                Rule("/api/sync_worker/purge", endpoint="purge", methods=["POST"]),
                 Rule("/api/sync_worker/rpc", endpoint="rpc", methods=["GET"]),
                 Rule("/api/task_runs/<run_id>", endpoint="read", methods=["GET"]),
                 Rule("/api/task_runs/<run_id>", endpoint="delete", methods=["DELETE"]),
@@ -161,6 +168,12 @@ class App:
             "events_post": self.events_post,
             "admin_storage": self.admin_storage,
             "logs": self.logs,
+            "filter": self.filter_runs,
+            "count": self.count_runs,
+            "stats": self.stats,
+            "workers": self.workers,
+            "cancel": self.cancel,
+            "purge": self.purge,
         }
 
     # -- WSGI ------------------------------------------------------------------------------------
@@ -349,6 +362,51 @@ class App:
         count = validate_logs(self._json_body(environ))
         self.events.dropped_logs += count
         return _json(201, b"null")
+
+    # -- operating the queue ---------------------------------------------------------------------
+    def _optional_json_body(self, environ: dict[str, Any]) -> Any:
+        raw = self._read_body(environ)
+        if not raw.strip():
+            return None
+        value, error = parse_json_body(raw)
+        if error is not None:
+            raise HTTPError(422, error, {"exception_message": "Invalid request received."})
+        return value
+
+    def filter_runs(self, environ: dict[str, Any]) -> Response:
+        from .listing import filter_runs
+
+        return _json(200, filter_runs(self.core.db, self._optional_json_body(environ)))
+
+    def count_runs(self, environ: dict[str, Any]) -> Response:
+        from .listing import count_runs
+
+        return _json(200, count_runs(self.core.db, self._optional_json_body(environ)))
+
+    def stats(self, environ: dict[str, Any]) -> Response:
+        from .listing import stats
+
+        self._discard_body(environ)
+        return _json(200, stats(self.core.db, self.core.subscribers))
+
+    def workers(self, environ: dict[str, Any]) -> Response:
+        """The subscribed workers only (cheap: no database query)."""
+        from .listing import worker_info
+
+        self._discard_body(environ)
+        return _json(200, [worker_info(sub) for sub in list(self.core.subscribers)])
+
+    def cancel(self, environ: dict[str, Any], run_id: str) -> Response:
+        from .cancellation import cancel_run
+
+        self._discard_body(environ)
+        return _json(200, cancel_run(self.core, run_id))
+
+    def purge(self, environ: dict[str, Any]) -> Response:
+        from .retention import parse_purge, purge
+
+        older_than, states = parse_purge(self._optional_json_body(environ))
+        return _json(200, {"deleted": purge(self.core, older_than, states)})
 
     def subscribe(self, environ: dict[str, Any], handler: Callable[..., None] = handle_websocket) -> Response:
         if "websocket" not in environ.get("HTTP_UPGRADE", "").lower() or "werkzeug.socket" not in environ:

@@ -61,8 +61,20 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="also accept requests and websockets sent with this Origin, e.g. "
                              "https://dashboard.example (repeatable; '*' = any). By default requests from "
                              "web pages (with a foreign Origin) are refused")
+    parser.add_argument("--retention", type=_duration, default="7d", metavar="DURATION",
+                        help="delete finished runs (and their records on this server) this long after they "
+                             "end, e.g. 12h, 7d, 2w; 0 keeps everything (default 7d)")
     add_logging_options(parser)
     parser.set_defaults(func=run)
+
+
+def _duration(text: str) -> float:
+    from sync_worker.server.retention import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -76,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
                     max_body_size=args.max_body_size, synchronous=args.synchronous,
                     allowed_hosts=args.allowed_host, allowed_origins=args.allowed_origin,
                     ping_interval=args.ping_interval, request_timeout=args.request_timeout,
-                    idle_timeout=args.idle_timeout)
+                    idle_timeout=args.idle_timeout,
+                    retention=getattr(args, "retention", None))
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 from .database import QSTATE_NONE, Database, RunRow, Transaction
 from .models import TERMINAL, ValidationError, build_task_run
 from .orchestration import orchestrate
+from .retention import delete_parameters_when_completed
 from .runqueue import RunQueue
 
 logger = logging.getLogger("sync_worker.server.core")
@@ -47,6 +48,9 @@ class Core:
         #: called (run id, TaskRun JSON) after every final state, in the committing thread
         #: (keep them short): the events module announces them to Prefect's callers
         self.finish_listeners: list[Callable[[str, str], None]] = []
+        # live worker subscriptions (listing.stats, cancellation messages); added/removed by
+        # subscriptions.Subscription.run
+        self.subscribers: set[Any] = set()
         self.auth_string = auth_string
         self._basic = (
             ("Basic " + base64.b64encode(auth_string.encode()).decode()).encode() if auth_string else None
@@ -158,6 +162,7 @@ class Core:
                 if decision.queue:
                     queue.placed(tx, row)
                 elif new_type in TERMINAL:
+                    delete_parameters_when_completed(tx, row.run)  # retention.py
                     tx.after_commit(lambda: queue.release(run_id))
                     text = row.dump()
                     tx.after_commit(lambda: self._finished(run_id, text))

@@ -514,6 +514,17 @@ class SQLiteDatabase(Database):
         values = self._read("SELECT data FROM records WHERE key = ?", (key,))
         return None if values is None else bytes(values[0])
 
+    def read_all(self, sql: str, params: Iterable[Any]) -> list[tuple[Any, ...]]:
+        """All rows of a read-only query, from a reader connection (listing, stats, retention):
+        never in the writer thread, so a long query does not delay commits."""
+        if self._closed:
+            raise DatabaseClosed("the database is closed")
+        conn = self._reader()
+        try:
+            return conn.execute(sql, tuple(params)).fetchall()
+        finally:
+            self._readers.put(conn)
+
     def count_runs(self, state_type: str | None = None) -> int:
         if state_type is None:
             values = self._read("SELECT count(*) FROM task_runs", ())

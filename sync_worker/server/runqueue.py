@@ -68,12 +68,15 @@ class Waiter:
 
 
 class _Key:
-    __slots__ = ("heap", "overflow", "refilling", "waiters")
+    __slots__ = ("due_epoch", "heap", "overflow", "refilling", "waiters")
 
     def __init__(self) -> None:
         self.heap: list[tuple[int, str]] = []
         self.overflow = False  # due runs of this key may be waiting in the database
         self.refilling = False  # a refill operation is queued in the writer
+        # bumped when a delayed run becomes due: a refill that started before must not
+        # conclude "nothing more waiting" (the run would wait for the next timer of its key)
+        self.due_epoch = 0
         self.waiters: set[Waiter] = set()
 
 
@@ -185,13 +188,14 @@ class RunQueue:
             tx.after_commit(waiting)
 
     def _refill_op(self, tx: Transaction, task_key: str) -> None:
-        now = time.time()
         with self.lock:
             key = self._key(task_key)
             room = max(self.buffer_size - len(key.heap), 1)
+            epoch = key.due_epoch
+        now = time.time()  # after reading the epoch: a run due before it bumped is found
         rows = tx.take_queued(task_key, now, room)
         with self.lock:
-            if len(rows) < room:
+            if len(rows) < room and key.due_epoch == epoch:
                 key.overflow = False
 
         def loaded() -> None:
@@ -331,6 +335,19 @@ class RunQueue:
         if row is None or row.state_type in TERMINAL:
             tx.after_commit(lambda: self.release(run_id))
             return
+        if row.state_type == "CANCELLING":  # being cancelled: final, never delivered again
+            from .cancellation import finish_cancelling_op
+
+            finish_cancelling_op(tx, run_id, "Cancelled: the worker holding the run lost its connection "
+                                             "before it reported the cancellation.")
+            text = row.dump()
+
+            def cancelled() -> None:
+                self.release(run_id)
+                if self.on_finished is not None:
+                    self.on_finished(run_id, text)
+            tx.after_commit(cancelled)
+            return
         now = time.time()
         row.deliveries += 1
         if row.deliveries >= self.max_deliveries:
@@ -382,6 +399,7 @@ class RunQueue:
                     if kind == "due":
                         key = self._key(payload)
                         key.overflow = True
+                        key.due_epoch += 1
                         self._maybe_refill(payload, key)
                         self._wake(key)
                     elif kind == "lease":

@@ -375,7 +375,8 @@ class Server:
                  lease_timeout: float = 30.0, max_deliveries: int = 3, max_body_size: int = DEFAULT_MAX_BODY_SIZE,
                  synchronous: str = "NORMAL", buffer_size: int = 1000, ping_interval: float | None = 20.0,
                  allowed_hosts: Iterable[str] = (), allowed_origins: Iterable[str] = (),
-                 request_timeout: float = 60.0, idle_timeout: float = 60.0) -> None:
+                 request_timeout: float = 60.0, idle_timeout: float = 60.0,
+                 retention: float | None = None) -> None:
         self._default_database = not database  # its directory is created; an explicit one's must exist
         if not database:
             database = os.path.join(os.path.expanduser("~"), ".sync_worker", "server.db")
@@ -402,6 +403,13 @@ class Server:
         self.idle_timeout = idle_timeout
         self.allowed_hosts = list(allowed_hosts)
         self.allowed_origins = list(allowed_origins)
+        # retention.py: seconds finished runs are kept (None = the 7-day default, 0 = forever)
+        from .retention import DEFAULT_RETENTION
+
+        self.retention = DEFAULT_RETENTION if retention is None else retention
+        if self.retention < 0:
+            raise ValueError("retention must be >= 0 (0 keeps every run)")
+        self._sweeper: Any = None
         self.db: SQLiteDatabase | None = None
         self.queue: RunQueue | None = None
         self.core: Core | None = None
@@ -443,6 +451,9 @@ class Server:
         try:
             self.queue.recover(self.db.recover())
             self.core = Core(self.db, self.queue, self.auth_string)
+            from .cancellation import recover_cancelling
+
+            recover_cancelling(self.core)
             app = App(self.core, self._registry, self.max_body_size)
             self.events = app.events
             app = RequestGuard(app, self.host, self.allowed_hosts, self.allowed_origins)
@@ -460,6 +471,10 @@ class Server:
         self.port = http.server_address[1]
         self._thread = threading.Thread(target=self._serve, name="sync-worker-server", daemon=True)
         self._thread.start()
+        if self.retention > 0:
+            from .retention import RetentionSweeper
+
+            self._sweeper = RetentionSweeper(self.core, self.retention).start()
         logger.info("Serving on %s (database %s)", self.url, self.database)
         return self
 
@@ -483,6 +498,8 @@ class Server:
                 return
             self._stopped.set()
         started = time.monotonic()
+        if self._sweeper is not None:
+            self._sweeper.stop()
         http = self._http
         if http is not None:
             http.closing = True

@@ -404,6 +404,7 @@ class Subscription:
     def __init__(self, ws: WebSocket, core: Core, keys: list[str], client_id: str, peer: str,
                  prefetch: int = 1, credit: int | None = None) -> None:
         self.prefetch = prefetch
+        self.limit = credit if credit is not None else prefetch  # runs it may hold at once (stats)
         self.ws = ws
         self.core = core
         self.queue = core.queue
@@ -454,6 +455,7 @@ class Subscription:
         sender = threading.Thread(target=self._send_loop, name=f"sync-worker-ws-send-{self.client_id}", daemon=True)
         sender.start()
         reason = "connection closed"
+        self.core.subscribers.add(self)
         try:
             self.ws.event.attach(self._on_messages)
             # simple-websocket's reader can end without a last set() (e.g. after refusing an
@@ -471,6 +473,7 @@ class Subscription:
                     logger.info("closing subscription of %r: %s (%d)", self.client_id, reason, code)
                 _close(self.ws, code, "" if code == NORMAL else request[1])
         finally:
+            self.core.subscribers.discard(self)
             self._stop_sending()
             sender.join(timeout=2)
             self.queue.forget_waiter(self)

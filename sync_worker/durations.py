@@ -1,0 +1,25 @@
+"""Durations written by people (``90s``, ``15m``, ``1h``, ``7d``, ``2w``): ``--since``,
+``--older-than``, ``--retention``. A plain number is seconds."""
+from __future__ import annotations
+
+import re
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """``"90"``/``"90s"``, ``"15m"``, ``"1h"``, ``"7d"``, ``"2w"`` -> seconds; ValueError otherwise."""
+    match = _DURATION.match(str(text))
+    if not match:
+        raise ValueError(f"invalid duration {text!r}: use a number with an optional unit s, m, h, d or w "
+                         "(e.g. 90s, 15m, 1h, 7d)")
+    return float(match.group(1)) * _UNITS[match.group(2).lower()]
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest exact form: 604800 -> ``7d``, 90 -> ``90s``."""
+    for unit, size in (("w", 7 * 86400), ("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds:g}s"

@@ -1,0 +1,485 @@
+"""``sync-worker runs ...`` and ``sync-worker status``: see what is queued or failing, act on it.
+
+Tables for people, ``--json`` for scripts. Every command talks to the API at
+``SYNC_WORKER_API_URL`` (or ``--api-url``) with the usual credentials. ``runs ls``, ``runs
+show``, ``runs retry`` and ``runs cancel`` also work against a Prefect server (listing uses
+Prefect's own ``/task_runs/filter``; ``--task`` is an embedded-server extension there);
+``status`` and ``runs purge`` need the embedded server.
+
+Exit codes: 0 done, 1 an error (a message on stderr says which), 2 bad usage.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import uuid
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable
+
+STATE_TYPES = ["SCHEDULED", "PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED", "CRASHED", "PAUSED",
+               "CANCELLING"]
+#: parameters shown by ``runs show`` up to this many characters of JSON
+SHOW_PARAMETERS_LIMIT = 2000
+
+LS_EXAMPLES = """examples:
+  sync-worker runs ls                          the 20 newest runs
+  sync-worker runs ls --state FAILED --since 1h
+  sync-worker runs ls --task myapp.tasks.send_email --state SCHEDULED --limit 100
+  sync-worker runs ls --json | jq -r '.[].id'
+"""
+RUNS_EXAMPLES = """examples:
+  sync-worker runs ls --state FAILED --since 1h    what failed in the last hour
+  sync-worker runs show 1b4e28ba-2fa1-11d2-883f-0016d3cca427
+  sync-worker runs retry 1b4e28ba-2fa1-11d2-883f-0016d3cca427
+  sync-worker runs cancel ID1 ID2
+  sync-worker runs purge --older-than 7d --state COMPLETED
+  sync-worker status                              queues and workers at a glance
+"""
+
+
+def _duration(text: str) -> float:
+    from sync_worker.durations import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _state(text: str) -> str:
+    value = text.upper()
+    if value not in STATE_TYPES:
+        raise argparse.ArgumentTypeError(f"unknown state {text!r}: choose from {', '.join(STATE_TYPES)}")
+    return value
+
+
+def _limit(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 200:
+        raise argparse.ArgumentTypeError("must be 1-200 (the API's page size)")
+    return value
+
+
+class CommandError(Exception):
+    """A failure to report in one line on stderr (exit code 1)."""
+
+
+# -- output helpers ----------------------------------------------------------------------------
+def _table(rows: list[list[str]], headers: list[str]) -> str:
+    widths = [max([len(headers[i])] + [len(row[i]) for row in rows]) for i in range(len(headers))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(cells[i].ljust(widths[i]) for i in range(len(widths))).rstrip()
+
+    return "\n".join([line(headers)] + [line(row) for row in rows])
+
+
+def _short_time(text: str | None) -> str:
+    if not text:
+        return "-"
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return text
+    return value.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _seconds(value: Any) -> str:
+    return "-" if not value else f"{float(value):.3f}s"
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=True))
+
+
+# -- commands ----------------------------------------------------------------------------------
+def _client(args: argparse.Namespace) -> Any:
+    from sync_worker.client import Client
+
+    return Client(api_url=args.api_url, retry_attempts=2)
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    task_runs: dict[str, Any] = {}
+    if args.state:
+        task_runs["state"] = {"type": {"any_": args.state}}
+    if args.task:
+        task_runs["task_key"] = {"any_": args.task}
+    if args.since is not None:
+        after = datetime.now(timezone.utc) - timedelta(seconds=args.since)
+        task_runs["expected_start_time"] = {"after_": after.isoformat()}
+    body = {"sort": "EXPECTED_START_TIME_DESC", "limit": args.limit, "task_runs": task_runs}
+    with _client(args) as client:
+        runs = client.filter_task_runs(body)
+    if args.json:
+        _print_json(runs)
+        return 0
+    if not runs:
+        print("no task runs match")
+        return 0
+    rows = [[r["id"], r.get("task_key") or "", (r.get("state") or {}).get("name") or r.get("state_name") or "",
+             _short_time(r.get("expected_start_time")), _seconds(r.get("total_run_time")),
+             str(r.get("run_count", 0))] for r in runs]
+    print(_table(rows, ["ID", "TASK KEY", "STATE", "EXPECTED START (UTC)", "RUN TIME", "RUNS"]))
+    return 0
+
+
+def _parameters(client: Any, run: dict[str, Any]) -> tuple[Any, str | None]:
+    """(parameters, None) or (None, why they are not shown)."""
+    from sync_worker.settings import get_settings
+    from sync_worker.storage import PARAMETERS_PREFIX, get_store, load_record
+
+    params_id = ((run.get("state") or {}).get("state_details") or {}).get("task_parameters_id")
+    if not params_id:
+        return {}, None
+    store = get_store(get_settings(), client)
+    try:
+        raw = store.read(PARAMETERS_PREFIX + params_id)
+    except Exception as exc:  # deleted (completed runs), another machine's directory, ...
+        return None, f"not available ({exc})"
+    try:
+        payload = load_record(raw)  # never unpickles
+    except Exception as exc:
+        return None, f"not shown ({exc})"
+    parameters = payload.get("parameters") if isinstance(payload, dict) else payload
+    text = json.dumps(parameters)
+    if len(text) > SHOW_PARAMETERS_LIMIT:
+        return None, f"not shown ({len(text)} characters of JSON; more than {SHOW_PARAMETERS_LIMIT})"
+    return parameters, None
+
+
+def _outcome(client: Any, run: dict[str, Any]) -> dict[str, Any]:
+    from sync_worker.schemas import TaskRun
+    from sync_worker.settings import get_settings
+    from sync_worker.storage import get_store
+    from sync_worker.tasks import TaskRunFuture
+
+    state = run.get("state") or {}
+    if state.get("type") not in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+        return {}
+    future = TaskRunFuture(run["id"], client=client, store=get_store(get_settings(), client),
+                           task_run=TaskRun.from_json(run))
+    try:
+        value = future.result(timeout=0, raise_on_failure=False)
+    except Exception as exc:
+        return {"result_error": str(exc)}
+    if state.get("type") == "COMPLETED":
+        return {"result": value}
+    return {"error_type": getattr(value, "exception_type", None), "traceback": getattr(value, "traceback", None)}
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        response = client._retried(lambda: client._request("GET", f"/task_runs/{args.id}"))
+        run = response.json()
+        parameters, why = _parameters(client, run)
+        outcome = _outcome(client, run)
+    state = run.get("state") or {}
+    if args.json:
+        _print_json({"task_run": run, "parameters": parameters, "parameters_note": why, **outcome})
+        return 0
+    details = state.get("state_details") or {}
+    lines = [
+        f"id:              {run['id']}",
+        f"task key:        {run.get('task_key')}",
+        f"name:            {run.get('name')}",
+        f"state:           {state.get('name')} ({state.get('type')}) since {_short_time(state.get('timestamp'))}",
+    ]
+    if state.get("message"):
+        lines.append(f"message:         {state['message']}")
+    lines += [
+        f"created:         {_short_time(run.get('created'))}",
+        f"expected start:  {_short_time(run.get('expected_start_time'))}",
+    ]
+    if details.get("scheduled_time") and state.get("type") == "SCHEDULED":
+        lines.append(f"scheduled for:   {_short_time(details['scheduled_time'])}")
+    lines += [
+        f"started:         {_short_time(run.get('start_time'))}",
+        f"ended:           {_short_time(run.get('end_time'))}",
+        f"run time:        {_seconds(run.get('total_run_time'))}",
+        f"attempts:        {run.get('run_count', 0)} (retries allowed: "
+        f"{(run.get('empirical_policy') or {}).get('retries') or 0})",
+        f"tags:            {', '.join(run.get('tags') or []) or '-'}",
+        f"parameters:      {json.dumps(parameters) if why is None else why}",
+    ]
+    if "result" in outcome:
+        lines.append(f"result:          {json.dumps(outcome['result'], default=repr)}")
+    if outcome.get("traceback"):
+        lines.append("traceback:")
+        lines += ["  " + line for line in outcome["traceback"].rstrip().splitlines()]
+    elif outcome.get("result_error"):
+        lines.append(f"result:          not available ({outcome['result_error']})")
+    print("\n".join(lines))
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    """A new run of the same task with the same parameters (the old run is left as it is)."""
+    from sync_worker.schemas import Scheduled, TaskRun
+    from sync_worker.settings import get_settings
+    from sync_worker.storage import PARAMETERS_PREFIX, get_store
+
+    with _client(args) as client:
+        old = client.read_task_run(args.id)
+        raw = client._retried(lambda: client._request("GET", f"/task_runs/{args.id}")).json()
+        params_id = old.state.state_details.task_parameters_id if old.state else None
+        new_params_id = None
+        if params_id:
+            store = get_store(get_settings(), client)
+            try:
+                record = store.read(PARAMETERS_PREFIX + params_id)
+            except Exception as exc:
+                raise CommandError(f"cannot retry {args.id}: its parameters are gone ({exc}); a run that "
+                                   "COMPLETED has its parameters deleted") from None
+            new_params_id = str(uuid.uuid4())
+            record_json = json.loads(record)
+            if isinstance(record_json.get("metadata"), dict):
+                record_json["metadata"]["storage_key"] = new_params_id
+            store.write(PARAMETERS_PREFIX + new_params_id, json.dumps(record_json).encode())
+        body = {
+            "name": raw.get("name") or old.task_key,
+            "task_key": old.task_key,
+            "dynamic_key": str(uuid.uuid4()),
+            "state": Scheduled(task_parameters_id=new_params_id).to_json(),
+            "empirical_policy": raw.get("empirical_policy") or {},
+            "tags": raw.get("tags") or [],
+            "task_inputs": raw.get("task_inputs") or {},
+        }
+        new: TaskRun = client.create_task_run(body)
+    if args.json:
+        _print_json({"retried": args.id, "task_run_id": new.id})
+    else:
+        print(f"{args.id} -> new run {new.id} ({old.task_key})")
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    results = []
+    failed = False
+    with _client(args) as client:
+        for run_id in args.ids:
+            try:
+                answer = client.cancel_task_run(run_id)
+            except Exception as exc:
+                failed = True
+                results.append({"id": run_id, "status": "error", "error": str(exc)})
+                continue
+            state = answer["task_run"].get("state") or {}
+            results.append({"id": run_id, "status": answer["status"], "state": state.get("type"),
+                            "worker_notified": answer.get("notified", False)})
+    if args.json:
+        _print_json(results)
+    else:
+        for item in results:
+            if item["status"] == "error":
+                print(f"{item['id']}: {item['error']}", file=sys.stderr)
+            elif item["status"] == "unchanged":
+                print(f"{item['id']}: not cancelled, it is already {item['state']}")
+            elif item["status"] == "cancelling":
+                how = "its worker was told to stop it" if item["worker_notified"] else \
+                    "no worker connection holds it; it ends CANCELLED when its lease runs out"
+                print(f"{item['id']}: CANCELLING ({how})")
+            else:
+                print(f"{item['id']}: CANCELLED")
+    return 1 if failed else 0
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        deleted = client.purge_task_runs(args.older_than, args.state or [])
+    if args.json:
+        _print_json({"deleted": deleted})
+    else:
+        print(f"deleted {deleted} finished run(s)")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        stats = client.read_stats()
+    if args.json:
+        _print_json(stats)
+        return 0
+    keys = stats["task_keys"]
+    if keys:
+        rows = []
+        for item in keys:
+            counts = item["counts"]
+            age = item.get("oldest_scheduled_age_seconds")
+            rows.append([item["task_key"], str(counts.get("SCHEDULED", 0)),
+                         str(counts.get("PENDING", 0) + counts.get("RUNNING", 0) + counts.get("CANCELLING", 0)),
+                         str(counts.get("COMPLETED", 0)), str(counts.get("FAILED", 0) + counts.get("CRASHED", 0)),
+                         str(counts.get("CANCELLED", 0)), "-" if age is None else f"{age:.0f}s",
+                         str(len(item["workers"]))])
+        print(_table(rows, ["TASK KEY", "SCHEDULED", "RUNNING", "COMPLETED", "FAILED", "CANCELLED",
+                            "OLDEST WAITING", "WORKERS"]))
+    else:
+        print("no task runs")
+    print()
+    workers = stats["workers"]
+    if workers:
+        rows = [[w["client_id"] or "?", w["host"] or "?", "-" if w["limit"] is None else str(w["limit"]),
+                 str(w["in_flight"]), ", ".join(w["task_keys"])] for w in workers]
+        print(_table(rows, ["WORKER", "ADDRESS", "LIMIT", "IN FLIGHT", "TASK KEYS"]))
+    else:
+        print("no workers subscribed")
+    return 0
+
+
+# -- parsers -----------------------------------------------------------------------------------
+def _common(parser: argparse.ArgumentParser, json_help: str = "print JSON instead of a table") -> None:
+    parser.add_argument("--json", action="store_true", help=json_help)
+    parser.add_argument("--api-url", default=None, metavar="URL",
+                        help="the API (default: SYNC_WORKER_API_URL / PREFECT_API_URL)")
+
+
+def add_runs_parser(subparsers: argparse._SubParsersAction) -> None:
+    runs = subparsers.add_parser(
+        "runs", help="list, inspect, retry, cancel and purge task runs",
+        description="List, inspect, retry, cancel and purge task runs.", epilog=RUNS_EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = runs.add_subparsers(title="commands", metavar="COMMAND")
+    runs.set_defaults(func=lambda args: (runs.print_help(), 2)[1])
+
+    ls = sub.add_parser("ls", help="list runs, newest first", epilog=LS_EXAMPLES,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ls.add_argument("--state", type=_state, action="append", metavar="STATE",
+                    help=f"only runs in this state type (repeatable): {', '.join(STATE_TYPES)}")
+    ls.add_argument("--task", action="append", metavar="KEY", help="only runs of this task key (repeatable)")
+    ls.add_argument("--since", type=_duration, metavar="DURATION",
+                    help="only runs expected to start within this long ago, e.g. 90s, 15m, 1h, 7d")
+    ls.add_argument("--limit", type=_limit, default=20, help="most runs to list (1-200, default 20)")
+    _common(ls)
+    ls.set_defaults(func=_wrap(cmd_ls), log_level="WARNING")
+
+    show = sub.add_parser("show", help="one run: states, times, parameters, result or traceback",
+                          epilog="example:\n  sync-worker runs show 1b4e28ba-2fa1-11d2-883f-0016d3cca427",
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    show.add_argument("id")
+    _common(show, "print JSON instead of text")
+    show.set_defaults(func=_wrap(cmd_show), log_level="WARNING")
+
+    retry = sub.add_parser("retry", help="submit a new run with the same task and parameters",
+                           epilog="example:\n  sync-worker runs retry 1b4e28ba-2fa1-11d2-883f-0016d3cca427",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    retry.add_argument("id")
+    _common(retry, "print JSON")
+    retry.set_defaults(func=_wrap(cmd_retry), log_level="WARNING")
+
+    cancel = sub.add_parser(
+        "cancel", help="cancel runs: waiting ones are never delivered, running ones are interrupted",
+        epilog="example:\n  sync-worker runs cancel ID1 ID2\n  sync-worker runs ls --state SCHEDULED --task "
+               "myapp.tasks.report --json | jq -r '.[].id' | xargs sync-worker runs cancel",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    cancel.add_argument("ids", nargs="+", metavar="ID")
+    _common(cancel, "print JSON")
+    cancel.set_defaults(func=_wrap(cmd_cancel), log_level="WARNING")
+
+    purge = sub.add_parser(
+        "purge", help="delete finished runs older than a duration (embedded server)",
+        epilog="examples:\n  sync-worker runs purge --older-than 7d\n"
+               "  sync-worker runs purge --older-than 1h --state COMPLETED --state CANCELLED",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    purge.add_argument("--older-than", type=_duration, required=True, metavar="DURATION",
+                       help="runs that ended longer ago than this, e.g. 12h, 7d")
+    purge.add_argument("--state", type=_state, action="append", metavar="STATE",
+                       help="only runs in this finished state (repeatable; default all finished states)")
+    _common(purge, "print JSON")
+    purge.set_defaults(func=_wrap(cmd_purge), log_level="WARNING")
+
+
+def add_status_parser(subparsers: argparse._SubParsersAction) -> None:
+    status = subparsers.add_parser(
+        "status", help="queues and workers at a glance (embedded server)",
+        description="Per task key: runs by state and the age of the oldest waiting run; the subscribed "
+                    "workers with their limit and runs in flight.",
+        epilog="examples:\n  sync-worker status\n  watch -n 2 sync-worker status\n  sync-worker status --json",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    _common(status)
+    status.set_defaults(func=_wrap(cmd_status), log_level="WARNING")
+
+
+def cmd_storage_prune(args: argparse.Namespace) -> int:
+    """Delete record files older than ``--older-than`` from a local store directory."""
+    import os
+    import time
+    from pathlib import Path
+
+    from sync_worker.settings import get_settings
+    from sync_worker.storage import PARAMETERS_PREFIX
+
+    settings = get_settings()
+    directory = Path(args.dir or settings.storage).expanduser()
+    if not args.dir and settings.uses_server_storage:
+        raise CommandError("SYNC_WORKER_STORAGE=server: the embedded server deletes its records itself "
+                           "(--retention); pass --dir for a local directory")
+    if not directory.is_dir():
+        raise CommandError(f"{directory} is not a directory")
+    cutoff = time.time() - args.older_than
+    parameters_dir = directory / PARAMETERS_PREFIX.rstrip("/")
+    deleted = kept = size = 0
+    for root, _dirs, files in os.walk(directory):
+        in_parameters = Path(root) == parameters_dir or parameters_dir in Path(root).parents
+        for name in files:
+            path = Path(root) / name
+            try:
+                stat = path.stat()
+                if stat.st_mtime >= cutoff or (in_parameters and not args.include_parameters):
+                    kept += 1
+                    continue
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            deleted += 1
+            size += stat.st_size
+    if args.json:
+        _print_json({"deleted": deleted, "bytes": size, "kept": kept, "directory": str(directory)})
+    else:
+        print(f"deleted {deleted} record file(s) ({size} bytes) older than {args.older_than:g}s from {directory}; "
+              f"kept {kept}")
+    return 0
+
+
+def add_storage_parser(subparsers: argparse._SubParsersAction) -> None:
+    storage = subparsers.add_parser(
+        "storage", help="manage a local record store directory",
+        description="Manage a local record store directory (SYNC_WORKER_STORAGE).")
+    sub = storage.add_subparsers(title="commands", metavar="COMMAND")
+    storage.set_defaults(func=lambda args: (storage.print_help(), 2)[1])
+    prune = sub.add_parser(
+        "prune", help="delete result records older than a duration",
+        description="Delete result (and failure) record files older than --older-than from a local store "
+                    "directory that no server manages. Parameter files are kept unless --include-parameters: "
+                    "a run still waiting (a delayed one, or one whose key no worker serves yet) needs its "
+                    "parameters; those of COMPLETED runs are deleted by the worker already.",
+        epilog="examples:\n  sync-worker storage prune --older-than 7d\n"
+               "  sync-worker storage prune --older-than 30d --dir /var/lib/myapp/results --include-parameters",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    prune.add_argument("--older-than", type=_duration, required=True, metavar="DURATION",
+                       help="files last written longer ago than this, e.g. 12h, 7d")
+    prune.add_argument("--dir", default=None, help="the directory (default: SYNC_WORKER_STORAGE)")
+    prune.add_argument("--include-parameters", action="store_true",
+                       help="also delete parameter files older than the duration")
+    prune.add_argument("--json", action="store_true", help="print JSON")
+    prune.set_defaults(func=_wrap(cmd_storage_prune), log_level="WARNING")
+
+
+def _wrap(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    return lambda args: run_command(func, args)
+
+
+def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a command; API errors become one line on stderr and exit code 1."""
+    import requests
+
+    try:
+        return func(args)
+    except CommandError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+    except requests.ConnectionError as exc:
+        print(f"error: cannot reach the API ({exc.__class__.__name__}); is the server running? "
+              "(SYNC_WORKER_API_URL / --api-url)", file=sys.stderr)
+    except requests.HTTPError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+    return 1

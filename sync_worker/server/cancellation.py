@@ -1,0 +1,118 @@
+"""Cancelling a task run on the embedded server (``POST /api/sync_worker/task_runs/{id}/cancel``).
+
+What happens depends on where the run is:
+
+- SCHEDULED (waiting, delayed, or awaiting a retry), PENDING or PAUSED: it becomes CANCELLED
+  at once and is never delivered (a worker that was already sent it is refused when it
+  proposes PENDING/RUNNING: a terminal run never runs);
+- RUNNING: it becomes CANCELLING, and the worker holding it is sent
+  ``{"type": "cancel", "task_run_id": ID}`` over its subscription socket; that worker raises
+  :class:`sync_worker.exceptions.Cancelled` in the task's thread (the same mechanism, and the
+  same limits, as ``timeout_seconds``) and reports CANCELLED. A run still CANCELLING when its
+  worker's lease runs out becomes CANCELLED (it is never re-delivered);
+- finished (COMPLETED, FAILED, CANCELLED, CRASHED) or already CANCELLING: nothing changes.
+
+The message goes only to subscriptions that use the ``credit`` extension, i.e. sync_worker
+workers: a Prefect task worker would take an unknown message for a malformed task run.
+The answer says what was done: ``{"status": "cancelled" | "cancelling" | "unchanged",
+"notified": bool, "task_run": {...}}``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+from .core import NotFound
+from .database import QSTATE_NONE, Transaction
+from .models import TERMINAL
+from .orchestration import system_state
+
+if TYPE_CHECKING:
+    from .core import Core
+
+logger = logging.getLogger("sync_worker.server.cancellation")
+
+#: states a cancel request ends at once (the run is not executing anywhere)
+CANCEL_NOW = frozenset({"SCHEDULED", "PENDING", "PAUSED"})
+
+
+def cancel_run(core: Core, run_id: str) -> dict[str, Any]:
+    queue = core.queue
+
+    def op(tx: Transaction) -> tuple[str, str]:
+        row = tx.get_run(run_id)
+        if row is None:
+            raise NotFound("Task not found")
+        current = row.state_type
+        if current in TERMINAL or current == "CANCELLING":
+            return "unchanged", row.dump()
+        now = time.time()
+        if current in CANCEL_NOW:
+            system_state(row.run, "CANCELLED", now, message=f"Cancelled while {current}: it was not run.",
+                         deferred=row.background)
+            row.state_type = "CANCELLED"
+            row.qstate = QSTATE_NONE
+            row.holder = None
+            row.touch()
+            tx.update_run(row)
+            text = row.dump()
+            tx.after_commit(lambda: queue.release(run_id))
+            tx.after_commit(lambda: core._finished(run_id, text))
+            return "cancelled", text
+        # RUNNING: the worker must stop it
+        system_state(row.run, "CANCELLING", now, message="Cancellation requested; waiting for the worker to stop.",
+                     deferred=row.background)
+        row.state_type = "CANCELLING"
+        row.touch()
+        tx.update_run(row)
+        return "cancelling", row.dump()
+
+    status, text = core.db.write(op)
+    notified = False
+    if status == "cancelling":
+        notified = notify_holder(core, run_id)
+    logger.info("cancel %s: %s%s", run_id, status, " (worker notified)" if notified else "")
+    return {"status": status, "notified": notified, "task_run": json.loads(text)}
+
+
+def notify_holder(core: Core, run_id: str) -> bool:
+    """Tell the worker connection holding ``run_id`` to stop it; False when no sync_worker
+    worker connection holds it (then its lease, or the worker's own report, ends it)."""
+    with core.queue.lock:
+        holder = core.queue.outstanding.get(run_id)
+    post = getattr(holder, "_post", None)
+    if post is None or getattr(holder, "_credit", None) is None:
+        return False
+    post(json.dumps({"type": "cancel", "task_run_id": run_id}))
+    return True
+
+
+def finish_cancelling_op(tx: Transaction, run_id: str, message: str) -> bool:
+    """A CANCELLING run whose worker is gone: CANCELLED (used by lease expiry and start-up)."""
+    row = tx.get_run(run_id)
+    if row is None or row.state_type != "CANCELLING":
+        return False
+    system_state(row.run, "CANCELLED", time.time(), message=message, deferred=row.background)
+    row.state_type = "CANCELLED"
+    row.qstate = QSTATE_NONE
+    row.holder = None
+    row.touch()
+    tx.update_run(row)
+    return True
+
+
+def recover_cancelling(core: Core) -> int:
+    """At start-up: runs left CANCELLING by the previous server process. Their workers'
+    connections died with it; their cancellation is final."""
+    rows = core.db.read_all("SELECT id FROM task_runs WHERE state_type = 'CANCELLING'", [])  # type: ignore[attr-defined]
+    done = 0
+    for (run_id,) in rows:
+        def op(tx: Transaction, run_id: str = run_id) -> bool:
+            ok = finish_cancelling_op(tx, run_id, "Cancelled: the server restarted while the run was being cancelled.")
+            if ok:
+                tx.after_commit(lambda: core.queue.release(run_id))
+            return ok
+        done += bool(core.db.write(op))
+    return done

@@ -1,0 +1,274 @@
+"""Listing, counting and inspecting task runs: ``POST /api/task_runs/filter``,
+``POST /api/task_runs/count`` (Prefect 3's request and response shapes) and the queue
+statistics behind ``GET /api/sync_worker/stats``.
+
+Why here and not in :mod:`core`: these are read-only queries on committed data, answered
+from a reader connection, never from the writer thread, so a slow listing cannot stall
+delivery or state changes.
+
+The filter is Prefect's ``TaskRunFilter`` (``id``, ``name``, ``tags``, ``state.type``,
+``state.name``, ``start_time``, ``expected_start_time``, ``flow_run_id``, ``subflow_runs``,
+``operator`` ``and_``/``or_``) plus one extension, ``task_key: {"any_": [...]}`` (Prefect has no
+task-key filter; a Prefect server rejects the field with 422). ``sort`` is one of Prefect's
+``TaskRunSort`` values; ties are broken by creation order, newest first. ``limit`` is
+0-200 (Prefect's default and maximum, ``PREFECT_API_DEFAULT_LIMIT``), ``offset`` >= 0. The
+``flows``/``flow_runs``/``deployments`` filters of Prefect's request are accepted and must be
+empty: background runs belong to no flow. Unknown filter fields are refused (422) rather than
+silently ignored: a filter that does not filter would list the wrong runs.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from .models import STATE_TYPES, ValidationError, iso, parse_time
+
+#: Prefect's ``PREFECT_API_DEFAULT_LIMIT``: default and largest ``limit`` of a filter request.
+MAX_LIMIT = 200
+
+#: Prefect's ``TaskRunSort`` -> ORDER BY (ties: newest first)
+SORTS = {
+    "ID_DESC": "id DESC",
+    "EXPECTED_START_TIME_ASC": "json_extract(data, '$.expected_start_time') ASC, seq ASC",
+    "EXPECTED_START_TIME_DESC": "json_extract(data, '$.expected_start_time') DESC, seq DESC",
+    "NAME_ASC": "json_extract(data, '$.name') ASC, seq DESC",
+    "NAME_DESC": "json_extract(data, '$.name') DESC, seq DESC",
+    "NEXT_SCHEDULED_START_TIME_ASC": "json_extract(data, '$.next_scheduled_start_time') ASC, seq ASC",
+    "END_TIME_DESC": "json_extract(data, '$.end_time') DESC, seq DESC",
+}
+
+_TOP_LEVEL = {"sort", "limit", "offset", "task_runs", "flows", "flow_runs", "deployments", "work_pools",
+              "work_pool_queues"}
+_FILTER_FIELDS = {"operator", "id", "name", "tags", "state", "start_time", "expected_start_time", "flow_run_id",
+                  "subflow_runs", "task_key"}
+
+
+@dataclass
+class Query:
+    """A validated filter as SQL: ``where`` (with ``params``), ``order``, ``limit``, ``offset``."""
+
+    where: str = "1"
+    params: list[Any] = field(default_factory=list)
+    order: str = SORTS["ID_DESC"]
+    limit: int = MAX_LIMIT
+    offset: int = 0
+
+
+def _obj(value: Any, loc: list[Any], allowed: set[str]) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValidationError(loc, "Input should be a valid dictionary (a JSON object)", "dict_type", value)
+    # a Prefect client sends every field of its models, unset ones as null: ignore those
+    unknown = sorted(k for k in set(value) - allowed if value[k] is not None)
+    if unknown:
+        raise ValidationError(loc + [unknown[0]], f"Extra inputs are not permitted (known fields: "
+                                                   f"{', '.join(sorted(allowed))})", "extra_forbidden")
+    return value
+
+
+def _strings(value: Any, loc: list[Any]) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValidationError(loc, "Input should be a valid list of strings", "list_type", value)
+    return value
+
+
+def _bool(value: Any, loc: list[Any]) -> bool:
+    if not isinstance(value, bool):
+        raise ValidationError(loc, "Input should be a valid boolean", "bool_type", value)
+    return value
+
+
+def _in(column: str, values: list[str], params: list[Any]) -> str:
+    if not values:
+        return "0"
+    params.extend(values)
+    return f"{column} IN ({', '.join('?' * len(values))})"
+
+
+def _time_range(spec: Any, loc: list[Any], column: str, params: list[Any], nullable: bool) -> list[str]:
+    allowed = {"before_", "after_", "is_null_"} if nullable else {"before_", "after_"}
+    spec = _obj(spec, loc, allowed)
+    out: list[str] = []
+    # ISO texts of one format (microseconds, Z) compare like the times they stand for
+    if spec.get("before_") is not None:
+        params.append(iso(parse_time(spec["before_"], loc + ["before_"])))
+        out.append(f"{column} <= ?")
+    if spec.get("after_") is not None:
+        params.append(iso(parse_time(spec["after_"], loc + ["after_"])))
+        out.append(f"{column} >= ?")
+    if spec.get("is_null_") is not None:
+        out.append(f"{column} IS NULL" if _bool(spec["is_null_"], loc + ["is_null_"]) else f"{column} IS NOT NULL")
+    return out
+
+
+def _task_run_filter(value: Any, loc: list[Any], params: list[Any]) -> str:
+    spec = _obj(value, loc, _FILTER_FIELDS)
+    clauses: list[str] = []
+    if spec.get("id") is not None:
+        ids = _obj(spec["id"], loc + ["id"], {"any_"})
+        if ids.get("any_") is not None:
+            clauses.append(_in("id", _strings(ids["any_"], loc + ["id", "any_"]), params))
+    if spec.get("name") is not None:
+        name = _obj(spec["name"], loc + ["name"], {"any_", "like_"})
+        if name.get("any_") is not None:
+            clauses.append(_in("json_extract(data, '$.name')", _strings(name["any_"], loc + ["name", "any_"]), params))
+        if name.get("like_") is not None:
+            if not isinstance(name["like_"], str):
+                raise ValidationError(loc + ["name", "like_"], "Input should be a valid string", "string_type")
+            params.append(f"%{name['like_']}%")
+            clauses.append("json_extract(data, '$.name') LIKE ?")  # case-insensitive for ASCII, as ilike
+    if spec.get("task_key") is not None:
+        keys = _obj(spec["task_key"], loc + ["task_key"], {"any_"})
+        if keys.get("any_") is not None:
+            clauses.append(_in("task_key", _strings(keys["any_"], loc + ["task_key", "any_"]), params))
+    if spec.get("tags") is not None:
+        tags = _obj(spec["tags"], loc + ["tags"], {"all_", "is_null_", "operator"})
+        for tag in _strings(tags["all_"], loc + ["tags", "all_"]) if tags.get("all_") is not None else []:
+            params.append(tag)
+            clauses.append("EXISTS (SELECT 1 FROM json_each(task_runs.data, '$.tags') WHERE value = ?)")
+        if tags.get("is_null_") is not None:
+            empty = "json_array_length(data, '$.tags') = 0"
+            clauses.append(empty if _bool(tags["is_null_"], loc + ["tags", "is_null_"]) else f"NOT ({empty})")
+    if spec.get("state") is not None:
+        state = _obj(spec["state"], loc + ["state"], {"type", "name", "operator"})
+        if state.get("type") is not None:
+            types = _obj(state["type"], loc + ["state", "type"], {"any_"})
+            if types.get("any_") is not None:
+                wanted = _strings(types["any_"], loc + ["state", "type", "any_"])
+                for i, kind in enumerate(wanted):
+                    if kind not in STATE_TYPES:
+                        raise ValidationError(loc + ["state", "type", "any_", i],
+                                              f"Input should be one of {', '.join(sorted(STATE_TYPES))}", "enum",
+                                              kind)
+                clauses.append(_in("state_type", wanted, params))
+        if state.get("name") is not None:
+            names = _obj(state["name"], loc + ["state", "name"], {"any_"})
+            if names.get("any_") is not None:
+                clauses.append(_in("json_extract(data, '$.state_name')",
+                                   _strings(names["any_"], loc + ["state", "name", "any_"]), params))
+    if spec.get("start_time") is not None:
+        clauses += _time_range(spec["start_time"], loc + ["start_time"], "json_extract(data, '$.start_time')",
+                               params, nullable=True)
+    if spec.get("expected_start_time") is not None:
+        clauses += _time_range(spec["expected_start_time"], loc + ["expected_start_time"],
+                               "json_extract(data, '$.expected_start_time')", params, nullable=False)
+    if spec.get("flow_run_id") is not None:
+        flow = _obj(spec["flow_run_id"], loc + ["flow_run_id"], {"any_", "is_null_", "operator"})
+        column = "json_extract(data, '$.flow_run_id')"
+        is_null = flow.get("is_null_", False)  # Prefect's default: runs WITH a flow run
+        if is_null is True:
+            clauses.append(f"{column} IS NULL")
+        elif flow.get("any_") is not None:
+            clauses.append(_in(column, _strings(flow["any_"], loc + ["flow_run_id", "any_"]), params))
+        elif is_null is False:
+            clauses.append(f"{column} IS NOT NULL")
+    if spec.get("subflow_runs") is not None:
+        sub = _obj(spec["subflow_runs"], loc + ["subflow_runs"], {"exists_"})
+        if sub.get("exists_") is True:
+            clauses.append("0")  # a background run is never the parent of a subflow
+    operator = spec.get("operator", "and_")
+    if operator not in ("and_", "or_"):
+        raise ValidationError(loc + ["operator"], "Input should be 'and_' or 'or_'", "enum", operator)
+    if not clauses:
+        return "1"
+    joiner = " AND " if operator == "and_" else " OR "
+    return "(" + joiner.join(f"({c})" for c in clauses) + ")"
+
+
+def parse_query(body: Any, *, paged: bool = True) -> Query:
+    """Validate a filter/count request body (``None`` = everything)."""
+    loc: list[Any] = ["body"]
+    body = _obj(body if body is not None else {}, loc, _TOP_LEVEL)
+    query = Query()
+    for name in ("flows", "flow_runs", "deployments", "work_pools", "work_pool_queues"):
+        if body.get(name):
+            raise ValidationError(loc + [name], "Background task runs belong to no flow, flow run or deployment: "
+                                                "this server only accepts an empty filter here", "value_error")
+    query.where = _task_run_filter(body.get("task_runs"), loc + ["task_runs"], query.params)
+    if paged:
+        sort = body.get("sort", "ID_DESC")
+        if sort not in SORTS:
+            raise ValidationError(loc + ["sort"], f"Input should be one of {', '.join(SORTS)}", "enum", sort)
+        query.order = SORTS[sort]
+        limit = body.get("limit", MAX_LIMIT)
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= MAX_LIMIT:
+            raise ValidationError(loc + ["limit"], f"Input should be a whole number from 0 to {MAX_LIMIT}",
+                                  "less_than_equal", limit)
+        offset = body.get("offset", 0)
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValidationError(loc + ["offset"], "Input should be a whole number >= 0", "greater_than_equal",
+                                  offset)
+        query.limit, query.offset = limit, offset
+    return query
+
+
+def filter_runs(db: Any, body: Any) -> bytes:
+    """The JSON array of matching TaskRuns (texts as stored, not re-serialized)."""
+    query = parse_query(body)
+    rows = db.read_all(f"SELECT data FROM task_runs WHERE {query.where} ORDER BY {query.order} LIMIT ? OFFSET ?",
+                       [*query.params, query.limit, query.offset])
+    return ("[" + ",".join(row[0] for row in rows) + "]").encode()
+
+
+def count_runs(db: Any, body: Any) -> int:
+    query = parse_query(body, paged=False)
+    rows = db.read_all(f"SELECT count(*) FROM task_runs WHERE {query.where}", query.params)
+    return int(rows[0][0])
+
+
+def stats(db: Any, subscribers: Any) -> dict[str, Any]:
+    """Per task key: runs by state type, the oldest waiting run, and the subscribed workers
+    (client id, address, limit, runs in flight). ``subscribers``: live subscriptions."""
+    keys: dict[str, dict[str, Any]] = {}
+
+    def entry(task_key: str) -> dict[str, Any]:
+        if task_key not in keys:
+            keys[task_key] = {"task_key": task_key, "counts": {}, "total": 0, "oldest_scheduled": None,
+                              "oldest_scheduled_age_seconds": None, "workers": []}
+        return keys[task_key]
+
+    for task_key, state_type, count in db.read_all(
+            "SELECT task_key, state_type, count(*) FROM task_runs GROUP BY task_key, state_type", []):
+        item = entry(task_key)
+        item["counts"][state_type] = count
+        item["total"] += count
+    now = time.time()
+    for task_key, created in db.read_all(
+            "SELECT task_key, min(json_extract(data, '$.created')) FROM task_runs WHERE state_type = 'SCHEDULED' "
+            "GROUP BY task_key", []):
+        item = entry(task_key)
+        item["oldest_scheduled"] = created
+        try:
+            item["oldest_scheduled_age_seconds"] = round(max(0.0, now - parse_time(created, [])), 3)
+        except ValidationError:  # pragma: no cover - we wrote it
+            pass
+    workers = []
+    for sub in list(subscribers):
+        info = worker_info(sub)
+        workers.append(info)
+        for task_key in info["task_keys"]:
+            entry(task_key)["workers"].append(info)
+    return {"task_keys": sorted(keys.values(), key=lambda k: k["task_key"]), "workers": workers,
+            "time": iso(now)}
+
+
+def worker_info(sub: Any) -> dict[str, Any]:
+    """What a subscription says about its worker (read defensively: a snapshot of live objects)."""
+    limit = getattr(sub, "limit", None)
+    return {
+        "client_id": getattr(sub, "client_id", None),
+        "host": getattr(sub, "peer", None),
+        "task_keys": list(getattr(sub, "keys", []) or []),
+        "limit": limit,
+        "in_flight": len(getattr(sub, "leased", ()) or ()) + len(getattr(sub, "_unacked", ()) or ()),
+        "delivered": getattr(sub, "delivered", 0),
+    }
+
+
+def subscribed_keys(subscribers: Any) -> set[str]:
+    out: set[str] = set()
+    for sub in list(subscribers):
+        out.update(getattr(sub, "keys", []) or [])
+    return out

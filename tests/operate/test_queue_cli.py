@@ -1,0 +1,154 @@
+"""``sync-worker runs ...`` and ``sync-worker status`` as a user runs them: real subprocesses of
+the command against a real embedded server with a real worker."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sync_worker.client import Client
+from sync_worker.exceptions import TaskRunFailed
+from sync_worker.tasks import TaskRunFuture
+from tests.operate import queue_tasks as qt
+from tests.worker.worker_helpers import wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cli(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    full = {**os.environ, **env, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "sync_worker", *args], cwd=REPO, env=full, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.fixture
+def runs(api_env, start_worker):
+    worker = start_worker(qt.add, qt.boom, limit=2)
+    done = [qt.add.delay(i, 10) for i in range(3)]
+    failed = qt.boom.delay("it broke")
+    waiting = [qt.nobody.delay(i) for i in range(2)]
+    assert [f.result(timeout=30) for f in done] == [10, 11, 12]
+    with pytest.raises(TaskRunFailed):
+        failed.result(timeout=30)
+    return {"done": done, "failed": failed, "waiting": waiting, "worker": worker}
+
+
+def test_ls_table_json_and_filters(api_env, runs):
+    out = cli(api_env, "runs", "ls")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split()[:3] == ["ID", "TASK", "KEY"]
+    assert len(lines) == 1 + 6
+    assert runs["failed"].task_run_id in out.stdout
+
+    out = cli(api_env, "runs", "ls", "--state", "failed", "--json")
+    assert out.returncode == 0, out.stderr
+    assert [r["id"] for r in json.loads(out.stdout)] == [runs["failed"].task_run_id]
+
+    out = cli(api_env, "runs", "ls", "--task", "queue.nobody", "--state", "SCHEDULED", "--since", "1h", "--json")
+    assert sorted(r["id"] for r in json.loads(out.stdout)) == sorted(f.task_run_id for f in runs["waiting"])
+
+    out = cli(api_env, "runs", "ls", "--limit", "2", "--json")
+    assert len(json.loads(out.stdout)) == 2
+
+    out = cli(api_env, "runs", "ls", "--state", "DONE")
+    assert out.returncode == 2 and "unknown state 'DONE'" in out.stderr
+    out = cli(api_env, "runs", "ls", "--since", "yesterday")
+    assert out.returncode == 2 and "invalid duration" in out.stderr
+
+
+def test_show_failed_run_has_parameters_and_traceback(api_env, runs):
+    out = cli(api_env, "runs", "show", runs["failed"].task_run_id)
+    assert out.returncode == 0, out.stderr
+    assert "Failed (FAILED)" in out.stdout
+    assert 'parameters:      {"message": "it broke"}' in out.stdout
+    assert "ValueError: it broke" in out.stdout and "traceback:" in out.stdout
+
+    out = cli(api_env, "runs", "show", runs["done"][1].task_run_id, "--json")
+    shown = json.loads(out.stdout)
+    assert shown["result"] == 11
+    assert shown["task_run"]["state"]["type"] == "COMPLETED"
+    out = cli(api_env, "runs", "show", runs["failed"].task_run_id, "--json")
+    assert json.loads(out.stdout)["parameters"] == {"message": "it broke"}
+
+
+def test_show_unknown_run_is_an_error(api_env, runs):
+    out = cli(api_env, "runs", "show", "00000000-0000-0000-0000-000000000000")
+    assert out.returncode == 1
+    assert "404" in out.stderr and "Task not found" in out.stderr
+
+
+def test_retry_submits_a_new_run_with_the_same_parameters(api_env, runs):
+    out = cli(api_env, "runs", "retry", runs["failed"].task_run_id, "--json")
+    assert out.returncode == 0, out.stderr
+    new_id = json.loads(out.stdout)["task_run_id"]
+    assert new_id != runs["failed"].task_run_id
+    with pytest.raises(TaskRunFailed, match="ValueError: it broke"):
+        TaskRunFuture(new_id).result(timeout=30)
+
+
+def test_retry_of_a_completed_run_says_its_parameters_are_gone(api_env, runs):
+    store = Path(api_env["SYNC_WORKER_STORAGE"]) / "parameters"
+    params_id = runs["done"][2].state.state_details.task_parameters_id
+    wait_for(lambda: not (store / params_id).exists(), 10, "the worker deleted the parameters")
+    out = cli(api_env, "runs", "retry", runs["done"][2].task_run_id)
+    assert out.returncode == 1
+    assert "its parameters are gone" in out.stderr and "COMPLETED has its parameters deleted" in out.stderr
+
+
+def test_cancel_waiting_runs_and_finished_ones_are_left_alone(api_env, runs):
+    ids = [f.task_run_id for f in runs["waiting"]]
+    out = cli(api_env, "runs", "cancel", *ids, runs["done"][0].task_run_id)
+    assert out.returncode == 0, out.stderr
+    for run_id in ids:
+        assert f"{run_id}: CANCELLED" in out.stdout
+    assert f"{runs['done'][0].task_run_id}: not cancelled, it is already COMPLETED" in out.stdout
+    client = Client()
+    assert {client.read_task_run(i).state.type.value for i in ids} == {"CANCELLED"}
+    out = cli(api_env, "runs", "cancel", "00000000-0000-0000-0000-000000000000", "--json")
+    assert out.returncode == 1
+    assert json.loads(out.stdout)[0]["status"] == "error"
+
+
+def test_purge_deletes_finished_runs_of_the_given_states(api_env, runs):
+    client = Client()
+    out = cli(api_env, "runs", "purge", "--older-than", "1h")
+    assert out.returncode == 0 and "deleted 0 finished run(s)" in out.stdout
+    out = cli(api_env, "runs", "purge", "--older-than", "0s", "--state", "COMPLETED", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout) == {"deleted": 3}
+    assert client.count_task_runs() == 3  # the failed run and the two waiting ones
+    out = cli(api_env, "runs", "purge", "--older-than", "0", "--state", "SCHEDULED")
+    assert out.returncode == 1 and "Only finished runs can be purged" in out.stderr
+    assert client.count_task_runs() == 3
+
+
+def test_status_shows_queues_and_workers(api_env, runs):
+    out = cli(api_env, "status")
+    assert out.returncode == 0, out.stderr
+    table = {line.split()[0]: line.split() for line in out.stdout.splitlines() if line.startswith("queue.")}
+    # TASK KEY SCHEDULED RUNNING COMPLETED FAILED CANCELLED OLDEST WORKERS
+    assert table["queue.add"][1:6] == ["0", "0", "3", "0", "0"] and table["queue.add"][7] == "1"
+    assert table["queue.boom"][4] == "1"
+    assert table["queue.nobody"][1] == "2" and table["queue.nobody"][7] == "0"
+    assert runs["worker"].client_id in out.stdout
+    out = cli(api_env, "status", "--json")
+    assert len(json.loads(out.stdout)["workers"]) == 1
+
+
+def test_commands_say_when_the_server_is_down(api_env, server):
+    server.stop()
+    out = cli(api_env, "status")
+    assert out.returncode == 1
+    assert "cannot reach the API" in out.stderr
+
+
+def test_help_shows_examples():
+    out = cli({}, "runs", "ls", "--help")
+    assert out.returncode == 0 and "examples:" in out.stdout and "--since 1h" in out.stdout
+    out = cli({}, "status", "--help")
+    assert "examples:" in out.stdout
