@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import http.server
 import json
-import socket
 import threading
 
 import pytest
@@ -12,6 +11,7 @@ import requests
 from sync_worker.client import Client
 from sync_worker.exceptions import APIError, ObjectNotFound, Unauthorized
 from sync_worker.schemas import Pending, Running, Scheduled, SetStateStatus, StateType, task_run_create
+from tests.helpers import free_port
 
 
 def create(client: Client, key: str = "tests.key"):
@@ -64,12 +64,6 @@ def test_websocket_url():
     assert Client("http://h:1/api").websocket_url("task_runs/subscriptions/scheduled") == \
         "ws://h:1/api/task_runs/subscriptions/scheduled"
     assert Client("https://h/api/").websocket_url("/x") == "wss://h/api/x"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def test_server_down():

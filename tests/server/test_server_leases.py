@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 import websocket
-from conftest import wait_for
+from tests.helpers import wait_for
 
 
 def test_unacked_run_goes_back_when_connection_closes(server_factory, make_wire):

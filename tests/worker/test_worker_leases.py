@@ -9,7 +9,7 @@ from pathlib import Path
 
 
 from tests.worker import worker_tasks as wt
-from tests.worker.worker_helpers import wait_for
+from tests.helpers import wait_for
 
 
 def _starts(path: Path, i: int) -> int:
