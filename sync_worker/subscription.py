@@ -395,6 +395,7 @@ class Subscription:
             raise SubscriptionError(f"subscription handshake at {self.url} failed with HTTP {exc.status_code}") from exc
         except (websocket.WebSocketException, OSError) as exc:
             raise ConnectionLost(f"cannot connect to {self.url}: {exc}") from exc
+        holds_grant_lock = False
         try:
             reply = authenticate(ws, self.client)
             if reply.get("type") != "auth_success":
@@ -404,15 +405,17 @@ class Subscription:
             extensions = list(reply.get("extensions") or [])
             subscribe: dict[str, Any] = {"type": "subscribe", "keys": self.keys, "client_id": self.client_id}
             # Held until the connection is published, so that a grant() cannot fall between
-            # counting the free slots and the server knowing about them.
+            # counting the free slots and the server knowing about them. Released only by
+            # this thread, which took it (``holds_grant_lock``).
             self._grant_lock.acquire()
+            holds_grant_lock = True
             granting = self.fast_path and self._credit is not None and "credit" in extensions
             if granting:
                 subscribe["credit"] = max(0, self._credit())
             ws.send(json.dumps(subscribe))
             ws.settimeout(self.ping_interval)
         except BaseException as exc:
-            if self._grant_lock.locked():
+            if holds_grant_lock:
                 self._grant_lock.release()
             ws.shutdown()
             if isinstance(exc, (websocket.WebSocketException, OSError)):
@@ -569,12 +572,50 @@ class Subscription:
         subscribe message carries the free slots)."""
         with self._grant_lock:
             conn = self._conn
-            if conn is None or not conn.uses_credit or conn.closed.is_set():
+            if conn is None or not conn.uses_credit or conn.closed.is_set() or self._stopping():
                 return
             try:
                 conn.send_json({"type": "credit", "n": n})
             except ConnectionLost:
                 pass  # the reader notices; the reconnect's subscribe counts the free slots
+
+    def stop_receiving(self) -> None:
+        """Take no more runs, and hand back those delivered but not acknowledged — from the
+        consumer thread (the one that acks), once it has stopped consuming.
+
+        The connection stays open (on the embedded server it is the lease of the runs
+        acknowledged on it, and it carries their states): the embedded server's ``release``
+        message gives the unacknowledged runs back to its queue and stops deliveries on
+        this connection. A server without it (Prefect) puts a run back on its queue when
+        the socket closes before the ack, so the socket is closed there (its runs have no
+        lease to keep; states go over REST).
+        """
+        with self._grant_lock:  # no credit granted across this
+            conn = self._conn
+            self._holding = self._holding_conn = None
+        if conn is None or conn.closed.is_set():
+            return
+        if "release" in conn.extensions:
+            try:
+                conn.send_json({"type": "release"})
+            except ConnectionLost:
+                return  # the connection is gone: the server gives them back anyway
+            handed_back = 0
+            while True:  # runs queued here unacknowledged: the server has them back now
+                try:
+                    item = conn.runs.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _END:
+                    conn.runs.put(_END)
+                    break
+                handed_back += 1
+            logger.info("Stopped receiving runs; handed back the runs delivered but not started%s",
+                        f" ({handed_back} queued here)" if handed_back else "")
+        else:
+            logger.info("Stopped receiving runs; closing the subscription socket so that a run delivered "
+                        "but not acknowledged goes back to the queue")
+            conn.abort(_Released("stopped receiving"))
 
     def close(self) -> None:
         """Stop the subscription from any thread. Never sends ``quit`` (see module doc):

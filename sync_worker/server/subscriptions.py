@@ -59,7 +59,10 @@ PREFECT_VIOLATION = 4001
 #: (proposals over this socket), ``prefetch`` and ``credit`` (flow control, see the module
 #: docstring), ``direct_running`` (RUNNING proposed for a RUNNING run is answered ABORT, so
 #: RUNNING alone claims a run).
-EXTENSIONS = ["set_state", "prefetch", "credit", "direct_running"]
+#: ``release`` (``{"type": "release"}``: a stopping worker takes no more runs on this
+#: connection and hands back every run delivered and not acknowledged, at once; the
+#: connection stays open as the lease of its acknowledged runs).
+EXTENSIONS = ["set_state", "prefetch", "credit", "direct_running", "release"]
 MAX_PREFETCH = 1000
 #: Most runs one connection may be granted, whatever credit it asks for.
 MAX_CREDIT = 1000
@@ -532,6 +535,14 @@ class Subscription:
             self._try_deliver()
         elif kind == "set_state":
             self._set_state(value)
+        elif kind == "release":
+            with self._cond:
+                self._quitting = True  # no delivery after this (see _deliver_one)
+            released = self._take_unacked()
+            for in_flight in released:
+                self.queue.give_back(self, *in_flight)
+            self.queue.forget_waiter(self)
+            logger.info("Task worker %r stopped receiving; %d run(s) handed back", self.client_id, len(released))
         elif kind == "quit":
             with self._cond:
                 self._quitting = True
@@ -670,7 +681,7 @@ class Subscription:
                     continue
                 text = found[0]
             with self._cond:
-                closed = self._closed
+                closed = self._closed or self._quitting
                 if not closed:
                     self._unacked[run_id] = (run_id, task_key, seq, text)
                     if self._credit is not None:

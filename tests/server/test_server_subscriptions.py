@@ -7,7 +7,9 @@ import time
 
 import pytest
 import websocket
-from conftest import read_close, wait_for
+from conftest import read_close
+
+from tests.helpers import wait_for
 
 
 def _handshake_close(wire, *messages, subprotocol=True):
@@ -28,7 +30,7 @@ def test_auth_success_advertises_extensions(wire, protocol):
     assert ws.subprotocol == "prefect"
     ws.send(json.dumps(protocol("ws_01_client_auth.json")))
     reply = json.loads(ws.recv())
-    assert reply == {"type": "auth_success", "extensions": ["set_state", "prefetch", "credit", "direct_running"]}
+    assert reply == {"type": "auth_success", "extensions": ["set_state", "prefetch", "credit", "direct_running", "release"]}
     ws.close()
 
 
