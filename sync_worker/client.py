@@ -197,9 +197,16 @@ class Client:
     def delete_task_run(self, task_run_id: str) -> None:
         self._retried(lambda: self._request("DELETE", f"/task_runs/{task_run_id}"))
 
-    def set_task_run_state(self, task_run_id: str, state: State, force: bool = False) -> OrchestrationResult:
+    def set_task_run_state(self, task_run_id: str, state: State, force: bool = False, *,
+                           retry: bool = True) -> OrchestrationResult:
+        """Propose a state. ``retry=False``: one request, for callers with their own retry
+        rule (the engine's), so that no retry loop runs inside another."""
         body = {"state": state.to_json(), "force": force}
-        response = self._retried(lambda: self._request("POST", f"/task_runs/{task_run_id}/set_state", json_body=body))
+
+        def call() -> requests.Response:
+            return self._request("POST", f"/task_runs/{task_run_id}/set_state", json_body=body)
+
+        response = self._retried(call) if retry else call()
         return OrchestrationResult.from_json(response.json())
 
     def health(self) -> bool:

@@ -454,6 +454,7 @@ class TaskWorker:
             )
             self._executor = _RunThreads(self._limit, "sync-worker-run")
             self._stop_event.clear()
+            self._drain_deadline = None
             self._done.clear()
             self._error = None
             self.stopping = False
@@ -501,8 +502,18 @@ class TaskWorker:
                 return
             self.stopping = True
             self._started_at = None
+            self._drain_deadline = time.monotonic() + self.settings.drain_timeout
             self._stop_event.set()
         logger.info("Stopping task worker %s...", self.client_id)
+
+    _drain_deadline: float | None = None
+
+    def _keeps_trying(self) -> bool:
+        """The engine's retry rule for reporting states: a run executed here is reported
+        whatever the server answers in between, until the worker is stopped past its drain
+        timeout (then the process may be gone any moment; the server's lease takes over)."""
+        deadline = self._drain_deadline
+        return deadline is None or not self._stop_event.is_set() or time.monotonic() < deadline
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait until the worker has stopped and its in-flight runs finished; True if so."""
@@ -568,6 +579,8 @@ class TaskWorker:
             with self._lock:
                 self.stopping = True
                 self._started_at = None
+            if self._drain_deadline is None:
+                self._drain_deadline = time.monotonic() + self.settings.drain_timeout
             self._stop_event.set()
             if self._subscription is not None:
                 # From this thread, the only one that acks: no ack can cross the hand-back.
@@ -673,6 +686,7 @@ class TaskWorker:
             outcome = run_task_run(
                 task, task_run, client=self._client, store=self._store, settings=self.settings,
                 subscription=self._subscription, retry_scheduler=self._retry_timers, on_executed=release_slot,
+                keep_trying=self._keeps_trying,
             )
             logger.debug("Task run %s finished here: %s", task_run.id, outcome.value)
         except BaseException:
