@@ -339,6 +339,9 @@ class Subscription:
         self.fast_path = fast_path_enabled() if fast_path is None else fast_path
         self.ping_interval = ping_interval
         self.max_backoff = max_backoff
+        #: The reconnection backoff's cap: ``max_backoff``, lowered by the lease timeout the
+        #: server announces (a quarter of it, plus at most 0.5 s of jitter).
+        self.backoff_cap = max_backoff
         self.open_timeout = open_timeout if open_timeout is not None else min(float(client.timeout or 30.0), 30.0)
         self.stop_event = stop_event
         self._closed = threading.Event()
@@ -403,6 +406,7 @@ class Subscription:
                     f"The server did not accept the subscription's auth message ({reply.get('reason') or reply}); {_AUTH_HINT}"
                 )
             extensions = list(reply.get("extensions") or [])
+            self._learn_lease_timeout(reply.get("lease_timeout"))
             subscribe: dict[str, Any] = {"type": "subscribe", "keys": self.keys, "client_id": self.client_id}
             # Held until the connection is published, so that a grant() cannot fall between
             # counting the free slots and the server knowing about them. Released only by
@@ -438,6 +442,13 @@ class Subscription:
                     "; set_state over the socket" if self.supports_set_state else "")
         return conn
 
+    def _learn_lease_timeout(self, lease: Any) -> None:
+        """Cap the reconnection backoff well below the lease timeout the server announced:
+        after a blip or a server restart, a live worker subscribes again (and so keeps the
+        runs it is executing) before their leases run out."""
+        if isinstance(lease, (int, float)) and not isinstance(lease, bool) and lease > 0:
+            self.backoff_cap = max(0.1, min(self.max_backoff, lease / 4))
+
     def _count_connect(self) -> None:
         global _process_has_connected
         self.connects += 1
@@ -467,7 +478,7 @@ class Subscription:
 
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception(lambda exc: not self._stopping() and _is_intermittent(exc)),
-            wait=tenacity.wait_exponential(multiplier=0.2, max=self.max_backoff) + tenacity.wait_random(0, 0.5),
+            wait=tenacity.wait_exponential(multiplier=0.2, max=self.backoff_cap) + tenacity.wait_random(0, 0.5),
             stop=lambda state: self._stopping(),
             sleep=self._sleep,
             before_sleep=before_sleep,

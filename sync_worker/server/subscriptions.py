@@ -324,7 +324,10 @@ def _authenticate(ws: WebSocket, core: Core) -> None:
             raise _Close(POLICY_VIOLATION, "Auth required but no token provided")
         if not core.check_token(token):
             raise _Close(POLICY_VIOLATION, "Invalid token")
-    ws.send(json.dumps({"type": "auth_success", "extensions": EXTENSIONS}))
+    # lease_timeout: how long a run acknowledged on a lost connection stays this worker's;
+    # a worker reconnects within it (its backoff is capped below it) to keep its runs
+    ws.send(json.dumps({"type": "auth_success", "extensions": EXTENSIONS,
+                        "lease_timeout": core.queue.lease_timeout}))
 
 
 def _read_subscribe(ws: WebSocket) -> tuple[list[str], str, int, int | None]:

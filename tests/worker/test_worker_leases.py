@@ -66,3 +66,16 @@ def test_a_stopping_worker_keeps_its_connection_until_its_runs_finished(api_env,
     assert long_run.result(timeout=5) == 1
     assert held.state.type.value == "SCHEDULED"  # handed back to the queue, not lost
     assert _starts(marks, 2) == 0
+
+
+def test_reconnect_backoff_is_capped_below_the_announced_lease_timeout(server_factory, tmp_path, monkeypatch,
+                                                                       start_worker):
+    server = server_factory(lease_timeout=2.0)
+    monkeypatch.setenv("SYNC_WORKER_API_URL", server.url)
+    monkeypatch.setenv("SYNC_WORKER_STORAGE", str(tmp_path / "store"))
+    worker = start_worker(wt.add, limit=1)
+    assert wt.add.delay(1, 1).result(timeout=30) == 2
+    subscription = worker._subscription
+    assert subscription.max_backoff == 10.0
+    # a quarter of the lease (plus at most 0.5 s of jitter): back well within the lease
+    assert subscription.backoff_cap == 0.5
