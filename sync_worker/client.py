@@ -84,6 +84,8 @@ class Client:
         settings: Optional[Settings] = None,
     ):
         settings = settings or get_settings()
+        #: The settings this client was made with (its rpc socket follows them too).
+        self.settings = settings
         self.api_url = (api_url or settings.api_url).rstrip("/")
         self.auth_string = auth_string if auth_string is not None else settings.auth_string
         self.api_key = api_key if api_key is not None else settings.api_key

@@ -104,8 +104,11 @@ class RpcChannel:
 
 
 def rpc_channel(client: Client) -> RpcChannel | None:
-    """The channel a client should use, or None when the fast path is switched off."""
-    return RpcChannel(client) if fast_path_enabled() else None
+    """The channel a client should use, or None when its settings switch the fast path off
+    (the client's own settings, not the environment's at the time of the call)."""
+    settings = getattr(client, "settings", None)
+    enabled = settings.fast_path if settings is not None else fast_path_enabled()
+    return RpcChannel(client) if enabled else None
 
 
 __all__ = ["ConnectionLost", "RpcChannel", "RpcUnavailable", "rpc_channel"]

@@ -40,10 +40,13 @@ logger = logging.getLogger("sync_worker.tasks")
 #: fast (a no-op run completes in a few milliseconds), back off to at most this many seconds.
 POLL_INITIAL = 0.001
 POLL_MAX = 0.25
-#: On the embedded server ``wait`` is answered when the run finishes; after this many
-#: seconds without an answer the state is read over REST once (a run crashed by a lease,
-#: or a lost answer) and the wait goes on.
-PUSHED_WAIT_CHUNK = 5.0
+#: On the embedded server ``wait`` is answered when the run finishes, or after this many
+#: seconds with the run as it is (the server then forgets the wait: nothing accumulates
+#: however long a caller waits); the wait goes on with a new request.
+PUSHED_WAIT_CHUNK = 30.0
+#: How long past a wait's own timeout its answer may take before the socket counts as
+#: broken (then the state is read over REST once and the wait goes on).
+PUSHED_WAIT_GRACE = 5.0
 
 
 def default_task_key(fn: Callable[..., Any]) -> str:
@@ -277,8 +280,8 @@ class TaskRunFuture(Generic[R]):
                 return self._finished(self.task_run)
             chunk = PUSHED_WAIT_CHUNK if remaining is None else min(PUSHED_WAIT_CHUNK, remaining)
             try:
-                result = self._client.call_rpc({"type": "wait", "task_run_id": self.task_run_id},
-                                               "wait for task run", timeout=chunk)
+                result = self._client.call_rpc({"type": "wait", "task_run_id": self.task_run_id, "timeout": chunk},
+                                               "wait for task run", timeout=chunk + PUSHED_WAIT_GRACE)
             except RpcUnavailable:
                 return False
             except requests.ConnectionError:  # no answer in this chunk, or the socket broke
