@@ -45,6 +45,7 @@ _EXPORTS = {
     "ParameterReadError": "sync_worker.exceptions",
     "TaskRunFailed": "sync_worker.exceptions",
     "CredentialsError": "sync_worker.exceptions",
+    "ServerUnavailable": "sync_worker.exceptions",
 }
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "ObjectNotFound",
     "ParameterReadError",
     "SerializationError",
+    "ServerUnavailable",
     "Settings",
     "StopTaskWorker",
     "SyncWorkerError",

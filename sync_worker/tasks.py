@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 import tenacity
 
-from sync_worker.exceptions import SerializationError, TaskRunFailed
+from sync_worker.exceptions import APIError, SerializationError, TaskRunFailed
 from sync_worker.schemas import EmpiricalPolicy, Scheduled, State, StateType, TaskRun, task_run_create
 from sync_worker.settings import get_settings
 from sync_worker.storage import SERIALIZERS, RecordStore, delete_parameters, get_store, read_result, write_parameters
@@ -174,8 +174,11 @@ class Task(Generic[P, R]):
         )
         try:
             task_run = client.create_task_run(body)
-        except BaseException:
-            if parameters_id:
+        except APIError as exc:
+            # refused (4xx): certainly not created, its parameters are of no use. After
+            # connection errors or 5xx (ServerUnavailable) the run may exist: its
+            # parameters stay, so that it never becomes a run without parameters.
+            if parameters_id and exc.status_code < 500:
                 _quietly_delete(store, parameters_id)
             raise
         logger.debug("Submitted %s run %s", self.name, task_run.id)

@@ -68,16 +68,19 @@ class Core:
 
     # -- task runs -------------------------------------------------------------------------------
     def create_task_run(self, body: Any) -> str:
-        """Validate and store a run (queued when SCHEDULED + deferred); returns its JSON text."""
-        op, text = self._create_op(body)
-        self.db.write(op)
-        return text
+        """Validate and store a run (queued when SCHEDULED + deferred); returns its JSON text.
+
+        Idempotent by the client-chosen ``id``: repeating a create whose answer was lost
+        returns the run it created (same id, same task key and dynamic key) instead of a
+        409, so clients can retry creates safely. A different run with that id is a 409."""
+        op, _text = self._create_op(body)
+        return self.db.write(op)
 
     def create_task_run_async(self, body: Any, callback: Callable[[str | None, BaseException | None], None]) -> None:
         """:meth:`create_task_run` without waiting: ``callback(run_text, error)`` after the
         commit (see :meth:`set_state_async`). Invalid bodies raise ValidationError here."""
-        op, text = self._create_op(body)
-        self.db.submit(op, lambda _result, error: callback(None if error else text, error), inline=True)
+        op, _text = self._create_op(body)
+        self.db.submit(op, lambda result, error: callback(None if error else result, error), inline=True)
 
     def _create_op(self, body: Any) -> tuple[Callable[[Transaction], None], str]:
         now = time.time()
@@ -91,16 +94,21 @@ class Core:
         text = row.dump()
         queue = self.queue
 
-        def op(tx: Transaction) -> None:
+        def op(tx: Transaction) -> str:
             if background:
                 queue.place(row, now)
             try:
                 tx.insert_run(row)
             except sqlite3.IntegrityError:
+                existing = tx.get_run(row.id)
+                if existing is not None and _same_create(existing.run, run):
+                    logger.debug("create of task run %s repeated: answering the existing run", row.id)
+                    return existing.dump()
                 raise Conflict(f"A task run with id {row.id} already exists") from None
             if background:
                 queue.placed(tx, row)
             logger.debug("created task run %s (%s) in state %s", row.id, row.task_key, row.state_type)
+            return text
 
         return op, text
 
@@ -271,3 +279,9 @@ def parse_json_body(raw: bytes) -> tuple[Any, str | None]:
 
 
 dumps = _dumps
+
+
+def _same_create(existing: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether a create names the run that already has its id (a repeated create): same
+    task key and dynamic key (unique per create on Prefect's client and ours)."""
+    return existing.get("task_key") == new.get("task_key") and existing.get("dynamic_key") == new.get("dynamic_key")
