@@ -454,10 +454,19 @@ class TaskRunEngine:
         if self.task.persist_result:
             try:
                 data = self._result_data(value, self.task.result_serializer)
-            except SerializationError as exc:
-                return self._report_failure(exc)
+            except Exception as exc:  # noqa: BLE001 - any way the result cannot be kept
+                return self._report_unstorable(exc)
         result = self.propose(Completed(data=data))
         return self._final(result, Outcome.COMPLETED)
+
+    def _report_unstorable(self, exc: BaseException) -> Outcome:
+        """The function ran but its result cannot be stored: FAILED for good, not retried
+        (a retry would repeat the function's side effects and fail the same way)."""
+        reason = str(exc) if isinstance(exc, SerializationError) else f"{type(exc).__name__}: {exc}"
+        message = f"Task run finished but its result could not be stored, so it is failed without retrying: {reason}"
+        self.logger.error("%s: %s", self._label, message)
+        result = self.propose(Failed(message, data=self._exception_record(exc), deferred=False), force=True)
+        return self._final(result, Outcome.FAILED)
 
     def _report_failure(self, exc: BaseException) -> Outcome:
         if not isinstance(exc, Exception):
@@ -465,7 +474,8 @@ class TaskRunEngine:
             # not of the worker.
             self.logger.warning("Task run %s raised %r", self._label, exc)
         message = exception_message(exc)
-        self.logger.info("%s failed: %s", self._label, message, exc_info=self.logger.isEnabledFor(logging.DEBUG))
+        # WARNING with the traceback: whether it is retried is the server's answer (logged next)
+        self.logger.warning("%s failed: %s", self._label, message, exc_info=(type(exc), exc, exc.__traceback__))
         result = self.propose(Failed(message, data=self._exception_record(exc), deferred=True))
         return self._final(result, Outcome.FAILED)
 

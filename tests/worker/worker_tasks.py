@@ -155,3 +155,12 @@ def sleep_marked(i, path, seconds):
     time.sleep(seconds)
     _append(path, f"end {i} {os.getpid()}")
     return i
+
+
+UNSTORABLE_CALLS = []
+
+
+@task(task_key="tests.unstorable", retries=2)
+def unstorable():
+    UNSTORABLE_CALLS.append(1)
+    return object()  # not JSON: the result cannot be stored
