@@ -32,7 +32,6 @@ worker's retry timers when due (Prefect does not re-queue it).
 from __future__ import annotations
 
 import enum
-import inspect
 import logging
 import os
 import socket
@@ -108,7 +107,7 @@ def should_try_to_read_parameters(task: Task[..., Any], task_run: TaskRun) -> bo
     state = task_run.state
     if state is None or not state.state_details.task_parameters_id:
         return False
-    return bool(inspect.signature(task.fn).parameters)
+    return task.takes_parameters
 
 
 def exception_message(exc: BaseException) -> str:

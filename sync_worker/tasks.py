@@ -130,6 +130,8 @@ class Task(Generic[P, R]):
 
     @property
     def takes_parameters(self) -> bool:
+        """Whether the function has parameters at all (a worker reads a run's parameters
+        record only then)."""
         return bool(self._signature.parameters)
 
     def bind(self, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -3,19 +3,16 @@
 ``TaskWorker`` and ``serve`` mirror ``prefect.task_worker`` (names, parameters, defaults,
 the ``/status`` JSON), without asyncio. Per worker:
 
-- a **service thread** runs a blocking loop under
-  :func:`sync_worker.services.critical_service_loop`: it iterates the websocket
-  subscription, and for each delivered run *reserves a free slot first, then acks*.
-  Reserving before the ack is the backpressure: the server holds the next run back until
-  the ack, so a worker whose slots are all busy takes nothing more and an idle worker gets
-  the runs. The protocol still hands a full worker the next run right after its last
-  ack: that one run waits, unacknowledged, for this worker's first free slot (if the
-  worker stops first, closing the socket re-queues it). Handing it back by closing the
-  socket was tried and rejected: on the embedded server the open connection is the
-  lease of the runs in flight, so closing it would get long runs re-delivered to
-  another worker while they are still running here.
-- an **executor**, ``ThreadPoolExecutor(max_workers=limit)``, runs each run through the
-  engine (:mod:`sync_worker.engine`).
+- a **service thread** iterates the websocket subscription (which reconnects by itself,
+  see :mod:`sync_worker.subscription`), and for each delivered run *reserves a free slot
+  first, then acks*.
+  Reserving before the ack is the backpressure. On the embedded server the worker
+  subscribes with the ``credit`` extension (one credit per free slot), so a full worker
+  holds no run it cannot start; under Prefect's one-run-per-ack protocol a full worker
+  holds the next run, unacknowledged, until a slot frees. The open connection is the
+  lease of the runs in flight on the embedded server: it stays open until they are done.
+- an **executor** of at most ``limit`` daemon threads runs each run through the engine
+  (:mod:`sync_worker.engine`); :class:`Slots` is the one count of what executes.
 
 Two ways to run it::
 
@@ -29,8 +26,11 @@ Two ways to run it::
     with TaskWorker(add) as worker:          # non-blocking start, stop + drain on exit
         ...
 
-Stopping (``stop()``, SIGTERM, ``timeout``, Ctrl-C) stops taking runs at once and lets
-in-flight runs finish. ``stop()`` never waits, so it is safe from any thread, from a
+Stopping (``stop()``, SIGTERM, ``timeout``, Ctrl-C) stops taking runs at once: no more
+credit is granted, runs delivered but not started are handed back (the embedded server's
+``release`` message; closing the socket on a Prefect server), and in-flight runs finish,
+their states reported, within ``SYNC_WORKER_DRAIN_TIMEOUT`` on every path. "stopped" is
+logged after the drain. ``stop()`` never waits, so it is safe from any thread, from a
 signal handler and from inside a task; ``join()`` waits for the drain.
 
 Forking: a worker's threads do not survive ``os.fork()``. A worker started in a parent
@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from sync_worker import metrics
 from sync_worker.engine import Outcome, run_task_run, should_try_to_read_parameters
-from sync_worker.services import critical_service_loop, start_client_metrics_server
+from sync_worker.services import start_client_metrics_server
 from sync_worker.settings import Settings, get_settings
 from sync_worker.tasks import Task
 
@@ -88,7 +88,7 @@ class StopTaskWorker(Exception):
     """Raised when the task worker is stopped.
 
     It is raised inside the worker's service thread, after :meth:`TaskWorker.stop`, to
-    unwind the service loop (``critical_service_loop`` lets it through: it is not an
+    unwind the service loop (``critical_service_loop`` lets it through too: it is not an
     intermittent error). User code does not need to catch it: ``stop()`` itself never
     raises it in the caller, so calling ``stop()`` from a task or a view is safe.
     """
@@ -421,9 +421,9 @@ class TaskWorker:
                     self.stop()
                     self._drain()
             except KeyboardInterrupt:
-                logger.info("Task worker interrupted, stopping (press Ctrl-C again to stop at once)...")
-                self.stop()
                 try:
+                    logger.info("Task worker interrupted, stopping (press Ctrl-C again to stop at once)...")
+                    self.stop()
                     drained = self._drain()
                 except KeyboardInterrupt:
                     self._cold_stop()
@@ -566,10 +566,10 @@ class TaskWorker:
     # -- the service thread ------------------------------------------------------------
     def _service(self) -> None:
         try:
-            critical_service_loop(
-                self._serve_subscription, interval=1.0, printer=logger.warning, stop_event=self._stop_event,
-                jitter_range=0.3,
-            )
+            # Not wrapped in critical_service_loop: the subscription reconnects by itself
+            # (one retry rule, its backoff capped below the server's lease timeout); what
+            # reaches here is not worth retrying (refused credentials, a protocol error).
+            self._serve_subscription()
         except StopTaskWorker:
             pass
         except BaseException as exc:  # noqa: BLE001 - reported by start()/join()

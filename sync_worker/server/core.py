@@ -78,7 +78,7 @@ class Core:
 
     def create_task_run_async(self, body: Any, callback: Callable[[str | None, BaseException | None], None]) -> None:
         """:meth:`create_task_run` without waiting: ``callback(run_text, error)`` after the
-        commit (see :meth:`set_state_async`). Invalid bodies raise ValidationError here."""
+        commit (see :meth:`set_states_async`). Invalid bodies raise ValidationError here."""
         op, _text = self._create_op(body)
         self.db.submit(op, lambda result, error: callback(None if error else result, error), inline=True)
 
@@ -227,21 +227,16 @@ class Core:
 
     def set_states_async(self, proposals: list[tuple[str, dict[str, Any], bool, Callable[..., None]]],
                          holder: str | None = None) -> None:
-        """Several :meth:`set_state_async` at once, in order, committed together when possible:
-        ``proposals`` are (run_id, proposed, force, callback)."""
+        """Orchestrate proposals without waiting for other writers, in order, committed
+        together when possible: ``proposals`` are (run_id, proposed, force, callback), and
+        ``callback(result_text, error)`` runs after the commit, in this thread if it committed
+        itself, else in the thread that did (keep it short). Call it holding no lock that
+        operations or hooks take."""
         self.db.submit_many(
             [(self._set_state_op(run_id, proposed, force, holder), callback)
              for run_id, proposed, force, callback in proposals],
             inline=True,
         )
-
-    def set_state_async(self, run_id: str, proposed: dict[str, Any], force: bool,
-                        callback: Callable[[str | None, BaseException | None], None],
-                        holder: str | None = None) -> None:
-        """:meth:`set_state` without waiting for other writers: ``callback(result_text, error)``
-        runs after the commit, in this thread if it committed itself, else in the thread that
-        did (keep it short). Call it holding no lock that operations or hooks take."""
-        self.db.submit(self._set_state_op(run_id, proposed, force, holder), callback, inline=True)
 
     # -- records ---------------------------------------------------------------------------------
     def put_record(self, key: str, data: bytes) -> None:
@@ -278,7 +273,6 @@ def parse_json_body(raw: bytes) -> tuple[Any, str | None]:
         return None, f"Request body is not valid JSON: {exc}"
 
 
-dumps = _dumps
 
 
 def _same_create(existing: dict[str, Any], new: dict[str, Any]) -> bool:

@@ -15,17 +15,15 @@ Per connection there are three threads:
 Answers to ``set_state`` may come back in any order (matched by ``request_id``).
 
 Flow control: as in Prefect, a connection holds one run at a time by default, and each ack
-lets the next one go. Two extensions lift that, offered in ``auth_success``:
+lets the next one go. The ``credit`` extension, offered in ``auth_success``, lifts that:
 
-- ``prefetch``: ``"prefetch": N`` in the subscribe message (1-1000) lets up to N runs await
-  their acks (a window: each ack lets one more go);
 - ``credit``: ``"credit": N`` in the subscribe message: the server sends up to N runs
   without waiting for acks (one credit each) and more only when the client grants them with
   ``{"type": "credit", "n": K}``. A worker grants one credit per free execution slot, so
   delivery is pipelined and a busy worker never holds a run it cannot start (the
   sync_worker worker uses this one).
 
-Either way acks keep their meaning (they turn a delivered run into a leased one) and
+Acks keep their meaning (they turn a delivered run into a leased one) and
 acknowledge the oldest unacknowledged run.
 """
 from __future__ import annotations
@@ -56,14 +54,12 @@ NORMAL = 1000
 PREFECT_VIOLATION = 4001
 
 #: Extensions offered in ``auth_success`` (Prefect clients ignore the field): ``set_state``
-#: (proposals over this socket), ``prefetch`` and ``credit`` (flow control, see the module
-#: docstring), ``direct_running`` (RUNNING proposed for a RUNNING run is answered ABORT, so
+#: (proposals over this socket), ``credit`` (flow control, see the module docstring), ``direct_running`` (RUNNING proposed for a RUNNING run is answered ABORT, so
 #: RUNNING alone claims a run).
 #: ``release`` (``{"type": "release"}``: a stopping worker takes no more runs on this
 #: connection and hands back every run delivered and not acknowledged, at once; the
 #: connection stays open as the lease of its acknowledged runs).
-EXTENSIONS = ["set_state", "prefetch", "credit", "direct_running", "release"]
-MAX_PREFETCH = 1000
+EXTENSIONS = ["set_state", "credit", "direct_running", "release"]
 #: Most runs one connection may be granted, whatever credit it asks for.
 MAX_CREDIT = 1000
 #: set_state requests of one connection that may await their answers; past this the server
@@ -295,8 +291,8 @@ def handle_websocket(environ: dict[str, Any], core: Core, registry: Subscription
             _authenticate(ws, core)
         elif core.auth_string is not None:
             raise _Close(PROTOCOL_ERROR, "'prefect' subprotocol required when auth is configured")
-        keys, client_id, prefetch, credit = _read_subscribe(ws)
-        Subscription(ws, core, keys, client_id, peer, prefetch, credit).run()
+        keys, client_id, credit = _read_subscribe(ws)
+        Subscription(ws, core, keys, client_id, peer, credit).run()
 
     serve_socket(environ, registry, max_message_size, "subscription", serve)
 
@@ -330,7 +326,7 @@ def _authenticate(ws: WebSocket, core: Core) -> None:
                         "lease_timeout": core.queue.lease_timeout}))
 
 
-def _read_subscribe(ws: WebSocket) -> tuple[list[str], str, int, int | None]:
+def _read_subscribe(ws: WebSocket) -> tuple[list[str], str, int | None]:
     value = _decode(ws.receive())
     if value.get("type") != "subscribe":
         raise _Close(PREFECT_VIOLATION, "Protocol violation: expected 'subscribe' message")
@@ -344,16 +340,10 @@ def _read_subscribe(ws: WebSocket) -> tuple[list[str], str, int, int | None]:
         raise _Close(PREFECT_VIOLATION, "Protocol violation: expected 'client_id' in subscribe message")
     if not isinstance(client_id, str):
         raise _Close(PREFECT_VIOLATION, "Protocol violation: 'client_id' must be a string")
-    prefetch = value.get("prefetch", 1)
-    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or not 1 <= prefetch <= MAX_PREFETCH:
-        raise _Close(PREFECT_VIOLATION,
-                     f"Protocol violation: 'prefetch' must be a whole number from 1 to {MAX_PREFETCH}")
     credit = value.get("credit")
     if credit is not None and (not isinstance(credit, int) or isinstance(credit, bool) or credit < 0):
         raise _Close(PREFECT_VIOLATION, "Protocol violation: 'credit' must be a whole number >= 0")
-    if credit is not None and "prefetch" in value:
-        raise _Close(PREFECT_VIOLATION, "Protocol violation: use either 'prefetch' or 'credit', not both")
-    return list(dict.fromkeys(keys)), client_id, prefetch, credit
+    return list(dict.fromkeys(keys)), client_id, credit
 
 
 class Subscription:
@@ -366,8 +356,7 @@ class Subscription:
     """
 
     def __init__(self, ws: WebSocket, core: Core, keys: list[str], client_id: str, peer: str,
-                 prefetch: int = 1, credit: int | None = None) -> None:
-        self.prefetch = prefetch
+                 credit: int | None = None) -> None:
         self.ws = ws
         self.core = core
         self.queue = core.queue
@@ -380,7 +369,7 @@ class Subscription:
         self._woken = True
         # delivered runs awaiting their ack, oldest first: id -> (id, key, seq, text)
         self._unacked: OrderedDict[str, tuple[str, str, int, str | None]] = OrderedDict()
-        # ``None``: an ack-driven window of ``prefetch`` runs (1: Prefect's protocol).
+        # ``None``: Prefect's protocol, one run awaiting its ack at a time.
         # A number: the credit extension (runs that may still be sent before a grant).
         self._credit = None if credit is None else min(credit, MAX_CREDIT)
         self._closed = False
@@ -625,7 +614,7 @@ class Subscription:
     def _may_send(self) -> bool:
         """Under ``self._cond``: whether flow control lets one more run go."""
         if self._credit is None:
-            return len(self._unacked) < self.prefetch
+            return not self._unacked  # Prefect's protocol: one run awaiting its ack
         return self._credit > 0
 
     def _post(self, message: str) -> None:

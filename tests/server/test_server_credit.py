@@ -22,7 +22,7 @@ def subscribe_with_credit(wire, credit, keys=None, client_id="credit-client") ->
 
 def test_auth_success_announces_the_extensions(wire):
     subscriber = wire.subscribe()
-    assert {"set_state", "prefetch", "credit", "direct_running"} <= set(subscriber.auth_reply["extensions"])
+    assert {"set_state", "credit", "direct_running", "release"} <= set(subscriber.auth_reply["extensions"])
 
 
 def test_without_credit_one_run_at_a_time_as_in_prefect(wire):
@@ -103,15 +103,6 @@ def test_running_is_a_claim_by_itself(wire):
     again = subscriber.set_state(run_id, "RUNNING")
     assert again["result"]["status"] == "ABORT"
     assert wire.read(run_id)["run_count"] == 1
-
-
-def test_prefetch_and_credit_are_exclusive(wire):
-    ws = wire.connect()
-    ws.send(json.dumps({"type": "auth", "token": None}))
-    ws.recv()
-    ws.send(json.dumps({"type": "subscribe", "keys": ["k"], "client_id": "c", "credit": 2, "prefetch": 2}))
-    code, reason = read_close(ws)
-    assert code == 4001 and "either 'prefetch' or 'credit'" in reason
 
 
 def test_release_hands_back_unacknowledged_runs_and_stops_deliveries(server, wire):
