@@ -32,15 +32,7 @@ from simple_websocket.errors import ConnectionClosed
 from .core import Conflict, Core, NotFound
 from .database import DatabaseClosed
 from .models import ValidationError
-from .subscriptions import (
-    PREFECT_VIOLATION,
-    SubscriptionRegistry,
-    WebSocket,
-    _authenticate,
-    _Close,
-    _decode,
-    serve_socket,
-)
+from .sockets import PREFECT_VIOLATION, Close, SubscriptionRegistry, WebSocket, authenticate, decode, serve_socket
 
 logger = logging.getLogger("sync_worker.server.rpc")
 
@@ -57,7 +49,7 @@ def handle_rpc(environ: dict[str, Any], core: Core, registry: SubscriptionRegist
     """Serve one rpc connection until it ends (runs in the HTTP handler thread)."""
 
     def serve(ws: WebSocket, peer: str) -> None:
-        _authenticate(ws, core)
+        authenticate(ws, core)
         channel = RpcChannel(ws, core, peer)
         try:
             channel.run()
@@ -94,7 +86,7 @@ class RpcChannel:
                 message = self.ws.receive()
                 if message is None:  # the connection ended
                     return
-                self._handle(_decode(message))
+                self._handle(decode(message))
         finally:
             with self._cond:
                 self._closed = True
@@ -105,9 +97,9 @@ class RpcChannel:
         kind = value.get("type")
         request_id = value.get("request_id")
         if kind not in ("create", "wait"):
-            raise _Close(PREFECT_VIOLATION, "Protocol violation: expected 'create' or 'wait'")
+            raise Close(PREFECT_VIOLATION, "Protocol violation: expected 'create' or 'wait'")
         if not isinstance(request_id, str) or not request_id:
-            raise _Close(PREFECT_VIOLATION, "Protocol violation: 'request_id' must be a non-empty string")
+            raise Close(PREFECT_VIOLATION, "Protocol violation: 'request_id' must be a non-empty string")
         if kind == "create":
             self._create(request_id, value.get("body"))
         else:
