@@ -136,6 +136,9 @@ class App:
         if endpoint == "subscribe":
             return self.subscribe(environ)
         if endpoint == "rpc":
+            if self.core.prefect_compatible:  # as a Prefect server: no such endpoint
+                self._discard_body(environ)
+                return _error(404, f"Not found: {method} {path}")
             return self.subscribe(environ, handler=handle_rpc)
         if not self.core.check_authorization(environ.get("HTTP_AUTHORIZATION")):
             self._discard_body(environ)

@@ -45,6 +45,9 @@ class Core:
         self._finish_lock = threading.Lock()
         queue.on_finished = self._finished  # a lease running out into CRASHED wakes waiters too
         self.auth_string = auth_string
+        #: Prefect-compatible mode: announce no extension and serve no rpc socket, so that
+        #: clients behave as with a Prefect server (their Prefect dialect gets exercised).
+        self.prefect_compatible = False
         self._basic = (
             ("Basic " + base64.b64encode(auth_string.encode()).decode()).encode() if auth_string else None
         )

@@ -283,11 +283,14 @@ class Server:
         ping_interval: seconds between websocket pings; a subscriber that does not answer
             one before the next is disconnected (so a vanished worker's leases start to run
             out even without a TCP reset). None disables.
+        prefect_compatible: announce no extension and serve no rpc socket: clients use
+            Prefect's protocol only, as with a Prefect server (for testing that path).
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 4200, database: str = "", auth_string: str | None = None,
                  lease_timeout: float = 30.0, max_deliveries: int = 3, max_body_size: int = DEFAULT_MAX_BODY_SIZE,
-                 synchronous: str = "NORMAL", buffer_size: int = 1000, ping_interval: float | None = 20.0) -> None:
+                 synchronous: str = "NORMAL", buffer_size: int = 1000, ping_interval: float | None = 20.0,
+                 prefect_compatible: bool = False) -> None:
         if not database:
             database = os.path.join(os.path.expanduser("~"), ".sync_worker", "server.db")
         if lease_timeout <= 0:
@@ -309,6 +312,7 @@ class Server:
         self.synchronous = synchronous
         self.buffer_size = buffer_size
         self.ping_interval = ping_interval
+        self.prefect_compatible = prefect_compatible
         self.db: SQLiteDatabase | None = None
         self.queue: RunQueue | None = None
         self.core: Core | None = None
@@ -349,6 +353,7 @@ class Server:
         try:
             self.queue.recover(self.db.recover())
             self.core = Core(self.db, self.queue, self.auth_string)
+            self.core.prefect_compatible = self.prefect_compatible
             app = App(self.core, self._registry, self.max_body_size)
             listener = _bind(self.host, self.port)
             try:

@@ -80,7 +80,9 @@ def handle_websocket(environ: dict[str, Any], core: Core, registry: Subscription
         if ws.subprotocol == "prefect":
             # lease_timeout: how long a run acknowledged on a lost connection stays this
             # worker's; a worker reconnects within it (its backoff is capped below it)
-            authenticate(ws, core, {"extensions": EXTENSIONS, "lease_timeout": core.queue.lease_timeout})
+            announce = {} if core.prefect_compatible else {
+                "extensions": EXTENSIONS, "lease_timeout": core.queue.lease_timeout}
+            authenticate(ws, core, announce)
         elif core.auth_string is not None:
             raise _Close(PROTOCOL_ERROR, "'prefect' subprotocol required when auth is configured")
         keys, client_id, credit = _read_subscribe(ws)
