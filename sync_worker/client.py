@@ -143,11 +143,11 @@ class Client:
     @property
     def rpc(self) -> Any:
         """The embedded server's rpc socket (:mod:`sync_worker.rpc`), opened on first use;
-        None when ``SYNC_WORKER_FAST_PATH=false``."""
+        None when this client's settings refuse the extensions (``SYNC_WORKER_FAST_PATH``)."""
         if self._rpc is _UNSET:
-            from sync_worker.rpc import rpc_channel
+            from sync_worker.rpc import RpcChannel
 
-            self._rpc = rpc_channel(self)
+            self._rpc = RpcChannel(self) if self.settings.fast_path else None
         return self._rpc
 
     def call_rpc(self, message: Dict[str, Any], what: str, timeout: Optional[float] = None) -> Any:

@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING, Any
 import websocket
 
 from sync_worker.sockets import Connection, ConnectionLost, authenticate, open_socket
-from sync_worker.subscription import fast_path_enabled
 
 if TYPE_CHECKING:
     from sync_worker.client import Client
@@ -104,12 +103,4 @@ class RpcChannel:
             conn.abort(ConnectionLost("rpc channel closed"))
 
 
-def rpc_channel(client: Client) -> RpcChannel | None:
-    """The channel a client should use, or None when its settings switch the fast path off
-    (the client's own settings, not the environment's at the time of the call)."""
-    settings = getattr(client, "settings", None)
-    enabled = settings.fast_path if settings is not None else fast_path_enabled()
-    return RpcChannel(client) if enabled else None
-
-
-__all__ = ["ConnectionLost", "RpcChannel", "RpcUnavailable", "rpc_channel"]
+__all__ = ["ConnectionLost", "RpcChannel", "RpcUnavailable"]

@@ -83,6 +83,8 @@ class Settings:
             :class:`~sync_worker.exceptions.ServerUnavailable`.
         fast_path: use the embedded server's extensions when it offers them (states and
             creates over websockets, credit flow control); off, every call is Prefect's REST.
+            The one switch of the transport: read through the :class:`~sync_worker.client.
+            Client` made with these settings, by its rpc socket and by the subscription.
     """
 
     api_url: str = DEFAULT_API_URL

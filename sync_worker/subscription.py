@@ -25,8 +25,11 @@ dead link detected by pings) are intermittent and retried with exponential backo
 jitter (tenacity) until :meth:`close` or the stop event. Refused credentials (handshake 401/403, close 1008)
 raise :class:`SubscriptionAuthError` at once: retrying cannot fix them.
 
-The ``set_state`` fast path can be switched off with ``SYNC_WORKER_FAST_PATH=false``
-(then every state goes over REST, as with a Prefect server).
+What the connection offers is learned once per connection, from ``auth_success``: the
+embedded server's extensions (``set_state``, ``credit``, ``direct_running``, ``release``)
+and its ``lease_timeout``; a Prefect server announces none. The client's settings
+(``SYNC_WORKER_FAST_PATH=false``) can refuse the extensions, in this one place, through
+the client: then every state goes over REST and flow control is Prefect's.
 """
 from __future__ import annotations
 
@@ -66,13 +69,6 @@ _process_has_connected = False
 _process_lock = threading.Lock()
 
 
-def fast_path_enabled(env: dict[str, str] | None = None) -> bool:
-    """Whether ``SYNC_WORKER_FAST_PATH`` allows the embedded server's extensions (default: yes)."""
-    from sync_worker.settings import get_settings
-
-    return get_settings(env).fast_path
-
-
 class FastPathUnavailable(RuntimeError):
     """No connected socket offers ``set_state`` right now: use REST."""
 
@@ -87,6 +83,15 @@ def _is_intermittent(exc: BaseException) -> bool:
     if is_intermittent is not None and is_intermittent(exc):
         return True
     return isinstance(exc, (ConnectionError, OSError, websocket.WebSocketException))
+
+
+def _uses_extensions(client: Any) -> bool:
+    settings = getattr(client, "settings", None)
+    if settings is None:
+        from sync_worker.settings import get_settings
+
+        settings = get_settings()
+    return bool(settings.fast_path)
 
 
 class Subscription:
@@ -108,8 +113,6 @@ class Subscription:
         keys: the task keys to receive runs of.
         client_id: identifies this worker to the server (``host-pid``).
         client: a :class:`sync_worker.client.Client` for the URL and credentials.
-        fast_path: offer ``set_state`` over the socket when the server supports it
-            (default: ``SYNC_WORKER_FAST_PATH``, on).
         ping_interval: seconds of silence after which a ping is sent; a link silent for
             twice this is considered dead and reconnected.
         max_backoff: cap of the reconnection backoff, in seconds.
@@ -124,7 +127,6 @@ class Subscription:
         client_id: str,
         *,
         client: Any,
-        fast_path: bool | None = None,
         ping_interval: float = 15.0,
         max_backoff: float = 10.0,
         open_timeout: float | None = None,
@@ -137,7 +139,8 @@ class Subscription:
         self.client_id = client_id
         self.client = client
         self.url = client.websocket_url(SUBSCRIPTION_PATH)
-        self.fast_path = fast_path_enabled() if fast_path is None else fast_path
+        #: Whether the client's settings let it use the server's extensions (the one switch).
+        self.fast_path = _uses_extensions(client)
         self.ping_interval = ping_interval
         self.max_backoff = max_backoff
         #: The reconnection backoff's cap: ``max_backoff``, lowered by the lease timeout the

@@ -300,8 +300,6 @@ class TaskWorker:
             skipped with a warning).
         limit: the most runs executing at once; ``None`` for no limit. Defaults to 10.
         client: the REST client (default: one built from the settings).
-        fast_path: report states over the subscription socket when the server offers it
-            (default: ``SYNC_WORKER_FAST_PATH``, on); REST otherwise.
     """
 
     def __init__(
@@ -309,7 +307,6 @@ class TaskWorker:
         *tasks: Task[..., Any],
         limit: int | None = 10,
         client: Client | None = None,
-        fast_path: bool | None = None,
     ):
         if limit is not None and limit < 1:
             raise ValueError("limit must be >= 1, or None for no limit")
@@ -323,7 +320,6 @@ class TaskWorker:
         self._tasks_by_key = {t.task_key: t for t in self.tasks}
         self._limit = limit
         self._client_arg = client
-        self.fast_path = fast_path
 
         self._started_at: _dt.datetime | None = None
         self.stopping = False
@@ -448,7 +444,7 @@ class TaskWorker:
             from sync_worker.subscription import Subscription
 
             self._subscription = Subscription(
-                self.task_keys, self.client_id, client=self._client, fast_path=self.fast_path,
+                self.task_keys, self.client_id, client=self._client,
                 credit=self._free_slots,
                 stop_event=self._stop_event,
             )
