@@ -49,6 +49,7 @@ _EXPORTS = {
     "PortUnavailable": "sync_worker.exceptions",
     "TaskRunCancelled": "sync_worker.exceptions",
     "Cancelled": "sync_worker.exceptions",
+    "ServerUnavailable": "sync_worker.exceptions",
 }
 
 __all__ = [
@@ -61,6 +62,7 @@ __all__ = [
     "ParameterReadError",
     "PortUnavailable",
     "SerializationError",
+    "ServerUnavailable",
     "Settings",
     "StopTaskWorker",
     "SyncWorkerError",

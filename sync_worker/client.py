@@ -7,9 +7,10 @@ instead of opening one per state change.
 Retries: reads, deletes, record writes and state proposals are retried on connection
 errors and 5xx answers with exponential backoff and jitter (tenacity). Proposals are safe
 to retry because the server orchestrates them: a proposal that did land the first time is
-answered REJECT the second time, which the engine treats as "already there". Creating a
-run is retried only when the server refused it (429/503): a create that reached the server
-before the connection broke would otherwise run the task twice.
+answered REJECT the second time, which the engine treats as "already there". Creates are
+idempotent by the run id the client puts in the body (both servers answer a repeated
+create with the run it made), so a create is retried on connection errors, 429 and 5xx for
+up to ``SYNC_WORKER_SUBMIT_TIMEOUT`` seconds, then :class:`ServerUnavailable` is raised.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import json
 import logging
 import os
 import threading
+import uuid
 from typing import Any, Callable, Dict, Optional, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -25,7 +27,7 @@ import requests
 import tenacity
 from requests.adapters import HTTPAdapter
 
-from sync_worker.exceptions import APIError, ObjectNotFound, Unauthorized
+from sync_worker.exceptions import APIError, ObjectNotFound, ServerUnavailable, Unauthorized
 from sync_worker.schemas import OrchestrationResult, State, StateType, TaskRun
 from sync_worker.settings import Settings, get_settings
 
@@ -43,8 +45,8 @@ def _is_retryable(exc: BaseException) -> bool:
     return isinstance(exc, APIError) and exc.status_code >= 500
 
 
-def _was_refused(exc: BaseException) -> bool:
-    return isinstance(exc, APIError) and exc.status_code in (429, 503)
+def _create_retryable(exc: BaseException) -> bool:
+    return _is_retryable(exc) or (isinstance(exc, APIError) and exc.status_code == 429)
 
 
 def _retry_policy(predicate: Callable[[BaseException], bool], attempts: int) -> tenacity.Retrying:
@@ -84,6 +86,8 @@ class Client:
         settings: Optional[Settings] = None,
     ):
         settings = settings or get_settings()
+        #: The settings this client was made with (its rpc socket follows them too).
+        self.settings = settings
         self.api_url = (api_url or settings.api_url).rstrip("/")
         self.auth_string = auth_string if auth_string is not None else settings.auth_string
         self.api_key = api_key if api_key is not None else settings.api_key
@@ -104,9 +108,6 @@ class Client:
         elif self.api_key:
             self._session.headers["Authorization"] = f"Bearer {self.api_key}"
         self._rpc: Any = _UNSET
-        # A create refused with 429/503 was not carried out (the server said so), so unlike
-        # a broken connection it is safe to repeat: a busy Prefect server answers 503.
-        self._refused_retrying = _retry_policy(_was_refused, retry_attempts)
         self._retrying = _retry_policy(_is_retryable, retry_attempts)
 
     # -- plumbing ---------------------------------------------------------------------
@@ -146,11 +147,11 @@ class Client:
     @property
     def rpc(self) -> Any:
         """The embedded server's rpc socket (:mod:`sync_worker.rpc`), opened on first use;
-        None when ``SYNC_WORKER_FAST_PATH=false``."""
+        None when this client's settings refuse the extensions (``SYNC_WORKER_FAST_PATH``)."""
         if self._rpc is _UNSET:
-            from sync_worker.rpc import rpc_channel
+            from sync_worker.rpc import RpcChannel
 
-            self._rpc = rpc_channel(self)
+            self._rpc = RpcChannel(self) if self.settings.fast_path else None
         return self._rpc
 
     def call_rpc(self, message: Dict[str, Any], what: str, timeout: Optional[float] = None) -> Any:
@@ -176,19 +177,44 @@ class Client:
         return self._retrying(call)
 
     # -- task runs --------------------------------------------------------------------
-    def create_task_run(self, body: Dict[str, Any]) -> TaskRun:
+    def create_task_run(self, body: Dict[str, Any], timeout: Optional[float] = None) -> TaskRun:
         """Create a run from a body built by :func:`sync_worker.schemas.task_run_create`.
 
-        Over the embedded server's rpc socket when there is one, else ``POST /task_runs/``.
+        Each attempt goes over the embedded server's rpc socket when there is one, else
+        ``POST /task_runs/``. The one retry rule of creates: connection errors, 429 and 5xx
+        are tried again (exponential backoff with jitter) for ``timeout`` seconds (default
+        ``SYNC_WORKER_SUBMIT_TIMEOUT``), then :class:`ServerUnavailable` is raised. Safe
+        because the body carries the run's ``id``: a repeat of a create that did land
+        answers the same run.
         """
+        if "id" not in body:
+            body = {**body, "id": str(uuid.uuid4())}
+        limit = self.settings.submit_timeout if timeout is None else timeout
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(_create_retryable),
+            stop=tenacity.stop_after_delay(limit),
+            wait=tenacity.wait_exponential_jitter(multiplier=0.1, max=2.0),
+            before_sleep=_log_retry,
+            reraise=True,
+        )
+        try:
+            return retrying(self._create_once, body)
+        except Exception as exc:
+            if not _create_retryable(exc):
+                raise
+            raise ServerUnavailable(
+                f"Could not submit the task run to {self.api_url} within {limit:g} s ({exc}); is the server "
+                f"running? Set SYNC_WORKER_API_URL to its address, or SYNC_WORKER_SUBMIT_TIMEOUT to wait longer"
+            ) from exc
+
+    def _create_once(self, body: Dict[str, Any]) -> TaskRun:
         from sync_worker.rpc import RpcUnavailable
 
         try:
             return TaskRun.from_json(self.call_rpc({"type": "create", "body": body}, "POST /task_runs/"))
         except RpcUnavailable:
             pass
-        response = self._refused_retrying(lambda: self._request("POST", "/task_runs/", json_body=body))
-        return TaskRun.from_json(response.json())
+        return TaskRun.from_json(self._request("POST", "/task_runs/", json_body=body).json())
 
     def emit_events(self, events: list[Dict[str, Any]]) -> None:
         """``POST /events``: Prefect's event intake (its callers wait for state-change events)."""
@@ -201,9 +227,16 @@ class Client:
     def delete_task_run(self, task_run_id: str) -> None:
         self._retried(lambda: self._request("DELETE", f"/task_runs/{task_run_id}"))
 
-    def set_task_run_state(self, task_run_id: str, state: State, force: bool = False) -> OrchestrationResult:
+    def set_task_run_state(self, task_run_id: str, state: State, force: bool = False, *,
+                           retry: bool = True) -> OrchestrationResult:
+        """Propose a state. ``retry=False``: one request, for callers with their own retry
+        rule (the engine's), so that no retry loop runs inside another."""
         body = {"state": state.to_json(), "force": force}
-        response = self._retried(lambda: self._request("POST", f"/task_runs/{task_run_id}/set_state", json_body=body))
+
+        def call() -> requests.Response:
+            return self._request("POST", f"/task_runs/{task_run_id}/set_state", json_body=body)
+
+        response = self._retried(call) if retry else call()
         return OrchestrationResult.from_json(response.json())
 
     # -- operating the queue (runs_cli.py; filter/count also work against Prefect) --------------

@@ -32,7 +32,6 @@ worker's retry timers when due (Prefect does not re-queue it).
 from __future__ import annotations
 
 import enum
-import inspect
 import logging
 import os
 import socket
@@ -89,8 +88,12 @@ logger = logging.getLogger("sync_worker.engine")
 MAX_WAITS = 30
 #: Upper bound of one WAIT sleep, whatever the server asks.
 MAX_WAIT_SECONDS = 30.0
-#: How long a state proposal keeps being retried while the server is unreachable.
+#: How long a state proposal keeps being retried while the server is unreachable, for an
+#: engine run without a worker (a worker passes its own rule: as long as it lives, see
+#: ``keep_trying``).
 REPORT_RETRY_SECONDS = 60.0
+#: Cap of the wait between two attempts of one proposal.
+REPORT_MAX_BACKOFF = 5.0
 
 
 class Outcome(str, enum.Enum):
@@ -113,7 +116,7 @@ def should_try_to_read_parameters(task: Task[..., Any], task_run: TaskRun) -> bo
     state = task_run.state
     if state is None or not state.state_details.task_parameters_id:
         return False
-    return bool(inspect.signature(task.fn).parameters)
+    return task.takes_parameters
 
 
 def exception_message(exc: BaseException) -> str:
@@ -146,6 +149,7 @@ class TaskRunEngine:
         subscription: Subscription | None = None,
         retry_scheduler: RetryScheduler | None = None,
         on_executed: Callable[[], None] | None = None,
+        keep_trying: Callable[[], bool] | None = None,
     ):
         self.task = task
         self.task_run = task_run
@@ -168,6 +172,10 @@ class TaskRunEngine:
         #: the worker frees the execution slot then, so the next run's delivery overlaps
         #: this run's report.
         self.on_executed = on_executed
+        #: Whether a proposal the server could not take (connection lost, 5xx: disk full,
+        #: database locked, restarting) is tried again. The worker's rule: as long as it is
+        #: not stopped past its drain timeout. Without one: for REPORT_RETRY_SECONDS.
+        self.keep_trying = keep_trying
         self.logger = logging.LoggerAdapter(logger, {"task_run_id": task_run.id})
         self.state: State | None = task_run.state
         self.outcome: Outcome | None = None
@@ -223,6 +231,34 @@ class TaskRunEngine:
         )
 
     def _send(self, state: State, force: bool) -> OrchestrationResult:
+        """One proposal, tried until the server answers it. The one retry rule of state
+        reports: each attempt goes over the subscription socket when it offers
+        ``set_state`` and over REST (one request, no retry of its own) otherwise; an
+        attempt that fails intermittently (connection lost, timeout, 5xx) is repeated after
+        an exponential backoff with jitter (at most :data:`REPORT_MAX_BACKOFF` s) for as long
+        as :attr:`keep_trying` says. A repeated proposal that had landed is recognised by
+        :meth:`_landed`."""
+        started = time.monotonic()
+
+        def stop(retry_state: tenacity.RetryCallState) -> bool:
+            if self.keep_trying is not None:
+                return not self.keep_trying()
+            return time.monotonic() - started >= REPORT_RETRY_SECONDS
+
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(is_intermittent),
+            wait=tenacity.wait_exponential_jitter(multiplier=0.1, max=REPORT_MAX_BACKOFF),
+            stop=stop,
+            before_sleep=lambda rs: self.logger.warning(
+                "Could not report %s for %s (%s); trying again in %.1fs", state.name, self._label,
+                rs.outcome.exception() if rs.outcome else None, rs.next_action.sleep if rs.next_action else 0),
+            reraise=True,
+        )
+        return retrying(self._send_once, state, force)
+
+    def _send_once(self, state: State, force: bool) -> OrchestrationResult:
+        """One attempt: over the socket when it offers ``set_state``; if it is not connected
+        or breaks before the answer, over REST at once (one request)."""
         sub = self.subscription
         if sub is not None and sub.supports_set_state:
             from sync_worker.subscription import ConnectionLost, FastPathUnavailable
@@ -231,17 +267,7 @@ class TaskRunEngine:
                 return sub.set_state(self.task_run.id, state, force=force, timeout=self.settings.request_timeout)
             except (FastPathUnavailable, ConnectionLost) as exc:
                 self.logger.debug("set_state over the socket failed (%s); proposing %s over REST", exc, state.name)
-        retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception(is_intermittent),
-            wait=tenacity.wait_exponential(multiplier=0.5, max=5.0) + tenacity.wait_random(0, 0.5),
-            stop=tenacity.stop_after_delay(REPORT_RETRY_SECONDS),
-            before_sleep=lambda rs: self.logger.warning(
-                "Could not report %s for %s (%s); retrying", state.name, self._label,
-                rs.outcome.exception() if rs.outcome else None),
-            reraise=True,
-        )
-        # The client retries briefly by itself; this outlasts a server restart.
-        return retrying(self.client.set_task_run_state, self.task_run.id, state, force=force)
+        return self.client.set_task_run_state(self.task_run.id, state, force=force, retry=False)
 
     # -- the run -----------------------------------------------------------------------
     def run(self) -> Outcome:
@@ -440,10 +466,19 @@ class TaskRunEngine:
         if self.task.persist_result:
             try:
                 data = self._result_data(value, self.task.result_serializer)
-            except SerializationError as exc:
-                return self._report_failure(exc)
+            except Exception as exc:  # noqa: BLE001 - any way the result cannot be kept
+                return self._report_unstorable(exc)
         result = self.propose(Completed(data=data))
         return self._final(result, Outcome.COMPLETED)
+
+    def _report_unstorable(self, exc: BaseException) -> Outcome:
+        """The function ran but its result cannot be stored: FAILED for good, not retried
+        (a retry would repeat the function's side effects and fail the same way)."""
+        reason = str(exc) if isinstance(exc, SerializationError) else f"{type(exc).__name__}: {exc}"
+        message = f"Task run finished but its result could not be stored, so it is failed without retrying: {reason}"
+        self.logger.error("%s: %s", self._label, message)
+        result = self.propose(Failed(message, data=self._exception_record(exc), deferred=False), force=True)
+        return self._final(result, Outcome.FAILED)
 
     def _report_failure(self, exc: BaseException) -> Outcome:
         if isinstance(exc, Cancelled):
@@ -453,7 +488,8 @@ class TaskRunEngine:
             # not of the worker.
             self.logger.warning("Task run %s raised %r", self._label, exc)
         message = exception_message(exc)
-        self.logger.info("%s failed: %s", self._label, message, exc_info=self.logger.isEnabledFor(logging.DEBUG))
+        # WARNING with the traceback: whether it is retried is the server's answer (logged next)
+        self.logger.warning("%s failed: %s", self._label, message, exc_info=(type(exc), exc, exc.__traceback__))
         result = self.propose(Failed(message, data=self._exception_record(exc), deferred=True))
         return self._final(result, Outcome.FAILED)
 

@@ -55,6 +55,12 @@ class TaskRunFailed(SyncWorkerError):
         return text
 
 
+class ServerUnavailable(SyncWorkerError, ConnectionError):
+    """The API could not be reached (connection errors, 5xx) for as long as the caller
+    was willing to retry (``SYNC_WORKER_SUBMIT_TIMEOUT`` for submits). A
+    ``ConnectionError`` too, so code that forgives network errors treats it as one."""
+
+
 class CredentialsError(SyncWorkerError):
     """The server refused our credentials: retrying will not help."""
 

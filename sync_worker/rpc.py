@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import websocket
 
-from sync_worker.subscription import ConnectionLost, _Connection, authenticate, fast_path_enabled, open_socket
+from sync_worker.sockets import Connection, ConnectionLost, authenticate, open_socket
 
 if TYPE_CHECKING:
     from sync_worker.client import Client
@@ -43,7 +43,7 @@ class RpcChannel:
         self.client = client
         self.url = client.websocket_url(RPC_PATH)
         self._lock = threading.Lock()
-        self._conn: _Connection | None = None
+        self._conn: Connection | None = None
         self._unsupported = False
         self._retry_at = 0.0
 
@@ -56,7 +56,7 @@ class RpcChannel:
         """
         return self._connection().request(message, timeout)
 
-    def _connection(self) -> _Connection:
+    def _connection(self) -> Connection:
         with self._lock:
             conn = self._conn
             if conn is not None and not conn.closed.is_set():
@@ -72,7 +72,7 @@ class RpcChannel:
                 raise
             return conn
 
-    def _open(self) -> _Connection:
+    def _open(self) -> Connection:
         try:
             ws = open_socket(self.client, self.url, min(float(self.client.timeout or 30.0), 10.0))
         except websocket.WebSocketBadStatusException as exc:
@@ -91,7 +91,7 @@ class RpcChannel:
             ws.shutdown()
             # wrong credentials included: REST then gives the user the proper 401 error
             raise RpcUnavailable(f"rpc handshake failed: {exc}") from exc
-        conn = _Connection(ws, [], PING_INTERVAL)
+        conn = Connection(ws, [], PING_INTERVAL)
         conn.start()
         logger.debug("rpc socket open to %s", self.url)
         return conn
@@ -103,9 +103,4 @@ class RpcChannel:
             conn.abort(ConnectionLost("rpc channel closed"))
 
 
-def rpc_channel(client: Client) -> RpcChannel | None:
-    """The channel a client should use, or None when the fast path is switched off."""
-    return RpcChannel(client) if fast_path_enabled() else None
-
-
-__all__ = ["ConnectionLost", "RpcChannel", "RpcUnavailable", "rpc_channel"]
+__all__ = ["ConnectionLost", "RpcChannel", "RpcUnavailable"]

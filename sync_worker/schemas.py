@@ -276,9 +276,13 @@ def task_run_create(
     tags: Optional[List[str]] = None,
     task_inputs: Optional[Dict[str, Any]] = None,
     dynamic_key: Optional[str] = None,
+    id: Optional[str] = None,
 ) -> Dict[str, Any]:
-    """The body of ``POST /task_runs/`` in the shape Prefect's own client sends."""
+    """The body of ``POST /task_runs/`` in the shape Prefect's own client sends, with a
+    client-chosen ``id`` (a new UUID unless given): a create repeated after a lost answer
+    then names the same run, and both servers answer it instead of creating another."""
     return {
+        "id": id or str(uuid.uuid4()),
         "name": name,
         "task_key": task_key,
         "dynamic_key": dynamic_key or f"{task_key}-{uuid.uuid4().hex}",

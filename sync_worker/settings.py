@@ -84,8 +84,13 @@ class Settings:
         client_metrics_enabled / client_metrics_port: the Prometheus client metrics
             server started by workers.
         drain_timeout: seconds a stopping worker waits for in-flight runs.
+        submit_timeout: seconds ``.delay()`` keeps retrying a create through connection
+            errors and 5xx answers (creates are idempotent by their run id) before it raises
+            :class:`~sync_worker.exceptions.ServerUnavailable`.
         fast_path: use the embedded server's extensions when it offers them (states and
             creates over websockets, credit flow control); off, every call is Prefect's REST.
+            The one switch of the transport: read through the :class:`~sync_worker.client.
+            Client` made with these settings, by its rpc socket and by the subscription.
     """
 
     api_url: str = DEFAULT_API_URL
@@ -98,6 +103,7 @@ class Settings:
     client_metrics_enabled: bool = False
     client_metrics_port: int = DEFAULT_METRICS_PORT
     drain_timeout: float = 30.0
+    submit_timeout: float = 10.0
     fast_path: bool = True
 
     @property
@@ -139,6 +145,7 @@ def get_settings(env: Optional[Mapping[str, str]] = None) -> Settings:
             )
         ),
         drain_timeout=_number(env, "SYNC_WORKER_DRAIN_TIMEOUT", default=defaults.drain_timeout),
+        submit_timeout=_number(env, "SYNC_WORKER_SUBMIT_TIMEOUT", default=defaults.submit_timeout),
         fast_path=_bool(env, "SYNC_WORKER_FAST_PATH", default=defaults.fast_path),
     ))
 

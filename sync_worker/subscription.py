@@ -25,19 +25,19 @@ dead link detected by pings) are intermittent and retried with exponential backo
 jitter (tenacity) until :meth:`close` or the stop event. Refused credentials (handshake 401/403, close 1008)
 raise :class:`SubscriptionAuthError` at once: retrying cannot fix them.
 
-The ``set_state`` fast path can be switched off with ``SYNC_WORKER_FAST_PATH=false``
-(then every state goes over REST, as with a Prefect server).
+What the connection offers is learned once per connection, from ``auth_success``: the
+embedded server's extensions (``set_state``, ``credit``, ``direct_running``, ``release``)
+and its ``lease_timeout``; a Prefect server announces none. The client's settings
+(``SYNC_WORKER_FAST_PATH=false``) can refuse the extensions, in this one place, through
+the client: then every state goes over REST and flow control is Prefect's.
 """
 from __future__ import annotations
 
 import json
 import logging
 import queue
-import socket
-import struct
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -47,49 +47,26 @@ import websocket
 from sync_worker import metrics
 from sync_worker.exceptions import (
     APIError,
-    CredentialsError,
     ObjectNotFound,
-    SyncWorkerError,
 )
 from sync_worker.schemas import OrchestrationResult, State, TaskRun
+from sync_worker.sockets import (
+    AUTH_HINT,
+    END,
+    Connection,
+    ConnectionLost,
+    SubscriptionAuthError,
+    SubscriptionError,
+    authenticate,
+    open_socket,
+)
 
 logger = logging.getLogger("sync_worker.subscription")
 
 SUBSCRIPTION_PATH = "task_runs/subscriptions/scheduled"
 
-CLOSE_POLICY_VIOLATION = 1008
-CLOSE_PROTOCOL_VIOLATION = 4001
-
-_AUTH_HINT = (
-    "check SYNC_WORKER_API_AUTH_STRING / PREFECT_API_AUTH_STRING (or SYNC_WORKER_API_KEY / "
-    "PREFECT_API_KEY) against the server's auth string, and SYNC_WORKER_API_URL / PREFECT_API_URL"
-)
-
 _process_has_connected = False
 _process_lock = threading.Lock()
-
-
-def fast_path_enabled(env: dict[str, str] | None = None) -> bool:
-    """Whether ``SYNC_WORKER_FAST_PATH`` allows the embedded server's extensions (default: yes)."""
-    from sync_worker.settings import get_settings
-
-    return get_settings(env).fast_path
-
-
-class SubscriptionError(SyncWorkerError):
-    """The subscription cannot continue and retrying will not help."""
-
-
-class SubscriptionAuthError(SubscriptionError, CredentialsError):
-    """The server refused our credentials (handshake 401/403 or close 1008)."""
-
-
-class ConnectionLost(ConnectionError):
-    """The socket went away (or never came up). Intermittent: the subscription reconnects.
-
-    A ``ConnectionError`` so that ``services.is_intermittent`` and callers that already
-    forgive network errors treat it as such.
-    """
 
 
 class FastPathUnavailable(RuntimeError):
@@ -108,188 +85,13 @@ def _is_intermittent(exc: BaseException) -> bool:
     return isinstance(exc, (ConnectionError, OSError, websocket.WebSocketException))
 
 
-class _Pending:
-    """One ``set_state`` request awaiting its answer from the reader thread."""
+def _uses_extensions(client: Any) -> bool:
+    settings = getattr(client, "settings", None)
+    if settings is None:
+        from sync_worker.settings import get_settings
 
-    __slots__ = ("error", "event", "reply")
-
-    def __init__(self) -> None:
-        self.event = threading.Event()
-        self.reply: dict[str, Any] | None = None
-        self.error: BaseException | None = None
-
-
-class _Connection:
-    """One authenticated, subscribed socket and the thread that reads it."""
-
-    def __init__(self, ws: websocket.WebSocket, extensions: list[str], ping_interval: float):
-        self.ws = ws
-        self.extensions = extensions
-        self.ping_interval = ping_interval
-        self.runs: queue.Queue[Any] = queue.Queue()
-        self.closed = threading.Event()
-        self.error: BaseException | None = None
-        self.uses_credit = False  # subscribed with the credit extension (see Subscription.grant)
-        self._pending: dict[str, _Pending] = {}
-        self._pending_lock = threading.Lock()
-        self._pong_due: float | None = None
-        self._thread = threading.Thread(target=self._read_loop, name="sync-worker-subscription-reader", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    @property
-    def supports_set_state(self) -> bool:
-        return "set_state" in self.extensions and not self.closed.is_set()
-
-    def send_json(self, message: dict[str, Any]) -> None:
-        """Send one message; websocket-client serialises concurrent sends with its own lock."""
-        if self.closed.is_set():
-            raise ConnectionLost("subscription socket is closed")
-        try:
-            self.ws.send(json.dumps(message))
-        except (websocket.WebSocketException, OSError) as exc:
-            self.abort(ConnectionLost(f"sending on the subscription socket failed: {exc}"))
-            raise ConnectionLost(str(exc)) from exc
-
-    def request(self, message: dict[str, Any], timeout: float) -> dict[str, Any]:
-        request_id = uuid.uuid4().hex
-        pending = _Pending()
-        with self._pending_lock:
-            if self.closed.is_set():
-                raise ConnectionLost("subscription socket is closed")
-            self._pending[request_id] = pending
-        try:
-            self.send_json({**message, "request_id": request_id})
-            if not pending.event.wait(timeout):
-                raise ConnectionLost(f"no answer to {message.get('type')} within {timeout}s")
-        finally:
-            with self._pending_lock:
-                self._pending.pop(request_id, None)
-        if pending.error is not None:
-            raise pending.error
-        assert pending.reply is not None
-        return pending.reply
-
-    def _read_loop(self) -> None:
-        try:
-            while True:
-                try:
-                    opcode, data = self.ws.recv_data(control_frame=True)
-                except websocket.WebSocketTimeoutException:
-                    self._keepalive()
-                    continue
-                self._pong_due = None  # any traffic proves the link is alive
-                if opcode == websocket.ABNF.OPCODE_CLOSE:
-                    raise _close_error(data)
-                if opcode in (websocket.ABNF.OPCODE_PING, websocket.ABNF.OPCODE_PONG):
-                    continue
-                self._dispatch(json.loads(data))
-        except BaseException as exc:  # noqa: BLE001 - every way out ends this connection
-            if not isinstance(exc, (SubscriptionError, ConnectionLost)):
-                exc = ConnectionLost(f"subscription connection lost: {exc!r}")
-            self.abort(exc)
-        finally:
-            self.ws.shutdown()  # close the descriptor (abort() only shuts the socket down)
-
-    def _keepalive(self) -> None:
-        now = time.monotonic()
-        if self._pong_due is None:
-            self._pong_due = now + self.ping_interval
-            self.ws.ping()
-        elif now >= self._pong_due:
-            raise ConnectionLost(f"no traffic from the server for {2 * self.ping_interval:.0f}s (dead link)")
-
-    def _dispatch(self, message: Any) -> None:
-        if not isinstance(message, dict):
-            logger.warning("Ignoring malformed subscription message: %r", message)
-            return
-        kind = message.get("type")
-        if kind is None:
-            try:
-                run = TaskRun.from_json(message)
-            except (KeyError, TypeError, ValueError) as exc:
-                # Nobody can execute it; acknowledging lets the queue move on instead of
-                # stalling this subscription behind it forever.
-                logger.error("Discarding a malformed task run from the server (%r): %.500r", exc, message)
-                self.send_json({"type": "ack"})
-                return
-            self.runs.put(run)
-        elif "request_id" in message:  # the answer to a request (set_state_result, rpc answers)
-            with self._pending_lock:
-                pending = self._pending.get(str(message.get("request_id")))
-            if pending is None:
-                logger.debug("Late %s for request %s ignored", kind, message.get("request_id"))
-                return
-            pending.reply = message
-            pending.event.set()
-        elif kind == "cancel":  # the embedded server cancels a run this worker holds
-            from sync_worker.cancellation import request
-
-            request(message.get("task_run_id"))
-        else:
-            logger.debug("Ignoring control message of type %r", kind)
-
-    def abort(self, exc: BaseException) -> None:
-        """End the connection: wake the consumer and every waiting ``set_state`` caller."""
-        with self._pending_lock:
-            if self.closed.is_set():
-                return
-            self.error = exc
-            self.closed.set()
-            pending = list(self._pending.values())
-        for item in pending:
-            item.error = ConnectionLost(f"subscription connection lost before the answer: {exc}")
-            item.event.set()
-        try:
-            self.ws.send_close()
-        except Exception as err:  # noqa: BLE001 - best effort: the peer may be gone
-            logger.debug("Sending close on the subscription socket: %r", err)
-        sock = self.ws.sock
-        if sock is not None:
-            # Wakes the reader thread if it is blocked in recv (ws.abort() would not:
-            # send_close already marked the socket disconnected).
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-            except OSError as err:
-                logger.debug("Shutting down the subscription socket: %r", err)
-        self.runs.put(_END)
-
-
-_END = object()
-
-
-def open_socket(client: Any, url: str, timeout: float) -> websocket.WebSocket:
-    """A websocket to the API with the options every sync_worker socket uses (subscription,
-    rpc). Raises websocket-client's errors; callers say what they mean."""
-    headers = [f"{name}: {value}" for name, value in client.headers.items()]
-    return websocket.create_connection(
-        url, timeout=timeout, subprotocols=["prefect"], header=headers, enable_multithread=True,
-        # websocket-client's UTF-8 check of incoming frames is pure Python and cost a third
-        # of the worker's CPU; json.loads rejects invalid text anyway.
-        skip_utf8_validation=True,
-    )
-
-
-def authenticate(ws: websocket.WebSocket, client: Any) -> dict[str, Any]:
-    """Send Prefect's auth message; the server's answer (a close frame raises)."""
-    ws.send(json.dumps({"type": "auth", "token": client.auth_token}))
-    while True:
-        opcode, data = ws.recv_data(control_frame=True)
-        if opcode == websocket.ABNF.OPCODE_CLOSE:
-            raise _close_error(data)
-        if opcode in (websocket.ABNF.OPCODE_TEXT, websocket.ABNF.OPCODE_BINARY):
-            return json.loads(data)
-
-
-def _close_error(data: bytes) -> BaseException:
-    code = struct.unpack("!H", data[:2])[0] if len(data) >= 2 else None
-    reason = data[2:].decode("utf-8", "replace") if len(data) > 2 else ""
-    if code == CLOSE_POLICY_VIOLATION:
-        return SubscriptionAuthError(f"The server refused the subscription (close 1008: {reason or 'policy violation'}); {_AUTH_HINT}")
-    if code == CLOSE_PROTOCOL_VIOLATION:
-        return SubscriptionError(f"The server rejected the subscription (close 4001: {reason})")
-    return ConnectionLost(f"the server closed the subscription (code {code}, reason {reason!r})")
+        settings = get_settings()
+    return bool(settings.fast_path)
 
 
 class Subscription:
@@ -311,8 +113,6 @@ class Subscription:
         keys: the task keys to receive runs of.
         client_id: identifies this worker to the server (``host-pid``).
         client: a :class:`sync_worker.client.Client` for the URL and credentials.
-        fast_path: offer ``set_state`` over the socket when the server supports it
-            (default: ``SYNC_WORKER_FAST_PATH``, on).
         ping_interval: seconds of silence after which a ping is sent; a link silent for
             twice this is considered dead and reconnected.
         max_backoff: cap of the reconnection backoff, in seconds.
@@ -327,7 +127,6 @@ class Subscription:
         client_id: str,
         *,
         client: Any,
-        fast_path: bool | None = None,
         ping_interval: float = 15.0,
         max_backoff: float = 10.0,
         open_timeout: float | None = None,
@@ -340,16 +139,20 @@ class Subscription:
         self.client_id = client_id
         self.client = client
         self.url = client.websocket_url(SUBSCRIPTION_PATH)
-        self.fast_path = fast_path_enabled() if fast_path is None else fast_path
+        #: Whether the client's settings let it use the server's extensions (the one switch).
+        self.fast_path = _uses_extensions(client)
         self.ping_interval = ping_interval
         self.max_backoff = max_backoff
+        #: The reconnection backoff's cap: ``max_backoff``, lowered by the lease timeout the
+        #: server announces (a quarter of it, plus at most 0.5 s of jitter).
+        self.backoff_cap = max_backoff
         self.open_timeout = open_timeout if open_timeout is not None else min(float(client.timeout or 30.0), 30.0)
         self.stop_event = stop_event
         self._closed = threading.Event()
         self._lock = threading.Lock()
-        self._conn: _Connection | None = None
+        self._conn: Connection | None = None
         self._holding: TaskRun | None = None
-        self._holding_conn: _Connection | None = None
+        self._holding_conn: Connection | None = None
         self._released = False
         self._extensions: list[str] = []
         self._credit = credit
@@ -383,7 +186,7 @@ class Subscription:
         return list(self._extensions)
 
     # -- connecting --------------------------------------------------------------------
-    def _open(self) -> _Connection:
+    def _open(self) -> Connection:
         if self._stopping():
             raise _Closed()
         try:
@@ -392,7 +195,7 @@ class Subscription:
             if exc.status_code in (401, 403):
                 raise SubscriptionAuthError(
                     f"The server refused the subscription handshake at {self.url} "
-                    f"(HTTP {exc.status_code}); {_AUTH_HINT}"
+                    f"(HTTP {exc.status_code}); {AUTH_HINT}"
                 ) from exc
             if exc.status_code >= 500:
                 raise ConnectionLost(f"subscription handshake failed with HTTP {exc.status_code}") from exc
@@ -402,31 +205,35 @@ class Subscription:
                 f"subscription handshake at {self.url} failed with HTTP {exc.status_code}") from exc
         except (websocket.WebSocketException, OSError) as exc:
             raise ConnectionLost(f"cannot connect to {self.url}: {exc}") from exc
+        holds_grant_lock = False
         try:
             reply = authenticate(ws, self.client)
             if reply.get("type") != "auth_success":
                 raise SubscriptionAuthError(
-                    f"The server did not accept the subscription's auth message ({reply.get('reason') or reply}); {_AUTH_HINT}"
+                    f"The server did not accept the subscription's auth message ({reply.get('reason') or reply}); {AUTH_HINT}"
                 )
             extensions = list(reply.get("extensions") or [])
+            self._learn_lease_timeout(reply.get("lease_timeout"))
             subscribe: dict[str, Any] = {"type": "subscribe", "keys": self.keys, "client_id": self.client_id}
             # Held until the connection is published, so that a grant() cannot fall between
-            # counting the free slots and the server knowing about them.
+            # counting the free slots and the server knowing about them. Released only by
+            # this thread, which took it (``holds_grant_lock``).
             self._grant_lock.acquire()
+            holds_grant_lock = True
             granting = self.fast_path and self._credit is not None and "credit" in extensions
             if granting:
                 subscribe["credit"] = max(0, self._credit())
             ws.send(json.dumps(subscribe))
             ws.settimeout(self.ping_interval)
         except BaseException as exc:
-            if self._grant_lock.locked():
+            if holds_grant_lock:
                 self._grant_lock.release()
             ws.shutdown()
             if isinstance(exc, (websocket.WebSocketException, OSError)):
                 raise ConnectionLost(f"subscription handshake with {self.url} failed: {exc}") from exc
             raise
         self._extensions = extensions
-        conn = _Connection(ws, extensions, self.ping_interval)
+        conn = Connection(ws, extensions, self.ping_interval)
         conn.uses_credit = granting
         try:
             with self._lock:
@@ -441,6 +248,13 @@ class Subscription:
         logger.info("Subscribed to %s as %s (keys: %s%s)", self.url, self.client_id, ", ".join(self.keys),
                     "; set_state over the socket" if self.supports_set_state else "")
         return conn
+
+    def _learn_lease_timeout(self, lease: Any) -> None:
+        """Cap the reconnection backoff well below the lease timeout the server announced:
+        after a blip or a server restart, a live worker subscribes again (and so keeps the
+        runs it is executing) before their leases run out."""
+        if isinstance(lease, (int, float)) and not isinstance(lease, bool) and lease > 0:
+            self.backoff_cap = max(0.1, min(self.max_backoff, lease / 4))
 
     def _count_connect(self) -> None:
         global _process_has_connected
@@ -463,7 +277,7 @@ class Subscription:
             if remaining <= 0 or self._closed.wait(min(remaining, 0.1)):
                 return
 
-    def _connect_with_backoff(self) -> _Connection | None:
+    def _connect_with_backoff(self) -> Connection | None:
         def before_sleep(state: tenacity.RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
             delay = state.next_action.sleep if state.next_action else 0
@@ -471,7 +285,7 @@ class Subscription:
 
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception(lambda exc: not self._stopping() and _is_intermittent(exc)),
-            wait=tenacity.wait_exponential(multiplier=0.2, max=self.max_backoff) + tenacity.wait_random(0, 0.5),
+            wait=tenacity.wait_exponential(multiplier=0.2, max=self.backoff_cap) + tenacity.wait_random(0, 0.5),
             stop=lambda state: self._stopping(),
             sleep=self._sleep,
             before_sleep=before_sleep,
@@ -514,7 +328,7 @@ class Subscription:
                 item = conn.runs.get(timeout=remaining)
             except queue.Empty:
                 return None
-            if item is _END:
+            if item is END:
                 self._drop(conn)
                 continue
             self._holding, self._holding_conn = item, conn
@@ -533,7 +347,7 @@ class Subscription:
                 if self._holding is run:
                     self.release()
 
-    def _drop(self, conn: _Connection) -> None:
+    def _drop(self, conn: Connection) -> None:
         self._holding = self._holding_conn = None
         with self._lock:
             if self._conn is conn:
@@ -576,12 +390,50 @@ class Subscription:
         subscribe message carries the free slots)."""
         with self._grant_lock:
             conn = self._conn
-            if conn is None or not conn.uses_credit or conn.closed.is_set():
+            if conn is None or not conn.uses_credit or conn.closed.is_set() or self._stopping():
                 return
             try:
                 conn.send_json({"type": "credit", "n": n})
             except ConnectionLost:
                 pass  # the reader notices; the reconnect's subscribe counts the free slots
+
+    def stop_receiving(self) -> None:
+        """Take no more runs, and hand back those delivered but not acknowledged — from the
+        consumer thread (the one that acks), once it has stopped consuming.
+
+        The connection stays open (on the embedded server it is the lease of the runs
+        acknowledged on it, and it carries their states): the embedded server's ``release``
+        message gives the unacknowledged runs back to its queue and stops deliveries on
+        this connection. A server without it (Prefect) puts a run back on its queue when
+        the socket closes before the ack, so the socket is closed there (its runs have no
+        lease to keep; states go over REST).
+        """
+        with self._grant_lock:  # no credit granted across this
+            conn = self._conn
+            self._holding = self._holding_conn = None
+        if conn is None or conn.closed.is_set():
+            return
+        if "release" in conn.extensions:
+            try:
+                conn.send_json({"type": "release"})
+            except ConnectionLost:
+                return  # the connection is gone: the server gives them back anyway
+            handed_back = 0
+            while True:  # runs queued here unacknowledged: the server has them back now
+                try:
+                    item = conn.runs.get_nowait()
+                except queue.Empty:
+                    break
+                if item is END:
+                    conn.runs.put(END)
+                    break
+                handed_back += 1
+            logger.info("Stopped receiving runs; handed back the runs delivered but not started%s",
+                        f" ({handed_back} queued here)" if handed_back else "")
+        else:
+            logger.info("Stopped receiving runs; closing the subscription socket so that a run delivered "
+                        "but not acknowledged goes back to the queue")
+            conn.abort(_Released("stopped receiving"))
 
     def close(self) -> None:
         """Stop the subscription from any thread. Never sends ``quit`` (see module doc):

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 import tenacity
 
-from sync_worker.exceptions import SerializationError, TaskRunCancelled, TaskRunFailed
+from sync_worker.exceptions import APIError, SerializationError, TaskRunCancelled, TaskRunFailed
 from sync_worker.schemas import EmpiricalPolicy, Scheduled, State, StateType, TaskRun, task_run_create
 from sync_worker.settings import get_settings
 from sync_worker.storage import SERIALIZERS, RecordStore, delete_parameters, get_store, read_result, write_parameters
@@ -41,10 +41,13 @@ logger = logging.getLogger("sync_worker.tasks")
 #: fast (a no-op run completes in a few milliseconds), back off to at most this many seconds.
 POLL_INITIAL = 0.001
 POLL_MAX = 0.25
-#: On the embedded server ``wait`` is answered when the run finishes; after this many
-#: seconds without an answer the state is read over REST once (a run crashed by a lease,
-#: or a lost answer) and the wait goes on.
-PUSHED_WAIT_CHUNK = 5.0
+#: On the embedded server ``wait`` is answered when the run finishes, or after this many
+#: seconds with the run as it is (the server then forgets the wait: nothing accumulates
+#: however long a caller waits); the wait goes on with a new request.
+PUSHED_WAIT_CHUNK = 30.0
+#: How long past a wait's own timeout its answer may take before the socket counts as
+#: broken (then the state is read over REST once and the wait goes on).
+PUSHED_WAIT_GRACE = 5.0
 
 
 def default_task_key(fn: Callable[..., Any]) -> str:
@@ -128,6 +131,8 @@ class Task(Generic[P, R]):
 
     @property
     def takes_parameters(self) -> bool:
+        """Whether the function has parameters at all (a worker reads a run's parameters
+        record only then)."""
         return bool(self._signature.parameters)
 
     def bind(self, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -182,8 +187,11 @@ class Task(Generic[P, R]):
         )
         try:
             task_run = client.create_task_run(body)
-        except BaseException:
-            if parameters_id:
+        except APIError as exc:
+            # refused (4xx): certainly not created, its parameters are of no use. After
+            # connection errors or 5xx (ServerUnavailable) the run may exist: its
+            # parameters stay, so that it never becomes a run without parameters.
+            if parameters_id and exc.status_code < 500:
                 _quietly_delete(store, parameters_id)
             raise
         logger.debug("Submitted %s run %s", self.name, task_run.id)
@@ -308,8 +316,8 @@ class TaskRunFuture(Generic[R]):
                 return self._finished(self.task_run)
             chunk = PUSHED_WAIT_CHUNK if remaining is None else min(PUSHED_WAIT_CHUNK, remaining)
             try:
-                result = self._client.call_rpc({"type": "wait", "task_run_id": self.task_run_id},
-                                               "wait for task run", timeout=chunk)
+                result = self._client.call_rpc({"type": "wait", "task_run_id": self.task_run_id, "timeout": chunk},
+                                               "wait for task run", timeout=chunk + PUSHED_WAIT_GRACE)
             except RpcUnavailable:
                 return False
             except requests.ConnectionError:  # no answer in this chunk, or the socket broke

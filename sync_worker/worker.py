@@ -3,19 +3,16 @@
 ``TaskWorker`` and ``serve`` mirror ``prefect.task_worker`` (names, parameters, defaults,
 the ``/status`` JSON), without asyncio. Per worker:
 
-- a **service thread** runs a blocking loop under
-  :func:`sync_worker.services.critical_service_loop`: it iterates the websocket
-  subscription, and for each delivered run *reserves a free slot first, then acks*.
-  Reserving before the ack is the backpressure: the server holds the next run back until
-  the ack, so a worker whose slots are all busy takes nothing more and an idle worker gets
-  the runs. The protocol still hands a full worker the next run right after its last
-  ack: that one run waits, unacknowledged, for this worker's first free slot (if the
-  worker stops first, closing the socket re-queues it). Handing it back by closing the
-  socket was tried and rejected: on the embedded server the open connection is the
-  lease of the runs in flight, so closing it would get long runs re-delivered to
-  another worker while they are still running here.
-- an **executor**, ``ThreadPoolExecutor(max_workers=limit)``, runs each run through the
-  engine (:mod:`sync_worker.engine`).
+- a **service thread** iterates the websocket subscription (which reconnects by itself,
+  see :mod:`sync_worker.subscription`), and for each delivered run *reserves a free slot
+  first, then acks*.
+  Reserving before the ack is the backpressure. On the embedded server the worker
+  subscribes with the ``credit`` extension (one credit per free slot), so a full worker
+  holds no run it cannot start; under Prefect's one-run-per-ack protocol a full worker
+  holds the next run, unacknowledged, until a slot frees. The open connection is the
+  lease of the runs in flight on the embedded server: it stays open until they are done.
+- an **executor** of at most ``limit`` daemon threads runs each run through the engine
+  (:mod:`sync_worker.engine`); :class:`Slots` is the one count of what executes.
 
 Two ways to run it::
 
@@ -29,8 +26,11 @@ Two ways to run it::
     with TaskWorker(add) as worker:          # non-blocking start, stop + drain on exit
         ...
 
-Stopping (``stop()``, SIGTERM, ``timeout``, Ctrl-C) stops taking runs at once and lets
-in-flight runs finish. ``stop()`` never waits, so it is safe from any thread, from a
+Stopping (``stop()``, SIGTERM, ``timeout``, Ctrl-C) stops taking runs at once: no more
+credit is granted, runs delivered but not started are handed back (the embedded server's
+``release`` message; closing the socket on a Prefect server), and in-flight runs finish,
+their states reported, within ``SYNC_WORKER_DRAIN_TIMEOUT`` on every path. "stopped" is
+logged after the drain. ``stop()`` never waits, so it is safe from any thread, from a
 signal handler and from inside a task; ``join()`` waits for the drain.
 
 Forking: a worker's threads do not survive ``os.fork()``. A worker started in a parent
@@ -50,13 +50,13 @@ import signal
 import socket
 import sys
 import threading
+import time
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable
 
 from sync_worker import metrics
 from sync_worker.engine import Outcome, run_task_run, should_try_to_read_parameters
-from sync_worker.services import critical_service_loop, start_client_metrics_server
+from sync_worker.services import start_client_metrics_server
 from sync_worker.settings import Settings, get_settings
 from sync_worker.tasks import Task
 
@@ -88,7 +88,7 @@ class StopTaskWorker(Exception):
     """Raised when the task worker is stopped.
 
     It is raised inside the worker's service thread, after :meth:`TaskWorker.stop`, to
-    unwind the service loop (``critical_service_loop`` lets it through: it is not an
+    unwind the service loop (``critical_service_loop`` lets it through too: it is not an
     intermittent error). User code does not need to catch it: ``stop()`` itself never
     raises it in the caller, so calling ``stop()`` from a task or a view is safe.
     """
@@ -154,6 +154,144 @@ class _RetryTimers:
         return len(pending)
 
 
+class SlotError(RuntimeError):
+    """A slot was released that was not held (a bug: the limit would be exceeded)."""
+
+
+class Slots:
+    """Execution slots: the one source of truth for how many runs may execute at once.
+
+    A bounded semaphore of ``limit`` permits (none without a limit), each tied to the id of
+    the run that holds it, with the ``free_slots`` gauge updated under the same lock. A
+    run holds at most one slot and releasing a slot twice (or one never taken) is refused
+    instead of silently raising the limit: ``release`` returns False then.
+    """
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._sem = threading.BoundedSemaphore(limit) if limit else None
+        self._held: dict[str, _dt.datetime] = {}
+        self._counted = False  # whether our free slots are in the gauge now
+
+    def count_in_gauge(self, on: bool) -> None:
+        """Add (worker started) or remove (worker done) our free slots to/from the gauge."""
+        if self.limit is None:
+            return
+        with self._lock:
+            if on == self._counted:
+                return
+            self._counted = on
+            free = self.limit - len(self._held)
+            metrics.FREE_SLOTS.inc(free if on else -free)
+
+    def acquire(self, run_id: str, should_stop: Callable[[], bool] | None = None,
+                timeout: float | None = None) -> bool:
+        """Take a slot for ``run_id``, waiting for one; False if ``should_stop()`` turns true
+        (polled every :data:`_SLOT_POLL_SECONDS`) or ``timeout`` passes first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if self._sem is not None:
+            while not self._sem.acquire(timeout=_SLOT_POLL_SECONDS):
+                if (should_stop is not None and should_stop()) or (
+                        deadline is not None and time.monotonic() >= deadline):
+                    return False
+        with self._lock:
+            if run_id in self._held:
+                if self._sem is not None:
+                    self._sem.release()
+                raise SlotError(f"task run {run_id} already holds a slot")
+            self._held[run_id] = _now()
+            if self.limit is not None and self._counted:
+                metrics.FREE_SLOTS.dec()
+        return True
+
+    def release(self, run_id: str) -> bool:
+        """Give ``run_id``'s slot back; False (and nothing changes) if it held none."""
+        with self._lock:
+            if self._held.pop(run_id, None) is None:
+                return False
+            if self.limit is not None and self._counted:
+                metrics.FREE_SLOTS.inc()
+            if self._sem is not None:
+                self._sem.release()
+        return True
+
+    @property
+    def held(self) -> int:
+        with self._lock:
+            return len(self._held)
+
+    @property
+    def free(self) -> int | None:
+        if self.limit is None:
+            return None
+        with self._lock:
+            return self.limit - len(self._held)
+
+
+class _RunThreads:
+    """The executor: at most ``size`` daemon threads running submitted calls in order.
+
+    Not ``ThreadPoolExecutor``: its threads are joined when the interpreter exits, so a
+    task that never returns would keep a stopped worker's process alive past the drain
+    timeout (Ctrl-C would wait for it however long it takes). Daemon threads let the drain
+    timeout be the last word; runs abandoned that way are re-delivered by the server.
+    """
+
+    def __init__(self, size: int | None, name: str) -> None:
+        self._size = size
+        self._name = name
+        self._cond = threading.Condition()
+        self._queue: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+        self._threads: list[threading.Thread] = []
+        self._idle = 0
+        self._shutdown = False
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        with self._cond:
+            if self._shutdown:
+                raise RuntimeError("cannot submit after shutdown")
+            self._queue.append((fn, args))
+            if self._idle == 0 and (self._size is None or len(self._threads) < self._size):
+                thread = threading.Thread(target=self._loop, name=f"{self._name}_{len(self._threads)}", daemon=True)
+                self._threads.append(thread)
+                thread.start()
+            else:
+                self._cond.notify()
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                self._idle += 1
+                while not self._queue and not self._shutdown:
+                    self._cond.wait()
+                self._idle -= 1
+                if not self._queue:
+                    return
+                fn, args = self._queue.pop(0)
+            try:
+                fn(*args)
+            except BaseException:  # noqa: BLE001 - the call reports its own errors
+                logger.exception("Unexpected error in a run thread")
+
+    def shutdown(self, wait: bool = True, timeout: float | None = None) -> bool:
+        """No more submissions; with ``wait``, until queued calls are done (True) or
+        ``timeout`` passes (False)."""
+        with self._cond:
+            self._shutdown = True
+            self._cond.notify_all()
+            threads = list(self._threads)
+        if not wait:
+            return True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in threads:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            thread.join(remaining)
+            if thread.is_alive():
+                return False
+        return True
+
+
 class TaskWorker:
     """Serves tasks: runs their background runs as the server delivers them.
 
@@ -162,8 +300,6 @@ class TaskWorker:
             skipped with a warning).
         limit: the most runs executing at once; ``None`` for no limit. Defaults to 10.
         client: the REST client (default: one built from the settings).
-        fast_path: report states over the subscription socket when the server offers it
-            (default: ``SYNC_WORKER_FAST_PATH``, on); REST otherwise.
     """
 
     def __init__(
@@ -171,7 +307,6 @@ class TaskWorker:
         *tasks: Task[..., Any],
         limit: int | None = 10,
         client: Client | None = None,
-        fast_path: bool | None = None,
     ):
         if limit is not None and limit < 1:
             raise ValueError("limit must be >= 1, or None for no limit")
@@ -185,21 +320,19 @@ class TaskWorker:
         self._tasks_by_key = {t.task_key: t for t in self.tasks}
         self._limit = limit
         self._client_arg = client
-        self.fast_path = fast_path
 
         self._started_at: _dt.datetime | None = None
         self.stopping = False
 
         self._lock = threading.RLock()
-        self._slots = threading.Semaphore(limit) if limit else None
-        self._reserved = 0
+        self._slots = Slots(limit)
         self.in_flight_task_runs: dict[str, dict[str, _dt.datetime]] = {k: {} for k in self.task_keys}
         self.finished_task_runs: dict[str, int] = {k: 0 for k in self.task_keys}
 
         self._settings: Settings | None = None
         self._client: Client | None = None
         self._store: RecordStore | None = None
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: _RunThreads | None = None
         self._subscription: Subscription | None = None
         self._service_thread: threading.Thread | None = None
         self._stop_event = threading.Event()
@@ -231,13 +364,11 @@ class TaskWorker:
     @property
     def current_tasks(self) -> int | None:
         """Runs holding a slot (with a limit) or in flight (without one)."""
-        if self._limit is not None:
-            return self._reserved
-        return sum(len(runs) for runs in self.in_flight_task_runs.values())
+        return self._slots.held
 
     @property
     def available_tasks(self) -> int | None:
-        return None if self._limit is None else self._limit - self._reserved
+        return self._slots.free
 
     @property
     def error(self) -> BaseException | None:
@@ -264,6 +395,13 @@ class TaskWorker:
 
         Raises the error that ended the service (e.g. refused credentials) in blocking
         mode; in non-blocking mode it is logged and kept in :attr:`error`.
+
+        Ctrl-C stops the worker as :meth:`stop` does and waits for the drain, at most
+        ``SYNC_WORKER_DRAIN_TIMEOUT`` seconds; then ``start`` returns. If runs are still
+        going at the drain timeout they are abandoned (their threads are daemons; the
+        server re-delivers the runs) and ``KeyboardInterrupt`` propagates, as it does on a
+        second Ctrl-C during the drain: a cold stop that hands back the runs not started
+        (the ``sync-worker worker`` command exits 130 in both cases).
         """
         self._begin()
         if not block:
@@ -273,14 +411,21 @@ class TaskWorker:
         if in_main:
             previous = signal.signal(signal.SIGTERM, self.handle_sigterm)
         try:
-            if not self._done.wait(timeout):
-                logger.info("Task worker timed out after %s seconds. Exiting...", timeout)
-                self.stop()
-                self._drain()
-        except KeyboardInterrupt:
-            logger.info("Task worker interrupted, stopping...")
-            self.stop()
-            self._drain()
+            try:
+                if not self._done.wait(timeout):
+                    logger.info("Task worker timed out after %s seconds. Exiting...", timeout)
+                    self.stop()
+                    self._drain()
+            except KeyboardInterrupt:
+                try:
+                    logger.info("Task worker interrupted, stopping (press Ctrl-C again to stop at once)...")
+                    self.stop()
+                    drained = self._drain()
+                except KeyboardInterrupt:
+                    self._cold_stop()
+                    raise
+                if not drained:
+                    raise  # runs abandoned at the drain timeout: interrupted, not a clean stop
         finally:
             if in_main:
                 signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
@@ -299,21 +444,19 @@ class TaskWorker:
             from sync_worker.subscription import Subscription
 
             self._subscription = Subscription(
-                self.task_keys, self.client_id, client=self._client, fast_path=self.fast_path,
+                self.task_keys, self.client_id, client=self._client,
                 credit=self._free_slots,
                 stop_event=self._stop_event,
             )
-            self._executor = ThreadPoolExecutor(
-                max_workers=self._limit, thread_name_prefix="sync-worker-run"
-            )
+            self._executor = _RunThreads(self._limit, "sync-worker-run")
             self._stop_event.clear()
+            self._drain_deadline = None
             self._done.clear()
             self._error = None
             self.stopping = False
             self._started_at = _now()
             self._ever_started = True
-            if self._limit is not None:
-                metrics.FREE_SLOTS.inc(self._limit - self._reserved)
+            self._slots.count_in_gauge(True)
             self._pid = os.getpid()
             try:
                 start_client_metrics_server()
@@ -356,8 +499,18 @@ class TaskWorker:
                 return
             self.stopping = True
             self._started_at = None
+            self._drain_deadline = time.monotonic() + self.settings.drain_timeout
             self._stop_event.set()
         logger.info("Stopping task worker %s...", self.client_id)
+
+    _drain_deadline: float | None = None
+
+    def _keeps_trying(self) -> bool:
+        """The engine's retry rule for reporting states: a run executed here is reported
+        whatever the server answers in between, until the worker is stopped past its drain
+        timeout (then the process may be gone any moment; the server's lease takes over)."""
+        deadline = self._drain_deadline
+        return deadline is None or not self._stop_event.is_set() or time.monotonic() < deadline
 
     def join(self, timeout: float | None = None) -> bool:
         """Wait until the worker has stopped and its in-flight runs finished; True if so."""
@@ -372,6 +525,17 @@ class TaskWorker:
         logger.warning("Drain timeout (%ss) passed with %d run(s) still running: %s", timeout, len(abandoned),
                        ", ".join(abandoned))
         return False
+
+    def _cold_stop(self) -> None:
+        """Second Ctrl-C: stop now. Closing the subscription hands back the runs delivered
+        but not started; the runs executing are abandoned (re-delivered after their lease)."""
+        with self._lock:
+            abandoned = [run for runs in self.in_flight_task_runs.values() for run in runs]
+        logger.warning("Cold stop: abandoning %d running run(s)%s", len(abandoned),
+                       f": {', '.join(abandoned)}" if abandoned else "")
+        subscription = self._subscription
+        if subscription is not None:
+            subscription.close()
 
     def handle_sigterm(self, signum: int, frame: object) -> None:
         """SIGTERM: stop taking runs, let in-flight runs finish (at most
@@ -399,13 +563,12 @@ class TaskWorker:
     # -- the service thread ------------------------------------------------------------
     def _service(self) -> None:
         try:
-            critical_service_loop(
-                self._serve_subscription, interval=1.0, printer=logger.warning, stop_event=self._stop_event,
-                jitter_range=0.3,
-            )
-            logger.info("Task worker stopped.")
+            # Not wrapped in critical_service_loop: the subscription reconnects by itself
+            # (one retry rule, its backoff capped below the server's lease timeout); what
+            # reaches here is not worth retrying (refused credentials, a protocol error).
+            self._serve_subscription()
         except StopTaskWorker:
-            logger.info("Task worker stopped.")
+            pass
         except BaseException as exc:  # noqa: BLE001 - reported by start()/join()
             self._error = exc
             logger.error("Task worker %s failed: %s", self.client_id, exc)
@@ -413,7 +576,12 @@ class TaskWorker:
             with self._lock:
                 self.stopping = True
                 self._started_at = None
+            if self._drain_deadline is None:
+                self._drain_deadline = time.monotonic() + self.settings.drain_timeout
             self._stop_event.set()
+            if self._subscription is not None:
+                # From this thread, the only one that acks: no ack can cross the hand-back.
+                self._subscription.stop_receiving()
             executor = self._executor
             if executor is not None:
                 executor.shutdown(wait=True)
@@ -428,8 +596,8 @@ class TaskWorker:
             if self._client is not None and self._client is not self._client_arg:
                 self._client.close()  # our own connection pool; the next start() makes a new one
                 self._client = self._store = None
-            if self._limit is not None:
-                metrics.FREE_SLOTS.dec(self._limit - self._reserved)
+            self._slots.count_in_gauge(False)
+            logger.info("Task worker %s stopped.", self.client_id)  # only now: after the drain
             self._done.set()
 
     def _serve_subscription(self) -> None:
@@ -445,15 +613,17 @@ class TaskWorker:
         metrics.RUNS_RECEIVED.labels(task_key=task_run.task_key).inc()
         logger.info("Received task run: %s - %s", task_run.id, task_run.name)
         task = self._tasks_by_key.get(task_run.task_key)
+        subscription = self._subscription
+        assert subscription is not None
         if task is None:
             if self._ack(task_run):
                 self._unknown_task(task_run)
-                self._subscription.grant()  # it took no slot
+                subscription.grant()  # it took no slot
             return
-        if not self._reserve_slot():
-            return  # stopping: never acked, it goes back to the queue when the socket closes
-        if not self._ack(task_run):
-            self._release_slot()
+        if not self._slots.acquire(task_run.id, should_stop=self._stop_event.is_set):
+            return  # stopping: never acked; stop_receiving() hands it back
+        if self._stop_event.is_set() or not self._ack(task_run):
+            self._slots.release(task_run.id)
             return
         self._submit(task, task_run)
 
@@ -478,75 +648,60 @@ class TaskWorker:
             except Exception as exc:  # noqa: BLE001 - logged; the worker carries on
                 logger.warning("Could not delete task run %s: %s", task_run.id, exc)
 
-    def _reserve_slot(self) -> bool:
-        """Take a slot, waiting for one; False if the worker is stopping."""
-        if self._slots is not None:
-            while not self._slots.acquire(timeout=_SLOT_POLL_SECONDS):
-                if self._stop_event.is_set():
-                    return False
-        with self._lock:
-            self._reserved += 1
-        if self._limit is not None:
-            metrics.FREE_SLOTS.dec()
-        return True
-
-    def _release_slot(self, grant_credit: bool = False) -> None:
-        with self._lock:
-            self._reserved -= 1
-        if self._slots is not None:
-            self._slots.release()
-        if self._limit is not None:
-            metrics.FREE_SLOTS.inc()
-        subscription = self._subscription
-        if grant_credit and subscription is not None:
-            subscription.grant()
-
     def _free_slots(self) -> int:
-        """Credit for a new subscription: the slots free now (a fixed window without a limit)."""
-        if self._limit is None:
-            return UNLIMITED_CREDIT
-        with self._lock:
-            return max(0, self._limit - self._reserved)
+        """Credit for a new subscription: the slots free now (a fixed window without a
+        limit); none once the worker is stopping."""
+        if self._stop_event.is_set():
+            return 0
+        free = self._slots.free
+        return UNLIMITED_CREDIT if free is None else max(0, free)
 
-    def _submit(self, task: Task[..., Any], task_run: TaskRun) -> None:
+    def _track(self, task: Task[..., Any], task_run: TaskRun) -> None:
         with self._lock:
             self.in_flight_task_runs.setdefault(task.task_key, {})[task_run.id] = _now()
-        metrics.RUNS_IN_FLIGHT.inc()
+            metrics.RUNS_IN_FLIGHT.inc()
+
+    def _submit(self, task: Task[..., Any], task_run: TaskRun) -> None:
+        self._track(task, task_run)
         assert self._executor is not None
         self._executor.submit(self._safe_run, task, task_run, True)
 
     def _safe_run(self, task: Task[..., Any], task_run: TaskRun, delivered: bool = False) -> Outcome | None:
         outcome = None
-        released = False
 
         def release_slot() -> None:
-            # once the function returned (engine's on_executed) or at the end, whichever first;
-            # a slot freed by a delivered run is worth one more delivery (credit extension)
-            nonlocal released
-            if not released:
-                released = True
-                self._release_slot(grant_credit=delivered)
+            # once the function returned (engine's on_executed) or at the end, whichever
+            # first; a slot freed by a delivered run is worth one more delivery (credit
+            # extension), unless the worker is stopping
+            if self._slots.release(task_run.id) and delivered and not self._stop_event.is_set():
+                subscription = self._subscription
+                if subscription is not None:
+                    subscription.grant()
 
         try:
             assert self._client is not None and self._store is not None
             outcome = run_task_run(
                 task, task_run, client=self._client, store=self._store, settings=self.settings,
                 subscription=self._subscription, retry_scheduler=self._retry_timers, on_executed=release_slot,
+                keep_trying=self._keeps_trying,
             )
             logger.debug("Task run %s finished here: %s", task_run.id, outcome.value)
         except BaseException:
             logger.exception("Failed to submit task run %r", task_run.id)
         finally:
+            release_slot()
+            # after the slot: a run counted finished has given its slot back
             with self._lock:
                 self.in_flight_task_runs.setdefault(task.task_key, {}).pop(task_run.id, None)
                 self.finished_task_runs[task.task_key] = self.finished_task_runs.get(task.task_key, 0) + 1
-            metrics.RUNS_IN_FLIGHT.dec()
-            release_slot()
+                metrics.RUNS_IN_FLIGHT.dec()
         return outcome
 
     def execute_task_run(self, task_run: TaskRun) -> Outcome | None:
         """Execute one given run now, in the calling thread, within the limit (it waits
-        for a free slot). Works whether or not the worker is started."""
+        for a free slot, shared with the runs the worker receives). Works whether or not
+        the worker is started. Raises :class:`SlotError` if that run is already executing
+        in this worker."""
         self._settings = self._settings or get_settings()
         self._ensure_resources()
         task = self._tasks_by_key.get(task_run.task_key)
@@ -554,10 +709,8 @@ class TaskWorker:
         if task is None:
             self._unknown_task(task_run)
             return None
-        self._reserve_slot()
-        with self._lock:
-            self.in_flight_task_runs.setdefault(task.task_key, {})[task_run.id] = _now()
-        metrics.RUNS_IN_FLIGHT.inc()
+        self._slots.acquire(task_run.id)
+        self._track(task, task_run)
         return self._safe_run(task, task_run)
 
     # -- fork safety ---------------------------------------------------------------------
@@ -565,8 +718,7 @@ class TaskWorker:
         """In a forked child: the parent's threads, sockets and pool are not ours."""
         was_running = self.started or not self._done.is_set()
         self._lock = threading.RLock()
-        self._slots = threading.Semaphore(self._limit) if self._limit else None
-        self._reserved = 0
+        self._slots = Slots(self._limit)
         self.in_flight_task_runs = {k: {} for k in self.task_keys}
         self._started_at = None
         self.stopping = False

@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import http.server
 import json
-import socket
 import threading
+import time
 
 import pytest
 import requests
 
 from sync_worker.client import Client
-from sync_worker.exceptions import APIError, ObjectNotFound, Unauthorized
+from sync_worker.exceptions import APIError, ObjectNotFound, ServerUnavailable, SyncWorkerError, Unauthorized
 from sync_worker.schemas import Pending, Running, Scheduled, SetStateStatus, StateType, task_run_create
+from tests.helpers import free_port
 
 
 def create(client: Client, key: str = "tests.key"):
@@ -66,17 +67,17 @@ def test_websocket_url():
     assert Client("https://h/api/").websocket_url("/x") == "wss://h/api/x"
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def test_server_down():
-    client = Client(f"http://127.0.0.1:{free_port()}/api", retry_attempts=2)
+def test_server_down_submit_raises_server_unavailable_naming_the_url_and_the_setting(monkeypatch):
+    monkeypatch.setenv("SYNC_WORKER_SUBMIT_TIMEOUT", "1")
+    url = f"http://127.0.0.1:{free_port()}/api"
+    client = Client(url, retry_attempts=2)
     assert client.health() is False
-    with pytest.raises(requests.ConnectionError):
+    started = time.monotonic()
+    with pytest.raises(ServerUnavailable) as info:
         create(client)
+    assert 1 <= time.monotonic() - started < 10  # retried for the submit timeout, then given up
+    assert isinstance(info.value, SyncWorkerError) and not isinstance(info.value, requests.RequestException)
+    assert url in str(info.value) and "SYNC_WORKER_SUBMIT_TIMEOUT" in str(info.value)
 
 
 @pytest.fixture
@@ -132,8 +133,8 @@ def test_reads_are_retried_through_5xx(rest_only):
         flaky.close()
 
 
-def test_creates_are_repeated_only_when_the_server_refused_them(rest_only):
-    # 503 means "not done, try later": repeated; a broken connection is not (test_server_down)
+def test_creates_are_retried_through_5xx(rest_only):
+    # creates carry their run id: a repeat of one that landed answers the same run
     flaky = FlakyServer(failures=2, body=RUN)
     try:
         assert create(Client(flaky.url, retry_attempts=5)).id == "r1"
@@ -142,12 +143,14 @@ def test_creates_are_repeated_only_when_the_server_refused_them(rest_only):
         flaky.close()
 
 
-def test_creates_stop_after_the_retry_budget(rest_only):
-    flaky = FlakyServer(failures=100, body=RUN)
+def test_creates_stop_after_the_submit_timeout(rest_only, monkeypatch):
+    monkeypatch.setenv("SYNC_WORKER_SUBMIT_TIMEOUT", "0.5")
+    flaky = FlakyServer(failures=1000, body=RUN)
     try:
-        with pytest.raises(APIError) as info:
+        with pytest.raises(ServerUnavailable) as info:
             create(Client(flaky.url, retry_attempts=2))
-        assert info.value.status_code == 503 and flaky.requests == 2
+        assert isinstance(info.value.__cause__, APIError) and info.value.__cause__.status_code == 503
+        assert flaky.requests >= 2
     finally:
         flaky.close()
 
@@ -202,3 +205,15 @@ def test_a_failed_rpc_handshake_is_not_retried_right_away(monkeypatch):
         assert stub.requests == 1
     finally:
         stub.close()
+
+
+def test_a_repeated_create_answers_the_run_it_created(server):
+    client = Client(server.url)
+    body = task_run_create(name="t", task_key="tests.key", state=Scheduled())
+    first = client.create_task_run(body)
+    again = client.create_task_run(body)  # e.g. the first answer was lost
+    assert again.id == first.id == body["id"]
+    other = {**task_run_create(name="t", task_key="tests.key", state=Scheduled()), "id": body["id"]}
+    with pytest.raises(APIError) as info:  # a different run with a taken id
+        client.create_task_run(other)
+    assert info.value.status_code == 409

@@ -21,12 +21,7 @@ from sync_worker.services import (
     start_client_metrics_server,
     stop_client_metrics_server,
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.helpers import free_port
 
 
 def scrape(port: int) -> str:

@@ -57,3 +57,8 @@ def test_fast_path_switch():
     assert get_settings({"SYNC_WORKER_FAST_PATH": "false"}).fast_path is False
     with pytest.raises(SettingsError, match="SYNC_WORKER_FAST_PATH='maybe'"):
         get_settings({"SYNC_WORKER_FAST_PATH": "maybe"})
+
+
+def test_submit_timeout_setting():
+    assert get_settings({}).submit_timeout == 10.0
+    assert get_settings({"SYNC_WORKER_SUBMIT_TIMEOUT": "2.5"}).submit_timeout == 2.5

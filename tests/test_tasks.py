@@ -83,11 +83,28 @@ def test_unserializable_parameters_create_nothing(unreachable_client, store):
     assert not store.path.exists() or not [p for p in store.path.rglob("*") if p.is_file()]
 
 
-def test_a_failed_create_removes_the_parameters(unreachable_client, store):
-    import requests
+def test_an_unreachable_server_raises_server_unavailable_and_keeps_the_parameters(store, monkeypatch):
+    # the run may exist (the answer may be what was lost): it must not lose its parameters
+    from sync_worker.exceptions import ServerUnavailable
 
-    with pytest.raises(requests.ConnectionError):
-        add.apply_async((1,), client=unreachable_client, store=store)
+    monkeypatch.setenv("SYNC_WORKER_SUBMIT_TIMEOUT", "0.5")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(ServerUnavailable, match="SYNC_WORKER_SUBMIT_TIMEOUT"):
+        add.apply_async((1,), client=Client(f"http://127.0.0.1:{port}/api"), store=store)
+    assert [p for p in store.path.rglob("*") if p.is_file()]
+
+
+def test_a_refused_create_removes_the_parameters(server, store, monkeypatch):
+    from sync_worker.exceptions import APIError
+
+    def refused(self, body):  # the server answers 422: certainly not created
+        raise APIError("POST /task_runs/ failed with 422", status_code=422)
+
+    monkeypatch.setattr(Client, "_create_once", refused)
+    with pytest.raises(APIError):
+        add.apply_async((1,), client=Client(server.url), store=store)
     assert store.path.exists() and not [p for p in store.path.rglob("*") if p.is_file()]
 
 

@@ -209,6 +209,9 @@ class App:
         if endpoint == "subscribe":
             return self.subscribe(environ)
         if endpoint == "rpc":
+            if self.core.prefect_compatible:  # as a Prefect server: no such endpoint
+                self._discard_body(environ)
+                return _error(404, f"Not found: {method} {path}")
             return self.subscribe(environ, handler=handle_rpc)
         if endpoint in ("events_in", "events_out"):  # authenticated in-band, as Prefect does
             handle = handle_events_in if endpoint == "events_in" else handle_events_out

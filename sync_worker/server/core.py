@@ -52,6 +52,9 @@ class Core:
         # subscriptions.Subscription.run
         self.subscribers: set[Any] = set()
         self.auth_string = auth_string
+        #: Prefect-compatible mode: announce no extension and serve no rpc socket, so that
+        #: clients behave as with a Prefect server (their Prefect dialect gets exercised).
+        self.prefect_compatible = False
         self._basic = (
             ("Basic " + base64.b64encode(auth_string.encode()).decode()).encode() if auth_string else None
         )
@@ -75,16 +78,19 @@ class Core:
 
     # -- task runs -------------------------------------------------------------------------------
     def create_task_run(self, body: Any) -> str:
-        """Validate and store a run (queued when SCHEDULED + deferred); returns its JSON text."""
-        op, text = self._create_op(body)
-        self.db.write(op)
-        return text
+        """Validate and store a run (queued when SCHEDULED + deferred); returns its JSON text.
+
+        Idempotent by the client-chosen ``id``: repeating a create whose answer was lost
+        returns the run it created (same id, same task key and dynamic key) instead of a
+        409, so clients can retry creates safely. A different run with that id is a 409."""
+        op, _text = self._create_op(body)
+        return self.db.write(op)
 
     def create_task_run_async(self, body: Any, callback: Callable[[str | None, BaseException | None], None]) -> None:
         """:meth:`create_task_run` without waiting: ``callback(run_text, error)`` after the
-        commit (see :meth:`set_state_async`). Invalid bodies raise ValidationError here."""
-        op, text = self._create_op(body)
-        self.db.submit(op, lambda _result, error: callback(None if error else text, error), inline=True)
+        commit (see :meth:`set_states_async`). Invalid bodies raise ValidationError here."""
+        op, _text = self._create_op(body)
+        self.db.submit(op, lambda result, error: callback(None if error else result, error), inline=True)
 
     def _create_op(self, body: Any) -> tuple[Callable[[Transaction], None], str]:
         now = time.time()
@@ -98,16 +104,21 @@ class Core:
         text = row.dump()
         queue = self.queue
 
-        def op(tx: Transaction) -> None:
+        def op(tx: Transaction) -> str:
             if background:
                 queue.place(row, now)
             try:
                 tx.insert_run(row)
             except sqlite3.IntegrityError:
+                existing = tx.get_run(row.id)
+                if existing is not None and _same_create(existing.run, run):
+                    logger.debug("create of task run %s repeated: answering the existing run", row.id)
+                    return existing.dump()
                 raise Conflict(f"A task run with id {row.id} already exists") from None
             if background:
                 queue.placed(tx, row)
             logger.debug("created task run %s (%s) in state %s", row.id, row.task_key, row.state_type)
+            return text
 
         return op, text
 
@@ -235,21 +246,16 @@ class Core:
 
     def set_states_async(self, proposals: list[tuple[str, dict[str, Any], bool, Callable[..., None]]],
                          holder: str | None = None) -> None:
-        """Several :meth:`set_state_async` at once, in order, committed together when possible:
-        ``proposals`` are (run_id, proposed, force, callback)."""
+        """Orchestrate proposals without waiting for other writers, in order, committed
+        together when possible: ``proposals`` are (run_id, proposed, force, callback), and
+        ``callback(result_text, error)`` runs after the commit, in this thread if it committed
+        itself, else in the thread that did (keep it short). Call it holding no lock that
+        operations or hooks take."""
         self.db.submit_many(
             [(self._set_state_op(run_id, proposed, force, holder), callback)
              for run_id, proposed, force, callback in proposals],
             inline=True,
         )
-
-    def set_state_async(self, run_id: str, proposed: dict[str, Any], force: bool,
-                        callback: Callable[[str | None, BaseException | None], None],
-                        holder: str | None = None) -> None:
-        """:meth:`set_state` without waiting for other writers: ``callback(result_text, error)``
-        runs after the commit, in this thread if it committed itself, else in the thread that
-        did (keep it short). Call it holding no lock that operations or hooks take."""
-        self.db.submit(self._set_state_op(run_id, proposed, force, holder), callback, inline=True)
 
     # -- records ---------------------------------------------------------------------------------
     def put_record(self, key: str, data: bytes) -> None:
@@ -288,4 +294,9 @@ def parse_json_body(raw: bytes) -> tuple[Any, str | None]:
         return None, exc.detail
 
 
-dumps = _dumps
+
+
+def _same_create(existing: dict[str, Any], new: dict[str, Any]) -> bool:
+    """Whether a create names the run that already has its id (a repeated create): same
+    task key and dynamic key (unique per create on Prefect's client and ours)."""
+    return existing.get("task_key") == new.get("task_key") and existing.get("dynamic_key") == new.get("dynamic_key")

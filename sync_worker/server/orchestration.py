@@ -89,9 +89,6 @@ class Decision:
     queue: bool = False  # the run is now SCHEDULED on the queue
     due: float = 0.0  # when (epoch seconds) it may be delivered
 
-    def result_json(self) -> dict[str, Any]:
-        return {"status": self.status, "state": self.state, "details": self.details}
-
 
 def retry_delay(policy: dict[str, Any], run_count: int) -> float:
     """Seconds before the next attempt: ``retry_delay`` (number, or list indexed by attempt),

@@ -6,9 +6,11 @@ back to REST there). One connection per client process carries many concurrent r
     client -> {"type": "auth", "token": T | null}          server -> {"type": "auth_success", ...}
     client -> {"type": "create", "request_id": R, "body": {...POST /task_runs/ body...}}
     server -> {"type": "create_result", "request_id": R, "status_code": 201, "result": {...TaskRun...}}
-    client -> {"type": "wait", "request_id": R, "task_run_id": ID}
+    client -> {"type": "wait", "request_id": R, "task_run_id": ID, "timeout": SECONDS}
     server -> {"type": "wait_result", "request_id": R, "status_code": 200, "result": {...TaskRun...}}
-              (sent when the run reaches a terminal state; 404 with "detail" for an unknown run)
+              (sent when the run reaches a terminal state, or with the run as it is when
+              ``timeout`` seconds passed first — default 60, at most 300 — after which the
+              server forgets the wait; 404 with "detail" for an unknown run)
 
 Errors answer ``status_code`` 4xx/5xx with a ``detail``, as REST does. Why: a REST create
 costs the client most of a millisecond of CPU in ``requests`` and the server an HTTP parse;
@@ -17,9 +19,11 @@ of the final state replaces polling.
 """
 from __future__ import annotations
 
+import heapq
 import json
 import logging
 import threading
+import time
 from collections import deque
 from typing import Any
 
@@ -28,20 +32,16 @@ from simple_websocket.errors import ConnectionClosed
 from .core import Conflict, Core, NotFound
 from .database import DatabaseClosed, StorageError
 from .models import ValidationError
-from .subscriptions import (
-    PREFECT_VIOLATION,
-    SubscriptionRegistry,
-    WebSocket,
-    _authenticate,
-    _Close,
-    _decode,
-    serve_socket,
-)
+from .sockets import PREFECT_VIOLATION, Close, SubscriptionRegistry, WebSocket, authenticate, decode, serve_socket
 
 logger = logging.getLogger("sync_worker.server.rpc")
 
 #: Most waits one connection may have outstanding (each holds a callback in the server).
 MAX_WAITS = 10_000
+#: A wait's server-side timeout when the client names none, and the most it may name: a
+#: wait is answered and forgotten after it, so registrations never accumulate.
+DEFAULT_WAIT_TIMEOUT = 60.0
+MAX_WAIT_TIMEOUT = 300.0
 
 
 def handle_rpc(environ: dict[str, Any], core: Core, registry: SubscriptionRegistry,
@@ -49,7 +49,7 @@ def handle_rpc(environ: dict[str, Any], core: Core, registry: SubscriptionRegist
     """Serve one rpc connection until it ends (runs in the HTTP handler thread)."""
 
     def serve(ws: WebSocket, peer: str) -> None:
-        _authenticate(ws, core)
+        authenticate(ws, core)
         channel = RpcChannel(ws, core, peer)
         try:
             channel.run()
@@ -74,6 +74,8 @@ class RpcChannel:
         # request_id -> cancel function of an outstanding wait (a client that gave up on one
         # just ignores its late answer; the server forgets it when the run ends or on close)
         self._waits: dict[str, Any] = {}
+        # (deadline, request_id, run_id) of the outstanding waits, expired by the sender thread
+        self._deadlines: list[tuple[float, str, str]] = []
 
     def run(self) -> None:
         logger.debug("rpc connection from %s", self.peer)
@@ -84,7 +86,7 @@ class RpcChannel:
                 message = self.ws.receive()
                 if message is None:  # the connection ended
                     return
-                self._handle(_decode(message))
+                self._handle(decode(message))
         finally:
             with self._cond:
                 self._closed = True
@@ -95,13 +97,13 @@ class RpcChannel:
         kind = value.get("type")
         request_id = value.get("request_id")
         if kind not in ("create", "wait"):
-            raise _Close(PREFECT_VIOLATION, "Protocol violation: expected 'create' or 'wait'")
+            raise Close(PREFECT_VIOLATION, "Protocol violation: expected 'create' or 'wait'")
         if not isinstance(request_id, str) or not request_id:
-            raise _Close(PREFECT_VIOLATION, "Protocol violation: 'request_id' must be a non-empty string")
+            raise Close(PREFECT_VIOLATION, "Protocol violation: 'request_id' must be a non-empty string")
         if kind == "create":
             self._create(request_id, value.get("body"))
         else:
-            self._wait(request_id, value.get("task_run_id"))
+            self._wait(request_id, value.get("task_run_id"), value.get("timeout"))
 
     def _create(self, request_id: str, body: Any) -> None:
         def done(text: str | None, error: BaseException | None) -> None:
@@ -124,9 +126,15 @@ class RpcChannel:
         except DatabaseClosed as exc:
             done(None, exc)
 
-    def _wait(self, request_id: str, run_id: Any) -> None:
+    def _wait(self, request_id: str, run_id: Any, timeout: Any = None) -> None:
         if not isinstance(run_id, str) or not run_id:
             self._reply("wait_result", request_id, 422, detail="task_run_id: Input should be a valid string")
+            return
+        if timeout is None:
+            timeout = DEFAULT_WAIT_TIMEOUT
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout <= MAX_WAIT_TIMEOUT:
+            self._reply("wait_result", request_id, 422,
+                        detail=f"timeout: Input should be a number of seconds from 0 to {MAX_WAIT_TIMEOUT:g}")
             return
         if len(self._waits) >= MAX_WAITS:
             self._reply("wait_result", request_id, 429, detail=f"more than {MAX_WAITS} waits on one connection")
@@ -145,6 +153,28 @@ class RpcChannel:
             return
         if request_id in self._waits:
             self._waits[request_id] = cancel
+            with self._cond:
+                heapq.heappush(self._deadlines, (time.monotonic() + timeout, request_id, run_id))
+                self._cond.notify()
+
+    def _expire_waits(self) -> None:
+        """Answer the waits whose timeout passed with the run as it is now, and forget them
+        (sender thread)."""
+        now = time.monotonic()
+        while True:
+            with self._cond:
+                if not self._deadlines or self._deadlines[0][0] > now:
+                    return
+                _, request_id, run_id = heapq.heappop(self._deadlines)
+            cancel = self._waits.pop(request_id, None)
+            if cancel is None:
+                continue  # answered already (the run finished)
+            cancel()
+            found = self.core.db.read_run_text(run_id)  # type: ignore[attr-defined]
+            if found is None:
+                self._reply("wait_result", request_id, 404, detail="Task not found")
+            else:
+                self._reply("wait_result", request_id, 200, result=found[0])
 
     def cancel_waits(self) -> None:
         for cancel in list(self._waits.values()):
@@ -167,12 +197,19 @@ class RpcChannel:
             while True:
                 with self._cond:
                     while not self._closed and not self._outbox:
-                        self._cond.wait()
+                        if self._deadlines:
+                            due = self._deadlines[0][0] - time.monotonic()
+                            if due <= 0:
+                                break
+                            self._cond.wait(due)
+                        else:
+                            self._cond.wait()
                     if self._closed and not self._outbox:
                         return
                     messages = list(self._outbox)
                     self._outbox.clear()
                 for message in messages:
                     self.ws.send(message)
+                self._expire_waits()
         except (ConnectionClosed, OSError):
             self.ws.shutdown()

@@ -369,6 +369,8 @@ class Server:
         idle_timeout: seconds an idle keep-alive connection stays open.
         allowed_hosts, allowed_origins: ``Host`` names and ``Origin`` values accepted besides
             this server's own (see :mod:`.security`; ``"*"`` accepts any).
+        prefect_compatible: announce no extension and serve no rpc socket: clients use
+            Prefect's protocol only, as with a Prefect server (for testing that path).
     """
 
     def __init__(self, host: str = "127.0.0.1", port: int = 4200, database: str = "", auth_string: str | None = None,
@@ -376,7 +378,8 @@ class Server:
                  synchronous: str = "NORMAL", buffer_size: int = 1000, ping_interval: float | None = 20.0,
                  allowed_hosts: Iterable[str] = (), allowed_origins: Iterable[str] = (),
                  request_timeout: float = 60.0, idle_timeout: float = 60.0,
-                 retention: float | None = None) -> None:
+                 retention: float | None = None,
+                 prefect_compatible: bool = False) -> None:
         self._default_database = not database  # its directory is created; an explicit one's must exist
         if not database:
             database = os.path.join(os.path.expanduser("~"), ".sync_worker", "server.db")
@@ -410,6 +413,7 @@ class Server:
         if self.retention < 0:
             raise ValueError("retention must be >= 0 (0 keeps every run)")
         self._sweeper: Any = None
+        self.prefect_compatible = prefect_compatible
         self.db: SQLiteDatabase | None = None
         self.queue: RunQueue | None = None
         self.core: Core | None = None
@@ -454,6 +458,7 @@ class Server:
             from .cancellation import recover_cancelling
 
             recover_cancelling(self.core)
+            self.core.prefect_compatible = self.prefect_compatible
             app = App(self.core, self._registry, self.max_body_size)
             self.events = app.events
             app = RequestGuard(app, self.host, self.allowed_hosts, self.allowed_origins)

@@ -15,306 +15,63 @@ Per connection there are three threads:
 Answers to ``set_state`` may come back in any order (matched by ``request_id``).
 
 Flow control: as in Prefect, a connection holds one run at a time by default, and each ack
-lets the next one go. Two extensions lift that, offered in ``auth_success``:
+lets the next one go. The ``credit`` extension, offered in ``auth_success``, lifts that:
 
-- ``prefetch``: ``"prefetch": N`` in the subscribe message (1-1000) lets up to N runs await
-  their acks (a window: each ack lets one more go);
 - ``credit``: ``"credit": N`` in the subscribe message: the server sends up to N runs
   without waiting for acks (one credit each) and more only when the client grants them with
   ``{"type": "credit", "n": K}``. A worker grants one credit per free execution slot, so
   delivery is pipelined and a busy worker never holds a run it cannot start (the
   sync_worker worker uses this one).
 
-Either way acks keep their meaning (they turn a delivered run into a leased one) and
+Acks keep their meaning (they turn a delivered run into a leased one) and
 acknowledge the oldest unacknowledged run.
 """
 from __future__ import annotations
 
 import json
 import logging
-import socket
 import threading
-import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
 
-import simple_websocket
 from simple_websocket.errors import ConnectionClosed
-from wsproto.events import Ping, TextMessage
-from wsproto.utilities import LocalProtocolError
 
 from .core import Core, NotFound
-from .database import QSTATE_MEMORY, DatabaseClosed, StorageError
+from .sockets import (
+    GOING_AWAY,
+    HANDSHAKE_TIMEOUT,
+    NORMAL,
+    POLICY_VIOLATION,
+    PREFECT_VIOLATION,
+    PROTOCOL_ERROR,
+    UNSUPPORTED_DATA,
+    SubscriptionRegistry,
+    WebSocket,
+    authenticate,
+    serve_socket,
+)
+from .sockets import Close as _Close
+from .sockets import close_socket as _close
+from .sockets import decode as _decode
 from . import validation
+from .database import QSTATE_MEMORY, DatabaseClosed, StorageError
 from .models import ValidationError, validate_state
 
 logger = logging.getLogger("sync_worker.server.subscriptions")
 
-POLICY_VIOLATION = 1008
-UNSUPPORTED_DATA = 1003
-PROTOCOL_ERROR = 1002
-GOING_AWAY = 1001
-NORMAL = 1000
-PREFECT_VIOLATION = 4001
-
 #: Extensions offered in ``auth_success`` (Prefect clients ignore the field): ``set_state``
-#: (proposals over this socket), ``prefetch`` and ``credit`` (flow control, see the module
-#: docstring), ``direct_running`` (RUNNING proposed for a RUNNING run is answered ABORT, so
+#: (proposals over this socket), ``credit`` (flow control, see the module docstring), ``direct_running`` (RUNNING proposed for a RUNNING run is answered ABORT, so
 #: RUNNING alone claims a run).
-EXTENSIONS = ["set_state", "prefetch", "credit", "direct_running"]
-MAX_PREFETCH = 1000
-#: seconds a new connection has for each handshake message (auth, subscribe) before it is
-#: closed 1008: a connection that never authenticates must not hold a thread forever
-HANDSHAKE_TIMEOUT = 5.0
+#: ``release`` (``{"type": "release"}``: a stopping worker takes no more runs on this
+#: connection and hands back every run delivered and not acknowledged, at once; the
+#: connection stays open as the lease of its acknowledged runs).
+EXTENSIONS = ["set_state", "credit", "direct_running", "release"]
 #: Most runs one connection may be granted, whatever credit it asks for.
 MAX_CREDIT = 1000
 #: set_state requests of one connection that may await their answers; past this the server
 #: stops reading that connection until answers have been sent
 MAX_UNANSWERED = 256
-
-
-class _Signal:
-    """The ``event_class`` given to simple-websocket, whose reader thread calls ``set()`` each
-    time a message arrived (or the connection closed).
-
-    Until :meth:`attach` it is a plain Event: the handler thread reads the auth and subscribe
-    messages with ``ws.receive()``. After it, ``set()`` runs the attached callback right in the
-    reader thread, so an ack or a set_state is handled without waking another thread first
-    (each thread hop costs latency under the GIL, and one run is in flight per connection).
-    """
-
-    def __init__(self) -> None:
-        self._event = threading.Event()
-        self._callback: Callable[[], None] | None = None
-
-    def set(self) -> None:
-        callback = self._callback
-        if callback is None:
-            self._event.set()
-        else:
-            callback()
-
-    def clear(self) -> None:
-        self._event.clear()
-
-    def is_set(self) -> bool:
-        return self._event.is_set()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        return self._event.wait(timeout)
-
-    def attach(self, callback: Callable[[], None]) -> None:
-        self._callback = callback
-        callback()  # what arrived before
-
-
-class WebSocket(simple_websocket.Server):
-    """simple-websocket server socket whose sends are thread-safe and complete (sendall)."""
-
-    event: _Signal
-
-    def __init__(self, environ: dict[str, Any], **kwargs: Any) -> None:
-        self.send_lock = threading.Lock()
-        self.ping_failures = 0
-        super().__init__(environ, event_class=_Signal, **kwargs)
-
-    def send(self, data: Any) -> None:
-        with self.send_lock:
-            if not self.connected:
-                raise ConnectionClosed(self.close_reason, self.close_message)
-            self.sock.sendall(self.ws.send(TextMessage(data=data)))
-
-    def close(self, reason: int | None = None, message: str | None = None) -> None:
-        # A send blocked on a client that does not read holds the lock: give up on the close
-        # frame then (the caller drops the connection anyway).
-        if not self.send_lock.acquire(timeout=0.5):
-            raise ConnectionClosed(reason, message)
-        try:
-            super().close(reason, message)
-        except LocalProtocolError:  # the close handshake already happened (e.g. after a protocol error)
-            self.connected = False
-            raise ConnectionClosed(reason, message) from None
-        finally:
-            self.send_lock.release()
-
-    def _handle_events(self) -> bool:
-        keep_going = super()._handle_events()
-        if not keep_going:
-            self._linger()
-        return keep_going
-
-    def _linger(self, seconds: float = 1.0) -> None:
-        """After the close frame went out (a protocol error such as bad UTF-8 included), read and
-        drop what the client still sends until it closes, for up to ``seconds``: a socket closed
-        with unread data is reset, and the client would never see the close code."""
-        deadline = time.monotonic() + seconds
-        try:
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return
-                self.sock.settimeout(left)
-                if not self.sock.recv(65536):
-                    return
-        except OSError:
-            return
-
-    def ping(self) -> bool:
-        """Send a ping without ever blocking (the pinger serves every connection); False if
-        it could not be sent now."""
-        if not self.send_lock.acquire(blocking=False):
-            return False  # a send is in progress: the connection is busy, not dead
-        try:
-            if not self.connected:
-                return False
-            frame = self.ws.send(Ping())
-            try:
-                sent = self.sock.send(frame, socket.MSG_DONTWAIT)
-            except BlockingIOError:
-                return False  # the client does not read: its pong will be missing
-            if sent < len(frame):  # half a frame on the wire: this stream is unusable
-                self.shutdown()
-                return False
-            return True
-        finally:
-            self.send_lock.release()
-
-    def shutdown(self) -> None:
-        """Unblock the reader thread and drop the TCP connection."""
-        self.connected = False
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-
-class _Close(Exception):
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
-
-
-def _decode(message: Any) -> dict[str, Any]:
-    if isinstance(message, bytes):
-        try:
-            message = message.decode("utf-8")
-        except UnicodeDecodeError:
-            raise _Close(UNSUPPORTED_DATA, "Protocol violation: messages must be UTF-8 JSON text") from None
-    try:
-        value = validation.loads(message, "message")
-    except validation.JSONRejected as exc:  # README "Websocket close codes"
-        code = UNSUPPORTED_DATA if exc.kind in ("json", "utf8") else POLICY_VIOLATION
-        raise _Close(code, validation.close_reason(f"Protocol violation: {exc.detail}")) from None
-    if not isinstance(value, dict):
-        raise _Close(PREFECT_VIOLATION, "Protocol violation: expected a JSON object") from None
-    return value
-
-
-class SubscriptionRegistry:
-    """Live connections, so that stopping the server can close them, and their keep-alive.
-
-    One thread pings every connection each ``ping_interval`` seconds and drops the ones that
-    did not answer the previous ping (a worker that vanished without closing its TCP
-    connection must not keep its leases forever). simple-websocket can ping by itself, but
-    then each of its reader threads polls the socket before every read: one more system
-    call per message.
-    """
-
-    def __init__(self, ping_interval: float | None = None) -> None:
-        self._lock = threading.Lock()
-        self._sockets: set[WebSocket] = set()
-        self.closing = False
-        self.ping_interval = ping_interval
-        self._stop = threading.Event()
-        self._pinger: threading.Thread | None = None
-
-    def add(self, ws: WebSocket) -> bool:
-        with self._lock:
-            if self.closing:
-                return False
-            self._sockets.add(ws)
-            if self.ping_interval and self._pinger is None:
-                self._pinger = threading.Thread(target=self._ping_loop, name="sync-worker-ws-pinger", daemon=True)
-                self._pinger.start()
-            return True
-
-    def _ping_loop(self) -> None:
-        assert self.ping_interval
-        while not self._stop.wait(self.ping_interval):
-            with self._lock:
-                sockets = list(self._sockets)
-            for ws in sockets:
-                if not ws.connected:
-                    continue
-                if not ws.pong_received or ws.ping_failures >= 3:
-                    logger.info("closing a subscription connection that did not answer a ping within %g s",
-                                self.ping_interval)
-                    try:
-                        ws.close(POLICY_VIOLATION, "Ping/Pong timeout")
-                    except (ConnectionClosed, OSError):
-                        pass
-                    ws.shutdown()
-                    ws.event.set()
-                    continue
-                ws.pong_received = False  # before sending: the pong may beat us back
-                try:
-                    sent = ws.ping()
-                except OSError:
-                    sent = False
-                if sent:
-                    ws.ping_failures = 0
-                else:  # busy sending, or the client reads nothing: tolerated 3 times
-                    ws.pong_received = True
-                    ws.ping_failures += 1
-
-    def remove(self, ws: WebSocket) -> None:
-        with self._lock:
-            self._sockets.discard(ws)
-
-    def close_all(self) -> None:
-        with self._lock:
-            self.closing = True
-            sockets = list(self._sockets)
-        self._stop.set()
-        for ws in sockets:
-            try:
-                ws.close(GOING_AWAY, "Server is shutting down")
-            except (ConnectionClosed, OSError):
-                pass
-            ws.shutdown()
-            ws.event.set()  # wake whoever waits on this connection
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._sockets)
-
-
-def serve_socket(environ: dict[str, Any], registry: SubscriptionRegistry, max_message_size: int | None,
-                 what: str, serve: Callable[[WebSocket, str], None]) -> None:
-    """Accept a websocket (subprotocol ``prefect``), run ``serve(ws, peer)`` in this HTTP
-    handler thread until the connection ends, and close it with the code and reason of a
-    protocol violation (:class:`_Close`) raised by ``serve``."""
-    ws = WebSocket(environ, subprotocols=["prefect"], max_message_size=max_message_size)
-    peer = environ.get("REMOTE_ADDR", "?")
-    if not registry.add(ws):
-        _close(ws, GOING_AWAY, "Server is shutting down")
-        return
-    try:
-        try:
-            serve(ws, peer)
-        except _Close as close:
-            logger.info("closing %s connection from %s: %s (%d)", what, peer, close.reason, close.code)
-            _close(ws, close.code, close.reason)
-        except ConnectionClosed:
-            pass
-    finally:
-        registry.remove(ws)
-        if not ws.connected:  # the reader is ending: let it send its close frame (e.g. 1007) first
-            ws.thread.join(timeout=1.0)
-        ws.shutdown()
-        ws.thread.join(timeout=1.0)
 
 
 def handle_websocket(environ: dict[str, Any], core: Core, registry: SubscriptionRegistry,
@@ -323,44 +80,20 @@ def handle_websocket(environ: dict[str, Any], core: Core, registry: Subscription
 
     def serve(ws: WebSocket, peer: str) -> None:
         if ws.subprotocol == "prefect":
-            _authenticate(ws, core)
+            # lease_timeout: how long a run acknowledged on a lost connection stays this
+            # worker's; a worker reconnects within it (its backoff is capped below it)
+            announce = {} if core.prefect_compatible else {
+                "extensions": EXTENSIONS, "lease_timeout": core.queue.lease_timeout}
+            authenticate(ws, core, announce)
         elif core.auth_string is not None:
             raise _Close(PROTOCOL_ERROR, "'prefect' subprotocol required when auth is configured")
-        keys, client_id, prefetch, credit = _read_subscribe(ws)
-        Subscription(ws, core, keys, client_id, peer, prefetch, credit).run()
+        keys, client_id, credit = _read_subscribe(ws)
+        Subscription(ws, core, keys, client_id, peer, credit).run()
 
     serve_socket(environ, registry, max_message_size, "subscription", serve)
 
 
-def _close(ws: WebSocket, code: int, reason: str) -> None:
-    try:
-        ws.close(code, reason)
-    except (ConnectionClosed, OSError):
-        return
-    # Give the client a moment to answer the close frame before dropping the connection.
-    ws.thread.join(timeout=1.0)
-
-
-def _authenticate(ws: WebSocket, core: Core) -> None:
-    message = ws.receive(timeout=HANDSHAKE_TIMEOUT)
-    if message is None and ws.connected:
-        raise _Close(POLICY_VIOLATION, f"Expected 'auth' message within {HANDSHAKE_TIMEOUT:g} s")
-    try:
-        value = _decode(message)
-    except _Close:
-        value = {}
-    if value.get("type") != "auth":
-        raise _Close(POLICY_VIOLATION, "Expected 'auth' message")
-    if core.auth_string is not None:
-        token = value.get("token")
-        if not token:
-            raise _Close(POLICY_VIOLATION, "Auth required but no token provided")
-        if not core.check_token(token):
-            raise _Close(POLICY_VIOLATION, "Invalid token")
-    ws.send(json.dumps({"type": "auth_success", "extensions": EXTENSIONS}))
-
-
-def _read_subscribe(ws: WebSocket) -> tuple[list[str], str, int, int | None]:
+def _read_subscribe(ws: WebSocket) -> tuple[list[str], str, int | None]:
     message = ws.receive(timeout=HANDSHAKE_TIMEOUT)
     if message is None and ws.connected:
         raise _Close(POLICY_VIOLATION, f"Expected 'subscribe' message within {HANDSHAKE_TIMEOUT:g} s")
@@ -380,16 +113,10 @@ def _read_subscribe(ws: WebSocket) -> tuple[list[str], str, int, int | None]:
     problem = validation.subscribe_problem(keys, client_id)
     if problem:
         raise _Close(PREFECT_VIOLATION, validation.close_reason(f"Protocol violation: {problem}"))
-    prefetch = value.get("prefetch", 1)
-    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or not 1 <= prefetch <= MAX_PREFETCH:
-        raise _Close(PREFECT_VIOLATION,
-                     f"Protocol violation: 'prefetch' must be a whole number from 1 to {MAX_PREFETCH}")
     credit = value.get("credit")
     if credit is not None and (not isinstance(credit, int) or isinstance(credit, bool) or credit < 0):
         raise _Close(PREFECT_VIOLATION, "Protocol violation: 'credit' must be a whole number >= 0")
-    if credit is not None and "prefetch" in value:
-        raise _Close(PREFECT_VIOLATION, "Protocol violation: use either 'prefetch' or 'credit', not both")
-    return list(dict.fromkeys(keys)), client_id, prefetch, credit
+    return list(dict.fromkeys(keys)), client_id, credit
 
 
 class Subscription:
@@ -402,9 +129,8 @@ class Subscription:
     """
 
     def __init__(self, ws: WebSocket, core: Core, keys: list[str], client_id: str, peer: str,
-                 prefetch: int = 1, credit: int | None = None) -> None:
-        self.prefetch = prefetch
-        self.limit = credit if credit is not None else prefetch  # runs it may hold at once (stats)
+                 credit: int | None = None) -> None:
+        self.limit = credit if credit is not None else 1  # runs it may hold at once (stats)
         self.ws = ws
         self.core = core
         self.queue = core.queue
@@ -417,7 +143,7 @@ class Subscription:
         self._woken = True
         # delivered runs awaiting their ack, oldest first: id -> (id, key, seq, text)
         self._unacked: OrderedDict[str, tuple[str, str, int, str | None]] = OrderedDict()
-        # ``None``: an ack-driven window of ``prefetch`` runs (1: Prefect's protocol).
+        # ``None``: Prefect's protocol, one run awaiting its ack at a time.
         # A number: the credit extension (runs that may still be sent before a grant).
         self._credit = None if credit is None else min(credit, MAX_CREDIT)
         self._closed = False
@@ -577,6 +303,14 @@ class Subscription:
             self._try_deliver()
         elif kind == "set_state":
             self._set_state(value)
+        elif kind == "release":
+            with self._cond:
+                self._quitting = True  # no delivery after this (see _deliver_one)
+            released = self._take_unacked()
+            for in_flight in released:
+                self.queue.give_back(self, *in_flight)
+            self.queue.forget_waiter(self)
+            logger.info("Task worker %r stopped receiving; %d run(s) handed back", self.client_id, len(released))
         elif kind == "quit":
             with self._cond:
                 self._quitting = True
@@ -658,7 +392,7 @@ class Subscription:
     def _may_send(self) -> bool:
         """Under ``self._cond``: whether flow control lets one more run go."""
         if self._credit is None:
-            return len(self._unacked) < self.prefetch
+            return not self._unacked  # Prefect's protocol: one run awaiting its ack
         return self._credit > 0
 
     def _post(self, message: str) -> None:
@@ -717,7 +451,7 @@ class Subscription:
                     continue
                 text = found[0]
             with self._cond:
-                closed = self._closed
+                closed = self._closed or self._quitting
                 if not closed:
                     self._unacked[run_id] = (run_id, task_key, seq, text)
                     if self._credit is not None:
@@ -734,3 +468,10 @@ class Subscription:
                 raise
             self.delivered += 1
             return True
+
+
+#: What other modules import from here (the plumbing itself lives in :mod:`.sockets`).
+__all__ = [
+    "EXTENSIONS", "GOING_AWAY", "NORMAL", "POLICY_VIOLATION", "PREFECT_VIOLATION", "PROTOCOL_ERROR",
+    "UNSUPPORTED_DATA", "Subscription", "SubscriptionRegistry", "WebSocket", "handle_websocket", "serve_socket",
+]

@@ -6,32 +6,15 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
 import websocket
 
-# shared/ sits beside the repository (in CI too); /work/shared is where development has it
-PROTOCOL = next(
-    (str(p) for p in (Path(__file__).resolve().parents[3] / "shared" / "prefect-protocol",
-                      Path("/work/shared/prefect-protocol")) if p.is_dir()),
-    "/work/shared/prefect-protocol",
-)
+from tests.helpers import load_capture, wait_for  # noqa: F401 - wait_for re-exported
+
 SUBSCRIPTION_PATH = "/task_runs/subscriptions/scheduled"
-
-
-def wait_for(condition: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02) -> Any:
-    """Poll ``condition`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout} s")
-        time.sleep(interval)
 
 
 class Subscriber:
@@ -204,8 +187,4 @@ def make_wire() -> Iterator[Callable[..., Wire]]:
 
 @pytest.fixture
 def protocol() -> Callable[[str], Any]:
-    def load(name: str) -> Any:
-        with open(f"{PROTOCOL}/{name}") as f:
-            return json.load(f)
-
-    return load
+    return load_capture

@@ -8,7 +8,7 @@ import time
 from collections import Counter
 
 import websocket
-from conftest import wait_for
+from tests.helpers import wait_for
 
 
 def test_random_drops_and_failures_lose_nothing(server_factory, make_wire):

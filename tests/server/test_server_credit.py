@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import websocket
 from conftest import Subscriber, read_close
 
 
@@ -21,7 +22,7 @@ def subscribe_with_credit(wire, credit, keys=None, client_id="credit-client") ->
 
 def test_auth_success_announces_the_extensions(wire):
     subscriber = wire.subscribe()
-    assert {"set_state", "prefetch", "credit", "direct_running"} <= set(subscriber.auth_reply["extensions"])
+    assert {"set_state", "credit", "direct_running", "release"} <= set(subscriber.auth_reply["extensions"])
 
 
 def test_without_credit_one_run_at_a_time_as_in_prefect(wire):
@@ -104,10 +105,28 @@ def test_running_is_a_claim_by_itself(wire):
     assert wire.read(run_id)["run_count"] == 1
 
 
-def test_prefetch_and_credit_are_exclusive(wire):
+def test_release_hands_back_unacknowledged_runs_and_stops_deliveries(server, wire):
+    """The ``release`` extension: a stopping worker gives back what it did not start and
+    keeps its connection (the lease of what it did start)."""
     ws = wire.connect()
     ws.send(json.dumps({"type": "auth", "token": None}))
-    ws.recv()
-    ws.send(json.dumps({"type": "subscribe", "keys": ["k"], "client_id": "c", "credit": 2, "prefetch": 2}))
-    code, reason = read_close(ws)
-    assert code == 4001 and "either 'prefetch' or 'credit'" in reason
+    assert "release" in json.loads(ws.recv())["extensions"]
+    ws.send(json.dumps({"type": "subscribe", "keys": ["tests.add"], "client_id": "stopping", "credit": 3}))
+    runs = [wire.create() for _ in range(3)]
+    first, second, third = (json.loads(ws.recv())["id"] for _ in range(3))
+    ws.send(json.dumps({"type": "ack"}))  # the first one is started: leased
+    ws.send(json.dumps({"type": "release"}))
+    ws.send(json.dumps({"type": "credit", "n": 5}))  # ignored after release
+    other = wire.subscribe(client_id="other")
+    handed_back = {other.next_run()["id"]}
+    other.ack()
+    handed_back.add(other.next_run()["id"])
+    assert handed_back == {second, third}
+    other.ack()
+    wire.create()  # a new run goes to the other subscriber, never to the released connection
+    assert other.next_run()["id"] not in {r["id"] for r in runs}
+    ws.settimeout(0.5)
+    with pytest.raises(websocket.WebSocketTimeoutException):
+        ws.recv()
+    assert first not in handed_back
+    ws.close()

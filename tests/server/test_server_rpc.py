@@ -114,3 +114,23 @@ def test_wait_is_answered_when_a_lease_runs_out_into_crashed(server_factory, mak
     reply = json.loads(ws.recv())
     assert reply["type"] == "wait_result" and reply["status_code"] == 200
     assert reply["result"]["state"]["type"] == "CRASHED"
+
+
+def test_no_wait_accumulation_a_wait_times_out_on_the_server_and_is_forgotten(server, wire):
+    from tests.helpers import wait_for
+
+    run = wire.create()  # nobody runs it
+    ws, _ = rpc_socket(wire)
+    request_ids = []
+    for _ in range(20):
+        request_id = uuid.uuid4().hex
+        request_ids.append(request_id)
+        ws.send(json.dumps({"type": "wait", "request_id": request_id, "task_run_id": run["id"], "timeout": 0.3}))
+    answers = [json.loads(ws.recv()) for _ in range(20)]
+    assert sorted(a["request_id"] for a in answers) == sorted(request_ids)
+    assert all(a["status_code"] == 200 and a["result"]["state"]["type"] == "SCHEDULED" for a in answers)
+    wait_for(lambda: run["id"] not in server.core._finish_waiters, message="the waits forgotten")
+    reply = call(ws, {"type": "wait", "task_run_id": run["id"], "timeout": "soon"})
+    assert reply["status_code"] == 422 and "timeout" in reply["detail"]
+    ws.close()
+

@@ -7,7 +7,9 @@ import time
 
 import pytest
 import websocket
-from conftest import read_close, wait_for
+from conftest import read_close
+
+from tests.helpers import wait_for
 
 
 def _handshake_close(wire, *messages, subprotocol=True):
@@ -28,7 +30,8 @@ def test_auth_success_advertises_extensions(wire, protocol):
     assert ws.subprotocol == "prefect"
     ws.send(json.dumps(protocol("ws_01_client_auth.json")))
     reply = json.loads(ws.recv())
-    assert reply == {"type": "auth_success", "extensions": ["set_state", "prefetch", "credit", "direct_running"]}
+    assert reply == {"type": "auth_success", "extensions": ["set_state", "credit", "direct_running", "release"],
+                     "lease_timeout": 30.0}
     ws.close()
 
 
@@ -321,78 +324,23 @@ def test_client_that_never_reads_does_not_stall_the_server(server_factory, make_
         thread.join(timeout=5)
 
 
-# -- the prefetch extension ------------------------------------------------------------------------
-def _subscribe_prefetch(wire, prefetch, client_id="prefetcher", keys=("tests.add",)):
+# -- no prefetch: an unknown subscribe field is ignored, one run awaits its ack ---------------------
+def test_a_prefetch_field_is_ignored_one_run_at_a_time(wire):
+    created = [wire.create()["id"] for _ in range(2)]
     ws = wire.connect()
     ws.send(json.dumps({"type": "auth", "token": None}))
     assert json.loads(ws.recv())["type"] == "auth_success"
-    ws.send(json.dumps({"type": "subscribe", "keys": list(keys), "client_id": client_id, "prefetch": prefetch}))
-    return ws
-
-
-def _next(ws, timeout=5.0):
-    ws.settimeout(timeout)
-    return json.loads(ws.recv())
-
-
-def test_prefetch_sends_several_runs_before_their_acks(wire):
-    created = [wire.create()["id"] for _ in range(5)]
-    ws = _subscribe_prefetch(wire, 3)
+    ws.send(json.dumps({"type": "subscribe", "keys": ["tests.add"], "client_id": "old", "prefetch": 3}))
     try:
-        first = [_next(ws)["id"] for _ in range(3)]
-        assert first == created[:3]
+        ws.settimeout(5)
+        assert json.loads(ws.recv())["id"] == created[0]
         ws.settimeout(0.3)
         with pytest.raises(websocket.WebSocketTimeoutException):
-            ws.recv()  # the window is full
+            ws.recv()  # the second run waits for the ack
         ws.send(json.dumps({"type": "ack"}))
-        assert _next(ws)["id"] == created[3]
-        for _ in range(3):
-            ws.send(json.dumps({"type": "ack"}))
-        assert _next(ws)["id"] == created[4]
+        ws.settimeout(5)
+        assert json.loads(ws.recv())["id"] == created[1]
     finally:
         ws.close()
 
 
-def test_prefetched_unacked_runs_go_back_when_the_connection_closes(wire):
-    created = [wire.create()["id"] for _ in range(4)]
-    ws = _subscribe_prefetch(wire, 4)
-    received = [_next(ws)["id"] for _ in range(4)]
-    assert received == created
-    ws.send(json.dumps({"type": "ack"}))  # the first one is leased; the others are not
-    time.sleep(0.1)
-    ws.close()
-    other = wire.subscribe(client_id="other")
-    again = []
-    for _ in range(3):
-        again.append(other.next_run()["id"])
-        other.ack()
-    assert again == created[1:]
-
-
-def test_prefetch_with_set_state_and_order(wire):
-    created = [wire.create()["id"] for _ in range(20)]
-    ws = _subscribe_prefetch(wire, 8)
-    try:
-        delivered = []
-        while len(delivered) < 20:
-            message = _next(ws)
-            if "type" in message:
-                continue
-            delivered.append(message["id"])
-            ws.send(json.dumps({"type": "ack"}))
-            ws.send(json.dumps({"type": "set_state", "request_id": message["id"], "task_run_id": message["id"],
-                                "state": {"type": "PENDING"}}))
-        assert delivered == created
-    finally:
-        ws.close()
-    wait_for(lambda: all(wire.read(run_id)["state_type"] == "PENDING" for run_id in created))
-
-
-@pytest.mark.parametrize("prefetch", [0, -1, 1001, "5", True, 2.5])
-def test_bad_prefetch_is_a_protocol_violation(wire, prefetch):
-    ws = _subscribe_prefetch(wire, prefetch)
-    try:
-        code, reason = read_close(ws)
-        assert code == 4001 and "prefetch" in reason
-    finally:
-        ws.close()

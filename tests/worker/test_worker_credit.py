@@ -8,7 +8,7 @@ import threading
 import websocket
 
 from sync_worker import task
-from worker_helpers import wait_for
+from tests.helpers import wait_for
 
 RELEASE = threading.Event()
 STARTED: list[int] = []

@@ -22,7 +22,8 @@ from sync_worker.schemas import StateType
 from sync_worker.tasks import Task
 from sync_worker.worker import TaskWorker, serve
 from tests.worker import worker_tasks as wt
-from tests.worker.worker_helpers import wait_for
+from tests import helpers
+from tests.helpers import wait_for
 
 
 def _sample(name: str, **labels: str) -> float:
@@ -100,21 +101,25 @@ def test_timeout_marks_the_run_timed_out(state_path, start_worker):
 
 
 def test_never_more_than_limit_runs_at_once(api_env, start_worker):
-    wt.PROBE.reset()
+    wt.GATE.reset()
     # The gauges are process-wide: measure this worker's part of them.
     free_before = _sample("sync_worker_free_slots")
     in_flight_before = _sample("sync_worker_task_runs_in_flight")
-    worker = start_worker(wt.probe, limit=3)
-    futures = [wt.probe.delay(0.05) for _ in range(30)]
-    seen_busy = wait_for(lambda: worker.current_tasks == 3, message="3 runs in flight")
-    assert seen_busy and worker.available_tasks == 0
+    worker = start_worker(wt.gated, limit=3)
+    wait_for(lambda: _sample("sync_worker_free_slots") == free_before + 3, message="the worker's 3 free slots")
+    futures = [wt.gated.delay(i) for i in range(30)]
+    # the runs hold their slots until the gate opens: the worker is full and stays full
+    wait_for(lambda: wt.GATE.current == 3, message="3 runs executing")
+    assert worker.current_tasks == 3 and worker.available_tasks == 0
     assert _sample("sync_worker_free_slots") == free_before
-    assert [f.result(timeout=60) for f in futures] == [0.05] * 30
-    assert wt.PROBE.calls == 30
-    assert wt.PROBE.max_seen == 3  # reached, never exceeded
-    # A run's slot is released just after its final state is reported.
-    wait_for(lambda: worker.current_tasks == 0, message="all slots released")
-    assert worker.available_tasks == 3
+    assert _sample("sync_worker_task_runs_in_flight") == in_flight_before + 3
+    wt.GATE.opened.set()
+    assert [f.result(timeout=60) for f in futures] == list(range(30))
+    assert wt.GATE.calls == 30
+    assert wt.GATE.max_seen == 3  # reached, never exceeded
+    # a run counts as finished once its final state is reported and its slot given back
+    wait_for(lambda: worker.finished_task_runs == {"tests.gated": 30}, message="30 runs finished")
+    assert worker.current_tasks == 0 and worker.available_tasks == 3
     assert _sample("sync_worker_free_slots") == free_before + 3
     # the slot is freed when the function returns; the run leaves "in flight" after its report
     wait_for(lambda: _sample("sync_worker_task_runs_in_flight") == in_flight_before, message="in-flight gauge back")
@@ -258,11 +263,7 @@ def _status_with_two_in_flight(url: str) -> Any:
 
 @pytest.fixture
 def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return helpers.free_port()
 
 
 def test_execute_task_run_runs_one_given_run(api_env):

@@ -7,9 +7,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
+
+from sync_worker.client import Client
 
 from tests.worker import worker_tasks as wt
-from tests.worker.worker_helpers import wait_for
+from tests.helpers import wait_for
 
 
 def _starts(path: Path, i: int) -> int:
@@ -66,3 +69,41 @@ def test_a_stopping_worker_keeps_its_connection_until_its_runs_finished(api_env,
     assert long_run.result(timeout=5) == 1
     assert held.state.type.value == "SCHEDULED"  # handed back to the queue, not lost
     assert _starts(marks, 2) == 0
+
+
+def test_reconnect_backoff_is_capped_below_the_announced_lease_timeout(server_factory, tmp_path, monkeypatch,
+                                                                       start_worker):
+    server = server_factory(lease_timeout=2.0)
+    monkeypatch.setenv("SYNC_WORKER_API_URL", server.url)
+    monkeypatch.setenv("SYNC_WORKER_STORAGE", str(tmp_path / "store"))
+    worker = start_worker(wt.add, limit=1)
+    assert wt.add.delay(1, 1).result(timeout=30) == 2
+    subscription = worker._subscription
+    assert subscription.max_backoff == 10.0
+    # a quarter of the lease (plus at most 0.5 s of jitter): back well within the lease
+    assert subscription.backoff_cap == 0.5
+
+
+@pytest.mark.slow
+def test_final_state_reported_after_a_75_s_outage(server_factory, tmp_path, monkeypatch, start_worker):
+    """The server is away 75 s (longer than any fixed reporting budget) while a run
+    finishes: the live worker keeps its final state, comes back within the lease, and
+    reports it; the run is executed once."""
+    from sync_worker.schemas import StateType
+    from tests.helpers import free_port
+
+    port, database = free_port(), str(tmp_path / "outage.db")
+    server = server_factory(port=port, database=database, lease_timeout=5.0)
+    monkeypatch.setenv("SYNC_WORKER_API_URL", server.url)
+    monkeypatch.setenv("SYNC_WORKER_STORAGE", str(tmp_path / "store"))
+    marks = tmp_path / "marks"
+    start_worker(wt.mark, limit=2)
+    future = wt.mark.delay(1, str(marks), 3.0)
+    wait_for(lambda: _starts(marks, 1) == 1, message="the run executing")
+    server.stop()
+    time.sleep(75)  # the outage itself: what is measured is what happens after it
+    restarted = server_factory(port=port, database=database, lease_timeout=5.0)
+    wait_for(lambda: Client(restarted.url).read_task_run(future.task_run_id).state.type is StateType.COMPLETED,
+             timeout=60, message="the final state reported after the outage")
+    time.sleep(6)  # past the lease of the recovered run: it must not be delivered again
+    assert _starts(marks, 1) == 1, marks.read_text()

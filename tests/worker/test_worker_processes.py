@@ -10,7 +10,7 @@ from pathlib import Path
 
 from sync_worker.schemas import StateType
 from tests.worker import worker_tasks as wt
-from tests.worker.worker_helpers import wait_for
+from tests.helpers import wait_for
 
 
 def worker_command(*specs: str, limit: int = 10, extra: tuple[str, ...] = ()) -> list[str]:
@@ -99,7 +99,7 @@ def test_ctrl_c_stops_taking_runs_and_finishes_in_flight_ones(api_env, spawn, tm
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
-    assert "Task worker interrupted, stopping..." in err
+    assert "Task worker interrupted, stopping" in err
     assert first.wait(5).type is StateType.COMPLETED
 
 

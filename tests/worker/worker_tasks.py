@@ -52,6 +52,39 @@ def probe(seconds):
     return seconds
 
 
+# -- a gate: runs that hold their slot until the test opens it ------------------------------
+class Gate:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.opened = threading.Event()
+        self.current = 0
+        self.max_seen = 0
+        self.calls = 0
+
+    def reset(self) -> None:
+        with self.lock:
+            self.opened = threading.Event()
+            self.current = self.max_seen = self.calls = 0
+
+
+GATE = Gate()
+
+
+@task(task_key="tests.gated")
+def gated(tag):
+    with GATE.lock:
+        GATE.current += 1
+        GATE.calls += 1
+        GATE.max_seen = max(GATE.max_seen, GATE.current)
+        opened = GATE.opened
+    try:
+        opened.wait(60)
+    finally:
+        with GATE.lock:
+            GATE.current -= 1
+    return tag
+
+
 # -- attempts counted in a file ---------------------------------------------------------------
 def _append(path, line):
     with open(path, "a") as handle:
@@ -113,3 +146,21 @@ def stop_worker():
 @task(task_key="tests.pickled", result_serializer="pickle")
 def pickled(x):
     return x
+
+
+@task(task_key="tests.sleep_marked")
+def sleep_marked(i, path, seconds):
+    """Record the start, then sleep (a long run for stop tests)."""
+    _append(path, f"start {i} {os.getpid()}")
+    time.sleep(seconds)
+    _append(path, f"end {i} {os.getpid()}")
+    return i
+
+
+UNSTORABLE_CALLS = []
+
+
+@task(task_key="tests.unstorable", retries=2)
+def unstorable():
+    UNSTORABLE_CALLS.append(1)
+    return object()  # not JSON: the result cannot be stored

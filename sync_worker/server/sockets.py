@@ -1,0 +1,310 @@
+"""Websocket plumbing shared by the server's two sockets (subscription and rpc).
+
+The socket class (thread-safe, complete sends; non-blocking pings), the registry of live
+connections and its keep-alive pinger, the accept/serve/close frame of a connection, the
+auth handshake and the decoding of messages with Prefect's close codes. What each socket
+means lives in :mod:`.subscriptions` and :mod:`.rpc`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import simple_websocket
+from simple_websocket.errors import ConnectionClosed
+from wsproto.events import Ping, TextMessage
+from wsproto.utilities import LocalProtocolError
+
+from . import validation
+from .core import Core
+
+logger = logging.getLogger("sync_worker.server.sockets")
+
+POLICY_VIOLATION = 1008
+UNSUPPORTED_DATA = 1003
+PROTOCOL_ERROR = 1002
+GOING_AWAY = 1001
+NORMAL = 1000
+PREFECT_VIOLATION = 4001
+#: seconds a new connection has for each handshake message (auth, subscribe) before it is
+#: closed 1008: a connection that never authenticates must not hold a thread forever
+HANDSHAKE_TIMEOUT = 5.0
+
+class Signal:
+    """The ``event_class`` given to simple-websocket, whose reader thread calls ``set()`` each
+    time a message arrived (or the connection closed).
+
+    Until :meth:`attach` it is a plain Event: the handler thread reads the auth and subscribe
+    messages with ``ws.receive()``. After it, ``set()`` runs the attached callback right in the
+    reader thread, so an ack or a set_state is handled without waking another thread first
+    (each thread hop costs latency under the GIL, and one run is in flight per connection).
+    """
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self._callback: Callable[[], None] | None = None
+
+    def set(self) -> None:
+        callback = self._callback
+        if callback is None:
+            self._event.set()
+        else:
+            callback()
+
+    def clear(self) -> None:
+        self._event.clear()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._event.wait(timeout)
+
+    def attach(self, callback: Callable[[], None]) -> None:
+        self._callback = callback
+        callback()  # what arrived before
+
+
+class WebSocket(simple_websocket.Server):
+    """simple-websocket server socket whose sends are thread-safe and complete (sendall)."""
+
+    event: Signal
+
+    def __init__(self, environ: dict[str, Any], **kwargs: Any) -> None:
+        self.send_lock = threading.Lock()
+        self.ping_failures = 0
+        super().__init__(environ, event_class=Signal, **kwargs)
+
+    def send(self, data: Any) -> None:
+        with self.send_lock:
+            if not self.connected:
+                raise ConnectionClosed(self.close_reason, self.close_message)
+            self.sock.sendall(self.ws.send(TextMessage(data=data)))
+
+    def close(self, reason: int | None = None, message: str | None = None) -> None:
+        # A send blocked on a client that does not read holds the lock: give up on the close
+        # frame then (the caller drops the connection anyway).
+        if not self.send_lock.acquire(timeout=0.5):
+            raise ConnectionClosed(reason, message)
+        try:
+            super().close(reason, message)
+        except LocalProtocolError:  # the close handshake already happened (e.g. after a protocol error)
+            self.connected = False
+            raise ConnectionClosed(reason, message) from None
+        finally:
+            self.send_lock.release()
+
+    def _handle_events(self) -> bool:
+        keep_going = super()._handle_events()
+        if not keep_going:
+            self._linger()
+        return keep_going
+
+    def _linger(self, seconds: float = 1.0) -> None:
+        """After the close frame went out (a protocol error such as bad UTF-8 included), read and
+        drop what the client still sends until it closes, for up to ``seconds``: a socket closed
+        with unread data is reset, and the client would never see the close code."""
+        deadline = time.monotonic() + seconds
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return
+                self.sock.settimeout(left)
+                if not self.sock.recv(65536):
+                    return
+        except OSError:
+            return
+
+    def ping(self) -> bool:
+        """Send a ping without ever blocking (the pinger serves every connection); False if
+        it could not be sent now."""
+        if not self.send_lock.acquire(blocking=False):
+            return False  # a send is in progress: the connection is busy, not dead
+        try:
+            if not self.connected:
+                return False
+            frame = self.ws.send(Ping())
+            try:
+                sent = self.sock.send(frame, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return False  # the client does not read: its pong will be missing
+            if sent < len(frame):  # half a frame on the wire: this stream is unusable
+                self.shutdown()
+                return False
+            return True
+        finally:
+            self.send_lock.release()
+
+    def shutdown(self) -> None:
+        """Unblock the reader thread and drop the TCP connection."""
+        self.connected = False
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
+class Close(Exception):
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def decode(message: Any) -> dict[str, Any]:
+    if isinstance(message, bytes):
+        try:
+            message = message.decode("utf-8")
+        except UnicodeDecodeError:
+            raise Close(UNSUPPORTED_DATA, "Protocol violation: messages must be UTF-8 JSON text") from None
+    try:
+        value = validation.loads(message, "message")
+    except validation.JSONRejected as exc:  # README "Websocket close codes"
+        code = UNSUPPORTED_DATA if exc.kind in ("json", "utf8") else POLICY_VIOLATION
+        raise Close(code, validation.close_reason(f"Protocol violation: {exc.detail}")) from None
+    if not isinstance(value, dict):
+        raise Close(PREFECT_VIOLATION, "Protocol violation: expected a JSON object") from None
+    return value
+
+
+class SubscriptionRegistry:
+    """Live connections, so that stopping the server can close them, and their keep-alive.
+
+    One thread pings every connection each ``ping_interval`` seconds and drops the ones that
+    did not answer the previous ping (a worker that vanished without closing its TCP
+    connection must not keep its leases forever). simple-websocket can ping by itself, but
+    then each of its reader threads polls the socket before every read: one more system
+    call per message.
+    """
+
+    def __init__(self, ping_interval: float | None = None) -> None:
+        self._lock = threading.Lock()
+        self._sockets: set[WebSocket] = set()
+        self.closing = False
+        self.ping_interval = ping_interval
+        self._stop = threading.Event()
+        self._pinger: threading.Thread | None = None
+
+    def add(self, ws: WebSocket) -> bool:
+        with self._lock:
+            if self.closing:
+                return False
+            self._sockets.add(ws)
+            if self.ping_interval and self._pinger is None:
+                self._pinger = threading.Thread(target=self._ping_loop, name="sync-worker-ws-pinger", daemon=True)
+                self._pinger.start()
+            return True
+
+    def _ping_loop(self) -> None:
+        assert self.ping_interval
+        while not self._stop.wait(self.ping_interval):
+            with self._lock:
+                sockets = list(self._sockets)
+            for ws in sockets:
+                if not ws.connected:
+                    continue
+                if not ws.pong_received or ws.ping_failures >= 3:
+                    logger.info("closing a subscription connection that did not answer a ping within %g s",
+                                self.ping_interval)
+                    try:
+                        ws.close(POLICY_VIOLATION, "Ping/Pong timeout")
+                    except (ConnectionClosed, OSError):
+                        pass
+                    ws.shutdown()
+                    ws.event.set()
+                    continue
+                ws.pong_received = False  # before sending: the pong may beat us back
+                try:
+                    sent = ws.ping()
+                except OSError:
+                    sent = False
+                if sent:
+                    ws.ping_failures = 0
+                else:  # busy sending, or the client reads nothing: tolerated 3 times
+                    ws.pong_received = True
+                    ws.ping_failures += 1
+
+    def remove(self, ws: WebSocket) -> None:
+        with self._lock:
+            self._sockets.discard(ws)
+
+    def close_all(self) -> None:
+        with self._lock:
+            self.closing = True
+            sockets = list(self._sockets)
+        self._stop.set()
+        for ws in sockets:
+            try:
+                ws.close(GOING_AWAY, "Server is shutting down")
+            except (ConnectionClosed, OSError):
+                pass
+            ws.shutdown()
+            ws.event.set()  # wake whoever waits on this connection
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._sockets)
+
+
+def serve_socket(environ: dict[str, Any], registry: SubscriptionRegistry, max_message_size: int | None,
+                 what: str, serve: Callable[[WebSocket, str], None]) -> None:
+    """Accept a websocket (subprotocol ``prefect``), run ``serve(ws, peer)`` in this HTTP
+    handler thread until the connection ends, and close it with the code and reason of a
+    protocol violation (:class:`Close`) raised by ``serve``."""
+    ws = WebSocket(environ, subprotocols=["prefect"], max_message_size=max_message_size)
+    peer = environ.get("REMOTE_ADDR", "?")
+    if not registry.add(ws):
+        close_socket(ws, GOING_AWAY, "Server is shutting down")
+        return
+    try:
+        try:
+            serve(ws, peer)
+        except Close as close:
+            logger.info("closing %s connection from %s: %s (%d)", what, peer, close.reason, close.code)
+            close_socket(ws, close.code, close.reason)
+        except ConnectionClosed:
+            pass
+    finally:
+        registry.remove(ws)
+        if not ws.connected:  # the reader is ending: let it send its close frame (e.g. 1007) first
+            ws.thread.join(timeout=1.0)
+        ws.shutdown()
+        ws.thread.join(timeout=1.0)
+
+
+def close_socket(ws: WebSocket, code: int, reason: str) -> None:
+    try:
+        ws.close(code, reason)
+    except (ConnectionClosed, OSError):
+        return
+    # Give the client a moment to answer the close frame before dropping the connection.
+    ws.thread.join(timeout=1.0)
+
+
+def authenticate(ws: WebSocket, core: Core, announce: dict[str, Any] | None = None) -> None:
+    """Prefect's auth handshake: read ``{"type": "auth", "token": T}``, check the token, answer
+    ``auth_success`` (plus what ``announce`` adds, e.g. extensions) or close 1008."""
+    message = ws.receive(timeout=HANDSHAKE_TIMEOUT)
+    if message is None and ws.connected:
+        raise Close(POLICY_VIOLATION, f"Expected 'auth' message within {HANDSHAKE_TIMEOUT:g} s")
+    try:
+        value = decode(message)
+    except Close:
+        value = {}
+    if value.get("type") != "auth":
+        raise Close(POLICY_VIOLATION, "Expected 'auth' message")
+    if core.auth_string is not None:
+        token = value.get("token")
+        if not token:
+            raise Close(POLICY_VIOLATION, "Auth required but no token provided")
+        if not core.check_token(token):
+            raise Close(POLICY_VIOLATION, "Invalid token")
+    ws.send(json.dumps({"type": "auth_success", **(announce or {})}))
+
+

@@ -1,0 +1,130 @@
+"""Stop means stop: a stopping worker starts nothing new, hands back what it was given
+but has not started, and every stop path honours the drain timeout."""
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from sync_worker.worker import Slots
+from tests.helpers import wait_for
+from tests.worker import worker_tasks as wt
+from tests.worker.test_worker_processes import lines, worker_command
+
+
+def test_stopping_worker_takes_no_run_submitted_during_its_drain(api_env, start_worker):
+    wt.GATE.reset()
+    stopping = start_worker(wt.gated, limit=2)
+    first = wt.gated.delay("first")
+    wait_for(lambda: wt.GATE.current == 1, message="the first run executing")
+    stopping.stop()
+    assert stopping.stopping and not stopping.join(0.2)  # draining: the first run holds it
+    # submitted while it drains, with a free slot there: it must not go to the stopping worker
+    second = wt.gated.delay("second")
+    idle = start_worker(wt.gated, limit=2)
+    wait_for(lambda: wt.GATE.current == 2, message="the second run started by the idle worker")
+    assert idle.current_tasks == 1
+    assert stopping.current_tasks == 1  # still only the first run
+    wt.GATE.opened.set()
+    assert first.result(timeout=30) == "first" and second.result(timeout=30) == "second"
+    assert stopping.join(30)
+    assert stopping.finished_task_runs == {"tests.gated": 1}
+
+
+def test_stopping_worker_hands_back_runs_delivered_but_not_started(api_env, start_worker, monkeypatch):
+    # Prefect's flow control (one run per ack, no credit): a full worker holds the next run
+    # unacknowledged while it waits for a slot
+    monkeypatch.setenv("SYNC_WORKER_FAST_PATH", "false")
+    wt.GATE.reset()
+    stopping = start_worker(wt.gated, limit=1)
+    futures = [wt.gated.delay(i) for i in range(3)]
+    wait_for(lambda: wt.GATE.current == 1, message="one run executing")
+    stopping.stop()
+    idle = start_worker(wt.gated, limit=5)
+    # the two runs the stopping worker did not start are started by the other one at once
+    wait_for(lambda: idle.current_tasks == 2, message="the other worker running the two others")
+    wt.GATE.opened.set()
+    assert sorted(f.result(timeout=30) for f in futures) == [0, 1, 2]
+    assert stopping.join(30) and stopping.finished_task_runs == {"tests.gated": 1}
+
+
+def test_stopped_is_logged_only_after_the_drain(api_env, start_worker, caplog):
+    wt.GATE.reset()
+    worker = start_worker(wt.gated, limit=1)
+    future = wt.gated.delay("x")
+    wait_for(lambda: wt.GATE.current == 1, message="the run executing")
+    with caplog.at_level("INFO", logger="sync_worker.worker"):
+        worker.stop()
+        time.sleep(0.3)  # a negative check: nothing may claim "stopped" while the run goes on
+        assert not any("stopped." in r.getMessage() for r in caplog.records)
+        wt.GATE.opened.set()
+        assert worker.join(30)
+    assert future.result(timeout=10) == "x"
+    assert any(r.getMessage().endswith("stopped.") for r in caplog.records)
+
+
+def test_no_slot_over_release():
+    slots = Slots(2)
+    assert slots.acquire("a") and slots.acquire("b")
+    assert slots.free == 0
+    assert slots.release("a") is True
+    assert slots.release("a") is False  # twice: refused, the limit stays 2
+    assert slots.release("never-held") is False
+    assert slots.free == 1 and slots.held == 1
+    assert slots.acquire("c")
+    assert not slots.acquire("d", timeout=0.2)  # full: nobody over-released
+
+
+def test_no_slot_for_a_run_already_executing():
+    from sync_worker.worker import SlotError
+
+    slots = Slots(3)
+    assert slots.acquire("a")
+    with pytest.raises(SlotError):
+        slots.acquire("a")
+    assert slots.held == 1 and slots.free == 2
+
+
+def _read_until(proc, text: str) -> str:
+    """stderr up to the line containing ``text`` (read with readline: what communicate()
+    reads later bypasses this file object's buffer, so keep using the file object)."""
+    seen = []
+    while True:
+        line = proc.stderr.readline()
+        if not line:
+            raise AssertionError(f"the worker exited without logging {text!r}: {''.join(seen)}")
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+
+
+def test_ctrl_c_honours_the_drain_timeout(api_env, spawn, tmp_path):
+    marks = tmp_path / "marks"
+    env = {**api_env, "SYNC_WORKER_DRAIN_TIMEOUT": "1"}
+    proc = spawn(worker_command("tests.worker.worker_tasks:sleep_marked", limit=1), env)
+    future = wt.sleep_marked.delay(0, str(marks), 60.0)
+    wait_for(lambda: len(lines(marks, "start")) == 1, message="the run in flight")
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert time.monotonic() - sent < 15  # bounded by the drain timeout, not the 60 s run
+    assert proc.returncode == 130, err  # interrupted with a run abandoned: not a clean exit
+    assert "Drain timeout (1.0s) passed with 1 run(s) still running: " + future.task_run_id in err
+
+
+def test_second_ctrl_c_is_a_cold_stop_exiting_130(api_env, spawn, tmp_path):
+    marks = tmp_path / "marks"
+    env = {**api_env, "SYNC_WORKER_DRAIN_TIMEOUT": "60"}
+    proc = spawn(worker_command("tests.worker.worker_tasks:sleep_marked", limit=1), env)
+    wt.sleep_marked.delay(0, str(marks), 60.0)
+    wait_for(lambda: len(lines(marks, "start")) == 1, message="the run in flight")
+    proc.send_signal(signal.SIGINT)
+    _read_until(proc, "Task worker interrupted")
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=30)
+    err = proc.stderr.read()
+    assert time.monotonic() - sent < 15
+    assert proc.returncode == 130, err
+    assert "Cold stop: abandoning 1 running run(s)" in err

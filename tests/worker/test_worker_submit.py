@@ -1,0 +1,76 @@
+"""Submitting survives a blip: creates carry a client-chosen run id, so ``.delay()``
+repeats them through lost answers, 5xx and a server restart without creating a run twice."""
+from __future__ import annotations
+
+import sqlite3
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sync_worker.client import Client
+from tests.helpers import free_port
+from tests.worker import worker_tasks as wt
+
+
+def _runs(server: Any) -> int:
+    """How many runs the server's database holds (read beside the server, as a user could)."""
+    with sqlite3.connect(server.database) as conn:
+        return conn.execute("SELECT count(*) FROM task_runs").fetchone()[0]
+
+
+@pytest.fixture(params=["rpc", "rest"])
+def transport(request, api_env, monkeypatch) -> str:
+    if request.param == "rest":
+        monkeypatch.setenv("SYNC_WORKER_FAST_PATH", "false")
+    return request.param
+
+
+def test_a_create_whose_answer_is_lost_is_repeated_and_creates_exactly_one_run(server, transport, monkeypatch):
+    core = server.core
+    lost = []
+    original_sync, original_async = core.create_task_run, core.create_task_run_async
+
+    def commit_then_fail(body):  # REST: the run is stored, the answer is a 500
+        text = original_sync(body)
+        if not lost:
+            lost.append(body["id"])
+            raise RuntimeError("injected: the answer is lost after the commit")
+        return text
+
+    def commit_then_fail_async(body, callback):  # rpc: likewise
+        def done(text, error):
+            if error is None and not lost:
+                lost.append(body["id"])
+                callback(None, RuntimeError("injected: the answer is lost after the commit"))
+            else:
+                callback(text, error)
+        original_async(body, done)
+
+    monkeypatch.setattr(core, "create_task_run", commit_then_fail)
+    monkeypatch.setattr(core, "create_task_run_async", commit_then_fail_async)
+    future = wt.add.delay(1, 2)
+    assert lost == [future.task_run_id]
+    assert _runs(server) == 1
+
+
+def test_delay_retried_across_a_server_restart_creates_exactly_one_run(server_factory, api_env, monkeypatch,
+                                                                       tmp_path: Path):
+    port = free_port()
+    database = str(tmp_path / "restart.db")
+    first = server_factory(port=port, database=database)
+    monkeypatch.setenv("SYNC_WORKER_API_URL", first.url)
+    monkeypatch.setenv("SYNC_WORKER_SUBMIT_TIMEOUT", "60")
+    assert wt.add.delay(0, 0).task_run_id  # connected (rpc socket open), then the server goes
+    first.stop()
+    restarted: list[Any] = []
+    timer = threading.Timer(1.5, lambda: restarted.append(server_factory(port=port, database=database)))
+    timer.start()
+    try:
+        future = wt.add.delay(1, 2)  # submitted while the server is down: retried until it is back
+    finally:
+        timer.join()
+    server = restarted[0]
+    assert Client(server.url).read_task_run(future.task_run_id).id == future.task_run_id
+    assert _runs(server) == 2  # the first run and this one: no duplicate
