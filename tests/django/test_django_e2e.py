@@ -166,7 +166,7 @@ def test_cli_worker_with_django_settings(start_worker: Any) -> None:
 
     import requests
 
-    from tests.server.conftest import wait_for
+    from tests.helpers import wait_for
 
     result = create_note.enqueue("via sync-worker worker --django")
     with socket.socket() as sock:

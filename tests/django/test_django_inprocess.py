@@ -13,7 +13,7 @@ import pytest
 import requests
 
 from tests.django.conftest import wait_finished
-from tests.server.conftest import wait_for
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.timeout(180)
 

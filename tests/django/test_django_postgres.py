@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from tests.django.conftest import wait_finished
-from tests.server.conftest import wait_for
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.timeout(180)
 

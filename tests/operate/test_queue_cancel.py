@@ -18,7 +18,7 @@ from sync_worker.schemas import StateType
 from sync_worker.tasks import TaskRunFuture
 from tests.operate import queue_tasks as qt
 from tests.operate.test_queue_cli import cli
-from tests.worker.worker_helpers import wait_for
+from tests.helpers import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 

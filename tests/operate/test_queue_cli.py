@@ -14,7 +14,7 @@ from sync_worker.client import Client
 from sync_worker.exceptions import TaskRunFailed
 from sync_worker.tasks import TaskRunFuture
 from tests.operate import queue_tasks as qt
-from tests.worker.worker_helpers import wait_for
+from tests.helpers import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -11,7 +11,7 @@ import requests
 from sync_worker.client import Client
 from sync_worker.exceptions import TaskRunFailed
 from tests.operate import queue_tasks as qt
-from tests.worker.worker_helpers import wait_for
+from tests.helpers import wait_for
 
 
 @pytest.fixture

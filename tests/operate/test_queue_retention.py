@@ -13,7 +13,7 @@ from sync_worker.exceptions import TaskRunFailed
 from sync_worker.schemas import StateType
 from tests.operate import queue_tasks as qt
 from tests.operate.test_queue_cli import cli
-from tests.worker.worker_helpers import wait_for
+from tests.helpers import wait_for
 
 
 def _records(server) -> int:

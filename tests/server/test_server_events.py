@@ -1,7 +1,7 @@
 """Prefect's event endpoints on the embedded server, on the wire (issue 12, parts 1, 2, 4).
 
 Real servers on 127.0.0.1, real websockets (websocket-client), the events Prefect 3.8.8's
-worker really sent (tests/fixtures/events/events_in_task_run_add.json) and the filter its
+worker really sent (tests/fixtures/prefect-protocol/events_in_task_run_add.json) and the filter its
 TaskRunWaiter really sent (events_out_waiter_filter.json), with their times moved to now.
 """
 from __future__ import annotations
@@ -21,9 +21,10 @@ import pytest
 import requests
 import websocket
 
-from tests.server.conftest import read_close, wait_for
+from tests.helpers import wait_for
+from tests.server.conftest import read_close
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "events"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "prefect-protocol"
 CAPTURED_RUN_ID = "4f262616-f425-4785-b19b-3cdf6c4f5e84"
 CAPTURED_TASK_KEY = "add-0c1cc858"
 FINAL_NAMES = ["prefect.task-run.Cancelled", "prefect.task-run.Crashed", "prefect.task-run.Completed",
