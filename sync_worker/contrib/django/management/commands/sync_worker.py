@@ -6,11 +6,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-
-def _limit(text: str) -> int | None:
-    from sync_worker.cli import _limit as parse
-
-    return parse(text)
+from sync_worker.cli_support import LOG_FORMAT, port, positive_float, worker_limit
 
 
 class Command(BaseCommand):
@@ -22,22 +18,21 @@ class Command(BaseCommand):
     requires_system_checks: Any = []
 
     def add_arguments(self, parser: Any) -> None:
-        parser.add_argument("--limit", type=_limit, default=10,
-                            help="most runs executing at once (default 10; 'none' for no limit)")
+        parser.add_argument("--limit", type=worker_limit, default=10, metavar="N",
+                            help="most runs executing at once: a whole number >= 1 (default 10), or 'none' for no limit")
         parser.add_argument("--queue", action="append", dest="queues", metavar="QUEUE",
                             help="serve this queue (repeatable; default: every queue of the backend's QUEUES)")
         parser.add_argument("--backend", default="default", metavar="ALIAS",
                             help="the TASKS alias to serve (default 'default')")
         parser.add_argument("--module", action="append", dest="modules", default=[], metavar="MODULE",
                             help="also import this module to find tasks (repeatable)")
-        parser.add_argument("--status-port", type=int, default=None, metavar="PORT",
+        parser.add_argument("--status-port", type=port, default=None, metavar="PORT",
                             help="serve GET /status (JSON) on 127.0.0.1:PORT")
-        parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+        parser.add_argument("--timeout", type=positive_float, default=None, metavar="SECONDS",
                             help="stop after this many seconds (default: run until stopped)")
         parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
     def handle(self, *args: Any, **options: Any) -> None:
-        from sync_worker.cli import LOG_FORMAT
         from sync_worker.contrib.django.worker import run_django_worker
 
         if not logging.getLogger().handlers and not logging.getLogger("sync_worker").handlers:
