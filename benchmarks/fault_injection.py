@@ -118,6 +118,9 @@ class Rig:
             "executions": sum(starts.values()),
             "run twice": sum(1 for i, count in starts.items() if count > 1 and i in by_index),
             "stuck": sum(1 for s in states.values() if s not in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")),
+            # proposals the workers had to repeat (the fault was felt, not sidestepped)
+            "state reports retried": sum(log.read_text().count("Could not report")
+                                         for log in self.workdir.glob("worker-*.log")),
         }
         print(" | ".join(f"{k}: {v}" for k, v in result.items()), flush=True)
         return result

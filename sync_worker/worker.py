@@ -620,7 +620,17 @@ class TaskWorker:
                 self._unknown_task(task_run)
                 subscription.grant()  # it took no slot
             return
-        if not self._slots.acquire(task_run.id, should_stop=self._stop_event.is_set):
+        try:
+            reserved = self._slots.acquire(task_run.id, should_stop=self._stop_event.is_set)
+        except SlotError:
+            # delivered again while it still executes here (its lease ran out during a
+            # long disconnection): it is ours; take it back without running it twice
+            logger.warning("Task run %s was delivered again while it executes here; not starting it twice",
+                           task_run.id)
+            if self._ack(task_run):
+                subscription.grant()  # it took no slot
+            return
+        if not reserved:
             return  # stopping: never acked; stop_receiving() hands it back
         if self._stop_event.is_set() or not self._ack(task_run):
             self._slots.release(task_run.id)

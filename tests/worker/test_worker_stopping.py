@@ -128,3 +128,19 @@ def test_second_ctrl_c_is_a_cold_stop_exiting_130(api_env, spawn, tmp_path):
     assert time.monotonic() - sent < 15
     assert proc.returncode == 130, err
     assert "Cold stop: abandoning 1 running run(s)" in err
+
+
+def test_a_run_delivered_again_while_it_executes_here_is_not_started_twice(api_env, start_worker):
+    from sync_worker.client import Client
+
+    wt.GATE.reset()
+    worker = start_worker(wt.gated, limit=2)
+    future = wt.gated.delay("once")
+    wait_for(lambda: wt.GATE.current == 1, message="the run executing")
+    # what a re-delivery looks like to the worker (e.g. its lease ran out meanwhile)
+    worker._receive(Client().read_task_run(future.task_run_id))
+    assert worker.current_tasks == 1  # no second slot, no second execution
+    assert worker.error is None
+    wt.GATE.opened.set()
+    assert future.result(timeout=30) == "once"
+    assert wt.GATE.calls == 1
