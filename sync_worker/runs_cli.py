@@ -339,7 +339,7 @@ def add_runs_parser(subparsers: argparse._SubParsersAction) -> None:
         "runs", help="list, inspect, retry, cancel and purge task runs",
         description="List, inspect, retry, cancel and purge task runs.", epilog=RUNS_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = runs.add_subparsers(title="commands", metavar="COMMAND")
+    sub = runs.add_subparsers(title="commands", metavar="COMMAND", help="what to do (each has its own --help)")
     runs.set_defaults(func=lambda args: (runs.print_help(), 2)[1])
 
     ls = sub.add_parser("ls", help="list runs, newest first", epilog=LS_EXAMPLES,
@@ -356,14 +356,14 @@ def add_runs_parser(subparsers: argparse._SubParsersAction) -> None:
     show = sub.add_parser("show", help="one run: states, times, parameters, result or traceback",
                           epilog="example:\n  sync-worker runs show 1b4e28ba-2fa1-11d2-883f-0016d3cca427",
                           formatter_class=argparse.RawDescriptionHelpFormatter)
-    show.add_argument("id")
+    show.add_argument("id", help="the task run id (as printed by runs ls)")
     _common(show, "print JSON instead of text")
     show.set_defaults(func=_wrap(cmd_show), log_level="WARNING")
 
     retry = sub.add_parser("retry", help="submit a new run with the same task and parameters",
                            epilog="example:\n  sync-worker runs retry 1b4e28ba-2fa1-11d2-883f-0016d3cca427",
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    retry.add_argument("id")
+    retry.add_argument("id", help="the id of the run to submit again")
     _common(retry, "print JSON")
     retry.set_defaults(func=_wrap(cmd_retry), log_level="WARNING")
 
@@ -372,7 +372,7 @@ def add_runs_parser(subparsers: argparse._SubParsersAction) -> None:
         epilog="example:\n  sync-worker runs cancel ID1 ID2\n  sync-worker runs ls --state SCHEDULED --task "
                "myapp.tasks.report --json | jq -r '.[].id' | xargs sync-worker runs cancel",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    cancel.add_argument("ids", nargs="+", metavar="ID")
+    cancel.add_argument("ids", nargs="+", metavar="ID", help="one or more task run ids")
     _common(cancel, "print JSON")
     cancel.set_defaults(func=_wrap(cmd_cancel), log_level="WARNING")
 
@@ -445,7 +445,7 @@ def add_storage_parser(subparsers: argparse._SubParsersAction) -> None:
     storage = subparsers.add_parser(
         "storage", help="manage a local record store directory",
         description="Manage a local record store directory (SYNC_WORKER_STORAGE).")
-    sub = storage.add_subparsers(title="commands", metavar="COMMAND")
+    sub = storage.add_subparsers(title="commands", metavar="COMMAND", help="what to do (each has its own --help)")
     storage.set_defaults(func=lambda args: (storage.print_help(), 2)[1])
     prune = sub.add_parser(
         "prune", help="delete result records older than a duration",

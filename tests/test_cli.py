@@ -233,10 +233,18 @@ def test_serve_from_python_raises_port_unavailable(taken_port):
 
 def test_every_option_of_every_subcommand_has_help():
     parser = build_parser()
-    subparsers = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+
+    def commands(prefix: str, parser) -> list:  # every (sub)command, nested ones too (runs ls, ...)
+        found = []
+        for action in parser._actions:
+            if action.__class__.__name__ == "_SubParsersAction":
+                for name, sub in action.choices.items():
+                    found += [(f"{prefix}{name}", sub), *commands(f"{prefix}{name} ", sub)]
+        return found
+
     missing = [
         f"{name} {'/'.join(action.option_strings) or action.dest}"
-        for name, sub in subparsers.choices.items()
+        for name, sub in commands("", parser)
         for action in sub._actions
         if not action.help or action.help == "==SUPPRESS=="
     ]

@@ -40,7 +40,6 @@ from simple_websocket.errors import ConnectionClosed
 from .core import Core, NotFound
 from .sockets import (
     GOING_AWAY,
-    HANDSHAKE_TIMEOUT,
     NORMAL,
     POLICY_VIOLATION,
     PREFECT_VIOLATION,
@@ -54,7 +53,7 @@ from .sockets import (
 from .sockets import Close as _Close
 from .sockets import close_socket as _close
 from .sockets import decode as _decode
-from . import validation
+from . import sockets, validation
 from .database import QSTATE_MEMORY, DatabaseClosed, StorageError
 from .models import ValidationError, validate_state
 
@@ -94,9 +93,9 @@ def handle_websocket(environ: dict[str, Any], core: Core, registry: Subscription
 
 
 def _read_subscribe(ws: WebSocket) -> tuple[list[str], str, int | None]:
-    message = ws.receive(timeout=HANDSHAKE_TIMEOUT)
+    message = ws.receive(timeout=sockets.HANDSHAKE_TIMEOUT)
     if message is None and ws.connected:
-        raise _Close(POLICY_VIOLATION, f"Expected 'subscribe' message within {HANDSHAKE_TIMEOUT:g} s")
+        raise _Close(POLICY_VIOLATION, f"Expected 'subscribe' message within {sockets.HANDSHAKE_TIMEOUT:g} s")
     value = _decode(message)
     if value.get("type") != "subscribe":
         raise _Close(PREFECT_VIOLATION, "Protocol violation: expected 'subscribe' message")

@@ -12,7 +12,7 @@ import requests
 import websocket
 from conftest import read_close
 
-from sync_worker.server import subscriptions
+from sync_worker.server import sockets
 from sync_worker.server.cli import configure_parser
 
 pytestmark = pytest.mark.timeout(120)
@@ -147,7 +147,7 @@ def test_many_half_sent_large_bodies_do_not_fill_the_memory(server_factory):
 
 @pytest.mark.parametrize("path", ["/task_runs/subscriptions/scheduled", "/sync_worker/rpc"])
 def test_a_websocket_that_does_not_authenticate_is_closed_1008(server, monkeypatch, path):
-    monkeypatch.setattr(subscriptions, "HANDSHAKE_TIMEOUT", 0.5)
+    monkeypatch.setattr(sockets, "HANDSHAKE_TIMEOUT", 0.5)
     ws = websocket.create_connection(server.url.replace("http", "ws") + path, subprotocols=["prefect"], timeout=10)
     started = time.monotonic()
     code, reason = read_close(ws)
@@ -156,7 +156,7 @@ def test_a_websocket_that_does_not_authenticate_is_closed_1008(server, monkeypat
 
 
 def test_a_subscription_that_does_not_subscribe_is_closed_1008(server, monkeypatch):
-    monkeypatch.setattr(subscriptions, "HANDSHAKE_TIMEOUT", 0.5)
+    monkeypatch.setattr(sockets, "HANDSHAKE_TIMEOUT", 0.5)
     ws = websocket.create_connection(server.url.replace("http", "ws") + "/task_runs/subscriptions/scheduled",
                                      subprotocols=["prefect"], timeout=10)
     ws.send(json.dumps({"type": "auth", "token": None}))
