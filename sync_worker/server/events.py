@@ -60,11 +60,13 @@ from typing import Any
 
 import simple_websocket
 from simple_websocket.errors import ConnectionClosed
-from wsproto.events import TextMessage
-from wsproto.utilities import LocalProtocolError
 
+from . import sockets
 from .core import Core
 from .database import QSTATE_NONE, DatabaseClosed, Transaction
+from .sockets import GOING_AWAY, POLICY_VIOLATION, PROTOCOL_ERROR, UNSUPPORTED_DATA
+from .sockets import Close as _Close
+from .sockets import WebSocket as _Socket
 from .models import DEFAULT_STATE_NAMES, STATE_TYPES, TERMINAL, ValidationError, iso, make_state, parse_time
 
 logger = logging.getLogger("sync_worker.server.events")
@@ -81,11 +83,6 @@ MAX_SEEN_IDS = 50_000
 #: behind is disconnected (Prefect's subscriber reconnects and backfills)
 MAX_OUTBOX = 10_000
 
-NORMAL = 1000
-GOING_AWAY = 1001
-PROTOCOL_ERROR = 1002
-UNSUPPORTED_DATA = 1003
-POLICY_VIOLATION = 1008
 TRY_AGAIN_LATER = 1013
 
 TASK_RUN_PREFIX = "prefect.task-run."
@@ -686,38 +683,6 @@ class EventBus:
 # --------------------------------------------------------------------------- websockets
 
 
-class _Close(Exception):
-    def __init__(self, code: int, reason: str) -> None:
-        super().__init__(reason)
-        self.code = code
-        self.reason = reason
-
-
-class _Socket(simple_websocket.Server):
-    """simple-websocket server socket with complete, thread-safe sends."""
-
-    def __init__(self, environ: dict[str, Any], **kwargs: Any) -> None:
-        self.send_lock = threading.Lock()
-        super().__init__(environ, **kwargs)
-
-    def send(self, data: Any) -> None:
-        with self.send_lock:
-            if not self.connected:
-                raise ConnectionClosed(self.close_reason, self.close_message)
-            self.sock.sendall(self.ws.send(TextMessage(data=data)))
-
-    def close(self, reason: int | None = None, message: str | None = None) -> None:
-        # one close frame, whichever thread gets here first (wsproto refuses a second one)
-        if not self.send_lock.acquire(timeout=0.5):
-            raise ConnectionClosed(reason, message)
-        try:
-            super().close(reason, message)
-        except LocalProtocolError:
-            raise ConnectionClosed(reason, message) from None
-        finally:
-            self.send_lock.release()
-
-
 def _close(ws: simple_websocket.Server, code: int, reason: str, wait: bool = True) -> None:
     try:
         ws.close(code, reason)
@@ -731,9 +696,12 @@ def _close(ws: simple_websocket.Server, code: int, reason: str, wait: bool = Tru
         pass
 
 
-def _receive_json(ws: _Socket, bus: EventBus, sized: bool = False) -> Any:
+def _receive_json(ws: _Socket, bus: EventBus, sized: bool = False, within: float | None = None,
+                  expected: str = "message") -> Any:
     """The next message as JSON (None when the connection ended); with ``sized``, a
-    (value, message length) pair."""
+    (value, message length) pair. ``within``: seconds it may take before the connection is
+    closed 1008 (the handshake: a client that never authenticates must not hold a thread)."""
+    deadline = None if within is None else time.monotonic() + within
     while True:
         if bus.closing:
             raise _Close(GOING_AWAY, "Server is shutting down")
@@ -741,16 +709,10 @@ def _receive_json(ws: _Socket, bus: EventBus, sized: bool = False) -> Any:
         if message is None:
             if not ws.connected or not ws.thread.is_alive():
                 return (None, 0) if sized else None
+            if deadline is not None and time.monotonic() >= deadline:
+                raise _Close(POLICY_VIOLATION, f"Expected {expected} within {within:g} s")
             continue
-        if isinstance(message, bytes):
-            try:
-                message = message.decode("utf-8")
-            except UnicodeDecodeError:
-                raise _Close(UNSUPPORTED_DATA, "Protocol violation: messages must be UTF-8 JSON text") from None
-        try:
-            value = json.loads(message)
-        except ValueError:
-            raise _Close(UNSUPPORTED_DATA, "Protocol violation: message is not valid JSON") from None
+        value = sockets.parse(message)
         return (value, len(message)) if sized else value
 
 
@@ -763,9 +725,9 @@ def _handshake(ws: _Socket, core: Core, bus: EventBus) -> bool:
             raise _Close(PROTOCOL_ERROR, "'prefect' subprotocol required when auth is configured")
         return True
     try:
-        value = _receive_json(ws, bus)
+        value = _receive_json(ws, bus, within=sockets.HANDSHAKE_TIMEOUT, expected="'auth' message")
     except _Close as close:
-        if close.code == GOING_AWAY:
+        if close.code in (GOING_AWAY, POLICY_VIOLATION):
             raise
         value = {}
     if value is None:
@@ -840,7 +802,7 @@ def handle_events_out(environ: dict[str, Any], core: Core, bus: EventBus, max_me
     """``/api/events/out``: a filter, then the matching events (backfill first)."""
 
     def serve(ws: _Socket) -> None:
-        message = _receive_json(ws, bus)
+        message = _receive_json(ws, bus, within=sockets.HANDSHAKE_TIMEOUT, expected="'filter' message")
         if message is None:
             return
         if not isinstance(message, dict) or message.get("type") != "filter":

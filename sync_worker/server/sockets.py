@@ -158,6 +158,15 @@ class Close(Exception):
 
 
 def decode(message: Any) -> dict[str, Any]:
+    """One message as a JSON object; a :class:`Close` with the documented code otherwise."""
+    value = parse(message)
+    if not isinstance(value, dict):
+        raise Close(PREFECT_VIOLATION, "Protocol violation: expected a JSON object") from None
+    return value
+
+
+def parse(message: Any) -> Any:
+    """One message as JSON (any value), with the server's input limits (:mod:`.validation`)."""
     if isinstance(message, bytes):
         try:
             message = message.decode("utf-8")
@@ -168,8 +177,6 @@ def decode(message: Any) -> dict[str, Any]:
     except validation.JSONRejected as exc:  # README "Websocket close codes"
         code = UNSUPPORTED_DATA if exc.kind in ("json", "utf8") else POLICY_VIOLATION
         raise Close(code, validation.close_reason(f"Protocol violation: {exc.detail}")) from None
-    if not isinstance(value, dict):
-        raise Close(PREFECT_VIOLATION, "Protocol violation: expected a JSON object") from None
     return value
 
 

@@ -384,7 +384,8 @@ def test_an_invalid_event_is_dropped_with_a_warning_and_the_connection_stays_ope
 def test_a_frame_that_is_not_an_event_closes_the_connection(server, sockets, message, reason):
     intake = events_in(sockets, server)
     intake.send(message)
-    assert intake.close_code() == (1003, reason)
+    code, said = intake.close_code()
+    assert code == 1003 and said.startswith(reason), (code, said)  # the JSON error may follow
 
 
 # ----------------------------------------------------------------------------- handshake and auth
@@ -563,3 +564,24 @@ def test_the_small_endpoints_need_the_auth_string(server_factory):
         assert requests.request(method, server.url + path, json=[], timeout=10).status_code == 401
     header = {"Authorization": "Basic " + base64.b64encode(b"s3cret").decode()}
     assert requests.get(server.url + "/admin/storage", headers=header, timeout=10).status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/events/in", "/events/out"])
+def test_an_events_socket_that_does_not_authenticate_is_closed_1008(server, monkeypatch, path):
+    """The same handshake timeout as the other sockets: a silent client does not hold a thread."""
+    from sync_worker.server import sockets as server_sockets
+
+    monkeypatch.setattr(server_sockets, "HANDSHAKE_TIMEOUT", 0.5)
+    ws = websocket.create_connection(server.url.replace("http", "ws") + path, subprotocols=["prefect"], timeout=10)
+    started = time.monotonic()
+    code, reason = read_close(ws)
+    assert code == 1008 and "Expected 'auth' message within 0.5 s" in reason, (code, reason)
+    assert time.monotonic() - started < 5
+
+
+def test_deeply_nested_json_on_the_events_socket_closes_1008(server, sockets):
+    """The server's input limits hold here too: no RecursionError, a documented close code."""
+    intake = events_in(sockets, server)
+    intake.send("[" * 5000 + "]" * 5000)
+    code, reason = intake.close_code()
+    assert code == 1008 and "nest" in reason, (code, reason)
