@@ -1,13 +1,13 @@
 """The dataclasses read every message captured from a real Prefect 3.8.8 server."""
 from __future__ import annotations
 
-import uuid
-
 import json
+import uuid
 from datetime import timezone
-from pathlib import Path
 
 import pytest
+
+from tests.helpers import load_capture
 
 from sync_worker.schemas import (
     Failed,
@@ -22,16 +22,9 @@ from sync_worker.schemas import (
     task_run_create,
 )
 
-CAPTURES = Path(__file__).resolve().parents[2] / "shared" / "prefect-protocol"
-if not CAPTURES.is_dir():  # a clean clone has shared/ beside it; fall back to the repo's parent
-    CAPTURES = Path(__file__).resolve().parents[1].parent / "shared" / "prefect-protocol"
-
-
 def load(name: str):
-    path = CAPTURES / name
-    if not path.exists():
-        pytest.skip(f"captured protocol messages not found at {CAPTURES}")
-    return json.loads(path.read_text())
+    """A capture from tests/fixtures/prefect-protocol (missing one is an error, not a skip)."""
+    return load_capture(name)
 
 
 def test_task_run_from_websocket_message():
