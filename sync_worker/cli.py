@@ -87,12 +87,13 @@ def _add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--runs", type=positive_int, default=20, help="how many runs to submit (default 20)")
     parser.add_argument("--limit", type=positive_int, default=10, help="the worker's concurrency limit (default 10)")
-    add_logging_options(parser, default_level="WARNING")
+    # ERROR: the demo's failing and retried runs fail on purpose, their tracebacks are noise here
+    add_logging_options(parser, default_level="ERROR")
 
     def run(args: argparse.Namespace) -> int:
         from sync_worker.demo import run_demo
 
-        return run_demo(runs=args.runs, limit=args.limit)
+        return run_demo(runs=args.runs, limit=args.limit, log_level=args.log_level)
 
     parser.set_defaults(func=run)
 

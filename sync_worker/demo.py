@@ -41,7 +41,7 @@ def _say(text: str = "") -> None:
     print(text, flush=True)
 
 
-def run_demo(runs: int = 20, limit: int = 10) -> int:
+def run_demo(runs: int = 20, limit: int = 10, log_level: str = "ERROR") -> int:
     from sync_worker.exceptions import TaskRunFailed
     from sync_worker.server import Server
 
@@ -52,7 +52,7 @@ def run_demo(runs: int = 20, limit: int = 10) -> int:
         _say(f"embedded server: {server.url} (database {tmp}/demo.db)")
         worker = subprocess.Popen(
             [sys.executable, "-m", "sync_worker", "worker", "sync_worker.demo:add", "sync_worker.demo:flaky",
-             "sync_worker.demo:divide", "--limit", str(limit), "--log-level", "WARNING"],
+             "sync_worker.demo:divide", "--limit", str(limit), "--log-level", log_level],
             env=dict(os.environ),
         )
         _say(f"worker process: pid {worker.pid}, limit {limit}")

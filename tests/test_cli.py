@@ -46,6 +46,14 @@ def test_demo_runs_end_to_end():
     assert "flaky(...) = 'succeeded after a retry' (state Completed, after 2 attempts)" in out
     assert "divide(1, 0) failed as expected: Task run encountered an exception ZeroDivisionError" in out
     assert "worker stopped (exit code 0)" in out
+    # the runs that fail on purpose print no traceback by default; --log-level warning shows them
+    assert "Traceback" not in result.stderr, result.stderr
+
+
+def test_demo_log_level_reaches_the_worker():
+    result = run("demo", "--runs", "1", "--log-level", "warning")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "ZeroDivisionError: division by zero" in result.stderr and "Traceback" in result.stderr
 
 
 @pytest.mark.parametrize("spec,message", [
