@@ -17,6 +17,8 @@ import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable
 
+from sync_worker.exceptions import SyncWorkerError
+
 STATE_TYPES = ["SCHEDULED", "PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED", "CRASHED", "PAUSED",
                "CANCELLING"]
 #: parameters shown by ``runs show`` up to this many characters of JSON
@@ -61,8 +63,9 @@ def _limit(text: str) -> int:
     return value
 
 
-class CommandError(Exception):
-    """A failure to report in one line on stderr (exit code 1)."""
+class CommandError(SyncWorkerError):
+    """A failure to report in one line on stderr (exit code 1), by the CLI's one error handler
+    (:func:`sync_worker.cli_support.run_command`)."""
 
 
 # -- output helpers ----------------------------------------------------------------------------
@@ -466,20 +469,17 @@ def add_storage_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _wrap(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    return lambda args: run_command(func, args)
+    return lambda args: _api_errors(func, args)
 
 
-def run_command(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
-    """Run a command; API errors become one line on stderr and exit code 1."""
+def _api_errors(func: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """The API's failures as :class:`CommandError` (printed as one line, exit code 1)."""
     import requests
 
     try:
         return func(args)
-    except CommandError as exc:
-        print(f"error: {exc}", file=sys.stderr)
     except requests.ConnectionError as exc:
-        print(f"error: cannot reach the API ({exc.__class__.__name__}); is the server running? "
-              "(SYNC_WORKER_API_URL / --api-url)", file=sys.stderr)
+        raise CommandError(f"cannot reach the API ({exc.__class__.__name__}); is the server running? "
+                           "(SYNC_WORKER_API_URL / --api-url)") from None
     except requests.HTTPError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-    return 1
+        raise CommandError(str(exc)) from None

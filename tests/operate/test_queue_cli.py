@@ -145,6 +145,8 @@ def test_commands_say_when_the_server_is_down(api_env, server):
     out = cli(api_env, "status")
     assert out.returncode == 1
     assert "cannot reach the API" in out.stderr
+    # one line, in the same form as every other sync-worker error
+    assert out.stderr.startswith("sync-worker status: error: cannot reach the API") and out.stderr.count("\n") == 1
 
 
 def test_help_shows_examples():
