@@ -354,21 +354,21 @@ def add_runs_parser(subparsers: argparse._SubParsersAction) -> None:
                     help="only runs expected to start within this long ago, e.g. 90s, 15m, 1h, 7d")
     ls.add_argument("--limit", type=_limit, default=20, help="most runs to list (1-200, default 20)")
     _common(ls)
-    ls.set_defaults(func=_wrap(cmd_ls), log_level="WARNING")
+    ls.set_defaults(func=_wrap(cmd_ls), log_level="ERROR")
 
     show = sub.add_parser("show", help="one run: states, times, parameters, result or traceback",
                           epilog="example:\n  sync-worker runs show 1b4e28ba-2fa1-11d2-883f-0016d3cca427",
                           formatter_class=argparse.RawDescriptionHelpFormatter)
     show.add_argument("id", help="the task run id (as printed by runs ls)")
     _common(show, "print JSON instead of text")
-    show.set_defaults(func=_wrap(cmd_show), log_level="WARNING")
+    show.set_defaults(func=_wrap(cmd_show), log_level="ERROR")
 
     retry = sub.add_parser("retry", help="submit a new run with the same task and parameters",
                            epilog="example:\n  sync-worker runs retry 1b4e28ba-2fa1-11d2-883f-0016d3cca427",
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     retry.add_argument("id", help="the id of the run to submit again")
     _common(retry, "print JSON")
-    retry.set_defaults(func=_wrap(cmd_retry), log_level="WARNING")
+    retry.set_defaults(func=_wrap(cmd_retry), log_level="ERROR")
 
     cancel = sub.add_parser(
         "cancel", help="cancel runs: waiting ones are never delivered, running ones are interrupted",
@@ -377,7 +377,7 @@ def add_runs_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     cancel.add_argument("ids", nargs="+", metavar="ID", help="one or more task run ids")
     _common(cancel, "print JSON")
-    cancel.set_defaults(func=_wrap(cmd_cancel), log_level="WARNING")
+    cancel.set_defaults(func=_wrap(cmd_cancel), log_level="ERROR")
 
     purge = sub.add_parser(
         "purge", help="delete finished runs older than a duration (embedded server)",
@@ -389,7 +389,7 @@ def add_runs_parser(subparsers: argparse._SubParsersAction) -> None:
     purge.add_argument("--state", type=_state, action="append", metavar="STATE",
                        help="only runs in this finished state (repeatable; default all finished states)")
     _common(purge, "print JSON")
-    purge.set_defaults(func=_wrap(cmd_purge), log_level="WARNING")
+    purge.set_defaults(func=_wrap(cmd_purge), log_level="ERROR")
 
 
 def add_status_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -400,7 +400,7 @@ def add_status_parser(subparsers: argparse._SubParsersAction) -> None:
         epilog="examples:\n  sync-worker status\n  watch -n 2 sync-worker status\n  sync-worker status --json",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     _common(status)
-    status.set_defaults(func=_wrap(cmd_status), log_level="WARNING")
+    status.set_defaults(func=_wrap(cmd_status), log_level="ERROR")
 
 
 def cmd_storage_prune(args: argparse.Namespace) -> int:
@@ -465,7 +465,7 @@ def add_storage_parser(subparsers: argparse._SubParsersAction) -> None:
     prune.add_argument("--include-parameters", action="store_true",
                        help="also delete parameter files older than the duration")
     prune.add_argument("--json", action="store_true", help="print JSON")
-    prune.set_defaults(func=_wrap(cmd_storage_prune), log_level="WARNING")
+    prune.set_defaults(func=_wrap(cmd_storage_prune), log_level="ERROR")
 
 
 def _wrap(func: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
