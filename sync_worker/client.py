@@ -240,6 +240,11 @@ class Client:
         return OrchestrationResult.from_json(response.json())
 
     # -- operating the queue (runs_cli.py; filter/count also work against Prefect) --------------
+    def read_task_run_states(self, task_run_id: str) -> list:
+        """``GET /task_run_states/?task_run_id=`` (Prefect's): the run's State dicts, oldest first."""
+        return self._retried(lambda: self._request(
+            "GET", f"/task_run_states/?task_run_id={task_run_id}")).json()
+
     def filter_task_runs(self, body: Optional[Dict[str, Any]] = None) -> list:
         """``POST /task_runs/filter`` (Prefect's TaskRunFilter/sort/limit/offset): TaskRun dicts."""
         return self._retried(lambda: self._request("POST", "/task_runs/filter", json_body=body or {})).json()

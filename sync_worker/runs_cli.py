@@ -172,15 +172,48 @@ def _outcome(client: Any, run: dict[str, Any]) -> dict[str, Any]:
     return {"error_type": getattr(value, "exception_type", None), "traceback": getattr(value, "traceback", None)}
 
 
+def _parse_time(text: Any) -> datetime | None:
+    try:
+        return datetime.fromisoformat(str(text).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+
+
+def _history(states: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The states of a run with the seconds spent in each (until the next state; ``None`` for
+    the current one)."""
+    history = []
+    for i, state in enumerate(states):
+        start = _parse_time(state.get("timestamp"))
+        end = _parse_time(states[i + 1].get("timestamp")) if i + 1 < len(states) else None
+        duration = (end - start).total_seconds() if start and end else None
+        history.append({"id": state.get("id"), "type": state.get("type"), "name": state.get("name"),
+                        "timestamp": state.get("timestamp"), "message": state.get("message"),
+                        "duration_seconds": duration})
+    return history
+
+
+def _history_table(history: list[dict[str, Any]]) -> str:
+    rows = []
+    for entry in history:
+        stamp = _parse_time(entry["timestamp"])
+        when = stamp.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] if stamp else "-"
+        duration = "-" if entry["duration_seconds"] is None else f"{entry['duration_seconds']:.3f}s"
+        rows.append([when, f"{entry['name']} ({entry['type']})", duration, (entry.get("message") or "")[:60]])
+    return _table(rows, ["TIME (UTC)", "STATE", "DURATION", "MESSAGE"])
+
+
 def cmd_show(args: argparse.Namespace) -> int:
     with _client(args) as client:
         response = client._retried(lambda: client._request("GET", f"/task_runs/{args.id}"))
         run = response.json()
+        history = _history(client.read_task_run_states(run["id"]))
         parameters, why = _parameters(client, run)
         outcome = _outcome(client, run)
     state = run.get("state") or {}
     if args.json:
-        _print_json({"task_run": run, "parameters": parameters, "parameters_note": why, **outcome})
+        _print_json({"task_run": run, "states": history, "parameters": parameters, "parameters_note": why,
+                     **outcome})
         return 0
     details = state.get("state_details") or {}
     lines = [
@@ -206,6 +239,9 @@ def cmd_show(args: argparse.Namespace) -> int:
         f"tags:            {', '.join(run.get('tags') or []) or '-'}",
         f"parameters:      {json.dumps(parameters) if why is None else why}",
     ]
+    if history:
+        lines.append("states:")
+        lines += ["  " + line for line in _history_table(history).splitlines()]
     if "result" in outcome:
         lines.append(f"result:          {json.dumps(outcome['result'], default=repr)}")
     if outcome.get("traceback"):

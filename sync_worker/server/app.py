@@ -132,6 +132,7 @@ class App:
                 # operating the queue (listing.py, cancellation.py, retention.py)
                 Rule("/api/task_runs/filter", endpoint="filter", methods=["POST"]),
                 Rule("/api/task_runs/count", endpoint="count", methods=["POST"]),
+                Rule("/api/task_run_states/", endpoint="task_run_states", methods=["GET"]),
                 Rule("/api/sync_worker/stats", endpoint="stats", methods=["GET"]),
                 Rule("/api/sync_worker/workers", endpoint="workers", methods=["GET"]),
                 Rule("/api/sync_worker/task_runs/<run_id>/cancel", endpoint="cancel", methods=["POST"]),
@@ -171,6 +172,7 @@ class App:
             "filter": self.filter_runs,
             "count": self.count_runs,
             "stats": self.stats,
+            "task_run_states": self.task_run_states,
             "workers": self.workers,
             "cancel": self.cancel,
             "purge": self.purge,
@@ -385,6 +387,12 @@ class App:
         from .listing import count_runs
 
         return _json(200, count_runs(self.core.db, self._optional_json_body(environ)))
+
+    def task_run_states(self, environ: dict[str, Any]) -> Response:
+        from .history import task_run_states
+
+        self._discard_body(environ)
+        return _json(200, task_run_states(self.core.db, environ.get("QUERY_STRING", "")))
 
     def stats(self, environ: dict[str, Any]) -> Response:
         from .listing import stats

@@ -75,13 +75,16 @@ class StorageError(RuntimeError):
 #: ``PRAGMA application_id`` of our databases ("SyWk"): tells them apart from other SQLite files
 APPLICATION_ID = 0x5379576B
 #: ``PRAGMA user_version``: the schema version, so that a later release can migrate
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# Schema history: 1 = task_runs + records; 2 = + task_run_states (every state a run entered,
+# written in the transaction of the state change; a version-1 database is migrated on open and
+# its runs' current states seed their history).
 #: seconds a write waits for a lock held by another process before answering "database locked"
 BUSY_TIMEOUT = 5.0
 #: the WAL file is truncated back to this size after checkpoints
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
 _SQLITE_MAGIC = b"SQLite format 3\x00"
-_OUR_TABLES = {"task_runs", "records"}
+_OUR_TABLES = {"task_runs", "records", "task_run_states"}
 
 
 def storage_error(exc: BaseException, path: str) -> BaseException:
@@ -141,6 +144,8 @@ class RunRow:
     seq: int | None = None
     holder: str | None = None  # client_id of the worker that claimed it over its socket
     data: str | None = field(default=None, repr=False)  # JSON text of ``run`` when current
+    #: id of the last state written to the state history (a new ``state_id`` adds a row)
+    recorded_state_id: str | None = field(default=None, repr=False)
     _state: Any = field(default=None, repr=False)  # the state dict ``_state_text`` was made from
     _state_text: str = field(default="", repr=False)
 
@@ -272,6 +277,17 @@ CREATE INDEX IF NOT EXISTS ix_task_runs_memory ON task_runs (qstate) WHERE qstat
 -- runs a worker held when the server stopped
 CREATE INDEX IF NOT EXISTS ix_task_runs_active ON task_runs (state_type)
     WHERE state_type IN ('PENDING', 'RUNNING');
+-- state history: one small row per state a run entered (deleted with the run)
+CREATE TABLE IF NOT EXISTS task_run_states (
+    seq INTEGER PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    state_id TEXT NOT NULL,
+    type TEXT NOT NULL,
+    name TEXT,
+    timestamp TEXT NOT NULL,
+    message TEXT
+);
+CREATE INDEX IF NOT EXISTS ix_task_run_states_run ON task_run_states (run_id, seq);
 CREATE TABLE IF NOT EXISTS records (
     key TEXT PRIMARY KEY,
     data BLOB NOT NULL
@@ -283,9 +299,11 @@ _COLUMNS = "seq, id, task_key, state_type, qstate, due, deliveries, background, 
 
 def _row(values: tuple[Any, ...]) -> RunRow:
     seq, run_id, task_key, state_type, qstate, due, deliveries, background, data, holder = values
-    return RunRow(id=run_id, task_key=task_key, state_type=state_type, run=json.loads(data),
+    run = json.loads(data)
+    # the stored state is already in the history (written with it, or seeded by the migration)
+    return RunRow(id=run_id, task_key=task_key, state_type=state_type, run=run,
                   qstate=qstate, due=due, deliveries=deliveries, background=bool(background),
-                  seq=seq, data=data, holder=holder)
+                  seq=seq, data=data, holder=holder, recorded_state_id=run.get("state_id"))
 
 
 class _Op:
@@ -340,6 +358,7 @@ class _SQLiteTransaction(Transaction):
              int(row.background), row.dump()),
         )
         row.seq = cur.lastrowid
+        self._record_state(row)
         self._cache_put(row)
         return row.seq  # type: ignore[return-value]
 
@@ -350,12 +369,29 @@ class _SQLiteTransaction(Transaction):
             (row.state_type, row.qstate, row.due, row.deliveries, row.dump(), row.holder, row.id),
         )
         self.touched.append(row.id)
+        if row.run.get("state_id") != row.recorded_state_id:
+            self._record_state(row)
+
+    def _record_state(self, row: RunRow) -> None:
+        """One row of state history for the run's current state: the same transaction as the
+        state change, a few small columns (never the state's data)."""
+        state = row.run.get("state")
+        if not isinstance(state, dict) or not state.get("id"):
+            return
+        self._conn.execute(
+            "INSERT INTO task_run_states (run_id, state_id, type, name, timestamp, message)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (row.id, state["id"], state.get("type") or row.state_type, state.get("name"),
+             state.get("timestamp") or "", state.get("message")),
+        )
+        row.recorded_state_id = state["id"]
 
     def delete_run(self, run_id: str) -> RunRow | None:
         row = self.get_run(run_id)
         if row is None:
             return None
         self._conn.execute("DELETE FROM task_runs WHERE id = ?", (run_id,))
+        self._conn.execute("DELETE FROM task_run_states WHERE run_id = ?", (run_id,))
         self._db._cache.pop(run_id, None)
         return row
 
@@ -451,13 +487,33 @@ class SQLiteDatabase(Database):
                 raise DatabaseFileError(f"database {self.path} has schema version {version}, made by a newer "
                                         f"sync_worker (this one knows up to {SCHEMA_VERSION}); upgrade sync_worker")
             self._configure(conn)
-            conn.executescript(_SCHEMA)
-            columns = {r[1] for r in conn.execute("PRAGMA table_info(task_runs)")}
-            if "holder" not in columns:  # a database made by an earlier version
-                conn.execute("ALTER TABLE task_runs ADD COLUMN holder TEXT")
-            if app_id != APPLICATION_ID or version != SCHEMA_VERSION:
-                conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
-                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            had_history = "task_run_states" in tables
+            conn.execute("BEGIN IMMEDIATE")  # the migration is all or nothing
+            try:
+                for statement in _SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+                columns = {r[1] for r in conn.execute("PRAGMA table_info(task_runs)")}
+                if "holder" not in columns:  # a database made by an earlier version
+                    conn.execute("ALTER TABLE task_runs ADD COLUMN holder TEXT")
+                if not had_history and "task_runs" in tables:  # version 1 -> 2
+                    # the runs' current states start their history (earlier states were not kept)
+                    conn.execute(
+                        "INSERT INTO task_run_states (run_id, state_id, type, name, timestamp, message)"
+                        " SELECT id, json_extract(data, '$.state.id'), state_type,"
+                        " json_extract(data, '$.state.name'), coalesce(json_extract(data, '$.state.timestamp'), ''),"
+                        " json_extract(data, '$.state.message') FROM task_runs"
+                        " WHERE json_extract(data, '$.state.id') IS NOT NULL ORDER BY seq")
+                    logger.info("database %s migrated from schema version %d to %d (state history)",
+                                self.path, version, SCHEMA_VERSION)
+                if app_id != APPLICATION_ID or version != SCHEMA_VERSION:
+                    conn.execute(f"PRAGMA application_id={APPLICATION_ID}")
+                    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
         except BaseException:
             conn.close()
             raise
@@ -524,6 +580,12 @@ class SQLiteDatabase(Database):
             return conn.execute(sql, tuple(params)).fetchall()
         finally:
             self._readers.put(conn)
+
+    def read_states(self, run_id: str) -> list[tuple[str, str, str | None, str, str | None]]:
+        """The state history of a run, oldest first: (state_id, type, name, timestamp, message)."""
+        return [tuple(r) for r in self.read_all(  # type: ignore[misc]
+            "SELECT state_id, type, name, timestamp, message FROM task_run_states WHERE run_id = ? ORDER BY seq",
+            (run_id,))]
 
     def count_runs(self, state_type: str | None = None) -> int:
         if state_type is None:

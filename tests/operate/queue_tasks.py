@@ -41,3 +41,13 @@ def slow(marker, seconds):
     with open(marker + ".done", "w") as handle:
         handle.write("done")
     return seconds
+
+
+@task(task_key="queue.flaky", retries=1, retry_delay_seconds=0)
+def flaky(marker):
+    """Fails its first attempt (creating ``marker``) and succeeds on the retry."""
+    if not os.path.exists(marker):
+        with open(marker, "w") as handle:
+            handle.write("failed once")
+        raise RuntimeError("first attempt fails")
+    return "second attempt"
