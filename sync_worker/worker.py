@@ -40,6 +40,7 @@ WARNING. Start workers *after* the fork: in gunicorn's ``post_fork`` hook (see
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import http.server
 import importlib
@@ -52,6 +53,7 @@ import sys
 import threading
 import time
 import weakref
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Callable
 
 from sync_worker import metrics
@@ -808,6 +810,23 @@ def create_status_server(task_worker: TaskWorker, port: int = 0, host: str = "12
     return server
 
 
+@contextlib.contextmanager
+def status_server_running(task_worker: TaskWorker, port: int | None) -> Iterator[None]:
+    """Serve ``GET /status`` on 127.0.0.1:``port`` (nothing when ``port`` is None) for the
+    duration of the block: what ``serve()`` and the Django worker both do around ``start()``."""
+    if port is None:
+        yield
+        return
+    server = create_status_server(task_worker, port)
+    threading.Thread(target=server.serve_forever, name="sync-worker-status", daemon=True).start()
+    logger.info("Status server on http://127.0.0.1:%s/status", server.server_address[1])
+    try:
+        yield
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def serve(
     *tasks: Task[..., Any],
     limit: int | None = 10,
@@ -838,19 +857,11 @@ def serve(
         serve(say)
     """
     task_worker = TaskWorker(*tasks, limit=limit)
-    status_server = None
-    if status_server_port is not None:
-        status_server = create_status_server(task_worker, status_server_port)
-        threading.Thread(target=status_server.serve_forever, name="sync-worker-status", daemon=True).start()
-        logger.info("Status server on http://127.0.0.1:%s/status", status_server.server_address[1])
-    try:
-        task_worker.start(timeout=timeout)
-    except StopTaskWorker:
-        logger.info("Task worker stopped.")
-    finally:
-        if status_server is not None:
-            status_server.shutdown()
-            status_server.server_close()
+    with status_server_running(task_worker, status_server_port):
+        try:
+            task_worker.start(timeout=timeout)
+        except StopTaskWorker:
+            logger.info("Task worker stopped.")
 
 
 # -- the CLI's worker command --------------------------------------------------------------

@@ -239,29 +239,21 @@ def run_django_worker(
 ) -> int:
     """Serve until stopped (SIGTERM/Ctrl-C drain in-flight runs); the exit status."""
     from sync_worker.exceptions import CredentialsError
-    from sync_worker.worker import create_status_server
+    from sync_worker.worker import status_server_running
 
     try:
         worker = build_worker(backend_alias, queues, limit, modules)
     except ValueError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
-    status_server = None
-    if status_port is not None:
-        status_server = create_status_server(worker, status_port)
-        threading.Thread(target=status_server.serve_forever, name="sync-worker-status", daemon=True).start()
-        logger.info("Status server on http://127.0.0.1:%s/status", status_server.server_address[1])
-    try:
-        worker.start(timeout=timeout)
-    except CredentialsError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        if status_server is not None:
-            status_server.shutdown()
-            status_server.server_close()
+    with status_server_running(worker, status_port):
+        try:
+            worker.start(timeout=timeout)
+        except CredentialsError as exc:
+            sys.stderr.write(f"error: {exc}\n")
+            return 1
+        except KeyboardInterrupt:
+            return 130
     return 0
 
 
