@@ -17,7 +17,24 @@ from tests.helpers import load_capture, wait_for  # noqa: F401 - wait_for re-exp
 SUBSCRIPTION_PATH = "/task_runs/subscriptions/scheduled"
 
 
-class Subscriber:
+class RawSocket:
+    """The end of a raw websocket-client connection (``self.ws``) every test socket shares."""
+
+    ws: websocket.WebSocket
+
+    def close_code(self, timeout: float = 5.0) -> tuple[int, str]:
+        """Read until the server closes; returns (code, reason)."""
+        self.ws.settimeout(timeout)
+        return read_close(self.ws)
+
+    def close(self) -> None:
+        try:
+            self.ws.close(timeout=1)
+        except (OSError, websocket.WebSocketException):
+            pass  # already closed by the server
+
+
+class Subscriber(RawSocket):
     """A raw websocket-client subscription (what a Prefect task worker does)."""
 
     def __init__(self, ws: websocket.WebSocket, auth_reply: dict[str, Any]) -> None:
@@ -74,18 +91,6 @@ class Subscriber:
             if message.get("type") == "set_state_result" and message.get("request_id") == request_id:
                 return message
             self._pending.append(message)
-
-    def close_code(self, timeout: float = 5.0) -> tuple[int, str]:
-        """Read until the server closes; returns (code, reason)."""
-        self.ws.settimeout(timeout)
-        return read_close(self.ws)
-
-    def close(self) -> None:
-        try:
-            self.ws.close(timeout=1)
-        except (OSError, websocket.WebSocketException):
-            pass  # already closed by the server
-
 
 def read_close(ws: websocket.WebSocket) -> tuple[int, str]:
     """The server's close code and reason. Read with recv_frame, which does not answer the close:

@@ -22,7 +22,7 @@ import requests
 import websocket
 
 from tests.helpers import wait_for
-from tests.server.conftest import read_close
+from tests.server.conftest import RawSocket, read_close
 
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "prefect-protocol"
 CAPTURED_RUN_ID = "4f262616-f425-4785-b19b-3cdf6c4f5e84"
@@ -73,7 +73,7 @@ def waiter_filter(since: datetime | None = None) -> dict[str, Any]:
     return message
 
 
-class EventSocket:
+class EventSocket(RawSocket):
     """A raw /api/events/in or /api/events/out connection (what Prefect's clients do)."""
 
     def __init__(self, server: Any, path: str, token: Any = None, subprotocol: bool = True,
@@ -115,16 +115,6 @@ class EventSocket:
         except websocket.WebSocketTimeoutException:
             return
         raise AssertionError(f"unexpected message: {message}")
-
-    def close_code(self, timeout: float = 5.0) -> tuple[int, str]:
-        self.ws.settimeout(timeout)
-        return read_close(self.ws)
-
-    def close(self) -> None:
-        try:
-            self.ws.close(timeout=1)
-        except (OSError, websocket.WebSocketException):
-            pass
 
 
 @pytest.fixture
