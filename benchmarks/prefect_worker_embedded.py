@@ -20,14 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import time
 from datetime import datetime
 from pathlib import Path
@@ -35,16 +31,10 @@ from pathlib import Path
 import requests
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "SYNC_WORKER_"))}
+sys.path.insert(0, str(REPO / "benchmarks"))
+# the Prefect plumbing both Prefect benchmarks share (processes, environment, scripts)
+from prefect_compare import clean_env, client_env, free_port, stop  # noqa: E402
+from prefect_compare import script as write  # noqa: E402
 
 
 def wait_healthy(process: subprocess.Popen, api: str, log: Path, timeout: float = 120) -> None:
@@ -96,29 +86,6 @@ def start_embedded_server(home: Path) -> tuple[subprocess.Popen, str]:
     api = f"http://127.0.0.1:{port}/api"
     wait_healthy(process, api, log)
     return process, api
-
-
-def stop(process: subprocess.Popen, timeout: float = 15) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout)
-
-
-def client_env(api: str, home: Path) -> dict[str, str]:
-    env = clean_env()
-    env.update(PREFECT_API_URL=api, PREFECT_HOME=str(home), PREFECT_RESULTS_LOCAL_STORAGE_PATH=str(home / "storage"),
-               DO_NOT_TRACK="1", PREFECT_LOGGING_LEVEL="WARNING", PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW="ignore")
-    return env
-
-
-def write(home: Path, name: str, source: str) -> Path:
-    path = home / name
-    path.write_text(textwrap.dedent(source))
-    return path
 
 
 def one_round(api: str, home: Path, n: int, limit: int, stall_timeout: float) -> dict:
