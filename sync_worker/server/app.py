@@ -36,6 +36,8 @@ UPGRADED = "sync_worker.upgraded"  # environ flag: the connection now belongs to
 CLOSE = "sync_worker.close"  # environ flag: close the HTTP connection after this response
 
 StartResponse = Callable[..., Any]
+#: the dashboard's endpoints (404 when it is turned off)
+_UI_ENDPOINTS = frozenset({"ui_index", "ui_static", "ui_overview", "ui_runs", "ui_run"})
 Response = tuple[str, list[tuple[str, str]], bytes]
 
 _JSON = "application/json"
@@ -150,6 +152,13 @@ class App:
                 Rule("/api/events", endpoint="events_post", methods=["POST"]),
                 Rule("/api/admin/storage", endpoint="admin_storage", methods=["GET"]),
                 Rule("/api/logs/", endpoint="logs", methods=["POST"]),
+                # the dashboard (dashboard.py): its page, its files and the JSON its pages read
+                Rule("/", endpoint="ui_index", methods=["GET"]),
+                Rule("/ui/<name>", endpoint="ui_static", methods=["GET"]),
+                Rule("/api/sync_worker/dashboard/overview", endpoint="ui_overview", methods=["GET"]),
+                Rule("/api/sync_worker/dashboard/runs", endpoint="ui_runs", methods=["GET"]),
+                Rule("/api/sync_worker/dashboard/runs/<run_id>", endpoint="ui_run", methods=["GET"]),
+                Rule("/api/sync_worker/task_runs/<run_id>/retry", endpoint="retry", methods=["POST"]),
             ],
             strict_slashes=False,
             merge_slashes=False,
@@ -176,7 +185,15 @@ class App:
             "workers": self.workers,
             "cancel": self.cancel,
             "purge": self.purge,
+            "ui_index": self.ui_index,
+            "ui_static": self.ui_static,
+            "ui_overview": self.ui_overview,
+            "ui_runs": self.ui_runs,
+            "ui_run": self.ui_run,
+            "retry": self.retry,
         }
+        self.ui = True  # the dashboard at / (Server(ui=False), `sync-worker server --no-ui`: off)
+        self._ui_files: Any = None
 
     # -- WSGI ------------------------------------------------------------------------------------
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
@@ -218,8 +235,16 @@ class App:
         if endpoint in ("events_in", "events_out"):  # authenticated in-band, as Prefect does
             handle = handle_events_in if endpoint == "events_in" else handle_events_out
             return self.subscribe(environ, handler=lambda env, core, _registry, size: handle(env, core, self.events, size))
-        if not self.core.check_authorization(environ.get("HTTP_AUTHORIZATION")):
+        if endpoint in _UI_ENDPOINTS and not self.ui:
             self._discard_body(environ)
+            return _error(404, f"Not found: {method} {path} (the dashboard is turned off: --no-ui)")
+        if not self.core.check_authorization(environ.get("HTTP_AUTHORIZATION")) and not self._browser_authorized(
+                environ):
+            self._discard_body(environ)
+            if endpoint in ("ui_index", "ui_static"):
+                from .dashboard import unauthorized_page
+
+                return unauthorized_page()
             return _error(401, "Unauthorized: this server requires 'Authorization: Basic <base64 of the auth "
                                "string>' (set SYNC_WORKER_API_AUTH_STRING / PREFECT_API_AUTH_STRING)",
                           {"exception_message": "Unauthorized"})
@@ -418,6 +443,54 @@ class App:
 
         older_than, states = parse_purge(self._optional_json_body(environ))
         return _json(200, {"deleted": purge(self.core, older_than, states)})
+
+    # -- the dashboard (dashboard.py) -----------------------------------------------------------
+    def _browser_authorized(self, environ: dict[str, Any]) -> bool:
+        from .dashboard import basic_matches
+
+        return basic_matches(self.core.auth_string, environ.get("HTTP_AUTHORIZATION"))
+
+    def _static(self, name: str) -> Response:
+        from .dashboard import StaticFiles
+
+        if self._ui_files is None:
+            self._ui_files = StaticFiles()
+        answer = self._ui_files.response(name)
+        if answer is None:
+            raise HTTPError(404, f"Not found: dashboard file {name!r}")
+        return answer
+
+    def ui_index(self, environ: dict[str, Any]) -> Response:
+        self._discard_body(environ)
+        return self._static("index.html")
+
+    def ui_static(self, environ: dict[str, Any], name: str) -> Response:
+        self._discard_body(environ)
+        return self._static(name)
+
+    def ui_overview(self, environ: dict[str, Any]) -> Response:
+        from .dashboard import overview
+
+        self._discard_body(environ)
+        return _json(200, overview(self.core.db, self.core.subscribers))
+
+    def ui_runs(self, environ: dict[str, Any]) -> Response:
+        from .dashboard import list_runs
+
+        self._discard_body(environ)
+        return _json(200, list_runs(self.core.db, environ.get("QUERY_STRING", "")))
+
+    def ui_run(self, environ: dict[str, Any], run_id: str) -> Response:
+        from .dashboard import run_details
+
+        self._discard_body(environ)
+        return _json(200, run_details(self.core.db, run_id))
+
+    def retry(self, environ: dict[str, Any], run_id: str) -> Response:
+        from .dashboard import retry_run
+
+        self._discard_body(environ)
+        return _json(201, retry_run(self.core, run_id))
 
     def subscribe(self, environ: dict[str, Any], handler: Callable[..., None] = handle_websocket) -> Response:
         if "websocket" not in environ.get("HTTP_UPGRADE", "").lower() or "werkzeug.socket" not in environ:

@@ -64,6 +64,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--retention", type=_duration, default="7d", metavar="DURATION",
                         help="delete finished runs (and their records on this server) this long after they "
                              "end, e.g. 12h, 7d, 2w; 0 keeps everything (default 7d)")
+    parser.add_argument("--no-ui", dest="ui", action="store_false",
+                        help="do not serve the dashboard at / (by default it is served on the same port; "
+                             "with --auth-string it asks for it)")
     add_logging_options(parser)
     parser.set_defaults(func=run)
 
@@ -89,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
                     allowed_hosts=args.allowed_host, allowed_origins=args.allowed_origin,
                     ping_interval=args.ping_interval, request_timeout=args.request_timeout,
                     idle_timeout=args.idle_timeout,
-                    retention=getattr(args, "retention", None))
+                    retention=getattr(args, "retention", None), ui=getattr(args, "ui", True))
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: Any) -> None:
@@ -119,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
         from sync_worker.diagnostics import port_unavailable
 
         raise port_unavailable("server", "--host/--port", args.host, args.port, exc) from exc
+    if server.ui:
+        logger.info("Dashboard: %s/", server.url[:-len("/api")])
     logger.info("Task runs and parameter/result records (SYNC_WORKER_STORAGE=server) are kept in %s; "
                 "stop the server before copying or deleting it", database)
     try:

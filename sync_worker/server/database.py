@@ -288,6 +288,10 @@ CREATE TABLE IF NOT EXISTS task_run_states (
     message TEXT
 );
 CREATE INDEX IF NOT EXISTS ix_task_run_states_run ON task_run_states (run_id, seq);
+-- the dashboard (dashboard.py): runs by key and state, and the runs finished per 10 s
+CREATE INDEX IF NOT EXISTS ix_task_runs_key_state ON task_runs (task_key, state_type);
+CREATE INDEX IF NOT EXISTS ix_task_run_states_final ON task_run_states (timestamp)
+    WHERE type IN ('COMPLETED', 'FAILED', 'CRASHED');
 CREATE TABLE IF NOT EXISTS records (
     key TEXT PRIMARY KEY,
     data BLOB NOT NULL

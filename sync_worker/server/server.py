@@ -369,6 +369,7 @@ class Server:
         idle_timeout: seconds an idle keep-alive connection stays open.
         allowed_hosts, allowed_origins: ``Host`` names and ``Origin`` values accepted besides
             this server's own (see :mod:`.security`; ``"*"`` accepts any).
+        ui: serve the dashboard at ``/`` (see :mod:`.dashboard`); False answers 404 there.
         prefect_compatible: announce no extension and serve no rpc socket: clients use
             Prefect's protocol only, as with a Prefect server (for testing that path).
     """
@@ -379,7 +380,7 @@ class Server:
                  allowed_hosts: Iterable[str] = (), allowed_origins: Iterable[str] = (),
                  request_timeout: float = 60.0, idle_timeout: float = 60.0,
                  retention: float | None = None,
-                 prefect_compatible: bool = False) -> None:
+                 prefect_compatible: bool = False, ui: bool = True) -> None:
         self._default_database = not database  # its directory is created; an explicit one's must exist
         if not database:
             database = os.path.join(os.path.expanduser("~"), ".sync_worker", "server.db")
@@ -414,6 +415,7 @@ class Server:
             raise ValueError("retention must be >= 0 (0 keeps every run)")
         self._sweeper: Any = None
         self.prefect_compatible = prefect_compatible
+        self.ui = ui  # the dashboard at / (dashboard.py)
         self.db: SQLiteDatabase | None = None
         self.queue: RunQueue | None = None
         self.core: Core | None = None
@@ -460,6 +462,7 @@ class Server:
             recover_cancelling(self.core)
             self.core.prefect_compatible = self.prefect_compatible
             app = App(self.core, self._registry, self.max_body_size)
+            app.ui = self.ui
             self.events = app.events
             app = RequestGuard(app, self.host, self.allowed_hosts, self.allowed_origins)
             listener = _bind(self.host, self.port)

@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from typing import Any
@@ -130,6 +131,7 @@ class Subscription:
     def __init__(self, ws: WebSocket, core: Core, keys: list[str], client_id: str, peer: str,
                  credit: int | None = None) -> None:
         self.limit = credit if credit is not None else 1  # runs it may hold at once (stats)
+        self.connected_at = time.time()  # shown by the dashboard
         self.ws = ws
         self.core = core
         self.queue = core.queue

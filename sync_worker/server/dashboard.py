@@ -1,0 +1,493 @@
+"""The dashboard: static files at ``/`` and the small JSON endpoints its pages call.
+
+Why one module: the UI (``sync_worker/server/ui/``: one HTML page, one script, one style
+sheet; no build step, no CDN, no vendored library) and what it reads from the server change
+together. Every page makes ONE read call, answered from a reader connection:
+
+- ``GET /api/sync_worker/dashboard/overview``: per task key the runs by state type and the
+  oldest waiting (SCHEDULED) run, the connected workers, and the runs that finished in the
+  last 15 minutes per 10 s (COMPLETED; FAILED and CRASHED as "failed"), read from the state
+  history (``task_run_states``) through a partial index on the final states' timestamps;
+- ``GET /api/sync_worker/dashboard/runs?state=&task_key=&since=&until=&before=&after=&limit=``:
+  runs newest first (creation order), paged by position (``before``/``after`` a run's ``seq``)
+  rather than by offset, so that every page costs the same at any depth. ``since``/``until``
+  bound the creation time (ISO 8601);
+- ``GET /api/sync_worker/dashboard/runs/{id}``: the run, its states with the time spent in each,
+  its parameters when they are JSON, small and kept on this server, and its result or failure
+  (type, message, traceback) when the state carries it inline or names a record on this server.
+
+Actions: ``POST /api/sync_worker/task_runs/{id}/cancel`` (cancellation.py) and
+``POST /api/sync_worker/task_runs/{id}/retry`` (here): a new run of the same task with the same
+parameters (copied when kept on this server; otherwise the new run names the same parameters
+record, which the submitter's store still holds for a run that did not complete).
+
+Security (see README "Dashboard"): the page sends a Content-Security-Policy that allows only
+this server's own script, style and ``fetch`` targets; the script inserts nothing as HTML.
+With an auth string, the page answers 401 with ``WWW-Authenticate: Basic`` (the browser asks
+for it) and the API accepts the browser's Basic credentials: the auth string ``user:password``
+is that user name and password; an auth string without ``:`` is the password, with any user
+name.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import json
+import logging
+import mimetypes
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+from .core import Conflict, Core, NotFound
+from .models import STATE_TYPES, TERMINAL, ValidationError, iso, parse_time
+from .validation import check_uuid
+
+logger = logging.getLogger("sync_worker.server.dashboard")
+
+UI_DIR = Path(__file__).resolve().parent / "ui"
+
+#: what the page may load and call: its own files and this server's API, nothing inline
+CONTENT_SECURITY_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+                           "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+UI_HEADERS = [
+    ("Content-Security-Policy", CONTENT_SECURITY_POLICY),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "no-referrer"),
+    ("X-Frame-Options", "DENY"),
+    ("Cache-Control", "no-cache"),
+]
+
+#: throughput chart: this many seconds, in buckets of BUCKET_SECONDS
+WINDOW_SECONDS = 15 * 60
+BUCKET_SECONDS = 10
+#: runs per page of the Runs table (default and largest)
+PAGE_SIZE = 50
+MAX_PAGE_SIZE = 200
+#: parameters are shown when their JSON has at most this many characters
+SHOW_PARAMETERS_LIMIT = 4096
+#: results and tracebacks longer than this are cut (the page says so)
+SHOW_RESULT_LIMIT = 64 * 1024
+
+Response = tuple[str, list[tuple[str, str]], bytes]
+
+
+# -- auth ----------------------------------------------------------------------------------------
+def basic_matches(auth_string: str | None, header: str | None) -> bool:
+    """Does ``header`` carry the browser's Basic credentials for ``auth_string``?
+
+    ``Authorization: Basic base64(auth_string)`` (what sync_worker and Prefect clients send) is
+    checked by :meth:`Core.check_authorization`; this accepts, in addition, for an auth string
+    without ``:``, ``base64(<any user name>:<auth string>)``: a browser's prompt always sends
+    ``user:password``."""
+    if auth_string is None or not header or ":" in auth_string:
+        return False
+    scheme, _, encoded = header.strip().partition(" ")
+    if scheme.lower() != "basic":
+        return False
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode("utf-8")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return False
+    _user, sep, password = decoded.partition(":")
+    return bool(sep) and hmac.compare_digest(password.encode(), auth_string.encode())
+
+
+def unauthorized_page() -> Response:
+    body = (b"<!doctype html><title>sync-worker: authentication required</title>"
+            b"<p>This sync-worker server requires its auth string. Reload the page and enter it in the "
+            b"browser's prompt (see the README, section Dashboard).</p>")
+    return "401 Unauthorized", [("Content-Type", "text/html; charset=utf-8"), ("Content-Length", str(len(body))),
+                                ("WWW-Authenticate", 'Basic realm="sync-worker", charset="UTF-8"'),
+                                *UI_HEADERS], body
+
+
+# -- static files --------------------------------------------------------------------------------
+class StaticFiles:
+    """The files of ``ui/``, read once (a few kilobytes) and served from memory."""
+
+    def __init__(self, root: Path = UI_DIR) -> None:
+        self.files: dict[str, tuple[str, bytes]] = {}
+        if root.is_dir():
+            for path in sorted(root.iterdir()):
+                if path.is_file() and not path.name.startswith("."):
+                    kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+                    if kind.startswith("text/") or kind in ("application/javascript", "image/svg+xml"):
+                        kind += "; charset=utf-8"
+                    self.files[path.name] = (kind, path.read_bytes())
+        if "index.html" not in self.files:  # pragma: no cover - a broken installation
+            logger.warning("dashboard files are missing from %s: the dashboard cannot be served", root)
+
+    def response(self, name: str) -> Response | None:
+        item = self.files.get(name)
+        if item is None:
+            return None
+        kind, data = item
+        return "200 OK", [("Content-Type", kind), ("Content-Length", str(len(data))), *UI_HEADERS], data
+
+
+# -- overview ------------------------------------------------------------------------------------
+def overview(db: Any, subscribers: Any, now: float | None = None) -> dict[str, Any]:
+    now = time.time() if now is None else now
+    keys: dict[str, dict[str, Any]] = {}
+
+    def entry(task_key: str) -> dict[str, Any]:
+        if task_key not in keys:
+            keys[task_key] = {"task_key": task_key, "counts": {}, "total": 0, "oldest_scheduled": None,
+                              "oldest_scheduled_id": None, "oldest_scheduled_age_seconds": None}
+        return keys[task_key]
+
+    # both queries read the index on (task_key, state_type) only (see database.py)
+    for task_key, state_type, count in db.read_all(
+            "SELECT task_key, state_type, count(*) FROM task_runs GROUP BY task_key, state_type", []):
+        item = entry(task_key)
+        item["counts"][state_type] = count
+        item["total"] += count
+    oldest = db.read_all("SELECT task_key, min(seq) FROM task_runs WHERE state_type = 'SCHEDULED' "
+                         "GROUP BY task_key", [])
+    for task_key, seq in oldest:
+        rows = db.read_all("SELECT id, json_extract(data, '$.created') FROM task_runs WHERE seq = ?", [seq])
+        if not rows:
+            continue
+        item = entry(task_key)
+        item["oldest_scheduled_id"], item["oldest_scheduled"] = rows[0]
+        try:
+            item["oldest_scheduled_age_seconds"] = round(max(0.0, now - parse_time(rows[0][1], [])), 3)
+        except ValidationError:  # pragma: no cover - we wrote it
+            pass
+    workers = [worker(sub) for sub in list(subscribers)]
+    return {"time": iso(now), "task_keys": sorted(keys.values(), key=lambda k: k["task_key"]),
+            "workers": sorted(workers, key=lambda w: (w["connected_since"] or "", w["client_id"] or "")),
+            "throughput": throughput(db, now)}
+
+
+def worker(sub: Any) -> dict[str, Any]:
+    """What the dashboard shows of a subscribed worker connection."""
+    from .listing import worker_info
+
+    info = worker_info(sub)
+    connected = getattr(sub, "connected_at", None)
+    info["connected_since"] = iso(connected) if connected else None
+    return info
+
+
+def throughput(db: Any, now: float) -> dict[str, Any]:
+    """Runs that entered COMPLETED or FAILED/CRASHED per 10 s over the last 15 minutes, oldest
+    bucket first. Buckets are the 10-second slices of UTC time (timestamps are ISO texts:
+    their first 18 characters, ``YYYY-MM-DDTHH:MM:S``, name the slice)."""
+    end = (int(now) // BUCKET_SECONDS + 1) * BUCKET_SECONDS
+    start = end - WINDOW_SECONDS
+    names = [iso(start + i * BUCKET_SECONDS)[:18] for i in range(WINDOW_SECONDS // BUCKET_SECONDS)]
+    index = {name: i for i, name in enumerate(names)}
+    completed = [0] * len(names)
+    failed = [0] * len(names)
+    for bucket, state_type, count in db.read_all(
+            "SELECT substr(timestamp, 1, 18) AS bucket, type, count(*) FROM task_run_states "
+            "WHERE type IN ('COMPLETED', 'FAILED', 'CRASHED') AND timestamp >= ? "
+            "GROUP BY bucket, type", [iso(start)]):
+        i = index.get(bucket)
+        if i is None:
+            continue  # a timestamp in the future, or not in our format
+        if state_type == "COMPLETED":
+            completed[i] += count
+        else:
+            failed[i] += count
+    return {"start": iso(start), "end": iso(end), "bucket_seconds": BUCKET_SECONDS,
+            "completed": completed, "failed": failed}
+
+
+# -- runs ----------------------------------------------------------------------------------------
+def _one(params: dict[str, list[str]], name: str) -> str | None:
+    values = [v for v in params.get(name, []) if v != ""]
+    return values[-1] if values else None
+
+
+def _whole(params: dict[str, list[str]], name: str, low: int, high: int | None = None) -> int | None:
+    text = _one(params, name)
+    if text is None:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValidationError(["query", name], "Input should be a whole number", "int_parsing", text) from None
+    if value < low or (high is not None and value > high):
+        bound = f"from {low} to {high}" if high is not None else f">= {low}"
+        raise ValidationError(["query", name], f"Input should be a whole number {bound}", "range", value)
+    return value
+
+
+def _created_at(db: Any, seq: int) -> str | None:
+    rows = db.read_all("SELECT json_extract(data, '$.created') FROM task_runs WHERE seq >= ? ORDER BY seq LIMIT 1",
+                       [seq])
+    return rows[0][0] if rows else None
+
+
+def _first_seq_created_after(db: Any, moment: str) -> int:
+    """The smallest ``seq`` of a run created at or after ``moment`` (runs are numbered in
+    creation order, so a bisection over ``seq`` finds it in ~17 point reads at 100,000 runs)."""
+    bounds = db.read_all("SELECT min(seq), max(seq) FROM task_runs", [])
+    low, high = bounds[0] if bounds and bounds[0][0] is not None else (1, 0)
+    high += 1  # one past the last run: "none created after"
+    while low < high:
+        middle = (low + high) // 2
+        created = _created_at(db, middle)
+        if created is None or created >= moment:
+            high = middle
+        else:
+            low = middle + 1
+    return low
+
+
+#: a filtered listing reads the matching runs through the (task_key, state_type) index and sorts
+#: them when at most this many match; more matches are found faster by walking the runs newest
+#: first (about PAGE_SIZE x runs / matches rows per page)
+SORT_AT_MOST = 5000
+#: with more task keys than this, filters walk the runs (an IN list of every key is too long)
+MAX_KEYS_IN_LIST = 500
+
+
+def _task_keys(db: Any) -> list[str]:
+    """The task keys in the database, in order, one index seek each (at most
+    MAX_KEYS_IN_LIST + 1; ``SELECT DISTINCT`` would read the whole index)."""
+    keys: list[str] = []
+    while len(keys) <= MAX_KEYS_IN_LIST:
+        row = db.read_all("SELECT min(task_key) FROM task_runs WHERE task_key > ?", [keys[-1] if keys else ""])
+        if not row or row[0][0] is None:
+            break
+        keys.append(row[0][0])
+    return keys
+
+
+def list_runs(db: Any, query_string: str) -> dict[str, Any]:
+    """A page of runs, newest first, with the number of runs that match (see the module
+    docstring). Every query reads an index or walks ``seq`` from a bound: the cost of a page
+    does not grow with its depth."""
+    params = parse_qs(query_string, keep_blank_values=True)
+    state = _one(params, "state")
+    if state is not None and state not in STATE_TYPES:
+        raise ValidationError(["query", "state"], f"Input should be one of {', '.join(sorted(STATE_TYPES))}",
+                              "enum", state)
+    task_key = _one(params, "task_key")
+    limit = _whole(params, "limit", 1, MAX_PAGE_SIZE) or PAGE_SIZE
+    before = _whole(params, "before", 0)
+    after = _whole(params, "after", 0)
+    if before is not None and after is not None:
+        raise ValidationError(["query", "after"], "Give 'before' or 'after', not both", "value_error")
+    # a time range on the creation time becomes a range of seq (creation order)
+    low, high = 0, None
+    for name in ("since", "until"):
+        text = _one(params, name)
+        if text is not None:
+            seq = _first_seq_created_after(db, iso(parse_time(text, ["query", name])))
+            if name == "since":
+                low = seq
+            else:
+                high = seq
+    range_sql = "seq >= ?" + (" AND seq < ?" if high is not None else "")
+    range_args: list[Any] = [low] + ([high] if high is not None else [])
+    keys = ([task_key] if task_key is not None else _task_keys(db)) if (task_key or state) is not None else []
+    if task_key is None and state is None:  # every run: walk them by seq
+        match, match_args, source = range_sql, range_args, "task_runs"
+        total = None if (low or high is not None) else int(db.read_all("SELECT count(*) FROM task_runs", [])[0][0])
+    elif len(keys) <= MAX_KEYS_IN_LIST:
+        states = [state] if state is not None else sorted(STATE_TYPES)
+        match = (f"task_key IN ({', '.join('?' * len(keys))}) AND state_type IN ({', '.join('?' * len(states))}) "
+                 f"AND {range_sql}")
+        match_args = [*keys, *states, *range_args]
+        total = int(db.read_all(f"SELECT count(*) FROM task_runs WHERE {match}", match_args)[0][0])
+        # few matches: read them through the index and sort them; many: walk the runs by seq
+        source = "task_runs INDEXED BY ix_task_runs_key_state"
+        if total > SORT_AT_MOST:
+            source = "task_runs"
+            match = match.replace("task_key IN", "+task_key IN").replace("state_type IN", "+state_type IN")
+    else:
+        clauses, match_args = [range_sql], list(range_args)
+        if state is not None:
+            clauses.insert(0, "+state_type = ?")
+            match_args.insert(0, state)
+        match, source, total = " AND ".join(clauses), "task_runs", None
+    if after is not None:  # a newer page: the runs just after `after`, shown newest first
+        rows = db.read_all(f"SELECT seq, data FROM {source} WHERE {match} AND seq > ? ORDER BY seq ASC LIMIT ?",
+                           [*match_args, after, limit + 1])
+        has_newer = len(rows) > limit
+        rows = rows[:limit][::-1]
+    else:
+        bound = "seq < ?" if before is not None else "1"
+        rows = db.read_all(f"SELECT seq, data FROM {source} WHERE {match} AND {bound} ORDER BY seq DESC LIMIT ?",
+                           [*match_args, *([before] if before is not None else []), limit + 1])
+        has_older = len(rows) > limit
+        rows = rows[:limit]
+
+    def exists(clause: str, seq: int) -> bool:
+        return bool(db.read_all(f"SELECT 1 FROM {source} WHERE {match} AND {clause} LIMIT 1", [*match_args, seq]))
+
+    if rows:
+        if after is not None:
+            has_older = exists("seq < ?", rows[-1][0])
+        else:
+            has_newer = before is not None and exists("seq > ?", rows[0][0])
+    runs = []
+    for seq, data in rows:
+        run = json.loads(data)
+        state_obj = run.get("state") or {}
+        runs.append({"seq": seq, "id": run.get("id"), "name": run.get("name"), "task_key": run.get("task_key"),
+                     "state_type": state_obj.get("type"), "state_name": state_obj.get("name"),
+                     "created": run.get("created"), "start_time": run.get("start_time"),
+                     "end_time": run.get("end_time"), "run_count": run.get("run_count", 0),
+                     "total_run_time": run.get("total_run_time")})
+    return {"runs": runs, "total": total, "limit": limit,
+            "older": runs[-1]["seq"] if runs and has_older else None,
+            "newer": runs[0]["seq"] if runs and has_newer else None}
+
+
+# -- one run -------------------------------------------------------------------------------------
+def _record_on_server(db: Any, key: str) -> bytes | None:
+    rows = db.read_all("SELECT data FROM records WHERE key = ?", [key.replace("/", ".")])
+    return bytes(rows[0][0]) if rows else None
+
+
+def _decode_record(record: Any) -> tuple[Any, str | None]:
+    """(value, None) for a JSON record, (None, why not) otherwise. Never unpickles."""
+    try:
+        if isinstance(record, (bytes, str)):
+            record = json.loads(record)
+        serializer = record["metadata"]["serializer"]["type"]
+        payload = record["result"]
+    except (ValueError, KeyError, TypeError):
+        return None, "not a record this server can read"
+    if serializer != "json":
+        return None, f"serialized with {serializer!r}; not shown (the server never unpickles)"
+    try:
+        return (json.loads(payload) if isinstance(payload, str) else payload), None
+    except ValueError:
+        return None, "not valid JSON"
+
+
+def _parameters(db: Any, run: dict[str, Any]) -> dict[str, Any]:
+    details = (run.get("state") or {}).get("state_details") or {}
+    params_id = details.get("task_parameters_id")
+    if not params_id:
+        return {"value": {}, "note": None}
+    raw = _record_on_server(db, "parameters/" + str(params_id))
+    if raw is None:
+        if (run.get("state") or {}).get("type") == "COMPLETED":
+            return {"value": None, "note": "deleted when the run completed"}
+        return {"value": None, "note": "kept in the submitter's store (SYNC_WORKER_STORAGE), not on this server"}
+    value, why = _decode_record(raw)
+    if why is not None:
+        return {"value": None, "note": why}
+    parameters = value.get("parameters") if isinstance(value, dict) and "parameters" in value else value
+    text = json.dumps(parameters)
+    if len(text) > SHOW_PARAMETERS_LIMIT:
+        return {"value": None, "note": f"{len(text)} characters of JSON: more than {SHOW_PARAMETERS_LIMIT}, not shown"}
+    return {"value": parameters, "note": None}
+
+
+def _cut(text: str) -> str:
+    if len(text) <= SHOW_RESULT_LIMIT:
+        return text
+    return text[:SHOW_RESULT_LIMIT] + f"\n... ({len(text) - SHOW_RESULT_LIMIT} more characters not shown)"
+
+
+def _outcome(db: Any, run: dict[str, Any]) -> dict[str, Any]:
+    state = run.get("state") or {}
+    if state.get("type") not in TERMINAL:
+        return {}
+    data = state.get("data")
+    if data is None:
+        return {"note": "the final state carries no result"}
+    if isinstance(data, dict) and "result" in data and "metadata" in data:
+        value, why = _decode_record(data)
+    elif isinstance(data, dict) and isinstance(data.get("storage_key"), str):
+        key = data["storage_key"]
+        raw = None if key.startswith("/") else _record_on_server(db, key)
+        if raw is None:
+            return {"note": f"stored outside this server ({key}); see `sync-worker runs show {run.get('id')}`"}
+        value, why = _decode_record(raw)
+    else:
+        return {"note": "the final state's data names no result"}
+    if why is not None:
+        return {"note": why}
+    if state.get("type") == "COMPLETED":
+        text = json.dumps(value, indent=2, default=repr)
+        return {"result": _cut(text)}
+    if isinstance(value, dict) and "traceback" in value:
+        return {"error_type": str(value.get("type") or ""), "error_message": _cut(str(value.get("message") or "")),
+                "traceback": _cut(str(value.get("traceback") or ""))}
+    return {"result": _cut(json.dumps(value, indent=2, default=repr))}
+
+
+def _history(states: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
+    out = []
+    times: list[float | None] = []
+    for _state_id, _type, _name, timestamp, _message in states:
+        try:
+            times.append(float(parse_time(timestamp, [])))
+        except ValidationError:
+            times.append(None)
+    for i, (state_id, state_type, name, timestamp, message) in enumerate(states):
+        start = times[i]
+        end = times[i + 1] if i + 1 < len(times) else None
+        out.append({"id": state_id, "type": state_type, "name": name, "timestamp": timestamp, "message": message,
+                    "duration_seconds": round(end - start, 6) if start is not None and end is not None else None})
+    return out
+
+
+def run_details(db: Any, run_id: str) -> dict[str, Any]:
+    run_id = check_uuid(run_id, ["path", "id"])
+    rows = db.read_all("SELECT data FROM task_runs WHERE id = ?", [run_id])
+    if not rows:
+        raise NotFound("Task not found")
+    run = json.loads(rows[0][0])
+    return {"task_run": run, "states": _history(db.read_states(run_id)), "parameters": _parameters(db, run),
+            "outcome": _outcome(db, run)}
+
+
+def retry_run(core: Core, run_id: str) -> dict[str, Any]:
+    """A new run of the same task with the same parameters; the old run is left as it is."""
+    from sync_worker.schemas import Scheduled
+
+    run_id = check_uuid(run_id, ["path", "id"])
+    rows = core.db.read_all("SELECT data FROM task_runs WHERE id = ?", [run_id])  # type: ignore[attr-defined]
+    if not rows:
+        raise NotFound("Task not found")
+    old = json.loads(rows[0][0])
+    state = old.get("state") or {}
+    if state.get("type") not in TERMINAL:
+        raise Conflict(f"Task run {run_id} is {state.get('type')}: only a finished run (COMPLETED, FAILED, "
+                       "CANCELLED, CRASHED) can be retried")
+    params_id = (state.get("state_details") or {}).get("task_parameters_id")
+    new_params_id = params_id
+    parameters = "none"
+    if params_id:
+        raw = _record_on_server(core.db, "parameters/" + params_id)
+        if raw is not None:
+            new_params_id = str(uuid.uuid4())
+            try:
+                record = json.loads(raw)
+                if isinstance(record.get("metadata"), dict):
+                    record["metadata"]["storage_key"] = new_params_id
+                raw = json.dumps(record).encode()
+            except (ValueError, AttributeError):
+                pass  # not ours to fix: copied as it is
+            core.put_record(("parameters/" + new_params_id).replace("/", "."), raw)
+            parameters = "copied"
+        elif state.get("type") == "COMPLETED":
+            raise Conflict(f"cannot retry {run_id}: its parameters were deleted when it completed")
+        else:
+            parameters = "shared"  # in the submitter's store: the new run reads the same record
+    body = {
+        "name": old.get("name") or old.get("task_key"),
+        "task_key": old.get("task_key"),
+        "dynamic_key": str(uuid.uuid4()),
+        "state": Scheduled(task_parameters_id=new_params_id).to_json(),
+        "empirical_policy": old.get("empirical_policy") or {},
+        "tags": old.get("tags") or [],
+        "task_inputs": old.get("task_inputs") or {},
+    }
+    new = json.loads(core.create_task_run(body))
+    logger.info("retry %s: new run %s (parameters %s)", run_id, new.get("id"), parameters)
+    return {"retried": run_id, "task_run": new, "parameters": parameters}

@@ -1,0 +1,524 @@
+/* sync-worker dashboard. Plain JavaScript, no library, no build step.
+ *
+ * Rule: nothing that comes from the server is ever parsed as HTML. Every element is made with
+ * document.createElement and every text goes in through a text node (see el()); there is no
+ * innerHTML, insertAdjacentHTML or document.write in this file. Links to runs are built from
+ * encodeURIComponent(id).
+ *
+ * Routes are hash routes (#/, #/runs?state=FAILED, #/runs/<id>): real links that work on reload.
+ * Each view polls its one JSON endpoint every POLL_MS (the next poll is scheduled when the
+ * previous one has finished, so a slow server is never asked twice at once).
+ */
+(function () {
+  "use strict";
+
+  var POLL_MS = 2000;
+  var STATE_ORDER = ["SCHEDULED", "PENDING", "RUNNING", "CANCELLING", "PAUSED", "COMPLETED", "FAILED",
+    "CRASHED", "CANCELLED"];
+  // a symbol and a word for every state: never colour alone
+  var STATE_MARK = {
+    SCHEDULED: "\u25F7", PENDING: "\u25F7", PAUSED: "\u2016", RUNNING: "\u25B6", CANCELLING: "\u25A0",
+    COMPLETED: "\u2713", FAILED: "\u2717", CRASHED: "\u2717", CANCELLED: "\u2300"
+  };
+  var ACTIVE = { SCHEDULED: 1, PENDING: 1, RUNNING: 1, PAUSED: 1 };
+  var FINISHED = { COMPLETED: 1, FAILED: 1, CANCELLED: 1, CRASHED: 1 };
+  var RANGES = [["", "any time"], ["15m", "last 15 minutes"], ["1h", "last hour"], ["24h", "last 24 hours"],
+    ["7d", "last 7 days"]];
+  var RANGE_SECONDS = { "15m": 900, "1h": 3600, "24h": 86400, "7d": 604800 };
+
+  var main = document.getElementById("main");
+  var banner = document.getElementById("banner");
+  var updated = document.getElementById("updated");
+  var timer = null;
+  var generation = 0; // bumped at every navigation: late answers of the previous view are dropped
+  var lastSuccess = null;
+
+  // -- DOM helpers -------------------------------------------------------------------------------
+  function el(tag, attrs) {
+    var node = document.createElement(tag);
+    if (attrs) {
+      Object.keys(attrs).forEach(function (name) {
+        var value = attrs[name];
+        if (value === null || value === undefined || value === false) return;
+        if (name === "text") node.textContent = String(value);
+        else node.setAttribute(name, value === true ? "" : String(value));
+      });
+    }
+    for (var i = 2; i < arguments.length; i++) append(node, arguments[i]);
+    return node;
+  }
+
+  function append(node, child) {
+    if (child === null || child === undefined || child === false) return;
+    if (Array.isArray(child)) { child.forEach(function (c) { append(node, c); }); return; }
+    node.appendChild(typeof child === "object" ? child : document.createTextNode(String(child)));
+  }
+
+  function svg(tag, attrs) {
+    var node = document.createElementNS("http://www.w3.org/2000/svg", tag);
+    Object.keys(attrs || {}).forEach(function (name) { node.setAttribute(name, String(attrs[name])); });
+    return node;
+  }
+
+  function clear(node) { while (node.firstChild) node.removeChild(node.firstChild); }
+
+  function stateLabel(type, name) {
+    var text = (STATE_MARK[type] || "\u2022") + " " + (name || type || "unknown");
+    if (name && type && name.toUpperCase() !== type) text += " (" + type + ")";
+    return el("span", { "class": "state state-" + (type || "UNKNOWN"), "data-state": type || "" }, text);
+  }
+
+  function runHref(id) { return "#/runs/" + encodeURIComponent(id); }
+
+  function pad(n) { return (n < 10 ? "0" : "") + n; }
+
+  function when(iso) {
+    if (!iso) return "\u2013";
+    var d = new Date(iso);
+    if (isNaN(d.getTime())) return String(iso);
+    return d.getFullYear() + "-" + pad(d.getMonth() + 1) + "-" + pad(d.getDate()) + " " + pad(d.getHours()) + ":" +
+      pad(d.getMinutes()) + ":" + pad(d.getSeconds());
+  }
+
+  function timeCell(iso) { return el("time", { datetime: iso || null, title: iso || null }, when(iso)); }
+
+  function seconds(value) {
+    if (value === null || value === undefined) return "\u2013";
+    if (value < 1) return (value * 1000).toFixed(0) + " ms";
+    if (value < 120) return value.toFixed(value < 10 ? 2 : 1) + " s";
+    if (value < 7200) return (value / 60).toFixed(1) + " min";
+    if (value < 172800) return (value / 3600).toFixed(1) + " h";
+    return (value / 86400).toFixed(1) + " d";
+  }
+
+  // -- the server --------------------------------------------------------------------------------
+  function ApiError(status, message) { this.status = status; this.message = message; }
+
+  function api(path, options) {
+    options = options || {};
+    var init = { method: options.method || "GET", credentials: "same-origin", cache: "no-store",
+      headers: { "Accept": "application/json" } };
+    if (options.body !== undefined) {
+      init.headers["Content-Type"] = "application/json";
+      init.body = JSON.stringify(options.body);
+    }
+    // an absolute URL without user:password@ (a page opened as http://user:pw@host/ may not fetch
+    // relative URLs); the browser adds the credentials it has for this origin itself
+    var url = location.protocol + "//" + location.host + location.pathname.replace(/[^/]*$/, "") + path;
+    return fetch(url, init).then(function (response) {
+      return response.text().then(function (text) {
+        var body = null;
+        try { body = text ? JSON.parse(text) : null; } catch (e) { body = null; }
+        if (!response.ok) {
+          var detail = body && body.detail ? body.detail : (text || response.statusText);
+          if (typeof detail !== "string") detail = JSON.stringify(detail);
+          if (response.status === 401) detail = "the server asks for its auth string again: reload the page";
+          throw new ApiError(response.status, response.status + ": " + detail);
+        }
+        return body;
+      });
+    }, function (error) {
+      throw new ApiError(0, String(error && error.message ? error.message : error));
+    });
+  }
+
+  function reachable() {
+    lastSuccess = new Date();
+    banner.hidden = true;
+    clear(banner);
+    updated.textContent = "Updated " + when(lastSuccess.toISOString());
+  }
+
+  function unreachable(error) {
+    clear(banner);
+    if (error.status === 0) {
+      append(banner, "Cannot reach the sync-worker server at " + location.host + " (" + error.message + "). " +
+        (lastSuccess ? "Showing what it said at " + when(lastSuccess.toISOString()) + "; " : "") +
+        "retrying every " + POLL_MS / 1000 + " s.");
+    } else {
+      append(banner, "The server answered " + error.message);
+    }
+    banner.hidden = false;
+  }
+
+  // poll(load, render): load() returns a promise of data; render(data) draws it
+  function poll(load, render) {
+    var mine = generation;
+    function tick() {
+      timer = null;
+      load().then(function (data) {
+        if (mine !== generation) return;
+        reachable();
+        render(data);
+      }, function (error) {
+        if (mine !== generation) return;
+        unreachable(error);
+      }).then(function () {
+        if (mine === generation) timer = setTimeout(tick, POLL_MS);
+      });
+    }
+    tick();
+  }
+
+  // -- routing -----------------------------------------------------------------------------------
+  function parseHash() {
+    var hash = location.hash.replace(/^#/, "") || "/";
+    var q = hash.indexOf("?");
+    var path = q < 0 ? hash : hash.slice(0, q);
+    var params = new URLSearchParams(q < 0 ? "" : hash.slice(q + 1));
+    return { path: path, params: params };
+  }
+
+  function route() {
+    generation++;
+    if (timer) { clearTimeout(timer); timer = null; }
+    var r = parseHash();
+    clear(main);
+    var runMatch = /^\/runs\/([^/]+)$/.exec(r.path);
+    document.getElementById("nav-overview").removeAttribute("aria-current");
+    document.getElementById("nav-runs").removeAttribute("aria-current");
+    if (runMatch) {
+      document.getElementById("nav-runs").setAttribute("aria-current", "page");
+      runView(decodeURIComponent(runMatch[1]));
+    } else if (r.path === "/runs") {
+      document.getElementById("nav-runs").setAttribute("aria-current", "page");
+      runsView(r.params);
+    } else {
+      document.getElementById("nav-overview").setAttribute("aria-current", "page");
+      overviewView();
+    }
+  }
+
+  // -- Overview ----------------------------------------------------------------------------------
+  function overviewView() {
+    document.title = "Overview \u2013 sync-worker";
+    var keys = el("div", { id: "task-keys" }, el("p", { "class": "note" }, "Loading\u2026"));
+    var chart = el("div", { id: "throughput" });
+    var workers = el("div", { id: "workers" });
+    append(main, [el("h1", null, "Overview"), el("h2", null, "Task keys"), keys,
+      el("div", { "class": "grid two" },
+        el("section", null, el("h2", null, "Finished runs, last 15 minutes (per 10 s)"), chart),
+        el("section", null, el("h2", { id: "workers-title" }, "Workers"), workers))]);
+    poll(function () { return api("api/sync_worker/dashboard/overview"); }, function (data) {
+      renderKeys(keys, data);
+      renderChart(chart, data.throughput);
+      renderWorkers(workers, data.workers);
+    });
+  }
+
+  function renderKeys(box, data) {
+    clear(box);
+    if (!data.task_keys.length) {
+      append(box, el("p", { "class": "note" }, "No task runs yet."));
+      return;
+    }
+    var present = STATE_ORDER.filter(function (type) {
+      return data.task_keys.some(function (k) { return k.counts[type]; });
+    });
+    var head = el("tr", null, el("th", { scope: "col" }, "Task key"),
+      present.map(function (type) { return el("th", { scope: "col", "class": "num" }, stateLabel(type)); }),
+      el("th", { scope: "col", "class": "num" }, "Total"), el("th", { scope: "col" }, "Oldest waiting"));
+    var rows = data.task_keys.map(function (k) {
+      var query = "#/runs?task_key=" + encodeURIComponent(k.task_key);
+      return el("tr", { "data-task-key": k.task_key },
+        el("th", { scope: "row", "class": "name" }, el("a", { href: query }, k.task_key)),
+        present.map(function (type) {
+          var n = k.counts[type] || 0;
+          return el("td", { "class": "num", "data-state": type },
+            n ? el("a", { href: query + "&state=" + type, "aria-label": n + " " + type + " runs of " + k.task_key },
+              String(n)) : "0");
+        }),
+        el("td", { "class": "num", "data-total": "" }, String(k.total)),
+        el("td", null, k.oldest_scheduled_id
+          ? el("a", { href: runHref(k.oldest_scheduled_id), title: k.oldest_scheduled },
+            "waiting " + seconds(k.oldest_scheduled_age_seconds))
+          : "\u2013"));
+    });
+    append(box, el("div", { "class": "scroll" }, el("table", { id: "task-key-table" }, el("thead", null, head),
+      el("tbody", null, rows))));
+  }
+
+  function renderChart(box, t) {
+    clear(box);
+    var n = t.completed.length;
+    var max = 1;
+    var sumDone = 0, sumFailed = 0;
+    for (var i = 0; i < n; i++) {
+      max = Math.max(max, t.completed[i] + t.failed[i]);
+      sumDone += t.completed[i];
+      sumFailed += t.failed[i];
+    }
+    var W = 720, H = 180, left = 40, bottom = 20, top = 10;
+    var bw = (W - left - 4) / n;
+    var scale = (H - bottom - top) / max;
+    var summary = sumDone + " completed and " + sumFailed + " failed in the last 15 minutes";
+    var s = svg("svg", { "class": "chart", viewBox: "0 0 " + W + " " + H, role: "img", "aria-label": summary });
+    var defs = svg("defs");
+    var pattern = svg("pattern", { id: "hatch", width: 5, height: 5, patternUnits: "userSpaceOnUse",
+      patternTransform: "rotate(45)" });
+    pattern.appendChild(svg("rect", { width: 2, height: 5, fill: "#b3261e" }));
+    defs.appendChild(pattern);
+    s.appendChild(defs);
+    s.appendChild(svg("line", { "class": "axis", x1: left, y1: H - bottom, x2: W, y2: H - bottom }));
+    var yTop = svg("text", { x: left - 6, y: top + 8, "text-anchor": "end" });
+    yTop.textContent = String(max);
+    s.appendChild(yTop);
+    var y0 = svg("text", { x: left - 6, y: H - bottom, "text-anchor": "end" });
+    y0.textContent = "0";
+    s.appendChild(y0);
+    for (var j = 0; j < n; j++) {
+      var x = left + j * bw;
+      var hc = t.completed[j] * scale, hf = t.failed[j] * scale;
+      var start = new Date(Date.parse(t.start) + j * t.bucket_seconds * 1000);
+      if (hc > 0) {
+        var rc = svg("rect", { "class": "completed", x: x.toFixed(2), y: (H - bottom - hc).toFixed(2),
+          width: Math.max(bw - 1, 1).toFixed(2), height: hc.toFixed(2) });
+        var tc = svg("title");
+        tc.textContent = when(start.toISOString()) + ": " + t.completed[j] + " completed";
+        rc.appendChild(tc);
+        s.appendChild(rc);
+      }
+      if (hf > 0) {
+        var rf = svg("rect", { "class": "failed", x: x.toFixed(2), y: (H - bottom - hc - hf).toFixed(2),
+          width: Math.max(bw - 1, 1).toFixed(2), height: hf.toFixed(2) });
+        var tf = svg("title");
+        tf.textContent = when(start.toISOString()) + ": " + t.failed[j] + " failed";
+        rf.appendChild(tf);
+        s.appendChild(rf);
+      }
+    }
+    [["-15 min", left], ["-10 min", left + (W - left) / 3], ["-5 min", left + 2 * (W - left) / 3], ["now", W - 24]]
+      .forEach(function (tick) {
+        var label = svg("text", { x: tick[1], y: H - 4 });
+        label.textContent = tick[0];
+        s.appendChild(label);
+      });
+    append(box, [s, el("p", { "class": "legend" },
+      el("span", null, el("span", { "class": "swatch completed", "aria-hidden": "true" }), "completed (solid)"),
+      el("span", null, el("span", { "class": "swatch failed", "aria-hidden": "true" }), "failed or crashed (hatched)")),
+      el("p", { id: "throughput-summary" }, summary + ".")]);
+  }
+
+  function renderWorkers(box, workers) {
+    clear(box);
+    document.getElementById("workers-title").textContent = "Workers (" + workers.length + " connected)";
+    if (!workers.length) {
+      append(box, el("p", { "class": "note" }, "No worker is connected."));
+      return;
+    }
+    var rows = workers.map(function (w) {
+      return el("tr", { "data-client-id": w.client_id || "" }, el("td", { "class": "name" }, w.client_id || "\u2013"),
+        el("td", null, w.host || "\u2013"), el("td", { "class": "name" }, (w.task_keys || []).join(", ")),
+        el("td", { "class": "num" }, w.limit === null ? "\u2013" : String(w.limit)),
+        el("td", { "class": "num" }, String(w.in_flight)), el("td", null, timeCell(w.connected_since)));
+    });
+    append(box, el("div", { "class": "scroll" }, el("table", { id: "worker-table" }, el("thead", null,
+      el("tr", null, ["Client id", "Host", "Task keys", "Limit", "In flight", "Connected since"].map(function (h) {
+        return el("th", { scope: "col" }, h);
+      }))), el("tbody", null, rows))));
+  }
+
+  // -- Runs --------------------------------------------------------------------------------------
+  function runsQuery(params) {
+    var q = new URLSearchParams();
+    ["state", "task_key", "since", "until", "before", "after"].forEach(function (name) {
+      if (params.get(name)) q.set(name, params.get(name));
+    });
+    var range = params.get("range");
+    if (RANGE_SECONDS[range] && !params.get("since")) {
+      q.set("since", new Date(Date.now() - RANGE_SECONDS[range] * 1000).toISOString());
+    }
+    return q.toString();
+  }
+
+  function localInput(iso) {
+    if (!iso) return "";
+    var d = new Date(iso);
+    if (isNaN(d.getTime())) return "";
+    return d.getFullYear() + "-" + pad(d.getMonth() + 1) + "-" + pad(d.getDate()) + "T" + pad(d.getHours()) + ":" +
+      pad(d.getMinutes());
+  }
+
+  function runsView(params) {
+    document.title = "Runs \u2013 sync-worker";
+    var state = el("select", { name: "state", id: "filter-state" }, el("option", { value: "" }, "any state"),
+      STATE_ORDER.map(function (type) {
+        return el("option", { value: type, selected: params.get("state") === type }, type);
+      }));
+    var key = el("input", { name: "task_key", id: "filter-task-key", type: "text", value: params.get("task_key") || "",
+      placeholder: "any task key", autocomplete: "off", spellcheck: "false" });
+    var range = el("select", { name: "range", id: "filter-range" }, RANGES.map(function (r) {
+      return el("option", { value: r[0], selected: (params.get("range") || "") === r[0] }, r[1]);
+    }));
+    var since = el("input", { type: "datetime-local", id: "filter-since", value: localInput(params.get("since")) });
+    var until = el("input", { type: "datetime-local", id: "filter-until", value: localInput(params.get("until")) });
+    var form = el("form", { "class": "filters", role: "search", "aria-label": "Filter runs" },
+      el("label", null, "State", state), el("label", null, "Task key", key),
+      el("label", null, "Created", range), el("label", null, "From", since), el("label", null, "To", until),
+      el("button", { type: "submit", id: "filter-apply" }, "Apply"),
+      el("a", { href: "#/runs" }, "Clear"));
+    form.addEventListener("submit", function (event) {
+      event.preventDefault();
+      var q = new URLSearchParams();
+      if (state.value) q.set("state", state.value);
+      if (key.value.trim()) q.set("task_key", key.value.trim());
+      if (range.value) q.set("range", range.value);
+      if (since.value) q.set("since", new Date(since.value).toISOString());
+      if (until.value) q.set("until", new Date(until.value).toISOString());
+      location.hash = "#/runs" + (q.toString() ? "?" + q.toString() : "");
+    });
+    var box = el("div", { id: "runs" }, el("p", { "class": "note" }, "Loading\u2026"));
+    append(main, [el("h1", null, "Runs"), form, box]);
+    var query = runsQuery(params);
+    poll(function () { return api("api/sync_worker/dashboard/runs" + (query ? "?" + query : "")); },
+      function (data) { renderRuns(box, data, params); });
+  }
+
+  function pageHref(params, name, seq) {
+    var q = new URLSearchParams();
+    ["state", "task_key", "range", "since", "until"].forEach(function (p) {
+      if (params.get(p)) q.set(p, params.get(p));
+    });
+    if (name) q.set(name, String(seq));
+    return "#/runs" + (q.toString() ? "?" + q.toString() : "");
+  }
+
+  function renderRuns(box, data, params) {
+    clear(box);
+    var paging = params.get("before") || params.get("after");
+    var summary = data.total === null ? "" : data.total + (data.total === 1 ? " run matches" : " runs match");
+    var pager = el("nav", { "class": "pager", "aria-label": "Pages" },
+      el("span", { id: "runs-total" }, summary),
+      paging ? el("a", { href: pageHref(params), id: "page-newest" }, "\u00AB Newest") : null,
+      data.newer !== null ? el("a", { href: pageHref(params, "after", data.newer), id: "page-newer", rel: "prev" },
+        "\u2039 Newer") : null,
+      data.older !== null ? el("a", { href: pageHref(params, "before", data.older), id: "page-older", rel: "next" },
+        "Older \u203A") : null);
+    if (!data.runs.length) {
+      append(box, [pager, el("p", { "class": "note", id: "runs-empty" }, "No task runs match these filters.")]);
+      return;
+    }
+    var rows = data.runs.map(function (r) {
+      return el("tr", { "data-run-id": r.id },
+        el("td", null, timeCell(r.created)),
+        el("td", { "class": "name" }, el("a", { href: runHref(r.id) }, r.name || r.id)),
+        el("td", { "class": "name" }, r.task_key),
+        el("td", null, stateLabel(r.state_type, r.state_name)),
+        el("td", { "class": "num hide-narrow" }, String(r.run_count || 0)),
+        el("td", { "class": "num hide-narrow" }, seconds(r.total_run_time)),
+        el("td", { "class": "id hide-narrow" }, el("a", { href: runHref(r.id) }, r.id)));
+    });
+    var head = el("tr", null, [["Created", ""], ["Name", ""], ["Task key", ""], ["State", ""], ["Runs", "num hide-narrow"],
+      ["Run time", "num hide-narrow"], ["Id", "hide-narrow"]].map(function (h) {
+      return el("th", { scope: "col", "class": h[1] || null }, h[0]);
+    }));
+    append(box, [pager, el("div", { "class": "scroll" }, el("table", { id: "runs-table" }, el("thead", null, head),
+      el("tbody", null, rows)))]);
+  }
+
+  // -- Run ---------------------------------------------------------------------------------------
+  function runView(id) {
+    document.title = "Run \u2013 sync-worker";
+    var header = el("div", { id: "run-header" }, el("h1", null, "Run " + id));
+    var outcome = el("p", { "class": "outcome", id: "action-outcome", role: "status", "aria-live": "polite" });
+    var cancel = el("button", { type: "button", id: "cancel-button", disabled: true }, "Cancel");
+    var retry = el("button", { type: "button", id: "retry-button", disabled: true }, "Retry");
+    var body = el("div", { id: "run-body" }, el("p", { "class": "note" }, "Loading\u2026"));
+    append(main, [header, el("div", { "class": "actions" }, cancel, retry, outcome), body]);
+    var path = "api/sync_worker/task_runs/" + encodeURIComponent(id);
+
+    var busy = false;
+
+    function act(button, url, describe) {
+      busy = true;
+      button.disabled = true;
+      outcome.className = "outcome";
+      outcome.textContent = button.textContent + "\u2026";
+      api(url, { method: "POST", body: {} }).then(function (answer) {
+        busy = false;
+        clear(outcome);
+        append(outcome, describe(answer));
+      }, function (error) {
+        busy = false;
+        outcome.className = "outcome error";
+        outcome.textContent = button.textContent + " failed: " + error.message;
+        button.disabled = false;
+      });
+    }
+
+    cancel.addEventListener("click", function () {
+      act(cancel, path + "/cancel", function (answer) {
+        var type = answer.task_run && answer.task_run.state ? answer.task_run.state.type : "";
+        if (answer.status === "cancelled") return "Cancelled: the run is CANCELLED and will not run.";
+        if (answer.status === "cancelling") {
+          return "Cancelling: " + (answer.notified ? "its worker was told to stop it."
+            : "no worker connection holds it; it ends CANCELLED when its lease runs out.");
+        }
+        return "Not cancelled: the run is already " + type + ".";
+      });
+    });
+    retry.addEventListener("click", function () {
+      act(retry, path + "/retry", function (answer) {
+        return ["Retried: new run ", el("a", { href: runHref(answer.task_run.id), id: "retried-run" },
+          answer.task_run.id), " (" + (answer.task_run.state ? answer.task_run.state.type : "") + ")."];
+      });
+    });
+
+    poll(function () { return api("api/sync_worker/dashboard/runs/" + encodeURIComponent(id)); }, function (data) {
+      var run = data.task_run;
+      var st = run.state || {};
+      document.title = (run.name || id) + " \u2013 sync-worker";
+      clear(header);
+      append(header, [el("h1", null, run.name || id),
+        el("p", null, "State: ", el("span", { id: "run-state" }, stateLabel(st.type, st.name)),
+          st.message ? el("span", { "class": "note" }, " \u2014 " + st.message) : null)]);
+      if (!busy) {
+        cancel.disabled = !ACTIVE[st.type];
+        retry.disabled = !FINISHED[st.type];
+      }
+      renderRun(body, data);
+    });
+  }
+
+  function renderRun(box, data) {
+    clear(box);
+    var run = data.task_run;
+    var policy = run.empirical_policy || {};
+    var facts = [["Id", run.id], ["Task key", run.task_key], ["Created", timeCell(run.created)],
+      ["Expected start", timeCell(run.expected_start_time)], ["Started", timeCell(run.start_time)],
+      ["Ended", timeCell(run.end_time)], ["Run time", seconds(run.total_run_time)],
+      ["Attempts", String(run.run_count || 0) + " (retries allowed: " + (policy.retries || 0) + ")"],
+      ["Tags", (run.tags || []).join(", ") || "\u2013"]];
+    append(box, el("dl", { "class": "facts" }, facts.map(function (f) {
+      return [el("dt", null, f[0]), el("dd", null, f[1])];
+    })));
+    append(box, el("h2", null, "States"));
+    append(box, el("div", { "class": "scroll" }, el("table", { id: "states-table" },
+      el("thead", null, el("tr", null, ["Time", "State", "Duration", "Message"].map(function (h) {
+        return el("th", { scope: "col" }, h);
+      }))),
+      el("tbody", null, data.states.map(function (s) {
+        return el("tr", null, el("td", null, timeCell(s.timestamp)), el("td", null, stateLabel(s.type, s.name)),
+          el("td", { "class": "num" }, s.duration_seconds === null ? "now" : seconds(s.duration_seconds)),
+          el("td", { "class": "name" }, s.message || ""));
+      })))));
+    append(box, el("h2", null, "Parameters"));
+    var p = data.parameters;
+    append(box, p.note ? el("p", { "class": "note", id: "parameters" }, p.note)
+      : el("pre", { id: "parameters" }, JSON.stringify(p.value, null, 2)));
+    var o = data.outcome;
+    if (o.traceback !== undefined) {
+      append(box, [el("h2", null, "Error"), el("p", { id: "error-summary" }, (o.error_type || "Error") + ": " +
+        (o.error_message || "")), el("pre", { id: "traceback" }, o.traceback)]);
+    } else if (o.result !== undefined) {
+      append(box, [el("h2", null, "Result"), el("pre", { id: "result" }, o.result)]);
+    } else if (o.note) {
+      append(box, [el("h2", null, "Result"), el("p", { "class": "note", id: "result-note" }, o.note)]);
+    }
+  }
+
+  window.addEventListener("hashchange", route);
+  var loading = document.getElementById("loading");
+  if (loading) loading.parentNode.removeChild(loading);
+  route();
+})();
