@@ -291,7 +291,9 @@ def list_runs(db: Any, query_string: str) -> dict[str, Any]:
     keys = ([task_key] if task_key is not None else _task_keys(db)) if (task_key or state) is not None else []
     if task_key is None and state is None:  # every run: walk them by seq
         match, match_args, source = range_sql, range_args, "task_runs"
-        total = None if (low or high is not None) else int(db.read_all("SELECT count(*) FROM task_runs", [])[0][0])
+        # counted in the smallest index (the table's own pages hold the runs' JSON)
+        total = int(db.read_all(f"SELECT count(*) FROM task_runs INDEXED BY ix_task_runs_key_state WHERE {range_sql}",
+                                range_args)[0][0])
     elif len(keys) <= MAX_KEYS_IN_LIST:
         states = [state] if state is not None else sorted(STATE_TYPES)
         match = (f"task_key IN ({', '.join('?' * len(keys))}) AND state_type IN ({', '.join('?' * len(states))}) "

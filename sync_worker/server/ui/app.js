@@ -497,9 +497,12 @@
       el("thead", null, el("tr", null, ["Time", "State", "Duration", "Message"].map(function (h) {
         return el("th", { scope: "col" }, h);
       }))),
-      el("tbody", null, data.states.map(function (s) {
+      el("tbody", null, data.states.map(function (s, i) {
+        var last = i === data.states.length - 1;
+        var duration = s.duration_seconds !== null ? seconds(s.duration_seconds)
+          : (last ? (FINISHED[s.type] ? "final" : "current") : "\u2013");
         return el("tr", null, el("td", null, timeCell(s.timestamp)), el("td", null, stateLabel(s.type, s.name)),
-          el("td", { "class": "num" }, s.duration_seconds === null ? "now" : seconds(s.duration_seconds)),
+          el("td", { "class": "num" }, duration),
           el("td", { "class": "name" }, s.message || ""));
       })))));
     append(box, el("h2", null, "Parameters"));
