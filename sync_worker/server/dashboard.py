@@ -286,51 +286,52 @@ def list_runs(db: Any, query_string: str) -> dict[str, Any]:
                 low = seq
             else:
                 high = seq
+    # the creation-time range, as seq bounds: low inclusive, high exclusive (None: no bound)
     range_sql = "seq >= ?" + (" AND seq < ?" if high is not None else "")
     range_args: list[Any] = [low] + ([high] if high is not None else [])
-    keys = ([task_key] if task_key is not None else _task_keys(db)) if (task_key or state) is not None else []
-    if task_key is None and state is None:  # every run: walk them by seq
-        match, match_args, source = range_sql, range_args, "task_runs"
-        # counted in the smallest index (the table's own pages hold the runs' JSON)
-        total = int(db.read_all(f"SELECT count(*) FROM task_runs INDEXED BY ix_task_runs_key_state WHERE {range_sql}",
-                                range_args)[0][0])
+    filtered = task_key is not None or state is not None
+    ranged = bool(low) or high is not None
+    keys = ([task_key] if task_key is not None else _task_keys(db)) if filtered or ranged else []
+    all_states = sorted(STATE_TYPES)
+    where, where_args, source, total = "1", [], "task_runs", None  # where: the filters without the range
+    if not filtered:  # every run: walk them by seq
+        if not ranged:  # SQLite counts a table in its smallest index
+            total = int(db.read_all("SELECT count(*) FROM task_runs", [])[0][0])
+        elif len(keys) <= MAX_KEYS_IN_LIST:  # one index seek per (key, state): reads only the range
+            total = int(db.read_all(
+                f"SELECT count(*) FROM task_runs WHERE task_key IN ({', '.join('?' * len(keys))}) AND state_type IN "
+                f"({', '.join('?' * len(all_states))}) AND {range_sql}", [*keys, *all_states, *range_args])[0][0])
     elif len(keys) <= MAX_KEYS_IN_LIST:
-        states = [state] if state is not None else sorted(STATE_TYPES)
-        match = (f"task_key IN ({', '.join('?' * len(keys))}) AND state_type IN ({', '.join('?' * len(states))}) "
-                 f"AND {range_sql}")
-        match_args = [*keys, *states, *range_args]
-        total = int(db.read_all(f"SELECT count(*) FROM task_runs WHERE {match}", match_args)[0][0])
-        # few matches: read them through the index and sort them; many: walk the runs by seq
-        source = "task_runs INDEXED BY ix_task_runs_key_state"
-        if total > SORT_AT_MOST:
-            source = "task_runs"
-            match = match.replace("task_key IN", "+task_key IN").replace("state_type IN", "+state_type IN")
-    else:
-        clauses, match_args = [range_sql], list(range_args)
-        if state is not None:
-            clauses.insert(0, "+state_type = ?")
-            match_args.insert(0, state)
-        match, source, total = " AND ".join(clauses), "task_runs", None
+        states = [state] if state is not None else all_states
+        where = f"task_key IN ({', '.join('?' * len(keys))}) AND state_type IN ({', '.join('?' * len(states))})"
+        where_args = [*keys, *states]
+        total = int(db.read_all(f"SELECT count(*) FROM task_runs WHERE {where} AND {range_sql}",
+                                [*where_args, *range_args])[0][0])
+        if total <= SORT_AT_MOST:  # few matches: read them through the index and sort them
+            source = "task_runs INDEXED BY ix_task_runs_key_state"
+        else:  # many: walk the runs by seq, testing each (``+`` keeps SQLite off the index)
+            where = where.replace("task_key IN", "+task_key IN").replace("state_type IN", "+state_type IN")
+    else:  # more task keys than an IN list should hold: walk the runs by seq
+        where, where_args = "+state_type = ?", [state]
+
+    def between(first: int, last: int | None, order: str, count: int) -> list[tuple[Any, ...]]:
+        """Matching runs with first <= seq < last: one range on seq per query (with two lower
+        bounds, SQLite would walk from the looser one)."""
+        bound = "seq >= ?" + (" AND seq < ?" if last is not None else "")
+        return db.read_all(f"SELECT seq, data FROM {source} WHERE {where} AND {bound} ORDER BY seq {order} LIMIT ?",
+                           [*where_args, first, *([last] if last is not None else []), count])
+
     if after is not None:  # a newer page: the runs just after `after`, shown newest first
-        rows = db.read_all(f"SELECT seq, data FROM {source} WHERE {match} AND seq > ? ORDER BY seq ASC LIMIT ?",
-                           [*match_args, after, limit + 1])
+        rows = between(max(low, after + 1), high, "ASC", limit + 1)
         has_newer = len(rows) > limit
         rows = rows[:limit][::-1]
+        has_older = bool(rows) and bool(between(low, rows[-1][0], "DESC", 1))
     else:
-        bound = "seq < ?" if before is not None else "1"
-        rows = db.read_all(f"SELECT seq, data FROM {source} WHERE {match} AND {bound} ORDER BY seq DESC LIMIT ?",
-                           [*match_args, *([before] if before is not None else []), limit + 1])
+        top = before if high is None else (high if before is None else min(high, before))
+        rows = between(low, top, "DESC", limit + 1)
         has_older = len(rows) > limit
         rows = rows[:limit]
-
-    def exists(clause: str, seq: int) -> bool:
-        return bool(db.read_all(f"SELECT 1 FROM {source} WHERE {match} AND {clause} LIMIT 1", [*match_args, seq]))
-
-    if rows:
-        if after is not None:
-            has_older = exists("seq < ?", rows[-1][0])
-        else:
-            has_newer = before is not None and exists("seq > ?", rows[0][0])
+        has_newer = before is not None and bool(rows) and bool(between(rows[0][0] + 1, high, "ASC", 1))
     runs = []
     for seq, data in rows:
         run = json.loads(data)

@@ -82,7 +82,11 @@ def test_the_cli_passes_no_ui(tmp_path):
         proc.communicate(timeout=30)
 
 
-def test_runs_are_listed_newest_first_and_paged_by_position(server):
+@pytest.mark.parametrize("sort_at_most", [5000, 1], ids=["index-and-sort", "walk-by-seq"])
+def test_runs_are_listed_newest_first_and_paged_by_position(server, monkeypatch, sort_at_most):
+    from sync_worker.server import dashboard
+
+    monkeypatch.setattr(dashboard, "SORT_AT_MOST", sort_at_most)  # both ways of reading a filtered page
     made = [_create(server, task_key="dash.a" if i % 2 else "dash.b")["id"] for i in range(7)]
     page = _runs(server, "?limit=3")
     assert [r["id"] for r in page["runs"]] == made[::-1][:3]
@@ -98,6 +102,14 @@ def test_runs_are_listed_newest_first_and_paged_by_position(server):
     assert [r["id"] for r in only_a["runs"]] == [made[5], made[3], made[1]] and only_a["total"] == 3
     assert _runs(server, "?state=COMPLETED") == {"runs": [], "total": 0, "limit": 50, "older": None, "newer": None}
     assert _runs(server, "?state=SCHEDULED&task_key=dash.b")["total"] == 4
+    # filtered pages, both ways
+    b_page = _runs(server, "?task_key=dash.b&limit=2")
+    assert [r["id"] for r in b_page["runs"]] == [made[6], made[4]] and b_page["total"] == 4
+    b_older = _runs(server, f"?task_key=dash.b&limit=2&before={b_page['older']}")
+    assert [r["id"] for r in b_older["runs"]] == [made[2], made[0]] and b_older["older"] is None
+    b_newer = _runs(server, f"?task_key=dash.b&limit=2&after={b_older['newer']}")
+    assert [r["id"] for r in b_newer["runs"]] == [made[6], made[4]] and b_newer["newer"] is None
+    assert b_newer["older"] is not None
 
 
 def test_the_time_range_is_on_creation_time(server):
