@@ -25,7 +25,8 @@ WAIT = 20.0
 
 def _find(names: list[str], env: str) -> str | None:
     if os.environ.get(env):
-        return os.environ[env]
+        path = os.environ[env]
+        return path if os.access(path, os.X_OK) else None
     for name in names:
         found = shutil.which(name)
         if found:
