@@ -34,9 +34,10 @@ def wait(driver: Any, condition: Any, message: str, timeout: float = WAIT) -> An
 
 
 def texts(driver: Any, css: str) -> list[str]:
-    from selenium.webdriver.common.by import By
-
-    return [e.text for e in driver.find_elements(By.CSS_SELECTOR, css)]
+    """The visible text of every element matching ``css``, read in one script call: the pages
+    re-render every 2 s, and an element found by one WebDriver call may be gone by the next."""
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll(arguments[0]), e => e.innerText.trim())", css)
 
 
 def text(driver: Any, css: str) -> str:
@@ -44,11 +45,23 @@ def text(driver: Any, css: str) -> str:
     return found[0] if found else ""
 
 
+def attribute(driver: Any, css: str, name: str) -> str | None:
+    return driver.execute_script("const e = document.querySelector(arguments[0]); "
+                                 "return e ? e.getAttribute(arguments[1]) : null", css, name)
+
+
 def click(driver: Any, css: str) -> None:
+    """Click ``css`` once it is there and enabled (found again if a re-render replaced it)."""
     from selenium.webdriver.common.by import By
 
-    wait(driver, lambda d: d.find_element(By.CSS_SELECTOR, css).is_enabled(), f"{css} to be enabled")
-    driver.find_element(By.CSS_SELECTOR, css).click()
+    def clicked(d: Any) -> bool:
+        element = d.find_element(By.CSS_SELECTOR, css)
+        if not element.is_enabled():
+            return False
+        element.click()
+        return True
+
+    wait(driver, clicked, f"{css} to be clickable")
 
 
 def assert_no_alert(driver: Any) -> None:
@@ -112,8 +125,7 @@ def test_runs_filters_and_paging(browser, dashboard, start_worker):
     browser.get(dashboard + "#/runs")
     wait(browser, lambda d: text(d, "#runs-total") == "57 runs match", "57 runs listed")
     assert len(texts(browser, "#runs-table tbody tr")) == 50  # one page, newest first
-    first = browser.find_elements(By.CSS_SELECTOR, "#runs-table tbody tr")[0].get_attribute("data-run-id")
-    assert first == waiting[-1].task_run_id
+    assert attribute(browser, "#runs-table tbody tr", "data-run-id") == waiting[-1].task_run_id
     click(browser, "#page-older")
     wait(browser, lambda d: len(texts(d, "#runs-table tbody tr")) == 7, "the second page (7 runs)")
     click(browser, "#page-newer")
