@@ -22,6 +22,7 @@ different machines with no shared disk.
 from __future__ import annotations
 
 import base64
+import functools
 import importlib
 import json
 import os
@@ -164,7 +165,10 @@ class ServerStore:
 
 
 def get_store(settings: Settings | None = None, client: Client | None = None) -> RecordStore:
-    """The store named by ``SYNC_WORKER_STORAGE``: a directory, or ``server``."""
+    """The store named by ``SYNC_WORKER_STORAGE``: a directory, or ``server``.
+
+    Called on every ``.delay()``: a directory's store is made once per path and shared (it
+    holds nothing but its path)."""
     settings = settings or get_settings()
     if settings.uses_server_storage:
         if client is None:
@@ -172,7 +176,12 @@ def get_store(settings: Settings | None = None, client: Client | None = None) ->
 
             client = get_client(settings)
         return ServerStore(client)
-    return LocalDirectoryStore(settings.storage)
+    return _local_store(settings.storage)
+
+
+@functools.lru_cache(maxsize=32)
+def _local_store(path: str) -> LocalDirectoryStore:
+    return LocalDirectoryStore(path)
 
 
 #: Largest serialized result carried inside its state (see :func:`inline_result`).

@@ -134,3 +134,16 @@ def test_small_results_can_travel_inline_in_the_state(store):
     assert read_result(store, inline_result(None)) is None
     assert inline_result("x" * (INLINE_RESULT_LIMIT + 1)) is None  # too big: the caller writes a file
     assert not store.path.exists()
+
+
+def test_the_store_of_a_directory_is_made_once_per_path(tmp_path):
+    """get_store() runs on every .delay(): the same directory gives the same store object."""
+    from sync_worker.settings import Settings
+    from sync_worker.storage import get_store
+
+    one = get_store(Settings(storage=str(tmp_path / "a")))
+    assert get_store(Settings(storage=str(tmp_path / "a"))) is one
+    other = get_store(Settings(storage=str(tmp_path / "b")))
+    assert other is not one and other.path == tmp_path / "b"
+    write_parameters(other, {"x": 1})
+    assert [p.name for p in (tmp_path / "b" / "parameters").iterdir()]
