@@ -13,6 +13,7 @@ threads):
 - ``celery``: ``celery worker --pool threads --concurrency 10`` on Redis (result backend Redis);
 - ``rq``: ``rq worker --worker-class SimpleWorker`` on Redis (RQ has no thread pool: one job at a
   time; its default worker forks per job and is slower still);
+- ``sync_worker*K`` (``--workers 1,2,4``): the same server with K worker processes;
 - ``huey``: Huey 3.x ``SqliteHuey`` (a SQLite file: the same durability class as ours),
   ``huey_consumer -k thread -w 10 -d 0.005 -m 0.05`` (it polls SQLite; 5-50 ms backoff).
 Each trial gets its own fresh server / Redis (``--save '' --appendonly no``: the Redis peers
@@ -154,7 +155,7 @@ def percentile(values: list[float], q: float) -> float:
 # ----------------------------------------------------------------------------- availability
 def missing(system: str) -> str | None:
     """Why a system cannot run here (None when it can)."""
-    if system.startswith("sync_worker"):
+    if system.split("*")[0].split("@")[0] == "sync_worker":
         return None
     absent = [name for name in NEEDS[system] if importlib.util.find_spec(name) is None]
     if absent:
@@ -176,6 +177,8 @@ class Trial:
         self.done_file = os.path.join(self.tmp, "done")
         self.server: subprocess.Popen | None = None  # server or broker
         self.worker: subprocess.Popen | None = None
+        self.workers: list[subprocess.Popen] = []  # sync_worker*K: K worker processes
+        self.worker_count = int(system.split("*")[1]) if "*" in system else 1
         self.src = Path(args.src).resolve()
         self.env = dict(os.environ, COMPARE_SYSTEM=self.kind, COMPARE_DONE_FILE=self.done_file,
                         COMPARE_HUEY_DB=os.path.join(self.tmp, "huey.db"), PYTHONUNBUFFERED="1",
@@ -204,9 +207,11 @@ class Trial:
             url = f"http://127.0.0.1:{port}/api"
             self.env.update(SYNC_WORKER_API_URL=url, SYNC_WORKER_STORAGE=os.path.join(self.tmp, "records"))
             wait_until(lambda: _port_open(port), 60, "the sync_worker server", 0.02, [self.server])
-            self.worker = self._spawn("worker", [py, "-m", "sync_worker", "worker", "compare_tasks:noop",
-                                                 "compare_tasks:sleep10", "--limit", limit,
-                                                 "--log-level", "WARNING"], cwd=self.src)
+            for i in range(self.worker_count):
+                self.workers.append(self._spawn(f"worker{i}", [py, "-m", "sync_worker", "worker", "compare_tasks:noop",
+                                                               "compare_tasks:sleep10", "--limit", limit,
+                                                               "--log-level", "WARNING"], cwd=self.src))
+            self.worker = self.workers[0]
         elif self.kind in REDIS_SYSTEMS:
             port = free_port()
             self.server = self._spawn("redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
@@ -227,6 +232,7 @@ class Trial:
             self.worker = self._spawn("worker", [py, "-m", "huey.bin.huey_consumer", "compare_tasks.huey",
                                                  "-k", "thread", "-w", limit, "-d", "0.005", "-m", "0.05", "-C"],
                                       cwd=self.tmp)
+        self.workers = self.workers or [self.worker]
         # the submitting side, in this process, with the same environment
         os.environ.update({k: v for k, v in self.env.items() if k.startswith(("COMPARE_", "SYNC_WORKER_"))})
         sys.path[:0] = [str(self.src), str(HERE)]
@@ -331,7 +337,7 @@ class Trial:
         runs = {"drain": self.args.runs, "waited": self.args.runs, "short": self.args.short_runs,
                 "latency": self.args.samples}[case]
         server_pids = [self.server.pid] if self.server else []
-        worker_pids = process_tree(self.worker.pid)
+        worker_pids = self.worker_pids()
         before_done = self.finished()
         cpu0 = (cpu_seconds(server_pids), cpu_seconds(worker_pids), own_cpu())
         latencies: list[float] = []
@@ -353,7 +359,7 @@ class Trial:
         else:
             elapsed = time.perf_counter() - t0
         time.sleep(0.3)  # let the last state reports land before reading CPU
-        worker_pids = process_tree(self.worker.pid)
+        worker_pids = self.worker_pids()
         cpu1 = (cpu_seconds(server_pids), cpu_seconds(worker_pids))
         cpu = {"server": (cpu1[0] - cpu0[0]) * 1000 / runs, "worker": (cpu1[1] - cpu0[1]) * 1000 / runs,
                "submitter": submitter_cpu * 1000 / runs}
@@ -364,6 +370,9 @@ class Trial:
             row.update(p50_ms=statistics.median(latencies), p95_ms=percentile(latencies, 0.95))
         return row
 
+    def worker_pids(self) -> list[int]:
+        return [pid for worker in self.workers for pid in process_tree(worker.pid)]
+
     def run(self) -> dict:
         result: dict = {"system": self.system}
         try:
@@ -372,7 +381,7 @@ class Trial:
                 result[case] = self.measure(case)
             worker_pids = process_tree(self.worker.pid)
             result["worker_rss_mb"] = rss_mb(worker_pids)
-            result["worker_processes"] = len(worker_pids)
+            result["worker_processes"] = len(self.worker_pids())
             if self.kind == "sync_worker":
                 result["server_rss_mb"] = rss_mb([self.server.pid])
                 result["server_runs"] = self.finished()
@@ -490,6 +499,12 @@ def _ratio(system: str, entry: dict, case: str) -> str:
     return _fmt_range(entry[case]["ratio"], ".2f") + "×"
 
 
+def label(system: str, vers: dict[str, str]) -> str:
+    if "*" in system:
+        return f"sync_worker, {system.split('*')[1]} worker processes"
+    return LABELS.get(system, system).format(**{k: vers.get(k, "?") for k in ("dramatiq", "celery", "rq", "huey")})
+
+
 def markdown(summary: dict, args: argparse.Namespace, vers: dict[str, str]) -> str:
     """The README's table: medians with ranges over the rounds; ratios ours/peer from the same round."""
     lines = [
@@ -498,9 +513,9 @@ def markdown(summary: dict, args: argparse.Namespace, vers: dict[str, str]) -> s
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for system, entry in summary.items():
-        label = LABELS.get(system, system).format(**{k: vers.get(k, "?") for k in ("dramatiq", "celery", "rq", "huey")})
+        name = label(system, vers)
         if not entry["rounds"]:
-            lines.append(f"| {label} | failed or skipped | | | | | | | |")
+            lines.append(f"| {name} | failed or skipped | | | | | | | |")
             continue
 
         cpu = "–"
@@ -515,20 +530,23 @@ def markdown(summary: dict, args: argparse.Namespace, vers: dict[str, str]) -> s
             latency = (f"{statistics.median(entry['latency']['p50_ms']):.1f} / "
                        f"{statistics.median(entry['latency']['p95_ms']):.1f}")
         rss = f"{statistics.median(entry['worker_rss_mb']):.1f}"
-        lines.append(f"| {label} | {_rate(entry, 'drain')} | {_ratio(system, entry, 'drain')} | {_rate(entry, 'waited')} | {_ratio(system, entry, 'waited')} | "
+        lines.append(f"| {name} | {_rate(entry, 'drain')} | {_ratio(system, entry, 'drain')} | {_rate(entry, 'waited')} | {_ratio(system, entry, 'waited')} | "
                      f"{cpu} | {short} | {latency} | {rss} |")
     return "\n".join(lines)
 
 
 def extra_lines(summary: dict, results: list[dict], args: argparse.Namespace, import_ms: float) -> list[str]:
     out = []
+    for system, entry in summary.items():
+        if not system.startswith("sync_worker") or not entry["rounds"]:
+            continue
+        for case in ("waited", "short", "latency"):
+            if case in entry:
+                c = entry[case]["cpu_ms"]
+                out.append(f"- {system} CPU ms/run, {case}: {c['total']:.2f} (server {c['server']:.2f}, "
+                           f"worker {c['worker']:.2f}, submitter {c['submitter']:.2f})")
     ours = summary.get("sync_worker")
     if ours and ours["rounds"]:
-        for case in ("waited", "short", "latency"):
-            if case in ours:
-                c = ours[case]["cpu_ms"]
-                out.append(f"- sync_worker CPU ms/run, {case}: {c['total']:.2f} (server {c['server']:.2f}, "
-                           f"worker {c['worker']:.2f}, submitter {c['submitter']:.2f})")
         if "server_rss_mb" in ours:
             out.append(f"- sync_worker server RSS after {ours['server_runs']:,} runs: "
                        f"{_fmt_range(ours['server_rss_mb'], '.1f')} MB; worker RSS "
@@ -546,6 +564,12 @@ TARGETS = "CPU/run ≤ 0.9 ms; drain & waited ≥ 1.0× Dramatiq, ≥ 1.5× Cele
 def outer(args: argparse.Namespace) -> int:
     systems = [s for s in args.systems.split(",") if s]
     unknown = [s for s in systems if s not in SYSTEMS]
+    counts = [int(c) for c in args.workers.split(",") if c.strip()]
+    if any(c < 1 for c in counts):
+        raise SystemExit("error: --workers takes counts >= 1, e.g. 1,2,4")
+    if "sync_worker" in systems:
+        at = systems.index("sync_worker") + 1
+        systems[at:at] = [f"sync_worker*{c}" for c in counts if c != 1]
     if unknown:
         raise SystemExit(f"error: unknown system(s) {unknown}; choose from {', '.join(SYSTEMS)}")
     if args.baseline_src:
@@ -608,6 +632,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=10, help="worker concurrency, every system (default 10)")
     parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list of {', '.join(SYSTEMS)}")
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma list of {', '.join(CASES)}")
+    parser.add_argument("--workers", default="1", help="sync_worker worker processes: a comma list such as "
+                        "1,2,4 adds the systems sync_worker*2 and sync_worker*4 (each worker --limit LIMIT)")
     parser.add_argument("--baseline-src", default="", help="a source tree of sync_worker to measure too "
                         "(e.g. `git archive main | tar -x -C /tmp/base`), as system sync_worker@base")
     parser.add_argument("--timeout", type=float, default=300, help="bound in seconds of each case (default 300)")
