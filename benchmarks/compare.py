@@ -514,8 +514,11 @@ def markdown(summary: dict, args: argparse.Namespace, vers: dict[str, str]) -> s
     ]
     for system, entry in summary.items():
         name = label(system, vers)
+        if entry.get("skipped"):
+            lines.append(f"| {name} | skipped: {entry['skipped']} | | | | | | | |")
+            continue
         if not entry["rounds"]:
-            lines.append(f"| {name} | failed or skipped | | | | | | | |")
+            lines.append(f"| {name} | failed in every round | | | | | | | |")
             continue
 
         cpu = "–"
@@ -577,10 +580,12 @@ def outer(args: argparse.Namespace) -> int:
             raise SystemExit(f"error: --baseline-src {args.baseline_src} has no sync_worker/ package")
         systems.insert(1, "sync_worker@base")
     runnable = []
+    skipped: dict[str, str] = {}
     for system in systems:
         why = missing(system)
         if why:
             log(f"SKIPPING {system}: {why}. Install the peers with: {INSTALL_HINT}")
+            skipped[system] = why
         else:
             runnable.append(system)
     vers = versions()
@@ -601,6 +606,8 @@ def outer(args: argparse.Namespace) -> int:
             log(f"round {round_no} {system}: {brief} ({time.monotonic() - t0:.0f}s)")
     import_ms = import_time_ms(str(REPO))
     summary = summarize(results, runnable, args)
+    for system, why in skipped.items():
+        summary[system] = {"rounds": 0, "failed": 0, "skipped": why}
     elapsed = time.monotonic() - started
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "versions": vers, "results": results,
