@@ -147,3 +147,33 @@ def test_the_store_of_a_directory_is_made_once_per_path(tmp_path):
     assert other is not one and other.path == tmp_path / "b"
     write_parameters(other, {"x": 1})
     assert [p.name for p in (tmp_path / "b" / "parameters").iterdir()]
+
+
+def test_writes_leave_no_temp_files_and_survive_a_dead_writers_leftover(store):
+    """Records are written to a temp name unique to the writing thread, then renamed; a
+    leftover of a writer that died with the same pid and thread id does not block a write."""
+    import os
+    import threading
+
+    key = write_parameters(store, {"x": 1})
+    directory = store.path / "parameters"
+    leftover = directory / f".tmp-{os.getpid()}-{threading.get_ident()}-again"
+    leftover.write_bytes(b"half a record")
+    store.write("parameters/again", b"{}")
+    assert store.read("parameters/again") == b"{}"
+    assert (directory / key).stat().st_mode & 0o777 == 0o600
+    left = sorted(p.name for p in directory.iterdir() if p.name.startswith(".tmp-"))
+    assert left == [leftover.name]  # only the dead writer's file; ours were renamed
+
+
+def test_concurrent_writers_of_one_key_leave_one_whole_record(store):
+    import threading
+
+    payloads = [bytes([65 + i]) * 100_000 for i in range(8)]
+    threads = [threading.Thread(target=store.write, args=("same", p)) for p in payloads]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert store.read("same") in payloads
+    assert not [p for p in store.path.iterdir() if p.name.startswith(".tmp-")]
