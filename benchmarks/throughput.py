@@ -18,8 +18,8 @@ rpc socket, delivery with credit flow control, states over the subscription sock
 ``rest`` (Prefect's protocol only: every create and state change an HTTP round trip,
 results polled, one run per ack — what a Prefect server gets),
 run one after the other in the same invocation so their ratio is meaningful on a noisy
-machine. ``--peers`` also runs benchmarks/peers.py (Dramatiq, RQ, Celery on Redis) and
-prints one table with ratios to sync_worker's fast path.
+machine. The comparison with Dramatiq, Celery, RQ and Huey (interleaved rounds, medians,
+ranges, CPU per process) is ``benchmarks/compare.py``.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ from pathlib import Path
 import requests
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path[:0] = [str(HERE.parent), str(HERE)]  # this tree's sync_worker, and bench_tasks
 
 
 def free_port() -> int:
@@ -62,7 +62,7 @@ def start_server(tmp: str) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
         [sys.executable, "-m", "sync_worker", "server", "--port", "0", "--db", os.path.join(tmp, "bench.db"),
          "--log-level", "INFO"],
-        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, cwd=HERE.parent,
     )
     url_holder: list[str] = []
 
@@ -80,7 +80,8 @@ def start_server(tmp: str) -> tuple[subprocess.Popen, str]:
 
 def start_worker(url: str, storage: str, limit: int, fast_path: bool, status_port: int) -> subprocess.Popen:
     env = dict(os.environ, SYNC_WORKER_API_URL=url, SYNC_WORKER_STORAGE=storage,
-               SYNC_WORKER_FAST_PATH="true" if fast_path else "false")
+               SYNC_WORKER_FAST_PATH="true" if fast_path else "false",
+               PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE)]))
     proc = subprocess.Popen(
         [sys.executable, "-m", "sync_worker", "worker", "bench_tasks:noop", "bench_tasks:echo",
          "--limit", str(limit), "--status-port", str(status_port), "--log-level", "WARNING"],
@@ -208,15 +209,6 @@ def import_time_ms(repeat: int = 7) -> float:
     return statistics.median(times) * 1000
 
 
-def peers(runs: int) -> list[dict]:
-    result = subprocess.run([sys.executable, str(HERE / "peers.py"), "--runs", str(runs), "--json"],
-                            capture_output=True, text=True, timeout=1800)
-    if result.returncode != 0:
-        sys.stderr.write(result.stderr)
-        raise SystemExit("benchmarks/peers.py failed")
-    return [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
-
-
 def table(rows: list[dict]) -> str:
     base = next((r["e2e_runs_per_s"] for r in rows if r["system"] == "sync_worker" and r["variant"] == "fast"), None)
     head = "| system | variant | durable | submit/s | end-to-end runs/s | vs sync_worker fast | idle p50 / p95 ms | worker RSS MB |"
@@ -239,7 +231,6 @@ def main() -> int:
     parser.add_argument("--submitters", type=int, default=4, help="threads calling .delay() (default 4)")
     parser.add_argument("--samples", type=int, default=200, help="sequential runs for idle latency (default 200)")
     parser.add_argument("--variants", default="fast,rest", help="comma-separated: fast, rest (default both)")
-    parser.add_argument("--peers", action="store_true", help="also run benchmarks/peers.py (Redis-based peers)")
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     args = parser.parse_args()
 
@@ -247,8 +238,6 @@ def main() -> int:
     for variant in args.variants.split(","):
         rows.append(run_variant(variant, variant == "fast", args.runs, args.limit, args.submitters, args.samples))
         print(f"# {variant}: {json.dumps(rows[-1])}", file=sys.stderr)
-    if args.peers:
-        rows.extend(peers(args.runs))
     imported = import_time_ms()
     if args.json:
         for row in rows:

@@ -8,6 +8,7 @@ compared and sent back.
 from __future__ import annotations
 
 import enum
+import sys
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -44,12 +45,17 @@ def now() -> datetime:
     return datetime.now(timezone.utc)
 
 
+#: Python 3.11's ``fromisoformat`` reads the ``Z`` suffix itself (one C call per timestamp:
+#: every run read from a server carries four or five of them).
+_FROMISOFORMAT_READS_Z = sys.version_info >= (3, 11)
+
+
 def parse_datetime(value: Any) -> Optional[datetime]:
     """Parse an ISO 8601 timestamp as Prefect writes it (``...Z``) into an aware datetime."""
     if value is None or isinstance(value, datetime):
         return value
     text = str(value)
-    if text.endswith("Z"):
+    if not _FROMISOFORMAT_READS_Z and text.endswith("Z"):
         text = text[:-1] + "+00:00"
     parsed = datetime.fromisoformat(text)
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
@@ -280,12 +286,14 @@ def task_run_create(
 ) -> Dict[str, Any]:
     """The body of ``POST /task_runs/`` in the shape Prefect's own client sends, with a
     client-chosen ``id`` (a new UUID unless given): a create repeated after a lost answer
-    then names the same run, and both servers answer it instead of creating another."""
+    then names the same run, and both servers answer it instead of creating another. The
+    ``dynamic_key`` (unique per run, as Prefect's client makes it) is derived from that id."""
+    run_id = None if id else uuid.uuid4()
     return {
-        "id": id or str(uuid.uuid4()),
+        "id": id or str(run_id),
         "name": name,
         "task_key": task_key,
-        "dynamic_key": dynamic_key or f"{task_key}-{uuid.uuid4().hex}",
+        "dynamic_key": dynamic_key or f"{task_key}-{(uuid.uuid4() if id else run_id).hex}",
         "flow_run_id": None,
         "empirical_policy": (empirical_policy or EmpiricalPolicy()).to_json(),
         "tags": list(tags or []),

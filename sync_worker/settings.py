@@ -1,9 +1,14 @@
 """Settings read from the environment.
 
 Every setting has a ``SYNC_WORKER_`` variable and, where Prefect has an equivalent, falls
-back to the ``PREFECT_`` variable so that a Prefect user's environment just works. The
-environment is read each time :func:`get_settings` is called (it is cheap), so tests and
-scripts can change variables between calls.
+back to the ``PREFECT_`` variable so that a Prefect user's environment just works.
+
+:func:`get_settings` is called on every ``.delay()``, so it must cost next to nothing, and a
+variable changed at run time (tests, scripts, ``monkeypatch.setenv``) must still count on the
+next call. Both hold because the parsed :class:`Settings` are cached keyed on the *values of
+the variables read* (:data:`VARIABLES`): each call looks those ~20 names up (one dict lookup
+each in ``os.environ``'s own byte mapping) and parses again only when one of them changed. No
+explicit invalidation is needed, and there is none to forget.
 """
 from __future__ import annotations
 
@@ -111,9 +116,58 @@ class Settings:
         return self.storage == "server"
 
 
+#: Every environment variable :func:`get_settings` reads: the key of its cache.
+VARIABLES = (
+    "SYNC_WORKER_API_URL", "PREFECT_API_URL",
+    "SYNC_WORKER_API_AUTH_STRING", "PREFECT_API_AUTH_STRING",
+    "SYNC_WORKER_API_KEY", "PREFECT_API_KEY",
+    "SYNC_WORKER_STORAGE", "PREFECT_RESULTS_LOCAL_STORAGE_PATH", "PREFECT_LOCAL_STORAGE_PATH",
+    "SYNC_WORKER_ALLOW_PICKLE",
+    "SYNC_WORKER_DELETE_FAILED_SUBMISSIONS", "PREFECT_TASKS_SCHEDULING_DELETE_FAILED_SUBMISSIONS",
+    "SYNC_WORKER_REQUEST_TIMEOUT", "PREFECT_API_REQUEST_TIMEOUT",
+    "SYNC_WORKER_CLIENT_METRICS_ENABLED", "PREFECT_CLIENT_METRICS_ENABLED",
+    "SYNC_WORKER_CLIENT_METRICS_PORT", "PREFECT_CLIENT_METRICS_PORT",
+    "SYNC_WORKER_DRAIN_TIMEOUT",
+    "SYNC_WORKER_SUBMIT_TIMEOUT",
+    "SYNC_WORKER_FAST_PATH",
+)
+
+_ENVIRON = os.environ
+#: ``os.environ`` keeps its variables in a dict of encoded keys; looking the encoded names up
+#: there directly costs ~1 µs for all of them (``os.environ.get`` encodes each name first).
+_ENVIRON_DATA: Optional[dict] = getattr(os.environ, "_data", None)
+_ENCODED = tuple(os.environ.encodekey(name) for name in VARIABLES) if hasattr(os.environ, "encodekey") else None
+#: key -> settings; a few entries (os.environ, plus e.g. the Django backend's merged mappings),
+#: emptied when it grows past :data:`_CACHE_SIZE`. Dict operations are atomic: no lock.
+_cache: dict = {}
+_CACHE_SIZE = 16
+
+
+def _cache_key(env: Optional[Mapping[str, str]]) -> tuple:
+    if env is None and os.environ is _ENVIRON and _ENVIRON_DATA is not None and _ENCODED is not None:
+        return (True, *map(_ENVIRON_DATA.get, _ENCODED))
+    source = os.environ if env is None else env
+    return (False, *map(source.get, VARIABLES))
+
+
 def get_settings(env: Optional[Mapping[str, str]] = None) -> Settings:
-    """Read the settings from ``env`` (default: ``os.environ``)."""
-    env = os.environ if env is None else env
+    """The settings from ``env`` (default: ``os.environ``).
+
+    Cached on the values of :data:`VARIABLES`: calling it again is a few dozen lookups, and a
+    changed variable is seen on the next call. Invalid values raise every time (errors are not
+    cached)."""
+    key = _cache_key(env)
+    settings = _cache.get(key)
+    if settings is None:
+        settings = _read(os.environ if env is None else env)
+        if len(_cache) >= _CACHE_SIZE:
+            _cache.clear()
+        _cache[key] = settings
+    return settings
+
+
+def _read(env: Mapping[str, str]) -> Settings:
+    """Parse and check every setting (see :func:`get_settings`)."""
     defaults = Settings()
     return _checked(env, Settings(
         api_url=_str(env, "SYNC_WORKER_API_URL", "PREFECT_API_URL", default=defaults.api_url).rstrip("/"),

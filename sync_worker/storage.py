@@ -22,12 +22,14 @@ different machines with no shared disk.
 from __future__ import annotations
 
 import base64
+import functools
 import importlib
 import json
 import os
 import re
 import stat
 import tempfile
+import threading
 import traceback
 import uuid
 from pathlib import Path
@@ -90,6 +92,9 @@ def check_key(key: str) -> str:
     return key
 
 
+_TEMP_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+
+
 class LocalDirectoryStore:
     """Records as files in one directory; writes are atomic (temp file + rename)."""
 
@@ -101,12 +106,15 @@ class LocalDirectoryStore:
         return self.path / check_key(key)
 
     def write(self, key: str, data: bytes) -> None:
-        target = self.location(key)
+        """Atomic: written to ``.tmp-<pid>-<thread>-<name>`` beside the record (unique to this
+        writer, so no random name is needed on every ``.delay()``), then renamed over it."""
+        target = os.path.join(self.path, check_key(key))
+        directory, name = os.path.split(target)
         try:
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+            fd, tmp = _open_temp(directory, name)
         except FileNotFoundError:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-")
+            os.makedirs(directory, exist_ok=True)
+            fd, tmp = _open_temp(directory, name)
         try:
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
@@ -132,6 +140,15 @@ class LocalDirectoryStore:
 
     def __repr__(self) -> str:
         return f"LocalDirectoryStore({str(self.path)!r})"
+
+
+def _open_temp(directory: str, name: str) -> tuple[int, str]:
+    """A new temp file for ``name`` in ``directory`` (mode 0600, as ``mkstemp`` makes it)."""
+    tmp = os.path.join(directory, f".tmp-{os.getpid()}-{threading.get_ident()}-{name}")
+    try:
+        return os.open(tmp, _TEMP_FLAGS, 0o600), tmp
+    except FileExistsError:  # left by a writer that died with this pid and thread id
+        return tempfile.mkstemp(dir=directory, prefix=".tmp-")
 
 
 class ServerStore:
@@ -164,7 +181,10 @@ class ServerStore:
 
 
 def get_store(settings: Settings | None = None, client: Client | None = None) -> RecordStore:
-    """The store named by ``SYNC_WORKER_STORAGE``: a directory, or ``server``."""
+    """The store named by ``SYNC_WORKER_STORAGE``: a directory, or ``server``.
+
+    Called on every ``.delay()``: a directory's store is made once per path and shared (it
+    holds nothing but its path)."""
     settings = settings or get_settings()
     if settings.uses_server_storage:
         if client is None:
@@ -172,7 +192,12 @@ def get_store(settings: Settings | None = None, client: Client | None = None) ->
 
             client = get_client(settings)
         return ServerStore(client)
-    return LocalDirectoryStore(settings.storage)
+    return _local_store(settings.storage)
+
+
+@functools.lru_cache(maxsize=32)
+def _local_store(path: str) -> LocalDirectoryStore:
+    return LocalDirectoryStore(path)
 
 
 #: Largest serialized result carried inside its state (see :func:`inline_result`).

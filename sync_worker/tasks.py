@@ -137,6 +137,8 @@ class Task(Generic[P, R]):
 
     def bind(self, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
         """The call's parameters by name, defaults applied; TypeError for a wrong call."""
+        if not args and not kwargs and not self._signature.parameters:
+            return {}
         try:
             bound = self._signature.bind(*args, **(kwargs or {}))
         except TypeError as exc:

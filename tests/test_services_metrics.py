@@ -268,3 +268,26 @@ def scrape_or_none(port: int) -> str | None:
         return scrape(port)
     except requests.ConnectionError:
         return None
+
+
+def test_labelled_updates_reuse_their_child_and_still_reach_the_registry() -> None:
+    """labels() answers from the metric's own dict after the first call; remove()/clear()
+    forget it, so a removed series starts again from zero instead of moving a ghost."""
+    key = f"tests.cached-{uuid.uuid4().hex}"
+    name = "sync_worker_task_runs_started_total"
+    child = metrics.RUNS_STARTED.labels(task_key=key)
+    assert metrics.RUNS_STARTED.labels(task_key=key) is child
+    metrics.RUNS_STARTED.labels(task_key=key).inc()
+    metrics.RUNS_STARTED.labels(key).inc(2)
+    assert REGISTRY.get_sample_value(name, {"task_key": key}) == 3
+    metrics.RUNS_STARTED.remove(key)
+    assert REGISTRY.get_sample_value(name, {"task_key": key}) is None
+    metrics.RUNS_STARTED.labels(task_key=key).inc()
+    assert REGISTRY.get_sample_value(name, {"task_key": key}) == 1
+    metrics.RUN_DURATION.labels(task_key=key).observe(0.5)
+    metrics.RUN_DURATION.labels(task_key=key).observe(1.5)
+    assert REGISTRY.get_sample_value("sync_worker_task_run_duration_seconds_sum", {"task_key": key}) == 2.0
+    metrics.RUNS_STARTED.remove(key)
+    metrics.RUN_DURATION.remove(key)
+    with pytest.raises(ValueError):
+        metrics.RUNS_STARTED.labels(task_key=key, other="x")

@@ -62,3 +62,73 @@ def test_fast_path_switch():
 def test_submit_timeout_setting():
     assert get_settings({}).submit_timeout == 10.0
     assert get_settings({"SYNC_WORKER_SUBMIT_TIMEOUT": "2.5"}).submit_timeout == 2.5
+
+
+# -- the cache of get_settings(): cheap per .delay(), yet a changed variable counts at once --
+def test_cached_settings_are_reused_while_the_environment_is_unchanged(monkeypatch):
+    monkeypatch.setenv("SYNC_WORKER_API_URL", "http://127.0.0.1:4999/api")
+    first = get_settings()
+    assert get_settings() is first
+    assert first.api_url == "http://127.0.0.1:4999/api"
+
+
+def test_a_variable_changed_at_run_time_is_seen_on_the_next_call(monkeypatch):
+    monkeypatch.setenv("SYNC_WORKER_API_URL", "http://127.0.0.1:4999/api")
+    assert get_settings().api_url == "http://127.0.0.1:4999/api"
+    monkeypatch.setenv("SYNC_WORKER_API_URL", "http://127.0.0.1:5000/api")
+    assert get_settings().api_url == "http://127.0.0.1:5000/api"
+    monkeypatch.setenv("PREFECT_API_AUTH_STRING", "u:p")
+    assert get_settings().auth_string == "u:p"
+    monkeypatch.delenv("PREFECT_API_AUTH_STRING")
+    monkeypatch.delenv("SYNC_WORKER_API_URL")
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    settings = get_settings()
+    assert settings.auth_string is None and settings.api_url == DEFAULT_API_URL
+
+
+def test_every_variable_is_part_of_the_cache_key(monkeypatch):
+    """Each variable listed, changed alone, gives different settings (none is forgotten)."""
+    from sync_worker.settings import VARIABLES
+
+    for name in VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    plain = get_settings()
+    values = {"URL": "http://127.0.0.1:4999/api", "AUTH_STRING": "u:p", "KEY": "k", "STORAGE": "/tmp/sw-x",
+              "STORAGE_PATH": "/tmp/sw-y", "PICKLE": "true", "SUBMISSIONS": "false", "TIMEOUT": "7",
+              "ENABLED": "true", "PORT": "4321", "PATH": "false"}
+    for name in VARIABLES:
+        value = next(v for suffix, v in sorted(values.items(), key=lambda kv: -len(kv[0])) if name.endswith(suffix))
+        monkeypatch.setenv(name, value)
+        assert get_settings() != plain, name
+        monkeypatch.delenv(name)
+    assert get_settings() == plain
+
+
+def test_the_key_lists_every_variable_read():
+    """A variable read by the parser but missing from VARIABLES would be cached stale."""
+    import inspect
+    import re
+
+    from sync_worker import settings as module
+
+    source = inspect.getsource(module._read) + inspect.getsource(module._checked)
+    read = set(re.findall(r'"((?:SYNC_WORKER|PREFECT)_[A-Z_]+)"', source))
+    assert read and read == set(module.VARIABLES)
+
+
+def test_an_invalid_value_raises_on_every_call(monkeypatch):
+    monkeypatch.setenv("SYNC_WORKER_REQUEST_TIMEOUT", "abc")
+    for _ in range(2):
+        with pytest.raises(SettingsError, match="SYNC_WORKER_REQUEST_TIMEOUT='abc'"):
+            get_settings()
+    monkeypatch.setenv("SYNC_WORKER_REQUEST_TIMEOUT", "3")
+    assert get_settings().request_timeout == 3.0
+
+
+def test_a_replaced_os_environ_is_read(monkeypatch):
+    import os
+
+    monkeypatch.setattr(os, "environ", {"SYNC_WORKER_API_URL": "http://127.0.0.1:4998/api"})
+    assert get_settings().api_url == "http://127.0.0.1:4998/api"
+    os.environ["SYNC_WORKER_API_URL"] = "http://127.0.0.1:4997/api"
+    assert get_settings().api_url == "http://127.0.0.1:4997/api"

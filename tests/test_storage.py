@@ -134,3 +134,46 @@ def test_small_results_can_travel_inline_in_the_state(store):
     assert read_result(store, inline_result(None)) is None
     assert inline_result("x" * (INLINE_RESULT_LIMIT + 1)) is None  # too big: the caller writes a file
     assert not store.path.exists()
+
+
+def test_the_store_of_a_directory_is_made_once_per_path(tmp_path):
+    """get_store() runs on every .delay(): the same directory gives the same store object."""
+    from sync_worker.settings import Settings
+    from sync_worker.storage import get_store
+
+    one = get_store(Settings(storage=str(tmp_path / "a")))
+    assert get_store(Settings(storage=str(tmp_path / "a"))) is one
+    other = get_store(Settings(storage=str(tmp_path / "b")))
+    assert other is not one and other.path == tmp_path / "b"
+    write_parameters(other, {"x": 1})
+    assert [p.name for p in (tmp_path / "b" / "parameters").iterdir()]
+
+
+def test_writes_leave_no_temp_files_and_survive_a_dead_writers_leftover(store):
+    """Records are written to a temp name unique to the writing thread, then renamed; a
+    leftover of a writer that died with the same pid and thread id does not block a write."""
+    import os
+    import threading
+
+    key = write_parameters(store, {"x": 1})
+    directory = store.path / "parameters"
+    leftover = directory / f".tmp-{os.getpid()}-{threading.get_ident()}-again"
+    leftover.write_bytes(b"half a record")
+    store.write("parameters/again", b"{}")
+    assert store.read("parameters/again") == b"{}"
+    assert (directory / key).stat().st_mode & 0o777 == 0o600
+    left = sorted(p.name for p in directory.iterdir() if p.name.startswith(".tmp-"))
+    assert left == [leftover.name]  # only the dead writer's file; ours were renamed
+
+
+def test_concurrent_writers_of_one_key_leave_one_whole_record(store):
+    import threading
+
+    payloads = [bytes([65 + i]) * 100_000 for i in range(8)]
+    threads = [threading.Thread(target=store.write, args=("same", p)) for p in payloads]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert store.read("same") in payloads
+    assert not [p for p in store.path.iterdir() if p.name.startswith(".tmp-")]

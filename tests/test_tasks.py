@@ -141,3 +141,45 @@ def test_result_times_out_while_the_run_waits(server, store):
     with pytest.raises(TimeoutError, match="still Scheduled"):
         future.result(timeout=0.2)
     assert future.wait(timeout=0.05).type is StateType.SCHEDULED
+
+
+# -- settings and store are resolved cheaply per .delay(), and runtime changes still count --
+def test_delay_follows_environment_changes_between_calls(server, tmp_path, monkeypatch, unreachable_client):
+    """The settings cache is keyed on the variables' values: a changed SYNC_WORKER_STORAGE or
+    SYNC_WORKER_API_URL is used by the very next .delay()."""
+    monkeypatch.setenv("SYNC_WORKER_API_URL", server.url)
+    monkeypatch.setenv("SYNC_WORKER_STORAGE", str(tmp_path / "first"))
+    first = add.delay(1)
+    monkeypatch.setenv("SYNC_WORKER_STORAGE", str(tmp_path / "second"))
+    second = add.delay(2)
+    client = Client(server.url)
+    keys = [client.read_task_run(f.task_run_id).state.state_details.task_parameters_id for f in (first, second)]
+    assert read_parameters(LocalDirectoryStore(tmp_path / "first"), keys[0])["parameters"] == {"x": 1, "y": 10}
+    assert read_parameters(LocalDirectoryStore(tmp_path / "second"), keys[1])["parameters"] == {"x": 2, "y": 10}
+    assert not (tmp_path / "first" / "parameters" / keys[1]).exists()
+
+    monkeypatch.setenv("SYNC_WORKER_API_URL", unreachable_client.api_url)
+    monkeypatch.setenv("SYNC_WORKER_SUBMIT_TIMEOUT", "0.2")
+    from sync_worker.exceptions import ServerUnavailable
+
+    with pytest.raises(ServerUnavailable, match=unreachable_client.api_url):
+        no_args.delay()
+
+
+def test_a_task_without_parameters_still_refuses_arguments(unreachable_client, store):
+    with pytest.raises(TypeError, match=r"no_args\(\): too many positional arguments"):
+        no_args.apply_async((1,), client=unreachable_client, store=store)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'x'"):
+        no_args.apply_async((), {"x": 1}, client=unreachable_client, store=store)
+    assert no_args.bind() == {}
+
+
+def test_each_create_body_has_its_own_id_and_dynamic_key():
+    from sync_worker.schemas import Scheduled, task_run_create
+
+    bodies = [task_run_create(name="n", task_key="k", state=Scheduled()) for _ in range(3)]
+    assert len({b["id"] for b in bodies}) == 3
+    assert len({b["dynamic_key"] for b in bodies}) == 3
+    assert all(b["dynamic_key"] == "k-" + b["id"].replace("-", "") for b in bodies)
+    given = task_run_create(name="n", task_key="k", state=Scheduled(), id="my-id")
+    assert given["id"] == "my-id" and given["dynamic_key"].startswith("k-")

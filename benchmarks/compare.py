@@ -1,0 +1,671 @@
+#!/usr/bin/env python3
+"""sync_worker next to Dramatiq, Celery, RQ and Huey: interleaved rounds, medians, ranges, CPU.
+
+Usage:
+    python3 benchmarks/compare.py            # full: 5 rounds, N=3000
+    python3 benchmarks/compare.py --quick    # 3 rounds, N=1000 (about 6-10 minutes on 2 cores)
+    python3 benchmarks/compare.py --baseline-src /tmp/old-tree   # also sync_worker from another tree
+
+Systems (each one worker process with 10 threads unless said, same task body, same submitter
+threads):
+- ``sync_worker``: ``sync-worker server`` (SQLite, durable) + ``sync-worker worker --limit 10``;
+- ``dramatiq``: ``dramatiq --processes 1 --threads 10`` on Redis (results middleware on Redis);
+- ``celery``: ``celery worker --pool threads --concurrency 10`` on Redis (result backend Redis);
+- ``rq``: ``rq worker --worker-class SimpleWorker`` on Redis (RQ has no thread pool: one job at a
+  time; its default worker forks per job and is slower still);
+- ``sync_worker*K`` (``--workers 1,2,4``): the same server with K worker processes;
+- ``huey``: Huey 3.x ``SqliteHuey`` (a SQLite file: the same durability class as ours),
+  ``huey_consumer -k thread -w 10 -d 0.005 -m 0.05`` (it polls SQLite; 5-50 ms backoff).
+Each trial gets its own fresh server / Redis (``--save '' --appendonly no``: the Redis peers
+are NOT durable) / SQLite file, and a worker that has already run a warm-up batch.
+
+Rounds are interleaved: round 1 runs A B C D E, round 2 runs A B C D E, ... Within one trial
+(one system, one round) the cases run in this order on the same processes:
+- ``drain``: T submitter threads submit N no-op runs between them; runs/s = N / (first submit ->
+  the last run finished, as the task itself recorded it);
+- ``waited``: T threads each submit a run and wait for its result through the system's own
+  API (``.result()``, ``get_result``, ``AsyncResult.get``, ``latest_result``, Huey's
+  ``get(blocking=True)``), N runs in all; runs/s = N / wall time;
+- ``short``: drain of ``--short-runs`` tasks that sleep 10 ms, limit 10: reported as % of the
+  ideal 1,000 runs/s;
+- ``latency``: one caller, ``--samples`` sequential submit -> result, p50 / p95.
+CPU per run of each process is read from /proc/<pid>/stat (user+system, children included)
+around each case: the server or broker (redis-server for the Redis peers; Huey has none), the
+worker (its process tree) and the submitter (the threads of the trial process, from the first
+submit until its threads return). CPU is much less distorted by other load than wall time.
+
+Peers missing: the script says what to install and skips them:
+    python3 -m pip install 'dramatiq[redis]' 'celery[redis]' rq huey redis
+    apt-get install -y redis-server
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+SYSTEMS = ("sync_worker", "dramatiq", "celery", "rq", "huey")
+NEEDS = {"dramatiq": ("dramatiq", "redis"), "celery": ("celery", "redis"), "rq": ("rq", "redis"), "huey": ("huey",)}
+REDIS_SYSTEMS = ("dramatiq", "celery", "rq")
+INSTALL_HINT = ("python3 -m pip install 'dramatiq[redis]' 'celery[redis]' rq huey redis"
+                " (and for the Redis peers: apt-get install -y redis-server)")
+CASES = ("drain", "waited", "short", "latency")
+WARMUP = 20
+RECORD_SIZE = 18  # compare_tasks.RECORD_SIZE
+
+
+def log(message: str) -> None:
+    print(f"[compare {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- /proc helpers
+def _stat_fields(pid: int) -> list[str] | None:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            text = handle.read()
+    except OSError:
+        return None
+    return text[text.rfind(")") + 2:].split()
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (Dramatiq runs its workers in child processes)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat_fields(int(entry))
+            if fields:
+                children.setdefault(int(fields[1]), []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        todo.extend(children.get(current, []))
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime+stime+cutime+cstime of these processes (reaped children count too)."""
+    total = 0
+    for pid in pids:
+        fields = _stat_fields(pid)
+        if fields:
+            total += sum(int(x) for x in fields[11:15])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pids: list[int]) -> float:
+    """Sum of VmRSS of these processes, MiB."""
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+def own_cpu() -> float:
+    times = os.times()
+    return times.user + times.system
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.002, alive=None):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if alive is not None:
+            for proc in alive:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"{what}: process {proc.args[:4]} exited with {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+# ----------------------------------------------------------------------------- availability
+def missing(system: str) -> str | None:
+    """Why a system cannot run here (None when it can)."""
+    if system.split("*")[0].split("@")[0] == "sync_worker":
+        return None
+    absent = [name for name in NEEDS[system] if importlib.util.find_spec(name) is None]
+    if absent:
+        return f"Python package(s) {', '.join(absent)} not installed"
+    if system in REDIS_SYSTEMS and not shutil.which("redis-server"):
+        return "redis-server not on PATH"
+    return None
+
+
+# ----------------------------------------------------------------------------- one trial
+class Trial:
+    """One system in one round: start its processes, run the cases, stop them."""
+
+    def __init__(self, system: str, args: argparse.Namespace) -> None:
+        self.system = system
+        self.kind = "sync_worker" if system.startswith("sync_worker") else system
+        self.args = args
+        self.tmp = tempfile.mkdtemp(prefix=f"compare-{system}-")
+        self.done_file = os.path.join(self.tmp, "done")
+        self.server: subprocess.Popen | None = None  # server or broker
+        self.worker: subprocess.Popen | None = None
+        self.workers: list[subprocess.Popen] = []  # sync_worker*K: K worker processes
+        self.worker_count = int(system.split("*")[1]) if "*" in system else 1
+        self.src = Path(args.src).resolve()
+        self.env = dict(os.environ, COMPARE_SYSTEM=self.kind, COMPARE_DONE_FILE=self.done_file,
+                        COMPARE_HUEY_DB=os.path.join(self.tmp, "huey.db"), PYTHONUNBUFFERED="1",
+                        PYTHONPATH=os.pathsep.join([str(self.src), str(HERE)]))
+        self.procs: list[subprocess.Popen] = []
+        self.logs: list[Path] = []
+
+    # -- processes
+    def _spawn(self, name: str, cmd: list[str], **kwargs) -> subprocess.Popen:
+        path = Path(self.tmp) / f"{name}.log"
+        self.logs.append(path)
+        with open(path, "wb") as out:
+            proc = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True, **kwargs)
+        self.procs.append(proc)
+        return proc
+
+    def start(self) -> None:
+        py = sys.executable
+        limit = str(self.args.limit)
+        if self.kind == "sync_worker":
+            port = free_port()
+            self.server = self._spawn("server", [py, "-m", "sync_worker", "server", "--port", str(port),
+                                                 "--db", os.path.join(self.tmp, "sw.db"), "--log-level", "WARNING"],
+                                      cwd=self.src)
+            url = f"http://127.0.0.1:{port}/api"
+            self.env.update(SYNC_WORKER_API_URL=url, SYNC_WORKER_STORAGE=os.path.join(self.tmp, "records"))
+            wait_until(lambda: _port_open(port), 60, "the sync_worker server", 0.02, [self.server])
+            for i in range(self.worker_count):
+                self.workers.append(self._spawn(f"worker{i}", [py, "-m", "sync_worker", "worker", "compare_tasks:noop",
+                                                               "compare_tasks:sleep10", "--limit", limit,
+                                                               "--log-level", "WARNING"], cwd=self.src))
+            self.worker = self.workers[0]
+        elif self.kind in REDIS_SYSTEMS:
+            port = free_port()
+            self.server = self._spawn("redis", ["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                                                "--save", "", "--appendonly", "no", "--dir", self.tmp])
+            wait_until(lambda: _port_open(port), 30, "redis-server", 0.02, [self.server])
+            self.env["COMPARE_REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+            if self.kind == "dramatiq":
+                cmd = [py, "-m", "dramatiq", "compare_tasks", "--processes", "1", "--threads", limit,
+                       "--queues", "compare"]
+            elif self.kind == "celery":
+                cmd = [py, "-m", "celery", "-A", "compare_tasks", "worker", "--pool", "threads",
+                       "--concurrency", limit, "-Q", "compare", "--loglevel", "WARNING"]
+            else:
+                cmd = [py, "-m", "rq.cli", "worker", "--url", self.env["COMPARE_REDIS_URL"],
+                       "--worker-class", "rq.worker.SimpleWorker", "--quiet", "compare"]
+            self.worker = self._spawn("worker", cmd, cwd=self.tmp)
+        else:  # huey
+            self.worker = self._spawn("worker", [py, "-m", "huey.bin.huey_consumer", "compare_tasks.huey",
+                                                 "-k", "thread", "-w", limit, "-d", "0.005", "-m", "0.05", "-C"],
+                                      cwd=self.tmp)
+        self.workers = self.workers or [self.worker]
+        # the submitting side, in this process, with the same environment
+        os.environ.update({k: v for k, v in self.env.items() if k.startswith(("COMPARE_", "SYNC_WORKER_"))})
+        sys.path[:0] = [str(self.src), str(HERE)]
+        import compare_tasks
+
+        self.tasks = compare_tasks
+        if self.kind == "rq":
+            import redis
+            from rq import Queue
+
+            self.queue = Queue("compare", connection=redis.Redis.from_url(self.env["COMPARE_REDIS_URL"]))
+        self.submit(WARMUP, "noop")
+        wait_until(lambda: self.finished() >= WARMUP, 120, "the warm-up runs", 0.01, self.procs)
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            if proc.poll() is None:
+                try:
+                    os.killpg(proc.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    continue
+                try:
+                    proc.wait(15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait(10)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def log_tail(self) -> str:
+        return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-2000:]}" for p in self.logs if p.exists())
+
+    # -- submitting
+    def finished(self) -> int:
+        try:
+            return os.stat(self.done_file).st_size // RECORD_SIZE
+        except FileNotFoundError:
+            return 0
+
+    def last_finish(self) -> float:
+        with open(self.done_file, "rb") as handle:
+            handle.seek(-RECORD_SIZE, os.SEEK_END)
+            return max(float(line) for line in handle.read().split())
+
+    def _send(self, name: str):
+        fn = getattr(self.tasks, name)
+        if self.kind == "sync_worker":
+            return fn.delay()
+        if self.kind == "dramatiq":
+            return fn.send()
+        if self.kind == "celery":
+            return fn.delay()
+        if self.kind == "rq":
+            return self.queue.enqueue(fn)
+        return fn()  # huey
+
+    def _wait(self, handle) -> None:
+        if self.kind == "sync_worker":
+            handle.result(timeout=60)
+        elif self.kind == "dramatiq":
+            handle.get_result(block=True, timeout=60_000)
+        elif self.kind == "celery":
+            handle.get(timeout=60)
+        elif self.kind == "rq":
+            result = handle.latest_result(timeout=60)
+            if result is None or result.type != result.Type.SUCCESSFUL:
+                raise RuntimeError(f"rq job ended {result}")
+        else:
+            handle.get(blocking=True, timeout=60)
+
+    def submit(self, count: int, name: str) -> None:
+        for _ in range(count):
+            self._send(name)
+
+    def submit_and_wait(self, count: int, latencies: list[float] | None = None) -> None:
+        for _ in range(count):
+            started = time.perf_counter()
+            self._wait(self._send("noop_r"))
+            if latencies is not None:
+                latencies.append((time.perf_counter() - started) * 1000)
+
+    # -- cases
+    def _threads(self, target, total: int) -> None:
+        n = self.args.threads
+        shares = [total // n + (1 if i < total % n else 0) for i in range(n)]
+        errors: list[BaseException] = []
+
+        def run(share: int) -> None:
+            try:
+                target(share)
+            except BaseException as exc:  # reported by the trial
+                errors.append(exc)
+
+        threads = [threading.Thread(target=run, args=(share,)) for share in shares if share]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise errors[0]
+
+    def measure(self, case: str) -> dict:
+        runs = {"drain": self.args.runs, "waited": self.args.runs, "short": self.args.short_runs,
+                "latency": self.args.samples}[case]
+        server_pids = [self.server.pid] if self.server else []
+        worker_pids = self.worker_pids()
+        before_done = self.finished()
+        cpu0 = (cpu_seconds(server_pids), cpu_seconds(worker_pids), own_cpu())
+        latencies: list[float] = []
+        t0_wall, t0 = time.time(), time.perf_counter()
+        if case == "drain":
+            self._threads(lambda share: self.submit(share, "noop"), runs)
+        elif case == "short":
+            self._threads(lambda share: self.submit(share, "sleep10"), runs)
+        elif case == "waited":
+            self._threads(self.submit_and_wait, runs)
+        else:
+            self.submit_and_wait(runs, latencies)
+        submitter_cpu = own_cpu() - cpu0[2]
+        submitted = time.perf_counter()
+        wait_until(lambda: self.finished() >= before_done + runs, self.args.timeout, f"{case}: {runs} runs",
+                   0.002, self.procs)
+        if case in ("drain", "short"):
+            elapsed = self.last_finish() - t0_wall
+        else:
+            elapsed = time.perf_counter() - t0
+        time.sleep(0.3)  # let the last state reports land before reading CPU
+        worker_pids = self.worker_pids()
+        cpu1 = (cpu_seconds(server_pids), cpu_seconds(worker_pids))
+        cpu = {"server": (cpu1[0] - cpu0[0]) * 1000 / runs, "worker": (cpu1[1] - cpu0[1]) * 1000 / runs,
+               "submitter": submitter_cpu * 1000 / runs}
+        cpu["total"] = sum(cpu.values())
+        row = {"runs": runs, "seconds": elapsed, "runs_per_s": runs / elapsed, "cpu_ms": cpu,
+               "submit_s": submitted - t0}
+        if latencies:
+            row.update(p50_ms=statistics.median(latencies), p95_ms=percentile(latencies, 0.95))
+        return row
+
+    def worker_pids(self) -> list[int]:
+        return [pid for worker in self.workers for pid in process_tree(worker.pid)]
+
+    def run(self) -> dict:
+        result: dict = {"system": self.system}
+        try:
+            self.start()
+            for case in self.args.cases:
+                result[case] = self.measure(case)
+            worker_pids = process_tree(self.worker.pid)
+            result["worker_rss_mb"] = rss_mb(worker_pids)
+            result["worker_processes"] = len(self.worker_pids())
+            if self.kind == "sync_worker":
+                result["server_rss_mb"] = rss_mb([self.server.pid])
+                result["server_runs"] = self.finished()
+        except Exception as exc:
+            result["error"] = f"{type(exc).__name__}: {exc}"
+            log(f"{self.system} FAILED: {result['error']}\n{self.log_tail()}")
+        finally:
+            self.stop()
+        return result
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+# ----------------------------------------------------------------------------- driver
+def run_trial(system: str, args: argparse.Namespace) -> dict:
+    """A trial in a fresh interpreter (its own imports, GIL and CPU accounting)."""
+    src = args.baseline_src if system == "sync_worker@base" else str(REPO)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_trial", system, "--src", src,
+           "--runs", str(args.runs), "--short-runs", str(args.short_runs), "--samples", str(args.samples),
+           "--threads", str(args.threads), "--limit", str(args.limit), "--timeout", str(args.timeout),
+           "--cases", ",".join(args.cases)]
+    budget = 4 * args.timeout + 300
+    try:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=budget, check=False, cwd=src)
+    except subprocess.TimeoutExpired:
+        return {"system": system, "error": f"trial timed out after {budget}s"}
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if not lines:
+        return {"system": system, "error": f"trial exited {proc.returncode} without a result"}
+    return json.loads(lines[-1])
+
+
+def import_time_ms(src: str, repeat: int = 7) -> float:
+    code = "import time; t = time.perf_counter(); import sync_worker; print(time.perf_counter() - t)"
+    times = [float(subprocess.check_output([sys.executable, "-c", code], text=True, cwd=src)) for _ in range(repeat)]
+    return statistics.median(times) * 1000
+
+
+def versions() -> dict[str, str]:
+    import importlib.metadata as metadata
+
+    out = {}
+    for dist in ("dramatiq", "celery", "rq", "huey", "redis"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    redis_server = shutil.which("redis-server")
+    if redis_server:
+        text = subprocess.run([redis_server, "--version"], capture_output=True, text=True).stdout
+        match = re.search(r"v=(\S+)", text)
+        out["redis-server"] = match.group(1) if match else text.strip()
+    return out
+
+
+def _fmt_range(values: list[float], spec: str = ",.0f") -> str:
+    return f"{format(statistics.median(values), spec)} ({format(min(values), spec)}–{format(max(values), spec)})"
+
+
+def summarize(results: list[dict], systems: list[str], args: argparse.Namespace) -> dict:
+    """Per system and case: medians and ranges over rounds; ratios ours/peer per round."""
+    by_system: dict[str, list[dict]] = {s: [r for r in results if r["system"] == s and "error" not in r]
+                                        for s in systems}
+    summary: dict = {}
+    ours = by_system.get("sync_worker", [])
+    for system, rows in by_system.items():
+        entry: dict = {"rounds": len(rows), "failed": sum(1 for r in results if r["system"] == system and "error" in r)}
+        for case in args.cases:
+            rates = [r[case]["runs_per_s"] for r in rows if case in r]
+            if not rates:
+                continue
+            item = {"runs_per_s": rates, "cpu_ms": {k: statistics.median([r[case]["cpu_ms"][k] for r in rows])
+                                                    for k in ("server", "worker", "submitter", "total")}}
+            if system != "sync_worker" and ours:
+                mine = {r["round"]: r for r in ours if case in r}
+                pairs = [(mine[p["round"]][case]["runs_per_s"], p[case]["runs_per_s"])
+                         for p in rows if p["round"] in mine and case in p]
+                item["ratio"] = [a / b for a, b in pairs]
+            if case == "latency":
+                item["p50_ms"] = [r[case]["p50_ms"] for r in rows]
+                item["p95_ms"] = [r[case]["p95_ms"] for r in rows]
+            summary.setdefault(system, entry)[case] = item
+        summary.setdefault(system, entry)
+        if rows:
+            entry["worker_rss_mb"] = [r["worker_rss_mb"] for r in rows]
+            if "server_rss_mb" in rows[0]:
+                entry["server_rss_mb"] = [r["server_rss_mb"] for r in rows]
+                entry["server_runs"] = rows[0]["server_runs"]
+    return summary
+
+
+LABELS = {
+    "sync_worker": "sync_worker (SQLite, durable)",
+    "sync_worker@base": "sync_worker, baseline tree",
+    "dramatiq": "Dramatiq {dramatiq} (Redis, not durable)",
+    "celery": "Celery {celery}, threads (Redis, not durable)",
+    "rq": "RQ {rq}, SimpleWorker, 1 job at a time (Redis, not durable)",
+    "huey": "Huey {huey}, SqliteHuey, threads (SQLite)",
+}
+
+
+def _rate(entry: dict, case: str) -> str:
+    return _fmt_range(entry[case]["runs_per_s"]) if case in entry else "–"
+
+
+def _ratio(system: str, entry: dict, case: str) -> str:
+    if system == "sync_worker" or case not in entry or not entry[case].get("ratio"):
+        return "–"
+    return _fmt_range(entry[case]["ratio"], ".2f") + "×"
+
+
+def label(system: str, vers: dict[str, str]) -> str:
+    if "*" in system:
+        return f"sync_worker, {system.split('*')[1]} worker processes"
+    return LABELS.get(system, system).format(**{k: vers.get(k, "?") for k in ("dramatiq", "celery", "rq", "huey")})
+
+
+def markdown(summary: dict, args: argparse.Namespace, vers: dict[str, str]) -> str:
+    """The README's table: medians with ranges over the rounds; ratios ours/peer from the same round."""
+    lines = [
+        "| system | drain runs/s | ours ÷ peer, drain | waited runs/s | ours ÷ peer, waited "
+        "| CPU ms/run, drain (server + worker + submitter) | 10 ms tasks, % of ideal | idle p50 / p95 ms | worker RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for system, entry in summary.items():
+        name = label(system, vers)
+        if entry.get("skipped"):
+            lines.append(f"| {name} | skipped: {entry['skipped']} | | | | | | | |")
+            continue
+        if not entry["rounds"]:
+            lines.append(f"| {name} | failed in every round | | | | | | | |")
+            continue
+
+        cpu = "–"
+        if "drain" in entry:
+            c = entry["drain"]["cpu_ms"]
+            cpu = f"{c['total']:.2f} ({c['server']:.2f} + {c['worker']:.2f} + {c['submitter']:.2f})"
+        short = "–"
+        if "short" in entry:
+            short = _fmt_range([100 * r / 1000 for r in entry["short"]["runs_per_s"]], ".0f") + " %"
+        latency = "–"
+        if "latency" in entry:
+            latency = (f"{statistics.median(entry['latency']['p50_ms']):.1f} / "
+                       f"{statistics.median(entry['latency']['p95_ms']):.1f}")
+        rss = f"{statistics.median(entry['worker_rss_mb']):.1f}"
+        lines.append(f"| {name} | {_rate(entry, 'drain')} | {_ratio(system, entry, 'drain')} | {_rate(entry, 'waited')} | {_ratio(system, entry, 'waited')} | "
+                     f"{cpu} | {short} | {latency} | {rss} |")
+    return "\n".join(lines)
+
+
+def extra_lines(summary: dict, results: list[dict], args: argparse.Namespace, import_ms: float) -> list[str]:
+    out = []
+    for system, entry in summary.items():
+        if not system.startswith("sync_worker") or not entry["rounds"]:
+            continue
+        for case in ("waited", "short", "latency"):
+            if case in entry:
+                c = entry[case]["cpu_ms"]
+                out.append(f"- {system} CPU ms/run, {case}: {c['total']:.2f} (server {c['server']:.2f}, "
+                           f"worker {c['worker']:.2f}, submitter {c['submitter']:.2f})")
+    ours = summary.get("sync_worker")
+    if ours and ours["rounds"]:
+        if "server_rss_mb" in ours:
+            out.append(f"- sync_worker server RSS after {ours['server_runs']:,} runs: "
+                       f"{_fmt_range(ours['server_rss_mb'], '.1f')} MB; worker RSS "
+                       f"{_fmt_range(ours['worker_rss_mb'], '.1f')} MB")
+    out.append(f"- import sync_worker: {import_ms:.1f} ms (median of 7 fresh interpreters)")
+    for r in results:
+        if "error" in r:
+            out.append(f"- {r['system']} round {r.get('round')}: FAILED {r['error']}")
+    return out
+
+
+TARGETS = "CPU/run ≤ 0.9 ms; drain & waited ≥ 1.0× Dramatiq, ≥ 1.5× Celery, ≥ 2× Huey; 10 ms case ≥ 90 %; idle p50 ≤ 1.5 ms"
+
+
+def outer(args: argparse.Namespace) -> int:
+    systems = [s for s in args.systems.split(",") if s]
+    unknown = [s for s in systems if s not in SYSTEMS]
+    counts = [int(c) for c in args.workers.split(",") if c.strip()]
+    if any(c < 1 for c in counts):
+        raise SystemExit("error: --workers takes counts >= 1, e.g. 1,2,4")
+    if "sync_worker" in systems:
+        at = systems.index("sync_worker") + 1
+        systems[at:at] = [f"sync_worker*{c}" for c in counts if c != 1]
+    if unknown:
+        raise SystemExit(f"error: unknown system(s) {unknown}; choose from {', '.join(SYSTEMS)}")
+    if args.baseline_src:
+        if not (Path(args.baseline_src) / "sync_worker" / "__init__.py").exists():
+            raise SystemExit(f"error: --baseline-src {args.baseline_src} has no sync_worker/ package")
+        systems.insert(1, "sync_worker@base")
+    runnable = []
+    skipped: dict[str, str] = {}
+    for system in systems:
+        why = missing(system)
+        if why:
+            log(f"SKIPPING {system}: {why}. Install the peers with: {INSTALL_HINT}")
+            skipped[system] = why
+        else:
+            runnable.append(system)
+    vers = versions()
+    load_before = os.getloadavg()
+    started = time.monotonic()
+    log(f"systems {runnable}; {args.rounds} rounds; N={args.runs}, short={args.short_runs}, samples={args.samples}, "
+        f"threads={args.threads}, limit={args.limit}; load average {load_before[0]:.2f}")
+    results: list[dict] = []
+    for round_no in range(1, args.rounds + 1):
+        for system in runnable:
+            t0 = time.monotonic()
+            row = run_trial(system, args)
+            row["round"] = round_no
+            row["loadavg"] = os.getloadavg()[0]
+            results.append(row)
+            brief = row.get("error") or ", ".join(
+                f"{c} {row[c]['runs_per_s']:,.0f}/s cpu {row[c]['cpu_ms']['total']:.2f}ms" for c in args.cases if c in row)
+            log(f"round {round_no} {system}: {brief} ({time.monotonic() - t0:.0f}s)")
+    import_ms = import_time_ms(str(REPO))
+    summary = summarize(results, runnable, args)
+    for system, why in skipped.items():
+        summary[system] = {"rounds": 0, "failed": 0, "skipped": why}
+    elapsed = time.monotonic() - started
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "versions": vers, "results": results,
+                                               "summary": summary, "import_ms": import_ms}, indent=1))
+    command = "python3 benchmarks/compare.py" + (" --quick" if args.quick else "")
+    print(f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with `{command}` "
+          f"({' '.join(sys.argv[1:])}): {os.cpu_count()} cores, load average {load_before[0]:.1f} before / "
+          f"{os.getloadavg()[0]:.1f} after, {args.rounds} interleaved rounds, N={args.runs:,} no-op runs "
+          f"per case from {args.threads} submitter threads, limit {args.limit}; {elapsed / 60:.1f} min in all. "
+          "Medians over the rounds, (min–max); ratios from the same round.")
+    print()
+    print(markdown(summary, args, vers))
+    print()
+    for line in extra_lines(summary, results, args, import_ms):
+        print(line)
+    print(f"- versions: {', '.join(f'{k} {v}' for k, v in vers.items())}; targets (issue 14): {TARGETS}")
+    return 1 if any("error" in r for r in results) else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="3 rounds, N=1000, 500 short runs, 100 samples")
+    parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5; --quick 3)")
+    parser.add_argument("--runs", type=int, default=None, help="no-op runs per drain / waited case (default 3000)")
+    parser.add_argument("--short-runs", type=int, default=None, help="10 ms runs in the short case (default 1000)")
+    parser.add_argument("--samples", type=int, default=None, help="sequential runs for idle latency (default 200)")
+    parser.add_argument("--threads", type=int, default=4, help="submitter threads, every system (default 4)")
+    parser.add_argument("--limit", type=int, default=10, help="worker concurrency, every system (default 10)")
+    parser.add_argument("--systems", default=",".join(SYSTEMS), help=f"comma list of {', '.join(SYSTEMS)}")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma list of {', '.join(CASES)}")
+    parser.add_argument("--workers", default="1", help="sync_worker worker processes: a comma list such as "
+                        "1,2,4 adds the systems sync_worker*2 and sync_worker*4 (each worker --limit LIMIT)")
+    parser.add_argument("--baseline-src", default="", help="a source tree of sync_worker to measure too "
+                        "(e.g. `git archive main | tar -x -C /tmp/base`), as system sync_worker@base")
+    parser.add_argument("--timeout", type=float, default=300, help="bound in seconds of each case (default 300)")
+    parser.add_argument("--json", default="", help="also write every trial and the summary to this file")
+    parser.add_argument("--_trial", help=argparse.SUPPRESS)
+    parser.add_argument("--src", default=str(REPO), help=argparse.SUPPRESS)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    quick = args.quick
+    for name, full, small in (("rounds", 5, 3), ("runs", 3000, 1000), ("short_runs", 1000, 500),
+                              ("samples", 200, 100)):
+        if getattr(args, name) is None:
+            setattr(args, name, small if quick else full)
+    args.cases = [c for c in args.cases.split(",") if c] if isinstance(args.cases, str) else args.cases
+    bad = [c for c in args.cases if c not in CASES]
+    if bad or args.rounds < 1 or args.runs < 1 or args.threads < 1:
+        raise SystemExit(f"error: check --cases ({', '.join(CASES)}), --rounds, --runs, --threads")
+    if args._trial:
+        print(json.dumps(Trial(args._trial, args).run()), flush=True)
+        return 0
+    return outer(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
