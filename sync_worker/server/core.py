@@ -18,7 +18,7 @@ from typing import Any
 
 from .database import QSTATE_NONE, Database, RunRow, Transaction
 from .models import TERMINAL, ValidationError, build_task_run
-from .orchestration import orchestrate
+from .orchestration import orchestrate, orchestrate_prefect
 from .retention import delete_parameters_when_completed
 from .runqueue import RunQueue
 
@@ -52,7 +52,8 @@ class Core:
         # subscriptions.Subscription.run
         self.subscribers: set[Any] = set()
         self.auth_string = auth_string
-        #: Prefect-compatible mode: announce no extension and serve no rpc socket, so that
+        #: Prefect-compatible mode: announce no extension, serve no rpc socket and answer
+        #: proposals with Prefect's rules (:func:`.orchestration.orchestrate_prefect`), so that
         #: clients behave as with a Prefect server (their Prefect dialect gets exercised).
         self.prefect_compatible = False
         self._basic = (
@@ -154,7 +155,10 @@ class Core:
                 raise NotFound("Task not found")
             now = time.time()
             previous = row.state_type
-            decision = orchestrate(row.run, proposed, force, now, row.background)
+            if self.prefect_compatible:
+                decision = orchestrate_prefect(row.run, proposed, force, now)
+            else:
+                decision = orchestrate(row.run, proposed, force, now, row.background)
             if decision.changed:
                 new_type = decision.state["type"]
                 row.state_type = new_type
