@@ -9,8 +9,9 @@ Per connection there are three threads:
 - the HTTP handler thread authenticates, reads the subscription, then waits for the end and
   cleans up (the unacknowledged run goes back to the queue, acknowledged ones start their
   lease timers);
-- a sender thread delivers a run when one arrives for an idle connection and sends answers
-  committed by other threads.
+- the connection's :class:`~.sockets.Outbox` sender thread delivers a run when one arrives
+  for an idle connection and sends answers committed by other threads (answers committed by
+  the reader thread itself are sent by it, see :meth:`.sockets.Outbox.direct`).
 
 Answers to ``set_state`` may come back in any order (matched by ``request_id``).
 
@@ -31,7 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +42,7 @@ from .core import Core, NotFound
 from .sockets import (
     GOING_AWAY,
     NORMAL,
+    Outbox,
     POLICY_VIOLATION,
     PREFECT_VIOLATION,
     PROTOCOL_ERROR,
@@ -123,8 +125,9 @@ class Subscription:
 
     Threads: the HTTP handler thread waits in :meth:`run` until the connection ends and then
     cleans up; simple-websocket's reader thread handles each incoming message
-    (:meth:`_on_messages`) and, on an ack, sends the next run itself; a sender thread sends
-    ``set_state_result`` answers and delivers a run when one arrives for an idle connection.
+    (:meth:`_on_messages`) and, on an ack, sends the next run itself; the outbox's sender
+    thread sends ``set_state_result`` answers committed by other threads and delivers a run
+    when one arrives for an idle connection.
     """
 
     def __init__(self, ws: WebSocket, core: Core, keys: list[str], client_id: str, peer: str,
@@ -138,8 +141,9 @@ class Subscription:
         self.peer = peer
         self.leased: set[str] = set()
         self._cond = threading.Condition()
-        self._outbox: deque[str] = deque()  # JSON texts to send
-        self._woken = True
+        # answers committed by other threads, and deliveries when the queue wakes us
+        self.outbox = Outbox(ws, f"sync-worker-ws-send-{client_id}", tick=self._tick, sent=self._answered,
+                             lost=self._lost)
         # delivered runs awaiting their ack, oldest first: id -> (id, key, seq, text)
         self._unacked: OrderedDict[str, tuple[str, str, int, str | None]] = OrderedDict()
         # ``None``: Prefect's protocol, one run awaiting its ack at a time.
@@ -150,8 +154,6 @@ class Subscription:
         self._done = threading.Event()
         self._close_request: tuple[int, str] | None = None
         self._drain_lock = threading.Lock()
-        self._draining: int | None = None  # ident of the thread handling messages right now
-        self._direct: list[str] = []  # answers to send by that thread once its commit is done
         self._again = False
         self._unanswered = 0  # set_state requests whose answer is not sent yet
         self._batch: list[tuple[str, dict[str, Any], bool, Callable[..., None]]] = []
@@ -166,9 +168,7 @@ class Subscription:
 
     # -- Waiter ----------------------------------------------------------------------------------
     def wake(self) -> None:
-        with self._cond:
-            self._woken = True
-            self._cond.notify_all()
+        self.outbox.poke()
 
     # -- lifecycle -------------------------------------------------------------------------------
     def run(self) -> None:
@@ -177,8 +177,7 @@ class Subscription:
         if adopted:
             logger.info("Task worker %r reconnected: it keeps the lease of %d run(s) it holds", self.client_id,
                         adopted)
-        sender = threading.Thread(target=self._send_loop, name=f"sync-worker-ws-send-{self.client_id}", daemon=True)
-        sender.start()
+        self.outbox.start(poked=True)  # delivers what is already queued
         reason = "connection closed"
         self.core.subscribers.add(self)
         try:
@@ -193,14 +192,12 @@ class Subscription:
                 code, reason = request
                 reason = reason or "quit"
                 self._stop_sending()
-                sender.join(timeout=2)
                 if code != NORMAL:
                     logger.info("closing subscription of %r: %s (%d)", self.client_id, reason, code)
                 _close(self.ws, code, "" if code == NORMAL else request[1])
         finally:
             self.core.subscribers.discard(self)
             self._stop_sending()
-            sender.join(timeout=2)
             self.queue.forget_waiter(self)
             for in_flight in self._take_unacked():
                 self.queue.give_back(self, *in_flight)
@@ -212,6 +209,10 @@ class Subscription:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+        self.outbox.close()
+
+    def _lost(self) -> None:
+        self._done.set()
 
     def _request_close(self, code: int, reason: str) -> None:
         """Ask the handler thread to close the connection (never close from the reader thread:
@@ -230,12 +231,10 @@ class Subscription:
             if not self._drain_lock.acquire(blocking=False):
                 return
             try:
-                self._draining = threading.get_ident()
                 while self._again:
                     self._again = False
                     self._drain()
             finally:
-                self._draining = None
                 self._drain_lock.release()
 
     def _drain(self) -> None:
@@ -262,17 +261,16 @@ class Subscription:
 
     def _flush_set_states(self) -> None:
         """Commit the set_state requests read so far (together: one transaction for all the
-        messages that arrived at once), then send the answers this thread committed."""
+        messages that arrived at once), then send the answers this thread committed (those
+        committed by the writer thread go through the outbox)."""
         batch, self._batch = self._batch, []
         if batch:
-            try:
-                self.core.set_states_async(batch, holder=self.client_id)
-            except DatabaseClosed as exc:
-                for _run_id, _proposed, _force, done in batch:
-                    done(None, exc)
-        while self._direct:
-            self.ws.send(self._direct.pop(0))
-            self._answered(1)
+            with self.outbox.direct():
+                try:
+                    self.core.set_states_async(batch, holder=self.client_id)
+                except DatabaseClosed as exc:
+                    for _run_id, _proposed, _force, done in batch:
+                        done(None, exc)
 
     def _handle(self, message: Any) -> None:
         value = _decode(message)
@@ -355,14 +353,7 @@ class Subscription:
 
         def done(result: str | None, error: BaseException | None) -> None:
             if error is None:
-                reply = f'{prefix}"status_code":201,"result":{result}}}'
-                if self._draining == threading.get_ident():
-                    # committed inline by this connection's own message handler: it sends the
-                    # answer itself right after (not here: a send that blocks on a client that
-                    # does not read must not hold up the other writers)
-                    self._direct.append(reply)
-                else:
-                    self._post(reply)
+                self._post(f'{prefix}"status_code":201,"result":{result}}}')
                 return
             if isinstance(error, NotFound):
                 code, detail = 404, "Task not found"
@@ -395,37 +386,15 @@ class Subscription:
         return self._credit > 0
 
     def _post(self, message: str) -> None:
-        with self._cond:
-            if self._closed:
-                return
-            self._outbox.append(message)
-            self._cond.notify_all()
+        """An answer: sent by this thread after its commit when it is the reader committing
+        inline (see :meth:`_flush_set_states`), else by the outbox's sender thread."""
+        self.outbox.post(message)
 
     # -- sending ---------------------------------------------------------------------------------
-    def _send_loop(self) -> None:
-        try:
-            while True:
-                with self._cond:
-                    while not self._closed and not self._outbox and not self._woken:
-                        self._cond.wait()
-                    if self._closed:
-                        return
-                    messages = list(self._outbox)
-                    self._outbox.clear()
-                    woken, self._woken = self._woken, False
-                for message in messages:
-                    self.ws.send(message)
-                if messages:
-                    self._answered(len(messages))
-                if woken:
-                    self._try_deliver()
-        except (ConnectionClosed, OSError):
-            self._done.set()
-        except DatabaseClosed:
-            return
-        except Exception:  # pragma: no cover - a bug: drop the connection, the worker reconnects
-            logger.exception("subscription sender of %r failed", self.client_id)
-            self._done.set()
+    def _tick(self, poked: bool) -> None:
+        """Outbox sender thread, after its sends: deliver when the queue woke us."""
+        if poked:
+            self._try_deliver()
 
     def _try_deliver(self) -> None:
         """Send runs while flow control allows (any thread; one sender at a time)."""
