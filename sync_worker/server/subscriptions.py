@@ -26,6 +26,19 @@ lets the next one go. The ``credit`` extension, offered in ``auth_success``, lif
 
 Acks keep their meaning (they turn a delivered run into a leased one) and
 acknowledge the oldest unacknowledged run.
+
+``claim_at_delivery`` (offered in ``auth_success``; a client opts in with
+``"claim_at_delivery": true`` in its subscribe message, together with ``credit``): the server
+commits RUNNING for each run before it sends it (named "Running", message "Running on
+<client_id>", ``run_count`` + 1) and the run is leased to the connection at once, so the
+worker sends neither an ack nor a RUNNING proposal — one commit and two frames fewer per run.
+Runs delivered together are claimed in one group commit. A run that is not SCHEDULED any more
+when its turn comes is skipped; when the claim cannot be written (disk full, database
+locked) the run stays queued and delivery is tried again a second later. With this
+extension, ``set_state`` may carry ``"credit": N`` (the final state of a run grants the slot
+it frees in the same frame), and ``{"type": "release", "task_run_ids": [...]}`` hands back
+runs that were delivered (RUNNING) but not started: they are SCHEDULED again, at once, and
+the delivery is not counted. Clients that do not ask for it get the Prefect protocol as before.
 """
 from __future__ import annotations
 
@@ -67,7 +80,10 @@ logger = logging.getLogger("sync_worker.server.subscriptions")
 #: ``release`` (``{"type": "release"}``: a stopping worker takes no more runs on this
 #: connection and hands back every run delivered and not acknowledged, at once; the
 #: connection stays open as the lease of its acknowledged runs).
-EXTENSIONS = ["set_state", "credit", "direct_running", "release"]
+#: ``claim_at_delivery`` (RUNNING committed at delivery, see the module docstring).
+EXTENSIONS = ["set_state", "credit", "direct_running", "release", "claim_at_delivery"]
+#: seconds before delivery is tried again after a claim could not be written
+CLAIM_RETRY_DELAY = 1.0
 #: Most runs one connection may be granted, whatever credit it asks for.
 MAX_CREDIT = 1000
 #: set_state requests of one connection that may await their answers; past this the server
@@ -88,13 +104,13 @@ def handle_websocket(environ: dict[str, Any], core: Core, registry: Subscription
             authenticate(ws, core, announce)
         elif core.auth_string is not None:
             raise _Close(PROTOCOL_ERROR, "'prefect' subprotocol required when auth is configured")
-        keys, client_id, credit = _read_subscribe(ws)
-        Subscription(ws, core, keys, client_id, peer, credit).run()
+        keys, client_id, credit, claim = _read_subscribe(ws, not core.prefect_compatible)
+        Subscription(ws, core, keys, client_id, peer, credit, claim_at_delivery=claim).run()
 
     serve_socket(environ, registry, max_message_size, "subscription", serve)
 
 
-def _read_subscribe(ws: WebSocket) -> tuple[list[str], str, int | None]:
+def _read_subscribe(ws: WebSocket, extensions: bool = True) -> tuple[list[str], str, int | None, bool]:
     message = ws.receive(timeout=sockets.HANDSHAKE_TIMEOUT)
     if message is None and ws.connected:
         raise _Close(POLICY_VIOLATION, f"Expected 'subscribe' message within {sockets.HANDSHAKE_TIMEOUT:g} s")
@@ -117,7 +133,14 @@ def _read_subscribe(ws: WebSocket) -> tuple[list[str], str, int | None]:
     credit = value.get("credit")
     if credit is not None and (not isinstance(credit, int) or isinstance(credit, bool) or credit < 0):
         raise _Close(PREFECT_VIOLATION, "Protocol violation: 'credit' must be a whole number >= 0")
-    return list(dict.fromkeys(keys)), client_id, credit
+    claim = value.get("claim_at_delivery", False) if extensions else False
+    if claim is None:
+        claim = False
+    if not isinstance(claim, bool):
+        raise _Close(PREFECT_VIOLATION, "Protocol violation: 'claim_at_delivery' must be true or false")
+    if claim and credit is None:
+        raise _Close(PREFECT_VIOLATION, "Protocol violation: 'claim_at_delivery' requires 'credit'")
+    return list(dict.fromkeys(keys)), client_id, credit, claim
 
 
 class Subscription:
@@ -131,7 +154,8 @@ class Subscription:
     """
 
     def __init__(self, ws: WebSocket, core: Core, keys: list[str], client_id: str, peer: str,
-                 credit: int | None = None) -> None:
+                 credit: int | None = None, claim_at_delivery: bool = False) -> None:
+        self.claim_at_delivery = claim_at_delivery
         self.limit = credit if credit is not None else 1  # runs it may hold at once (stats)
         self.ws = ws
         self.core = core
@@ -155,6 +179,7 @@ class Subscription:
         self._close_request: tuple[int, str] | None = None
         self._drain_lock = threading.Lock()
         self._again = False
+        self._granted = False
         self._unanswered = 0  # set_state requests whose answer is not sent yet
         self._batch: list[tuple[str, dict[str, Any], bool, Callable[..., None]]] = []
         self._deliver_lock = threading.Lock()
@@ -254,8 +279,13 @@ class Subscription:
         finally:
             try:
                 self._flush_set_states()
+                if self._granted:  # credit that came with set_state messages
+                    self._granted = False
+                    self._try_deliver()
             except (ConnectionClosed, OSError):
                 self._done.set()
+            except DatabaseClosed:
+                pass
         if not self.ws.connected:
             self._done.set()
 
@@ -301,13 +331,25 @@ class Subscription:
         elif kind == "set_state":
             self._set_state(value)
         elif kind == "release":
+            ids = value.get("task_run_ids")
+            if ids is not None and (not self.claim_at_delivery or not isinstance(ids, list)
+                                    or len(ids) > MAX_CREDIT or not all(isinstance(i, str) for i in ids)):
+                raise _Close(PREFECT_VIOLATION, "Protocol violation: 'task_run_ids' must be a list of run ids "
+                                                "(with claim_at_delivery)")
             with self._cond:
                 self._quitting = True  # no delivery after this (see _deliver_one)
             released = self._take_unacked()
             for in_flight in released:
                 self.queue.give_back(self, *in_flight)
             self.queue.forget_waiter(self)
-            logger.info("Task worker %r stopped receiving; %d run(s) handed back", self.client_id, len(released))
+            claimed = 0
+            if ids:
+                try:
+                    claimed = self.core.release_claimed(ids, self.client_id)
+                except StorageError as exc:  # they stay RUNNING and leased: the lease brings them back
+                    logger.warning("could not hand back the runs of %r: %s", self.client_id, exc)
+            logger.info("Task worker %r stopped receiving; %d run(s) handed back", self.client_id,
+                        len(released) + claimed)
         elif kind == "quit":
             with self._cond:
                 self._quitting = True
@@ -318,6 +360,14 @@ class Subscription:
             raise _Close(PREFECT_VIOLATION, "Protocol violation: expected 'ack' message")
 
     def _set_state(self, value: dict[str, Any]) -> None:
+        grant = value.get("credit")
+        if grant is not None:  # claim_at_delivery: the final state frees a slot, in the same frame
+            if not self.claim_at_delivery or not isinstance(grant, int) or isinstance(grant, bool) or grant < 0:
+                raise _Close(PREFECT_VIOLATION, "Protocol violation: 'credit' in set_state must be a whole number "
+                                                ">= 0 (with claim_at_delivery)")
+            with self._cond:
+                self._credit = min((self._credit or 0) + grant, MAX_CREDIT)
+            self._granted = True
         # Backpressure: a client that sends requests faster than it reads the answers stops
         # being read (TCP pushes back on it) instead of filling the server's memory and the
         # database queue that everybody shares.
@@ -399,8 +449,76 @@ class Subscription:
     def _try_deliver(self) -> None:
         """Send runs while flow control allows (any thread; one sender at a time)."""
         with self._deliver_lock:
+            if self.claim_at_delivery:
+                while self._deliver_claimed():
+                    pass
+                return
             while self._deliver_one():
                 pass
+
+    def _take_due(self, limit: int) -> list[tuple[str, str, int, str | None]]:
+        """Up to ``limit`` due runs taken from the queue for this connection (the stale ones
+        dropped), as (id, key, seq, text or None)."""
+        taken: list[tuple[str, str, int, str | None]] = []
+        while len(taken) < limit:
+            one = self.queue.take(self)
+            if one is None:
+                break
+            if one[3] is None:  # loaded from the database: check it is still deliverable
+                found = self.core.db.read_run_text(one[0])  # type: ignore[attr-defined]
+                if found is None or found[1] != "SCHEDULED" or found[2] != QSTATE_MEMORY:
+                    self.queue.discard(self, one[0])
+                    continue
+            taken.append(one)
+        return taken
+
+    def _deliver_claimed(self) -> bool:
+        """claim_at_delivery: take as many runs as the credit allows, commit RUNNING for all
+        of them together, send them; True if some were sent (call again)."""
+        with self._cond:
+            if self._closed or self._quitting or not self._credit:
+                return False
+            limit = self._credit
+        taken = self._take_due(limit)
+        if not taken:
+            return False
+        with self._cond:
+            closed = self._closed or self._quitting
+        if closed:
+            for run in taken:
+                self.queue.give_back(self, *run)
+            return False
+        for run in taken:  # leased before the commit: a connection lost meanwhile starts their lease
+            self.queue.acked(self, run[0])
+        try:
+            claimed = self.core.claim_at_delivery([run[0] for run in taken], self.client_id)
+        except DatabaseClosed:
+            for run in taken:
+                self.queue.give_back(self, *run)
+            raise
+        texts: list[str] = []
+        failed: BaseException | None = None
+        for run, result in zip(taken, claimed, strict=True):
+            if isinstance(result, BaseException):  # not written: the run stays queued
+                failed = result
+                self.queue.give_back(self, *run)
+            elif result is None:  # deleted or not SCHEDULED any more
+                self.queue.discard(self, run[0])
+            else:
+                texts.append(result)
+        with self._cond:
+            self._credit = max(0, (self._credit or 0) - len(texts))
+        for text in texts:
+            self.ws.send(text)  # a failed send: the lease brings the run back
+            self.delivered += 1
+        if failed is not None:
+            logger.warning("could not claim runs for %r at delivery (%s); trying again in %g s", self.client_id,
+                           failed, CLAIM_RETRY_DELAY)
+            timer = threading.Timer(CLAIM_RETRY_DELAY, self.wake)
+            timer.daemon = True
+            timer.start()
+            return False
+        return bool(texts) or len(taken) > 0
 
     def _deliver_one(self) -> bool:
         """Send one run if flow control allows and one is due; True if one was sent."""
