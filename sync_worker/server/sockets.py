@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import struct
 import threading
 import time
 from collections import deque
@@ -20,6 +21,7 @@ from typing import Any
 
 import simple_websocket
 from simple_websocket.errors import ConnectionClosed
+from wsproto.connection import ConnectionState
 from wsproto.events import Ping, TextMessage
 from wsproto.utilities import LocalProtocolError
 
@@ -74,6 +76,25 @@ class Signal:
         callback()  # what arrived before
 
 
+#: bytes read per ``recv`` by a connection's reader thread (simple-websocket reads 4 KiB): a
+#: burst of messages, or one run of a few KiB, is read in one system call
+RECEIVE_BYTES = 65536
+
+
+def text_frame(data: str) -> bytes:
+    """One unfragmented, unmasked text frame, as wsproto builds it for a server without
+    extensions (the same bytes; tested), built directly: wsproto goes through an event
+    object, a state check, bytearray copies and an extension loop for every frame, and the
+    server sends one or more frames for every run."""
+    payload = data.encode("utf-8")
+    n = len(payload)
+    if n < 126:
+        return bytes((0x81, n)) + payload
+    if n < 65536:
+        return struct.pack("!BBH", 0x81, 126, n) + payload
+    return struct.pack("!BBQ", 0x81, 127, n) + payload
+
+
 class WebSocket(simple_websocket.Server):
     """simple-websocket server socket whose sends are thread-safe and complete (sendall)."""
 
@@ -82,13 +103,27 @@ class WebSocket(simple_websocket.Server):
     def __init__(self, environ: dict[str, Any], **kwargs: Any) -> None:
         self.send_lock = threading.Lock()
         self.ping_failures = 0
+        kwargs.setdefault("receive_bytes", RECEIVE_BYTES)
         super().__init__(environ, event_class=Signal, **kwargs)
 
     def send(self, data: Any) -> None:
         with self.send_lock:
             if not self.connected:
                 raise ConnectionClosed(self.close_reason, self.close_message)
-            self.sock.sendall(self.ws.send(TextMessage(data=data)))
+            if isinstance(data, str) and self._plain():
+                self.sock.sendall(text_frame(data))
+            else:
+                self.sock.sendall(self.ws.send(TextMessage(data=data)))
+
+    def _plain(self) -> bool:
+        """Whether a frame built by :func:`text_frame` is what wsproto would send now: the
+        connection is open and no extension (permessage-deflate) was negotiated. Anything
+        else, or a wsproto whose internals look different, goes through wsproto."""
+        connection = self.ws.connection
+        if connection is None or connection.state is not ConnectionState.OPEN:
+            return False
+        extensions = getattr(getattr(connection, "_proto", None), "extensions", None)
+        return extensions is not None and not extensions
 
     def close(self, reason: int | None = None, message: str | None = None) -> None:
         # A send blocked on a client that does not read holds the lock: give up on the close
