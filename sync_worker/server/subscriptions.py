@@ -39,6 +39,11 @@ extension, ``set_state`` may carry ``"credit": N`` (the final state of a run gra
 it frees in the same frame), and ``{"type": "release", "task_run_ids": [...]}`` hands back
 runs that were delivered (RUNNING) but not started: they are SCHEDULED again, at once, and
 the delivery is not counted. Clients that do not ask for it get the Prefect protocol as before.
+
+``batch_delivery`` (offered in ``auth_success``; opt in with ``"batch_delivery": true`` next to
+``claim_at_delivery``): runs claimed together are sent in one frame,
+``{"type": "task_runs", "task_runs": [run, ...]}`` (a single run is still sent alone, as a
+plain TaskRun), instead of one frame per run.
 """
 from __future__ import annotations
 
@@ -81,7 +86,8 @@ logger = logging.getLogger("sync_worker.server.subscriptions")
 #: connection and hands back every run delivered and not acknowledged, at once; the
 #: connection stays open as the lease of its acknowledged runs).
 #: ``claim_at_delivery`` (RUNNING committed at delivery, see the module docstring).
-EXTENSIONS = ["set_state", "credit", "direct_running", "release", "claim_at_delivery"]
+#: ``batch_delivery`` (runs claimed together sent in one frame).
+EXTENSIONS = ["set_state", "credit", "direct_running", "release", "claim_at_delivery", "batch_delivery"]
 #: seconds before delivery is tried again after a claim could not be written
 CLAIM_RETRY_DELAY = 1.0
 #: Most runs one connection may be granted, whatever credit it asks for.
@@ -104,13 +110,13 @@ def handle_websocket(environ: dict[str, Any], core: Core, registry: Subscription
             authenticate(ws, core, announce)
         elif core.auth_string is not None:
             raise _Close(PROTOCOL_ERROR, "'prefect' subprotocol required when auth is configured")
-        keys, client_id, credit, claim = _read_subscribe(ws, not core.prefect_compatible)
-        Subscription(ws, core, keys, client_id, peer, credit, claim_at_delivery=claim).run()
+        keys, client_id, credit, claim, batch = _read_subscribe(ws, not core.prefect_compatible)
+        Subscription(ws, core, keys, client_id, peer, credit, claim_at_delivery=claim, batch_delivery=batch).run()
 
     serve_socket(environ, registry, max_message_size, "subscription", serve)
 
 
-def _read_subscribe(ws: WebSocket, extensions: bool = True) -> tuple[list[str], str, int | None, bool]:
+def _read_subscribe(ws: WebSocket, extensions: bool = True) -> tuple[list[str], str, int | None, bool, bool]:
     message = ws.receive(timeout=sockets.HANDSHAKE_TIMEOUT)
     if message is None and ws.connected:
         raise _Close(POLICY_VIOLATION, f"Expected 'subscribe' message within {sockets.HANDSHAKE_TIMEOUT:g} s")
@@ -133,14 +139,21 @@ def _read_subscribe(ws: WebSocket, extensions: bool = True) -> tuple[list[str], 
     credit = value.get("credit")
     if credit is not None and (not isinstance(credit, int) or isinstance(credit, bool) or credit < 0):
         raise _Close(PREFECT_VIOLATION, "Protocol violation: 'credit' must be a whole number >= 0")
-    claim = value.get("claim_at_delivery", False) if extensions else False
-    if claim is None:
-        claim = False
-    if not isinstance(claim, bool):
-        raise _Close(PREFECT_VIOLATION, "Protocol violation: 'claim_at_delivery' must be true or false")
+    claim, batch = (_flag(value, "claim_at_delivery"), _flag(value, "batch_delivery")) if extensions else (False, False)
     if claim and credit is None:
         raise _Close(PREFECT_VIOLATION, "Protocol violation: 'claim_at_delivery' requires 'credit'")
-    return list(dict.fromkeys(keys)), client_id, credit, claim
+    if batch and not claim:
+        raise _Close(PREFECT_VIOLATION, "Protocol violation: 'batch_delivery' requires 'claim_at_delivery'")
+    return list(dict.fromkeys(keys)), client_id, credit, claim, batch
+
+
+def _flag(value: dict[str, Any], name: str) -> bool:
+    flag = value.get(name)
+    if flag is None:
+        return False
+    if not isinstance(flag, bool):
+        raise _Close(PREFECT_VIOLATION, f"Protocol violation: '{name}' must be true or false")
+    return flag
 
 
 class Subscription:
@@ -154,8 +167,10 @@ class Subscription:
     """
 
     def __init__(self, ws: WebSocket, core: Core, keys: list[str], client_id: str, peer: str,
-                 credit: int | None = None, claim_at_delivery: bool = False) -> None:
+                 credit: int | None = None, claim_at_delivery: bool = False,
+                 batch_delivery: bool = False) -> None:
         self.claim_at_delivery = claim_at_delivery
+        self.batch_delivery = batch_delivery
         self.limit = credit if credit is not None else 1  # runs it may hold at once (stats)
         self.ws = ws
         self.core = core
@@ -508,9 +523,13 @@ class Subscription:
                 texts.append(result)
         with self._cond:
             self._credit = max(0, (self._credit or 0) - len(texts))
-        for text in texts:
-            self.ws.send(text)  # a failed send: the lease brings the run back
-            self.delivered += 1
+        if self.batch_delivery and len(texts) > 1:  # a failed send: the lease brings the runs back
+            self.ws.send('{"type":"task_runs","task_runs":[' + ",".join(texts) + "]}")
+            self.delivered += len(texts)
+        else:
+            for text in texts:
+                self.ws.send(text)
+                self.delivered += 1
         if failed is not None:
             logger.warning("could not claim runs for %r at delivery (%s); trying again in %g s", self.client_id,
                            failed, CLAIM_RETRY_DELAY)

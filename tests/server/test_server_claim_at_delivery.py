@@ -26,6 +26,15 @@ def claiming(wire, credit: int, keys=None, client_id: str = "claimer", **extra: 
     return subscriber
 
 
+def _answer(subscriber: Subscriber, request_id: str, timeout: float = 10.0) -> dict[str, Any]:
+    subscriber.ws.settimeout(timeout)
+    while True:
+        message = json.loads(subscriber.ws.recv())  # (not recv(): it would hand back _pending first)
+        if message.get("type") == "set_state_result" and message.get("request_id") == request_id:
+            return message
+        subscriber._pending.append(message)
+
+
 def _states(wire, run_id: str) -> list[tuple[str, str]]:
     response = wire.http.get(f"{wire.url}/task_run_states/", params={"task_run_id": run_id}, timeout=10)
     return [(s["type"], s["name"]) for s in response.json()]
@@ -57,8 +66,8 @@ def test_final_state_with_credit_brings_the_next_run_and_no_ack_is_needed(wire):
         request_id = uuid.uuid4().hex
         subscriber.send({"type": "set_state", "request_id": request_id, "task_run_id": run["id"],
                          "state": {"type": "COMPLETED"}, "credit": 1})
-        answer = subscriber.recv()
-        assert answer["request_id"] == request_id and answer["result"]["status"] == "ACCEPT"
+        answer = _answer(subscriber, request_id)  # the next run may come first: kept for next_run()
+        assert answer["result"]["status"] == "ACCEPT"
     assert [wire.read(i)["state_type"] for i in ids] == ["COMPLETED"] * 3
     assert [wire.read(i)["run_count"] for i in ids] == [1, 1, 1]
 
@@ -125,6 +134,7 @@ def test_old_clients_are_unaffected(wire):
 @pytest.mark.parametrize("subscribe, words", [
     ({"claim_at_delivery": True}, "requires 'credit'"),
     ({"claim_at_delivery": "yes", "credit": 1}, "true or false"),
+    ({"batch_delivery": True, "credit": 1}, "requires 'claim_at_delivery'"),
 ])
 def test_bad_opt_in_closes_with_4001(wire, subscribe, words):
     ws = wire.connect()
@@ -173,3 +183,20 @@ def test_many_runs_claimed_in_batches_each_once(wire):
     wait_for(lambda: all(wire.read(i)["state_type"] == "COMPLETED" for i in ids), timeout=30,
              message="every run COMPLETED")
     assert all(wire.read(i)["run_count"] == 1 for i in ids)
+
+
+def test_batch_delivery_sends_runs_claimed_together_in_one_frame(wire):
+    ids = [wire.create()["id"] for _ in range(5)]
+    subscriber = claiming(wire, 4, batch_delivery=True)
+    assert "batch_delivery" in subscriber.auth_reply["extensions"]
+    frame = subscriber.recv()
+    assert frame["type"] == "task_runs"
+    assert [run["id"] for run in frame["task_runs"]] == ids[:4]
+    assert all(run["state"]["type"] == "RUNNING" for run in frame["task_runs"])
+    subscriber.send({"type": "set_state", "request_id": "a", "task_run_id": ids[0], "state": {"type": "COMPLETED"},
+                     "credit": 1})
+    # the answer and the next run may come in either order (the grant is read before the commit)
+    messages = [subscriber.recv(), subscriber.recv()]
+    assert [m.get("request_id") for m in messages if m.get("type") == "set_state_result"] == ["a"]
+    single = next(m for m in messages if "type" not in m)  # one run ready: sent alone, as a plain TaskRun
+    assert single["id"] == ids[4] and single["state"]["type"] == "RUNNING"
