@@ -17,8 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 from .database import QSTATE_NONE, Database, RunRow, Transaction
-from .models import TERMINAL, ValidationError, build_task_run
-from .orchestration import orchestrate
+from .models import TERMINAL, ValidationError, build_task_run, validate_state
+from .orchestration import orchestrate, orchestrate_prefect
 from .retention import delete_parameters_when_completed
 from .runqueue import RunQueue
 
@@ -52,7 +52,8 @@ class Core:
         # subscriptions.Subscription.run
         self.subscribers: set[Any] = set()
         self.auth_string = auth_string
-        #: Prefect-compatible mode: announce no extension and serve no rpc socket, so that
+        #: Prefect-compatible mode: announce no extension, serve no rpc socket and answer
+        #: proposals with Prefect's rules (:func:`.orchestration.orchestrate_prefect`), so that
         #: clients behave as with a Prefect server (their Prefect dialect gets exercised).
         self.prefect_compatible = False
         self._basic = (
@@ -154,7 +155,10 @@ class Core:
                 raise NotFound("Task not found")
             now = time.time()
             previous = row.state_type
-            decision = orchestrate(row.run, proposed, force, now, row.background)
+            if self.prefect_compatible:
+                decision = orchestrate_prefect(row.run, proposed, force, now)
+            else:
+                decision = orchestrate(row.run, proposed, force, now, row.background)
             if decision.changed:
                 new_type = decision.state["type"]
                 row.state_type = new_type
@@ -189,6 +193,80 @@ class Core:
                     f'"details":{_dumps(decision.details)}}}')
 
         return op
+
+    # -- claim at delivery (subscription extension) ----------------------------------------------
+    def claim_at_delivery(self, run_ids: list[str], holder: str) -> list[str | BaseException | None]:
+        """RUNNING for runs about to be delivered to the subscription ``holder``, committed
+        before they are sent (durable before delivered: the worker sends no RUNNING proposal
+        of its own). One operation per run, queued together (so committed together when
+        nobody else commits). Returns, per run, the TaskRun JSON to send (now RUNNING), None
+        when the run is not SCHEDULED any more (deleted, cancelled), or the write's error."""
+        results: list[str | BaseException | None] = [None] * len(run_ids)
+        left = [len(run_ids)]
+        lock = threading.Lock()
+        finished = threading.Event()
+        proposed = validate_state({"type": "RUNNING", "name": "Running", "message": f"Running on {holder}"}, ["state"])
+
+        def make_op(run_id: str) -> Callable[[Transaction], str | None]:
+            set_running = self._set_state_op(run_id, proposed, False, holder)
+
+            def op(tx: Transaction) -> str | None:
+                row = tx.get_run(run_id)
+                if row is None or row.state_type != "SCHEDULED":
+                    return None
+                set_running(tx)  # SCHEDULED -> RUNNING: accepted by the table
+                return row.dump()
+
+            return op
+
+        def make_callback(index: int) -> Callable[[Any, BaseException | None], None]:
+            def callback(result: Any, error: BaseException | None) -> None:
+                results[index] = error if error is not None else result
+                with lock:
+                    left[0] -= 1
+                    if left[0] == 0:
+                        finished.set()
+
+            return callback
+
+        if not run_ids:
+            return results
+        self.db.submit_many([(make_op(run_id), make_callback(i)) for i, run_id in enumerate(run_ids)],  # type: ignore[attr-defined]
+                            inline=True)
+        finished.wait()
+        return results
+
+    def release_claimed(self, run_ids: list[str], holder: str) -> int:
+        """Runs claimed at delivery by ``holder`` that it hands back unstarted (a stopping
+        worker): RUNNING -> SCHEDULED again and queued at once; the claim's ``run_count`` and
+        the delivery are not counted. Runs in another state or held by another connection
+        are left alone. Returns how many went back."""
+        from .orchestration import system_state
+
+        queue = self.queue
+
+        def op(tx: Transaction) -> int:
+            count = 0
+            now = time.time()
+            for run_id in run_ids:
+                row = tx.get_run(run_id)
+                if row is None or row.state_type != "RUNNING" or row.holder != holder:
+                    continue
+                run_count = max(0, row.run.get("run_count", 1) - 1)
+                system_state(row.run, "SCHEDULED", now, message=f"Handed back unstarted by {holder}",
+                             scheduled_time=now, deferred=True)
+                row.run["run_count"] = run_count
+                row.state_type = "SCHEDULED"
+                row.holder = None
+                row.due = now
+                row.touch()
+                queue.place(row, now)
+                tx.update_run(row)
+                queue.placed(tx, row)
+                count += 1
+            return count
+
+        return self.db.write(op)
 
     # -- waiting for a run to finish (rpc "wait") ---------------------------------------------------
     def when_finished(self, run_id: str, callback: Callable[[str], None]) -> Callable[[], None]:

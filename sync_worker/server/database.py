@@ -75,10 +75,11 @@ class StorageError(RuntimeError):
 #: ``PRAGMA application_id`` of our databases ("SyWk"): tells them apart from other SQLite files
 APPLICATION_ID = 0x5379576B
 #: ``PRAGMA user_version``: the schema version, so that a later release can migrate
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Schema history: 1 = task_runs + records; 2 = + task_run_states (every state a run entered,
 # written in the transaction of the state change; a version-1 database is migrated on open and
-# its runs' current states seed their history).
+# its runs' current states seed their history); 3 = task_run_states keyed by the run's integer
+# ``seq`` instead of its text id (a version-2 history is copied over on open).
 #: seconds a write waits for a lock held by another process before answering "database locked"
 BUSY_TIMEOUT = 5.0
 #: the WAL file is truncated back to this size after checkpoints
@@ -277,17 +278,18 @@ CREATE INDEX IF NOT EXISTS ix_task_runs_memory ON task_runs (qstate) WHERE qstat
 -- runs a worker held when the server stopped
 CREATE INDEX IF NOT EXISTS ix_task_runs_active ON task_runs (state_type)
     WHERE state_type IN ('PENDING', 'RUNNING');
--- state history: one small row per state a run entered (deleted with the run)
+-- state history: one small row per state a run entered (deleted with the run), keyed by the
+-- run's integer seq: new rows land at the end of the index (a random text id scattered them)
 CREATE TABLE IF NOT EXISTS task_run_states (
     seq INTEGER PRIMARY KEY,
-    run_id TEXT NOT NULL,
+    run_seq INTEGER NOT NULL,
     state_id TEXT NOT NULL,
     type TEXT NOT NULL,
     name TEXT,
     timestamp TEXT NOT NULL,
     message TEXT
 );
-CREATE INDEX IF NOT EXISTS ix_task_run_states_run ON task_run_states (run_id, seq);
+CREATE INDEX IF NOT EXISTS ix_task_run_states_run_seq ON task_run_states (run_seq, seq);
 -- the dashboard (dashboard.py): runs by key and state, and the runs finished per 10 s
 CREATE INDEX IF NOT EXISTS ix_task_runs_key_state ON task_runs (task_key, state_type);
 CREATE INDEX IF NOT EXISTS ix_task_run_states_final ON task_run_states (timestamp)
@@ -383,9 +385,9 @@ class _SQLiteTransaction(Transaction):
         if not isinstance(state, dict) or not state.get("id"):
             return
         self._conn.execute(
-            "INSERT INTO task_run_states (run_id, state_id, type, name, timestamp, message)"
+            "INSERT INTO task_run_states (run_seq, state_id, type, name, timestamp, message)"
             " VALUES (?, ?, ?, ?, ?, ?)",
-            (row.id, state["id"], state.get("type") or row.state_type, state.get("name"),
+            (row.seq, state["id"], state.get("type") or row.state_type, state.get("name"),
              state.get("timestamp") or "", state.get("message")),
         )
         row.recorded_state_id = state["id"]
@@ -395,7 +397,7 @@ class _SQLiteTransaction(Transaction):
         if row is None:
             return None
         self._conn.execute("DELETE FROM task_runs WHERE id = ?", (run_id,))
-        self._conn.execute("DELETE FROM task_run_states WHERE run_id = ?", (run_id,))
+        self._conn.execute("DELETE FROM task_run_states WHERE run_seq = ?", (row.seq,))
         self._db._cache.pop(run_id, None)
         return row
 
@@ -494,17 +496,29 @@ class SQLiteDatabase(Database):
             had_history = "task_run_states" in tables
             conn.execute("BEGIN IMMEDIATE")  # the migration is all or nothing
             try:
+                history_by_id = had_history and "run_id" in {
+                    r[1] for r in conn.execute("PRAGMA table_info(task_run_states)")}
+                if history_by_id:  # version 2: set aside, copied into the new layout below
+                    conn.execute("ALTER TABLE task_run_states RENAME TO task_run_states_v2")
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
                 columns = {r[1] for r in conn.execute("PRAGMA table_info(task_runs)")}
                 if "holder" not in columns:  # a database made by an earlier version
                     conn.execute("ALTER TABLE task_runs ADD COLUMN holder TEXT")
-                if not had_history and "task_runs" in tables:  # version 1 -> 2
+                if history_by_id:  # version 2 -> 3: the same rows, keyed by the run's seq
+                    conn.execute(
+                        "INSERT INTO task_run_states (seq, run_seq, state_id, type, name, timestamp, message)"
+                        " SELECT s.seq, r.seq, s.state_id, s.type, s.name, s.timestamp, s.message"
+                        " FROM task_run_states_v2 s JOIN task_runs r ON r.id = s.run_id ORDER BY s.seq")
+                    conn.execute("DROP TABLE task_run_states_v2")  # and its index
+                    logger.info("database %s migrated from schema version %d to %d (state history keyed by "
+                                "run seq)", self.path, version, SCHEMA_VERSION)
+                elif not had_history and "task_runs" in tables:  # version 1 -> 3
                     # the runs' current states start their history (earlier states were not kept)
                     conn.execute(
-                        "INSERT INTO task_run_states (run_id, state_id, type, name, timestamp, message)"
-                        " SELECT id, json_extract(data, '$.state.id'), state_type,"
+                        "INSERT INTO task_run_states (run_seq, state_id, type, name, timestamp, message)"
+                        " SELECT seq, json_extract(data, '$.state.id'), state_type,"
                         " json_extract(data, '$.state.name'), coalesce(json_extract(data, '$.state.timestamp'), ''),"
                         " json_extract(data, '$.state.message') FROM task_runs"
                         " WHERE json_extract(data, '$.state.id') IS NOT NULL ORDER BY seq")
@@ -588,7 +602,8 @@ class SQLiteDatabase(Database):
     def read_states(self, run_id: str) -> list[tuple[str, str, str | None, str, str | None]]:
         """The state history of a run, oldest first: (state_id, type, name, timestamp, message)."""
         return [tuple(r) for r in self.read_all(  # type: ignore[misc]
-            "SELECT state_id, type, name, timestamp, message FROM task_run_states WHERE run_id = ? ORDER BY seq",
+            "SELECT state_id, type, name, timestamp, message FROM task_run_states"
+            " WHERE run_seq = (SELECT seq FROM task_runs WHERE id = ?) ORDER BY seq",
             (run_id,))]
 
     def count_runs(self, state_type: str | None = None) -> int:

@@ -44,6 +44,7 @@ ANY: frozenset[str | None] = frozenset(STATE_TYPES) | {None}
 ACCEPT = "ACCEPT"
 REJECT = "REJECT"
 ABORT = "ABORT"
+WAIT = "WAIT"  # Prefect-compatible mode only: propose again after details.delay_seconds
 RETRY = "RETRY"  # REJECT into AwaitingRetry when retries are left, else ACCEPT
 
 
@@ -82,7 +83,7 @@ def match(current: str | None, proposed: str) -> Rule:
 class Decision:
     """The orchestration result, and what the server must do with the run."""
 
-    status: str  # ACCEPT | REJECT | ABORT
+    status: str  # ACCEPT | REJECT | ABORT | WAIT
     state: dict[str, Any]  # the state returned to the caller
     details: dict[str, Any]
     changed: bool  # the run's state was replaced by ``state``
@@ -195,3 +196,137 @@ def system_state(run: dict[str, Any], state_type: str, now: float, *, name: str 
                        scheduled_time=scheduled_time)
     _apply(run, state, now)
     return state
+
+
+# -- Prefect-compatible mode ----------------------------------------------------------------------
+#
+# ``Server(prefect_compatible=True)`` answers as a Prefect 3.8.8 server does (its
+# ``prefect/server/orchestration/core_policy.py`` and ``global_policy.py``, read for this), so
+# that a client's Prefect dialect meets Prefect's answers in the default test run. Prefect picks
+# the policy from the PROPOSAL (``models/task_runs.set_task_run_state``):
+#
+# - ``state_details.deferred=true`` -> BackgroundTaskPolicy (even with ``force``);
+# - else ``force=true`` -> MinimalTaskPolicy (accept anything);
+# - else CoreTaskPolicy.
+#
+# The rules below are the ones of those policies that apply to a background run (cache,
+# concurrency-slot and flow-run rules have nothing to act on here), in Prefect's order:
+#
+# ======================================  ===========================================================
+# Rule (policy)                           Effect
+# ======================================  ===========================================================
+# PreventPendingTransitions (background)  PENDING, RUNNING, CANCELLING, CANCELLED -> PENDING: ABORT
+#                                         "This run is in a X state and cannot transition to a
+#                                         PENDING state." (PENDING -> PENDING under a new name other
+#                                         than "Pending" passes)
+# HandleTaskTerminalStateTransitions      terminal -> CANCELLING/PAUSED/CRASHED: ABORT "Run is
+#                                         already X."; COMPLETED with persisted data -> anything:
+#                                         REJECT "This run is already completed."; otherwise leaving
+#                                         a terminal state is ACCEPTED (run_count reset to 0)
+# CopyScheduledTime                       SCHEDULED -> PENDING keeps the scheduled time
+# CopyTaskParametersID (background)       SCHEDULED/PENDING -> PENDING/RUNNING keeps the parameters id
+# WaitForScheduledTime                    SCHEDULED/PENDING -> RUNNING before the scheduled time:
+#                                         WAIT, delay_seconds rounded to whole seconds
+# RetryFailedTasks                        RUNNING -> FAILED with retries left: REJECT with SCHEDULED
+#                                         "AwaitingRetry" (deferred=false: NOT re-queued; a worker
+#                                         re-proposes it with deferred=true to queue it)
+# RenameReruns                            -> RUNNING when run_count > 0: "Retrying" from
+#                                         AwaitingRetry, else "Rerunning"
+# EnqueueScheduledTasks (background)      -> SCHEDULED with deferred=true: queued
+# ======================================  ===========================================================
+#
+# Where this differs from the embedded server's own table (above): RUNNING -> RUNNING is
+# accepted ("Rerunning", no ABORT), a non-deferred PENDING for a claimed run is accepted, a
+# late PENDING/RUNNING for a FAILED (or data-less COMPLETED) run is accepted, AwaitingRetry
+# is not re-queued by itself, and an early RUNNING is answered WAIT.
+
+PREFECT_TERMINAL_ABORTS = frozenset({"CANCELLING", "PAUSED", "CRASHED"})
+_PREVENT_PENDING_FROM = frozenset({"PENDING", "CANCELLING", "RUNNING", "CANCELLED"})
+
+
+def _abort(current_state: dict[str, Any] | None, reason: str) -> Decision:
+    return Decision(ABORT, current_state, {"type": "abort_details", "reason": reason}, changed=False)  # type: ignore[arg-type]
+
+
+def _wait_seconds(scheduled: float, now: float) -> int:
+    """Prefect's rounding: floor of the delay, plus its microseconds rounded (a timedelta)."""
+    import datetime as _dt
+    import math
+
+    delay = _dt.timedelta(seconds=scheduled - now)
+    return math.floor(delay.total_seconds()) + round(delay.microseconds / 1e6)
+
+
+def orchestrate_prefect(run: dict[str, Any], proposed: dict[str, Any], force: bool, now: float) -> Decision:
+    """Prefect 3.8.8's answer to a proposed state (see the table above); ``run`` is modified
+    in place when the state changes, as :func:`orchestrate` does."""
+    from .models import parse_time
+
+    current_state = run.get("state")
+    current = current_state["type"] if current_state else None
+    current_details = (current_state or {}).get("state_details") or {}
+    target = proposed["type"]
+    details = dict(proposed["state_details"])
+    deferred = bool(details.get("deferred"))
+    name = proposed["name"]
+    run_id = run["id"]
+    run_count = run.get("run_count", 0)
+    rules = current_state is not None and (deferred or not force)  # MinimalTaskPolicy: none
+
+    if rules:
+        if deferred and target == "PENDING" and current in _PREVENT_PENDING_FROM:
+            if current == "PENDING" and current_state.get("name") != name and name not in (None, "Pending"):  # type: ignore[union-attr]
+                details["scheduled_time"] = current_details.get("scheduled_time")
+            else:
+                return _abort(current_state, f"This run is in a {current} state and cannot transition to a "
+                                             "PENDING state.")
+        if current in TERMINAL:
+            if target in PREFECT_TERMINAL_ABORTS:
+                return _abort(current_state, f"Run is already {current}.")
+            data = current_state.get("data")  # type: ignore[union-attr]
+            if current == "COMPLETED" and data and not (isinstance(data, dict) and data.get("type") == "unpersisted"):
+                return Decision(REJECT, current_state, {"type": "reject_details",  # type: ignore[arg-type]
+                                                        "reason": "This run is already completed."}, changed=False)
+            if target not in TERMINAL:
+                run_count = 0
+        if current == "SCHEDULED" and target == "PENDING" and not details.get("scheduled_time"):
+            details["scheduled_time"] = current_details.get("scheduled_time")
+        if (deferred and current in ("SCHEDULED", "PENDING") and target in ("PENDING", "RUNNING")
+                and not details.get("task_parameters_id")):
+            details["task_parameters_id"] = current_details.get("task_parameters_id")
+        if current in ("SCHEDULED", "PENDING") and target == "RUNNING" and current_details.get("scheduled_time"):
+            try:
+                seconds = _wait_seconds(parse_time(current_details["scheduled_time"], []), now)
+            except ValueError:  # pragma: no cover - we wrote it ourselves
+                seconds = 0
+            if seconds > 0:
+                return Decision(WAIT, current_state, {"type": "wait_details", "delay_seconds": seconds,  # type: ignore[arg-type]
+                                                      "reason": "Scheduled time is in the future"}, changed=False)
+        if current == "RUNNING" and target == "FAILED":
+            policy = run.get("empirical_policy") or {}
+            retries = policy.get("retries")
+            if details.get("retriable") is not False and retries is not None and run_count <= retries:
+                due = now + retry_delay(policy, run_count)
+                state = make_state("SCHEDULED", run_id, now, name="AwaitingRetry", message=proposed["message"],
+                                   data=proposed["data"], scheduled_time=due)
+                _apply(run, state, now)
+                return Decision(REJECT, state, {"type": "reject_details", "reason": "Retrying"}, changed=True)
+        if target == "RUNNING" and run_count > 0:
+            name = "Retrying" if current_state.get("name") == "AwaitingRetry" else "Rerunning"  # type: ignore[union-attr]
+
+    scheduled_time = None
+    if target == "SCHEDULED":
+        scheduled_time = proposed["scheduled_time"] if proposed["scheduled_time"] is not None else now
+    if target == "RUNNING":
+        run_count += 1
+        if run.get("start_time") is None:
+            run["start_time"] = iso(now)
+    run["run_count"] = run_count
+    state = make_state(target, run_id, now, name=name, message=proposed["message"], data=proposed["data"],
+                       details=details, scheduled_time=scheduled_time)
+    if current in TERMINAL and target not in TERMINAL:
+        run["end_time"] = None  # SetEndTime: leaving a final state clears it
+    _apply(run, state, now)
+    queue = target == "SCHEDULED" and deferred  # EnqueueScheduledTasks
+    return Decision(ACCEPT, state, {"type": "accept_details"}, changed=True, queue=queue,
+                    due=scheduled_time or now)

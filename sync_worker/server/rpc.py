@@ -24,15 +24,21 @@ import json
 import logging
 import threading
 import time
-from collections import deque
 from typing import Any
-
-from simple_websocket.errors import ConnectionClosed
 
 from .core import Conflict, Core, NotFound
 from .database import DatabaseClosed, StorageError
 from .models import ValidationError
-from .sockets import PREFECT_VIOLATION, Close, SubscriptionRegistry, WebSocket, authenticate, decode, serve_socket
+from .sockets import (
+    PREFECT_VIOLATION,
+    Close,
+    Outbox,
+    SubscriptionRegistry,
+    WebSocket,
+    authenticate,
+    decode,
+    serve_socket,
+)
 
 logger = logging.getLogger("sync_worker.server.rpc")
 
@@ -60,17 +66,18 @@ def handle_rpc(environ: dict[str, Any], core: Core, registry: SubscriptionRegist
 
 
 class RpcChannel:
-    """One rpc connection: the handler thread reads requests; a sender thread writes the
-    answers, which arrive from whichever thread committed (never block a committer on a
-    slow client's socket)."""
+    """One rpc connection: the handler thread reads requests and commits creates itself
+    (inline when no other commit runs), and sends the replies it committed right after; the
+    outbox's sender thread sends the replies committed by other threads (never block a
+    committer on a slow client's socket) and expires waits."""
 
     def __init__(self, ws: WebSocket, core: Core, peer: str) -> None:
         self.ws = ws
         self.core = core
         self.peer = peer
-        self._cond = threading.Condition()
-        self._outbox: deque[str] = deque()
-        self._closed = False
+        self._lock = threading.Lock()  # guards _deadlines
+        self.outbox = Outbox(ws, "sync-worker-rpc-send", tick=self._tick, due=self._next_due,
+                             lost=ws.shutdown, flush_on_close=True)
         # request_id -> cancel function of an outstanding wait (a client that gave up on one
         # just ignores its late answer; the server forgets it when the run ends or on close)
         self._waits: dict[str, Any] = {}
@@ -79,19 +86,16 @@ class RpcChannel:
 
     def run(self) -> None:
         logger.debug("rpc connection from %s", self.peer)
-        sender = threading.Thread(target=self._send_loop, name="sync-worker-rpc-send", daemon=True)
-        sender.start()
+        self.outbox.start()
         try:
             while True:
                 message = self.ws.receive()
                 if message is None:  # the connection ended
                     return
-                self._handle(decode(message))
+                with self.outbox.direct():  # replies committed by this thread: sent by it
+                    self._handle(decode(message))
         finally:
-            with self._cond:
-                self._closed = True
-                self._cond.notify()
-            sender.join(timeout=2)
+            self.outbox.close()
 
     def _handle(self, value: dict[str, Any]) -> None:
         kind = value.get("type")
@@ -153,16 +157,16 @@ class RpcChannel:
             return
         if request_id in self._waits:
             self._waits[request_id] = cancel
-            with self._cond:
+            with self._lock:
                 heapq.heappush(self._deadlines, (time.monotonic() + timeout, request_id, run_id))
-                self._cond.notify()
+            self.outbox.poke()  # the sender's next timeout may be sooner now
 
     def _expire_waits(self) -> None:
         """Answer the waits whose timeout passed with the run as it is now, and forget them
         (sender thread)."""
         now = time.monotonic()
         while True:
-            with self._cond:
+            with self._lock:
                 if not self._deadlines or self._deadlines[0][0] > now:
                     return
                 _, request_id, run_id = heapq.heappop(self._deadlines)
@@ -186,30 +190,12 @@ class RpcChannel:
                detail: str | None = None) -> None:
         head = f'{{"type":"{kind}","request_id":{json.dumps(request_id)},"status_code":{status},'
         text = head + (f'"result":{result}}}' if result is not None else f'"detail":{json.dumps(detail)}}}')
-        with self._cond:
-            if self._closed:
-                return
-            self._outbox.append(text)
-            self._cond.notify()
+        self.outbox.post(text)
 
-    def _send_loop(self) -> None:
-        try:
-            while True:
-                with self._cond:
-                    while not self._closed and not self._outbox:
-                        if self._deadlines:
-                            due = self._deadlines[0][0] - time.monotonic()
-                            if due <= 0:
-                                break
-                            self._cond.wait(due)
-                        else:
-                            self._cond.wait()
-                    if self._closed and not self._outbox:
-                        return
-                    messages = list(self._outbox)
-                    self._outbox.clear()
-                for message in messages:
-                    self.ws.send(message)
-                self._expire_waits()
-        except (ConnectionClosed, OSError):
-            self.ws.shutdown()
+    def _next_due(self) -> float | None:
+        """Seconds until the next wait expires (the outbox sender's timeout)."""
+        with self._lock:
+            return self._deadlines[0][0] - time.monotonic() if self._deadlines else None
+
+    def _tick(self, poked: bool) -> None:
+        self._expire_waits()

@@ -271,12 +271,15 @@ class RunQueue:
     def discard(self, waiter: Waiter, run_id: str) -> None:
         """A taken run turned out not to be deliverable (deleted, or no longer SCHEDULED)."""
         with self.lock:
+            waiter.leased.discard(run_id)
             if self.outstanding.get(run_id) is waiter:
                 del self.outstanding[run_id]
 
     def give_back(self, waiter: Waiter, run_id: str, task_key: str, seq: int, text: str | None = None) -> None:
-        """A run sent to ``waiter`` was not acknowledged: back in the buffer at once."""
+        """A run sent to ``waiter`` was not acknowledged (or its claim at delivery was not
+        written): back in the buffer at once."""
         with self.lock:
+            waiter.leased.discard(run_id)
             if self.outstanding.get(run_id) is waiter:
                 del self.outstanding[run_id]
                 self._push(task_key, seq, run_id, text)

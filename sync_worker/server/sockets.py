@@ -2,7 +2,8 @@
 
 The socket class (thread-safe, complete sends; non-blocking pings), the registry of live
 connections and its keep-alive pinger, the accept/serve/close frame of a connection, the
-auth handshake and the decoding of messages with Prefect's close codes. What each socket
+auth handshake, the decoding of messages with Prefect's close codes, and the :class:`Outbox`
+(one sender thread per connection, for messages produced by other threads). What each socket
 means lives in :mod:`.subscriptions` and :mod:`.rpc`.
 """
 from __future__ import annotations
@@ -10,18 +11,23 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import struct
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import simple_websocket
 from simple_websocket.errors import ConnectionClosed
+from wsproto.connection import ConnectionState
 from wsproto.events import Ping, TextMessage
 from wsproto.utilities import LocalProtocolError
 
 from . import validation
 from .core import Core
+from .database import DatabaseClosed
 
 logger = logging.getLogger("sync_worker.server.sockets")
 
@@ -70,6 +76,25 @@ class Signal:
         callback()  # what arrived before
 
 
+#: bytes read per ``recv`` by a connection's reader thread (simple-websocket reads 4 KiB): a
+#: burst of messages, or one run of a few KiB, is read in one system call
+RECEIVE_BYTES = 65536
+
+
+def text_frame(data: str) -> bytes:
+    """One unfragmented, unmasked text frame, as wsproto builds it for a server without
+    extensions (the same bytes; tested), built directly: wsproto goes through an event
+    object, a state check, bytearray copies and an extension loop for every frame, and the
+    server sends one or more frames for every run."""
+    payload = data.encode("utf-8")
+    n = len(payload)
+    if n < 126:
+        return bytes((0x81, n)) + payload
+    if n < 65536:
+        return struct.pack("!BBH", 0x81, 126, n) + payload
+    return struct.pack("!BBQ", 0x81, 127, n) + payload
+
+
 class WebSocket(simple_websocket.Server):
     """simple-websocket server socket whose sends are thread-safe and complete (sendall)."""
 
@@ -78,13 +103,27 @@ class WebSocket(simple_websocket.Server):
     def __init__(self, environ: dict[str, Any], **kwargs: Any) -> None:
         self.send_lock = threading.Lock()
         self.ping_failures = 0
+        kwargs.setdefault("receive_bytes", RECEIVE_BYTES)
         super().__init__(environ, event_class=Signal, **kwargs)
 
     def send(self, data: Any) -> None:
         with self.send_lock:
             if not self.connected:
                 raise ConnectionClosed(self.close_reason, self.close_message)
-            self.sock.sendall(self.ws.send(TextMessage(data=data)))
+            if isinstance(data, str) and self._plain():
+                self.sock.sendall(text_frame(data))
+            else:
+                self.sock.sendall(self.ws.send(TextMessage(data=data)))
+
+    def _plain(self) -> bool:
+        """Whether a frame built by :func:`text_frame` is what wsproto would send now: the
+        connection is open and no extension (permessage-deflate) was negotiated. Anything
+        else, or a wsproto whose internals look different, goes through wsproto."""
+        connection = self.ws.connection
+        if connection is None or connection.state is not ConnectionState.OPEN:
+            return False
+        extensions = getattr(getattr(connection, "_proto", None), "extensions", None)
+        return extensions is not None and not extensions
 
     def close(self, reason: int | None = None, message: str | None = None) -> None:
         # A send blocked on a client that does not read holds the lock: give up on the close
@@ -315,3 +354,130 @@ def authenticate(ws: WebSocket, core: Core, announce: dict[str, Any] | None = No
     ws.send(json.dumps({"type": "auth_success", **(announce or {})}))
 
 
+
+
+class Outbox:
+    """The messages of one connection that other threads produce (answers committed by the
+    database writer, runs that arrived for an idle subscriber, replies to waits), sent in
+    order by one sender thread, so that no committing thread ever blocks on a slow client.
+
+    Both sockets use it: the subscription (``set_state`` answers; ``tick`` delivers runs when
+    the queue woke the connection) and the rpc socket (create/wait replies; ``tick`` expires
+    waits, ``due`` says when the next one is due).
+
+    Fewer hand-offs: inside :meth:`direct`, what the calling thread posts (an answer to the
+    request it just committed itself) is sent by that thread when the block ends, instead of
+    waking the sender thread (a thread switch costs latency under the GIL). It is sent after
+    the block, never inside the commit: a send that blocks on a client that does not read
+    must not hold up the other writers.
+    """
+
+    def __init__(self, ws: WebSocket, name: str, *,
+                 tick: Callable[[bool], None] | None = None,
+                 due: Callable[[], float | None] | None = None,
+                 sent: Callable[[int], None] | None = None,
+                 lost: Callable[[], None] | None = None,
+                 flush_on_close: bool = False) -> None:
+        self.ws = ws
+        self.name = name
+        self._tick = tick  # tick(poked): after each round of sends, in the sender thread
+        self._due = due  # seconds until tick must run again (None: when poked)
+        self._sent = sent  # sent(count): after messages were sent (any thread)
+        self._lost = lost  # the connection failed while sending
+        self._flush_on_close = flush_on_close  # send what is queued before the sender ends
+        self._cond = threading.Condition()
+        self._queue: deque[str] = deque()
+        self._poked = False
+        self._closed = False
+        self._direct_thread: int | None = None
+        self._direct: list[str] = []
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+
+    def start(self, poked: bool = False) -> None:
+        self._poked = poked
+        self._thread.start()
+
+    def post(self, message: str) -> bool:
+        """Queue ``message`` (False, dropped, once closed)."""
+        if self._direct_thread == threading.get_ident():
+            self._direct.append(message)
+            return True
+        with self._cond:
+            if self._closed:
+                return False
+            self._queue.append(message)
+            self._cond.notify()
+        return True
+
+    def poke(self) -> None:
+        """Make the sender thread run ``tick(True)`` (e.g. a run is due for this connection)."""
+        with self._cond:
+            self._poked = True
+            self._cond.notify()
+
+    @contextmanager
+    def direct(self) -> Iterator[None]:
+        """Messages this thread posts inside the block are sent by it right after."""
+        self._direct_thread = threading.get_ident()
+        try:
+            yield
+        finally:
+            self._direct_thread = None
+            self.flush_direct()
+
+    def flush_direct(self) -> None:
+        messages, self._direct = self._direct, []
+        if not messages:
+            return
+        with self._cond:
+            if self._closed:
+                return
+        sent = 0
+        try:
+            for message in messages:
+                self.ws.send(message)
+                sent += 1
+        finally:
+            if sent and self._sent is not None:
+                self._sent(sent)
+
+    def close(self, join: float | None = 2.0) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if join is not None and self._thread.ident is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=join)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._closed and not self._queue and not self._poked:
+                        wait = self._due() if self._due is not None else None
+                        if wait is not None and wait <= 0:
+                            break
+                        self._cond.wait(wait)
+                    if self._closed and (not self._flush_on_close or not self._queue):
+                        return
+                    messages = list(self._queue)
+                    self._queue.clear()
+                    poked, self._poked = self._poked, False
+                for message in messages:
+                    self.ws.send(message)
+                if messages and self._sent is not None:
+                    self._sent(len(messages))
+                if self._tick is not None:
+                    self._tick(poked)
+        except (ConnectionClosed, OSError):
+            if self._lost is not None:
+                self._lost()
+        except DatabaseClosed:
+            return
+        except Exception:  # pragma: no cover - a bug: drop the connection, the client reconnects
+            logger.exception("%s failed", self.name)
+            if self._lost is not None:
+                self._lost()

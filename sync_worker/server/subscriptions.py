@@ -9,8 +9,9 @@ Per connection there are three threads:
 - the HTTP handler thread authenticates, reads the subscription, then waits for the end and
   cleans up (the unacknowledged run goes back to the queue, acknowledged ones start their
   lease timers);
-- a sender thread delivers a run when one arrives for an idle connection and sends answers
-  committed by other threads.
+- the connection's :class:`~.sockets.Outbox` sender thread delivers a run when one arrives
+  for an idle connection and sends answers committed by other threads (answers committed by
+  the reader thread itself are sent by it, see :meth:`.sockets.Outbox.direct`).
 
 Answers to ``set_state`` may come back in any order (matched by ``request_id``).
 
@@ -25,6 +26,24 @@ lets the next one go. The ``credit`` extension, offered in ``auth_success``, lif
 
 Acks keep their meaning (they turn a delivered run into a leased one) and
 acknowledge the oldest unacknowledged run.
+
+``claim_at_delivery`` (offered in ``auth_success``; a client opts in with
+``"claim_at_delivery": true`` in its subscribe message, together with ``credit``): the server
+commits RUNNING for each run before it sends it (named "Running", message "Running on
+<client_id>", ``run_count`` + 1) and the run is leased to the connection at once, so the
+worker sends neither an ack nor a RUNNING proposal — one commit and two frames fewer per run.
+Runs delivered together are claimed in one group commit. A run that is not SCHEDULED any more
+when its turn comes is skipped; when the claim cannot be written (disk full, database
+locked) the run stays queued and delivery is tried again a second later. With this
+extension, ``set_state`` may carry ``"credit": N`` (the final state of a run grants the slot
+it frees in the same frame), and ``{"type": "release", "task_run_ids": [...]}`` hands back
+runs that were delivered (RUNNING) but not started: they are SCHEDULED again, at once, and
+the delivery is not counted. Clients that do not ask for it get the Prefect protocol as before.
+
+``batch_delivery`` (offered in ``auth_success``; opt in with ``"batch_delivery": true`` next to
+``claim_at_delivery``): runs claimed together are sent in one frame,
+``{"type": "task_runs", "task_runs": [run, ...]}`` (a single run is still sent alone, as a
+plain TaskRun), instead of one frame per run.
 """
 from __future__ import annotations
 
@@ -32,7 +51,7 @@ import json
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -42,6 +61,7 @@ from .core import Core, NotFound
 from .sockets import (
     GOING_AWAY,
     NORMAL,
+    Outbox,
     POLICY_VIOLATION,
     PREFECT_VIOLATION,
     PROTOCOL_ERROR,
@@ -66,7 +86,11 @@ logger = logging.getLogger("sync_worker.server.subscriptions")
 #: ``release`` (``{"type": "release"}``: a stopping worker takes no more runs on this
 #: connection and hands back every run delivered and not acknowledged, at once; the
 #: connection stays open as the lease of its acknowledged runs).
-EXTENSIONS = ["set_state", "credit", "direct_running", "release"]
+#: ``claim_at_delivery`` (RUNNING committed at delivery, see the module docstring).
+#: ``batch_delivery`` (runs claimed together sent in one frame).
+EXTENSIONS = ["set_state", "credit", "direct_running", "release", "claim_at_delivery", "batch_delivery"]
+#: seconds before delivery is tried again after a claim could not be written
+CLAIM_RETRY_DELAY = 1.0
 #: Most runs one connection may be granted, whatever credit it asks for.
 MAX_CREDIT = 1000
 #: set_state requests of one connection that may await their answers; past this the server
@@ -87,13 +111,13 @@ def handle_websocket(environ: dict[str, Any], core: Core, registry: Subscription
             authenticate(ws, core, announce)
         elif core.auth_string is not None:
             raise _Close(PROTOCOL_ERROR, "'prefect' subprotocol required when auth is configured")
-        keys, client_id, credit = _read_subscribe(ws)
-        Subscription(ws, core, keys, client_id, peer, credit).run()
+        keys, client_id, credit, claim, batch = _read_subscribe(ws, not core.prefect_compatible)
+        Subscription(ws, core, keys, client_id, peer, credit, claim_at_delivery=claim, batch_delivery=batch).run()
 
     serve_socket(environ, registry, max_message_size, "subscription", serve)
 
 
-def _read_subscribe(ws: WebSocket) -> tuple[list[str], str, int | None]:
+def _read_subscribe(ws: WebSocket, extensions: bool = True) -> tuple[list[str], str, int | None, bool, bool]:
     message = ws.receive(timeout=sockets.HANDSHAKE_TIMEOUT)
     if message is None and ws.connected:
         raise _Close(POLICY_VIOLATION, f"Expected 'subscribe' message within {sockets.HANDSHAKE_TIMEOUT:g} s")
@@ -116,7 +140,21 @@ def _read_subscribe(ws: WebSocket) -> tuple[list[str], str, int | None]:
     credit = value.get("credit")
     if credit is not None and (not isinstance(credit, int) or isinstance(credit, bool) or credit < 0):
         raise _Close(PREFECT_VIOLATION, "Protocol violation: 'credit' must be a whole number >= 0")
-    return list(dict.fromkeys(keys)), client_id, credit
+    claim, batch = (_flag(value, "claim_at_delivery"), _flag(value, "batch_delivery")) if extensions else (False, False)
+    if claim and credit is None:
+        raise _Close(PREFECT_VIOLATION, "Protocol violation: 'claim_at_delivery' requires 'credit'")
+    if batch and not claim:
+        raise _Close(PREFECT_VIOLATION, "Protocol violation: 'batch_delivery' requires 'claim_at_delivery'")
+    return list(dict.fromkeys(keys)), client_id, credit, claim, batch
+
+
+def _flag(value: dict[str, Any], name: str) -> bool:
+    flag = value.get(name)
+    if flag is None:
+        return False
+    if not isinstance(flag, bool):
+        raise _Close(PREFECT_VIOLATION, f"Protocol violation: '{name}' must be true or false")
+    return flag
 
 
 class Subscription:
@@ -124,12 +162,16 @@ class Subscription:
 
     Threads: the HTTP handler thread waits in :meth:`run` until the connection ends and then
     cleans up; simple-websocket's reader thread handles each incoming message
-    (:meth:`_on_messages`) and, on an ack, sends the next run itself; a sender thread sends
-    ``set_state_result`` answers and delivers a run when one arrives for an idle connection.
+    (:meth:`_on_messages`) and, on an ack, sends the next run itself; the outbox's sender
+    thread sends ``set_state_result`` answers committed by other threads and delivers a run
+    when one arrives for an idle connection.
     """
 
     def __init__(self, ws: WebSocket, core: Core, keys: list[str], client_id: str, peer: str,
-                 credit: int | None = None) -> None:
+                 credit: int | None = None, claim_at_delivery: bool = False,
+                 batch_delivery: bool = False) -> None:
+        self.claim_at_delivery = claim_at_delivery
+        self.batch_delivery = batch_delivery
         self.limit = credit if credit is not None else 1  # runs it may hold at once (stats)
         self.connected_at = time.time()  # shown by the dashboard
         self.ws = ws
@@ -140,8 +182,9 @@ class Subscription:
         self.peer = peer
         self.leased: set[str] = set()
         self._cond = threading.Condition()
-        self._outbox: deque[str] = deque()  # JSON texts to send
-        self._woken = True
+        # answers committed by other threads, and deliveries when the queue wakes us
+        self.outbox = Outbox(ws, f"sync-worker-ws-send-{client_id}", tick=self._tick, sent=self._answered,
+                             lost=self._lost)
         # delivered runs awaiting their ack, oldest first: id -> (id, key, seq, text)
         self._unacked: OrderedDict[str, tuple[str, str, int, str | None]] = OrderedDict()
         # ``None``: Prefect's protocol, one run awaiting its ack at a time.
@@ -152,9 +195,8 @@ class Subscription:
         self._done = threading.Event()
         self._close_request: tuple[int, str] | None = None
         self._drain_lock = threading.Lock()
-        self._draining: int | None = None  # ident of the thread handling messages right now
-        self._direct: list[str] = []  # answers to send by that thread once its commit is done
         self._again = False
+        self._granted = False
         self._unanswered = 0  # set_state requests whose answer is not sent yet
         self._batch: list[tuple[str, dict[str, Any], bool, Callable[..., None]]] = []
         self._deliver_lock = threading.Lock()
@@ -168,9 +210,7 @@ class Subscription:
 
     # -- Waiter ----------------------------------------------------------------------------------
     def wake(self) -> None:
-        with self._cond:
-            self._woken = True
-            self._cond.notify_all()
+        self.outbox.poke()
 
     # -- lifecycle -------------------------------------------------------------------------------
     def run(self) -> None:
@@ -179,8 +219,7 @@ class Subscription:
         if adopted:
             logger.info("Task worker %r reconnected: it keeps the lease of %d run(s) it holds", self.client_id,
                         adopted)
-        sender = threading.Thread(target=self._send_loop, name=f"sync-worker-ws-send-{self.client_id}", daemon=True)
-        sender.start()
+        self.outbox.start(poked=True)  # delivers what is already queued
         reason = "connection closed"
         self.core.subscribers.add(self)
         try:
@@ -195,14 +234,12 @@ class Subscription:
                 code, reason = request
                 reason = reason or "quit"
                 self._stop_sending()
-                sender.join(timeout=2)
                 if code != NORMAL:
                     logger.info("closing subscription of %r: %s (%d)", self.client_id, reason, code)
                 _close(self.ws, code, "" if code == NORMAL else request[1])
         finally:
             self.core.subscribers.discard(self)
             self._stop_sending()
-            sender.join(timeout=2)
             self.queue.forget_waiter(self)
             for in_flight in self._take_unacked():
                 self.queue.give_back(self, *in_flight)
@@ -214,6 +251,10 @@ class Subscription:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
+        self.outbox.close()
+
+    def _lost(self) -> None:
+        self._done.set()
 
     def _request_close(self, code: int, reason: str) -> None:
         """Ask the handler thread to close the connection (never close from the reader thread:
@@ -232,12 +273,10 @@ class Subscription:
             if not self._drain_lock.acquire(blocking=False):
                 return
             try:
-                self._draining = threading.get_ident()
                 while self._again:
                     self._again = False
                     self._drain()
             finally:
-                self._draining = None
                 self._drain_lock.release()
 
     def _drain(self) -> None:
@@ -257,24 +296,31 @@ class Subscription:
         finally:
             try:
                 self._flush_set_states()
+                if self._granted:  # credit that came with set_state messages
+                    self._granted = False
+                    self._try_deliver()
             except (ConnectionClosed, OSError):
                 self._done.set()
+            except DatabaseClosed:
+                pass
+            except Exception:  # e.g. a storage error reading a run: drop this connection, keep the server
+                logger.exception("error delivering to %r", self.client_id)
+                self._request_close(1011, "Internal server error")
         if not self.ws.connected:
             self._done.set()
 
     def _flush_set_states(self) -> None:
         """Commit the set_state requests read so far (together: one transaction for all the
-        messages that arrived at once), then send the answers this thread committed."""
+        messages that arrived at once), then send the answers this thread committed (those
+        committed by the writer thread go through the outbox)."""
         batch, self._batch = self._batch, []
         if batch:
-            try:
-                self.core.set_states_async(batch, holder=self.client_id)
-            except DatabaseClosed as exc:
-                for _run_id, _proposed, _force, done in batch:
-                    done(None, exc)
-        while self._direct:
-            self.ws.send(self._direct.pop(0))
-            self._answered(1)
+            with self.outbox.direct():
+                try:
+                    self.core.set_states_async(batch, holder=self.client_id)
+                except DatabaseClosed as exc:
+                    for _run_id, _proposed, _force, done in batch:
+                        done(None, exc)
 
     def _handle(self, message: Any) -> None:
         value = _decode(message)
@@ -305,13 +351,25 @@ class Subscription:
         elif kind == "set_state":
             self._set_state(value)
         elif kind == "release":
+            ids = value.get("task_run_ids")
+            if ids is not None and (not self.claim_at_delivery or not isinstance(ids, list)
+                                    or len(ids) > MAX_CREDIT or not all(isinstance(i, str) for i in ids)):
+                raise _Close(PREFECT_VIOLATION, "Protocol violation: 'task_run_ids' must be a list of run ids "
+                                                "(with claim_at_delivery)")
             with self._cond:
                 self._quitting = True  # no delivery after this (see _deliver_one)
             released = self._take_unacked()
             for in_flight in released:
                 self.queue.give_back(self, *in_flight)
             self.queue.forget_waiter(self)
-            logger.info("Task worker %r stopped receiving; %d run(s) handed back", self.client_id, len(released))
+            claimed = 0
+            if ids:
+                try:
+                    claimed = self.core.release_claimed(ids, self.client_id)
+                except StorageError as exc:  # they stay RUNNING and leased: the lease brings them back
+                    logger.warning("could not hand back the runs of %r: %s", self.client_id, exc)
+            logger.info("Task worker %r stopped receiving; %d run(s) handed back", self.client_id,
+                        len(released) + claimed)
         elif kind == "quit":
             with self._cond:
                 self._quitting = True
@@ -322,6 +380,14 @@ class Subscription:
             raise _Close(PREFECT_VIOLATION, "Protocol violation: expected 'ack' message")
 
     def _set_state(self, value: dict[str, Any]) -> None:
+        grant = value.get("credit")
+        if grant is not None:  # claim_at_delivery: the final state frees a slot, in the same frame
+            if not self.claim_at_delivery or not isinstance(grant, int) or isinstance(grant, bool) or grant < 0:
+                raise _Close(PREFECT_VIOLATION, "Protocol violation: 'credit' in set_state must be a whole number "
+                                                ">= 0 (with claim_at_delivery)")
+            with self._cond:
+                self._credit = min((self._credit or 0) + grant, MAX_CREDIT)
+            self._granted = True
         # Backpressure: a client that sends requests faster than it reads the answers stops
         # being read (TCP pushes back on it) instead of filling the server's memory and the
         # database queue that everybody shares.
@@ -357,14 +423,7 @@ class Subscription:
 
         def done(result: str | None, error: BaseException | None) -> None:
             if error is None:
-                reply = f'{prefix}"status_code":201,"result":{result}}}'
-                if self._draining == threading.get_ident():
-                    # committed inline by this connection's own message handler: it sends the
-                    # answer itself right after (not here: a send that blocks on a client that
-                    # does not read must not hold up the other writers)
-                    self._direct.append(reply)
-                else:
-                    self._post(reply)
+                self._post(f'{prefix}"status_code":201,"result":{result}}}')
                 return
             if isinstance(error, NotFound):
                 code, detail = 404, "Task not found"
@@ -397,43 +456,93 @@ class Subscription:
         return self._credit > 0
 
     def _post(self, message: str) -> None:
-        with self._cond:
-            if self._closed:
-                return
-            self._outbox.append(message)
-            self._cond.notify_all()
+        """An answer: sent by this thread after its commit when it is the reader committing
+        inline (see :meth:`_flush_set_states`), else by the outbox's sender thread."""
+        self.outbox.post(message)
 
     # -- sending ---------------------------------------------------------------------------------
-    def _send_loop(self) -> None:
-        try:
-            while True:
-                with self._cond:
-                    while not self._closed and not self._outbox and not self._woken:
-                        self._cond.wait()
-                    if self._closed:
-                        return
-                    messages = list(self._outbox)
-                    self._outbox.clear()
-                    woken, self._woken = self._woken, False
-                for message in messages:
-                    self.ws.send(message)
-                if messages:
-                    self._answered(len(messages))
-                if woken:
-                    self._try_deliver()
-        except (ConnectionClosed, OSError):
-            self._done.set()
-        except DatabaseClosed:
-            return
-        except Exception:  # pragma: no cover - a bug: drop the connection, the worker reconnects
-            logger.exception("subscription sender of %r failed", self.client_id)
-            self._done.set()
+    def _tick(self, poked: bool) -> None:
+        """Outbox sender thread, after its sends: deliver when the queue woke us."""
+        if poked:
+            self._try_deliver()
 
     def _try_deliver(self) -> None:
         """Send runs while flow control allows (any thread; one sender at a time)."""
         with self._deliver_lock:
+            if self.claim_at_delivery:
+                while self._deliver_claimed():
+                    pass
+                return
             while self._deliver_one():
                 pass
+
+    def _take_due(self, limit: int) -> list[tuple[str, str, int, str | None]]:
+        """Up to ``limit`` due runs taken from the queue for this connection (the stale ones
+        dropped), as (id, key, seq, text or None)."""
+        taken: list[tuple[str, str, int, str | None]] = []
+        while len(taken) < limit:
+            one = self.queue.take(self)
+            if one is None:
+                break
+            if one[3] is None:  # loaded from the database: check it is still deliverable
+                found = self.core.db.read_run_text(one[0])  # type: ignore[attr-defined]
+                if found is None or found[1] != "SCHEDULED" or found[2] != QSTATE_MEMORY:
+                    self.queue.discard(self, one[0])
+                    continue
+            taken.append(one)
+        return taken
+
+    def _deliver_claimed(self) -> bool:
+        """claim_at_delivery: take as many runs as the credit allows, commit RUNNING for all
+        of them together, send them; True if some were sent (call again)."""
+        with self._cond:
+            if self._closed or self._quitting or not self._credit:
+                return False
+            limit = self._credit
+        taken = self._take_due(limit)
+        if not taken:
+            return False
+        with self._cond:
+            closed = self._closed or self._quitting
+        if closed:
+            for run in taken:
+                self.queue.give_back(self, *run)
+            return False
+        for run in taken:  # leased before the commit: a connection lost meanwhile starts their lease
+            self.queue.acked(self, run[0])
+        try:
+            claimed = self.core.claim_at_delivery([run[0] for run in taken], self.client_id)
+        except DatabaseClosed:
+            for run in taken:
+                self.queue.give_back(self, *run)
+            raise
+        texts: list[str] = []
+        failed: BaseException | None = None
+        for run, result in zip(taken, claimed, strict=True):
+            if isinstance(result, BaseException):  # not written: the run stays queued
+                failed = result
+                self.queue.give_back(self, *run)
+            elif result is None:  # deleted or not SCHEDULED any more
+                self.queue.discard(self, run[0])
+            else:
+                texts.append(result)
+        with self._cond:
+            self._credit = max(0, (self._credit or 0) - len(texts))
+        if self.batch_delivery and len(texts) > 1:  # a failed send: the lease brings the runs back
+            self.ws.send('{"type":"task_runs","task_runs":[' + ",".join(texts) + "]}")
+            self.delivered += len(texts)
+        else:
+            for text in texts:
+                self.ws.send(text)
+                self.delivered += 1
+        if failed is not None:
+            logger.warning("could not claim runs for %r at delivery (%s); trying again in %g s", self.client_id,
+                           failed, CLAIM_RETRY_DELAY)
+            timer = threading.Timer(CLAIM_RETRY_DELAY, self.wake)
+            timer.daemon = True
+            timer.start()
+            return False
+        return bool(texts) or len(taken) > 0
 
     def _deliver_one(self) -> bool:
         """Send one run if flow control allows and one is due; True if one was sent."""

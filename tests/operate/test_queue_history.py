@@ -1,12 +1,14 @@
 """State history end to end: every state a run enters is recorded by the embedded server and
 served by Prefect's ``GET /api/task_run_states/?task_run_id=`` and ``sync-worker runs show``;
-purge deletes it with the run; a version-1 database is migrated on open."""
+purge deletes it with the run; version-1 and version-2 databases are migrated on open."""
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 import uuid
 from datetime import datetime
+from pathlib import Path
 
 import requests
 
@@ -112,7 +114,7 @@ def test_a_version_1_database_is_migrated(server_factory, tmp_path, monkeypatch,
     server = server_factory(database=db_path)
     monkeypatch.setenv("SYNC_WORKER_API_URL", server.url)
     with sqlite3.connect(db_path) as check:
-        assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     check.close()
     # the run is kept, its current state starts its history, the next states are recorded
     assert [s["type"] for s in _states(server, old.task_run_id)] == ["SCHEDULED"]
@@ -120,3 +122,38 @@ def test_a_version_1_database_is_migrated(server_factory, tmp_path, monkeypatch,
     assert TaskRunFuture(old.task_run_id, client=Client(server.url)).result(timeout=30) == 5
     types = [s["type"] for s in _states(server, old.task_run_id)]
     assert types[0] == "SCHEDULED" and types[-1] == "COMPLETED" and "RUNNING" in types
+
+
+FIXTURE_V2 = Path(__file__).resolve().parent.parent / "fixtures" / "server-db" / "schema-v2.db"
+
+
+def test_a_version_2_database_is_migrated(server_factory, tmp_path):
+    """A database written at schema version 2 (history keyed by the run's text id, see
+    tests/fixtures/server-db/README.md) opens with its history intact, keyed by run seq."""
+    db_path = tmp_path / "v2.db"
+    shutil.copyfile(FIXTURE_V2, db_path)
+    server = server_factory(database=str(db_path))
+    with sqlite3.connect(db_path) as check:
+        assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        columns = {r[1] for r in check.execute("PRAGMA table_info(task_run_states)")}
+        tables = {r[0] for r in check.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    check.close()
+    assert "run_seq" in columns and "run_id" not in columns and "task_run_states_v2" not in tables
+    done, retried, queued = ("dd948f8b-692f-47a2-ac3c-b1855d29fec1", "369dbc12-bd99-46bc-a087-91211eab2ecc",
+                             "07897892-40de-4fcc-b6f2-aa969562ebd0")
+    assert [s["type"] for s in _states(server, done)] == ["SCHEDULED", "PENDING", "RUNNING", "COMPLETED"]
+    assert [s["name"] for s in _states(server, retried)] == [
+        "Scheduled", "Pending", "Running", "AwaitingRetry", "Pending", "Retrying"]
+    assert [s["type"] for s in _states(server, queued)] == ["SCHEDULED"]
+    # new states are appended to the migrated history
+    response = requests.post(f"{server.url}/task_runs/{retried}/set_state",
+                             json={"state": {"type": "COMPLETED"}, "force": False}, timeout=10)
+    assert response.status_code == 201 and response.json()["status"] == "ACCEPT"
+    assert [s["type"] for s in _states(server, retried)][-2:] == ["RUNNING", "COMPLETED"]
+    # and deleting a run deletes its history rows only
+    assert requests.delete(f"{server.url}/task_runs/{done}", timeout=10).status_code == 204
+    assert _states(server, done) == [] and len(_states(server, retried)) == 7
+    server.stop()
+    server = server_factory(database=str(db_path))  # opening a version-3 file again changes nothing
+    assert [s["type"] for s in _states(server, queued)] == ["SCHEDULED"]
+    assert len(_states(server, retried)) == 7

@@ -7,7 +7,7 @@ import time
 
 import pytest
 import websocket
-from conftest import read_close
+from tests.server.conftest import read_close
 
 from tests.helpers import wait_for
 
@@ -30,7 +30,8 @@ def test_auth_success_advertises_extensions(wire, protocol):
     assert ws.subprotocol == "prefect"
     ws.send(json.dumps(protocol("ws_01_client_auth.json")))
     reply = json.loads(ws.recv())
-    assert reply == {"type": "auth_success", "extensions": ["set_state", "credit", "direct_running", "release"],
+    assert reply == {"type": "auth_success", "extensions": ["set_state", "credit", "direct_running", "release",
+                                                        "claim_at_delivery", "batch_delivery"],
                      "lease_timeout": 30.0}
     ws.close()
 
@@ -344,3 +345,46 @@ def test_a_prefetch_field_is_ignored_one_run_at_a_time(wire):
         ws.close()
 
 
+
+
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 70000])
+def test_lean_text_frames_are_the_bytes_wsproto_sends(size):
+    """The server builds its text frames itself (sockets.text_frame); they must be exactly
+    what wsproto builds for a server connection without extensions."""
+    from wsproto.frame_protocol import FrameProtocol
+
+    from sync_worker.server.sockets import text_frame
+
+    text = ("é" * size)[: size // 2] + "x" * (size - size // 2)  # multi-byte characters too
+    assert text_frame(text) == bytes(FrameProtocol(client=False, extensions=[]).send_data(text))
+
+
+def test_a_client_asking_for_compression_still_gets_valid_frames(wire):
+    """permessage-deflate negotiated: frames go through wsproto (compressed), not the lean path."""
+    import socket as socket_module
+
+    from wsproto import ConnectionType, WSConnection
+    from wsproto.events import AcceptConnection, Request, TextMessage
+    from wsproto.extensions import PerMessageDeflate
+
+    host, port = wire.url.split("//", 1)[1].split("/", 1)[0].split(":")
+    sock = socket_module.create_connection((host, int(port)), timeout=10)
+    client = WSConnection(ConnectionType.CLIENT)
+    sock.sendall(client.send(Request(host=f"{host}:{port}", target="/api/task_runs/subscriptions/scheduled",
+                                     subprotocols=["prefect"], extensions=[PerMessageDeflate()])))
+    events: list = []
+    raw = b""
+    while not any(isinstance(e, TextMessage) for e in events):
+        chunk = sock.recv(65536)
+        raw += chunk
+        client.receive_data(chunk)
+        for event in client.events():
+            events.append(event)
+            if isinstance(event, AcceptConnection):
+                assert [e.name for e in event.extensions] == ["permessage-deflate"]
+                sock.sendall(client.send(TextMessage(data=json.dumps({"type": "auth", "token": None}))))
+    reply = next(e for e in events if isinstance(e, TextMessage))
+    assert json.loads(reply.data)["type"] == "auth_success"
+    first_frame = raw.split(b"\r\n\r\n", 1)[1]
+    assert first_frame[0] == 0xC1  # FIN + RSV1 (compressed) + text: wsproto's frame, not the lean one
+    sock.close()
