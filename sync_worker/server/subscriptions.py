@@ -65,7 +65,10 @@ logger = logging.getLogger("sync_worker.server.subscriptions")
 #: ``release`` (``{"type": "release"}``: a stopping worker takes no more runs on this
 #: connection and hands back every run delivered and not acknowledged, at once; the
 #: connection stays open as the lease of its acknowledged runs).
-EXTENSIONS = ["set_state", "credit", "direct_running", "release"]
+#: ``release_run`` (``{"type": "release", "task_run_id": ID}``: one acknowledged run its
+#: worker will not start, e.g. its claim could not be recorded, is re-queued now instead of
+#: at the end of its lease).
+EXTENSIONS = ["set_state", "credit", "direct_running", "release", "release_run"]
 #: Most runs one connection may be granted, whatever credit it asks for.
 MAX_CREDIT = 1000
 #: set_state requests of one connection that may await their answers; past this the server
@@ -302,6 +305,12 @@ class Subscription:
             self._try_deliver()
         elif kind == "set_state":
             self._set_state(value)
+        elif kind == "release" and "task_run_id" in value:
+            run_id = value["task_run_id"]
+            if not isinstance(run_id, str) or not run_id:
+                raise _Close(PREFECT_VIOLATION, "Protocol violation: 'task_run_id' must be a run id")
+            if self.queue.hand_back(self, run_id):
+                logger.info("Task worker %r handed back run %s unstarted", self.client_id, run_id)
         elif kind == "release":
             with self._cond:
                 self._quitting = True  # no delivery after this (see _deliver_one)

@@ -30,7 +30,7 @@ def test_auth_success_advertises_extensions(wire, protocol):
     assert ws.subprotocol == "prefect"
     ws.send(json.dumps(protocol("ws_01_client_auth.json")))
     reply = json.loads(ws.recv())
-    assert reply == {"type": "auth_success", "extensions": ["set_state", "credit", "direct_running", "release"],
+    assert reply == {"type": "auth_success", "extensions": ["set_state", "credit", "direct_running", "release", "release_run"],
                      "lease_timeout": 30.0}
     ws.close()
 
