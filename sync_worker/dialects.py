@@ -128,9 +128,7 @@ class PrefectDialect(Dialect):
         else:
             from sync_worker.prefect_reporting import FinalStateEvents
 
-            events = FinalStateEvents()
-            events.emit(client, task_run, state)
-            events.stop()  # no thread outlives a run executed on its own (no repeat)
+            FinalStateEvents().emit_now(client, task_run, state)  # once, no thread (no worker to own one)
 
     def awaiting_retry(self, engine: TaskRunEngine, retry: State) -> State | None:
         """Put the run back on the Prefect server's queue when the retry is due.

@@ -18,11 +18,12 @@ and forgotten in a forked child. No process-global thread.
 """
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import threading
 import time
 import uuid
-from collections import deque
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -74,42 +75,58 @@ class FinalStateEvents:
     persister fills every few seconds. A run finished inside that window would leave the
     caller asleep until its timeout. The repeat arrives after the subscription is up. It
     needs a new event id: Prefect's pipeline drops an id it has seen (a waiter woken twice
-    for one run is harmless). One thread per instance, started on the first event,
-    batching one POST per API; :meth:`stop` sends what is pending and ends it.
+    for one run is harmless). One thread per instance, started on the first event, sends
+    both (batched, one POST per API for what is due), so a run's thread never waits for
+    an event; :meth:`stop` sends what is pending and ends it.
     """
 
     def __init__(self, repeat_after: float = REPEAT_EVENT_AFTER) -> None:
         self.repeat_after = repeat_after
         self._cond = threading.Condition()
-        self._queue: deque[tuple[float, Client, dict[str, Any]]] = deque()
+        self._queue: list[tuple[float, int, Client, dict[str, Any]]] = []  # a heap, soonest first
+        self._seq = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopped = False
         self._no_events: set[str] = set()  # API URLs that answered 404 to POST /events
 
     def emit(self, client: Client, task_run: TaskRun, state: State) -> None:
-        """Tell a waiting Prefect caller that the run finished (best effort: the state
-        itself is recorded already; only the caller's wake-up would be late)."""
+        """Tell a waiting Prefect caller that the run finished: queued for this instance's
+        thread, which POSTs it at once (batched with others) and repeats it later. Off the
+        run's thread: the state itself is recorded already (REST ``set_state``); only the
+        caller's wake-up depends on the event, so the run's thread does not wait for it."""
         if client.api_url in self._no_events:
             return
         event = final_state_event(task_run, state)
-        try:
-            client.emit_events([event])
-        except ObjectNotFound:
-            self._no_events.add(client.api_url)
-            return
-        except Exception as exc:  # noqa: BLE001 - see the docstring
-            logger.warning("Could not send the final-state event of task run %s: %s", task_run.id, exc)
-        self._repeat_later(client, event)
-
-    def _repeat_later(self, client: Client, event: dict[str, Any]) -> None:
         with self._cond:
             if self._stopped:
-                return
-            self._queue.append((time.monotonic() + self.repeat_after, client, {**event, "id": str(uuid.uuid4())}))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="sync-worker-prefect-events", daemon=True)
-                self._thread.start()
-            self._cond.notify()
+                stopped = True
+            else:
+                stopped = False
+                now = time.monotonic()
+                heapq.heappush(self._queue, (now, next(self._seq), client, event))
+                repeat = {**event, "id": str(uuid.uuid4())}
+                heapq.heappush(self._queue, (now + self.repeat_after, next(self._seq), client, repeat))
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._loop, name="sync-worker-prefect-events",
+                                                    daemon=True)
+                    self._thread.start()
+                self._cond.notify()
+        if stopped:
+            self.emit_now(client, task_run, state)
+
+    def emit_now(self, client: Client, task_run: TaskRun, state: State) -> None:
+        """POST the event once, in this thread (a run executed without a worker)."""
+        if client.api_url in self._no_events:
+            return
+        self._post(client, [final_state_event(task_run, state)])
+
+    def _post(self, client: Client, events: list[dict[str, Any]]) -> None:
+        try:
+            client.emit_events(events)
+        except ObjectNotFound:  # the server has no event intake: do not ask again
+            self._no_events.add(client.api_url)
+        except Exception as exc:  # noqa: BLE001 - best effort, see emit()
+            logger.warning("Could not send %d final-state event(s) to %s: %s", len(events), client.api_url, exc)
 
     def _loop(self) -> None:
         while True:
@@ -124,13 +141,11 @@ class FinalStateEvents:
                     continue
                 due: dict[int, tuple[Client, list[dict[str, Any]]]] = {}
                 while self._queue and (self._stopped or self._queue[0][0] <= time.monotonic()):
-                    _, client, event = self._queue.popleft()
+                    _, _, client, event = heapq.heappop(self._queue)
                     due.setdefault(id(client), (client, []))[1].append(event)
             for client, events in due.values():
-                try:
-                    client.emit_events(events)
-                except Exception as exc:  # noqa: BLE001 - the first POST went through; this is a courtesy
-                    logger.debug("Repeating %d final-state event(s) failed: %s", len(events), exc)
+                if client.api_url not in self._no_events:
+                    self._post(client, events)
 
     @property
     def pending(self) -> int:
