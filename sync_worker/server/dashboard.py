@@ -489,6 +489,7 @@ def retry_run(core: Core, run_id: str) -> dict[str, Any]:
         "state": Scheduled(task_parameters_id=new_params_id).to_json(),
         "empirical_policy": old.get("empirical_policy") or {},
         "tags": old.get("tags") or [],
+        "labels": old.get("labels") or {},  # e.g. who reads the result (schemas.INLINE_RESULTS_LABEL)
         "task_inputs": old.get("task_inputs") or {},
     }
     new = json.loads(core.create_task_run(body))
