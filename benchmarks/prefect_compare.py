@@ -1,6 +1,6 @@
 """Throughput of sync_worker's worker vs Prefect's own TaskWorker on ONE real Prefect server.
 
-    python benchmarks/prefect_compare.py [--runs 200] [--limit 10]
+    python benchmarks/prefect_compare.py [--runs 200] [--limit 10] [--rounds 3]
 
 Needs prefect installed (``tox -e prefect`` installs prefect==3.8.8 + fastapi==0.140.0; or
 ``pip install prefect==3.8.8 fastapi==0.140.0``). The script starts a Prefect server on a free
@@ -14,8 +14,10 @@ Needs prefect installed (``tox -e prefect`` installs prefect==3.8.8 + fastapi==0
    API's own timestamps: N / (last end_time - first start_time). Process start-up and
    imports are therefore not counted for either side.
 
-It prints runs/s for each side and the ratio. Every wait is bounded; the server and the
-subprocesses are stopped at the end.
+Rounds are interleaved: each round starts a fresh Prefect server and measures both sides on
+it, the side that goes first alternating from round to round (machine load drifts). It prints
+runs/s for each side per round, and the median ratio with its range. Every wait is bounded;
+the servers and the subprocesses are stopped at the end of each round.
 """
 from __future__ import annotations
 
@@ -190,26 +192,41 @@ def bench_prefect(api: str, home: Path, n: int, limit: int) -> float:
     return span_seconds(api, PF_NAME)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=200, help="no-op runs per side (default 200)")
-    parser.add_argument("--limit", type=int, default=10, help="worker concurrency limit for both (default 10)")
-    args = parser.parse_args()
+def one_round(n: int, limit: int, prefect_first: bool) -> tuple[float, float]:
+    """(ours, theirs) runs/s on one fresh Prefect server."""
     with tempfile.TemporaryDirectory(prefix="prefect-compare-") as tmp:
         home = Path(tmp)
         server, api = start_server(home)
         try:
-            ours = bench_sync_worker(api, home, args.runs, args.limit)
-            theirs = bench_prefect(api, home, args.runs, args.limit)
+            if prefect_first:
+                theirs = bench_prefect(api, home, n, limit)
+                ours = bench_sync_worker(api, home, n, limit)
+            else:
+                ours = bench_sync_worker(api, home, n, limit)
+                theirs = bench_prefect(api, home, n, limit)
         finally:
             stop(server)
-    ours_rate, theirs_rate = args.runs / ours, args.runs / theirs
-    print(json.dumps({"runs": args.runs, "limit": args.limit,
-                      "sync_worker_runs_per_s": round(ours_rate, 1), "prefect_runs_per_s": round(theirs_rate, 1),
-                      "ratio": round(ours_rate / theirs_rate, 2)}))
-    print(f"sync_worker TaskWorker: {ours_rate:7.1f} runs/s  ({args.runs} runs in {ours:.2f}s)")
-    print(f"Prefect TaskWorker:     {theirs_rate:7.1f} runs/s  ({args.runs} runs in {theirs:.2f}s)")
-    print(f"ratio sync_worker/Prefect: {ours_rate / theirs_rate:.2f}")
+    return n / ours, n / theirs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=200, help="no-op runs per side (default 200)")
+    parser.add_argument("--limit", type=int, default=10, help="worker concurrency limit for both (default 10)")
+    parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds, fresh server each (default 1)")
+    args = parser.parse_args()
+    rounds = []
+    for index in range(args.rounds):
+        ours_rate, theirs_rate = one_round(args.runs, args.limit, prefect_first=index % 2 == 1)
+        rounds.append({"round": index + 1, "sync_worker_runs_per_s": round(ours_rate, 1),
+                       "prefect_runs_per_s": round(theirs_rate, 1), "ratio": round(ours_rate / theirs_rate, 2)})
+        print(json.dumps(rounds[-1]), flush=True)
+    ratios = sorted(r["ratio"] for r in rounds)
+    median = ratios[len(ratios) // 2] if len(ratios) % 2 else (ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2]) / 2
+    print(json.dumps({"runs": args.runs, "limit": args.limit, "rounds": args.rounds,
+                      "median_ratio": round(median, 2), "min_ratio": ratios[0], "max_ratio": ratios[-1]}))
+    print(f"ratio sync_worker/Prefect: median {median:.2f} over {args.rounds} round(s) "
+          f"(range {ratios[0]:.2f}-{ratios[-1]:.2f})")
 
 
 if __name__ == "__main__":

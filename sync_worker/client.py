@@ -27,9 +27,10 @@ import requests
 import tenacity
 from requests.adapters import HTTPAdapter
 
-from sync_worker.exceptions import APIError, ObjectNotFound, ServerUnavailable, Unauthorized
+from sync_worker.exceptions import APIError, ServerUnavailable, Unauthorized
 from sync_worker.schemas import OrchestrationResult, State, StateType, TaskRun
 from sync_worker.settings import Settings, get_settings
+from sync_worker.transport import error_for
 
 logger = logging.getLogger("sync_worker.client")
 
@@ -170,7 +171,7 @@ class Client:
             raise requests.ConnectionError(f"{what} over the rpc socket: {exc}") from exc
         status = int(reply.get("status_code") or 500)
         if status >= 400:
-            raise _error_for(what, status, reply.get("detail"), None)
+            raise error_for(what, status, reply.get("detail"), None)
         return reply.get("result")
 
     def _retried(self, call: Callable[[], T]) -> T:
@@ -337,20 +338,7 @@ def _api_error(method: str, path: str, response: requests.Response) -> APIError:
     detail = payload
     if isinstance(payload, dict):
         detail = payload.get("detail") or payload.get("exception_detail") or payload.get("exception_message") or payload
-    return _error_for(f"{method} {path}", response.status_code, detail, response)
-
-
-def _error_for(what: str, status: int, detail: Any, response: Optional[requests.Response]) -> APIError:
-    message = f"{what} failed with {status}: {detail}"
-    if status in (401, 403):
-        message += (
-            " — check SYNC_WORKER_API_AUTH_STRING / PREFECT_API_AUTH_STRING (or the API key) "
-            "against the server's auth string"
-        )
-        return Unauthorized(message, status_code=status, detail=detail, response=response)
-    if status == 404:
-        return ObjectNotFound(message, status_code=status, detail=detail, response=response)
-    return APIError(message, status_code=status, detail=detail, response=response)
+    return error_for(f"{method} {path}", response.status_code, detail, response)
 
 
 _default_clients: Dict[tuple, Client] = {}

@@ -283,6 +283,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
             "state": Scheduled(task_parameters_id=new_params_id).to_json(),
             "empirical_policy": raw.get("empirical_policy") or {},
             "tags": raw.get("tags") or [],
+            "labels": raw.get("labels") or {},
             "task_inputs": raw.get("task_inputs") or {},
         }
         new: TaskRun = client.create_task_run(body)

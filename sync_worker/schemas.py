@@ -211,6 +211,7 @@ class TaskRun:
     state: Optional[State] = None
     empirical_policy: EmpiricalPolicy = field(default_factory=EmpiricalPolicy)
     tags: List[str] = field(default_factory=list)
+    labels: Dict[str, Any] = field(default_factory=dict)
     run_count: int = 0
     flow_run_id: Optional[str] = None
     task_inputs: Dict[str, Any] = field(default_factory=dict)
@@ -230,6 +231,7 @@ class TaskRun:
             state=State.from_json(state) if state else None,
             empirical_policy=EmpiricalPolicy.from_json(data.get("empirical_policy")),
             tags=list(data.get("tags") or []),
+            labels=dict(data.get("labels") or {}),
             run_count=int(data.get("run_count") or 0),
             flow_run_id=_opt_str(data.get("flow_run_id")),
             task_inputs=dict(data.get("task_inputs") or {}),
@@ -248,6 +250,7 @@ class TaskRun:
             "state": self._state_json(),
             "empirical_policy": self.empirical_policy.to_json(),
             "tags": list(self.tags),
+            "labels": dict(self.labels),
             "run_count": self.run_count,
             "flow_run_id": self.flow_run_id,
             "task_inputs": dict(self.task_inputs),
@@ -267,6 +270,11 @@ class TaskRun:
         return out
 
 
+#: Label of runs whose creator reads inline results (sync_worker's own submitters). Runs
+#: without it (created by Prefect's ``.delay()``) get result records a Prefect caller reads.
+INLINE_RESULTS_LABEL = {"sync-worker.results": "inline"}
+
+
 def task_run_create(
     *,
     name: str,
@@ -280,7 +288,11 @@ def task_run_create(
 ) -> Dict[str, Any]:
     """The body of ``POST /task_runs/`` in the shape Prefect's own client sends, with a
     client-chosen ``id`` (a new UUID unless given): a create repeated after a lost answer
-    then names the same run, and both servers answer it instead of creating another."""
+    then names the same run, and both servers answer it instead of creating another.
+
+    The run carries :data:`INLINE_RESULTS_LABEL`: its creator (sync_worker's ``.delay()``,
+    the Django backend) reads results carried inline in the final state, so a worker on
+    the embedded server need not write a record file (see ``sync_worker.dialects``)."""
     return {
         "id": id or str(uuid.uuid4()),
         "name": name,
@@ -289,6 +301,7 @@ def task_run_create(
         "flow_run_id": None,
         "empirical_policy": (empirical_policy or EmpiricalPolicy()).to_json(),
         "tags": list(tags or []),
+        "labels": dict(INLINE_RESULTS_LABEL),
         "task_inputs": {name: [] for name in (task_inputs or {})},
         "state": state.to_json(),
     }

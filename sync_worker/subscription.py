@@ -26,8 +26,10 @@ jitter (tenacity) until :meth:`close` or the stop event. Refused credentials (ha
 raise :class:`SubscriptionAuthError` at once: retrying cannot fix them.
 
 What the connection offers is learned once per connection, from ``auth_success``: the
-embedded server's extensions (``set_state``, ``credit``, ``direct_running``, ``release``)
-and its ``lease_timeout``; a Prefect server announces none. The client's settings
+embedded server's extensions (``set_state``, ``credit``, ``direct_running``, ``release``,
+``release_run``) and its ``lease_timeout``; a Prefect server announces none. The
+connection's dialect (:mod:`sync_worker.dialects`: how that server behaves) is chosen
+then, once, and kept in :attr:`Subscription.dialect`. The client's settings
 (``SYNC_WORKER_FAST_PATH=false``) can refuse the extensions, in this one place, through
 the client: then every state goes over REST and flow control is Prefect's.
 """
@@ -45,10 +47,6 @@ import tenacity
 import websocket
 
 from sync_worker import metrics
-from sync_worker.exceptions import (
-    APIError,
-    ObjectNotFound,
-)
 from sync_worker.schemas import OrchestrationResult, State, TaskRun
 from sync_worker.sockets import (
     AUTH_HINT,
@@ -60,6 +58,8 @@ from sync_worker.sockets import (
     authenticate,
     open_socket,
 )
+from sync_worker.dialects import Dialect, choose_dialect
+from sync_worker.transport import error_for
 
 logger = logging.getLogger("sync_worker.subscription")
 
@@ -132,6 +132,7 @@ class Subscription:
         open_timeout: float | None = None,
         credit: Callable[[], int] | None = None,
         stop_event: threading.Event | None = None,
+        dialect_for: Callable[[list[str]], Dialect] | None = None,
     ):
         self.keys = sorted(set(keys))
         if not self.keys:
@@ -156,6 +157,10 @@ class Subscription:
         self._released = False
         self._extensions: list[str] = []
         self._credit = credit
+        self._dialect_for = dialect_for
+        #: How the server of the current connection behaves (:mod:`sync_worker.dialects`),
+        #: chosen once per connection from its ``auth_success``; None before the first.
+        self.dialect: Dialect | None = None
         self._grant_lock = threading.Lock()
         self.connects = 0
 
@@ -233,6 +238,8 @@ class Subscription:
                 raise ConnectionLost(f"subscription handshake with {self.url} failed: {exc}") from exc
             raise
         self._extensions = extensions
+        self.dialect = (self._dialect_for(extensions) if self._dialect_for is not None
+                        else choose_dialect(extensions, fast_path=self.fast_path))
         conn = Connection(ws, extensions, self.ping_interval)
         conn.uses_credit = granting
         try:
@@ -462,11 +469,22 @@ class Subscription:
         status = int(reply.get("status_code") or 0)
         if status in (200, 201):
             return OrchestrationResult.from_json(reply["result"])
-        detail = reply.get("detail")
-        message = f"set_state of task run {task_run_id} over the socket failed with {status}: {detail}"
-        if status == 404:
-            raise ObjectNotFound(message, status_code=status, detail=detail)
-        raise APIError(message, status_code=status, detail=detail)
+        raise error_for(f"set_state of task run {task_run_id} over the socket", status, reply.get("detail"))
+
+    def hand_back(self, task_run_id: str) -> bool:
+        """Give back one acknowledged run that this worker will not start (its claim could
+        not be recorded before the worker gave up): the embedded server's ``release_run``
+        extension re-queues it now instead of at the end of its lease. False (nothing
+        sent) when the open connection does not offer it or is gone."""
+        conn = self._conn
+        if conn is None or conn.closed.is_set() or "release_run" not in conn.extensions:
+            return False
+        try:
+            conn.send_json({"type": "release", "task_run_id": task_run_id})
+        except ConnectionLost:
+            return False
+        logger.info("Handed task run %s back to the server's queue (not started here)", task_run_id)
+        return True
 
     def __enter__(self) -> Subscription:  # noqa: PYI034
         return self

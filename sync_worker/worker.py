@@ -57,10 +57,13 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Callable
 
 from sync_worker import metrics
+from sync_worker.dialects import Dialect, choose_dialect
 from sync_worker.engine import Outcome, run_task_run, should_try_to_read_parameters
+from sync_worker.prefect_reporting import PrefectReporting
 from sync_worker.services import start_client_metrics_server
 from sync_worker.settings import Settings, get_settings
 from sync_worker.tasks import Task
+from sync_worker.transport import Transport
 
 if TYPE_CHECKING:
     from sync_worker.client import Client
@@ -109,51 +112,6 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-class _RetryTimers:
-    """Timers that put Prefect-server retries back on the queue when they are due.
-
-    A Prefect server does not re-queue a run it answered ``AwaitingRetry``; the engine
-    does it by proposing the state again when the retry is due (see
-    ``TaskRunEngine._queue_retry``). Waiting on a timer instead of in the run's thread
-    means a retry holds no slot while it waits. A stopping worker fires its pending
-    timers at once (``flush``): the runs go back on the queue (early; the server
-    makes whoever takes them wait) instead of staying ``AwaitingRetry`` for ever.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._pending: dict[threading.Timer, Callable[[], Any]] = {}
-
-    def schedule(self, delay: float, action: Callable[[], Any], name: str) -> None:
-        timer = threading.Timer(delay, lambda: self._fire(timer))
-        timer.name = f"sync-worker-retry-{name}"
-        timer.daemon = True
-        with self._lock:
-            self._pending[timer] = action
-        timer.start()
-
-    def _fire(self, timer: threading.Timer) -> None:
-        with self._lock:
-            action = self._pending.pop(timer, None)
-        if action is not None:
-            self._run(action)
-
-    @staticmethod
-    def _run(action: Callable[[], Any]) -> None:
-        try:
-            action()
-        except Exception:  # noqa: BLE001 - one retry must not take the worker down
-            logger.exception("Re-queueing a retry failed")
-
-    def flush(self) -> int:
-        with self._lock:
-            pending, self._pending = self._pending, {}
-        for timer, action in pending.items():
-            timer.cancel()
-            self._run(action)
-        return len(pending)
 
 
 class SlotError(RuntimeError):
@@ -341,7 +299,10 @@ class TaskWorker:
         self._done = threading.Event()
         self._done.set()
         self._error: BaseException | None = None
-        self._retry_timers = _RetryTimers()
+        #: Prefect-only machinery (final-state events, retry timers), used by the Prefect
+        #: dialect of this worker's connections; started and stopped with the worker.
+        self._prefect = PrefectReporting()
+        self._transport: Transport | None = None
         self._pid = os.getpid()
         _workers.add(self)
 
@@ -449,7 +410,10 @@ class TaskWorker:
                 self.task_keys, self.client_id, client=self._client,
                 credit=self._free_slots,
                 stop_event=self._stop_event,
+                dialect_for=self._dialect_for,
             )
+            self._transport = Transport(self._client, self._subscription)
+            self._prefect.start()
             self._executor = _RunThreads(self._limit, "sync-worker-run")
             self._stop_event.clear()
             self._drain_deadline = None
@@ -592,7 +556,7 @@ class TaskWorker:
             # the queue when it closes.
             if self._subscription is not None:
                 self._subscription.close()
-            flushed = self._retry_timers.flush()
+            flushed = self._prefect.stop(timeout=max(0.0, self._drain_deadline - time.monotonic()))
             if flushed:
                 logger.info("Put %d waiting retr%s back on the queue early", flushed, "y" if flushed == 1 else "ies")
             if self._client is not None and self._client is not self._client_arg:
@@ -601,6 +565,14 @@ class TaskWorker:
             self._slots.count_in_gauge(False)
             logger.info("Task worker %s stopped.", self.client_id)  # only now: after the drain
             self._done.set()
+
+    def _dialect_for(self, extensions: list[str]) -> Dialect:
+        """The dialect of a new connection (see :mod:`sync_worker.dialects`): chosen once,
+        from what the server announced; a Prefect server's gets this worker's events and
+        retry timers."""
+        subscription = self._subscription
+        fast_path = subscription.fast_path if subscription is not None else self.settings.fast_path
+        return choose_dialect(extensions, fast_path=bool(fast_path), reporting=self._prefect)
 
     def _serve_subscription(self) -> None:
         subscription = self._subscription
@@ -634,10 +606,11 @@ class TaskWorker:
             return
         if not reserved:
             return  # stopping: never acked; stop_receiving() hands it back
+        dialect = subscription.dialect  # of the connection that delivered it (this thread connects)
         if self._stop_event.is_set() or not self._ack(task_run):
             self._slots.release(task_run.id)
             return
-        self._submit(task, task_run)
+        self._submit(task, task_run, dialect)
 
     def _ack(self, task_run: TaskRun) -> bool:
         from sync_worker.subscription import ConnectionLost
@@ -673,12 +646,13 @@ class TaskWorker:
             self.in_flight_task_runs.setdefault(task.task_key, {})[task_run.id] = _now()
             metrics.RUNS_IN_FLIGHT.inc()
 
-    def _submit(self, task: Task[..., Any], task_run: TaskRun) -> None:
+    def _submit(self, task: Task[..., Any], task_run: TaskRun, dialect: Dialect | None) -> None:
         self._track(task, task_run)
         assert self._executor is not None
-        self._executor.submit(self._safe_run, task, task_run, True)
+        self._executor.submit(self._safe_run, task, task_run, True, dialect)
 
-    def _safe_run(self, task: Task[..., Any], task_run: TaskRun, delivered: bool = False) -> Outcome | None:
+    def _safe_run(self, task: Task[..., Any], task_run: TaskRun, delivered: bool = False,
+                  dialect: Dialect | None = None) -> Outcome | None:
         outcome = None
 
         def release_slot() -> None:
@@ -692,12 +666,21 @@ class TaskWorker:
 
         try:
             assert self._client is not None and self._store is not None
+            transport = self._transport or Transport(self._client, self._subscription)
+            if dialect is None:  # execute_task_run: the connection's, if there is one
+                subscription = self._subscription
+                dialect = subscription.dialect if subscription is not None and subscription.dialect else \
+                    self._dialect_for([])
             outcome = run_task_run(
                 task, task_run, client=self._client, store=self._store, settings=self.settings,
-                subscription=self._subscription, retry_scheduler=self._retry_timers, on_executed=release_slot,
+                subscription=self._subscription, dialect=dialect, transport=transport, on_executed=release_slot,
                 keep_trying=self._keeps_trying,
             )
             logger.debug("Task run %s finished here: %s", task_run.id, outcome.value)
+            if outcome is Outcome.UNCLAIMED and delivered:
+                # not started, and the worker gave up claiming it: give it back now rather
+                # than leave it to the lease (embedded server; elsewhere the server's rules)
+                transport.hand_back(task_run.id)
         except BaseException:
             logger.exception("Failed to submit task run %r", task_run.id)
         finally:
@@ -742,7 +725,8 @@ class TaskWorker:
         self._stop_event = threading.Event()
         self._done = threading.Event()
         self._done.set()
-        self._retry_timers = _RetryTimers()  # the parent's timer threads are not here
+        self._prefect = PrefectReporting()  # the parent's timer and event threads are not here
+        self._transport = None
         if was_running:
             logger.warning(
                 "TaskWorker for %s was started in process %s before it forked; its threads do not "

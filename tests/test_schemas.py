@@ -92,8 +92,10 @@ def test_create_body_has_the_fields_prefect_sends():
         task_inputs={"x": 1},
     )
     # plus the run's id, chosen by the client (Prefect's TaskRunCreate accepts it): a repeated
-    # create names the same run
-    assert set(body) == set(expected) | {"id"}
+    # create names the same run; and labels (accepted too), marking runs whose creator reads
+    # inline results (sync_worker.dialects)
+    assert set(body) == set(expected) | {"id", "labels"}
+    assert body["labels"] == {"sync-worker.results": "inline"}
     assert str(uuid.UUID(body["id"])) == body["id"]
     assert body["state"] == expected["state"]
     assert body["task_inputs"] == expected["task_inputs"]

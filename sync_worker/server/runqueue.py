@@ -284,6 +284,15 @@ class RunQueue:
                 del self.outstanding[run_id]
                 self._push(task_key, seq, run_id, text)
 
+    def hand_back(self, waiter: Waiter, run_id: str) -> bool:
+        """An acknowledged run ``waiter`` will not start: its lease ends now (re-queued, or
+        CRASHED past ``max_deliveries``, as when a lease runs out). False if not its run."""
+        with self.lock:
+            if self.outstanding.get(run_id) is not waiter:
+                return False
+            self._add_timer(time.time(), "lease", (run_id, waiter))
+        return True
+
     def acked(self, waiter: Waiter, run_id: str) -> None:
         with self.lock:
             if self.outstanding.get(run_id) is waiter:

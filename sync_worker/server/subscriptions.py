@@ -85,9 +85,13 @@ logger = logging.getLogger("sync_worker.server.subscriptions")
 #: ``release`` (``{"type": "release"}``: a stopping worker takes no more runs on this
 #: connection and hands back every run delivered and not acknowledged, at once; the
 #: connection stays open as the lease of its acknowledged runs).
+#: ``release_run`` (``{"type": "release", "task_run_id": ID}``: one acknowledged run its
+#: worker will not start, e.g. its claim could not be recorded, is re-queued now instead of
+#: at the end of its lease).
 #: ``claim_at_delivery`` (RUNNING committed at delivery, see the module docstring).
 #: ``batch_delivery`` (runs claimed together sent in one frame).
-EXTENSIONS = ["set_state", "credit", "direct_running", "release", "claim_at_delivery", "batch_delivery"]
+EXTENSIONS = ["set_state", "credit", "direct_running", "release", "release_run", "claim_at_delivery",
+              "batch_delivery"]
 #: seconds before delivery is tried again after a claim could not be written
 CLAIM_RETRY_DELAY = 1.0
 #: Most runs one connection may be granted, whatever credit it asks for.
@@ -345,6 +349,12 @@ class Subscription:
             self._try_deliver()
         elif kind == "set_state":
             self._set_state(value)
+        elif kind == "release" and "task_run_id" in value:
+            run_id = value["task_run_id"]
+            if not isinstance(run_id, str) or not run_id:
+                raise _Close(PREFECT_VIOLATION, "Protocol violation: 'task_run_id' must be a run id")
+            if self.queue.hand_back(self, run_id):
+                logger.info("Task worker %r handed back run %s unstarted", self.client_id, run_id)
         elif kind == "release":
             ids = value.get("task_run_ids")
             if ids is not None and (not self.claim_at_delivery or not isinstance(ids, list)

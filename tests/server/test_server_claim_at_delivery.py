@@ -9,7 +9,7 @@ import uuid
 from typing import Any
 
 import pytest
-from conftest import Subscriber
+from tests.server.conftest import Subscriber
 
 from tests.helpers import wait_for
 
@@ -141,7 +141,7 @@ def test_bad_opt_in_closes_with_4001(wire, subscribe, words):
     ws.send(json.dumps({"type": "auth", "token": None}))
     ws.recv()
     ws.send(json.dumps({"type": "subscribe", "keys": ["k"], "client_id": "c", **subscribe}))
-    from conftest import read_close
+    from tests.server.conftest import read_close
 
     code, reason = read_close(ws)
     assert code == 4001 and words in reason

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import websocket
-from conftest import Subscriber, read_close
+from tests.server.conftest import Subscriber, read_close
 
 
 def subscribe_with_credit(wire, credit, keys=None, client_id="credit-client") -> Subscriber:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 import websocket
-from conftest import Wire
+from tests.server.conftest import Wire
 
 from sync_worker.server import Server, database
 

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import requests
 import websocket
-from conftest import Wire
+from tests.server.conftest import Wire
 
 from sync_worker.schemas import TaskRun
 

@@ -5,7 +5,7 @@ import json
 import uuid
 
 import websocket
-from conftest import read_close
+from tests.server.conftest import read_close
 
 
 def rpc_connect(wire, token=None):

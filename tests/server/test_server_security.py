@@ -9,7 +9,7 @@ import socket
 import pytest
 import requests
 import websocket
-from conftest import Wire
+from tests.server.conftest import Wire
 
 from sync_worker.server.cli import configure_parser
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 import websocket
-from conftest import read_close
+from tests.server.conftest import read_close
 
 from tests.helpers import wait_for
 
@@ -31,7 +31,7 @@ def test_auth_success_advertises_extensions(wire, protocol):
     ws.send(json.dumps(protocol("ws_01_client_auth.json")))
     reply = json.loads(ws.recv())
     assert reply == {"type": "auth_success", "extensions": ["set_state", "credit", "direct_running", "release",
-                                                        "claim_at_delivery", "batch_delivery"],
+                                                        "release_run", "claim_at_delivery", "batch_delivery"],
                      "lease_timeout": 30.0}
     ws.close()
 

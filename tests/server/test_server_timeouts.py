@@ -10,7 +10,7 @@ import time
 import pytest
 import requests
 import websocket
-from conftest import read_close
+from tests.server.conftest import read_close
 
 from sync_worker.server import sockets
 from sync_worker.server.cli import configure_parser

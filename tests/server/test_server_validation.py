@@ -8,7 +8,7 @@ import uuid
 
 import pytest
 import websocket
-from conftest import read_close
+from tests.server.conftest import read_close
 
 from sync_worker.schemas import parse_datetime
 from sync_worker.server import validation

@@ -183,9 +183,9 @@ def test_worker_thread_count_does_not_grow_when_stopped(monkeypatch):
 
 
 def test_retry_timers_fire_when_due_and_flush_runs_the_rest_at_once():
-    from sync_worker.worker import _RetryTimers
+    from sync_worker.prefect_reporting import RetryTimers
 
-    timers = _RetryTimers()
+    timers = RetryTimers()
     fired: list[str] = []
     timers.schedule(0.05, lambda: fired.append("soon"), "a")
     timers.schedule(60, lambda: fired.append("later-1"), "b")
