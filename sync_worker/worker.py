@@ -165,6 +165,21 @@ class Slots:
                 metrics.FREE_SLOTS.dec()
         return True
 
+    def try_acquire(self, run_id: str) -> bool:
+        """Take a slot for ``run_id`` if one is free now, without waiting (the subscription's
+        reader thread, which must never block: it carries the answers that free slots)."""
+        if self._sem is not None and not self._sem.acquire(blocking=False):
+            return False
+        with self._lock:
+            if run_id in self._held:
+                if self._sem is not None:
+                    self._sem.release()
+                raise SlotError(f"task run {run_id} already holds a slot")
+            self._held[run_id] = _now()
+            if self.limit is not None and self._counted:
+                metrics.FREE_SLOTS.dec()
+        return True
+
     def release(self, run_id: str) -> bool:
         """Give ``run_id``'s slot back; False (and nothing changes) if it held none."""
         with self._lock:
@@ -411,6 +426,8 @@ class TaskWorker:
                 credit=self._free_slots,
                 stop_event=self._stop_event,
                 dialect_for=self._dialect_for,
+                on_run=self._start_delivered,
+                claim_at_delivery=self._claims_at_delivery,
             )
             self._transport = Transport(self._client, self._subscription)
             self._prefect.start()
@@ -612,6 +629,39 @@ class TaskWorker:
             return
         self._submit(task, task_run, dialect)
 
+    def _claims_at_delivery(self) -> bool:
+        """Whether a new connection opts in to ``claim_at_delivery`` (when the server offers
+        it): only if this worker can run every key it subscribes to. A run of a key it has
+        no task for must stay SCHEDULED (not RUNNING) while it is held, as before."""
+        return all(key in self._tasks_by_key for key in self.task_keys)
+
+    def _start_delivered(self, task_run: TaskRun, dialect: Dialect) -> bool:
+        """A run claimed at delivery, straight from the subscription's reader thread to the
+        executor (one thread hand-off instead of reader -> service thread -> executor): True
+        if started. False when it needs the service thread's slower path (no slot free now,
+        an unknown task, the run executing here already, stopping); it is queued for it."""
+        if self._stop_event.is_set():
+            return False
+        task = self._tasks_by_key.get(task_run.task_key)
+        if task is None:
+            return False
+        try:
+            if not self._slots.try_acquire(task_run.id):
+                return False
+        except SlotError:
+            return False
+        metrics.RUNS_RECEIVED.labels(task_key=task_run.task_key).inc()
+        logger.info("Received task run: %s - %s", task_run.id, task_run.name)
+        try:
+            self._submit(task, task_run, dialect)
+        except RuntimeError:  # the executor shut down meanwhile (stopping): not started
+            self._slots.release(task_run.id)
+            with self._lock:
+                self.in_flight_task_runs.setdefault(task.task_key, {}).pop(task_run.id, None)
+                metrics.RUNS_IN_FLIGHT.dec()
+            return False
+        return True
+
     def _ack(self, task_run: TaskRun) -> bool:
         from sync_worker.subscription import ConnectionLost
 
@@ -675,6 +725,7 @@ class TaskWorker:
                 task, task_run, client=self._client, store=self._store, settings=self.settings,
                 subscription=self._subscription, dialect=dialect, transport=transport, on_executed=release_slot,
                 keep_trying=self._keeps_trying,
+                claimed_at_delivery=delivered and dialect is not None and dialect.claims_at_delivery,
             )
             logger.debug("Task run %s finished here: %s", task_run.id, outcome.value)
             if outcome is Outcome.UNCLAIMED and delivered:
@@ -685,6 +736,8 @@ class TaskWorker:
             logger.exception("Failed to submit task run %r", task_run.id)
         finally:
             release_slot()
+            if delivered and self._subscription is not None:
+                self._subscription.flush_credit()  # credit no set_state frame carried
             # after the slot: a run counted finished has given its slot back
             with self._lock:
                 self.in_flight_task_runs.setdefault(task.task_key, {}).pop(task_run.id, None)
