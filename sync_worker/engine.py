@@ -185,9 +185,17 @@ class TaskRunEngine:
         self.outcome: Outcome | None = None
         self._local_retry: State | None = None
         self._started = False  # the function was called (a later failure to report is not "unclaimed")
-        #: Marks this engine's PENDING/RUNNING proposals, so that a repeated proposal
-        #: can recognise the state an earlier attempt already set.
-        self.claim = f"{socket.gethostname()}-{os.getpid()} ({uuid.uuid4().hex[:12]})"
+
+    _claim_marker: str | None = None
+
+    @property
+    def claim(self) -> str:
+        """Marks this engine's PENDING/RUNNING proposals, so that a repeated proposal can
+        recognise the state an earlier attempt already set (made when first needed: a run
+        claimed at delivery proposes neither)."""
+        if self._claim_marker is None:
+            self._claim_marker = f"{socket.gethostname()}-{os.getpid()} ({uuid.uuid4().hex[:12]})"
+        return self._claim_marker
 
     @property
     def label(self) -> str:

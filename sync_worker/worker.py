@@ -47,6 +47,7 @@ import importlib
 import json
 import logging
 import os
+import queue
 import signal
 import socket
 import sys
@@ -211,50 +212,56 @@ class _RunThreads:
     task that never returns would keep a stopped worker's process alive past the drain
     timeout (Ctrl-C would wait for it however long it takes). Daemon threads let the drain
     timeout be the last word; runs abandoned that way are re-delivered by the server.
+
+    Calls travel through a ``queue.SimpleQueue`` (its put/get are C code, no ``Condition``
+    per hand-off); the lock only counts idle threads, to start one when none is idle.
     """
 
     def __init__(self, size: int | None, name: str) -> None:
         self._size = size
         self._name = name
-        self._cond = threading.Condition()
-        self._queue: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+        self._lock = threading.Lock()
+        self._calls: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]] | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
-        self._idle = 0
+        self._idle = 0  # threads waiting for a call that no submitted call is promised to yet
         self._shutdown = False
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
-        with self._cond:
+        with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot submit after shutdown")
-            self._queue.append((fn, args))
-            if self._idle == 0 and (self._size is None or len(self._threads) < self._size):
+            if self._idle > 0:
+                self._idle -= 1  # that thread takes this call
+            elif self._size is None or len(self._threads) < self._size:
                 thread = threading.Thread(target=self._loop, name=f"{self._name}_{len(self._threads)}", daemon=True)
                 self._threads.append(thread)
                 thread.start()
-            else:
-                self._cond.notify()
+            # else: every thread is busy; the first one free takes it
+            self._calls.put((fn, args))
 
     def _loop(self) -> None:
         while True:
-            with self._cond:
-                self._idle += 1
-                while not self._queue and not self._shutdown:
-                    self._cond.wait()
-                self._idle -= 1
-                if not self._queue:
-                    return
-                fn, args = self._queue.pop(0)
+            call = self._calls.get()
+            if call is None:  # shutdown: the calls queued before it are done
+                return
+            fn, args = call
             try:
                 fn(*args)
             except BaseException:  # noqa: BLE001 - the call reports its own errors
                 logger.exception("Unexpected error in a run thread")
+            finally:
+                del call, fn, args
+            with self._lock:
+                self._idle += 1
 
     def shutdown(self, wait: bool = True, timeout: float | None = None) -> bool:
         """No more submissions; with ``wait``, until queued calls are done (True) or
         ``timeout`` passes (False)."""
-        with self._cond:
-            self._shutdown = True
-            self._cond.notify_all()
+        with self._lock:
+            if not self._shutdown:
+                self._shutdown = True
+                for _ in self._threads:
+                    self._calls.put(None)  # after every queued call: FIFO
             threads = list(self._threads)
         if not wait:
             return True
