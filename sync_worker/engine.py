@@ -25,6 +25,10 @@ is refused (ABORT/REJECT); the engine recognises its own state by the unique cla
 it puts in the PENDING and RUNNING messages (and by the message/result of final states)
 and carries on instead of skipping a run it holds.
 
+A run claimed at delivery (the embedded server's ``claim_at_delivery``: it arrives RUNNING,
+committed and leased to the worker's connection) skips both PENDING and RUNNING proposals:
+it is read, called and its final state proposed.
+
 A run whose claim could not be recorded (the server stayed unreachable until the worker
 gave up) ends :attr:`Outcome.UNCLAIMED`: it was not started, and the worker hands it back.
 """

@@ -27,7 +27,20 @@ raise :class:`SubscriptionAuthError` at once: retrying cannot fix them.
 
 What the connection offers is learned once per connection, from ``auth_success``: the
 embedded server's extensions (``set_state``, ``credit``, ``direct_running``, ``release``,
-``release_run``) and its ``lease_timeout``; a Prefect server announces none. The
+``release_run``, ``claim_at_delivery``, ``batch_delivery``) and its ``lease_timeout``; a
+Prefect server announces none.
+
+``claim_at_delivery`` (used when announced, with ``credit``, and the consumer can run every
+key it subscribes to): the server commits RUNNING before it sends a run and leases it at
+once, so :meth:`Subscription.ack` sends nothing and the engine proposes no RUNNING. The
+reader thread offers each such run to the consumer's ``on_run`` callback (the worker starts
+it straight away when a slot is free: one thread hand-off, reader -> executor) and queues
+it for :meth:`next_run` otherwise. The credit of a freed slot is owed to the connection and
+rides on its next ``set_state`` frame (usually the final state of the run that freed it);
+:meth:`flush_credit` sends what no frame carried. :meth:`stop_receiving` names the runs
+delivered but not started (``{"type": "release", "task_run_ids": [...]}``): SCHEDULED again
+at once; runs still arriving after it are handed back the same way. ``batch_delivery``
+(asked for together with it): several runs in one ``{"type": "task_runs"}`` frame. The
 connection's dialect (:mod:`sync_worker.dialects`: how that server behaves) is chosen
 then, once, and kept in :attr:`Subscription.dialect`. The client's settings
 (``SYNC_WORKER_FAST_PATH=false``) can refuse the extensions, in this one place, through

@@ -14,6 +14,13 @@ the ``/status`` JSON), without asyncio. Per worker:
 - an **executor** of at most ``limit`` daemon threads runs each run through the engine
   (:mod:`sync_worker.engine`); :class:`Slots` is the one count of what executes.
 
+On a server that offers ``claim_at_delivery`` (the embedded server) the runs arrive already
+RUNNING and leased, and the subscription's reader thread hands each one straight to the
+executor when a slot is free (:meth:`TaskWorker._start_delivered`): no ack, no RUNNING
+proposal, no service-thread hop; the freed slot's credit travels with the run's final state.
+The service thread then only handles the rare run that finds no free slot (it waits for one,
+as above), and stopping.
+
 Two ways to run it::
 
     serve(add, send_email, limit=10)         # blocks: a worker process
