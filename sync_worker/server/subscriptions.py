@@ -305,6 +305,9 @@ class Subscription:
                 self._done.set()
             except DatabaseClosed:
                 pass
+            except Exception:  # e.g. a storage error reading a run: drop this connection, keep the server
+                logger.exception("error delivering to %r", self.client_id)
+                self._request_close(1011, "Internal server error")
         if not self.ws.connected:
             self._done.set()
 

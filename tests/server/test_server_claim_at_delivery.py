@@ -9,9 +9,9 @@ import uuid
 from typing import Any
 
 import pytest
-from tests.server.conftest import Subscriber
 
 from tests.helpers import wait_for
+from tests.server.conftest import Subscriber, read_close
 
 
 def claiming(wire, credit: int, keys=None, client_id: str = "claimer", **extra: Any) -> Subscriber:
@@ -141,8 +141,6 @@ def test_bad_opt_in_closes_with_4001(wire, subscribe, words):
     ws.send(json.dumps({"type": "auth", "token": None}))
     ws.recv()
     ws.send(json.dumps({"type": "subscribe", "keys": ["k"], "client_id": "c", **subscribe}))
-    from tests.server.conftest import read_close
-
     code, reason = read_close(ws)
     assert code == 4001 and words in reason
 
