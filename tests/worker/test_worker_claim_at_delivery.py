@@ -186,3 +186,30 @@ def test_a_server_without_the_extension_gets_acks_and_running_proposals(server_f
     assert "claim_at_delivery" not in subscribe and "batch_delivery" not in subscribe
     assert len([f for f in sent if f["type"] == "ack"]) == 4
     assert [f["state"]["type"] for f in sent if f["type"] == "set_state"].count("RUNNING") == 4
+
+
+def test_runs_claimed_together_arrive_in_one_frame_and_are_all_taken(server, api_env, monkeypatch):
+    """batch_delivery: three queued runs, three credits: one ``task_runs`` frame, three runs."""
+    from sync_worker.sockets import Connection
+
+    kinds: list[Any] = []
+    original = Connection._dispatch
+
+    def dispatch(self: Connection, message: Any) -> None:
+        kinds.append(message.get("type") if isinstance(message, dict) else None)
+        original(self, message)
+
+    monkeypatch.setattr(Connection, "_dispatch", dispatch)
+    runs = [wt.add.delay(i, 0) for i in range(3)]
+    with Client() as client:
+        subscription = Subscription([wt.add.task_key], "batch-taker", client=client, credit=lambda: 3,
+                                    on_run=lambda run, dialect: False)
+        try:
+            received = [subscription.next_run(timeout=10) for _ in range(3)]
+            assert {r.id for r in received if r is not None} == {r.task_run_id for r in runs}
+            assert all(r.state.type.value == "RUNNING" for r in received)
+            assert kinds.count("task_runs") == 1 and kinds.count(None) == 0, kinds
+            subscription.stop_receiving()  # none was started: all three SCHEDULED again
+            wait_for(lambda: all(r.state.type.value == "SCHEDULED" for r in runs), message="handed back")
+        finally:
+            subscription.close()
