@@ -10,11 +10,15 @@ Prefect server (and the embedded server's Prefect-compatible mode) announces non
 ================================  ==============================  ===============================
 question                          :class:`EmbeddedDialect`        :class:`PrefectDialect`
 ================================  ==============================  ===============================
-how is a run claimed?             RUNNING is the claim (the       PENDING with ``deferred``
-                                  server answers RUNNING for a    (a second PENDING is ABORTed),
-                                  RUNNING run ABORT), one round   then RUNNING
-                                  trip; PENDING first when the
-                                  extensions are switched off
+how is a run claimed?             at delivery: the server commits PENDING with ``deferred``
+                                  RUNNING before it sends the     (a second PENDING is ABORTed),
+                                  run (``claim_at_delivery``),    then RUNNING
+                                  no round trip; else RUNNING is
+                                  the claim (the server answers
+                                  RUNNING for a RUNNING run
+                                  ABORT), one round trip; PENDING
+                                  first when the extensions are
+                                  switched off
 check "already finished" first?   no: the server refuses a        yes: Prefect accepts a claim on
                                   claim on a final run            a FAILED run (or a COMPLETED
                                                                   one without result data)
@@ -70,6 +74,9 @@ class Dialect:
     claims_with_running = False
     #: Read the run's state before claiming it, and skip it when it is final.
     checks_finished = False
+    #: The connection subscribed with ``claim_at_delivery``: the runs it delivers arrive
+    #: RUNNING, committed and leased (set by :mod:`sync_worker.subscription` when it opts in).
+    claims_at_delivery = False
 
     def result_data(self, task_run: TaskRun, value: Any, serializer: str, store: RecordStore) -> Any:
         """The final state's ``data`` for ``value`` (raises if it cannot be stored)."""

@@ -25,6 +25,10 @@ is refused (ABORT/REJECT); the engine recognises its own state by the unique cla
 it puts in the PENDING and RUNNING messages (and by the message/result of final states)
 and carries on instead of skipping a run it holds.
 
+A run claimed at delivery (the embedded server's ``claim_at_delivery``: it arrives RUNNING,
+committed and leased to the worker's connection) skips both PENDING and RUNNING proposals:
+it is read, called and its final state proposed.
+
 A run whose claim could not be recorded (the server stayed unreachable until the worker
 gave up) ends :attr:`Outcome.UNCLAIMED`: it was not started, and the worker hands it back.
 """
@@ -151,6 +155,7 @@ class TaskRunEngine:
         transport: Transport | None = None,
         on_executed: Callable[[], None] | None = None,
         keep_trying: Callable[[], bool] | None = None,
+        claimed_at_delivery: bool = False,
     ):
         self.task = task
         self.task_run = task_run
@@ -174,14 +179,27 @@ class TaskRunEngine:
         #: database locked, restarting) is tried again. The worker's rule: as long as it is
         #: not stopped past its drain timeout. Without one: for REPORT_RETRY_SECONDS.
         self.keep_trying = keep_trying
+        #: The server committed RUNNING when it delivered this run (``claim_at_delivery``):
+        #: it is ours already, so no claim and no RUNNING proposal (only if it did arrive
+        #: RUNNING; otherwise the usual claim applies).
+        self.claimed_at_delivery = (claimed_at_delivery and task_run.state is not None
+                                    and task_run.state.type is StateType.RUNNING)
         self.logger = logging.LoggerAdapter(logger, {"task_run_id": task_run.id})
         self.state: State | None = task_run.state
         self.outcome: Outcome | None = None
         self._local_retry: State | None = None
         self._started = False  # the function was called (a later failure to report is not "unclaimed")
-        #: Marks this engine's PENDING/RUNNING proposals, so that a repeated proposal
-        #: can recognise the state an earlier attempt already set.
-        self.claim = f"{socket.gethostname()}-{os.getpid()} ({uuid.uuid4().hex[:12]})"
+
+    _claim_marker: str | None = None
+
+    @property
+    def claim(self) -> str:
+        """Marks this engine's PENDING/RUNNING proposals, so that a repeated proposal can
+        recognise the state an earlier attempt already set (made when first needed: a run
+        claimed at delivery proposes neither)."""
+        if self._claim_marker is None:
+            self._claim_marker = f"{socket.gethostname()}-{os.getpid()} ({uuid.uuid4().hex[:12]})"
+        return self._claim_marker
 
     @property
     def label(self) -> str:
@@ -230,14 +248,25 @@ class TaskRunEngine:
         )
 
     def _send(self, state: State, force: bool) -> OrchestrationResult:
+        """One proposal, tried until the server answers it (see :meth:`_send_retrying`).
+        The first attempt is made directly: the retry machinery is built only when it
+        fails (it was a tenth of the worker's CPU per run when built for every proposal)."""
+        started = time.monotonic()
+        try:
+            return self._send_once(state, force)
+        except Exception as exc:
+            if not is_intermittent(exc) or (self.keep_trying is not None and not self.keep_trying()):
+                raise
+            self.logger.warning("Could not report %s for %s (%s); trying again", state.name, self.label, exc)
+        return self._send_retrying(state, force, started)
+
+    def _send_retrying(self, state: State, force: bool, started: float) -> OrchestrationResult:
         """One proposal, tried until the server answers it. The one retry rule of state
         reports: each attempt is one :meth:`Transport.set_state` (socket when offered,
         else one REST request; no retry of its own); an attempt that fails intermittently (connection lost, timeout, 5xx) is repeated after
         an exponential backoff with jitter (at most :data:`REPORT_MAX_BACKOFF` s) for as long
         as :attr:`keep_trying` says. A repeated proposal that had landed is recognised by
         :meth:`_landed`."""
-        started = time.monotonic()
-
         def stop(retry_state: tenacity.RetryCallState) -> bool:
             if self.keep_trying is not None:
                 return not self.keep_trying()
@@ -294,7 +323,8 @@ class TaskRunEngine:
         dialect = self.dialect
         if dialect.checks_finished and self._already_finished():
             return Outcome.SKIPPED
-        if (parameter_error is not None or not dialect.claims_with_running) and not self._claim():
+        claimed = self.claimed_at_delivery
+        if not claimed and (parameter_error is not None or not dialect.claims_with_running) and not self._claim():
             return Outcome.SKIPPED
 
         if parameter_error is not None:
@@ -309,7 +339,7 @@ class TaskRunEngine:
                 return Outcome.FAILED
             return Outcome.SKIPPED
 
-        running = self.propose(self._running())
+        running = OrchestrationResult(SetStateStatus.ACCEPT, run.state, {}) if claimed else self.propose(self._running())
         if running.status is not SetStateStatus.ACCEPT:
             current = running.state
             if current is not None and current.is_terminal():

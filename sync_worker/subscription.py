@@ -27,7 +27,20 @@ raise :class:`SubscriptionAuthError` at once: retrying cannot fix them.
 
 What the connection offers is learned once per connection, from ``auth_success``: the
 embedded server's extensions (``set_state``, ``credit``, ``direct_running``, ``release``,
-``release_run``) and its ``lease_timeout``; a Prefect server announces none. The
+``release_run``, ``claim_at_delivery``, ``batch_delivery``) and its ``lease_timeout``; a
+Prefect server announces none.
+
+``claim_at_delivery`` (used when announced, with ``credit``, and the consumer can run every
+key it subscribes to): the server commits RUNNING before it sends a run and leases it at
+once, so :meth:`Subscription.ack` sends nothing and the engine proposes no RUNNING. The
+reader thread offers each such run to the consumer's ``on_run`` callback (the worker starts
+it straight away when a slot is free: one thread hand-off, reader -> executor) and queues
+it for :meth:`next_run` otherwise. The credit of a freed slot is owed to the connection and
+rides on its next ``set_state`` frame (usually the final state of the run that freed it);
+:meth:`flush_credit` sends what no frame carried. :meth:`stop_receiving` names the runs
+delivered but not started (``{"type": "release", "task_run_ids": [...]}``): SCHEDULED again
+at once; runs still arriving after it are handed back the same way. ``batch_delivery``
+(asked for together with it): several runs in one ``{"type": "task_runs"}`` frame. The
 connection's dialect (:mod:`sync_worker.dialects`: how that server behaves) is chosen
 then, once, and kept in :attr:`Subscription.dialect`. The client's settings
 (``SYNC_WORKER_FAST_PATH=false``) can refuse the extensions, in this one place, through
@@ -133,6 +146,8 @@ class Subscription:
         credit: Callable[[], int] | None = None,
         stop_event: threading.Event | None = None,
         dialect_for: Callable[[list[str]], Dialect] | None = None,
+        on_run: Callable[[TaskRun, Dialect], bool] | None = None,
+        claim_at_delivery: Callable[[], bool] | bool = True,
     ):
         self.keys = sorted(set(keys))
         if not self.keys:
@@ -158,6 +173,8 @@ class Subscription:
         self._extensions: list[str] = []
         self._credit = credit
         self._dialect_for = dialect_for
+        self._on_run = on_run
+        self._claim_at_delivery = claim_at_delivery
         #: How the server of the current connection behaves (:mod:`sync_worker.dialects`),
         #: chosen once per connection from its ``auth_success``; None before the first.
         self.dialect: Dialect | None = None
@@ -173,6 +190,13 @@ class Subscription:
     def connected(self) -> bool:
         conn = self._conn
         return conn is not None and not conn.closed.is_set()
+
+    @property
+    def claims_at_delivery(self) -> bool:
+        """Whether the open connection subscribed with ``claim_at_delivery`` (runs arrive
+        RUNNING and leased: no ack, no RUNNING proposal)."""
+        conn = self._conn
+        return conn is not None and conn.claims
 
     @property
     def holding(self) -> TaskRun | None:
@@ -226,8 +250,14 @@ class Subscription:
             self._grant_lock.acquire()
             holds_grant_lock = True
             granting = self.fast_path and self._credit is not None and "credit" in extensions
+            wants_claims = self._claim_at_delivery() if callable(self._claim_at_delivery) else self._claim_at_delivery
+            claims = granting and wants_claims and "claim_at_delivery" in extensions
             if granting:
                 subscribe["credit"] = max(0, self._credit())
+            if claims:
+                subscribe["claim_at_delivery"] = True
+                if "batch_delivery" in extensions:
+                    subscribe["batch_delivery"] = True
             ws.send(json.dumps(subscribe))
             ws.settimeout(self.ping_interval)
         except BaseException as exc:
@@ -238,10 +268,18 @@ class Subscription:
                 raise ConnectionLost(f"subscription handshake with {self.url} failed: {exc}") from exc
             raise
         self._extensions = extensions
-        self.dialect = (self._dialect_for(extensions) if self._dialect_for is not None
-                        else choose_dialect(extensions, fast_path=self.fast_path))
+        dialect = (self._dialect_for(extensions) if self._dialect_for is not None
+                   else choose_dialect(extensions, fast_path=self.fast_path))
+        if claims:
+            dialect.claims_at_delivery = True
+        self.dialect = dialect
         conn = Connection(ws, extensions, self.ping_interval)
         conn.uses_credit = granting
+        conn.claims = claims
+        conn.dialect = dialect
+        if claims and self._on_run is not None:
+            on_run = self._on_run
+            conn.on_run = lambda run: on_run(run, dialect)
         try:
             with self._lock:
                 if self.closed:
@@ -252,8 +290,9 @@ class Subscription:
             self._grant_lock.release()
         conn.start()
         self._count_connect()
-        logger.info("Subscribed to %s as %s (keys: %s%s)", self.url, self.client_id, ", ".join(self.keys),
-                    "; set_state over the socket" if self.supports_set_state else "")
+        logger.info("Subscribed to %s as %s (keys: %s%s%s)", self.url, self.client_id, ", ".join(self.keys),
+                    "; set_state over the socket" if self.supports_set_state else "",
+                    "; runs claimed at delivery" if claims else "")
         return conn
 
     def _learn_lease_timeout(self, lease: Any) -> None:
@@ -377,6 +416,14 @@ class Subscription:
         lease timeout after the connection closed."""
         conn, held = self._holding_conn, self._holding
         self._holding = self._holding_conn = None
+        if conn is not None and conn.claims and held is not None and "release_run" in conn.extensions:
+            # claimed at delivery: there is no ack to withhold; its lease ends now instead
+            logger.debug("Releasing run %s: handing it back", held.id)
+            try:
+                conn.send_json({"type": "release", "task_run_id": held.id})
+            except ConnectionLost:
+                pass  # the connection is gone: its lease brings the run back
+            return
         if conn is not None:
             logger.debug("Releasing run %s: closing the socket without ack", held.id if held else None)
             conn.abort(_Released("run released without ack"))
@@ -387,7 +434,8 @@ class Subscription:
         conn = self._holding_conn
         if conn is None:
             raise ConnectionLost("no run is held (or its connection is gone)")
-        conn.send_json({"type": "ack"})
+        if not conn.claims:  # claimed at delivery: already leased, nothing to send
+            conn.send_json({"type": "ack"})
         self._holding = self._holding_conn = None
 
     def grant(self, n: int = 1) -> None:
@@ -399,8 +447,28 @@ class Subscription:
             conn = self._conn
             if conn is None or not conn.uses_credit or conn.closed.is_set() or self._stopping():
                 return
+            if conn.claims:
+                # claim_at_delivery: the next set_state frame (usually the final state of the
+                # run that freed the slot) carries it; flush_credit() sends what is left
+                conn.owe(n)
+                return
             try:
                 conn.send_json({"type": "credit", "n": n})
+            except ConnectionLost:
+                pass  # the reader notices; the reconnect's subscribe counts the free slots
+
+    def flush_credit(self) -> None:
+        """Send the credit still owed (claim_at_delivery) in a ``credit`` frame: when no
+        ``set_state`` frame took it (a final state sent over REST, a run skipped)."""
+        with self._grant_lock:
+            conn = self._conn
+            if conn is None or not conn.claims or conn.closed.is_set():
+                return
+            owed = conn.take_owed()
+            if not owed or self._stopping():
+                return
+            try:
+                conn.send_json({"type": "credit", "n": owed})
             except ConnectionLost:
                 pass  # the reader notices; the reconnect's subscribe counts the free slots
 
@@ -417,8 +485,23 @@ class Subscription:
         """
         with self._grant_lock:  # no credit granted across this
             conn = self._conn
+            held = self._holding if self._holding_conn is conn else None
             self._holding = self._holding_conn = None
         if conn is None or conn.closed.is_set():
+            return
+        if conn.claims:
+            # claimed at delivery (RUNNING, leased): name the runs not started, so that the
+            # server makes them SCHEDULED again at once (their delivery not counted)
+            ids = conn.stop_taking()
+            if held is not None:
+                ids.insert(0, held.id)
+            try:
+                for start in range(0, max(len(ids), 1), 1000):  # the server takes at most 1000 per message
+                    conn.send_json({"type": "release", "task_run_ids": ids[start:start + 1000]})
+            except ConnectionLost:
+                return  # the connection is gone: the leases bring them back
+            logger.info("Stopped receiving runs; handed back the runs delivered but not started%s",
+                        f" ({len(ids)})" if ids else "")
             return
         if "release" in conn.extensions:
             try:
@@ -464,7 +547,7 @@ class Subscription:
             raise FastPathUnavailable("set_state over the socket is not available")
         reply = conn.request(
             {"type": "set_state", "task_run_id": task_run_id, "state": state.to_json(), "force": force},
-            timeout=timeout,
+            timeout=timeout, with_owed_credit=conn.claims,
         )
         status = int(reply.get("status_code") or 0)
         if status in (200, 201):

@@ -14,6 +14,13 @@ the ``/status`` JSON), without asyncio. Per worker:
 - an **executor** of at most ``limit`` daemon threads runs each run through the engine
   (:mod:`sync_worker.engine`); :class:`Slots` is the one count of what executes.
 
+On a server that offers ``claim_at_delivery`` (the embedded server) the runs arrive already
+RUNNING and leased, and the subscription's reader thread hands each one straight to the
+executor when a slot is free (:meth:`TaskWorker._start_delivered`): no ack, no RUNNING
+proposal, no service-thread hop; the freed slot's credit travels with the run's final state.
+The service thread then only handles the rare run that finds no free slot (it waits for one,
+as above), and stopping.
+
 Two ways to run it::
 
     serve(add, send_email, limit=10)         # blocks: a worker process
@@ -47,6 +54,7 @@ import importlib
 import json
 import logging
 import os
+import queue
 import signal
 import socket
 import sys
@@ -165,6 +173,21 @@ class Slots:
                 metrics.FREE_SLOTS.dec()
         return True
 
+    def try_acquire(self, run_id: str) -> bool:
+        """Take a slot for ``run_id`` if one is free now, without waiting (the subscription's
+        reader thread, which must never block: it carries the answers that free slots)."""
+        if self._sem is not None and not self._sem.acquire(blocking=False):
+            return False
+        with self._lock:
+            if run_id in self._held:
+                if self._sem is not None:
+                    self._sem.release()
+                raise SlotError(f"task run {run_id} already holds a slot")
+            self._held[run_id] = _now()
+            if self.limit is not None and self._counted:
+                metrics.FREE_SLOTS.dec()
+        return True
+
     def release(self, run_id: str) -> bool:
         """Give ``run_id``'s slot back; False (and nothing changes) if it held none."""
         with self._lock:
@@ -196,50 +219,56 @@ class _RunThreads:
     task that never returns would keep a stopped worker's process alive past the drain
     timeout (Ctrl-C would wait for it however long it takes). Daemon threads let the drain
     timeout be the last word; runs abandoned that way are re-delivered by the server.
+
+    Calls travel through a ``queue.SimpleQueue`` (its put/get are C code, no ``Condition``
+    per hand-off); the lock only counts idle threads, to start one when none is idle.
     """
 
     def __init__(self, size: int | None, name: str) -> None:
         self._size = size
         self._name = name
-        self._cond = threading.Condition()
-        self._queue: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+        self._lock = threading.Lock()
+        self._calls: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]] | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
-        self._idle = 0
+        self._idle = 0  # threads waiting for a call that no submitted call is promised to yet
         self._shutdown = False
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> None:
-        with self._cond:
+        with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot submit after shutdown")
-            self._queue.append((fn, args))
-            if self._idle == 0 and (self._size is None or len(self._threads) < self._size):
+            if self._idle > 0:
+                self._idle -= 1  # that thread takes this call
+            elif self._size is None or len(self._threads) < self._size:
                 thread = threading.Thread(target=self._loop, name=f"{self._name}_{len(self._threads)}", daemon=True)
                 self._threads.append(thread)
                 thread.start()
-            else:
-                self._cond.notify()
+            # else: every thread is busy; the first one free takes it
+            self._calls.put((fn, args))
 
     def _loop(self) -> None:
         while True:
-            with self._cond:
-                self._idle += 1
-                while not self._queue and not self._shutdown:
-                    self._cond.wait()
-                self._idle -= 1
-                if not self._queue:
-                    return
-                fn, args = self._queue.pop(0)
+            call = self._calls.get()
+            if call is None:  # shutdown: the calls queued before it are done
+                return
+            fn, args = call
             try:
                 fn(*args)
             except BaseException:  # noqa: BLE001 - the call reports its own errors
                 logger.exception("Unexpected error in a run thread")
+            finally:
+                del call, fn, args
+            with self._lock:
+                self._idle += 1
 
     def shutdown(self, wait: bool = True, timeout: float | None = None) -> bool:
         """No more submissions; with ``wait``, until queued calls are done (True) or
         ``timeout`` passes (False)."""
-        with self._cond:
-            self._shutdown = True
-            self._cond.notify_all()
+        with self._lock:
+            if not self._shutdown:
+                self._shutdown = True
+                for _ in self._threads:
+                    self._calls.put(None)  # after every queued call: FIFO
             threads = list(self._threads)
         if not wait:
             return True
@@ -411,6 +440,8 @@ class TaskWorker:
                 credit=self._free_slots,
                 stop_event=self._stop_event,
                 dialect_for=self._dialect_for,
+                on_run=self._start_delivered,
+                claim_at_delivery=self._claims_at_delivery,
             )
             self._transport = Transport(self._client, self._subscription)
             self._prefect.start()
@@ -612,6 +643,39 @@ class TaskWorker:
             return
         self._submit(task, task_run, dialect)
 
+    def _claims_at_delivery(self) -> bool:
+        """Whether a new connection opts in to ``claim_at_delivery`` (when the server offers
+        it): only if this worker can run every key it subscribes to. A run of a key it has
+        no task for must stay SCHEDULED (not RUNNING) while it is held, as before."""
+        return all(key in self._tasks_by_key for key in self.task_keys)
+
+    def _start_delivered(self, task_run: TaskRun, dialect: Dialect) -> bool:
+        """A run claimed at delivery, straight from the subscription's reader thread to the
+        executor (one thread hand-off instead of reader -> service thread -> executor): True
+        if started. False when it needs the service thread's slower path (no slot free now,
+        an unknown task, the run executing here already, stopping); it is queued for it."""
+        if self._stop_event.is_set():
+            return False
+        task = self._tasks_by_key.get(task_run.task_key)
+        if task is None:
+            return False
+        try:
+            if not self._slots.try_acquire(task_run.id):
+                return False
+        except SlotError:
+            return False
+        metrics.RUNS_RECEIVED.labels(task_key=task_run.task_key).inc()
+        logger.info("Received task run: %s - %s", task_run.id, task_run.name)
+        try:
+            self._submit(task, task_run, dialect)
+        except RuntimeError:  # the executor shut down meanwhile (stopping): not started
+            self._slots.release(task_run.id)
+            with self._lock:
+                self.in_flight_task_runs.setdefault(task.task_key, {}).pop(task_run.id, None)
+                metrics.RUNS_IN_FLIGHT.dec()
+            return False
+        return True
+
     def _ack(self, task_run: TaskRun) -> bool:
         from sync_worker.subscription import ConnectionLost
 
@@ -675,6 +739,7 @@ class TaskWorker:
                 task, task_run, client=self._client, store=self._store, settings=self.settings,
                 subscription=self._subscription, dialect=dialect, transport=transport, on_executed=release_slot,
                 keep_trying=self._keeps_trying,
+                claimed_at_delivery=delivered and dialect is not None and dialect.claims_at_delivery,
             )
             logger.debug("Task run %s finished here: %s", task_run.id, outcome.value)
             if outcome is Outcome.UNCLAIMED and delivered:
@@ -685,6 +750,8 @@ class TaskWorker:
             logger.exception("Failed to submit task run %r", task_run.id)
         finally:
             release_slot()
+            if delivered and self._subscription is not None:
+                self._subscription.flush_credit()  # credit no set_state frame carried
             # after the slot: a run counted finished has given its slot back
             with self._lock:
                 self.in_flight_task_runs.setdefault(task.task_key, {}).pop(task_run.id, None)

@@ -526,6 +526,11 @@ class Subscription:
             for run in taken:
                 self.queue.give_back(self, *run)
             raise
+        with self._cond:
+            gone = self._closed or self._quitting
+        if gone:  # the worker stopped receiving (or left) during the commit: not sent, hand them back now
+            self._release_unsent(taken, claimed)
+            return False
         texts: list[str] = []
         failed: BaseException | None = None
         for run, result in zip(taken, claimed, strict=True):
@@ -553,6 +558,25 @@ class Subscription:
             timer.start()
             return False
         return bool(texts) or len(taken) > 0
+
+    def _release_unsent(self, taken: list[tuple[str, str, int, str | None]],
+                        claimed: list[str | BaseException | None]) -> None:
+        """Runs claimed for this connection after it stopped receiving: SCHEDULED again at once
+        (as a ``release`` naming them would), instead of leased to a worker that never got them
+        (whose next connection, same client_id, would adopt them and hold them unknowingly)."""
+        ids = []
+        for run, result in zip(taken, claimed, strict=True):
+            if isinstance(result, BaseException):
+                self.queue.give_back(self, *run)
+            elif result is None:
+                self.queue.discard(self, run[0])
+            else:
+                ids.append(run[0])
+        if ids:
+            try:
+                self.core.release_claimed(ids, self.client_id)
+            except (StorageError, DatabaseClosed) as exc:  # they stay RUNNING and leased: the lease brings them back
+                logger.warning("could not hand back the runs claimed for %r: %s", self.client_id, exc)
 
     def _deliver_one(self) -> bool:
         """Send one run if flow control allows and one is due; True if one was sent."""

@@ -92,6 +92,8 @@ def _as_running(task_run: Any) -> Any:
 
     from sync_worker.schemas import State, StateType
 
+    if task_run.state is not None and task_run.state.type is StateType.RUNNING:
+        return task_run  # claimed at delivery (embedded server): RUNNING, this attempt already counted
     running = copy.copy(task_run)
     now = datetime.now(timezone.utc)
     running.state = State(StateType.RUNNING, "Running", timestamp=now)
