@@ -148,6 +148,7 @@ class Subscription:
         dialect_for: Callable[[list[str]], Dialect] | None = None,
         on_run: Callable[[TaskRun, Dialect], bool] | None = None,
         claim_at_delivery: Callable[[], bool] | bool = True,
+        holding: Callable[[], list[str]] | None = None,
     ):
         self.keys = sorted(set(keys))
         if not self.keys:
@@ -175,6 +176,10 @@ class Subscription:
         self._dialect_for = dialect_for
         self._on_run = on_run
         self._claim_at_delivery = claim_at_delivery
+        #: The runs the consumer still executes or reports (claim_at_delivery): named when
+        #: subscribing, so that a reconnect takes over only those leases (the server
+        #: re-queues a run whose delivery frame was lost with the old connection).
+        self._holding_ids = holding
         #: How the server of the current connection behaves (:mod:`sync_worker.dialects`),
         #: chosen once per connection from its ``auth_success``; None before the first.
         self.dialect: Dialect | None = None
@@ -258,6 +263,8 @@ class Subscription:
                 subscribe["claim_at_delivery"] = True
                 if "batch_delivery" in extensions:
                     subscribe["batch_delivery"] = True
+                if self._holding_ids is not None:
+                    subscribe["holding"] = list(self._holding_ids())
             ws.send(json.dumps(subscribe))
             ws.settimeout(self.ping_interval)
         except BaseException as exc:

@@ -442,6 +442,7 @@ class TaskWorker:
                 dialect_for=self._dialect_for,
                 on_run=self._start_delivered,
                 claim_at_delivery=self._claims_at_delivery,
+                holding=self._held_run_ids,
             )
             self._transport = Transport(self._client, self._subscription)
             self._prefect.start()
@@ -642,6 +643,12 @@ class TaskWorker:
             self._slots.release(task_run.id)
             return
         self._submit(task, task_run, dialect)
+
+    def _held_run_ids(self) -> list[str]:
+        """The runs this worker executes or is still reporting (tracked from submission to
+        the final report): named when it subscribes again (see Subscription)."""
+        with self._lock:
+            return [run_id for runs in self.in_flight_task_runs.values() for run_id in runs]
 
     def _claims_at_delivery(self) -> bool:
         """Whether a new connection opts in to ``claim_at_delivery`` (when the server offers

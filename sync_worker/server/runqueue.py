@@ -298,15 +298,23 @@ class RunQueue:
             if self.outstanding.get(run_id) is waiter:
                 waiter.leased.add(run_id)
 
-    def adopt(self, waiter: Waiter) -> int:
+    def adopt(self, waiter: Waiter, holding: set[str] | None = None) -> int:
         """A worker (re)subscribed: it takes over the leases it held through an earlier
         connection with the same client_id (a network blip, or this server restarted), whose
-        lease timers then do nothing. Returns how many."""
+        lease timers then do nothing. Returns how many.
+
+        ``holding`` (claim_at_delivery): the runs the worker says it still executes or
+        reports; only those are taken over. A run claimed at delivery is leased before it is
+        sent, so one whose frame was lost with the connection (or with this server) was never
+        received: taken over, it would stay RUNNING for as long as the new connection lives.
+        Left with its old connection instead, its lease runs out and it is re-queued. (Naming
+        runs also keeps two workers of one process, which share a client_id, from taking
+        each other's leases.)"""
         client_id = waiter.client_id
         adopted = 0
         with self.lock:
             for run_id, owner in list(self.outstanding.items()):
-                if owner is waiter:
+                if owner is waiter or (holding is not None and run_id not in holding):
                     continue
                 if owner is RECOVERED:
                     if self._recovered_holders.get(run_id) != client_id:

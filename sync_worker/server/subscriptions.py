@@ -39,6 +39,11 @@ extension, ``set_state`` may carry ``"credit": N`` (the final state of a run gra
 it frees in the same frame), and ``{"type": "release", "task_run_ids": [...]}`` hands back
 runs that were delivered (RUNNING) but not started: they are SCHEDULED again, at once, and
 the delivery is not counted. Clients that do not ask for it get the Prefect protocol as before.
+A claim-at-delivery subscribe message may name ``"holding": [run ids]``, the runs the worker
+still executes or reports: when it reconnects, it takes over the leases of only those; any
+other run claimed for its client_id (its frame lost with the connection, or with a server
+that restarted) keeps its old lease, which runs out, and is re-queued — instead of staying
+RUNNING, held unknowingly by the new connection.
 
 ``batch_delivery`` (offered in ``auth_success``; opt in with ``"batch_delivery": true`` next to
 ``claim_at_delivery``): runs claimed together are sent in one frame,
@@ -97,6 +102,8 @@ EXTENSIONS = ["set_state", "credit", "direct_running", "release", "release_run",
 CLAIM_RETRY_DELAY = 1.0
 #: Most runs one connection may be granted, whatever credit it asks for.
 MAX_CREDIT = 1000
+#: Most run ids a worker may name in its subscribe message's ``holding``.
+MAX_HOLDING = 100_000
 #: set_state requests of one connection that may await their answers; past this the server
 #: stops reading that connection until answers have been sent
 MAX_UNANSWERED = 256
@@ -115,13 +122,15 @@ def handle_websocket(environ: dict[str, Any], core: Core, registry: Subscription
             authenticate(ws, core, announce)
         elif core.auth_string is not None:
             raise _Close(PROTOCOL_ERROR, "'prefect' subprotocol required when auth is configured")
-        keys, client_id, credit, claim, batch = _read_subscribe(ws, not core.prefect_compatible)
-        Subscription(ws, core, keys, client_id, peer, credit, claim_at_delivery=claim, batch_delivery=batch).run()
+        keys, client_id, credit, claim, batch, holding = _read_subscribe(ws, not core.prefect_compatible)
+        Subscription(ws, core, keys, client_id, peer, credit, claim_at_delivery=claim, batch_delivery=batch,
+                     holding=holding).run()
 
     serve_socket(environ, registry, max_message_size, "subscription", serve)
 
 
-def _read_subscribe(ws: WebSocket, extensions: bool = True) -> tuple[list[str], str, int | None, bool, bool]:
+def _read_subscribe(ws: WebSocket, extensions: bool = True
+                    ) -> tuple[list[str], str, int | None, bool, bool, set[str] | None]:
     message = ws.receive(timeout=sockets.HANDSHAKE_TIMEOUT)
     if message is None and ws.connected:
         raise _Close(POLICY_VIOLATION, f"Expected 'subscribe' message within {sockets.HANDSHAKE_TIMEOUT:g} s")
@@ -149,7 +158,13 @@ def _read_subscribe(ws: WebSocket, extensions: bool = True) -> tuple[list[str], 
         raise _Close(PREFECT_VIOLATION, "Protocol violation: 'claim_at_delivery' requires 'credit'")
     if batch and not claim:
         raise _Close(PREFECT_VIOLATION, "Protocol violation: 'batch_delivery' requires 'claim_at_delivery'")
-    return list(dict.fromkeys(keys)), client_id, credit, claim, batch
+    holding = value.get("holding") if claim else None
+    if holding is not None and (not isinstance(holding, list) or len(holding) > MAX_HOLDING
+                                or not all(isinstance(i, str) for i in holding)):
+        raise _Close(PREFECT_VIOLATION, f"Protocol violation: 'holding' must be a list of at most {MAX_HOLDING} "
+                                        "run ids")
+    return (list(dict.fromkeys(keys)), client_id, credit, claim, batch,
+            None if holding is None else set(holding))
 
 
 def _flag(value: dict[str, Any], name: str) -> bool:
@@ -173,7 +188,10 @@ class Subscription:
 
     def __init__(self, ws: WebSocket, core: Core, keys: list[str], client_id: str, peer: str,
                  credit: int | None = None, claim_at_delivery: bool = False,
-                 batch_delivery: bool = False) -> None:
+                 batch_delivery: bool = False, holding: set[str] | None = None) -> None:
+        #: claim_at_delivery: the runs the worker says it holds when it (re)subscribes
+        #: (see RunQueue.adopt); None: every lease of its client_id is taken over
+        self.holding = holding
         self.claim_at_delivery = claim_at_delivery
         self.batch_delivery = batch_delivery
         self.limit = credit if credit is not None else 1  # runs it may hold at once (stats)
@@ -219,7 +237,8 @@ class Subscription:
     # -- lifecycle -------------------------------------------------------------------------------
     def run(self) -> None:
         logger.info("Task worker %r (%s) subscribed to task keys %r", self.client_id, self.peer, self.keys)
-        adopted = self.queue.adopt(self)
+        adopted = self.queue.adopt(self, self.holding)
+        self.holding = None
         if adopted:
             logger.info("Task worker %r reconnected: it keeps the lease of %d run(s) it holds", self.client_id,
                         adopted)

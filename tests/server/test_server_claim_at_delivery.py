@@ -198,3 +198,41 @@ def test_batch_delivery_sends_runs_claimed_together_in_one_frame(wire):
     assert [m.get("request_id") for m in messages if m.get("type") == "set_state_result"] == ["a"]
     single = next(m for m in messages if "type" not in m)  # one run ready: sent alone, as a plain TaskRun
     assert single["id"] == ids[4] and single["state"]["type"] == "RUNNING"
+
+
+def test_a_reconnect_naming_no_run_gets_a_lost_delivery_again(server_factory, make_wire):
+    """A run is leased before its frame is sent: if the frame is lost with the connection, the
+    worker's next connection (same client_id) must not hold it unknowingly, RUNNING for as long
+    as that connection lives. Naming what it holds, it does not take that run over: the old
+    lease runs out and the run is delivered again."""
+    wire = make_wire(server_factory(lease_timeout=1.0))
+    run_id = wire.create()["id"]
+    first = claiming(wire, 1, client_id="blip")
+    assert first.next_run()["id"] == run_id
+    first.close()  # as if the frame never arrived
+    again = claiming(wire, 1, client_id="blip", holding=[])
+    run = again.next_run(timeout=15)
+    assert run["id"] == run_id and run["state"]["type"] == "RUNNING" and run["run_count"] == 2
+    assert again.set_state(run_id, "COMPLETED")["result"]["status"] == "ACCEPT"
+
+
+def test_a_reconnect_keeps_the_runs_it_names(server_factory, make_wire):
+    wire = make_wire(server_factory(lease_timeout=1.0))
+    held, lost = wire.create()["id"], wire.create()["id"]
+    first = claiming(wire, 2, client_id="blip")
+    assert sorted(first.next_run()["id"] for _ in range(2)) == sorted([held, lost])
+    first.close()
+    again = claiming(wire, 0, client_id="blip", holding=[held])  # no credit: nothing new for it
+    other = claiming(wire, 1, client_id="other")
+    run = other.next_run(timeout=15)
+    assert run["id"] == lost and run["run_count"] == 2  # the one not named went back to the queue
+    other.expect_no_run(2.0)  # the named one stays with its worker past the lease, and it finishes it
+    assert again.set_state(held, "COMPLETED")["result"]["status"] == "ACCEPT"
+    assert wire.read(held)["run_count"] == 1
+
+
+@pytest.mark.parametrize("holding", ["abc", [1], {"id": "x"}])
+def test_bad_holding_closes_with_4001(wire, holding):
+    subscriber = claiming(wire, 1, holding=holding)
+    code, reason = read_close(subscriber.ws)
+    assert code == 4001 and "'holding'" in reason
