@@ -267,19 +267,22 @@ class Connection:
     def stop_taking(self) -> list[str]:
         """claim_at_delivery: no run is started from now on; the ids of the runs queued
         here (delivered, claimed, not started), taken off the queue."""
-        ids: list[str] = []
         with self._runs_lock:
             self.releasing = True
-            while True:
-                try:
-                    item = self.runs.get_nowait()
-                except queue.Empty:
-                    break
-                if item is END:
-                    self.runs.put(END)
-                    break
-                ids.append(item.id)
-        return ids
+            return [run.id for run in self.take_queued()]
+
+    def take_queued(self) -> list[Any]:
+        """The runs queued here and not taken yet, off the queue (an END stays at its end)."""
+        runs: list[Any] = []
+        while True:
+            try:
+                item = self.runs.get_nowait()
+            except queue.Empty:
+                return runs
+            if item is END:
+                self.runs.put(END)
+                return runs
+            runs.append(item)
 
     def abort(self, exc: BaseException) -> None:
         """End the connection: wake the consumer and every waiting ``set_state`` caller."""

@@ -515,16 +515,7 @@ class Subscription:
                 conn.send_json({"type": "release"})
             except ConnectionLost:
                 return  # the connection is gone: the server gives them back anyway
-            handed_back = 0
-            while True:  # runs queued here unacknowledged: the server has them back now
-                try:
-                    item = conn.runs.get_nowait()
-                except queue.Empty:
-                    break
-                if item is END:
-                    conn.runs.put(END)
-                    break
-                handed_back += 1
+            handed_back = len(conn.take_queued())  # queued here unacknowledged: the server has them back now
             logger.info("Stopped receiving runs; handed back the runs delivered but not started%s",
                         f" ({handed_back} queued here)" if handed_back else "")
         else:

@@ -163,21 +163,17 @@ class Slots:
                 if (should_stop is not None and should_stop()) or (
                         deadline is not None and time.monotonic() >= deadline):
                     return False
-        with self._lock:
-            if run_id in self._held:
-                if self._sem is not None:
-                    self._sem.release()
-                raise SlotError(f"task run {run_id} already holds a slot")
-            self._held[run_id] = _now()
-            if self.limit is not None and self._counted:
-                metrics.FREE_SLOTS.dec()
-        return True
+        return self._hold(run_id)
 
     def try_acquire(self, run_id: str) -> bool:
         """Take a slot for ``run_id`` if one is free now, without waiting (the subscription's
         reader thread, which must never block: it carries the answers that free slots)."""
         if self._sem is not None and not self._sem.acquire(blocking=False):
             return False
+        return self._hold(run_id)
+
+    def _hold(self, run_id: str) -> bool:
+        """Tie the permit just taken to ``run_id`` (given back if that run holds one already)."""
         with self._lock:
             if run_id in self._held:
                 if self._sem is not None:
