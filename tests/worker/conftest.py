@@ -75,3 +75,16 @@ def spawn() -> Iterator[Callable[..., subprocess.Popen]]:
         if proc.poll() is None:
             proc.kill()
         proc.communicate(timeout=10)
+
+
+@pytest.fixture
+def prefect_like(server_factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """An embedded server in its Prefect-compatible mode (no extensions announced), the
+    client environment pointed at it."""
+    server = server_factory(prefect_compatible=True, database=str(tmp_path / "prefect-like.db"))
+    for name in ("SYNC_WORKER_API_AUTH_STRING", "PREFECT_API_AUTH_STRING", "SYNC_WORKER_API_KEY", "PREFECT_API_KEY",
+                 "SYNC_WORKER_FAST_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("SYNC_WORKER_API_URL", server.url)
+    monkeypatch.setenv("SYNC_WORKER_STORAGE", str(tmp_path / "store"))
+    return server

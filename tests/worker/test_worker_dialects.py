@@ -42,17 +42,6 @@ def test_each_connection_of_a_worker_has_its_dialect(api_env, start_worker, monk
     assert dialect.claims_with_running is (fast_path == "true")
 
 
-@pytest.fixture
-def prefect_like(server_factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
-    server = server_factory(prefect_compatible=True, database=str(tmp_path / "prefect-like.db"))
-    for name in ("SYNC_WORKER_API_AUTH_STRING", "PREFECT_API_AUTH_STRING", "SYNC_WORKER_API_KEY", "PREFECT_API_KEY",
-                 "SYNC_WORKER_FAST_PATH"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("SYNC_WORKER_API_URL", server.url)
-    monkeypatch.setenv("SYNC_WORKER_STORAGE", str(tmp_path / "store"))
-    return server
-
-
 def _event_threads() -> list[str]:
     return [t.name for t in threading.enumerate() if t.name.startswith("sync-worker") and "event" in t.name]
 

@@ -5,8 +5,6 @@ by closing the socket)."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
-from typing import Any
 
 import pytest
 import websocket
@@ -15,17 +13,6 @@ from sync_worker.client import Client
 from sync_worker.schemas import StateType
 from tests.helpers import wait_for
 from tests.worker import worker_tasks as wt
-
-
-@pytest.fixture
-def prefect_like(server_factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
-    server = server_factory(prefect_compatible=True, database=str(tmp_path / "prefect-like.db"))
-    for name in ("SYNC_WORKER_API_AUTH_STRING", "PREFECT_API_AUTH_STRING", "SYNC_WORKER_API_KEY", "PREFECT_API_KEY",
-                 "SYNC_WORKER_FAST_PATH"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("SYNC_WORKER_API_URL", server.url)
-    monkeypatch.setenv("SYNC_WORKER_STORAGE", str(tmp_path / "store"))
-    return server
 
 
 def test_prefect_compatible_server_announces_nothing_and_has_no_rpc(prefect_like):
