@@ -43,6 +43,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from .core import Conflict, Core, NotFound
+from .listing import task_key_summaries, worker_info
 from .models import STATE_TYPES, TERMINAL, ValidationError, iso, parse_time
 from .validation import check_uuid
 
@@ -132,32 +133,7 @@ class StaticFiles:
 # -- overview ------------------------------------------------------------------------------------
 def overview(db: Any, subscribers: Any, now: float | None = None) -> dict[str, Any]:
     now = time.time() if now is None else now
-    keys: dict[str, dict[str, Any]] = {}
-
-    def entry(task_key: str) -> dict[str, Any]:
-        if task_key not in keys:
-            keys[task_key] = {"task_key": task_key, "counts": {}, "total": 0, "oldest_scheduled": None,
-                              "oldest_scheduled_id": None, "oldest_scheduled_age_seconds": None}
-        return keys[task_key]
-
-    # both queries read the index on (task_key, state_type) only (see database.py)
-    for task_key, state_type, count in db.read_all(
-            "SELECT task_key, state_type, count(*) FROM task_runs GROUP BY task_key, state_type", []):
-        item = entry(task_key)
-        item["counts"][state_type] = count
-        item["total"] += count
-    oldest = db.read_all("SELECT task_key, min(seq) FROM task_runs WHERE state_type = 'SCHEDULED' "
-                         "GROUP BY task_key", [])
-    for task_key, seq in oldest:
-        rows = db.read_all("SELECT id, json_extract(data, '$.created') FROM task_runs WHERE seq = ?", [seq])
-        if not rows:
-            continue
-        item = entry(task_key)
-        item["oldest_scheduled_id"], item["oldest_scheduled"] = rows[0]
-        try:
-            item["oldest_scheduled_age_seconds"] = round(max(0.0, now - parse_time(rows[0][1], [])), 3)
-        except ValidationError:  # pragma: no cover - we wrote it
-            pass
+    keys = task_key_summaries(db, now)
     workers = [worker(sub) for sub in list(subscribers)]
     return {"time": iso(now), "task_keys": sorted(keys.values(), key=lambda k: k["task_key"]),
             "workers": sorted(workers, key=lambda w: (w["connected_since"] or "", w["client_id"] or "")),
@@ -166,8 +142,6 @@ def overview(db: Any, subscribers: Any, now: float | None = None) -> dict[str, A
 
 def worker(sub: Any) -> dict[str, Any]:
     """What the dashboard shows of a subscribed worker connection."""
-    from .listing import worker_info
-
     info = worker_info(sub)
     connected = getattr(sub, "connected_at", None)
     info["connected_since"] = iso(connected) if connected else None

@@ -218,38 +218,54 @@ def count_runs(db: Any, body: Any) -> int:
     return int(rows[0][0])
 
 
-def stats(db: Any, subscribers: Any) -> dict[str, Any]:
-    """Per task key: runs by state type, the oldest waiting run, and the subscribed workers
-    (client id, address, limit, runs in flight). ``subscribers``: live subscriptions."""
+def _empty_summary(task_key: str) -> dict[str, Any]:
+    return {"task_key": task_key, "counts": {}, "total": 0, "oldest_scheduled": None,
+            "oldest_scheduled_id": None, "oldest_scheduled_age_seconds": None}
+
+
+def task_key_summaries(db: Any, now: float) -> dict[str, dict[str, Any]]:
+    """Per task key: runs by state type and the oldest waiting run (its id, creation time
+    and age). Shared by ``GET /api/sync_worker/stats`` and the dashboard's overview; both
+    queries read the index on ``(task_key, state_type)`` only (see database.py)."""
     keys: dict[str, dict[str, Any]] = {}
 
     def entry(task_key: str) -> dict[str, Any]:
-        if task_key not in keys:
-            keys[task_key] = {"task_key": task_key, "counts": {}, "total": 0, "oldest_scheduled": None,
-                              "oldest_scheduled_age_seconds": None, "workers": []}
-        return keys[task_key]
+        return keys.setdefault(task_key, _empty_summary(task_key))
 
     for task_key, state_type, count in db.read_all(
             "SELECT task_key, state_type, count(*) FROM task_runs GROUP BY task_key, state_type", []):
         item = entry(task_key)
         item["counts"][state_type] = count
         item["total"] += count
-    now = time.time()
-    for task_key, created in db.read_all(
-            "SELECT task_key, min(json_extract(data, '$.created')) FROM task_runs WHERE state_type = 'SCHEDULED' "
-            "GROUP BY task_key", []):
+    # seq is creation order: the smallest seq of a key's waiting runs is its oldest
+    oldest = db.read_all("SELECT task_key, min(seq) FROM task_runs WHERE state_type = 'SCHEDULED' "
+                         "GROUP BY task_key", [])
+    for task_key, seq in oldest:
+        rows = db.read_all("SELECT id, json_extract(data, '$.created') FROM task_runs WHERE seq = ?", [seq])
+        if not rows:
+            continue  # finished between the two reads
         item = entry(task_key)
-        item["oldest_scheduled"] = created
+        item["oldest_scheduled_id"], item["oldest_scheduled"] = rows[0]
         try:
-            item["oldest_scheduled_age_seconds"] = round(max(0.0, now - parse_time(created, [])), 3)
+            item["oldest_scheduled_age_seconds"] = round(max(0.0, now - parse_time(rows[0][1], [])), 3)
         except ValidationError:  # pragma: no cover - we wrote it
             pass
+    return keys
+
+
+def stats(db: Any, subscribers: Any) -> dict[str, Any]:
+    """Per task key: runs by state type, the oldest waiting run, and the subscribed workers
+    (client id, address, limit, runs in flight). ``subscribers``: live subscriptions."""
+    now = time.time()
+    keys = task_key_summaries(db, now)
     workers = []
     for sub in list(subscribers):
         info = worker_info(sub)
         workers.append(info)
         for task_key in info["task_keys"]:
-            entry(task_key)["workers"].append(info)
+            keys.setdefault(task_key, _empty_summary(task_key))
+    for item in keys.values():
+        item["workers"] = [info for info in workers if item["task_key"] in info["task_keys"]]
     return {"task_keys": sorted(keys.values(), key=lambda k: k["task_key"]), "workers": workers,
             "time": iso(now)}
 
