@@ -1,0 +1,62 @@
+"""What a worker process carries (issue 14: worker RSS): a ``sync-worker worker`` without the
+client metrics server never imports prometheus-client (nothing could read its registry), one
+with it records and serves its metrics as before; the status server's ``http.server`` is
+imported only when asked for."""
+from __future__ import annotations
+
+import signal
+import socket
+import sys
+import urllib.request
+
+from tests.helpers import wait_for
+from tests.worker import perf_tasks
+
+HEAVY = ["prometheus_client", "http.server", "wsgiref.simple_server"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _stop(proc) -> None:
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+
+
+def test_a_cli_worker_without_client_metrics_does_not_import_prometheus(api_env, spawn):
+    proc = spawn([sys.executable, "-m", "sync_worker", "worker", "tests.worker.perf_tasks:modules"], api_env)
+    assert perf_tasks.modules.delay(HEAVY).result(timeout=60) == []
+    _stop(proc)
+
+
+def test_a_cli_worker_with_client_metrics_records_and_serves_them(api_env, spawn):
+    port = _free_port()
+    env = {**api_env, "SYNC_WORKER_CLIENT_METRICS_ENABLED": "true", "SYNC_WORKER_CLIENT_METRICS_PORT": str(port)}
+    proc = spawn([sys.executable, "-m", "sync_worker", "worker", "tests.worker.perf_tasks:modules"], env)
+    assert "prometheus_client" in perf_tasks.modules.delay(HEAVY).result(timeout=60)
+
+    def scraped() -> str | None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+                text = response.read().decode()
+        except OSError:
+            return None
+        line = 'sync_worker_task_runs_completed_total{task_key="tests.perf.modules"} 1.0'
+        return text if line in text else None
+
+    wait_for(scraped, message="the completed run in the worker's /metrics")
+    _stop(proc)
+
+
+def test_the_status_server_still_answers_with_its_lazy_import(api_env, spawn):
+    port = _free_port()
+    proc = spawn([sys.executable, "-m", "sync_worker", "worker", "tests.worker.perf_tasks:modules",
+                  "--status-port", str(port)], api_env)
+    assert "http.server" in perf_tasks.modules.delay(HEAVY).result(timeout=60)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=10) as response:
+        assert response.status == 200 and b'"limit": 10' in response.read().replace(b'"limit":10', b'"limit": 10')
+    _stop(proc)
