@@ -60,3 +60,20 @@ def test_the_status_server_still_answers_with_its_lazy_import(api_env, spawn):
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=10) as response:
         assert response.status == 200 and b'"limit": 10' in response.read().replace(b'"limit":10', b'"limit": 10')
     _stop(proc)
+
+
+def test_text_frame_is_byte_for_byte_what_websocket_client_sends():
+    import os
+
+    from websocket import ABNF
+
+    from sync_worker.sockets import text_frame
+
+    for length in (0, 1, 3, 4, 5, 125, 126, 127, 65535, 65536, 70001):
+        payload = os.urandom(length // 2).hex().encode()[:length].ljust(length, b"x")
+        key = os.urandom(4)
+        frame = ABNF.create_frame(payload.decode(), ABNF.OPCODE_TEXT)
+        frame.get_mask_key = lambda _n, key=key: key
+        assert text_frame(payload, key) == frame.format(), length
+        # and what a server reads back: the payload, unmasked
+        assert ABNF.mask(key, text_frame(payload, key)[-length:] if length else b"") == payload
