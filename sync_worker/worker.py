@@ -443,7 +443,11 @@ class TaskWorker:
             )
             self._transport = Transport(self._client, self._subscription)
             self._prefect.start()
-            self._executor = _RunThreads(self._limit, "sync-worker-run")
+            # Twice as many threads as slots (made only when needed): a run thread keeps
+            # reporting its run's final state after the run gave its slot back (the credit
+            # for the next run rides on that report), so a run delivered for that slot
+            # must not wait for the thread (a busy worker holds no run it cannot start).
+            self._executor = _RunThreads(None if self._limit is None else 2 * self._limit, "sync-worker-run")
             self._stop_event.clear()
             self._drain_deadline = None
             self._done.clear()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import signal
 import socket
 import sys
+import time
 import urllib.request
 
 from tests.helpers import wait_for
@@ -77,3 +78,38 @@ def test_text_frame_is_byte_for_byte_what_websocket_client_sends():
         assert text_frame(payload, key) == frame.format(), length
         # and what a server reads back: the payload, unmasked
         assert ABNF.mask(key, text_frame(payload, key)[-length:] if length else b"") == payload
+
+
+def test_a_run_delivered_while_every_thread_still_reports_starts_at_once(api_env, start_worker, monkeypatch):
+    """limit=1: run A gave its slot back and its final state (carrying the credit for B) is
+    sent, but A's thread is still busy reporting; B, delivered for that slot, must start now
+    on another thread rather than wait for A's (the worker would hold a run it cannot start)."""
+    from sync_worker import sockets
+
+    perf_tasks.STARTED.clear()
+    held: list[bool] = []
+    original = sockets.Connection.request
+
+    def request(self, message, timeout, with_owed_credit=False):
+        reply = original(self, message, timeout, with_owed_credit)
+        if message.get("type") == "set_state" and message.get("task_run_id") == first.task_run_id:
+            # the frame and its credit went out; this thread keeps "reporting" until B runs
+            held.append(wait_until_b())
+        return reply
+
+    def wait_until_b() -> bool:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if "b" in perf_tasks.STARTED:
+                return True
+            time.sleep(0.01)
+        return False
+
+    monkeypatch.setattr(sockets.Connection, "request", request)
+    start_worker(perf_tasks.note_start, limit=1)
+    first = perf_tasks.note_start.delay("a")
+    assert first.result(timeout=60) == "a"
+    second = perf_tasks.note_start.delay("b")
+    assert second.result(timeout=60) == "b"
+    wait_for(lambda: held, message="run A's report to be let go")
+    assert held == [True], "B did not start while A's thread was still reporting"
