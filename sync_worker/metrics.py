@@ -50,7 +50,7 @@ Memory: prometheus-client (and the HTTP modules it imports) is imported when a m
 touched, not with this module. ``sync-worker worker`` with the client metrics server off calls
 :func:`record_in_this_process(False) <record_in_this_process>` before touching any: nothing
 could read the registry of that process (it has no other ``/metrics`` endpoint), so its metrics
-are no-ops and prometheus-client is never imported (1.5 MB less RSS, measured). Library use
+are no-ops and prometheus-client is never imported (measured: 35.6 -> 34.7 MB RSS). Library use
 (a TaskWorker in a host application) records as before.
 """
 from __future__ import annotations
