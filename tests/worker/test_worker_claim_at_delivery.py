@@ -16,7 +16,7 @@ import pytest
 import requests
 import websocket
 
-from sync_worker import task
+from sync_worker import sockets, task
 from sync_worker.client import Client
 from sync_worker.subscription import ConnectionLost, Subscription
 
@@ -39,6 +39,13 @@ def frames(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
         return original(self, payload, opcode)
 
     monkeypatch.setattr(websocket.WebSocket, "send", send)
+    original_frame = sockets.text_frame
+
+    def text_frame(payload: bytes, mask_key: bytes) -> bytes:  # Connection.send_json's frames
+        sent.append(json.loads(payload))
+        return original_frame(payload, mask_key)
+
+    monkeypatch.setattr(sockets, "text_frame", text_frame)
     return sent
 
 

@@ -1,0 +1,285 @@
+#!/usr/bin/env python3
+"""Where the idle submit -> result time goes: one timeline across the three processes.
+
+Usage:
+    python3 benchmarks/latency_breakdown.py                  # 100 sequential runs, this tree
+    python3 benchmarks/latency_breakdown.py --samples 300 --src /tmp/old-tree --show 1
+
+Starts ``sync-worker server`` and ``sync-worker worker --limit 10`` (from ``--src``), then in
+this process submits one no-op run at a time and waits for its result (``.delay().result()``,
+as the ``latency`` case of compare.py does). Every process records events with a
+``CLOCK_MONOTONIC`` timestamp, which all processes share: each socket send and receive (the
+first bytes show which message it is; client frames are masked), each SQLite group commit of
+the server (``SQLiteDatabase._run_batch``), the worker's hand-off of a delivered run
+(``TaskWorker._start_delivered``, ``_safe_run``), the task body, and ``delay()`` /
+``result()`` in the submitter. The script then walks each sample's events in order and prints
+the median of every step, e.g. "server: create read -> commit begins".
+
+The hooks cost a few microseconds per event (one ``os.write``), so the traced total is a
+little higher than compare.py's untraced p50; the steps are what to compare. A step the
+script cannot find (an older or newer tree without a hooked function) makes it say so and
+print the raw timeline of one sample instead (``--show N`` prints N samples anyway).
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+TASK_KEY = "latency_breakdown.noop"
+
+_fd: int | None = None
+
+
+def event(what: str, detail: str = "") -> None:
+    """One line: monotonic ns, pid, thread, event, detail (appended to this process's file)."""
+    global _fd
+    if _fd is None:
+        _fd = os.open(os.path.join(os.environ["LATENCY_TRACE_DIR"], f"{os.getpid()}.log"),
+                      os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    thread = threading.current_thread().name[:28].replace(" ", "_")
+    os.write(_fd, f"{time.monotonic_ns()} {os.getpid()} {thread} {what} {detail}\n".encode())
+
+
+def _peek(data) -> str:
+    head = bytes(data[:72])
+    return repr(head[2:] if len(head) > 2 else head)
+
+
+def hook_sockets() -> None:
+    cls = socket.socket
+    send, sendall, recv, recv_into = cls.send, cls.sendall, cls.recv, cls.recv_into
+
+    def traced_send(self, data, *args):
+        event("send", f"n{len(data)} {_peek(data)}")
+        return send(self, data, *args)
+
+    def traced_sendall(self, data, *args):
+        event("send", f"n{len(data)} {_peek(data)}")
+        return sendall(self, data, *args)
+
+    def traced_recv(self, size, *args):
+        data = recv(self, size, *args)
+        event("recv", f"n{len(data)} {_peek(data)}")
+        return data
+
+    def traced_recv_into(self, buffer, *args):
+        n = recv_into(self, buffer, *args)
+        event("recv", f"n{n} {_peek(memoryview(buffer)[:n])}")
+        return n
+
+    cls.send, cls.sendall, cls.recv, cls.recv_into = traced_send, traced_sendall, traced_recv, traced_recv_into
+
+
+def hook(owner, name: str, label: str) -> None:
+    """Events ``label>`` and ``label<`` around ``owner.name`` (skipped if it does not exist)."""
+    original = getattr(owner, name, None)
+    if original is None:
+        return
+
+    @functools.wraps(original)
+    def traced(*args, **kwargs):
+        event(label + ">")
+        try:
+            return original(*args, **kwargs)
+        finally:
+            event(label + "<")
+
+    setattr(owner, name, traced)
+
+
+def _role(role: str, argv: list[str]) -> None:
+    """A traced ``sync-worker server`` or ``worker`` process (this file run with --_role)."""
+    import runpy
+
+    hook_sockets()
+    if role == "server":
+        from sync_worker.server import database
+
+        hook(database.SQLiteDatabase, "_run_batch", "commit")
+    else:
+        from sync_worker import worker
+
+        hook(worker.TaskWorker, "_start_delivered", "start_delivered")
+        hook(worker.TaskWorker, "_safe_run", "safe_run")
+    sys.argv = ["sync_worker", *argv]
+    runpy.run_module("sync_worker", run_name="__main__")
+
+
+if os.environ.get("LATENCY_TRACE_DIR") and os.environ.get("LATENCY_TRACE_TASKS"):
+    from sync_worker import task
+
+    @task(task_key=TASK_KEY)
+    def noop() -> None:
+        event("TASK")
+
+
+# ----------------------------------------------------------------------------- analysis
+def _is(kind: str, text: str = "", pid: str | None = None, not_pid: str | None = None):
+    def match(e: list[str]) -> bool:
+        return (e[3] == kind and text in e[4] and (pid is None or e[1] == pid)
+                and (not_pid is None or e[1] != not_pid))
+    return match
+
+
+def analyse(events: list[list[str]], show: int) -> None:
+    marks = [i for i, e in enumerate(events) if e[3] == "ITER"]
+    sub = events[marks[0]][1]
+    first = [  # the submitter's path, from the start of delay()
+        ("submitter: delay() -> create frame sent", _is("send", pid=sub)),
+        ("wire + wake-up: server reads the create", _is("recv", not_pid=sub)),
+        ("server: create read -> its commit begins", _is("commit>")),
+        ("server: create commit", _is("commit<")),
+        ("server: commit -> create_result sent", _is("send", "create_result")),
+        ("wire + wake-up: submitter reads create_result", _is("recv", "create_result", pid=sub)),
+        ("submitter: parse + hand-off, delay() returns", _is("delay<")),
+        ("submitter: result() -> wait frame sent", _is("send", pid=sub)),
+    ]
+    second = [  # the run's path, from the end of the create commit
+        ("server: create committed -> claim commit begins", _is("commit>")),
+        ("server: claim commit", _is("commit<")),
+        ("server: claim commit -> run frame sent", lambda e: e[3] == "send" and ("cache_expiration" in e[4] or "task_runs" in e[4])),
+        ("wire + wake-up: worker reads the run", lambda e: e[3] == "recv" and ("cache_expiration" in e[4] or "task_runs" in e[4])),
+        ("worker: frame + JSON + TaskRun parse -> slot taken", _is("start_delivered>")),
+        ("worker: hand-off to a run thread", _is("safe_run>")),
+        ("worker: engine -> task body", _is("TASK")),
+        ("worker: task body -> final state frame sent", _is("send")),
+        ("wire + wake-up: server reads the final state", _is("recv")),
+        ("server: final state read -> its commit begins", _is("commit>")),
+        ("server: final-state commit", _is("commit<")),
+        ("server: commit -> wait_result sent", _is("send", "wait_result")),
+        ("wire + wake-up: submitter reads wait_result", _is("recv", "wait_result", pid=sub)),
+        ("submitter: parse + hand-off, result() returns", _is("result<")),
+    ]
+
+    def walk(sample: list[list[str]], steps, start: int) -> list[float] | None:
+        out, i, t = [], start, int(sample[start][0])
+        for _name, match in steps:
+            j = i + 1
+            while j < len(sample) and not match(sample[j]):
+                j += 1
+            if j >= len(sample):
+                return None
+            out.append((int(sample[j][0]) - t) / 1000)
+            t, i = int(sample[j][0]), j
+        return out
+
+    rows1, rows2, totals, late_waits = [], [], [], 0
+    for a, b in zip(marks, marks[1:], strict=False):
+        sample = events[a:b]
+        commits = [k for k, e in enumerate(sample) if e[3] == "commit<"]
+        one = walk(sample, first, 0)
+        two = walk(sample, second, commits[0]) if commits else None
+        if one is None or two is None:
+            continue
+        rows1.append(one)
+        rows2.append(two)
+        totals.append((int(sample[-1][0]) - int(sample[0][0])) / 1000)
+        wait_sent = [int(e[0]) for e in sample if e[1] == sub and e[3] == "send"][1]
+        if wait_sent > int(sample[commits[-1]][0]):
+            late_waits += 1
+    if not rows1:
+        print("could not follow the steps in any sample (hooks missing in this tree?); raw timeline:")
+        show = max(show, 1)
+    else:
+        print(f"{len(rows1)} samples; median submit -> result {statistics.median(totals):.0f} us (traced); "
+              f"the wait was sent after the final state's commit in {late_waits} of them")
+        print("\nThe submitter's path (from the start of delay()):")
+        for k, (name, _) in enumerate(first):
+            print(f"  {statistics.median(r[k] for r in rows1):7.0f} us  {name}")
+        print("The run's path (from the end of the create commit; runs in parallel with the submitter's):")
+        for k, (name, _) in enumerate(second):
+            print(f"  {statistics.median(r[k] for r in rows2):7.0f} us  {name}")
+        print("(When the wait arrives after the final state, the steps from 'server: commit -> wait_result' on\n"
+              " also include the time until the wait frame was read.)")
+    for a, b in list(zip(marks, marks[1:], strict=False))[len(marks) // 2:len(marks) // 2 + show]:
+        t0 = int(events[a][0])
+        print()
+        for e in events[a:b]:
+            print(f"{(int(e[0]) - t0) / 1000:8.1f} us  {e[1]} {e[2][:24]:24} {e[3]:16} {e[4][:70]}")
+
+
+# ----------------------------------------------------------------------------- driver
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--samples", type=int, default=100)
+    parser.add_argument("--src", default=str(REPO), help="the sync_worker tree to run (default: this one)")
+    parser.add_argument("--show", type=int, default=0, help="also print the raw timeline of N samples")
+    parser.add_argument("--_role", help=argparse.SUPPRESS)
+    args, rest = parser.parse_known_args()
+    if args._role:
+        _role(args._role, rest)
+        return
+    src = str(Path(args.src).resolve())
+    trace_dir = tempfile.mkdtemp(prefix="latency-trace-")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, str(HERE)]), LATENCY_TRACE_DIR=trace_dir,
+               LATENCY_TRACE_TASKS="1", SYNC_WORKER_API_URL=f"http://127.0.0.1:{port}/api",
+               SYNC_WORKER_STORAGE=os.path.join(trace_dir, "records"))
+    me = [sys.executable, str(Path(__file__).resolve())]
+    procs = [subprocess.Popen([*me, "--_role", "server", "server", "--port", str(port), "--db",
+                               os.path.join(trace_dir, "server.db"), "--log-level", "WARNING"],
+                              env=env, cwd=src, start_new_session=True)]
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), 0.5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or procs[0].poll() is not None:
+                    raise SystemExit("the server did not start") from None
+                time.sleep(0.02)
+        procs.append(subprocess.Popen([*me, "--_role", "worker", "worker", "latency_breakdown:noop",
+                                       "--limit", "10", "--log-level", "WARNING"],
+                                      env=env, cwd=src, start_new_session=True))
+        os.environ.update({k: v for k, v in env.items() if k.startswith(("SYNC_WORKER_", "LATENCY_"))})
+        sys.path[:0] = [src, str(HERE)]
+        hook_sockets()
+        import latency_breakdown as tasks_module  # the task, as the worker imports it
+
+        from sync_worker import tasks
+
+        hook(tasks.Task, "apply_async", "delay")
+        hook(tasks.TaskRunFuture, "result", "result")
+        for _ in range(20):  # warm-up (connections, caches)
+            tasks_module.noop.delay().result(timeout=60)
+        for _ in range(args.samples + 1):
+            event("ITER")
+            tasks_module.noop.delay().result(timeout=60)
+        event("ITER")
+    finally:
+        for proc in procs:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for proc in procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+    events = []
+    for path in Path(trace_dir).glob("*.log"):
+        for line in path.read_text().splitlines():
+            fields = line.split(" ", 4)
+            events.append(fields + [""] * (5 - len(fields)))
+    events.sort(key=lambda e: int(e[0]))
+    analyse(events, args.show)
+
+
+if __name__ == "__main__":
+    main()
