@@ -29,20 +29,64 @@ def test_prefect_compatible_server_announces_nothing_and_has_no_rpc(prefect_like
     assert client.rpc._unsupported  # asked once, remembered
 
 
-def test_runs_complete_with_states_over_rest(prefect_like, start_worker, monkeypatch):
-    calls = []
-    original = Client.set_task_run_state
+def test_runs_are_claimed_over_rest_and_report_running_and_completed_as_events(prefect_like, start_worker, monkeypatch):
+    """As Prefect's own worker: the claim (PENDING) is a REST proposal, RUNNING and
+    COMPLETED are client-side-orchestration events the server records on the run (its
+    state is the event's: same id), nothing falls back to REST."""
+    calls: list[str] = []
+    posted: list[dict] = []
+    original_set, original_emit = Client.set_task_run_state, Client.emit_events
 
     def counting(self, run_id, state, *args, **kwargs):
         calls.append(state.type.value)
-        return original(self, run_id, state, *args, **kwargs)
+        return original_set(self, run_id, state, *args, **kwargs)
+
+    def emitting(self, events):
+        posted.extend(events)
+        return original_emit(self, events)
 
     monkeypatch.setattr(Client, "set_task_run_state", counting)
+    monkeypatch.setattr(Client, "emit_events", emitting)
     worker = start_worker(wt.add, limit=3)
     futures = [wt.add.delay(i, 10) for i in range(20)]
     assert [f.result(timeout=60) for f in futures] == [i + 10 for i in range(20)]
-    assert calls.count("PENDING") == 20 and calls.count("RUNNING") == 20 and calls.count("COMPLETED") == 20
+    assert calls == ["PENDING"] * 20
     assert not worker._subscription.supports_set_state
+    recorded = {e["id"]: e for e in posted if e["resource"].get("prefect.orchestration") == "client"}
+    assert sorted(e["event"] for e in recorded.values()) == ["prefect.task-run.Completed"] * 20 + [
+        "prefect.task-run.Running"] * 20
+    client = Client()
+    for future in futures:
+        run = client.read_task_run(future.task_run_id)
+        assert run.state.type is StateType.COMPLETED and run.state.id in recorded
+        assert run.run_count == 1 and run.start_time is not None and run.end_time >= run.start_time
+        event = recorded[run.state.id]
+        assert event["payload"]["task_run"]["run_count"] == 1 and event["payload"]["initial_state"]["type"] == "RUNNING"
+        history = [s["type"] for s in client.read_task_run_states(future.task_run_id)]
+        assert history[-3:] == ["PENDING", "RUNNING", "COMPLETED"]
+    assert worker._prefect.events.fallbacks == 0
+
+
+def test_a_completed_event_the_server_drops_is_proposed_over_rest(prefect_like, start_worker, monkeypatch):
+    """The events intake has no acknowledgement: a COMPLETED event that is never recorded
+    is found by the read-back and proposed over REST, so the final state is not lost."""
+    original_emit = Client.emit_events
+
+    def dropping(self, events):
+        kept = [e for e in events if not (e["event"] == "prefect.task-run.Completed"
+                                          and e["resource"].get("prefect.orchestration") == "client")]
+        if kept:
+            original_emit(self, kept)
+
+    monkeypatch.setattr(Client, "emit_events", dropping)
+    worker = start_worker(wt.add)
+    worker._prefect.events.repeat_after = 0.5
+    future = wt.add.delay(1, 2)
+    client = Client()
+    wait_for(lambda: client.read_task_run(future.task_run_id).state.type is StateType.COMPLETED, timeout=30,
+             message="the final state proposed over REST after the read-back")
+    assert future.result(timeout=30) == 3
+    assert worker._prefect.events.fallbacks == 1
 
 
 def test_retries_then_success(prefect_like, start_worker, tmp_path):
