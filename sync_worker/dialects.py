@@ -168,7 +168,7 @@ class PrefectDialect(Dialect):
         from sync_worker.prefect_reporting import stamp, state_event
 
         reporting = self.reporting
-        if reporting is None or not reporting.events.accepts_events(engine.client):
+        if reporting is None or not reporting.events.records_states(engine.client):
             return False
         stamp(state)
         last = engine.state

@@ -148,6 +148,10 @@ def stamp(state: State) -> State:
 
 #: Runs read back per ``POST /task_runs/filter`` (Prefect's default page limit).
 READ_BACK_PAGE = 200
+#: Seconds a stopping worker keeps reading back runs whose events it has just sent.
+STOP_READ_BACK = 3.0
+#: Read-back batches in a row with no state recorded after which states go over REST.
+UNRECORDED_BATCHES = 3
 #: Seconds between two read-backs of an unconfirmed final state the server could not be asked about.
 CHECK_RETRY_AFTER = 2.0
 
@@ -186,6 +190,7 @@ class FinalStateEvents:
         self._thread: threading.Thread | None = None
         self._stopped = False
         self._no_events: set[str] = set()  # API URLs that answered 404 to POST /events
+        self._unrecorded_batches: dict[str, int] = {}  # API URL -> read-back batches in a row with nothing recorded
         #: final states confirmed by a REST proposal after their event was not recorded in time
         self.fallbacks = 0
 
@@ -268,32 +273,59 @@ class FinalStateEvents:
                 if checks:
                     self._check(client, checks, stopped)
 
+    def _read_final(self, client: Client, ids: list[str]) -> set[str]:
+        """Which of ``ids`` the server shows in a final state (raises if it does not answer)."""
+        final: set[str] = set()
+        for start in range(0, len(ids), READ_BACK_PAGE):  # Prefect's filter answers at most 200 a page
+            page = ids[start:start + READ_BACK_PAGE]
+            runs = client.filter_task_runs({"task_runs": {"id": {"any_": page}}, "limit": len(page)})
+            final.update(str(run["id"]) for run in runs
+                         if (run.get("state") or {}).get("type") in ("COMPLETED", "FAILED", "CANCELLED", "CRASHED"))
+        return final
+
     def _check(self, client: Client, checks: list[tuple[TaskRun, State]], stopped: bool) -> None:
         """Read the runs back; propose over REST the final states the server does not show;
-        then repeat their events (new ids, not recorded again) to wake late subscribers."""
-        ids = [task_run.id for task_run, _ in checks]
-        try:
-            final: set[str] = set()
-            for start in range(0, len(ids), READ_BACK_PAGE):  # Prefect's filter answers at most 200 a page
-                page = ids[start:start + READ_BACK_PAGE]
-                runs = client.filter_task_runs({"task_runs": {"id": {"any_": page}}, "limit": len(page)})
-                final.update(str(run["id"]) for run in runs
-                             if (run.get("state") or {}).get("type") in ("COMPLETED", "FAILED", "CANCELLED", "CRASHED"))
-        except Exception as exc:  # noqa: BLE001 - unanswered: ask again later (or now, at the stop)
-            if not stopped and self._push([(time.monotonic() + CHECK_RETRY_AFTER, client, "check", item)
-                                           for item in checks]):
-                logger.warning("Could not read back %d run(s) from %s (%s); trying again in %.0fs",
-                               len(ids), client.api_url, exc, CHECK_RETRY_AFTER)
-                return
-            final = set()
-        repeats = []
-        for task_run, state in checks:
-            if task_run.id not in final:
-                self._propose(client, task_run, state)
-            if self.accepts_events(client):
-                repeats.append({**final_state_event(task_run, state), "id": str(uuid.uuid4())})
-        if repeats:
+        then repeat their events (new ids, not recorded again) to wake late subscribers.
+        At the stop the events may have been sent an instant ago: the runs are read again
+        for up to :data:`STOP_READ_BACK` s before a state is proposed (a proposal racing its
+        own event would leave the state twice in the run's history)."""
+        unconfirmed = {task_run.id: (task_run, state) for task_run, state in checks}
+        deadline = time.monotonic() + (STOP_READ_BACK if stopped else 0.0)
+        pause = 0.05
+        while unconfirmed:
+            try:
+                final = self._read_final(client, list(unconfirmed))
+            except Exception as exc:  # noqa: BLE001 - unanswered: ask again later (or propose, at the stop)
+                if not stopped and self._push([(time.monotonic() + CHECK_RETRY_AFTER, client, "check", item)
+                                               for item in unconfirmed.values()]):
+                    logger.warning("Could not read back %d run(s) from %s (%s); trying again in %.0fs",
+                                   len(unconfirmed), client.api_url, exc, CHECK_RETRY_AFTER)
+                    unconfirmed = {}
+                break
+            for run_id in final:
+                unconfirmed.pop(run_id, None)
+            if not unconfirmed or time.monotonic() + pause > deadline:
+                break
+            time.sleep(pause)  # bounded: waiting for Prefect's recorder, which has no notification
+            pause = min(2 * pause, 0.5)
+        if unconfirmed and len(unconfirmed) == len(checks):
+            self._unrecorded_batches[client.api_url] = self._unrecorded_batches.get(client.api_url, 0) + 1
+            if self._unrecorded_batches[client.api_url] == UNRECORDED_BATCHES:
+                logger.warning("%s recorded none of the last %d batches of state events (is its task_run_recorder "
+                               "service off?); proposing states over REST from now on", client.api_url,
+                               UNRECORDED_BATCHES)
+        elif len(unconfirmed) < len(checks):
+            self._unrecorded_batches[client.api_url] = 0
+        for task_run, state in unconfirmed.values():
+            self._propose(client, task_run, state)
+        if self.accepts_events(client):
+            repeats = [{**final_state_event(task_run, state), "id": str(uuid.uuid4())} for task_run, state in checks]
             self._post(client, repeats)
+
+    def records_states(self, client: Client) -> bool:
+        """Whether states may go to ``client``'s server as events: it takes events and has
+        not left :data:`UNRECORDED_BATCHES` read-back batches in a row unrecorded."""
+        return self.accepts_events(client) and self._unrecorded_batches.get(client.api_url, 0) < UNRECORDED_BATCHES
 
     def _propose(self, client: Client, task_run: TaskRun, state: State) -> None:
         """A final state whose event the server did not record: proposed over REST."""

@@ -108,3 +108,34 @@ def test_stopping_worker_hands_back_by_closing_its_socket(prefect_like, start_wo
     wt.GATE.opened.set()
     assert sorted(f.result(timeout=30) for f in futures) == [0, 1, 2]
     assert stopping.join(30) and stopping.finished_task_runs == {"tests.gated": 1}
+
+
+def test_a_server_that_records_no_state_events_gets_proposals(prefect_like, start_worker, monkeypatch):
+    """A server that takes events but never records them (Prefect with its task_run_recorder
+    service off): after 3 read-back batches in a row found nothing recorded, the worker
+    proposes its states over REST again; every run still ends COMPLETED."""
+    from sync_worker.prefect_reporting import UNRECORDED_BATCHES
+
+    original_emit, original_set = Client.emit_events, Client.set_task_run_state
+    proposals: list[str] = []
+
+    def unrecorded(self, events):
+        kept = [e for e in events if e["resource"].get("prefect.orchestration") != "client"]
+        if kept:
+            original_emit(self, kept)
+
+    def counting(self, run_id, state, *args, **kwargs):
+        proposals.append(state.type.value)
+        return original_set(self, run_id, state, *args, **kwargs)
+
+    monkeypatch.setattr(Client, "emit_events", unrecorded)
+    monkeypatch.setattr(Client, "set_task_run_state", counting)
+    worker = start_worker(wt.add)
+    worker._prefect.events.repeat_after = 0.3
+    for i in range(UNRECORDED_BATCHES):
+        assert wt.add.delay(i, 1).result(timeout=30) == i + 1  # the read-back's proposal
+        wait_for(lambda i=i: worker._prefect.events.fallbacks == i + 1, message="the read-back's proposal")
+    assert proposals.count("RUNNING") == 0
+    assert wt.add.delay(5, 5).result(timeout=30) == 10
+    assert proposals[-2:] == ["RUNNING", "COMPLETED"]  # proposed, no read-back needed
+    assert worker._prefect.events.fallbacks == UNRECORDED_BATCHES
