@@ -35,8 +35,9 @@ RUNNING and COMPLETED             proposed (socket or REST)       with a worker:
                                                                   (client-side orchestration, as
                                                                   Prefect's worker), COMPLETED
                                                                   read back later; else REST
-retry decision after a failure    the server's                    Prefect's rule, client-side,
-                                                                  when RUNNING was an event
+failure after a RUNNING event     -                               proposed once Prefect recorded
+                                                                  the RUNNING (its retry rule
+                                                                  counts from it)
 ================================  ==============================  ===============================
 
 Prefect-only machinery (events and their repeats, retry timers) is owned by the worker
@@ -53,7 +54,6 @@ from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Iterable
 
 from sync_worker.schemas import INLINE_RESULTS_LABEL, SetStateStatus, State, StateDetails, StateType
-from sync_worker.services import clamped_poisson_interval
 from sync_worker.storage import inline_result, write_result
 
 if TYPE_CHECKING:
@@ -102,11 +102,6 @@ class Dialect:
         """Report ``state`` without a round trip (an event), and make it the engine's
         state; False when this server is told states by proposals only."""
         return False
-
-    def retry_state(self, engine: TaskRunEngine, failed: State) -> State | None:
-        """After a failure whose RUNNING went by :meth:`send_state`: the ``AwaitingRetry``
-        to retry with, or None when the run is out of retries."""
-        return None
 
     def running_recorded(self, engine: TaskRunEngine) -> bool:
         """Whether the server shows the RUNNING sent by :meth:`send_state` (or a newer state)."""
@@ -208,7 +203,7 @@ class PrefectDialect(Dialect):
         while True:
             try:
                 current = engine.client.read_task_run(engine.task_run.id).state
-            except Exception as exc:  # noqa: BLE001 - then decide here (retry_state)
+            except Exception as exc:  # noqa: BLE001 - then RUNNING is proposed
                 engine.logger.warning("Could not read %s back: %s", engine.label, exc)
                 return False
             if current is not None and (current.id == running.id or (
@@ -216,33 +211,12 @@ class PrefectDialect(Dialect):
                 return True
             if time.monotonic() + pause > deadline:
                 engine.logger.warning("The server did not record the RUNNING event of %s within %.0fs; "
-                                      "deciding its retry here", engine.label, RECORDED_WAIT)
+                                      "proposing RUNNING", engine.label, RECORDED_WAIT)
+                if self.reporting is not None:
+                    self.reporting.events.unrecorded(engine.client)
                 return False
             time.sleep(pause)  # polling Prefect's REST API: it has no "recorded" notification
             pause = min(pause * 2, 0.5)
-
-    def retry_state(self, engine: TaskRunEngine, failed: State) -> State | None:
-        """Prefect's server rule ``RetryFailedTasks``, applied here when the server did not
-        record the RUNNING event in time (it would accept the FAILED as final: a lost
-        retry): retry while ``run_count <= retries`` of the run's
-        ``empirical_policy``, after ``retry_delay`` (the ``run_count``-th of a list), with
-        Prefect's clamped Poisson jitter when ``retry_jitter_factor`` is set. ``run_count``
-        is the one this worker's RUNNING event reported (the delivered count + 1): a
-        RUNNING event the server never recorded can give the run one retry more, never
-        one fewer."""
-        policy = engine.task_run.empirical_policy
-        run_count = engine.task_run.run_count
-        if not policy.retries or run_count > policy.retries:
-            return None
-        delay = policy.retry_delay
-        if isinstance(delay, list):
-            base = float(delay[min(run_count - 1, len(delay) - 1)]) if delay else 0.0
-        else:
-            base = float(delay or 0)
-        if policy.retry_jitter_factor and base > 0:
-            base = clamped_poisson_interval(base, clamping_factor=policy.retry_jitter_factor)
-        return State(StateType.SCHEDULED, "AwaitingRetry", message=failed.message, data=failed.data,
-                     state_details=StateDetails(scheduled_time=datetime.now(timezone.utc) + timedelta(seconds=base)))
 
     def finished(self, client: Client, task_run: TaskRun, state: State) -> None:
         if self.reporting is not None:

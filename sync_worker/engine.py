@@ -30,7 +30,7 @@ worker's reporting), RUNNING and COMPLETED are not proposed: they are reported a
 own engine reports them, as client-side-orchestration events (:meth:`Dialect.send_state`),
 the COMPLETED one read back later and proposed over REST if Prefect did not record it. A
 failure is still proposed, once Prefect has recorded the RUNNING event (its retry rule
-counts from it); see :meth:`_report_failed`.
+counts from it); see :meth:`TaskRunEngine._report_failed`.
 
 A run claimed at delivery (the embedded server's ``claim_at_delivery``: it arrives RUNNING,
 committed and leased to the worker's connection) skips both PENDING and RUNNING proposals:
@@ -500,17 +500,21 @@ class TaskRunEngine:
         return self._report_failed(Failed(message, data=self._exception_record(exc), deferred=True), Outcome.FAILED)
 
     def _report_failed(self, failed: State, wanted: Outcome) -> Outcome:
-        """A failure that may be retried: proposed, and the server decides the retry. When
-        RUNNING went as an event the server decides it right only once it has recorded
-        that event (its retry rule applies from RUNNING, with the ``run_count`` the event
-        set), so the dialect waits for that first (bounded). If the server does not record
-        it in time, the dialect decides the retry here, as Prefect's engine does, and
-        reports the ``AwaitingRetry`` as an event; the re-queue is a proposal."""
+        """A failure that may be retried: proposed, and the server decides the retry (it
+        keeps the run's attempt count). When RUNNING went as an event, the server decides
+        it right only once it has recorded that event (Prefect's retry rule applies from
+        RUNNING, with the ``run_count`` the event set; from PENDING it would take the
+        FAILED as final: a lost retry), so the dialect waits for that first (bounded); if
+        it is not recorded in time, RUNNING is proposed, then the FAILED.
+
+        Why not decide the retry here, as Prefect's engine does: the count of attempts is
+        the server's ``run_count``, which only a recorded RUNNING raises; a worker deciding
+        from the delivered count while RUNNING events go unrecorded would retry for ever."""
         if self._running_sent and not self.dialect.running_recorded(self):
-            retry = self.dialect.retry_state(self, failed)
-            if retry is not None:
-                self.dialect.send_state(self, retry)  # history, as Prefect's engine; the re-queue is a proposal
-                return self._final(OrchestrationResult(SetStateStatus.REJECT, retry, {}), wanted)
+            running = self.propose(self._running())
+            if running.status is not SetStateStatus.ACCEPT:
+                self.logger.warning("Server refused RUNNING for %s before its failure (%s): %s", self.label,
+                                    running.status.value, running.reason or running.state)
         return self._final(self.propose(failed), wanted)
 
     def _forget_parameters(self) -> None:

@@ -309,18 +309,26 @@ class FinalStateEvents:
             time.sleep(pause)  # bounded: waiting for Prefect's recorder, which has no notification
             pause = min(2 * pause, 0.5)
         if unconfirmed and len(unconfirmed) == len(checks):
-            self._unrecorded_batches[client.api_url] = self._unrecorded_batches.get(client.api_url, 0) + 1
-            if self._unrecorded_batches[client.api_url] == UNRECORDED_BATCHES:
-                logger.warning("%s recorded none of the last %d batches of state events (is its task_run_recorder "
-                               "service off?); proposing states over REST from now on", client.api_url,
-                               UNRECORDED_BATCHES)
+            self.unrecorded(client)
         elif len(unconfirmed) < len(checks):
-            self._unrecorded_batches[client.api_url] = 0
+            with self._cond:
+                self._unrecorded_batches[client.api_url] = 0
         for task_run, state in unconfirmed.values():
             self._propose(client, task_run, state)
         if self.accepts_events(client):
             repeats = [{**final_state_event(task_run, state), "id": str(uuid.uuid4())} for task_run, state in checks]
             self._post(client, repeats)
+
+    def unrecorded(self, client: Client) -> None:
+        """``client``'s server recorded none of a batch of state events in time (a read-back
+        batch, or a failed run's RUNNING); :data:`UNRECORDED_BATCHES` in a row switch it
+        back to proposals."""
+        with self._cond:
+            count = self._unrecorded_batches[client.api_url] = self._unrecorded_batches.get(client.api_url, 0) + 1
+        if count == UNRECORDED_BATCHES:
+            logger.warning("%s recorded none of the last %d batches of state events (is its task_run_recorder "
+                           "service off?); proposing states over REST from now on", client.api_url,
+                           UNRECORDED_BATCHES)
 
     def records_states(self, client: Client) -> bool:
         """Whether states may go to ``client``'s server as events: it takes events and has

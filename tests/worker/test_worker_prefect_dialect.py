@@ -139,3 +139,29 @@ def test_a_server_that_records_no_state_events_gets_proposals(prefect_like, star
     assert wt.add.delay(5, 5).result(timeout=30) == 10
     assert proposals[-2:] == ["RUNNING", "COMPLETED"]  # proposed, no read-back needed
     assert worker._prefect.events.fallbacks == UNRECORDED_BATCHES
+
+
+def test_a_failure_whose_running_event_is_never_recorded_keeps_the_retry_count(prefect_like, start_worker,
+                                                                              monkeypatch, tmp_path):
+    """The server's retry rule counts attempts from RUNNING. When the RUNNING event is not
+    recorded in time, the worker proposes RUNNING before the FAILED: retries=2 still means
+    exactly 3 attempts (deciding from the delivered count would retry for ever)."""
+    from sync_worker import TaskRunFailed, dialects
+
+    monkeypatch.setattr(dialects, "RECORDED_WAIT", 0.2)
+    original_emit = Client.emit_events
+
+    def no_running(self, events):
+        kept = [e for e in events if e["event"] != "prefect.task-run.Running"]
+        if kept:
+            original_emit(self, kept)
+
+    monkeypatch.setattr(Client, "emit_events", no_running)
+    start_worker(wt.always_fails)
+    attempts = tmp_path / "attempts"
+    future = wt.always_fails.delay(str(attempts))
+    with pytest.raises(TaskRunFailed):
+        future.result(timeout=60)
+    run = Client().read_task_run(future.task_run_id)
+    assert run.state.type is StateType.FAILED and run.run_count == 3
+    assert len(attempts.read_text().splitlines()) == 3
