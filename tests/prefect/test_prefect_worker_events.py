@@ -11,6 +11,8 @@ import uuid
 import pytest
 from prefect_support import read_run, state_history
 
+from tests.helpers import drop_events
+
 
 def _key(name: str) -> str:
     return f"sw-{name}-{uuid.uuid4().hex[:8]}"
@@ -73,18 +75,10 @@ def test_running_and_completed_are_events_prefect_records(prefect_server, sync_w
 def test_a_completed_event_prefect_never_records_is_proposed_over_rest(prefect_server, sync_worker_env,
                                                                        start_worker, monkeypatch):
     from sync_worker import task
-    from sync_worker.client import Client
 
     sync_worker_env(prefect_server)
-    original = Client.emit_events
-
-    def dropping(self, events):
-        kept = [e for e in events if not (e["event"] == "prefect.task-run.Completed"
-                                          and e["resource"].get("prefect.orchestration") == "client")]
-        if kept:
-            original(self, kept)
-
-    monkeypatch.setattr(Client, "emit_events", dropping)
+    drop_events(monkeypatch, lambda e: e["event"] == "prefect.task-run.Completed"
+                and e["resource"].get("prefect.orchestration") == "client")
 
     @task(task_key=_key("inc"))
     def inc(x: int) -> int:

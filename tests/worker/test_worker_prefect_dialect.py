@@ -11,7 +11,7 @@ import websocket
 
 from sync_worker.client import Client
 from sync_worker.schemas import StateType
-from tests.helpers import wait_for
+from tests.helpers import drop_events, wait_for
 from tests.worker import worker_tasks as wt
 
 
@@ -70,15 +70,8 @@ def test_runs_are_claimed_over_rest_and_report_running_and_completed_as_events(p
 def test_a_completed_event_the_server_drops_is_proposed_over_rest(prefect_like, start_worker, monkeypatch):
     """The events intake has no acknowledgement: a COMPLETED event that is never recorded
     is found by the read-back and proposed over REST, so the final state is not lost."""
-    original_emit = Client.emit_events
-
-    def dropping(self, events):
-        kept = [e for e in events if not (e["event"] == "prefect.task-run.Completed"
-                                          and e["resource"].get("prefect.orchestration") == "client")]
-        if kept:
-            original_emit(self, kept)
-
-    monkeypatch.setattr(Client, "emit_events", dropping)
+    drop_events(monkeypatch, lambda e: e["event"] == "prefect.task-run.Completed"
+                and e["resource"].get("prefect.orchestration") == "client")
     worker = start_worker(wt.add)
     worker._prefect.events.repeat_after = 0.5
     future = wt.add.delay(1, 2)
@@ -116,19 +109,14 @@ def test_a_server_that_records_no_state_events_gets_proposals(prefect_like, star
     proposes its states over REST again; every run still ends COMPLETED."""
     from sync_worker.prefect_reporting import UNRECORDED_BATCHES
 
-    original_emit, original_set = Client.emit_events, Client.set_task_run_state
+    original_set = Client.set_task_run_state
     proposals: list[str] = []
-
-    def unrecorded(self, events):
-        kept = [e for e in events if e["resource"].get("prefect.orchestration") != "client"]
-        if kept:
-            original_emit(self, kept)
 
     def counting(self, run_id, state, *args, **kwargs):
         proposals.append(state.type.value)
         return original_set(self, run_id, state, *args, **kwargs)
 
-    monkeypatch.setattr(Client, "emit_events", unrecorded)
+    drop_events(monkeypatch, lambda e: e["resource"].get("prefect.orchestration") == "client")
     monkeypatch.setattr(Client, "set_task_run_state", counting)
     worker = start_worker(wt.add)
     worker._prefect.events.repeat_after = 0.3
@@ -149,14 +137,7 @@ def test_a_failure_whose_running_event_is_never_recorded_keeps_the_retry_count(p
     from sync_worker import TaskRunFailed, dialects
 
     monkeypatch.setattr(dialects, "RECORDED_WAIT", 0.2)
-    original_emit = Client.emit_events
-
-    def no_running(self, events):
-        kept = [e for e in events if e["event"] != "prefect.task-run.Running"]
-        if kept:
-            original_emit(self, kept)
-
-    monkeypatch.setattr(Client, "emit_events", no_running)
+    drop_events(monkeypatch, lambda e: e["event"] == "prefect.task-run.Running")
     start_worker(wt.always_fails)
     attempts = tmp_path / "attempts"
     future = wt.always_fails.delay(str(attempts))
