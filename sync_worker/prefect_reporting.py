@@ -278,7 +278,8 @@ class FinalStateEvents:
         final: set[str] = set()
         for start in range(0, len(ids), READ_BACK_PAGE):  # Prefect's filter answers at most 200 a page
             page = ids[start:start + READ_BACK_PAGE]
-            runs = client.filter_task_runs({"task_runs": {"id": {"any_": page}}, "limit": len(page)})
+            runs = client.filter_task_runs({"task_runs": {"id": {"any_": page}}, "limit": len(page)},
+                                           retry=False)  # the retry rule is _check's
             final.update(str(run["id"]) for run in runs
                          if (run.get("state") or {}).get("type") in ("COMPLETED", "FAILED", "CANCELLED", "CRASHED"))
         return final
@@ -314,7 +315,7 @@ class FinalStateEvents:
             with self._cond:
                 self._unrecorded_batches[client.api_url] = 0
         for task_run, state in unconfirmed.values():
-            self._propose(client, task_run, state)
+            self._propose(client, task_run, state, retry=not stopped)
         if self.accepts_events(client):
             repeats = [{**final_state_event(task_run, state), "id": str(uuid.uuid4())} for task_run, state in checks]
             self._post(client, repeats)
@@ -335,12 +336,13 @@ class FinalStateEvents:
         not left :data:`UNRECORDED_BATCHES` read-back batches in a row unrecorded."""
         return self.accepts_events(client) and self._unrecorded_batches.get(client.api_url, 0) < UNRECORDED_BATCHES
 
-    def _propose(self, client: Client, task_run: TaskRun, state: State) -> None:
-        """A final state whose event the server did not record: proposed over REST."""
+    def _propose(self, client: Client, task_run: TaskRun, state: State, retry: bool = True) -> None:
+        """A final state whose event the server did not record: proposed over REST (with the
+        client's bounded retries, except at the stop: one attempt, the worker is leaving)."""
         rest = State(state.type, state.name, message=state.message, state_details=state.state_details,
                      data=state.data)
         try:
-            result = client.set_task_run_state(task_run.id, rest, force=True)
+            result = client.set_task_run_state(task_run.id, rest, force=True, retry=retry)
         except Exception as exc:  # noqa: BLE001 - reported: the run stays where the server has it
             logger.error("Could not record the final state %s of %s (%s) on %s: %s", state.name, task_run.name,
                          task_run.id, client.api_url, exc)

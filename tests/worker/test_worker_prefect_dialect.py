@@ -146,3 +146,30 @@ def test_a_failure_whose_running_event_is_never_recorded_keeps_the_retry_count(p
     run = Client().read_task_run(future.task_run_id)
     assert run.state.type is StateType.FAILED and run.run_count == 3
     assert len(attempts.read_text().splitlines()) == 3
+
+
+def test_a_read_back_the_server_does_not_answer_is_tried_again(prefect_like, start_worker, monkeypatch):
+    """The read-back of a COMPLETED sent as an event is itself a request that can fail: it is
+    tried again (every CHECK_RETRY_AFTER s), and the unrecorded state is then proposed."""
+    import requests
+
+    from sync_worker import prefect_reporting
+
+    monkeypatch.setattr(prefect_reporting, "CHECK_RETRY_AFTER", 0.2)
+    drop_events(monkeypatch, lambda e: e["event"] == "prefect.task-run.Completed"
+                and e["resource"].get("prefect.orchestration") == "client")
+    original_filter = Client.filter_task_runs
+    reads: list[str] = []
+
+    def flaky_filter(self, body=None, **kwargs):
+        reads.append("read")
+        if len(reads) == 1:
+            raise requests.ConnectionError("server unreachable (test)")
+        return original_filter(self, body, **kwargs)
+
+    monkeypatch.setattr(Client, "filter_task_runs", flaky_filter)
+    worker = start_worker(wt.add)
+    worker._prefect.events.repeat_after = 0.3
+    future = wt.add.delay(20, 22)
+    assert future.result(timeout=30) == 42
+    assert len(reads) == 2 and worker._prefect.events.fallbacks == 1
