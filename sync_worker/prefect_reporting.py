@@ -152,8 +152,10 @@ READ_BACK_PAGE = 200
 STOP_READ_BACK = 3.0
 #: Read-back batches in a row with no state recorded after which states go over REST.
 UNRECORDED_BATCHES = 3
-#: Seconds between two read-backs of an unconfirmed final state the server could not be asked about.
+#: Seconds before the first new read-back of final states the server did not answer about;
+#: doubled on each further failure, up to :data:`CHECK_RETRY_MAX`.
 CHECK_RETRY_AFTER = 2.0
+CHECK_RETRY_MAX = 60.0
 
 
 class FinalStateEvents:
@@ -174,17 +176,18 @@ class FinalStateEvents:
     runs are read back in one ``POST /task_runs/filter``; a run whose server state is not
     final gets the state over REST with ``force`` (the worker holds the claim, so no
     orchestration rule applies; an event recorded later has an older timestamp and does
-    not overwrite it). A read-back the server does not answer is tried again every
-    :data:`CHECK_RETRY_AFTER` s while the worker lives; :meth:`stop` does the pending ones
-    at once (bounded by its timeout). One thread per instance, started on the first event,
-    does all of it, batched, so a run's thread never waits for an event.
+    not overwrite it). A read-back the server does not answer is tried again while the
+    worker lives, after :data:`CHECK_RETRY_AFTER` s doubling up to :data:`CHECK_RETRY_MAX`;
+    :meth:`stop` does the pending ones at once (bounded by its timeout). One thread per
+    instance, started on the first event, does all of it, batched, so a run's thread never
+    waits for an event.
     """
 
     def __init__(self, repeat_after: float = REPEAT_EVENT_AFTER) -> None:
         self.repeat_after = repeat_after
         self._cond = threading.Condition()
         # a heap, soonest first: (due, seq, client, kind, item); kind "event" (item: the
-        # event) or "check" (item: (task_run, state): read back, then repeat the event)
+        # event) or "check" (item: (task_run, state, failed read-backs): read back, then repeat the event)
         self._queue: list[tuple[float, int, Client, str, Any]] = []
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
@@ -232,7 +235,8 @@ class FinalStateEvents:
         """Queue a final state's event, and its read-back + repeat :attr:`repeat_after` s
         later; False when stopped (then the caller proposes the state over REST)."""
         now = time.monotonic()
-        return self._push([(now, client, "event", event), (now + self.repeat_after, client, "check", (task_run, state))])
+        return self._push([(now, client, "event", event),
+                           (now + self.repeat_after, client, "check", (task_run, state, 0))])
 
     def emit_now(self, client: Client, task_run: TaskRun, state: State) -> None:
         """POST the event once, in this thread (a run executed without a worker)."""
@@ -262,7 +266,7 @@ class FinalStateEvents:
                     self._cond.wait(delay)
                     continue
                 stopped = self._stopped
-                due: dict[int, tuple[Client, list[dict[str, Any]], list[tuple[TaskRun, State]]]] = {}
+                due: dict[int, tuple[Client, list[dict[str, Any]], list[tuple[TaskRun, State, int]]]] = {}
                 while self._queue and (stopped or self._queue[0][0] <= time.monotonic()):
                     _, _, client, kind, item = heapq.heappop(self._queue)
                     batch = due.setdefault(id(client), (client, [], []))
@@ -284,23 +288,25 @@ class FinalStateEvents:
                          if (run.get("state") or {}).get("type") in ("COMPLETED", "FAILED", "CANCELLED", "CRASHED"))
         return final
 
-    def _check(self, client: Client, checks: list[tuple[TaskRun, State]], stopped: bool) -> None:
+    def _check(self, client: Client, checks: list[tuple[TaskRun, State, int]], stopped: bool) -> None:
         """Read the runs back; propose over REST the final states the server does not show;
         then repeat their events (new ids, not recorded again) to wake late subscribers.
         At the stop the events may have been sent an instant ago: the runs are read again
         for up to :data:`STOP_READ_BACK` s before a state is proposed (a proposal racing its
         own event would leave the state twice in the run's history)."""
-        unconfirmed = {task_run.id: (task_run, state) for task_run, state in checks}
+        unconfirmed = {check[0].id: check for check in checks}
         deadline = time.monotonic() + (STOP_READ_BACK if stopped else 0.0)
         pause = 0.05
         while unconfirmed:
             try:
                 final = self._read_final(client, list(unconfirmed))
             except Exception as exc:  # noqa: BLE001 - unanswered: ask again later (or propose, at the stop)
-                if not stopped and self._push([(time.monotonic() + CHECK_RETRY_AFTER, client, "check", item)
-                                               for item in unconfirmed.values()]):
+                tries = max(check[2] for check in unconfirmed.values())
+                delay = min(CHECK_RETRY_AFTER * 2 ** tries, CHECK_RETRY_MAX)
+                if not stopped and self._push([(time.monotonic() + delay, client, "check", (run, state, n + 1))
+                                               for run, state, n in unconfirmed.values()]):
                     logger.warning("Could not read back %d run(s) from %s (%s); trying again in %.0fs",
-                                   len(unconfirmed), client.api_url, exc, CHECK_RETRY_AFTER)
+                                   len(unconfirmed), client.api_url, exc, delay)
                     unconfirmed = {}
                 break
             for run_id in final:
@@ -314,10 +320,10 @@ class FinalStateEvents:
         elif len(unconfirmed) < len(checks):
             with self._cond:
                 self._unrecorded_batches[client.api_url] = 0
-        for task_run, state in unconfirmed.values():
+        for task_run, state, _ in unconfirmed.values():
             self._propose(client, task_run, state, retry=not stopped)
         if self.accepts_events(client):
-            repeats = [{**final_state_event(task_run, state), "id": str(uuid.uuid4())} for task_run, state in checks]
+            repeats = [{**final_state_event(task_run, state), "id": str(uuid.uuid4())} for task_run, state, _ in checks]
             self._post(client, repeats)
 
     def unrecorded(self, client: Client) -> None:
@@ -435,5 +441,5 @@ class PrefectReporting:
         return flushed
 
 
-__all__ = ["CHECK_RETRY_AFTER", "FinalStateEvents", "PrefectReporting", "REPEAT_EVENT_AFTER", "RetryTimers",
-           "final_state_event", "stamp", "state_event"]
+__all__ = ["CHECK_RETRY_AFTER", "CHECK_RETRY_MAX", "FinalStateEvents", "PrefectReporting", "REPEAT_EVENT_AFTER",
+           "RetryTimers", "final_state_event", "stamp", "state_event"]

@@ -160,8 +160,11 @@ def test_a_read_back_the_server_does_not_answer_is_tried_again(prefect_like, sta
                 and e["resource"].get("prefect.orchestration") == "client")
     original_filter = Client.filter_task_runs
     reads: list[str] = []
+    api_url = Client().api_url
 
     def flaky_filter(self, body=None, **kwargs):
+        if self.api_url != api_url:  # another test's worker still reading back (its server is gone)
+            return original_filter(self, body, **kwargs)
         reads.append("read")
         if len(reads) == 1:
             raise requests.ConnectionError("server unreachable (test)")
