@@ -1,23 +1,26 @@
 """Throughput of sync_worker's worker vs Prefect's own TaskWorker on ONE real Prefect server.
 
-    python benchmarks/prefect_compare.py [--runs 200] [--limit 10] [--rounds 3]
+    python benchmarks/prefect_compare.py [--runs 200] [--limit 10] [--rounds 3] [--baseline-src DIR]
 
 Needs prefect installed (``tox -e prefect`` installs prefect==3.8.8 + fastapi==0.140.0; or
 ``pip install prefect==3.8.8 fastapi==0.140.0``). The script starts a Prefect server on a free
 127.0.0.1 port with a temporary PREFECT_HOME, and for each side:
 
-1. submits N runs of a no-op task (sync_worker: ``.delay()`` in this process; Prefect:
-   ``.delay()`` in a subprocess), with no worker running;
-2. starts the worker (sync_worker: a ``TaskWorker`` in this process; Prefect:
-   ``prefect.task_worker.serve`` in a subprocess), both with the same concurrency limit;
+1. submits N runs of a no-op task (``.delay()`` in a subprocess), with no worker running;
+2. starts the worker in a subprocess (sync_worker: a ``TaskWorker`` with this tree on
+   PYTHONPATH, or the ``--baseline-src`` tree; Prefect: ``prefect.task_worker.serve``), all
+   with the same concurrency limit;
 3. waits until Prefect's API shows all N runs COMPLETED, and computes throughput from the
    API's own timestamps: N / (last end_time - first start_time). Process start-up and
-   imports are therefore not counted for either side.
+   imports are therefore not counted for either side. CPU per run (from /proc, user +
+   system) is reported for the worker process and for the Prefect server process, from the
+   first COMPLETED run to the last (start-up not counted), per run completed in that span:
+   robust to a loaded machine where runs/s is not.
 
-Rounds are interleaved: each round starts a fresh Prefect server and measures both sides on
-it, the side that goes first alternating from round to round (machine load drifts). It prints
-runs/s for each side per round, and the median ratio with its range. Every wait is bounded;
-the servers and the subprocesses are stopped at the end of each round.
+Rounds are interleaved: each round starts a fresh Prefect server and measures every side on
+it, the side that goes first rotating from round to round (machine load drifts). It prints
+runs/s and CPU for each side per round, and the median ratio with its range. Every wait is
+bounded; the servers and the subprocesses are stopped at the end of each round.
 """
 from __future__ import annotations
 
@@ -102,14 +105,15 @@ def count_completed(api: str, name: str) -> int:
     return requests.post(f"{api}/task_runs/count", json=body, timeout=30).json()
 
 
-def wait_completed(api: str, name: str, n: int, timeout: float) -> None:
+def wait_completed(api: str, name: str, n: int, timeout: float, interval: float = 0.25) -> int:
+    """Wait until at least ``n`` runs are COMPLETED; how many are."""
     deadline = time.monotonic() + timeout
     done = 0
     while time.monotonic() < deadline:
         done = count_completed(api, name)
         if done >= n:
-            return
-        time.sleep(0.25)
+            return done
+        time.sleep(interval if n > 1 else 0.02)
     raise SystemExit(f"only {done}/{n} {name} runs COMPLETED after {timeout}s")
 
 
@@ -135,34 +139,65 @@ def script(home: Path, name: str, source: str) -> Path:
     return path
 
 
-def bench_sync_worker(api: str, home: Path, n: int, limit: int) -> float:
-    os.environ.update(SYNC_WORKER_API_URL=api, SYNC_WORKER_STORAGE=str(home / "storage"))
-    from sync_worker import APIError, TaskWorker, task
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of a live process and its live descendants, from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    children: dict[int, list[int]] = {}
+    stats: dict[int, list[str]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        stats[int(entry)] = fields
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    total, todo = 0.0, [pid]
+    while todo:
+        current = todo.pop()
+        fields = stats.get(current)
+        if fields is not None:
+            total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        todo.extend(children.get(current, []))
+    return total
 
-    @task(name=SW_NAME, task_key="bench-noop-sync-worker")
-    def noop() -> None:
-        return None
 
-    for _ in range(n):
-        for attempt in range(20):  # Prefect on SQLite answers 503 when busy; its own client retries
-            try:
-                noop.delay()
-                break
-            except APIError as exc:
-                if exc.status_code != 503 or attempt == 19:
-                    raise
-                time.sleep(0.05 * (attempt + 1))
-    worker = TaskWorker(noop, limit=limit).start(block=False)
-    try:
-        wait_completed(api, SW_NAME, n, timeout=max(120, n))
-    finally:
-        worker.stop()
-        worker.join(30)
-    return span_seconds(api, SW_NAME)
+def sync_worker_scripts(home: Path, name: str, n: int, limit: int) -> tuple[Path, Path]:
+    """The submit and worker scripts of a sync_worker side (run with its tree on PYTHONPATH)."""
+    script(home, f"{name}_tasks.py", f"""
+        from sync_worker import task
+
+        @task(name={name!r}, task_key={("bench-" + name)!r})
+        def noop() -> None:
+            return None
+    """)
+    submit = script(home, f"{name}_submit.py", f"""
+        import time
+        from sync_worker import APIError
+        from {name}_tasks import noop
+
+        for _ in range({n}):
+            for attempt in range(20):  # Prefect on SQLite answers 503 when busy; its own client retries
+                try:
+                    noop.delay()
+                    break
+                except APIError as exc:
+                    if exc.status_code != 503 or attempt == 19:
+                        raise
+                    time.sleep(0.05 * (attempt + 1))
+    """)
+    serve = script(home, f"{name}_serve.py", f"""
+        from sync_worker import TaskWorker
+        from {name}_tasks import noop
+
+        TaskWorker(noop, limit={limit}).start()
+    """)
+    return submit, serve
 
 
-def bench_prefect(api: str, home: Path, n: int, limit: int) -> float:
-    env = client_env(api, home)
+def prefect_scripts(home: Path, n: int, limit: int) -> tuple[Path, Path]:
     script(home, "bench_tasks.py", f"""
         from prefect import task
 
@@ -180,53 +215,97 @@ def bench_prefect(api: str, home: Path, n: int, limit: int) -> float:
         from bench_tasks import noop
         serve(noop, limit={limit})
     """)
+    return submit, serve
+
+
+def bench_side(side: str, api: str, home: Path, server: subprocess.Popen, n: int, limit: int,
+               baseline_src: Path | None) -> dict:
+    """Submit ``n`` runs with no worker, then start the side's worker in a subprocess and
+    wait until Prefect's API shows them COMPLETED. Returns runs/s (API timestamps) and the
+    CPU per run of the worker process and of the Prefect server while the worker ran."""
+    env = client_env(api, home)
+    if side == "prefect":
+        name = PF_NAME
+        submit, serve = prefect_scripts(home, n, limit)
+    else:
+        name = SW_NAME if side == "sync_worker" else SW_NAME + "_baseline"
+        tree = Path(__file__).resolve().parents[1] if side == "sync_worker" else baseline_src
+        env.update(PYTHONPATH=str(tree), SYNC_WORKER_API_URL=api, SYNC_WORKER_STORAGE=str(home / "storage"))
+        submit, serve = sync_worker_scripts(home, name, n, limit)
     subprocess.run([sys.executable, str(submit)], env=env, cwd=str(home), check=True, timeout=max(300, 2 * n),
                    stdout=subprocess.DEVNULL)
-    with open(home / "prefect-worker.log", "wb") as log:
+    with open(home / f"{side}-worker.log", "wb") as log:
         worker = subprocess.Popen([sys.executable, str(serve)], env=env, cwd=str(home), stdout=subprocess.DEVNULL,
                                   stderr=log, start_new_session=True)
     try:
-        wait_completed(api, PF_NAME, n, timeout=max(120, 2 * n))
+        # CPU is counted from the first COMPLETED run on (not the worker's imports and
+        # start-up), over the runs completed after it
+        first = wait_completed(api, name, 1, timeout=max(120, 2 * n))
+        worker_before, server_before = proc_cpu(worker.pid), proc_cpu(server.pid)
+        wait_completed(api, name, n, timeout=max(120, 2 * n))
+        worker_cpu = proc_cpu(worker.pid) - worker_before
+        server_cpu = proc_cpu(server.pid) - server_before
     finally:
         stop(worker)
-    return span_seconds(api, PF_NAME)
+    counted = max(1, n - first)
+    return {"runs_per_s": n / span_seconds(api, name), "worker_cpu_ms": 1000 * worker_cpu / counted,
+            "server_cpu_ms": 1000 * server_cpu / counted}
 
 
-def one_round(n: int, limit: int, prefect_first: bool) -> tuple[float, float]:
-    """(ours, theirs) runs/s on one fresh Prefect server."""
+def one_round(n: int, limit: int, order: list[str], baseline_src: Path | None) -> dict[str, dict]:
+    """Every side, in ``order``, on one fresh Prefect server."""
     with tempfile.TemporaryDirectory(prefix="prefect-compare-") as tmp:
         home = Path(tmp)
         server, api = start_server(home)
         try:
-            if prefect_first:
-                theirs = bench_prefect(api, home, n, limit)
-                ours = bench_sync_worker(api, home, n, limit)
-            else:
-                ours = bench_sync_worker(api, home, n, limit)
-                theirs = bench_prefect(api, home, n, limit)
+            return {side: bench_side(side, api, home, server, n, limit, baseline_src) for side in order}
         finally:
             stop(server)
-    return n / ours, n / theirs
+
+
+def _median(values: list[float]) -> float:
+    values = sorted(values)
+    middle = len(values) // 2
+    return values[middle] if len(values) % 2 else (values[middle - 1] + values[middle]) / 2
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=200, help="no-op runs per side (default 200)")
-    parser.add_argument("--limit", type=int, default=10, help="worker concurrency limit for both (default 10)")
+    parser.add_argument("--limit", type=int, default=10, help="worker concurrency limit for all (default 10)")
     parser.add_argument("--rounds", type=int, default=1, help="interleaved rounds, fresh server each (default 1)")
+    parser.add_argument("--baseline-src", type=Path, default=None,
+                        help="also measure sync_worker from this tree (e.g. an older commit) in the same rounds")
     args = parser.parse_args()
+    sides = ["sync_worker", "prefect"] + (["baseline"] if args.baseline_src else [])
     rounds = []
     for index in range(args.rounds):
-        ours_rate, theirs_rate = one_round(args.runs, args.limit, prefect_first=index % 2 == 1)
-        rounds.append({"round": index + 1, "sync_worker_runs_per_s": round(ours_rate, 1),
-                       "prefect_runs_per_s": round(theirs_rate, 1), "ratio": round(ours_rate / theirs_rate, 2)})
-        print(json.dumps(rounds[-1]), flush=True)
-    ratios = sorted(r["ratio"] for r in rounds)
-    median = ratios[len(ratios) // 2] if len(ratios) % 2 else (ratios[len(ratios) // 2 - 1] + ratios[len(ratios) // 2]) / 2
-    print(json.dumps({"runs": args.runs, "limit": args.limit, "rounds": args.rounds,
-                      "median_ratio": round(median, 2), "min_ratio": ratios[0], "max_ratio": ratios[-1]}))
-    print(f"ratio sync_worker/Prefect: median {median:.2f} over {args.rounds} round(s) "
-          f"(range {ratios[0]:.2f}-{ratios[-1]:.2f})")
+        order = sides[index % len(sides):] + sides[:index % len(sides)]  # who goes first rotates
+        result = one_round(args.runs, args.limit, order, args.baseline_src)
+        row = {"round": index + 1, "order": order}
+        for side in sides:
+            row[side] = {key: round(value, 2) for key, value in result[side].items()}
+        row["ratio"] = round(result["sync_worker"]["runs_per_s"] / result["prefect"]["runs_per_s"], 2)
+        if args.baseline_src:
+            row["ratio_vs_baseline"] = round(result["sync_worker"]["runs_per_s"] / result["baseline"]["runs_per_s"], 2)
+        rounds.append(row)
+        print(json.dumps(row), flush=True)
+    summary: dict = {"runs": args.runs, "limit": args.limit, "rounds": args.rounds}
+    for key in ["ratio"] + (["ratio_vs_baseline"] if args.baseline_src else []):
+        values = [r[key] for r in rounds]
+        summary[key] = {"median": round(_median(values), 2), "min": min(values), "max": max(values)}
+    for side in sides:
+        for metric in ("runs_per_s", "worker_cpu_ms", "server_cpu_ms"):
+            values = [r[side][metric] for r in rounds]
+            summary[f"{side}_{metric}"] = {"median": round(_median(values), 2), "min": min(values), "max": max(values)}
+    print(json.dumps(summary))
+    ratio = summary["ratio"]
+    print(f"ratio sync_worker/Prefect: median {ratio['median']:.2f} over {args.rounds} round(s) "
+          f"(range {ratio['min']:.2f}-{ratio['max']:.2f})")
+    for side in sides:
+        print(f"{side}: {summary[side + '_runs_per_s']['median']:.1f} runs/s, CPU per run: worker "
+              f"{summary[side + '_worker_cpu_ms']['median']:.2f} ms, Prefect server "
+              f"{summary[side + '_server_cpu_ms']['median']:.2f} ms (medians)")
 
 
 if __name__ == "__main__":

@@ -246,9 +246,13 @@ class Client:
         return self._retried(lambda: self._request(
             "GET", f"/task_run_states/?task_run_id={task_run_id}")).json()
 
-    def filter_task_runs(self, body: Optional[Dict[str, Any]] = None) -> list:
-        """``POST /task_runs/filter`` (Prefect's TaskRunFilter/sort/limit/offset): TaskRun dicts."""
-        return self._retried(lambda: self._request("POST", "/task_runs/filter", json_body=body or {})).json()
+    def filter_task_runs(self, body: Optional[Dict[str, Any]] = None, *, retry: bool = True) -> list:
+        """``POST /task_runs/filter`` (Prefect's TaskRunFilter/sort/limit/offset): TaskRun dicts.
+        ``retry=False``: one request, for callers with their own retry rule."""
+        def call() -> requests.Response:
+            return self._request("POST", "/task_runs/filter", json_body=body or {})
+
+        return (self._retried(call) if retry else call()).json()
 
     def count_task_runs(self, body: Optional[Dict[str, Any]] = None) -> int:
         return int(self._retried(lambda: self._request("POST", "/task_runs/count", json_body=body or {})).json())

@@ -31,6 +31,13 @@ where do results go?              inline in the final state when  a record (abso
                                   else a record
 final-state events?               no: the server announces every  yes: a Prefect caller waits for
                                   final state itself              events only
+RUNNING and COMPLETED             proposed (socket or REST)       with a worker: sent as events
+                                                                  (client-side orchestration, as
+                                                                  Prefect's worker), COMPLETED
+                                                                  read back later; else REST
+failure after a RUNNING event     -                               proposed once Prefect recorded
+                                                                  the RUNNING (its retry rule
+                                                                  counts from it)
 ================================  ==============================  ===============================
 
 Prefect-only machinery (events and their repeats, retry timers) is owned by the worker
@@ -41,7 +48,9 @@ run's thread.
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
+import dataclasses
+import time
+from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Iterable
 
 from sync_worker.schemas import INLINE_RESULTS_LABEL, SetStateStatus, State, StateDetails, StateType
@@ -55,6 +64,10 @@ if TYPE_CHECKING:
     from sync_worker.storage import RecordStore
 
 logger = logging.getLogger("sync_worker.dialects")
+
+#: Seconds a failed run's worker waits for Prefect to record its RUNNING event before
+#: deciding the retry itself (:meth:`PrefectDialect.running_recorded`).
+RECORDED_WAIT = 10.0
 
 __all__ = ["INLINE_RESULTS_LABEL", "Dialect", "EmbeddedDialect", "PrefectDialect", "choose_dialect",
            "reads_inline_results"]
@@ -84,6 +97,15 @@ class Dialect:
 
     def finished(self, client: Client, task_run: TaskRun, state: State) -> None:
         """The server accepted a final state of ``task_run``."""
+
+    def send_state(self, engine: TaskRunEngine, state: State, final: bool = False) -> bool:
+        """Report ``state`` without a round trip (an event), and make it the engine's
+        state; False when this server is told states by proposals only."""
+        return False
+
+    def running_recorded(self, engine: TaskRunEngine) -> bool:
+        """Whether the server shows the RUNNING sent by :meth:`send_state` (or a newer state)."""
+        return True
 
     def awaiting_retry(self, engine: TaskRunEngine, retry: State) -> State | None:
         """The server answered a failure with a non-deferred ``AwaitingRetry``: make sure
@@ -128,6 +150,73 @@ class PrefectDialect(Dialect):
 
     def __init__(self, reporting: PrefectReporting | None = None) -> None:
         self.reporting = reporting
+
+    def send_state(self, engine: TaskRunEngine, state: State, final: bool = False) -> bool:
+        """Report ``state`` as Prefect's own engine does (``TaskRunEngine.set_state`` in
+        ``prefect.task_engine``): update the run as the state changes it (``run_count`` on
+        RUNNING, ``start_time``, ``end_time``, run time) and send the event Prefect's
+        ``task_run_recorder`` records (:func:`~sync_worker.prefect_reporting.state_event`).
+
+        Only with a worker's reporting (its thread sends the events, and reads a ``final``
+        state back later, proposing it over REST if it was not recorded) and a server that
+        takes events; else False and the engine proposes the state over REST."""
+        from sync_worker.prefect_reporting import stamp, state_event
+
+        reporting = self.reporting
+        if reporting is None or not reporting.events.records_states(engine.client):
+            return False
+        stamp(state)
+        last = engine.state
+        if last is not None and last.timestamp is not None and state.timestamp <= last.timestamp:
+            state.timestamp = last.timestamp + timedelta(microseconds=1)  # newest timestamp wins on the server
+        run_time = engine.total_run_time
+        if last is not None and last.type is StateType.RUNNING and last.timestamp is not None:
+            run_time += (state.timestamp - last.timestamp).total_seconds()
+        run = engine.task_run
+        changes: dict[str, Any] = {}
+        if state.type is StateType.RUNNING:
+            changes["run_count"] = run.run_count + 1
+            changes["start_time"] = run.start_time or state.timestamp
+        if state.is_terminal() and run.start_time is not None and run.end_time is None:
+            changes["end_time"] = state.timestamp
+        run = dataclasses.replace(run, **changes) if changes else run
+        state.state_details.task_run_id = run.id
+        event = state_event(run, last, state, run_time)
+        sent = (reporting.events.confirm(engine.client, run, state, event) if final
+                else reporting.events.send(engine.client, event))
+        if sent:
+            engine.task_run, engine.state, engine.total_run_time = run, state, run_time
+            if state.type is StateType.RUNNING:
+                engine.running_state = state
+        return sent
+
+    def running_recorded(self, engine: TaskRunEngine, timeout: float | None = None) -> bool:
+        """Read the run until the server shows this worker's RUNNING event recorded (its
+        state is that event's, or newer), at most ``timeout`` (default
+        :data:`RECORDED_WAIT`) seconds. Prefect's recorder writes an event shortly after it
+        arrives; a failure is rare, so these reads cost the fast path nothing."""
+        running = engine.running_state
+        if running is None or running.timestamp is None:
+            return True
+        deadline = time.monotonic() + (RECORDED_WAIT if timeout is None else timeout)
+        pause = 0.02
+        while True:
+            try:
+                current = engine.client.read_task_run(engine.task_run.id).state
+            except Exception as exc:  # noqa: BLE001 - then RUNNING is proposed
+                engine.logger.warning("Could not read %s back: %s", engine.label, exc)
+                return False
+            if current is not None and (current.id == running.id or (
+                    current.timestamp is not None and current.timestamp >= running.timestamp)):
+                return True
+            if time.monotonic() + pause > deadline:
+                engine.logger.warning("The server did not record the RUNNING event of %s within %.0fs; "
+                                      "proposing RUNNING", engine.label, RECORDED_WAIT)
+                if self.reporting is not None:
+                    self.reporting.events.unrecorded(engine.client)
+                return False
+            time.sleep(pause)  # polling Prefect's REST API: it has no "recorded" notification
+            pause = min(pause * 2, 0.5)
 
     def finished(self, client: Client, task_run: TaskRun, state: State) -> None:
         if self.reporting is not None:

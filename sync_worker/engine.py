@@ -25,6 +25,13 @@ is refused (ABORT/REJECT); the engine recognises its own state by the unique cla
 it puts in the PENDING and RUNNING messages (and by the message/result of final states)
 and carries on instead of skipping a run it holds.
 
+On a Prefect server with a worker (:class:`~sync_worker.dialects.PrefectDialect` with the
+worker's reporting), RUNNING and COMPLETED are not proposed: they are reported as Prefect's
+own engine reports them, as client-side-orchestration events (:meth:`Dialect.send_state`),
+the COMPLETED one read back later and proposed over REST if Prefect did not record it. A
+failure is still proposed, once Prefect has recorded the RUNNING event (its retry rule
+counts from it); see :meth:`TaskRunEngine._report_failed`.
+
 A run claimed at delivery (the embedded server's ``claim_at_delivery``: it arrives RUNNING,
 committed and leased to the worker's connection) skips both PENDING and RUNNING proposals:
 it is read, called and its final state proposed.
@@ -188,6 +195,12 @@ class TaskRunEngine:
         self.state: State | None = task_run.state
         self.outcome: Outcome | None = None
         self._local_retry: State | None = None
+        #: seconds the run has spent RUNNING here (the task-run payload of state events)
+        self.total_run_time = 0.0
+        #: RUNNING went as an event (:meth:`Dialect.send_state`): the server may not know it yet
+        self._running_sent = False
+        #: the RUNNING state this worker sent as an event (what :meth:`Dialect.running_recorded` looks for)
+        self.running_state: State | None = None
         self._started = False  # the function was called (a later failure to report is not "unclaimed")
 
     _claim_marker: str | None = None
@@ -339,7 +352,13 @@ class TaskRunEngine:
                 return Outcome.FAILED
             return Outcome.SKIPPED
 
-        running = OrchestrationResult(SetStateStatus.ACCEPT, run.state, {}) if claimed else self.propose(self._running())
+        if claimed:
+            running = OrchestrationResult(SetStateStatus.ACCEPT, run.state, {})
+        else:
+            state = self._running()
+            self._running_sent = dialect.send_state(self, state)
+            running = (OrchestrationResult(SetStateStatus.ACCEPT, state, {}) if self._running_sent
+                       else self.propose(state))
         if running.status is not SetStateStatus.ACCEPT:
             current = running.state
             if current is not None and current.is_terminal():
@@ -364,6 +383,7 @@ class TaskRunEngine:
         waits for the scheduled time, holding the slot, and runs again.
         """
         self._local_retry = None
+        self._running_sent = False  # this attempt's states are proposals
         scheduled = retry.state_details.scheduled_time
         if scheduled is not None:
             delay = (scheduled - datetime.now(timezone.utc)).total_seconds()
@@ -451,7 +471,11 @@ class TaskRunEngine:
                 data = self._result_data(value, self.task.result_serializer)
             except Exception as exc:  # noqa: BLE001 - any way the result cannot be kept
                 return self._report_unstorable(exc)
-        result = self.propose(Completed(data=data))
+        completed = Completed(data=data)
+        if self._running_sent and self.dialect.send_state(self, completed, final=True):
+            return self._final(OrchestrationResult(SetStateStatus.ACCEPT, completed, {}), Outcome.COMPLETED,
+                               announced=True)
+        result = self.propose(completed)
         return self._final(result, Outcome.COMPLETED)
 
     def _report_unstorable(self, exc: BaseException) -> Outcome:
@@ -473,8 +497,25 @@ class TaskRunEngine:
         message = exception_message(exc)
         # WARNING with the traceback: whether it is retried is the server's answer (logged next)
         self.logger.warning("%s failed: %s", self.label, message, exc_info=(type(exc), exc, exc.__traceback__))
-        result = self.propose(Failed(message, data=self._exception_record(exc), deferred=True))
-        return self._final(result, Outcome.FAILED)
+        return self._report_failed(Failed(message, data=self._exception_record(exc), deferred=True), Outcome.FAILED)
+
+    def _report_failed(self, failed: State, wanted: Outcome) -> Outcome:
+        """A failure that may be retried: proposed, and the server decides the retry (it
+        keeps the run's attempt count). When RUNNING went as an event, the server decides
+        it right only once it has recorded that event (Prefect's retry rule applies from
+        RUNNING, with the ``run_count`` the event set; from PENDING it would take the
+        FAILED as final: a lost retry), so the dialect waits for that first (bounded); if
+        it is not recorded in time, RUNNING is proposed, then the FAILED.
+
+        Why not decide the retry here, as Prefect's engine does: the count of attempts is
+        the server's ``run_count``, which only a recorded RUNNING raises; a worker deciding
+        from the delivered count while RUNNING events go unrecorded would retry for ever."""
+        if self._running_sent and not self.dialect.running_recorded(self):
+            running = self.propose(self._running())
+            if running.status is not SetStateStatus.ACCEPT:
+                self.logger.warning("Server refused RUNNING for %s before its failure (%s): %s", self.label,
+                                    running.status.value, running.reason or running.state)
+        return self._final(self.propose(failed), wanted)
 
     def _forget_parameters(self) -> None:
         """A COMPLETED run needs its parameters no more: delete a local parameters file (the
@@ -501,8 +542,8 @@ class TaskRunEngine:
         message = f"Task run exceeded timeout of {self.task.timeout_seconds} second(s)"
         self.logger.error("%s: %s", self.label, message)
         exc = TaskRunTimeoutError(message)
-        result = self.propose(Failed(message, name="TimedOut", data=self._exception_record(exc), deferred=True))
-        return self._final(result, Outcome.TIMED_OUT)
+        return self._report_failed(Failed(message, name="TimedOut", data=self._exception_record(exc), deferred=True),
+                                   Outcome.TIMED_OUT)
 
     def _result_data(self, value: Any, serializer: str) -> Any:
         """The final state's ``data``: where it goes is the dialect's answer."""
@@ -515,7 +556,8 @@ class TaskRunEngine:
             self.logger.warning("Could not store the exception of %s: %s", self.label, err)
             return None
 
-    def _final(self, result: OrchestrationResult, wanted: Outcome) -> Outcome:
+    def _final(self, result: OrchestrationResult, wanted: Outcome, announced: bool = False) -> Outcome:
+        """``announced``: the final state went as an event already (no ``finished`` event)."""
         key = self.task.task_key
         if result.status is SetStateStatus.ACCEPT:
             if wanted is Outcome.COMPLETED:
@@ -523,7 +565,7 @@ class TaskRunEngine:
                 self._forget_parameters()
             else:
                 metrics.RUNS_FAILED.labels(task_key=key).inc()
-            if result.state is not None:
+            if result.state is not None and not announced:
                 self.dialect.finished(self.client, self.task_run, result.state)
             return wanted
         state = result.state

@@ -40,3 +40,18 @@ def load_capture(name: str) -> Any:
     """One captured Prefect protocol message or body (``tests/fixtures/prefect-protocol``)."""
     with open(PROTOCOL_DIR / name) as handle:
         return json.load(handle)
+
+
+def drop_events(monkeypatch: Any, drop: Callable[[dict], bool]) -> None:
+    """Make ``Client.emit_events`` lose the events for which ``drop(event)`` is true (as an
+    event intake without acknowledgement may) and pass the others on."""
+    from sync_worker.client import Client
+
+    original = Client.emit_events
+
+    def emit(self: Client, events: list) -> None:
+        kept = [event for event in events if not drop(event)]
+        if kept:
+            original(self, kept)
+
+    monkeypatch.setattr(Client, "emit_events", emit)

@@ -11,7 +11,7 @@ import websocket
 
 from sync_worker.client import Client
 from sync_worker.schemas import StateType
-from tests.helpers import wait_for
+from tests.helpers import drop_events, wait_for
 from tests.worker import worker_tasks as wt
 
 
@@ -29,20 +29,57 @@ def test_prefect_compatible_server_announces_nothing_and_has_no_rpc(prefect_like
     assert client.rpc._unsupported  # asked once, remembered
 
 
-def test_runs_complete_with_states_over_rest(prefect_like, start_worker, monkeypatch):
-    calls = []
-    original = Client.set_task_run_state
+def test_runs_are_claimed_over_rest_and_report_running_and_completed_as_events(prefect_like, start_worker, monkeypatch):
+    """As Prefect's own worker: the claim (PENDING) is a REST proposal, RUNNING and
+    COMPLETED are client-side-orchestration events the server records on the run (its
+    state is the event's: same id), nothing falls back to REST."""
+    calls: list[str] = []
+    posted: list[dict] = []
+    original_set, original_emit = Client.set_task_run_state, Client.emit_events
 
     def counting(self, run_id, state, *args, **kwargs):
         calls.append(state.type.value)
-        return original(self, run_id, state, *args, **kwargs)
+        return original_set(self, run_id, state, *args, **kwargs)
+
+    def emitting(self, events):
+        posted.extend(events)
+        return original_emit(self, events)
 
     monkeypatch.setattr(Client, "set_task_run_state", counting)
+    monkeypatch.setattr(Client, "emit_events", emitting)
     worker = start_worker(wt.add, limit=3)
     futures = [wt.add.delay(i, 10) for i in range(20)]
     assert [f.result(timeout=60) for f in futures] == [i + 10 for i in range(20)]
-    assert calls.count("PENDING") == 20 and calls.count("RUNNING") == 20 and calls.count("COMPLETED") == 20
+    assert calls == ["PENDING"] * 20
     assert not worker._subscription.supports_set_state
+    recorded = {e["id"]: e for e in posted if e["resource"].get("prefect.orchestration") == "client"}
+    assert sorted(e["event"] for e in recorded.values()) == ["prefect.task-run.Completed"] * 20 + [
+        "prefect.task-run.Running"] * 20
+    client = Client()
+    for future in futures:
+        run = client.read_task_run(future.task_run_id)
+        assert run.state.type is StateType.COMPLETED and run.state.id in recorded
+        assert run.run_count == 1 and run.start_time is not None and run.end_time >= run.start_time
+        event = recorded[run.state.id]
+        assert event["payload"]["task_run"]["run_count"] == 1 and event["payload"]["initial_state"]["type"] == "RUNNING"
+        history = [s["type"] for s in client.read_task_run_states(future.task_run_id)]
+        assert history[-3:] == ["PENDING", "RUNNING", "COMPLETED"]
+    assert worker._prefect.events.fallbacks == 0
+
+
+def test_a_completed_event_the_server_drops_is_proposed_over_rest(prefect_like, start_worker, monkeypatch):
+    """The events intake has no acknowledgement: a COMPLETED event that is never recorded
+    is found by the read-back and proposed over REST, so the final state is not lost."""
+    drop_events(monkeypatch, lambda e: e["event"] == "prefect.task-run.Completed"
+                and e["resource"].get("prefect.orchestration") == "client")
+    worker = start_worker(wt.add)
+    worker._prefect.events.repeat_after = 0.5
+    future = wt.add.delay(1, 2)
+    client = Client()
+    wait_for(lambda: client.read_task_run(future.task_run_id).state.type is StateType.COMPLETED, timeout=30,
+             message="the final state proposed over REST after the read-back")
+    assert future.result(timeout=30) == 3
+    assert worker._prefect.events.fallbacks == 1
 
 
 def test_retries_then_success(prefect_like, start_worker, tmp_path):
@@ -64,3 +101,78 @@ def test_stopping_worker_hands_back_by_closing_its_socket(prefect_like, start_wo
     wt.GATE.opened.set()
     assert sorted(f.result(timeout=30) for f in futures) == [0, 1, 2]
     assert stopping.join(30) and stopping.finished_task_runs == {"tests.gated": 1}
+
+
+def test_a_server_that_records_no_state_events_gets_proposals(prefect_like, start_worker, monkeypatch):
+    """A server that takes events but never records them (Prefect with its task_run_recorder
+    service off): after 3 read-back batches in a row found nothing recorded, the worker
+    proposes its states over REST again; every run still ends COMPLETED."""
+    from sync_worker.prefect_reporting import UNRECORDED_BATCHES
+
+    original_set = Client.set_task_run_state
+    proposals: list[str] = []
+
+    def counting(self, run_id, state, *args, **kwargs):
+        proposals.append(state.type.value)
+        return original_set(self, run_id, state, *args, **kwargs)
+
+    drop_events(monkeypatch, lambda e: e["resource"].get("prefect.orchestration") == "client")
+    monkeypatch.setattr(Client, "set_task_run_state", counting)
+    worker = start_worker(wt.add)
+    worker._prefect.events.repeat_after = 0.3
+    for i in range(UNRECORDED_BATCHES):
+        assert wt.add.delay(i, 1).result(timeout=30) == i + 1  # the read-back's proposal
+        wait_for(lambda i=i: worker._prefect.events.fallbacks == i + 1, message="the read-back's proposal")
+    assert proposals.count("RUNNING") == 0
+    assert wt.add.delay(5, 5).result(timeout=30) == 10
+    assert proposals[-2:] == ["RUNNING", "COMPLETED"]  # proposed, no read-back needed
+    assert worker._prefect.events.fallbacks == UNRECORDED_BATCHES
+
+
+def test_a_failure_whose_running_event_is_never_recorded_keeps_the_retry_count(prefect_like, start_worker,
+                                                                              monkeypatch, tmp_path):
+    """The server's retry rule counts attempts from RUNNING. When the RUNNING event is not
+    recorded in time, the worker proposes RUNNING before the FAILED: retries=2 still means
+    exactly 3 attempts (deciding from the delivered count would retry for ever)."""
+    from sync_worker import TaskRunFailed, dialects
+
+    monkeypatch.setattr(dialects, "RECORDED_WAIT", 0.2)
+    drop_events(monkeypatch, lambda e: e["event"] == "prefect.task-run.Running")
+    start_worker(wt.always_fails)
+    attempts = tmp_path / "attempts"
+    future = wt.always_fails.delay(str(attempts))
+    with pytest.raises(TaskRunFailed):
+        future.result(timeout=60)
+    run = Client().read_task_run(future.task_run_id)
+    assert run.state.type is StateType.FAILED and run.run_count == 3
+    assert len(attempts.read_text().splitlines()) == 3
+
+
+def test_a_read_back_the_server_does_not_answer_is_tried_again(prefect_like, start_worker, monkeypatch):
+    """The read-back of a COMPLETED sent as an event is itself a request that can fail: it is
+    tried again (every CHECK_RETRY_AFTER s), and the unrecorded state is then proposed."""
+    import requests
+
+    from sync_worker import prefect_reporting
+
+    monkeypatch.setattr(prefect_reporting, "CHECK_RETRY_AFTER", 0.2)
+    drop_events(monkeypatch, lambda e: e["event"] == "prefect.task-run.Completed"
+                and e["resource"].get("prefect.orchestration") == "client")
+    original_filter = Client.filter_task_runs
+    reads: list[str] = []
+    api_url = Client().api_url
+
+    def flaky_filter(self, body=None, **kwargs):
+        if self.api_url != api_url:  # another test's worker still reading back (its server is gone)
+            return original_filter(self, body, **kwargs)
+        reads.append("read")
+        if len(reads) == 1:
+            raise requests.ConnectionError("server unreachable (test)")
+        return original_filter(self, body, **kwargs)
+
+    monkeypatch.setattr(Client, "filter_task_runs", flaky_filter)
+    worker = start_worker(wt.add)
+    worker._prefect.events.repeat_after = 0.3
+    future = wt.add.delay(20, 22)
+    assert future.result(timeout=30) == 42
+    assert len(reads) == 2 and worker._prefect.events.fallbacks == 1

@@ -1,0 +1,117 @@
+"""Our worker reports RUNNING and COMPLETED to a real Prefect 3.8.8 server as Prefect's own
+worker does: client-side-orchestration events that Prefect's ``task_run_recorder`` records
+(issue 12, part 5). The claim stays a REST PENDING; what Prefect's API shows for the runs
+is what it shows for runs of Prefect's own worker; a COMPLETED event that never gets
+recorded is found by the read-back and proposed over REST.
+"""
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from prefect_support import read_run, state_history
+
+from tests.helpers import drop_events
+
+
+def _key(name: str) -> str:
+    return f"sw-{name}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def recorded_events(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """Every event our client POSTs (passed on to the server unchanged)."""
+    from sync_worker.client import Client
+
+    posted: list[dict] = []
+    original = Client.emit_events
+
+    def emitting(self, events):
+        posted.extend(events)
+        return original(self, events)
+
+    monkeypatch.setattr(Client, "emit_events", emitting)
+    return posted
+
+
+def test_running_and_completed_are_events_prefect_records(prefect_server, sync_worker_env, start_worker,
+                                                          recorded_events, monkeypatch):
+    from sync_worker import task
+    from sync_worker.client import Client
+
+    sync_worker_env(prefect_server)
+    proposals: list[str] = []
+    original = Client.set_task_run_state
+
+    def counting(self, run_id, state, *args, **kwargs):
+        proposals.append(state.type.value)
+        return original(self, run_id, state, *args, **kwargs)
+
+    monkeypatch.setattr(Client, "set_task_run_state", counting)
+
+    @task(task_key=_key("mul"), tags=["events"])
+    def mul(x: int, y: int) -> int:
+        return x * y
+
+    futures = [mul.delay(i, 3) for i in range(8)]
+    worker = start_worker(mul)
+    assert [f.result(timeout=60) for f in futures] == [i * 3 for i in range(8)]
+    assert proposals == ["PENDING"] * 8  # the claim; nothing else over REST
+
+    client_events = {e["id"]: e for e in recorded_events if e["resource"].get("prefect.orchestration") == "client"}
+    for future in futures:
+        run = read_run(prefect_server, future.task_run_id)
+        assert (run["state_type"], run["state_name"], run["run_count"]) == ("COMPLETED", "Completed", 1)
+        assert run["state_id"] in client_events  # recorded by Prefect's recorder, not proposed
+        assert run["start_time"] and run["end_time"] and run["end_time"] >= run["start_time"]
+        assert run["state"]["data"]["storage_key"]
+        assert run["tags"] == ["events"]
+        history = state_history(prefect_server, future.task_run_id)
+        assert [s["name"] for s in history] == ["Scheduled", "Pending", "Running", "Completed"]
+        assert history[2]["id"] in client_events and history[3]["id"] in client_events
+    assert worker._prefect.events.fallbacks == 0
+
+
+def test_a_completed_event_prefect_never_records_is_proposed_over_rest(prefect_server, sync_worker_env,
+                                                                       start_worker, monkeypatch):
+    from sync_worker import task
+
+    sync_worker_env(prefect_server)
+    drop_events(monkeypatch, lambda e: e["event"] == "prefect.task-run.Completed"
+                and e["resource"].get("prefect.orchestration") == "client")
+
+    @task(task_key=_key("inc"))
+    def inc(x: int) -> int:
+        return x + 1
+
+    future = inc.delay(41)
+    worker = start_worker(inc)
+    worker._prefect.events.repeat_after = 1.0
+    assert future.result(timeout=60) == 42
+    run = read_run(prefect_server, future.task_run_id)
+    assert run["state_type"] == "COMPLETED" and run["state"]["data"]["storage_key"]
+    assert worker._prefect.events.fallbacks == 1
+
+
+def test_a_failed_run_with_retries_is_retried_by_prefects_rule(prefect_server, sync_worker_env, start_worker,
+                                                               tmp_path):
+    """RUNNING went as an event; the failure waits until Prefect recorded it, so Prefect's
+    retry rule counts the attempts right: retries=2 -> exactly 3 attempts, run_count 3."""
+    from sync_worker import TaskRunFailed, task
+
+    sync_worker_env(prefect_server)
+    attempts = tmp_path / "attempts"
+
+    @task(task_key=_key("fails"), retries=2)
+    def fails(path: str) -> None:
+        with open(path, "a") as handle:
+            handle.write("x")
+        raise RuntimeError("still broken")
+
+    future = fails.delay(str(attempts))
+    start_worker(fails)
+    with pytest.raises(TaskRunFailed, match="still broken"):
+        future.result(timeout=60)
+    run = read_run(prefect_server, future.task_run_id)
+    assert (run["state_type"], run["run_count"]) == ("FAILED", 3)
+    assert attempts.read_text() == "xxx"
