@@ -22,12 +22,13 @@ from typing import Any
 import simple_websocket
 from simple_websocket.errors import ConnectionClosed
 from wsproto.connection import ConnectionState
-from wsproto.events import Ping, TextMessage
+from wsproto.events import Ping, Pong, TextMessage
 from wsproto.utilities import LocalProtocolError
 
 from . import validation
 from .core import Core
 from .database import DatabaseClosed
+from .frames import FrameReader
 
 logger = logging.getLogger("sync_worker.server.sockets")
 
@@ -124,6 +125,72 @@ class WebSocket(simple_websocket.Server):
             return False
         extensions = getattr(getattr(connection, "_proto", None), "extensions", None)
         return extensions is not None and not extensions
+
+    def _thread(self) -> None:
+        """simple-websocket's reader loop, with the lean parser of :mod:`.frames` in front of
+        wsproto while the connection is OPEN and plain (see :meth:`_plain`): the frames it
+        parses become messages here, and when it meets anything else the rest of the stream
+        goes to wsproto as before (close codes, close handshake, linger)."""
+        if self.ping_interval or not self._plain():
+            super()._thread()
+            return
+        reader: FrameReader | None = FrameReader(self.max_message_size)
+        try:
+            while self.connected:
+                data = self.sock.recv(self.receive_bytes)
+                if not data:
+                    raise OSError()
+                if reader is not None:
+                    messages = reader.feed(data)
+                    if messages:
+                        self._deliver(messages)
+                    if reader.rest is None:
+                        continue
+                    data, reader = reader.rest, None  # wsproto parses from here on
+                    if not data:
+                        continue
+                self.ws.receive_data(data)
+                self.connected = self._handle_events()
+        except (OSError, LocalProtocolError):
+            self.connected = False
+            self.event.set()
+        else:
+            connection = self.ws.connection
+            if connection is not None and connection.state is ConnectionState.LOCAL_CLOSING:
+                # another thread sent our close frame while this one handled messages: read
+                # the client's answer (and whatever precedes it), as wsproto's path does
+                self._linger()
+        self.sock.close()
+
+    def _deliver(self, messages: list[Any]) -> None:
+        """Hand the messages of one read over (one wake-up for all of them: those handled
+        together are committed together); answer a ping, note a pong."""
+        buffer = self.input_buffer
+        queued = False
+        for message in messages:
+            kind = type(message)
+            if kind is str or kind is bytes:
+                buffer.append(message)
+                queued = True
+            elif kind is Pong:
+                self.pong_received = True
+            else:
+                if queued:
+                    self.event.set()
+                    queued = False
+                self._answer_ping(message)
+        if queued:
+            self.event.set()
+
+    def _answer_ping(self, ping: Ping) -> None:
+        """The pong, under the send lock (simple-websocket sends it from the reader thread
+        without one, which could split another thread's frame); none once our close frame
+        went out (wsproto refuses to send then)."""
+        with self.send_lock:
+            connection = self.ws.connection
+            if not self.connected or connection is None or connection.state is not ConnectionState.OPEN:
+                return
+            self.sock.sendall(self.ws.send(ping.response()))
 
     def close(self, reason: int | None = None, message: str | None = None) -> None:
         # A send blocked on a client that does not read holds the lock: give up on the close
