@@ -35,7 +35,8 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -238,6 +239,13 @@ class Database(ABC):
                inline: bool = False) -> None:
         """Like :meth:`write` without waiting for other writers; ``callback(result, error)`` is
         called after the commit, by the committing thread (this one only if ``inline``)."""
+
+    @contextmanager
+    def gathering(self) -> Iterator[None]:
+        """Operations this thread submits (:meth:`submit`) inside the block may be held back and
+        queued together at its end (committed together when nobody else commits). This
+        default gathers nothing."""
+        yield
 
     @abstractmethod
     def read_run(self, run_id: str) -> RunRow | None:
@@ -458,6 +466,7 @@ class SQLiteDatabase(Database):
         self._all_readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._failing_since: float | None = None  # first failed commit of the current outage
+        self._gathered = threading.local()  # .ops: what this thread submits inside gathering()
         try:
             self._writer_conn = self._open_and_mark()
         except sqlite3.Error as exc:
@@ -633,7 +642,34 @@ class SQLiteDatabase(Database):
                inline: bool = False) -> None:
         """``inline=True`` may run the operation (and its callback) in the calling thread:
         only for callers that hold no lock an operation or hook might take."""
+        gathered = getattr(self._gathered, "ops", None)
+        if gathered is not None:
+            gathered.append((op, callback or _ignore))
+            return
         self._enqueue(_Op(op, callback or _ignore), inline=inline)
+
+    @contextmanager
+    def gathering(self) -> Iterator[None]:
+        """What this thread submits inside the block is queued together at its end, inline
+        (an rpc connection's burst of creates: one transaction for the burst instead of one
+        each). The block's caller must hold no lock an operation or hook might take. A
+        closed database answers each gathered callback with :class:`DatabaseClosed`."""
+        local = self._gathered
+        if getattr(local, "ops", None) is not None:  # nested: the outer block submits
+            yield
+            return
+        ops: list[tuple[Callable[[Transaction], Any], Callable[[Any, BaseException | None], None]]] = []
+        local.ops = ops
+        try:
+            yield
+        finally:
+            local.ops = None
+            if ops:
+                try:
+                    self.submit_many(ops, inline=True)
+                except DatabaseClosed as exc:
+                    for _op, callback in ops:
+                        callback(None, exc)
 
     def submit_many(self, ops: list[tuple[Callable[[Transaction], Any], Callable[[Any, BaseException | None], None]]],
                     inline: bool = False) -> None:
