@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import hmac
-import json
 import logging
 import sqlite3
 import threading
@@ -16,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .database import QSTATE_NONE, Database, RunRow, Transaction
+from .database import QSTATE_NONE, Database, RunRow, Transaction, dumps
 from .models import TERMINAL, ValidationError, build_task_run, validate_state
 from .orchestration import orchestrate, orchestrate_prefect
 from .retention import delete_parameters_when_completed
@@ -33,8 +32,7 @@ class Conflict(ValueError):
     """A task run with this id already exists."""
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+_dumps = dumps
 
 
 class Core:

@@ -228,9 +228,12 @@ class RpcChannel:
             return
         if request_id in self._waits:
             self._waits[request_id] = cancel
+            entry = (time.monotonic() + timeout, request_id, run_id)
             with self._lock:
-                heapq.heappush(self._deadlines, (time.monotonic() + timeout, request_id, run_id))
-            self.outbox.poke()  # the sender's next timeout may be sooner now
+                heapq.heappush(self._deadlines, entry)
+                sooner = self._deadlines[0] is entry
+            if sooner:  # the sender's next timeout is sooner now (else it wakes in time anyway)
+                self.outbox.poke()
 
     def _expire_waits(self) -> None:
         """Answer the waits whose timeout passed with the run as it is now, and forget them
