@@ -197,12 +197,18 @@ class Core:
         return op
 
     # -- claim at delivery (subscription extension) ----------------------------------------------
-    def claim_at_delivery(self, run_ids: list[str], holder: str) -> list[str | BaseException | None]:
+    def claim_at_delivery(self, run_ids: list[str], holder: str,
+                          before: list[tuple[str, dict[str, Any], bool, Callable[..., None]]] | None = None
+                          ) -> list[str | BaseException | None]:
         """RUNNING for runs about to be delivered to the subscription ``holder``, committed
         before they are sent (durable before delivered: the worker sends no RUNNING proposal
         of its own). One operation per run, queued together (so committed together when
         nobody else commits). Returns, per run, the TaskRun JSON to send (now RUNNING), None
-        when the run is not SCHEDULED any more (deleted, cancelled), or the write's error."""
+        when the run is not SCHEDULED any more (deleted, cancelled), or the write's error.
+
+        ``before``: proposals of the same holder (as for :meth:`set_states_async`) queued
+        ahead of the claims, so that the final states that freed the slots and the claim of
+        the next runs are one commit, not two."""
         results: list[str | BaseException | None] = [None] * len(run_ids)
         left = [len(run_ids)]
         lock = threading.Lock()
@@ -231,11 +237,14 @@ class Core:
 
             return callback
 
-        if not run_ids:
+        ops = [(self._set_state_op(run_id, proposed_, force, holder), callback)
+               for run_id, proposed_, force, callback in before or ()]
+        ops += [(make_op(run_id), make_callback(i)) for i, run_id in enumerate(run_ids)]
+        if not ops:
             return results
-        self.db.submit_many([(make_op(run_id), make_callback(i)) for i, run_id in enumerate(run_ids)],  # type: ignore[attr-defined]
-                            inline=True)
-        finished.wait()
+        self.db.submit_many(ops, inline=True)  # type: ignore[attr-defined]
+        if run_ids:
+            finished.wait()
         return results
 
     def release_claimed(self, run_ids: list[str], holder: str) -> int:

@@ -492,6 +492,12 @@ class Outbox:
             self._direct_thread = None
             self.flush_direct()
 
+    def flush_mine(self) -> None:
+        """Inside :meth:`direct`, in its thread: send what this thread posted so far, now (what
+        it sends next must come after it). Elsewhere: nothing."""
+        if self._direct_thread == threading.get_ident():
+            self.flush_direct()
+
     def flush_direct(self) -> None:
         messages, self._direct = self._direct, []
         if not messages:
