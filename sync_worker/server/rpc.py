@@ -42,6 +42,7 @@ from simple_websocket.errors import ConnectionClosed
 from .sockets import (
     PREFECT_VIOLATION,
     Close,
+    OneAtATime,
     Outbox,
     SubscriptionRegistry,
     WebSocket,
@@ -100,8 +101,8 @@ class RpcChannel:
         self._deadlines: list[tuple[float, str, str]] = []
         self._done = threading.Event()
         self._close: Close | None = None  # a protocol violation read by the reader thread
-        self._drain_lock = threading.Lock()
-        self._again = False
+        # what arrived, handled in the reader thread (or a thread that wakes the connection)
+        self._on_messages = OneAtATime(self._drain)
 
     def run(self) -> None:
         logger.debug("rpc connection from %s", self.peer)
@@ -117,21 +118,6 @@ class RpcChannel:
                 raise self._close  # closed by serve_socket, from this thread
         finally:
             self.outbox.close()
-
-    def _on_messages(self) -> None:
-        """Handle what arrived (the reader thread; also any thread that wakes the connection,
-        e.g. the stopping server: one at a time, a thread that finds another at work leaves
-        it a note, ``_again``)."""
-        self._again = True
-        while self._again:
-            if not self._drain_lock.acquire(blocking=False):
-                return
-            try:
-                while self._again:
-                    self._again = False
-                    self._drain()
-            finally:
-                self._drain_lock.release()
 
     def _drain(self) -> None:
         buffer = self.ws.input_buffer

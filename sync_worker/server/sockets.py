@@ -77,6 +77,31 @@ class Signal:
         callback()  # what arrived before
 
 
+class OneAtATime:
+    """Calls ``work`` in whichever thread calls this, one thread at a time, never blocking: a
+    thread that finds another at work leaves it a note (``_again``) that the other reads
+    before it stops, so nothing that arrived is left unhandled. The message handler both
+    sockets attach to :class:`Signal` (the reader thread calls it; so does the stopping
+    server, to wake a connection)."""
+
+    def __init__(self, work: Callable[[], None]) -> None:
+        self._work = work
+        self._lock = threading.Lock()
+        self._again = False
+
+    def __call__(self) -> None:
+        self._again = True
+        while self._again:
+            if not self._lock.acquire(blocking=False):
+                return
+            try:
+                while self._again:
+                    self._again = False
+                    self._work()
+            finally:
+                self._lock.release()
+
+
 #: bytes read per ``recv`` by a connection's reader thread (simple-websocket reads 4 KiB): a
 #: burst of messages, or one run of a few KiB, is read in one system call
 RECEIVE_BYTES = 65536

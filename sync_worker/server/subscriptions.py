@@ -66,6 +66,7 @@ from .core import Core, NotFound
 from .sockets import (
     GOING_AWAY,
     NORMAL,
+    OneAtATime,
     Outbox,
     POLICY_VIOLATION,
     PREFECT_VIOLATION,
@@ -216,8 +217,9 @@ class Subscription:
         self._quitting = False
         self._done = threading.Event()
         self._close_request: tuple[int, str] | None = None
-        self._drain_lock = threading.Lock()
-        self._again = False
+        # what arrived, handled in the reader thread; never blocks a caller other than the
+        # one handling messages (the stopping server calls it to wake a connection)
+        self._on_messages = OneAtATime(self._drain)
         self._granted = False
         self._unanswered = 0  # set_state requests whose answer is not sent yet
         self._batch: list[tuple[str, dict[str, Any], bool, Callable[..., None]]] = []
@@ -287,21 +289,6 @@ class Subscription:
         self._done.set()
 
     # -- receiving (simple-websocket's reader thread) ---------------------------------------------
-    def _on_messages(self) -> None:
-        """Handle what arrived. Never blocks a caller other than the one handling messages:
-        a thread that finds another one at work leaves a note (``_again``) that the other
-        one reads before it stops (the stopping server calls this to wake a connection)."""
-        self._again = True
-        while self._again:
-            if not self._drain_lock.acquire(blocking=False):
-                return
-            try:
-                while self._again:
-                    self._again = False
-                    self._drain()
-            finally:
-                self._drain_lock.release()
-
     def _drain(self) -> None:
         buffer = self.ws.input_buffer
         try:
