@@ -341,6 +341,8 @@ class App:
 
     def create(self, environ: dict[str, Any]) -> Response:
         body = self._json_body(environ)
+        if environ.get("HTTP_X_SYNC_WORKER_BRIEF") == "1":  # the brief create answer: {id, state}
+            return _json(201, self.core.create_task_run(body, brief=True))
         return _json(201, self.core.create_task_run(body))
 
     def read(self, environ: dict[str, Any], run_id: str) -> Response:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import hmac
-import json
 import logging
 import sqlite3
 import threading
@@ -16,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .database import QSTATE_NONE, Database, RunRow, Transaction
+from .database import QSTATE_NONE, Database, RunRow, Transaction, dumps
 from .models import TERMINAL, ValidationError, build_task_run, validate_state
 from .orchestration import orchestrate, orchestrate_prefect
 from .retention import delete_parameters_when_completed
@@ -33,8 +32,7 @@ class Conflict(ValueError):
     """A task run with this id already exists."""
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+_dumps = dumps
 
 
 class Core:
@@ -78,22 +76,25 @@ class Core:
         return hmac.compare_digest(token.encode("utf-8", "replace"), self.auth_string.encode())
 
     # -- task runs -------------------------------------------------------------------------------
-    def create_task_run(self, body: Any) -> str:
-        """Validate and store a run (queued when SCHEDULED + deferred); returns its JSON text.
+    def create_task_run(self, body: Any, brief: bool = False) -> str:
+        """Validate and store a run (queued when SCHEDULED + deferred); returns its JSON text
+        (``brief``: only ``{"id", "state": {"type", "name", "timestamp"}}``, see :func:`brief_json`).
 
         Idempotent by the client-chosen ``id``: repeating a create whose answer was lost
         returns the run it created (same id, same task key and dynamic key) instead of a
         409, so clients can retry creates safely. A different run with that id is a 409."""
-        op, _text = self._create_op(body)
+        op, _text = self._create_op(body, brief)
         return self.db.write(op)
 
-    def create_task_run_async(self, body: Any, callback: Callable[[str | None, BaseException | None], None]) -> None:
+    def create_task_run_async(self, body: Any, callback: Callable[[str | None, BaseException | None], None],
+                              brief: bool = False) -> None:
         """:meth:`create_task_run` without waiting: ``callback(run_text, error)`` after the
-        commit (see :meth:`set_states_async`). Invalid bodies raise ValidationError here."""
-        op, _text = self._create_op(body)
+        commit (see :meth:`set_states_async`). Invalid bodies raise ValidationError here.
+        Inside ``db.gathering()`` the commit waits for the end of the block."""
+        op, _text = self._create_op(body, brief)
         self.db.submit(op, lambda result, error: callback(None if error else result, error), inline=True)
 
-    def _create_op(self, body: Any) -> tuple[Callable[[Transaction], None], str]:
+    def _create_op(self, body: Any, brief: bool = False) -> tuple[Callable[[Transaction], str], str]:
         now = time.time()
         run = build_task_run(body, now)
         state = run["state"]
@@ -103,6 +104,7 @@ class Core:
         if background:
             row.due = _parse_due(state, now)
         text = row.dump()
+        answer = brief_json(run) if brief else text
         queue = self.queue
 
         def op(tx: Transaction) -> str:
@@ -114,12 +116,12 @@ class Core:
                 existing = tx.get_run(row.id)
                 if existing is not None and _same_create(existing.run, run):
                     logger.debug("create of task run %s repeated: answering the existing run", row.id)
-                    return existing.dump()
+                    return brief_json(existing.run) if brief else existing.dump()
                 raise Conflict(f"A task run with id {row.id} already exists") from None
             if background:
                 queue.placed(tx, row)
             logger.debug("created task run %s (%s) in state %s", row.id, row.task_key, row.state_type)
-            return text
+            return answer
 
         return op, text
 
@@ -195,12 +197,18 @@ class Core:
         return op
 
     # -- claim at delivery (subscription extension) ----------------------------------------------
-    def claim_at_delivery(self, run_ids: list[str], holder: str) -> list[str | BaseException | None]:
+    def claim_at_delivery(self, run_ids: list[str], holder: str,
+                          before: list[tuple[str, dict[str, Any], bool, Callable[..., None]]] | None = None
+                          ) -> list[str | BaseException | None]:
         """RUNNING for runs about to be delivered to the subscription ``holder``, committed
         before they are sent (durable before delivered: the worker sends no RUNNING proposal
         of its own). One operation per run, queued together (so committed together when
         nobody else commits). Returns, per run, the TaskRun JSON to send (now RUNNING), None
-        when the run is not SCHEDULED any more (deleted, cancelled), or the write's error."""
+        when the run is not SCHEDULED any more (deleted, cancelled), or the write's error.
+
+        ``before``: proposals of the same holder (as for :meth:`set_states_async`) queued
+        ahead of the claims, so that the final states that freed the slots and the claim of
+        the next runs are one commit, not two."""
         results: list[str | BaseException | None] = [None] * len(run_ids)
         left = [len(run_ids)]
         lock = threading.Lock()
@@ -229,11 +237,14 @@ class Core:
 
             return callback
 
-        if not run_ids:
+        ops = [(self._set_state_op(run_id, proposed_, force, holder), callback)
+               for run_id, proposed_, force, callback in before or ()]
+        ops += [(make_op(run_id), make_callback(i)) for i, run_id in enumerate(run_ids)]
+        if not ops:
             return results
-        self.db.submit_many([(make_op(run_id), make_callback(i)) for i, run_id in enumerate(run_ids)],  # type: ignore[attr-defined]
-                            inline=True)
-        finished.wait()
+        self.db.submit_many(ops, inline=True)  # type: ignore[attr-defined]
+        if run_ids:
+            finished.wait()
         return results
 
     def release_claimed(self, run_ids: list[str], holder: str) -> int:
@@ -372,6 +383,15 @@ def parse_json_body(raw: bytes) -> tuple[Any, str | None]:
         return None, exc.detail
 
 
+
+
+def brief_json(run: dict[str, Any]) -> str:
+    """The brief create answer (``brief_create``, TEAM's negotiated extension): the run's id
+    and the few fields of its state a submitter looks at, instead of the whole TaskRun (about
+    1.5 KB the client would parse for nothing)."""
+    state = run.get("state") or {}
+    return _dumps({"id": run["id"], "state": {"type": state.get("type"), "name": state.get("name"),
+                                              "timestamp": state.get("timestamp")}})
 
 
 def _same_create(existing: dict[str, Any], new: dict[str, Any]) -> bool:

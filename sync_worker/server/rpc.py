@@ -6,6 +6,9 @@ back to REST there). One connection per client process carries many concurrent r
     client -> {"type": "auth", "token": T | null}          server -> {"type": "auth_success", ...}
     client -> {"type": "create", "request_id": R, "body": {...POST /task_runs/ body...}}
     server -> {"type": "create_result", "request_id": R, "status_code": 201, "result": {...TaskRun...}}
+              (with ``"brief": true`` in the create — the ``brief_create`` extension, announced in
+              ``auth_success``'s ``extensions`` — the result is only
+              ``{"id": ID, "state": {"type": T, "name": N, "timestamp": TS}}``)
     client -> {"type": "wait", "request_id": R, "task_run_id": ID, "timeout": SECONDS}
     server -> {"type": "wait_result", "request_id": R, "status_code": 200, "result": {...TaskRun...}}
               (sent when the run reaches a terminal state, or with the run as it is when
@@ -16,6 +19,11 @@ Errors answer ``status_code`` 4xx/5xx with a ``detail``, as REST does. Why: a RE
 costs the client most of a millisecond of CPU in ``requests`` and the server an HTTP parse;
 a message on an open socket costs a fraction of that, and a ``wait`` answered at the commit
 of the final state replaces polling.
+
+Threads: simple-websocket's reader thread handles the requests of each read itself (no hand-off
+to another thread) and commits the creates among them together, in one transaction when nobody
+else commits, then sends the replies it committed; replies committed by other threads go
+through the connection's outbox.
 """
 from __future__ import annotations
 
@@ -29,9 +37,12 @@ from typing import Any
 from .core import Conflict, Core, NotFound
 from .database import DatabaseClosed, StorageError
 from .models import ValidationError
+from simple_websocket.errors import ConnectionClosed
+
 from .sockets import (
     PREFECT_VIOLATION,
     Close,
+    OneAtATime,
     Outbox,
     SubscriptionRegistry,
     WebSocket,
@@ -48,6 +59,9 @@ MAX_WAITS = 10_000
 #: wait is answered and forgotten after it, so registrations never accumulate.
 DEFAULT_WAIT_TIMEOUT = 60.0
 MAX_WAIT_TIMEOUT = 300.0
+#: announced in ``auth_success``: ``brief_create`` = a create with ``"brief": true`` is answered
+#: with the run's id and state only
+EXTENSIONS = ("brief_create",)
 
 
 def handle_rpc(environ: dict[str, Any], core: Core, registry: SubscriptionRegistry,
@@ -55,7 +69,7 @@ def handle_rpc(environ: dict[str, Any], core: Core, registry: SubscriptionRegist
     """Serve one rpc connection until it ends (runs in the HTTP handler thread)."""
 
     def serve(ws: WebSocket, peer: str) -> None:
-        authenticate(ws, core)
+        authenticate(ws, core, {"extensions": list(EXTENSIONS)})
         channel = RpcChannel(ws, core, peer)
         try:
             channel.run()
@@ -66,10 +80,12 @@ def handle_rpc(environ: dict[str, Any], core: Core, registry: SubscriptionRegist
 
 
 class RpcChannel:
-    """One rpc connection: the handler thread reads requests and commits creates itself
-    (inline when no other commit runs), and sends the replies it committed right after; the
-    outbox's sender thread sends the replies committed by other threads (never block a
-    committer on a slow client's socket) and expires waits."""
+    """One rpc connection: the reader thread handles the requests of each read and commits
+    their creates together (inline when no other commit runs), and sends the replies it
+    committed right after; the outbox's sender thread sends the replies committed by other
+    threads (never block a committer on a slow client's socket) and expires waits; the
+    handler thread waits for the end and closes the connection (with a protocol
+    violation's code)."""
 
     def __init__(self, ws: WebSocket, core: Core, peer: str) -> None:
         self.ws = ws
@@ -83,19 +99,57 @@ class RpcChannel:
         self._waits: dict[str, Any] = {}
         # (deadline, request_id, run_id) of the outstanding waits, expired by the sender thread
         self._deadlines: list[tuple[float, str, str]] = []
+        self._done = threading.Event()
+        self._close: Close | None = None  # a protocol violation read by the reader thread
+        # what arrived, handled in the reader thread (or a thread that wakes the connection)
+        self._on_messages = OneAtATime(self._drain)
 
     def run(self) -> None:
         logger.debug("rpc connection from %s", self.peer)
         self.outbox.start()
         try:
-            while True:
-                message = self.ws.receive()
-                if message is None:  # the connection ended
-                    return
-                with self.outbox.direct():  # replies committed by this thread: sent by it
-                    self._handle(decode(message))
+            self.ws.event.attach(self._on_messages)
+            # the reader may end without a last set() (e.g. after refusing an oversized
+            # message): also watch the thread itself
+            while not self._done.wait(0.25):
+                if not self.ws.thread.is_alive():
+                    break
+            if self._close is not None:
+                raise self._close  # closed by serve_socket, from this thread
         finally:
             self.outbox.close()
+
+    def _drain(self) -> None:
+        buffer = self.ws.input_buffer
+        try:
+            # replies committed by this thread are sent by it, after the commit of the creates
+            # gathered from this read (one transaction); a wait commits the creates before it
+            # first (it may be for one of them)
+            with self.outbox.direct():
+                while buffer and self._close is None and not self._done.is_set():
+                    wait = None
+                    with self.core.db.gathering():
+                        while buffer and self._close is None and not self._done.is_set():
+                            value = decode(buffer.pop(0))
+                            if value.get("type") == "wait":
+                                wait = value
+                                break
+                            self._handle(value)
+                    if wait is not None:
+                        self._handle(wait)
+        except Close as close:
+            if self._close is None:
+                self._close = close
+            self._done.set()
+        except (ConnectionClosed, OSError):
+            self._done.set()
+        except Exception:  # a bug: drop this connection, keep the server
+            logger.exception("error handling an rpc message from %s", self.peer)
+            if self._close is None:
+                self._close = Close(1011, "Internal server error")
+            self._done.set()
+        if not self.ws.connected:
+            self._done.set()
 
     def _handle(self, value: dict[str, Any]) -> None:
         kind = value.get("type")
@@ -105,11 +159,11 @@ class RpcChannel:
         if not isinstance(request_id, str) or not request_id:
             raise Close(PREFECT_VIOLATION, "Protocol violation: 'request_id' must be a non-empty string")
         if kind == "create":
-            self._create(request_id, value.get("body"))
+            self._create(request_id, value.get("body"), value.get("brief") is True)
         else:
             self._wait(request_id, value.get("task_run_id"), value.get("timeout"))
 
-    def _create(self, request_id: str, body: Any) -> None:
+    def _create(self, request_id: str, body: Any, brief: bool = False) -> None:
         def done(text: str | None, error: BaseException | None) -> None:
             if error is None:
                 self._reply("create_result", request_id, 201, result=text)
@@ -124,7 +178,10 @@ class RpcChannel:
                 self._reply("create_result", request_id, 500, detail=f"Internal error: {type(error).__name__}")
 
         try:
-            self.core.create_task_run_async(body, done)
+            if brief:
+                self.core.create_task_run_async(body, done, brief=True)
+            else:
+                self.core.create_task_run_async(body, done)
         except ValidationError as exc:
             self._reply("create_result", request_id, 422, detail=exc.detail)
         except DatabaseClosed as exc:
@@ -157,9 +214,12 @@ class RpcChannel:
             return
         if request_id in self._waits:
             self._waits[request_id] = cancel
+            entry = (time.monotonic() + timeout, request_id, run_id)
             with self._lock:
-                heapq.heappush(self._deadlines, (time.monotonic() + timeout, request_id, run_id))
-            self.outbox.poke()  # the sender's next timeout may be sooner now
+                heapq.heappush(self._deadlines, entry)
+                sooner = self._deadlines[0] is entry
+            if sooner:  # the sender's next timeout is sooner now (else it wakes in time anyway)
+                self.outbox.poke()
 
     def _expire_waits(self) -> None:
         """Answer the waits whose timeout passed with the run as it is now, and forget them

@@ -22,12 +22,13 @@ from typing import Any
 import simple_websocket
 from simple_websocket.errors import ConnectionClosed
 from wsproto.connection import ConnectionState
-from wsproto.events import Ping, TextMessage
+from wsproto.events import Ping, Pong, TextMessage
 from wsproto.utilities import LocalProtocolError
 
 from . import validation
 from .core import Core
 from .database import DatabaseClosed
+from .frames import FrameReader
 
 logger = logging.getLogger("sync_worker.server.sockets")
 
@@ -74,6 +75,31 @@ class Signal:
     def attach(self, callback: Callable[[], None]) -> None:
         self._callback = callback
         callback()  # what arrived before
+
+
+class OneAtATime:
+    """Calls ``work`` in whichever thread calls this, one thread at a time, never blocking: a
+    thread that finds another at work leaves it a note (``_again``) that the other reads
+    before it stops, so nothing that arrived is left unhandled. The message handler both
+    sockets attach to :class:`Signal` (the reader thread calls it; so does the stopping
+    server, to wake a connection)."""
+
+    def __init__(self, work: Callable[[], None]) -> None:
+        self._work = work
+        self._lock = threading.Lock()
+        self._again = False
+
+    def __call__(self) -> None:
+        self._again = True
+        while self._again:
+            if not self._lock.acquire(blocking=False):
+                return
+            try:
+                while self._again:
+                    self._again = False
+                    self._work()
+            finally:
+                self._lock.release()
 
 
 #: bytes read per ``recv`` by a connection's reader thread (simple-websocket reads 4 KiB): a
@@ -124,6 +150,72 @@ class WebSocket(simple_websocket.Server):
             return False
         extensions = getattr(getattr(connection, "_proto", None), "extensions", None)
         return extensions is not None and not extensions
+
+    def _thread(self) -> None:
+        """simple-websocket's reader loop, with the lean parser of :mod:`.frames` in front of
+        wsproto while the connection is OPEN and plain (see :meth:`_plain`): the frames it
+        parses become messages here, and when it meets anything else the rest of the stream
+        goes to wsproto as before (close codes, close handshake, linger)."""
+        if self.ping_interval or not self._plain():
+            super()._thread()
+            return
+        reader: FrameReader | None = FrameReader(self.max_message_size)
+        try:
+            while self.connected:
+                data = self.sock.recv(self.receive_bytes)
+                if not data:
+                    raise OSError()
+                if reader is not None:
+                    messages = reader.feed(data)
+                    if messages:
+                        self._deliver(messages)
+                    if reader.rest is None:
+                        continue
+                    data, reader = reader.rest, None  # wsproto parses from here on
+                    if not data:
+                        continue
+                self.ws.receive_data(data)
+                self.connected = self._handle_events()
+        except (OSError, LocalProtocolError):
+            self.connected = False
+            self.event.set()
+        else:
+            connection = self.ws.connection
+            if connection is not None and connection.state is ConnectionState.LOCAL_CLOSING:
+                # another thread sent our close frame while this one handled messages: read
+                # the client's answer (and whatever precedes it), as wsproto's path does
+                self._linger()
+        self.sock.close()
+
+    def _deliver(self, messages: list[Any]) -> None:
+        """Hand the messages of one read over (one wake-up for all of them: those handled
+        together are committed together); answer a ping, note a pong."""
+        buffer = self.input_buffer
+        queued = False
+        for message in messages:
+            kind = type(message)
+            if kind is str or kind is bytes:
+                buffer.append(message)
+                queued = True
+            elif kind is Pong:
+                self.pong_received = True
+            else:
+                if queued:
+                    self.event.set()
+                    queued = False
+                self._answer_ping(message)
+        if queued:
+            self.event.set()
+
+    def _answer_ping(self, ping: Ping) -> None:
+        """The pong, under the send lock (simple-websocket sends it from the reader thread
+        without one, which could split another thread's frame); none once our close frame
+        went out (wsproto refuses to send then)."""
+        with self.send_lock:
+            connection = self.ws.connection
+            if not self.connected or connection is None or connection.state is not ConnectionState.OPEN:
+                return
+            self.sock.sendall(self.ws.send(ping.response()))
 
     def close(self, reason: int | None = None, message: str | None = None) -> None:
         # A send blocked on a client that does not read holds the lock: give up on the close
@@ -423,6 +515,12 @@ class Outbox:
             yield
         finally:
             self._direct_thread = None
+            self.flush_direct()
+
+    def flush_mine(self) -> None:
+        """Inside :meth:`direct`, in its thread: send what this thread posted so far, now (what
+        it sends next must come after it). Elsewhere: nothing."""
+        if self._direct_thread == threading.get_ident():
             self.flush_direct()
 
     def flush_direct(self) -> None:

@@ -66,6 +66,7 @@ from .core import Core, NotFound
 from .sockets import (
     GOING_AWAY,
     NORMAL,
+    OneAtATime,
     Outbox,
     POLICY_VIOLATION,
     PREFECT_VIOLATION,
@@ -216,8 +217,9 @@ class Subscription:
         self._quitting = False
         self._done = threading.Event()
         self._close_request: tuple[int, str] | None = None
-        self._drain_lock = threading.Lock()
-        self._again = False
+        # what arrived, handled in the reader thread; never blocks a caller other than the
+        # one handling messages (the stopping server calls it to wake a connection)
+        self._on_messages = OneAtATime(self._drain)
         self._granted = False
         self._unanswered = 0  # set_state requests whose answer is not sent yet
         self._batch: list[tuple[str, dict[str, Any], bool, Callable[..., None]]] = []
@@ -287,21 +289,6 @@ class Subscription:
         self._done.set()
 
     # -- receiving (simple-websocket's reader thread) ---------------------------------------------
-    def _on_messages(self) -> None:
-        """Handle what arrived. Never blocks a caller other than the one handling messages:
-        a thread that finds another one at work leaves a note (``_again``) that the other
-        one reads before it stops (the stopping server calls this to wake a connection)."""
-        self._again = True
-        while self._again:
-            if not self._drain_lock.acquire(blocking=False):
-                return
-            try:
-                while self._again:
-                    self._again = False
-                    self._drain()
-            finally:
-                self._drain_lock.release()
-
     def _drain(self) -> None:
         buffer = self.ws.input_buffer
         try:
@@ -318,10 +305,15 @@ class Subscription:
                     self._request_close(1011, "Internal server error")
         finally:
             try:
-                self._flush_set_states()
-                if self._granted:  # credit that came with set_state messages
+                if self._granted and self.claim_at_delivery and self._batch:
+                    # final states carrying credit: they and the next claim in one commit
                     self._granted = False
-                    self._try_deliver()
+                    self._flush_and_deliver()
+                else:
+                    self._flush_set_states()
+                    if self._granted:  # credit that came with set_state messages
+                        self._granted = False
+                        self._try_deliver()
             except (ConnectionClosed, OSError):
                 self._done.set()
             except DatabaseClosed:
@@ -344,6 +336,21 @@ class Subscription:
                 except DatabaseClosed as exc:
                     for _run_id, _proposed, _force, done in batch:
                         done(None, exc)
+
+    def _flush_and_deliver(self) -> None:
+        """claim_at_delivery: commit the set_state requests read so far together with the
+        claim of the runs their credit lets go (one transaction), send the answers, then the
+        runs; deliver more if more credit is left. With nothing due, just the set_states."""
+        with self._deliver_lock:
+            taken = self._take_for_claim()
+            if not taken:
+                self._flush_set_states()
+                return
+            batch, self._batch = self._batch, []
+            with self.outbox.direct():
+                more = self._claim_and_send(taken, batch)
+            while more and self._deliver_claimed():
+                pass
 
     def _handle(self, message: Any) -> None:
         value = _decode(message)
@@ -524,27 +531,41 @@ class Subscription:
     def _deliver_claimed(self) -> bool:
         """claim_at_delivery: take as many runs as the credit allows, commit RUNNING for all
         of them together, send them; True if some were sent (call again)."""
+        taken = self._take_for_claim()
+        return bool(taken) and self._claim_and_send(taken)
+
+    def _take_for_claim(self) -> list[tuple[str, str, int, str | None]]:
+        """The due runs the credit lets go now (none once closed or quitting)."""
         with self._cond:
             if self._closed or self._quitting or not self._credit:
-                return False
+                return []
             limit = self._credit
         taken = self._take_due(limit)
         if not taken:
-            return False
+            return []
         with self._cond:
             closed = self._closed or self._quitting
         if closed:
             for run in taken:
                 self.queue.give_back(self, *run)
-            return False
+            return []
+        return taken
+
+    def _claim_and_send(self, taken: list[tuple[str, str, int, str | None]],
+                        before: list[tuple[str, dict[str, Any], bool, Callable[..., None]]] | None = None) -> bool:
+        """Commit RUNNING for ``taken`` (after the set_state requests ``before``, in the same
+        transaction), send this thread's answers, then the runs; True to call again."""
         for run in taken:  # leased before the commit: a connection lost meanwhile starts their lease
             self.queue.acked(self, run[0])
         try:
-            claimed = self.core.claim_at_delivery([run[0] for run in taken], self.client_id)
-        except DatabaseClosed:
+            claimed = self.core.claim_at_delivery([run[0] for run in taken], self.client_id, before)
+        except DatabaseClosed as exc:
             for run in taken:
                 self.queue.give_back(self, *run)
+            for _run_id, _proposed, _force, done in before or ():
+                done(None, exc)
             raise
+        self.outbox.flush_mine()  # the answers to ``before`` go out ahead of the runs
         with self._cond:
             gone = self._closed or self._quitting
         if gone:  # the worker stopped receiving (or left) during the commit: not sent, hand them back now

@@ -32,21 +32,21 @@ def test_a_create_whose_answer_is_lost_is_repeated_and_creates_exactly_one_run(s
     lost = []
     original_sync, original_async = core.create_task_run, core.create_task_run_async
 
-    def commit_then_fail(body):  # REST: the run is stored, the answer is a 500
-        text = original_sync(body)
+    def commit_then_fail(body, **kwargs):  # REST: the run is stored, the answer is a 500
+        text = original_sync(body, **kwargs)
         if not lost:
             lost.append(body["id"])
             raise RuntimeError("injected: the answer is lost after the commit")
         return text
 
-    def commit_then_fail_async(body, callback):  # rpc: likewise
+    def commit_then_fail_async(body, callback, **kwargs):  # rpc: likewise (kwargs: brief)
         def done(text, error):
             if error is None and not lost:
                 lost.append(body["id"])
                 callback(None, RuntimeError("injected: the answer is lost after the commit"))
             else:
                 callback(text, error)
-        original_async(body, done)
+        original_async(body, done, **kwargs)
 
     monkeypatch.setattr(core, "create_task_run", commit_then_fail)
     monkeypatch.setattr(core, "create_task_run_async", commit_then_fail_async)
