@@ -44,6 +44,9 @@ class FakeRpcServer:
         self.runs: dict[str, dict[str, Any]] = {}
         self.messages: list[dict[str, Any]] = []
         self.replies: list[dict[str, Any]] = []
+        #: rpc message types answered by closing the socket instead (a socket that breaks)
+        self.drop: set[str] = set()
+        self.rest_creates = 0
         self._server = make_server("127.0.0.1", 0, self._app, threaded=True)
         self.url = f"http://127.0.0.1:{self._server.server_port}/api"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -58,6 +61,12 @@ class FakeRpcServer:
         if path == "/api/sync_worker/rpc":
             self._serve_rpc(simple_websocket.Server(environ, subprotocols=["prefect"]))
             raise ConnectionError("websocket done")  # how werkzeug is told the connection is taken
+        if environ["REQUEST_METHOD"] == "POST" and path == "/api/task_runs/":
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+            self.rest_creates += 1
+            run = self._create(json.loads(environ["wsgi.input"].read(length)))
+            start_response("201 Created", [("Content-Type", "application/json")])
+            return [json.dumps(run).encode()]
         found = re.fullmatch(r"/api/task_runs/([^/]+)", path)
         if environ["REQUEST_METHOD"] == "GET" and found and found.group(1) in self.runs:
             start_response("200 OK", [("Content-Type", "application/json")])
@@ -75,6 +84,9 @@ class FakeRpcServer:
                     return
                 message = json.loads(text)
                 self.messages.append(message)
+                if message["type"] in self.drop:
+                    ws.close()
+                    return
                 reply = self._answer(message)
                 self.replies.append(reply)
                 ws.send(json.dumps(reply))
@@ -86,17 +98,18 @@ class FakeRpcServer:
         if message["type"] == "wait":
             return {"type": "wait_result", "request_id": request_id, "status_code": 200,
                     "result": self.runs[message["task_run_id"]]}
-        body = message["body"]
-        now = _now()
-        run = self.runs.setdefault(body["id"], {
-            **body, "created": now, "expected_start_time": now, "run_count": 0,
-            "state": {**body["state"], "timestamp": now, "id": str(uuid.uuid4())},
-        })
-        result = run
+        run = result = self._create(message["body"])
         if message.get("brief"):
             state = run["state"]
             result = {"id": run["id"], "state": {key: state[key] for key in ("type", "name", "timestamp")}}
         return {"type": "create_result", "request_id": request_id, "status_code": 201, "result": result}
+
+    def _create(self, body: dict[str, Any]) -> dict[str, Any]:
+        now = _now()
+        return self.runs.setdefault(body["id"], {
+            **body, "created": now, "expected_start_time": now, "run_count": 0,
+            "state": {**body["state"], "timestamp": now, "id": str(uuid.uuid4())},
+        })
 
 
 @pytest.fixture
@@ -205,3 +218,28 @@ def test_without_the_rpc_socket_creates_and_waits_use_rest(server, tmp_path, mon
             client.set_task_run_state(future.task_run_id, state)
         assert future.result(timeout=10) == 42
     assert requests_made.count(f"GET /task_runs/{future.task_run_id}") >= 2
+
+
+def test_a_create_whose_socket_breaks_goes_over_rest_at_once(fake_rpc, caplog):
+    # one attempt = the socket, then REST at once: no backoff, no "trying again"; the run
+    # is created once (the fake keys runs by the body's id, as both real servers do)
+    server = fake_rpc([BRIEF_CREATE])
+    server.drop.add("create")
+    body = _body()
+    with Client(server.url) as client:
+        run = client.create_task_run(body, brief=True)
+    assert [m["type"] for m in server.messages] == ["create"] and server.rest_creates == 1
+    assert run.id == body["id"] and run.created is not None  # REST answers the whole run
+    assert list(server.runs) == [body["id"]]
+    assert "trying again" not in caplog.text
+
+
+def test_a_wait_whose_socket_breaks_reads_the_run_over_rest(fake_rpc):
+    server = fake_rpc([])
+    body = _body()
+    server.runs[body["id"]] = {**body, "state": {"type": "COMPLETED", "name": "Completed", "timestamp": _now()}}
+    server.drop.add("wait")
+    with Client(server.url) as client:
+        run = client.transport.wait(body["id"], timeout=10)
+    assert [m["type"] for m in server.messages] == ["wait"]
+    assert run.state.type is StateType.COMPLETED
