@@ -41,6 +41,7 @@ only retry loop:
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import TYPE_CHECKING, Any, Dict, Optional
 
@@ -104,15 +105,18 @@ class SubmitTransport:
     def __init__(self, client: Client) -> None:
         self.client = client
         self._channel = _UNSET
+        self._lock = threading.Lock()
 
     @property
     def channel(self) -> Optional[RpcChannel]:
-        """The rpc socket (opened on first use); None when the client's settings refuse
-        the embedded server's extensions."""
+        """The rpc socket (made on first use, by one thread: one socket per client); None
+        when the client's settings refuse the embedded server's extensions."""
         if self._channel is _UNSET:
-            from sync_worker.rpc import RpcChannel
+            with self._lock:
+                if self._channel is _UNSET:
+                    from sync_worker.rpc import RpcChannel
 
-            self._channel = RpcChannel(self.client) if self.client.settings.fast_path else None
+                    self._channel = RpcChannel(self.client) if self.client.settings.fast_path else None
         return self._channel
 
     def _connection(self) -> Optional[Connection]:
