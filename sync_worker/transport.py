@@ -148,11 +148,12 @@ class SubmitTransport:
         announced ``brief_create`` then answers ``{"id", "state"}`` (the state's type,
         name and timestamp), and the run returned is ``body`` with that id and state (the
         state details of the proposed state kept when the server's state is that one;
-        ``created`` and the other fields only the server makes are None). A brief answer whose run is finished already (a repeated create of a run
-        that ran meanwhile) is followed by one read of the whole run: its final state
-        carries the result. REST creates keep the whole answer: REST carries creates
-        only while the rpc socket is unavailable (or switched off with every other
-        extension), so a shorter answer there would save nothing measurable.
+        ``created`` and the other fields only the server makes are None). A brief answer
+        whose run is finished already (a repeated create of a run that ran meanwhile) is
+        followed by one read of the whole run: its final state carries the result.
+        REST creates keep the whole answer: REST carries creates only while the rpc
+        socket is unavailable (or switched off with every other extension), so a shorter
+        answer there would save nothing measurable.
         """
         conn = self._connection()
         if conn is not None:
