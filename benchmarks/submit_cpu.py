@@ -48,7 +48,7 @@ def main() -> int:
     from sync_worker.schemas import TaskRun
 
     class CannedClient:
-        def create_task_run(self, body, timeout=None):
+        def create_task_run(self, body, timeout=None, **options):
             return TaskRun.from_json(ANSWER)
 
     canned = CannedClient()

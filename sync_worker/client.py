@@ -4,6 +4,10 @@ One ``requests.Session`` is shared by all threads of a process (its connection p
 thread-safe), so a worker with ten busy threads keeps ten warm keep-alive connections
 instead of opening one per state change.
 
+How creates and waits travel (the embedded server's rpc socket, or REST) is decided by
+the client's :class:`~sync_worker.transport.SubmitTransport` (``client.transport``); the
+retry rules are written down once, in :mod:`sync_worker.transport`.
+
 Retries: reads, deletes, record writes and state proposals are retried on connection
 errors and 5xx answers with exponential backoff and jitter (tenacity). Proposals are safe
 to retry because the server orchestrates them: a proposal that did land the first time is
@@ -19,6 +23,7 @@ import json
 import logging
 import os
 import threading
+import time
 import uuid
 from typing import Any, Callable, Dict, Optional, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -30,7 +35,7 @@ from requests.adapters import HTTPAdapter
 from sync_worker.exceptions import APIError, ServerUnavailable, Unauthorized
 from sync_worker.schemas import OrchestrationResult, State, StateType, TaskRun
 from sync_worker.settings import Settings, get_settings
-from sync_worker.transport import error_for
+from sync_worker.transport import SubmitTransport, error_for
 
 logger = logging.getLogger("sync_worker.client")
 
@@ -108,7 +113,8 @@ class Client:
             self._session.headers["Authorization"] = f"Basic {token}"
         elif self.api_key:
             self._session.headers["Authorization"] = f"Bearer {self.api_key}"
-        self._rpc: Any = _UNSET
+        #: How this client's creates and waits travel (rpc socket or REST).
+        self.transport = SubmitTransport(self)
         self._retrying = _retry_policy(_is_retryable, retry_attempts)
 
     # -- plumbing ---------------------------------------------------------------------
@@ -127,8 +133,10 @@ class Client:
         scheme = {"http": "ws", "https": "wss"}.get(parts.scheme, parts.scheme)
         return urlunsplit((scheme, parts.netloc, parts.path, parts.query, ""))
 
-    def _request(self, method: str, path: str, *, json_body: Any = None, data: Optional[bytes] = None,
-                 headers: Optional[Dict[str, str]] = None) -> requests.Response:
+    def request(self, method: str, path: str, *, json_body: Any = None, data: Optional[bytes] = None,
+                headers: Optional[Dict[str, str]] = None) -> requests.Response:
+        """One HTTP request to the API (no retry); error answers raise :func:`error_for`'s
+        exceptions, connection errors ``requests.ConnectionError``/``Timeout``."""
         body = data
         request_headers = dict(headers or {})
         if json_body is not None:
@@ -147,59 +155,47 @@ class Client:
 
     @property
     def rpc(self) -> Any:
-        """The embedded server's rpc socket (:mod:`sync_worker.rpc`), opened on first use;
-        None when this client's settings refuse the extensions (``SYNC_WORKER_FAST_PATH``)."""
-        if self._rpc is _UNSET:
-            from sync_worker.rpc import RpcChannel
-
-            self._rpc = RpcChannel(self) if self.settings.fast_path else None
-        return self._rpc
-
-    def call_rpc(self, message: Dict[str, Any], what: str, timeout: Optional[float] = None) -> Any:
-        """``result`` of an rpc answer; raises what the REST call would have raised.
-
-        Raises :class:`sync_worker.rpc.RpcUnavailable` when nothing was sent (use REST).
-        """
-        from sync_worker.rpc import ConnectionLost, RpcUnavailable
-
-        channel = self.rpc
-        if channel is None:
-            raise RpcUnavailable("the fast path is switched off")
-        try:
-            reply = channel.call(message, self.timeout if timeout is None else timeout)
-        except ConnectionLost as exc:
-            raise requests.ConnectionError(f"{what} over the rpc socket: {exc}") from exc
-        status = int(reply.get("status_code") or 500)
-        if status >= 400:
-            raise error_for(what, status, reply.get("detail"), None)
-        return reply.get("result")
+        """The embedded server's rpc socket (:mod:`sync_worker.rpc`) of this client's
+        transport; None when this client's settings refuse the extensions
+        (``SYNC_WORKER_FAST_PATH``)."""
+        return self.transport.channel
 
     def _retried(self, call: Callable[[], T]) -> T:
         return self._retrying(call)
 
     # -- task runs --------------------------------------------------------------------
-    def create_task_run(self, body: Dict[str, Any], timeout: Optional[float] = None) -> TaskRun:
+    def create_task_run(self, body: Dict[str, Any], timeout: Optional[float] = None, *,
+                        brief: bool = False) -> TaskRun:
         """Create a run from a body built by :func:`sync_worker.schemas.task_run_create`.
 
-        Each attempt goes over the embedded server's rpc socket when there is one, else
-        ``POST /task_runs/``. The one retry rule of creates: connection errors, 429 and 5xx
-        are tried again (exponential backoff with jitter) for ``timeout`` seconds (default
-        ``SYNC_WORKER_SUBMIT_TIMEOUT``), then :class:`ServerUnavailable` is raised. Safe
-        because the body carries the run's ``id``: a repeat of a create that did land
-        answers the same run.
+        Each attempt is one :meth:`SubmitTransport.create <sync_worker.transport.SubmitTransport.create>`
+        (the rpc socket when there is one, else ``POST /task_runs/``). The one retry rule of
+        creates: connection errors, 429 and 5xx are tried again (exponential backoff with
+        jitter) until ``timeout`` seconds (default ``SYNC_WORKER_SUBMIT_TIMEOUT``) have passed
+        since the first attempt, then :class:`ServerUnavailable` is raised. Safe because the
+        body carries the run's ``id``: a repeat of a create that did land answers the same
+        run. ``brief=True``: the caller needs the run's id and state only (``.delay()``),
+        see :meth:`~sync_worker.transport.SubmitTransport.create`.
         """
         if "id" not in body:
             body = {**body, "id": str(uuid.uuid4())}
+        started = time.monotonic()
         limit = self.settings.submit_timeout if timeout is None else timeout
-        retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception(_create_retryable),
-            stop=tenacity.stop_after_delay(limit),
-            wait=tenacity.wait_exponential_jitter(multiplier=0.1, max=2.0),
-            before_sleep=_log_retry,
-            reraise=True,
-        )
         try:
-            return retrying(self._create_once, body)
+            try:  # the first attempt directly: the retry machinery is built only when it fails
+                return self.transport.create(body, brief=brief)
+            except Exception as exc:
+                if not _create_retryable(exc) or time.monotonic() - started >= limit:
+                    raise
+                logger.warning("Creating task run %s failed (%s); trying again", body["id"], exc)
+            retrying = tenacity.Retrying(
+                retry=tenacity.retry_if_exception(_create_retryable),
+                stop=lambda _state: time.monotonic() - started >= limit,
+                wait=tenacity.wait_exponential_jitter(multiplier=0.1, max=2.0),
+                before_sleep=_log_retry,
+                reraise=True,
+            )
+            return retrying(self.transport.create, body, brief=brief)
         except Exception as exc:
             if not _create_retryable(exc):
                 raise
@@ -208,25 +204,16 @@ class Client:
                 f"running? Set SYNC_WORKER_API_URL to its address, or SYNC_WORKER_SUBMIT_TIMEOUT to wait longer"
             ) from exc
 
-    def _create_once(self, body: Dict[str, Any]) -> TaskRun:
-        from sync_worker.rpc import RpcUnavailable
-
-        try:
-            return TaskRun.from_json(self.call_rpc({"type": "create", "body": body}, "POST /task_runs/"))
-        except RpcUnavailable:
-            pass
-        return TaskRun.from_json(self._request("POST", "/task_runs/", json_body=body).json())
-
     def emit_events(self, events: list[Dict[str, Any]]) -> None:
         """``POST /events``: Prefect's event intake (its callers wait for state-change events)."""
-        self._request("POST", "/events", json_body=events)
+        self.request("POST", "/events", json_body=events)
 
     def read_task_run(self, task_run_id: str) -> TaskRun:
-        response = self._retried(lambda: self._request("GET", f"/task_runs/{task_run_id}"))
+        response = self._retried(lambda: self.request("GET", f"/task_runs/{task_run_id}"))
         return TaskRun.from_json(response.json())
 
     def delete_task_run(self, task_run_id: str) -> None:
-        self._retried(lambda: self._request("DELETE", f"/task_runs/{task_run_id}"))
+        self._retried(lambda: self.request("DELETE", f"/task_runs/{task_run_id}"))
 
     def set_task_run_state(self, task_run_id: str, state: State, force: bool = False, *,
                            retry: bool = True) -> OrchestrationResult:
@@ -235,7 +222,7 @@ class Client:
         body = {"state": state.to_json(), "force": force}
 
         def call() -> requests.Response:
-            return self._request("POST", f"/task_runs/{task_run_id}/set_state", json_body=body)
+            return self.request("POST", f"/task_runs/{task_run_id}/set_state", json_body=body)
 
         response = self._retried(call) if retry else call()
         return OrchestrationResult.from_json(response.json())
@@ -243,31 +230,31 @@ class Client:
     # -- operating the queue (runs_cli.py; filter/count also work against Prefect) --------------
     def read_task_run_states(self, task_run_id: str) -> list:
         """``GET /task_run_states/?task_run_id=`` (Prefect's): the run's State dicts, oldest first."""
-        return self._retried(lambda: self._request(
+        return self._retried(lambda: self.request(
             "GET", f"/task_run_states/?task_run_id={task_run_id}")).json()
 
     def filter_task_runs(self, body: Optional[Dict[str, Any]] = None, *, retry: bool = True) -> list:
         """``POST /task_runs/filter`` (Prefect's TaskRunFilter/sort/limit/offset): TaskRun dicts.
         ``retry=False``: one request, for callers with their own retry rule."""
         def call() -> requests.Response:
-            return self._request("POST", "/task_runs/filter", json_body=body or {})
+            return self.request("POST", "/task_runs/filter", json_body=body or {})
 
         return (self._retried(call) if retry else call()).json()
 
     def count_task_runs(self, body: Optional[Dict[str, Any]] = None) -> int:
-        return int(self._retried(lambda: self._request("POST", "/task_runs/count", json_body=body or {})).json())
+        return int(self._retried(lambda: self.request("POST", "/task_runs/count", json_body=body or {})).json())
 
     def read_stats(self) -> Dict[str, Any]:
         """The embedded server's queue statistics (``GET /sync_worker/stats``)."""
-        return self._retried(lambda: self._request("GET", "/sync_worker/stats")).json()
+        return self._retried(lambda: self.request("GET", "/sync_worker/stats")).json()
 
     def read_workers(self) -> list:
         """The embedded server's subscribed workers (``GET /sync_worker/workers``)."""
-        return self._request("GET", "/sync_worker/workers").json()
+        return self.request("GET", "/sync_worker/workers").json()
 
     def purge_task_runs(self, older_than_seconds: float, state_types: Optional[list] = None) -> int:
         body = {"older_than_seconds": older_than_seconds, "state_types": state_types or []}
-        return int(self._request("POST", "/sync_worker/purge", json_body=body).json()["deleted"])
+        return int(self.request("POST", "/sync_worker/purge", json_body=body).json()["deleted"])
 
     def cancel_task_run(self, task_run_id: str) -> Dict[str, Any]:
         """Cancel a run: ``{"status": "cancelled"|"cancelling"|"unchanged", "task_run": {...}}``.
@@ -278,7 +265,7 @@ class Client:
         worker is not interrupted; a late report of that worker is then refused or overrides it).
         """
         try:
-            return self._retried(lambda: self._request("POST", f"/sync_worker/task_runs/{task_run_id}/cancel")).json()
+            return self._retried(lambda: self.request("POST", f"/sync_worker/task_runs/{task_run_id}/cancel")).json()
         except APIError as exc:
             missing_route = exc.status_code == 405 or (
                 exc.status_code == 404 and exc.detail != "Task not found")
@@ -294,7 +281,7 @@ class Client:
     def health(self) -> bool:
         """True when the server answers its health check; raises on auth errors."""
         try:
-            response = self._request("GET", "/health")
+            response = self.request("GET", "/health")
         except (requests.ConnectionError, requests.Timeout):
             return False
         except APIError as exc:
@@ -305,21 +292,20 @@ class Client:
 
     # -- records (embedded server only) ---------------------------------------------
     def write_record(self, key: str, data: bytes) -> None:
-        self._retried(lambda: self._request(
+        self._retried(lambda: self.request(
             "PUT", f"/storage/{key}", data=data, headers={"Content-Type": "application/octet-stream"}
         ))
 
     def read_record(self, key: str) -> bytes:
-        return self._retried(lambda: self._request("GET", f"/storage/{key}")).content
+        return self._retried(lambda: self.request("GET", f"/storage/{key}")).content
 
     def delete_record(self, key: str) -> None:
-        self._retried(lambda: self._request("DELETE", f"/storage/{key}"))
+        self._retried(lambda: self.request("DELETE", f"/storage/{key}"))
 
     # -- lifecycle --------------------------------------------------------------------
     def close(self) -> None:
         self._session.close()
-        if self._rpc not in (_UNSET, None):
-            self._rpc.close()
+        self.transport.close()
 
     def __enter__(self) -> "Client":
         return self
@@ -329,9 +315,6 @@ class Client:
 
     def __repr__(self) -> str:
         return f"Client({self.api_url!r})"
-
-
-_UNSET = object()
 
 
 def _api_error(method: str, path: str, response: requests.Response) -> APIError:

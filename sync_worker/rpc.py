@@ -3,17 +3,18 @@
 A process keeps one websocket per :class:`~sync_worker.client.Client`, shared by its
 threads: ``.delay()`` sends a ``create`` on it instead of an HTTP request, and
 ``TaskRunFuture.wait()`` a ``wait`` that the server answers when the run finishes,
-instead of polling. Against a server without the endpoint (a Prefect server), or while
-the socket cannot be opened, :meth:`RpcChannel.call` raises :class:`RpcUnavailable`
-*before sending anything* and the caller uses REST; the answer is remembered, so a
-Prefect server is asked once. ``SYNC_WORKER_FAST_PATH=false`` turns it off.
+instead of polling. Which of the two ways a message takes is decided by
+:class:`sync_worker.transport.SubmitTransport`; this module only opens and keeps the
+socket. Against a server without the endpoint (a Prefect server), or while the socket
+cannot be opened, :meth:`RpcChannel.connection` raises :class:`RpcUnavailable` (nothing
+was sent); the answer is remembered, so a Prefect server is asked once.
 """
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import websocket
 
@@ -47,16 +48,12 @@ class RpcChannel:
         self._unsupported = False
         self._retry_at = 0.0
 
-    def call(self, message: dict[str, Any], timeout: float) -> dict[str, Any]:
-        """Send a request and wait for its answer.
+    def connection(self) -> Connection:
+        """The open socket (opened now if need be), whose ``extensions`` are what its
+        ``auth_success`` announced; :meth:`Connection.request` sends on it.
 
-        Raises :class:`RpcUnavailable` if nothing was sent, :class:`ConnectionLost` if the
-        socket broke or no answer came within ``timeout`` after sending (the request may
-        or may not have been carried out).
+        Raises :class:`RpcUnavailable` when there is none (nothing was sent).
         """
-        return self._connection().request(message, timeout)
-
-    def _connection(self) -> Connection:
         with self._lock:
             conn = self._conn
             if conn is not None and not conn.closed.is_set():
@@ -91,7 +88,8 @@ class RpcChannel:
             ws.shutdown()
             # wrong credentials included: REST then gives the user the proper 401 error
             raise RpcUnavailable(f"rpc handshake failed: {exc}") from exc
-        conn = Connection(ws, [], PING_INTERVAL)
+        extensions = reply.get("extensions")
+        conn = Connection(ws, [str(e) for e in extensions] if isinstance(extensions, list) else [], PING_INTERVAL)
         conn.start()
         logger.debug("rpc socket open to %s", self.url)
         return conn

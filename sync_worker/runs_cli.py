@@ -205,7 +205,7 @@ def _history_table(history: list[dict[str, Any]]) -> str:
 
 def cmd_show(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        response = client._retried(lambda: client._request("GET", f"/task_runs/{args.id}"))
+        response = client._retried(lambda: client.request("GET", f"/task_runs/{args.id}"))
         run = response.json()
         history = _history(client.read_task_run_states(run["id"]))
         parameters, why = _parameters(client, run)
@@ -261,7 +261,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
     with _client(args) as client:
         old = client.read_task_run(args.id)
-        raw = client._retried(lambda: client._request("GET", f"/task_runs/{args.id}")).json()
+        raw = client._retried(lambda: client.request("GET", f"/task_runs/{args.id}")).json()
         params_id = old.state.state_details.task_parameters_id if old.state else None
         new_params_id = None
         if params_id:

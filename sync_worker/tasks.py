@@ -12,12 +12,9 @@ import inspect
 import logging
 import os
 import sys
-import time
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
-
-import tenacity
 
 from sync_worker.exceptions import APIError, SerializationError, TaskRunCancelled, TaskRunFailed
 from sync_worker.schemas import EmpiricalPolicy, Scheduled, State, StateType, TaskRun, task_run_create
@@ -36,19 +33,6 @@ else:
 R = TypeVar("R")
 
 logger = logging.getLogger("sync_worker.tasks")
-
-#: Polling intervals of ``TaskRunFuture.wait`` (servers without the rpc socket): start
-#: fast (a no-op run completes in a few milliseconds), back off to at most this many seconds.
-POLL_INITIAL = 0.001
-POLL_MAX = 0.25
-#: On the embedded server ``wait`` is answered when the run finishes, or after this many
-#: seconds with the run as it is (the server then forgets the wait: nothing accumulates
-#: however long a caller waits); the wait goes on with a new request.
-PUSHED_WAIT_CHUNK = 30.0
-#: How long past a wait's own timeout its answer may take before the socket counts as
-#: broken (then the state is read over REST once and the wait goes on).
-PUSHED_WAIT_GRACE = 5.0
-
 
 def default_task_key(fn: Callable[..., Any]) -> str:
     """``module.qualname``: stable across processes and restarts.
@@ -188,7 +172,7 @@ class Task(Generic[P, R]):
             task_inputs=parameters,
         )
         try:
-            task_run = client.create_task_run(body)
+            task_run = client.create_task_run(body, brief=True)
         except APIError as exc:
             # refused (4xx): certainly not created, its parameters are of no use. After
             # connection errors or 5xx (ServerUnavailable) the run may exist: its
@@ -289,46 +273,15 @@ class TaskRunFuture(Generic[R]):
     def wait(self, timeout: float | None = None) -> State:
         """Block until the run is finished or ``timeout`` seconds passed; return its state.
 
-        A run waiting for a retry (``AwaitingRetry``) is not finished.
+        A run waiting for a retry (``AwaitingRetry``) is not finished. How the wait travels
+        (pushed over the embedded server's rpc socket, else polled over REST) is the
+        client's transport's business (:meth:`sync_worker.transport.SubmitTransport.wait`).
         """
-        if self._last is not None and self._finished(self._last):
-            return self.state
-        deadline = None if timeout is None else time.monotonic() + timeout
-        if self._wait_pushed(deadline):
-            return self.state
-        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-        retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_result(lambda finished: not finished),
-            wait=tenacity.wait_exponential(multiplier=POLL_INITIAL, min=POLL_INITIAL, max=POLL_MAX),
-            stop=tenacity.stop_after_delay(remaining) if remaining is not None else tenacity.stop_never,
-            retry_error_callback=lambda _state: False,
-        )
-        retrying(lambda: self._finished(self.task_run))
-        return self.state
-
-    def _wait_pushed(self, deadline: float | None) -> bool:
-        """Wait on the embedded server's rpc socket; False if it is not available (poll)."""
-        import requests
-
-        from sync_worker.rpc import RpcUnavailable
-
-        while True:
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                return self._finished(self.task_run)
-            chunk = PUSHED_WAIT_CHUNK if remaining is None else min(PUSHED_WAIT_CHUNK, remaining)
-            try:
-                result = self._client.call_rpc({"type": "wait", "task_run_id": self.task_run_id, "timeout": chunk},
-                                               "wait for task run", timeout=chunk + PUSHED_WAIT_GRACE)
-            except RpcUnavailable:
-                return False
-            except requests.ConnectionError:  # no answer in this chunk, or the socket broke
-                if self._finished(self.task_run):
-                    return True
-                continue
-            self._last = TaskRun.from_json(result)
-            if self._finished(self._last):
-                return True
+        run = self._last
+        if run is None or not self._finished(run):
+            run = self._last = self._client.transport.wait(self.task_run_id, timeout)
+        assert run.state is not None
+        return run.state
 
     def result(self, timeout: float | None = None, raise_on_failure: bool = True) -> R:
         """The task's return value.

@@ -1,42 +1,62 @@
 """How a message travels: REST, or one of the embedded server's sockets.
 
-One object per worker (:class:`Transport`) answers "how do I send this state proposal":
-over the subscription socket when the connection that is open now announced the
-``set_state`` extension in its ``auth_success`` (learned once per connection by
-:mod:`sync_worker.subscription`) and ``SYNC_WORKER_FAST_PATH`` allows it, otherwise over
-REST. Creates and waits choose the same way between the rpc socket and REST inside
-:class:`~sync_worker.client.Client` (learned once, when the rpc socket first opens).
+Two objects answer "how do I send this", each learning what the server offers once, when
+its socket opens:
+
+- :class:`SubmitTransport`, one per :class:`~sync_worker.client.Client` (``client.transport``):
+  creates and waits. Over the rpc socket (:mod:`sync_worker.rpc`) when the server serves
+  one and ``SYNC_WORKER_FAST_PATH`` allows it, else REST. A server without the endpoint (a
+  Prefect server) is asked once and remembered; a socket that could not be opened is tried
+  again after :data:`sync_worker.rpc.RETRY_AFTER_SECONDS`, REST meanwhile. What the rpc
+  socket's ``auth_success`` announced (``brief_create``) holds for that connection.
+- :class:`Transport`, one per worker: state proposals. Over the subscription socket when
+  the connection that is open now announced the ``set_state`` extension (learned once per
+  connection by :mod:`sync_worker.subscription`) and ``SYNC_WORKER_FAST_PATH`` allows it,
+  otherwise over REST.
 
 One error mapping for every path (:func:`error_for`): an answer with an error status,
 whether it came as an HTTP response, an rpc reply or a ``set_state_result`` frame,
 raises the same exception (:class:`~sync_worker.exceptions.Unauthorized` for 401/403,
 :class:`~sync_worker.exceptions.ObjectNotFound` for 404,
 :class:`~sync_worker.exceptions.APIError` otherwise, with ``status_code`` and ``detail``).
-A socket that breaks before the answer is not an error of the request: the attempt is
-made again over REST at once (the server orchestrates both identically, and a repeat of a
-proposal that did land is recognised by the engine).
+A socket that breaks (or stays silent) before the answer is not an error of the request:
+the attempt is made again over REST at once (the server carries out both identically; a
+repeated create names the same run id and is answered with the run it made, and a repeat
+of a proposal that did land is recognised by the engine).
 
-The one retry rule: the transport never retries. Each call here is **one attempt**; the
-caller that knows what a repeat means owns the only retry loop:
+The one retry rule: the transports never retry. Each call is **one attempt** (at most one
+request per way: socket, then REST); the caller that knows what a repeat means owns the
+only retry loop:
 
 - state proposals: the engine (:meth:`sync_worker.engine.TaskRunEngine._send`) repeats an
   attempt that failed intermittently (connection lost, timeout, 5xx) with exponential
   backoff and jitter for as long as the worker keeps its lease (``keep_trying``);
-- creates: :meth:`Client.create_task_run` for ``SYNC_WORKER_SUBMIT_TIMEOUT`` seconds;
-- reads, deletes and record writes: the client's bounded retry of idempotent calls.
+- creates: :meth:`Client.create_task_run` repeats connection errors, 429 and 5xx with
+  exponential backoff and jitter for ``SYNC_WORKER_SUBMIT_TIMEOUT`` seconds, then raises
+  :class:`~sync_worker.exceptions.ServerUnavailable`;
+- reads, deletes and record writes: the client's bounded retry of idempotent calls. A
+  wait is a sequence of reads: :meth:`SubmitTransport.wait` waits in chunks (pushed over
+  the socket, else polled over REST), each read being one such call.
 """
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any, Optional
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Dict, Optional
+
+import tenacity
 
 from sync_worker.exceptions import APIError, ObjectNotFound, Unauthorized
+from sync_worker.schemas import TaskRun
 
 if TYPE_CHECKING:
     import requests
 
     from sync_worker.client import Client
+    from sync_worker.rpc import RpcChannel
     from sync_worker.schemas import OrchestrationResult, State
+    from sync_worker.sockets import Connection
 
 logger = logging.getLogger("sync_worker.transport")
 
@@ -54,6 +74,157 @@ def error_for(what: str, status: int, detail: Any, response: Optional[requests.R
     if status == 404:
         return ObjectNotFound(message, status_code=status, detail=detail, response=response)
     return APIError(message, status_code=status, detail=detail, response=response)
+
+
+#: The rpc extension of a create answered ``{"id", "state"}`` instead of the whole run.
+BRIEF_CREATE = "brief_create"
+#: Polling of a wait where no rpc socket is offered (a Prefect server, or
+#: ``SYNC_WORKER_FAST_PATH=false``): start fast (a no-op run completes in a few
+#: milliseconds), back off to at most ``POLL_MAX`` seconds between reads.
+POLL_INITIAL = 0.001
+POLL_MAX = 0.25
+#: A pushed wait is answered when the run finishes, or after this many seconds with the
+#: run as it is (the server then forgets it: nothing accumulates however long a caller
+#: waits); the wait goes on with a new request.
+PUSHED_WAIT_CHUNK = 30.0
+#: How long past a pushed wait's own timeout its answer may take before the socket counts
+#: as silent (then the run is read over REST once and the wait goes on).
+PUSHED_WAIT_GRACE = 5.0
+
+_UNSET: Any = object()
+
+
+class SubmitTransport:
+    """Sends a client's creates and waits: the rpc socket when the server offers it, else REST.
+
+    Args:
+        client: the client that owns it; its settings (``SYNC_WORKER_FAST_PATH``), its
+            timeout and its REST requests are the ones used.
+    """
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self._channel = _UNSET
+        self._lock = threading.Lock()
+
+    @property
+    def channel(self) -> Optional[RpcChannel]:
+        """The rpc socket (made on first use, by one thread: one socket per client); None
+        when the client's settings refuse the embedded server's extensions."""
+        if self._channel is _UNSET:
+            with self._lock:
+                if self._channel is _UNSET:
+                    from sync_worker.rpc import RpcChannel
+
+                    self._channel = RpcChannel(self.client) if self.client.settings.fast_path else None
+        return self._channel
+
+    def _connection(self) -> Optional[Connection]:
+        """The open rpc connection, or None: this attempt goes over REST."""
+        channel = self.channel
+        if channel is None:
+            return None
+        from sync_worker.rpc import RpcUnavailable
+
+        try:
+            return channel.connection()
+        except RpcUnavailable as exc:
+            logger.debug("no rpc socket (%s): using REST", exc)
+            return None
+
+    def _rpc(self, conn: Connection, message: Dict[str, Any], what: str, timeout: float) -> Any:
+        """The ``result`` of one rpc request; error answers raise :func:`error_for`'s
+        exceptions, a socket that breaks or stays silent ``ConnectionLost``."""
+        reply = conn.request(message, timeout)
+        status = int(reply.get("status_code") or 500)
+        if status >= 400:
+            raise error_for(what, status, reply.get("detail"))
+        return reply.get("result")
+
+    def create(self, body: Dict[str, Any], *, brief: bool = False) -> TaskRun:
+        """One attempt at creating the run ``body`` describes (it carries the run's ``id``).
+
+        ``brief``: the caller needs the run's id and state only; a connection that
+        announced ``brief_create`` then answers ``{"id", "state"}`` (the state's type,
+        name and timestamp), and the run returned is ``body`` with that id and state (the
+        state details of the proposed state kept when the server's state is that one;
+        ``created`` and the other fields only the server makes are None). A brief answer
+        whose run is finished already (a repeated create of a run that ran meanwhile) is
+        followed by one read of the whole run: its final state carries the result.
+        REST creates keep the whole answer: REST carries creates only while the rpc
+        socket is unavailable (or switched off with every other extension), so a shorter
+        answer there would save nothing measurable.
+        """
+        conn = self._connection()
+        if conn is not None:
+            brief = brief and BRIEF_CREATE in conn.extensions
+            message = {"type": "create", "body": body, "brief": True} if brief else {"type": "create", "body": body}
+            from sync_worker.sockets import ConnectionLost
+
+            try:
+                result = self._rpc(conn, message, "POST /task_runs/", self.client.timeout)
+            except ConnectionLost as exc:
+                logger.debug("create over the rpc socket got no answer (%s); over REST", exc)
+            else:
+                return self._brief_run(body, result) if brief else TaskRun.from_json(result)
+        return TaskRun.from_json(self.client.request("POST", "/task_runs/", json_body=body).json())
+
+    def _brief_run(self, body: Dict[str, Any], result: Dict[str, Any]) -> TaskRun:
+        state, proposed = result.get("state") or {}, body.get("state") or {}
+        if state.get("type") == proposed.get("type") and state.get("name") == proposed.get("name"):
+            state = {**proposed, **state}  # the state we proposed, as the server stamped it
+        run = TaskRun.from_json({**body, **result, "state": state})
+        if run.state is not None and run.state.is_terminal():
+            return TaskRun.from_json(self.client.request("GET", f"/task_runs/{run.id}").json())
+        return run
+
+    def wait(self, task_run_id: str, timeout: Optional[float] = None) -> TaskRun:
+        """The run once it is finished, or as it is after ``timeout`` seconds (None: no limit).
+
+        Pushed over the rpc socket in chunks of at most :data:`PUSHED_WAIT_CHUNK` s (each
+        answered when the run finishes or the chunk ends; nothing stays registered on the
+        server); a chunk whose answer does not come (socket broken or silent) is followed
+        by one read over REST at once. Without the socket, polled over REST.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        run: Optional[TaskRun] = None
+        while True:
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return run if run is not None else self.client.read_task_run(task_run_id)
+            conn = self._connection()
+            if conn is None:
+                return self._poll(task_run_id, remaining)
+            chunk = PUSHED_WAIT_CHUNK if remaining is None else min(PUSHED_WAIT_CHUNK, remaining)
+            from sync_worker.sockets import ConnectionLost
+
+            try:
+                run = TaskRun.from_json(self._rpc(conn, {"type": "wait", "task_run_id": task_run_id, "timeout": chunk},
+                                                  "wait for task run", chunk + PUSHED_WAIT_GRACE))
+            except ConnectionLost as exc:
+                logger.debug("wait over the rpc socket got no answer (%s); reading the run over REST", exc)
+                run = self.client.read_task_run(task_run_id)
+            if _finished(run):
+                return run
+
+    def _poll(self, task_run_id: str, timeout: Optional[float]) -> TaskRun:
+        """Read the run over REST until it is finished or ``timeout`` seconds passed."""
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_result(lambda run: not _finished(run)),
+            wait=tenacity.wait_exponential(multiplier=POLL_INITIAL, min=POLL_INITIAL, max=POLL_MAX),
+            stop=tenacity.stop_after_delay(timeout) if timeout is not None else tenacity.stop_never,
+            retry_error_callback=lambda retry_state: retry_state.outcome.result(),
+        )
+        return retrying(self.client.read_task_run, task_run_id)
+
+    def close(self) -> None:
+        """Close the rpc socket, if one was opened."""
+        if self._channel not in (_UNSET, None):
+            self._channel.close()
+
+
+def _finished(run: TaskRun) -> bool:
+    return run.state is not None and run.state.is_terminal()
 
 
 class Transport:
@@ -104,4 +275,4 @@ class Transport:
         return sub is not None and sub.hand_back(task_run_id)
 
 
-__all__ = ["Transport", "error_for"]
+__all__ = ["SubmitTransport", "Transport", "error_for"]

@@ -199,9 +199,9 @@ def test_a_failed_rpc_handshake_is_not_retried_right_away(monkeypatch):
         from sync_worker.rpc import RpcUnavailable
 
         with pytest.raises(RpcUnavailable):
-            client.rpc.call({"type": "create"}, 1)
+            client.rpc.connection()
         with pytest.raises(RpcUnavailable, match="failed recently"):
-            client.rpc.call({"type": "create"}, 1)
+            client.rpc.connection()
         assert stub.requests == 1
     finally:
         stub.close()

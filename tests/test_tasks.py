@@ -11,6 +11,7 @@ from sync_worker.exceptions import SerializationError, TaskRunFailed
 from sync_worker.schemas import Completed, Failed, Pending, Running, StateType
 from sync_worker.storage import LocalDirectoryStore, read_parameters, write_exception, write_result
 from sync_worker.tasks import Task, task
+from sync_worker.transport import SubmitTransport
 
 
 @task(retries=2, retry_delay_seconds=[1, 5], tags=["b", "a"])
@@ -99,10 +100,10 @@ def test_an_unreachable_server_raises_server_unavailable_and_keeps_the_parameter
 def test_a_refused_create_removes_the_parameters(server, store, monkeypatch):
     from sync_worker.exceptions import APIError
 
-    def refused(self, body):  # the server answers 422: certainly not created
+    def refused(self, body, brief=False):  # the server answers 422: certainly not created
         raise APIError("POST /task_runs/ failed with 422", status_code=422)
 
-    monkeypatch.setattr(Client, "_create_once", refused)
+    monkeypatch.setattr(SubmitTransport, "create", refused)
     with pytest.raises(APIError):
         add.apply_async((1,), client=Client(server.url), store=store)
     assert store.path.exists() and not [p for p in store.path.rglob("*") if p.is_file()]

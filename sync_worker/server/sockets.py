@@ -260,7 +260,10 @@ class WebSocket(simple_websocket.Server):
         try:
             if not self.connected:
                 return False
-            frame = self.ws.send(Ping())
+            try:
+                frame = self.ws.send(Ping())
+            except LocalProtocolError:  # our close frame is out (e.g. message too big): no ping
+                return False
             try:
                 sent = self.sock.send(frame, socket.MSG_DONTWAIT)
             except BlockingIOError:

@@ -54,7 +54,10 @@ def test_500_runs_complete_with_correct_results(state_path, start_worker, monkey
     elapsed = time.monotonic() - started
     assert results == [i + 1000 for i in range(500)]
     assert all(f.state.type is StateType.COMPLETED for f in futures)
-    assert _sample("sync_worker_task_runs_completed_total", task_key="tests.add") - completed_before == 500
+    # counted by the worker's thread after the server's answer, which may come after the
+    # waiting future saw the final state: wait for the count, do not race it
+    wait_for(lambda: _sample("sync_worker_task_runs_completed_total", task_key="tests.add") - completed_before == 500,
+             message="500 runs counted completed")
     if state_path == "fast_path":
         assert rest.count == 0  # every state went over the socket
     else:
@@ -84,7 +87,10 @@ def test_retries_exhausted_fail_and_result_raises(state_path, start_worker, tmp_
     assert info.value.exception_type == "RuntimeError"
     assert future.state.type is StateType.FAILED
     assert len(attempts.read_text().splitlines()) == 3  # 1 + retries=2
-    assert _sample("sync_worker_task_runs_retried_total", task_key="tests.always_fails") - retried_before == 2
+    # the second retry is counted after the server's AwaitingRetry answer, which may come after
+    # the third attempt (another worker thread) already failed for good
+    wait_for(lambda: _sample("sync_worker_task_runs_retried_total", task_key="tests.always_fails") - retried_before == 2,
+             message="2 retries counted")
 
 
 def test_timeout_marks_the_run_timed_out(state_path, start_worker):

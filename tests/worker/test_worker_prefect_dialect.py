@@ -25,7 +25,7 @@ def test_prefect_compatible_server_announces_nothing_and_has_no_rpc(prefect_like
 
     client = Client()
     with pytest.raises(RpcUnavailable):
-        client.call_rpc({"type": "wait", "task_run_id": "x"}, "wait")
+        client.rpc.connection()
     assert client.rpc._unsupported  # asked once, remembered
 
 

@@ -54,7 +54,7 @@ def test_a_transport_makes_one_attempt(api_env, monkeypatch):
         calls.append(path)
         raise requests.ConnectionError("refused")
 
-    monkeypatch.setattr(Client, "_request", refuse)
+    monkeypatch.setattr(Client, "request", refuse)
     with pytest.raises(requests.ConnectionError):
         Transport(Client()).set_state(MISSING, Running())
     assert len(calls) == 1
