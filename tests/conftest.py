@@ -7,6 +7,7 @@
 """
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -39,4 +40,13 @@ def server(server_factory: Callable[..., Any]) -> Any:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    """Run with Ctrl-C as a terminal gives it, whatever started the suite.
+
+    A non-interactive shell starts background commands (``cmd &``) with SIGINT ignored, and
+    an ignored signal stays ignored across exec: the worker processes the Ctrl-C tests spawn
+    would never see their SIGINT (Python installs no KeyboardInterrupt handler then). The
+    worker itself keeps respecting an ignored SIGINT; only the suite resets it.
+    """
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     config.addinivalue_line("markers", "slow: takes more than a minute (deselect with -m 'not slow')")
