@@ -741,8 +741,12 @@ class TaskWorker:
             transport = self._transport or Transport(self._client, self._subscription)
             if dialect is None:  # execute_task_run: the connection's, if there is one
                 subscription = self._subscription
-                dialect = subscription.dialect if subscription is not None and subscription.dialect else \
-                    self._dialect_for([])
+                if subscription is not None and subscription.dialect:
+                    dialect = subscription.dialect
+                elif self.started:
+                    dialect = self._dialect_for([])
+                else:  # a worker never started: no event thread (nothing would ever stop it)
+                    dialect = choose_dialect([], fast_path=bool(self.settings.fast_path))
             outcome = run_task_run(
                 task, task_run, client=self._client, store=self._store, settings=self.settings,
                 subscription=self._subscription, dialect=dialect, transport=transport, on_executed=release_slot,

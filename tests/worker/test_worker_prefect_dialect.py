@@ -176,3 +176,23 @@ def test_a_read_back_the_server_does_not_answer_is_tried_again(prefect_like, sta
     future = wt.add.delay(20, 22)
     assert future.result(timeout=30) == 42
     assert len(reads) == 2 and worker._prefect.events.fallbacks == 1
+
+
+def test_execute_task_run_on_a_worker_never_started_leaves_no_thread_behind(prefect_like):
+    """``execute_task_run`` without ``start()``: the run's states are proposed from the
+    calling thread. Before, the worker's event thread was started for it and, the worker
+    never being stopped, kept reading the run back (and warning) after its server was gone."""
+    import threading
+
+    from sync_worker.worker import TaskWorker
+
+    before = {t for t in threading.enumerate() if t.name == "sync-worker-prefect-events"}
+    future = wt.add.delay(20, 22)  # nobody serves it
+    worker = TaskWorker(wt.add, limit=1)
+    outcome = worker.execute_task_run(Client().read_task_run(future.task_run_id))
+    assert outcome.value == "completed"
+    assert future.result(timeout=10) == 42
+    history = [s["type"] for s in Client().read_task_run_states(future.task_run_id)]
+    assert history[-3:] == ["PENDING", "RUNNING", "COMPLETED"]
+    after = {t for t in threading.enumerate() if t.name == "sync-worker-prefect-events"}
+    assert after <= before
