@@ -23,6 +23,7 @@ from typing import Any
 import websocket
 
 from sync_worker.exceptions import CredentialsError, SyncWorkerError
+from sync_worker.framing import text_frame
 from sync_worker.schemas import TaskRun
 
 logger = logging.getLogger("sync_worker.sockets")
@@ -97,25 +98,6 @@ class MaskKeys:
             key = self._block[self._offset:self._offset + length]
             self._offset += length
         return key
-
-
-def text_frame(payload: bytes, mask_key: bytes) -> bytes:
-    """A client's final text frame (RFC 6455 5.2): header, ``mask_key`` and the payload
-    masked with it. The same bytes as websocket-client's ``ABNF.create_frame(...).format()``
-    (tested), without its per-frame object, checks and ``array`` copies."""
-    length = len(payload)
-    if length < 126:
-        header = bytes((0x81, 0x80 | length))
-    elif length < 65536:
-        header = struct.pack("!BBH", 0x81, 0xFE, length)
-    else:
-        header = struct.pack("!BBQ", 0x81, 0xFF, length)
-    if not length:
-        return header + mask_key
-    # XOR of the payload with the key repeated, as two big integers: one C loop each way
-    key = (mask_key * (length // 4 + 1))[:length]
-    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(length, "big")
-    return header + mask_key + masked
 
 
 class Connection:

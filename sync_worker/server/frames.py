@@ -22,31 +22,14 @@ from __future__ import annotations
 
 from wsproto.events import Ping, Pong
 
+from sync_worker.framing import mask as unmask
+
 __all__ = ["FrameReader", "unmask"]
 
 _TEXT = 0x81  # FIN + text, no reserved bit
 _BINARY = 0x82
 _PING = 0x89
 _PONG = 0x8A
-
-
-def unmask(payload: bytes | bytearray, key: bytes | bytearray) -> bytes:
-    """``payload`` XOR the repeated 4-byte ``key`` (RFC 6455 5.3) at C speed: one big-integer
-    XOR for short payloads, four ``translate`` calls over strided slices for long ones
-    (faster past a few hundred bytes)."""
-    n = len(payload)
-    if not n:
-        return b""
-    if n <= 256:
-        repeated = (bytes(key) * ((n + 3) >> 2))[:n]
-        return (int.from_bytes(payload, "little") ^ int.from_bytes(repeated, "little")).to_bytes(n, "little")
-    data = bytearray(payload)
-    for i in range(4):
-        data[i::4] = data[i::4].translate(_XOR_TABLES[key[i]])
-    return bytes(data)
-
-
-_XOR_TABLES = [bytes(b ^ k for b in range(256)) for k in range(256)]
 
 
 class FrameReader:

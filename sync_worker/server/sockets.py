@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import socket
-import struct
 import threading
 import time
 from collections import deque
@@ -24,6 +23,8 @@ from simple_websocket.errors import ConnectionClosed
 from wsproto.connection import ConnectionState
 from wsproto.events import Ping, Pong, TextMessage
 from wsproto.utilities import LocalProtocolError
+
+from sync_worker import framing
 
 from . import validation
 from .core import Core
@@ -109,16 +110,10 @@ RECEIVE_BYTES = 65536
 
 def text_frame(data: str) -> bytes:
     """One unfragmented, unmasked text frame, as wsproto builds it for a server without
-    extensions (the same bytes; tested), built directly: wsproto goes through an event
-    object, a state check, bytearray copies and an extension loop for every frame, and the
-    server sends one or more frames for every run."""
-    payload = data.encode("utf-8")
-    n = len(payload)
-    if n < 126:
-        return bytes((0x81, n)) + payload
-    if n < 65536:
-        return struct.pack("!BBH", 0x81, 126, n) + payload
-    return struct.pack("!BBQ", 0x81, 127, n) + payload
+    extensions (the same bytes; tested), built directly (:func:`sync_worker.framing.text_frame`):
+    wsproto goes through an event object, a state check, bytearray copies and an extension
+    loop for every frame, and the server sends one or more frames for every run."""
+    return framing.text_frame(data.encode("utf-8"))
 
 
 class WebSocket(simple_websocket.Server):
