@@ -11,8 +11,10 @@ the ``/status`` JSON), without asyncio. Per worker:
   holds no run it cannot start; under Prefect's one-run-per-ack protocol a full worker
   holds the next run, unacknowledged, until a slot frees. The open connection is the
   lease of the runs in flight on the embedded server: it stays open until they are done.
-- an **executor** of at most ``limit`` daemon threads runs each run through the engine
-  (:mod:`sync_worker.engine`); :class:`Slots` is the one count of what executes.
+- an **executor** of daemon threads runs each run through the engine
+  (:mod:`sync_worker.engine`); :class:`Slots` is the one count of what executes (at most
+  ``limit`` runs at once). Up to ``2 * limit`` threads, made when needed: a thread whose run
+  gave its slot back may still be reporting that run's final state.
 
 On a server that offers ``claim_at_delivery`` (the embedded server) the runs arrive already
 RUNNING and leased, and the subscription's reader thread hands each one straight to the
@@ -605,7 +607,10 @@ class TaskWorker:
         retry timers."""
         subscription = self._subscription
         fast_path = subscription.fast_path if subscription is not None else self.settings.fast_path
-        return choose_dialect(extensions, fast_path=bool(fast_path), reporting=self._prefect)
+        # only a running worker's: a worker never started (execute_task_run) has nobody to
+        # stop its event thread, so its runs propose every state from the calling thread
+        reporting = self._prefect if self.started else None
+        return choose_dialect(extensions, fast_path=bool(fast_path), reporting=reporting)
 
     def _serve_subscription(self) -> None:
         subscription = self._subscription
@@ -741,12 +746,8 @@ class TaskWorker:
             transport = self._transport or Transport(self._client, self._subscription)
             if dialect is None:  # execute_task_run: the connection's, if there is one
                 subscription = self._subscription
-                if subscription is not None and subscription.dialect:
-                    dialect = subscription.dialect
-                elif self.started:
-                    dialect = self._dialect_for([])
-                else:  # a worker never started: no event thread (nothing would ever stop it)
-                    dialect = choose_dialect([], fast_path=bool(self.settings.fast_path))
+                dialect = subscription.dialect if subscription is not None and subscription.dialect else \
+                    self._dialect_for([])
             outcome = run_task_run(
                 task, task_run, client=self._client, store=self._store, settings=self.settings,
                 subscription=self._subscription, dialect=dialect, transport=transport, on_executed=release_slot,
