@@ -15,7 +15,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .database import QSTATE_NONE, Database, RunRow, Transaction, dumps
+from .database import QSTATE_NONE, Database, RunRow, Transaction
+from .database import dumps as _dumps
 from .models import TERMINAL, ValidationError, build_task_run, validate_state
 from .orchestration import orchestrate, orchestrate_prefect
 from .retention import delete_parameters_when_completed
@@ -30,9 +31,6 @@ class NotFound(LookupError):
 
 class Conflict(ValueError):
     """A task run with this id already exists."""
-
-
-_dumps = dumps
 
 
 class Core:

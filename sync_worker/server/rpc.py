@@ -34,11 +34,11 @@ import threading
 import time
 from typing import Any
 
+from simple_websocket.errors import ConnectionClosed
+
 from .core import Conflict, Core, NotFound
 from .database import DatabaseClosed, StorageError
 from .models import ValidationError
-from simple_websocket.errors import ConnectionClosed
-
 from .sockets import (
     PREFECT_VIOLATION,
     Close,
@@ -178,10 +178,7 @@ class RpcChannel:
                 self._reply("create_result", request_id, 500, detail=f"Internal error: {type(error).__name__}")
 
         try:
-            if brief:
-                self.core.create_task_run_async(body, done, brief=True)
-            else:
-                self.core.create_task_run_async(body, done)
+            self.core.create_task_run_async(body, done, brief=brief)
         except ValidationError as exc:
             self._reply("create_result", request_id, 422, detail=exc.detail)
         except DatabaseClosed as exc:
