@@ -21,6 +21,8 @@ What stays the same whichever backend runs:
   whatever orjson refuses (``NaN``, a BOM, bad UTF-8, lone surrogate escapes, nesting past
   its limit) is parsed again by the stdlib, which answers as it always did; text with a run
   of 19 or more digits (an integer orjson would turn into a float) goes to the stdlib first.
+  One difference: orjson reads nesting somewhat deeper than the stdlib's recursion limit lets
+  it (the server refuses more than 64 levels on both paths).
 """
 from __future__ import annotations
 
