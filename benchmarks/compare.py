@@ -157,7 +157,7 @@ def percentile(values: list[float], q: float) -> float:
 # ----------------------------------------------------------------------------- availability
 def missing(system: str) -> str | None:
     """Why a system cannot run here (None when it can)."""
-    if system.split("*")[0].split("@")[0] == "sync_worker":
+    if system.split("*")[0].split("@")[0] == "sync_worker" or system == STDLIB_SYSTEM:
         return None
     absent = [name for name in NEEDS[system] if importlib.util.find_spec(name) is None]
     if absent:
