@@ -52,6 +52,8 @@ UTC = timezone.utc  # noqa: UP017 - datetime.UTC needs Python 3.11
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # a \uD800-\uDFFF escape: only then can json.loads produce a lone surrogate
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+#: the canonical spelling of a UUID, which ``str(uuid.UUID(value))`` gives back unchanged
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}").fullmatch
 _FRACTION = re.compile(r"(T\d\d:\d\d:\d\d\.)(\d{1,5})(?!\d)")
 
 
@@ -211,6 +213,8 @@ def check_uuid(value: Any, loc: list[Any]) -> str:
         raise _error(loc, "Input should be a valid UUID string", "uuid_type", value)
     if len(value) > 45:
         raise _error(loc, "Input should be a valid UUID (at most 45 characters)", "uuid_parsing")
+    if _CANONICAL_UUID(value) is not None:  # already canonical (every id our clients send)
+        return value
     try:
         return str(uuid.UUID(value))
     except ValueError:
