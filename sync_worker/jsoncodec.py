@@ -11,8 +11,10 @@ What stays the same whichever backend runs:
 
 - :func:`dumps` gives compact text (``separators=(",", ":")``) that parses back to the same
   values. Values orjson cannot encode exactly go to the stdlib encoder instead: integers
-  beyond 64 bits, non-string keys, subclasses orjson refuses (a ``float`` subclass), lone
-  surrogates. The text may differ from the stdlib's: orjson writes non-ASCII characters as
+  beyond 64 bits, non-string keys, subclasses (a ``float`` subclass such as
+  ``validation.Instant``, a ``str`` enum), datetimes, dataclasses, lone surrogates. Two kinds
+  of value the stdlib refuses are written by orjson: ``uuid.UUID`` (as its text) and a plain
+  ``Enum`` (as its value); nothing here sends either. The text may differ from the stdlib's: orjson writes non-ASCII characters as
   UTF-8 (the stdlib writes ``\\u00e9``), ``1e16`` for ``1e+16``, and a non-finite float as
   ``null`` (the stdlib writes ``NaN``). Nothing here sends a non-finite float: the server
   refuses them on input (:mod:`sync_worker.server.validation`), and user results do not go
@@ -81,10 +83,15 @@ if _orjson is not None:
     _decode = _orjson.loads
     _OrjsonDecodeError = _orjson.JSONDecodeError
 
+    # datetimes, dataclasses and subclasses of str/int/dict/list are the stdlib's to encode
+    # (or refuse) as it always did; orjson would write them its own way
+    _OPTIONS = (_orjson.OPT_PASSTHROUGH_DATETIME | _orjson.OPT_PASSTHROUGH_DATACLASS
+                | _orjson.OPT_PASSTHROUGH_SUBCLASS)
+
     def dumps(value: Any) -> str:
         """Compact JSON text of ``value`` (see the module docstring)."""
         try:
-            return _encode(value).decode("utf-8")
+            return _encode(value, option=_OPTIONS).decode("utf-8")
         except TypeError:  # orjson.JSONEncodeError too: big ints, non-str keys, subclasses, surrogates
             return stdlib_dumps(value)
 

@@ -3,6 +3,7 @@ parser on top of it: the same values and the same refusals, word for word, on bo
 and the whole system on the stdlib path (SYNC_WORKER_JSON=stdlib) end to end."""
 from __future__ import annotations
 
+import enum
 import json
 import math
 import os
@@ -10,6 +11,8 @@ import random
 import subprocess
 import sys
 import time
+from collections import OrderedDict
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -31,6 +34,14 @@ class Sub(float):
     pass
 
 
+class StrSub(str):
+    pass
+
+
+class StrEnum(str, enum.Enum):
+    A = "a"
+
+
 VALUES = [
     RUN,
     {"type": "set_state", "request_id": "r1", "state": make_state("RUNNING", "id", time.time()), "force": False},
@@ -39,6 +50,7 @@ VALUES = [
     [2**64, -(2**63) - 1, 10**40],  # integers orjson cannot write: the stdlib does
     {1: "int key", None: "none key"},  # keys orjson refuses: the stdlib converts them
     [Sub(2.5)],  # a float subclass (validation.Instant is one)
+    [StrEnum.A, StrSub("s")], OrderedDict(b=1, a=2),  # other subclasses: the stdlib's way
     ["lone \ud800 surrogate"],  # orjson refuses it, the stdlib escapes it
     [[[[[[[[[[]]]]]]]]]], {}, [], "", "x",
 ]
@@ -54,6 +66,14 @@ def test_dumps_is_compact_and_reads_back_as_the_same_value(value):
     assert ", " not in text.replace('", "', "") and ": " not in text.replace('": "', "")
 
 
+@pytest.mark.parametrize("value", [
+    [2**64, -(2**63) - 1], {1: "int key", None: "none key"}, [Sub(2.5)], [StrEnum.A, StrSub("s")],
+    OrderedDict(b=1, a=2), ["lone \ud800 surrogate"],
+], ids=["big-int", "key", "float-sub", "str-sub", "dict-sub", "surrogate"])
+def test_what_orjson_would_write_differently_is_the_stdlib_text(value):
+    assert jsoncodec.dumps(value) == json.dumps(value, separators=(",", ":"))
+
+
 def test_dumps_of_an_ascii_run_is_the_stdlib_text():
     """A run (ids, timestamps, keys in ASCII) is the same text on both paths: stored runs and
     answers do not change with the backend."""
@@ -64,6 +84,8 @@ def test_dumps_of_an_ascii_run_is_the_stdlib_text():
 def test_dumps_refuses_what_json_refuses():
     with pytest.raises(TypeError, match="not JSON serializable"):
         jsoncodec.dumps({"a": {1, 2}})
+    with pytest.raises(TypeError, match="not JSON serializable"):  # orjson would write it
+        jsoncodec.dumps({"at": datetime.now(timezone.utc)})
     with pytest.raises(TypeError, match="not JSON serializable"):
         jsoncodec.stdlib_dumps(object())
 
