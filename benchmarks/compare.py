@@ -61,6 +61,8 @@ REPO = HERE.parent
 SYSTEMS = ("sync_worker", "dramatiq", "celery", "rq", "huey")
 NEEDS = {"dramatiq": ("dramatiq", "redis"), "celery": ("celery", "redis"), "rq": ("rq", "redis"), "huey": ("huey",)}
 REDIS_SYSTEMS = ("dramatiq", "celery", "rq")
+#: ``--stdlib-json``: this tree with SYNC_WORKER_JSON=stdlib everywhere (no orjson, the pure path)
+STDLIB_SYSTEM = "sync_worker(stdlib)"
 INSTALL_HINT = ("python3 -m pip install 'dramatiq[redis]' 'celery[redis]' rq huey redis"
                 " (and for the Redis peers: apt-get install -y redis-server)")
 CASES = ("drain", "waited", "short", "latency")
@@ -155,7 +157,7 @@ def percentile(values: list[float], q: float) -> float:
 # ----------------------------------------------------------------------------- availability
 def missing(system: str) -> str | None:
     """Why a system cannot run here (None when it can)."""
-    if system.split("*")[0].split("@")[0] == "sync_worker":
+    if system.split("*")[0].split("@")[0] == "sync_worker" or system == STDLIB_SYSTEM:
         return None
     absent = [name for name in NEEDS[system] if importlib.util.find_spec(name) is None]
     if absent:
@@ -173,16 +175,20 @@ class Trial:
         self.system = system
         self.kind = "sync_worker" if system.startswith("sync_worker") else system
         self.args = args
-        self.tmp = tempfile.mkdtemp(prefix=f"compare-{system}-")
+        self.tmp = tempfile.mkdtemp(prefix=f"compare-{system.replace('(', '-').replace(')', '')}-",
+                                    dir=args.tmp_root or None)
         self.done_file = os.path.join(self.tmp, "done")
         self.server: subprocess.Popen | None = None  # server or broker
         self.worker: subprocess.Popen | None = None
         self.workers: list[subprocess.Popen] = []  # sync_worker*K: K worker processes
         self.worker_count = int(system.split("*")[1]) if "*" in system else 1
+        stdlib = system == STDLIB_SYSTEM
         self.src = Path(args.src).resolve()
         self.env = dict(os.environ, COMPARE_SYSTEM=self.kind, COMPARE_DONE_FILE=self.done_file,
                         COMPARE_HUEY_DB=os.path.join(self.tmp, "huey.db"), PYTHONUNBUFFERED="1",
                         PYTHONPATH=os.pathsep.join([str(self.src), str(HERE)]))
+        if stdlib:  # server, worker and the submitting trial process: JSON without orjson
+            self.env["SYNC_WORKER_JSON"] = "stdlib"
         self.procs: list[subprocess.Popen] = []
         self.logs: list[Path] = []
 
@@ -405,7 +411,7 @@ def _port_open(port: int) -> bool:
 def run_trial(system: str, args: argparse.Namespace) -> dict:
     """A trial in a fresh interpreter (its own imports, GIL and CPU accounting)."""
     src = args.baseline_src if system == "sync_worker@base" else str(REPO)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--_trial", system, "--src", src,
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--_trial", system, "--src", src, "--tmp-root", args.tmp_root,
            "--runs", str(args.runs), "--short-runs", str(args.short_runs), "--samples", str(args.samples),
            "--threads", str(args.threads), "--limit", str(args.limit), "--timeout", str(args.timeout),
            "--cases", ",".join(args.cases)]
@@ -482,6 +488,7 @@ def summarize(results: list[dict], systems: list[str], args: argparse.Namespace)
 LABELS = {
     "sync_worker": "sync_worker (SQLite, durable)",
     "sync_worker@base": "sync_worker, baseline tree",
+    STDLIB_SYSTEM: "sync_worker, stdlib JSON (SYNC_WORKER_JSON=stdlib: no orjson)",
     "dramatiq": "Dramatiq {dramatiq} (Redis, not durable)",
     "celery": "Celery {celery}, threads (Redis, not durable)",
     "rq": "RQ {rq}, SimpleWorker, 1 job at a time (Redis, not durable)",
@@ -579,6 +586,8 @@ def outer(args: argparse.Namespace) -> int:
         if not (Path(args.baseline_src) / "sync_worker" / "__init__.py").exists():
             raise SystemExit(f"error: --baseline-src {args.baseline_src} has no sync_worker/ package")
         systems.insert(1, "sync_worker@base")
+    if args.stdlib_json and "sync_worker" in systems:
+        systems.insert(systems.index("sync_worker") + 1, STDLIB_SYSTEM)
     runnable = []
     skipped: dict[str, str] = {}
     for system in systems:
@@ -643,10 +652,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "1,2,4 adds the systems sync_worker*2 and sync_worker*4 (each worker --limit LIMIT)")
     parser.add_argument("--baseline-src", default="", help="a source tree of sync_worker to measure too "
                         "(e.g. `git archive main | tar -x -C /tmp/base`), as system sync_worker@base")
+    parser.add_argument("--stdlib-json", action="store_true", help=f"also measure this tree with SYNC_WORKER_JSON=stdlib "
+                        f"in every process (the path without orjson), as system {STDLIB_SYSTEM}")
     parser.add_argument("--timeout", type=float, default=300, help="bound in seconds of each case (default 300)")
     parser.add_argument("--json", default="", help="also write every trial and the summary to this file")
     parser.add_argument("--_trial", help=argparse.SUPPRESS)
     parser.add_argument("--src", default=str(REPO), help=argparse.SUPPRESS)
+    parser.add_argument("--tmp-root", default="", help=argparse.SUPPRESS)  # the invocation's temporary directory
     return parser
 
 
@@ -664,7 +676,13 @@ def main(argv: list[str] | None = None) -> int:
     if args._trial:
         print(json.dumps(Trial(args._trial, args).run()), flush=True)
         return 0
-    return outer(args)
+    # every trial's files (databases, logs, Redis dirs) under one directory, removed at the end
+    # even when a trial was killed before it could clean up after itself
+    args.tmp_root = tempfile.mkdtemp(prefix="sync-worker-compare-")
+    try:
+        return outer(args)
+    finally:
+        shutil.rmtree(args.tmp_root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ Measured per variant:
 Variants: ``fast`` (the embedded server's extensions: runs created and awaited over its
 rpc socket, delivery with credit flow control, states over the subscription socket) and
 ``rest`` (Prefect's protocol only: every create and state change an HTTP round trip,
-results polled, one run per ack — what a Prefect server gets),
+results polled, one run per ack — what a Prefect server gets), and ``stdlib`` (``fast`` with
+``SYNC_WORKER_JSON=stdlib`` in the server, the worker and this process's submitting side: the
+path without orjson, see ``sync_worker/jsoncodec.py``),
 run one after the other in the same invocation so their ratio is meaningful on a noisy
 machine. The comparison with Dramatiq, Celery, RQ and Huey (interleaved rounds, medians,
 ranges, CPU per process) is ``benchmarks/compare.py``.
@@ -128,7 +130,23 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
+#: SYNC_WORKER_JSON as this script was started with (the "stdlib" variant overrides it)
+_JSON_SETTING = os.environ.get("SYNC_WORKER_JSON")
+
+
 def run_variant(name: str, fast_path: bool, runs: int, limit: int, submitters: int, samples: int) -> dict:
+    import importlib
+
+    from sync_worker import jsoncodec
+
+    # "stdlib": the server and worker inherit the variable; this process's sockets look
+    # jsoncodec.dumps/loads up at each call, so reloading the module switches them too
+    setting = "stdlib" if name == "stdlib" else _JSON_SETTING
+    if setting is None:
+        os.environ.pop("SYNC_WORKER_JSON", None)
+    else:
+        os.environ["SYNC_WORKER_JSON"] = setting
+    importlib.reload(jsoncodec)
     from sync_worker.client import Client
     from sync_worker.storage import LocalDirectoryStore
 
@@ -192,7 +210,7 @@ def run_variant(name: str, fast_path: bool, runs: int, limit: int, submitters: i
                     except subprocess.TimeoutExpired:
                         proc.kill()
     return {
-        "system": "sync_worker", "variant": name, "runs": runs, "durable": True,
+        "system": "sync_worker", "variant": name, "runs": runs, "durable": True, "json": jsoncodec.BACKEND,
         "enqueue_per_s": runs / (submitted - started),
         "e2e_runs_per_s": runs / (done - started),
         "start_p50_ms": statistics.median(start_delays), "start_p95_ms": percentile(start_delays, 0.95),
@@ -230,13 +248,14 @@ def main() -> int:
     parser.add_argument("--limit", type=int, default=10, help="the worker's concurrency limit (default 10)")
     parser.add_argument("--submitters", type=int, default=4, help="threads calling .delay() (default 4)")
     parser.add_argument("--samples", type=int, default=200, help="sequential runs for idle latency (default 200)")
-    parser.add_argument("--variants", default="fast,rest", help="comma-separated: fast, rest (default both)")
+    parser.add_argument("--variants", default="fast,rest", help="comma-separated: fast, rest, stdlib "
+                        "(default fast,rest)")
     parser.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     args = parser.parse_args()
 
     rows = []
     for variant in args.variants.split(","):
-        rows.append(run_variant(variant, variant == "fast", args.runs, args.limit, args.submitters, args.samples))
+        rows.append(run_variant(variant, variant in ("fast", "stdlib"), args.runs, args.limit, args.submitters, args.samples))
         print(f"# {variant}: {json.dumps(rows[-1])}", file=sys.stderr)
     imported = import_time_ms()
     if args.json:
@@ -251,7 +270,8 @@ def main() -> int:
             cpu = r["cpu_ms_per_run"]
             print(f"{r['variant']}: submit->start p50 {r['start_p50_ms']:.1f} ms, p95 {r['start_p95_ms']:.1f} ms; "
                   f"worker peak RSS {r['worker_peak_rss_mb']:.1f} MB; CPU ms per run: server {cpu['server']:.2f}, "
-                  f"worker {cpu['worker']:.2f}, submitter {cpu['submitter']:.2f} (load avg {r['loadavg_1m']:.1f})")
+                  f"worker {cpu['worker']:.2f}, submitter {cpu['submitter']:.2f}; JSON {r['json']} "
+                  f"(load avg {r['loadavg_1m']:.1f})")
     print(f"import sync_worker: {imported:.1f} ms (median of 7 fresh interpreters)")
     return 0
 

@@ -23,6 +23,7 @@ from typing import Any
 import websocket
 
 from sync_worker.exceptions import CredentialsError, SyncWorkerError
+from sync_worker import jsoncodec
 from sync_worker.framing import text_frame
 from sync_worker.schemas import TaskRun
 
@@ -149,14 +150,14 @@ class Connection:
             ws = self.ws
             keys = getattr(ws, "get_mask_key", None)
             if isinstance(keys, MaskKeys):
-                frame = text_frame(json.dumps(message).encode("utf-8"), keys(4))
+                frame = text_frame(jsoncodec.dumps(message).encode("utf-8"), keys(4))
                 with ws.lock:
                     sock = ws.sock
                     if sock is None:
                         raise websocket.WebSocketConnectionClosedException("socket is already closed.")
                     sock.sendall(frame)
             else:
-                ws.send(json.dumps(message))
+                ws.send(jsoncodec.dumps(message))
         except (websocket.WebSocketException, OSError) as exc:
             self.abort(ConnectionLost(f"sending on the subscription socket failed: {exc}"))
             raise ConnectionLost(str(exc)) from exc
@@ -211,7 +212,7 @@ class Connection:
                     raise close_error(data)
                 if opcode in (websocket.ABNF.OPCODE_PING, websocket.ABNF.OPCODE_PONG):
                     continue
-                self._dispatch(json.loads(data))
+                self._dispatch(jsoncodec.loads(data))
         except BaseException as exc:  # noqa: BLE001 - every way out ends this connection
             if not isinstance(exc, (SubscriptionError, ConnectionLost)):
                 exc = ConnectionLost(f"subscription connection lost: {exc!r}")

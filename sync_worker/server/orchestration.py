@@ -37,7 +37,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from .models import STATE_TYPES, TERMINAL, iso, make_state
+from .models import STATE_TYPES, TERMINAL, iso, make_state, parse_time
 
 ANY: frozenset[str | None] = frozenset(STATE_TYPES) | {None}
 
@@ -72,11 +72,20 @@ RULES: tuple[Rule, ...] = (
 )
 
 
-def match(current: str | None, proposed: str) -> Rule:
+def _match(current: str | None, proposed: str) -> Rule:
     for rule in RULES:
         if current in rule.from_states and proposed in rule.to_states:
             return rule
     raise AssertionError("the last rule matches everything")  # pragma: no cover
+
+
+#: the table above, looked up once per (current, proposed) pair instead of scanned per proposal
+_MATCH = {(current, proposed): _match(current, proposed) for current in ANY for proposed in STATE_TYPES}
+
+
+def match(current: str | None, proposed: str) -> Rule:
+    """The first row of :data:`RULES` for a current and a proposed state type."""
+    return _MATCH.get((current, proposed)) or _match(current, proposed)
 
 
 @dataclass
@@ -178,8 +187,6 @@ def _apply(run: dict[str, Any], state: dict[str, Any], now: float) -> None:
         run["end_time"] = iso(now)
         start = run.get("start_time")
         if start:
-            from .models import parse_time
-
             try:
                 run["total_run_time"] = round(max(0.0, now - parse_time(start, [])), 6)
             except ValueError:  # pragma: no cover - we wrote it ourselves
@@ -260,8 +267,6 @@ def _wait_seconds(scheduled: float, now: float) -> int:
 def orchestrate_prefect(run: dict[str, Any], proposed: dict[str, Any], force: bool, now: float) -> Decision:
     """Prefect 3.8.8's answer to a proposed state (see the table above); ``run`` is modified
     in place when the state changes, as :func:`orchestrate` does."""
-    from .models import parse_time
-
     current_state = run.get("state")
     current = current_state["type"] if current_state else None
     current_details = (current_state or {}).get("state_details") or {}

@@ -29,6 +29,8 @@ import uuid
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from .. import jsoncodec
+
 #: deepest nesting of arrays/objects in a body or a socket message
 MAX_DEPTH = 64
 #: task keys, dynamic keys, cache keys, subscription keys
@@ -50,6 +52,8 @@ UTC = timezone.utc  # noqa: UP017 - datetime.UTC needs Python 3.11
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 # a \uD800-\uDFFF escape: only then can json.loads produce a lone surrogate
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+#: the canonical spelling of a UUID, which ``str(uuid.UUID(value))`` gives back unchanged
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}").fullmatch
 _FRACTION = re.compile(r"(T\d\d:\d\d:\d\d\.)(\d{1,5})(?!\d)")
 
 
@@ -74,8 +78,32 @@ def _finite_float(text: str) -> float:
     return value
 
 
+# built once: json.loads(text, parse_constant=..., parse_float=...) builds a decoder per call
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
+_fast_loads = jsoncodec.fast_loads  # orjson's parser, or None (not installed, SYNC_WORKER_JSON=stdlib)
+_DIGITS = jsoncodec._DIGITS
+_LONG_NUMBER = jsoncodec._LONG_NUMBER
+
+
 def loads(raw: bytes | str, what: str = "body") -> Any:
-    """Parse JSON under the rules above; raises :class:`JSONRejected`."""
+    """Parse JSON under the rules above; raises :class:`JSONRejected`.
+
+    With orjson (:mod:`sync_worker.jsoncodec`), text it accepts is taken from it: it refuses
+    by itself everything these rules refuse except nesting deeper than :data:`MAX_DEPTH`
+    (checked below), i.e. ``NaN``/``Infinity``, numbers that overflow, bad UTF-8 and lone
+    surrogates (escaped or not). Text it refuses, and text with an integer it would read as a
+    float, goes through the stdlib path, so every refusal is worded exactly as without orjson."""
+    if _fast_loads is not None:
+        data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
+        if _LONG_NUMBER not in data.translate(_DIGITS):
+            try:
+                value = _fast_loads(data)
+            except (ValueError, RecursionError):
+                pass  # refused: the stdlib path below says why, in its words
+            else:
+                if data.count(b"[") + data.count(b"{") > MAX_DEPTH:  # cheap test first: most bodies are flat
+                    _check_depth(value, what)
+                return value
     if isinstance(raw, bytes):
         try:
             text = raw.decode("utf-8")
@@ -86,7 +114,9 @@ def loads(raw: bytes | str, what: str = "body") -> Any:
         text = raw
         data = None
     try:
-        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        if text.startswith("\ufeff"):  # what json.loads checks before it decodes
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+        value = _DECODER.decode(text)
     except JSONRejected:
         raise
     except RecursionError:
@@ -183,6 +213,8 @@ def check_uuid(value: Any, loc: list[Any]) -> str:
         raise _error(loc, "Input should be a valid UUID string", "uuid_type", value)
     if len(value) > 45:
         raise _error(loc, "Input should be a valid UUID (at most 45 characters)", "uuid_parsing")
+    if _CANONICAL_UUID(value) is not None:  # already canonical (every id our clients send)
+        return value
     try:
         return str(uuid.UUID(value))
     except ValueError:
