@@ -261,6 +261,38 @@ class RunQueue:
             self._maybe_refill(best_key, key)  # type: ignore[arg-type]
             return run_id, best_key, best[0], self._texts.pop(run_id, None)  # type: ignore[return-value]
 
+    def claim_for(self, row: RunRow) -> Any:
+        """A background run being created, due now (in its create's transaction, writer
+        thread): an idle subscriber of its key that takes runs claimed at delivery and has a
+        free credit reserves it (``reserve()``), and the run is outstanding and leased to it
+        from now on, as :meth:`take` + :meth:`acked` would make it. Returns that subscriber
+        (the create then commits the claim in the same transaction and sends the run after
+        the commit), or None: the run is queued as usual. Only when nothing older of its key
+        is waiting (delivery stays in creation order)."""
+        with self.lock:
+            key = self._keys.get(row.task_key)
+            if key is None or not key.waiters or key.overflow:
+                return None
+            heap, in_heap = key.heap, self._in_heap
+            while heap and heap[0][1] not in in_heap:
+                heapq.heappop(heap)  # stale
+            if heap or row.id in in_heap:
+                return None
+            for waiter in key.waiters:
+                reserve = getattr(waiter, "reserve", None)
+                if reserve is not None and reserve():
+                    self.outstanding[row.id] = waiter
+                    waiter.leased.add(row.id)
+                    return waiter
+        return None
+
+    def unclaim(self, waiter: Waiter, run_id: str) -> None:
+        """Undo :meth:`claim_for` when the create was not committed."""
+        with self.lock:
+            if self.outstanding.get(run_id) is waiter:
+                del self.outstanding[run_id]
+            waiter.leased.discard(run_id)
+
     def forget_waiter(self, waiter: Waiter) -> None:
         with self.lock:
             for task_key in waiter.keys:

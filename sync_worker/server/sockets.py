@@ -124,6 +124,12 @@ class WebSocket(simple_websocket.Server):
     def __init__(self, environ: dict[str, Any], **kwargs: Any) -> None:
         self.send_lock = threading.Lock()
         self.ping_failures = 0
+        #: the end of a frame :meth:`try_send` could only start (the socket's buffer was full):
+        #: sent, under ``send_lock``, before anything else goes out
+        self._tail: bytes | None = None
+        #: called when :meth:`try_send` left a tail (the owner makes a thread that may block
+        #: send it: :meth:`Outbox.poke`)
+        self.on_tail: Callable[[], None] | None = None
         kwargs.setdefault("receive_bytes", RECEIVE_BYTES)
         super().__init__(environ, event_class=Signal, **kwargs)
 
@@ -131,10 +137,54 @@ class WebSocket(simple_websocket.Server):
         with self.send_lock:
             if not self.connected:
                 raise ConnectionClosed(self.close_reason, self.close_message)
+            if self._tail is not None:
+                self._send_tail()
             if isinstance(data, str) and self._plain():
                 self.sock.sendall(text_frame(data))
             else:
                 self.sock.sendall(self.ws.send(TextMessage(data=data)))
+
+    def try_send(self, data: str) -> bool:
+        """Send a text frame without ever blocking, from a thread that must not wait for this
+        client (one that committed for another connection: a run claimed at its create, the
+        answer to an rpc wait). False, nothing sent, when another thread is sending, the
+        connection is not open and plain, or the socket takes nothing now: the caller hands
+        the message to the connection's outbox then. True when the frame went out, or its
+        start did: the rest is then sent before any other frame, by the next send or by the
+        owner's thread that :attr:`on_tail` wakes (:meth:`flush_tail`)."""
+        if not self.send_lock.acquire(blocking=False):
+            return False
+        started = False
+        try:
+            if not self.connected or self._tail is not None or not self._plain():
+                return False
+            frame = text_frame(data)
+            try:
+                sent = self.sock.send(frame, socket.MSG_DONTWAIT)
+            except OSError:  # would block (BlockingIOError), or the connection failed
+                return False
+            if sent < len(frame):
+                self._tail = frame[sent:]
+                started = True
+        finally:
+            self.send_lock.release()
+        if started and self.on_tail is not None:
+            self.on_tail()
+        return True
+
+    def flush_tail(self) -> None:
+        """Send the rest of a frame :meth:`try_send` started (blocking; the owner's thread)."""
+        if self._tail is None:
+            return
+        with self.send_lock:
+            if self._tail is not None:
+                self._send_tail()
+
+    def _send_tail(self) -> None:
+        """Under ``send_lock``: the rest of the frame :meth:`try_send` started."""
+        tail, self._tail = self._tail, None
+        if tail:
+            self.sock.sendall(tail)
 
     def _plain(self) -> bool:
         """Whether a frame built by :func:`text_frame` is what wsproto would send now: the
@@ -210,6 +260,8 @@ class WebSocket(simple_websocket.Server):
             connection = self.ws.connection
             if not self.connected or connection is None or connection.state is not ConnectionState.OPEN:
                 return
+            if self._tail is not None:
+                self._send_tail()
             self.sock.sendall(self.ws.send(ping.response()))
 
     def close(self, reason: int | None = None, message: str | None = None) -> None:
@@ -218,6 +270,14 @@ class WebSocket(simple_websocket.Server):
         if not self.send_lock.acquire(timeout=0.5):
             raise ConnectionClosed(reason, message)
         try:
+            if self._tail is not None:  # never a close frame inside another frame
+                tail, self._tail = self._tail, None
+                try:
+                    sent = self.sock.send(tail, socket.MSG_DONTWAIT)
+                except OSError:
+                    sent = 0
+                if sent < len(tail):  # the client does not read: no close frame
+                    raise ConnectionClosed(reason, message)
             super().close(reason, message)
         except LocalProtocolError:  # the close handshake already happened (e.g. after a protocol error)
             self.connected = False
@@ -226,6 +286,8 @@ class WebSocket(simple_websocket.Server):
             self.send_lock.release()
 
     def _handle_events(self) -> bool:
+        if self._tail is not None:  # wsproto's answers (pong, close) go out without the lock
+            self.flush_tail()
         keep_going = super()._handle_events()
         if not keep_going:
             self._linger()
@@ -253,7 +315,7 @@ class WebSocket(simple_websocket.Server):
         if not self.send_lock.acquire(blocking=False):
             return False  # a send is in progress: the connection is busy, not dead
         try:
-            if not self.connected:
+            if not self.connected or self._tail is not None:  # a frame half out: busy too
                 return False
             try:
                 frame = self.ws.send(Ping())
@@ -482,6 +544,7 @@ class Outbox:
         self._direct_thread: int | None = None
         self._direct: list[str] = []
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        ws.on_tail = self.poke  # the rest of a frame another thread started goes out from here
 
     def start(self, poked: bool = False) -> None:
         self._poked = poked
@@ -514,6 +577,10 @@ class Outbox:
         finally:
             self._direct_thread = None
             self.flush_direct()
+
+    def direct_here(self) -> bool:
+        """Whether the calling thread is inside :meth:`direct` (its posts are sent by it)."""
+        return self._direct_thread == threading.get_ident()
 
     def flush_mine(self) -> None:
         """Inside :meth:`direct`, in its thread: send what this thread posted so far, now (what
@@ -562,6 +629,7 @@ class Outbox:
                     messages = list(self._queue)
                     self._queue.clear()
                     poked, self._poked = self._poked, False
+                self.ws.flush_tail()
                 for message in messages:
                     self.ws.send(message)
                 if messages and self._sent is not None:

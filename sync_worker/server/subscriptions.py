@@ -62,7 +62,7 @@ from typing import Any
 
 from simple_websocket.errors import ConnectionClosed
 
-from .core import Core, NotFound
+from .core import Core, NotFound, claim_proposal
 from .sockets import (
     GOING_AWAY,
     NORMAL,
@@ -225,6 +225,11 @@ class Subscription:
         self._batch: list[tuple[str, dict[str, Any], bool, Callable[..., None]]] = []
         self._deliver_lock = threading.Lock()
         self.delivered = 0
+        #: the RUNNING proposal of a claim for this connection (a claim at a run's create)
+        self.claim_state = claim_proposal(client_id) if claim_at_delivery else None
+        # runs claimed at their create whose frame the committing thread could not send at
+        # once: the sender thread sends them
+        self._reserved_texts: list[str] = []
 
     def __hash__(self) -> int:
         return id(self)
@@ -234,6 +239,50 @@ class Subscription:
 
     # -- Waiter ----------------------------------------------------------------------------------
     def wake(self) -> None:
+        self.outbox.poke()
+
+    # -- claim at create (see Core._create_op and RunQueue.claim_for) ----------------------------
+    def reserve(self) -> bool:
+        """Under the queue's lock, in a create's transaction: take one credit for a run being
+        created for this connection, if it takes claimed runs, has a free credit and is not
+        delivering right now (its own delivery reads the credit it may use; never block
+        here: this runs in the committing thread)."""
+        if not self.claim_at_delivery or not self._deliver_lock.acquire(blocking=False):
+            return False
+        try:
+            with self._cond:
+                if self._closed or self._quitting or not self._credit or self._done.is_set():
+                    return False
+                self._credit -= 1
+                return True
+        finally:
+            self._deliver_lock.release()
+
+    def unreserve(self) -> None:
+        """The create that reserved a credit was not committed: the credit is free again."""
+        with self._cond:
+            self._credit = min((self._credit or 0) + 1, MAX_CREDIT)
+        self.wake()  # a run queued meanwhile may be waiting for it
+
+    def deliver_reserved(self, run_id: str, text: str) -> None:
+        """After the commit of a create that claimed its run for this connection (in the
+        committing thread, which must never block on this client): send the run, from this
+        thread when the socket takes it at once, else from the sender thread. A connection
+        that stopped receiving or ended in between never gets it: the run is SCHEDULED again
+        at once (as a ``release`` naming it would), not left to its lease."""
+        with self._cond:
+            gone = self._closed or self._quitting or self._done.is_set()
+        if gone:
+            try:
+                self.core.release_claimed_async([run_id], self.client_id)
+            except DatabaseClosed:  # recovered with the next start (RUNNING, held by client_id)
+                pass
+            return
+        self.delivered += 1
+        if self.ws.try_send(text):
+            return
+        with self._cond:
+            self._reserved_texts.append(text)
         self.outbox.poke()
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -500,6 +549,11 @@ class Subscription:
     def _tick(self, poked: bool) -> None:
         """Outbox sender thread, after its sends: deliver when the queue woke us."""
         if poked:
+            if self._reserved_texts:
+                with self._cond:
+                    texts, self._reserved_texts = self._reserved_texts, []
+                for text in texts:  # a failed send: the lease brings the run back
+                    self.ws.send(text)
             self._try_deliver()
 
     def _try_deliver(self) -> None:
