@@ -45,6 +45,16 @@ other run claimed for its client_id (its frame lost with the connection, or with
 that restarted) keeps its old lease, which runs out, and is re-queued — instead of staying
 RUNNING, held unknowingly by the new connection.
 
+Claim at create (no wire change): a run created while a claim_at_delivery connection of its key
+is idle (it found nothing to take) with a free credit is claimed for that connection in the
+create's own transaction (:meth:`.Core._create_op`, :meth:`.RunQueue.claim_for`): one commit
+instead of the create's and then the claim's, and the committing thread sends the run right
+after it (:meth:`.WebSocket.try_send`, never blocking; the sender thread when the socket does
+not take it at once) instead of waking this connection's sender thread. The run is leased to
+the connection from the claim on, as a claim at delivery is. A connection that stopped
+receiving or ended before that commit never gets it: the run is SCHEDULED again at once
+(:meth:`Subscription.deliver_reserved`); a create that is not committed gives the credit back.
+
 ``batch_delivery`` (offered in ``auth_success``; opt in with ``"batch_delivery": true`` next to
 ``claim_at_delivery``): runs claimed together are sent in one frame,
 ``{"type": "task_runs", "task_runs": [run, ...]}`` (a single run is still sent alone, as a
