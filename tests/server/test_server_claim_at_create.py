@@ -17,7 +17,7 @@ import websocket
 
 from tests.helpers import wait_for
 from tests.server.test_server_claim_at_delivery import _answer, _states, claiming
-from tests.server.test_server_claim_commit import CLAIM, _record_batches
+from tests.server.test_server_claim_commit import _record_batches
 from tests.server.test_server_rpc import call, rpc_socket
 
 CREATE = "Core._create_op.<locals>.op"
