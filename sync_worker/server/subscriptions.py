@@ -53,7 +53,8 @@ after it (:meth:`.WebSocket.try_send`, never blocking; the sender thread when th
 not take it at once) instead of waking this connection's sender thread. The run is leased to
 the connection from the claim on, as a claim at delivery is. A connection that stopped
 receiving or ended before that commit never gets it: the run is SCHEDULED again at once
-(:meth:`Subscription.deliver_reserved`); a create that is not committed gives the credit back.
+(:meth:`Subscription._send_claimed`); a create that is not committed gives the credit back. The
+runs one transaction claimed for a connection go out together (one frame with batch_delivery).
 
 ``batch_delivery`` (offered in ``auth_success``; opt in with ``"batch_delivery": true`` next to
 ``claim_at_delivery``): runs claimed together are sent in one frame,
@@ -240,6 +241,11 @@ class Subscription:
         # runs claimed at their create whose frame the committing thread could not send at
         # once: the sender thread sends them
         self._reserved_texts: list[str] = []
+        # claims at create reserved and not settled yet (committed and sent, or undone), and
+        # the runs of those committed so far: the runs claimed by one transaction go out
+        # together, when its last one settles (one frame with batch_delivery)
+        self._claiming = 0
+        self._claimed: list[tuple[str, str]] = []
 
     def __hash__(self) -> int:
         return id(self)
@@ -264,6 +270,7 @@ class Subscription:
                 if self._closed or self._quitting or not self._credit or self._done.is_set():
                     return False
                 self._credit -= 1
+                self._claiming += 1
                 return True
         finally:
             self._deliver_lock.release()
@@ -272,28 +279,53 @@ class Subscription:
         """The create that reserved a credit was not committed: the credit is free again."""
         with self._cond:
             self._credit = min((self._credit or 0) + 1, MAX_CREDIT)
+            self._claiming -= 1
+            runs = self._settled()
+        if runs:
+            self._send_claimed(runs)
         self.wake()  # a run queued meanwhile may be waiting for it
 
     def deliver_reserved(self, run_id: str, text: str) -> None:
         """After the commit of a create that claimed its run for this connection (in the
-        committing thread, which must never block on this client): send the run, from this
-        thread when the socket takes it at once, else from the sender thread. A connection
-        that stopped receiving or ended in between never gets it: the run is SCHEDULED again
-        at once (as a ``release`` naming it would), not left to its lease."""
+        committing thread, which must never block on this client): the runs one transaction
+        claimed are sent together when the last of them settles (:meth:`_send_claimed`)."""
+        with self._cond:
+            self._claiming -= 1
+            self._claimed.append((run_id, text))
+            runs = self._settled()
+        if runs:
+            self._send_claimed(runs)
+
+    def _settled(self) -> list[tuple[str, str]]:
+        """Under ``self._cond``: the claimed runs to send now (all of them settled)."""
+        if self._claiming or not self._claimed:
+            return []
+        runs, self._claimed = self._claimed, []
+        return runs
+
+    def _send_claimed(self, runs: list[tuple[str, str]]) -> None:
+        """Send runs claimed at their create, from this (committing) thread when the socket
+        takes them at once, else from the sender thread. A connection that stopped receiving
+        or ended in between never gets them: they are SCHEDULED again at once (as a
+        ``release`` naming them would), not left to their lease."""
         with self._cond:
             gone = self._closed or self._quitting or self._done.is_set()
         if gone:
             try:
-                self.core.release_claimed_async([run_id], self.client_id)
+                self.core.release_claimed_async([run_id for run_id, _text in runs], self.client_id)
             except DatabaseClosed:  # recovered with the next start (RUNNING, held by client_id)
                 pass
             return
-        self.delivered += 1
-        if self.ws.try_send(text):
-            return
-        with self._cond:
-            self._reserved_texts.append(text)
-        self.outbox.poke()
+        self.delivered += len(runs)
+        if self.batch_delivery and len(runs) > 1:
+            texts = ['{"type":"task_runs","task_runs":[' + ",".join(text for _id, text in runs) + "]}"]
+        else:
+            texts = [text for _id, text in runs]
+        left = [text for text in texts if not self.ws.try_send(text)]
+        if left:
+            with self._cond:
+                self._reserved_texts.extend(left)
+            self.outbox.poke()
 
     # -- lifecycle -------------------------------------------------------------------------------
     def run(self) -> None:
