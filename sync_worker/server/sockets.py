@@ -130,6 +130,11 @@ class WebSocket(simple_websocket.Server):
         #: called when :meth:`try_send` left a tail (the owner makes a thread that may block
         #: send it: :meth:`Outbox.poke`)
         self.on_tail: Callable[[], None] | None = None
+        #: the lean reader loop runs (see :meth:`input_pending`)
+        self._lean = False
+        #: set by :meth:`input_pending`: the reader calls :attr:`on_read` after its next read
+        self._wake_after_read = False
+        self.on_read: Callable[[], None] | None = None
         kwargs.setdefault("receive_bytes", RECEIVE_BYTES)
         super().__init__(environ, event_class=Signal, **kwargs)
 
@@ -172,6 +177,31 @@ class WebSocket(simple_websocket.Server):
             self.on_tail()
         return True
 
+    def input_pending(self) -> bool:
+        """Whether the client sent something the reader thread has not read yet (bytes, or
+        the end of the stream, waiting in the socket): e.g. a ``release`` or its close, which
+        a busy server's reader may not have got to. True makes the reader call
+        :attr:`on_read` after it read and handled them, so that a delivery deferred until
+        then happens (from then on, it knows what the client said). Only on the lean
+        reader's path (False elsewhere: nothing is deferred)."""
+        if not self._lean or not self.connected:
+            return False
+        if not self._peek():
+            return False
+        self._wake_after_read = True
+        # still there after the flag was set: the reader reads them later and sees the flag
+        # (gone meanwhile: it has just read them, and may have looked at the flag before)
+        return self._peek()
+
+    def _peek(self) -> bool:
+        try:
+            self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)  # b"": the end, unread
+        except BlockingIOError:
+            return False
+        except OSError:  # failed: the reader finds out
+            return True
+        return True
+
     def flush_tail(self) -> None:
         """Send the rest of a frame :meth:`try_send` started (blocking; the owner's thread)."""
         if self._tail is None:
@@ -205,6 +235,7 @@ class WebSocket(simple_websocket.Server):
             super()._thread()
             return
         reader: FrameReader | None = FrameReader(self.max_message_size)
+        self._lean = True
         try:
             while self.connected:
                 data = self.sock.recv(self.receive_bytes)
@@ -214,15 +245,23 @@ class WebSocket(simple_websocket.Server):
                     messages = reader.feed(data)
                     if messages:
                         self._deliver(messages)
+                    if self._wake_after_read:  # see input_pending
+                        self._wake_after_read = False
+                        if self.on_read is not None:
+                            self.on_read()
                     if reader.rest is None:
                         continue
                     data, reader = reader.rest, None  # wsproto parses from here on
+                    self._lean = False
+                    if self.on_read is not None:
+                        self.on_read()  # nothing is deferred from now on: a deferred delivery goes now
                     if not data:
                         continue
                 self.ws.receive_data(data)
                 self.connected = self._handle_events()
         except (OSError, LocalProtocolError):
             self.connected = False
+            self._lean = False
             self.event.set()
         else:
             connection = self.ws.connection

@@ -219,6 +219,8 @@ class Subscription:
         # answers committed by other threads, and deliveries when the queue wakes us
         self.outbox = Outbox(ws, f"sync-worker-ws-send-{client_id}", tick=self._tick, sent=self._answered,
                              lost=self._lost)
+        if claim_at_delivery:
+            ws.on_read = self.wake  # a delivery deferred until the client's input was read (_tick)
         # delivered runs awaiting their ack, oldest first: id -> (id, key, seq, text)
         self._unacked: OrderedDict[str, tuple[str, str, int, str | None]] = OrderedDict()
         # ``None``: Prefect's protocol, one run awaiting its ack at a time.
@@ -263,8 +265,8 @@ class Subscription:
         created for this connection, if it takes claimed runs, has a free credit and is not
         delivering right now (its own delivery reads the credit it may use; never block
         here: this runs in the committing thread)."""
-        if not self.claim_at_delivery or not self._deliver_lock.acquire(blocking=False):
-            return False
+        if not self.claim_at_delivery or self.ws.input_pending() or not self._deliver_lock.acquire(blocking=False):
+            return False  # (unread input, e.g. a release: the run is queued, see _tick)
         try:
             with self._cond:
                 if self._closed or self._quitting or not self._credit or self._done.is_set():
@@ -596,6 +598,12 @@ class Subscription:
                     texts, self._reserved_texts = self._reserved_texts, []
                 for text in texts:  # a failed send: the lease brings the run back
                     self.ws.send(text)
+            if self.claim_at_delivery and self.ws.input_pending():
+                # The worker said something the reader has not read yet (a busy server): it
+                # may be its ``release`` (or close) as it stops. A run claimed now would be
+                # leased to a worker that never sees it, RUNNING until the lease ends. Read
+                # first: the reader wakes this thread again once it has (ws.on_read).
+                return
             self._try_deliver()
 
     def _try_deliver(self) -> None:
