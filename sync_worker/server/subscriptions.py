@@ -265,7 +265,12 @@ class Subscription:
         created for this connection, if it takes claimed runs, has a free credit and is not
         delivering right now (its own delivery reads the credit it may use; never block
         here: this runs in the committing thread)."""
-        if not self.claim_at_delivery or self.ws.input_pending() or not self._deliver_lock.acquire(blocking=False):
+        if not self.claim_at_delivery or self.leased:
+            # only a worker holding no run: one that is busy gets its runs by the usual path
+            # (claimed with its final states, or by the sender thread), which claims and
+            # sends the runs that arrive together in one commit and one frame
+            return False
+        if self.ws.input_pending() or not self._deliver_lock.acquire(blocking=False):
             return False  # (unread input, e.g. a release: the run is queued, see _tick)
         try:
             with self._cond:

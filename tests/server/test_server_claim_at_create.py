@@ -186,45 +186,47 @@ def test_a_create_whose_claim_cannot_be_written_fails_whole_and_the_credit_comes
     assert _states(wire, run["id"]) == [("SCHEDULED", "Scheduled"), ("RUNNING", "Running")]
 
 
-def test_runs_sent_by_committing_threads_to_a_claimer_that_does_not_read_stay_whole_and_in_order(server, wire):
-    """A subscriber with a large credit that reads nothing for a while: the committing
-    threads send what the socket takes without blocking, a frame they could only start is
-    finished before any other, the rest go through the connection's sender thread; every
-    run arrives once, whole."""
-    ws = websocket.create_connection(wire.ws_url, subprotocols=["prefect"], timeout=10,
-                                     sockopt=((socket.SOL_SOCKET, socket.SO_RCVBUF, 4096),))
-    ws.send(json.dumps({"type": "auth", "token": None}))
-    json.loads(ws.recv())
-    ws.send(json.dumps({"type": "subscribe", "keys": ["tests.add"], "client_id": "slow", "credit": 1000,
-                        "claim_at_delivery": True}))
-    _idle(server)
-    wait_for(lambda: len(server.core.subscribers) == 1, timeout=10, message="the subscriber listed")
-    (sub,) = list(server.core.subscribers)
-    sub.ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-    started = []
-    original = sub.ws.try_send
-
-    def try_send(data):
-        sent = original(data)
-        started.append("started" if sent and sub.ws._tail is not None else "sent" if sent else "handed over")
-        return sent
-
-    sub.ws.try_send = try_send
-    rpc, _ = rpc_socket(wire)
+def test_answers_sent_by_committing_threads_to_a_client_that_does_not_read_stay_whole(server, wire):
+    """rpc waits answered at the final states' commits (in the subscription's thread) to a
+    client that reads nothing for a while: the committing thread sends what the socket takes
+    without blocking, a frame it could only start is finished before any other, the rest go
+    through the connection's sender thread; every answer arrives once, whole."""
+    creator, _ = rpc_socket(wire)
     count = 300
+    ids = [call(creator, {"type": "create", "body": wire.create_body(tags=["x" * 40] * 20), "brief": True})
+           ["result"]["id"] for _ in range(count)]
+    waiter = websocket.create_connection(wire.url.replace("http", "ws") + "/sync_worker/rpc", subprotocols=["prefect"],
+                                         timeout=10, sockopt=((socket.SOL_SOCKET, socket.SO_RCVBUF, 4096),))
+    waiter.send(json.dumps({"type": "auth", "token": None}))
+    json.loads(waiter.recv())
+    requests = {uuid.uuid4().hex: run_id for run_id in ids}
+    for request_id, run_id in requests.items():
+        waiter.send(json.dumps({"type": "wait", "request_id": request_id, "task_run_id": run_id, "timeout": 60}))
+    wait_for(lambda: sum(len(v) for v in server.core._finish_waiters.values()) == count, timeout=10,
+             message="the waits registered")
+    channel_ws = list(server._registry._sockets)  # the two rpc connections
+    started = []
+    for ws in channel_ws:
+        ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        original = ws.try_send
+
+        def try_send(data, ws=ws, original=original):
+            sent = original(data)
+            started.append("started" if sent and ws._tail is not None else "sent" if sent else "handed over")
+            return sent
+        ws.try_send = try_send
+    subscriber = claiming(wire, 1000)
     for _ in range(count):
-        rpc.send(json.dumps({"type": "create", "request_id": uuid.uuid4().hex,
-                             "body": wire.create_body(tags=["x" * 40] * 20)}))
-    replies = [json.loads(rpc.recv()) for _ in range(count)]
-    assert {r["status_code"] for r in replies} == {201}
+        run = subscriber.next_run()
+        subscriber.send({"type": "set_state", "request_id": uuid.uuid4().hex, "task_run_id": run["id"],
+                         "state": {"type": "COMPLETED"}})
+    wait_for(lambda: all(wire.read(i)["state_type"] == "COMPLETED" for i in ids[-3:]), timeout=20,
+             message="the runs completed")
     time.sleep(0.2)  # let the socket buffers fill
-    got = []
-    ws.settimeout(10)
-    while len(got) < count:
-        message = json.loads(ws.recv())
-        runs = message["task_runs"] if message.get("type") == "task_runs" else [message]
-        got.extend(run["id"] for run in runs)
-    assert sorted(got) == sorted(r["result"]["id"] for r in replies)
-    assert len(set(got)) == count
+    waiter.settimeout(10)
+    answers = [json.loads(waiter.recv()) for _ in range(count)]
+    assert sorted(a["request_id"] for a in answers) == sorted(requests)
+    assert all(a["status_code"] == 200 and a["result"]["id"] == requests[a["request_id"]] for a in answers)
+    assert all(a["result"]["state"]["type"] == "COMPLETED" for a in answers)
     assert "started" in started, "no frame was only started: the test did not fill the socket"
     assert "handed over" in started  # and some went through the sender thread
