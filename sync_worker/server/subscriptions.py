@@ -591,8 +591,16 @@ class Subscription:
 
     def _post(self, message: str) -> None:
         """An answer: sent by this thread after its commit when it is the reader committing
-        inline (see :meth:`_flush_set_states`), else by the outbox's sender thread."""
-        self.outbox.post(message)
+        inline (see :meth:`_flush_set_states`); committed by another thread (the database's
+        writer, or another connection's reader leading the commit), sent by that thread when
+        the socket takes it at once (:meth:`.WebSocket.try_send`), else by the outbox's sender
+        thread -- a thread wake-up less per answer, which with several worker connections is
+        most of them."""
+        outbox = self.outbox
+        if not outbox.direct_here() and not outbox.closed and self.ws.try_send(message):
+            self._answered(1)
+            return
+        outbox.post(message)
 
     # -- sending ---------------------------------------------------------------------------------
     def _tick(self, poked: bool) -> None:
@@ -646,9 +654,11 @@ class Subscription:
     def _take_for_claim(self) -> list[tuple[str, str, int, str | None]]:
         """The due runs the credit lets go now (none once closed or quitting)."""
         with self._cond:
-            if self._closed or self._quitting or not self._credit:
-                return []
-            limit = self._credit
+            refused = self._closed or self._quitting or not self._credit
+            limit = self._credit or 0
+        if refused:
+            self.queue.pass_on(self)  # in case it was this connection that a run woke
+            return []
         taken = self._take_due(limit)
         if not taken:
             return []
@@ -730,8 +740,10 @@ class Subscription:
     def _deliver_one(self) -> bool:
         """Send one run if flow control allows and one is due; True if one was sent."""
         with self._cond:
-            if self._closed or self._quitting or not self._may_send():
-                return False
+            refused = self._closed or self._quitting or not self._may_send()
+        if refused:
+            self.queue.pass_on(self)  # in case it was this connection that a run woke
+            return False
         while True:
             taken = self.queue.take(self)
             if taken is None:
