@@ -230,3 +230,20 @@ def test_answers_sent_by_committing_threads_to_a_client_that_does_not_read_stay_
     assert all(a["result"]["state"]["type"] == "COMPLETED" for a in answers)
     assert "started" in started, "no frame was only started: the test did not fill the socket"
     assert "handed over" in started  # and some went through the sender thread
+
+
+def test_a_run_wakes_one_subscriber_and_one_that_cannot_take_it_passes_the_wake_on(server, wire):
+    """A pushed run wakes one waiting subscriber of its key, not all. One that cannot take it
+    (here a Prefect-protocol subscriber still holding an unacknowledged run of another key)
+    passes the wake on, so the other subscriber of the key gets the run at once."""
+    busy = wire.subscribe(keys=["tests.one", "tests.two"], client_id="busy")
+    idle = wire.subscribe(keys=["tests.two"], client_id="idle")
+    _idle(server, 1, key="tests.one")
+    _idle(server, 2, key="tests.two")
+    held = wire.create("tests.one")["id"]
+    assert busy.next_run()["id"] == held  # not acknowledged: it may take nothing else
+    for _ in range(3):
+        run_id = wire.create("tests.two")["id"]
+        assert idle.next_run(timeout=5)["id"] == run_id
+        idle.ack()
+    busy.expect_no_run(0.2)
