@@ -146,10 +146,11 @@ def analyse(events: list[list[str]], show: int) -> None:
         ("submitter: parse + hand-off, delay() returns", _is("delay<")),
         ("submitter: result() -> wait frame sent", _is("send", pid=sub)),
     ]
-    second = [  # the run's path, from the end of the create commit
-        ("server: create committed -> claim commit begins", _is("commit>")),
-        ("server: claim commit", _is("commit<")),
-        ("server: claim commit -> run frame sent", lambda e: e[3] == "send" and ("cache_expiration" in e[4] or "task_runs" in e[4])),
+    run_frame = lambda e: e[3] == "send" and ("cache_expiration" in e[4] or "task_runs" in e[4])  # noqa: E731
+    second = [  # the run's path, from the beginning of the create's commit
+        # (the run is claimed in the create's own commit and sent right after it, or claimed
+        # in a second commit after the create's: both are in this step)
+        ("server: create commit begins -> run frame sent", run_frame),
         ("wire + wake-up: worker reads the run", lambda e: e[3] == "recv" and ("cache_expiration" in e[4] or "task_runs" in e[4])),
         ("worker: frame + JSON + TaskRun parse -> slot taken", _is("start_delivered>")),
         ("worker: hand-off to a run thread", _is("safe_run>")),
@@ -157,8 +158,8 @@ def analyse(events: list[list[str]], show: int) -> None:
         ("worker: task body -> final state frame sent", _is("send")),
         ("wire + wake-up: server reads the final state", _is("recv")),
         ("server: final state read -> its commit begins", _is("commit>")),
-        ("server: final-state commit", _is("commit<")),
-        ("server: commit -> wait_result sent", _is("send", "wait_result")),
+        # sent from the committing thread after the commit, or through the rpc sender thread
+        ("server: final-state commit begins -> wait_result sent", _is("send", "wait_result")),
         ("wire + wake-up: submitter reads wait_result", _is("recv", "wait_result", pid=sub)),
         ("submitter: parse + hand-off, result() returns", _is("result<")),
     ]
@@ -179,8 +180,9 @@ def analyse(events: list[list[str]], show: int) -> None:
     for a, b in zip(marks, marks[1:], strict=False):
         sample = events[a:b]
         commits = [k for k, e in enumerate(sample) if e[3] == "commit<"]
+        begins = [k for k, e in enumerate(sample) if e[3] == "commit>"]
         one = walk(sample, first, 0)
-        two = walk(sample, second, commits[0]) if commits else None
+        two = walk(sample, second, begins[0]) if begins else None
         if one is None or two is None:
             continue
         rows1.append(one)
@@ -198,11 +200,11 @@ def analyse(events: list[list[str]], show: int) -> None:
         print("\nThe submitter's path (from the start of delay()):")
         for k, (name, _) in enumerate(first):
             print(f"  {statistics.median(r[k] for r in rows1):7.0f} us  {name}")
-        print("The run's path (from the end of the create commit; runs in parallel with the submitter's):")
+        print("The run's path (from the beginning of the create's commit; in parallel with the submitter's):")
         for k, (name, _) in enumerate(second):
             print(f"  {statistics.median(r[k] for r in rows2):7.0f} us  {name}")
-        print("(When the wait arrives after the final state, the steps from 'server: commit -> wait_result' on\n"
-              " also include the time until the wait frame was read.)")
+        print("(When the wait arrives after the final state, the steps from 'server: final-state commit begins ->\n"
+              " wait_result sent' on also include the time until the wait frame was read.)")
     for a, b in list(zip(marks, marks[1:], strict=False))[len(marks) // 2:len(marks) // 2 + show]:
         t0 = int(events[a][0])
         print()

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from .database import QSTATE_NONE, Database, RunRow, Transaction
+from .database import QSTATE_MEMORY, QSTATE_NONE, Database, RunRow, Transaction
 from .database import dumps as _dumps
 from .models import TERMINAL, ValidationError, build_task_run, validate_state
 from .orchestration import orchestrate, orchestrate_prefect
@@ -81,18 +81,36 @@ class Core:
         Idempotent by the client-chosen ``id``: repeating a create whose answer was lost
         returns the run it created (same id, same task key and dynamic key) instead of a
         409, so clients can retry creates safely. A different run with that id is a 409."""
-        op, _text = self._create_op(body, brief)
-        return self.db.write(op)
+        op, undo = self._create_op(body, brief)
+        try:
+            return self.db.write(op)
+        except BaseException:
+            undo()
+            raise
 
     def create_task_run_async(self, body: Any, callback: Callable[[str | None, BaseException | None], None],
                               brief: bool = False) -> None:
         """:meth:`create_task_run` without waiting: ``callback(run_text, error)`` after the
         commit (see :meth:`set_states_async`). Invalid bodies raise ValidationError here.
         Inside ``db.gathering()`` the commit waits for the end of the block."""
-        op, _text = self._create_op(body, brief)
-        self.db.submit(op, lambda result, error: callback(None if error else result, error), inline=True)
+        op, undo = self._create_op(body, brief)
 
-    def _create_op(self, body: Any, brief: bool = False) -> tuple[Callable[[Transaction], str], str]:
+        def done(result: Any, error: BaseException | None) -> None:
+            if error is not None:
+                undo()
+            callback(None if error else result, error)
+
+        self.db.submit(op, done, inline=True)
+
+    def _create_op(self, body: Any, brief: bool = False) -> tuple[Callable[[Transaction], str], Callable[[], None]]:
+        """The create's write operation, and what undoes its claim when it was not committed.
+
+        Claim at create: a background run due now, with an idle ``claim_at_delivery``
+        subscriber of its key that has a free credit (:meth:`.RunQueue.claim_for`), is
+        claimed for it in the create's own transaction (RUNNING, exactly as
+        :meth:`claim_at_delivery` claims) and sent to it after that one commit, instead of
+        being queued, waking the subscriber and committing the claim apart. The create is
+        answered with the run as created (SCHEDULED)."""
         now = time.time()
         run = build_task_run(body, now)
         state = run["state"]
@@ -104,6 +122,7 @@ class Core:
         text = row.dump()
         answer = brief_json(run) if brief else text
         queue = self.queue
+        claimed: list[Any] = []  # the subscriber the op claimed the run for
 
         def op(tx: Transaction) -> str:
             if background:
@@ -117,11 +136,30 @@ class Core:
                     return brief_json(existing.run) if brief else existing.dump()
                 raise Conflict(f"A task run with id {row.id} already exists") from None
             if background:
-                queue.placed(tx, row)
+                waiter = None
+                if row.qstate == QSTATE_MEMORY and not self.prefect_compatible:
+                    waiter = queue.claim_for(row)
+                if waiter is None:
+                    queue.placed(tx, row)
+                else:
+                    claimed.append(waiter)
+                    try:
+                        self._set_state_op(row.id, waiter.claim_state, False, waiter.client_id)(tx)
+                    except BaseException:
+                        tx.delete_run(row.id)  # an operation that raises has written nothing
+                        raise
+                    delivered = row.dump()
+                    tx.after_commit(lambda: waiter.deliver_reserved(row.id, delivered))
             logger.debug("created task run %s (%s) in state %s", row.id, row.task_key, row.state_type)
             return answer
 
-        return op, text
+        def undo() -> None:
+            if claimed:
+                waiter = claimed.pop()
+                queue.unclaim(waiter, row.id)
+                waiter.unreserve()
+
+        return op, undo
 
     def read_task_run(self, run_id: str) -> str:
         row = self.db.read_run(run_id)
@@ -211,7 +249,7 @@ class Core:
         left = [len(run_ids)]
         lock = threading.Lock()
         finished = threading.Event()
-        proposed = validate_state({"type": "RUNNING", "name": "Running", "message": f"Running on {holder}"}, ["state"])
+        proposed = claim_proposal(holder)
 
         def make_op(run_id: str) -> Callable[[Transaction], str | None]:
             set_running = self._set_state_op(run_id, proposed, False, holder)
@@ -250,6 +288,14 @@ class Core:
         worker): RUNNING -> SCHEDULED again and queued at once; the claim's ``run_count`` and
         the delivery are not counted. Runs in another state or held by another connection
         are left alone. Returns how many went back."""
+        return self.db.write(self._release_op(run_ids, holder))
+
+    def release_claimed_async(self, run_ids: list[str], holder: str) -> None:
+        """:meth:`release_claimed` without waiting (after-commit hooks may call it: the
+        writer thread commits it). When it cannot be written, the lease brings the runs back."""
+        self.db.submit(self._release_op(run_ids, holder))
+
+    def _release_op(self, run_ids: list[str], holder: str) -> Callable[[Transaction], int]:
         from .orchestration import system_state
 
         queue = self.queue
@@ -275,7 +321,7 @@ class Core:
                 count += 1
             return count
 
-        return self.db.write(op)
+        return op
 
     # -- waiting for a run to finish (rpc "wait") ---------------------------------------------------
     def when_finished(self, run_id: str, callback: Callable[[str], None]) -> Callable[[], None]:
@@ -381,6 +427,11 @@ def parse_json_body(raw: bytes) -> tuple[Any, str | None]:
         return None, exc.detail
 
 
+
+
+def claim_proposal(holder: str) -> dict[str, Any]:
+    """The RUNNING proposal a claim at delivery commits for the subscription ``holder``."""
+    return validate_state({"type": "RUNNING", "name": "Running", "message": f"Running on {holder}"}, ["state"])
 
 
 def brief_json(run: dict[str, Any]) -> str:

@@ -22,8 +22,10 @@ of the final state replaces polling.
 
 Threads: simple-websocket's reader thread handles the requests of each read itself (no hand-off
 to another thread) and commits the creates among them together, in one transaction when nobody
-else commits, then sends the replies it committed; replies committed by other threads go
-through the connection's outbox.
+else commits, then sends the replies it committed. A reply committed by another connection's
+thread (a wait answered at the final state's commit) is sent by that thread when the socket
+takes it at once (:meth:`.WebSocket.try_send`, never blocking), else through the connection's
+outbox.
 """
 from __future__ import annotations
 
@@ -247,6 +249,11 @@ class RpcChannel:
                detail: str | None = None) -> None:
         head = f'{{"type":"{kind}","request_id":{json.dumps(request_id)},"status_code":{status},'
         text = head + (f'"result":{result}}}' if result is not None else f'"detail":{json.dumps(detail)}}}')
+        # a reply committed by another connection's thread (a wait answered at the final
+        # state's commit) goes out from that thread when the socket takes it at once, instead
+        # of waking this connection's sender thread (replies are matched by request_id)
+        if not self.outbox.direct_here() and not self.outbox.closed and self.ws.try_send(text):
+            return
         self.outbox.post(text)
 
     def _next_due(self) -> float | None:

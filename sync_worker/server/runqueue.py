@@ -117,14 +117,41 @@ class RunQueue:
         key = self._key(task_key)
         heapq.heappush(key.heap, (seq, run_id))
         self._in_heap.add(run_id)
-        self._wake(key)
+        self._wake(key, 1)
 
-    def _wake(self, key: _Key) -> None:
-        if key.waiters:
-            waiters = list(key.waiters)
-            key.waiters.clear()
-            for waiter in waiters:
-                waiter.wake()
+    def _wake(self, key: _Key, count: int | None = None) -> None:
+        """Wake ``count`` of the key's waiters (all of them when None): one run pushed wakes
+        one subscriber, not every subscriber of the key -- each woken one takes a lock, finds
+        the run gone and waits again, and a thread wake-up costs tens of microseconds of the
+        server's one core per run and connection. A woken waiter that takes nothing while
+        runs are due (no credit left, closing) passes the wake on (:meth:`pass_on`)."""
+        waiters = key.waiters
+        if not waiters:
+            return
+        if count is None or count >= len(waiters):
+            woken = list(waiters)
+            waiters.clear()
+        else:
+            woken = [waiters.pop() for _ in range(count)]
+        for waiter in woken:
+            waiter.wake()
+
+    def _due_here(self, key: _Key) -> bool:
+        """Lock held: whether runs of the key wait (buffered, or in the database)."""
+        heap, in_heap = key.heap, self._in_heap
+        while heap and heap[0][1] not in in_heap:
+            heapq.heappop(heap)  # stale
+        return bool(heap) or key.overflow
+
+    def pass_on(self, waiter: Waiter) -> None:
+        """``waiter`` was woken for a run and takes none now (no credit, stopping): wake
+        another waiter of each of its keys that has runs waiting, so none is left behind."""
+        with self.lock:
+            for task_key in waiter.keys:
+                key = self._keys.get(task_key)
+                if key is not None and key.waiters and self._due_here(key):
+                    key.waiters.discard(waiter)
+                    self._wake(key, 1)
 
     def _add_timer(self, when: float, kind: str, payload: Any) -> None:
         heapq.heappush(self._timers, (when, next(self._timer_seq), kind, payload))
@@ -261,12 +288,46 @@ class RunQueue:
             self._maybe_refill(best_key, key)  # type: ignore[arg-type]
             return run_id, best_key, best[0], self._texts.pop(run_id, None)  # type: ignore[return-value]
 
+    def claim_for(self, row: RunRow) -> Any:
+        """A background run being created, due now (in its create's transaction, writer
+        thread): an idle subscriber of its key that takes runs claimed at delivery and has a
+        free credit reserves it (``reserve()``), and the run is outstanding and leased to it
+        from now on, as :meth:`take` + :meth:`acked` would make it. Returns that subscriber
+        (the create then commits the claim in the same transaction and sends the run after
+        the commit), or None: the run is queued as usual. Only when nothing older of its key
+        is waiting (delivery stays in creation order)."""
+        with self.lock:
+            key = self._keys.get(row.task_key)
+            if key is None or not key.waiters or key.overflow:
+                return None
+            heap, in_heap = key.heap, self._in_heap
+            while heap and heap[0][1] not in in_heap:
+                heapq.heappop(heap)  # stale
+            if heap or row.id in in_heap:
+                return None
+            for waiter in key.waiters:
+                reserve = getattr(waiter, "reserve", None)
+                if reserve is not None and reserve():
+                    self.outstanding[row.id] = waiter
+                    waiter.leased.add(row.id)
+                    return waiter
+        return None
+
+    def unclaim(self, waiter: Waiter, run_id: str) -> None:
+        """Undo :meth:`claim_for` when the create was not committed."""
+        with self.lock:
+            if self.outstanding.get(run_id) is waiter:
+                del self.outstanding[run_id]
+            waiter.leased.discard(run_id)
+
     def forget_waiter(self, waiter: Waiter) -> None:
         with self.lock:
             for task_key in waiter.keys:
                 key = self._keys.get(task_key)
                 if key is not None:
                     key.waiters.discard(waiter)
+                    if key.waiters and self._due_here(key):
+                        self._wake(key, 1)  # it may have been woken for a run it will not take
 
     def discard(self, waiter: Waiter, run_id: str) -> None:
         """A taken run turned out not to be deliverable (deleted, or no longer SCHEDULED)."""
@@ -336,6 +397,8 @@ class RunQueue:
                 key = self._keys.get(task_key)
                 if key is not None:
                     key.waiters.discard(waiter)
+                    if key.waiters and self._due_here(key):
+                        self._wake(key, 1)
             if self._stopped:
                 return
             when = time.time() + self.lease_timeout

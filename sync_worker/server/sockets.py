@@ -124,6 +124,17 @@ class WebSocket(simple_websocket.Server):
     def __init__(self, environ: dict[str, Any], **kwargs: Any) -> None:
         self.send_lock = threading.Lock()
         self.ping_failures = 0
+        #: the end of a frame :meth:`try_send` could only start (the socket's buffer was full):
+        #: sent, under ``send_lock``, before anything else goes out
+        self._tail: bytes | None = None
+        #: called when :meth:`try_send` left a tail (the owner makes a thread that may block
+        #: send it: :meth:`Outbox.poke`)
+        self.on_tail: Callable[[], None] | None = None
+        #: the lean reader loop runs (see :meth:`input_pending`)
+        self._lean = False
+        #: set by :meth:`input_pending`: the reader calls :attr:`on_read` after its next read
+        self._wake_after_read = False
+        self.on_read: Callable[[], None] | None = None
         kwargs.setdefault("receive_bytes", RECEIVE_BYTES)
         super().__init__(environ, event_class=Signal, **kwargs)
 
@@ -131,10 +142,79 @@ class WebSocket(simple_websocket.Server):
         with self.send_lock:
             if not self.connected:
                 raise ConnectionClosed(self.close_reason, self.close_message)
+            if self._tail is not None:
+                self._send_tail()
             if isinstance(data, str) and self._plain():
                 self.sock.sendall(text_frame(data))
             else:
                 self.sock.sendall(self.ws.send(TextMessage(data=data)))
+
+    def try_send(self, data: str) -> bool:
+        """Send a text frame without ever blocking, from a thread that must not wait for this
+        client (one that committed for another connection: a run claimed at its create, the
+        answer to an rpc wait). False, nothing sent, when another thread is sending, the
+        connection is not open and plain, or the socket takes nothing now: the caller hands
+        the message to the connection's outbox then. True when the frame went out, or its
+        start did: the rest is then sent before any other frame, by the next send or by the
+        owner's thread that :attr:`on_tail` wakes (:meth:`flush_tail`)."""
+        if not self.send_lock.acquire(blocking=False):
+            return False
+        started = False
+        try:
+            if not self.connected or self._tail is not None or not self._plain():
+                return False
+            frame = text_frame(data)
+            try:
+                sent = self.sock.send(frame, socket.MSG_DONTWAIT)
+            except OSError:  # would block (BlockingIOError), or the connection failed
+                return False
+            if sent < len(frame):
+                self._tail = frame[sent:]
+                started = True
+        finally:
+            self.send_lock.release()
+        if started and self.on_tail is not None:
+            self.on_tail()
+        return True
+
+    def input_pending(self) -> bool:
+        """Whether the client sent something the reader thread has not read yet (bytes, or
+        the end of the stream, waiting in the socket): e.g. a ``release`` or its close, which
+        a busy server's reader may not have got to. True makes the reader call
+        :attr:`on_read` after it read and handled them, so that a delivery deferred until
+        then happens (from then on, it knows what the client said). Only on the lean
+        reader's path (False elsewhere: nothing is deferred)."""
+        if not self._lean or not self.connected:
+            return False
+        if not self._peek():
+            return False
+        self._wake_after_read = True
+        # still there after the flag was set: the reader reads them later and sees the flag
+        # (gone meanwhile: it has just read them, and may have looked at the flag before)
+        return self._peek()
+
+    def _peek(self) -> bool:
+        try:
+            self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)  # b"": the end, unread
+        except BlockingIOError:
+            return False
+        except OSError:  # failed: the reader finds out
+            return True
+        return True
+
+    def flush_tail(self) -> None:
+        """Send the rest of a frame :meth:`try_send` started (blocking; the owner's thread)."""
+        if self._tail is None:
+            return
+        with self.send_lock:
+            if self._tail is not None:
+                self._send_tail()
+
+    def _send_tail(self) -> None:
+        """Under ``send_lock``: the rest of the frame :meth:`try_send` started."""
+        tail, self._tail = self._tail, None
+        if tail:
+            self.sock.sendall(tail)
 
     def _plain(self) -> bool:
         """Whether a frame built by :func:`text_frame` is what wsproto would send now: the
@@ -155,6 +235,7 @@ class WebSocket(simple_websocket.Server):
             super()._thread()
             return
         reader: FrameReader | None = FrameReader(self.max_message_size)
+        self._lean = True
         try:
             while self.connected:
                 data = self.sock.recv(self.receive_bytes)
@@ -164,15 +245,23 @@ class WebSocket(simple_websocket.Server):
                     messages = reader.feed(data)
                     if messages:
                         self._deliver(messages)
+                    if self._wake_after_read:  # see input_pending
+                        self._wake_after_read = False
+                        if self.on_read is not None:
+                            self.on_read()
                     if reader.rest is None:
                         continue
                     data, reader = reader.rest, None  # wsproto parses from here on
+                    self._lean = False
+                    if self.on_read is not None:
+                        self.on_read()  # nothing is deferred from now on: a deferred delivery goes now
                     if not data:
                         continue
                 self.ws.receive_data(data)
                 self.connected = self._handle_events()
         except (OSError, LocalProtocolError):
             self.connected = False
+            self._lean = False
             self.event.set()
         else:
             connection = self.ws.connection
@@ -210,6 +299,8 @@ class WebSocket(simple_websocket.Server):
             connection = self.ws.connection
             if not self.connected or connection is None or connection.state is not ConnectionState.OPEN:
                 return
+            if self._tail is not None:
+                self._send_tail()
             self.sock.sendall(self.ws.send(ping.response()))
 
     def close(self, reason: int | None = None, message: str | None = None) -> None:
@@ -218,6 +309,14 @@ class WebSocket(simple_websocket.Server):
         if not self.send_lock.acquire(timeout=0.5):
             raise ConnectionClosed(reason, message)
         try:
+            if self._tail is not None:  # never a close frame inside another frame
+                tail, self._tail = self._tail, None
+                try:
+                    sent = self.sock.send(tail, socket.MSG_DONTWAIT)
+                except OSError:
+                    sent = 0
+                if sent < len(tail):  # the client does not read: no close frame
+                    raise ConnectionClosed(reason, message)
             super().close(reason, message)
         except LocalProtocolError:  # the close handshake already happened (e.g. after a protocol error)
             self.connected = False
@@ -226,6 +325,8 @@ class WebSocket(simple_websocket.Server):
             self.send_lock.release()
 
     def _handle_events(self) -> bool:
+        if self._tail is not None:  # wsproto's answers (pong, close) go out without the lock
+            self.flush_tail()
         keep_going = super()._handle_events()
         if not keep_going:
             self._linger()
@@ -253,7 +354,7 @@ class WebSocket(simple_websocket.Server):
         if not self.send_lock.acquire(blocking=False):
             return False  # a send is in progress: the connection is busy, not dead
         try:
-            if not self.connected:
+            if not self.connected or self._tail is not None:  # a frame half out: busy too
                 return False
             try:
                 frame = self.ws.send(Ping())
@@ -482,6 +583,7 @@ class Outbox:
         self._direct_thread: int | None = None
         self._direct: list[str] = []
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        ws.on_tail = self.poke  # the rest of a frame another thread started goes out from here
 
     def start(self, poked: bool = False) -> None:
         self._poked = poked
@@ -514,6 +616,10 @@ class Outbox:
         finally:
             self._direct_thread = None
             self.flush_direct()
+
+    def direct_here(self) -> bool:
+        """Whether the calling thread is inside :meth:`direct` (its posts are sent by it)."""
+        return self._direct_thread == threading.get_ident()
 
     def flush_mine(self) -> None:
         """Inside :meth:`direct`, in its thread: send what this thread posted so far, now (what
@@ -562,6 +668,7 @@ class Outbox:
                     messages = list(self._queue)
                     self._queue.clear()
                     poked, self._poked = self._poked, False
+                self.ws.flush_tail()
                 for message in messages:
                     self.ws.send(message)
                 if messages and self._sent is not None:

@@ -45,6 +45,17 @@ other run claimed for its client_id (its frame lost with the connection, or with
 that restarted) keeps its old lease, which runs out, and is re-queued — instead of staying
 RUNNING, held unknowingly by the new connection.
 
+Claim at create (no wire change): a run created while a claim_at_delivery connection of its key
+is idle (it found nothing to take) with a free credit is claimed for that connection in the
+create's own transaction (:meth:`.Core._create_op`, :meth:`.RunQueue.claim_for`): one commit
+instead of the create's and then the claim's, and the committing thread sends the run right
+after it (:meth:`.WebSocket.try_send`, never blocking; the sender thread when the socket does
+not take it at once) instead of waking this connection's sender thread. The run is leased to
+the connection from the claim on, as a claim at delivery is. A connection that stopped
+receiving or ended before that commit never gets it: the run is SCHEDULED again at once
+(:meth:`Subscription._send_claimed`); a create that is not committed gives the credit back. The
+runs one transaction claimed for a connection go out together (one frame with batch_delivery).
+
 ``batch_delivery`` (offered in ``auth_success``; opt in with ``"batch_delivery": true`` next to
 ``claim_at_delivery``): runs claimed together are sent in one frame,
 ``{"type": "task_runs", "task_runs": [run, ...]}`` (a single run is still sent alone, as a
@@ -62,7 +73,7 @@ from typing import Any
 
 from simple_websocket.errors import ConnectionClosed
 
-from .core import Core, NotFound
+from .core import Core, NotFound, claim_proposal
 from .sockets import (
     GOING_AWAY,
     NORMAL,
@@ -208,6 +219,8 @@ class Subscription:
         # answers committed by other threads, and deliveries when the queue wakes us
         self.outbox = Outbox(ws, f"sync-worker-ws-send-{client_id}", tick=self._tick, sent=self._answered,
                              lost=self._lost)
+        if claim_at_delivery:
+            ws.on_read = self.wake  # a delivery deferred until the client's input was read (_tick)
         # delivered runs awaiting their ack, oldest first: id -> (id, key, seq, text)
         self._unacked: OrderedDict[str, tuple[str, str, int, str | None]] = OrderedDict()
         # ``None``: Prefect's protocol, one run awaiting its ack at a time.
@@ -225,6 +238,16 @@ class Subscription:
         self._batch: list[tuple[str, dict[str, Any], bool, Callable[..., None]]] = []
         self._deliver_lock = threading.Lock()
         self.delivered = 0
+        #: the RUNNING proposal of a claim for this connection (a claim at a run's create)
+        self.claim_state = claim_proposal(client_id) if claim_at_delivery else None
+        # runs claimed at their create whose frame the committing thread could not send at
+        # once: the sender thread sends them
+        self._reserved_texts: list[str] = []
+        # claims at create reserved and not settled yet (committed and sent, or undone), and
+        # the runs of those committed so far: the runs claimed by one transaction go out
+        # together, when its last one settles (one frame with batch_delivery)
+        self._claiming = 0
+        self._claimed: list[tuple[str, str]] = []
 
     def __hash__(self) -> int:
         return id(self)
@@ -235,6 +258,81 @@ class Subscription:
     # -- Waiter ----------------------------------------------------------------------------------
     def wake(self) -> None:
         self.outbox.poke()
+
+    # -- claim at create (see Core._create_op and RunQueue.claim_for) ----------------------------
+    def reserve(self) -> bool:
+        """Under the queue's lock, in a create's transaction: take one credit for a run being
+        created for this connection, if it takes claimed runs, has a free credit and is not
+        delivering right now (its own delivery reads the credit it may use; never block
+        here: this runs in the committing thread)."""
+        if not self.claim_at_delivery or self.leased:
+            # only a worker holding no run: one that is busy gets its runs by the usual path
+            # (claimed with its final states, or by the sender thread), which claims and
+            # sends the runs that arrive together in one commit and one frame
+            return False
+        if self.ws.input_pending() or not self._deliver_lock.acquire(blocking=False):
+            return False  # (unread input, e.g. a release: the run is queued, see _tick)
+        try:
+            with self._cond:
+                if self._closed or self._quitting or not self._credit or self._done.is_set():
+                    return False
+                self._credit -= 1
+                self._claiming += 1
+                return True
+        finally:
+            self._deliver_lock.release()
+
+    def unreserve(self) -> None:
+        """The create that reserved a credit was not committed: the credit is free again."""
+        with self._cond:
+            self._credit = min((self._credit or 0) + 1, MAX_CREDIT)
+            self._claiming -= 1
+            runs = self._settled()
+        if runs:
+            self._send_claimed(runs)
+        self.wake()  # a run queued meanwhile may be waiting for it
+
+    def deliver_reserved(self, run_id: str, text: str) -> None:
+        """After the commit of a create that claimed its run for this connection (in the
+        committing thread, which must never block on this client): the runs one transaction
+        claimed are sent together when the last of them settles (:meth:`_send_claimed`)."""
+        with self._cond:
+            self._claiming -= 1
+            self._claimed.append((run_id, text))
+            runs = self._settled()
+        if runs:
+            self._send_claimed(runs)
+
+    def _settled(self) -> list[tuple[str, str]]:
+        """Under ``self._cond``: the claimed runs to send now (all of them settled)."""
+        if self._claiming or not self._claimed:
+            return []
+        runs, self._claimed = self._claimed, []
+        return runs
+
+    def _send_claimed(self, runs: list[tuple[str, str]]) -> None:
+        """Send runs claimed at their create, from this (committing) thread when the socket
+        takes them at once, else from the sender thread. A connection that stopped receiving
+        or ended in between never gets them: they are SCHEDULED again at once (as a
+        ``release`` naming them would), not left to their lease."""
+        with self._cond:
+            gone = self._closed or self._quitting or self._done.is_set()
+        if gone:
+            try:
+                self.core.release_claimed_async([run_id for run_id, _text in runs], self.client_id)
+            except DatabaseClosed:  # recovered with the next start (RUNNING, held by client_id)
+                pass
+            return
+        self.delivered += len(runs)
+        if self.batch_delivery and len(runs) > 1:
+            texts = ['{"type":"task_runs","task_runs":[' + ",".join(text for _id, text in runs) + "]}"]
+        else:
+            texts = [text for _id, text in runs]
+        left = [text for text in texts if not self.ws.try_send(text)]
+        if left:
+            with self._cond:
+                self._reserved_texts.extend(left)
+            self.outbox.poke()
 
     # -- lifecycle -------------------------------------------------------------------------------
     def run(self) -> None:
@@ -493,13 +591,32 @@ class Subscription:
 
     def _post(self, message: str) -> None:
         """An answer: sent by this thread after its commit when it is the reader committing
-        inline (see :meth:`_flush_set_states`), else by the outbox's sender thread."""
-        self.outbox.post(message)
+        inline (see :meth:`_flush_set_states`); committed by another thread (the database's
+        writer, or another connection's reader leading the commit), sent by that thread when
+        the socket takes it at once (:meth:`.WebSocket.try_send`), else by the outbox's sender
+        thread -- a thread wake-up less per answer, which with several worker connections is
+        most of them."""
+        outbox = self.outbox
+        if not outbox.direct_here() and not outbox.closed and self.ws.try_send(message):
+            self._answered(1)
+            return
+        outbox.post(message)
 
     # -- sending ---------------------------------------------------------------------------------
     def _tick(self, poked: bool) -> None:
         """Outbox sender thread, after its sends: deliver when the queue woke us."""
         if poked:
+            if self._reserved_texts:
+                with self._cond:
+                    texts, self._reserved_texts = self._reserved_texts, []
+                for text in texts:  # a failed send: the lease brings the run back
+                    self.ws.send(text)
+            if self.claim_at_delivery and self.ws.input_pending():
+                # The worker said something the reader has not read yet (a busy server): it
+                # may be its ``release`` (or close) as it stops. A run claimed now would be
+                # leased to a worker that never sees it, RUNNING until the lease ends. Read
+                # first: the reader wakes this thread again once it has (ws.on_read).
+                return
             self._try_deliver()
 
     def _try_deliver(self) -> None:
@@ -537,9 +654,11 @@ class Subscription:
     def _take_for_claim(self) -> list[tuple[str, str, int, str | None]]:
         """The due runs the credit lets go now (none once closed or quitting)."""
         with self._cond:
-            if self._closed or self._quitting or not self._credit:
-                return []
-            limit = self._credit
+            refused = self._closed or self._quitting or not self._credit
+            limit = self._credit or 0
+        if refused:
+            self.queue.pass_on(self)  # in case it was this connection that a run woke
+            return []
         taken = self._take_due(limit)
         if not taken:
             return []
@@ -621,8 +740,10 @@ class Subscription:
     def _deliver_one(self) -> bool:
         """Send one run if flow control allows and one is due; True if one was sent."""
         with self._cond:
-            if self._closed or self._quitting or not self._may_send():
-                return False
+            refused = self._closed or self._quitting or not self._may_send()
+        if refused:
+            self.queue.pass_on(self)  # in case it was this connection that a run woke
+            return False
         while True:
             taken = self.queue.take(self)
             if taken is None:

@@ -1,0 +1,86 @@
+"""claim_at_delivery: no run is claimed for a connection while what its worker sent is still
+unread. A worker that stops sends ``release`` and closes; a busy server whose reader thread
+has not read them yet must not claim a run for that connection meanwhile (the worker never
+sees it, and it would stay RUNNING for the whole lease). The delivery waits until the reader
+has read and handled the input, then happens or not as that input says. (The reader is held
+here inside the handling of an earlier message, as a starved thread would be.)"""
+from __future__ import annotations
+
+import json
+import threading
+import time
+from typing import Any
+
+from tests.helpers import wait_for
+from tests.server.test_server_claim_at_create import _idle
+from tests.server.test_server_claim_at_delivery import claiming
+
+
+def _hold_the_reader(server: Any) -> tuple[threading.Event, threading.Event]:
+    """The one subscription's reader thread blocks in the next message it handles until
+    ``release`` is set (``entered`` is set once it is blocked)."""
+    wait_for(lambda: len(server.core.subscribers) == 1, timeout=10, message="the subscriber listed")
+    (sub,) = list(server.core.subscribers)
+    handler = sub._on_messages
+    original = handler._work
+    entered, release = threading.Event(), threading.Event()
+
+    def work() -> None:
+        if not entered.is_set():
+            entered.set()
+            assert release.wait(20)
+        original()
+
+    handler._work = work
+    return entered, release
+
+
+def test_a_release_and_close_not_read_yet_get_no_run_claimed_for_the_leaving_worker(server, wire):
+    leaving = claiming(wire, 5, client_id="leaving")
+    _idle(server)
+    entered, release = _hold_the_reader(server)
+    leaving.send({"type": "ack"})  # (nothing to ack: ignored) the reader blocks handling it
+    assert entered.wait(10)
+    leaving.send({"type": "release", "task_run_ids": []})  # unread: the reader is busy
+    leaving.ws.close()
+    run_id = wire.create()["id"]  # a claim at create, or the sender thread's delivery, would take it
+    time.sleep(0.3)
+    assert wire.read(run_id)["state_type"] == "SCHEDULED"
+    release.set()
+    wait_for(lambda: not server.core.subscribers, timeout=10, message="the leaving connection ended")
+    assert wire.read(run_id)["state_type"] == "SCHEDULED"  # not RUNNING, leased to nobody
+    staying = claiming(wire, 1, client_id="staying")
+    run = staying.next_run(timeout=5)  # at once, not after the lease
+    assert run["id"] == run_id and run["run_count"] == 1
+
+
+def test_a_delivery_deferred_for_unread_input_happens_once_it_is_read(server, wire):
+    subscriber = claiming(wire, 5)
+    _idle(server)
+    entered, release = _hold_the_reader(server)
+    subscriber.send({"type": "ack"})  # (nothing to ack: ignored) the reader blocks handling it
+    assert entered.wait(10)
+    subscriber.send({"type": "ack"})  # unread: says nothing about delivery
+    run_id = wire.create()["id"]
+    time.sleep(0.3)
+    assert wire.read(run_id)["state_type"] == "SCHEDULED"  # deferred
+    release.set()
+    run = subscriber.next_run(timeout=5)
+    assert run["id"] == run_id and run["state"]["type"] == "RUNNING"
+
+
+def test_a_ping_answer_alone_unread_does_not_stall_delivery(server, wire):
+    """Input that the reader handles without any message (a pong) still lets the deferred
+    delivery go."""
+    subscriber = claiming(wire, 5)
+    _idle(server)
+    entered, release = _hold_the_reader(server)
+    subscriber.send({"type": "ack"})  # (nothing to ack: ignored) the reader blocks handling it
+    assert entered.wait(10)
+    subscriber.ws.pong(b"")  # unsolicited pong frame: read, handled, no message
+    run_id = wire.create()["id"]
+    time.sleep(0.3)
+    release.set()
+    run = subscriber.next_run(timeout=5)
+    assert run["id"] == run_id and run["state"]["type"] == "RUNNING"
+    assert json.loads(json.dumps(run))["run_count"] == 1
