@@ -268,6 +268,8 @@ class TaskRunFuture(Generic[R]):
 
     @staticmethod
     def _finished(task_run: TaskRun) -> bool:
+        if getattr(task_run, "unfinished", False):  # a brief create answer: known, nothing to read
+            return False
         return task_run.state is not None and task_run.state.is_terminal()
 
     def wait(self, timeout: float | None = None) -> State:
