@@ -40,6 +40,7 @@ only retry loop:
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -230,32 +231,55 @@ def _finished(run: TaskRun) -> bool:
 _TERMINAL_TYPES = frozenset(state_type.value for state_type in TERMINAL_STATES)
 
 
+class _ReadOnFirstUse:
+    """A field of :class:`BriefRun`: reads the run's JSON on first use. A non-data
+    descriptor: once read, the instance's own value is found first (no call)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, run: Any, owner: Any = None) -> Any:
+        if run is None:
+            return self
+        run._read()
+        return run.__dict__[self.name]
+
+
 class BriefRun(TaskRun):
     """The run a brief create answer describes, read from its JSON only when a field other
     than ``id`` is first asked for.
 
     Why: ``.delay()`` needs the run's id; reading the rest (a dozen fields, timestamps,
     enums) cost about a fifth of the submitter's CPU per ``.delay()`` (py-spy, drain), and
-    most futures are never asked for more. It is a :class:`TaskRun` in every respect: any
-    other attribute reads the JSON once (:meth:`TaskRun.from_json`), then the object holds
-    the same fields as one built at once. It is never finished (a brief answer naming a
-    finished run is replaced by a read of the whole run, see :meth:`SubmitTransport.create`),
-    which :attr:`unfinished` says without reading anything.
+    most futures are never asked for more. It is a :class:`TaskRun` in every respect: the
+    first field asked for reads the JSON once (:meth:`TaskRun.from_json`), then the object
+    holds the same fields as one built at once. It is never finished (a brief answer naming
+    a finished run is replaced by a read of the whole run, see
+    :meth:`SubmitTransport.create`), which :attr:`unfinished` says without reading anything.
     """
 
     #: Known not finished without reading the JSON (see the class docstring).
     unfinished = True
 
-    def __init__(self, run_id: str, source: Dict[str, Any]) -> None:  # noqa: D107 - no dataclass init on purpose
+    def __init__(self, run_id: str, source: Dict[str, Any]) -> None:  # no dataclass init on purpose
         self.id = run_id
         self._source = source
 
-    def __getattr__(self, name: str) -> Any:  # only for attributes not set yet
-        source = self.__dict__.pop("_source", None)
+    def _read(self) -> None:
+        fields = self.__dict__
+        source = fields.get("_source")
         if source is None:
-            raise AttributeError(name)
-        self.__dict__.update(vars(TaskRun.from_json(source)))
-        return getattr(self, name)
+            return
+        # every field set before the source goes: a thread reading at the same time finds
+        # either the source (and reads it too, changing nothing) or every field
+        for key, value in vars(TaskRun.from_json(source)).items():
+            fields.setdefault(key, value)
+        fields.pop("_source", None)
+
+
+for _field in dataclasses.fields(TaskRun):
+    if _field.name != "id":
+        setattr(BriefRun, _field.name, _ReadOnFirstUse(_field.name))
 
 
 class Transport:
