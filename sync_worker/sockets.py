@@ -77,6 +77,24 @@ class Pending:
         return self._lock.acquire(timeout=timeout)
 
 
+class Answered:
+    """One request answered by a call instead of a wake-up (:meth:`Connection.request_async`).
+
+    ``fn(reply, error)`` is called once, in the thread that ends the request: the reader
+    thread with the answer, or whichever thread ends the connection with the error (whoever
+    takes the request out of the connection's table calls it, so only one does)."""
+
+    __slots__ = ("error", "fn", "reply")
+
+    def __init__(self, fn: Callable[[dict[str, Any] | None, BaseException | None], None]) -> None:
+        self.fn = fn
+        self.reply: dict[str, Any] | None = None
+        self.error: BaseException | None = None
+
+    def set(self) -> None:
+        self.fn(self.reply, self.error)
+
+
 class MaskKeys:
     """RFC 6455 mask keys for a client's frames without an ``os.urandom`` call per frame:
     4 bytes at a time from a block of 4 KiB read from ``os.urandom`` (the same strong
@@ -126,7 +144,7 @@ class Connection:
         self.releasing = False
         self._runs_lock = threading.Lock()
         self._request_ids = itertools.count(1)
-        self._pending: dict[str, Pending] = {}
+        self._pending: dict[str, Pending | Answered] = {}
         self._pending_lock = threading.Lock()
         self._pong_due: float | None = None
         self._thread = threading.Thread(target=self._read_loop, name="sync-worker-subscription-reader", daemon=True)
@@ -198,6 +216,35 @@ class Connection:
         assert pending.reply is not None
         return pending.reply
 
+    def request_async(self, message: dict[str, Any], on_answer: Callable[[dict[str, Any] | None, BaseException | None], None],
+                      with_owed_credit: bool = False) -> None:
+        """Send ``message`` as :meth:`request` does, without waiting: ``on_answer(reply,
+        None)`` is called by the reader thread with the answer, or ``on_answer(None, error)``
+        (a :class:`ConnectionLost`) by the thread that ends the connection first, once either
+        way. It must be quick and never block: it runs in the thread that reads the socket.
+        No time limit of its own: the answer comes, or the connection ends (pings find a
+        dead link). Raises :class:`ConnectionLost` (``on_answer`` not called) when the
+        connection is closed already, and what building the frame raises."""
+        request_id = str(next(self._request_ids))
+        answered = Answered(on_answer)
+        with self._pending_lock:
+            if self.closed.is_set():
+                raise ConnectionLost("subscription socket is closed")
+            self._pending[request_id] = answered
+        message = {**message, "request_id": request_id}
+        if with_owed_credit:
+            owed = self.take_owed()
+            if owed:
+                message["credit"] = owed
+        try:
+            self.send_json(message)
+        except BaseException:
+            with self._pending_lock:
+                mine = self._pending.pop(request_id, None) is answered
+            if mine:  # not ended by abort(): the caller hears it from this raise
+                raise
+            # the connection ended while sending: abort() has called on_answer already
+
     def _read_loop(self) -> None:
         try:
             while True:
@@ -242,13 +289,16 @@ class Connection:
             for item in runs:
                 self._run_arrived(item)
         elif "request_id" in message:  # the answer to a request (set_state_result, rpc answers)
-            with self._pending_lock:
-                pending = self._pending.get(str(message.get("request_id")))
+            with self._pending_lock:  # taken out: answered once (abort() takes what is left)
+                pending = self._pending.pop(str(message.get("request_id")), None)
             if pending is None:
                 logger.debug("Late %s for request %s ignored", kind, message.get("request_id"))
                 return
             pending.reply = message
-            pending.set()
+            try:
+                pending.set()
+            except Exception:  # noqa: BLE001 - a callback's bug must not end the connection
+                logger.exception("Error in the answer callback of request %s", message.get("request_id"))
         elif kind == "cancel":  # the embedded server cancels a run this worker holds
             from sync_worker.cancellation import request
 
@@ -306,9 +356,13 @@ class Connection:
             self.error = exc
             self.closed.set()
             pending = list(self._pending.values())
+            self._pending.clear()
         for item in pending:
             item.error = ConnectionLost(f"subscription connection lost before the answer: {exc}")
-            item.set()
+            try:
+                item.set()
+            except Exception:  # noqa: BLE001 - one caller's callback must not keep the others waiting
+                logger.exception("Error in the answer callback of a request")
         try:
             self.ws.send_close()
         except Exception as err:  # noqa: BLE001 - best effort: the peer may be gone

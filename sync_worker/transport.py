@@ -321,6 +321,24 @@ class Transport:
                 logger.debug("set_state over the socket failed (%s); proposing %s over REST", exc, state.name)
         return self.client.set_task_run_state(task_run_id, state, force=force, retry=False)
 
+    def set_state_async(self, task_run_id: str, state: State, *, force: bool = False,
+                        on_result: Any) -> bool:
+        """Send ``state`` over the socket without waiting for the answer: True if sent, and
+        then ``on_result(result, error)`` is called once, by the thread that reads the
+        socket (see :meth:`Subscription.set_state_async`). False (nothing sent) when the
+        socket does not carry states now: the caller proposes with :meth:`set_state`."""
+        if not self.states_over_socket:
+            return False
+        from sync_worker.sockets import ConnectionLost
+        from sync_worker.subscription import FastPathUnavailable
+
+        try:
+            self.subscription.set_state_async(task_run_id, state, force, on_result)
+        except (FastPathUnavailable, ConnectionLost) as exc:
+            logger.debug("set_state over the socket failed (%s); %s is proposed the usual way", exc, state.name)
+            return False
+        return True
+
     def hand_back(self, task_run_id: str) -> bool:
         """Give an acknowledged run back to the queue now, unstarted (the embedded
         server's ``release_run`` extension). False when the open connection cannot
