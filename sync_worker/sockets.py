@@ -26,6 +26,7 @@ import websocket
 from sync_worker.exceptions import CredentialsError, SyncWorkerError
 from sync_worker.framing import mask, text_frame
 from sync_worker.schemas import TaskRun
+from sync_worker.transport import LazyTaskRun
 
 logger = logging.getLogger("sync_worker.sockets")
 
@@ -410,7 +411,7 @@ class Connection:
         try:
             if not isinstance(message, dict):
                 raise TypeError(f"a task run must be an object, not {type(message).__name__}")
-            run = TaskRun.from_json(message)
+            run = LazyTaskRun.delivered(message)  # what the worker needs now, the rest when asked for
         except (KeyError, TypeError, ValueError) as exc:
             logger.error("Discarding a malformed task run from the server (%r): %.500r", exc, message)
             if not self.claims:

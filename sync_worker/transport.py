@@ -49,14 +49,14 @@ from typing import TYPE_CHECKING, Any, Dict, Optional
 import tenacity
 
 from sync_worker.exceptions import APIError, ObjectNotFound, Unauthorized
-from sync_worker.schemas import TERMINAL_STATES, TaskRun
+from sync_worker.schemas import TERMINAL_STATES, State, TaskRun
 
 if TYPE_CHECKING:
     import requests
 
     from sync_worker.client import Client
     from sync_worker.rpc import RpcChannel
-    from sync_worker.schemas import OrchestrationResult, State
+    from sync_worker.schemas import OrchestrationResult
     from sync_worker.sockets import Connection
 
 logger = logging.getLogger("sync_worker.transport")
@@ -200,8 +200,9 @@ class SubmitTransport:
             from sync_worker.sockets import ConnectionLost
 
             try:
-                run = TaskRun.from_json(self._rpc(conn, {"type": "wait", "task_run_id": task_run_id, "timeout": chunk},
-                                                  "wait for task run", chunk + PUSHED_WAIT_GRACE))
+                run = LazyTaskRun.answered(self._rpc(conn, {"type": "wait", "task_run_id": task_run_id,
+                                                            "timeout": chunk},
+                                                     "wait for task run", chunk + PUSHED_WAIT_GRACE))
             except ConnectionLost as exc:
                 logger.debug("wait over the rpc socket got no answer (%s); reading the run over REST", exc)
                 run = self.client.read_task_run(task_run_id)
@@ -232,7 +233,7 @@ _TERMINAL_TYPES = frozenset(state_type.value for state_type in TERMINAL_STATES)
 
 
 class _ReadOnFirstUse:
-    """A field of :class:`BriefRun`: reads the run's JSON on first use. A non-data
+    """A field of :class:`LazyTaskRun`: reads the run's JSON on first use. A non-data
     descriptor: once read, the instance's own value is found first (no call)."""
 
     def __init__(self, name: str) -> None:
@@ -245,24 +246,20 @@ class _ReadOnFirstUse:
         return run.__dict__[self.name]
 
 
-class BriefRun(TaskRun):
-    """The run a brief create answer describes, read from its JSON only when a field other
-    than ``id`` is first asked for.
+class LazyTaskRun(TaskRun):
+    """A :class:`TaskRun` whose fields other than those ``known`` are read from its JSON
+    (``source``) when one of them is first asked for, then all at once by
+    :meth:`TaskRun.from_json`; from then on it holds the same fields as a run read at once.
 
-    Why: ``.delay()`` needs the run's id; reading the rest (a dozen fields, timestamps,
-    enums) cost about a fifth of the submitter's CPU per ``.delay()`` (py-spy, drain), and
-    most futures are never asked for more. It is a :class:`TaskRun` in every respect: the
-    first field asked for reads the JSON once (:meth:`TaskRun.from_json`), then the object
-    holds the same fields as one built at once. It is never finished (a brief answer naming
-    a finished run is replaced by a read of the whole run, see
-    :meth:`SubmitTransport.create`), which :attr:`unfinished` says without reading anything.
-    """
+    Why: a run's JSON has a dozen fields (four timestamps, the retry policy, ...) that the
+    hot paths never look at: ``.delay()`` needs the id, a worker on the embedded server the
+    id, name, key, state and labels. Reading them all was about a fifth of the submitter's
+    CPU per ``.delay()`` and a tenth of the worker's per run (py-spy). A field that cannot
+    be read raises when it is first asked for, as :meth:`TaskRun.from_json` would have
+    when the run arrived."""
 
-    #: Known not finished without reading the JSON (see the class docstring).
-    unfinished = True
-
-    def __init__(self, run_id: str, source: Dict[str, Any]) -> None:  # no dataclass init on purpose
-        self.id = run_id
+    def __init__(self, source: Dict[str, Any], **known: Any) -> None:  # no dataclass init on purpose
+        self.__dict__.update(known)
         self._source = source
 
     def _read(self) -> None:
@@ -276,10 +273,38 @@ class BriefRun(TaskRun):
             fields.setdefault(key, value)
         fields.pop("_source", None)
 
+    @classmethod
+    def answered(cls, answer: Dict[str, Any]) -> LazyTaskRun:
+        """A run as a wait answers it: its id and state read now (what a waiting caller
+        looks at), the rest when asked for."""
+        state = answer.get("state")
+        return cls(answer, id=str(answer["id"]), state=State.from_json(state) if state else None)
+
+    @classmethod
+    def delivered(cls, message: Dict[str, Any]) -> LazyTaskRun:
+        """A run as a server delivers it (the whole run's JSON): what a worker needs read
+        now (id, name, key, state, labels; a malformed one raises KeyError, TypeError or
+        ValueError here, as :meth:`TaskRun.from_json` does), the rest when asked for."""
+        state = message.get("state")
+        return cls(message, id=str(message["id"]), name=message.get("name") or "", task_key=message["task_key"],
+                   state=State.from_json(state) if state else None, labels=dict(message.get("labels") or {}))
+
 
 for _field in dataclasses.fields(TaskRun):
-    if _field.name != "id":
-        setattr(BriefRun, _field.name, _ReadOnFirstUse(_field.name))
+    setattr(LazyTaskRun, _field.name, _ReadOnFirstUse(_field.name))
+
+
+class BriefRun(LazyTaskRun):
+    """The run a brief create answer describes (see :meth:`SubmitTransport.create`): its
+    id known, the rest read when asked for (:class:`LazyTaskRun`). It is never finished (a
+    brief answer naming a finished run is replaced by a read of the whole run), which
+    :attr:`unfinished` says without reading anything."""
+
+    #: Known not finished without reading the JSON (see the class docstring).
+    unfinished = True
+
+    def __init__(self, run_id: str, source: Dict[str, Any]) -> None:
+        super().__init__(source, id=run_id)
 
 
 class Transport:
@@ -348,4 +373,4 @@ class Transport:
         return sub is not None and sub.hand_back(task_run_id)
 
 
-__all__ = ["BriefRun", "SubmitTransport", "Transport", "error_for"]
+__all__ = ["BriefRun", "LazyTaskRun", "SubmitTransport", "Transport", "error_for"]
