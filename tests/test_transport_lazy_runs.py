@@ -40,8 +40,10 @@ def test_concurrent_first_reads_give_one_consistent_run():
         run = LazyTaskRun.delivered(copy.deepcopy(DELIVERED))
         state = run.state
         seen: list[object] = []
-        threads = [threading.Thread(target=lambda: seen.append((run.created, run.run_count, run.tags)))
-                   for _ in range(4)]
+        def read(run: LazyTaskRun = run, seen: list[object] = seen) -> None:
+            seen.append((run.created, run.run_count, run.tags))
+
+        threads = [threading.Thread(target=read) for _ in range(4)]
         for thread in threads:
             thread.start()
         for thread in threads:
