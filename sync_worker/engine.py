@@ -167,6 +167,7 @@ class TaskRunEngine:
         keep_trying: Callable[[], bool] | None = None,
         claimed_at_delivery: bool = False,
         on_reported: Callable[[Outcome], None] | None = None,
+        run_later: Callable[[Callable[[], None]], None] | None = None,
     ):
         self.task = task
         self.task_run = task_run
@@ -199,6 +200,9 @@ class TaskRunEngine:
         #: without waiting for its answer (:meth:`_report_async`); :meth:`run` returns
         #: :attr:`Outcome.REPORTING` and the outcome is passed to ``on_reported`` once known.
         self.on_reported = on_reported
+        #: Where the rest of such a report goes when the answer is not an ACCEPT (a call
+        #: that may block, retrying): the worker's run threads; default a thread of its own.
+        self.run_later = run_later
         self.logger = logging.LoggerAdapter(logger, {"task_run_id": task_run.id})
         self.state: State | None = task_run.state
         self.outcome: Outcome | None = None
@@ -502,7 +506,7 @@ class TaskRunEngine:
 
         The guarantees are those of :meth:`propose`: an ACCEPT ends the run there; anything
         else (a refusal, WAIT, an error answer, the connection ending first) is handed to a
-        thread of its own that carries on exactly as :meth:`propose` and :meth:`_final` do
+        run thread (``run_later``), which carries on exactly as :meth:`propose` and :meth:`_final` do
         (the same retry rule, a repeat that landed recognised). The worker keeps the run
         in flight, and its connection open while stopping, until ``on_reported`` is called."""
         if self.on_reported is None or not self.claimed_at_delivery or self._running_sent:
@@ -516,7 +520,8 @@ class TaskRunEngine:
         """The answer to :meth:`_report_async`'s proposal, in the socket's reader thread (or
         the thread that ended the connection): quick, never blocking. An ACCEPT is recorded
         here (metrics, the local parameters file, ``on_reported``); the rest goes on in a
-        thread of its own (:meth:`_finish_report`)."""
+        run thread (:meth:`_finish_report`): as many as there are run threads at most, as
+        when the run threads themselves were waiting for their answers."""
         if error is None and result is not None and result.status is SetStateStatus.ACCEPT:
             outcome = Outcome.COMPLETED
             try:
@@ -527,8 +532,16 @@ class TaskRunEngine:
                 self.logger.exception("Recording the final state of %s", self.label)
             self._reported(outcome)
             return
-        threading.Thread(target=self._finish_report, args=(completed, result, error),
-                         name=f"sync-worker-report-{self.task_run.id}", daemon=True).start()
+        def finish() -> None:
+            self._finish_report(completed, result, error)
+
+        if self.run_later is not None:
+            try:
+                self.run_later(finish)
+                return
+            except RuntimeError:  # the run threads are shut down (stopping): a thread of its own
+                pass
+        threading.Thread(target=finish, name=f"sync-worker-report-{self.task_run.id}", daemon=True).start()
 
     def _finish_report(self, completed: State, result: OrchestrationResult | None, error: BaseException | None) -> None:
         """What :meth:`propose` and :meth:`_final` do with an answer other than ACCEPT."""

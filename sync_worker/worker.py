@@ -762,6 +762,7 @@ class TaskWorker:
                 keep_trying=self._keeps_trying, claimed_at_delivery=claimed,
                 # the final state's answer is handled by the socket's reader: this thread is free now
                 on_reported=(lambda outcome: self._run_done(task, task_run, delivered)) if claimed else None,
+                run_later=self._run_later,
             )
             logger.debug("Task run %s finished here: %s", task_run.id, outcome.value)
             if outcome is Outcome.UNCLAIMED and delivered:
@@ -775,6 +776,14 @@ class TaskWorker:
             if outcome is not Outcome.REPORTING:  # else when the answer comes (on_reported)
                 self._run_done(task, task_run, delivered)
         return outcome
+
+    def _run_later(self, fn: Callable[[], None]) -> None:
+        """On a run thread (the rest of a report whose answer was not an ACCEPT); raises
+        RuntimeError when the run threads are shut down."""
+        executor = self._executor
+        if executor is None:
+            raise RuntimeError("no run threads")
+        executor.submit(fn)
 
     def _run_done(self, task: Task[..., Any], task_run: TaskRun, delivered: bool) -> None:
         """A run is reported (or given up): no longer in flight. Called by its run thread, or,
