@@ -244,6 +244,10 @@ class Connection:
         self._pending: dict[str, Pending | Answered] = {}
         self._pending_lock = threading.Lock()
         self._pong_due: float | None = None
+        #: frames queued by senders while another thread writes (see _send_frame)
+        self._out: list[bytes] = []
+        self._out_lock = threading.Lock()
+        self._writing = False
         self._thread = threading.Thread(target=self._read_loop, name="sync-worker-subscription-reader", daemon=True)
 
     def start(self) -> None:
@@ -254,10 +258,10 @@ class Connection:
         return "set_state" in self.extensions and not self.closed.is_set()
 
     def send_json(self, message: dict[str, Any]) -> None:
-        """Send one message as one text frame, under websocket-client's send lock (which
-        serialises concurrent senders): the frame is built by :func:`text_frame` (the bytes
-        websocket-client would send, at less than half its cost) when the socket came from
-        :func:`open_socket`."""
+        """Send one message as one text frame: built by :func:`text_frame` (the bytes
+        websocket-client would send, at less than half its cost) and sent by
+        :meth:`_send_frame` when the socket came from :func:`open_socket`, else by
+        websocket-client under its send lock."""
         if self.closed.is_set():
             raise ConnectionLost("subscription socket is closed")
         try:
@@ -265,16 +269,50 @@ class Connection:
             keys = getattr(ws, "get_mask_key", None)
             if isinstance(keys, MaskKeys):
                 frame = text_frame(json.dumps(message).encode("utf-8"), keys(4))
-                with ws.lock:
-                    sock = ws.sock
-                    if sock is None:
-                        raise websocket.WebSocketConnectionClosedException("socket is already closed.")
-                    sock.sendall(frame)
+                self._send_frame(frame)
             else:
                 ws.send(json.dumps(message))
         except (websocket.WebSocketException, OSError) as exc:
             self.abort(ConnectionLost(f"sending on the subscription socket failed: {exc}"))
             raise ConnectionLost(str(exc)) from exc
+
+    def _send_frame(self, frame: bytes) -> None:
+        """Send ``frame``, together with the frames other threads send meanwhile.
+
+        One thread at a time writes to the socket; a thread that has a frame to send while
+        another is writing queues it and returns, and the writing thread sends everything
+        queued, in order, in one ``sendall`` (under websocket-client's send lock, as pings
+        and close frames are). Several final states ready together thus share one system
+        call and reach the server in one read, which commits them together; and no sender
+        waits for the socket lock behind another (a thread hand-off each). A frame queued
+        behind a write that fails is not sent: the failure ends the connection (the writer's
+        ``send_json`` aborts it), which fails every request still waiting for an answer, as
+        a connection lost just after sending would."""
+        out = self._out
+        with self._out_lock:
+            out.append(frame)
+            if self._writing:
+                return  # the writing thread sends it next
+            self._writing = True
+        ws = self.ws
+        try:
+            while True:
+                with self._out_lock:
+                    if not out:
+                        self._writing = False
+                        return
+                    data = out[0] if len(out) == 1 else b"".join(out)
+                    out.clear()
+                with ws.lock:
+                    sock = ws.sock
+                    if sock is None:
+                        raise websocket.WebSocketConnectionClosedException("socket is already closed.")
+                    sock.sendall(data)
+        except BaseException:
+            with self._out_lock:
+                self._writing = False
+                out.clear()
+            raise
 
     def owe(self, n: int = 1) -> None:
         """claim_at_delivery: ``n`` slots freed; their credit goes with the next frame."""

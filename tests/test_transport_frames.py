@@ -156,3 +156,41 @@ def test_bytes_websocket_client_read_ahead_are_taken_over():
     finally:
         ours.close()
         theirs.close()
+
+
+def test_frames_sent_by_many_threads_arrive_whole_and_in_each_threads_order():
+    """Connection.send_json: a thread that finds another writing queues its frame and the
+    writer sends the queue in one write; every frame arrives whole, masked, in each sender's
+    order, whatever the interleaving."""
+    import json
+
+    from sync_worker.sockets import Connection
+
+    ours, theirs = socket.socketpair()
+    conn = Connection(_ws(ours), [], 15.0)
+    senders, per_sender = 8, 300
+
+    def send(t: int) -> None:
+        for n in range(per_sender):
+            conn.send_json({"t": t, "n": n, "pad": "x" * (n % 200)})
+
+    threads = [threading.Thread(target=send, args=(t,)) for t in range(senders)]
+    reader = websocket.WebSocket(enable_multithread=True, skip_utf8_validation=True)
+    reader.sock = theirs
+    reader.connected = True
+    theirs.settimeout(10)
+    for thread in threads:
+        thread.start()
+    received: dict[int, list[int]] = {t: [] for t in range(senders)}
+    try:
+        for _ in range(senders * per_sender):
+            frame = reader.recv_frame()  # websocket-client unmasks a client's frames
+            assert frame.opcode == ABNF.OPCODE_TEXT and frame.fin
+            message = json.loads(frame.data)
+            received[message["t"]].append(message["n"])
+    finally:
+        for thread in threads:
+            thread.join(10)
+        ours.close()
+        theirs.close()
+    assert all(numbers == list(range(per_sender)) for numbers in received.values())
