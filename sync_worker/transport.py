@@ -258,7 +258,10 @@ class LazyTaskRun(TaskRun):
     be read raises when it is first asked for, as :meth:`TaskRun.from_json` would have
     when the run arrived."""
 
-    def __init__(self, source: Dict[str, Any], **known: Any) -> None:  # no dataclass init on purpose
+    def __init__(self, source: Optional[Dict[str, Any]] = None, **known: Any) -> None:
+        if source is None:  # built as a TaskRun is, every field given (dataclasses.replace)
+            TaskRun.__init__(self, **known)
+            return
         self.__dict__.update(known)
         self._source = source
 
@@ -297,14 +300,15 @@ for _field in dataclasses.fields(TaskRun):
 class BriefRun(LazyTaskRun):
     """The run a brief create answer describes (see :meth:`SubmitTransport.create`): its
     id known, the rest read when asked for (:class:`LazyTaskRun`). It is never finished (a
-    brief answer naming a finished run is replaced by a read of the whole run), which
-    :attr:`unfinished` says without reading anything."""
+    brief answer naming a finished run is replaced by a read of the whole run), which its
+    ``unfinished`` attribute says without reading anything (a copy made by
+    ``dataclasses.replace`` has none: its state may be another)."""
 
-    #: Known not finished without reading the JSON (see the class docstring).
-    unfinished = True
-
-    def __init__(self, run_id: str, source: Dict[str, Any]) -> None:
-        super().__init__(source, id=run_id)
+    def __init__(self, run_id: Optional[str] = None, source: Optional[Dict[str, Any]] = None, **known: Any) -> None:
+        if source is None:
+            super().__init__(None, **known)
+            return
+        super().__init__(source, id=run_id, unfinished=True)
 
 
 class Transport:

@@ -65,6 +65,15 @@ def test_a_malformed_delivery_is_refused_when_it_arrives(broken):
         LazyTaskRun.delivered(message)
 
 
+def test_a_copy_made_by_dataclasses_replace_is_a_whole_run():
+    import dataclasses
+
+    run = LazyTaskRun.delivered(copy.deepcopy(DELIVERED))
+    moved = dataclasses.replace(run, run_count=2)  # what the Prefect dialect does to a delivered run
+    assert moved.run_count == 2 and moved.created == TaskRun.from_json(DELIVERED).created
+    assert "_source" not in vars(moved) and moved.state == run.state
+
+
 def test_a_waited_run_has_its_state_read_and_the_rest_on_first_use():
     run = LazyTaskRun.answered(copy.deepcopy(DELIVERED))
     assert set(vars(run)) == {"id", "state", "_source"}

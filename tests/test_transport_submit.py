@@ -7,6 +7,7 @@ rpc server that announces it or not, so that it holds whether or not the embedde
 this tree announces it; the tests against the real server hold either way."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import threading
@@ -254,9 +255,13 @@ def test_a_brief_run_reads_its_json_only_when_asked_and_then_is_the_whole_run():
     source = {**body, **result, "state": {**body["state"], **result["state"]}}
     run = BriefRun(body["id"], source)
     assert isinstance(run, TaskRun) and run.unfinished
-    assert set(vars(run)) == {"id", "_source"}  # nothing read yet
+    assert set(vars(run)) == {"id", "unfinished", "_source"}  # nothing read yet
     assert run.state.type is StateType.SCHEDULED and run.state.timestamp is not None
     assert "_source" not in vars(run)
     whole = TaskRun.from_json(source)
-    assert {k: v for k, v in vars(run).items()} == vars(whole)
+    assert {k: v for k, v in vars(run).items() if k != "unfinished"} == vars(whole)
+    # a copy with another state is a run like any other (dataclasses.replace, as dialects do)
+    finished = dataclasses.replace(run, state=Completed())
+    assert finished.state.type is StateType.COMPLETED and TaskRunFuture._finished(finished)
+    assert finished.id == run.id and finished.created == whole.created
     assert run.unfinished and not TaskRunFuture._finished(run)
