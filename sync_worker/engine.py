@@ -532,6 +532,7 @@ class TaskRunEngine:
                 self.logger.exception("Recording the final state of %s", self.label)
             self._reported(outcome)
             return
+
         def finish() -> None:
             self._finish_report(completed, result, error)
 
