@@ -8,6 +8,7 @@ means (subscribe and ack; create and wait) lives in :mod:`sync_worker.subscripti
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import logging
@@ -24,8 +25,9 @@ import websocket
 
 from sync_worker.exceptions import CredentialsError, SyncWorkerError
 from sync_worker import jsoncodec
-from sync_worker.framing import text_frame
+from sync_worker.framing import mask, text_frame
 from sync_worker.schemas import TaskRun
+from sync_worker.transport import LazyTaskRun
 
 logger = logging.getLogger("sync_worker.sockets")
 
@@ -78,6 +80,24 @@ class Pending:
         return self._lock.acquire(timeout=timeout)
 
 
+class Answered:
+    """One request answered by a call instead of a wake-up (:meth:`Connection.request_async`).
+
+    ``fn(reply, error)`` is called once, in the thread that ends the request: the reader
+    thread with the answer, or whichever thread ends the connection with the error (whoever
+    takes the request out of the connection's table calls it, so only one does)."""
+
+    __slots__ = ("error", "fn", "reply")
+
+    def __init__(self, fn: Callable[[dict[str, Any] | None, BaseException | None], None]) -> None:
+        self.fn = fn
+        self.reply: dict[str, Any] | None = None
+        self.error: BaseException | None = None
+
+    def set(self) -> None:
+        self.fn(self.reply, self.error)
+
+
 class MaskKeys:
     """RFC 6455 mask keys for a client's frames without an ``os.urandom`` call per frame:
     4 bytes at a time from a block of 4 KiB read from ``os.urandom`` (the same strong
@@ -99,6 +119,101 @@ class MaskKeys:
             key = self._block[self._offset:self._offset + length]
             self._offset += length
         return key
+
+
+_OP_CONT, _OP_TEXT, _OP_BINARY, _OP_CLOSE, _OP_PING, _OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+
+
+class FrameReader:
+    """Reads a server's frames off a socket made by :func:`open_socket`: what
+    ``WebSocket.recv_data(control_frame=True)`` returns, ``(opcode, payload bytes)``, at a
+    fraction of its cost (websocket-client builds and validates an ``ABNF`` object and
+    joins buffers in several calls per frame; its frame reading was about a sixth of the
+    worker's Python time, py-spy). The same rules: a ping is answered with a pong and
+    returned, a close frame returned (the caller says what it means and answers it: the
+    connection's ``abort`` sends the close), fragments joined,
+    reserved bits, unknown opcodes and oversized or fragmented control frames refused
+    (``WebSocketProtocolException``); a masked frame is unmasked. Reads go through
+    websocket-client's ``_recv`` (:data:`READ_SIZE` bytes at a time), so a timeout raises
+    ``WebSocketTimeoutException`` and a closed socket ``WebSocketConnectionClosedException``
+    as before; the bytes websocket-client had read beyond the handshake are taken over.
+    One reader thread per socket."""
+
+    def __init__(self, ws: websocket.WebSocket) -> None:
+        self.ws = ws
+        frames = ws.frame_buffer
+        self._buf = bytearray(b"".join(frames.recv_buffer))
+        frames.recv_buffer = []
+        self._recv = ws._recv
+        self._fragments: list[bytes] | None = None
+        self._fragments_opcode = _OP_TEXT
+
+    @staticmethod
+    def usable(ws: Any) -> bool:
+        """Whether ``ws`` is websocket-client's socket from :func:`open_socket`, with no frame
+        half-read by websocket-client (only then can reading be taken over)."""
+        frames = getattr(ws, "frame_buffer", None)
+        return (isinstance(getattr(ws, "get_mask_key", None), MaskKeys) and callable(getattr(ws, "_recv", None))
+                and isinstance(getattr(frames, "recv_buffer", None), list) and getattr(frames, "header", 0) is None)
+
+    def recv_data(self) -> tuple[int, bytes]:
+        while True:
+            first, payload = self._frame()
+            opcode = first & 0x0F
+            final = first & 0x80
+            if first & 0x70:
+                raise websocket.WebSocketProtocolException("rsv is not implemented, yet")
+            if opcode >= _OP_CLOSE:
+                if opcode not in (_OP_CLOSE, _OP_PING, _OP_PONG):
+                    raise websocket.WebSocketProtocolException(f"Invalid opcode {opcode!r}")
+                if not final or len(payload) > 125:
+                    raise websocket.WebSocketProtocolException("Invalid control frame")
+                if opcode == _OP_PING:
+                    self.ws.pong(payload)
+                return opcode, payload
+            if opcode == _OP_CONT:
+                if self._fragments is None:
+                    raise websocket.WebSocketProtocolException("Illegal frame: a continuation with nothing to continue")
+                self._fragments.append(payload)
+                if final:
+                    data, self._fragments = b"".join(self._fragments), None
+                    return self._fragments_opcode, data
+                continue
+            if opcode not in (_OP_TEXT, _OP_BINARY):
+                raise websocket.WebSocketProtocolException(f"Invalid opcode {opcode!r}")
+            if self._fragments is not None:
+                raise websocket.WebSocketProtocolException("Illegal frame: a new message inside a fragmented one")
+            if final:
+                return opcode, payload
+            self._fragments, self._fragments_opcode = [payload], opcode
+
+    def _frame(self) -> tuple[int, bytes]:
+        """The next frame's first byte and its (unmasked) payload."""
+        buf = self._buf
+        while True:
+            have = len(buf)
+            if have >= 2:
+                second = buf[1]
+                length = second & 0x7F
+                start = 2
+                if length == 126:
+                    start = 4 if have >= 4 else 0
+                    length = int.from_bytes(buf[2:4], "big")
+                elif length == 127:
+                    start = 10 if have >= 10 else 0
+                    length = int.from_bytes(buf[2:10], "big")
+                if start:
+                    masked = second & 0x80
+                    end = start + (4 if masked else 0) + length
+                    if have >= end:
+                        first = buf[0]
+                        if masked:
+                            payload = mask(bytes(buf[start + 4:end]), bytes(buf[start:start + 4]))
+                        else:
+                            payload = bytes(buf[start:end])
+                        del buf[:end]
+                        return first, payload
+            buf += self._recv(READ_SIZE)
 
 
 class Connection:
@@ -127,9 +242,13 @@ class Connection:
         self.releasing = False
         self._runs_lock = threading.Lock()
         self._request_ids = itertools.count(1)
-        self._pending: dict[str, Pending] = {}
+        self._pending: dict[str, Pending | Answered] = {}
         self._pending_lock = threading.Lock()
         self._pong_due: float | None = None
+        #: frames queued by senders while another thread writes (see _send_frame)
+        self._out: list[bytes] = []
+        self._out_lock = threading.Lock()
+        self._writing = False
         self._thread = threading.Thread(target=self._read_loop, name="sync-worker-subscription-reader", daemon=True)
 
     def start(self) -> None:
@@ -140,10 +259,10 @@ class Connection:
         return "set_state" in self.extensions and not self.closed.is_set()
 
     def send_json(self, message: dict[str, Any]) -> None:
-        """Send one message as one text frame, under websocket-client's send lock (which
-        serialises concurrent senders): the frame is built by :func:`text_frame` (the bytes
-        websocket-client would send, at less than half its cost) when the socket came from
-        :func:`open_socket`."""
+        """Send one message as one text frame: built by :func:`text_frame` (the bytes
+        websocket-client would send, at less than half its cost) and sent by
+        :meth:`_send_frame` when the socket came from :func:`open_socket`, else by
+        websocket-client under its send lock."""
         if self.closed.is_set():
             raise ConnectionLost("subscription socket is closed")
         try:
@@ -151,16 +270,50 @@ class Connection:
             keys = getattr(ws, "get_mask_key", None)
             if isinstance(keys, MaskKeys):
                 frame = text_frame(jsoncodec.dumps(message).encode("utf-8"), keys(4))
-                with ws.lock:
-                    sock = ws.sock
-                    if sock is None:
-                        raise websocket.WebSocketConnectionClosedException("socket is already closed.")
-                    sock.sendall(frame)
+                self._send_frame(frame)
             else:
                 ws.send(jsoncodec.dumps(message))
         except (websocket.WebSocketException, OSError) as exc:
             self.abort(ConnectionLost(f"sending on the subscription socket failed: {exc}"))
             raise ConnectionLost(str(exc)) from exc
+
+    def _send_frame(self, frame: bytes) -> None:
+        """Send ``frame``, together with the frames other threads send meanwhile.
+
+        One thread at a time writes to the socket; a thread that has a frame to send while
+        another is writing queues it and returns, and the writing thread sends everything
+        queued, in order, in one ``sendall`` (under websocket-client's send lock, as pings
+        and close frames are). Several final states ready together thus share one system
+        call and reach the server in one read, which commits them together; and no sender
+        waits for the socket lock behind another (a thread hand-off each). A frame queued
+        behind a write that fails is not sent: the failure ends the connection (the writer's
+        ``send_json`` aborts it), which fails every request still waiting for an answer, as
+        a connection lost just after sending would."""
+        out = self._out
+        with self._out_lock:
+            out.append(frame)
+            if self._writing:
+                return  # the writing thread sends it next
+            self._writing = True
+        ws = self.ws
+        try:
+            while True:
+                with self._out_lock:
+                    if not out:
+                        self._writing = False
+                        return
+                    data = out[0] if len(out) == 1 else b"".join(out)
+                    out.clear()
+                with ws.lock:
+                    sock = ws.sock
+                    if sock is None:
+                        raise websocket.WebSocketConnectionClosedException("socket is already closed.")
+                    sock.sendall(data)
+        except BaseException:
+            with self._out_lock:
+                self._writing = False
+                out.clear()
+            raise
 
     def owe(self, n: int = 1) -> None:
         """claim_at_delivery: ``n`` slots freed; their credit goes with the next frame."""
@@ -199,11 +352,44 @@ class Connection:
         assert pending.reply is not None
         return pending.reply
 
+    def request_async(self, message: dict[str, Any], on_answer: Callable[[dict[str, Any] | None, BaseException | None], None],
+                      with_owed_credit: bool = False) -> None:
+        """Send ``message`` as :meth:`request` does, without waiting: ``on_answer(reply,
+        None)`` is called by the reader thread with the answer, or ``on_answer(None, error)``
+        (a :class:`ConnectionLost`) by the thread that ends the connection first, once either
+        way. It must be quick and never block: it runs in the thread that reads the socket.
+        No time limit of its own: the answer comes, or the connection ends (pings find a
+        dead link). Raises :class:`ConnectionLost` (``on_answer`` not called) when the
+        connection is closed already, and what building the frame raises."""
+        request_id = str(next(self._request_ids))
+        answered = Answered(on_answer)
+        with self._pending_lock:
+            if self.closed.is_set():
+                raise ConnectionLost("subscription socket is closed")
+            self._pending[request_id] = answered
+        message = {**message, "request_id": request_id}
+        if with_owed_credit:
+            owed = self.take_owed()
+            if owed:
+                message["credit"] = owed
+        try:
+            self.send_json(message)
+        except BaseException:
+            with self._pending_lock:
+                mine = self._pending.pop(request_id, None) is answered
+            if mine:  # not ended by abort(): the caller hears it from this raise
+                raise
+            # the connection ended while sending: abort() has called on_answer already
+
     def _read_loop(self) -> None:
         try:
+            if FrameReader.usable(self.ws):
+                recv_data = FrameReader(self.ws).recv_data
+            else:  # another kind of socket (a test's): websocket-client reads it
+                recv_data = functools.partial(self.ws.recv_data, control_frame=True)
             while True:
                 try:
-                    opcode, data = self.ws.recv_data(control_frame=True)
+                    opcode, data = recv_data()
                 except websocket.WebSocketTimeoutException:
                     self._keepalive()
                     continue
@@ -243,13 +429,16 @@ class Connection:
             for item in runs:
                 self._run_arrived(item)
         elif "request_id" in message:  # the answer to a request (set_state_result, rpc answers)
-            with self._pending_lock:
-                pending = self._pending.get(str(message.get("request_id")))
+            with self._pending_lock:  # taken out: answered once (abort() takes what is left)
+                pending = self._pending.pop(str(message.get("request_id")), None)
             if pending is None:
                 logger.debug("Late %s for request %s ignored", kind, message.get("request_id"))
                 return
             pending.reply = message
-            pending.set()
+            try:
+                pending.set()
+            except Exception:  # noqa: BLE001 - a callback's bug must not end the connection
+                logger.exception("Error in the answer callback of request %s", message.get("request_id"))
         elif kind == "cancel":  # the embedded server cancels a run this worker holds
             from sync_worker.cancellation import request
 
@@ -261,7 +450,7 @@ class Connection:
         try:
             if not isinstance(message, dict):
                 raise TypeError(f"a task run must be an object, not {type(message).__name__}")
-            run = TaskRun.from_json(message)
+            run = LazyTaskRun.delivered(message)  # what the worker needs now, the rest when asked for
         except (KeyError, TypeError, ValueError) as exc:
             logger.error("Discarding a malformed task run from the server (%r): %.500r", exc, message)
             if not self.claims:
@@ -307,9 +496,13 @@ class Connection:
             self.error = exc
             self.closed.set()
             pending = list(self._pending.values())
+            self._pending.clear()
         for item in pending:
             item.error = ConnectionLost(f"subscription connection lost before the answer: {exc}")
-            item.set()
+            try:
+                item.set()
+            except Exception:  # noqa: BLE001 - one caller's callback must not keep the others waiting
+                logger.exception("Error in the answer callback of a request")
         try:
             self.ws.send_close()
         except Exception as err:  # noqa: BLE001 - best effort: the peer may be gone
@@ -379,6 +572,6 @@ def close_error(data: bytes) -> BaseException:
 
 __all__ = [
     "AUTH_HINT", "CLOSE_POLICY_VIOLATION", "CLOSE_PROTOCOL_VIOLATION", "END", "Connection", "ConnectionLost",
-    "MaskKeys", "SubscriptionAuthError", "SubscriptionError", "authenticate", "close_error", "open_socket",
+    "FrameReader", "MaskKeys", "SubscriptionAuthError", "SubscriptionError", "authenticate", "close_error", "open_socket",
     "text_frame",
 ]

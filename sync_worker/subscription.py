@@ -552,6 +552,37 @@ class Subscription:
             return OrchestrationResult.from_json(reply["result"])
         raise error_for(f"set_state of task run {task_run_id} over the socket", status, reply.get("detail"))
 
+    def set_state_async(self, task_run_id: str, state: State, force: bool,
+                        on_result: Callable[[OrchestrationResult | None, BaseException | None], None]) -> None:
+        """:meth:`set_state` without waiting for the answer: ``on_result(result, None)`` or
+        ``on_result(None, error)`` (the errors :meth:`set_state` raises) is called once, by
+        the reader thread (or the thread that ends the connection), and must be quick.
+        Raises :class:`FastPathUnavailable` / :class:`ConnectionLost` instead (``on_result``
+        not called) when it cannot be sent at all."""
+        conn = self._conn
+        if not self.fast_path or conn is None or not conn.supports_set_state:
+            raise FastPathUnavailable("set_state over the socket is not available")
+
+        def answered(reply: dict[str, Any] | None, error: BaseException | None) -> None:
+            result = None
+            if error is None:
+                assert reply is not None
+                try:
+                    status = int(reply.get("status_code") or 0)
+                    if status in (200, 201):
+                        result = OrchestrationResult.from_json(reply["result"])
+                    else:
+                        error = error_for(f"set_state of task run {task_run_id} over the socket", status,
+                                          reply.get("detail"))
+                except (KeyError, TypeError, ValueError) as exc:
+                    error = exc
+            on_result(result, error)
+
+        conn.request_async(
+            {"type": "set_state", "task_run_id": task_run_id, "state": state.to_json(), "force": force},
+            answered, with_owed_credit=conn.claims,
+        )
+
     def hand_back(self, task_run_id: str) -> bool:
         """Give back one acknowledged run that this worker will not start (its claim could
         not be recorded before the worker gave up): the embedded server's ``release_run``

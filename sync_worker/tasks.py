@@ -155,12 +155,13 @@ class Task(Generic[P, R]):
         """
         scheduled_time = scheduled_time_from(countdown, eta)
         parameters = self.bind(args or (), kwargs)
-        settings = get_settings()
-        if client is None:
-            from sync_worker.client import get_client
+        if client is None or store is None:  # the settings only say which ones (read per call: ~2 % of a .delay())
+            settings = get_settings()
+            if client is None:
+                from sync_worker.client import get_client
 
-            client = get_client(settings)
-        store = store or get_store(settings, client)
+                client = get_client(settings)
+            store = store or get_store(settings, client)
 
         parameters_id = write_parameters(store, parameters, self.result_serializer) if parameters else None
         body = task_run_create(
@@ -268,6 +269,8 @@ class TaskRunFuture(Generic[R]):
 
     @staticmethod
     def _finished(task_run: TaskRun) -> bool:
+        if getattr(task_run, "unfinished", False):  # a brief create answer: known, nothing to read
+            return False
         return task_run.state is not None and task_run.state.is_terminal()
 
     def wait(self, timeout: float | None = None) -> State:

@@ -40,6 +40,7 @@ only retry loop:
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -48,14 +49,14 @@ from typing import TYPE_CHECKING, Any, Dict, Optional
 import tenacity
 
 from sync_worker.exceptions import APIError, ObjectNotFound, Unauthorized
-from sync_worker.schemas import TaskRun
+from sync_worker.schemas import TERMINAL_STATES, State, TaskRun
 
 if TYPE_CHECKING:
     import requests
 
     from sync_worker.client import Client
     from sync_worker.rpc import RpcChannel
-    from sync_worker.schemas import OrchestrationResult, State
+    from sync_worker.schemas import OrchestrationResult
     from sync_worker.sockets import Connection
 
 logger = logging.getLogger("sync_worker.transport")
@@ -173,10 +174,10 @@ class SubmitTransport:
         state, proposed = result.get("state") or {}, body.get("state") or {}
         if state.get("type") == proposed.get("type") and state.get("name") == proposed.get("name"):
             state = {**proposed, **state}  # the state we proposed, as the server stamped it
-        run = TaskRun.from_json({**body, **result, "state": state})
-        if run.state is not None and run.state.is_terminal():
-            return TaskRun.from_json(self.client.request("GET", f"/task_runs/{run.id}").json())
-        return run
+        run_id = str(result.get("id") or body["id"])
+        if state.get("type") in _TERMINAL_TYPES:
+            return TaskRun.from_json(self.client.request("GET", f"/task_runs/{run_id}").json())
+        return BriefRun(run_id, {**body, **result, "state": state})
 
     def wait(self, task_run_id: str, timeout: Optional[float] = None) -> TaskRun:
         """The run once it is finished, or as it is after ``timeout`` seconds (None: no limit).
@@ -199,8 +200,9 @@ class SubmitTransport:
             from sync_worker.sockets import ConnectionLost
 
             try:
-                run = TaskRun.from_json(self._rpc(conn, {"type": "wait", "task_run_id": task_run_id, "timeout": chunk},
-                                                  "wait for task run", chunk + PUSHED_WAIT_GRACE))
+                run = LazyTaskRun.answered(self._rpc(conn, {"type": "wait", "task_run_id": task_run_id,
+                                                            "timeout": chunk},
+                                                     "wait for task run", chunk + PUSHED_WAIT_GRACE))
             except ConnectionLost as exc:
                 logger.debug("wait over the rpc socket got no answer (%s); reading the run over REST", exc)
                 run = self.client.read_task_run(task_run_id)
@@ -225,6 +227,88 @@ class SubmitTransport:
 
 def _finished(run: TaskRun) -> bool:
     return run.state is not None and run.state.is_terminal()
+
+
+_TERMINAL_TYPES = frozenset(state_type.value for state_type in TERMINAL_STATES)
+
+
+class _ReadOnFirstUse:
+    """A field of :class:`LazyTaskRun`: reads the run's JSON on first use. A non-data
+    descriptor: once read, the instance's own value is found first (no call)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __get__(self, run: Any, owner: Any = None) -> Any:
+        if run is None:
+            return self
+        run._read()
+        return run.__dict__[self.name]
+
+
+class LazyTaskRun(TaskRun):
+    """A :class:`TaskRun` whose fields other than those ``known`` are read from its JSON
+    (``source``) when one of them is first asked for, then all at once by
+    :meth:`TaskRun.from_json`; from then on it holds the same fields as a run read at once.
+
+    Why: a run's JSON has a dozen fields (four timestamps, the retry policy, ...) that the
+    hot paths never look at: ``.delay()`` needs the id, a worker on the embedded server the
+    id, name, key, state and labels. Reading them all was about a fifth of the submitter's
+    CPU per ``.delay()`` and a tenth of the worker's per run (py-spy). A field that cannot
+    be read raises when it is first asked for, as :meth:`TaskRun.from_json` would have
+    when the run arrived."""
+
+    def __init__(self, source: Optional[Dict[str, Any]] = None, **known: Any) -> None:
+        if source is None:  # built as a TaskRun is, every field given (dataclasses.replace)
+            TaskRun.__init__(self, **known)
+            return
+        self.__dict__.update(known)
+        self._source = source
+
+    def _read(self) -> None:
+        fields = self.__dict__
+        source = fields.get("_source")
+        if source is None:
+            return
+        # every field set before the source goes: a thread reading at the same time finds
+        # either the source (and reads it too, changing nothing) or every field
+        for key, value in vars(TaskRun.from_json(source)).items():
+            fields.setdefault(key, value)
+        fields.pop("_source", None)
+
+    @classmethod
+    def answered(cls, answer: Dict[str, Any]) -> LazyTaskRun:
+        """A run as a wait answers it: its id and state read now (what a waiting caller
+        looks at), the rest when asked for."""
+        state = answer.get("state")
+        return cls(answer, id=str(answer["id"]), state=State.from_json(state) if state else None)
+
+    @classmethod
+    def delivered(cls, message: Dict[str, Any]) -> LazyTaskRun:
+        """A run as a server delivers it (the whole run's JSON): what a worker needs read
+        now (id, name, key, state, labels; a malformed one raises KeyError, TypeError or
+        ValueError here, as :meth:`TaskRun.from_json` does), the rest when asked for."""
+        state = message.get("state")
+        return cls(message, id=str(message["id"]), name=message.get("name") or "", task_key=message["task_key"],
+                   state=State.from_json(state) if state else None, labels=dict(message.get("labels") or {}))
+
+
+for _field in dataclasses.fields(TaskRun):
+    setattr(LazyTaskRun, _field.name, _ReadOnFirstUse(_field.name))
+
+
+class BriefRun(LazyTaskRun):
+    """The run a brief create answer describes (see :meth:`SubmitTransport.create`): its
+    id known, the rest read when asked for (:class:`LazyTaskRun`). It is never finished (a
+    brief answer naming a finished run is replaced by a read of the whole run), which its
+    ``unfinished`` attribute says without reading anything (a copy made by
+    ``dataclasses.replace`` has none: its state may be another)."""
+
+    def __init__(self, run_id: Optional[str] = None, source: Optional[Dict[str, Any]] = None, **known: Any) -> None:
+        if source is None:
+            super().__init__(None, **known)
+            return
+        super().__init__(source, id=run_id, unfinished=True)
 
 
 class Transport:
@@ -266,6 +350,24 @@ class Transport:
                 logger.debug("set_state over the socket failed (%s); proposing %s over REST", exc, state.name)
         return self.client.set_task_run_state(task_run_id, state, force=force, retry=False)
 
+    def set_state_async(self, task_run_id: str, state: State, *, force: bool = False,
+                        on_result: Any) -> bool:
+        """Send ``state`` over the socket without waiting for the answer: True if sent, and
+        then ``on_result(result, error)`` is called once, by the thread that reads the
+        socket (see :meth:`Subscription.set_state_async`). False (nothing sent) when the
+        socket does not carry states now: the caller proposes with :meth:`set_state`."""
+        if not self.states_over_socket:
+            return False
+        from sync_worker.sockets import ConnectionLost
+        from sync_worker.subscription import FastPathUnavailable
+
+        try:
+            self.subscription.set_state_async(task_run_id, state, force, on_result)
+        except (FastPathUnavailable, ConnectionLost) as exc:
+            logger.debug("set_state over the socket failed (%s); %s is proposed the usual way", exc, state.name)
+            return False
+        return True
+
     def hand_back(self, task_run_id: str) -> bool:
         """Give an acknowledged run back to the queue now, unstarted (the embedded
         server's ``release_run`` extension). False when the open connection cannot
@@ -275,4 +377,4 @@ class Transport:
         return sub is not None and sub.hand_back(task_run_id)
 
 
-__all__ = ["SubmitTransport", "Transport", "error_for"]
+__all__ = ["BriefRun", "LazyTaskRun", "SubmitTransport", "Transport", "error_for"]

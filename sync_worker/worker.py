@@ -313,6 +313,7 @@ class TaskWorker:
         self.stopping = False
 
         self._lock = threading.RLock()
+        self._runs_done = threading.Condition(self._lock)  # notified when a run leaves in_flight
         self._slots = Slots(limit)
         self.in_flight_task_runs: dict[str, dict[str, _dt.datetime]] = {k: {} for k in self.task_keys}
         self.finished_task_runs: dict[str, int] = {k: 0 for k in self.task_keys}
@@ -586,6 +587,7 @@ class TaskWorker:
             executor = self._executor
             if executor is not None:
                 executor.shutdown(wait=True)
+            self._wait_for_reports()
             # Only now: on the embedded server the open connection is the lease of the
             # runs that were in flight. A run delivered but not acknowledged goes back to
             # the queue when it closes.
@@ -731,11 +733,16 @@ class TaskWorker:
     def _safe_run(self, task: Task[..., Any], task_run: TaskRun, delivered: bool = False,
                   dialect: Dialect | None = None) -> Outcome | None:
         outcome = None
+        released = False
 
         def release_slot() -> None:
-            # once the function returned (engine's on_executed) or at the end, whichever
+            # once, when the function returned (engine's on_executed) or at the end, whichever
             # first; a slot freed by a delivered run is worth one more delivery (credit
             # extension), unless the worker is stopping
+            nonlocal released
+            if released:
+                return
+            released = True
             if self._slots.release(task_run.id) and delivered and not self._stop_event.is_set():
                 subscription = self._subscription
                 if subscription is not None:
@@ -748,11 +755,14 @@ class TaskWorker:
                 subscription = self._subscription
                 dialect = subscription.dialect if subscription is not None and subscription.dialect else \
                     self._dialect_for([])
+            claimed = delivered and dialect is not None and dialect.claims_at_delivery
             outcome = run_task_run(
                 task, task_run, client=self._client, store=self._store, settings=self.settings,
                 subscription=self._subscription, dialect=dialect, transport=transport, on_executed=release_slot,
-                keep_trying=self._keeps_trying,
-                claimed_at_delivery=delivered and dialect is not None and dialect.claims_at_delivery,
+                keep_trying=self._keeps_trying, claimed_at_delivery=claimed,
+                # the final state's answer is handled by the socket's reader: this thread is free now
+                on_reported=(lambda outcome: self._run_done(task, task_run, delivered)) if claimed else None,
+                run_later=self._run_later,
             )
             logger.debug("Task run %s finished here: %s", task_run.id, outcome.value)
             if outcome is Outcome.UNCLAIMED and delivered:
@@ -763,14 +773,41 @@ class TaskWorker:
             logger.exception("Failed to submit task run %r", task_run.id)
         finally:
             release_slot()
-            if delivered and self._subscription is not None:
-                self._subscription.flush_credit()  # credit no set_state frame carried
-            # after the slot: a run counted finished has given its slot back
-            with self._lock:
-                self.in_flight_task_runs.setdefault(task.task_key, {}).pop(task_run.id, None)
-                self.finished_task_runs[task.task_key] = self.finished_task_runs.get(task.task_key, 0) + 1
-                metrics.RUNS_IN_FLIGHT.dec()
+            if outcome is not Outcome.REPORTING:  # else when the answer comes (on_reported)
+                self._run_done(task, task_run, delivered)
         return outcome
+
+    def _run_later(self, fn: Callable[[], None]) -> None:
+        """On a run thread (the rest of a report whose answer was not an ACCEPT); raises
+        RuntimeError when the run threads are shut down."""
+        executor = self._executor
+        if executor is None:
+            raise RuntimeError("no run threads")
+        executor.submit(fn)
+
+    def _run_done(self, task: Task[..., Any], task_run: TaskRun, delivered: bool) -> None:
+        """A run is reported (or given up): no longer in flight. Called by its run thread, or,
+        when its final state went without waiting (:attr:`Outcome.REPORTING`), by the thread
+        that handled the answer."""
+        if delivered and self._subscription is not None:
+            self._subscription.flush_credit()  # credit no set_state frame carried
+        # after the slot: a run counted finished has given its slot back
+        with self._lock:
+            self.in_flight_task_runs.setdefault(task.task_key, {}).pop(task_run.id, None)
+            self.finished_task_runs[task.task_key] = self.finished_task_runs.get(task.task_key, 0) + 1
+            metrics.RUNS_IN_FLIGHT.dec()
+            self._runs_done.notify_all()
+
+    def _wait_for_reports(self) -> None:
+        """Once the run threads are done: the final states still waiting for their answer
+        (sent without waiting, :attr:`Outcome.REPORTING`), until the drain deadline. Their
+        answers come over the subscription, which stays open until then."""
+        with self._runs_done:
+            while any(self.in_flight_task_runs.values()):
+                remaining = (self._drain_deadline or 0.0) - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._runs_done.wait(remaining)
 
     def execute_task_run(self, task_run: TaskRun) -> Outcome | None:
         """Execute one given run now, in the calling thread, within the limit (it waits
@@ -793,6 +830,7 @@ class TaskWorker:
         """In a forked child: the parent's threads, sockets and pool are not ours."""
         was_running = self.started or not self._done.is_set()
         self._lock = threading.RLock()
+        self._runs_done = threading.Condition(self._lock)
         self._slots = Slots(self._limit)
         self.in_flight_task_runs = {k: {} for k in self.task_keys}
         self._started_at = None

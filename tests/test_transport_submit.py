@@ -7,6 +7,7 @@ rpc server that announces it or not, so that it holds whether or not the embedde
 this tree announces it; the tests against the real server hold either way."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import threading
@@ -20,9 +21,9 @@ from simple_websocket.errors import ConnectionClosed
 from werkzeug.serving import make_server
 
 from sync_worker.client import Client
-from sync_worker.schemas import Completed, Pending, Running, Scheduled, StateType, task_run_create
+from sync_worker.schemas import Completed, Pending, Running, Scheduled, StateType, TaskRun, task_run_create
 from sync_worker.storage import LocalDirectoryStore, write_result
-from sync_worker.tasks import task
+from sync_worker.tasks import TaskRunFuture, task
 from sync_worker.transport import BRIEF_CREATE
 
 
@@ -243,3 +244,24 @@ def test_a_wait_whose_socket_breaks_reads_the_run_over_rest(fake_rpc):
         run = client.transport.wait(body["id"], timeout=10)
     assert [m["type"] for m in server.messages] == ["wait"]
     assert run.state.type is StateType.COMPLETED
+
+
+def test_a_brief_run_reads_its_json_only_when_asked_and_then_is_the_whole_run():
+    from sync_worker.transport import BriefRun
+
+    body = task_run_create(name="noop", task_key="t.noop", state=Scheduled())
+    result = {"id": body["id"], "state": {"type": "SCHEDULED", "name": "Scheduled",
+                                          "timestamp": "2026-11-30T10:10:34.141569Z"}}
+    source = {**body, **result, "state": {**body["state"], **result["state"]}}
+    run = BriefRun(body["id"], source)
+    assert isinstance(run, TaskRun) and run.unfinished
+    assert set(vars(run)) == {"id", "unfinished", "_source"}  # nothing read yet
+    assert run.state.type is StateType.SCHEDULED and run.state.timestamp is not None
+    assert "_source" not in vars(run)
+    whole = TaskRun.from_json(source)
+    assert {k: v for k, v in vars(run).items() if k != "unfinished"} == vars(whole)
+    # a copy with another state is a run like any other (dataclasses.replace, as dialects do)
+    finished = dataclasses.replace(run, state=Completed())
+    assert finished.state.type is StateType.COMPLETED and TaskRunFuture._finished(finished)
+    assert finished.id == run.id and finished.created == whole.created
+    assert run.unfinished and not TaskRunFuture._finished(run)

@@ -105,7 +105,16 @@ def test_a_run_delivered_while_every_thread_still_reports_starts_at_once(api_env
             time.sleep(0.01)
         return False
 
+    original_async = sockets.Connection.request_async
+
+    def request_async(self, message, on_answer, with_owed_credit=False):
+        # the final state sent without waiting for its answer: the same hold, after sending
+        original_async(self, message, on_answer, with_owed_credit)
+        if message.get("type") == "set_state" and message.get("task_run_id") == first.task_run_id:
+            held.append(wait_until_b())
+
     monkeypatch.setattr(sockets.Connection, "request", request)
+    monkeypatch.setattr(sockets.Connection, "request_async", request_async)
     start_worker(perf_tasks.note_start, limit=1)
     first = perf_tasks.note_start.delay("a")
     assert first.result(timeout=60) == "a"
