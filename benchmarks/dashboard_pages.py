@@ -17,9 +17,11 @@ page makes (one keep-alive ``requests`` session, ``--repeat`` times each):
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import random
+import shutil
 import sqlite3
 import statistics
 import sys
@@ -117,6 +119,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=20)
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="sync-worker-dashboard-")
+    atexit.register(shutil.rmtree, tmp, True)  # the database and files go when the script ends
     database = os.path.join(tmp, "server.db")
     started = time.perf_counter()
     fill(database, args.runs)

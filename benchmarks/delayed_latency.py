@@ -12,7 +12,9 @@ the same database before the runs are due (durability of the schedule).
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -36,6 +38,7 @@ def main() -> int:
     parser.add_argument("--restart", action="store_true")
     args = parser.parse_args()
     tmp = tempfile.mkdtemp(prefix="sync-worker-delayed-")
+    atexit.register(shutil.rmtree, tmp, True)  # the database and files go when the script ends
     os.environ["SYNC_WORKER_STORAGE"] = os.path.join(tmp, "store")
     server, url = start_server(tmp)
     os.environ["SYNC_WORKER_API_URL"] = url

@@ -14,7 +14,9 @@ the server's timestamps.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -40,6 +42,7 @@ def main() -> int:
     args = parser.parse_args()
 
     tmp = Path(tempfile.mkdtemp(prefix="sync-worker-django-bench-"))
+    atexit.register(shutil.rmtree, tmp, True)  # the database and files go when the script ends
     port = _free_port()
     env = {
         **os.environ,

@@ -19,6 +19,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import atexit
 import base64
 import http.client
 import json
@@ -26,6 +27,7 @@ import multiprocessing
 import os
 import queue
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -283,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     tmp = tempfile.mkdtemp(prefix="sync-worker-bench-")
+    atexit.register(shutil.rmtree, tmp, True)  # the database and files go when the script ends
     db = args.db or os.path.join(tmp, "bench.db")
     url, process = start_server(args, db)
     task_key = f"bench-{uuid.uuid4().hex[:8]}"
