@@ -98,7 +98,7 @@ if _orjson is not None:
     def loads(text: str | bytes | bytearray) -> Any:
         """``json.loads(text)``: the same values, the same errors."""
         data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
-        if _LONG_NUMBER not in data.translate(_DIGITS):
+        if not has_long_number(data):
             try:
                 return _decode(data)
             except (_OrjsonDecodeError, RecursionError):

@@ -81,8 +81,7 @@ def _finite_float(text: str) -> float:
 # built once: json.loads(text, parse_constant=..., parse_float=...) builds a decoder per call
 _DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float)
 _fast_loads = jsoncodec.fast_loads  # orjson's parser, or None (not installed, SYNC_WORKER_JSON=stdlib)
-_DIGITS = jsoncodec._DIGITS
-_LONG_NUMBER = jsoncodec._LONG_NUMBER
+_has_long_number = jsoncodec.has_long_number
 
 
 def loads(raw: bytes | str, what: str = "body") -> Any:
@@ -95,7 +94,7 @@ def loads(raw: bytes | str, what: str = "body") -> Any:
     float, goes through the stdlib path, so every refusal is worded exactly as without orjson."""
     if _fast_loads is not None:
         data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else raw
-        if _LONG_NUMBER not in data.translate(_DIGITS):
+        if not _has_long_number(data):
             try:
                 value = _fast_loads(data)
             except (ValueError, RecursionError):
