@@ -390,11 +390,19 @@ class _SQLiteTransaction(Transaction):
         return row.seq  # type: ignore[return-value]
 
     def update_run(self, row: RunRow) -> None:
-        self._conn.execute(
-            "UPDATE task_runs SET state_type = ?, qstate = ?, due = ?, deliveries = ?, data = ?, holder = ?"
-            " WHERE id = ?",
-            (row.state_type, row.qstate, row.due, row.deliveries, row.dump(), row.holder, row.id),
-        )
+        # by seq (the rowid: one b-tree search) when known, as it is for every row read here
+        if row.seq is not None:
+            self._conn.execute(
+                "UPDATE task_runs SET state_type = ?, qstate = ?, due = ?, deliveries = ?, data = ?, holder = ?"
+                " WHERE seq = ?",
+                (row.state_type, row.qstate, row.due, row.deliveries, row.dump(), row.holder, row.seq),
+            )
+        else:
+            self._conn.execute(
+                "UPDATE task_runs SET state_type = ?, qstate = ?, due = ?, deliveries = ?, data = ?, holder = ?"
+                " WHERE id = ?",
+                (row.state_type, row.qstate, row.due, row.deliveries, row.dump(), row.holder, row.id),
+            )
         self.touched.append(row.id)
         if row.run.get("state_id") != row.recorded_state_id:
             self._record_state(row)
@@ -417,7 +425,7 @@ class _SQLiteTransaction(Transaction):
         row = self.get_run(run_id)
         if row is None:
             return None
-        self._conn.execute("DELETE FROM task_runs WHERE id = ?", (run_id,))
+        self._conn.execute("DELETE FROM task_runs WHERE seq = ?", (row.seq,))
         self._conn.execute("DELETE FROM task_run_states WHERE run_seq = ?", (row.seq,))
         self._db._cache.pop(run_id, None)
         return row

@@ -51,6 +51,7 @@ _STATE_DETAILS_DEFAULTS: dict[str, Any] = {
     "transition_id": None,
     "untrackable_result": False,
 }
+_STATE_DETAILS_KEYS = frozenset(_STATE_DETAILS_DEFAULTS)
 
 
 class ValidationError(ValueError):
@@ -315,8 +316,12 @@ def make_state(state_type: str, run_id: str, now: float, *, name: str | None = N
                message: str | None = None, data: Any = None, details: Mapping[str, Any] | None = None,
                scheduled_time: float | None = None) -> dict[str, Any]:
     """A full State JSON object as the server returns it."""
-    state_details = dict(_STATE_DETAILS_DEFAULTS)
-    if details:
+    if not details:
+        state_details = _STATE_DETAILS_DEFAULTS.copy()
+    elif details.keys() <= _STATE_DETAILS_KEYS:  # the usual case: one C-level merge
+        state_details = {**_STATE_DETAILS_DEFAULTS, **details}
+    else:  # keys we do not know are dropped
+        state_details = _STATE_DETAILS_DEFAULTS.copy()
         for key, value in details.items():
             if key in state_details:
                 state_details[key] = value
