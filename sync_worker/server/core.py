@@ -414,10 +414,10 @@ class Core:
 
 
 def _parse_due(state: dict[str, Any], now: float) -> float:
-    from .models import parse_time
+    from .models import iso, parse_time
 
     scheduled = state["state_details"].get("scheduled_time")
-    if not scheduled:
+    if not scheduled or scheduled == iso(now):  # due now (iso(now) is the text just made of it)
         return now
     try:
         return parse_time(scheduled, [])

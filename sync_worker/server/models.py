@@ -164,6 +164,7 @@ def parse_time(value: Any, loc: list[Any]) -> float:
 
 
 _random = random.Random()
+_getrandbits = _random.getrandbits
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_random.seed)  # a forked child must not repeat our ids
 
@@ -177,7 +178,7 @@ def new_id() -> str:
     """A random (version 4) UUID. From a seeded PRNG rather than os.urandom: ids need to be
     unique, not secret, and os.urandom is a system call that releases the GIL on the hot path.
     Formatted here rather than through :class:`uuid.UUID` (the same text, half the time)."""
-    h = "%032x" % (_random.getrandbits(128) & _V4_CLEAR | _V4_SET)
+    h = (_getrandbits(128) & _V4_CLEAR | _V4_SET).to_bytes(16, "big").hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
