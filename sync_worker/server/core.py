@@ -17,7 +17,7 @@ from typing import Any
 
 from .database import QSTATE_MEMORY, QSTATE_NONE, Database, RunRow, Transaction
 from .database import dumps as _dumps
-from .models import TERMINAL, ValidationError, build_task_run, validate_state
+from .models import TERMINAL, ValidationError, build_task_run, iso, parse_time, validate_state
 from .orchestration import ACCEPT_DETAILS, orchestrate, orchestrate_prefect
 from .retention import delete_parameters_when_completed
 from .runqueue import RunQueue
@@ -414,8 +414,6 @@ class Core:
 
 
 def _parse_due(state: dict[str, Any], now: float) -> float:
-    from .models import iso, parse_time
-
     scheduled = state["state_details"].get("scheduled_time")
     if not scheduled or scheduled == iso(now):  # due now (iso(now) is the text just made of it)
         return now

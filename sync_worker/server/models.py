@@ -190,6 +190,8 @@ def _str(body: Mapping[str, Any], name: str, loc: list[Any], *, required: bool =
             raise ValidationError(loc + [name], "Field required", "missing")
         return default
     value = body[name]
+    if value.__class__ is str and len(value) <= max_length:  # valid: no error location to build
+        return value
     if value is None and nullable and not required:
         return None
     if not isinstance(value, str):
