@@ -147,7 +147,7 @@ class Core:
                 else:
                     claimed.append(waiter)
                     try:
-                        self._set_state_op(row.id, waiter.claim_state, False, waiter.client_id, answer=False)(tx)
+                        self._set_state_op(row.id, waiter.claim_state, False, waiter.client_id, False)(tx)
                     except BaseException:
                         tx.delete_run(row.id)  # an operation that raises has written nothing
                         raise
@@ -189,7 +189,8 @@ class Core:
         """The write operation; its result is the orchestration result as JSON text.
         ``holder``: client_id of the subscription the proposal came over (it holds the run).
         ``answer=False``: the caller never reads the result (a claim: it sends the run), so
-        the text is not made and the result is ``""``."""
+        the text is not made and the result is ``""``. Callers pass it by position (tests wrap
+        this method with ``(run_id, proposed, force, *args)``)."""
         queue = self.queue
 
         def op(tx: Transaction) -> str:
@@ -260,7 +261,7 @@ class Core:
         proposed = claim_proposal(holder)
 
         def make_op(run_id: str) -> Callable[[Transaction], str | None]:
-            set_running = self._set_state_op(run_id, proposed, False, holder, answer=False)
+            set_running = self._set_state_op(run_id, proposed, False, holder, False)
 
             def op(tx: Transaction) -> str | None:
                 row = tx.get_run(run_id)
