@@ -17,12 +17,15 @@ from typing import Any
 
 from .database import QSTATE_MEMORY, QSTATE_NONE, Database, RunRow, Transaction
 from .database import dumps as _dumps
-from .models import TERMINAL, ValidationError, build_task_run, validate_state
-from .orchestration import orchestrate, orchestrate_prefect
+from .models import TERMINAL, ValidationError, build_task_run, iso, parse_time, validate_state
+from .orchestration import ACCEPT_DETAILS, orchestrate, orchestrate_prefect
 from .retention import delete_parameters_when_completed
 from .runqueue import RunQueue
 
 logger = logging.getLogger("sync_worker.server.core")
+
+#: the text of :data:`.orchestration.ACCEPT_DETAILS` (every accepted proposal's details)
+_ACCEPT_DETAILS = _dumps(ACCEPT_DETAILS)
 
 
 class NotFound(LookupError):
@@ -144,7 +147,7 @@ class Core:
                 else:
                     claimed.append(waiter)
                     try:
-                        self._set_state_op(row.id, waiter.claim_state, False, waiter.client_id)(tx)
+                        self._set_state_op(row.id, waiter.claim_state, False, waiter.client_id, False)(tx)
                     except BaseException:
                         tx.delete_run(row.id)  # an operation that raises has written nothing
                         raise
@@ -182,9 +185,12 @@ class Core:
         logger.debug("deleted task run %s", run_id)
 
     def _set_state_op(self, run_id: str, proposed: dict[str, Any], force: bool,
-                      holder: str | None = None) -> Callable[[Transaction], str]:
+                      holder: str | None = None, answer: bool = True) -> Callable[[Transaction], str]:
         """The write operation; its result is the orchestration result as JSON text.
-        ``holder``: client_id of the subscription the proposal came over (it holds the run)."""
+        ``holder``: client_id of the subscription the proposal came over (it holds the run).
+        ``answer=False``: the caller never reads the result (a claim: it sends the run), so
+        the text is not made and the result is ``""``. Callers pass it by position (tests wrap
+        this method with ``(run_id, proposed, force, *args)``)."""
         queue = self.queue
 
         def op(tx: Transaction) -> str:
@@ -226,9 +232,12 @@ class Core:
             else:
                 logger.debug("task run %s: %s proposed in %s -> %s", run_id, proposed["type"], previous,
                              decision.status)
+            if not answer:
+                return ""
             # decision.state is the run's current state in every case (new, or kept)
+            details = decision.details
             return (f'{{"status":"{decision.status}","state":{row.state_json()},'
-                    f'"details":{_dumps(decision.details)}}}')
+                    f'"details":{_ACCEPT_DETAILS if details is ACCEPT_DETAILS else _dumps(details)}}}')
 
         return op
 
@@ -252,7 +261,7 @@ class Core:
         proposed = claim_proposal(holder)
 
         def make_op(run_id: str) -> Callable[[Transaction], str | None]:
-            set_running = self._set_state_op(run_id, proposed, False, holder)
+            set_running = self._set_state_op(run_id, proposed, False, holder, False)
 
             def op(tx: Transaction) -> str | None:
                 row = tx.get_run(run_id)
@@ -406,10 +415,8 @@ class Core:
 
 
 def _parse_due(state: dict[str, Any], now: float) -> float:
-    from .models import parse_time
-
     scheduled = state["state_details"].get("scheduled_time")
-    if not scheduled:
+    if not scheduled or scheduled == iso(now):  # due now (iso(now) is the text just made of it)
         return now
     try:
         return parse_time(scheduled, [])

@@ -47,6 +47,8 @@ logger = logging.getLogger("sync_worker.server.database")
 QSTATE_NONE = 0  # not queued (not SCHEDULED, or not a background run)
 QSTATE_DB = 1  # queued, waiting in the database (not loaded into memory yet, or not due)
 QSTATE_MEMORY = 2  # queued and loaded into the server's in-memory buffer, or delivered
+# A run's qstate is QSTATE_NONE unless it is SCHEDULED: every change out of SCHEDULED sets it
+# (recovery relies on it to find the runs of QSTATE_MEMORY without an index of their own).
 
 
 class DatabaseClosed(RuntimeError):
@@ -294,8 +296,11 @@ CREATE TABLE IF NOT EXISTS task_runs (
 CREATE INDEX IF NOT EXISTS ix_task_runs_queue ON task_runs (task_key, seq) WHERE qstate = 1;
 -- queued runs not due yet (retries), found at start-up
 CREATE INDEX IF NOT EXISTS ix_task_runs_due ON task_runs (due) WHERE qstate = 1;
--- runs loaded in memory, reset at start-up
-CREATE INDEX IF NOT EXISTS ix_task_runs_memory ON task_runs (qstate) WHERE qstate = 2;
+-- runs loaded in memory (qstate = 2) are found at start-up through ix_task_runs_key_state
+-- (they are SCHEDULED): their own index, written at nearly every create and claim, cost a page
+-- write in most commits. Databases of earlier versions lose it here, and an earlier version that
+-- opens the file again simply builds it again.
+DROP INDEX IF EXISTS ix_task_runs_memory;
 -- runs a worker held when the server stopped
 CREATE INDEX IF NOT EXISTS ix_task_runs_active ON task_runs (state_type)
     WHERE state_type IN ('PENDING', 'RUNNING');
@@ -390,11 +395,19 @@ class _SQLiteTransaction(Transaction):
         return row.seq  # type: ignore[return-value]
 
     def update_run(self, row: RunRow) -> None:
-        self._conn.execute(
-            "UPDATE task_runs SET state_type = ?, qstate = ?, due = ?, deliveries = ?, data = ?, holder = ?"
-            " WHERE id = ?",
-            (row.state_type, row.qstate, row.due, row.deliveries, row.dump(), row.holder, row.id),
-        )
+        # by seq (the rowid: one b-tree search) when known, as it is for every row read here
+        if row.seq is not None:
+            self._conn.execute(
+                "UPDATE task_runs SET state_type = ?, qstate = ?, due = ?, deliveries = ?, data = ?, holder = ?"
+                " WHERE seq = ?",
+                (row.state_type, row.qstate, row.due, row.deliveries, row.dump(), row.holder, row.seq),
+            )
+        else:
+            self._conn.execute(
+                "UPDATE task_runs SET state_type = ?, qstate = ?, due = ?, deliveries = ?, data = ?, holder = ?"
+                " WHERE id = ?",
+                (row.state_type, row.qstate, row.due, row.deliveries, row.dump(), row.holder, row.id),
+            )
         self.touched.append(row.id)
         if row.run.get("state_id") != row.recorded_state_id:
             self._record_state(row)
@@ -417,7 +430,7 @@ class _SQLiteTransaction(Transaction):
         row = self.get_run(run_id)
         if row is None:
             return None
-        self._conn.execute("DELETE FROM task_runs WHERE id = ?", (run_id,))
+        self._conn.execute("DELETE FROM task_runs WHERE seq = ?", (row.seq,))
         self._conn.execute("DELETE FROM task_run_states WHERE run_seq = ?", (row.seq,))
         self._db._cache.pop(run_id, None)
         return row
@@ -832,8 +845,11 @@ class SQLiteDatabase(Database):
         def op(tx: Transaction) -> RecoveryInfo:
             conn = self._writer_conn
             # Runs that were in the old process's memory (buffered or sent, never claimed)
-            # wait in the database again.
-            conn.execute("UPDATE task_runs SET qstate = 1 WHERE qstate = 2")
+            # wait in the database again. They are SCHEDULED: found key by key through
+            # ix_task_runs_key_state (the SCHEDULED runs of each key, not the whole table).
+            for key in _task_keys(conn):
+                conn.execute("UPDATE task_runs SET qstate = 1 WHERE task_key = ? AND state_type = 'SCHEDULED'"
+                             " AND qstate = 2", (key,))
             self._cache.clear()
             keys = [r[0] for r in conn.execute("SELECT DISTINCT task_key FROM task_runs WHERE qstate = 1")]
             now = time.time()
@@ -870,6 +886,17 @@ class SQLiteDatabase(Database):
                 except sqlite3.Error:  # pragma: no cover
                     pass
             self._all_readers.clear()
+
+
+def _task_keys(conn: sqlite3.Connection) -> list[str]:
+    """Every task key that has runs, one index seek each (ix_task_runs_key_state), not a scan
+    of all the runs."""
+    keys: list[str] = []
+    found = conn.execute("SELECT min(task_key) FROM task_runs").fetchone()[0]
+    while found is not None:
+        keys.append(found)
+        found = conn.execute("SELECT min(task_key) FROM task_runs WHERE task_key > ?", (found,)).fetchone()[0]
+    return keys
 
 
 def _ignore(result: Any, error: BaseException | None) -> None:

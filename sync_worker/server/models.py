@@ -51,6 +51,7 @@ _STATE_DETAILS_DEFAULTS: dict[str, Any] = {
     "transition_id": None,
     "untrackable_result": False,
 }
+_STATE_DETAILS_KEYS = frozenset(_STATE_DETAILS_DEFAULTS)
 
 
 class ValidationError(ValueError):
@@ -163,6 +164,7 @@ def parse_time(value: Any, loc: list[Any]) -> float:
 
 
 _random = random.Random()
+_getrandbits = _random.getrandbits
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_random.seed)  # a forked child must not repeat our ids
 
@@ -176,7 +178,7 @@ def new_id() -> str:
     """A random (version 4) UUID. From a seeded PRNG rather than os.urandom: ids need to be
     unique, not secret, and os.urandom is a system call that releases the GIL on the hot path.
     Formatted here rather than through :class:`uuid.UUID` (the same text, half the time)."""
-    h = "%032x" % (_random.getrandbits(128) & _V4_CLEAR | _V4_SET)
+    h = (_getrandbits(128) & _V4_CLEAR | _V4_SET).to_bytes(16, "big").hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
@@ -188,6 +190,8 @@ def _str(body: Mapping[str, Any], name: str, loc: list[Any], *, required: bool =
             raise ValidationError(loc + [name], "Field required", "missing")
         return default
     value = body[name]
+    if value.__class__ is str and len(value) <= max_length:  # valid: no error location to build
+        return value
     if value is None and nullable and not required:
         return None
     if not isinstance(value, str):
@@ -315,8 +319,12 @@ def make_state(state_type: str, run_id: str, now: float, *, name: str | None = N
                message: str | None = None, data: Any = None, details: Mapping[str, Any] | None = None,
                scheduled_time: float | None = None) -> dict[str, Any]:
     """A full State JSON object as the server returns it."""
-    state_details = dict(_STATE_DETAILS_DEFAULTS)
-    if details:
+    if not details:
+        state_details = _STATE_DETAILS_DEFAULTS.copy()
+    elif details.keys() <= _STATE_DETAILS_KEYS:  # the usual case: one C-level merge
+        state_details = {**_STATE_DETAILS_DEFAULTS, **details}
+    else:  # keys we do not know are dropped
+        state_details = _STATE_DETAILS_DEFAULTS.copy()
         for key, value in details.items():
             if key in state_details:
                 state_details[key] = value

@@ -88,6 +88,11 @@ def match(current: str | None, proposed: str) -> Rule:
     return _MATCH.get((current, proposed)) or _match(current, proposed)
 
 
+#: the details of every accepted proposal (one object, so its text is made once: see core.py);
+#: never modified
+ACCEPT_DETAILS: dict[str, Any] = {"type": "accept_details"}
+
+
 @dataclass
 class Decision:
     """The orchestration result, and what the server must do with the run."""
@@ -167,7 +172,7 @@ def orchestrate(run: dict[str, Any], proposed: dict[str, Any], force: bool, now:
                        details=details, scheduled_time=scheduled_time)
     _apply(run, state, now)
     queue = target == "SCHEDULED" and (background or bool(details.get("deferred")))
-    return Decision(ACCEPT, state, {"type": "accept_details"}, changed=True, queue=queue,
+    return Decision(ACCEPT, state, ACCEPT_DETAILS, changed=True, queue=queue,
                     due=scheduled_time or now)
 
 
@@ -333,5 +338,5 @@ def orchestrate_prefect(run: dict[str, Any], proposed: dict[str, Any], force: bo
         run["end_time"] = None  # SetEndTime: leaving a final state clears it
     _apply(run, state, now)
     queue = target == "SCHEDULED" and deferred  # EnqueueScheduledTasks
-    return Decision(ACCEPT, state, {"type": "accept_details"}, changed=True, queue=queue,
+    return Decision(ACCEPT, state, ACCEPT_DETAILS, changed=True, queue=queue,
                     due=scheduled_time or now)

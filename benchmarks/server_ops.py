@@ -1,0 +1,211 @@
+#!/usr/bin/env python3
+"""The embedded server's per-run operations alone: no sockets, no frames, no threads but the
+database's own.
+
+Why: the server's CPU per run in a drain is operations (validation, orchestration, SQLite and its
+commits) plus messaging; this measures the first part of two source trees side by side, so that
+a change to ``server/{core,models,orchestration,database}.py`` can be judged without the noise of
+a whole drain on a shared machine.
+
+Modes (each in a fresh subprocess per tree and round, with a fresh SQLite file):
+- ``drain``: creates gathered ``--batch`` at a time (as an rpc connection's burst is), then the
+  claims of those runs queued together with the final states (COMPLETED) of the previous batch
+  (as a claim-at-delivery subscription sends them): about 2 / batch commits per run;
+- ``idle``: one run at a time, claimed at create for an idle claim-at-delivery subscriber (one
+  commit: insert + claim), then its COMPLETED state (a second commit): the idle path's two
+  commits.
+
+Two measures:
+- CPU ms per run (``time.process_time``), interleaved rounds, median and range;
+- ``--instructions``: instructions per run counted by valgrind (callgrind): the difference of a
+  long and a short run, divided by the difference in runs. It does not depend on the load of the
+  machine, so it tells a few per cent apart where CPU time cannot; it is slow (minutes).
+
+Examples:
+    python3 benchmarks/server_ops.py --src /tmp/base,. --rounds 5
+    python3 benchmarks/server_ops.py --src /tmp/base,. --mode idle --instructions
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _body() -> dict[str, Any]:
+    return {"dynamic_key": f"echo-{uuid.uuid4().hex}", "empirical_policy": {"retries": 0, "retry_delay": 0},
+            "flow_run_id": None, "name": "echo", "tags": [], "task_inputs": {"x": []}, "task_key": "echo-1",
+            "id": str(uuid.uuid4()),
+            "state": {"name": "Scheduled", "type": "SCHEDULED",
+                      "state_details": {"deferred": True, "task_parameters_id": str(uuid.uuid4())}}}
+
+
+def child(src: str, mode: str, runs: int, batch: int, warmup: int) -> None:
+    """Runs in a subprocess with ``src`` first on sys.path; prints ``cpu_ms_per_run``."""
+    sys.path.insert(0, src)
+    from sync_worker.server.core import Core, claim_proposal
+    from sync_worker.server.database import SQLiteDatabase
+    from sync_worker.server.models import validate_state
+    from sync_worker.server.runqueue import RunQueue
+
+    tmp = tempfile.mkdtemp(prefix="sync-worker-server-ops-")
+    db = SQLiteDatabase(os.path.join(tmp, "ops.db"), cache_size=500)
+    queue = RunQueue(db, lease_timeout=60)
+    core = Core(db, queue)
+    completed = validate_state({"type": "COMPLETED", "name": "Completed", "state_details": {},
+                                "data": {"storage_key": "result.abc", "serializer": "json"}}, ["state"])
+    errors: list[BaseException] = []
+
+    def check(result: Any, error: BaseException | None) -> None:
+        if error is not None:
+            errors.append(error)
+
+    def drain(count: int) -> None:
+        previous: list[str] = []
+        for start in range(0, count, batch):
+            ids = []
+            with db.gathering():
+                for _ in range(min(batch, count - start)):
+                    body = _body()
+                    ids.append(body["id"])
+                    core.create_task_run_async(body, check, brief=True)
+            finals = [(run_id, completed, False, check) for run_id in previous]
+            claimed = core.claim_at_delivery(ids, "bench-1", before=finals)
+            if not all(isinstance(text, str) for text in claimed):
+                raise SystemExit(f"a claim failed: {claimed}")
+            previous = ids
+        core.claim_at_delivery([], "bench-1", before=[(r, completed, False, check) for r in previous])
+
+    class IdleSubscriber:
+        """What RunQueue.claim_for needs of an idle claim-at-delivery subscription."""
+
+        def __init__(self) -> None:
+            self.keys = ["echo-1"]
+            self.leased: set[str] = set()
+            self.client_id = "bench-1"
+            self.claim_state = claim_proposal("bench-1")
+            self.delivered: list[str] = []
+
+        def reserve(self) -> bool:
+            return True
+
+        def unreserve(self) -> None:
+            pass
+
+        def deliver_reserved(self, run_id: str, text: str) -> None:
+            self.delivered.append(run_id)
+
+        def wake(self) -> None:
+            pass
+
+    subscriber = IdleSubscriber()
+
+    def idle(count: int) -> None:
+        for _ in range(count):
+            with db.gathering():
+                core.create_task_run_async(_body(), check, brief=True)
+            run_id = subscriber.delivered[-1]
+            core.set_states_async([(run_id, completed, False, check)], holder="bench-1")
+            subscriber.leased.discard(run_id)
+
+    if mode == "idle":
+        if queue.take(subscriber) is not None:
+            raise SystemExit("the queue was not empty")
+    work = drain if mode == "drain" else idle
+    work(warmup)
+    started = time.process_time()
+    work(runs)
+    cpu = time.process_time() - started
+    deadline = time.monotonic() + 10
+    while threading.active_count() > 3 and time.monotonic() < deadline:  # callbacks of the last batch
+        time.sleep(0.01)
+    if mode == "idle" and len(subscriber.delivered) != runs + warmup:
+        raise SystemExit(f"claimed at create: {len(subscriber.delivered)} of {runs + warmup}")
+    if errors:
+        raise SystemExit(f"{len(errors)} operations failed, the first: {errors[0]!r}")
+    queue.stop()
+    db.close()
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"cpu_ms_per_run {1000 * cpu / runs:.4f}")
+
+
+def _child_cmd(src: str, args: argparse.Namespace, runs: int) -> list[str]:
+    return [sys.executable, os.path.abspath(__file__), "--_child", src, "--mode", args.mode, "--runs", str(runs),
+            "--batch", str(args.batch), "--warmup", str(args.warmup)]
+
+
+def cpu_per_run(src: str, args: argparse.Namespace) -> float:
+    out = subprocess.run(_child_cmd(src, args, args.runs), capture_output=True, text=True, timeout=600)
+    found = re.search(r"cpu_ms_per_run ([\d.]+)", out.stdout)
+    if not found:
+        raise SystemExit(f"{src}: {out.stdout}{out.stderr}")
+    return float(found.group(1))
+
+
+def instructions_per_run(src: str, args: argparse.Namespace) -> float:
+    def count(runs: int) -> int:
+        cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *_child_cmd(src, args, runs)]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+        found = re.search(r"Collected : (\d+)", out.stderr)
+        if not found:
+            raise SystemExit(f"{src}: valgrind said {out.stderr[-2000:]}")
+        return int(found.group(1))
+
+    short, long = args.runs // 4, args.runs
+    return (count(long) - count(short)) / (long - short)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--src", default=os.path.dirname(HERE),
+                        help="comma list of source trees (default: this one)")
+    parser.add_argument("--mode", choices=["drain", "idle"], default="drain")
+    parser.add_argument("--runs", type=int, default=None, help="runs measured (default 5000; 800 with --instructions)")
+    parser.add_argument("--batch", type=int, default=3, help="drain: runs per create burst (default 3)")
+    parser.add_argument("--warmup", type=int, default=300)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--instructions", action="store_true", help="count instructions with valgrind (one round)")
+    parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.runs is None:
+        args.runs = 800 if args.instructions else 5000
+    if args._child:
+        child(args._child, args.mode, args.runs, args.batch, args.warmup)
+        return 0
+    trees = [os.path.abspath(s) for s in args.src.split(",")]
+    load = os.getloadavg()[0]
+    if args.instructions:
+        if shutil.which("valgrind") is None:
+            raise SystemExit("--instructions needs valgrind")
+        for src in trees:
+            print(f"{src}: {instructions_per_run(src, args):,.0f} instructions per run ({args.mode})", flush=True)
+        return 0
+    results: dict[str, list[float]] = {src: [] for src in trees}
+    for _ in range(args.rounds):
+        for src in trees:
+            results[src].append(cpu_per_run(src, args))
+    print(f"mode {args.mode}, {args.runs} runs, batch {args.batch}, {args.rounds} interleaved rounds, "
+          f"load average {load:.1f} before / {os.getloadavg()[0]:.1f} after")
+    for src, values in results.items():
+        print(f"{src}: CPU {statistics.median(values):.3f} ms/run ({min(values):.3f}-{max(values):.3f})")
+    if len(trees) > 1:
+        first = results[trees[0]]
+        for src in trees[1:]:
+            ratios = [b / a for a, b in zip(first, results[src], strict=True)]
+            print(f"{src} / {trees[0]}: {statistics.median(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) per round")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
