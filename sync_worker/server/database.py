@@ -51,6 +51,11 @@ QSTATE_MEMORY = 2  # queued and loaded into the server's in-memory buffer, or de
 # (recovery relies on it to find the runs of QSTATE_MEMORY without an index of their own).
 
 
+_UPDATE_RUN = "UPDATE task_runs SET state_type = ?, qstate = ?, due = ?, deliveries = ?, data = ?, holder = ?"
+_UPDATE_RUN_BY_SEQ = _UPDATE_RUN + " WHERE seq = ?"
+_UPDATE_RUN_BY_ID = _UPDATE_RUN + " WHERE id = ?"
+
+
 class DatabaseClosed(RuntimeError):
     """The database was closed (the server is stopping)."""
 
@@ -396,18 +401,12 @@ class _SQLiteTransaction(Transaction):
 
     def update_run(self, row: RunRow) -> None:
         # by seq (the rowid: one b-tree search) when known, as it is for every row read here
-        if row.seq is not None:
-            self._conn.execute(
-                "UPDATE task_runs SET state_type = ?, qstate = ?, due = ?, deliveries = ?, data = ?, holder = ?"
-                " WHERE seq = ?",
-                (row.state_type, row.qstate, row.due, row.deliveries, row.dump(), row.holder, row.seq),
-            )
-        else:
-            self._conn.execute(
-                "UPDATE task_runs SET state_type = ?, qstate = ?, due = ?, deliveries = ?, data = ?, holder = ?"
-                " WHERE id = ?",
-                (row.state_type, row.qstate, row.due, row.deliveries, row.dump(), row.holder, row.id),
-            )
+        by_seq = row.seq is not None
+        self._conn.execute(
+            _UPDATE_RUN_BY_SEQ if by_seq else _UPDATE_RUN_BY_ID,
+            (row.state_type, row.qstate, row.due, row.deliveries, row.dump(), row.holder,
+             row.seq if by_seq else row.id),
+        )
         self.touched.append(row.id)
         if row.run.get("state_id") != row.recorded_state_id:
             self._record_state(row)
