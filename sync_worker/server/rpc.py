@@ -50,6 +50,7 @@ from .sockets import (
     WebSocket,
     authenticate,
     decode,
+    send_soon,
     serve_socket,
 )
 
@@ -252,7 +253,8 @@ class RpcChannel:
         # a reply committed by another connection's thread (a wait answered at the final
         # state's commit) goes out from that thread when the socket takes it at once, instead
         # of waking this connection's sender thread (replies are matched by request_id)
-        if not self.outbox.direct_here() and not self.outbox.closed and self.ws.try_send(text):
+        if not self.outbox.direct_here() and not self.outbox.closed:
+            send_soon(self.ws, text, self.outbox.post)
             return
         self.outbox.post(text)
 

@@ -328,11 +328,15 @@ class Subscription:
             texts = ['{"type":"task_runs","task_runs":[' + ",".join(text for _id, text in runs) + "]}"]
         else:
             texts = [text for _id, text in runs]
-        left = [text for text in texts if not self.ws.try_send(text)]
-        if left:
-            with self._cond:
-                self._reserved_texts.extend(left)
-            self.outbox.poke()
+        for text in texts:
+            sockets.send_soon(self.ws, text, self._send_later)
+
+    def _send_later(self, text: str) -> None:
+        """A claimed run's frame the committing thread could not send at once: the sender
+        thread sends it."""
+        with self._cond:
+            self._reserved_texts.append(text)
+        self.outbox.poke()
 
     # -- lifecycle -------------------------------------------------------------------------------
     def run(self) -> None:
@@ -597,8 +601,8 @@ class Subscription:
         thread -- a thread wake-up less per answer, which with several worker connections is
         most of them."""
         outbox = self.outbox
-        if not outbox.direct_here() and not outbox.closed and self.ws.try_send(message):
-            self._answered(1)
+        if not outbox.direct_here() and not outbox.closed:
+            sockets.send_soon(self.ws, message, outbox.post, self._answered)
             return
         outbox.post(message)
 
@@ -609,8 +613,7 @@ class Subscription:
             if self._reserved_texts:
                 with self._cond:
                     texts, self._reserved_texts = self._reserved_texts, []
-                for text in texts:  # a failed send: the lease brings the run back
-                    self.ws.send(text)
+                self.ws.send_many(texts)  # a failed send: the lease brings the runs back
             if self.claim_at_delivery and self.ws.input_pending():
                 # The worker said something the reader has not read yet (a busy server): it
                 # may be its ``release`` (or close) as it stops. A run claimed now would be
@@ -684,10 +687,10 @@ class Subscription:
             for _run_id, _proposed, _force, done in before or ():
                 done(None, exc)
             raise
-        self.outbox.flush_mine()  # the answers to ``before`` go out ahead of the runs
         with self._cond:
             gone = self._closed or self._quitting
         if gone:  # the worker stopped receiving (or left) during the commit: not sent, hand them back now
+            self.outbox.flush_mine()  # the answers to ``before``
             self._release_unsent(taken, claimed)
             return False
         texts: list[str] = []
@@ -702,13 +705,14 @@ class Subscription:
                 texts.append(result)
         with self._cond:
             self._credit = max(0, (self._credit or 0) - len(texts))
-        if self.batch_delivery and len(texts) > 1:  # a failed send: the lease brings the runs back
-            self.ws.send('{"type":"task_runs","task_runs":[' + ",".join(texts) + "]}")
-            self.delivered += len(texts)
+        if self.batch_delivery and len(texts) > 1:
+            frames = ['{"type":"task_runs","task_runs":[' + ",".join(texts) + "]}"]
         else:
-            for text in texts:
-                self.ws.send(text)
-                self.delivered += 1
+            frames = texts
+        # the answers to ``before`` first, then the runs, in one write (a failed send: the
+        # lease brings the runs back)
+        self.outbox.flush_mine(then=frames)
+        self.delivered += len(texts)
         if failed is not None:
             logger.warning("could not claim runs for %r at delivery (%s); trying again in %g s", self.client_id,
                            failed, CLAIM_RETRY_DELAY)

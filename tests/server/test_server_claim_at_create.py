@@ -208,13 +208,13 @@ def test_answers_sent_by_committing_threads_to_a_client_that_does_not_read_stay_
     started = []
     for ws in channel_ws:
         ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        original = ws.try_send
+        original = ws.try_send_many  # (what try_send calls too)
 
-        def try_send(data, ws=ws, original=original):
-            sent = original(data)
+        def try_send_many(messages, ws=ws, original=original):
+            sent = original(messages)
             started.append("started" if sent and ws._tail is not None else "sent" if sent else "handed over")
             return sent
-        ws.try_send = try_send
+        ws.try_send_many = try_send_many
     subscriber = claiming(wire, 1000)
     for _ in range(count):
         run = subscriber.next_run()
