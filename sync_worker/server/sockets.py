@@ -682,6 +682,10 @@ class Outbox:
 
     def poke(self) -> None:
         """Make the sender thread run ``tick(True)`` (e.g. a run is due for this connection)."""
+        if self._poked:
+            # not run yet: it clears the flag under the lock and only then ticks, so that tick
+            # comes after what the caller did before poking (no lock or wake-up needed)
+            return
         with self._cond:
             self._poked = True
             self._cond.notify()

@@ -235,6 +235,7 @@ class Subscription:
         self._on_messages = OneAtATime(self._drain)
         self._granted = False
         self._unanswered = 0  # set_state requests whose answer is not sent yet
+        self._held_back = False  # the reader waits until fewer are unanswered (notify then)
         self._batch: list[tuple[str, dict[str, Any], bool, Callable[..., None]]] = []
         self._deliver_lock = threading.Lock()
         self.delivered = 0
@@ -533,7 +534,9 @@ class Subscription:
             self._flush_set_states()  # (their answers are what we are about to wait for)
         with self._cond:
             while self._unanswered >= MAX_UNANSWERED and not self._closed and not self._done.is_set():
+                self._held_back = True
                 self._cond.wait(0.5)
+            self._held_back = False
             if self._closed or self._done.is_set():
                 return
             self._unanswered += 1
@@ -579,7 +582,8 @@ class Subscription:
     def _answered(self, count: int) -> None:
         with self._cond:
             self._unanswered -= count
-            self._cond.notify_all()
+            if self._held_back:  # the reader waits for answers to go out (see _set_state)
+                self._cond.notify_all()
 
     def _take_unacked(self) -> list[tuple[str, str, int, str | None]]:
         with self._cond:
