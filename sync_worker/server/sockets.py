@@ -135,6 +135,7 @@ class WebSocket(simple_websocket.Server):
         #: set by :meth:`input_pending`: the reader calls :attr:`on_read` after its next read
         self._wake_after_read = False
         self.on_read: Callable[[], None] | None = None
+        self._no_extensions: bool | None = None  # see _plain
         kwargs.setdefault("receive_bytes", RECEIVE_BYTES)
         super().__init__(environ, event_class=Signal, **kwargs)
 
@@ -250,8 +251,11 @@ class WebSocket(simple_websocket.Server):
         connection = self.ws.connection
         if connection is None or connection.state is not ConnectionState.OPEN:
             return False
-        extensions = getattr(getattr(connection, "_proto", None), "extensions", None)
-        return extensions is not None and not extensions
+        plain = self._no_extensions
+        if plain is None:  # negotiated in the handshake, fixed from then on: looked up once
+            extensions = getattr(getattr(connection, "_proto", None), "extensions", None)
+            plain = self._no_extensions = extensions is not None and not extensions
+        return plain
 
     def _thread(self) -> None:
         """simple-websocket's reader loop, with the lean parser of :mod:`.frames` in front of

@@ -271,6 +271,8 @@ class Subscription:
             # (claimed with its final states, or by the sender thread), which claims and
             # sends the runs that arrive together in one commit and one frame
             return False
+        if not self._credit or self._quitting or self._closed:
+            return False  # (read again below, under the lock; this spares the peek)
         if self.ws.input_pending() or not self._deliver_lock.acquire(blocking=False):
             return False  # (unread input, e.g. a release: the run is queued, see _tick)
         try:
