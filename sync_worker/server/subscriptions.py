@@ -13,7 +13,10 @@ Per connection there are three threads:
   for an idle connection and sends answers committed by other threads (answers committed by
   the reader thread itself are sent by it, see :meth:`.sockets.Outbox.direct`).
 
-Answers to ``set_state`` may come back in any order (matched by ``request_id``).
+Answers to ``set_state`` may come back in any order (matched by ``request_id``). What one commit
+sends to a connection goes out in one write: the answers to the set_state requests of a read and
+the runs their commit claimed (:meth:`.Outbox.flush_mine`), and what the after-commit work of a
+group commit sends to other connections (:func:`.sockets.coalescing`).
 
 Flow control: as in Prefect, a connection holds one run at a time by default, and each ack
 lets the next one go. The ``credit`` extension, offered in ``auth_success``, lifts that:
@@ -49,7 +52,7 @@ Claim at create (no wire change): a run created while a claim_at_delivery connec
 is idle (it found nothing to take) with a free credit is claimed for that connection in the
 create's own transaction (:meth:`.Core._create_op`, :meth:`.RunQueue.claim_for`): one commit
 instead of the create's and then the claim's, and the committing thread sends the run right
-after it (:meth:`.WebSocket.try_send`, never blocking; the sender thread when the socket does
+after it (:func:`.sockets.send_soon`, never blocking; the sender thread when the socket does
 not take it at once) instead of waking this connection's sender thread. The run is leased to
 the connection from the claim on, as a claim at delivery is. A connection that stopped
 receiving or ended before that commit never gets it: the run is SCHEDULED again at once
@@ -603,7 +606,7 @@ class Subscription:
         """An answer: sent by this thread after its commit when it is the reader committing
         inline (see :meth:`_flush_set_states`); committed by another thread (the database's
         writer, or another connection's reader leading the commit), sent by that thread when
-        the socket takes it at once (:meth:`.WebSocket.try_send`), else by the outbox's sender
+        the socket takes it at once (:func:`.sockets.send_soon`), else by the outbox's sender
         thread -- a thread wake-up less per answer, which with several worker connections is
         most of them."""
         outbox = self.outbox
