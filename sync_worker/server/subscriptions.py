@@ -49,7 +49,7 @@ that restarted) keeps its old lease, which runs out, and is re-queued — instea
 RUNNING, held unknowingly by the new connection.
 
 Claim at create (no wire change): a run created while a claim_at_delivery connection of its key
-is idle (it found nothing to take) with a free credit is claimed for that connection in the
+waits for runs (it found nothing to take) with a free credit is claimed for that connection in the
 create's own transaction (:meth:`.Core._create_op`, :meth:`.RunQueue.claim_for`): one commit
 instead of the create's and then the claim's, and the committing thread sends the run right
 after it (:func:`.sockets.send_soon`, never blocking; the sender thread when the socket does
@@ -268,11 +268,17 @@ class Subscription:
         """Under the queue's lock, in a create's transaction: take one credit for a run being
         created for this connection, if it takes claimed runs, has a free credit and is not
         delivering right now (its own delivery reads the credit it may use; never block
-        here: this runs in the committing thread)."""
-        if not self.claim_at_delivery or self.leased:
-            # only a worker holding no run: one that is busy gets its runs by the usual path
-            # (claimed with its final states, or by the sender thread), which claims and
-            # sends the runs that arrive together in one commit and one frame
+        here: this runs in the committing thread).
+
+        Whether it already holds runs does not matter: it waits for runs of this key (it
+        looked and found none) with a free slot, and the alternative is waking its sender
+        thread, which commits the claim apart. Claiming here for busy workers too costs one
+        commit and one thread wake-up less per run, and keeps the runs of a burst on the
+        first waiting worker that has room (RunQueue.claim_for asks the waiters in a stable
+        order) instead of spreading them one per worker connection, each then with its own
+        frames and final-state commits: with 4 worker processes, drain went from
+        0.67-0.82x of one worker to 0.82-1.13x (3 interleaved rounds, README)."""
+        if not self.claim_at_delivery:
             return False
         if not self._credit or self._quitting or self._closed:
             return False  # (read again below, under the lock; this spares the peek)
