@@ -24,8 +24,9 @@ Threads: simple-websocket's reader thread handles the requests of each read itse
 to another thread) and commits the creates among them together, in one transaction when nobody
 else commits, then sends the replies it committed. A reply committed by another connection's
 thread (a wait answered at the final state's commit) is sent by that thread when the socket
-takes it at once (:meth:`.WebSocket.try_send`, never blocking), else through the connection's
-outbox.
+takes it at once (:func:`.sockets.send_soon`, never blocking), else through the connection's
+outbox. What one group commit sends to this connection (the replies to the creates it carried,
+the wait replies of runs that finished in it) goes out in one write.
 """
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ from .sockets import (
     WebSocket,
     authenticate,
     decode,
+    send_soon,
     serve_socket,
 )
 
@@ -252,7 +254,8 @@ class RpcChannel:
         # a reply committed by another connection's thread (a wait answered at the final
         # state's commit) goes out from that thread when the socket takes it at once, instead
         # of waking this connection's sender thread (replies are matched by request_id)
-        if not self.outbox.direct_here() and not self.outbox.closed and self.ws.try_send(text):
+        if not self.outbox.direct_here() and not self.outbox.closed:
+            send_soon(self.ws, text, self.outbox.post)
             return
         self.outbox.post(text)
 

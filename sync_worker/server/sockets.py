@@ -135,6 +135,7 @@ class WebSocket(simple_websocket.Server):
         #: set by :meth:`input_pending`: the reader calls :attr:`on_read` after its next read
         self._wake_after_read = False
         self.on_read: Callable[[], None] | None = None
+        self._no_extensions: bool | None = None  # see _plain
         kwargs.setdefault("receive_bytes", RECEIVE_BYTES)
         super().__init__(environ, event_class=Signal, **kwargs)
 
@@ -149,6 +150,27 @@ class WebSocket(simple_websocket.Server):
             else:
                 self.sock.sendall(self.ws.send(TextMessage(data=data)))
 
+    def send_many(self, messages: list[str]) -> None:
+        """:meth:`send` for several text messages, in order, in one write when the frames can
+        be built here (the answers to the state changes one commit carried, and the runs it
+        claimed): one system call, and one wake-up of the client's reader, instead of one
+        each."""
+        if len(messages) == 1:
+            self.send(messages[0])
+            return
+        if not messages:
+            return
+        with self.send_lock:
+            if not self.connected:
+                raise ConnectionClosed(self.close_reason, self.close_message)
+            if self._tail is not None:
+                self._send_tail()
+            if self._plain():
+                self.sock.sendall(b"".join([text_frame(message) for message in messages]))
+            else:
+                for message in messages:
+                    self.sock.sendall(self.ws.send(TextMessage(data=message)))
+
     def try_send(self, data: str) -> bool:
         """Send a text frame without ever blocking, from a thread that must not wait for this
         client (one that committed for another connection: a run claimed at its create, the
@@ -157,13 +179,19 @@ class WebSocket(simple_websocket.Server):
         the message to the connection's outbox then. True when the frame went out, or its
         start did: the rest is then sent before any other frame, by the next send or by the
         owner's thread that :attr:`on_tail` wakes (:meth:`flush_tail`)."""
+        return self.try_send_many((data,))
+
+    def try_send_many(self, messages: list[str] | tuple[str, ...]) -> bool:
+        """:meth:`try_send` for several messages, in one write: all of them went out (or their
+        start did), or none."""
         if not self.send_lock.acquire(blocking=False):
             return False
         started = False
         try:
             if not self.connected or self._tail is not None or not self._plain():
                 return False
-            frame = text_frame(data)
+            frame = text_frame(messages[0]) if len(messages) == 1 else b"".join(
+                [text_frame(message) for message in messages])
             try:
                 sent = self.sock.send(frame, socket.MSG_DONTWAIT)
             except OSError:  # would block (BlockingIOError), or the connection failed
@@ -223,8 +251,11 @@ class WebSocket(simple_websocket.Server):
         connection = self.ws.connection
         if connection is None or connection.state is not ConnectionState.OPEN:
             return False
-        extensions = getattr(getattr(connection, "_proto", None), "extensions", None)
-        return extensions is not None and not extensions
+        plain = self._no_extensions
+        if plain is None:  # negotiated in the handshake, fixed from then on: looked up once
+            extensions = getattr(getattr(connection, "_proto", None), "extensions", None)
+            plain = self._no_extensions = extensions is not None and not extensions
+        return plain
 
     def _thread(self) -> None:
         """simple-websocket's reader loop, with the lean parser of :mod:`.frames` in front of
@@ -378,6 +409,58 @@ class WebSocket(simple_websocket.Server):
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+
+
+class _Pending(threading.local):
+    #: inside :func:`coalescing`: per socket, the messages :func:`send_soon` holds back
+    sockets: dict[WebSocket, list[tuple[str, Callable[[str], Any], Callable[[int], None] | None]]] | None = None
+
+
+_pending = _Pending()
+
+
+def send_soon(ws: WebSocket, message: str, fallback: Callable[[str], Any],
+              sent: Callable[[int], None] | None = None) -> None:
+    """Send ``message`` from a thread that must never block on this client (one that committed
+    for another connection: an answer, a run claimed at its create, an rpc wait's reply):
+    :meth:`WebSocket.try_send`, or ``fallback(message)`` (the connection's outbox) when the
+    socket does not take it at once; ``sent(1)`` once it went. Inside :func:`coalescing` (the
+    after-commit work of one group commit) it is held back until the block ends, and what the
+    block sent to one socket goes out in one write: the final states of several runs committed
+    together answer several waits of one rpc connection with one system call and one wake-up
+    of its reader, instead of one each."""
+    held = _pending.sockets
+    if held is not None:
+        held.setdefault(ws, []).append((message, fallback, sent))
+        return
+    if ws.try_send(message):
+        if sent is not None:
+            sent(1)
+    else:
+        fallback(message)
+
+
+@contextmanager
+def coalescing() -> Iterator[None]:
+    """What this thread passes to :func:`send_soon` inside the block is sent when it ends, one
+    write per socket (never blocking: what a socket does not take goes to its fallback)."""
+    if _pending.sockets is not None:  # nested: the outer block sends
+        yield
+        return
+    held: dict[WebSocket, list[tuple[str, Callable[[str], Any], Callable[[int], None] | None]]] = {}
+    _pending.sockets = held
+    try:
+        yield
+    finally:
+        _pending.sockets = None
+        for ws, items in held.items():
+            if ws.try_send_many([message for message, _fallback, _sent in items]):
+                for _message, _fallback, sent in items:
+                    if sent is not None:
+                        sent(1)
+            else:
+                for message, fallback, _sent in items:
+                    fallback(message)
 
 
 class Close(Exception):
@@ -603,6 +686,10 @@ class Outbox:
 
     def poke(self) -> None:
         """Make the sender thread run ``tick(True)`` (e.g. a run is due for this connection)."""
+        if self._poked:
+            # not run yet: it clears the flag under the lock and only then ticks, so that tick
+            # comes after what the caller did before poking (no lock or wake-up needed)
+            return
         with self._cond:
             self._poked = True
             self._cond.notify()
@@ -621,27 +708,27 @@ class Outbox:
         """Whether the calling thread is inside :meth:`direct` (its posts are sent by it)."""
         return self._direct_thread == threading.get_ident()
 
-    def flush_mine(self) -> None:
-        """Inside :meth:`direct`, in its thread: send what this thread posted so far, now (what
-        it sends next must come after it). Elsewhere: nothing."""
+    def flush_mine(self, then: list[str] | None = None) -> None:
+        """Inside :meth:`direct`, in its thread: send what this thread posted so far, now, and
+        ``then`` after it in the same write (runs sent right after the answers of the commit
+        that claimed them). Elsewhere: just ``then``."""
         if self._direct_thread == threading.get_ident():
-            self.flush_direct()
+            self.flush_direct(then)
+        elif then:
+            self.ws.send_many(then)
 
-    def flush_direct(self) -> None:
+    def flush_direct(self, then: list[str] | None = None) -> None:
         messages, self._direct = self._direct, []
-        if not messages:
+        if messages:
+            with self._cond:
+                if self._closed:
+                    messages = []  # the connection is ending: answers are not sent any more
+        out = messages + then if then else messages
+        if not out:
             return
-        with self._cond:
-            if self._closed:
-                return
-        sent = 0
-        try:
-            for message in messages:
-                self.ws.send(message)
-                sent += 1
-        finally:
-            if sent and self._sent is not None:
-                self._sent(sent)
+        self.ws.send_many(out)  # one write for all of them
+        if messages and self._sent is not None:
+            self._sent(len(messages))
 
     def close(self, join: float | None = 2.0) -> None:
         with self._cond:
@@ -669,8 +756,7 @@ class Outbox:
                     self._queue.clear()
                     poked, self._poked = self._poked, False
                 self.ws.flush_tail()
-                for message in messages:
-                    self.ws.send(message)
+                self.ws.send_many(messages)  # one write
                 if messages and self._sent is not None:
                     self._sent(len(messages))
                 if self._tick is not None:

@@ -97,6 +97,29 @@ def test_the_credit_bounds_claims_at_create_and_queued_runs_keep_their_order(ser
     assert run["id"] == last and run["state"]["type"] == "RUNNING"
 
 
+def test_a_claimer_that_holds_runs_and_has_room_gets_a_new_run_in_the_creates_own_commit(server, wire):
+    """A worker busy with runs, waiting for more with a free slot: the next run is claimed for
+    it at its create (one commit), not queued, woken for and claimed apart; the credit still
+    bounds it (no room left: queued, and delivered when a final state frees a slot)."""
+    subscriber = claiming(wire, 3)
+    _idle(server)
+    held = wire.create()["id"]
+    assert subscriber.next_run()["id"] == held
+    for _ in range(2):
+        _idle(server)  # holding runs, waiting for more
+        batches = _record_batches(server)
+        created = wire.create()["id"]
+        run = subscriber.next_run()
+        assert run["id"] == created and run["state"]["type"] == "RUNNING" and run["run_count"] == 1
+        assert batches == [[CREATE]]  # one commit: no claim committed apart
+        assert _states(wire, created) == [("SCHEDULED", "Scheduled"), ("RUNNING", "Running")]
+    last = wire.create()["id"]  # three held, credit 3: no room
+    subscriber.expect_no_run(0.3)
+    assert wire.read(last)["state_type"] == "SCHEDULED"
+    assert _complete(subscriber, held)["result"]["status"] == "ACCEPT"
+    assert subscriber.next_run()["id"] == last
+
+
 def test_two_idle_claimers_each_get_runs_within_their_credit_never_the_same(server, wire):
     one = claiming(wire, 1, client_id="one")
     two = claiming(wire, 1, client_id="two")
@@ -208,13 +231,13 @@ def test_answers_sent_by_committing_threads_to_a_client_that_does_not_read_stay_
     started = []
     for ws in channel_ws:
         ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
-        original = ws.try_send
+        original = ws.try_send_many  # (what try_send calls too)
 
-        def try_send(data, ws=ws, original=original):
-            sent = original(data)
+        def try_send_many(messages, ws=ws, original=original):
+            sent = original(messages)
             started.append("started" if sent and ws._tail is not None else "sent" if sent else "handed over")
             return sent
-        ws.try_send = try_send
+        ws.try_send_many = try_send_many
     subscriber = claiming(wire, 1000)
     for _ in range(count):
         run = subscriber.next_run()
