@@ -308,7 +308,7 @@ class Connection:
                     sock = ws.sock
                     if sock is None:
                         raise websocket.WebSocketConnectionClosedException("socket is already closed.")
-                    sock.sendall(data)
+                    send_all(sock, data)
         except BaseException:
             with self._out_lock:
                 self._writing = False
@@ -526,6 +526,26 @@ END = object()
 READ_SIZE = 65536
 
 
+def send_all(sock: socket.socket, data: bytes) -> None:
+    """``sock.sendall(data)`` in one system call when the socket takes every byte at once
+    (nearly always: a frame is far smaller than the socket's buffer).
+
+    A socket with a timeout (ours: the keep-alive) makes ``sendall`` wait in ``poll`` for
+    room before every ``send``, a second system call per frame, and one more release of
+    the GIL. ``os.write`` on the descriptor (non-blocking, as the timeout made it) writes
+    what fits now; ``sendall`` sends the rest, waiting as before. Plain TCP sockets only:
+    the bytes of a TLS socket must go through ``ssl``. Errors are the same ``OSError``s."""
+    if sock.__class__ is not socket.socket:  # an SSLSocket (wss://) or another kind
+        sock.sendall(data)
+        return
+    try:
+        sent = os.write(sock.fileno(), data)
+    except BlockingIOError:  # no room now: sendall waits for it
+        sent = 0
+    if sent < len(data):
+        sock.sendall(memoryview(data)[sent:])
+
+
 def open_socket(client: Any, url: str, timeout: float) -> websocket.WebSocket:
     """A websocket to the API with the options every sync_worker socket uses (subscription,
     rpc). Raises websocket-client's errors; callers say what they mean.
@@ -573,5 +593,5 @@ def close_error(data: bytes) -> BaseException:
 __all__ = [
     "AUTH_HINT", "CLOSE_POLICY_VIOLATION", "CLOSE_PROTOCOL_VIOLATION", "END", "Connection", "ConnectionLost",
     "FrameReader", "MaskKeys", "SubscriptionAuthError", "SubscriptionError", "authenticate", "close_error", "open_socket",
-    "text_frame",
+    "send_all", "text_frame",
 ]
