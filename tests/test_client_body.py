@@ -82,3 +82,23 @@ def test_states_read_from_json_keep_their_types_and_errors():
 def test_a_none_result_record_is_the_json_serializers():
     assert make_record(None)["result"] == "null"
     assert make_record(None) == {**make_record(0), "result": "null"}
+
+
+def test_run_ids_of_a_forked_child_are_not_its_parents():
+    import os
+
+    new_run_id()  # the parent holds a block of random bytes now
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.write(write_end, "".join(new_run_id() for _ in range(10)).encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        child = pipe.read().decode()
+    os.waitpid(pid, 0)
+    parent = "".join(new_run_id() for _ in range(10))
+    assert len(child) == len(parent) == 360
+    assert not {child[i:i + 36] for i in range(0, 360, 36)} & {parent[i:i + 36] for i in range(0, 360, 36)}
