@@ -290,25 +290,27 @@ class Connection:
         ``send_json`` aborts it), which fails every request still waiting for an answer, as
         a connection lost just after sending would."""
         out = self._out
-        with self._out_lock:
-            out.append(frame)
+        out_lock = self._out_lock
+        with out_lock:
             if self._writing:
+                out.append(frame)
                 return  # the writing thread sends it next
-            self._writing = True
+            self._writing = True  # nothing is queued when nobody writes: this frame goes first
         ws = self.ws
+        data = frame
         try:
             while True:
-                with self._out_lock:
-                    if not out:
-                        self._writing = False
-                        return
-                    data = out[0] if len(out) == 1 else b"".join(out)
-                    out.clear()
                 with ws.lock:
                     sock = ws.sock
                     if sock is None:
                         raise websocket.WebSocketConnectionClosedException("socket is already closed.")
                     send_all(sock, data)
+                with out_lock:
+                    if not out:
+                        self._writing = False
+                        return
+                    data = out[0] if len(out) == 1 else b"".join(out)
+                    out.clear()
         except BaseException:
             with self._out_lock:
                 self._writing = False
@@ -387,18 +389,19 @@ class Connection:
                 recv_data = FrameReader(self.ws).recv_data
             else:  # another kind of socket (a test's): websocket-client reads it
                 recv_data = functools.partial(self.ws.recv_data, control_frame=True)
+            timeout, loads, dispatch = websocket.WebSocketTimeoutException, jsoncodec.loads, self._dispatch
             while True:
                 try:
                     opcode, data = recv_data()
-                except websocket.WebSocketTimeoutException:
+                except timeout:
                     self._keepalive()
                     continue
                 self._pong_due = None  # any traffic proves the link is alive
-                if opcode == websocket.ABNF.OPCODE_CLOSE:
-                    raise close_error(data)
-                if opcode in (websocket.ABNF.OPCODE_PING, websocket.ABNF.OPCODE_PONG):
+                if opcode >= _OP_CLOSE:  # close, ping (answered by the reader) or pong
+                    if opcode == _OP_CLOSE:
+                        raise close_error(data)
                     continue
-                self._dispatch(jsoncodec.loads(data))
+                dispatch(loads(data))
         except BaseException as exc:  # noqa: BLE001 - every way out ends this connection
             if not isinstance(exc, (SubscriptionError, ConnectionLost)):
                 exc = ConnectionLost(f"subscription connection lost: {exc!r}")
