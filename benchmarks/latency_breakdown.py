@@ -81,6 +81,17 @@ def hook_sockets() -> None:
 
     cls.send, cls.sendall, cls.recv, cls.recv_into = traced_send, traced_sendall, traced_recv, traced_recv_into
 
+    # the client's frames leave through sockets.send_all (one os.write when they fit), not sendall
+    from sync_worker import sockets as client_sockets
+
+    send_all = getattr(client_sockets, "send_all", None)
+    if send_all is not None:
+        def traced_send_all(sock, data):
+            event("send", f"n{len(data)} {_peek(data)}")
+            return send_all(sock, data)
+
+        client_sockets.send_all = traced_send_all
+
 
 def hook(owner, name: str, label: str) -> None:
     """Events ``label>`` and ``label<`` around ``owner.name`` (skipped if it does not exist)."""

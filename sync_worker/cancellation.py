@@ -39,6 +39,9 @@ MAX_PENDING = 10_000
 
 _lock = threading.Lock()
 _running: dict[str, int] = {}  # run id -> ident of the thread calling its function
+#: runs whose thread was sent an interruption while in :func:`guard` (cleared there if it has
+#: not fired: the clearing is a ctypes call, ~1 us, made only for these)
+_interrupted: set[str] = set()
 _pending: OrderedDict[str, None] = OrderedDict()
 
 
@@ -51,6 +54,7 @@ def request(task_run_id: Any) -> bool:
     with _lock:
         ident = _running.get(task_run_id)
         if ident is not None:
+            _interrupted.add(task_run_id)
             raise_in_thread(ident, Cancelled)
             logger.info("Task run %s: cancellation requested; interrupting its thread", task_run_id)
             return True
@@ -76,8 +80,11 @@ def guard(task_run_id: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         finally:
             with _lock:
                 _running.pop(task_run_id, None)
-            # no new interruption can be scheduled now; drop one scheduled just before
-            ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), None)
+                interrupted = task_run_id in _interrupted
+                _interrupted.discard(task_run_id)
+            if interrupted:
+                # no new interruption can be scheduled now; drop one scheduled just before
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), None)
 
     return call
 

@@ -25,7 +25,7 @@ import os
 import threading
 import time
 import uuid
-from typing import Any, Callable, Dict, Optional, TypeVar
+from typing import Any, Callable, Dict, Optional, Tuple, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import requests
@@ -335,19 +335,30 @@ _default_lock = threading.Lock()
 def get_client(settings: Optional[Settings] = None) -> Client:
     """The process-wide client for these settings, so repeated ``.delay()`` calls reuse
     one connection pool. Forgotten in a forked child: sockets must not be shared."""
+    global _last_client
     settings = settings or get_settings()
+    last = _last_client
+    if last is not None and last[0] is settings:  # the same settings object as last time (cached)
+        return last[1]
     key = (settings.api_url, settings.auth_string, settings.api_key, settings.request_timeout)
     with _default_lock:
         client = _default_clients.get(key)
         if client is None:
             client = _default_clients[key] = Client(settings=settings)
+        _last_client = (settings, client)
         return client
 
 
+#: (settings, client) of the last :func:`get_client` call: ``.delay()`` asks on every call,
+#: with the settings object :func:`get_settings` keeps while the environment is unchanged
+_last_client: Optional[Tuple[Settings, Client]] = None
+
+
 def _forget_clients_after_fork() -> None:
-    global _default_lock
+    global _default_lock, _last_client
     _default_lock = threading.Lock()
     _default_clients.clear()
+    _last_client = None
 
 
 os.register_at_fork(after_in_child=_forget_clients_after_fork)

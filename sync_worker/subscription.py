@@ -467,6 +467,11 @@ class Subscription:
     def flush_credit(self) -> None:
         """Send the credit still owed (claim_at_delivery) in a ``credit`` frame: when no
         ``set_state`` frame took it (a final state sent over REST, a run skipped)."""
+        conn = self._conn
+        if conn is not None and not conn.owed:
+            # nothing owed (the final state's frame took it: the usual case), read without the
+            # locks; a slot freed meanwhile is flushed by the run that freed it
+            return
         with self._grant_lock:
             conn = self._conn
             if conn is None or not conn.claims or conn.closed.is_set():

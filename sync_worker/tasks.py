@@ -17,7 +17,15 @@ from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 from sync_worker.exceptions import APIError, SerializationError, TaskRunCancelled, TaskRunFailed
-from sync_worker.schemas import EmpiricalPolicy, Scheduled, State, StateType, TaskRun, task_run_create
+from sync_worker.schemas import (
+    EmpiricalPolicy,
+    State,
+    StateType,
+    TaskRun,
+    policy_json,
+    scheduled_json,
+    task_run_create,
+)
 from sync_worker.settings import get_settings
 from sync_worker.storage import SERIALIZERS, RecordStore, delete_parameters, get_store, read_result, write_parameters
 
@@ -164,11 +172,11 @@ class Task(Generic[P, R]):
             store = store or get_store(settings, client)
 
         parameters_id = write_parameters(store, parameters, self.result_serializer) if parameters else None
-        body = task_run_create(
+        body = task_run_create(  # state and policy as JSON: no objects built only to be written
             name=self.name,
             task_key=self.task_key,
-            state=Scheduled(task_parameters_id=parameters_id, scheduled_time=scheduled_time),
-            empirical_policy=self.empirical_policy,
+            state=scheduled_json(parameters_id, scheduled_time),
+            empirical_policy=policy_json(self.retries, self.retry_delay_seconds, self.retry_jitter_factor),
             tags=self.tags,
             task_inputs=parameters,
         )

@@ -132,16 +132,22 @@ class SlotError(RuntimeError):
 class Slots:
     """Execution slots: the one source of truth for how many runs may execute at once.
 
-    A bounded semaphore of ``limit`` permits (none without a limit), each tied to the id of
-    the run that holds it, with the ``free_slots`` gauge updated under the same lock. A
-    run holds at most one slot and releasing a slot twice (or one never taken) is refused
-    instead of silently raising the limit: ``release`` returns False then.
+    ``limit`` slots (no limit: ``None``), each tied to the id of the run that holds it, with
+    the ``free_slots`` gauge updated under the same lock. A run holds at most one slot and
+    releasing a slot twice (or one never taken) is refused instead of silently raising the
+    limit: ``release`` returns False then.
+
+    One lock and a count, not a ``BoundedSemaphore``: that one is pure Python (a
+    ``Condition`` and its lock per call) and every run took and gave back a permit besides
+    this lock, ~5 us of the worker's CPU per run. Only :meth:`acquire` (which may wait)
+    waits on the condition; :meth:`release` notifies it only when someone waits.
     """
 
     def __init__(self, limit: int | None) -> None:
         self.limit = limit
         self._lock = threading.Lock()
-        self._sem = threading.BoundedSemaphore(limit) if limit else None
+        self._freed = threading.Condition(self._lock)
+        self._waiting = 0  # threads in acquire() waiting for a slot
         self._held: dict[str, _dt.datetime] = {}
         self._counted = False  # whether our free slots are in the gauge now
 
@@ -161,30 +167,40 @@ class Slots:
         """Take a slot for ``run_id``, waiting for one; False if ``should_stop()`` turns true
         (polled every :data:`_SLOT_POLL_SECONDS`) or ``timeout`` passes first."""
         deadline = None if timeout is None else time.monotonic() + timeout
-        if self._sem is not None:
-            while not self._sem.acquire(timeout=_SLOT_POLL_SECONDS):
-                if (should_stop is not None and should_stop()) or (
-                        deadline is not None and time.monotonic() >= deadline):
-                    return False
-        return self._hold(run_id)
+        limit = self.limit
+        while True:
+            with self._lock:
+                if limit is None or len(self._held) < limit:
+                    return self._hold(run_id)
+                self._waiting += 1
+                try:
+                    self._freed.wait(_SLOT_POLL_SECONDS if deadline is None
+                                     else max(0.0, min(_SLOT_POLL_SECONDS, deadline - time.monotonic())))
+                finally:
+                    self._waiting -= 1
+                if len(self._held) < limit:
+                    return self._hold(run_id)
+            # still full: stop or time out now? (asked without the lock held)
+            if (should_stop is not None and should_stop()) or (
+                    deadline is not None and time.monotonic() >= deadline):
+                return False
 
     def try_acquire(self, run_id: str) -> bool:
         """Take a slot for ``run_id`` if one is free now, without waiting (the subscription's
         reader thread, which must never block: it carries the answers that free slots)."""
-        if self._sem is not None and not self._sem.acquire(blocking=False):
-            return False
-        return self._hold(run_id)
+        with self._lock:
+            if self.limit is not None and len(self._held) >= self.limit:
+                return False
+            return self._hold(run_id)
 
     def _hold(self, run_id: str) -> bool:
-        """Tie the permit just taken to ``run_id`` (given back if that run holds one already)."""
-        with self._lock:
-            if run_id in self._held:
-                if self._sem is not None:
-                    self._sem.release()
-                raise SlotError(f"task run {run_id} already holds a slot")
-            self._held[run_id] = _now()
-            if self.limit is not None and self._counted:
-                metrics.FREE_SLOTS.dec()
+        """Tie a free slot to ``run_id`` (refused if that run holds one already). Under the lock."""
+        held = self._held
+        if run_id in held:
+            raise SlotError(f"task run {run_id} already holds a slot")
+        held[run_id] = _now()
+        if self._counted and self.limit is not None:
+            metrics.FREE_SLOTS.dec()
         return True
 
     def release(self, run_id: str) -> bool:
@@ -192,10 +208,10 @@ class Slots:
         with self._lock:
             if self._held.pop(run_id, None) is None:
                 return False
-            if self.limit is not None and self._counted:
+            if self._counted and self.limit is not None:
                 metrics.FREE_SLOTS.inc()
-            if self._sem is not None:
-                self._sem.release()
+            if self._waiting:
+                self._freed.notify()
         return True
 
     @property

@@ -31,7 +31,10 @@ def test_a_final_state_whose_connection_ends_before_the_answer_is_reported_once(
     worker = start_worker(wt.add, limit=2)
     future = wt.add.delay(2, 3)
     assert future.result(timeout=60) == 5
-    assert sent and sent[0]["state"]["type"] == "COMPLETED"
+    # the frame reaches the server (and the waiting caller its answer) before the run thread
+    # is back from sending it and records it here: wait for that, do not assume it
+    wait_for(lambda: sent, message="the final state sent without waiting")
+    assert sent[0]["state"]["type"] == "COMPLETED"
     assert future.state.type is StateType.COMPLETED
     wait_for(lambda: worker.finished_task_runs.get("tests.add") == 1, message="the run counted finished")
     time.sleep(0.2)  # nothing else comes: counted once

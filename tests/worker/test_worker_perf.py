@@ -88,11 +88,21 @@ def test_a_run_delivered_while_every_thread_still_reports_starts_at_once(api_env
 
     perf_tasks.STARTED.clear()
     held: list[bool] = []
+    reports: list[str] = []  # the runs whose final state was sent, in order: A's is the first
     original = sockets.Connection.request
+
+    def is_a(message) -> bool:
+        # not ``first.task_run_id``: the worker can finish A before ``delay()`` returns in
+        # this thread (the server sends the run as it commits the create), so ``first``
+        # may not be bound yet
+        if message.get("type") != "set_state":
+            return False
+        reports.append(message.get("task_run_id"))
+        return reports[0] == message.get("task_run_id")
 
     def request(self, message, timeout, with_owed_credit=False):
         reply = original(self, message, timeout, with_owed_credit)
-        if message.get("type") == "set_state" and message.get("task_run_id") == first.task_run_id:
+        if is_a(message):
             # the frame and its credit went out; this thread keeps "reporting" until B runs
             held.append(wait_until_b())
         return reply
@@ -110,7 +120,7 @@ def test_a_run_delivered_while_every_thread_still_reports_starts_at_once(api_env
     def request_async(self, message, on_answer, with_owed_credit=False):
         # the final state sent without waiting for its answer: the same hold, after sending
         original_async(self, message, on_answer, with_owed_credit)
-        if message.get("type") == "set_state" and message.get("task_run_id") == first.task_run_id:
+        if is_a(message):
             held.append(wait_until_b())
 
     monkeypatch.setattr(sockets.Connection, "request", request)
@@ -122,3 +132,4 @@ def test_a_run_delivered_while_every_thread_still_reports_starts_at_once(api_env
     assert second.result(timeout=60) == "b"
     wait_for(lambda: held, message="run A's report to be let go")
     assert held == [True], "B did not start while A's thread was still reporting"
+    assert reports[0] == first.task_run_id
