@@ -136,7 +136,8 @@ def test_the_backfill_keeps_ten_thousand_final_states_in_a_few_hundred_bytes_eac
     assert stats["events"] == events.MAX_EVENTS  # the count is kept, not cut by the byte budget
     assert stats["event_bytes"] == events.MAX_EVENTS * events.SHELVED_EVENT_BYTES
     per_event = grown / events.MAX_EVENTS
-    assert per_event <= events.SHELVED_EVENT_BYTES * 1.2, per_event  # was ~2 KB (the run's text) each
+    # 229 bytes measured on CPython 3.11 (was ~2 KB each: the run's text); room for other versions
+    assert per_event <= 2 * events.SHELVED_EVENT_BYTES, per_event
 
 
 def test_importing_sync_worker_exceptions_does_not_import_requests_and_its_http_errors_still_work():
