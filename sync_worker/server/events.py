@@ -689,22 +689,19 @@ class EventBus:
             kept = list(self._events) if backfill else []
             self._subscribers.add(subscriber)
         past: list[Event] = []
-        announced: set[str] = set()  # state ids: a run rebuilt twice is announced once
+        announced: set[str] = set()  # event ids: a run rebuilt twice (same current state) is sent once
         try:
             for event in kept:
                 if isinstance(event, _FinalStateEvent) and event.data is None:
                     if event.occurred < event_filter.since:
                         continue  # its state's timestamp is not later than ``occurred``
-                    if event.materialize():  # not shelved yet (being published right now)
-                        if event_filter.matches(event):
-                            past.append(event)
-                            announced.add(event.id)
-                        continue
-                    rebuilt = self._rebuild(event.run_id)
-                    if rebuilt is None or rebuilt.id in announced:
-                        continue
-                    event = rebuilt
-                if event_filter.matches(event):
+                    # built from its text if not shelved yet (being published right now)
+                    if not event.materialize():
+                        rebuilt = self._rebuild(event.run_id)
+                        if rebuilt is None:
+                            continue
+                        event = rebuilt
+                if event.id not in announced and event_filter.matches(event):
                     past.append(event)
                     announced.add(event.id)
         except BaseException:
