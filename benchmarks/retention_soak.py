@@ -10,13 +10,20 @@ parameters record per run) in chunks and waits for each chunk to finish.
 
 Samples (start, every tenth of the runs, end, and after one more retention period):
 runs submitted, runs in the database, database + WAL bytes, store directory bytes and files,
-server VmRSS.
+server VmRSS, and its RssAnon (heap: Python objects, SQLite's page caches, malloc arenas) and
+RssFile (mapped files: the interpreter, shared libraries).
+
+``--src DIR`` runs the server and the worker from another source tree (e.g. an extracted
+baseline) so that two trees can be compared in the same session: run this script once per tree
+and one at a time (the soak is CPU-heavy). The temporary directory (database, store) is removed
+at the end unless ``--keep`` is given.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -48,12 +55,15 @@ def db_size(path: str) -> int:
     return sum(os.path.getsize(p) for p in (path, path + "-wal", path + "-shm") if os.path.exists(p))
 
 
-def rss_kib(pid: int) -> int:
+def rss_kib(pid: int) -> dict[str, int]:
+    """VmRSS, RssAnon and RssFile of a process, in KiB (0 when not readable)."""
+    found = {"VmRSS": 0, "RssAnon": 0, "RssFile": 0}
     with open(f"/proc/{pid}/status") as handle:
         for line in handle:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
+            name = line.split(":", 1)[0]
+            if name in found:
+                found[name] = int(line.split()[1])
+    return found
 
 
 def main() -> int:
@@ -63,8 +73,14 @@ def main() -> int:
     parser.add_argument("--chunk", type=int, default=2000, help="runs submitted before waiting for them")
     parser.add_argument("--submitters", type=int, default=4)
     parser.add_argument("--limit", type=int, default=20, help="the worker's concurrency limit")
+    parser.add_argument("--src", default=str(REPO),
+                        help="source tree the server and the worker run from (default: this one)")
+    parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    src = Path(args.src).resolve()
+    if not (src / "sync_worker" / "server").is_dir():
+        parser.error(f"--src {args.src}: not a sync_worker source tree (no sync_worker/server in it)")
 
     from sync_worker.durations import parse_duration
 
@@ -82,6 +98,7 @@ def main() -> int:
     def popen_with_retention(cmd, *a, **kw):
         if cmd[:4] == [sys.executable, "-m", "sync_worker", "server"]:
             cmd = [*cmd, "--retention", args.retention]
+            kw["cwd"] = src  # ``python -m sync_worker`` imports the tree it runs in
         return original(cmd, *a, **kw)
 
     throughput.subprocess.Popen = popen_with_retention  # type: ignore[attr-defined]
@@ -90,7 +107,7 @@ def main() -> int:
     finally:
         throughput.subprocess.Popen = original  # type: ignore[attr-defined]
     os.environ["SYNC_WORKER_API_URL"] = url
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(REPO)])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(src)])}
     worker = subprocess.Popen([sys.executable, "-m", "sync_worker", "worker", "bench_tasks:echo", "--limit",
                                str(args.limit), "--log-level", "WARNING"], cwd=HERE, env=env)
     from bench_tasks import echo
@@ -104,9 +121,11 @@ def main() -> int:
 
     def sample(label: str, submitted: int) -> None:
         size, files = dir_size(store)
+        rss = rss_kib(server.pid)
         samples.append({"at": label, "submitted": submitted, "runs_in_db": client.count_task_runs(),
                         "db_bytes": db_size(db), "store_bytes": size, "store_files": files,
-                        "server_rss_kib": rss_kib(server.pid), "elapsed_s": round(time.monotonic() - started, 1)})
+                        "server_rss_kib": rss["VmRSS"], "server_anon_kib": rss["RssAnon"],
+                        "server_file_kib": rss["RssFile"], "elapsed_s": round(time.monotonic() - started, 1)})
         if not args.json:
             print(json.dumps(samples[-1]), flush=True)
 
@@ -144,8 +163,11 @@ def main() -> int:
         worker.wait(60)
         server.terminate()
         server.wait(60)
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
     if args.json:
-        print(json.dumps({"runs": args.runs, "retention": args.retention, "samples": samples}, indent=2))
+        print(json.dumps({"runs": args.runs, "retention": args.retention, "src": str(src), "samples": samples},
+                         indent=2))
     return 0
 
 

@@ -1,34 +1,32 @@
 """The errors sync_worker raises, so callers can catch them by meaning."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import requests
+if TYPE_CHECKING:
+    from sync_worker._api_errors import APIError, ObjectNotFound, Unauthorized  # noqa: F401
+
+#: subclasses of ``requests.HTTPError``, defined in :mod:`sync_worker._api_errors` and loaded on
+#: first use, so that importing this module does not import requests (the server imports it)
+_API_ERRORS = ("APIError", "ObjectNotFound", "Unauthorized")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API_ERRORS:
+        from sync_worker import _api_errors
+
+        for other in _API_ERRORS:
+            globals()[other] = getattr(_api_errors, other)
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_API_ERRORS))
 
 
 class SyncWorkerError(Exception):
     """Base class for sync_worker's own errors."""
-
-
-class APIError(requests.HTTPError, SyncWorkerError):
-    """The API answered with an error status.
-
-    A subclass of ``requests.HTTPError`` so code that already treats HTTP errors (for
-    example ``critical_service_loop``, which forgives 5xx) handles it without knowing us.
-    """
-
-    def __init__(self, message: str, *, status_code: int, detail: Any = None, response: Optional[requests.Response] = None):
-        super().__init__(message, response=response)
-        self.status_code = status_code
-        self.detail = detail
-
-
-class ObjectNotFound(APIError):
-    """404: the task run (or record) does not exist on this server."""
-
-
-class Unauthorized(APIError):
-    """401/403: the credentials are missing or wrong."""
 
 
 class SerializationError(SyncWorkerError, ValueError):

@@ -43,9 +43,25 @@ for every final state this server records however it got there (a worker's ``set
 run that a sync_worker worker finished wakes up too.
 
 Events are kept in memory only (the last :data:`MAX_EVENTS`, at most
-:data:`MAX_BACKFILL_SECONDS` old): they are a notification stream, the run's state is in the
-database. A server restart loses the backfill; a Prefect caller that waits across it reads
-the run again when its ``result(timeout=...)`` expires.
+:data:`MAX_BACKFILL_SECONDS` old, at most about :data:`MAX_EVENT_BYTES`): they are a
+notification stream, the run's state is in the database. A server restart loses the backfill;
+a Prefect caller that waits across it reads the run again when its ``result(timeout=...)``
+expires.
+
+The backfill's size (decision, stop 20): a late Prefect subscriber must still find every
+final state of the last 15 minutes, up to the last :data:`MAX_EVENTS` (10,000) events. That
+is what Prefect's own ``TaskRunWaiter`` relies on: it subscribes once per process, when the
+first future is waited on, and re-subscribes after a lost connection, each time with a
+backfill; a final state it misses leaves a ``result()`` without timeout waiting for ever.
+Keeping the count and the 15 minutes costs little memory because a final state that no live
+subscriber looked at is kept *shelved*: its run id and time only (about
+:data:`SHELVED_EVENT_BYTES`), not its run's JSON (about 2 KB, which is what made the backfill
+the largest holder of the server's memory). A backfill reads such runs back from the database
+and builds their events from the run's current state. Consequences, by design: a run deleted
+since (retention, purge, ``DELETE``) is not in the backfill, and a run whose final state was
+replaced by a newer one is announced once, with its current state; a run no longer final
+(forced back to SCHEDULED) is not announced. Events that came in over ``/api/events/in``, and
+final states a live subscriber saw, are kept whole, within :data:`MAX_EVENT_BYTES`.
 """
 from __future__ import annotations
 
@@ -75,10 +91,13 @@ logger = logging.getLogger("sync_worker.server.events")
 #: PREFECT_EVENTS_MAXIMUM_WEBSOCKET_BACKFILL default: 15 minutes)
 MAX_EVENTS = 10_000
 MAX_BACKFILL_SECONDS = 15 * 60.0
-#: and at most about this many bytes of event JSON (a final state may carry a small result;
-#: each one kept costs about its run's JSON text, ~2 KB: 8 MB is ~4,000 of them, and kept the
-#: server's resident memory after 100,000 runs near 60 MB instead of 90)
+#: and at most about this many bytes (an event kept whole is counted as its JSON text, a
+#: final state kept whole as its run's JSON text, ~2 KB; a shelved one as SHELVED_EVENT_BYTES).
+#: With no Prefect subscriber connected, the 10,000 newest final states take ~2.3 MB shelved.
 MAX_EVENT_BYTES = 8 * 1024 * 1024
+#: what a shelved final-state event (run id + time, see the module docstring) is counted as:
+#: measured 229 bytes with tracemalloc (the object, its time, its run id, its deque slot)
+SHELVED_EVENT_BYTES = 230
 #: event ids remembered to make intake idempotent
 MAX_SEEN_IDS = 50_000
 #: events a subscriber may have waiting to be sent; a subscriber that falls this far
@@ -119,22 +138,40 @@ class Event:
         return self._text
 
 
+_NO_LABELS: dict[str, str] = {}  # shared by unbuilt final-state events; never mutated (replaced when built)
+_NO_RELATED: list[dict[str, str]] = []
+
+
 class _FinalStateEvent(Event):
     """The announcement of a final state, built only when somebody looks at it (a live
     subscriber, or a backfill): on the commit path, where every final state passes, it is
-    one small object; parsing the run and building the event costs tens of microseconds."""
+    one small object; parsing the run and building the event costs tens of microseconds.
 
-    __slots__ = ()
+    Once published and seen by no live subscriber it is *shelved* (:meth:`shelve`): the run's
+    text is let go and only ``run_id`` and ``occurred`` stay; a backfill builds the event
+    again from the database (:meth:`EventBus.subscribe`)."""
 
-    def __init__(self, run_text: str, now: float) -> None:  # (no super().__init__: built lazily)
+    __slots__ = ("run_id",)
+
+    def __init__(self, run_id: str, run_text: str, now: float) -> None:  # (no super().__init__: built lazily)
         self.data = None
+        self.run_id = run_id
         self._source = run_text
         self._text = None
         self.size = len(run_text)
-        self.occurred = now  # the state's timestamp is this commit's time; exact once built
+        # not earlier than the state's timestamp (set before the commit); exact once built
+        self.occurred = now
         self.id = self.name = ""
-        self.resource = {}
-        self.related = []
+        self.resource = _NO_LABELS
+        self.related = _NO_RELATED
+
+    def shelve(self) -> bool:
+        """Let the run's text go unless the event was built (a live subscriber has it); True
+        if shelved now."""
+        if self.data is not None or self._source is None:
+            return False
+        self._source = None
+        return True
 
     def materialize(self) -> bool:
         if self.data is not None:
@@ -529,14 +566,25 @@ class EventBus:
             self._event_bytes += event.size
             while events and (len(events) > MAX_EVENTS or self._event_bytes > MAX_EVENT_BYTES
                               or events[0].occurred < now - MAX_BACKFILL_SECONDS - 60):
-                self._event_bytes -= events.popleft().size
+                dropped = events.popleft()
+                self._event_bytes -= dropped.size
+                dropped.size = -1  # gone from the buffer: not counted again by _shelve
             subscribers = list(self._subscribers)
         for subscriber in subscribers:
             subscriber.offer(event)
+        if isinstance(event, _FinalStateEvent):
+            self._shelve(event)
+
+    def _shelve(self, event: _FinalStateEvent) -> None:
+        """Keep a final state nobody looked at as run id + time only (module docstring)."""
+        with self._lock:
+            if event.shelve() and event.size > 0:
+                self._event_bytes -= event.size - SHELVED_EVENT_BYTES
+                event.size = SHELVED_EVENT_BYTES
 
     def _run_finished(self, run_id: str, text: str) -> None:
         """Core hook (writer thread, after the commit): a final state was recorded."""
-        self.publish(_FinalStateEvent(text, time.time()))
+        self.publish(_FinalStateEvent(run_id, text, time.time()))
 
     def _remember(self, event_id: str) -> bool:
         """False if the id was seen before."""
@@ -640,9 +688,44 @@ class EventBus:
         with self._lock:  # a copy only: matching may build events, not while publishers wait
             kept = list(self._events) if backfill else []
             self._subscribers.add(subscriber)
-        past = [e for e in kept if event_filter.matches(e)]
+        past: list[Event] = []
+        announced: set[str] = set()  # event ids: a run rebuilt twice (same current state) is sent once
+        try:
+            for event in kept:
+                if isinstance(event, _FinalStateEvent) and event.data is None:
+                    if event.occurred < event_filter.since:
+                        continue  # its state's timestamp is not later than ``occurred``
+                    # built from its text if not shelved yet (being published right now)
+                    if not event.materialize():
+                        rebuilt = self._rebuild(event.run_id)
+                        if rebuilt is None:
+                            continue
+                        event = rebuilt
+                if event.id not in announced and event_filter.matches(event):
+                    past.append(event)
+                    announced.add(event.id)
+        except BaseException:
+            self.unsubscribe(subscriber)
+            raise
         past.sort(key=lambda e: e.occurred)
         return subscriber, past
+
+    def _rebuild(self, run_id: str) -> Event | None:
+        """The final-state event of a shelved run, built from its committed row; None if the
+        run is gone (retention, purge) or no longer in a final state."""
+        try:
+            row = self.core.db.read_run(run_id)
+        except DatabaseClosed:
+            raise _Close(GOING_AWAY, "Server is shutting down") from None
+        if row is None or row.state_type not in TERMINAL:
+            return None
+        data = final_state_event(row.run)
+        try:
+            occurred = parse_time(data["occurred"], [])
+        except ValidationError:  # pragma: no cover - we wrote the run
+            logger.exception("cannot rebuild the final-state event of run %s", run_id)
+            return None
+        return Event(data, occurred)
 
     def unsubscribe(self, subscriber: _Subscriber) -> None:
         with self._lock:
