@@ -414,7 +414,7 @@ class Connection:
                 self._pong_due = None  # any traffic proves the link is alive
                 if opcode >= _OP_CLOSE:  # close, ping (answered by the reader) or pong
                     if opcode == _OP_CLOSE:
-                        raise close_error(data)
+                        raise close_error(data, authenticated=True)
                     continue
                 dispatch(loads(data))
         except BaseException as exc:  # noqa: BLE001 - every way out ends this connection
@@ -598,10 +598,15 @@ def authenticate(ws: websocket.WebSocket, client: Any) -> dict[str, Any]:
             return json.loads(data)
 
 
-def close_error(data: bytes) -> BaseException:
+def close_error(data: bytes, authenticated: bool = False) -> BaseException:
+    """The exception a close frame means. 1008 refuses our credentials only while they are
+    being checked: once the server answered ``auth_success`` a 1008 (our server's "Ping/Pong
+    timeout" when the link or this process stalled, an input rule) ends this connection and
+    the subscription connects again, as Prefect's own client does, instead of stopping the
+    worker for good with a misleading "credentials refused"."""
     code = struct.unpack("!H", data[:2])[0] if len(data) >= 2 else None
     reason = data[2:].decode("utf-8", "replace") if len(data) > 2 else ""
-    if code == CLOSE_POLICY_VIOLATION:
+    if code == CLOSE_POLICY_VIOLATION and not authenticated:
         return SubscriptionAuthError(f"The server refused the subscription (close 1008: {reason or 'policy violation'}); {AUTH_HINT}")
     if code == CLOSE_PROTOCOL_VIOLATION:
         return SubscriptionError(f"The server rejected the subscription (close 4001: {reason})")

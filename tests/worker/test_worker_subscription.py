@@ -144,9 +144,12 @@ class SilentServer:
     """A websocket server that authenticates, then never says anything again (no pongs
     either): a link that died without a FIN, as behind a dropped NAT entry."""
 
-    def __init__(self) -> None:
+    def __init__(self, after_auth: bytes = b"", auth_reply: bytes | None = None) -> None:
         import socket
 
+        self.after_auth = after_auth
+        payload = b'{"type": "auth_success"}'
+        self.auth_reply = bytes([0x81, len(payload)]) + payload if auth_reply is None else auth_reply
         self.listener = socket.socket()
         self.listener.bind(("127.0.0.1", 0))
         self.listener.listen()
@@ -174,8 +177,7 @@ class SilentServer:
             accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
             conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                          b"Sec-WebSocket-Protocol: prefect\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
-            payload = b'{"type": "auth_success"}'
-            conn.sendall(bytes([0x81, len(payload)]) + payload)  # then silence
+            conn.sendall(self.auth_reply + self.after_auth)  # then silence
 
     def close(self) -> None:
         self.listener.close()
@@ -199,3 +201,51 @@ def test_a_dead_link_is_detected_by_missing_pongs_and_reconnected():
         thread.join(5)
         silent.close()
     assert not thread.is_alive()
+
+
+def _close_frame(code: int, reason: str) -> bytes:
+    payload = code.to_bytes(2, "big") + reason.encode()
+    return bytes([0x88, len(payload)]) + payload
+
+
+def test_a_1008_after_auth_success_reconnects_instead_of_stopping_for_bad_credentials():
+    # our server closes 1008 "Ping/Pong timeout" when a worker stalled past its ping interval
+    # (seen in a soak on a loaded machine): the credentials were accepted, so the worker must
+    # connect again, as Prefect's client does, not stop for good blaming its API key
+    server = SilentServer(after_auth=_close_frame(1008, "Ping/Pong timeout"))
+    client = Client(api_url=f"http://127.0.0.1:{server.port}/api")
+    sub = Subscription(["k"], "c-1008", client=client, ping_interval=5, max_backoff=0.2)
+    errors: list[BaseException] = []
+
+    def consume() -> None:
+        try:
+            list(sub)
+        except BaseException as exc:  # noqa: BLE001 - what the test asserts on
+            errors.append(exc)
+
+    thread = threading.Thread(target=consume, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while server.accepted < 3 and not errors and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert not errors
+        assert server.accepted >= 3  # closed after auth each time, connected again each time
+    finally:
+        sub.close()
+        thread.join(5)
+        server.close()
+    assert not thread.is_alive() and not errors
+
+
+def test_a_1008_in_place_of_auth_success_still_refuses_the_credentials():
+    server = SilentServer(auth_reply=_close_frame(1008, "Invalid token"))
+    client = Client(api_url=f"http://127.0.0.1:{server.port}/api")
+    sub = Subscription(["k"], "c-bad-token", client=client, ping_interval=5, max_backoff=0.2)
+    try:
+        with pytest.raises(SubscriptionAuthError, match="Invalid token"):
+            list(sub)
+        assert server.accepted == 1  # not retried: the credentials will not get better
+    finally:
+        sub.close()
+        server.close()
