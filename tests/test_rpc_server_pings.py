@@ -44,3 +44,54 @@ def test_the_pinger_survives_a_connection_it_is_closing_and_still_drops_dead_cli
     finally:
         dead.shutdown()
         closing.shutdown()
+
+
+def test_a_client_whose_pong_waits_unread_behind_a_busy_reader_is_not_dropped(server_factory, monkeypatch):
+    # The reader thread of a connection handles what it read (commits included) before it
+    # reads again: while it is busy, the client's pongs wait unread in the socket. The pinger
+    # used to take that for a dead client and close it 1008 "Ping/Pong timeout" (seen in a
+    # soak: the worker then stopped, taking the 1008 for refused credentials).
+    import threading
+
+    from sync_worker.server import rpc
+
+    release = threading.Event()
+    stalled = threading.Event()
+    handle = rpc.RpcChannel._handle
+
+    def slow_handle(self, value):
+        if value.get("request_id") == "stall":
+            stalled.set()
+            release.wait(10)  # the reader is held here: nothing of this socket is read
+        return handle(self, value)
+
+    monkeypatch.setattr(rpc.RpcChannel, "_handle", slow_handle)
+    server = server_factory(ping_interval=PING_INTERVAL)
+    ws = _rpc_socket(server)
+    ws.settimeout(0.05)
+    try:
+        # a first request answered: from then on the socket's reader thread handles messages
+        ws.send(json.dumps({"type": "wait", "request_id": "first", "task_run_id": "nope", "timeout": 0}))
+        ws.settimeout(10)
+        assert json.loads(ws.recv())["request_id"] == "first"
+        ws.settimeout(0.05)
+        ws.send(json.dumps({"type": "wait", "request_id": "stall", "task_run_id": "nope", "timeout": 0}))
+        assert stalled.wait(10)
+        # the client stays alive: it reads, and websocket-client answers each ping it reads
+        deadline = time.monotonic() + 8 * PING_INTERVAL
+        pings_answered = 0
+        while time.monotonic() < deadline:
+            try:
+                opcode, _data = ws.recv_data(control_frame=True)
+            except websocket.WebSocketTimeoutException:
+                continue
+            assert opcode != websocket.ABNF.OPCODE_CLOSE, _data
+            pings_answered += opcode == websocket.ABNF.OPCODE_PING
+        assert pings_answered >= 2  # pongs were sent, and are still unread by the stalled reader
+        release.set()
+        ws.settimeout(10)
+        reply = json.loads(ws.recv())  # the connection is still open and serves the request
+        assert reply["request_id"] == "stall" and reply["type"] == "wait_result"
+    finally:
+        release.set()
+        ws.shutdown()

@@ -221,6 +221,11 @@ class WebSocket(simple_websocket.Server):
         # (gone meanwhile: it has just read them, and may have looked at the flag before)
         return self._peek()
 
+    def unread_input(self) -> bool:
+        """Whether bytes (or the end of the stream) wait in the socket unread, on any reader's
+        path: the pinger's test for a busy reader, not a silent client."""
+        return self.connected and self._peek()
+
     def _peek(self) -> bool:
         try:
             self.sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)  # b"": the end, unread
@@ -528,6 +533,12 @@ class SubscriptionRegistry:
                 sockets = list(self._sockets)
             for ws in sockets:
                 if not ws.connected:
+                    continue
+                if not ws.pong_received and ws.unread_input():
+                    # the client sent something our reader has not got to yet (its pong may
+                    # be in it): the server is behind (its reader busy with a long commit on a
+                    # loaded machine), the client is not dead. Judged again next round.
+                    ws.pong_received = True
                     continue
                 if not ws.pong_received or ws.ping_failures >= 3:
                     logger.info("closing a subscription connection that did not answer a ping within %g s",
