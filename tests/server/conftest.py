@@ -193,3 +193,20 @@ def make_wire() -> Iterator[Callable[..., Wire]]:
 @pytest.fixture
 def protocol() -> Callable[[str], Any]:
     return load_capture
+
+
+@pytest.fixture
+def sockets() -> Iterator[Any]:
+    """``sockets(server, "/events/in" or "/events/out")``: event sockets closed at the end."""
+    from tests.server.test_server_events import EventSocket
+
+    made: list[Any] = []
+
+    def make(server: Any, path: str, **kwargs: Any) -> Any:
+        sock = EventSocket(server, path, **kwargs)
+        made.append(sock)
+        return sock
+
+    yield make
+    for sock in made:
+        sock.close()

@@ -12,7 +12,6 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -115,20 +114,6 @@ class EventSocket(RawSocket):
         except websocket.WebSocketTimeoutException:
             return
         raise AssertionError(f"unexpected message: {message}")
-
-
-@pytest.fixture
-def sockets() -> Iterator[Any]:
-    made: list[EventSocket] = []
-
-    def make(server: Any, path: str, **kwargs: Any) -> EventSocket:
-        sock = EventSocket(server, path, **kwargs)
-        made.append(sock)
-        return sock
-
-    yield make
-    for sock in made:
-        sock.close()
 
 
 def events_in(sockets: Any, server: Any) -> EventSocket:

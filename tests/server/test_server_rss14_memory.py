@@ -22,30 +22,15 @@ import tracemalloc
 import types
 import uuid
 from pathlib import Path
-from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
 from sync_worker.server import events
 from tests.helpers import free_port, wait_for
-from tests.server.test_server_events import EventSocket, create_captured_run, events_out
+from tests.server.test_server_events import create_captured_run, events_out
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def event_sockets() -> Iterator[Callable[..., EventSocket]]:
-    made: list[EventSocket] = []
-
-    def make(server: Any, path: str, **kwargs: Any) -> EventSocket:
-        sock = EventSocket(server, path, **kwargs)
-        made.append(sock)
-        return sock
-
-    yield make
-    for sock in made:
-        sock.close()
 
 
 def finish(wire: Any, run_id: str, state_type: str = "COMPLETED", **state: Any) -> dict[str, Any]:
@@ -69,10 +54,10 @@ def shape(value: Any) -> Any:
     return type(value).__name__ if value is not None else None
 
 
-def test_a_final_state_nobody_watched_is_shelved_and_still_backfilled_whole(server, wire, event_sockets):
+def test_a_final_state_nobody_watched_is_shelved_and_still_backfilled_whole(server, wire, sockets):
     data = {"storage_key": "/tmp/result", "serializer": {"type": "json"}}
     watched, unwatched = create_captured_run(wire), create_captured_run(wire)
-    live = events_out(event_sockets, server)
+    live = events_out(sockets, server)
     watched_state = finish(wire, watched, data=data)
     [seen_live] = live.events(1)
     live.close()
@@ -84,7 +69,7 @@ def test_a_final_state_nobody_watched_is_shelved_and_still_backfilled_whole(serv
     # kept as run id + time: counted as SHELVED_EVENT_BYTES, not as the run's ~2 KB of JSON
     assert after["event_bytes"] - before["event_bytes"] == events.SHELVED_EVENT_BYTES
 
-    late = events_out(event_sockets, server)
+    late = events_out(sockets, server)
     first, second = late.events(2)
     assert first == seen_live  # kept whole: the very event the live subscriber got
     assert second["id"] == unwatched_state["id"] and second["occurred"] == unwatched_state["timestamp"]
@@ -98,7 +83,7 @@ def test_a_final_state_nobody_watched_is_shelved_and_still_backfilled_whole(serv
     late.expect_nothing(0.3)
 
 
-def test_a_backfill_skips_deleted_runs_and_announces_a_replaced_final_state_once(server, wire, event_sockets):
+def test_a_backfill_skips_deleted_runs_and_announces_a_replaced_final_state_once(server, wire, sockets):
     replaced, deleted, kept = (create_captured_run(wire) for _ in range(3))
     finish(wire, replaced)
     forced = wire.set_state(replaced, "FAILED", force=True, message="forced")
@@ -108,7 +93,7 @@ def test_a_backfill_skips_deleted_runs_and_announces_a_replaced_final_state_once
     assert wire.http.delete(f"{wire.url}/task_runs/{deleted}", timeout=10).status_code == 204
     kept_state = finish(wire, kept)
 
-    late = events_out(event_sockets, server)
+    late = events_out(sockets, server)
     got = late.events(2)
     # the replaced run once, with its current state (both of its final states were shelved)
     assert [(e["resource"]["prefect.resource.id"], e["event"], e["id"]) for e in got] == [
