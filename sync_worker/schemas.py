@@ -13,7 +13,9 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Type, TypeVar, Union
+
+from sync_worker.ids import uuid4_text
 
 
 class StateType(str, enum.Enum):
@@ -32,17 +34,25 @@ TERMINAL_STATES = frozenset(
     {StateType.COMPLETED, StateType.FAILED, StateType.CANCELLED, StateType.CRASHED}
 )
 
-#: value -> member: ``StateType(value)`` goes through ``EnumType.__call__`` (~1 us, and
-#: every state read from the server needed it twice); a dict lookup is a fifth of that.
-_STATE_TYPES: Dict[Any, "StateType"] = dict(StateType._value2member_map_)  # type: ignore[arg-type]
+_EnumT = TypeVar("_EnumT", bound=enum.Enum)
 
 
-def _state_type(value: Any) -> StateType:
-    """``StateType(value)``, with the same ``ValueError`` for an unknown value."""
-    try:
-        return _STATE_TYPES[value]
-    except (KeyError, TypeError):  # unknown or unhashable: the enum words the error
-        return StateType(value)
+def _member_lookup(enum_class: Type[_EnumT]) -> Callable[[Any], _EnumT]:
+    """``enum_class(value)`` at the cost of a dict lookup: the call goes through
+    ``EnumType.__call__`` (~1 us, and every state read from the server needed two); an
+    unknown or unhashable value still gets the enum's own ``ValueError``."""
+    members: Dict[Any, _EnumT] = dict(enum_class._value2member_map_)  # type: ignore[arg-type]
+
+    def member(value: Any) -> _EnumT:
+        try:
+            return members[value]
+        except (KeyError, TypeError):  # the enum words the error
+            return enum_class(value)
+
+    return member
+
+
+_state_type = _member_lookup(StateType)
 
 
 class SetStateStatus(str, enum.Enum):
@@ -54,15 +64,7 @@ class SetStateStatus(str, enum.Enum):
     WAIT = "WAIT"
 
 
-_STATUSES: Dict[Any, "SetStateStatus"] = dict(SetStateStatus._value2member_map_)  # type: ignore[arg-type]
-
-
-def _status(value: Any) -> SetStateStatus:
-    """``SetStateStatus(value)`` at the cost of a dict lookup (see :func:`_state_type`)."""
-    try:
-        return _STATUSES[value]
-    except (KeyError, TypeError):
-        return SetStateStatus(value)
+_status = _member_lookup(SetStateStatus)
 
 
 def now() -> datetime:
@@ -106,14 +108,12 @@ class StateDetails:
         if not data:
             return cls()
         get = data.get
-        params, run_id, flow_id, scheduled = (get("task_parameters_id"), get("task_run_id"), get("flow_run_id"),
-                                             get("scheduled_time"))
-        return cls(  # every server's answer carries one: ids and times converted only when present
+        return cls(  # every server's answer carries one
             get("deferred"),
-            params if params is None or params.__class__ is str else str(params),
-            run_id if run_id is None or run_id.__class__ is str else str(run_id),
-            flow_id if flow_id is None or flow_id.__class__ is str else str(flow_id),
-            None if scheduled is None else parse_datetime(scheduled),
+            _opt_str(get("task_parameters_id")),
+            _opt_str(get("task_run_id")),
+            _opt_str(get("flow_run_id")),
+            parse_datetime(get("scheduled_time")),
             get("retriable"),
             get("cache_key"),
         )
@@ -149,13 +149,12 @@ class State:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "State":
         get = data.get
-        timestamp, state_id = get("timestamp"), get("id")
         return cls(  # positional: the worker reads one per answer
             _state_type(data["type"]),
             get("name"),
             get("message"),
-            None if timestamp is None else parse_datetime(timestamp),
-            state_id if state_id is None or state_id.__class__ is str else str(state_id),
+            parse_datetime(get("timestamp")),
+            _opt_str(get("id")),
             StateDetails.from_json(get("state_details")),
             get("data"),
         )
@@ -342,8 +341,7 @@ def new_run_id() -> str:
             _random_block, offset = os.urandom(_RANDOM_BLOCK), 0
         _random_offset = offset + 16
         value = int.from_bytes(_random_block[offset:offset + 16], "big")
-    text = "%032x" % ((value & _UUID4_CLEAR) | _UUID4_SET)
-    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
+    return uuid4_text(value)
 
 
 _RANDOM_BLOCK = 4096
@@ -360,10 +358,6 @@ def _forget_random_block() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_random_block)
-
-
-_UUID4_CLEAR = ~((0xC000 << 48) | (0xF000 << 64))
-_UUID4_SET = (0x8000 << 48) | (4 << 76)
 
 
 def task_run_create(
@@ -435,4 +429,5 @@ class OrchestrationResult:
 
 
 def _opt_str(value: Any) -> Optional[str]:
-    return None if value is None else str(value)
+    """``None`` stays ``None``; anything else as text (a ``str`` as it is, without a call)."""
+    return value if value is None or value.__class__ is str else str(value)

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from ..ids import uuid4_text
 from . import validation as v
 
 STATE_TYPES = frozenset(
@@ -169,17 +170,11 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_random.seed)  # a forked child must not repeat our ids
 
 
-#: a version-4 UUID from 128 random bits: what ``uuid.UUID(int=bits, version=4)`` does
-_V4_CLEAR = ~((0xC000 << 48) | (0xF000 << 64))
-_V4_SET = (0x8000 << 48) | (4 << 76)
-
-
 def new_id() -> str:
     """A random (version 4) UUID. From a seeded PRNG rather than os.urandom: ids need to be
     unique, not secret, and os.urandom is a system call that releases the GIL on the hot path.
-    Formatted here rather than through :class:`uuid.UUID` (the same text, half the time)."""
-    h = (_getrandbits(128) & _V4_CLEAR | _V4_SET).to_bytes(16, "big").hex()
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+    Formatted without :class:`uuid.UUID` (:func:`sync_worker.ids.uuid4_text`)."""
+    return uuid4_text(_getrandbits(128))
 
 
 # -- small validators ------------------------------------------------------------------------
