@@ -291,8 +291,8 @@ class RunQueue:
     def claim_for(self, row: RunRow) -> Any:
         """A background run being created, due now (in its create's transaction, writer
         thread): a subscriber waiting for runs of its key (it found none) that takes runs
-        claimed at delivery and has a free credit reserves it (``reserve()``), and the run is outstanding and leased to it
-        from now on, as :meth:`take` + :meth:`acked` would make it. Returns that subscriber
+        claimed at delivery and has a free credit reserves it (``reserve()``), and the run is
+        outstanding and leased to it from now on, as :meth:`take` + :meth:`acked` would make it. Returns that subscriber
         (the create then commits the claim in the same transaction and sends the run after
         the commit), or None: the run is queued as usual. Only when nothing older of its key
         is waiting (delivery stays in creation order)."""

@@ -116,6 +116,13 @@ def text_frame(data: str) -> bytes:
     return framing.text_frame(data.encode("utf-8"))
 
 
+def _text_frames(messages: list[str] | tuple[str, ...]) -> bytes:
+    """The frames of several text messages, in order, as one write."""
+    if len(messages) == 1:
+        return text_frame(messages[0])
+    return b"".join([text_frame(message) for message in messages])
+
+
 class WebSocket(simple_websocket.Server):
     """simple-websocket server socket whose sends are thread-safe and complete (sendall)."""
 
@@ -140,24 +147,13 @@ class WebSocket(simple_websocket.Server):
         super().__init__(environ, event_class=Signal, **kwargs)
 
     def send(self, data: Any) -> None:
-        with self.send_lock:
-            if not self.connected:
-                raise ConnectionClosed(self.close_reason, self.close_message)
-            if self._tail is not None:
-                self._send_tail()
-            if isinstance(data, str) and self._plain():
-                self.sock.sendall(text_frame(data))
-            else:
-                self.sock.sendall(self.ws.send(TextMessage(data=data)))
+        self.send_many((data,))
 
-    def send_many(self, messages: list[str]) -> None:
-        """:meth:`send` for several text messages, in order, in one write when the frames can
-        be built here (the answers to the state changes one commit carried, and the runs it
+    def send_many(self, messages: list[str] | tuple[Any, ...]) -> None:
+        """:meth:`send` for several messages, in order, in one write when the frames can be
+        built here (the answers to the state changes one commit carried, and the runs it
         claimed): one system call, and one wake-up of the client's reader, instead of one
         each."""
-        if len(messages) == 1:
-            self.send(messages[0])
-            return
         if not messages:
             return
         with self.send_lock:
@@ -165,8 +161,8 @@ class WebSocket(simple_websocket.Server):
                 raise ConnectionClosed(self.close_reason, self.close_message)
             if self._tail is not None:
                 self._send_tail()
-            if self._plain():
-                self.sock.sendall(b"".join([text_frame(message) for message in messages]))
+            if self._plain() and all(isinstance(message, str) for message in messages):
+                self.sock.sendall(_text_frames(messages))
             else:
                 for message in messages:
                     self.sock.sendall(self.ws.send(TextMessage(data=message)))
@@ -190,8 +186,7 @@ class WebSocket(simple_websocket.Server):
         try:
             if not self.connected or self._tail is not None or not self._plain():
                 return False
-            frame = text_frame(messages[0]) if len(messages) == 1 else b"".join(
-                [text_frame(message) for message in messages])
+            frame = _text_frames(messages)
             try:
                 sent = self.sock.send(frame, socket.MSG_DONTWAIT)
             except OSError:  # would block (BlockingIOError), or the connection failed
