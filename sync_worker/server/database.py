@@ -304,10 +304,12 @@ CREATE TABLE IF NOT EXISTS task_runs (
     data TEXT NOT NULL,
     holder TEXT
 );
--- the queue: runs waiting in the database, per key in creation order
-CREATE INDEX IF NOT EXISTS ix_task_runs_queue ON task_runs (task_key, seq) WHERE qstate = 1;
--- queued runs not due yet (retries), found at start-up
-CREATE INDEX IF NOT EXISTS ix_task_runs_due ON task_runs (due) WHERE qstate = 1;
+-- the queue: runs waiting in the database, per key in creation order, with their due time. It
+-- also finds the queued runs not due yet (retries) at start-up, by a scan of the queue: version 3
+-- had an index of its own for them, (due) WHERE qstate = 1, written for every queued run
+DROP INDEX IF EXISTS ix_task_runs_due;
+DROP INDEX IF EXISTS ix_task_runs_queue;
+CREATE INDEX IF NOT EXISTS ix_task_runs_queued ON task_runs (task_key, seq, due) WHERE qstate = 1;
 -- runs loaded in memory (qstate = 2) are found at start-up through ix_task_runs_key_state
 -- (they are SCHEDULED): their own index, written at nearly every create and claim, cost a page
 -- write in most commits. Databases of earlier versions lose it here, and an earlier version that

@@ -59,7 +59,7 @@ def test_recovery_queues_the_runs_held_in_memory_again_and_drops_the_index(old_d
     finally:
         db.close()
     assert "ix_task_runs_memory" not in _indexes(old_db)
-    assert {"ix_task_runs_key_state", "ix_task_runs_queue"} <= _indexes(old_db)
+    assert {"ix_task_runs_key_state", "ix_task_runs_queued"} <= _indexes(old_db)
     assert "ix_task_runs_active" not in _indexes(old_db)  # dropped at version 4 (test_server_st15_schema.py)
 
 

@@ -76,6 +76,8 @@ def test_a_version_3_file_is_migrated_with_its_history_unchanged(tmp_path: Path)
         assert conn.execute(HISTORY).fetchall() == before
         assert "task_run_states_v3" not in schema
         assert "ix_task_run_states_run_seq" not in schema and "ix_task_runs_active" not in schema
+        assert "ix_task_runs_due" not in schema and "ix_task_runs_queue" not in schema
+        assert schema["ix_task_runs_queued"][1].endswith("(task_key, seq, due) WHERE qstate = 1")
         assert schema["ix_task_run_states_final"][0] == "task_run_states"  # rebuilt on the new table
         assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     conn.close()
@@ -195,5 +197,36 @@ def test_the_readers_of_the_history_and_of_running_runs_keep_their_plans(tmp_pat
         # state_type; it counts in the (task_key, state_type) index and pages by id, as before
         assert "ix_task_runs_key_state" in _plan(conn, "SELECT count(*) FROM task_runs WHERE ((state_type IN (?, ?)))",
                                                  ("PENDING", "RUNNING"))
+    finally:
+        db.close()
+
+
+def test_queued_runs_are_found_through_the_one_queue_index(tmp_path: Path) -> None:
+    """The queue index holds the due time: a claim of due runs and recovery's runs not due yet
+    (retries) read it, so no second index on ``due`` is written for every queued run."""
+    path = str(tmp_path / "q.db")
+    now = 1_700_000_000.0  # in the past: due
+    db = SQLiteDatabase(path)
+    try:
+        def fill(tx: Any) -> None:
+            for i in range(9):
+                row = _new_row(str(uuid.uuid4()), f"key-{i % 2}", "SCHEDULED", now)
+                row.qstate, row.due = 1, (4_000_000_000.0 if i % 3 == 0 else now)  # every third: later
+                tx.insert_run(row)
+        db.write(fill)
+        plan = _plan(db._writer_conn, "SELECT seq, id FROM task_runs WHERE task_key = ? AND qstate = 1 AND due <= ?"
+                                      " ORDER BY seq LIMIT ?", ("key-0", now, 10))
+        assert "USING INDEX ix_task_runs_queued (task_key=?)" in plan and "TEMP B-TREE" not in plan, plan
+        taken = db.write(lambda tx: tx.take_queued("key-0", now + 1, 10))
+        assert len(taken) == 3 and [seq for seq, _ in taken] == sorted(seq for seq, _ in taken)
+    finally:
+        db.close()
+    db = SQLiteDatabase(path)
+    try:
+        info = db.recover()
+        assert sorted(info.delayed) == [(4_000_000_000.0, "key-0"), (4_000_000_000.0, "key-0"),
+                                        (4_000_000_000.0, "key-1")]
+        assert sorted(info.queued_keys) == ["key-0", "key-1"]
+        assert db.read_all("SELECT count(*) FROM task_runs WHERE qstate = 1", [])[0][0] == 9  # taken: requeued
     finally:
         db.close()
