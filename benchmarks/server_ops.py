@@ -37,7 +37,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from typing import Any
@@ -136,9 +135,7 @@ def child(src: str, mode: str, runs: int, batch: int, warmup: int, wal: bool = F
     work(runs)
     cpu = time.process_time() - started
     frames = (os.path.getsize(path + "-wal") - wal_before) / (page + 24)  # a frame: 24-byte header + page
-    deadline = time.monotonic() + 10
-    while threading.active_count() > 3 and time.monotonic() < deadline:  # callbacks of the last batch
-        time.sleep(0.01)
+    db.write(lambda tx: None)  # queued after the last batch: its callbacks have run when this returns
     if mode == "idle" and len(subscriber.delivered) != runs + warmup:
         raise SystemExit(f"claimed at create: {len(subscriber.delivered)} of {runs + warmup}")
     if errors:
