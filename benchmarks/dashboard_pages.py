@@ -90,12 +90,13 @@ def fill(database: str, runs: int, seed: int = 1) -> None:
         qstate = 1 if state_type == "SCHEDULED" else 0
         run_rows.append((run_id, key, state_type, qstate, 0, 0, 1, json.dumps(run), None))
         for j, (t, name, ts) in enumerate(history):
-            state_rows.append((run_id, state_id if j == len(history) - 1 else str(uuid.uuid4()), t, name, iso(ts),
-                               None))
+            state_rows.append((run_id, j + 1, state_id if j == len(history) - 1 else str(uuid.uuid4()), t, name,
+                               iso(ts), None))
     with conn:
         conn.executemany(f"INSERT INTO task_runs ({columns}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", run_rows)
-        conn.executemany("INSERT INTO task_run_states (run_id, state_id, type, name, timestamp, message) "
-                         "VALUES (?, ?, ?, ?, ?, ?)", state_rows)
+        # the history is keyed by the run's seq and the state's number within the run (schema 4)
+        conn.executemany("INSERT INTO task_run_states (run_seq, seq, state_id, type, name, timestamp, message) "
+                         "VALUES ((SELECT seq FROM task_runs WHERE id = ?), ?, ?, ?, ?, ?, ?)", state_rows)
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
 

@@ -19,11 +19,13 @@ Two measures:
 - CPU ms per run (``time.process_time``), interleaved rounds, median and range;
 - ``--instructions``: instructions per run counted by valgrind (callgrind): the difference of a
   long and a short run, divided by the difference in runs. It does not depend on the load of the
-  machine, so it tells a few per cent apart where CPU time cannot; it is slow (minutes).
+  machine, so it tells a few per cent apart where CPU time cannot; it is slow (minutes);
+- ``--wal``: WAL frames (database pages written by the commits) per run, with checkpoints off.
 
 Examples:
     python3 benchmarks/server_ops.py --src /tmp/base,. --rounds 5
     python3 benchmarks/server_ops.py --src /tmp/base,. --mode idle --instructions
+    python3 benchmarks/server_ops.py --src /tmp/base,. --wal --runs 3000
 """
 from __future__ import annotations
 
@@ -35,7 +37,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from typing import Any
@@ -51,8 +52,9 @@ def _body() -> dict[str, Any]:
                       "state_details": {"deferred": True, "task_parameters_id": str(uuid.uuid4())}}}
 
 
-def child(src: str, mode: str, runs: int, batch: int, warmup: int) -> None:
-    """Runs in a subprocess with ``src`` first on sys.path; prints ``cpu_ms_per_run``."""
+def child(src: str, mode: str, runs: int, batch: int, warmup: int, wal: bool = False) -> None:
+    """Runs in a subprocess with ``src`` first on sys.path; prints ``cpu_ms_per_run`` (and
+    ``wal_frames_per_run`` with ``wal``)."""
     sys.path.insert(0, src)
     from sync_worker.server.core import Core, claim_proposal
     from sync_worker.server.database import SQLiteDatabase
@@ -60,7 +62,11 @@ def child(src: str, mode: str, runs: int, batch: int, warmup: int) -> None:
     from sync_worker.server.runqueue import RunQueue
 
     tmp = tempfile.mkdtemp(prefix="sync-worker-server-ops-")
-    db = SQLiteDatabase(os.path.join(tmp, "ops.db"), cache_size=500)
+    path = os.path.join(tmp, "ops.db")
+    db = SQLiteDatabase(path, cache_size=500)
+    if wal:  # no checkpoints: the WAL file keeps every frame written, so its growth counts them
+        db._writer_conn.execute("PRAGMA wal_autocheckpoint=0")
+    page = db._writer_conn.execute("PRAGMA page_size").fetchone()[0]
     queue = RunQueue(db, lease_timeout=60)
     core = Core(db, queue)
     completed = validate_state({"type": "COMPLETED", "name": "Completed", "state_details": {},
@@ -124,12 +130,12 @@ def child(src: str, mode: str, runs: int, batch: int, warmup: int) -> None:
             raise SystemExit("the queue was not empty")
     work = drain if mode == "drain" else idle
     work(warmup)
+    wal_before = os.path.getsize(path + "-wal")
     started = time.process_time()
     work(runs)
     cpu = time.process_time() - started
-    deadline = time.monotonic() + 10
-    while threading.active_count() > 3 and time.monotonic() < deadline:  # callbacks of the last batch
-        time.sleep(0.01)
+    frames = (os.path.getsize(path + "-wal") - wal_before) / (page + 24)  # a frame: 24-byte header + page
+    db.write(lambda tx: None)  # queued after the last batch: its callbacks have run when this returns
     if mode == "idle" and len(subscriber.delivered) != runs + warmup:
         raise SystemExit(f"claimed at create: {len(subscriber.delivered)} of {runs + warmup}")
     if errors:
@@ -138,16 +144,26 @@ def child(src: str, mode: str, runs: int, batch: int, warmup: int) -> None:
     db.close()
     shutil.rmtree(tmp, ignore_errors=True)
     print(f"cpu_ms_per_run {1000 * cpu / runs:.4f}")
+    if wal:
+        print(f"wal_frames_per_run {frames / runs:.4f}")
 
 
 def _child_cmd(src: str, args: argparse.Namespace, runs: int) -> list[str]:
     return [sys.executable, os.path.abspath(__file__), "--_child", src, "--mode", args.mode, "--runs", str(runs),
-            "--batch", str(args.batch), "--warmup", str(args.warmup)]
+            "--batch", str(args.batch), "--warmup", str(args.warmup)] + (["--wal"] if args.wal else [])
 
 
 def cpu_per_run(src: str, args: argparse.Namespace) -> float:
     out = subprocess.run(_child_cmd(src, args, args.runs), capture_output=True, text=True, timeout=600)
     found = re.search(r"cpu_ms_per_run ([\d.]+)", out.stdout)
+    if not found:
+        raise SystemExit(f"{src}: {out.stdout}{out.stderr}")
+    return float(found.group(1))
+
+
+def wal_frames_per_run(src: str, args: argparse.Namespace) -> float:
+    out = subprocess.run(_child_cmd(src, args, args.runs), capture_output=True, text=True, timeout=600)
+    found = re.search(r"wal_frames_per_run ([\d.]+)", out.stdout)
     if not found:
         raise SystemExit(f"{src}: {out.stdout}{out.stderr}")
     return float(found.group(1))
@@ -176,12 +192,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--instructions", action="store_true", help="count instructions with valgrind (one round)")
+    parser.add_argument("--wal", action="store_true",
+                        help="count the WAL frames (pages written) per run instead: no checkpoints, one round; "
+                             "they do not depend on the load")
     parser.add_argument("--_child", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.runs is None:
         args.runs = 800 if args.instructions else 5000
     if args._child:
-        child(args._child, args.mode, args.runs, args.batch, args.warmup)
+        child(args._child, args.mode, args.runs, args.batch, args.warmup, args.wal)
         return 0
     trees = [os.path.abspath(s) for s in args.src.split(",")]
     load = os.getloadavg()[0]
@@ -190,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("--instructions needs valgrind")
         for src in trees:
             print(f"{src}: {instructions_per_run(src, args):,.0f} instructions per run ({args.mode})", flush=True)
+        return 0
+    if args.wal:
+        for src in trees:
+            print(f"{src}: {wal_frames_per_run(src, args):.3f} WAL frames per run ({args.mode}, batch {args.batch})",
+                  flush=True)
         return 0
     results: dict[str, list[float]] = {src: [] for src in trees}
     for _ in range(args.rounds):

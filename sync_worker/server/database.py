@@ -84,11 +84,16 @@ class StorageError(RuntimeError):
 #: ``PRAGMA application_id`` of our databases ("SyWk"): tells them apart from other SQLite files
 APPLICATION_ID = 0x5379576B
 #: ``PRAGMA user_version``: the schema version, so that a later release can migrate
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Schema history: 1 = task_runs + records; 2 = + task_run_states (every state a run entered,
 # written in the transaction of the state change; a version-1 database is migrated on open and
 # its runs' current states seed their history); 3 = task_run_states keyed by the run's integer
-# ``seq`` instead of its text id (a version-2 history is copied over on open).
+# ``seq`` instead of its text id (a version-2 history is copied over on open); 4 = task_run_states
+# ``WITHOUT ROWID``, its rows stored in the order of their key (run_seq, seq): one b-tree instead
+# of a table plus an index on (run_seq, seq), so about one page less written per run (a version-3
+# history is copied over on open, in one transaction). A server of an earlier version refuses a
+# version-4 file ("made by a newer sync_worker"), as it refuses any newer version: going back
+# means restoring a copy of the file from before the upgrade.
 #: seconds a write waits for a lock held by another process before answering "database locked"
 BUSY_TIMEOUT = 5.0
 #: the WAL file is truncated back to this size after checkpoints
@@ -164,6 +169,8 @@ class RunRow:
     data: str | None = field(default=None, repr=False)  # JSON text of ``run`` when current
     #: id of the last state written to the state history (a new ``state_id`` adds a row)
     recorded_state_id: str | None = field(default=None, repr=False)
+    #: ``seq`` of the run's last row of state history (None: not known yet, read when needed)
+    history_seq: int | None = field(default=None, repr=False)
     _state: Any = field(default=None, repr=False)  # the state dict ``_state_text`` was made from
     _state_text: str = field(default="", repr=False)
 
@@ -297,30 +304,37 @@ CREATE TABLE IF NOT EXISTS task_runs (
     data TEXT NOT NULL,
     holder TEXT
 );
--- the queue: runs waiting in the database, per key in creation order
-CREATE INDEX IF NOT EXISTS ix_task_runs_queue ON task_runs (task_key, seq) WHERE qstate = 1;
--- queued runs not due yet (retries), found at start-up
-CREATE INDEX IF NOT EXISTS ix_task_runs_due ON task_runs (due) WHERE qstate = 1;
+-- the queue: runs waiting in the database, per key in creation order, with their due time. It
+-- also finds the queued runs not due yet (retries) at start-up, by a scan of the queue: version 3
+-- had an index of its own for them, (due) WHERE qstate = 1, written for every queued run
+DROP INDEX IF EXISTS ix_task_runs_due;
+DROP INDEX IF EXISTS ix_task_runs_queue;
+CREATE INDEX IF NOT EXISTS ix_task_runs_queued ON task_runs (task_key, seq, due) WHERE qstate = 1;
 -- runs loaded in memory (qstate = 2) are found at start-up through ix_task_runs_key_state
 -- (they are SCHEDULED): their own index, written at nearly every create and claim, cost a page
 -- write in most commits. Databases of earlier versions lose it here, and an earlier version that
 -- opens the file again simply builds it again.
 DROP INDEX IF EXISTS ix_task_runs_memory;
--- runs a worker held when the server stopped
-CREATE INDEX IF NOT EXISTS ix_task_runs_active ON task_runs (state_type)
-    WHERE state_type IN ('PENDING', 'RUNNING');
+-- the runs a worker held when the server stopped (PENDING, RUNNING) are found at start-up through
+-- ix_task_runs_key_state too, key by key: their own index was written at every claim and final
+-- state, and no other query used it (the listing's state filters bind their values, which a
+-- partial index cannot match). Dropped from version-3 files on open (version 4).
+DROP INDEX IF EXISTS ix_task_runs_active;
 -- state history: one small row per state a run entered (deleted with the run), keyed by the
--- run's integer seq: new rows land at the end of the index (a random text id scattered them)
+-- run's integer seq and the row's number among the run's states (1, 2, ...: a run's rows are
+-- numbered in the order they were written, with gaps after a migration). WITHOUT ROWID: the
+-- rows are the b-tree of their key, so a state costs one b-tree insert (a rowid table needed a
+-- second one, into an index on (run_seq, seq)). New runs' rows land at the end.
 CREATE TABLE IF NOT EXISTS task_run_states (
-    seq INTEGER PRIMARY KEY,
     run_seq INTEGER NOT NULL,
+    seq INTEGER NOT NULL,
     state_id TEXT NOT NULL,
     type TEXT NOT NULL,
     name TEXT,
     timestamp TEXT NOT NULL,
-    message TEXT
-);
-CREATE INDEX IF NOT EXISTS ix_task_run_states_run_seq ON task_run_states (run_seq, seq);
+    message TEXT,
+    PRIMARY KEY (run_seq, seq)
+) WITHOUT ROWID;
 -- the dashboard (dashboard.py): runs by key and state, and the runs finished per 10 s
 CREATE INDEX IF NOT EXISTS ix_task_runs_key_state ON task_runs (task_key, state_type);
 CREATE INDEX IF NOT EXISTS ix_task_run_states_final ON task_run_states (timestamp)
@@ -395,6 +409,7 @@ class _SQLiteTransaction(Transaction):
              int(row.background), row.dump()),
         )
         row.seq = cur.lastrowid
+        row.history_seq = 0  # a new run: no history yet (a deleted run's rows went with it)
         self._record_state(row)
         self._cache_put(row)
         return row.seq  # type: ignore[return-value]
@@ -417,12 +432,18 @@ class _SQLiteTransaction(Transaction):
         state = row.run.get("state")
         if not isinstance(state, dict) or not state.get("id"):
             return
+        number = row.history_seq
+        if number is None:  # a row read from the database: one seek to the run's last state
+            number = self._conn.execute("SELECT max(seq) FROM task_run_states WHERE run_seq = ?",
+                                        (row.seq,)).fetchone()[0] or 0
+        number += 1
         self._conn.execute(
-            "INSERT INTO task_run_states (run_seq, state_id, type, name, timestamp, message)"
-            " VALUES (?, ?, ?, ?, ?, ?)",
-            (row.seq, state["id"], state.get("type") or row.state_type, state.get("name"),
+            "INSERT INTO task_run_states (run_seq, seq, state_id, type, name, timestamp, message)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (row.seq, number, state["id"], state.get("type") or row.state_type, state.get("name"),
              state.get("timestamp") or "", state.get("message")),
         )
+        row.history_seq = number
         row.recorded_state_id = state["id"]
 
     def delete_run(self, run_id: str) -> RunRow | None:
@@ -532,27 +553,41 @@ class SQLiteDatabase(Database):
             try:
                 history_by_id = had_history and "run_id" in {
                     r[1] for r in conn.execute("PRAGMA table_info(task_run_states)")}
+                history_rowid = had_history and not history_by_id and not _without_rowid(conn, "task_run_states")
                 if history_by_id:  # version 2: set aside, copied into the new layout below
                     conn.execute("ALTER TABLE task_run_states RENAME TO task_run_states_v2")
+                    _drop_indexes(conn, "task_run_states_v2")
+                elif history_rowid:  # version 3: the same, copied into a table WITHOUT ROWID
+                    conn.execute("ALTER TABLE task_run_states RENAME TO task_run_states_v3")
+                    _drop_indexes(conn, "task_run_states_v3")
                 for statement in _SCHEMA.split(";"):
                     if statement.strip():
                         conn.execute(statement)
                 columns = {r[1] for r in conn.execute("PRAGMA table_info(task_runs)")}
                 if "holder" not in columns:  # a database made by an earlier version
                     conn.execute("ALTER TABLE task_runs ADD COLUMN holder TEXT")
-                if history_by_id:  # version 2 -> 3: the same rows, keyed by the run's seq
+                if history_by_id:  # version 2 -> 4: the same rows, keyed by the run's seq
+                    # (the old table's unique seq numbers the rows: in order within each run)
                     conn.execute(
-                        "INSERT INTO task_run_states (seq, run_seq, state_id, type, name, timestamp, message)"
-                        " SELECT s.seq, r.seq, s.state_id, s.type, s.name, s.timestamp, s.message"
-                        " FROM task_run_states_v2 s JOIN task_runs r ON r.id = s.run_id ORDER BY s.seq")
-                    conn.execute("DROP TABLE task_run_states_v2")  # and its index
+                        "INSERT INTO task_run_states (run_seq, seq, state_id, type, name, timestamp, message)"
+                        " SELECT r.seq, s.seq, s.state_id, s.type, s.name, s.timestamp, s.message"
+                        " FROM task_run_states_v2 s JOIN task_runs r ON r.id = s.run_id ORDER BY r.seq, s.seq")
+                    conn.execute("DROP TABLE task_run_states_v2")
                     logger.info("database %s migrated from schema version %d to %d (state history keyed by "
                                 "run seq)", self.path, version, SCHEMA_VERSION)
-                elif not had_history and "task_runs" in tables:  # version 1 -> 3
+                elif history_rowid:  # version 3 -> 4: the same rows and numbers, WITHOUT ROWID
+                    conn.execute(
+                        "INSERT INTO task_run_states (run_seq, seq, state_id, type, name, timestamp, message)"
+                        " SELECT run_seq, seq, state_id, type, name, timestamp, message"
+                        " FROM task_run_states_v3 ORDER BY run_seq, seq")
+                    conn.execute("DROP TABLE task_run_states_v3")
+                    logger.info("database %s migrated from schema version %d to %d (state history WITHOUT "
+                                "ROWID)", self.path, version, SCHEMA_VERSION)
+                elif not had_history and "task_runs" in tables:  # version 1 -> 4
                     # the runs' current states start their history (earlier states were not kept)
                     conn.execute(
-                        "INSERT INTO task_run_states (run_seq, state_id, type, name, timestamp, message)"
-                        " SELECT seq, json_extract(data, '$.state.id'), state_type,"
+                        "INSERT INTO task_run_states (run_seq, seq, state_id, type, name, timestamp, message)"
+                        " SELECT seq, 1, json_extract(data, '$.state.id'), state_type,"
                         " json_extract(data, '$.state.name'), coalesce(json_extract(data, '$.state.timestamp'), ''),"
                         " json_extract(data, '$.state.message') FROM task_runs"
                         " WHERE json_extract(data, '$.state.id') IS NOT NULL ORDER BY seq")
@@ -846,7 +881,8 @@ class SQLiteDatabase(Database):
             # Runs that were in the old process's memory (buffered or sent, never claimed)
             # wait in the database again. They are SCHEDULED: found key by key through
             # ix_task_runs_key_state (the SCHEDULED runs of each key, not the whole table).
-            for key in _task_keys(conn):
+            all_keys = _task_keys(conn)
+            for key in all_keys:
                 conn.execute("UPDATE task_runs SET qstate = 1 WHERE task_key = ? AND state_type = 'SCHEDULED'"
                              " AND qstate = 2", (key,))
             self._cache.clear()
@@ -854,8 +890,9 @@ class SQLiteDatabase(Database):
             now = time.time()
             delayed = [(due, key) for due, key in conn.execute(
                 "SELECT due, task_key FROM task_runs WHERE qstate = 1 AND due > ?", (now,))]
-            leased = [(run_id, st, holder) for run_id, st, holder in conn.execute(
-                "SELECT id, state_type, holder FROM task_runs WHERE state_type IN ('PENDING', 'RUNNING')")]
+            # the runs workers held, key by key through ix_task_runs_key_state (no index of their own)
+            leased = [(run_id, st, holder) for key in all_keys for run_id, st, holder in conn.execute(
+                _LEASED_OF_KEY, (key,))]
             return RecoveryInfo(queued_keys=keys, delayed=delayed, leased=leased)
 
         return self.write(op)
@@ -885,6 +922,25 @@ class SQLiteDatabase(Database):
                 except sqlite3.Error:  # pragma: no cover
                     pass
             self._all_readers.clear()
+
+
+def _without_rowid(conn: sqlite3.Connection, table: str) -> bool:
+    """Whether ``table`` was created ``WITHOUT ROWID`` (SQLite keeps the statement as written)."""
+    found = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone()
+    return found is not None and " ".join(found[0].upper().split()).endswith("WITHOUT ROWID")
+
+
+def _drop_indexes(conn: sqlite3.Connection, table: str) -> None:
+    """Drop the indexes of a table set aside by a migration: their names are those the new
+    table's indexes take (``CREATE INDEX IF NOT EXISTS`` would skip them)."""
+    for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ? AND sql IS NOT NULL",
+                                (table,)).fetchall():
+        conn.execute(f'DROP INDEX "{name}"')
+
+
+#: the PENDING and RUNNING runs of one task key (recovery: the runs workers held)
+_LEASED_OF_KEY = ("SELECT id, state_type, holder FROM task_runs WHERE task_key = ? AND state_type IN ('PENDING', 'RUNNING')"
+                  " ORDER BY seq")
 
 
 def _task_keys(conn: sqlite3.Connection) -> list[str]:

@@ -114,7 +114,7 @@ def test_a_version_1_database_is_migrated(server_factory, tmp_path, monkeypatch,
     server = server_factory(database=db_path)
     monkeypatch.setenv("SYNC_WORKER_API_URL", server.url)
     with sqlite3.connect(db_path) as check:
-        assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     check.close()
     # the run is kept, its current state starts its history, the next states are recorded
     assert [s["type"] for s in _states(server, old.task_run_id)] == ["SCHEDULED"]
@@ -134,7 +134,7 @@ def test_a_version_2_database_is_migrated(server_factory, tmp_path):
     shutil.copyfile(FIXTURE_V2, db_path)
     server = server_factory(database=str(db_path))
     with sqlite3.connect(db_path) as check:
-        assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+        assert check.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
         columns = {r[1] for r in check.execute("PRAGMA table_info(task_run_states)")}
         tables = {r[0] for r in check.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     check.close()
