@@ -117,11 +117,11 @@ def _echo_server() -> None:
             while len(buf) >= 2:  # every whole frame read so far (client frames are masked)
                 length, start = buf[1] & 0x7F, 2
                 if length == 126:
-                    length, start = struct.unpack("!H", bytes(buf[2:4]))[0], 4
+                    length, start = int.from_bytes(buf[2:4], "big"), 4
                 elif length == 127:
-                    length, start = struct.unpack("!Q", bytes(buf[2:10]))[0], 10
+                    length, start = int.from_bytes(buf[2:10], "big"), 10
                 end = start + 4 + length
-                if len(buf) < end:
+                if len(buf) < max(end, start + 4):  # the header itself may not be whole yet
                     break
                 opcode, mask_key = buf[0] & 0x0F, bytes(buf[start:start + 4])
                 payload = bytes(b ^ mask_key[i % 4] for i, b in enumerate(buf[start + 4:end]))
