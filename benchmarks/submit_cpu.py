@@ -17,6 +17,15 @@ by one that answers at once with the embedded server's answers as JSON text (``j
 included; a brief create answer, announced as the server does); the socket, its framing and
 the reader thread's hand-off are still left out. ``--wait`` (with ``--rpc``): every call is
 ``.delay().result()``, the wait answered with a completed run (what waited callers pay).
+
+``--socket``: the other half: the real rpc socket (``RpcChannel``: framing, the reader thread,
+the hand-off to the caller) against a trivial rpc server in a subprocess (this file, raw
+sockets, no database) that answers every ``create`` at once with the embedded server's brief
+answer. Measured in the submitting process: CPU per request (all its threads), the median
+round trip, and the context switches per request of the callers and the reader thread
+(``/proc``, Linux). ``--threads N``: N callers at once (default 1). The server's own time is
+in the round trip but not in the CPU. Use it to judge a change to the client's socket path
+without the embedded server's noise (run it from each tree, alternated, as above).
 """
 from __future__ import annotations
 
@@ -77,6 +86,152 @@ class CannedConnection:
         return json.loads(WAIT_REPLY % (run_id, run_id))
 
 
+def _echo_server() -> None:
+    """``--_echo-server``: the trivial rpc server of ``--socket``; prints its port, serves until killed."""
+    import base64
+    import hashlib
+    import socket
+    import struct
+    import threading
+
+    guid = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+    def frame(payload: bytes) -> bytes:
+        n = len(payload)
+        head = bytes([0x81, n]) if n < 126 else bytes([0x81, 126]) + struct.pack("!H", n)
+        return head + payload
+
+    def serve(conn: socket.socket) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += conn.recv(4096)
+        head, rest = data.split(b"\r\n\r\n", 1)
+        key = next(line.split(b":", 1)[1].strip() for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"sec-websocket-key"))
+        conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     b"Sec-WebSocket-Accept: " + base64.b64encode(hashlib.sha1(key + guid).digest())
+                     + b"\r\nSec-WebSocket-Protocol: prefect\r\n\r\n")
+        buf = bytearray(rest)
+        while True:
+            out = []
+            while len(buf) >= 2:  # every whole frame read so far (client frames are masked)
+                length, start = buf[1] & 0x7F, 2
+                if length == 126:
+                    length, start = int.from_bytes(buf[2:4], "big"), 4
+                elif length == 127:
+                    length, start = int.from_bytes(buf[2:10], "big"), 10
+                end = start + 4 + length
+                if len(buf) < max(end, start + 4):  # the header itself may not be whole yet
+                    break
+                opcode, mask_key = buf[0] & 0x0F, bytes(buf[start:start + 4])
+                payload = bytes(b ^ mask_key[i % 4] for i, b in enumerate(buf[start + 4:end]))
+                del buf[:end]
+                if opcode == 0x8:
+                    return
+                if opcode == 0x9:
+                    out.append(bytes([0x8A, len(payload)]) + payload)
+                elif opcode == 0x1:
+                    message = json.loads(payload)
+                    if message.get("type") == "auth":
+                        out.append(frame(b'{"type": "auth_success", "extensions": ["brief_create"]}'))
+                    else:
+                        reply = json.loads(BRIEF_CREATE_REPLY % message["body"]["id"])
+                        reply["request_id"] = message["request_id"]
+                        out.append(frame(json.dumps(reply).encode()))
+            if out:
+                conn.sendall(b"".join(out))
+            chunk = conn.recv(65536)
+            if not chunk:
+                return
+            buf += chunk
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    print(listener.getsockname()[1], flush=True)
+    while True:
+        conn, _ = listener.accept()
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        threading.Thread(target=serve, args=(conn,), daemon=True).start()
+
+
+def _switches(tid: int | str = "thread-self") -> tuple[int, int]:
+    """(voluntary, involuntary) context switches of one thread of this process so far."""
+    path = "/proc/thread-self/status" if tid == "thread-self" else f"/proc/self/task/{tid}/status"
+    counts = {}
+    with open(path) as status:
+        for line in status:
+            if line.endswith("ctxt_switches\n") or "ctxt_switches:" in line:
+                name, value = line.split(":")
+                counts[name] = int(value)
+    return counts.get("voluntary_ctxt_switches", 0), counts.get("nonvoluntary_ctxt_switches", 0)
+
+
+def socket_round_trips(runs: int, threads: int) -> int:
+    """``--socket``: see the module docstring."""
+    import statistics
+    import subprocess
+    import threading
+
+    from sync_worker.client import Client
+    from sync_worker.rpc import RpcChannel
+    from sync_worker.schemas import Scheduled, task_run_create
+
+    server = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--_echo-server"], stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(server.stdout.readline())
+        channel = RpcChannel(Client(f"http://127.0.0.1:{port}/api"))
+        conn = channel.connection()
+        body = task_run_create(name="noop", task_key="bench.noop", state=Scheduled())
+
+        def request() -> None:
+            reply = conn.request({"type": "create", "body": body, "brief": True}, 30)
+            assert reply["status_code"] == 201, reply
+
+        for _ in range(500):
+            request()
+        latencies: list[float] = []
+        switches = [0, 0]
+        lock = threading.Lock()
+
+        def caller(count: int) -> None:
+            before, clock, mine = _switches(), time.perf_counter, []
+            for _ in range(count):
+                started = clock()
+                request()
+                mine.append(clock() - started)
+            after = _switches()
+            with lock:
+                latencies.extend(mine)
+                switches[0] += after[0] - before[0]
+                switches[1] += after[1] - before[1]
+
+        reader = getattr(getattr(conn, "_thread", None), "native_id", None)
+        reader_before = _switches(reader) if reader else (0, 0)
+        cpu = time.process_time()
+        workers = [threading.Thread(target=caller, args=(runs // threads,)) for _ in range(threads)]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+        cpu = time.process_time() - cpu
+        reader_after = _switches(reader) if reader else (0, 0)
+        done = len(latencies)
+        channel.close()
+    finally:
+        server.kill()
+        server.wait()
+    import sync_worker
+
+    print(f"{os.path.dirname(os.path.dirname(os.path.abspath(sync_worker.__file__)))}: {cpu / done * 1e6:.1f} µs CPU "
+          f"per rpc create in this process, round trip p50 {statistics.median(latencies) * 1e6:.0f} µs "
+          f"({done} requests from {threads} thread(s), trivial server, load {os.getloadavg()[0]:.1f}); "
+          f"context switches per request: callers {switches[0] / done:.2f} voluntary + {switches[1] / done:.2f} "
+          f"involuntary, reader thread {(reader_after[0] - reader_before[0]) / done:.2f} + "
+          f"{(reader_after[1] - reader_before[1]) / done:.2f}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -85,9 +240,17 @@ def main() -> int:
     parser.add_argument("--profile", action="store_true", help="print cProfile's top 25 by own time")
     parser.add_argument("--rpc", action="store_true", help="through the real Client and transport (canned rpc answers)")
     parser.add_argument("--wait", action="store_true", help="with --rpc: .delay().result() (canned wait answer)")
+    parser.add_argument("--socket", action="store_true", help="the real rpc socket against a trivial server")
+    parser.add_argument("--threads", type=int, default=1, help="with --socket: callers at once (default 1)")
+    parser.add_argument("--_echo-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
+    if args._echo_server:
+        _echo_server()
+        return 0
     sys.path.insert(0, os.getcwd())
+    if args.socket:
+        return socket_round_trips(args.runs, max(1, args.threads))
     os.environ["SYNC_WORKER_STORAGE"] = tempfile.mkdtemp(prefix="submit-cpu-")
     import sync_worker.client as client_module
     from sync_worker import task
