@@ -377,8 +377,8 @@ def analyse_short(events: list[list[str]], submitted_ns: int) -> None:
             print(f"  {statistics.median(col):6.0f} {statistics.fmean(col):6.0f}  {name}")
     if commits_between:
         alone = sum(1 for n in commits_between if n <= 1)
-        print(f"\ncommits ending inside 'commit + send': 1 in {alone} of {len(commits_between)} cycles "
-              f"(more: the claim waited behind another batch); unpaired cycles {unpaired}")
+        print(f"\nno other commit ended between the claim and its own commit (the claim did not wait behind "
+              f"another batch) in {alone} of {len(commits_between)} cycles; cycles not followed: {unpaired}")
 
 
 # ----------------------------------------------------------------------------- driver
