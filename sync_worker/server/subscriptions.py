@@ -250,6 +250,7 @@ class Subscription:
         # one handling messages (the stopping server calls it to wake a connection)
         self._on_messages = OneAtATime(self._drain)
         self._granted = False
+        self._grant_pending = 0  # credit read with set_state messages, not usable yet (_apply_grant)
         self._unanswered = 0  # set_state requests whose answer is not sent yet
         self._held_back = False  # the reader waits until fewer are unanswered (notify then)
         self._batch: list[tuple[str, dict[str, Any], bool, Callable[..., None]]] = []
@@ -440,6 +441,7 @@ class Subscription:
                     self._flush_set_states()
                     if self._granted:  # credit that came with set_state messages
                         self._granted = False
+                        self._apply_grant()
                         self._try_deliver()
             except (ConnectionClosed, OSError):
                 self._done.set()
@@ -450,6 +452,15 @@ class Subscription:
                 self._request_close(1011, "Internal server error")
         if not self.ws.connected:
             self._done.set()
+
+    def _apply_grant(self) -> None:
+        """Reader thread: the credit that this read's ``set_state`` messages carried becomes
+        usable (see :meth:`_set_state`). Called holding the delivery lock when the final states
+        and the claims go in one commit, so that no other thread claims with it first."""
+        grant, self._grant_pending = self._grant_pending, 0
+        if grant:
+            with self._cond:
+                self._credit = min((self._credit or 0) + grant, MAX_CREDIT)
 
     def _flush_set_states(self) -> None:
         """Commit the set_state requests read so far (together: one transaction for all the
@@ -469,6 +480,7 @@ class Subscription:
         claim of the runs their credit lets go (one transaction), send the answers, then the
         runs; deliver more if more credit is left. With nothing due, just the set_states."""
         with self._deliver_lock:
+            self._apply_grant()
             taken = self._take_for_claim()
             if not taken:
                 self._flush_set_states()
@@ -548,8 +560,10 @@ class Subscription:
             if not self.claim_at_delivery or not isinstance(grant, int) or isinstance(grant, bool) or grant < 0:
                 raise _Close(PREFECT_VIOLATION, "Protocol violation: 'credit' in set_state must be a whole number "
                                                 ">= 0 (with claim_at_delivery)")
-            with self._cond:
-                self._credit = min((self._credit or 0) + grant, MAX_CREDIT)
+            # usable once this read's set_states are flushed (_apply_grant), not before: else
+            # the sender thread, woken meanwhile, could claim the next run with it in a commit
+            # of its own, ahead of the final state that freed the slot
+            self._grant_pending += grant
             self._granted = True
         # Backpressure: a client that sends requests faster than it reads the answers stops
         # being read (TCP pushes back on it) instead of filling the server's memory and the
