@@ -67,7 +67,10 @@ def hook_sockets() -> None:
 
     def traced_sendall(self, data, *args):
         event("send", f"n{len(data)} {_peek(data)}")
-        return sendall(self, data, *args)
+        try:
+            return sendall(self, data, *args)
+        finally:
+            event("sent", f"n{len(data)}")
 
     def traced_recv(self, size, *args):
         data = recv(self, size, *args)
@@ -110,12 +113,60 @@ def hook(owner, name: str, label: str) -> None:
     setattr(owner, name, traced)
 
 
+def hook_detail(owner, name: str, label: str, detail) -> None:
+    """Events ``label>`` (with ``detail(*args)``, e.g. the run ids) and ``label<`` around ``owner.name``."""
+    original = getattr(owner, name, None)
+    if original is None:
+        return
+
+    @functools.wraps(original)
+    def traced(*args, **kwargs):
+        try:
+            text = detail(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - a trace never breaks the traced code
+            text = f"?{exc!r}"
+        event(label + ">", text)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            event(label + "<", text)
+
+    setattr(owner, name, traced)
+
+
+def _short_hooks(role: str) -> None:
+    """``--short``: hooks that name the runs, to follow one slot's cycle by run id."""
+    if role == "server":
+        from sync_worker.server import subscriptions
+
+        hook_detail(subscriptions.Subscription, "_set_state", "srv_set_state",
+                    lambda self, value: str(value.get("task_run_id")))
+        # the final states that freed the slots (before) -> the runs claimed with their credit (taken)
+        hook_detail(subscriptions.Subscription, "_claim_and_send", "claim_send",
+                    lambda self, taken, before=None: ",".join(b[0] for b in before or ()) + "->"
+                    + ",".join(t[0] for t in taken))
+        hook_detail(subscriptions.Subscription, "deliver_reserved", "at_create", lambda self, run_id, text: run_id)
+    else:
+        from sync_worker import subscription, worker
+
+        hook_detail(worker.TaskWorker, "_start_delivered", "start_delivered",
+                    lambda self, task_run, dialect: task_run.id)
+        hook_detail(worker.TaskWorker, "_safe_run", "safe_run", lambda self, task, task_run, *a, **k: task_run.id)
+        hook_detail(subscription.Subscription, "set_state_async", "final",
+                    lambda self, run_id, state, *a, **k: run_id)
+
+
 def _role(role: str, argv: list[str]) -> None:
     """A traced ``sync-worker server`` or ``worker`` process (this file run with --_role)."""
     import runpy
 
     hook_sockets()
-    if role == "server":
+    if os.environ.get("LATENCY_TRACE_SHORT"):
+        from sync_worker.server import database
+
+        hook(database.SQLiteDatabase, "_run_batch", "commit")
+        _short_hooks(role)
+    elif role == "server":
         from sync_worker.server import database
 
         hook(database.SQLiteDatabase, "_run_batch", "commit")
@@ -134,6 +185,12 @@ if os.environ.get("LATENCY_TRACE_DIR") and os.environ.get("LATENCY_TRACE_TASKS")
     @task(task_key=TASK_KEY)
     def noop() -> None:
         event("TASK")
+
+    @task(task_key=TASK_KEY + "_sleep10")
+    def sleep10() -> None:
+        event("TASK>")
+        time.sleep(0.01)
+        event("TASK<")
 
 
 # ----------------------------------------------------------------------------- analysis
@@ -223,12 +280,147 @@ def analyse(events: list[list[str]], show: int) -> None:
             print(f"{(int(e[0]) - t0) / 1000:8.1f} us  {e[1]} {e[2][:24]:24} {e[3]:16} {e[4][:70]}")
 
 
+def analyse_short(events: list[list[str]], submitted_ns: int) -> None:
+    """One slot's cycle, run X's body end -> the next run Y's body start on the slot X freed
+    (Y: a run claimed with the credit X's final state carried), step by step."""
+    pids = {e[1] for e in events if e[3] == "TASK<"}
+    worker = pids.pop() if len(pids) == 1 else None
+    server = next((e[1] for e in events if e[3] == "claim_send>"), None)
+    if worker is None or server is None:
+        print("could not find the worker's or the server's events (hooks missing in this tree?)")
+        return
+    t_of: dict[tuple[str, str], int] = {}  # (event, run id) -> index of its first occurrence
+    thread_run: dict[str, str] = {}
+    body: dict[tuple[str, str], int] = {}  # ("TASK>"/"TASK<", run id) -> index
+    successor: dict[str, tuple[str, int, int]] = {}  # X -> (Y, claim_send> index, claim_send< index)
+    open_claims: dict[str, int] = {}
+    for i, e in enumerate(events):
+        kind, detail = e[3], e[4]
+        if kind in ("safe_run>", "start_delivered>", "final>", "srv_set_state>") and (kind, detail) not in t_of:
+            t_of[(kind, detail)] = i
+        if kind == "safe_run>":
+            thread_run[e[2]] = detail
+        elif kind in ("TASK>", "TASK<") and e[1] == worker:
+            run = thread_run.get(e[2])
+            if run is not None:
+                body.setdefault((kind, run), i)
+        elif kind == "claim_send>":
+            open_claims[detail] = i
+        elif kind == "claim_send<" and detail in open_claims:
+            begin = open_claims.pop(detail)
+            before, _, taken = detail.partition("->")
+            for x, y in zip([b for b in before.split(",") if b], [t for t in taken.split(",") if t], strict=False):
+                successor[x] = (y, begin, i)
+
+    def next_index(start: int, pred) -> int | None:
+        for j in range(start + 1, min(len(events), start + 4000)):
+            if pred(events[j]):
+                return j
+        return None
+
+    names = ["worker: body end -> final state proposed (engine)",
+             "worker: proposed -> its frame sent",
+             "wire + wake-up: server reads it",
+             "server: read -> its set_state parsed",
+             "server: parsed -> claim of the next run begins",
+             "server: -> the commit begins (GIL, a commit in progress)",
+             "server: the commit (final states + claim)",
+             "server: commit -> answers and run sent",
+             "wire + wake-up: worker reads the run",
+             "worker: read -> slot taken (start_delivered)",
+             "worker: hand-off to a run thread",
+             "worker: engine -> next body starts"]
+    rows: dict[str, list[list[float]]] = {"during submission": [], "after submission": []}
+    commits_between: list[int] = []
+    unpaired = 0
+    for (kind, x), end in body.items():
+        if kind != "TASK<":
+            continue
+        if x not in successor:
+            unpaired += 1
+            continue
+        y, c_begin, c_end = successor[x]
+        marks = [end, t_of.get(("final>", x)), None, None, t_of.get(("srv_set_state>", x)), c_begin, None, None,
+                 None, None, t_of.get(("start_delivered>", y)), t_of.get(("safe_run>", y)), body.get(("TASK>", y))]
+        if None in (marks[1], marks[4], marks[10], marks[11], marks[12]):
+            unpaired += 1
+            continue
+        marks[2] = next_index(marks[1], lambda e: e[1] == worker and e[3] == "send")
+        marks[3] = next_index(marks[2] or 0, lambda e: e[1] == server and e[3] == "recv")
+        reader = events[c_begin][2]
+        marks[6] = next_index(c_begin, lambda e: e[3] == "commit>")
+        marks[7] = next_index(marks[6] or 0, lambda e, t=reader: e[3] == "commit<" and e[2] == t)
+        marks[8] = next_index(marks[7] or 0, lambda e, t=reader: e[3] == "send" and e[2] == t)
+        sent = events[marks[8]][4].split(" ", 1)[0] if marks[8] is not None else None
+        marks[9] = next_index(marks[8] or 0, lambda e, n=sent: e[1] == worker and e[3] == "recv"
+                              and e[4].startswith(n))
+        if None in marks:
+            unpaired += 1
+            continue
+        times = [int(events[m][0]) for m in marks]  # type: ignore[index]
+        steps = [(b - a) / 1000 for a, b in zip(times, times[1:], strict=False)]
+        if min(steps) < 0:
+            unpaired += 1
+            continue
+        commits_between.append(sum(1 for j in range(c_begin, marks[7] + 1) if events[j][3] == "commit<"))
+        phase = "during submission" if times[0] < submitted_ns else "after submission"
+        rows[phase].append(steps)
+    for phase, found in rows.items():
+        if not found:
+            continue
+        totals = [sum(r) for r in found]
+        print(f"\n{phase}: {len(found)} slot cycles; body end -> next body start median "
+              f"{statistics.median(totals):.0f} us, mean {statistics.fmean(totals):.0f} us")
+        print("  median   mean  step")
+        for k, name in enumerate(names):
+            col = [r[k] for r in found]
+            print(f"  {statistics.median(col):6.0f} {statistics.fmean(col):6.0f}  {name}")
+    if commits_between:
+        alone = sum(1 for n in commits_between if n <= 1)
+        print(f"\nno other commit ended between the claim and its own commit (the claim did not wait behind "
+              f"another batch) in {alone} of {len(commits_between)} cycles; cycles not followed: {unpaired}")
+
+
 # ----------------------------------------------------------------------------- driver
+def _run_short(tasks_module, args, trace_dir: str, worker_pid: int) -> int:
+    """Submit ``args.short`` sleep10 runs from ``args.threads`` threads, wait until the worker
+    has run them all; returns when the submission ended (monotonic ns)."""
+    shares = [args.short // args.threads + (1 if i < args.short % args.threads else 0) for i in range(args.threads)]
+
+    def submit(share: int) -> None:
+        for _ in range(share):
+            tasks_module.sleep10.delay()
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=submit, args=(share,)) for share in shares if share]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    submitted_ns = time.monotonic_ns()
+    log = Path(trace_dir) / f"{worker_pid}.log"
+    deadline = time.monotonic() + 120
+    while log.read_bytes().count(b" TASK< ") < args.short:
+        if time.monotonic() > deadline:
+            raise SystemExit("the short runs did not finish within 120 s")
+        time.sleep(0.05)
+    elapsed = time.monotonic() - started
+    print(f"{args.short} runs of 10 ms, limit 10, from {args.threads} threads: submitted in "
+          f"{(submitted_ns / 1e9 - started):.3f} s, all run by {elapsed:.3f} s (traced; ideal "
+          f"{args.short / 1000:.3f} s: {100 * args.short / 1000 / elapsed:.0f} %, includes the polling)")
+    time.sleep(0.3)
+    return submitted_ns
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=100)
     parser.add_argument("--src", default=str(REPO), help="the sync_worker tree to run (default: this one)")
     parser.add_argument("--show", type=int, default=0, help="also print the raw timeline of N samples")
+    parser.add_argument("--short", type=int, default=0, metavar="N",
+                        help="instead: N runs that sleep 10 ms submitted from --threads threads (compare.py's "
+                             "short case), and one slot's cycle traced step by step")
+    parser.add_argument("--threads", type=int, default=4, help="submitter threads with --short (default 4)")
     parser.add_argument("--_role", help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
     if args._role:
@@ -242,6 +434,8 @@ def main() -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([src, str(HERE)]), LATENCY_TRACE_DIR=trace_dir,
                LATENCY_TRACE_TASKS="1", SYNC_WORKER_API_URL=f"http://127.0.0.1:{port}/api",
                SYNC_WORKER_STORAGE=os.path.join(trace_dir, "records"))
+    if args.short:
+        env["LATENCY_TRACE_SHORT"] = "1"
     me = [sys.executable, str(Path(__file__).resolve())]
     procs = [subprocess.Popen([*me, "--_role", "server", "server", "--port", str(port), "--db",
                                os.path.join(trace_dir, "server.db"), "--log-level", "WARNING"],
@@ -257,7 +451,7 @@ def main() -> None:
                     raise SystemExit("the server did not start") from None
                 time.sleep(0.02)
         procs.append(subprocess.Popen([*me, "--_role", "worker", "worker", "latency_breakdown:noop",
-                                       "--limit", "10", "--log-level", "WARNING"],
+                                       "latency_breakdown:sleep10", "--limit", "10", "--log-level", "WARNING"],
                                       env=env, cwd=src, start_new_session=True))
         os.environ.update({k: v for k, v in env.items() if k.startswith(("SYNC_WORKER_", "LATENCY_"))})
         sys.path[:0] = [src, str(HERE)]
@@ -270,7 +464,9 @@ def main() -> None:
         hook(tasks.TaskRunFuture, "result", "result")
         for _ in range(20):  # warm-up (connections, caches)
             tasks_module.noop.delay().result(timeout=60)
-        for _ in range(args.samples + 1):
+        if args.short:
+            submitted_ns = _run_short(tasks_module, args, trace_dir, procs[1].pid)
+        for _ in range(0 if args.short else args.samples + 1):
             event("ITER")
             tasks_module.noop.delay().result(timeout=60)
         event("ITER")
@@ -291,7 +487,10 @@ def main() -> None:
             fields = line.split(" ", 4)
             events.append(fields + [""] * (5 - len(fields)))
     events.sort(key=lambda e: int(e[0]))
-    analyse(events, args.show)
+    if args.short:
+        analyse_short(events, submitted_ns)
+    else:
+        analyse(events, args.show)
 
 
 if __name__ == "__main__":

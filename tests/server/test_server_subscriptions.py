@@ -31,7 +31,8 @@ def test_auth_success_advertises_extensions(wire, protocol):
     ws.send(json.dumps(protocol("ws_01_client_auth.json")))
     reply = json.loads(ws.recv())
     assert reply == {"type": "auth_success", "extensions": ["set_state", "credit", "direct_running", "release",
-                                                        "release_run", "claim_at_delivery", "batch_delivery"],
+                                                        "release_run", "claim_at_delivery", "batch_delivery",
+                                                        "brief_set_state"],
                      "lease_timeout": 30.0}
     ws.close()
 
