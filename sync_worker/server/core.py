@@ -257,7 +257,11 @@ class Core:
         results: list[str | BaseException | None] = [None] * len(run_ids)
         left = [len(run_ids)]
         lock = threading.Lock()
-        finished = threading.Event()
+        # held until the last claim's callback releases it: a lock, not an Event (whose
+        # Condition costs more to make, set and wait on; the claims are mostly committed by
+        # this very thread, before it waits)
+        finished = threading.Lock()
+        finished.acquire()
         proposed = claim_proposal(holder)
 
         def make_op(run_id: str) -> Callable[[Transaction], str | None]:
@@ -278,7 +282,7 @@ class Core:
                 with lock:
                     left[0] -= 1
                     if left[0] == 0:
-                        finished.set()
+                        finished.release()
 
             return callback
 
@@ -289,7 +293,7 @@ class Core:
             return results
         self.db.submit_many(ops, inline=True)  # type: ignore[attr-defined]
         if run_ids:
-            finished.wait()
+            finished.acquire()
         return results
 
     def release_claimed(self, run_ids: list[str], holder: str) -> int:
