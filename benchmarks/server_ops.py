@@ -153,20 +153,21 @@ def _child_cmd(src: str, args: argparse.Namespace, runs: int) -> list[str]:
             "--batch", str(args.batch), "--warmup", str(args.warmup)] + (["--wal"] if args.wal else [])
 
 
-def cpu_per_run(src: str, args: argparse.Namespace) -> float:
+def _child_figure(src: str, args: argparse.Namespace, name: str) -> float:
+    """Run the measuring child once and read the figure it prints as ``name value``."""
     out = subprocess.run(_child_cmd(src, args, args.runs), capture_output=True, text=True, timeout=600)
-    found = re.search(r"cpu_ms_per_run ([\d.]+)", out.stdout)
+    found = re.search(name + r" ([\d.]+)", out.stdout)
     if not found:
         raise SystemExit(f"{src}: {out.stdout}{out.stderr}")
     return float(found.group(1))
+
+
+def cpu_per_run(src: str, args: argparse.Namespace) -> float:
+    return _child_figure(src, args, "cpu_ms_per_run")
 
 
 def wal_frames_per_run(src: str, args: argparse.Namespace) -> float:
-    out = subprocess.run(_child_cmd(src, args, args.runs), capture_output=True, text=True, timeout=600)
-    found = re.search(r"wal_frames_per_run ([\d.]+)", out.stdout)
-    if not found:
-        raise SystemExit(f"{src}: {out.stdout}{out.stderr}")
-    return float(found.group(1))
+    return _child_figure(src, args, "wal_frames_per_run")
 
 
 def instructions_per_run(src: str, args: argparse.Namespace) -> float:
