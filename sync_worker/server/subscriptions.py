@@ -350,12 +350,15 @@ class Subscription:
                 pass
             return
         self.delivered += len(runs)
-        if self.batch_delivery and len(runs) > 1:
-            texts = ['{"type":"task_runs","task_runs":[' + ",".join(text for _id, text in runs) + "]}"]
-        else:
-            texts = [text for _id, text in runs]
-        for text in texts:
+        for text in self._run_frames([text for _id, text in runs]):
             sockets.send_soon(self.ws, text, self._send_later)
+
+    def _run_frames(self, texts: list[str]) -> list[str]:
+        """The messages that deliver these runs: one ``task_runs`` frame for several with
+        ``batch_delivery``, else one plain TaskRun each."""
+        if self.batch_delivery and len(texts) > 1:
+            return ['{"type":"task_runs","task_runs":[' + ",".join(texts) + "]}"]
+        return texts
 
     def _send_later(self, text: str) -> None:
         """A claimed run's frame the committing thread could not send at once: the sender
@@ -751,13 +754,9 @@ class Subscription:
                 texts.append(result)
         with self._cond:
             self._credit = max(0, (self._credit or 0) - len(texts))
-        if self.batch_delivery and len(texts) > 1:
-            frames = ['{"type":"task_runs","task_runs":[' + ",".join(texts) + "]}"]
-        else:
-            frames = texts
         # the answers to ``before`` first, then the runs, in one write (a failed send: the
         # lease brings the runs back)
-        self.outbox.flush_mine(then=frames)
+        self.outbox.flush_mine(then=self._run_frames(texts))
         self.delivered += len(texts)
         if failed is not None:
             logger.warning("could not claim runs for %r at delivery (%s); trying again in %g s", self.client_id,
