@@ -886,7 +886,10 @@ class SQLiteDatabase(Database):
                 conn.execute("UPDATE task_runs SET qstate = 1 WHERE task_key = ? AND state_type = 'SCHEDULED'"
                              " AND qstate = 2", (key,))
             self._cache.clear()
-            keys = [r[0] for r in conn.execute("SELECT DISTINCT task_key FROM task_runs WHERE qstate = 1")]
+            # the keys with runs waiting in the database: one seek each into the queue index,
+            # of the keys just listed (not a DISTINCT over every queued run)
+            keys = [key for key in all_keys if conn.execute(
+                "SELECT 1 FROM task_runs WHERE task_key = ? AND qstate = 1 LIMIT 1", (key,)).fetchone()]
             now = time.time()
             delayed = [(due, key) for due, key in conn.execute(
                 "SELECT due, task_key FROM task_runs WHERE qstate = 1 AND due > ?", (now,))]
