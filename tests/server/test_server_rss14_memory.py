@@ -58,6 +58,9 @@ def test_a_final_state_nobody_watched_is_shelved_and_still_backfilled_whole(serv
     data = {"storage_key": "/tmp/result", "serializer": {"type": "json"}}
     watched, unwatched = create_captured_run(wire), create_captured_run(wire)
     live = events_out(sockets, server)
+    # registered before the final state is published: else it would get it by its own
+    # backfill, rebuilt, and the event kept whole below would not be the one it saw
+    wait_for(lambda: server.events.stats()["subscribers"] == 1, timeout=10, message="the live subscriber")
     watched_state = finish(wire, watched, data=data)
     [seen_live] = live.events(1)
     live.close()
@@ -65,8 +68,12 @@ def test_a_final_state_nobody_watched_is_shelved_and_still_backfilled_whole(serv
 
     before = server.events.stats()
     unwatched_state = finish(wire, unwatched, data=data)
-    after = wait_for(lambda: (s := server.events.stats())["events"] == before["events"] + 1 and s, timeout=10)
-    # kept as run id + time: counted as SHELVED_EVENT_BYTES, not as the run's ~2 KB of JSON
+    # kept as run id + time: counted as SHELVED_EVENT_BYTES, not as the run's ~2 KB of JSON.
+    # Publishing appends the event (counted whole) and then shelves it, after offering it to
+    # the subscribers: a snapshot may fall in between, so wait for the publish to be over.
+    after = wait_for(lambda: (s := server.events.stats())["events"] == before["events"] + 1
+                     and s["event_bytes"] - before["event_bytes"] == events.SHELVED_EVENT_BYTES and s,
+                     timeout=10, message="the final state kept shelved (run id + time)")
     assert after["event_bytes"] - before["event_bytes"] == events.SHELVED_EVENT_BYTES
 
     late = events_out(sockets, server)
