@@ -2,7 +2,9 @@
 
 One ``requests.Session`` is shared by all threads of a process (its connection pool is
 thread-safe), so a worker with ten busy threads keeps ten warm keep-alive connections
-instead of opening one per state change.
+instead of opening one per state change. It is made on the first HTTP request: a worker or a
+submitter on the embedded server's sockets may never make one, and requests with urllib3 and
+charset_normalizer is ~9 MB of a process's resident memory (a worker's RSS: ~35 MB with it).
 
 How creates and waits travel (the embedded server's rpc socket, or REST) is decided by
 the client's :class:`~sync_worker.transport.SubmitTransport` (``client.transport``); the
@@ -28,14 +30,20 @@ import uuid
 from typing import Any, Callable, Dict, Optional, Tuple, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
-import requests
-import tenacity
-from requests.adapters import HTTPAdapter
+import sys
+from typing import TYPE_CHECKING
 
-from sync_worker.exceptions import APIError, ServerUnavailable, Unauthorized
+import tenacity
+
+from sync_worker import exceptions
 from sync_worker.schemas import OrchestrationResult, State, StateType, TaskRun
 from sync_worker.settings import Settings, get_settings
 from sync_worker.transport import SubmitTransport, error_for
+
+if TYPE_CHECKING:
+    import requests
+
+    from sync_worker.exceptions import APIError
 
 logger = logging.getLogger("sync_worker.client")
 
@@ -45,14 +53,24 @@ T = TypeVar("T")
 POOL_SIZE = 64
 
 
+def _status(exc: BaseException) -> int | None:
+    """The status of an API error answer; None for anything else. Looked up without
+    importing requests: an API error can only exist once requests is loaded."""
+    if "sync_worker._api_errors" in sys.modules and isinstance(exc, exceptions.APIError):
+        return exc.status_code
+    return None
+
+
 def _is_retryable(exc: BaseException) -> bool:
-    if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
+    requests = sys.modules.get("requests")  # not loaded: no requests error can exist
+    if requests is not None and isinstance(exc, (requests.ConnectionError, requests.Timeout)):
         return True
-    return isinstance(exc, APIError) and exc.status_code >= 500
+    status = _status(exc)
+    return status is not None and status >= 500
 
 
 def _create_retryable(exc: BaseException) -> bool:
-    return _is_retryable(exc) or (isinstance(exc, APIError) and exc.status_code == 429)
+    return _is_retryable(exc) or _status(exc) == 429
 
 
 def _retry_policy(predicate: Callable[[BaseException], bool], attempts: int) -> tenacity.Retrying:
@@ -98,21 +116,14 @@ class Client:
         self.auth_string = auth_string if auth_string is not None else settings.auth_string
         self.api_key = api_key if api_key is not None else settings.api_key
         self.timeout = timeout if timeout is not None else settings.request_timeout
-        self._session = requests.Session()
-        # Proxies from the environment are resolved once here; with trust_env on, requests
-        # would re-read every *_proxy variable (and ~/.netrc) on each call, which costs more
-        # CPU than the rest of a small request.
-        self._session.proxies.update(requests.utils.get_environ_proxies(self.api_url))
-        self._session.trust_env = False
-        adapter = HTTPAdapter(pool_connections=4, pool_maxsize=POOL_SIZE)
-        self._session.mount("http://", adapter)
-        self._session.mount("https://", adapter)
-        self._session.headers.update({"Accept": "application/json"})
+        self._auth_headers: Dict[str, str] = {}
         if self.auth_string:
             token = base64.b64encode(self.auth_string.encode()).decode()
-            self._session.headers["Authorization"] = f"Basic {token}"
+            self._auth_headers["Authorization"] = f"Basic {token}"
         elif self.api_key:
-            self._session.headers["Authorization"] = f"Bearer {self.api_key}"
+            self._auth_headers["Authorization"] = f"Bearer {self.api_key}"
+        self._session: Optional[requests.Session] = None  # made by the first HTTP request
+        self._session_lock = threading.Lock()
         #: How this client's creates and waits travel (rpc socket or REST).
         self.transport = SubmitTransport(self)
         self._retrying = _retry_policy(_is_retryable, retry_attempts)
@@ -126,7 +137,31 @@ class Client:
     @property
     def headers(self) -> Dict[str, str]:
         """Headers for connections made outside the session (the websocket handshake)."""
-        return {k: v for k, v in self._session.headers.items() if k == "Authorization"}
+        return dict(self._auth_headers)
+
+    def _http(self) -> requests.Session:
+        """The session, made on first use (see the module's docstring)."""
+        session = self._session
+        if session is not None:
+            return session
+        with self._session_lock:
+            if self._session is None:
+                import requests
+                from requests.adapters import HTTPAdapter
+
+                session = requests.Session()
+                # Proxies from the environment are resolved once here; with trust_env on,
+                # requests would re-read every *_proxy variable (and ~/.netrc) on each call,
+                # which costs more CPU than the rest of a small request.
+                session.proxies.update(requests.utils.get_environ_proxies(self.api_url))
+                session.trust_env = False
+                adapter = HTTPAdapter(pool_connections=4, pool_maxsize=POOL_SIZE)
+                session.mount("http://", adapter)
+                session.mount("https://", adapter)
+                session.headers.update({"Accept": "application/json"})
+                session.headers.update(self._auth_headers)
+                self._session = session
+            return self._session
 
     def websocket_url(self, path: str) -> str:
         parts = urlsplit(f"{self.api_url}/{path.lstrip('/')}")
@@ -142,7 +177,7 @@ class Client:
         if json_body is not None:
             body = json.dumps(json_body).encode()
             request_headers["Content-Type"] = "application/json"
-        response = self._session.request(
+        response = self._http().request(
             method, f"{self.api_url}{path}", data=body, headers=request_headers, timeout=self.timeout
         )
         if response.status_code >= 400:
@@ -199,7 +234,7 @@ class Client:
         except Exception as exc:
             if not _create_retryable(exc):
                 raise
-            raise ServerUnavailable(
+            raise exceptions.ServerUnavailable(
                 f"Could not submit the task run to {self.api_url} within {limit:g} s ({exc}); is the server "
                 f"running? Set SYNC_WORKER_API_URL to its address, or SYNC_WORKER_SUBMIT_TIMEOUT to wait longer"
             ) from exc
@@ -266,7 +301,7 @@ class Client:
         """
         try:
             return self._retried(lambda: self.request("POST", f"/sync_worker/task_runs/{task_run_id}/cancel")).json()
-        except APIError as exc:
+        except exceptions.APIError as exc:
             missing_route = exc.status_code == 405 or (
                 exc.status_code == 404 and exc.detail != "Task not found")
             if not missing_route:
@@ -280,12 +315,14 @@ class Client:
 
     def health(self) -> bool:
         """True when the server answers its health check; raises on auth errors."""
+        import requests
+
         try:
             response = self.request("GET", "/health")
         except (requests.ConnectionError, requests.Timeout):
             return False
-        except APIError as exc:
-            if isinstance(exc, Unauthorized):
+        except exceptions.APIError as exc:
+            if isinstance(exc, exceptions.Unauthorized):
                 raise
             return False
         return response.json() is True
@@ -304,7 +341,10 @@ class Client:
 
     # -- lifecycle --------------------------------------------------------------------
     def close(self) -> None:
-        self._session.close()
+        with self._session_lock:
+            session, self._session = self._session, None
+        if session is not None:
+            session.close()
         self.transport.close()
 
     def __enter__(self) -> "Client":

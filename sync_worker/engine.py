@@ -53,11 +53,10 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import tenacity
 
-from sync_worker import cancellation, metrics
+from sync_worker import cancellation, exceptions, metrics
 from sync_worker.dialects import Dialect, choose_dialect
 from sync_worker.exceptions import (
     Cancelled,
-    ObjectNotFound,
     ParameterReadError,
     SerializationError,
 )
@@ -321,7 +320,7 @@ class TaskRunEngine:
             if outcome is Outcome.REPORTING:  # on_reported gets the outcome (maybe has already)
                 return outcome
             self.outcome = outcome
-        except ObjectNotFound:
+        except exceptions.ObjectNotFound:
             self.logger.warning("Task run %s no longer exists on the server; skipping it", self.label)
             self.outcome = Outcome.SKIPPED
         except Exception as exc:
@@ -557,7 +556,7 @@ class TaskRunEngine:
             else:
                 result = self.propose(completed, first=result)
             outcome = self._final(result, Outcome.COMPLETED)
-        except ObjectNotFound:
+        except exceptions.ObjectNotFound:
             self.logger.warning("Task run %s no longer exists on the server; skipping it", self.label)
         except Exception:  # noqa: BLE001 - as run() does
             self.logger.exception("Could not report the states of task run %s", self.label)

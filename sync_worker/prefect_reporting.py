@@ -37,7 +37,7 @@ import uuid
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Callable
 
-from sync_worker.exceptions import ObjectNotFound
+from sync_worker import exceptions
 from sync_worker.schemas import State, format_datetime
 
 if TYPE_CHECKING:
@@ -248,7 +248,7 @@ class FinalStateEvents:
         try:
             client.emit_events(events)
             return True
-        except ObjectNotFound:  # the server has no event intake: do not ask again
+        except exceptions.ObjectNotFound:  # the server has no event intake: do not ask again
             self._no_events.add(client.api_url)
         except Exception as exc:  # noqa: BLE001 - best effort, see emit(); states are confirmed by check
             logger.warning("Could not send %d task-run event(s) to %s: %s", len(events), client.api_url, exc)

@@ -35,7 +35,8 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from sync_worker.exceptions import ObjectNotFound, ParameterReadError, SerializationError, SyncWorkerError
+from sync_worker import exceptions
+from sync_worker.exceptions import ParameterReadError, SerializationError, SyncWorkerError
 from sync_worker.settings import Settings, get_settings
 
 if TYPE_CHECKING:
@@ -167,13 +168,13 @@ class ServerStore:
     def read(self, key: str) -> bytes:
         try:
             return self.client.read_record(self._remote(key))
-        except ObjectNotFound:
+        except exceptions.ObjectNotFound:
             raise RecordNotFound(f"no record {key!r} on {self.client.api_url}") from None
 
     def delete(self, key: str) -> None:
         try:
             self.client.delete_record(self._remote(key))
-        except ObjectNotFound:
+        except exceptions.ObjectNotFound:
             pass
 
     def __repr__(self) -> str:

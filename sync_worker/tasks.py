@@ -16,7 +16,8 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
-from sync_worker.exceptions import APIError, SerializationError, TaskRunCancelled, TaskRunFailed
+from sync_worker import exceptions
+from sync_worker.exceptions import SerializationError, TaskRunCancelled, TaskRunFailed
 from sync_worker.schemas import (
     EmpiricalPolicy,
     State,
@@ -182,7 +183,7 @@ class Task(Generic[P, R]):
         )
         try:
             task_run = client.create_task_run(body, brief=True)
-        except APIError as exc:
+        except exceptions.APIError as exc:
             # refused (4xx): certainly not created, its parameters are of no use. After
             # connection errors or 5xx (ServerUnavailable) the run may exist: its
             # parameters stay, so that it never becomes a run without parameters.

@@ -48,13 +48,14 @@ from typing import TYPE_CHECKING, Any, Dict, Optional
 
 import tenacity
 
-from sync_worker.exceptions import APIError, ObjectNotFound, Unauthorized
+from sync_worker import exceptions
 from sync_worker.schemas import TERMINAL_STATES, State, TaskRun
 
 if TYPE_CHECKING:
     import requests
 
     from sync_worker.client import Client
+    from sync_worker.exceptions import APIError
     from sync_worker.rpc import RpcChannel
     from sync_worker.schemas import OrchestrationResult
     from sync_worker.sockets import Connection
@@ -71,10 +72,10 @@ def error_for(what: str, status: int, detail: Any, response: Optional[requests.R
     """The exception for an error answer, whichever way it travelled (the one mapping)."""
     message = f"{what} failed with {status}: {detail}"
     if status in (401, 403):
-        return Unauthorized(message + CREDENTIALS_HINT, status_code=status, detail=detail, response=response)
+        return exceptions.Unauthorized(message + CREDENTIALS_HINT, status_code=status, detail=detail, response=response)
     if status == 404:
-        return ObjectNotFound(message, status_code=status, detail=detail, response=response)
-    return APIError(message, status_code=status, detail=detail, response=response)
+        return exceptions.ObjectNotFound(message, status_code=status, detail=detail, response=response)
+    return exceptions.APIError(message, status_code=status, detail=detail, response=response)
 
 
 #: The rpc extension of a create answered ``{"id", "state"}`` instead of the whole run.

@@ -131,3 +131,24 @@ def test_gunicorn_preload_with_a_worker_started_at_import_warns_in_each_child(ap
     assert all("post_fork" in w for w in warnings)
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=30)
+
+
+HTTP_STACK = ["requests", "urllib3", "charset_normalizer"]
+
+SUBMITTER = """
+import sys
+from tests.worker import worker_tasks as wt
+print(wt.loaded_modules.delay(sys.argv[1:]).result(timeout=60))
+print([name for name in sys.argv[1:] if name in sys.modules])
+"""
+
+
+def test_worker_and_submitter_on_the_sockets_never_load_the_http_stack(api_env, spawn):
+    """requests with urllib3 and charset_normalizer is ~9 MB of a process's memory: a worker
+    and a submitter that only use the embedded server's sockets never import it."""
+    worker = spawn(worker_command("tests.worker.worker_tasks:loaded_modules", limit=2), api_env)
+    submitter = spawn([sys.executable, "-c", SUBMITTER, *HTTP_STACK], api_env)
+    out, err = submitter.communicate(timeout=60)
+    assert submitter.returncode == 0, err
+    assert out.splitlines() == ["[]", "[]"]  # neither the worker (the result) nor the submitter
+    assert worker.poll() is None

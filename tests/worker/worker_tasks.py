@@ -164,3 +164,11 @@ UNSTORABLE_CALLS = []
 def unstorable():
     UNSTORABLE_CALLS.append(1)
     return object()  # not JSON: the result cannot be stored
+
+
+@task(task_key="tests.loaded_modules")
+def loaded_modules(names):
+    """Which of ``names`` the worker process has imported (its memory follows from them)."""
+    import sys
+
+    return [name for name in names if name in sys.modules]
