@@ -146,6 +146,10 @@ def _short_hooks(role: str) -> None:
                     lambda self, taken, before=None: ",".join(b[0] for b in before or ()) + "->"
                     + ",".join(t[0] for t in taken))
         hook_detail(subscriptions.Subscription, "deliver_reserved", "at_create", lambda self, run_id, text: run_id)
+        from sync_worker.server import core
+
+        # returns once the claim is committed, by this thread or by the database's writer thread
+        hook(core.Core, "claim_at_delivery", "claimed")
     else:
         from sync_worker import subscription, worker
 
@@ -312,6 +316,12 @@ def analyse_short(events: list[list[str]], submitted_ns: int) -> None:
             for x, y in zip([b for b in before.split(",") if b], [t for t in taken.split(",") if t], strict=False):
                 successor[x] = (y, begin, i)
 
+    def prev_index(start: int, stop: int, pred) -> int | None:
+        for j in range(start - 1, stop, -1):
+            if pred(events[j]):
+                return j
+        return None
+
     def next_index(start: int, pred) -> int | None:
         for j in range(start + 1, min(len(events), start + 4000)):
             if pred(events[j]):
@@ -332,6 +342,7 @@ def analyse_short(events: list[list[str]], submitted_ns: int) -> None:
              "worker: engine -> next body starts"]
     rows: dict[str, list[list[float]]] = {"during submission": [], "after submission": []}
     commits_between: list[int] = []
+    by_writer: list[bool] = []  # per cycle followed: its claim was committed by another thread
     unpaired = 0
     for (kind, x), end in body.items():
         if kind != "TASK<":
@@ -348,8 +359,19 @@ def analyse_short(events: list[list[str]], submitted_ns: int) -> None:
         marks[2] = next_index(marks[1], lambda e: e[1] == worker and e[3] == "send")
         marks[3] = next_index(marks[2] or 0, lambda e: e[1] == server and e[3] == "recv")
         reader = events[c_begin][2]
-        marks[6] = next_index(c_begin, lambda e: e[3] == "commit>")
-        marks[7] = next_index(marks[6] or 0, lambda e, t=reader: e[3] == "commit<" and e[2] == t)
+        # the commit that carried the claim: this thread's own if it led one before its claim
+        # returned, else the writer thread's that ended last before that (the claim queued
+        # behind another thread's batch, then committed by the writer thread)
+        claimed = next_index(c_begin, lambda e, t=reader: e[3] == "claimed<" and e[2] == t)
+        elsewhere = False
+        if claimed is not None:
+            own = [j for j in range(c_begin, claimed) if events[j][3] == "commit<" and events[j][2] == reader]
+            ends = own or [j for j in range(c_begin, claimed) if events[j][3] == "commit<"]
+            if ends:
+                marks[7] = ends[-1]
+                elsewhere = not own
+                marks[6] = prev_index(marks[7], c_begin, lambda e, t=events[ends[-1]][2]: e[3] == "commit>"
+                                      and e[2] == t)
         marks[8] = next_index(marks[7] or 0, lambda e, t=reader: e[3] == "send" and e[2] == t)
         sent = events[marks[8]][4].split(" ", 1)[0] if marks[8] is not None else None
         marks[9] = next_index(marks[8] or 0, lambda e, n=sent: e[1] == worker and e[3] == "recv"
@@ -363,6 +385,7 @@ def analyse_short(events: list[list[str]], submitted_ns: int) -> None:
             unpaired += 1
             continue
         commits_between.append(sum(1 for j in range(c_begin, marks[7] + 1) if events[j][3] == "commit<"))
+        by_writer.append(elsewhere)
         phase = "during submission" if times[0] < submitted_ns else "after submission"
         rows[phase].append(steps)
     for phase, found in rows.items():
@@ -375,10 +398,37 @@ def analyse_short(events: list[list[str]], submitted_ns: int) -> None:
         for k, name in enumerate(names):
             col = [r[k] for r in found]
             print(f"  {statistics.median(col):6.0f} {statistics.fmean(col):6.0f}  {name}")
+    _bodies(events, worker)
     if commits_between:
         alone = sum(1 for n in commits_between if n <= 1)
         print(f"\nno other commit ended between the claim and its own commit (the claim did not wait behind "
-              f"another batch) in {alone} of {len(commits_between)} cycles; cycles not followed: {unpaired}")
+              f"another batch) in {alone} of {len(commits_between)} cycles; the claim was committed by another "
+              f"thread (queued behind a batch in progress) in {sum(by_writer)} of them; cycles not followed: "
+              f"{unpaired}")
+
+
+def _bodies(events: list[list[str]], worker: str) -> None:
+    """How long the 10 ms bodies themselves took (``time.sleep(0.01)`` wakes late, and its
+    thread then needs the GIL: that share of the ideal is lost before any messaging), and how
+    busy the slots were from the first body's start to the last one's end."""
+    begun: dict[str, int] = {}
+    spans: list[tuple[int, int]] = []
+    for e in events:
+        if e[1] != worker or e[3] not in ("TASK>", "TASK<"):
+            continue
+        if e[3] == "TASK>":
+            begun[e[2]] = int(e[0])
+        elif e[2] in begun:
+            spans.append((begun.pop(e[2]), int(e[0])))
+    if not spans:
+        return
+    lengths = [(b - a) / 1000 for a, b in spans]
+    first, last = min(a for a, _ in spans), max(b for _, b in spans)
+    busy = sum(b - a for a, b in spans) / ((last - first) * 10) if last > first else 0.0
+    print(f"\nthe bodies (a 10 ms sleep): median {statistics.median(lengths):.0f} us, mean "
+          f"{statistics.fmean(lengths):.0f} us, so at most {100 * 10_000 / statistics.fmean(lengths):.1f} % of the "
+          f"ideal even with no time between them; the 10 slots were busy {100 * busy:.1f} % of the time from "
+          f"the first body's start to the last one's end")
 
 
 # ----------------------------------------------------------------------------- driver
