@@ -5,7 +5,7 @@ Both sides make one id per run on their hot path: the client's ``.delay()`` (run
 own way, the text is made here."""
 from __future__ import annotations
 
-import struct
+import binascii
 
 #: what ``uuid.UUID(int=bits, version=4)`` clears and sets: the variant and version bits
 _V4_CLEAR = ~((0xC000 << 48) | (0xF000 << 64))
@@ -19,21 +19,27 @@ def uuid4_text(bits: int) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
-#: one UUID's 16 bytes read as 4, 2, 2, 2, 2 and 4 bytes, written as its text
-_V4_FORMAT = "%08x-%04x-%04x-%04x-%04x%08x".__mod__
-_V4_MASKS: dict[int, tuple[int, int]] = {}
+#: (hex digit of the 32, its place in the 36-character text + 1 space) for every digit
+_PLACES = [(digit, digit + (digit >= 8) + (digit >= 12) + (digit >= 16) + (digit >= 20)) for digit in range(32)]
+#: count -> (the AND mask, the OR mask, count blank texts), made once per count
+_BATCH: dict[int, tuple[int, int, bytes]] = {}
 
 
 def uuid4_texts(bits: int, count: int) -> list[str]:
     """:func:`uuid4_text` of each 128-bit word of ``bits`` (``count`` words, the most
-    significant first), made in C: one AND/OR for all of them, one ``struct`` unpack and one
-    ``%`` per id, no Python frame per id. A server makes a few ids per run (its states'), and
-    :func:`uuid4_text` costs about three times as many instructions per id (valgrind)."""
-    masks = _V4_MASKS.get(count)
-    if masks is None:
-        masks = _V4_MASKS[count] = (
+    significant first), made together: one AND/OR and one hex conversion for all of them, then
+    each of the 32 hex digits copied to its place in every text by one strided slice
+    assignment, and one split. A server makes a few ids per run (its states'); at 256 per
+    call this is about a quarter of :func:`uuid4_text`'s instructions per id (valgrind)."""
+    batch = _BATCH.get(count)
+    if batch is None:
+        batch = _BATCH[count] = (
             int.from_bytes((_V4_CLEAR & ((1 << 128) - 1)).to_bytes(16, "big") * count, "big"),
             int.from_bytes(_V4_SET.to_bytes(16, "big") * count, "big"),
+            b"00000000-0000-0000-0000-000000000000 " * count,
         )
-    data = (bits & masks[0] | masks[1]).to_bytes(16 * count, "big")
-    return list(map(_V4_FORMAT, struct.iter_unpack(">IHHHHI", data)))
+    digits = binascii.hexlify((bits & batch[0] | batch[1]).to_bytes(16 * count, "big"))
+    texts = bytearray(batch[2])
+    for digit, place in _PLACES:
+        texts[place::37] = digits[digit::32]
+    return texts.decode("ascii").split()
