@@ -37,7 +37,7 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from .models import STATE_TYPES, TERMINAL, iso, make_state, parse_time
+from .models import STATE_TYPES, TERMINAL, epoch, iso, make_state, parse_time
 
 ANY: frozenset[str | None] = frozenset(STATE_TYPES) | {None}
 
@@ -93,7 +93,7 @@ def match(current: str | None, proposed: str) -> Rule:
 ACCEPT_DETAILS: dict[str, Any] = {"type": "accept_details"}
 
 
-@dataclass
+@dataclass(slots=True)
 class Decision:
     """The orchestration result, and what the server must do with the run."""
 
@@ -127,7 +127,7 @@ def orchestrate(run: dict[str, Any], proposed: dict[str, Any], force: bool, now:
     current_state = run.get("state")
     current = current_state["type"] if current_state else None
     target = proposed["type"]
-    rule = match(current, target) if not force else RULES[-1]
+    rule = RULES[-1] if force else (_MATCH.get((current, target)) or _match(current, target))
     action = rule.action
     reason = rule.reason.format(current=current) if rule.reason else None
 
@@ -163,37 +163,37 @@ def orchestrate(run: dict[str, Any], proposed: dict[str, Any], force: bool, now:
     elif target == "PENDING" and current == "SCHEDULED" and previous_details.get("scheduled_time"):
         details.setdefault("scheduled_time", previous_details["scheduled_time"])
     if target == "RUNNING":
-        run["run_count"] = run.get("run_count", 0) + 1
-        if run["run_count"] > 1 and (name is None or name == "Running"):
+        run_count = run["run_count"] = run.get("run_count", 0) + 1
+        if run_count > 1 and (name is None or name == "Running"):
             name = "Retrying"
-        if run.get("start_time") is None:
-            run["start_time"] = iso(now)
     state = make_state(target, run_id, now, name=name, message=proposed["message"], data=proposed["data"],
                        details=details, scheduled_time=scheduled_time)
+    if target == "RUNNING" and run.get("start_time") is None:
+        run["start_time"] = state["timestamp"]  # iso(now)
     _apply(run, state, now)
     queue = target == "SCHEDULED" and (background or bool(details.get("deferred")))
-    return Decision(ACCEPT, state, ACCEPT_DETAILS, changed=True, queue=queue,
-                    due=scheduled_time or now)
+    return Decision(ACCEPT, state, ACCEPT_DETAILS, True, queue, scheduled_time or now)
 
 
 def _apply(run: dict[str, Any], state: dict[str, Any], now: float) -> None:
-    """Make ``state`` the run's current state and update the derived fields."""
+    """Make ``state`` (made by :func:`make_state` with this ``now``: its timestamp is
+    ``iso(now)``) the run's current state and update the derived fields."""
     run["state"] = state
     run["state_id"] = state["id"]
     run["state_name"] = state["name"]
-    run["state_type"] = state["type"]
-    run["updated"] = iso(now)
-    if state["type"] == "SCHEDULED":
+    state_type = run["state_type"] = state["type"]
+    stamp = run["updated"] = state["timestamp"]  # iso(now)
+    if state_type == "SCHEDULED":
         run["next_scheduled_start_time"] = state["state_details"]["scheduled_time"]
         run["expected_start_time"] = state["state_details"]["scheduled_time"]
     else:
         run["next_scheduled_start_time"] = None
-    if state["type"] in TERMINAL:
-        run["end_time"] = iso(now)
+    if state_type in TERMINAL:
+        run["end_time"] = stamp
         start = run.get("start_time")
         if start:
             try:
-                run["total_run_time"] = round(max(0.0, now - parse_time(start, [])), 6)
+                run["total_run_time"] = round(max(0.0, now - epoch(start)), 6)
             except ValueError:  # pragma: no cover - we wrote it ourselves
                 pass
 
