@@ -98,3 +98,92 @@ def test_a_second_running_is_retrying_and_keeps_its_start_time():
     assert run["state"]["name"] == "Retrying" and run["run_count"] == 2
     assert run["start_time"] == models.iso(now + 1)
     assert run["updated"] == models.iso(now + 3)
+
+
+def _ids(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both paths draw the new state's id from the same counter."""
+    from sync_worker.server import orchestration
+
+    counter = iter(range(10**9))
+
+    def fake_id() -> str:
+        return f"00000000-0000-4000-8000-{next(counter):012d}"
+
+    monkeypatch.setattr(models, "new_id", fake_id)
+    monkeypatch.setattr(orchestration, "new_id", fake_id)
+
+
+_STATES = ["SCHEDULED", "PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED", "CRASHED", "PAUSED", "CANCELLING"]
+
+
+def _proposals() -> list[dict]:
+    out = []
+    for state_type in _STATES:
+        for extra in [{}, {"name": "Custom", "message": "m"}, {"name": "Running"}, {"data": {"storage_key": "k"}},
+                      {"state_details": {"task_parameters_id": "6bcedf04-25d5-4772-9051-acf2df390289"}},
+                      {"state_details": {"deferred": True, "retriable": False}},
+                      {"state_details": {"scheduled_time": "2026-11-30T20:01:02.123456Z"}},
+                      {"state_details": {"unknown_key": 1, "deferred": False}}]:
+            out.append(models.validate_state({"type": state_type, **extra}, ["state"]))
+    out.append(claim_proposal("w-1"))
+    return out
+
+
+def _runs(now: float) -> list[dict]:
+    """Runs in every state, with and without a start time and a parameters id."""
+    runs = []
+    for state_type in _STATES:
+        for started in (None, now - 3.25):
+            for parameters in (True, False):
+                run = _created(now - 5)
+                if not parameters:
+                    run["state"]["state_details"]["task_parameters_id"] = None
+                run["state"] = dict(run["state"], type=state_type, name=state_type.title())
+                run["state_type"] = state_type
+                run["run_count"] = 0 if state_type in ("SCHEDULED", "PENDING") else 1
+                run["start_time"] = None if started is None else models.iso(started)
+                run["empirical_policy"]["retries"] = 2
+                runs.append(run)
+    return runs
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_the_plain_accept_gives_what_the_general_path_gives(monkeypatch, force):
+    """Every (current state, proposal) pair: the run afterwards and the decision are the same
+    with the plain-accept path as with the general one (disabled by emptying its targets)."""
+    import copy
+
+    from sync_worker.server import orchestration
+
+    _ids(monkeypatch)
+    now = time.time()
+    taken = 0
+    for run in _runs(now):
+        for proposed in _proposals():
+            for background in (True, False):
+                fast_run, general_run = copy.deepcopy(run), copy.deepcopy(run)
+                monkeypatch.setattr(orchestration, "_PLAIN_TARGETS", orchestration._PLAIN_TARGETS)
+                before = json_of(proposed)
+                fast = orchestrate(fast_run, proposed, force, now, background)
+                monkeypatch.setattr(orchestration, "_PLAIN_TARGETS", frozenset())
+                general = orchestrate(general_run, proposed, force, now, background)
+                assert json_of(proposed) == before  # neither path changes the proposal
+                monkeypatch.undo()
+                _ids(monkeypatch)
+                if fast.changed and fast.status == ACCEPT and proposed["type"] in orchestration._PLAIN_TARGETS \
+                        and not set(proposed["state_details"]) - models._STATE_DETAILS_KEYS:
+                    taken += 1
+                assert list(fast_run) == list(general_run)
+                assert json_of(fast_run) == json_of(general_run), (run["state"]["type"], proposed)
+                assert (fast.status, fast.details, fast.changed, fast.queue, fast.due) == \
+                    (general.status, general.details, general.changed, general.queue, general.due)
+                assert json_of(fast.state) == json_of(general.state)
+    assert taken > 100
+
+
+def json_of(value) -> str:
+    """The stored text (key order included), with the counter's ids the same on both sides."""
+    import json
+    import re
+
+    return re.sub(r"00000000-0000-4000-8000-\d{12}", "ID", json.dumps(value, default=repr))
