@@ -559,8 +559,13 @@ def build_task_run(body: Any, now: float) -> dict[str, Any]:
         scheduled_time = proposed["scheduled_time"] if proposed["scheduled_time"] is not None else now
     state = make_state(proposed["type"], run_id, now, name=proposed["name"], message=proposed["message"],
                        data=proposed["data"], details=proposed["state_details"], scheduled_time=scheduled_time)
-    created = iso(now)
-    expected = iso(scheduled_time) if scheduled_time is not None else created
+    created = state["timestamp"]  # iso(now)
+    if scheduled_time is None:
+        expected = created
+    elif scheduled_time is now:  # scheduled now: iso(now) again
+        expected = created
+    else:
+        expected = iso(scheduled_time)
     return {
         "cache_expiration": cache_expiration,
         "cache_key": cache_key,
