@@ -7,7 +7,8 @@ commits) plus messaging; this measures the first part of two source trees side b
 a change to ``server/{core,models,orchestration,database}.py`` can be judged without the noise of
 a whole drain on a shared machine.
 
-Modes (each in a fresh subprocess per tree and round, with a fresh SQLite file):
+The core is set up as the server's app sets it up (with its event bus listening for final
+states), without the sockets. Modes (each in a fresh subprocess per tree and round, with a fresh SQLite file):
 - ``drain``: creates gathered ``--batch`` at a time (as an rpc connection's burst is), then the
   claims of those runs queued together with the final states (COMPLETED) of the previous batch
   (as a claim-at-delivery subscription sends them): about 2 / batch commits per run;
@@ -77,6 +78,7 @@ def child(src: str, mode: str, runs: int, batch: int, warmup: int, wal: bool = F
     sys.path.insert(0, src)
     from sync_worker.server.core import Core, claim_proposal
     from sync_worker.server.database import SQLiteDatabase
+    from sync_worker.server.events import EventBus
     from sync_worker.server.models import validate_state
     from sync_worker.server.runqueue import RunQueue
 
@@ -88,6 +90,7 @@ def child(src: str, mode: str, runs: int, batch: int, warmup: int, wal: bool = F
     page = db._writer_conn.execute("PRAGMA page_size").fetchone()[0]
     queue = RunQueue(db, lease_timeout=60)
     core = Core(db, queue)
+    EventBus(core)  # as the server's app does: every final state is announced to it
     completed = validate_state({"type": "COMPLETED", "name": "Completed", "state_details": {},
                                 "data": {"storage_key": "result.abc", "serializer": "json"}}, ["state"])
     errors: list[BaseException] = []
