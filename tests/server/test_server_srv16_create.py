@@ -73,3 +73,11 @@ def test_a_claim_proposal_is_made_once_per_holder_and_orchestration_leaves_it_al
     for i in range(300):  # bounded
         core.claim_proposal(f"w-{i}")
     assert len(core._claim_proposals) <= 256
+
+
+@pytest.mark.parametrize("request_id", ["r1", 'a"b', "back\\slash", "caf\u00e9", "\U0001f600", "\x00\x1f", "x" * 500,
+                                        "\ud800", "</script>"])
+def test_an_rpc_reply_writes_the_request_id_as_json_dumps_does(request_id):
+    from sync_worker.server.rpc import _json_str
+
+    assert _json_str(request_id) == json.dumps(request_id)
