@@ -53,7 +53,7 @@ _UUID_FORMAT = "%08x-%04x-%04x-%04x-%04x%08x".__mod__
 def _ids(count: int) -> list[str]:
     """``count`` random version-4 UUID texts made in C (one PRNG draw, one ``struct`` unpack,
     one ``%`` per id, no Python frame per id): the bodies' ids are the harness's own work, and
-    ``uuid.uuid4()`` (a system call and a Python ``UUID.__init__`` each) was about 5 % of the
+    ``uuid.uuid4()`` (a system call and a Python ``UUID.__init__`` each) was about 2.5 % of the
     instructions counted per run."""
     bits = random.getrandbits(128 * count)
     clear = int.from_bytes(b"\xff\xff\xff\xff\xff\xff\x0f\xff\x3f\xff\xff\xff\xff\xff\xff\xff" * count, "big")
