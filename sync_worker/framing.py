@@ -14,18 +14,26 @@ import struct
 __all__ = ["mask", "text_frame"]
 
 _XOR_TABLES = [bytes(b ^ k for b in range(256)) for k in range(256)]
+#: 1 at every 4th byte (little-endian), for 0..128 words: a 4-byte key times this is the key
+#: repeated (no carries: the key is below 2**32); up to 512 bytes, about 35 KB of integers
+_SHORT = 512
+_REPEAT = [int.from_bytes(b"\x01\x00\x00\x00" * words, "little") for words in range(_SHORT // 4 + 1)]
 
 
 def mask(payload: bytes | bytearray, key: bytes | bytearray) -> bytes:
     """``payload`` XOR the repeated 4-byte ``key`` (RFC 6455 5.3; masking and unmasking are
-    the same) at C speed: one big-integer XOR for short payloads, four ``translate`` calls
-    over strided slices for long ones (faster past a few hundred bytes)."""
+    the same) at C speed: one big-integer XOR up to 512 bytes (the key repeated by one
+    multiplication), four ``translate`` calls over strided slices past that. Against the
+    earlier split (integers up to 256 bytes, with the key repeated as bytes), instructions per
+    call (valgrind, 3 runs each): 150 bytes 12.5k -> 10.1-12.1k, 300 bytes 19.1k -> 16.6-18.0k,
+    450 bytes the same (about 22k); past about 600 bytes the slices cost less."""
     n = len(payload)
-    if not n:
-        return b""
-    if n <= 256:
-        repeated = (bytes(key) * ((n + 3) >> 2))[:n]
-        return (int.from_bytes(payload, "little") ^ int.from_bytes(repeated, "little")).to_bytes(n, "little")
+    if n <= _SHORT:
+        if not n:
+            return b""
+        words = (n + 3) >> 2
+        masked = int.from_bytes(payload, "little") ^ int.from_bytes(key, "little") * _REPEAT[words]
+        return masked.to_bytes(words << 2, "little")[:n]
     data = bytearray(payload)
     for i in range(4):
         data[i::4] = data[i::4].translate(_XOR_TABLES[key[i]])

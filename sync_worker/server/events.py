@@ -561,30 +561,47 @@ class EventBus:
         if not event.size:
             event.size = len(event.text())
         with self._lock:
-            events = self._events
-            events.append(event)
-            self._event_bytes += event.size
-            while events and (len(events) > MAX_EVENTS or self._event_bytes > MAX_EVENT_BYTES
-                              or events[0].occurred < now - MAX_BACKFILL_SECONDS - 60):
-                dropped = events.popleft()
-                self._event_bytes -= dropped.size
-                dropped.size = -1  # gone from the buffer: not counted again by _shelve
+            self._keep(event, now)
             subscribers = list(self._subscribers)
         for subscriber in subscribers:
             subscriber.offer(event)
         if isinstance(event, _FinalStateEvent):
             self._shelve(event)
 
+    def _keep(self, event: Event, now: float) -> None:
+        """Under ``self._lock``: append ``event`` for backfill, dropping the oldest past the
+        limits."""
+        events = self._events
+        events.append(event)
+        self._event_bytes += event.size
+        while events and (len(events) > MAX_EVENTS or self._event_bytes > MAX_EVENT_BYTES
+                          or events[0].occurred < now - MAX_BACKFILL_SECONDS - 60):
+            dropped = events.popleft()
+            self._event_bytes -= dropped.size
+            dropped.size = -1  # gone from the buffer: not counted again by _shelve
+
     def _shelve(self, event: _FinalStateEvent) -> None:
         """Keep a final state nobody looked at as run id + time only (module docstring)."""
         with self._lock:
-            if event.shelve() and event.size > 0:
-                self._event_bytes -= event.size - SHELVED_EVENT_BYTES
-                event.size = SHELVED_EVENT_BYTES
+            self._shelve_locked(event)
+
+    def _shelve_locked(self, event: _FinalStateEvent) -> None:
+        if event.shelve() and event.size > 0:
+            self._event_bytes -= event.size - SHELVED_EVENT_BYTES
+            event.size = SHELVED_EVENT_BYTES
 
     def _run_finished(self, run_id: str, text: str) -> None:
-        """Core hook (writer thread, after the commit): a final state was recorded."""
-        self.publish(_FinalStateEvent(run_id, text, time.time()))
+        """Core hook (writer thread, after the commit): a final state was recorded. With no
+        live subscriber (the usual case) it is kept and shelved under one hold of the lock:
+        what :meth:`publish` and :meth:`_shelve` do in turn, without the second hold and the
+        offers to nobody."""
+        event = _FinalStateEvent(run_id, text, time.time())
+        with self._lock:
+            if not self._subscribers:
+                self._keep(event, event.occurred)
+                self._shelve_locked(event)
+                return
+        self.publish(event)
 
     def _remember(self, event_id: str) -> bool:
         """False if the id was seen before."""

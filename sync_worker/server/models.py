@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from ..ids import uuid4_text
+from ..ids import uuid4_texts
 from . import validation as v
 from .validation import _CANONICAL_UUID
 
@@ -165,20 +165,50 @@ def parse_time(value: Any, loc: list[Any]) -> float:
     return v.parse_datetime(value, loc)
 
 
+def epoch(value: str) -> float:
+    """:func:`parse_time` as a plain float (no :class:`validation.Instant`), for a time this
+    server wrote (a run's ``start_time``, read back at its final state): the same value, in
+    a third of the instructions when its date/time part was read before."""
+    if len(value) == 27 and value[26] == "Z" and value[19] == ".":
+        whole = _seconds_of.get(value[:19])
+        micros = value[20:26]
+        if whole is not None and micros.isdigit() and micros.isascii():
+            return (whole * 1_000_000 + int(micros)) / 1_000_000
+    return float(parse_time(value, []))
+
+
 _random = random.Random()
 _getrandbits = _random.getrandbits
+#: ids made ahead, :data:`_ID_BATCH` at a time (:func:`new_id`)
+_ids: list[str] = []
+_ID_BATCH = 256
+
+
+def _forked() -> None:
+    """In a forked child: a fresh seed, and none of the parent's ids made ahead (the parent
+    hands them out too)."""
+    _ids.clear()
+    _random.seed()
+
+
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_random.seed)  # a forked child must not repeat our ids
+    os.register_at_fork(after_in_child=_forked)  # a forked child must not repeat our ids
 
 
 def new_id() -> str:
     """A random (version 4) UUID. From a seeded PRNG rather than os.urandom: ids need to be
     unique, not secret, and os.urandom is a system call that releases the GIL on the hot path.
-    Formatted without :class:`uuid.UUID` (:func:`sync_worker.ids.uuid4_text`)."""
-    return uuid4_text(_getrandbits(128))
+    Made :data:`_ID_BATCH` at a time (:func:`sync_worker.ids.uuid4_texts`: about 3,400
+    instructions per id, against 9,100 one at a time); ``list.pop`` and ``list.extend`` are atomic, so
+    threads share the batch (two threads that find it empty both add one: no id is lost or
+    repeated)."""
+    while True:
+        try:
+            return _ids.pop()
+        except IndexError:
+            _ids.extend(uuid4_texts(_getrandbits(128 * _ID_BATCH), _ID_BATCH))
 
 
-# -- small validators ------------------------------------------------------------------------
 def _str(body: Mapping[str, Any], name: str, loc: list[Any], *, required: bool = False,
          nullable: bool = True, default: str | None = None, max_length: int = v.MAX_NAME) -> str | None:
     if name not in body:
@@ -529,8 +559,13 @@ def build_task_run(body: Any, now: float) -> dict[str, Any]:
         scheduled_time = proposed["scheduled_time"] if proposed["scheduled_time"] is not None else now
     state = make_state(proposed["type"], run_id, now, name=proposed["name"], message=proposed["message"],
                        data=proposed["data"], details=proposed["state_details"], scheduled_time=scheduled_time)
-    created = iso(now)
-    expected = iso(scheduled_time) if scheduled_time is not None else created
+    created = state["timestamp"]  # iso(now)
+    if scheduled_time is None:
+        expected = created
+    elif scheduled_time is now:  # scheduled now: iso(now) again
+        expected = created
+    else:
+        expected = iso(scheduled_time)
     return {
         "cache_expiration": cache_expiration,
         "cache_key": cache_key,

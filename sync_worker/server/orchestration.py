@@ -37,7 +37,18 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from .models import STATE_TYPES, TERMINAL, iso, make_state, parse_time
+from .models import (
+    _STATE_DETAILS_DEFAULTS,
+    _STATE_DETAILS_KEYS,
+    DEFAULT_STATE_NAMES,
+    STATE_TYPES,
+    TERMINAL,
+    epoch,
+    iso,
+    make_state,
+    new_id,
+    parse_time,
+)
 
 ANY: frozenset[str | None] = frozenset(STATE_TYPES) | {None}
 
@@ -93,7 +104,7 @@ def match(current: str | None, proposed: str) -> Rule:
 ACCEPT_DETAILS: dict[str, Any] = {"type": "accept_details"}
 
 
-@dataclass
+@dataclass(slots=True)
 class Decision:
     """The orchestration result, and what the server must do with the run."""
 
@@ -127,8 +138,12 @@ def orchestrate(run: dict[str, Any], proposed: dict[str, Any], force: bool, now:
     current_state = run.get("state")
     current = current_state["type"] if current_state else None
     target = proposed["type"]
-    rule = match(current, target) if not force else RULES[-1]
+    rule = RULES[-1] if force else (_MATCH.get((current, target)) or _match(current, target))
     action = rule.action
+    if action == ACCEPT and target in _PLAIN_TARGETS and current_state:
+        pdetails = proposed["state_details"]
+        if not pdetails or pdetails.keys() <= _STATE_DETAILS_KEYS:
+            return _accept_plain(run, current_state, proposed, pdetails, target, now)
     reason = rule.reason.format(current=current) if rule.reason else None
 
     if action == ABORT:
@@ -163,37 +178,89 @@ def orchestrate(run: dict[str, Any], proposed: dict[str, Any], force: bool, now:
     elif target == "PENDING" and current == "SCHEDULED" and previous_details.get("scheduled_time"):
         details.setdefault("scheduled_time", previous_details["scheduled_time"])
     if target == "RUNNING":
-        run["run_count"] = run.get("run_count", 0) + 1
-        if run["run_count"] > 1 and (name is None or name == "Running"):
+        run_count = run["run_count"] = run.get("run_count", 0) + 1
+        if run_count > 1 and (name is None or name == "Running"):
             name = "Retrying"
-        if run.get("start_time") is None:
-            run["start_time"] = iso(now)
     state = make_state(target, run_id, now, name=name, message=proposed["message"], data=proposed["data"],
                        details=details, scheduled_time=scheduled_time)
+    if target == "RUNNING" and run.get("start_time") is None:
+        run["start_time"] = state["timestamp"]  # iso(now)
     _apply(run, state, now)
     queue = target == "SCHEDULED" and (background or bool(details.get("deferred")))
-    return Decision(ACCEPT, state, ACCEPT_DETAILS, changed=True, queue=queue,
-                    due=scheduled_time or now)
+    return Decision(ACCEPT, state, ACCEPT_DETAILS, True, queue, scheduled_time or now)
 
 
-def _apply(run: dict[str, Any], state: dict[str, Any], now: float) -> None:
-    """Make ``state`` the run's current state and update the derived fields."""
+#: targets :func:`_accept_plain` takes: neither SCHEDULED nor PENDING (their scheduled times)
+_PLAIN_TARGETS = STATE_TYPES - {"SCHEDULED", "PENDING"}
+
+
+def _accept_plain(run: dict[str, Any], current_state: dict[str, Any], proposed: dict[str, Any],
+                  pdetails: dict[str, Any], target: str, now: float) -> Decision:
+    """:func:`orchestrate`'s ACCEPT of a state other than SCHEDULED and PENDING, for a run
+    that has a state, whose proposed details hold only known keys: the claim and the final
+    state of every run. The same run and answer as the general path (``make_state`` and
+    ``_apply`` written out for this case; ``tests/server/test_server_srv16_orchestration.py``
+    compares them), with a third fewer instructions."""
+    state_details = _STATE_DETAILS_DEFAULTS.copy() if not pdetails else {**_STATE_DETAILS_DEFAULTS, **pdetails}
+    if not state_details["task_parameters_id"]:
+        carried = current_state["state_details"].get("task_parameters_id")
+        if carried:
+            state_details["task_parameters_id"] = carried
+    state_details["task_run_id"] = run["id"]
+    name = proposed["name"]
+    if target == "RUNNING":
+        run_count = run["run_count"] = run.get("run_count", 0) + 1
+        if run_count > 1 and (name is None or name == "Running"):
+            name = "Retrying"
+    stamp = iso(now)
+    state = {
+        "data": proposed["data"],
+        "id": new_id(),
+        "message": proposed["message"],
+        "name": name or DEFAULT_STATE_NAMES[target],
+        "state_details": state_details,
+        "timestamp": stamp,
+        "type": target,
+    }
+    if target == "RUNNING" and run.get("start_time") is None:
+        run["start_time"] = stamp
+    # _apply
     run["state"] = state
     run["state_id"] = state["id"]
     run["state_name"] = state["name"]
-    run["state_type"] = state["type"]
-    run["updated"] = iso(now)
-    if state["type"] == "SCHEDULED":
+    run["state_type"] = target
+    run["updated"] = stamp
+    run["next_scheduled_start_time"] = None
+    if target in TERMINAL:
+        run["end_time"] = stamp
+        start = run.get("start_time")
+        if start:
+            try:
+                run["total_run_time"] = round(max(0.0, now - epoch(start)), 6)
+            except ValueError:  # pragma: no cover - we wrote it ourselves
+                pass
+    return Decision(ACCEPT, state, ACCEPT_DETAILS, True, False, now)
+
+
+def _apply(run: dict[str, Any], state: dict[str, Any], now: float) -> None:
+    """Make ``state`` (made by :func:`make_state` with this ``now``: its timestamp is
+    ``iso(now)``) the run's current state and update the derived fields."""
+    run["state"] = state
+    run["state_id"] = state["id"]
+    run["state_name"] = state["name"]
+    state_type = run["state_type"] = state["type"]
+    stamp = run["updated"] = state["timestamp"]  # iso(now)
+    if state_type == "SCHEDULED":
         run["next_scheduled_start_time"] = state["state_details"]["scheduled_time"]
         run["expected_start_time"] = state["state_details"]["scheduled_time"]
     else:
         run["next_scheduled_start_time"] = None
-    if state["type"] in TERMINAL:
-        run["end_time"] = iso(now)
+    if state_type in TERMINAL:
+        run["end_time"] = stamp
         start = run.get("start_time")
         if start:
             try:
-                run["total_run_time"] = round(max(0.0, now - parse_time(start, [])), 6)
+                run["total_run_time"] = round(max(0.0, now - epoch(start)), 6)
             except ValueError:  # pragma: no cover - we wrote it ourselves
                 pass
 

@@ -91,12 +91,19 @@ def test_build_task_run_reports_every_error_at_once():
 
 
 def test_new_id_is_what_uuid_gives_for_the_same_bits():
-    for _ in range(20000):
+    batch = models._ID_BATCH
+    for _ in range(100):
+        models._ids.clear()
         state = models._random.getstate()
-        made = models.new_id()
+        made = [models.new_id() for _ in range(3 * batch)]
         models._random.setstate(state)
-        assert made == str(uuid.UUID(int=models._random.getrandbits(128), version=4))
-        assert uuid.UUID(made).version == 4
+        expected = []
+        for _ in range(3):  # drawn a batch at a time, handed out from the end of the batch
+            bits = models._random.getrandbits(128 * batch)
+            words = [(bits >> 128 * (batch - 1 - i)) & ((1 << 128) - 1) for i in range(batch)]
+            expected += [str(uuid.UUID(int=word, version=4)) for word in reversed(words)]
+        assert made == expected
+        assert all(uuid.UUID(text).version == 4 for text in made)
 
 
 @pytest.mark.parametrize("spelling", [
