@@ -26,6 +26,8 @@ logger = logging.getLogger("sync_worker.server.core")
 
 #: the text of :data:`.orchestration.ACCEPT_DETAILS` (every accepted proposal's details)
 _ACCEPT_DETAILS = _dumps(ACCEPT_DETAILS)
+#: the result of an accepted proposal asked for ``answer="brief"`` (``brief_set_state``)
+BRIEF_ACCEPT = '{"status":"ACCEPT"}'
 
 
 class NotFound(LookupError):
@@ -185,12 +187,15 @@ class Core:
         logger.debug("deleted task run %s", run_id)
 
     def _set_state_op(self, run_id: str, proposed: dict[str, Any], force: bool,
-                      holder: str | None = None, answer: bool = True) -> Callable[[Transaction], str]:
+                      holder: str | None = None, answer: bool | str = True) -> Callable[[Transaction], str]:
         """The write operation; its result is the orchestration result as JSON text.
         ``holder``: client_id of the subscription the proposal came over (it holds the run).
         ``answer=False``: the caller never reads the result (a claim: it sends the run), so
-        the text is not made and the result is ``""``. Callers pass it by position (tests wrap
-        this method with ``(run_id, proposed, force, *args)``)."""
+        the text is not made and the result is ``""``; ``answer="brief"``: the caller answers
+        an ACCEPT without the state (``brief_set_state``), so an ACCEPT's result is
+        :data:`BRIEF_ACCEPT` and the state's JSON is not made (any other result is the full
+        text). Callers pass it by position (tests wrap this method with
+        ``(run_id, proposed, force, *args)``)."""
         queue = self.queue
 
         def op(tx: Transaction) -> str:
@@ -234,6 +239,8 @@ class Core:
                              decision.status)
             if not answer:
                 return ""
+            if answer == "brief" and decision.status == "ACCEPT":
+                return BRIEF_ACCEPT
             # decision.state is the run's current state in every case (new, or kept)
             details = decision.details
             return (f'{{"status":"{decision.status}","state":{row.state_json()},'
@@ -243,7 +250,7 @@ class Core:
 
     # -- claim at delivery (subscription extension) ----------------------------------------------
     def claim_at_delivery(self, run_ids: list[str], holder: str,
-                          before: list[tuple[str, dict[str, Any], bool, Callable[..., None]]] | None = None
+                          before: list[tuple[str, dict[str, Any], bool, Callable[..., None], bool]] | None = None
                           ) -> list[str | BaseException | None]:
         """RUNNING for runs about to be delivered to the subscription ``holder``, committed
         before they are sent (durable before delivered: the worker sends no RUNNING proposal
@@ -286,8 +293,8 @@ class Core:
 
             return callback
 
-        ops = [(self._set_state_op(run_id, proposed_, force, holder), callback)
-               for run_id, proposed_, force, callback in before or ()]
+        ops = [(self._set_state_op(run_id, proposed_, force, holder, "brief" if brief else True), callback)
+               for run_id, proposed_, force, callback, brief in before or ()]
         ops += [(make_op(run_id), make_callback(i)) for i, run_id in enumerate(run_ids)]
         if not ops:
             return results
@@ -390,16 +397,16 @@ class Core:
         """Orchestrate a proposed state; returns the orchestration result as JSON text."""
         return self.db.write(self._set_state_op(run_id, proposed, force))
 
-    def set_states_async(self, proposals: list[tuple[str, dict[str, Any], bool, Callable[..., None]]],
+    def set_states_async(self, proposals: list[tuple[str, dict[str, Any], bool, Callable[..., None], bool]],
                          holder: str | None = None) -> None:
         """Orchestrate proposals without waiting for other writers, in order, committed
-        together when possible: ``proposals`` are (run_id, proposed, force, callback), and
-        ``callback(result_text, error)`` runs after the commit, in this thread if it committed
+        together when possible: ``proposals`` are (run_id, proposed, force, callback, brief),
+        and ``callback(result_text, error)`` (``brief``: an ACCEPT's text is :data:`BRIEF_ACCEPT`) runs after the commit, in this thread if it committed
         itself, else in the thread that did (keep it short). Call it holding no lock that
         operations or hooks take."""
         self.db.submit_many(
-            [(self._set_state_op(run_id, proposed, force, holder), callback)
-             for run_id, proposed, force, callback in proposals],
+            [(self._set_state_op(run_id, proposed, force, holder, "brief" if brief else True), callback)
+             for run_id, proposed, force, callback, brief in proposals],
             inline=True,
         )
 

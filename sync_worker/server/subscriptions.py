@@ -124,8 +124,6 @@ logger = logging.getLogger("sync_worker.server.subscriptions")
 #: ``"result": {"status": "ACCEPT"}``, without the state, see the module docstring).
 EXTENSIONS = ["set_state", "credit", "direct_running", "release", "release_run", "claim_at_delivery",
               "batch_delivery", "brief_set_state"]
-#: how an accepted proposal's result text begins (see Core._set_state_op): ``brief_set_state``
-_ACCEPTED = '{"status":"ACCEPT",'
 #: seconds before delivery is tried again after a claim could not be written
 CLAIM_RETRY_DELAY = 1.0
 #: Most runs one connection may be granted, whatever credit it asks for.
@@ -253,7 +251,7 @@ class Subscription:
         self._grant_pending = 0  # credit read with set_state messages, not usable yet (_apply_grant)
         self._unanswered = 0  # set_state requests whose answer is not sent yet
         self._held_back = False  # the reader waits until fewer are unanswered (notify then)
-        self._batch: list[tuple[str, dict[str, Any], bool, Callable[..., None]]] = []
+        self._batch: list[tuple[str, dict[str, Any], bool, Callable[..., None], bool]] = []
         self._deliver_lock = threading.Lock()
         self.delivered = 0
         #: the RUNNING proposal of a claim for this connection (a claim at a run's create)
@@ -605,10 +603,7 @@ class Subscription:
         brief = value.get("brief") is True
 
         def done(result: str | None, error: BaseException | None) -> None:
-            if error is None:
-                if brief and result is not None and result.startswith(_ACCEPTED):
-                    self._post(f'{prefix}"status_code":201,"result":{{"status":"ACCEPT"}}}}')
-                    return
+            if error is None:  # asked brief and accepted: result is core.BRIEF_ACCEPT
                 self._post(f'{prefix}"status_code":201,"result":{result}}}')
                 return
             if isinstance(error, NotFound):
@@ -622,7 +617,7 @@ class Subscription:
                 code, detail = 500, f"Internal error: {type(error).__name__}"
             self._post(f'{prefix}"status_code":{code},"detail":{json.dumps(detail)}}}')
 
-        self._batch.append((run_id, proposed, force, done))  # committed by _flush_set_states
+        self._batch.append((run_id, proposed, force, done, brief))  # committed by _flush_set_states
 
     def _answered(self, count: int) -> None:
         with self._cond:
