@@ -765,9 +765,12 @@ class SharedReader:
                     rest = b""
                 if rest is not None:
                     with self._lock:
-                        del self._data[ws]
+                        self._data.pop(ws, None)
                         if not ws.held:
-                            selector.unregister(key.fileobj)
+                            try:
+                                selector.unregister(key.fileobj)
+                            except (KeyError, ValueError):  # pragma: no cover - not registered
+                                pass
                     handle.hand_over(rest)
             with self._lock:
                 if not self._data:
