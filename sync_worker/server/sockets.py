@@ -765,12 +765,9 @@ class SharedReader:
                     rest = b""
                 if rest is not None:
                     with self._lock:
-                        self._data.pop(ws, None)
+                        del self._data[ws]
                         if not ws.held:
-                            try:
-                                selector.unregister(key.fileobj)
-                            except (KeyError, ValueError):  # pragma: no cover - not registered
-                                pass
+                            selector.unregister(key.fileobj)
                     handle.hand_over(rest)
             with self._lock:
                 if not self._data:
