@@ -5,6 +5,10 @@ connections and its keep-alive pinger, the accept/serve/close frame of a connect
 auth handshake, the decoding of messages with Prefect's close codes, and the :class:`Outbox`
 (one sender thread per connection, for messages produced by other threads). What each socket
 means lives in :mod:`.subscriptions` and :mod:`.rpc`.
+
+Reading: one :class:`SharedReader` thread per server reads every lean connection and runs its
+handler (``SYNC_WORKER_SHARED_READER=0``: one reader thread per connection, as before); so no
+handler may wait on a client: sends on those connections never block (:meth:`WebSocket._send_nowait`).
 """
 from __future__ import annotations
 
