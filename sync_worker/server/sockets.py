@@ -5,11 +5,17 @@ connections and its keep-alive pinger, the accept/serve/close frame of a connect
 auth handshake, the decoding of messages with Prefect's close codes, and the :class:`Outbox`
 (one sender thread per connection, for messages produced by other threads). What each socket
 means lives in :mod:`.subscriptions` and :mod:`.rpc`.
+
+Reading: one :class:`SharedReader` thread per server reads every lean connection and runs its
+handler (``SYNC_WORKER_SHARED_READER=0``: one reader thread per connection, as before); so no
+handler may wait on a client: sends on those connections never block (:meth:`WebSocket._send_nowait`).
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
+import selectors
 import socket
 import threading
 import time
@@ -128,12 +134,20 @@ class WebSocket(simple_websocket.Server):
 
     event: Signal
 
-    def __init__(self, environ: dict[str, Any], **kwargs: Any) -> None:
+    def __init__(self, environ: dict[str, Any], reader: SharedReader | None = None, **kwargs: Any) -> None:
         self.send_lock = threading.Lock()
+        #: the thread reading every lean connection of the server (None: a thread of its own)
+        self._shared = reader
         self.ping_failures = 0
         #: the end of a frame :meth:`try_send` could only start (the socket's buffer was full):
         #: sent, under ``send_lock``, before anything else goes out
         self._tail: bytes | None = None
+        #: shared reader: frames queued while another thread held ``send_lock`` (they go out
+        #: after ``_tail``, before anything else; see :meth:`_send_nowait`)
+        self._late: list[bytes] = []
+        self._late_lock = threading.Lock()
+        #: shared reader: why its reading of this connection is held (see SharedReader.hold)
+        self.held: set[str] = set()
         #: called when :meth:`try_send` left a tail (the owner makes a thread that may block
         #: send it: :meth:`Outbox.poke`)
         self.on_tail: Callable[[], None] | None = None
@@ -144,7 +158,14 @@ class WebSocket(simple_websocket.Server):
         self.on_read: Callable[[], None] | None = None
         self._no_extensions: bool | None = None  # see _plain
         kwargs.setdefault("receive_bytes", RECEIVE_BYTES)
-        super().__init__(environ, event_class=Signal, **kwargs)
+        super().__init__(environ, event_class=Signal, thread_class=self._make_reader, **kwargs)
+
+    def _make_reader(self, target: Callable[[], None]) -> Any:
+        """simple-websocket's ``thread_class``: this connection's reader, a thread of its own,
+        or (lean path, a :class:`SharedReader` given) a place in the shared reader's loop."""
+        if self._shared is not None and not self.ping_interval:
+            return _SharedHandle(self, target)
+        return threading.Thread(target=target)
 
     def send(self, data: Any) -> None:
         self.send_many((data,))
@@ -156,10 +177,13 @@ class WebSocket(simple_websocket.Server):
         each."""
         if not messages:
             return
+        if self._shared is not None and self._plain() and all(isinstance(message, str) for message in messages):
+            self._send_nowait(_text_frames(messages))
+            return
         with self.send_lock:
             if not self.connected:
                 raise ConnectionClosed(self.close_reason, self.close_message)
-            if self._tail is not None:
+            if self._tail is not None or self._late:
                 self._send_tail()
             if self._plain() and all(isinstance(message, str) for message in messages):
                 self.sock.sendall(_text_frames(messages))
@@ -184,7 +208,7 @@ class WebSocket(simple_websocket.Server):
             return False
         started = False
         try:
-            if not self.connected or self._tail is not None or not self._plain():
+            if not self.connected or self._tail is not None or self._late or not self._plain():
                 return False
             frame = _text_frames(messages)
             try:
@@ -199,6 +223,16 @@ class WebSocket(simple_websocket.Server):
         if started and self.on_tail is not None:
             self.on_tail()
         return True
+
+    @property
+    def shared(self) -> bool:
+        """Whether a :class:`SharedReader` reads this connection (its handlers must never wait)."""
+        return self._shared is not None
+
+    def hold(self, reason: str, on: bool) -> None:
+        """Stop (``on``) or resume reading this connection for ``reason`` (shared reader only)."""
+        if self._shared is not None:
+            self._shared.hold(self, reason, on)
 
     def input_pending(self) -> bool:
         """Whether the client sent something the reader thread has not read yet (bytes, or
@@ -231,18 +265,79 @@ class WebSocket(simple_websocket.Server):
         return True
 
     def flush_tail(self) -> None:
-        """Send the rest of a frame :meth:`try_send` started (blocking; the owner's thread)."""
-        if self._tail is None:
-            return
-        with self.send_lock:
-            if self._tail is not None:
-                self._send_tail()
+        """Send the rest of a frame :meth:`try_send` started, and the frames queued behind it
+        (blocking; the owner's thread: the only one that waits for a slow client)."""
+        if self._tail is not None or self._late:
+            with self.send_lock:
+                if self._tail is not None or self._late:
+                    self._send_tail()
+        if "backlog" in self.held and self._shared is not None:
+            self._shared.hold(self, "backlog", False)
 
     def _send_tail(self) -> None:
-        """Under ``send_lock``: the rest of the frame :meth:`try_send` started."""
-        tail, self._tail = self._tail, None
+        """Under ``send_lock``: the rest of the frame :meth:`try_send` started, then the
+        frames queued behind it."""
+        tail = self._take_backlog()
         if tail:
             self.sock.sendall(tail)
+
+    def _take_backlog(self) -> bytes | None:
+        """Under ``send_lock``: what must go out before anything else (and forget it)."""
+        tail, self._tail = self._tail, None
+        if self._late:
+            with self._late_lock:
+                late, self._late = self._late, []
+            tail = b"".join([tail, *late]) if tail else b"".join(late)
+        return tail
+
+    def _send_nowait(self, frame: bytes) -> None:
+        """Shared reader: every send on the connection, never blocking (a thread that waits
+        for one client would stall the others: the reader, or one holding a lock the reader
+        takes). What the socket does not take now is queued, in order, and sent by the
+        owner's thread (:attr:`on_tail`, :meth:`flush_tail`); past :data:`MAX_BACKLOG`
+        bytes queued, the reader stops reading this client until they went out (TCP pushes
+        back on it, as a blocked reader thread did)."""
+        if not self.send_lock.acquire(blocking=False):
+            # another thread is sending (maybe blocked on this client): after it, in order
+            if not self.connected:
+                raise ConnectionClosed(self.close_reason, self.close_message)
+            with self._late_lock:
+                self._late.append(frame)
+            self._backlogged()
+            return
+        try:
+            if not self.connected:
+                raise ConnectionClosed(self.close_reason, self.close_message)
+            tail = self._take_backlog() if self._tail is not None or self._late else None
+            out = tail + frame if tail else frame
+            try:
+                sent = self.sock.send(out, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                sent = 0
+            if sent == len(out):
+                return
+            self._tail = out[sent:]
+        finally:
+            self.send_lock.release()
+        self._backlogged()
+
+    def _backlogged(self) -> None:
+        """Frames wait to go out: wake the owner's thread to send them; hold the reading of
+        a client that has too many waiting."""
+        tail = self._tail
+        waiting = (len(tail) if tail else 0) + sum(len(frame) for frame in self._late)
+        if waiting > MAX_BACKLOG and self._shared is not None:
+            self._shared.hold(self, "backlog", True)
+        if self.on_tail is not None:
+            self.on_tail()
+        else:  # before the owner has a sender thread (the handshake): one for this
+            threading.Thread(target=self._flush_quietly, name="sync-worker-ws-flush", daemon=True).start()
+
+    def _flush_quietly(self) -> None:
+        try:
+            self.flush_tail()
+        except (ConnectionClosed, OSError):
+            self.shutdown()
 
     def _plain(self) -> bool:
         """Whether a frame built by :func:`text_frame` is what wsproto would send now: the
@@ -302,6 +397,67 @@ class WebSocket(simple_websocket.Server):
                 self._linger()
         self.sock.close()
 
+    # -- the shared reader's side (see SharedReader) -----------------------------------------
+    def _lean_read(self, reader: FrameReader, data: bytes) -> bytes | None:
+        """What one read brought, through the lean parser: messages handed over; the bytes
+        for wsproto (the lean path ended) or None."""
+        messages = reader.feed(data)
+        if messages:
+            self._deliver(messages)
+        if self._wake_after_read:  # see input_pending
+            self._wake_after_read = False
+            if self.on_read is not None:
+                self.on_read()
+        rest = reader.rest
+        if rest is None:
+            return None
+        self._lean = False
+        if self.on_read is not None:
+            self.on_read()  # nothing is deferred from now on: a deferred delivery goes now
+        return rest
+
+    def _readable(self, reader: FrameReader) -> bytes | None:
+        """Shared reader thread: the socket is readable. None: keep it in the loop; bytes: the
+        lean path ended (a close, a fragment, bad input, the connection gone): a thread of its
+        own continues with wsproto from these bytes (possibly empty)."""
+        if not self.connected:
+            return b""
+        try:
+            data = self.sock.recv(self.receive_bytes, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
+        except OSError:
+            data = b""
+        if not data:
+            self.connected = False
+            self._lean = False
+            self.event.set()
+            return b""
+        return self._lean_read(reader, data)
+
+    def _finish(self, data: bytes) -> None:
+        """A thread of its own, once the lean path ended: wsproto parses ``data`` and what
+        follows (close codes, the close handshake, linger), as the per-connection reader does."""
+        try:
+            while self.connected:
+                if data:
+                    self.ws.receive_data(data)
+                    self.connected = self._handle_events()
+                    if not self.connected:
+                        break
+                data = self.sock.recv(self.receive_bytes)
+                if not data:
+                    raise OSError()
+        except (OSError, LocalProtocolError):
+            self.connected = False
+            self._lean = False
+            self.event.set()
+        else:
+            connection = self.ws.connection
+            if connection is not None and connection.state is ConnectionState.LOCAL_CLOSING:
+                self._linger()
+        self.sock.close()
+
     def _deliver(self, messages: list[Any]) -> None:
         """Hand the messages of one read over (one wake-up for all of them: those handled
         together are committed together); answer a ping, note a pong."""
@@ -326,11 +482,21 @@ class WebSocket(simple_websocket.Server):
         """The pong, under the send lock (simple-websocket sends it from the reader thread
         without one, which could split another thread's frame); none once our close frame
         went out (wsproto refuses to send then)."""
+        if self._shared is not None:  # the shared reader never blocks: queued behind other frames
+            connection = self.ws.connection
+            if not self.connected or connection is None or connection.state is not ConnectionState.OPEN:
+                return
+            try:
+                frame = self.ws.send(ping.response())
+            except LocalProtocolError:
+                return
+            self._send_nowait(frame)
+            return
         with self.send_lock:
             connection = self.ws.connection
             if not self.connected or connection is None or connection.state is not ConnectionState.OPEN:
                 return
-            if self._tail is not None:
+            if self._tail is not None or self._late:
                 self._send_tail()
             self.sock.sendall(self.ws.send(ping.response()))
 
@@ -340,8 +506,8 @@ class WebSocket(simple_websocket.Server):
         if not self.send_lock.acquire(timeout=0.5):
             raise ConnectionClosed(reason, message)
         try:
-            if self._tail is not None:  # never a close frame inside another frame
-                tail, self._tail = self._tail, None
+            if self._tail is not None or self._late:  # never a close frame inside another frame
+                tail = self._take_backlog() or b""
                 try:
                     sent = self.sock.send(tail, socket.MSG_DONTWAIT)
                 except OSError:
@@ -356,7 +522,7 @@ class WebSocket(simple_websocket.Server):
             self.send_lock.release()
 
     def _handle_events(self) -> bool:
-        if self._tail is not None:  # wsproto's answers (pong, close) go out without the lock
+        if self._tail is not None or self._late:  # wsproto's answers (pong, close) go out without the lock
             self.flush_tail()
         keep_going = super()._handle_events()
         if not keep_going:
@@ -385,7 +551,7 @@ class WebSocket(simple_websocket.Server):
         if not self.send_lock.acquire(blocking=False):
             return False  # a send is in progress: the connection is busy, not dead
         try:
-            if not self.connected or self._tail is not None:  # a frame half out: busy too
+            if not self.connected or self._tail is not None or self._late:  # a frame half out: busy too
                 return False
             try:
                 frame = self.ws.send(Ping())
@@ -409,6 +575,8 @@ class WebSocket(simple_websocket.Server):
             self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+        if self.held and self._shared is not None:  # the shared reader must see the end
+            self._shared.hold(self, None, False)
 
 
 class _Pending(threading.local):
@@ -493,6 +661,141 @@ def parse(message: Any) -> Any:
     return value
 
 
+#: bytes queued for one client (it reads slower than the server sends) past which the shared
+#: reader stops reading that client until they went out
+MAX_BACKLOG = 1 << 20
+
+#: read the lean connections of a server in one thread (``SYNC_WORKER_SHARED_READER=0``: one
+#: reader thread per connection, as before)
+SHARED_READER = os.environ.get("SYNC_WORKER_SHARED_READER", "1") != "0"
+
+
+class _SharedHandle:
+    """What simple-websocket keeps as ``ws.thread`` for a connection read by a
+    :class:`SharedReader`: alive until its reading ended, including the thread of its own that
+    finishes it with wsproto once the lean path ended."""
+
+    def __init__(self, ws: WebSocket, target: Callable[[], None]) -> None:
+        self.ws = ws
+        self._target = target
+        self.name = "sync-worker-ws-reader"
+        self._done = threading.Event()
+
+    def start(self) -> None:
+        ws = self.ws
+        reader = ws._shared
+        if reader is None or not ws._plain():  # not lean from the start: a thread of its own
+            ws._shared = None  # (and its sends may block, as before)
+            self._spawn(self._target)
+            return
+        reader.add(ws, self)
+
+    def hand_over(self, data: bytes) -> None:
+        self._spawn(self.ws._finish, data)
+
+    def _spawn(self, fn: Callable[..., None], *args: Any) -> None:
+        def run() -> None:
+            try:
+                fn(*args)
+            finally:
+                self._done.set()
+
+        threading.Thread(target=run, name="sync-worker-ws-finish", daemon=True).start()
+
+    def is_alive(self) -> bool:
+        return not self._done.is_set()
+
+    def join(self, timeout: float | None = None) -> None:
+        if threading.current_thread().name != SharedReader.NAME:
+            self._done.wait(timeout)
+
+
+def _subscriptions_first(item: Any) -> int:
+    """Sort key of a ready (key, events) pair: claim-at-delivery subscriptions (they set
+    ``on_read``) before the other connections."""
+    return 0 if item[0].data[0].on_read is not None else 1
+
+
+class SharedReader:
+    """One thread that reads every lean connection of a server (a selector over their sockets)
+    and runs their message handlers (:class:`Signal`), instead of one reader thread per
+    connection: the rpc socket's creates and the subscription's final states are read and
+    committed by the same thread, one after the other, instead of two threads taking turns
+    at the GIL and waiting for each other's commits."""
+
+    NAME = "sync-worker-ws-reader"
+
+    def __init__(self) -> None:
+        self._selector = selectors.DefaultSelector()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._data: dict[WebSocket, tuple[WebSocket, _SharedHandle, FrameReader]] = {}  # read, held or not
+
+    def add(self, ws: WebSocket, handle: _SharedHandle) -> None:
+        ws._lean = True
+        data = (ws, handle, FrameReader(ws.max_message_size))
+        with self._lock:
+            self._data[ws] = data
+            self._selector.register(ws.sock, selectors.EVENT_READ, data)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name=self.NAME, daemon=True)
+                self._thread.start()
+
+    def hold(self, ws: WebSocket, reason: str | None, on: bool) -> None:
+        """Stop (``on``) or resume reading ``ws`` for ``reason`` (None, off: every reason);
+        it is read while no reason holds it. Any thread; never blocks on I/O."""
+        with self._lock:
+            held = ws.held
+            before = bool(held)
+            if reason is None:
+                held.clear()
+            elif on:
+                held.add(reason)
+            else:
+                held.discard(reason)
+            data = self._data.get(ws)
+            if data is None or before == bool(held):
+                return
+            if held:
+                self._selector.unregister(ws.sock)
+            else:
+                self._selector.register(ws.sock, selectors.EVENT_READ, data)
+
+    def _loop(self) -> None:
+        selector = self._selector
+        while True:
+            ready = selector.select(1.0)
+            if len(ready) > 1:
+                # the claim-at-delivery subscriptions first: their final states free credit and
+                # take the worker's input off its socket, so that the creates read next can claim
+                # their runs at create (Subscription.reserve refuses while a worker's input is
+                # unread) instead of waking the subscription's sender thread for a claim of its
+                # own: measured, a 5,000-run drain went from 0.85x to 1.12x of the base tree
+                ready.sort(key=_subscriptions_first)
+            for key, _events in ready:
+                ws, handle, reader = key.data
+                try:
+                    rest = ws._readable(reader)
+                except Exception:  # pragma: no cover - a bug: drop this connection, keep the others
+                    logger.exception("error reading a websocket connection")
+                    ws.shutdown()
+                    ws.event.set()
+                    rest = b""
+                if rest is not None:
+                    with self._lock:
+                        self._data.pop(ws, None)
+                        if not ws.held:
+                            try:
+                                selector.unregister(key.fileobj)
+                            except (KeyError, ValueError):  # pragma: no cover - not registered
+                                pass
+                    handle.hand_over(rest)
+            with self._lock:
+                if not self._data:
+                    self._thread = None
+                    return
+
+
 class SubscriptionRegistry:
     """Live connections, so that stopping the server can close them, and their keep-alive.
 
@@ -510,6 +813,8 @@ class SubscriptionRegistry:
         self.ping_interval = ping_interval
         self._stop = threading.Event()
         self._pinger: threading.Thread | None = None
+        #: reads every lean connection of this server in one thread (None: one thread each)
+        self.reader: SharedReader | None = SharedReader() if SHARED_READER else None
 
     def add(self, ws: WebSocket) -> bool:
         with self._lock:
@@ -583,7 +888,7 @@ def serve_socket(environ: dict[str, Any], registry: SubscriptionRegistry, max_me
     """Accept a websocket (subprotocol ``prefect``), run ``serve(ws, peer)`` in this HTTP
     handler thread until the connection ends, and close it with the code and reason of a
     protocol violation (:class:`Close`) raised by ``serve``."""
-    ws = WebSocket(environ, subprotocols=["prefect"], max_message_size=max_message_size)
+    ws = WebSocket(environ, reader=registry.reader, subprotocols=["prefect"], max_message_size=max_message_size)
     peer = environ.get("REMOTE_ADDR", "?")
     if not registry.add(ws):
         close_socket(ws, GOING_AWAY, "Server is shutting down")

@@ -572,10 +572,15 @@ class Subscription:
         if self._unanswered + len(self._batch) >= MAX_UNANSWERED:
             self._flush_set_states()  # (their answers are what we are about to wait for)
         with self._cond:
-            while self._unanswered >= MAX_UNANSWERED and not self._closed and not self._done.is_set():
-                self._held_back = True
-                self._cond.wait(0.5)
-            self._held_back = False
+            if self.ws.shared:  # one thread reads every connection: never wait, stop reading this one
+                if self._unanswered >= MAX_UNANSWERED:
+                    self._held_back = True
+                    self.ws.hold("answers", True)
+            else:
+                while self._unanswered >= MAX_UNANSWERED and not self._closed and not self._done.is_set():
+                    self._held_back = True
+                    self._cond.wait(0.5)
+                self._held_back = False
             if self._closed or self._done.is_set():
                 return
             self._unanswered += 1
@@ -624,6 +629,9 @@ class Subscription:
             self._unanswered -= count
             if self._held_back:  # the reader waits for answers to go out (see _set_state)
                 self._cond.notify_all()
+                if self.ws.shared and self._unanswered < MAX_UNANSWERED:
+                    self._held_back = False
+                    self.ws.hold("answers", False)
 
     def _take_unacked(self) -> list[tuple[str, str, int, str | None]]:
         with self._cond:
