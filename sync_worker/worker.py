@@ -1017,7 +1017,7 @@ def load_task(spec: str) -> Task[..., Any]:
 def _record_metrics_if_served() -> None:
     """A worker process without the client metrics server has no way to show its metrics
     (no host application serves its registry): it does not record them, and so never
-    imports prometheus-client (0.9 MB of its ~35 MB RSS, measured). A bad setting is left to
+    imports prometheus-client (0.9 MB of its RSS, measured). A bad setting is left to
     :func:`serve` to report."""
     try:
         enabled = get_settings().client_metrics_enabled
