@@ -232,13 +232,7 @@ def _accept_plain(run: dict[str, Any], current_state: dict[str, Any], proposed: 
     run["updated"] = stamp
     run["next_scheduled_start_time"] = None
     if target in TERMINAL:
-        run["end_time"] = stamp
-        start = run.get("start_time")
-        if start:
-            try:
-                run["total_run_time"] = round(max(0.0, now - epoch(start)), 6)
-            except ValueError:  # pragma: no cover - we wrote it ourselves
-                pass
+        _ended(run, stamp, now)
     return Decision(ACCEPT, state, ACCEPT_DETAILS, True, False, now)
 
 
@@ -256,13 +250,18 @@ def _apply(run: dict[str, Any], state: dict[str, Any], now: float) -> None:
     else:
         run["next_scheduled_start_time"] = None
     if state_type in TERMINAL:
-        run["end_time"] = stamp
-        start = run.get("start_time")
-        if start:
-            try:
-                run["total_run_time"] = round(max(0.0, now - epoch(start)), 6)
-            except ValueError:  # pragma: no cover - we wrote it ourselves
-                pass
+        _ended(run, stamp, now)
+
+
+def _ended(run: dict[str, Any], stamp: str, now: float) -> None:
+    """A final state's fields of the run: its end time, and how long it ran."""
+    run["end_time"] = stamp
+    start = run.get("start_time")
+    if start:
+        try:
+            run["total_run_time"] = round(max(0.0, now - epoch(start)), 6)
+        except ValueError:  # pragma: no cover - we wrote it ourselves
+            pass
 
 
 def system_state(run: dict[str, Any], state_type: str, now: float, *, name: str | None = None,

@@ -360,42 +360,25 @@ class WebSocket(simple_websocket.Server):
         if self.ping_interval or not self._plain():
             super()._thread()
             return
-        reader: FrameReader | None = FrameReader(self.max_message_size)
+        reader = FrameReader(self.max_message_size)
         self._lean = True
+        rest = b""
         try:
             while self.connected:
                 data = self.sock.recv(self.receive_bytes)
                 if not data:
                     raise OSError()
-                if reader is not None:
-                    messages = reader.feed(data)
-                    if messages:
-                        self._deliver(messages)
-                    if self._wake_after_read:  # see input_pending
-                        self._wake_after_read = False
-                        if self.on_read is not None:
-                            self.on_read()
-                    if reader.rest is None:
-                        continue
-                    data, reader = reader.rest, None  # wsproto parses from here on
-                    self._lean = False
-                    if self.on_read is not None:
-                        self.on_read()  # nothing is deferred from now on: a deferred delivery goes now
-                    if not data:
-                        continue
-                self.ws.receive_data(data)
-                self.connected = self._handle_events()
+                lean_end = self._lean_read(reader, data)
+                if lean_end is not None:  # wsproto parses from here on
+                    rest = lean_end
+                    break
         except (OSError, LocalProtocolError):
             self.connected = False
             self._lean = False
             self.event.set()
-        else:
-            connection = self.ws.connection
-            if connection is not None and connection.state is ConnectionState.LOCAL_CLOSING:
-                # another thread sent our close frame while this one handled messages: read
-                # the client's answer (and whatever precedes it), as wsproto's path does
-                self._linger()
-        self.sock.close()
+            self.sock.close()
+            return
+        self._finish(rest)
 
     # -- the shared reader's side (see SharedReader) -----------------------------------------
     def _lean_read(self, reader: FrameReader, data: bytes) -> bytes | None:
@@ -437,7 +420,8 @@ class WebSocket(simple_websocket.Server):
 
     def _finish(self, data: bytes) -> None:
         """A thread of its own, once the lean path ended: wsproto parses ``data`` and what
-        follows (close codes, the close handshake, linger), as the per-connection reader does."""
+        follows (close codes, the close handshake, linger); the per-connection reader ends
+        the same way (:meth:`_thread`)."""
         try:
             while self.connected:
                 if data:

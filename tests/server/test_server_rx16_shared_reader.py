@@ -47,6 +47,28 @@ def _round_trip(wire, rpc, subscriber) -> None:
     assert reply["request_id"] == waiter and reply["result"]["state"]["type"] == "COMPLETED"
 
 
+
+def _others_are_served(wire) -> None:
+    """Another worker and an rpc caller get three round trips done, promptly."""
+    rpc = rpc_socket(wire)[0]
+    try:
+        started = time.monotonic()
+        good = wire.subscribe(client_id="good")
+        for _ in range(3):
+            _round_trip(wire, rpc, good)
+        good.close()
+        assert time.monotonic() - started < 20
+    finally:
+        rpc.close()
+
+
+def _drop(client) -> None:
+    try:
+        client.sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    client.sock.close()
+
 def test_one_thread_reads_every_rpc_and_subscription_connection(server_factory, make_wire):
     before = len(_per_connection_readers())
     server = server_factory()
@@ -122,22 +144,9 @@ def test_a_client_that_never_reads_its_pongs_is_held_back_and_stalls_nobody(serv
         sent = _fill_until_blocked(flooder, _masked_ping(b"p" * 125) * 64, within=60)
         # held back: about MAX_BACKLOG of pongs queued, plus what the socket buffers hold
         assert sent > sockets.MAX_BACKLOG
-        rpc = rpc_socket(wire)[0]
-        try:
-            started = time.monotonic()
-            good = wire.subscribe(client_id="good")
-            for _ in range(3):
-                _round_trip(wire, rpc, good)
-            good.close()
-            assert time.monotonic() - started < 20
-        finally:
-            rpc.close()
+        _others_are_served(wire)
     finally:
-        try:
-            flooder.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        flooder.sock.close()
+        _drop(flooder)
     # the flooder's end is seen although its reading was held: its connection goes away
     wait_for(lambda: len(server._registry) <= 1, timeout=15)
 
@@ -159,20 +168,7 @@ def test_a_client_that_never_reads_its_answers_is_held_back_and_stalls_nobody(se
     frame = websocket.ABNF.create_frame(request, websocket.ABNF.OPCODE_TEXT).format()
     try:
         _fill_until_blocked(flooder, frame * 16, within=60)
-        rpc = rpc_socket(wire)[0]
-        try:
-            started = time.monotonic()
-            good = wire.subscribe(client_id="good")
-            for _ in range(3):
-                _round_trip(wire, rpc, good)
-            good.close()
-            assert time.monotonic() - started < 20
-        finally:
-            rpc.close()
+        _others_are_served(wire)
     finally:
-        try:
-            flooder.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        flooder.sock.close()
+        _drop(flooder)
     wait_for(lambda: len(server._registry) <= 1, timeout=15)
