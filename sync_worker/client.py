@@ -24,14 +24,12 @@ import base64
 import json
 import logging
 import os
+import sys
 import threading
 import time
 import uuid
-from typing import Any, Callable, Dict, Optional, Tuple, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple, TypeVar
 from urllib.parse import urlsplit, urlunsplit
-
-import sys
-from typing import TYPE_CHECKING
 
 import tenacity
 
