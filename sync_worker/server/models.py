@@ -560,12 +560,7 @@ def build_task_run(body: Any, now: float) -> dict[str, Any]:
     state = make_state(proposed["type"], run_id, now, name=proposed["name"], message=proposed["message"],
                        data=proposed["data"], details=proposed["state_details"], scheduled_time=scheduled_time)
     created = state["timestamp"]  # iso(now)
-    if scheduled_time is None:
-        expected = created
-    elif scheduled_time is now:  # scheduled now: iso(now) again
-        expected = created
-    else:
-        expected = iso(scheduled_time)
+    expected = created if scheduled_time is None or scheduled_time == now else iso(scheduled_time)
     return {
         "cache_expiration": cache_expiration,
         "cache_key": cache_key,

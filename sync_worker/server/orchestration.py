@@ -178,9 +178,7 @@ def orchestrate(run: dict[str, Any], proposed: dict[str, Any], force: bool, now:
     elif target == "PENDING" and current == "SCHEDULED" and previous_details.get("scheduled_time"):
         details.setdefault("scheduled_time", previous_details["scheduled_time"])
     if target == "RUNNING":
-        run_count = run["run_count"] = run.get("run_count", 0) + 1
-        if run_count > 1 and (name is None or name == "Running"):
-            name = "Retrying"
+        name = _count_run(run, name)
     state = make_state(target, run_id, now, name=name, message=proposed["message"], data=proposed["data"],
                        details=details, scheduled_time=scheduled_time)
     if target == "RUNNING" and run.get("start_time") is None:
@@ -209,9 +207,7 @@ def _accept_plain(run: dict[str, Any], current_state: dict[str, Any], proposed: 
     state_details["task_run_id"] = run["id"]
     name = proposed["name"]
     if target == "RUNNING":
-        run_count = run["run_count"] = run.get("run_count", 0) + 1
-        if run_count > 1 and (name is None or name == "Running"):
-            name = "Retrying"
+        name = _count_run(run, name)
     stamp = iso(now)
     state = {
         "data": proposed["data"],
@@ -234,6 +230,15 @@ def _accept_plain(run: dict[str, Any], current_state: dict[str, Any], proposed: 
     if target in TERMINAL:
         _ended(run, stamp, now)
     return Decision(ACCEPT, state, ACCEPT_DETAILS, True, False, now)
+
+
+def _count_run(run: dict[str, Any], name: str | None) -> str | None:
+    """A RUNNING state: one more run of ``run``; the state's name (a run's second start
+    named by default, or "Running", is "Retrying")."""
+    run_count = run["run_count"] = run.get("run_count", 0) + 1
+    if run_count > 1 and (name is None or name == "Running"):
+        return "Retrying"
+    return name
 
 
 def _apply(run: dict[str, Any], state: dict[str, Any], now: float) -> None:
