@@ -1056,9 +1056,10 @@ class Outbox:
                     self._queue.clear()
                     poked, self._poked = self._poked, False
                 self.ws.flush_tail()
-                self.ws.send_many(messages)  # one write
-                if messages and self._sent is not None:
-                    self._sent(len(messages))
+                if messages:  # (a poke or a due timer may wake it with nothing to send)
+                    self.ws.send_many(messages)  # one write
+                    if self._sent is not None:
+                        self._sent(len(messages))
                 if self._tick is not None:
                     self._tick(poked)
         except (ConnectionClosed, OSError):
