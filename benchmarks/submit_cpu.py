@@ -37,10 +37,11 @@ the reader handed the answer over, and the moment the caller ran again. Printed:
 per run of each process; per create, median (mean) of server + wire, the reader's parse and
 dispatch, the caller's wake-up, and the caller's own Python between two creates; how many
 answers each read brought; and, for the reads that answered every caller at once (the server
-commits the callers' creates together, so a drain moves in lock step), when the k-th caller ran
-again after that read. The hooks cost a few µs per create (this process's CPU includes them).
-What a caller does between its answer and its next send is all on the
-drain's critical path: the next commit waits for those creates.
+answers the callers' creates together, so a drain moves in lock step), when the k-th caller ran
+again after that read. What a caller does between its answer and its next send is then on the
+drain's critical path: the next commit of creates waits for those creates, and the callers run
+one after another (one GIL). The hooks cost a few µs per create (this process's CPU includes
+them).
 """
 from __future__ import annotations
 
