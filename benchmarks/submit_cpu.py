@@ -26,6 +26,22 @@ round trip, and the context switches per request of the callers and the reader t
 (``/proc``, Linux). ``--threads N``: N callers at once (default 1). The server's own time is
 in the round trip but not in the CPU. Use it to judge a change to the client's socket path
 without the embedded server's noise (run it from each tree, alternated, as above).
+
+``--drain``: where a create's round trip goes in a real drain. Starts ``sync-worker server``
+and ``sync-worker worker --limit 10`` (this tree), then ``--threads`` callers (default 4, as
+``compare.py``) submit ``--runs`` no-op runs over the rpc socket, as the drain case does. The
+submitting side is traced in this process (hooks on ``sync_worker.sockets``, nothing changed in
+the library): each create's request (``Connection.request`` entered: the frame is built and
+written a few tens of µs later), the reader thread's read that brought its answer, the moment
+the reader handed the answer over, and the moment the caller ran again. Printed: runs/s and CPU
+per run of each process; per create, median (mean) of server + wire, the reader's parse and
+dispatch, the caller's wake-up, and the caller's own Python between two creates; how many
+answers each read brought; and, for the reads that answered every caller at once (the server
+answers the callers' creates together, so a drain moves in lock step), when the k-th caller ran
+again after that read. What a caller does between its answer and its next send is then on the
+drain's critical path: the next commit of creates waits for those creates, and the callers run
+one after another (one GIL). The hooks cost a few µs per create (this process's CPU includes
+them).
 """
 from __future__ import annotations
 
@@ -232,6 +248,143 @@ def socket_round_trips(runs: int, threads: int) -> int:
     return 0
 
 
+def drain_trace(runs: int, threads: int) -> int:
+    """``--drain``: see the module docstring."""
+    import bisect
+    import collections
+    import statistics
+    import threading
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path.insert(0, here)
+    import throughput
+
+    from sync_worker import sockets
+    from sync_worker.client import Client
+    from sync_worker.storage import LocalDirectoryStore
+
+    clock = time.perf_counter_ns
+    last_read = [0]
+    creates: list[tuple[int, int, int, int, int]] = []  # send, read, answer set, caller runs, thread
+    mine = threading.local()
+    read = sockets.FrameReader._read
+
+    def traced_read(self):  # the reader thread's socket read
+        data = read(self)
+        last_read[0] = clock()
+        return data
+
+    class TracedPending(sockets.Pending):
+        __slots__ = ("t_read", "t_set", "t_woke")
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.t_read = self.t_set = self.t_woke = 0
+            mine.pending = self
+
+        def set(self) -> None:
+            self.t_read, self.t_set = last_read[0], clock()
+            super().set()
+
+        def wait(self, timeout: float) -> bool:
+            answered = super().wait(timeout)
+            self.t_woke = clock()
+            return answered
+
+    request = sockets.Connection.request
+
+    def traced_request(self, message, timeout, with_owed_credit=False):
+        sent = clock()
+        reply = request(self, message, timeout, with_owed_credit)
+        p = mine.pending
+        if message.get("type") == "create" and p.t_set:
+            creates.append((sent, p.t_read, p.t_set, p.t_woke, threading.get_ident()))
+        return reply
+
+    sockets.FrameReader._read = traced_read
+    sockets.Pending = TracedPending
+    sockets.Connection.request = traced_request
+    os.environ["SYNC_WORKER_FAST_PATH"] = "true"
+    import bench_tasks
+
+    with tempfile.TemporaryDirectory(prefix="submit-cpu-drain-") as tmp:
+        server, url = throughput.start_server(tmp)
+        worker = None
+        try:
+            status_port = throughput.free_port()
+            worker = throughput.start_worker(url, os.path.join(tmp, "records"), 10, True, status_port)
+            status = f"http://127.0.0.1:{status_port}/status"
+            client, store = Client(url), LocalDirectoryStore(os.path.join(tmp, "records"))
+            for _ in range(20):  # the socket open and warm
+                bench_tasks.noop.apply_async(client=client, store=store)
+            throughput.wait_until(lambda: throughput.finished(status) >= 20, 60, "the warm-up runs")
+            creates.clear()
+
+            def submit(count: int) -> None:
+                for _ in range(count):
+                    bench_tasks.noop.apply_async(client=client, store=store)
+
+            callers = [threading.Thread(target=submit, args=(runs // threads,)) for _ in range(threads)]
+            total = runs // threads * threads
+            cpu0 = (throughput.cpu_seconds(server.pid), throughput.cpu_seconds(worker.pid), throughput.cpu_seconds())
+            started = time.perf_counter()
+            for caller in callers:
+                caller.start()
+            for caller in callers:
+                caller.join()
+            throughput.wait_until(lambda: throughput.finished(status) >= 20 + total, 600, f"{total} runs to finish",
+                                  interval=0.002)
+            elapsed = time.perf_counter() - started
+            cpu1 = (throughput.cpu_seconds(server.pid), throughput.cpu_seconds(worker.pid), throughput.cpu_seconds())
+        finally:
+            for proc in (worker, server):
+                if proc is not None and proc.poll() is None:
+                    proc.terminate()
+                    proc.wait(30)
+    cpu = [1000 * (after - before) / total for before, after in zip(cpu0, cpu1, strict=True)]
+    print(f"drain of {total} no-op runs from {threads} thread(s): {total / elapsed:,.0f} runs/s; CPU ms per run: server "
+          f"{cpu[0]:.3f}, worker {cpu[1]:.3f}, this process {cpu[2]:.3f} (load {os.getloadavg()[0]:.1f})")
+    if not creates:
+        print("no create was traced (a tree without the traced functions?)")
+        return 1
+
+    def line(name: str, values: list[float]) -> str:
+        return f"  {statistics.median(values):7.0f} {statistics.mean(values):7.0f}  {name}"
+
+    by_thread: dict[int, list[tuple[int, ...]]] = collections.defaultdict(list)
+    for create in creates:
+        by_thread[create[4]].append(create)
+    between = [(b[0] - a[3]) / 1000 for runs_of in by_thread.values() for a, b in zip(runs_of, runs_of[1:], strict=False)]
+    print(f"create round trip, {len(creates)} creates traced, µs:\n   median    mean  step")
+    for name, values in (
+            ("server + wire (requested -> the reader's read returns)", [(c[1] - c[0]) / 1000 for c in creates]),
+            ("reader: frames, JSON, dispatch (read -> answer handed over)", [(c[2] - c[1]) / 1000 for c in creates]),
+            ("wake-up (handed over -> the caller runs)", [(c[3] - c[2]) / 1000 for c in creates]),
+            ("round trip (requested -> the caller runs)", [(c[3] - c[0]) / 1000 for c in creates]),
+            ("caller: its Python between two creates (runs -> next requested)", between or [0.0])):
+        print(line(name, values))
+    per_read = collections.defaultdict(list)
+    for create in creates:
+        per_read[create[1]].append(create)
+    sizes = collections.Counter(len(v) for v in per_read.values())
+    print("answers per read: " + ", ".join(f"{n}: {sizes[n]} reads" for n in sorted(sizes)))
+    full = [sorted(c[3] - read_at for c in group) for read_at, group in per_read.items() if len(group) == threads]
+    if full and threads > 1:
+        ks = [statistics.median(order[k] for order in full) / 1000 for k in range(threads)]
+        nexts = []
+        sends = {tid: sorted(c[0] for c in runs_of) for tid, runs_of in by_thread.items()}
+        for read_at, group in per_read.items():
+            if len(group) != threads:
+                continue
+            after = [s[i] for s in (sends[c[4]] for c in group) if (i := bisect.bisect_right(s, read_at)) < len(s)]
+            if len(after) == threads:
+                nexts.append((max(after) - read_at) / 1000)
+        print(f"reads answering all {threads} callers ({len(full)}): the k-th caller runs again "
+              + ", ".join(f"{k:.0f}" for k in ks) + " µs after the read (medians)"
+              + (f"; the last of their next creates is requested {statistics.median(nexts):.0f} µs after it" if nexts else ""))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -241,7 +394,9 @@ def main() -> int:
     parser.add_argument("--rpc", action="store_true", help="through the real Client and transport (canned rpc answers)")
     parser.add_argument("--wait", action="store_true", help="with --rpc: .delay().result() (canned wait answer)")
     parser.add_argument("--socket", action="store_true", help="the real rpc socket against a trivial server")
-    parser.add_argument("--threads", type=int, default=1, help="with --socket: callers at once (default 1)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="with --socket: callers at once (default 1); with --drain: submitting threads (default 4)")
+    parser.add_argument("--drain", action="store_true", help="trace the create round trips of a real drain (server + worker)")
     parser.add_argument("--_echo-server", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
@@ -250,7 +405,9 @@ def main() -> int:
         return 0
     sys.path.insert(0, os.getcwd())
     if args.socket:
-        return socket_round_trips(args.runs, max(1, args.threads))
+        return socket_round_trips(args.runs, max(1, args.threads or 1))
+    if args.drain:
+        return drain_trace(args.runs, max(1, args.threads or 4))
     os.environ["SYNC_WORKER_STORAGE"] = tempfile.mkdtemp(prefix="submit-cpu-")
     import sync_worker.client as client_module
     from sync_worker import task
