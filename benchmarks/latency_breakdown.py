@@ -520,8 +520,11 @@ def analyse_drain(events: list[list[str]], sub: str, started_ns: int, submitted_
     for k, name in enumerate(names):
         col = [r[k] for r in rows]
         print(f"  {statistics.median(col):6.0f} {statistics.fmean(col):6.0f}  {name}")
+    commits = sum(1 for e in events if e[1] == server and e[3] == "commit<" and started_ns <= int(e[0]) <= submitted_ns)
+    creates = sum(1 for e in events if e[1] == server and e[3] == "srv_create>" and started_ns <= int(e[0]) <= submitted_ns)
+    print(f"\ncommits in the submission's span: {commits} for {creates} creates ({commits / max(creates, 1):.2f} per create)")
     sizes = list(batch.values())
-    print(f"\ncommits that answered creates: {len(sizes)}, creates per commit median "
+    print(f"commits that answered creates: {len(sizes)}, creates per commit median "
           f"{statistics.median(sizes):.0f}, mean {statistics.fmean(sizes):.1f}")
     print("server thread time in the submission's span ({:.2f} s): ".format(span)
           + ", ".join(f"{k} {100 * v / 1e9 / span:.0f} %" for k, v in busy.items()))
