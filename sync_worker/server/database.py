@@ -283,10 +283,6 @@ class Database(ABC):
         """Inside :meth:`gathering`, queue what was gathered so far now. This default: nothing."""
         return None
 
-    def gathering_here(self) -> bool:
-        """Whether the calling thread is inside :meth:`gathering`. This default: never."""
-        return False
-
     @abstractmethod
     def read_run(self, run_id: str) -> RunRow | None:
         """A committed snapshot of a run (any thread)."""
@@ -759,16 +755,13 @@ class SQLiteDatabase(Database):
     def not_gathering(self) -> Iterator[None]:
         """Inside :meth:`gathering`, a block whose submissions go at once (a caller that waits
         for its own commit, e.g. a claim at delivery, must not wait for the end of a block it
-        is in). What was gathered before goes in front of the block's first submission, in
-        the same batch, so that nothing this thread read later is committed before it."""
+        is in). What was gathered before stays gathered, for the block's end."""
         local = self._gathered
         ops = getattr(local, "ops", None)
         local.ops = None
-        local.carry = ops  # what was gathered goes first, in the same batch (order kept)
         try:
             yield
         finally:
-            local.carry = None
             local.ops = ops
 
     def flush_gathered(self) -> None:
@@ -786,26 +779,15 @@ class SQLiteDatabase(Database):
             for _op, callback in taken:
                 callback(None, exc)
 
-    def gathering_here(self) -> bool:
-        """Whether the calling thread is inside :meth:`gathering` (its submissions wait for the
-        block's end)."""
-        return getattr(self._gathered, "ops", None) is not None
-
     def submit_many(self, ops: list[tuple[Callable[[Transaction], Any], Callable[[Any, BaseException | None], None]]],
                     inline: bool = False) -> None:
         """:meth:`submit` for several operations, queued together (so committed together
         when nobody else is committing), in order; inside :meth:`gathering`, gathered."""
-        local = self._gathered
-        gathered = getattr(local, "ops", None)
+        gathered = getattr(self._gathered, "ops", None)
         if gathered is not None:
             gathered.extend(ops)
             return
-        items = [_Op(op, callback) for op, callback in ops]
-        carry = getattr(local, "carry", None)
-        if carry:  # inside not_gathering(): what was gathered before goes first
-            items[:0] = [_Op(op, callback) for op, callback in carry]
-            carry.clear()
-        self._enqueue(items, inline=inline)
+        self._enqueue([_Op(op, callback) for op, callback in ops], inline=inline)
 
     def _enqueue(self, item: _Op | list[_Op], inline: bool) -> None:
         with self._mutex:

@@ -473,7 +473,6 @@ class Server:
         if self._registry.reader is not None:
             # one transaction for what the shared reader reads in one pass (see SharedReader)
             self._registry.reader.pass_context = self.db.gathering
-            self._registry.reader.pass_flush = self.db.flush_gathered
         try:
             self.queue.recover(self.db.recover())
             self.core = Core(self.db, self.queue, self.auth_string)

@@ -704,10 +704,6 @@ def _no_context() -> Iterator[None]:
     yield
 
 
-def _nothing() -> None:
-    return None
-
-
 def _subscriptions_first(item: Any) -> int:
     """Sort key of a ready (key, events) pair: claim-at-delivery subscriptions (they set
     ``on_read``) before the other connections."""
@@ -737,10 +733,6 @@ class SharedReader:
         #: what one pass over the ready connections runs in (the server sets its database's
         #: ``gathering``: what their handlers submit is one transaction for the pass)
         self.pass_context: Callable[[], Any] = _no_context
-        #: commits what the pass gathered so far (the database's ``flush_gathered``): before a
-        #: connection leaves the pass for a thread of its own, what it sent before is committed
-        #: first (its messages stay in order)
-        self.pass_flush: Callable[[], None] = _nothing
         self._selector = selectors.DefaultSelector()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -787,11 +779,8 @@ class SharedReader:
                 # unread) instead of waking the subscription's sender thread for a claim of its
                 # own: measured, a 5,000-run drain went from 0.85x to 1.12x of the base tree
                 ready.sort(key=_subscriptions_first)
-            try:
-                with self.pass_context():
-                    self._pass(ready)
-            except Exception:  # pragma: no cover - a bug in the pass's commit: keep reading the others
-                logger.exception("error committing what the shared reader read")
+            with self.pass_context():
+                self._pass(ready)
             with self._lock:
                 if not self._data:
                     self._thread = None
@@ -817,7 +806,6 @@ class SharedReader:
                             selector.unregister(key.fileobj)
                         except (KeyError, ValueError):  # pragma: no cover - not registered
                             pass
-                self.pass_flush()
                 handle.hand_over(rest)
 
 

@@ -264,10 +264,6 @@ class Subscription:
         # together, when its last one settles (one frame with batch_delivery)
         self._claiming = 0
         self._claimed: list[tuple[str, str]] = []
-        # set_state batches gathered for the end of the shared reader's pass and not committed
-        # yet, and whether a claim by another thread was refused meanwhile (_held_by_gathered)
-        self._uncommitted = 0
-        self._refused = False
 
     def __hash__(self) -> int:
         return id(self)
@@ -304,8 +300,6 @@ class Subscription:
             with self._cond:
                 if self._closed or self._quitting or not self._credit or self._done.is_set():
                     return False
-                if self._held_by_gathered():
-                    return False  # (the run is queued; the sender thread is woken at that commit)
                 self._credit -= 1
                 self._claiming += 1
                 return True
@@ -475,57 +469,12 @@ class Subscription:
         committed by the writer thread go through the outbox)."""
         batch, self._batch = self._batch, []
         if batch:
-            gathered = self.core.db.gathering_here()  # committed at the end of the shared reader's pass
-            if gathered:
-                with self._cond:
-                    self._uncommitted += 1
             with self.outbox.direct():
                 try:
                     self.core.set_states_async(batch, holder=self.client_id)
                 except DatabaseClosed as exc:
-                    for _run_id, _proposed, _force, done, *_brief in batch:
+                    for _run_id, _proposed, _force, done in batch:
                         done(None, exc)
-            if gathered:
-                self._gather_settled()
-
-    def _gather_settled(self) -> None:
-        """Right after this connection's gathered set_state operations, in the same transaction:
-        an operation that ends their hold on claims by other threads (see :meth:`_held_by_gathered`)
-        and wakes the sender thread if it was refused meanwhile. Creates gathered after them in
-        that transaction may claim at once (they are committed after the final states)."""
-        ran = [False]
-
-        def settled(tx: Any) -> None:
-            ran[0] = True
-            with self._cond:
-                self._uncommitted -= 1
-                refused, self._refused = self._refused, False
-            if refused:
-                tx.after_commit(self.wake)
-
-        def done(_result: Any, _error: BaseException | None) -> None:
-            if not ran[0]:  # never ran (the database closed): the hold ends all the same
-                with self._cond:
-                    self._uncommitted -= 1
-                    refused, self._refused = self._refused, False
-                if refused:
-                    self.wake()
-
-        try:
-            self.core.db.submit(settled, done, inline=True)
-        except DatabaseClosed:
-            done(None, None)
-
-    def _held_by_gathered(self) -> bool:
-        """Under ``self._cond``: this connection's final states read in the shared reader's pass
-        are not committed yet (gathered for the end of the pass), and the credit they carried is
-        usable already: another thread must not claim with it, which would commit a run's claim
-        ahead of the final state that freed its slot. Noted, so that the sender thread is woken
-        once they are committed."""
-        if self._uncommitted:
-            self._refused = True
-            return True
-        return False
 
     def _flush_and_deliver(self) -> None:
         """claim_at_delivery: commit the set_state requests read so far together with the
@@ -723,10 +672,6 @@ class Subscription:
                 # leased to a worker that never sees it, RUNNING until the lease ends. Read
                 # first: the reader wakes this thread again once it has (ws.on_read).
                 return
-            if self.claim_at_delivery:
-                with self._cond:
-                    if self._held_by_gathered():
-                        return  # woken again when the final states that freed the credit are committed
             self._try_deliver()
 
     def _try_deliver(self) -> None:
@@ -793,7 +738,7 @@ class Subscription:
         except DatabaseClosed as exc:
             for run in taken:
                 self.queue.give_back(self, *run)
-            for _run_id, _proposed, _force, done, *_brief in before or ():
+            for _run_id, _proposed, _force, done in before or ():
                 done(None, exc)
             raise
         with self._cond:
