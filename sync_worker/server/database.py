@@ -269,19 +269,10 @@ class Database(ABC):
 
     @contextmanager
     def gathering(self) -> Iterator[None]:
-        """Operations this thread submits (:meth:`submit`, :meth:`SQLiteDatabase.submit_many`) inside the block may be held back and
+        """Operations this thread submits (:meth:`submit`) inside the block may be held back and
         queued together at its end (committed together when nobody else commits). This
         default gathers nothing."""
         yield
-
-    @contextmanager
-    def not_gathering(self) -> Iterator[None]:
-        """Inside :meth:`gathering`, a block whose submissions go at once. This default: any block."""
-        yield
-
-    def flush_gathered(self) -> None:
-        """Inside :meth:`gathering`, queue what was gathered so far now. This default: nothing."""
-        return None
 
     @abstractmethod
     def read_run(self, run_id: str) -> RunRow | None:
@@ -699,18 +690,7 @@ class SQLiteDatabase(Database):
     # GIL); contended ones are batched as before.
     def write(self, op: Callable[[Transaction], Any]) -> Any:
         item = _Op(op, None)
-        gathered = getattr(self._gathered, "ops", None)
-        if gathered:  # inside gathering(): what was gathered goes first, in the same batch (order kept)
-            items = [_Op(fn, callback) for fn, callback in gathered] + [item]
-            gathered.clear()
-            try:
-                self._enqueue(items, inline=True)
-            except DatabaseClosed as exc:
-                for other in items[:-1]:
-                    other.callback(None, exc)  # type: ignore[misc]
-                raise
-        else:
-            self._enqueue(item, inline=True)
+        self._enqueue(item, inline=True)
         assert item.event is not None
         item.event.wait()
         if item.error is not None:
@@ -746,47 +726,15 @@ class SQLiteDatabase(Database):
             local.ops = None
             if ops:
                 try:
-                    self._enqueue([_Op(op, callback) for op, callback in ops], inline=True)
+                    self.submit_many(ops, inline=True)
                 except DatabaseClosed as exc:
                     for _op, callback in ops:
                         callback(None, exc)
 
-    @contextmanager
-    def not_gathering(self) -> Iterator[None]:
-        """Inside :meth:`gathering`, a block whose submissions go at once (a caller that waits
-        for its own commit, e.g. a claim at delivery, must not wait for the end of a block it
-        is in). What was gathered before stays gathered, for the block's end."""
-        local = self._gathered
-        ops = getattr(local, "ops", None)
-        local.ops = None
-        try:
-            yield
-        finally:
-            local.ops = ops
-
-    def flush_gathered(self) -> None:
-        """Inside :meth:`gathering`: queue what this thread gathered so far now (inline), and
-        go on gathering (an rpc ``wait`` needs the creates read before it committed first).
-        Outside: nothing."""
-        ops = getattr(self._gathered, "ops", None)
-        if not ops:
-            return
-        taken = list(ops)
-        ops.clear()
-        try:
-            self._enqueue([_Op(op, callback) for op, callback in taken], inline=True)
-        except DatabaseClosed as exc:
-            for _op, callback in taken:
-                callback(None, exc)
-
     def submit_many(self, ops: list[tuple[Callable[[Transaction], Any], Callable[[Any, BaseException | None], None]]],
                     inline: bool = False) -> None:
         """:meth:`submit` for several operations, queued together (so committed together
-        when nobody else is committing), in order; inside :meth:`gathering`, gathered."""
-        gathered = getattr(self._gathered, "ops", None)
-        if gathered is not None:
-            gathered.extend(ops)
-            return
+        when nobody else is committing), in order."""
         self._enqueue([_Op(op, callback) for op, callback in ops], inline=inline)
 
     def _enqueue(self, item: _Op | list[_Op], inline: bool) -> None:

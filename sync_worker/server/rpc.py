@@ -22,9 +22,7 @@ of the final state replaces polling.
 
 Threads: simple-websocket's reader thread handles the requests of each read itself (no hand-off
 to another thread) and commits the creates among them together, in one transaction when nobody
-else commits, then sends the replies it committed. (With the shared reader, the creates of one
-pass are committed with what the other connections of that pass submitted: see
-:class:`.sockets.SharedReader`.) A reply committed by another connection's
+else commits, then sends the replies it committed. A reply committed by another connection's
 thread (a wait answered at the final state's commit) is sent by that thread when the socket
 takes it at once (:func:`.sockets.send_soon`, never blocking), else through the connection's
 outbox. What one group commit sends to this connection (the replies to the creates it carried,
@@ -147,9 +145,6 @@ class RpcChannel:
                                 break
                             self._handle(value)
                     if wait is not None:
-                        # inside the shared reader's pass (one gathering for all its connections)
-                        # the block above did not submit: the creates before the wait go now
-                        self.core.db.flush_gathered()
                         self._handle(wait)
         except Close as close:
             if self._close is None:

@@ -470,9 +470,6 @@ class Server:
         self.queue = RunQueue(self.db, lease_timeout=self.lease_timeout, max_deliveries=self.max_deliveries,
                               buffer_size=self.buffer_size)
         self.db._on_commit_failure = self.queue.on_commit_failure  # type: ignore[method-assign]
-        if self._registry.reader is not None:
-            # one transaction for what the shared reader reads in one pass (see SharedReader)
-            self._registry.reader.pass_context = self.db.gathering
         try:
             self.queue.recover(self.db.recover())
             self.core = Core(self.db, self.queue, self.auth_string)

@@ -699,11 +699,6 @@ class _SharedHandle:
             self._done.wait(timeout)
 
 
-@contextmanager
-def _no_context() -> Iterator[None]:
-    yield
-
-
 def _subscriptions_first(item: Any) -> int:
     """Sort key of a ready (key, events) pair: claim-at-delivery subscriptions (they set
     ``on_read``) before the other connections."""
@@ -715,24 +710,11 @@ class SharedReader:
     and runs their message handlers (:class:`Signal`), instead of one reader thread per
     connection: the rpc socket's creates and the subscription's final states are read and
     committed by the same thread, one after the other, instead of two threads taking turns
-    at the GIL and waiting for each other's commits.
-
-    One transaction per pass: a pass (the connections one ``select`` found ready, the
-    claim-at-delivery subscriptions first) runs inside :attr:`pass_context`, which the server
-    sets to its database's ``gathering``: the final states and the creates read in one pass are
-    committed together at its end, instead of one commit per connection; their answers go out
-    after that commit, one write per socket. What must commit before the pass goes on is not
-    held back: a claim at delivery (it waits for its own commit), a write that waits for its
-    result (what was gathered goes first, in the same batch), an rpc ``wait`` (the creates read
-    before it go first). Measured in a 5,000-run drain under load: about a third fewer commits,
-    the server's CPU per run a little lower (see the README)."""
+    at the GIL and waiting for each other's commits."""
 
     NAME = "sync-worker-ws-reader"
 
     def __init__(self) -> None:
-        #: what one pass over the ready connections runs in (the server sets its database's
-        #: ``gathering``: what their handlers submit is one transaction for the pass)
-        self.pass_context: Callable[[], Any] = _no_context
         self._selector = selectors.DefaultSelector()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -779,34 +761,28 @@ class SharedReader:
                 # unread) instead of waking the subscription's sender thread for a claim of its
                 # own: measured, a 5,000-run drain went from 0.85x to 1.12x of the base tree
                 ready.sort(key=_subscriptions_first)
-            with self.pass_context():
-                self._pass(ready)
+            for key, _events in ready:
+                ws, handle, reader = key.data
+                try:
+                    rest = ws._readable(reader)
+                except Exception:  # pragma: no cover - a bug: drop this connection, keep the others
+                    logger.exception("error reading a websocket connection")
+                    ws.shutdown()
+                    ws.event.set()
+                    rest = b""
+                if rest is not None:
+                    with self._lock:
+                        self._data.pop(ws, None)
+                        if not ws.held:
+                            try:
+                                selector.unregister(key.fileobj)
+                            except (KeyError, ValueError):  # pragma: no cover - not registered
+                                pass
+                    handle.hand_over(rest)
             with self._lock:
                 if not self._data:
                     self._thread = None
                     return
-
-    def _pass(self, ready: list[Any]) -> None:
-        """Read each ready connection once and run its handlers (inside :attr:`pass_context`)."""
-        selector = self._selector
-        for key, _events in ready:
-            ws, handle, reader = key.data
-            try:
-                rest = ws._readable(reader)
-            except Exception:  # pragma: no cover - a bug: drop this connection, keep the others
-                logger.exception("error reading a websocket connection")
-                ws.shutdown()
-                ws.event.set()
-                rest = b""
-            if rest is not None:
-                with self._lock:
-                    self._data.pop(ws, None)
-                    if not ws.held:
-                        try:
-                            selector.unregister(key.fileobj)
-                        except (KeyError, ValueError):  # pragma: no cover - not registered
-                            pass
-                handle.hand_over(rest)
 
 
 class SubscriptionRegistry:

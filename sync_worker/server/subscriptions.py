@@ -732,9 +732,7 @@ class Subscription:
         for run in taken:  # leased before the commit: a connection lost meanwhile starts their lease
             self.queue.acked(self, run[0])
         try:
-            # it waits for its own commit: never gathered for the end of the shared reader's pass
-            with self.core.db.not_gathering():
-                claimed = self.core.claim_at_delivery([run[0] for run in taken], self.client_id, before)
+            claimed = self.core.claim_at_delivery([run[0] for run in taken], self.client_id, before)
         except DatabaseClosed as exc:
             for run in taken:
                 self.queue.give_back(self, *run)
