@@ -83,9 +83,10 @@ class _Key:
         # at create, RunQueue.claim_for) until its credit is spent, and only then the next: the
         # runs stay on few hot workers (more runs per frame and per commit, fewer wake-ups)
         # and long runs still spill over to every free slot. A most-recently-used order (the
-        # worker that last gave credit first) was considered and not built (stop 23): it also
-        # keeps a burst on one hot worker, so it differs from this order only in which worker
-        # that is; no measurement of it was made.
+        # worker that last registered first, for claims at create and for wake-ups) was measured
+        # and not kept (stop 23, compare.py --workers 1,2,4, two invocations each, alternated):
+        # 4 workers drained 0.80x and 0.74x of one worker with it, 0.97x and 0.94x without, and
+        # ran 199 % / 163 % of the 10 ms ideal against 220 % / 186 %; 2 workers: no difference.
         self.waiters: set[Waiter] = set()
 
 
