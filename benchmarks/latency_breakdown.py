@@ -4,6 +4,7 @@
 Usage:
     python3 benchmarks/latency_breakdown.py                  # 100 sequential runs, this tree
     python3 benchmarks/latency_breakdown.py --samples 300 --src /tmp/old-tree --show 1
+    python3 benchmarks/latency_breakdown.py --drain 5000     # a create's round trip in a drain
 
 Starts ``sync-worker server`` and ``sync-worker worker --limit 10`` (from ``--src``), then in
 this process submits one no-op run at a time and waits for its result (``.delay().result()``,
@@ -23,6 +24,7 @@ print the raw timeline of one sample instead (``--show N`` prints N samples anyw
 from __future__ import annotations
 
 import argparse
+import bisect
 import functools
 import os
 import signal
@@ -160,6 +162,17 @@ def _short_hooks(role: str) -> None:
                     lambda self, run_id, state, *a, **k: run_id)
 
 
+def _drain_hooks(role: str) -> None:
+    """``--drain``: hooks that name the rpc requests, to follow each create by its request_id."""
+    if role == "server":
+        from sync_worker.server import rpc, subscriptions
+
+        hook_detail(rpc.RpcChannel, "_create", "srv_create", lambda self, request_id, *a, **k: request_id)
+        hook_detail(rpc.RpcChannel, "_reply", "srv_reply", lambda self, kind, request_id, *a, **k: request_id)
+        hook(rpc.RpcChannel, "_drain", "rpc_pass")
+        hook(subscriptions.Subscription, "_drain", "sub_pass")
+
+
 def _role(role: str, argv: list[str]) -> None:
     """A traced ``sync-worker server`` or ``worker`` process (this file run with --_role)."""
     import runpy
@@ -170,6 +183,11 @@ def _role(role: str, argv: list[str]) -> None:
 
         hook(database.SQLiteDatabase, "_run_batch", "commit")
         _short_hooks(role)
+    elif os.environ.get("LATENCY_TRACE_DRAIN"):
+        from sync_worker.server import database
+
+        hook(database.SQLiteDatabase, "_run_batch", "commit")
+        _drain_hooks(role)
     elif role == "server":
         from sync_worker.server import database
 
@@ -407,6 +425,111 @@ def analyse_short(events: list[list[str]], submitted_ns: int) -> None:
               f"{unpaired}")
 
 
+def analyse_drain(events: list[list[str]], sub: str, started_ns: int, submitted_ns: int) -> None:
+    """Each create of the drain, by its request_id, from ``delay()`` to its return, step by
+    step across the submitter and the server (shared CLOCK_MONOTONIC)."""
+    server = next((e[1] for e in events if e[3] == "srv_create>"), None)
+    if server is None:
+        print("could not find the server's rpc events (hooks missing in this tree?)")
+        return
+    names = ["submitter: delay() -> create frame built (send_json)",
+             "submitter: send_json -> frame sent",
+             "wire + wake-up: server recv of the read that carried it",
+             "server: recv -> create handled (parse, others in the pass)",
+             "server: handled -> the commit that carried it begins",
+             "server: commit begins -> reply made (commit + earlier callbacks)",
+             "server: reply made -> reply sent",
+             "wire + wake-up: submitter reader dispatches it",
+             "submitter: dispatch -> delay() returns (thread wakes)"]
+    idx: dict[tuple[str, str], int] = {}
+    last_recv: dict[str, int] = {}  # server thread -> index of its last recv
+    last_commit: dict[str, int] = {}  # server thread -> index of its last commit>
+    delay_open: dict[str, int] = {}  # submitter thread -> index of delay>
+    rid_thread: dict[str, tuple[str, int]] = {}  # rid -> (submitter thread, delay> index)
+    recv_of: dict[str, int] = {}
+    commit_of: dict[str, int] = {}
+    done: dict[str, int] = {}  # rid -> delay< index
+    thread_rid: dict[str, str] = {}
+    batch: dict[int, int] = {}  # commit> index -> creates answered in it
+    sends: list[int] = []  # server send indexes
+    busy = {"rpc_pass": 0, "sub_pass": 0, "commit": 0}
+    opened: dict[tuple[str, str], int] = {}
+    for i, e in enumerate(events):
+        pid, thread, kind, detail = e[1], e[2], e[3], e[4]
+        if pid == sub:
+            if kind == "delay>":
+                delay_open[thread] = i
+            elif kind == "send_json>" and thread in delay_open:
+                rid_thread[detail] = (thread, delay_open[thread])
+                thread_rid[thread] = detail
+                idx[("send_json>", detail)] = i
+            elif kind == "send_json<" and thread_rid.get(thread) == detail:
+                idx.setdefault(("send_json<", detail), i)
+            elif kind == "dispatch>":
+                idx.setdefault(("dispatch>", detail), i)
+            elif kind == "delay<" and thread in thread_rid:
+                done[thread_rid.pop(thread)] = i
+                delay_open.pop(thread, None)
+        elif pid == server:
+            if kind == "recv":
+                last_recv[thread] = i
+            elif kind == "commit>":
+                last_commit[thread] = i
+            elif kind == "send":
+                sends.append(i)
+            elif kind == "srv_create>":
+                idx.setdefault(("srv_create>", detail), i)
+                if thread in last_recv:
+                    recv_of.setdefault(detail, last_recv[thread])
+            elif kind == "srv_reply>" and detail not in commit_of and thread in last_commit:
+                idx[("srv_reply>", detail)] = i
+                commit_of[detail] = last_commit[thread]
+                batch[last_commit[thread]] = batch.get(last_commit[thread], 0) + 1
+            base = kind[:-1]
+            if base in busy and submitted_ns >= int(e[0]) >= started_ns:
+                if kind[-1] == ">":
+                    opened[(thread, base)] = int(e[0])
+                elif (thread, base) in opened:
+                    busy[base] += int(e[0]) - opened.pop((thread, base))
+
+    rows: list[list[float]] = []
+    for rid, (_thread, begin) in rid_thread.items():
+        marks = [begin, idx.get(("send_json>", rid)), idx.get(("send_json<", rid)), recv_of.get(rid),
+                 idx.get(("srv_create>", rid)), commit_of.get(rid), idx.get(("srv_reply>", rid)), None,
+                 idx.get(("dispatch>", rid)), done.get(rid)]
+        if marks[6] is not None:
+            k = bisect.bisect_right(sends, marks[6])
+            marks[7] = sends[k] if k < len(sends) else None
+        if None in marks:
+            continue
+        t = [int(events[m][0]) for m in marks]  # type: ignore[index]
+        if not started_ns <= t[0] <= submitted_ns:
+            continue
+        steps = [(b - a) / 1000 for a, b in zip(t, t[1:], strict=False)]
+        if min(steps) < 0:
+            continue
+        rows.append(steps)
+    if not rows:
+        print("could not follow any create (hooks missing in this tree?)")
+        return
+    totals = [sum(r) for r in rows]
+    span = (submitted_ns - started_ns) / 1e9
+    print(f"{len(rows)} creates followed; delay() median {statistics.median(totals):.0f} us, mean "
+          f"{statistics.fmean(totals):.0f} us, p90 {sorted(totals)[int(0.9 * len(totals))]:.0f} us")
+    print("  median   mean  step")
+    for k, name in enumerate(names):
+        col = [r[k] for r in rows]
+        print(f"  {statistics.median(col):6.0f} {statistics.fmean(col):6.0f}  {name}")
+    commits = sum(1 for e in events if e[1] == server and e[3] == "commit<" and started_ns <= int(e[0]) <= submitted_ns)
+    creates = sum(1 for e in events if e[1] == server and e[3] == "srv_create>" and started_ns <= int(e[0]) <= submitted_ns)
+    print(f"\ncommits in the submission's span: {commits} for {creates} creates ({commits / max(creates, 1):.2f} per create)")
+    sizes = list(batch.values())
+    print(f"commits that answered creates: {len(sizes)}, creates per commit median "
+          f"{statistics.median(sizes):.0f}, mean {statistics.fmean(sizes):.1f}")
+    print("server thread time in the submission's span ({:.2f} s): ".format(span)
+          + ", ".join(f"{k} {100 * v / 1e9 / span:.0f} %" for k, v in busy.items()))
+
+
 def _bodies(events: list[list[str]], worker: str) -> None:
     """How long the 10 ms bodies themselves took (``time.sleep(0.01)`` wakes late, and its
     thread then needs the GIL: that share of the ideal is lost before any messaging), and how
@@ -462,6 +585,37 @@ def _run_short(tasks_module, args, trace_dir: str, worker_pid: int) -> int:
     return submitted_ns
 
 
+def _run_drain(tasks_module, args, trace_dir: str, worker_pid: int) -> tuple[int, int]:
+    """Submit ``args.drain`` no-op runs from ``args.threads`` threads, wait until the worker has
+    run them all; returns (submission began, submission ended) in monotonic ns."""
+    shares = [args.drain // args.threads + (1 if i < args.drain % args.threads else 0) for i in range(args.threads)]
+
+    def submit(share: int) -> None:
+        for _ in range(share):
+            tasks_module.noop.delay()
+
+    log = Path(trace_dir) / f"{worker_pid}.log"
+    before = log.read_bytes().count(b" TASK ")
+    started_ns = time.monotonic_ns()
+    threads = [threading.Thread(target=submit, args=(share,)) for share in shares if share]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    submitted_ns = time.monotonic_ns()
+    deadline = time.monotonic() + 300
+    while log.read_bytes().count(b" TASK ") < before + args.drain:
+        if time.monotonic() > deadline:
+            raise SystemExit("the drain did not finish within 300 s")
+        time.sleep(0.05)
+    elapsed = (time.monotonic_ns() - started_ns) / 1e9
+    print(f"{args.drain} no-op runs from {args.threads} threads: submitted in {(submitted_ns - started_ns) / 1e9:.3f} s "
+          f"({args.drain * 1e9 / (submitted_ns - started_ns):.0f} creates/s), all run by {elapsed:.3f} s "
+          f"(traced, includes the polling)")
+    time.sleep(0.3)
+    return started_ns, submitted_ns
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--samples", type=int, default=100)
@@ -470,7 +624,10 @@ def main() -> None:
     parser.add_argument("--short", type=int, default=0, metavar="N",
                         help="instead: N runs that sleep 10 ms submitted from --threads threads (compare.py's "
                              "short case), and one slot's cycle traced step by step")
-    parser.add_argument("--threads", type=int, default=4, help="submitter threads with --short (default 4)")
+    parser.add_argument("--drain", type=int, default=0, metavar="N",
+                        help="instead: N no-op runs submitted from --threads threads (compare.py's drain case), "
+                             "and each create's round trip traced step by step")
+    parser.add_argument("--threads", type=int, default=4, help="submitter threads with --short/--drain (default 4)")
     parser.add_argument("--_role", help=argparse.SUPPRESS)
     args, rest = parser.parse_known_args()
     if args._role:
@@ -486,6 +643,8 @@ def main() -> None:
                SYNC_WORKER_STORAGE=os.path.join(trace_dir, "records"))
     if args.short:
         env["LATENCY_TRACE_SHORT"] = "1"
+    elif args.drain:
+        env["LATENCY_TRACE_DRAIN"] = "1"
     me = [sys.executable, str(Path(__file__).resolve())]
     procs = [subprocess.Popen([*me, "--_role", "server", "server", "--port", str(port), "--db",
                                os.path.join(trace_dir, "server.db"), "--log-level", "WARNING"],
@@ -512,11 +671,20 @@ def main() -> None:
 
         hook(tasks.Task, "apply_async", "delay")
         hook(tasks.TaskRunFuture, "result", "result")
+        if args.drain:
+            from sync_worker import sockets as client_sockets
+
+            hook_detail(client_sockets.Connection, "send_json", "send_json",
+                        lambda self, message: str(message.get("request_id")))
+            hook_detail(client_sockets.Connection, "_dispatch", "dispatch",
+                        lambda self, message: str(message.get("request_id")) if isinstance(message, dict) else "")
         for _ in range(20):  # warm-up (connections, caches)
             tasks_module.noop.delay().result(timeout=60)
         if args.short:
             submitted_ns = _run_short(tasks_module, args, trace_dir, procs[1].pid)
-        for _ in range(0 if args.short else args.samples + 1):
+        elif args.drain:
+            started_ns, submitted_ns = _run_drain(tasks_module, args, trace_dir, procs[1].pid)
+        for _ in range(0 if args.short or args.drain else args.samples + 1):
             event("ITER")
             tasks_module.noop.delay().result(timeout=60)
         event("ITER")
@@ -539,6 +707,8 @@ def main() -> None:
     events.sort(key=lambda e: int(e[0]))
     if args.short:
         analyse_short(events, submitted_ns)
+    elif args.drain:
+        analyse_drain(events, str(os.getpid()), started_ns, submitted_ns)
     else:
         analyse(events, args.show)
 
