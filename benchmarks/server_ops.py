@@ -11,7 +11,8 @@ The core is set up as the server's app sets it up (with its event bus listening 
 states), without the sockets. Modes (each in a fresh subprocess per tree and round, with a fresh SQLite file):
 - ``drain``: creates gathered ``--batch`` at a time (as an rpc connection's burst is), then the
   claims of those runs queued together with the final states (COMPLETED) of the previous batch
-  (as a claim-at-delivery subscription sends them): about 2 / batch commits per run;
+  (as a claim-at-delivery subscription sends them, asked brief as a worker does when the server
+  announces ``brief_set_state``): about 2 / batch commits per run;
 - ``idle``: one run at a time, claimed at create for an idle claim-at-delivery subscriber (one
   commit: insert + claim), then its COMPLETED state (a second commit): the idle path's two
   commits.
@@ -107,12 +108,12 @@ def child(src: str, mode: str, runs: int, batch: int, warmup: int, wal: bool = F
                 for body in _bodies(min(batch, count - start)):
                     ids.append(body["id"])
                     core.create_task_run_async(body, check, brief=True)
-            finals = [(run_id, completed, False, check) for run_id in previous]
+            finals = [(run_id, completed, False, check, True) for run_id in previous]
             claimed = core.claim_at_delivery(ids, "bench-1", before=finals)
             if not all(isinstance(text, str) for text in claimed):
                 raise SystemExit(f"a claim failed: {claimed}")
             previous = ids
-        core.claim_at_delivery([], "bench-1", before=[(r, completed, False, check) for r in previous])
+        core.claim_at_delivery([], "bench-1", before=[(r, completed, False, check, True) for r in previous])
 
     class IdleSubscriber:
         """What RunQueue.claim_for needs of an idle claim-at-delivery subscription."""
@@ -143,7 +144,7 @@ def child(src: str, mode: str, runs: int, batch: int, warmup: int, wal: bool = F
             with db.gathering():
                 core.create_task_run_async(body, check, brief=True)
             run_id = subscriber.delivered[-1]
-            core.set_states_async([(run_id, completed, False, check)], holder="bench-1")
+            core.set_states_async([(run_id, completed, False, check, True)], holder="bench-1")
             subscriber.leased.discard(run_id)
 
     if mode == "idle":
@@ -195,6 +196,8 @@ def instructions_per_run(src: str, args: argparse.Namespace) -> float:
     def count(runs: int) -> int:
         cmd = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *_child_cmd(src, args, runs)]
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+        if out.returncode != 0:
+            raise SystemExit(f"{src}: the child failed under valgrind: {out.stderr[-2000:]}")
         found = re.search(r"Collected : (\d+)", out.stderr)
         if not found:
             raise SystemExit(f"{src}: valgrind said {out.stderr[-2000:]}")

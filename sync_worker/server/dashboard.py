@@ -160,7 +160,7 @@ def throughput(db: Any, now: float) -> dict[str, Any]:
     failed = [0] * len(names)
     for bucket, state_type, count in db.read_all(
             "SELECT substr(timestamp, 1, 18) AS bucket, type, count(*) FROM task_run_states "
-            "WHERE type IN ('COMPLETED', 'FAILED', 'CRASHED') AND timestamp >= ? "
+            "WHERE (type = 'COMPLETED' OR type = 'FAILED' OR type = 'CRASHED') AND timestamp >= ? "
             "GROUP BY bucket, type", [iso(start)]):
         i = index.get(bucket)
         if i is None:
