@@ -555,21 +555,26 @@ def _bodies(events: list[list[str]], worker: str) -> None:
 
 
 # ----------------------------------------------------------------------------- driver
-def _run_short(tasks_module, args, trace_dir: str, worker_pid: int) -> int:
-    """Submit ``args.short`` sleep10 runs from ``args.threads`` threads, wait until the worker
-    has run them all; returns when the submission ended (monotonic ns)."""
-    shares = [args.short // args.threads + (1 if i < args.short % args.threads else 0) for i in range(args.threads)]
+def _submit_from_threads(task, total: int, threads: int) -> None:
+    """``task.delay()`` ``total`` times from ``threads`` threads (shares as even as they go)."""
+    shares = [total // threads + (1 if i < total % threads else 0) for i in range(threads)]
 
     def submit(share: int) -> None:
         for _ in range(share):
-            tasks_module.sleep10.delay()
+            task.delay()
 
-    started = time.monotonic()
-    threads = [threading.Thread(target=submit, args=(share,)) for share in shares if share]
-    for thread in threads:
+    running = [threading.Thread(target=submit, args=(share,)) for share in shares if share]
+    for thread in running:
         thread.start()
-    for thread in threads:
+    for thread in running:
         thread.join()
+
+
+def _run_short(tasks_module, args, trace_dir: str, worker_pid: int) -> int:
+    """Submit ``args.short`` sleep10 runs from ``args.threads`` threads, wait until the worker
+    has run them all; returns when the submission ended (monotonic ns)."""
+    started = time.monotonic()
+    _submit_from_threads(tasks_module.sleep10, args.short, args.threads)
     submitted_ns = time.monotonic_ns()
     log = Path(trace_dir) / f"{worker_pid}.log"
     deadline = time.monotonic() + 120
@@ -588,20 +593,10 @@ def _run_short(tasks_module, args, trace_dir: str, worker_pid: int) -> int:
 def _run_drain(tasks_module, args, trace_dir: str, worker_pid: int) -> tuple[int, int]:
     """Submit ``args.drain`` no-op runs from ``args.threads`` threads, wait until the worker has
     run them all; returns (submission began, submission ended) in monotonic ns."""
-    shares = [args.drain // args.threads + (1 if i < args.drain % args.threads else 0) for i in range(args.threads)]
-
-    def submit(share: int) -> None:
-        for _ in range(share):
-            tasks_module.noop.delay()
-
     log = Path(trace_dir) / f"{worker_pid}.log"
     before = log.read_bytes().count(b" TASK ")
     started_ns = time.monotonic_ns()
-    threads = [threading.Thread(target=submit, args=(share,)) for share in shares if share]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    _submit_from_threads(tasks_module.noop, args.drain, args.threads)
     submitted_ns = time.monotonic_ns()
     deadline = time.monotonic() + 300
     while log.read_bytes().count(b" TASK ") < before + args.drain:
