@@ -167,6 +167,7 @@ class TaskRunEngine:
         claimed_at_delivery: bool = False,
         on_reported: Callable[[Outcome], None] | None = None,
         run_later: Callable[[Callable[[], None]], None] | None = None,
+        on_ran: Callable[[float], None] | None = None,
     ):
         self.task = task
         self.task_run = task_run
@@ -202,6 +203,9 @@ class TaskRunEngine:
         #: Where the rest of such a report goes when the answer is not an ACCEPT (a call
         #: that may block, retrying): the worker's run threads; default a thread of its own.
         self.run_later = run_later
+        #: Given: called with the seconds the task function took, once it returned or raised
+        #: (the worker learns which tasks are long: see TaskWorker._yields_after).
+        self.on_ran = on_ran
         self.logger = logging.LoggerAdapter(logger, {"task_run_id": task_run.id})
         self.state: State | None = task_run.state
         self.outcome: Outcome | None = None
@@ -476,7 +480,10 @@ class TaskRunEngine:
             callback()
 
     def _observe(self, started: float) -> None:
-        metrics.RUN_DURATION.labels(task_key=self.task.task_key).observe(time.monotonic() - started)
+        seconds = time.monotonic() - started
+        metrics.RUN_DURATION.labels(task_key=self.task.task_key).observe(seconds)
+        if self.on_ran is not None:
+            self.on_ran(seconds)
 
     # -- final states -------------------------------------------------------------------
     def _report_success(self, value: Any) -> Outcome:

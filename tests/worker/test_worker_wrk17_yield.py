@@ -1,0 +1,92 @@
+"""The subscription's reader yields the GIL after handing out a run of a task whose runs
+take a while (so that the run starts before the reader hands out the rest of its batch),
+and never after a run of a task whose runs are quick (the drain would pay for it).
+
+Real embedded server, real websocket, an in-process worker; only ``time`` as the worker
+module sees it is wrapped, to count the reader's yields (``time.sleep(0)``)."""
+from __future__ import annotations
+
+import threading
+import time
+import types
+
+import pytest
+
+from sync_worker import worker as worker_module
+from sync_worker.tasks import task
+from tests.helpers import wait_for
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@task(task_key="tests.wrk17.quick")
+def quick(i):
+    return i
+
+
+SLEEP = [0.005]  # how long a run of ``slow`` takes
+
+
+@task(task_key="tests.wrk17.slow")
+def slow(i):
+    time.sleep(SLEEP[0])
+    return i
+
+
+@pytest.fixture
+def yields(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The names of the threads that called ``time.sleep(0)`` in sync_worker.worker."""
+    seen: list[str] = []
+
+    def sleep(seconds: float) -> None:
+        if seconds == 0:
+            seen.append(threading.current_thread().name)
+        time.sleep(seconds)
+
+    proxy = types.SimpleNamespace(**{name: getattr(time, name) for name in dir(time) if not name.startswith("_")})
+    proxy.sleep = sleep
+    monkeypatch.setattr(worker_module, "time", proxy)
+    return seen
+
+
+def _run_all(fn, n: int) -> list[int]:
+    futures = [fn.delay(i) for i in range(n)]
+    return [f.result(timeout=60) for f in futures]
+
+
+def test_runs_of_a_quick_task_are_handed_out_without_yielding(api_env, start_worker, yields):
+    worker = start_worker(quick, limit=10)
+    assert _run_all(quick, 60) == list(range(60))
+    wait_for(lambda: worker.finished_task_runs[quick.task_key] == 60, message="60 runs counted finished")
+    assert not worker._yields_after(quick)
+    assert yields == []
+
+
+def test_the_reader_yields_after_handing_out_a_run_of_a_slow_task(api_env, start_worker, yields):
+    worker = start_worker(slow, limit=10)
+    assert _run_all(slow, 2) == [0, 1]  # now the worker knows its runs take ~5 ms
+    wait_for(lambda: worker._yields_after(slow), message="the slow task known as slow")
+    assert yields == []  # not before it knew
+    assert _run_all(slow, 30) == list(range(30))
+    wait_for(lambda: worker.finished_task_runs[slow.task_key] == 32, message="32 runs counted finished")
+    # the runs claimed at delivery were started by the reader, which yielded after each
+    assert yields, "the reader never yielded after a slow run"
+    assert set(yields) == {"sync-worker-subscription-reader"}
+    assert len(yields) <= 30
+
+
+def test_a_task_whose_runs_turn_quick_is_no_longer_yielded_for(api_env, start_worker, yields):
+    """The decision follows the recent runs (a moving average), not the first ones."""
+    worker = start_worker(slow, limit=10)
+    assert _run_all(slow, 2) == [0, 1]
+    wait_for(lambda: worker._yields_after(slow), message="the slow task known as slow")
+    SLEEP[0] = 0.0
+    try:
+        assert _run_all(slow, 20) == list(range(20))
+        wait_for(lambda: not worker._yields_after(slow), message="the task known as quick again")
+        before = len(yields)
+        assert _run_all(slow, 20) == list(range(20))
+        wait_for(lambda: worker.finished_task_runs[slow.task_key] == 42, message="42 runs counted finished")
+        assert len(yields) == before
+    finally:
+        SLEEP[0] = 0.005
