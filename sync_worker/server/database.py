@@ -365,6 +365,38 @@ def _row(values: tuple[Any, ...]) -> RunRow:
                   seq=seq, data=data, holder=holder, recorded_state_id=run.get("state_id"))
 
 
+class _Gathering:
+    """:meth:`SQLiteDatabase.gathering`'s block (one object per database; the state is the
+    thread's: ``ops`` the operations gathered, ``depth`` the blocks nested in the outer one)."""
+
+    __slots__ = ("_db",)
+
+    def __init__(self, db: SQLiteDatabase) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        local = self._db._gathered
+        if getattr(local, "ops", None) is not None:  # nested: the outer block submits
+            local.depth += 1
+            return
+        local.ops = []
+        local.depth = 0
+
+    def __exit__(self, *exc_info: Any) -> None:
+        db = self._db
+        local = db._gathered
+        if local.depth:
+            local.depth -= 1
+            return
+        ops, local.ops = local.ops, None
+        if ops:
+            try:
+                db.submit_many(ops, inline=True)
+            except DatabaseClosed as exc:
+                for _op, callback in ops:
+                    callback(None, exc)
+
+
 class _Op:
     __slots__ = ("callback", "error", "event", "fn", "result")
 
@@ -525,6 +557,7 @@ class SQLiteDatabase(Database):
         self._readers_lock = threading.Lock()
         self._failing_since: float | None = None  # first failed commit of the current outage
         self._gathered = threading.local()  # .ops: what this thread submits inside gathering()
+        self._gathering = _Gathering(self)
         try:
             self._writer_conn = self._open_and_mark()
         except sqlite3.Error as exc:
@@ -720,28 +753,14 @@ class SQLiteDatabase(Database):
             return
         self._enqueue(_Op(op, callback or _ignore), inline=inline)
 
-    @contextmanager
-    def gathering(self) -> Iterator[None]:
+    def gathering(self) -> _Gathering:  # type: ignore[override]
         """What this thread submits inside the block is queued together at its end, inline
         (an rpc connection's burst of creates: one transaction for the burst instead of one
         each). The block's caller must hold no lock an operation or hook might take. A
-        closed database answers each gathered callback with :class:`DatabaseClosed`."""
-        local = self._gathered
-        if getattr(local, "ops", None) is not None:  # nested: the outer block submits
-            yield
-            return
-        ops: list[tuple[Callable[[Transaction], Any], Callable[[Any, BaseException | None], None]]] = []
-        local.ops = ops
-        try:
-            yield
-        finally:
-            local.ops = None
-            if ops:
-                try:
-                    self.submit_many(ops, inline=True)
-                except DatabaseClosed as exc:
-                    for _op, callback in ops:
-                        callback(None, exc)
+        closed database answers each gathered callback with :class:`DatabaseClosed`.
+        (A plain context manager object, not a generator's: the shared reader enters one per
+        pass, and contextlib's machinery cost more than the block's own work.)"""
+        return self._gathering
 
     def submit_many(self, ops: list[tuple[Callable[[Transaction], Any], Callable[[Any, BaseException | None], None]]],
                     inline: bool = False) -> None:
@@ -772,7 +791,8 @@ class SQLiteDatabase(Database):
                     self._handoff.set()
                 else:
                     self._leading = False
-                    self._idle.notify_all()
+                    if self._closed:  # only close() waits for the leader (it set _closed first)
+                        self._idle.notify_all()
 
     def _take_batch(self) -> list[_Op]:
         with self._mutex:
@@ -799,7 +819,8 @@ class SQLiteDatabase(Database):
                 with self._mutex:
                     if not self._pending:
                         self._leading = False
-                        self._idle.notify_all()
+                        if self._closed:  # only close() waits (see _enqueue)
+                            self._idle.notify_all()
                         break
             if self._stopping:
                 return

@@ -20,8 +20,7 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import simple_websocket
@@ -571,6 +570,8 @@ class WebSocket(simple_websocket.Server):
 class _Pending(threading.local):
     #: inside :func:`coalescing`: per socket, the messages :func:`send_soon` holds back
     sockets: dict[WebSocket, list[tuple[str, Callable[[str], Any], Callable[[int], None] | None]]] | None = None
+    #: the :func:`coalescing` blocks nested in the outer one
+    depth = 0
 
 
 _pending = _Pending()
@@ -597,19 +598,27 @@ def send_soon(ws: WebSocket, message: str, fallback: Callable[[str], Any],
         fallback(message)
 
 
-@contextmanager
-def coalescing() -> Iterator[None]:
-    """What this thread passes to :func:`send_soon` inside the block is sent when it ends, one
-    write per socket (never blocking: what a socket does not take goes to its fallback)."""
-    if _pending.sockets is not None:  # nested: the outer block sends
-        yield
-        return
-    held: dict[WebSocket, list[tuple[str, Callable[[str], Any], Callable[[int], None] | None]]] = {}
-    _pending.sockets = held
-    try:
-        yield
-    finally:
-        _pending.sockets = None
+class _Coalescing:
+    """:func:`coalescing`'s block: one object, the state is the thread's (:class:`_Pending`).
+    A plain context manager, not a generator's: every group commit enters one, and
+    contextlib's machinery cost more than the block's own work."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        if _pending.sockets is not None:  # nested: the outer block sends
+            _pending.depth += 1
+            return
+        _pending.sockets = {}
+        _pending.depth = 0
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if _pending.depth:
+            _pending.depth -= 1
+            return
+        held, _pending.sockets = _pending.sockets, None
+        if not held:
+            return
         for ws, items in held.items():
             if ws.try_send_many([message for message, _fallback, _sent in items]):
                 for _message, _fallback, sent in items:
@@ -618,6 +627,15 @@ def coalescing() -> Iterator[None]:
             else:
                 for message, fallback, _sent in items:
                     fallback(message)
+
+
+_COALESCING = _Coalescing()
+
+
+def coalescing() -> _Coalescing:
+    """What this thread passes to :func:`send_soon` inside the block is sent when it ends, one
+    write per socket (never blocking: what a socket does not take goes to its fallback)."""
+    return _COALESCING
 
 
 class Close(Exception):
@@ -930,6 +948,23 @@ def authenticate(ws: WebSocket, core: Core, announce: dict[str, Any] | None = No
 
 
 
+class _Direct:
+    """:meth:`Outbox.direct`'s block."""
+
+    __slots__ = ("_outbox",)
+
+    def __init__(self, outbox: Outbox) -> None:
+        self._outbox = outbox
+
+    def __enter__(self) -> None:
+        self._outbox._direct_thread = threading.get_ident()
+
+    def __exit__(self, *exc_info: Any) -> None:
+        outbox = self._outbox
+        outbox._direct_thread = None
+        outbox.flush_direct()
+
+
 class Outbox:
     """The messages of one connection that other threads produce (answers committed by the
     database writer, runs that arrived for an idle subscriber, replies to waits), sent in
@@ -965,6 +1000,7 @@ class Outbox:
         self._closed = False
         self._direct_thread: int | None = None
         self._direct: list[str] = []
+        self._direct_block = _Direct(self)
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         ws.on_tail = self.poke  # the rest of a frame another thread started goes out from here
 
@@ -994,15 +1030,10 @@ class Outbox:
             self._poked = True
             self._cond.notify()
 
-    @contextmanager
-    def direct(self) -> Iterator[None]:
-        """Messages this thread posts inside the block are sent by it right after."""
-        self._direct_thread = threading.get_ident()
-        try:
-            yield
-        finally:
-            self._direct_thread = None
-            self.flush_direct()
+    def direct(self) -> _Direct:
+        """Messages this thread posts inside the block are sent by it right after. (A plain
+        context manager object, not a generator's: entered for every read and commit.)"""
+        return self._direct_block
 
     def direct_here(self) -> bool:
         """Whether the calling thread is inside :meth:`direct` (its posts are sent by it)."""

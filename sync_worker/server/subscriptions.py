@@ -81,6 +81,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from json.encoder import encode_basestring_ascii as _json_str  # type: ignore[attr-defined]
 from typing import Any
 
 from simple_websocket.errors import ConnectionClosed
@@ -604,7 +605,9 @@ class Subscription:
                                    "detail": exc.detail}))
             return
 
-        prefix = f'{{"type":"set_state_result","request_id":{json.dumps(request_id)},'
+        # (json.dumps of a str without its two Python frames, as rpc.py does: once per run)
+        rid = _json_str(request_id) if type(request_id) is str else json.dumps(request_id)
+        prefix = f'{{"type":"set_state_result","request_id":{rid},'
         brief = value.get("brief") is True
 
         def done(result: str | None, error: BaseException | None) -> None:
