@@ -216,6 +216,14 @@ if os.environ.get("LATENCY_TRACE_DIR") and os.environ.get("LATENCY_TRACE_TASKS")
 
 
 # ----------------------------------------------------------------------------- analysis
+def _print_steps(names: list[str], rows: list[list[float]]) -> None:
+    """One line per step: its median and mean (µs) over ``rows`` (one list of steps per trace)."""
+    print("  median   mean  step")
+    for k, name in enumerate(names):
+        col = [r[k] for r in rows]
+        print(f"  {statistics.median(col):6.0f} {statistics.fmean(col):6.0f}  {name}")
+
+
 def _is(kind: str, text: str = "", pid: str | None = None, not_pid: str | None = None):
     def match(e: list[str]) -> bool:
         return (e[3] == kind and text in e[4] and (pid is None or e[1] == pid)
@@ -412,10 +420,7 @@ def analyse_short(events: list[list[str]], submitted_ns: int) -> None:
         totals = [sum(r) for r in found]
         print(f"\n{phase}: {len(found)} slot cycles; body end -> next body start median "
               f"{statistics.median(totals):.0f} us, mean {statistics.fmean(totals):.0f} us")
-        print("  median   mean  step")
-        for k, name in enumerate(names):
-            col = [r[k] for r in found]
-            print(f"  {statistics.median(col):6.0f} {statistics.fmean(col):6.0f}  {name}")
+        _print_steps(names, found)
     _bodies(events, worker)
     if commits_between:
         alone = sum(1 for n in commits_between if n <= 1)
@@ -516,10 +521,7 @@ def analyse_drain(events: list[list[str]], sub: str, started_ns: int, submitted_
     span = (submitted_ns - started_ns) / 1e9
     print(f"{len(rows)} creates followed; delay() median {statistics.median(totals):.0f} us, mean "
           f"{statistics.fmean(totals):.0f} us, p90 {sorted(totals)[int(0.9 * len(totals))]:.0f} us")
-    print("  median   mean  step")
-    for k, name in enumerate(names):
-        col = [r[k] for r in rows]
-        print(f"  {statistics.median(col):6.0f} {statistics.fmean(col):6.0f}  {name}")
+    _print_steps(names, rows)
     commits = sum(1 for e in events if e[1] == server and e[3] == "commit<" and started_ns <= int(e[0]) <= submitted_ns)
     creates = sum(1 for e in events if e[1] == server and e[3] == "srv_create>" and started_ns <= int(e[0]) <= submitted_ns)
     print(f"\ncommits in the submission's span: {commits} for {creates} creates ({commits / max(creates, 1):.2f} per create)")
