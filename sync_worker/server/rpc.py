@@ -35,10 +35,11 @@ import json
 import logging
 import threading
 import time
-from json.encoder import encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any
 
 from simple_websocket.errors import ConnectionClosed
+
+from sync_worker.jsoncodec import dumps_str
 
 from .core import Conflict, Core, NotFound
 from .database import DatabaseClosed, StorageError
@@ -55,10 +56,6 @@ from .sockets import (
     send_soon,
     serve_socket,
 )
-
-#: ``json.dumps`` of a str, the same text (what ``JSONEncoder.encode`` calls for one) without its
-#: two Python frames: a third of the instructions, once per reply
-_json_str = encode_basestring_ascii
 
 logger = logging.getLogger("sync_worker.server.rpc")
 
@@ -254,7 +251,7 @@ class RpcChannel:
 
     def _reply(self, kind: str, request_id: str, status: int, *, result: str | None = None,
                detail: str | None = None) -> None:
-        head = f'{{"type":"{kind}","request_id":{_json_str(request_id)},"status_code":{status},'
+        head = f'{{"type":"{kind}","request_id":{dumps_str(request_id)},"status_code":{status},'
         text = head + (f'"result":{result}}}' if result is not None else f'"detail":{json.dumps(detail)}}}')
         # a reply committed by another connection's thread (a wait answered at the final
         # state's commit) goes out from that thread when the socket takes it at once, instead

@@ -81,10 +81,11 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from json.encoder import encode_basestring_ascii as _json_str  # type: ignore[attr-defined]
 from typing import Any
 
 from simple_websocket.errors import ConnectionClosed
+
+from sync_worker.jsoncodec import dumps_str
 
 from .core import Core, NotFound, claim_proposal
 from .sockets import (
@@ -605,8 +606,7 @@ class Subscription:
                                    "detail": exc.detail}))
             return
 
-        # (json.dumps of a str without its two Python frames, as rpc.py does: once per run)
-        rid = _json_str(request_id) if type(request_id) is str else json.dumps(request_id)
+        rid = dumps_str(request_id) if type(request_id) is str else json.dumps(request_id)
         prefix = f'{{"type":"set_state_result","request_id":{rid},'
         brief = value.get("brief") is True
 

@@ -78,6 +78,6 @@ def test_a_claim_proposal_is_made_once_per_holder_and_orchestration_leaves_it_al
 @pytest.mark.parametrize("request_id", ["r1", 'a"b', "back\\slash", "caf\u00e9", "\U0001f600", "\x00\x1f", "x" * 500,
                                         "\ud800", "</script>"])
 def test_an_rpc_reply_writes_the_request_id_as_json_dumps_does(request_id):
-    from sync_worker.server.rpc import _json_str
+    from sync_worker.jsoncodec import dumps_str  # what rpc replies and set_state answers use
 
-    assert _json_str(request_id) == json.dumps(request_id)
+    assert dumps_str(request_id) == json.dumps(request_id)
