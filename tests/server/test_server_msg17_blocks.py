@@ -136,6 +136,9 @@ class _SendingWs:
     def send_many(self, messages: list[str]) -> None:
         self.sent.append(list(messages))
 
+    def flush_tail(self) -> None:
+        pass
+
 
 def test_outbox_direct_sends_what_the_thread_posted_at_the_end() -> None:
     ws = _SendingWs()
@@ -153,3 +156,25 @@ def test_outbox_direct_sends_what_the_thread_posted_at_the_end() -> None:
     assert ws.sent[-1] == ["three"] and not outbox.direct_here()
     outbox.post("queued")  # outside: for the sender thread
     assert ws.sent[-1] == ["three"]
+
+
+def test_an_outbox_woken_with_nothing_to_send_makes_no_send() -> None:
+    ws = _SendingWs()
+    ticks: list[bool] = []
+    ticked = threading.Event()
+
+    def tick(poked: bool) -> None:
+        ticks.append(poked)
+        ticked.set()
+
+    outbox = sockets.Outbox(ws, "test-outbox", tick=tick)  # type: ignore[arg-type]
+    outbox.start(poked=True)  # woken by a poke, nothing queued
+    try:
+        assert ticked.wait(10)
+        assert ticks == [True] and ws.sent == []  # no empty write (a call the tests count)
+        ticked.clear()
+        outbox.post("one")
+        assert ticked.wait(10)
+        assert ws.sent == [["one"]]
+    finally:
+        outbox.close()
