@@ -475,7 +475,7 @@ class Subscription:
                 try:
                     self.core.set_states_async(batch, holder=self.client_id)
                 except DatabaseClosed as exc:
-                    for _run_id, _proposed, _force, done, *_brief in batch:
+                    for _run_id, _proposed, _force, done, _brief in batch:
                         done(None, exc)
 
     def _flush_and_deliver(self) -> None:
@@ -739,7 +739,7 @@ class Subscription:
         except DatabaseClosed as exc:
             for run in taken:
                 self.queue.give_back(self, *run)
-            for _run_id, _proposed, _force, done, *_brief in before or ():
+            for _run_id, _proposed, _force, done, _brief in before or ():
                 done(None, exc)
             raise
         with self._cond:
