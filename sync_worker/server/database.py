@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import jsoncodec
+from .models import TERMINAL
 
 logger = logging.getLogger("sync_worker.server.database")
 
@@ -491,6 +492,12 @@ class _SQLiteTransaction(Transaction):
         self.touched.append(row.id)
         if row.run.get("state_id") != row.recorded_state_id:
             self._record_state(row)
+        if row.state_type in TERMINAL:
+            # a finished run is seldom written again: first out of the cache, not the runs still
+            # queued (least recently used, they are the next ones claimed: when more runs wait
+            # than the cache holds, each claim evicted the next run to claim, and every claim
+            # read its run from the database and its history's last number)
+            self._db._cache.move_to_end(row.id, last=False)
 
     def _record_state(self, row: RunRow) -> None:
         """One row of state history for the run's current state: the same transaction as the

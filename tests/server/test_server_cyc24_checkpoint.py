@@ -91,3 +91,37 @@ def test_close_ends_the_checkpointer_and_leaves_the_wal_checkpointed(tmp_path: P
         assert reopened.read_record("r399") == b"w" * 500
     finally:
         reopened.close()
+
+
+def _row(run_id: str) -> database.RunRow:
+    run = {"id": run_id, "task_key": "k", "state": {"id": run_id + "-s1", "type": "SCHEDULED", "name": "Scheduled",
+                                                     "timestamp": "2026-01-01T00:00:00.000000Z"}}
+    return database.RunRow(id=run_id, task_key="k", state_type="SCHEDULED", run=run)
+
+
+def test_a_finished_run_leaves_the_run_cache_before_the_runs_still_queued(tmp_path: Path) -> None:
+    """When more runs wait than the cache holds (the 10 ms case's backlog), the least recently
+    used run is the next one to claim: a finished run goes first instead, so that claims find
+    their runs in memory (a miss costs a read, a JSON parse and a history seek)."""
+    db = SQLiteDatabase(str(tmp_path / "runs.db"), cache_size=3)
+    try:
+        for run_id in ("a", "b", "c"):
+            db.write(lambda tx, run_id=run_id: tx.insert_run(_row(run_id)))
+
+        def finish(tx: database.Transaction) -> None:
+            row = tx.get_run("a")
+            assert row is not None
+            row.run["state"] = {"id": "a-s2", "type": "COMPLETED", "name": "Completed",
+                                "timestamp": "2026-01-01T00:00:01.000000Z"}
+            row.state_type = "COMPLETED"
+            row.touch()
+            tx.update_run(row)
+
+        db.write(finish)
+        db.write(lambda tx: tx.insert_run(_row("d")))
+        assert list(db._cache) == ["b", "c", "d"]  # "a" (finished) went, not "b" (queued, the oldest)
+        # a finished run read again is still found, from the database
+        assert db.write(lambda tx: tx.get_run("a")).state_type == "COMPLETED"
+        assert db.read_states("a")[-1][1] == "COMPLETED"
+    finally:
+        db.close()
