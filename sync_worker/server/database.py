@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .. import jsoncodec
+from .models import TERMINAL
 
 logger = logging.getLogger("sync_worker.server.database")
 
@@ -98,6 +99,23 @@ SCHEMA_VERSION = 4
 BUSY_TIMEOUT = 5.0
 #: the WAL file is truncated back to this size after checkpoints
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
+#: operations committed between two checkpoints of the WAL into the database (by the
+#: checkpointer thread, :meth:`SQLiteDatabase._checkpoint_loop`): a slot cycle's commit (a final
+#: state and a claim, ~7 pages) is 2 operations: about 500 pages, half SQLite's default of 1000
+#: per checkpoint, as the WAL grows further during the passes ...
+CHECKPOINT_OPS = 150
+#: ... or run and record bytes written between two checkpoints (large runs and records: their
+#: pages, not their count, fill the WAL)
+CHECKPOINT_BYTES = 1024 * 1024
+#: WAL frames past which a commit checkpoints itself (SQLite's automatic checkpoint), a bound
+#: for writes faster than the checkpointer thread's passes; far above where that thread
+#: checkpoints (:data:`CHECKPOINT_OPS`), so not reached by steady traffic
+WAL_BOUND_PAGES = 4000
+#: checkpoint passes beside the commits before the last one in the committer's turn (see
+#: :meth:`SQLiteDatabase._checkpoint_loop`)
+CHECKPOINT_PASSES = 3
+#: a pass that found at most this many frames more than the one before ends the passes
+CHECKPOINT_TAIL_FRAMES = 64
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _OUR_TABLES = {"task_runs", "records", "task_run_states"}
 
@@ -447,11 +465,13 @@ class _SQLiteTransaction(Transaction):
             cache.popitem(last=False)
 
     def insert_run(self, row: RunRow) -> int:
+        data = row.dump()
+        self._db._bytes_since_checkpoint += len(data)
         cur = self._conn.execute(
             "INSERT INTO task_runs (id, task_key, state_type, qstate, due, deliveries, background, data)"
             " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (row.id, row.task_key, row.state_type, row.qstate, row.due, row.deliveries,
-             int(row.background), row.dump()),
+             int(row.background), data),
         )
         row.seq = cur.lastrowid
         row.history_seq = 0  # a new run: no history yet (a deleted run's rows went with it)
@@ -462,14 +482,22 @@ class _SQLiteTransaction(Transaction):
     def update_run(self, row: RunRow) -> None:
         # by seq (the rowid: one b-tree search) when known, as it is for every row read here
         by_seq = row.seq is not None
+        data = row.dump()
+        self._db._bytes_since_checkpoint += len(data)
         self._conn.execute(
             _UPDATE_RUN_BY_SEQ if by_seq else _UPDATE_RUN_BY_ID,
-            (row.state_type, row.qstate, row.due, row.deliveries, row.dump(), row.holder,
+            (row.state_type, row.qstate, row.due, row.deliveries, data, row.holder,
              row.seq if by_seq else row.id),
         )
         self.touched.append(row.id)
         if row.run.get("state_id") != row.recorded_state_id:
             self._record_state(row)
+        if row.state_type in TERMINAL:
+            # a finished run is seldom written again: first out of the cache, not the runs still
+            # queued (least recently used, they are the next ones claimed: when more runs wait
+            # than the cache holds, each claim evicted the next run to claim, and every claim
+            # read its run from the database and its history's last number)
+            self._db._cache.move_to_end(row.id, last=False)
 
     def _record_state(self, row: RunRow) -> None:
         """One row of state history for the run's current state: the same transaction as the
@@ -515,6 +543,7 @@ class _SQLiteTransaction(Transaction):
         return [(seq, run_id) for seq, run_id in rows]
 
     def put_record(self, key: str, data: bytes) -> None:
+        self._db._bytes_since_checkpoint += len(data)
         self._conn.execute("INSERT OR REPLACE INTO records (key, data) VALUES (?, ?)", (key, data))
 
     def delete_record(self, key: str) -> bool:
@@ -569,8 +598,81 @@ class SQLiteDatabase(Database):
         except BaseException:
             self._lock_file.close()
             raise
+        # Checkpoints in a thread of their own, not in the commit that crosses SQLite's 1000-page
+        # autocheckpoint: that commit took 3-8 ms instead of ~30 us (the copy into the database
+        # file and two fsyncs), and every writer and the slot cycles of every worker waited behind
+        # it. A PASSIVE checkpoint on another connection runs beside the writer (the sqlite3
+        # module lets go of the GIL meanwhile, and WAL lets a writer append while it copies).
+        self._ops_since_checkpoint = 0
+        self._bytes_since_checkpoint = 0  # (counted by the transactions: run texts and records)
+        self._checkpoint_wanted = threading.Event()
+        self._tail_wanted = False  # (under _mutex) the checkpointer waits for the committer's turn
+        self._tail_turn = False  # the checkpointer has the committer's turn
+        self._checkpointer: threading.Thread | None = None
+        try:
+            # (SQLite's own checkpoint in a commit stays as a bound, far above where the thread
+            # checkpoints, for writes faster than the thread's passes)
+            self._writer_conn.execute(f"PRAGMA wal_autocheckpoint={WAL_BOUND_PAGES}")
+            self._checkpoint_conn = self._connect()
+        except sqlite3.Error as exc:  # pragma: no cover - the writer connection just opened
+            logger.warning("no checkpointer thread (%s): SQLite checkpoints in the commits", exc)
+            self._writer_conn.execute("PRAGMA wal_autocheckpoint=1000")
+        else:
+            self._checkpointer = threading.Thread(target=self._checkpoint_loop, name="sync-worker-db-checkpoint",
+                                                  daemon=True)
+            self._checkpointer.start()
         self._writer = threading.Thread(target=self._writer_loop, name="sync-worker-db-writer", daemon=True)
         self._writer.start()
+
+    def _checkpoint_loop(self) -> None:
+        """Checkpointer thread: each time the writers have committed :data:`CHECKPOINT_OPS`
+        operations, PASSIVE checkpoints on its own connection copy the WAL into the database
+        beside the commits (never waiting for them; each pass copies what was committed
+        during the one before); then, taking the committer's turn between two batches
+        (:meth:`_lead_done`), a last pass on the writer's connection copies the few frames
+        committed during the previous one, so that the whole WAL is in the database and the
+        next transaction starts it again from its beginning, keeping it bounded (commits
+        during every pass would otherwise leave it never wholly copied, growing). The
+        committers wait for that last pass only: a few frames and the two syncs, instead of
+        the whole checkpoint SQLite's automatic one ran in a commit."""
+        conn = self._checkpoint_conn
+        while True:
+            self._checkpoint_wanted.wait()
+            self._checkpoint_wanted.clear()
+            if self._tail_turn:  # we lead: no commit runs until _release_lead
+                self._tail_turn = False
+                try:
+                    self._writer_conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:
+                    logger.debug("checkpoint failed: %s", exc)
+                finally:
+                    self._release_lead()
+                continue
+            if self._stopping:
+                break
+            try:
+                # each pass copies what was committed during the one before, until one found
+                # little new (it was short, so little was committed during it): the last pass,
+                # the committers' wait, copies about that much
+                before = -1
+                for _ in range(CHECKPOINT_PASSES):
+                    (_busy, log, _copied), = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    if 0 <= log - before <= CHECKPOINT_TAIL_FRAMES:
+                        break
+                    before = log
+            except sqlite3.Error as exc:  # disk trouble: the commits report it; try again next time
+                logger.debug("checkpoint failed: %s", exc)
+                continue
+            with self._mutex:
+                if self._closed:
+                    continue
+                if self._leading:
+                    self._tail_wanted = True  # the committer hands us its turn when its batch is done
+                    continue
+                self._leading = True
+            self._tail_turn = True
+            self._checkpoint_wanted.set()
+        conn.close()
 
     # -- connections -----------------------------------------------------------------------
     def _open_and_mark(self) -> sqlite3.Connection:
@@ -786,13 +888,28 @@ class SQLiteDatabase(Database):
         try:
             self._run_batch(self._writer_conn, self._take_batch())
         finally:
-            with self._mutex:
-                if self._pending:
-                    self._handoff.set()
-                else:
-                    self._leading = False
-                    if self._closed:  # only close() waits for the leader (it set _closed first)
-                        self._idle.notify_all()
+            self._lead_done()
+
+    def _lead_done(self) -> None:
+        """The committer's batch is done: the checkpointer's turn if it waits for one (see
+        :meth:`_checkpoint_loop`), else the writer thread's if operations are waiting, else
+        nobody leads."""
+        with self._mutex:
+            if self._tail_wanted and not self._closed:
+                self._tail_wanted = False
+                self._tail_turn = True
+                self._checkpoint_wanted.set()
+                return
+        self._release_lead()
+
+    def _release_lead(self) -> None:
+        with self._mutex:
+            if self._pending:
+                self._handoff.set()
+            else:
+                self._leading = False
+                if self._closed:  # only close() waits for the leader (it set _closed first)
+                    self._idle.notify_all()
 
     def _take_batch(self) -> list[_Op]:
         with self._mutex:
@@ -817,6 +934,11 @@ class SQLiteDatabase(Database):
                     except Exception:  # pragma: no cover - a bug; keep committing the others
                         logger.exception("group commit failed")
                 with self._mutex:
+                    if self._tail_wanted and not self._closed:  # the checkpointer's turn (_lead_done)
+                        self._tail_wanted = False
+                        self._tail_turn = True
+                        self._checkpoint_wanted.set()
+                        break
                     if not self._pending:
                         self._leading = False
                         if self._closed:  # only close() waits (see _enqueue)
@@ -879,6 +1001,10 @@ class SQLiteDatabase(Database):
             logger.warning("database %s is writable again after %.1f s: writes are accepted again",
                            self.path, time.monotonic() - self._failing_since)
             self._failing_since = None
+        self._ops_since_checkpoint += len(batch)  # (one committer at a time)
+        if self._ops_since_checkpoint >= CHECKPOINT_OPS or self._bytes_since_checkpoint >= CHECKPOINT_BYTES:
+            self._ops_since_checkpoint = self._bytes_since_checkpoint = 0
+            self._checkpoint_wanted.set()
         for item, item_hooks in hooks:
             for hook in item_hooks:
                 try:
@@ -945,6 +1071,9 @@ class SQLiteDatabase(Database):
                 self._leading = True
             self._handoff.set()
         self._writer.join(timeout=10)
+        if self._checkpointer is not None:
+            self._checkpoint_wanted.set()  # (_stopping is set: it closes its connection and ends)
+            self._checkpointer.join(timeout=10)
         try:
             self._writer_conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         except sqlite3.Error:  # pragma: no cover

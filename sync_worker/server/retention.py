@@ -12,8 +12,9 @@ operation in the group commit, so runs being created, delivered and finished in 
 for at most one batch. The database file stops growing in a steady state because SQLite puts
 the pages of deleted rows on its free list and reuses them for new rows (no VACUUM needed;
 ``auto_vacuum`` stays off so that freed pages are reused rather than returned to the OS); the
-WAL file is checkpointed back into the database every 1000 pages by SQLite's automatic
-checkpoint, so it is bounded too.
+WAL file is checkpointed back into the database every ~150 operations by the database's
+checkpointer thread (``SQLiteDatabase._checkpoint_loop``; SQLite's automatic checkpoint at 4000
+pages as a far bound), so it is bounded too.
 
 Records kept elsewhere: result files in a local ``SYNC_WORKER_STORAGE`` directory are not the
 server's to delete (it may run on another machine); ``sync-worker storage prune`` is the tool
