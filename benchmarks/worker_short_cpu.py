@@ -3,6 +3,7 @@
 
 Usage:
     python3 benchmarks/worker_short_cpu.py --rounds 6 --baseline-src /tmp/base24
+    python3 benchmarks/worker_short_cpu.py --rounds 3 --task noop        # the drain, for contrast
 
 Per trial (a fresh server and worker, started by compare.py's ``Trial`` from each tree, the
 trees interleaved A B A B ...): ``--runs`` sleep10 runs submitted from 4 threads, then the
@@ -46,7 +47,7 @@ def _worker_stats(pid: int) -> dict[str, float]:
     return out
 
 
-def trial(src: str, runs: int, tmp_root: str) -> dict:
+def trial(src: str, runs: int, tmp_root: str, task: str = "sleep10") -> dict:
     sys.path[:0] = [str(HERE)]
     import compare
 
@@ -59,7 +60,7 @@ def trial(src: str, runs: int, tmp_root: str) -> dict:
         before_done = t.finished()
         s0 = _worker_stats(pid)
         t0_wall = time.time()
-        t._threads(lambda share: t.submit(share, "sleep10"), runs)
+        t._threads(lambda share: t.submit(share, task), runs)
         compare.wait_until(lambda: t.finished() >= before_done + runs, 300, "short runs", 0.002, t.procs)
         elapsed = t.last_finish() - t0_wall
         time.sleep(0.3)
@@ -76,11 +77,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--runs", type=int, default=3000)
     parser.add_argument("--baseline-src", default=None)
+    parser.add_argument("--task", choices=("sleep10", "noop"), default="sleep10",
+                        help="noop: compare.py's drain case instead (no-op runs), for the same split")
     parser.add_argument("--_trial", help=argparse.SUPPRESS)
     parser.add_argument("--tmp-root", default=None)
     args = parser.parse_args()
     if args._trial:
-        print(json.dumps(trial(args._trial, args.runs, args.tmp_root)))
+        print(json.dumps(trial(args._trial, args.runs, args.tmp_root, args.task)))
         return
     trees = {"this": str(REPO)}
     if args.baseline_src:
@@ -90,7 +93,7 @@ def main() -> None:
     for r in range(args.rounds):
         for name, src in trees.items():
             out = subprocess.run([sys.executable, __file__, "--_trial", src, "--runs", str(args.runs),
-                                  "--tmp-root", tmp_root], capture_output=True, text=True, cwd=src, check=False)
+                                  "--tmp-root", tmp_root, "--task", args.task], capture_output=True, text=True, cwd=src, check=False)
             lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
             if not lines:
                 print(f"round {r + 1} {name}: failed\n{out.stderr[-2000:]}")
