@@ -149,6 +149,7 @@ class Subscription:
         on_run: Callable[[TaskRun, Dialect], bool] | None = None,
         claim_at_delivery: Callable[[], bool] | bool = True,
         holding: Callable[[], list[str]] | None = None,
+        yields_after: Callable[[TaskRun], bool] | None = None,
     ):
         self.keys = sorted(set(keys))
         if not self.keys:
@@ -180,6 +181,9 @@ class Subscription:
         #: subscribing, so that a reconnect takes over only those leases (the server
         #: re-queues a run whose delivery frame was lost with the old connection).
         self._holding_ids = holding
+        #: Whether the reader yields the GIL after starting a run that more runs of the same
+        #: message follow (see :attr:`Connection.yields_after`).
+        self._yields_after = yields_after
         #: How the server of the current connection behaves (:mod:`sync_worker.dialects`),
         #: chosen once per connection from its ``auth_success``; None before the first.
         self.dialect: Dialect | None = None
@@ -287,6 +291,7 @@ class Subscription:
         if claims and self._on_run is not None:
             on_run = self._on_run
             conn.on_run = lambda run: on_run(run, dialect)
+            conn.yields_after = self._yields_after
         try:
             with self._lock:
                 if self.closed:

@@ -1,8 +1,10 @@
 """The subscription's reader yields the GIL after handing out a run of a task whose runs
-take a while (so that the run starts before the reader hands out the rest of its batch),
-and never after a run of a task whose runs are quick (the drain would pay for it).
+take a while when more runs of the same message follow (so that the run starts before the
+reader hands out the rest of its batch), never after the last run of a message (its next
+read releases the GIL anyway), and never after a run of a task whose runs are quick (the
+drain would pay for it).
 
-Real embedded server, real websocket, an in-process worker; only ``time`` as the worker
+Real embedded server, real websocket, an in-process worker; only ``time`` as the socket
 module sees it is wrapped, to count the reader's yields (``time.sleep(0)``)."""
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import types
 
 import pytest
 
-from sync_worker import worker as worker_module
+from sync_worker import sockets as sockets_module
 from sync_worker.tasks import task
 from tests.helpers import wait_for
 
@@ -35,7 +37,7 @@ def slow(i):
 
 @pytest.fixture
 def yields(monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """The names of the threads that called ``time.sleep(0)`` in sync_worker.worker."""
+    """The names of the threads that called ``time.sleep(0)`` in sync_worker.sockets."""
     seen: list[str] = []
 
     def sleep(seconds: float) -> None:
@@ -45,7 +47,7 @@ def yields(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     proxy = types.SimpleNamespace(**{name: getattr(time, name) for name in dir(time) if not name.startswith("_")})
     proxy.sleep = sleep
-    monkeypatch.setattr(worker_module, "time", proxy)
+    monkeypatch.setattr(sockets_module, "time", proxy)
     return seen
 
 
@@ -62,17 +64,24 @@ def test_runs_of_a_quick_task_are_handed_out_without_yielding(api_env, start_wor
     assert yields == []
 
 
-def test_the_reader_yields_after_handing_out_a_run_of_a_slow_task(api_env, start_worker, yields):
+def test_the_reader_yields_between_the_runs_of_one_message_of_a_slow_task(api_env, start_worker, yields):
     worker = start_worker(slow, limit=10)
     assert _run_all(slow, 2) == [0, 1]  # now the worker knows its runs take ~5 ms
     wait_for(lambda: worker._yields_after(slow), message="the slow task known as slow")
     assert yields == []  # not before it knew
-    assert _run_all(slow, 30) == list(range(30))
-    wait_for(lambda: worker.finished_task_runs[slow.task_key] == 32, message="32 runs counted finished")
-    # the runs claimed at delivery were started by the reader, which yielded after each
-    assert yields, "the reader never yielded after a slow run"
+    worker.stop()
+    assert worker.join(30)
+    # ten runs queued while nobody subscribes: the same worker (it still knows the task is
+    # slow) subscribes again with ten free slots, and the server claims them all at once and
+    # sends them in one message
+    futures = [slow.delay(i) for i in range(10)]
+    worker.start(block=False)
+    assert [f.result(timeout=60) for f in futures] == list(range(10))
+    wait_for(lambda: worker.finished_task_runs[slow.task_key] == 12, message="12 runs counted finished")
+    # started by the reader, which yielded between the runs of a message, not after its last
+    assert yields, "the reader never yielded between the runs of a slow task"
     assert set(yields) == {"sync-worker-subscription-reader"}
-    assert len(yields) <= 30
+    assert len(yields) <= 9, "the reader yielded after the last run of a message"
 
 
 def test_a_task_whose_runs_turn_quick_is_no_longer_yielded_for(api_env, start_worker, yields):
