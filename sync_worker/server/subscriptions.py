@@ -275,6 +275,15 @@ class Subscription:
 
     # -- Waiter ----------------------------------------------------------------------------------
     def wake(self) -> None:
+        """The queue has runs for us (or a deferred delivery is due): wake the sender thread,
+        unless the worker said something the reader has not read yet (claim_at_delivery):
+        then :meth:`_tick` would only return (see there), and the reader wakes us again once
+        it has read it (``ws.on_read``; ``input_pending`` arranged that). Checked here, in
+        the waking thread, it saves a thread wake-up: in a drain most creates find the
+        worker's final states unread (their run is queued) and woke the sender thread for
+        nothing (measured: 2,131 wake-ups for 5,000 runs, 64 of which claimed a run)."""
+        if self.claim_at_delivery and not self._reserved_texts and self.ws.input_pending():
+            return
         self.outbox.poke()
 
     # -- claim at create (see Core._create_op and RunQueue.claim_for) ----------------------------
