@@ -89,8 +89,9 @@ def test_a_ping_answer_alone_unread_does_not_stall_delivery(server, wire):
 def test_a_run_queued_while_the_claimers_input_is_unread_wakes_no_sender_thread(server, wire):
     """The queue's wake-up for a run that could not be claimed at once (the worker's input
     unread) does not wake the subscription's sender thread, which would only find the input
-    unread and return: the reader delivers once it has read it. One thread wake-up less per
-    such create (most creates of a drain)."""
+    unread and return; and once the reader has read the input, it delivers the run itself
+    instead of waking that thread for it. Two thread wake-ups less for such a create (most
+    creates of a drain)."""
     subscriber = claiming(wire, 5)
     _idle(server)
     (sub,) = list(server.core.subscribers)
@@ -118,3 +119,4 @@ def test_a_run_queued_while_the_claimers_input_is_unread_wakes_no_sender_thread(
     release.set()
     run = subscriber.next_run(timeout=5)  # delivered once the input was read
     assert run["id"] == run_id and run["state"]["type"] == "RUNNING"
+    assert pokes == []  # by the reader thread
