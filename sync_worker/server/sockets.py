@@ -233,6 +233,12 @@ class WebSocket(simple_websocket.Server):
         """Whether a :class:`SharedReader` reads this connection (its handlers must never wait)."""
         return self._shared is not None
 
+    @property
+    def lean(self) -> bool:
+        """Whether the lean reader loop reads this connection (False once it handed the
+        stream to wsproto: a close, a fragment, bad input)."""
+        return self._lean
+
     def hold(self, reason: str, on: bool) -> None:
         """Stop (``on``) or resume reading this connection for ``reason`` (shared reader only)."""
         if self._shared is not None:

@@ -236,7 +236,7 @@ class Subscription:
         self.outbox = Outbox(ws, f"sync-worker-ws-send-{client_id}", tick=self._tick, sent=self._answered,
                              lost=self._lost)
         if claim_at_delivery:
-            ws.on_read = self.wake  # a delivery deferred until the client's input was read (_tick)
+            ws.on_read = self._after_read  # a delivery deferred until the client's input was read
         # delivered runs awaiting their ack, oldest first: id -> (id, key, seq, text)
         self._unacked: OrderedDict[str, tuple[str, str, int, str | None]] = OrderedDict()
         # ``None``: Prefect's protocol, one run awaiting its ack at a time.
@@ -275,6 +275,15 @@ class Subscription:
 
     # -- Waiter ----------------------------------------------------------------------------------
     def wake(self) -> None:
+        """The queue has runs for us (or a deferred delivery is due): wake the sender thread,
+        unless the worker said something the reader has not read yet (claim_at_delivery):
+        then :meth:`_tick` would only return (see there), and the reader wakes us again once
+        it has read it (``ws.on_read``; ``input_pending`` arranged that). Checked here, in
+        the waking thread, it saves a thread wake-up: in a drain most creates find the
+        worker's final states unread (their run is queued) and woke the sender thread for
+        nothing (measured: 2,131 wake-ups for 5,000 runs, 64 of which claimed a run)."""
+        if self.claim_at_delivery and not self._reserved_texts and self.ws.input_pending():
+            return
         self.outbox.poke()
 
     # -- claim at create (see Core._create_op and RunQueue.claim_for) ----------------------------
@@ -676,6 +685,29 @@ class Subscription:
                 # first: the reader wakes this thread again once it has (ws.on_read).
                 return
             self._try_deliver()
+
+    def _after_read(self) -> None:
+        """``ws.on_read``: the reader thread read and handled the worker's input that a
+        delivery was deferred for (:meth:`_tick`, :meth:`wake`). The delivery is made here,
+        in the reader thread, as after the final states it reads (:meth:`_drain`), instead
+        of waking the sender thread for it: that one usually found nothing left to send (the
+        final states' own delivery took the runs) -- measured, 581 sender wake-ups per 5,000
+        runs of a drain, 3 of which claimed a run. Runs claimed at create waiting for the
+        sender thread still wake it."""
+        if self._reserved_texts or not self.ws.lean:  # (the lean path ended: maybe a close)
+            self.outbox.poke()
+            return
+        if self.ws.input_pending():
+            return  # more came meanwhile: again after the reader has read it
+        try:
+            self._try_deliver()
+        except (ConnectionClosed, OSError):
+            self._done.set()
+        except DatabaseClosed:
+            pass
+        except Exception:  # e.g. a storage error reading a run: drop this connection, keep the server
+            logger.exception("error delivering to %r", self.client_id)
+            self._request_close(1011, "Internal server error")
 
     def _try_deliver(self) -> None:
         """Send runs while flow control allows (any thread; one sender at a time)."""

@@ -84,3 +84,39 @@ def test_a_ping_answer_alone_unread_does_not_stall_delivery(server, wire):
     run = subscriber.next_run(timeout=5)
     assert run["id"] == run_id and run["state"]["type"] == "RUNNING"
     assert json.loads(json.dumps(run))["run_count"] == 1
+
+
+def test_a_run_queued_while_the_claimers_input_is_unread_wakes_no_sender_thread(server, wire):
+    """The queue's wake-up for a run that could not be claimed at once (the worker's input
+    unread) does not wake the subscription's sender thread, which would only find the input
+    unread and return; and once the reader has read the input, it delivers the run itself
+    instead of waking that thread for it. Two thread wake-ups less for such a create (most
+    creates of a drain)."""
+    subscriber = claiming(wire, 5)
+    _idle(server)
+    (sub,) = list(server.core.subscribers)
+    pokes: list[float] = []
+    original_poke = sub.outbox.poke
+
+    def poke() -> None:
+        pokes.append(time.monotonic())
+        original_poke()
+
+    sub.outbox.poke = poke  # type: ignore[method-assign]
+    entered, release = _hold_the_reader(server)
+    subscriber.send({"type": "ack"})  # (nothing to ack: ignored) the reader blocks handling it
+    assert entered.wait(10)
+    subscriber.send({"type": "ack"})  # unread: the run cannot be claimed for it now
+    run_id = wire.create()["id"]
+    queue = server.core.queue
+
+    def queued() -> bool:
+        with queue.lock:  # the queue wakes its waiter under this lock, right after queueing
+            return run_id in queue._in_heap
+
+    wait_for(queued, timeout=10, message="the run queued")
+    assert pokes == []  # the subscriber was woken (it waited for the key) but not its thread
+    release.set()
+    run = subscriber.next_run(timeout=5)  # delivered once the input was read
+    assert run["id"] == run_id and run["state"]["type"] == "RUNNING"
+    assert pokes == []  # by the reader thread
