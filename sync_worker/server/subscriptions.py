@@ -444,26 +444,37 @@ class Subscription:
                     logger.exception("error handling a message from %r", self.client_id)
                     self._request_close(1011, "Internal server error")
         finally:
-            try:
-                if self._granted and self.claim_at_delivery and self._batch:
-                    # final states carrying credit: they and the next claim in one commit
-                    self._granted = False
-                    self._flush_and_deliver()
-                else:
-                    self._flush_set_states()
-                    if self._granted:  # credit that came with set_state messages
-                        self._granted = False
-                        self._apply_grant()
-                        self._try_deliver()
-            except (ConnectionClosed, OSError):
-                self._done.set()
-            except DatabaseClosed:
-                pass
-            except Exception:  # e.g. a storage error reading a run: drop this connection, keep the server
-                logger.exception("error delivering to %r", self.client_id)
-                self._request_close(1011, "Internal server error")
+            self._delivering(self._after_messages)
         if not self.ws.connected:
             self._done.set()
+
+    def _after_messages(self) -> None:
+        """Reader thread, after the messages of a read: commit their set_state requests, and
+        deliver what the credit they carried lets go."""
+        if self._granted and self.claim_at_delivery and self._batch:
+            # final states carrying credit: they and the next claim in one commit
+            self._granted = False
+            self._flush_and_deliver()
+        else:
+            self._flush_set_states()
+            if self._granted:  # credit that came with set_state messages
+                self._granted = False
+                self._apply_grant()
+                self._try_deliver()
+
+    def _delivering(self, deliver: Callable[[], None]) -> None:
+        """Reader thread: ``deliver`` (commits and sends), its errors ending this connection
+        only: a lost socket ends it, a closing database is the server's own stop, anything
+        else (a storage error reading a run, a bug) closes it with 1011 and keeps the server."""
+        try:
+            deliver()
+        except (ConnectionClosed, OSError):
+            self._done.set()
+        except DatabaseClosed:
+            pass
+        except Exception:
+            logger.exception("error delivering to %r", self.client_id)
+            self._request_close(1011, "Internal server error")
 
     def _apply_grant(self) -> None:
         """Reader thread: the credit that this read's ``set_state`` messages carried becomes
@@ -699,15 +710,7 @@ class Subscription:
             return
         if self.ws.input_pending():
             return  # more came meanwhile: again after the reader has read it
-        try:
-            self._try_deliver()
-        except (ConnectionClosed, OSError):
-            self._done.set()
-        except DatabaseClosed:
-            pass
-        except Exception:  # e.g. a storage error reading a run: drop this connection, keep the server
-            logger.exception("error delivering to %r", self.client_id)
-            self._request_close(1011, "Internal server error")
+        self._delivering(self._try_deliver)
 
     def _try_deliver(self) -> None:
         """Send runs while flow control allows (any thread; one sender at a time)."""
