@@ -501,8 +501,11 @@ class _SQLiteTransaction(Transaction):
             # a finished run is seldom written again: first out of the cache, not the runs still
             # queued (least recently used, they are the next ones claimed: when more runs wait
             # than the cache holds, each claim evicted the next run to claim, and every claim
-            # read its run from the database and its history's last number)
-            self._db._cache.move_to_end(row.id, last=False)
+            # read its run from the database and its history's last number). Not in the cache
+            # any more: an operation that read more runs than it holds evicted it meanwhile.
+            cache = self._db._cache
+            if row.id in cache:
+                cache.move_to_end(row.id, last=False)
 
     def _record_state(self, row: RunRow) -> None:
         """One row of state history for the run's current state: the same transaction as the

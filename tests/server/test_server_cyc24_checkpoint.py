@@ -125,3 +125,31 @@ def test_a_finished_run_leaves_the_run_cache_before_the_runs_still_queued(tmp_pa
         assert db.read_states("a")[-1][1] == "COMPLETED"
     finally:
         db.close()
+
+
+def test_a_run_finished_after_the_cache_evicted_it_in_the_same_transaction_is_written(tmp_path: Path) -> None:
+    """An operation that reads more runs than the cache holds (a bulk change) may finish a run
+    the cache has evicted meanwhile: it is written like any other, not refused by the cache."""
+    db = SQLiteDatabase(str(tmp_path / "runs.db"), cache_size=2)
+    try:
+        for run_id in ("a", "b", "c"):
+            db.write(lambda tx, run_id=run_id: tx.insert_run(_row(run_id)))
+
+        def finish_all(tx: database.Transaction) -> None:
+            rows = [tx.get_run(run_id) for run_id in ("a", "b", "c")]  # "a" evicted by "c"
+            for row in rows:
+                assert row is not None
+                row.run["state"] = {"id": row.id + "-s2", "type": "COMPLETED", "name": "Completed",
+                                    "timestamp": "2026-01-01T00:00:01.000000Z"}
+                row.run["state_id"] = row.id + "-s2"
+                row.state_type = "COMPLETED"
+                row.touch()
+                tx.update_run(row)
+
+        db.write(finish_all)
+        for run_id in ("a", "b", "c"):
+            found = db.read_run_text(run_id)
+            assert found is not None and found[1] == "COMPLETED"
+            assert db.read_states(run_id)[-1][1] == "COMPLETED"
+    finally:
+        db.close()
