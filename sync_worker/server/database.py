@@ -102,8 +102,8 @@ JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
 #: operations committed between two checkpoints of the WAL into the database (by the
 #: checkpointer thread, :meth:`SQLiteDatabase._checkpoint_loop`): a slot cycle's commit (a final
 #: state and a claim, ~7 pages) is 2 operations, so about 1,750 pages in the 10 ms case, and
-#: about 1,000 in a drain, whose commits carry several operations each: SQLite's default of
-#: 1,000 pages per checkpoint. Each checkpoint has a fixed cost (its passes walk the WAL index,
+#: fewer in a drain, whose commits carry several operations each (SQLite's own default is
+#: 1,000 pages per checkpoint). Each checkpoint has a fixed cost (its passes walk the WAL index,
 #: the last one syncs twice): at 150 operations the drain lost 0.90x (0.81-1.07) of its runs/s
 #: and the server spent 0.27 instead of 0.22 ms of CPU per run; at 500, 1.00x (0.88-1.16) and
 #: the same CPU, the 10 ms case 91 % of ideal in both against 88-89 % without the thread
