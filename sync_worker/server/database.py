@@ -903,12 +903,20 @@ class SQLiteDatabase(Database):
         :meth:`_checkpoint_loop`), else the writer thread's if operations are waiting, else
         nobody leads."""
         with self._mutex:
-            if self._tail_wanted and not self._closed:
-                self._tail_wanted = False
-                self._tail_turn = True
-                self._checkpoint_wanted.set()
+            if self._turn_to_checkpointer():
                 return
         self._release_lead()
+
+    def _turn_to_checkpointer(self) -> bool:
+        """(``_mutex`` held, by the committer that leads) Whether the lead went to the
+        checkpointer, which waits for it (:meth:`_checkpoint_loop`): it then runs its last pass
+        and releases the lead (:meth:`_release_lead`)."""
+        if not self._tail_wanted or self._closed:
+            return False
+        self._tail_wanted = False
+        self._tail_turn = True
+        self._checkpoint_wanted.set()
+        return True
 
     def _release_lead(self) -> None:
         with self._mutex:
@@ -942,10 +950,7 @@ class SQLiteDatabase(Database):
                     except Exception:  # pragma: no cover - a bug; keep committing the others
                         logger.exception("group commit failed")
                 with self._mutex:
-                    if self._tail_wanted and not self._closed:  # the checkpointer's turn (_lead_done)
-                        self._tail_wanted = False
-                        self._tail_turn = True
-                        self._checkpoint_wanted.set()
+                    if self._turn_to_checkpointer():
                         break
                     if not self._pending:
                         self._leading = False

@@ -12,7 +12,7 @@ operation in the group commit, so runs being created, delivered and finished in 
 for at most one batch. The database file stops growing in a steady state because SQLite puts
 the pages of deleted rows on its free list and reuses them for new rows (no VACUUM needed;
 ``auto_vacuum`` stays off so that freed pages are reused rather than returned to the OS); the
-WAL file is checkpointed back into the database every ~150 operations by the database's
+WAL file is checkpointed back into the database every 500 operations by the database's
 checkpointer thread (``SQLiteDatabase._checkpoint_loop``; SQLite's automatic checkpoint at 4000
 pages as a far bound), so it is bounded too.
 
