@@ -15,11 +15,9 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -28,30 +26,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 def child(src: str, runs: int, warmup: int, profile: bool, wal: bool) -> None:
     sys.path.insert(0, src)
     sys.path.insert(1, HERE)
-    from server_ops import _bodies
+    from server_ops import Ops, _bodies
 
-    from sync_worker.server.core import Core
-    from sync_worker.server.database import SQLiteDatabase
-    from sync_worker.server.events import EventBus
-    from sync_worker.server.models import validate_state
-    from sync_worker.server.runqueue import RunQueue
-
-    tmp = tempfile.mkdtemp(prefix="sync-worker-cycle-ops-")
-    path = os.path.join(tmp, "ops.db")
-    db = SQLiteDatabase(path, cache_size=2000)
-    if wal:
-        db._writer_conn.execute("PRAGMA wal_autocheckpoint=0")
-    page = db._writer_conn.execute("PRAGMA page_size").fetchone()[0]
-    queue = RunQueue(db, lease_timeout=60)
-    core = Core(db, queue)
-    EventBus(core)
-    completed = validate_state({"type": "COMPLETED", "name": "Completed", "state_details": {},
-                                "data": {"storage_key": "result.abc", "serializer": "json"}}, ["state"])
-    errors: list[BaseException] = []
-
-    def check(result, error) -> None:
-        if error is not None:
-            errors.append(error)
+    ops = Ops("sync-worker-cycle-ops-", 2000, wal)
+    db, core, completed, check = ops.db, ops.core, ops.completed, ops.check
 
     def create(count: int) -> list[str]:
         ids: list[str] = []
@@ -75,7 +53,7 @@ def child(src: str, runs: int, warmup: int, profile: bool, wal: bool) -> None:
 
     cycles(create(warmup))
     ids = create(runs)
-    wal_before = os.path.getsize(path + "-wal")
+    wal_before = ops.wal_size()
     if profile:
         import cProfile
         import pstats
@@ -88,12 +66,8 @@ def child(src: str, runs: int, warmup: int, profile: bool, wal: bool) -> None:
     if not profile:
         cycles(ids)
     cpu = time.process_time() - started
-    frames = (os.path.getsize(path + "-wal") - wal_before) / (page + 24)
-    if errors:
-        raise SystemExit(f"{len(errors)} operations failed: {errors[0]!r}")
-    queue.stop()
-    db.close()
-    shutil.rmtree(tmp, ignore_errors=True)
+    frames = ops.frames_since(wal_before)
+    ops.close()
     print(f"cpu_us_per_cycle {1e6 * cpu / runs:.2f}")
     if wal:
         print(f"wal_frames_per_cycle {frames / runs:.3f}")

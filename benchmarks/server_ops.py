@@ -73,32 +73,64 @@ def _bodies(count: int) -> list[dict[str, Any]]:
             for i in range(0, 3 * count, 3)]
 
 
+class Ops:
+    """The server's core on a fresh SQLite file, set up as the server's app sets it up (its event
+    bus listening for final states), without the sockets: the children of this script and of
+    ``cycle_ops.py`` (the tree under test first on sys.path before it is made)."""
+
+    def __init__(self, prefix: str, cache_size: int, wal: bool) -> None:
+        from sync_worker.server import database
+        from sync_worker.server.core import Core
+        from sync_worker.server.events import EventBus
+        from sync_worker.server.models import validate_state
+        from sync_worker.server.runqueue import RunQueue
+
+        self.tmp = tempfile.mkdtemp(prefix=prefix)
+        self.path = os.path.join(self.tmp, "ops.db")
+        if wal:  # no checkpoints: the WAL file keeps every frame written, so its growth counts them
+            # (a tree with a checkpointer thread: never triggered; SQLite's own: off below)
+            database.CHECKPOINT_OPS = database.CHECKPOINT_BYTES = float("inf")
+        self.db = database.SQLiteDatabase(self.path, cache_size=cache_size)
+        if wal:
+            self.db._writer_conn.execute("PRAGMA wal_autocheckpoint=0")
+        self.page = self.db._writer_conn.execute("PRAGMA page_size").fetchone()[0]
+        self.queue = RunQueue(self.db, lease_timeout=60)
+        self.core = Core(self.db, self.queue)
+        EventBus(self.core)  # as the server's app does: every final state is announced to it
+        self.completed = validate_state({"type": "COMPLETED", "name": "Completed", "state_details": {},
+                                         "data": {"storage_key": "result.abc", "serializer": "json"}}, ["state"])
+        self.errors: list[BaseException] = []
+
+    def check(self, result: Any, error: BaseException | None) -> None:
+        """The callback of every operation: its error kept for :meth:`close`."""
+        if error is not None:
+            self.errors.append(error)
+
+    def wal_size(self) -> int:
+        return os.path.getsize(self.path + "-wal")
+
+    def frames_since(self, wal_size: int) -> float:
+        """WAL frames written since the WAL had ``wal_size`` bytes (a frame: 24-byte header + page)."""
+        return (self.wal_size() - wal_size) / (self.page + 24)
+
+    def close(self) -> None:
+        """Fails the child if an operation failed; else stops the queue, closes the database and
+        removes the file."""
+        if self.errors:
+            raise SystemExit(f"{len(self.errors)} operations failed, the first: {self.errors[0]!r}")
+        self.queue.stop()
+        self.db.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
 def child(src: str, mode: str, runs: int, batch: int, warmup: int, wal: bool = False) -> None:
     """Runs in a subprocess with ``src`` first on sys.path; prints ``cpu_ms_per_run`` (and
     ``wal_frames_per_run`` with ``wal``)."""
     sys.path.insert(0, src)
-    from sync_worker.server.core import Core, claim_proposal
-    from sync_worker.server.database import SQLiteDatabase
-    from sync_worker.server.events import EventBus
-    from sync_worker.server.models import validate_state
-    from sync_worker.server.runqueue import RunQueue
+    from sync_worker.server.core import claim_proposal
 
-    tmp = tempfile.mkdtemp(prefix="sync-worker-server-ops-")
-    path = os.path.join(tmp, "ops.db")
-    db = SQLiteDatabase(path, cache_size=500)
-    if wal:  # no checkpoints: the WAL file keeps every frame written, so its growth counts them
-        db._writer_conn.execute("PRAGMA wal_autocheckpoint=0")
-    page = db._writer_conn.execute("PRAGMA page_size").fetchone()[0]
-    queue = RunQueue(db, lease_timeout=60)
-    core = Core(db, queue)
-    EventBus(core)  # as the server's app does: every final state is announced to it
-    completed = validate_state({"type": "COMPLETED", "name": "Completed", "state_details": {},
-                                "data": {"storage_key": "result.abc", "serializer": "json"}}, ["state"])
-    errors: list[BaseException] = []
-
-    def check(result: Any, error: BaseException | None) -> None:
-        if error is not None:
-            errors.append(error)
+    ops = Ops("sync-worker-server-ops-", 500, wal)
+    db, core, completed, check = ops.db, ops.core, ops.completed, ops.check
 
     def drain(count: int) -> None:
         previous: list[str] = []
@@ -141,30 +173,31 @@ def child(src: str, mode: str, runs: int, batch: int, warmup: int, wal: bool = F
 
     def idle(count: int) -> None:
         for body in _bodies(count):
+            delivered = len(subscriber.delivered)
             with db.gathering():
                 core.create_task_run_async(body, check, brief=True)
+            if len(subscriber.delivered) == delivered:
+                # not committed inline: queued behind another committer (the checkpointer's
+                # turn, in trees that have one); its commit is done when this returns
+                db.write(lambda tx: None)
             run_id = subscriber.delivered[-1]
             core.set_states_async([(run_id, completed, False, check, True)], holder="bench-1")
             subscriber.leased.discard(run_id)
 
     if mode == "idle":
-        if queue.take(subscriber) is not None:
+        if ops.queue.take(subscriber) is not None:
             raise SystemExit("the queue was not empty")
     work = drain if mode == "drain" else idle
     work(warmup)
-    wal_before = os.path.getsize(path + "-wal")
+    wal_before = ops.wal_size()
     started = time.process_time()
     work(runs)
-    cpu = time.process_time() - started
-    frames = (os.path.getsize(path + "-wal") - wal_before) / (page + 24)  # a frame: 24-byte header + page
     db.write(lambda tx: None)  # queued after the last batch: its callbacks have run when this returns
+    cpu = time.process_time() - started
+    frames = ops.frames_since(wal_before)
     if mode == "idle" and len(subscriber.delivered) != runs + warmup:
         raise SystemExit(f"claimed at create: {len(subscriber.delivered)} of {runs + warmup}")
-    if errors:
-        raise SystemExit(f"{len(errors)} operations failed, the first: {errors[0]!r}")
-    queue.stop()
-    db.close()
-    shutil.rmtree(tmp, ignore_errors=True)
+    ops.close()
     print(f"cpu_ms_per_run {1000 * cpu / runs:.4f}")
     if wal:
         print(f"wal_frames_per_run {frames / runs:.4f}")
