@@ -63,7 +63,8 @@ class Waiter:
     leased: set[str]
     client_id: str
 
-    def wake(self) -> None:  # pragma: no cover - interface
+    def wake(self) -> bool | None:  # pragma: no cover - interface
+        """Runs arrived (see :meth:`RunQueue._wake` for the answer)."""
         raise NotImplementedError
 
 
@@ -78,16 +79,27 @@ class _Key:
         # conclude "nothing more waiting" (the run would wait for the next timer of its key)
         self.due_epoch = 0
         # Which waiting subscriber gets a run (several workers on one key): they are asked in
-        # the set's order, which for subscribers hashed by identity is stable while they stay
-        # registered, so the first one with a free credit takes the runs of a burst (claimed
-        # at create, RunQueue.claim_for) until its credit is spent, and only then the next: the
-        # runs stay on few hot workers (more runs per frame and per commit, fewer wake-ups)
-        # and long runs still spill over to every free slot. A most-recently-used order (the
+        # the order of _preference (a free credit first, then the oldest connection), so the
+        # first one with a free credit takes the runs of a burst (claimed at create,
+        # RunQueue.claim_for; or queued for it while the server has not read its final
+        # states, see Subscription.reserve) until its credit is spent, and only then the next:
+        # the runs stay on few hot workers (more runs per frame and per commit, fewer
+        # wake-ups) and long runs still spill over to every free slot. (Until stop 25 the
+        # order was the set's, and a run that found the first worker's final states unread
+        # went to the next one.) A most-recently-used order (the
         # worker that last registered first, for claims at create and for wake-ups) was measured
         # and not kept (stop 23, compare.py --workers 1,2,4, two invocations each, alternated):
         # 4 workers drained 0.80x and 0.74x of one worker with it, 0.97x and 0.94x without, and
         # ran 199 % / 163 % of the 10 ms ideal against 220 % / 186 %; 2 workers: no difference.
         self.waiters: set[Waiter] = set()
+
+
+def _preference(waiter: Any) -> tuple[bool, int]:
+    """Sort key of the waiters: which one gets a run first. One with a free credit before one
+    without, then the oldest connection: the same worker while it has room (see
+    ``_Key.waiters``)."""
+    room = getattr(waiter, "has_room", None)
+    return (room is not None and not room(), getattr(waiter, "rank", 0))
 
 
 class RunQueue:
@@ -130,21 +142,32 @@ class RunQueue:
         self._wake(key, 1)
 
     def _wake(self, key: _Key, count: int | None = None) -> None:
-        """Wake ``count`` of the key's waiters (all of them when None): one run pushed wakes
-        one subscriber, not every subscriber of the key -- each woken one takes a lock, finds
-        the run gone and waits again, and a thread wake-up costs tens of microseconds of the
-        server's one core per run and connection. A woken waiter that takes nothing while
-        runs are due (no credit left, closing) passes the wake on (:meth:`pass_on`)."""
+        """Wake one of the key's waiters (``count=1``; every one when None): one run pushed
+        wakes one subscriber, not every subscriber of the key -- each woken one takes a lock,
+        finds the run gone and waits again, and a thread wake-up costs tens of microseconds of
+        the server's one core per run and connection. A woken waiter that takes nothing while
+        runs are due (no credit left, closing) passes the wake on (:meth:`pass_on`).
+
+        The one woken is the first by :func:`_preference` that answers: its ``wake()`` returns
+        None (woken: it leaves the waiters), True (it takes the run itself once it has read
+        its client's input, and stays a waiter: the next run should find it again, not the
+        next worker), or False (it cannot take it soon: the next waiter is asked)."""
         waiters = key.waiters
         if not waiters:
             return
-        if count is None or count >= len(waiters):
+        if count is None:
             woken = list(waiters)
             waiters.clear()
-        else:
-            woken = [waiters.pop() for _ in range(count)]
-        for waiter in woken:
-            waiter.wake()
+            for waiter in woken:
+                waiter.wake()
+            return
+        for waiter in sorted(waiters, key=_preference) if len(waiters) > 1 else list(waiters):
+            answer = waiter.wake()
+            if answer is True:
+                return
+            waiters.discard(waiter)
+            if answer is None:
+                return
 
     def _due_here(self, key: _Key) -> bool:
         """Lock held: whether runs of the key wait (buffered, or in the database)."""
@@ -315,12 +338,15 @@ class RunQueue:
                 heapq.heappop(heap)  # stale
             if heap or row.id in in_heap:
                 return None
-            for waiter in key.waiters:
+            for waiter in sorted(key.waiters, key=_preference):
                 reserve = getattr(waiter, "reserve", None)
-                if reserve is not None and reserve():
+                reserved = reserve() if reserve is not None else False
+                if reserved:
                     self.outstanding[row.id] = waiter
                     waiter.leased.add(row.id)
                     return waiter
+                if reserved is None:
+                    return None  # queued for it: it takes the run once it has read its input
         return None
 
     def unclaim(self, waiter: Waiter, run_id: str) -> None:

@@ -16,11 +16,15 @@ from tests.server.test_server_claim_at_create import _idle
 from tests.server.test_server_claim_at_delivery import claiming
 
 
-def _hold_the_reader(server: Any) -> tuple[threading.Event, threading.Event]:
-    """The one subscription's reader thread blocks in the next message it handles until
-    ``release`` is set (``entered`` is set once it is blocked)."""
-    wait_for(lambda: len(server.core.subscribers) == 1, timeout=10, message="the subscriber listed")
-    (sub,) = list(server.core.subscribers)
+def _hold_the_reader(server: Any, client_id: str | None = None) -> tuple[threading.Event, threading.Event]:
+    """The subscription's reader thread (the one subscription's, or that of ``client_id``)
+    blocks in the next message it handles until ``release`` is set (``entered`` is set once
+    it is blocked)."""
+    if client_id is None:
+        wait_for(lambda: len(server.core.subscribers) == 1, timeout=10, message="the subscriber listed")
+        (sub,) = list(server.core.subscribers)
+    else:
+        (sub,) = [s for s in list(server.core.subscribers) if s.client_id == client_id]
     handler = sub._on_messages
     original = handler._work
     entered, release = threading.Event(), threading.Event()

@@ -1,0 +1,81 @@
+"""Several workers on one key: which one gets a run. The runs go to the worker connected first
+while it has a free credit, and only then to the next (runqueue._preference): a burst stays on
+one worker process instead of being spread over all of them, each then waking, framing and
+reporting for fewer runs. A run that finds that worker's input unread (usually its final
+states, which bring more credit) waits for it to be read, up to the worker's free credits,
+instead of going to the next worker (Subscription.reserve)."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from tests.helpers import wait_for
+from tests.server.test_server_claim_at_create import _complete, _idle
+from tests.server.test_server_claim_at_delivery import claiming
+from tests.server.test_server_unread_input import _hold_the_reader
+
+
+def _two_claimers(server: Any, wire: Any, first_credit: int, second_credit: int = 5):
+    first = claiming(wire, first_credit, client_id="first")
+    wait_for(lambda: len(server.core.subscribers) == 1, timeout=10, message="the first worker listed")
+    second = claiming(wire, second_credit, client_id="second")
+    _idle(server, 2)
+    return first, second
+
+
+def _holder(wire: Any, run_id: str) -> str:
+    return wire.read(run_id)["state"]["message"]
+
+
+def test_a_burst_goes_to_the_worker_connected_first_until_its_credit_is_spent(server, wire):
+    first, second = _two_claimers(server, wire, 3)
+    ids = [wire.create()["id"] for _ in range(5)]
+    assert [first.next_run()["id"] for _ in range(3)] == ids[:3]
+    assert {second.next_run()["id"] for _ in range(2)} == set(ids[3:])
+    first.expect_no_run(0.2)
+    assert [_holder(wire, i) for i in ids] == ["Running on first"] * 3 + ["Running on second"] * 2
+    # a slot of the first worker frees: the next run is its again, not the second's
+    assert _complete(first, ids[0])["result"]["status"] == "ACCEPT"
+    _idle(server, 2)
+    later = wire.create()["id"]
+    assert first.next_run()["id"] == later
+    second.expect_no_run(0.2)
+
+
+def test_a_run_waits_for_the_first_workers_unread_input_instead_of_going_to_the_next(server, wire):
+    """The first worker has room but said something the server has not read yet: the run is
+    queued for it (not claimed at create for the second worker), and it gets the run once its
+    input is read."""
+    first, second = _two_claimers(server, wire, 5)
+    entered, release = _hold_the_reader(server, "first")
+    first.send({"type": "ack"})  # (nothing to ack: ignored) the reader blocks handling it
+    assert entered.wait(10)
+    first.send({"type": "ack"})  # unread
+    run_id = wire.create()["id"]
+    time.sleep(0.3)
+    assert wire.read(run_id)["state_type"] == "SCHEDULED"  # waiting for the first worker
+    second.expect_no_run(0.1)
+    release.set()
+    run = first.next_run(timeout=5)
+    assert run["id"] == run_id and run["state"]["type"] == "RUNNING" and run["run_count"] == 1
+    second.expect_no_run(0.2)
+
+
+def test_no_more_runs_wait_for_a_worker_than_it_has_free_credits(server, wire):
+    """With one free credit, one run waits for the first worker's unread input; the next one
+    wakes the second worker, which takes the oldest waiting run at once (runs go out in the
+    order they were created), and the first worker takes the other once its input is read:
+    nothing waits for the first worker beyond its room while the second has a free slot."""
+    first, second = _two_claimers(server, wire, 1, 1)
+    entered, release = _hold_the_reader(server, "first")
+    first.send({"type": "ack"})
+    assert entered.wait(10)
+    first.send({"type": "ack"})  # unread
+    older = wire.create()["id"]
+    newer = wire.create()["id"]
+    run = second.next_run(timeout=5)  # before the first worker's input is read
+    assert run["id"] == older and run["state"]["type"] == "RUNNING"
+    assert wire.read(newer)["state_type"] == "SCHEDULED"
+    release.set()
+    assert first.next_run(timeout=5)["id"] == newer
+    assert (_holder(wire, older), _holder(wire, newer)) == ("Running on second", "Running on first")
