@@ -17,7 +17,13 @@ threads):
 - ``huey``: Huey 3.x ``SqliteHuey`` (a SQLite file: the same durability class as ours),
   ``huey_consumer -k thread -w 10 -d 0.005 -m 0.05`` (it polls SQLite; 5-50 ms backoff).
 Each trial gets its own fresh server / Redis (``--save '' --appendonly no``: the Redis peers
-are NOT durable) / SQLite file, and a worker that has already run a warm-up batch.
+are NOT durable) / SQLite file, and a worker that has already run a warm-up batch. With K
+sync_worker processes, the trial waits until the server lists all K subscribed and then warms
+up each of them: the server gives runs to the first worker while it has a free slot, so 20
+no-op runs would warm up one worker only, and the others' first runs (their lazy imports and
+first allocations) would fall into the measured case; K × limit runs of the ``sleep10`` task
+that sleep 0.2 s instead, submitted at once, fill every worker's slots (each worker is checked
+to have run one).
 
 Rounds are interleaved: round 1 runs A B C D E, round 2 runs A B C D E, ... Within one trial
 (one system, one round) the cases run in this order on the same processes:
@@ -54,6 +60,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -252,6 +259,26 @@ class Trial:
             self.queue = Queue("compare", connection=redis.Redis.from_url(self.env["COMPARE_REDIS_URL"]))
         self.submit(WARMUP, "noop")
         wait_until(lambda: self.finished() >= WARMUP, 120, "the warm-up runs", 0.01, self.procs)
+        if self.kind == "sync_worker" and self.worker_count > 1:
+            self._warm_up_every_worker()
+
+    def _workers_delivered(self) -> list[int]:
+        """Runs the server delivered to each subscribed worker so far (its dashboard API)."""
+        url = self.env["SYNC_WORKER_API_URL"] + "/sync_worker/dashboard/overview"
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return [worker["delivered"] for worker in json.load(response)["workers"]]
+
+    def _warm_up_every_worker(self) -> None:
+        count = self.worker_count
+        wait_until(lambda: len(self._workers_delivered()) >= count, 120, f"{count} workers subscribed", 0.05,
+                   self.procs)
+        before = self.finished()
+        slots = count * self.args.limit
+        self._threads(lambda share: [self.tasks.sleep10.delay(0.2) for _ in range(share)], slots)
+        wait_until(lambda: self.finished() >= before + slots, 120, "the warm-up of every worker", 0.01, self.procs)
+        idle = [i for i, delivered in enumerate(self._workers_delivered()) if not delivered]
+        if idle:
+            raise RuntimeError(f"{len(idle)} of {count} workers got no warm-up run")
 
     def stop(self) -> None:
         for proc in reversed(self.procs):

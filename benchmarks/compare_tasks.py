@@ -45,8 +45,8 @@ def _noop() -> None:
     _done()
 
 
-def _sleep10() -> None:
-    time.sleep(0.01)
+def _sleep10(seconds: float = 0.01) -> None:
+    time.sleep(seconds)  # (longer only in compare.py's warm-up of several sync_worker workers)
     _done()
 
 
