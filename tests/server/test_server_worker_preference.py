@@ -79,3 +79,39 @@ def test_no_more_runs_wait_for_a_worker_than_it_has_free_credits(server, wire):
     release.set()
     assert first.next_run(timeout=5)["id"] == newer
     assert (_holder(wire, older), _holder(wire, newer)) == ("Running on second", "Running on first")
+
+
+def test_a_run_that_waited_for_a_worker_that_then_leaves_goes_to_the_next_at_once(server, wire):
+    """The first worker's unread input was its release and close (it stops): the run that
+    waited for it goes to the second worker as soon as that input is read, not after a lease."""
+    first, second = _two_claimers(server, wire, 5)
+    entered, release = _hold_the_reader(server, "first")
+    first.send({"type": "ack"})
+    assert entered.wait(10)
+    first.send({"type": "release", "task_run_ids": []})  # unread: the reader is busy
+    first.ws.close()
+    run_id = wire.create()["id"]
+    time.sleep(0.3)
+    assert wire.read(run_id)["state_type"] == "SCHEDULED"  # waiting for the first worker
+    second.expect_no_run(0.1)
+    release.set()
+    run = second.next_run(timeout=5)
+    assert run["id"] == run_id and run["state"]["type"] == "RUNNING" and run["run_count"] == 1
+    assert _holder(wire, run_id) == "Running on second"
+
+
+def test_a_run_that_waited_for_a_worker_that_was_killed_goes_to_the_next(server, wire):
+    """The first worker's connection ends without a word (its process killed) while a run
+    waits for its unread input: the second worker gets the run once the end is read."""
+    first, second = _two_claimers(server, wire, 5)
+    entered, release = _hold_the_reader(server, "first")
+    first.send({"type": "ack"})
+    assert entered.wait(10)
+    first.send({"type": "ack"})  # unread
+    first.ws.sock.close()  # no close frame: as a killed process's socket
+    run_id = wire.create()["id"]
+    time.sleep(0.3)
+    assert wire.read(run_id)["state_type"] == "SCHEDULED"
+    release.set()
+    run = second.next_run(timeout=10)
+    assert run["id"] == run_id and run["state"]["type"] == "RUNNING"
