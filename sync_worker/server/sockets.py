@@ -260,6 +260,12 @@ class WebSocket(simple_websocket.Server):
         # (gone meanwhile: it has just read them, and may have looked at the flag before)
         return self._peek()
 
+    def read_soon(self) -> bool:
+        """Whether the reader calls :attr:`on_read` after its next read anyway
+        (:meth:`input_pending` found input that the reader has not passed since): what
+        input_pending would arrange, known without a look at the socket."""
+        return self._wake_after_read and self._lean
+
     def unread_input(self) -> bool:
         """Whether bytes (or the end of the stream) wait in the socket unread, on any reader's
         path: the pinger's test for a busy reader, not a silent client."""
