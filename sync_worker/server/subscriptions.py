@@ -329,7 +329,7 @@ class Subscription:
         commit of those final states (``input_pending`` arranged that the reader delivers
         then). Giving the run to the next worker instead spread a drain over every worker
         process, each then waking, framing and reporting for fewer runs (measured, drains of
-        3,000 runs with 2 and 4 workers: the first one got 48-71 % of the runs before, 95-97 %
+        3,000 runs with 2 and 4 workers: the first one got 48-71 % of the runs before, 93-99 %
         with this). At most as many runs wait so as the connection has free credits
         (``_deferred``, counted by :meth:`wake` as the queue wakes it for them, reset when it
         takes runs); the rest go to the next worker, so a run does not wait for one worker

@@ -23,6 +23,23 @@ def _two_claimers(server: Any, wire: Any, first_credit: int, second_credit: int 
     return first, second
 
 
+def _first_ones_input_unread(server: Any, wire: Any, first_credit: int, second_credit: int = 5):
+    """Two workers; the first one's reader held in the handling of a message, so that what the
+    first worker sends next stays unread until ``release`` is set."""
+    first, second = _two_claimers(server, wire, first_credit, second_credit)
+    entered, release = _hold_the_reader(server, "first")
+    first.send({"type": "ack"})  # (nothing to ack: ignored) the reader blocks handling it
+    assert entered.wait(10)
+    return first, second, release
+
+
+def _created_and_waiting(wire: Any) -> str:
+    run_id = wire.create()["id"]
+    time.sleep(0.3)
+    assert wire.read(run_id)["state_type"] == "SCHEDULED"  # waiting for the first worker
+    return run_id
+
+
 def _holder(wire: Any, run_id: str) -> str:
     return wire.read(run_id)["state"]["message"]
 
@@ -46,14 +63,9 @@ def test_a_run_waits_for_the_first_workers_unread_input_instead_of_going_to_the_
     """The first worker has room but said something the server has not read yet: the run is
     queued for it (not claimed at create for the second worker), and it gets the run once its
     input is read."""
-    first, second = _two_claimers(server, wire, 5)
-    entered, release = _hold_the_reader(server, "first")
-    first.send({"type": "ack"})  # (nothing to ack: ignored) the reader blocks handling it
-    assert entered.wait(10)
+    first, second, release = _first_ones_input_unread(server, wire, 5)
     first.send({"type": "ack"})  # unread
-    run_id = wire.create()["id"]
-    time.sleep(0.3)
-    assert wire.read(run_id)["state_type"] == "SCHEDULED"  # waiting for the first worker
+    run_id = _created_and_waiting(wire)
     second.expect_no_run(0.1)
     release.set()
     run = first.next_run(timeout=5)
@@ -66,10 +78,7 @@ def test_no_more_runs_wait_for_a_worker_than_it_has_free_credits(server, wire):
     wakes the second worker, which takes the oldest waiting run at once (runs go out in the
     order they were created), and the first worker takes the other once its input is read:
     nothing waits for the first worker beyond its room while the second has a free slot."""
-    first, second = _two_claimers(server, wire, 1, 1)
-    entered, release = _hold_the_reader(server, "first")
-    first.send({"type": "ack"})
-    assert entered.wait(10)
+    first, second, release = _first_ones_input_unread(server, wire, 1, 1)
     first.send({"type": "ack"})  # unread
     older = wire.create()["id"]
     newer = wire.create()["id"]
@@ -84,15 +93,10 @@ def test_no_more_runs_wait_for_a_worker_than_it_has_free_credits(server, wire):
 def test_a_run_that_waited_for_a_worker_that_then_leaves_goes_to_the_next_at_once(server, wire):
     """The first worker's unread input was its release and close (it stops): the run that
     waited for it goes to the second worker as soon as that input is read, not after a lease."""
-    first, second = _two_claimers(server, wire, 5)
-    entered, release = _hold_the_reader(server, "first")
-    first.send({"type": "ack"})
-    assert entered.wait(10)
+    first, second, release = _first_ones_input_unread(server, wire, 5)
     first.send({"type": "release", "task_run_ids": []})  # unread: the reader is busy
     first.ws.close()
-    run_id = wire.create()["id"]
-    time.sleep(0.3)
-    assert wire.read(run_id)["state_type"] == "SCHEDULED"  # waiting for the first worker
+    run_id = _created_and_waiting(wire)
     second.expect_no_run(0.1)
     release.set()
     run = second.next_run(timeout=5)
@@ -103,15 +107,10 @@ def test_a_run_that_waited_for_a_worker_that_then_leaves_goes_to_the_next_at_onc
 def test_a_run_that_waited_for_a_worker_that_was_killed_goes_to_the_next(server, wire):
     """The first worker's connection ends without a word (its process killed) while a run
     waits for its unread input: the second worker gets the run once the end is read."""
-    first, second = _two_claimers(server, wire, 5)
-    entered, release = _hold_the_reader(server, "first")
-    first.send({"type": "ack"})
-    assert entered.wait(10)
+    first, second, release = _first_ones_input_unread(server, wire, 5)
     first.send({"type": "ack"})  # unread
     first.ws.sock.close()  # no close frame: as a killed process's socket
-    run_id = wire.create()["id"]
-    time.sleep(0.3)
-    assert wire.read(run_id)["state_type"] == "SCHEDULED"
+    run_id = _created_and_waiting(wire)
     release.set()
     run = second.next_run(timeout=10)
     assert run["id"] == run_id and run["state"]["type"] == "RUNNING"
