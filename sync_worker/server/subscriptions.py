@@ -271,19 +271,19 @@ class Subscription:
         # together, when its last one settles (one frame with batch_delivery)
         self._claiming = 0
         self._claimed: list[tuple[str, str]] = []
-        self._deferred = 0  # runs left queued for this connection by reserve() since it last took
+        self._deferred = 0  # runs the queue left waiting for this connection (wake) since it last took runs
 
     def __hash__(self) -> int:
         return id(self)
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
 
     def has_room(self) -> bool:
         """Whether flow control lets a run go now (read without the lock: it only orders the
         waiters, see ``runqueue._preference``)."""
         credit = self._credit
         return not self._unacked if credit is None else credit > 0
-
-    def __eq__(self, other: object) -> bool:
-        return self is other
 
     # -- Waiter ----------------------------------------------------------------------------------
     def wake(self) -> bool | None:
