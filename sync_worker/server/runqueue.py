@@ -102,6 +102,10 @@ def _preference(waiter: Any) -> tuple[bool, int]:
     return (room is not None and not room(), getattr(waiter, "rank", 0))
 
 
+def _in_preference_order(waiters: set[Any]) -> list[Any]:
+    return sorted(waiters, key=_preference) if len(waiters) > 1 else list(waiters)
+
+
 class RunQueue:
     def __init__(self, db: Database, *, lease_timeout: float = 30.0, max_deliveries: int = 3,
                  buffer_size: int = 1000) -> None:
@@ -161,7 +165,7 @@ class RunQueue:
             for waiter in woken:
                 waiter.wake()
             return
-        for waiter in sorted(waiters, key=_preference) if len(waiters) > 1 else list(waiters):
+        for waiter in _in_preference_order(waiters):
             answer = waiter.wake()
             if answer is True:
                 return
@@ -338,7 +342,7 @@ class RunQueue:
                 heapq.heappop(heap)  # stale
             if heap or row.id in in_heap:
                 return None
-            for waiter in sorted(key.waiters, key=_preference):
+            for waiter in _in_preference_order(key.waiters):
                 reserve = getattr(waiter, "reserve", None)
                 reserved = reserve() if reserve is not None else False
                 if reserved:

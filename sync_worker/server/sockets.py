@@ -250,21 +250,23 @@ class WebSocket(simple_websocket.Server):
         a busy server's reader may not have got to. True makes the reader call
         :attr:`on_read` after it read and handled them, so that a delivery deferred until
         then happens (from then on, it knows what the client said). Only on the lean
-        reader's path (False elsewhere: nothing is deferred)."""
-        if not self._lean or not self.connected:
+        reader's path (False elsewhere: nothing is deferred).
+
+        Once it found input, it answers True without a look at the socket (a system call that
+        also lets go of the GIL) until the reader has passed the flag, which it then does
+        anyway: the queue asks a worker's connection for each run it queues for it (counted
+        with strace on the server, 3,000-run drains: 2.8 looks per run without this, 0.93-0.96
+        with it; waited runs 2.7 and 1.5)."""
+        if not self._lean:
             return False
-        if not self._peek():
+        if self._wake_after_read:
+            return True
+        if not self.connected or not self._peek():
             return False
         self._wake_after_read = True
         # still there after the flag was set: the reader reads them later and sees the flag
         # (gone meanwhile: it has just read them, and may have looked at the flag before)
         return self._peek()
-
-    def read_soon(self) -> bool:
-        """Whether the reader calls :attr:`on_read` after its next read anyway
-        (:meth:`input_pending` found input that the reader has not passed since): what
-        input_pending would arrange, known without a look at the socket."""
-        return self._wake_after_read and self._lean
 
     def unread_input(self) -> bool:
         """Whether bytes (or the end of the stream) wait in the socket unread, on any reader's

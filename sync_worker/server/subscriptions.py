@@ -299,7 +299,7 @@ class Subscription:
         will take the run (the connection still waits for runs), up to as many runs as it has
         free credits (:meth:`reserve`); False past them (the queue wakes the next waiter);
         None when the sender thread was woken."""
-        if self.claim_at_delivery and not self._reserved_texts and (self.ws.read_soon() or self.ws.input_pending()):
+        if self.claim_at_delivery and not self._reserved_texts and self.ws.input_pending():
             if self._deferred < (self._credit or 0):
                 self._deferred += 1
                 return True
@@ -338,7 +338,7 @@ class Subscription:
             return False
         if not self._credit or self._quitting or self._closed:
             return False  # (read again below, under the lock; this spares the peek)
-        if self.ws.read_soon() or self.ws.input_pending():  # (e.g. a release: not claimed then, see _tick)
+        if self.ws.input_pending():  # (e.g. a release: not claimed then, see _tick)
             return None if self._deferred < self._credit else False
         if not self._deliver_lock.acquire(blocking=False):
             return False

@@ -126,19 +126,28 @@ def test_a_run_queued_while_the_claimers_input_is_unread_wakes_no_sender_thread(
     assert pokes == []  # by the reader thread
 
 
-def test_read_soon_is_set_by_input_pending_and_cleared_by_the_read(server, wire):
-    """``read_soon`` is True from the moment ``input_pending`` found unread input until the
-    reader has read it (and called ``on_read``): the queue asks it first for each run it
-    queues for a connection, instead of a look at the socket each time."""
+def test_input_pending_once_found_answers_without_a_look_at_the_socket_until_the_read(server, wire):
+    """Once ``input_pending`` found unread input, it answers True without looking at the socket
+    again until the reader has read that input (and called ``on_read``): the queue asks it for
+    each run it queues for a connection. After the read it looks again."""
     subscriber = claiming(wire, 5)
     _idle(server)
     (sub,) = list(server.core.subscribers)
-    assert not sub.ws.read_soon()
     entered, release = _hold_the_reader(server)
     subscriber.send({"type": "ack"})  # (nothing to ack: ignored) the reader blocks handling it
     assert entered.wait(10)
     subscriber.send({"type": "ack"})  # unread
     wait_for(sub.ws.input_pending, timeout=10, message="the input seen unread")
-    assert sub.ws.read_soon()
+    looks: list[bool] = []
+    peek = sub.ws._peek
+
+    def counted_peek() -> bool:
+        looks.append(True)
+        return peek()
+
+    sub.ws._peek = counted_peek  # type: ignore[method-assign]
+    assert sub.ws.input_pending() and sub.ws.input_pending()
+    assert looks == []
     release.set()
-    wait_for(lambda: not sub.ws.read_soon(), timeout=10, message="the reader read it")
+    wait_for(lambda: not sub.ws.input_pending(), timeout=10, message="the reader read it")
+    assert looks  # read: it looks at the socket again
