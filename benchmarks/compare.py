@@ -21,9 +21,9 @@ are NOT durable) / SQLite file, and a worker that has already run a warm-up batc
 sync_worker processes, the trial waits until the server lists all K subscribed and then warms
 up each of them: the server gives runs to the first worker while it has a free slot, so 20
 no-op runs would warm up one worker only, and the others' first runs (their lazy imports and
-first allocations) would fall into the measured case; K × limit runs of the ``sleep10`` task
-that sleep 0.2 s instead, submitted at once, fill every worker's slots (each worker is checked
-to have run one).
+first allocations) would fall into the measured case; K × limit runs of the ``sleep_for`` task
+that sleep 0.2 s instead (its own task: the measured tasks take no parameter), submitted at
+once, fill every worker's slots (each worker is checked to have run one).
 
 Rounds are interleaved: round 1 runs A B C D E, round 2 runs A B C D E, ... Within one trial
 (one system, one round) the cases run in this order on the same processes:
@@ -222,7 +222,8 @@ class Trial:
             wait_until(lambda: _port_open(port), 60, "the sync_worker server", 0.02, [self.server])
             for i in range(self.worker_count):
                 self.workers.append(self._spawn(f"worker{i}", [py, "-m", "sync_worker", "worker", "compare_tasks:noop",
-                                                               "compare_tasks:sleep10", "--limit", limit,
+                                                               "compare_tasks:sleep10", "compare_tasks:sleep_for",
+                                                               "--limit", limit,
                                                                "--log-level", "WARNING"], cwd=self.src))
             self.worker = self.workers[0]
         elif self.kind in REDIS_SYSTEMS:
@@ -274,7 +275,7 @@ class Trial:
                    self.procs)
         before = self.finished()
         slots = count * self.args.limit
-        self._threads(lambda share: [self.tasks.sleep10.delay(0.2) for _ in range(share)], slots)
+        self._threads(lambda share: [self.tasks.sleep_for.delay(0.2) for _ in range(share)], slots)
         wait_until(lambda: self.finished() >= before + slots, 120, "the warm-up of every worker", 0.01, self.procs)
         idle = [i for i, delivered in enumerate(self._workers_delivered()) if not delivered]
         if idle:

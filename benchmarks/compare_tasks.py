@@ -10,6 +10,7 @@ one is imported, so a missing peer library does not break the others):
 
 The body is the same for every system: ``noop`` appends ``"%17.6f\\n" % time.time()`` (18 bytes)
 to the done file with one ``O_APPEND`` write and returns None; ``sleep10`` sleeps 10 ms first.
+Neither takes a parameter.
 The driver counts finished runs with ``os.stat`` (size // 18) and takes the last line's time as
 the end of a drain, without asking the system under test anything (no polling of its API, which
 would cost the measured processes CPU).
@@ -45,8 +46,16 @@ def _noop() -> None:
     _done()
 
 
-def _sleep10(seconds: float = 0.01) -> None:
-    time.sleep(seconds)  # (longer only in compare.py's warm-up of several sync_worker workers)
+def _sleep10() -> None:
+    time.sleep(0.01)
+    _done()
+
+
+def _sleep_for(seconds: float) -> None:
+    """compare.py's warm-up of several sync_worker workers only: a parameter, unlike the
+    measured tasks (a sync_worker run with parameters also writes and reads a record file,
+    Prefect's layout; the peers pass arguments inside the message)."""
+    time.sleep(seconds)
     _done()
 
 
@@ -55,6 +64,7 @@ if SYSTEM == "sync_worker":
 
     noop = task(task_key="compare.noop")(_noop)
     sleep10 = task(task_key="compare.sleep10")(_sleep10)
+    sleep_for = task(task_key="compare.sleep_for")(_sleep_for)
     noop_r = noop
 
 elif SYSTEM == "dramatiq":
