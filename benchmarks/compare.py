@@ -34,7 +34,11 @@ Rounds are interleaved: round 1 runs A B C D E, round 2 runs A B C D E, ... With
   ``get(blocking=True)``), N runs in all; runs/s = N / wall time;
 - ``short``: drain of ``--short-runs`` tasks that sleep 10 ms, limit 10: reported as % of the
   ideal 1,000 runs/s;
-- ``latency``: one caller, ``--samples`` sequential submit -> result, p50 / p95.
+- ``latency``: one caller, ``--samples`` sequential submit -> result, p50 / p95;
+- ``params``: the drain again with a task that takes one argument (``noop_p(1)``). The peers
+  carry arguments inside their message; sync_worker stores a run's parameters as a record
+  file in ``SYNC_WORKER_STORAGE`` (Prefect's layout): ``.delay()`` writes it, the worker reads
+  it and deletes it at COMPLETED. This case measures what that costs.
 CPU per run of each process is read from /proc/<pid>/stat (user+system, children included)
 around each case: the server or broker (redis-server for the Redis peers; Huey has none), the
 worker (its process tree) and the submitter (the threads of the trial process, from the first
@@ -72,7 +76,7 @@ REDIS_SYSTEMS = ("dramatiq", "celery", "rq")
 STDLIB_SYSTEM = "sync_worker(stdlib)"
 INSTALL_HINT = ("python3 -m pip install 'dramatiq[redis]' 'celery[redis]' rq huey redis"
                 " (and for the Redis peers: apt-get install -y redis-server)")
-CASES = ("drain", "waited", "short", "latency")
+CASES = ("drain", "waited", "short", "latency", "params")
 WARMUP = 20
 RECORD_SIZE = 18  # compare_tasks.RECORD_SIZE
 
@@ -223,7 +227,7 @@ class Trial:
             for i in range(self.worker_count):
                 self.workers.append(self._spawn(f"worker{i}", [py, "-m", "sync_worker", "worker", "compare_tasks:noop",
                                                                "compare_tasks:sleep10", "compare_tasks:sleep_for",
-                                                               "--limit", limit,
+                                                               "compare_tasks:noop_p", "--limit", limit,
                                                                "--log-level", "WARNING"], cwd=self.src))
             self.worker = self.workers[0]
         elif self.kind in REDIS_SYSTEMS:
@@ -310,17 +314,17 @@ class Trial:
             handle.seek(-RECORD_SIZE, os.SEEK_END)
             return max(float(line) for line in handle.read().split())
 
-    def _send(self, name: str):
+    def _send(self, name: str, *args):
         fn = getattr(self.tasks, name)
         if self.kind == "sync_worker":
-            return fn.delay()
+            return fn.delay(*args)
         if self.kind == "dramatiq":
-            return fn.send()
+            return fn.send(*args)
         if self.kind == "celery":
-            return fn.delay()
+            return fn.delay(*args)
         if self.kind == "rq":
-            return self.queue.enqueue(fn)
-        return fn()  # huey
+            return self.queue.enqueue(fn, *args)
+        return fn(*args)  # huey
 
     def _wait(self, handle) -> None:
         if self.kind == "sync_worker":
@@ -336,9 +340,9 @@ class Trial:
         else:
             handle.get(blocking=True, timeout=60)
 
-    def submit(self, count: int, name: str) -> None:
+    def submit(self, count: int, name: str, *args) -> None:
         for _ in range(count):
-            self._send(name)
+            self._send(name, *args)
 
     def submit_and_wait(self, count: int, latencies: list[float] | None = None) -> None:
         for _ in range(count):
@@ -369,7 +373,7 @@ class Trial:
 
     def measure(self, case: str) -> dict:
         runs = {"drain": self.args.runs, "waited": self.args.runs, "short": self.args.short_runs,
-                "latency": self.args.samples}[case]
+                "latency": self.args.samples, "params": self.args.runs}[case]
         server_pids = [self.server.pid] if self.server else []
         worker_pids = self.worker_pids()
         before_done = self.finished()
@@ -380,6 +384,8 @@ class Trial:
             self._threads(lambda share: self.submit(share, "noop"), runs)
         elif case == "short":
             self._threads(lambda share: self.submit(share, "sleep10"), runs)
+        elif case == "params":
+            self._threads(lambda share: self.submit(share, "noop_p", 1), runs)
         elif case == "waited":
             self._threads(self.submit_and_wait, runs)
         else:
@@ -388,7 +394,7 @@ class Trial:
         submitted = time.perf_counter()
         wait_until(lambda: self.finished() >= before_done + runs, self.args.timeout, f"{case}: {runs} runs",
                    0.002, self.procs)
-        if case in ("drain", "short"):
+        if case in ("drain", "short", "params"):
             elapsed = self.last_finish() - t0_wall
         else:
             elapsed = time.perf_counter() - t0
@@ -575,6 +581,13 @@ def markdown(summary: dict, args: argparse.Namespace, vers: dict[str, str]) -> s
 
 def extra_lines(summary: dict, results: list[dict], args: argparse.Namespace, import_ms: float) -> list[str]:
     out = []
+    for system, entry in summary.items():
+        if entry.get("rounds") and "params" in entry:
+            c = entry["params"]["cpu_ms"]
+            ratio = _ratio(system, entry, "params")
+            out.append(f"- one argument per run (``params``), {system}: drain {_rate(entry, 'params')} runs/s"
+                       + ("" if ratio == "–" else f", ours ÷ peer {ratio}")
+                       + f"; CPU ms/run {c['total']:.2f} ({c['server']:.2f} + {c['worker']:.2f} + {c['submitter']:.2f})")
     for system, entry in summary.items():
         if not system.startswith("sync_worker") or not entry["rounds"]:
             continue

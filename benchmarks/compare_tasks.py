@@ -10,7 +10,7 @@ one is imported, so a missing peer library does not break the others):
 
 The body is the same for every system: ``noop`` appends ``"%17.6f\\n" % time.time()`` (18 bytes)
 to the done file with one ``O_APPEND`` write and returns None; ``sleep10`` sleeps 10 ms first.
-Neither takes a parameter.
+Neither takes a parameter; ``noop_p(x)`` is the no-op with one.
 The driver counts finished runs with ``os.stat`` (size // 18) and takes the last line's time as
 the end of a drain, without asking the system under test anything (no polling of its API, which
 would cost the measured processes CPU).
@@ -46,6 +46,11 @@ def _noop() -> None:
     _done()
 
 
+def _noop_p(x: int) -> None:
+    """The no-op with one argument (compare.py's ``params`` case)."""
+    _done()
+
+
 def _sleep10() -> None:
     time.sleep(0.01)
     _done()
@@ -63,6 +68,7 @@ if SYSTEM == "sync_worker":
     from sync_worker import task
 
     noop = task(task_key="compare.noop")(_noop)
+    noop_p = task(task_key="compare.noop_p")(_noop_p)
     sleep10 = task(task_key="compare.sleep10")(_sleep10)
     sleep_for = task(task_key="compare.sleep_for")(_sleep_for)
     noop_r = noop
@@ -77,6 +83,7 @@ elif SYSTEM == "dramatiq":
     broker.add_middleware(Results(backend=RedisBackend(url=REDIS_URL)))
     dramatiq.set_broker(broker)
     noop = dramatiq.actor(_noop, actor_name="noop", queue_name=QUEUE, max_retries=0)
+    noop_p = dramatiq.actor(_noop_p, actor_name="noop_p", queue_name=QUEUE, max_retries=0)
     sleep10 = dramatiq.actor(_sleep10, actor_name="sleep10", queue_name=QUEUE, max_retries=0)
     # waited mode: the same body, its result stored (Dramatiq stores none unless asked)
     noop_r = dramatiq.actor(_noop, actor_name="noop_r", queue_name=QUEUE, max_retries=0, store_results=True)
@@ -88,6 +95,7 @@ elif SYSTEM == "celery":
     app.conf.update(task_default_queue=QUEUE, broker_connection_retry_on_startup=True,
                     worker_hijack_root_logger=False)
     noop = app.task(name="compare.noop", ignore_result=True)(_noop)
+    noop_p = app.task(name="compare.noop_p", ignore_result=True)(_noop_p)
     sleep10 = app.task(name="compare.sleep10", ignore_result=True)(_sleep10)
     noop_r = app.task(name="compare.noop_r", ignore_result=False)(_noop)
 
@@ -97,10 +105,12 @@ elif SYSTEM == "huey":
     # store_none: a waiting caller needs a result even for a function returning None
     huey = SqliteHuey("compare", filename=HUEY_DB, store_none=True)
     noop = huey.task(name="noop")(_noop)
+    noop_p = huey.task(name="noop_p")(_noop_p)
     sleep10 = huey.task(name="sleep10")(_sleep10)
     noop_r = noop
 
 else:  # rq resolves plain functions by dotted path
     noop = _noop
+    noop_p = _noop_p
     sleep10 = _sleep10
     noop_r = _noop
