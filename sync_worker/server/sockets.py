@@ -159,6 +159,9 @@ class WebSocket(simple_websocket.Server):
         self._lean = False
         #: set by :meth:`input_pending`: the reader calls :attr:`on_read` after its next read
         self._wake_after_read = False
+        #: held by the shared reader while it reads, and by :meth:`input_pending` while it
+        #: looks at the socket and sets the flag (never while waiting for a client)
+        self._input_lock = threading.Lock()
         self.on_read: Callable[[], None] | None = None
         self._no_extensions: bool | None = None  # see _plain
         kwargs.setdefault("receive_bytes", RECEIVE_BYTES)
@@ -252,21 +255,36 @@ class WebSocket(simple_websocket.Server):
         then happens (from then on, it knows what the client said). Only on the lean
         reader's path (False elsewhere: nothing is deferred).
 
-        Once it found input, it answers True without a look at the socket (a system call that
-        also lets go of the GIL) until the reader has passed the flag, which it then does
-        anyway: the queue asks a worker's connection for each run it queues for it (counted
-        with strace on the server, 3,000-run drains: 2.8 looks per run without this, 0.93-0.96
-        with it; waited runs 2.7 and 1.5)."""
+        With the shared reader, once it found input it answers True without a look at the
+        socket (a system call that also lets go of the GIL) until the reader has read it: the
+        queue asks a worker's connection for each run it queues for it (counted with strace
+        on the server, 3,000-run drains: 2.8 looks per run without this, 0.93-0.96 with it;
+        waited runs 2.7 and 1.5). That answer holds because the flag is only set while the
+        input is unread, under the lock the shared reader reads under (:meth:`_readable`):
+        the read that takes the input comes later, and the reader looks at the flag after
+        it. (Until stop 27 the flag was set between two looks without that lock; when the
+        reader read the input in between, the flag stayed set with nothing left to read,
+        and a run deferred on it waited for the worker's next frame: its keep-alive ping,
+        15 s later. Seen as one waited trial in about 150 taking 16 s instead of 1.3.)
+        A reader thread of its own reads without the lock (its ``recv`` blocks): there the
+        socket is looked at every time, and True only when the input is still there after
+        the flag was set."""
         if not self._lean:
             return False
-        if self._wake_after_read:
+        if self._shared is None:
+            if not self.connected or not self._peek():
+                return False
+            self._wake_after_read = True
+            # still there after the flag was set: the reader reads them later and sees the flag
+            # (gone meanwhile: it has just read them, and may have looked at the flag before)
+            return self._peek()
+        with self._input_lock:
+            if self._wake_after_read:
+                return True
+            if not self.connected or not self._peek():
+                return False
+            self._wake_after_read = True
             return True
-        if not self.connected or not self._peek():
-            return False
-        self._wake_after_read = True
-        # still there after the flag was set: the reader reads them later and sees the flag
-        # (gone meanwhile: it has just read them, and may have looked at the flag before)
-        return self._peek()
 
     def unread_input(self) -> bool:
         """Whether bytes (or the end of the stream) wait in the socket unread, on any reader's
@@ -424,7 +442,8 @@ class WebSocket(simple_websocket.Server):
         if not self.connected:
             return b""
         try:
-            data = self.sock.recv(self.receive_bytes, _NOWAIT)
+            with self._input_lock:  # see input_pending
+                data = self.sock.recv(self.receive_bytes, _NOWAIT)
         except BlockingIOError:
             return None
         except OSError:
