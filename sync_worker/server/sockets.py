@@ -262,7 +262,7 @@ class WebSocket(simple_websocket.Server):
         waited runs 2.7 and 1.5). That answer holds because the flag is only set while the
         input is unread, under the lock the shared reader reads under (:meth:`_readable`):
         the read that takes the input comes later, and the reader looks at the flag after
-        it. (Until stop 27 the flag was set between two looks without that lock; when the
+        it. (Until stop 28 the flag was set between two looks without that lock; when the
         reader read the input in between, the flag stayed set with nothing left to read,
         and a run deferred on it waited for the worker's next frame: its keep-alive ping,
         15 s later. Seen as one waited trial in about 150 taking 16 s instead of 1.3.)
