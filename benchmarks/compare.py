@@ -25,8 +25,13 @@ first allocations) would fall into the measured case; K × limit runs of the ``s
 that sleep 0.2 s instead (its own task: the measured tasks take no parameter), submitted at
 once, fill every worker's slots (each worker is checked to have run one).
 
-Rounds are interleaved: round 1 runs A B C D E, round 2 runs A B C D E, ... Within one trial
-(one system, one round) the cases run in this order on the same processes:
+Rounds are interleaved, and each starts one system later: round 1 runs A B C D E, round 2
+B C D E A, round 3 C D E A B, ... (``--order fixed``: A B C D E every round). With a fixed order
+the host's bursts of steal fell on the first position in four rounds of five at stop 31 (that
+system's trials: a median of 20 % of the CPU time stolen; the next two: 2-3 %), and its system
+paid for it in every ratio; rotating spreads such bursts over all of them. With as many rounds as
+systems, each takes each position once. Within one trial (one system, one round) the cases run
+in this order on the same processes:
 - ``drain``: T submitter threads submit N no-op runs between them; runs/s = N / (first submit ->
   the last run finished, as the task itself recorded it);
 - ``waited``: T threads each submit a run and wait for its result through the system's own
@@ -137,6 +142,27 @@ def rss_mb(pids: list[int]) -> float:
 def own_cpu() -> float:
     times = os.times()
     return times.user + times.system
+
+
+def machine_ticks() -> list[int]:
+    """The machine's CPU time by kind (the ``cpu`` line of /proc/stat): user nice system idle
+    iowait irq softirq steal; empty where there is none."""
+    try:
+        with open("/proc/stat") as handle:
+            return [int(x) for x in handle.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return []
+
+
+def steal_pct(before: list[int], after: list[int]) -> float | None:
+    """Per cent of the machine's CPU time the hypervisor gave to others between two readings
+    (the "steal" of top): on a shared VM the main source of noise in wall time, and the
+    reason the cases report CPU per run too."""
+    if len(before) < 8 or len(after) < 8:
+        return None
+    deltas = [b - a for a, b in zip(before[:8], after[:8], strict=True)]
+    total = sum(deltas)
+    return 100 * deltas[7] / total if total > 0 else None
 
 
 def free_port() -> int:
@@ -378,6 +404,7 @@ class Trial:
         worker_pids = self.worker_pids()
         before_done = self.finished()
         cpu0 = (cpu_seconds(server_pids), cpu_seconds(worker_pids), own_cpu())
+        ticks0 = machine_ticks()
         latencies: list[float] = []
         t0_wall, t0 = time.time(), time.perf_counter()
         if case == "drain":
@@ -398,6 +425,7 @@ class Trial:
             elapsed = self.last_finish() - t0_wall
         else:
             elapsed = time.perf_counter() - t0
+        ticks1 = machine_ticks()  # (before the pause below: the case's own time)
         time.sleep(0.3)  # let the last state reports land before reading CPU
         worker_pids = self.worker_pids()
         cpu1 = (cpu_seconds(server_pids), cpu_seconds(worker_pids))
@@ -406,6 +434,9 @@ class Trial:
         cpu["total"] = sum(cpu.values())
         row = {"runs": runs, "seconds": elapsed, "runs_per_s": runs / elapsed, "cpu_ms": cpu,
                "submit_s": submitted - t0}
+        stolen = steal_pct(ticks0, ticks1)
+        if stolen is not None:
+            row["steal_pct"] = stolen
         if latencies:
             row.update(p50_ms=statistics.median(latencies), p95_ms=percentile(latencies, 0.95))
         return row
@@ -603,6 +634,11 @@ def extra_lines(summary: dict, results: list[dict], args: argparse.Namespace, im
                        f"{_fmt_range(ours['server_rss_mb'], '.1f')} MB; worker RSS "
                        f"{_fmt_range(ours['worker_rss_mb'], '.1f')} MB")
     out.append(f"- import sync_worker: {import_ms:.1f} ms (median of 7 fresh interpreters)")
+    stolen = [r[case]["steal_pct"] for r in results for case in args.cases
+              if isinstance(r.get(case), dict) and "steal_pct" in r[case]]
+    if stolen:
+        out.append(f"- CPU time the hypervisor gave to other guests during the cases (steal, per cent of this "
+                   f"machine's CPU time, every trial and case): {_fmt_range(stolen, '.1f')} %")
     for r in results:
         if "error" in r:
             out.append(f"- {r['system']} round {r.get('round')}: FAILED {r['error']}")
@@ -645,14 +681,16 @@ def outer(args: argparse.Namespace) -> int:
         f"threads={args.threads}, limit={args.limit}; load average {load_before[0]:.2f}")
     results: list[dict] = []
     for round_no in range(1, args.rounds + 1):
-        for system in runnable:
+        shift = (round_no - 1) % len(runnable) if args.order == "rotate" and runnable else 0
+        for system in runnable[shift:] + runnable[:shift]:
             t0 = time.monotonic()
             row = run_trial(system, args)
             row["round"] = round_no
             row["loadavg"] = os.getloadavg()[0]
             results.append(row)
             brief = row.get("error") or ", ".join(
-                f"{c} {row[c]['runs_per_s']:,.0f}/s cpu {row[c]['cpu_ms']['total']:.2f}ms" for c in args.cases if c in row)
+                f"{c} {row[c]['runs_per_s']:,.0f}/s cpu {row[c]['cpu_ms']['total']:.2f}ms"
+                + (f" steal {row[c]['steal_pct']:.0f}%" if "steal_pct" in row[c] else "") for c in args.cases if c in row)
             log(f"round {round_no} {system}: {brief} ({time.monotonic() - t0:.0f}s)")
     import_ms = import_time_ms(str(REPO))
     summary = summarize(results, runnable, args)
@@ -665,7 +703,8 @@ def outer(args: argparse.Namespace) -> int:
     command = "python3 benchmarks/compare.py" + (" --quick" if args.quick else "")
     print(f"Measured {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} with `{command}` "
           f"({' '.join(sys.argv[1:])}): {os.cpu_count()} cores, load average {load_before[0]:.1f} before / "
-          f"{os.getloadavg()[0]:.1f} after, {args.rounds} interleaved rounds, N={args.runs:,} no-op runs "
+          f"{os.getloadavg()[0]:.1f} after, {args.rounds} interleaved rounds "
+          f"({'each starting one system later' if args.order == 'rotate' else 'the same order in each'}), N={args.runs:,} no-op runs "
           f"per case from {args.threads} submitter threads, limit {args.limit}; {elapsed / 60:.1f} min in all. "
           "Medians over the rounds, (min–max); ratios from the same round.")
     print()
@@ -682,6 +721,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="3 rounds, N=1000, 500 short runs, 100 samples")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds (default 5; --quick 3)")
+    parser.add_argument("--order", choices=("rotate", "fixed"), default="rotate",
+                        help="rotate (default): each round starts one system later; fixed: the same order "
+                             "every round")
     parser.add_argument("--runs", type=int, default=None, help="no-op runs per drain / waited case (default 3000)")
     parser.add_argument("--short-runs", type=int, default=None, help="10 ms runs in the short case (default 1000)")
     parser.add_argument("--samples", type=int, default=None, help="sequential runs for idle latency (default 200)")
