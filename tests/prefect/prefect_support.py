@@ -7,21 +7,40 @@ from typing import Any
 
 PrefectServer = Any  # conftest.PrefectServer; not imported: "conftest" is ambiguous on sys.path
 
+_session: Any = None
+
+
+def prefect_api() -> Any:
+    """A requests session for calls to a real Prefect server that retries a 503 with backoff,
+    as Prefect's own client does (it retries 429, 502 and 503): Prefect answers 503 to an
+    error it calls retryable, e.g. its SQLite database busy with the workers' writes on a
+    loaded machine (seen once in a CI dry run, stop 31, on a create). Only a 503: an error
+    that committed nothing. ``raise_on_status=False``: after the last try the test sees the
+    answer itself."""
+    global _session
+    if _session is None:
+        import requests
+        from requests.adapters import HTTPAdapter
+        from urllib3.util.retry import Retry
+
+        retry = Retry(total=6, connect=0, read=0, status=6, backoff_factor=0.2, status_forcelist=(503,),
+                      allowed_methods=None, raise_on_status=False)
+        session = requests.Session()
+        session.mount("http://", HTTPAdapter(max_retries=retry))
+        _session = session
+    return _session
+
 
 def read_run(server: PrefectServer, run_id: str) -> dict:
     """The run as Prefect's API shows it."""
-    import requests
-
-    response = requests.get(f"{server.api_url}/task_runs/{run_id}", headers=server.auth_header(), timeout=30)
+    response = prefect_api().get(f"{server.api_url}/task_runs/{run_id}", headers=server.auth_header(), timeout=30)
     response.raise_for_status()
     return response.json()
 
 
 def state_history(server: PrefectServer, run_id: str) -> list[dict]:
     """All states of a run, oldest first (``GET /api/task_run_states/?task_run_id=``)."""
-    import requests
-
-    response = requests.get(
+    response = prefect_api().get(
         f"{server.api_url}/task_run_states/", params={"task_run_id": run_id}, headers=server.auth_header(), timeout=30
     )
     response.raise_for_status()
@@ -30,12 +49,10 @@ def state_history(server: PrefectServer, run_id: str) -> list[dict]:
 
 def wait_for_run(server: PrefectServer, run_id: str, state_types: set[str], timeout: float) -> dict | None:
     """Poll the API until the run's state type is in ``state_types``; None if the run was deleted."""
-    import requests
-
     deadline = time.monotonic() + timeout
     last: dict | None = None
     while True:
-        response = requests.get(f"{server.api_url}/task_runs/{run_id}", headers=server.auth_header(), timeout=30)
+        response = prefect_api().get(f"{server.api_url}/task_runs/{run_id}", headers=server.auth_header(), timeout=30)
         if response.status_code == 404:
             return None
         response.raise_for_status()

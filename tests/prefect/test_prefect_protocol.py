@@ -18,7 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from prefect_support import TRACE_TASK_RUN_READS
+from prefect_support import TRACE_TASK_RUN_READS, prefect_api
 
 PREFECT_TASKS = '''
 from prefect import task
@@ -33,7 +33,6 @@ def add_one(x: int) -> int:
 
 
 def _create_run(server, key: str, *, retries: int = 0, parameters_id: str | None = None) -> dict:
-    import requests
 
     details: dict = {"deferred": True}
     if parameters_id:
@@ -43,15 +42,14 @@ def _create_run(server, key: str, *, retries: int = 0, parameters_id: str | None
         "empirical_policy": {"retries": retries, "retry_delay": 0}, "tags": [], "task_inputs": {},
         "state": {"type": "SCHEDULED", "name": "Scheduled", "state_details": details},
     }
-    response = requests.post(f"{server.api_url}/task_runs/", json=body, headers=server.auth_header(), timeout=30)
+    response = prefect_api().post(f"{server.api_url}/task_runs/", json=body, headers=server.auth_header(), timeout=30)
     assert response.status_code == 201, response.text
     return response.json()
 
 
 def _set_state(server, run_id: str, state: dict, force: bool = False) -> dict:
-    import requests
 
-    response = requests.post(
+    response = prefect_api().post(
         f"{server.api_url}/task_runs/{run_id}/set_state", json={"state": state, "force": force},
         headers=server.auth_header(), timeout=30,
     )
@@ -60,9 +58,8 @@ def _set_state(server, run_id: str, state: dict, force: bool = False) -> dict:
 
 
 def _read_run(server, run_id: str):
-    import requests
 
-    return requests.get(f"{server.api_url}/task_runs/{run_id}", headers=server.auth_header(), timeout=30)
+    return prefect_api().get(f"{server.api_url}/task_runs/{run_id}", headers=server.auth_header(), timeout=30)
 
 
 def _subscribe(server, key: str, timeout: float = 5.0):
@@ -279,7 +276,6 @@ def test_prefect_serve_reads_a_json_parameter_record_written_by_hand(
 
 def test_rest_set_state_does_not_wake_a_prefect_caller_but_a_state_event_does(prefect_server, tmp_path, python_script):
     """Prefect's future.result() waits on /api/events/out only; REST set_state emits no event."""
-    import requests
 
     (tmp_path / "ptasks.py").write_text(PREFECT_TASKS)
     short_timeout = 10.0
@@ -325,7 +321,7 @@ def test_rest_set_state_does_not_wake_a_prefect_caller_but_a_state_event_does(pr
                             "validated_state": {"type": "COMPLETED", "name": "Completed", "message": "",
                                                 "state_details": {}, "data": metadata}},
             }
-            response = requests.post(f"{prefect_server.api_url}/events", json=[event], timeout=30)
+            response = prefect_api().post(f"{prefect_server.api_url}/events", json=[event], timeout=30)
             assert response.status_code == 204, response.text
         line = caller.expect("value", timeout=90)
         assert line["value"] == 2
@@ -339,7 +335,6 @@ def test_rest_set_state_does_not_wake_a_prefect_caller_but_a_state_event_does(pr
 
 def test_an_event_without_client_orchestration_is_not_recorded_as_a_state(prefect_server):
     """An event without prefect.orchestration=client is not recorded as a state (no second writer)."""
-    import requests
 
     run = _create_run(prefect_server, f"event-{uuid.uuid4().hex[:8]}")
     event = {
@@ -348,7 +343,7 @@ def test_an_event_without_client_orchestration_is_not_recorded_as_a_state(prefec
         "resource": {"prefect.resource.id": f"prefect.task-run.{run['id']}"},
         "payload": {"validated_state": {"type": "COMPLETED", "name": "Completed", "state_details": {}}},
     }
-    assert requests.post(f"{prefect_server.api_url}/events", json=[event], timeout=30).status_code == 204
+    assert prefect_api().post(f"{prefect_server.api_url}/events", json=[event], timeout=30).status_code == 204
     # the task_run_recorder flushes at once (batch size 1); give it a generous moment
     deadline = time.monotonic() + 3
     while time.monotonic() < deadline:

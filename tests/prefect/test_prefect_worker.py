@@ -12,7 +12,7 @@ import time
 import uuid
 
 import pytest
-from prefect_support import read_run, state_history, wait_for_run
+from prefect_support import prefect_api, read_run, state_history, wait_for_run
 
 
 def _key(name: str) -> str:
@@ -125,7 +125,6 @@ def test_retries_exhausted_end_failed(prefect_server, sync_worker_env, start_wor
 )
 def test_a_late_delivery_of_a_completed_run_is_not_executed(prefect_server, sync_worker_env, start_worker, with_data):
     """The run is completed (through the API) while its delivery is still in Prefect's queue."""
-    import requests
 
     from sync_worker import task
 
@@ -142,7 +141,7 @@ def test_a_late_delivery_of_a_completed_run_is_not_executed(prefect_server, sync
             "prefect_version": "3.8.8", "storage_block_id": None} if with_data else None
     for state in ({"type": "PENDING", "name": "Pending", "state_details": {"deferred": True}},
                   {"type": "RUNNING", "name": "Running"}, {"type": "COMPLETED", "name": "Completed", "data": data}):
-        response = requests.post(f"{prefect_server.api_url}/task_runs/{late.task_run_id}/set_state",
+        response = prefect_api().post(f"{prefect_server.api_url}/task_runs/{late.task_run_id}/set_state",
                                  json={"state": state, "force": False}, timeout=30)
         assert response.json()["status"] == "ACCEPT"
     witness = once.delay(2)  # queued behind the late delivery: once it is done, so is the late one
