@@ -43,7 +43,7 @@ def trial(mode: str, src: str, runs: int) -> dict:
     return {"mode": mode, "src": src, "runs_per_s": round(row["runs_per_s"]),
             "cpu_ms": {k: round(v, 3) for k, v in row["cpu_ms"].items()},
             "delivered": sorted((b - a for a, b in zip(before, after, strict=True)), reverse=True),
-            "steal_pct": round(row.get("steal_pct", 0.0), 1)}
+            "steal_pct": round(row["steal_pct"], 1) if "steal_pct" in row else None}
 
 
 def main() -> int:

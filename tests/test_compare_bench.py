@@ -3,6 +3,7 @@ machine's steal favours or punishes must not land on the same system every round
 case reports the steal it saw."""
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -38,3 +39,6 @@ def test_rounds_start_one_system_later_each_time_and_report_steal(tmp_path):
                       ("3", "sync_worker"), ("3", "sync_worker*2")], out.stderr
     assert "3 interleaved rounds (each starting one system later)" in out.stdout
     assert re.search(r"steal, per cent of this machine's CPU time, every trial and case\): [\d.]+ \(", out.stdout)
+    rows = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert [(row["round"], row["system"]) for row in rows] == [(int(n), system) for n, system in trials]
+    assert all(0 <= row["drain"]["steal_pct"] <= 100 for row in rows)

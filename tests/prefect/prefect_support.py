@@ -2,14 +2,13 @@
 fixtures live in conftest.py)."""
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any
 
 PrefectServer = Any  # conftest.PrefectServer; not imported: "conftest" is ambiguous on sys.path
 
-_session: Any = None
-
-
+@functools.cache
 def prefect_api() -> Any:
     """A requests session for calls to a real Prefect server that retries a 503 with backoff,
     as Prefect's own client does (it retries 429, 502 and 503): Prefect answers 503 to an
@@ -17,18 +16,15 @@ def prefect_api() -> Any:
     loaded machine (seen once in a CI dry run, stop 31, on a create). Only a 503: an error
     that committed nothing. ``raise_on_status=False``: after the last try the test sees the
     answer itself."""
-    global _session
-    if _session is None:
-        import requests
-        from requests.adapters import HTTPAdapter
-        from urllib3.util.retry import Retry
+    import requests
+    from requests.adapters import HTTPAdapter
+    from urllib3.util.retry import Retry
 
-        retry = Retry(total=6, connect=0, read=0, status=6, backoff_factor=0.2, status_forcelist=(503,),
-                      allowed_methods=None, raise_on_status=False)
-        session = requests.Session()
-        session.mount("http://", HTTPAdapter(max_retries=retry))
-        _session = session
-    return _session
+    retry = Retry(total=6, connect=0, read=0, status=6, backoff_factor=0.2, status_forcelist=(503,),
+                  allowed_methods=None, raise_on_status=False)
+    session = requests.Session()
+    session.mount("http://", HTTPAdapter(max_retries=retry))
+    return session
 
 
 def read_run(server: PrefectServer, run_id: str) -> dict:

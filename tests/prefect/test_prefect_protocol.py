@@ -33,7 +33,6 @@ def add_one(x: int) -> int:
 
 
 def _create_run(server, key: str, *, retries: int = 0, parameters_id: str | None = None) -> dict:
-
     details: dict = {"deferred": True}
     if parameters_id:
         details["task_parameters_id"] = parameters_id
@@ -48,7 +47,6 @@ def _create_run(server, key: str, *, retries: int = 0, parameters_id: str | None
 
 
 def _set_state(server, run_id: str, state: dict, force: bool = False) -> dict:
-
     response = prefect_api().post(
         f"{server.api_url}/task_runs/{run_id}/set_state", json={"state": state, "force": force},
         headers=server.auth_header(), timeout=30,
@@ -58,7 +56,6 @@ def _set_state(server, run_id: str, state: dict, force: bool = False) -> dict:
 
 
 def _read_run(server, run_id: str):
-
     return prefect_api().get(f"{server.api_url}/task_runs/{run_id}", headers=server.auth_header(), timeout=30)
 
 
@@ -276,7 +273,6 @@ def test_prefect_serve_reads_a_json_parameter_record_written_by_hand(
 
 def test_rest_set_state_does_not_wake_a_prefect_caller_but_a_state_event_does(prefect_server, tmp_path, python_script):
     """Prefect's future.result() waits on /api/events/out only; REST set_state emits no event."""
-
     (tmp_path / "ptasks.py").write_text(PREFECT_TASKS)
     short_timeout = 10.0
     caller = python_script(
@@ -335,7 +331,6 @@ def test_rest_set_state_does_not_wake_a_prefect_caller_but_a_state_event_does(pr
 
 def test_an_event_without_client_orchestration_is_not_recorded_as_a_state(prefect_server):
     """An event without prefect.orchestration=client is not recorded as a state (no second writer)."""
-
     run = _create_run(prefect_server, f"event-{uuid.uuid4().hex[:8]}")
     event = {
         "id": str(uuid.uuid4()), "occurred": datetime.now(timezone.utc).isoformat(),

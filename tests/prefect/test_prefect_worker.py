@@ -125,7 +125,6 @@ def test_retries_exhausted_end_failed(prefect_server, sync_worker_env, start_wor
 )
 def test_a_late_delivery_of_a_completed_run_is_not_executed(prefect_server, sync_worker_env, start_worker, with_data):
     """The run is completed (through the API) while its delivery is still in Prefect's queue."""
-
     from sync_worker import task
 
     sync_worker_env(prefect_server)
@@ -142,7 +141,7 @@ def test_a_late_delivery_of_a_completed_run_is_not_executed(prefect_server, sync
     for state in ({"type": "PENDING", "name": "Pending", "state_details": {"deferred": True}},
                   {"type": "RUNNING", "name": "Running"}, {"type": "COMPLETED", "name": "Completed", "data": data}):
         response = prefect_api().post(f"{prefect_server.api_url}/task_runs/{late.task_run_id}/set_state",
-                                 json={"state": state, "force": False}, timeout=30)
+                                      json={"state": state, "force": False}, timeout=30)
         assert response.json()["status"] == "ACCEPT"
     witness = once.delay(2)  # queued behind the late delivery: once it is done, so is the late one
     start_worker(once, limit=1)
