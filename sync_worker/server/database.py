@@ -616,6 +616,7 @@ class SQLiteDatabase(Database):
         self._checkpoint_wanted = threading.Event()
         self._tail_wanted = False  # (under _mutex) the checkpointer waits for the committer's turn
         self._tail_turn = False  # the checkpointer has the committer's turn
+        self._tail_passes = 0  # last passes run by the checkpointer (each lets the WAL start again)
         self._checkpointer: threading.Thread | None = None
         try:
             # (SQLite's own checkpoint in a commit stays as a bound, far above where the thread
@@ -651,6 +652,7 @@ class SQLiteDatabase(Database):
                 self._tail_turn = False
                 try:
                     self._writer_conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                    self._tail_passes += 1
                 except sqlite3.Error as exc:
                     logger.debug("checkpoint failed: %s", exc)
                 finally:
