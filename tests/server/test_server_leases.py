@@ -170,7 +170,8 @@ def test_restart_gives_running_runs_the_lease_treatment(server_factory, make_wir
 
 def test_retry_delay_is_honoured_and_run_redelivered(wire):
     subscriber = wire.subscribe()
-    run = wire.create(empirical_policy={"retries": 2, "retry_delay": [0.6, 0.1]})
+    # delays far apart, so that a loaded host (a stall of a second) cannot make one look like the other
+    run = wire.create(empirical_policy={"retries": 2, "retry_delay": [2.0, 0.1]})
     subscriber.next_run()
     subscriber.ack()
     subscriber.set_state(run["id"], "PENDING")
@@ -179,7 +180,7 @@ def test_retry_delay_is_honoured_and_run_redelivered(wire):
     assert rejected["status"] == "REJECT" and rejected["state"]["name"] == "AwaitingRetry"
     failed_at = time.monotonic()
     again = subscriber.next_run(timeout=10)
-    assert time.monotonic() - failed_at >= 0.5
+    assert time.monotonic() - failed_at >= 1.9
     assert again["id"] == run["id"] and again["state"]["name"] == "AwaitingRetry"
     subscriber.ack()
     subscriber.set_state(run["id"], "PENDING")
@@ -188,7 +189,7 @@ def test_retry_delay_is_honoured_and_run_redelivered(wire):
     assert second["status"] == "REJECT"
     failed_at = time.monotonic()
     assert subscriber.next_run(timeout=10)["id"] == run["id"]
-    assert time.monotonic() - failed_at < 0.5  # the second delay of the list: 0.1 s
+    assert time.monotonic() - failed_at < 1.5  # the second delay of the list (0.1 s), not the first
     subscriber.ack()
     subscriber.set_state(run["id"], "PENDING")
     subscriber.set_state(run["id"], "RUNNING")

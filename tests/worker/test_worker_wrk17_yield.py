@@ -31,7 +31,8 @@ SLEEP = [0.005]  # how long a run of ``slow`` takes
 
 @task(task_key="tests.wrk17.slow")
 def slow(i):
-    time.sleep(SLEEP[0])
+    if SLEEP[0]:  # (not even time.sleep(0) when quick: on a loaded host, taking the GIL back
+        time.sleep(SLEEP[0])  # after it can take the switch interval, 5 ms, and look slow)
     return i
 
 
@@ -91,11 +92,17 @@ def test_a_task_whose_runs_turn_quick_is_no_longer_yielded_for(api_env, start_wo
     wait_for(lambda: worker._yields_after(slow), message="the slow task known as slow")
     SLEEP[0] = 0.0
     try:
-        assert _run_all(slow, 20) == list(range(20))
-        wait_for(lambda: not worker._yields_after(slow), message="the task known as quick again")
+        # the moving average falls below the bound within a few runs; more batches if one of
+        # them was measured slow all the same (the run thread descheduled by a loaded host)
+        deadline, submitted = time.monotonic() + 30, 2
+        while worker._yields_after(slow):
+            assert time.monotonic() < deadline, "the task never known as quick again"
+            assert _run_all(slow, 20) == list(range(20))
+            submitted += 20
         before = len(yields)
         assert _run_all(slow, 20) == list(range(20))
-        wait_for(lambda: worker.finished_task_runs[slow.task_key] == 42, message="42 runs counted finished")
+        wait_for(lambda: worker.finished_task_runs[slow.task_key] == submitted + 20,
+                 message=f"{submitted + 20} runs counted finished")
         assert len(yields) == before
     finally:
         SLEEP[0] = 0.005
