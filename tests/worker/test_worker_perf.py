@@ -100,9 +100,12 @@ def test_a_run_delivered_while_every_thread_still_reports_starts_at_once(api_env
         reports.append(message.get("task_run_id"))
         return reports[0] == message.get("task_run_id")
 
+    # (is_a is asked before the frame goes out: asked after, A's thread could be descheduled
+    # between its send and the question while B is created, run and reported first)
     def request(self, message, timeout, with_owed_credit=False):
+        a = is_a(message)
         reply = original(self, message, timeout, with_owed_credit)
-        if is_a(message):
+        if a:
             # the frame and its credit went out; this thread keeps "reporting" until B runs
             held.append(wait_until_b())
         return reply
@@ -119,8 +122,9 @@ def test_a_run_delivered_while_every_thread_still_reports_starts_at_once(api_env
 
     def request_async(self, message, on_answer, with_owed_credit=False):
         # the final state sent without waiting for its answer: the same hold, after sending
+        a = is_a(message)
         original_async(self, message, on_answer, with_owed_credit)
-        if is_a(message):
+        if a:
             held.append(wait_until_b())
 
     monkeypatch.setattr(sockets.Connection, "request", request)
