@@ -1,18 +1,19 @@
 """Checkpoints of the WAL in the checkpointer thread, not in the commits (database.py,
 ``SQLiteDatabase._checkpoint_loop``): no commit runs SQLite's automatic checkpoint, the WAL stays
 bounded under steady commits (its last pass takes the committer's turn, so the WAL starts again
-from its beginning), writes from several threads all commit while checkpoints come and go, and
-closing the database ends the thread."""
+from its beginning), SQLite's own checkpoint far above it bounds the WAL when the thread gets no
+turn, writes from several threads all commit while checkpoints come and go, and closing the
+database ends the thread."""
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from sync_worker.server import database
 from sync_worker.server.database import SQLiteDatabase
+from tests.helpers import wait_for
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -20,16 +21,6 @@ pytestmark = pytest.mark.timeout(120)
 def _wal_size(path: Path) -> int:
     wal = Path(str(path) + "-wal")
     return wal.stat().st_size if wal.exists() else 0
-
-
-def _wait_for(condition, timeout: float = 30.0) -> bool:
-    """True once ``condition()`` holds (checked each time the thread could have moved on)."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.001)
-    return True
 
 
 def test_commits_do_not_checkpoint_and_the_wal_stays_bounded(tmp_path: Path) -> None:
@@ -53,7 +44,8 @@ def test_commits_do_not_checkpoint_and_the_wal_stays_bounded(tmp_path: Path) -> 
                 # checkpoint at least once, CHECKPOINT_BYTES), so what is measured is whether
                 # its last pass lets the WAL start again, not how the host schedules threads;
                 # test_the_far_bound_holds_when_the_checkpointer_gets_no_turn covers the rest.
-                assert _wait_for(lambda seen=last_passes: db._tail_passes > seen), "no last pass in the committer's turn"
+                wait_for(lambda seen=last_passes: db._tail_passes > seen, timeout=30, interval=0.001,
+                         message="a last pass in the committer's turn")
                 last_passes = db._tail_passes
         # bounded (without the committer's turn for the last pass, the WAL never started again
         # from its beginning: > 100 MB here; 8-20 MB measured with it)
