@@ -8,6 +8,7 @@ from typing import Any
 
 PrefectServer = Any  # conftest.PrefectServer; not imported: "conftest" is ambiguous on sys.path
 
+
 @functools.cache
 def prefect_api() -> Any:
     """A requests session for calls to a real Prefect server that retries a 503 with backoff,
