@@ -341,7 +341,12 @@ class Subscription:
         if self.ws.input_pending():  # (e.g. a release: not claimed then, see _tick)
             return None if self._deferred < self._credit else False
         if not self._deliver_lock.acquire(blocking=False):
-            return False
+            # delivering right now (usually the reader, after final states that brought this
+            # credit): queued for it instead, as above -- the wake that follows reaches it
+            # once that delivery ends. Passed to the next worker, the run left the first one
+            # with a free slot whenever its reader was descheduled between answering and
+            # letting go of the lock (a loaded host: 2 runs in 25 beside three busy processes).
+            return None
         try:
             with self._cond:
                 if self._closed or self._quitting or not self._credit or self._done.is_set():
