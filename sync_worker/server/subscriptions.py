@@ -328,10 +328,10 @@ class Subscription:
         bring more credit), or its own delivery holds its lock at this instant (the wake
         that follows the queued run reaches it once that delivery ends). The reader takes
         the queued run right after reading the unread input, in the commit of those final
-        states (``input_pending`` arranged that the reader delivers then). Giving the run to the next worker instead spread a drain over every worker
-        process, each then waking, framing and reporting for fewer runs (measured, drains of
-        3,000 runs with 2 and 4 workers: the first one got 48-71 % of the runs before, 93-99 %
-        with this). At most as many runs wait so as the connection has free credits
+        states (``input_pending`` arranged that the reader delivers then). Giving the run to
+        the next worker instead spread a drain over every worker process, each then waking,
+        framing and reporting for fewer runs (measured, drains of 3,000 runs with 2 and 4
+        workers: the first one got 48-71 % of the runs before, 93-99 % with this). At most as many runs wait so as the connection has free credits
         (``_deferred``, counted by :meth:`wake` as the queue wakes it for them, reset when it
         takes runs); the rest go to the next worker, so a run does not wait for one worker
         while another has a free slot and this one's are taken (10 ms tasks on 4 workers)."""
@@ -343,10 +343,10 @@ class Subscription:
             return None if self._deferred < self._credit else False
         if not self._deliver_lock.acquire(blocking=False):
             # delivering right now (usually the reader, after final states that brought this
-            # credit): queued for it instead, as above -- the wake that follows reaches it
-            # once that delivery ends. Passed to the next worker, the run left the first one
-            # with a free slot whenever its reader was descheduled between answering and
-            # letting go of the lock (a loaded host: 2 runs in 25 beside three busy processes).
+            # credit): queued for it (see above). Passed to the next worker, a run left this
+            # one with a free slot whenever its reader was descheduled between answering and
+            # letting go of the lock (a burst-preference test failed 2 times in 25 beside
+            # three busy processes).
             return None
         try:
             with self._cond:

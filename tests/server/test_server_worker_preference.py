@@ -59,6 +59,21 @@ def test_a_burst_goes_to_the_worker_connected_first_until_its_credit_is_spent(se
     second.expect_no_run(0.2)
 
 
+def test_a_run_created_while_the_first_worker_delivers_waits_for_it(server, wire):
+    """The first worker has room but its delivery holds its lock at the create (its reader
+    answering final states, descheduled before letting go): the run waits for that delivery
+    to end and goes to the first worker, not to the second."""
+    first, second = _two_claimers(server, wire, 3)
+    (sub,) = [s for s in list(server.core.subscribers) if s.client_id == "first"]
+    with sub._deliver_lock:  # as its own delivery would hold it
+        run_id = _created_and_waiting(wire)
+        second.expect_no_run(0.1)
+    run = first.next_run(timeout=5)
+    assert run["id"] == run_id and run["state"]["type"] == "RUNNING" and run["run_count"] == 1
+    assert _holder(wire, run_id) == "Running on first"
+    second.expect_no_run(0.2)
+
+
 def test_a_run_waits_for_the_first_workers_unread_input_instead_of_going_to_the_next(server, wire):
     """The first worker has room but said something the server has not read yet: the run is
     queued for it (not claimed at create for the second worker), and it gets the run once its
