@@ -44,6 +44,26 @@ def state_history(server: PrefectServer, run_id: str) -> list[dict]:
     return sorted(response.json(), key=lambda state: state["timestamp"])
 
 
+def settled_history(server: PrefectServer, run_id: str, states: int, timeout: float = 15.0) -> list[dict]:
+    """The run's history once it holds at least ``states`` states (or whatever it holds
+    after ``timeout`` s, for the test's assertion to show).
+
+    Why a wait: states sent as events are written by Prefect's ``task_run_recorder``, which
+    promises no order between two events of one run. In Prefect 3.8.8 (defaults:
+    ``batch_size`` 1, consumer concurrency 2) it writes each event in its own transaction,
+    two at a time, and puts a batch whose write failed back at the end of its queue, written
+    on its next flush (at most ``flush_interval``, 5 s, later). A run's COMPLETED can
+    therefore be visible before its RUNNING is: CI saw ``Scheduled, Pending, Completed``
+    once (stop 33), with the run COMPLETED by our event; Prefect's own worker sends the same
+    two events. The history is whole once both are written."""
+    deadline = time.monotonic() + timeout
+    while True:
+        history = state_history(server, run_id)
+        if len(history) >= states or time.monotonic() >= deadline:
+            return history
+        time.sleep(0.05)  # Prefect's recorder has no notification to wait on
+
+
 def wait_for_run(server: PrefectServer, run_id: str, state_types: set[str], timeout: float) -> dict | None:
     """Poll the API until the run's state type is in ``state_types``; None if the run was deleted."""
     deadline = time.monotonic() + timeout

@@ -12,7 +12,7 @@ import time
 import uuid
 
 import pytest
-from prefect_support import prefect_api, read_run, state_history, wait_for_run
+from prefect_support import prefect_api, read_run, settled_history, state_history, wait_for_run
 
 
 def _key(name: str) -> str:
@@ -48,7 +48,7 @@ def test_delay_and_task_worker_complete_runs_on_prefect(prefect_server, sync_wor
         assert run["run_count"] == 1
         assert run["start_time"] and run["end_time"]
         assert run["state"]["data"]["storage_key"]  # the result record, as Prefect's UI/clients expect
-        names = [state["name"] for state in state_history(prefect_server, future.task_run_id)]
+        names = [state["name"] for state in settled_history(prefect_server, future.task_run_id, 4)]
         assert names == ["Scheduled", "Pending", "Running", "Completed"]
     greeting = read_run(prefect_server, hello.task_run_id)
     assert (greeting["name"], greeting["tags"], greeting["empirical_policy"]["retries"]) == ("greet", ["greeting"], 2)

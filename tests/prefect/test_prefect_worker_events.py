@@ -9,7 +9,7 @@ from __future__ import annotations
 import uuid
 
 import pytest
-from prefect_support import read_run, state_history
+from prefect_support import read_run, settled_history
 
 from tests.helpers import drop_events
 
@@ -66,7 +66,7 @@ def test_running_and_completed_are_events_prefect_records(prefect_server, sync_w
         assert run["start_time"] and run["end_time"] and run["end_time"] >= run["start_time"]
         assert run["state"]["data"]["storage_key"]
         assert run["tags"] == ["events"]
-        history = state_history(prefect_server, future.task_run_id)
+        history = settled_history(prefect_server, future.task_run_id, 4)
         assert [s["name"] for s in history] == ["Scheduled", "Pending", "Running", "Completed"]
         assert history[2]["id"] in client_events and history[3]["id"] in client_events
     assert worker._prefect.events.fallbacks == 0
