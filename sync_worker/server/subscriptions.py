@@ -331,10 +331,11 @@ class Subscription:
         states (``input_pending`` arranged that the reader delivers then). Giving the run to
         the next worker instead spread a drain over every worker process, each then waking,
         framing and reporting for fewer runs (measured, drains of 3,000 runs with 2 and 4
-        workers: the first one got 48-71 % of the runs before, 93-99 % with this). At most as many runs wait so as the connection has free credits
-        (``_deferred``, counted by :meth:`wake` as the queue wakes it for them, reset when it
-        takes runs); the rest go to the next worker, so a run does not wait for one worker
-        while another has a free slot and this one's are taken (10 ms tasks on 4 workers)."""
+        workers: the first one got 48-71 % of the runs before, 93-99 % with this). At most
+        as many runs wait so as the connection has free credits (``_deferred``, counted by
+        :meth:`wake` as the queue wakes it for them, reset when it takes runs); the rest go
+        to the next worker, so a run does not wait for one worker while another has a free
+        slot and this one's are taken (10 ms tasks on 4 workers)."""
         if not self.claim_at_delivery:
             return False
         if not self._credit or self._quitting or self._closed:
