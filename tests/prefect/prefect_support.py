@@ -6,6 +6,8 @@ import functools
 import time
 from typing import Any
 
+from tests.helpers import wait_for
+
 PrefectServer = Any  # conftest.PrefectServer; not imported: "conftest" is ambiguous on sys.path
 
 
@@ -56,12 +58,14 @@ def settled_history(server: PrefectServer, run_id: str, states: int, timeout: fl
     therefore be visible before its RUNNING is: CI saw ``Scheduled, Pending, Completed``
     once (stop 33), with the run COMPLETED by our event; Prefect's own worker sends the same
     two events. The history is whole once both are written."""
-    deadline = time.monotonic() + timeout
-    while True:
+    def whole() -> list[dict] | None:
         history = state_history(server, run_id)
-        if len(history) >= states or time.monotonic() >= deadline:
-            return history
-        time.sleep(0.05)  # Prefect's recorder has no notification to wait on
+        return history if len(history) >= states else None
+
+    try:  # polled: Prefect's recorder has no notification to wait on
+        return wait_for(whole, timeout, f"{states} states of run {run_id}", interval=0.05)
+    except AssertionError:
+        return state_history(server, run_id)
 
 
 def wait_for_run(server: PrefectServer, run_id: str, state_types: set[str], timeout: float) -> dict | None:
