@@ -13,7 +13,9 @@ threads):
 - ``celery``: ``celery worker --pool threads --concurrency 10`` on Redis (result backend Redis);
 - ``rq``: ``rq worker --worker-class SimpleWorker`` on Redis (RQ has no thread pool: one job at a
   time; its default worker forks per job and is slower still);
-- ``sync_worker*K`` (``--workers 1,2,4``): the same server with K worker processes;
+- ``sync_worker*K`` (``--workers 1,2,4``): the same server with K worker processes; under the
+  table, one worker ÷ K workers per round with a bootstrap interval of its median (whether
+  1.0, "as fast", is inside what the rounds support);
 - ``huey``: Huey 3.x ``SqliteHuey`` (a SQLite file: the same durability class as ours),
   ``huey_consumer -k thread -w 10 -d 0.005 -m 0.05`` (it polls SQLite; 5-50 ms backoff).
 Each trial gets its own fresh server / Redis (``--save '' --appendonly no``: the Redis peers
@@ -59,6 +61,7 @@ import argparse
 import importlib.util
 import json
 import os
+import random
 import re
 import shutil
 import signal
@@ -518,6 +521,21 @@ def _fmt_range(values: list[float], spec: str = ",.0f") -> str:
     return f"{format(statistics.median(values), spec)} ({format(min(values), spec)}–{format(max(values), spec)})"
 
 
+def median_interval(values: list[float], level: float = 0.90, draws: int = 5000) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the median of ``values`` (fixed seed: the same
+    rounds always print the same interval).
+
+    Why: "K workers at least as fast as one" is a claim about a ratio whose per-round values
+    spread by ±10-25 % on these machines; the median and the range do not say whether 1.0 is
+    inside what the rounds support, an interval of the median does."""
+    if len(values) < 2:
+        return (values[0], values[0]) if values else (float("nan"), float("nan"))
+    rng = random.Random(0)
+    medians = sorted(statistics.median(rng.choices(values, k=len(values))) for _ in range(draws))
+    cut = int(draws * (1 - level) / 2)
+    return medians[cut], medians[draws - 1 - cut]
+
+
 def summarize(results: list[dict], systems: list[str], args: argparse.Namespace) -> dict:
     """Per system and case: medians and ranges over rounds; ratios ours/peer per round."""
     by_system: dict[str, list[dict]] = {s: [r for r in results if r["system"] == s and "error" not in r]
@@ -627,6 +645,20 @@ def extra_lines(summary: dict, results: list[dict], args: argparse.Namespace, im
                 c = entry[case]["cpu_ms"]
                 out.append(f"- {system} CPU ms/run, {case}: {c['total']:.2f} (server {c['server']:.2f}, "
                            f"worker {c['worker']:.2f}, submitter {c['submitter']:.2f})")
+    for system, entry in summary.items():
+        if "*" not in system or not entry.get("rounds"):
+            continue
+        parts, rounds = [], 0
+        for case in ("drain", "waited", "params"):  # (10 ms tasks: K workers have K times the slots)
+            ratios = entry.get(case, {}).get("ratio")
+            if ratios:
+                low, high = median_interval(ratios)
+                rounds = max(rounds, len(ratios))
+                parts.append(f"{case} {statistics.median(ratios):.2f}× (90 % interval of the median "
+                             f"{low:.2f}–{high:.2f})")
+        if parts:
+            out.append(f"- one worker ÷ {system.split('*')[1]} workers, same round, {rounds} rounds, bootstrap: "
+                       + "; ".join(parts) + " (above 1.0: one worker faster)")
     ours = summary.get("sync_worker")
     if ours and ours["rounds"]:
         if "server_rss_mb" in ours:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,21 @@ def test_steal_is_the_share_of_the_machines_time_the_hypervisor_took():
     assert compare.steal_pct([], after) is None  # no /proc/stat
 
 
+def test_median_interval_brackets_the_median_and_narrows_with_more_rounds():
+    assert compare.median_interval([1.1] * 5) == (1.1, 1.1)
+    assert compare.median_interval([0.9]) == (0.9, 0.9)
+    few = [0.85, 0.95, 1.0, 1.05, 1.27]
+    low, high = compare.median_interval(few)
+    assert min(few) <= low <= statistics.median(few) <= high <= max(few)
+    assert compare.median_interval(few) == (low, high)  # the same rounds print the same interval
+    # the same spread over three times the rounds: a narrower interval, still around the median
+    many_low, many_high = compare.median_interval(few * 3)
+    assert low <= many_low <= 1.0 <= many_high <= high
+    assert many_high - many_low < high - low
+    # rounds that all favour one side exclude 1.0
+    assert compare.median_interval([1.08, 1.1, 1.12, 1.15, 1.2, 1.09])[0] > 1.0
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="CPU time is read from /proc")
 @pytest.mark.timeout(240)
 def test_rounds_start_one_system_later_each_time_and_report_steal(tmp_path):
@@ -39,6 +55,8 @@ def test_rounds_start_one_system_later_each_time_and_report_steal(tmp_path):
                       ("3", "sync_worker"), ("3", "sync_worker*2")], out.stderr
     assert "3 interleaved rounds (each starting one system later)" in out.stdout
     assert re.search(r"steal, per cent of this machine's CPU time, every trial and case\): [\d.]+ \(", out.stdout)
+    assert re.search(r"one worker ÷ 2 workers, same round, 3 rounds, bootstrap: drain [\d.]+× "
+                     r"\(90 % interval of the median [\d.]+–[\d.]+\)", out.stdout), out.stdout
     rows = json.loads((tmp_path / "r.json").read_text())["results"]
     assert [(row["round"], row["system"]) for row in rows] == [(int(n), system) for n, system in trials]
     assert all(0 <= row["drain"]["steal_pct"] <= 100 for row in rows)
