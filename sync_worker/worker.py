@@ -64,7 +64,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 from sync_worker import metrics
 from sync_worker.dialects import Dialect, choose_dialect
@@ -99,6 +99,9 @@ UNLIMITED_CREDIT = 100
 
 #: How often a service thread waiting for a free slot checks whether it should stop.
 _SLOT_POLL_SECONDS = 0.1
+#: How soon a blocking start() in the main thread acts on a SIGTERM its handler noted, and
+#: how often a drain run by the handler itself looks whether the worker has finished.
+_SIGNAL_POLL_SECONDS = 0.05
 
 #: A task whose recent runs took at least this long (the function alone, a moving average)
 #: is "long": after handing one of its runs to a run thread with more runs of the same
@@ -353,6 +356,11 @@ class TaskWorker:
         self._stop_event = threading.Event()
         self._done = threading.Event()
         self._done.set()
+        #: ``_done``, readable without a lock (see :meth:`handle_sigterm`)
+        self._finished = True
+        #: a blocking start() waits in the main thread: the SIGTERM handler only notes the signal
+        self._main_waiting = False
+        self._sigterm_noted = False
         self._error: BaseException | None = None
         #: Prefect-only machinery (final-state events, retry timers), used by the Prefect
         #: dialect of this worker's connections; started and stopped with the worker.
@@ -427,10 +435,12 @@ class TaskWorker:
         previous = None
         in_main = threading.current_thread() is threading.main_thread()
         if in_main:
+            self._sigterm_noted = False
+            self._main_waiting = True
             previous = signal.signal(signal.SIGTERM, self.handle_sigterm)
         try:
             try:
-                if not self._done.wait(timeout):
+                if not (self._wait_in_main(timeout) if in_main else self._done.wait(timeout)):
                     logger.info("Task worker timed out after %s seconds. Exiting...", timeout)
                     self.stop()
                     self._drain()
@@ -447,9 +457,26 @@ class TaskWorker:
         finally:
             if in_main:
                 signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+                self._main_waiting = False
         if self._error is not None:
             raise self._error
         return self
+
+    def _wait_in_main(self, timeout: float | None) -> bool:
+        """start()'s wait in the main thread: True once the worker is done, False after
+        ``timeout``; a SIGTERM noted by :meth:`handle_sigterm` meanwhile is acted on here
+        (stop, drain, exit), outside the handler."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            step = _SIGNAL_POLL_SECONDS if deadline is None else \
+                min(_SIGNAL_POLL_SECONDS, max(0.0, deadline - time.monotonic()))
+            if self._done.wait(step):
+                return True
+            if self._sigterm_noted:
+                logger.info("SIGTERM received, initiating graceful shutdown...")
+                self._exit_after_drain(self._drain)
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
 
     def _begin(self) -> None:
         with self._lock:
@@ -480,6 +507,7 @@ class TaskWorker:
             self._executor = _RunThreads(None if self._limit is None else 2 * self._limit, "sync-worker-run")
             self._stop_event.clear()
             self._drain_deadline = None
+            self._finished = False
             self._done.clear()
             self._error = None
             self.stopping = False
@@ -549,6 +577,21 @@ class TaskWorker:
         timeout = self.settings.drain_timeout
         if self.join(timeout):
             return True
+        return self._drain_timed_out(timeout)
+
+    def _drain_polling(self) -> bool:
+        """:meth:`_drain` for a signal handler: looks at a plain attribute every
+        :data:`_SIGNAL_POLL_SECONDS` instead of waiting on ``_done``, whose lock the main
+        thread the handler interrupted may be holding (see :meth:`handle_sigterm`)."""
+        timeout = self.settings.drain_timeout
+        deadline = time.monotonic() + timeout
+        while not self._finished:
+            if time.monotonic() >= deadline:
+                return self._drain_timed_out(timeout)
+            time.sleep(_SIGNAL_POLL_SECONDS)
+        return True
+
+    def _drain_timed_out(self, timeout: float) -> bool:
         with self._lock:
             abandoned = [run for runs in self.in_flight_task_runs.values() for run in runs]
         logger.warning("Drain timeout (%ss) passed with %d run(s) still running: %s", timeout, len(abandoned),
@@ -573,10 +616,24 @@ class TaskWorker:
         Installed by a blocking :meth:`start` in the main thread; raises ``SystemExit``
         there. If runs are still going after the drain timeout the process exits with
         status 1 at once (its non-daemon executor threads would otherwise keep it alive).
+
+        A handler runs on top of whatever the main thread was doing, which may be holding
+        the very lock the handler would take: the handler that set and waited on the Event
+        that start() waits on deadlocked when the signal came while start() held that
+        Event's lock (between two bytecodes of ``Event.wait``). So under a blocking
+        :meth:`start` this only notes the signal, and start() does the rest within
+        :data:`_SIGNAL_POLL_SECONDS`. Installed by the application itself (a worker started
+        with ``block=False``), it stops and drains here, waiting without taking a lock.
         """
+        if self._main_waiting:
+            self._sigterm_noted = True
+            return
         logger.info("SIGTERM received, initiating graceful shutdown...")
+        self._exit_after_drain(self._drain_polling)
+
+    def _exit_after_drain(self, drain: Callable[[], bool]) -> NoReturn:
         self.stop()
-        if self._drain():
+        if drain():
             raise SystemExit(0)
         logging.shutdown()
         os._exit(1)
@@ -628,6 +685,7 @@ class TaskWorker:
                 self._client = self._store = None
             self._slots.count_in_gauge(False)
             logger.info("Task worker %s stopped.", self.client_id)  # only now: after the drain
+            self._finished = True
             self._done.set()
 
     def _dialect_for(self, extensions: list[str]) -> Dialect:
@@ -893,6 +951,8 @@ class TaskWorker:
         self._stop_event = threading.Event()
         self._done = threading.Event()
         self._done.set()
+        self._finished = True
+        self._main_waiting = False
         self._prefect = PrefectReporting()  # the parent's timer and event threads are not here
         self._transport = None
         if was_running:

@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,8 @@ from sync_worker.cli_support import add_logging_options, configure_logging, port
 logger = logging.getLogger("sync_worker.server.cli")
 
 DEFAULT_DB = str(Path.home() / ".sync_worker" / "server.db")
+#: How soon the serving loop notices a SIGTERM/SIGINT its handler noted (seconds).
+SIGNAL_POLL_SECONDS = 0.1
 
 
 _positive_float = positive_float  # option types whose errors name the option and the value
@@ -93,11 +96,13 @@ def run(args: argparse.Namespace) -> int:
                     ping_interval=args.ping_interval, request_timeout=args.request_timeout,
                     idle_timeout=args.idle_timeout,
                     retention=getattr(args, "retention", None), ui=getattr(args, "ui", True))
-    stop = threading.Event()
+    received: list[int] = []
 
     def on_signal(signum: int, _frame: Any) -> None:
-        logger.info("received %s, shutting down", signal.Signals(signum).name)
-        stop.set()
+        # Only noted (list.append takes no lock): a handler runs on top of whatever the main
+        # thread was doing, maybe holding the lock it would take. An Event set here deadlocked
+        # when the signal came while the loop below held the Event's lock inside wait().
+        received.append(signum)
 
     previous = {}
     if threading.current_thread() is threading.main_thread():
@@ -127,8 +132,9 @@ def run(args: argparse.Namespace) -> int:
     logger.info("Task runs and parameter/result records (SYNC_WORKER_STORAGE=server) are kept in %s; "
                 "stop the server before copying or deleting it", database)
     try:
-        while not stop.wait(0.5):
-            pass
+        while not received:
+            time.sleep(SIGNAL_POLL_SECONDS)
+        logger.info("received %s, shutting down", signal.Signals(received[0]).name)
     finally:
         server.stop()
         for sig, handler in previous.items():

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import requests
 
@@ -112,3 +113,18 @@ def test_database_in_use_exits_nonzero(server):
     )
     assert process.returncode == 2
     assert "another running server (--db)" in process.stderr.splitlines()[-1]
+
+
+def test_sigterm_handled_while_the_serving_loop_holds_a_lock_stops_the_server(tmp_path):
+    """The SIGTERM lands while the main thread, back in its serving loop, holds a lock (see
+    tests/signal_window.py): its handler set an Event whose lock wait() held, and the server
+    never stopped (seen once in CI-like runs beside busy processes)."""
+    window = Path(__file__).resolve().parent.parent / "signal_window.py"
+    process = subprocess.run(
+        [sys.executable, str(window), "log:are kept in", "sync_worker", "server", "--port", "0",
+         "--db", str(tmp_path / "q.db")],
+        capture_output=True, text=True, timeout=30, env={**os.environ, "SYNC_WORKER_STORAGE": str(tmp_path / "store")},
+    )
+    assert process.returncode == 0, process.stderr
+    assert "received SIGTERM, shutting down" in process.stderr
+    assert "stopped in" in process.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -89,6 +90,44 @@ def test_sigterm_with_runs_past_the_drain_timeout_exits_1(api_env, spawn, tmp_pa
     assert proc.returncode == 1  # runs abandoned: not a clean exit
     assert time.monotonic() - sent < 10  # bounded by the drain timeout, not the 30 s run
     assert "Drain timeout (1.0s) passed with 1 run(s) still running: " + future.task_run_id in err
+
+
+def test_sigterm_handled_while_start_holds_a_lock_drains_and_exits_0(api_env, spawn):
+    """The SIGTERM lands while start(), waiting in the main thread, holds the lock of the
+    Event it waits on (see tests/signal_window.py): the handler that drained on that Event
+    deadlocked there; the worker now only notes the signal in the handler."""
+    window = Path(__file__).resolve().parent.parent / "signal_window.py"
+    proc = spawn([sys.executable, str(window), "handler", "sync_worker", "worker", "tests.worker.worker_tasks:add"],
+                 api_env)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "SIGTERM received, initiating graceful shutdown" in err
+    assert "stopped." in err
+
+
+def test_handle_sigterm_called_while_its_caller_holds_the_done_lock_exits_0(api_env, start_worker):
+    """handle_sigterm installed by the application for a worker started with block=False,
+    the signal landing while the main thread holds the lock of the Event that join() waits
+    on: it drains without taking that lock, then raises SystemExit(0)."""
+    worker = start_worker(wt.add)
+    outcome: list[BaseException] = []
+
+    def interrupted_join() -> None:
+        with worker._done._cond:  # where Event.wait holds it between two of its bytecodes
+            try:
+                worker.handle_sigterm(signal.SIGTERM, None)
+            except BaseException as exc:  # noqa: BLE001 - what the handler raised is the result
+                outcome.append(exc)
+
+    thread = threading.Thread(target=interrupted_join, daemon=True)
+    thread.start()
+    thread.join(30)
+    deadlocked = thread.is_alive()
+    if deadlocked:  # a plain Lock: any thread may release it, so that the teardown ends
+        worker._done._cond.release()
+    assert not deadlocked, "handle_sigterm deadlocked on the lock its caller held"
+    assert len(outcome) == 1 and isinstance(outcome[0], SystemExit) and outcome[0].code == 0, outcome
+    assert worker.join(10)
 
 
 def test_ctrl_c_stops_taking_runs_and_finishes_in_flight_ones(api_env, spawn, tmp_path):
