@@ -356,7 +356,9 @@ class TaskWorker:
         self._stop_event = threading.Event()
         self._done = threading.Event()
         self._done.set()
-        #: ``_done``, readable without a lock (see :meth:`handle_sigterm`)
+        #: set just before ``_done``: ``_done.set()`` takes the Event's lock, which the main
+        #: thread a SIGTERM handler interrupted may hold; this flag needs none (see
+        #: :meth:`_drain_polling`)
         self._finished = True
         #: a blocking start() waits in the main thread: the SIGTERM handler only notes the signal
         self._main_waiting = False

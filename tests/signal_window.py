@@ -7,8 +7,9 @@ Why: a Python signal handler runs in the main thread, between two bytecodes of w
 was doing, so it may run while that code holds a lock. A handler that took the lock of the
 ``threading.Event`` the main thread was waiting on (``Event.set()``, or ``wait()`` again)
 deadlocked: ``Event.wait`` holds its lock around ``Condition.wait``. In real life the signal
-lands there rarely (the server's CLI hung once in about 300 SIGTERMs beside busy processes);
-here it lands there every time.
+lands there rarely (a script looping on ``Event.wait`` with such a handler hung in 1 of 300
+SIGTERMs; the server's CLI hung once in a run of the suite beside busy processes); here it
+lands there every time.
 
 Armed by the first argument: ``log:TEXT``, once a log message containing TEXT was emitted;
 ``handler``, once a Python function is installed as SIGTERM's handler. Then the main thread's
