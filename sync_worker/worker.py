@@ -101,7 +101,7 @@ UNLIMITED_CREDIT = 100
 _SLOT_POLL_SECONDS = 0.1
 #: How soon a blocking start() in the main thread acts on a SIGTERM its handler noted, and
 #: how often a drain run by the handler itself looks whether the worker has finished.
-_SIGNAL_POLL_SECONDS = 0.05
+_SIGNAL_POLL_SECONDS = 0.25
 
 #: A task whose recent runs took at least this long (the function alone, a moving average)
 #: is "long": after handing one of its runs to a run thread with more runs of the same

@@ -17,7 +17,7 @@ logger = logging.getLogger("sync_worker.server.cli")
 
 DEFAULT_DB = str(Path.home() / ".sync_worker" / "server.db")
 #: How soon the serving loop notices a SIGTERM/SIGINT its handler noted (seconds).
-SIGNAL_POLL_SECONDS = 0.1
+SIGNAL_POLL_SECONDS = 0.25
 
 
 _positive_float = positive_float  # option types whose errors name the option and the value
