@@ -50,6 +50,10 @@ CPU per run of each process is read from /proc/<pid>/stat (user+system, children
 around each case: the server or broker (redis-server for the Redis peers; Huey has none), the
 worker (its process tree) and the submitter (the threads of the trial process, from the first
 submit until its threads return). CPU is much less distorted by other load than wall time.
+Before each trial the driver runs :func:`machine_probe` (a fixed Python + SQLite workload, a
+thread hand-off, a short sleep's overshoot: about 0.2 s), printed per round and under the table:
+the same code's CPU per run moves with the machine's speed of the moment, which steal alone
+does not show.
 
 Peers missing: the script says what to install and skips them:
     python3 -m pip install 'dramatiq[redis]' 'celery[redis]' rq huey redis
@@ -166,6 +170,68 @@ def steal_pct(before: list[int], after: list[int]) -> float | None:
     deltas = [b - a for a, b in zip(before[:8], after[:8], strict=True)]
     total = sum(deltas)
     return 100 * deltas[7] / total if total > 0 else None
+
+
+#: what :func:`machine_probe` encodes, decodes and stores: a TaskRun-sized document
+_PROBE_DOC = {"id": "0f8fad5b-d9cb-469f-a165-70867728950e", "name": "probe", "task_key": "probe.noop",
+              "state": {"type": "COMPLETED", "name": "Completed", "timestamp": "2026-12-03T12:00:00.000000Z",
+                        "message": None}, "tags": ["a", "b"], "task_inputs": {},
+              "empirical_policy": {"retries": 0, "retry_delay": None}, "parameters": {"x": list(range(20))}}
+
+
+def machine_probe(work: int = 2000, handoffs: int = 2000, sleeps: int = 30) -> dict[str, float]:
+    """How fast this machine is at the moment, in the three things a run's cycle is made of.
+
+    Why: the same code on the same machine measured 0.78 ms of CPU per waited run at 13:50 UTC
+    and 1.11 at 16:09 (2026-12-03), with 0-5 % steal; these figures, taken by the driver
+    before each trial (nothing else of the benchmark running), say how much of a difference
+    between two tables is the machine. ``python_ms``: CPU time of ``work`` rounds of
+    ``json.dumps`` + ``json.loads`` of a TaskRun-sized document and one SQLite INSERT committed
+    alone (in memory); ``handoff_us``: the median wall time for one thread to wake another
+    (a lock passed back and forth, half a round trip); ``oversleep_us``: the median time a
+    ``time.sleep(0.002)`` overshoots (what a sleeping slot waits for its core)."""
+    import sqlite3
+
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    conn.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, data TEXT)")
+    cpu0 = time.process_time()
+    for _ in range(work):
+        text = json.dumps(_PROBE_DOC)
+        json.loads(text)
+        conn.execute("BEGIN")
+        conn.execute("INSERT INTO t (data) VALUES (?)", (text,))
+        conn.execute("COMMIT")
+    python_ms = (time.process_time() - cpu0) * 1000
+    conn.close()
+
+    ping, pong = threading.Lock(), threading.Lock()
+    ping.acquire()
+    pong.acquire()
+
+    def other() -> None:
+        for _ in range(handoffs):
+            if not ping.acquire(timeout=10):
+                return
+            pong.release()
+
+    thread = threading.Thread(target=other, daemon=True)
+    thread.start()
+    trips = []
+    for _ in range(handoffs):
+        t0 = time.perf_counter()
+        ping.release()
+        if not pong.acquire(timeout=10):
+            break
+        trips.append(time.perf_counter() - t0)
+    thread.join(10)
+
+    over = []
+    for _ in range(sleeps):
+        t0 = time.perf_counter()
+        time.sleep(0.002)
+        over.append(time.perf_counter() - t0 - 0.002)
+    return {"python_ms": python_ms, "handoff_us": statistics.median(trips) * 1e6 / 2,
+            "oversleep_us": statistics.median(over) * 1e6}
 
 
 def free_port() -> int:
@@ -671,6 +737,13 @@ def extra_lines(summary: dict, results: list[dict], args: argparse.Namespace, im
     if stolen:
         out.append(f"- CPU time the hypervisor gave to other guests during the cases (steal, per cent of this "
                    f"machine's CPU time, every trial and case): {_fmt_range(stolen, '.1f')} %")
+    probes = [r["machine"] for r in results if isinstance(r.get("machine"), dict)]
+    if probes:
+        out.append("- the machine of the moment, measured by the driver before each trial (`machine_probe()`): "
+                   f"a fixed Python + SQLite workload {_fmt_range([p['python_ms'] for p in probes], '.1f')} ms "
+                   f"of CPU, a thread waking another {_fmt_range([p['handoff_us'] for p in probes], '.0f')} µs, "
+                   f"a 2 ms sleep overshooting by {_fmt_range([p['oversleep_us'] for p in probes], '.0f')} µs "
+                   "(higher: a slower machine; compare tables only with these alike)")
     for r in results:
         if "error" in r:
             out.append(f"- {r['system']} round {r.get('round')}: FAILED {r['error']}")
@@ -716,14 +789,18 @@ def outer(args: argparse.Namespace) -> int:
         shift = (round_no - 1) % len(runnable) if args.order == "rotate" and runnable else 0
         for system in runnable[shift:] + runnable[:shift]:
             t0 = time.monotonic()
+            probe = machine_probe()
             row = run_trial(system, args)
             row["round"] = round_no
+            row["machine"] = probe
             row["loadavg"] = os.getloadavg()[0]
             results.append(row)
             brief = row.get("error") or ", ".join(
                 f"{c} {row[c]['runs_per_s']:,.0f}/s cpu {row[c]['cpu_ms']['total']:.2f}ms"
                 + (f" steal {row[c]['steal_pct']:.0f}%" if "steal_pct" in row[c] else "") for c in args.cases if c in row)
-            log(f"round {round_no} {system}: {brief} ({time.monotonic() - t0:.0f}s)")
+            log(f"round {round_no} {system}: {brief} ({time.monotonic() - t0:.0f}s; machine: probe "
+                f"{probe['python_ms']:.0f} ms CPU, hand-off {probe['handoff_us']:.0f} µs, "
+                f"oversleep {probe['oversleep_us']:.0f} µs)")
     import_ms = import_time_ms(str(REPO))
     summary = summarize(results, runnable, args)
     for system, why in skipped.items():

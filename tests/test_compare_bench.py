@@ -42,6 +42,14 @@ def test_median_interval_brackets_the_median_and_narrows_with_more_rounds():
     assert compare.median_interval([1.08, 1.1, 1.12, 1.15, 1.2, 1.09])[0] > 1.0
 
 
+def test_machine_probe_measures_the_work_it_is_given():
+    small = compare.machine_probe(work=100, handoffs=50, sleeps=3)
+    large = compare.machine_probe(work=800, handoffs=50, sleeps=3)
+    assert 0 < small["python_ms"] < large["python_ms"]
+    assert small["handoff_us"] > 0 and large["handoff_us"] > 0
+    assert small["oversleep_us"] >= 0 and large["oversleep_us"] >= 0  # time.sleep never returns early
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="CPU time is read from /proc")
 @pytest.mark.timeout(240)
 def test_rounds_start_one_system_later_each_time_and_report_steal(tmp_path):
@@ -49,7 +57,8 @@ def test_rounds_start_one_system_later_each_time_and_report_steal(tmp_path):
                           "--cases", "drain", "--rounds", "3", "--runs", "60", "--json", str(tmp_path / "r.json")],
                          cwd=ROOT, capture_output=True, text=True, timeout=230)
     assert out.returncode == 0, out.stdout + out.stderr
-    trials = re.findall(r"round (\d) (sync_worker\S*): drain [\d,]+/s cpu [\d.]+ms steal \d+%", out.stderr)
+    trials = re.findall(r"round (\d) (sync_worker\S*): drain [\d,]+/s cpu [\d.]+ms steal \d+% \(\d+s; machine: "
+                        r"probe \d+ ms CPU, hand-off \d+ µs, oversleep \d+ µs\)", out.stderr)
     assert trials == [("1", "sync_worker"), ("1", "sync_worker*2"),
                       ("2", "sync_worker*2"), ("2", "sync_worker"),
                       ("3", "sync_worker"), ("3", "sync_worker*2")], out.stderr
@@ -57,6 +66,9 @@ def test_rounds_start_one_system_later_each_time_and_report_steal(tmp_path):
     assert re.search(r"steal, per cent of this machine's CPU time, every trial and case\): [\d.]+ \(", out.stdout)
     assert re.search(r"one worker ÷ 2 workers, same round, 3 rounds, bootstrap: drain [\d.]+× "
                      r"\(90 % interval of the median [\d.]+–[\d.]+\)", out.stdout), out.stdout
+    assert re.search(r"the machine of the moment, .*: a fixed Python \+ SQLite workload [\d.]+ \([\d.]+–[\d.]+\) ms "
+                     r"of CPU, a thread waking another \d+ \(\d+–\d+\) µs, a 2 ms sleep overshooting by \d+ ", out.stdout)
     rows = json.loads((tmp_path / "r.json").read_text())["results"]
     assert [(row["round"], row["system"]) for row in rows] == [(int(n), system) for n, system in trials]
     assert all(0 <= row["drain"]["steal_pct"] <= 100 for row in rows)
+    assert all(row["machine"]["python_ms"] > 0 for row in rows)
