@@ -230,7 +230,8 @@ def machine_probe(work: int = 2000, handoffs: int = 2000, sleeps: int = 30) -> d
         t0 = time.perf_counter()
         time.sleep(0.002)
         over.append(time.perf_counter() - t0 - 0.002)
-    return {"python_ms": python_ms, "handoff_us": statistics.median(trips) * 1e6 / 2,
+    return {"python_ms": python_ms,
+            "handoff_us": statistics.median(trips) * 1e6 / 2 if trips else float("nan"),  # (a thread stuck 10 s)
             "oversleep_us": statistics.median(over) * 1e6}
 
 
