@@ -545,7 +545,7 @@ def _port_open(port: int) -> bool:
 # ----------------------------------------------------------------------------- driver
 def run_trial(system: str, args: argparse.Namespace) -> dict:
     """A trial in a fresh interpreter (its own imports, GIL and CPU accounting)."""
-    src = args.baseline_src if system == "sync_worker@base" else str(REPO)
+    src = args.baseline_src if system.split("*")[0] == "sync_worker@base" else str(REPO)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--_trial", system, "--src", src, "--tmp-root", args.tmp_root,
            "--runs", str(args.runs), "--short-runs", str(args.short_runs), "--samples", str(args.samples),
            "--threads", str(args.threads), "--limit", str(args.limit), "--timeout", str(args.timeout),
@@ -658,7 +658,8 @@ def _ratio(system: str, entry: dict, case: str) -> str:
 
 def label(system: str, vers: dict[str, str]) -> str:
     if "*" in system:
-        return f"sync_worker, {system.split('*')[1]} worker processes"
+        tree = ", baseline tree" if system.startswith("sync_worker@base") else ""
+        return f"sync_worker{tree}, {system.split('*')[1]} worker processes"
     return LABELS.get(system, system).format(**{k: vers.get(k, "?") for k in ("dramatiq", "celery", "rq", "huey")})
 
 
@@ -716,16 +717,19 @@ def extra_lines(summary: dict, results: list[dict], args: argparse.Namespace, im
         if "*" not in system or not entry.get("rounds"):
             continue
         parts, rounds = [], 0
+        one = "sync_worker@base" if system.startswith("sync_worker@base") else "sync_worker"
         for case in ("drain", "waited", "params"):  # (10 ms tasks: K workers have K times the slots)
-            ratios = entry.get(case, {}).get("ratio")
+            ratios = [a["runs_per_s"] / b["runs_per_s"] for a, b in _same_round(results, one, system, case)]
             if ratios:
                 low, high = median_interval(ratios)
                 rounds = max(rounds, len(ratios))
                 parts.append(f"{case} {statistics.median(ratios):.2f}× (90 % interval of the median "
                              f"{low:.2f}–{high:.2f})")
         if parts:
-            out.append(f"- one worker ÷ {system.split('*')[1]} workers, same round, {rounds} rounds, bootstrap: "
+            base = " (baseline tree)" if system.startswith("sync_worker@base") else ""
+            out.append(f"- one worker ÷ {system.split('*')[1]} workers{base}, same round, {rounds} rounds, bootstrap: "
                        + "; ".join(parts) + " (above 1.0: one worker faster)")
+    out.extend(_against_baseline(results, args))
     ours = summary.get("sync_worker")
     if ours and ours["rounds"]:
         if "server_rss_mb" in ours:
@@ -751,6 +755,38 @@ def extra_lines(summary: dict, results: list[dict], args: argparse.Namespace, im
     return out
 
 
+def _same_round(results: list[dict], a: str, b: str, case: str) -> list[tuple[dict, dict]]:
+    """(system a's case, system b's case) of every round in which both ran it."""
+    rows = {(r["system"], r.get("round", 0)): r for r in results if "error" not in r}
+    return [(r[case], rows[(b, rnd)][case]) for (system, rnd), r in sorted(rows.items())
+            if system == a and (b, rnd) in rows and case in r and case in rows[(b, rnd)]]
+
+
+def _against_baseline(results: list[dict], args: argparse.Namespace) -> list[str]:
+    """This tree ÷ the baseline tree per round, for each worker count both ran (``--baseline-src``
+    with ``--workers``): whether a change to the library moved the figures, with K workers too."""
+    out = []
+    for ours in sorted({r["system"] for r in results if r["system"] == "sync_worker" or
+                        r["system"].startswith("sync_worker*")}):
+        base = ours.replace("sync_worker", "sync_worker@base", 1)
+        parts, rounds = [], 0
+        for case in args.cases:
+            pairs = _same_round(results, ours, base, case)
+            if not pairs:
+                continue
+            rounds = max(rounds, len(pairs))
+            rates = [a["runs_per_s"] / b["runs_per_s"] for a, b in pairs]
+            cpu = [a["cpu_ms"]["total"] / b["cpu_ms"]["total"] for a, b in pairs]
+            low, high = median_interval(rates)
+            parts.append(f"{case} {statistics.median(rates):.2f}× ({low:.2f}–{high:.2f}), CPU per run "
+                         f"{statistics.median(cpu):.2f}×")
+        if parts:
+            workers = ours.split("*")[1] if "*" in ours else "1"
+            out.append(f"- this tree ÷ the baseline tree, {workers} worker(s), same round, {rounds} rounds "
+                       "(runs/s with the 90 % bootstrap interval of the median; CPU per run): " + "; ".join(parts))
+    return out
+
+
 TARGETS = "CPU/run ≤ 0.9 ms; drain & waited ≥ 1.0× Dramatiq, ≥ 1.5× Celery, ≥ 2× Huey; 10 ms case ≥ 90 %; idle p50 ≤ 1.5 ms"
 
 
@@ -769,6 +805,10 @@ def outer(args: argparse.Namespace) -> int:
         if not (Path(args.baseline_src) / "sync_worker" / "__init__.py").exists():
             raise SystemExit(f"error: --baseline-src {args.baseline_src} has no sync_worker/ package")
         systems.insert(1, "sync_worker@base")
+        if "sync_worker" in systems:  # each worker count of this tree, from the baseline tree too
+            for count in counts:
+                if count != 1:
+                    systems.insert(systems.index(f"sync_worker*{count}") + 1, f"sync_worker@base*{count}")
     if args.stdlib_json and "sync_worker" in systems:
         systems.insert(systems.index("sync_worker") + 1, STDLIB_SYSTEM)
     runnable = []
@@ -844,7 +884,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", default="1", help="sync_worker worker processes: a comma list such as "
                         "1,2,4 adds the systems sync_worker*2 and sync_worker*4 (each worker --limit LIMIT)")
     parser.add_argument("--baseline-src", default="", help="a source tree of sync_worker to measure too "
-                        "(e.g. `git archive main | tar -x -C /tmp/base`), as system sync_worker@base")
+                        "(e.g. `git archive main | tar -x -C /tmp/base`), as system sync_worker@base "
+                        "(with --workers, also sync_worker@base*K)")
     parser.add_argument("--stdlib-json", action="store_true", help=f"also measure this tree with SYNC_WORKER_JSON=stdlib "
                         f"in every process (the path without orjson), as system {STDLIB_SYSTEM}")
     parser.add_argument("--timeout", type=float, default=300, help="bound in seconds of each case (default 300)")

@@ -72,3 +72,32 @@ def test_rounds_start_one_system_later_each_time_and_report_steal(tmp_path):
     assert [(row["round"], row["system"]) for row in rows] == [(int(n), system) for n, system in trials]
     assert all(0 <= row["drain"]["steal_pct"] <= 100 for row in rows)
     assert all(row["machine"]["python_ms"] > 0 for row in rows)
+
+
+def _row(system: str, rnd: int, rate: float, cpu: float) -> dict:
+    return {"system": system, "round": rnd, "drain": {"runs_per_s": rate, "cpu_ms": {"total": cpu}}}
+
+
+def test_a_baseline_tree_is_compared_per_round_at_each_worker_count():
+    """``--baseline-src`` with ``--workers``: the baseline tree runs with K workers too, and the
+    summary gives this tree ÷ the baseline per round for each K, and one ÷ K workers within
+    each tree (not this tree's one worker ÷ the baseline's K)."""
+    results = []
+    for rnd in (1, 2, 3):
+        results += [_row("sync_worker", rnd, 1000, 0.40), _row("sync_worker@base", rnd, 1000, 0.40),
+                    _row("sync_worker*2", rnd, 1000, 0.40), _row("sync_worker@base*2", rnd, 800, 0.50)]
+    results.append({"system": "sync_worker@base*2", "round": 4, "error": "boom"})  # a failed trial: left out
+    args = type("Args", (), {"cases": ["drain"]})()
+    lines = compare._against_baseline(results, args)
+    assert lines == [
+        "- this tree ÷ the baseline tree, 1 worker(s), same round, 3 rounds (runs/s with the 90 % bootstrap "
+        "interval of the median; CPU per run): drain 1.00× (1.00–1.00), CPU per run 1.00×",
+        "- this tree ÷ the baseline tree, 2 worker(s), same round, 3 rounds (runs/s with the 90 % bootstrap "
+        "interval of the median; CPU per run): drain 1.25× (1.25–1.25), CPU per run 0.80×",
+    ]
+    summary = {system: {"rounds": 3, "drain": {"runs_per_s": [1000.0]}, "worker_rss_mb": [1.0]}
+               for system in ("sync_worker@base*2", "sync_worker*2")}
+    text = "\n".join(compare.extra_lines(summary, results, type("Args", (), {"cases": ["drain"]})(), 1.0))
+    assert "one worker ÷ 2 workers (baseline tree), same round, 3 rounds, bootstrap: drain 1.25×" in text
+    assert "one worker ÷ 2 workers, same round, 3 rounds, bootstrap: drain 1.00×" in text
+    assert compare.label("sync_worker@base*2", {}) == "sync_worker, baseline tree, 2 worker processes"
