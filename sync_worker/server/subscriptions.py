@@ -272,6 +272,11 @@ class Subscription:
         self._claiming = 0
         self._claimed: list[tuple[str, str]] = []
         self._deferred = 0  # runs the queue left waiting for this connection (wake) since it last took runs
+        #: how long a run holds a slot of this worker, from its frame sent to its state read
+        #: (moving average, seconds; None until measured): whether later workers of its keys
+        #: wait for it (runqueue._held_for_first)
+        self.slot_seconds: float | None = None
+        self._sent_at: dict[str, float] = {}  # run id -> when it was sent (claim_at_delivery)
 
     def __hash__(self) -> int:
         return id(self)
@@ -401,8 +406,26 @@ class Subscription:
                 pass
             return
         self.delivered += len(runs)
+        self._sending([run_id for run_id, _text in runs])
         for text in self._run_frames([text for _id, text in runs]):
             sockets.send_soon(self.ws, text, self._send_later)
+
+    def _sending(self, run_ids: list[str]) -> None:
+        """Runs claimed for this worker are being sent: their slot time starts (:meth:`_slot_freed`)."""
+        sent_at = self._sent_at
+        if len(sent_at) > 4 * MAX_CREDIT:  # runs handed back or lost never report: forget them
+            sent_at.clear()
+        now = time.monotonic()
+        for run_id in run_ids:
+            sent_at[run_id] = now
+
+    def _slot_freed(self, run_id: Any) -> None:
+        """The worker reported on a run sent to it: update :attr:`slot_seconds`."""
+        sent = self._sent_at.pop(run_id, None) if type(run_id) is str else None
+        if sent is not None:
+            seconds = time.monotonic() - sent
+            average = self.slot_seconds
+            self.slot_seconds = seconds if average is None else average + (seconds - average) / 8
 
     def _run_frames(self, texts: list[str]) -> list[str]:
         """The messages that deliver these runs: one ``task_runs`` frame for several with
@@ -421,6 +444,7 @@ class Subscription:
     # -- lifecycle -------------------------------------------------------------------------------
     def run(self) -> None:
         logger.info("Task worker %r (%s) subscribed to task keys %r", self.client_id, self.peer, self.keys)
+        self.queue.join(self)
         adopted = self.queue.adopt(self, self.holding)
         self.holding = None
         if adopted:
@@ -650,6 +674,8 @@ class Subscription:
             self._unanswered += 1
         request_id = value.get("request_id")
         run_id = value.get("task_run_id")
+        if self._sent_at:
+            self._slot_freed(run_id)
         try:
             if not isinstance(request_id, (str, int)) or isinstance(request_id, bool):
                 raise ValidationError(["request_id"], "Input should be a valid string", "string_type")
@@ -838,6 +864,7 @@ class Subscription:
                 texts.append(result)
         with self._cond:
             self._credit = max(0, (self._credit or 0) - len(texts))
+        self._sending([run[0] for run, result in zip(taken, claimed, strict=True) if isinstance(result, str)])
         # the answers to ``before`` first, then the runs, in one write (a failed send: the
         # lease brings the runs back)
         self.outbox.flush_mine(then=self._run_frames(texts))

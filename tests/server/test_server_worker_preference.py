@@ -3,12 +3,15 @@ while it has a free credit, and only then to the next (runqueue._preference): a 
 one worker process instead of being spread over all of them, each then waking, framing and
 reporting for fewer runs. A run that finds that worker's input unread (usually its final
 states, which bring more credit) waits for it to be read, up to the worker's free credits,
-instead of going to the next worker (Subscription.reserve)."""
+instead of going to the next worker (Subscription.reserve). A run that finds the first worker with
+no free credit waits for it up to the spill delay (runqueue.SPILL_DELAY), then goes to the next
+worker with room (RunQueue._spill)."""
 from __future__ import annotations
 
 import time
 from typing import Any
 
+from sync_worker.server import runqueue
 from tests.helpers import wait_for
 from tests.server.test_server_claim_at_create import _complete, _idle
 from tests.server.test_server_claim_at_delivery import claiming
@@ -129,3 +132,61 @@ def test_a_run_that_waited_for_a_worker_that_was_killed_goes_to_the_next(server,
     release.set()
     run = second.next_run(timeout=10)
     assert run["id"] == run_id and run["state"]["type"] == "RUNNING"
+
+
+
+def _first_worker_reported(server: Any, wire: Any, first: Any, hold: float = 0.0) -> None:
+    """The first worker runs one run, holding its slot ``hold`` seconds: the server has
+    measured how long its runs hold a slot (``Subscription.slot_seconds``)."""
+    run_id = wire.create()["id"]
+    assert first.next_run()["id"] == run_id
+    time.sleep(hold)
+    assert _complete(first, run_id)["result"]["status"] == "ACCEPT"
+    (sub,) = [s for s in list(server.core.subscribers) if s.client_id == "first"]
+    assert sub.slot_seconds is not None and sub.slot_seconds >= hold
+    _idle(server, 2)
+
+
+def test_a_run_waits_for_the_busy_first_worker_up_to_the_spill_delay_then_goes_to_the_next(server, wire,
+                                                                                            monkeypatch):
+    """The first worker's runs come back quickly, its one slot is taken and the second worker
+    waits idle: a new run waits for the first worker, which gets it when its slot frees within
+    the delay; a run that finds the first worker still busy when the delay ends goes to the
+    second worker then, not sooner and not never."""
+    monkeypatch.setattr(runqueue, "QUICK_SLOT_SECONDS", 10.0)  # (2 ms) this test's runs count as quick
+    server.core.queue.spill_delay = 1.0  # (5 ms by default) long enough to watch the run wait
+    first, second = _two_claimers(server, wire, 1)
+    _first_worker_reported(server, wire, first)
+    held = wire.create()["id"]
+    assert first.next_run()["id"] == held
+    waiting = _created_and_waiting(wire)  # first: no free credit; second: idle with five
+    second.expect_no_run(0.2)
+    assert _complete(first, held)["result"]["status"] == "ACCEPT"  # brings the first one's credit back
+    run = first.next_run(timeout=5)
+    assert run["id"] == waiting and run["state"]["type"] == "RUNNING"
+    second.expect_no_run(0.2)
+    assert _holder(wire, waiting) == "Running on first"
+    # the first worker stays busy: the next run goes to the second worker once the delay is over
+    created_at = time.monotonic()
+    spilled = wire.create()["id"]
+    run = second.next_run(timeout=10)
+    waited = time.monotonic() - created_at
+    assert run["id"] == spilled and run["state"]["type"] == "RUNNING"
+    assert _holder(wire, spilled) == "Running on second"
+    assert 0.9 <= waited < 5, waited
+
+
+def test_runs_of_a_first_worker_whose_runs_take_long_go_to_the_next_worker_at_once(server, wire):
+    """The first worker's runs hold their slot longer than QUICK_SLOT_SECONDS (here 0.3 s):
+    waiting for it would only leave the second worker idle, so a run created while the first
+    worker is busy goes to the second one at once."""
+    server.core.queue.spill_delay = 5.0
+    first, second = _two_claimers(server, wire, 1)
+    _first_worker_reported(server, wire, first, hold=0.3)
+    busy = wire.create()["id"]
+    assert first.next_run()["id"] == busy
+    created_at = time.monotonic()
+    run_id = wire.create()["id"]
+    run = second.next_run(timeout=10)
+    assert run["id"] == run_id and time.monotonic() - created_at < 2.5
+    assert _holder(wire, run_id) == "Running on second"
