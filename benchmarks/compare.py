@@ -473,6 +473,8 @@ class Trial:
         server_pids = [self.server.pid] if self.server else []
         worker_pids = self.worker_pids()
         before_done = self.finished()
+        spread = self.kind == "sync_worker" and self.worker_count > 1
+        delivered0 = self._workers_delivered() if spread else []
         cpu0 = (cpu_seconds(server_pids), cpu_seconds(worker_pids), own_cpu())
         ticks0 = machine_ticks()
         latencies: list[float] = []
@@ -504,6 +506,9 @@ class Trial:
         cpu["total"] = sum(cpu.values())
         row = {"runs": runs, "seconds": elapsed, "runs_per_s": runs / elapsed, "cpu_ms": cpu,
                "submit_s": submitted - t0}
+        if spread:  # runs each worker got, oldest connection first (the server prefers it)
+            after = self._workers_delivered()  # (a worker lost meanwhile shortens the list: zip stops there)
+            row["delivered"] = [now - before for now, before in zip(after, delivered0, strict=False)]
         stolen = steal_pct(ticks0, ticks1)
         if stolen is not None:
             row["steal_pct"] = stolen
@@ -725,6 +730,10 @@ def extra_lines(summary: dict, results: list[dict], args: argparse.Namespace, im
                 rounds = max(rounds, len(ratios))
                 parts.append(f"{case} {statistics.median(ratios):.2f}× (90 % interval of the median "
                              f"{low:.2f}–{high:.2f})")
+        later = [sum(r["drain"]["delivered"][1:]) for r in results
+                 if r["system"] == system and "delivered" in r.get("drain", {})]
+        if later:
+            parts.append(f"runs the later workers got in the drain {_fmt_range(later)} of {args.runs:,}")
         if parts:
             base = " (baseline tree)" if system.startswith("sync_worker@base") else ""
             out.append(f"- one worker ÷ {system.split('*')[1]} workers{base}, same round, {rounds} rounds, bootstrap: "

@@ -65,11 +65,15 @@ def test_rounds_start_one_system_later_each_time_and_report_steal(tmp_path):
     assert "3 interleaved rounds (each starting one system later)" in out.stdout
     assert re.search(r"steal, per cent of this machine's CPU time, every trial and case\): [\d.]+ \(", out.stdout)
     assert re.search(r"one worker ÷ 2 workers, same round, 3 rounds, bootstrap: drain [\d.]+× "
-                     r"\(90 % interval of the median [\d.]+–[\d.]+\)", out.stdout), out.stdout
+                     r"\(90 % interval of the median [\d.]+–[\d.]+\); runs the later workers got in the drain "
+                     r"\d+ \(\d+–\d+\) of 60 ", out.stdout), out.stdout
     assert re.search(r"the machine of the moment, .*: a fixed Python \+ SQLite workload [\d.]+ \([\d.]+–[\d.]+\) ms "
                      r"of CPU, a thread waking another \d+ \(\d+–\d+\) µs, a 2 ms sleep overshooting by \d+ ", out.stdout)
     rows = json.loads((tmp_path / "r.json").read_text())["results"]
     assert [(row["round"], row["system"]) for row in rows] == [(int(n), system) for n, system in trials]
+    # with two workers, the runs each one got in the case (all of them, between the two)
+    assert [sum(row["drain"]["delivered"]) for row in rows if row["system"] == "sync_worker*2"] == [60, 60, 60]
+    assert all("delivered" not in row["drain"] for row in rows if row["system"] == "sync_worker")
     assert all(0 <= row["drain"]["steal_pct"] <= 100 for row in rows)
     assert all(row["machine"]["python_ms"] > 0 for row in rows)
 
