@@ -238,12 +238,10 @@ class RunQueue:
         if not waiters or not self._due_here(key):
             key.held_since = None
             return
-        if key.held_since is None:  # the buffer emptied since: the runs there now wait anew
+        if key.held_since is None or time.time() < key.held_since + self.spill_delay:
+            # the buffer emptied since (the runs there now wait anew), or they have not waited
+            # the whole delay yet: again at the end of it
             self._arm_spill(key)
-            return
-        if time.time() < key.held_since + self.spill_delay:
-            key.spill_armed = True
-            self._add_timer(key.held_since + self.spill_delay, "spill", key)
             return
         key.held_since = None
         for waiter in _in_preference_order(waiters):

@@ -853,6 +853,7 @@ class Subscription:
             self._release_unsent(taken, claimed)
             return False
         texts: list[str] = []
+        sent_ids: list[str] = []
         failed: BaseException | None = None
         for run, result in zip(taken, claimed, strict=True):
             if isinstance(result, BaseException):  # not written: the run stays queued
@@ -862,9 +863,10 @@ class Subscription:
                 self.queue.discard(self, run[0])
             else:
                 texts.append(result)
+                sent_ids.append(run[0])
         with self._cond:
             self._credit = max(0, (self._credit or 0) - len(texts))
-        self._sending([run[0] for run, result in zip(taken, claimed, strict=True) if isinstance(result, str)])
+        self._sending(sent_ids)
         # the answers to ``before`` first, then the runs, in one write (a failed send: the
         # lease brings the runs back)
         self.outbox.flush_mine(then=self._run_frames(texts))
