@@ -86,6 +86,10 @@ NEEDS = {"dramatiq": ("dramatiq", "redis"), "celery": ("celery", "redis"), "rq":
 REDIS_SYSTEMS = ("dramatiq", "celery", "rq")
 #: ``--stdlib-json``: this tree with SYNC_WORKER_JSON=stdlib everywhere (no orjson, the pure path)
 STDLIB_SYSTEM = "sync_worker(stdlib)"
+#: ``--server-storage``: this tree with SYNC_WORKER_STORAGE=server (records kept by the server)
+SERVER_STORAGE_SYSTEM = "sync_worker(server storage)"
+#: the variants of this tree: the settings each one gives every process (server, workers, trial)
+VARIANT_ENV = {STDLIB_SYSTEM: {"SYNC_WORKER_JSON": "stdlib"}, SERVER_STORAGE_SYSTEM: {"SYNC_WORKER_STORAGE": "server"}}
 INSTALL_HINT = ("python3 -m pip install 'dramatiq[redis]' 'celery[redis]' rq huey redis"
                 " (and for the Redis peers: apt-get install -y redis-server)")
 CASES = ("drain", "waited", "short", "latency", "params")
@@ -264,7 +268,7 @@ def percentile(values: list[float], q: float) -> float:
 # ----------------------------------------------------------------------------- availability
 def missing(system: str) -> str | None:
     """Why a system cannot run here (None when it can)."""
-    if system.split("*")[0].split("@")[0] == "sync_worker" or system == STDLIB_SYSTEM:
+    if system.split("*")[0].split("@")[0] == "sync_worker" or system in VARIANT_ENV:
         return None
     absent = [name for name in NEEDS[system] if importlib.util.find_spec(name) is None]
     if absent:
@@ -289,13 +293,12 @@ class Trial:
         self.worker: subprocess.Popen | None = None
         self.workers: list[subprocess.Popen] = []  # sync_worker*K: K worker processes
         self.worker_count = int(system.split("*")[1]) if "*" in system else 1
-        stdlib = system == STDLIB_SYSTEM
         self.src = Path(args.src).resolve()
         self.env = dict(os.environ, COMPARE_SYSTEM=self.kind, COMPARE_DONE_FILE=self.done_file,
                         COMPARE_HUEY_DB=os.path.join(self.tmp, "huey.db"), PYTHONUNBUFFERED="1",
                         PYTHONPATH=os.pathsep.join([str(self.src), str(HERE)]))
-        if stdlib:  # server, worker and the submitting trial process: JSON without orjson
-            self.env["SYNC_WORKER_JSON"] = "stdlib"
+        self.variant_env = VARIANT_ENV.get(system, {})  # server, workers and the submitting trial process
+        self.env.update(self.variant_env)
         self.procs: list[subprocess.Popen] = []
         self.logs: list[Path] = []
 
@@ -319,6 +322,7 @@ class Trial:
                                       cwd=self.src)
             url = f"http://127.0.0.1:{port}/api"
             self.env.update(SYNC_WORKER_API_URL=url, SYNC_WORKER_STORAGE=os.path.join(self.tmp, "records"))
+            self.env.update(self.variant_env)
             wait_until(lambda: _port_open(port), 60, "the sync_worker server", 0.02, [self.server])
             for i in range(self.worker_count):
                 self.workers.append(self._spawn(f"worker{i}", [py, "-m", "sync_worker", "worker", "compare_tasks:noop",
@@ -644,6 +648,7 @@ LABELS = {
     "sync_worker": "sync_worker (SQLite, durable)",
     "sync_worker@base": "sync_worker, baseline tree",
     STDLIB_SYSTEM: "sync_worker, stdlib JSON (SYNC_WORKER_JSON=stdlib: no orjson)",
+    SERVER_STORAGE_SYSTEM: "sync_worker, records on the server (SYNC_WORKER_STORAGE=server)",
     "dramatiq": "Dramatiq {dramatiq} (Redis, not durable)",
     "celery": "Celery {celery}, threads (Redis, not durable)",
     "rq": "RQ {rq}, SimpleWorker, 1 job at a time (Redis, not durable)",
@@ -820,6 +825,8 @@ def outer(args: argparse.Namespace) -> int:
                     systems.insert(systems.index(f"sync_worker*{count}") + 1, f"sync_worker@base*{count}")
     if args.stdlib_json and "sync_worker" in systems:
         systems.insert(systems.index("sync_worker") + 1, STDLIB_SYSTEM)
+    if args.server_storage and "sync_worker" in systems:
+        systems.insert(systems.index("sync_worker") + 1, SERVER_STORAGE_SYSTEM)
     runnable = []
     skipped: dict[str, str] = {}
     for system in systems:
@@ -897,6 +904,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(with --workers, also sync_worker@base*K)")
     parser.add_argument("--stdlib-json", action="store_true", help=f"also measure this tree with SYNC_WORKER_JSON=stdlib "
                         f"in every process (the path without orjson), as system {STDLIB_SYSTEM}")
+    parser.add_argument("--server-storage", action="store_true", help="also measure this tree with "
+                        f"SYNC_WORKER_STORAGE=server in every process (records kept by the server, see the "
+                        f"params case), as system {SERVER_STORAGE_SYSTEM}")
     parser.add_argument("--timeout", type=float, default=300, help="bound in seconds of each case (default 300)")
     parser.add_argument("--json", default="", help="also write every trial and the summary to this file")
     parser.add_argument("--_trial", help=argparse.SUPPRESS)

@@ -198,7 +198,7 @@ class Client:
 
     # -- task runs --------------------------------------------------------------------
     def create_task_run(self, body: Dict[str, Any], timeout: Optional[float] = None, *,
-                        brief: bool = False) -> TaskRun:
+                        brief: bool = False, parameters_record: Optional[bytes] = None) -> TaskRun:
         """Create a run from a body built by :func:`sync_worker.schemas.task_run_create`.
 
         Each attempt is one :meth:`SubmitTransport.create <sync_worker.transport.SubmitTransport.create>`
@@ -208,7 +208,10 @@ class Client:
         since the first attempt, then :class:`ServerUnavailable` is raised. Safe because the
         body carries the run's ``id``: a repeat of a create that did land answers the same
         run. ``brief=True``: the caller needs the run's id and state only (``.delay()``),
-        see :meth:`~sync_worker.transport.SubmitTransport.create`.
+        see :meth:`~sync_worker.transport.SubmitTransport.create`. ``parameters_record``: the
+        run's parameters record, kept by the embedded server under the body's
+        ``task_parameters_id`` (``SYNC_WORKER_STORAGE=server``): carried by the create itself
+        when the server offers it, else written before the create.
         """
         if "id" not in body:
             body = {**body, "id": str(uuid.uuid4())}
@@ -216,7 +219,7 @@ class Client:
         limit = self.settings.submit_timeout if timeout is None else timeout
         try:
             try:  # the first attempt directly: the retry machinery is built only when it fails
-                return self.transport.create(body, brief=brief)
+                return self.transport.create(body, brief=brief, parameters_record=parameters_record)
             except Exception as exc:
                 if not _create_retryable(exc) or time.monotonic() - started >= limit:
                     raise
@@ -228,7 +231,7 @@ class Client:
                 before_sleep=_log_retry,
                 reraise=True,
             )
-            return retrying(self.transport.create, body, brief=brief)
+            return retrying(self.transport.create, body, brief=brief, parameters_record=parameters_record)
         except Exception as exc:
             if not _create_retryable(exc):
                 raise

@@ -343,11 +343,12 @@ class TaskRunEngine:
         parameter_error: ParameterReadError | None = None
         if should_try_to_read_parameters(task, run):
             assert run.state is not None
-            self._parameters_id = run.state.state_details.task_parameters_id
+            params_id = run.state.state_details.task_parameters_id
+            record = run.parameters_record  # came with the run: kept (and deleted) by the server
+            self._parameters_id = params_id if record is None else None
             try:
-                payload = read_parameters(
-                    self.store, run.state.state_details.task_parameters_id, allow_pickle=self.settings.allow_pickle
-                )
+                payload = read_parameters(self.store, params_id, allow_pickle=self.settings.allow_pickle,
+                                          record=record)
                 parameters = payload.get("parameters", {})
             except ParameterReadError as exc:
                 parameter_error = exc

@@ -272,6 +272,9 @@ class TaskRun:
     expected_start_time: Optional[datetime] = None
     start_time: Optional[datetime] = None
     end_time: Optional[datetime] = None
+    #: The parameters record delivered with the run (the embedded server's
+    #: ``inline_parameters``), read instead of the store; not part of the run's JSON.
+    parameters_record: Optional[str] = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "TaskRun":
@@ -292,6 +295,7 @@ class TaskRun:
             expected_start_time=parse_datetime(data.get("expected_start_time")),
             start_time=parse_datetime(data.get("start_time")),
             end_time=parse_datetime(data.get("end_time")),
+            parameters_record=_record_text(data.get("parameters_record")),
         )
 
     def to_json(self) -> Dict[str, Any]:
@@ -426,6 +430,10 @@ class OrchestrationResult:
     def delay_seconds(self) -> float:
         """How long a WAIT asks the caller to wait before proposing again."""
         return float(self.details.get("delay_seconds") or 0)
+
+
+def _record_text(value: Any) -> Optional[str]:
+    return value if isinstance(value, str) else None
 
 
 def _opt_str(value: Any) -> Optional[str]:

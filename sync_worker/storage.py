@@ -203,6 +203,10 @@ def _local_store(path: str) -> LocalDirectoryStore:
 
 #: Largest serialized result carried inside its state (see :func:`inline_result`).
 INLINE_RESULT_LIMIT = 16 * 1024
+#: Largest parameters record carried inside a create and a delivered run when the embedded
+#: server keeps the records (``SYNC_WORKER_STORAGE=server``): a larger one is written and
+#: read with requests of its own, so that no websocket message grows without bound.
+INLINE_PARAMETERS_LIMIT = 64 * 1024
 
 
 # -- records -----------------------------------------------------------------------------
@@ -273,21 +277,32 @@ def load_record(data: bytes | dict[str, Any], *, allow_pickle: bool = False) -> 
 
 def write_parameters(store: RecordStore, parameters: dict[str, Any], serializer: str = "json") -> str:
     """Store a run's parameters (Prefect's payload shape) and return the record key."""
-    key = str(uuid.uuid4())
-    store.write(PARAMETERS_PREFIX + key, dump_record({"parameters": parameters, "context": {}}, serializer, key))
+    key, record = parameters_record(parameters, serializer)
+    store.write(PARAMETERS_PREFIX + key, record)
     return key
+
+
+def parameters_record(parameters: dict[str, Any], serializer: str = "json") -> tuple[str, bytes]:
+    """A new key (the run's ``task_parameters_id``) and the record of ``parameters``, not
+    stored yet: :func:`write_parameters` stores it, or the create carries it
+    (:meth:`sync_worker.client.Client.create_task_run`)."""
+    key = str(uuid.uuid4())
+    return key, dump_record({"parameters": parameters, "context": {}}, serializer, key)
 
 
 def delete_parameters(store: RecordStore, key: str) -> None:
     store.delete(PARAMETERS_PREFIX + key)
 
 
-def read_parameters(store: RecordStore, key: str, *, allow_pickle: bool = False) -> dict[str, Any]:
+def read_parameters(store: RecordStore, key: str, *, allow_pickle: bool = False,
+                    record: str | None = None) -> dict[str, Any]:
     """The payload dict ``{"parameters": {...}, ...}``; ParameterReadError says what went wrong.
 
-    ``key`` is the run's ``task_parameters_id``."""
+    ``key`` is the run's ``task_parameters_id``; ``record``: the record's text when it came
+    with the run (the embedded server's ``inline_parameters``), so the store is not asked."""
     try:
-        payload = load_record(store.read(PARAMETERS_PREFIX + key), allow_pickle=allow_pickle)
+        payload = load_record(store.read(PARAMETERS_PREFIX + key) if record is None else record,
+                              allow_pickle=allow_pickle)
     except RecordNotFound as exc:
         raise ParameterReadError(f"parameters {key!r} not found: {exc}. Do the submitter and the worker share "
                                  "the same SYNC_WORKER_STORAGE?") from exc

@@ -27,8 +27,8 @@ raise :class:`SubscriptionAuthError` at once: retrying cannot fix them.
 
 What the connection offers is learned once per connection, from ``auth_success``: the
 embedded server's extensions (``set_state``, ``credit``, ``direct_running``, ``release``,
-``release_run``, ``claim_at_delivery``, ``batch_delivery``) and its ``lease_timeout``; a
-Prefect server announces none.
+``release_run``, ``claim_at_delivery``, ``batch_delivery``, ``inline_parameters``) and its
+``lease_timeout``; a Prefect server announces none.
 
 ``claim_at_delivery`` (used when announced, with ``credit``, and the consumer can run every
 key it subscribes to): the server commits RUNNING before it sends a run and leases it at
@@ -40,7 +40,9 @@ rides on its next ``set_state`` frame (usually the final state of the run that f
 :meth:`flush_credit` sends what no frame carried. :meth:`stop_receiving` names the runs
 delivered but not started (``{"type": "release", "task_run_ids": [...]}``): SCHEDULED again
 at once; runs still arriving after it are handed back the same way. ``batch_delivery``
-(asked for together with it): several runs in one ``{"type": "task_runs"}`` frame. The
+(asked for together with it): several runs in one ``{"type": "task_runs"}`` frame.
+``inline_parameters`` (the same): a run whose parameters record the server keeps
+(``SYNC_WORKER_STORAGE=server``) arrives with it, ``TaskRun.parameters_record``. The
 connection's dialect (:mod:`sync_worker.dialects`: how that server behaves) is chosen
 then, once, and kept in :attr:`Subscription.dialect`. The client's settings
 (``SYNC_WORKER_FAST_PATH=false``) can refuse the extensions, in this one place, through
@@ -267,6 +269,8 @@ class Subscription:
                 subscribe["claim_at_delivery"] = True
                 if "batch_delivery" in extensions:
                     subscribe["batch_delivery"] = True
+                if "inline_parameters" in extensions:  # records the server keeps come with their runs
+                    subscribe["inline_parameters"] = True
                 if self._holding_ids is not None:
                     subscribe["holding"] = list(self._holding_ids())
             ws.send(json.dumps(subscribe))

@@ -28,7 +28,17 @@ from sync_worker.schemas import (
     task_run_create,
 )
 from sync_worker.settings import get_settings
-from sync_worker.storage import SERIALIZERS, RecordStore, delete_parameters, get_store, read_result, write_parameters
+from sync_worker.storage import (
+    INLINE_PARAMETERS_LIMIT,
+    PARAMETERS_PREFIX,
+    SERIALIZERS,
+    RecordStore,
+    ServerStore,
+    delete_parameters,
+    get_store,
+    parameters_record,
+    read_result,
+)
 
 if TYPE_CHECKING:
     from typing_extensions import ParamSpec
@@ -172,7 +182,12 @@ class Task(Generic[P, R]):
                 client = get_client(settings)
             store = store or get_store(settings, client)
 
-        parameters_id = write_parameters(store, parameters, self.result_serializer) if parameters else None
+        parameters_id = record = None
+        if parameters:
+            parameters_id, record = parameters_record(parameters, self.result_serializer)
+            if not (isinstance(store, ServerStore) and store.client is client and len(record) <= INLINE_PARAMETERS_LIMIT):
+                store.write(PARAMETERS_PREFIX + parameters_id, record)
+                record = None  # else it travels with the create: stored with the run, no request of its own
         body = task_run_create(  # state and policy as JSON: no objects built only to be written
             name=self.name,
             task_key=self.task_key,
@@ -182,7 +197,7 @@ class Task(Generic[P, R]):
             task_inputs=parameters,
         )
         try:
-            task_run = client.create_task_run(body, brief=True)
+            task_run = client.create_task_run(body, brief=True, parameters_record=record)
         except exceptions.APIError as exc:
             # refused (4xx): certainly not created, its parameters are of no use. After
             # connection errors or 5xx (ServerUnavailable) the run may exist: its

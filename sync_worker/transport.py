@@ -80,6 +80,8 @@ def error_for(what: str, status: int, detail: Any, response: Optional[requests.R
 
 #: The rpc extension of a create answered ``{"id", "state"}`` instead of the whole run.
 BRIEF_CREATE = "brief_create"
+#: The rpc extension of a create that carries the run's parameters record.
+CREATE_PARAMETERS = "create_parameters"
 #: Polling of a wait where no rpc socket is offered (a Prefect server, or
 #: ``SYNC_WORKER_FAST_PATH=false``): start fast (a no-op run completes in a few
 #: milliseconds), back off to at most ``POLL_MAX`` seconds between reads.
@@ -143,7 +145,8 @@ class SubmitTransport:
             raise error_for(what, status, reply.get("detail"))
         return reply.get("result")
 
-    def create(self, body: Dict[str, Any], *, brief: bool = False) -> TaskRun:
+    def create(self, body: Dict[str, Any], *, brief: bool = False,
+               parameters_record: Optional[bytes] = None) -> TaskRun:
         """One attempt at creating the run ``body`` describes (it carries the run's ``id``).
 
         ``brief``: the caller needs the run's id and state only; a connection that
@@ -156,11 +159,21 @@ class SubmitTransport:
         REST creates keep the whole answer: REST carries creates only while the rpc
         socket is unavailable (or switched off with every other extension), so a shorter
         answer there would save nothing measurable.
+
+        ``parameters_record``: the run's parameters record for the server to keep (see
+        :meth:`Client.create_task_run <sync_worker.client.Client.create_task_run>`): in the
+        create's message when the connection announced ``create_parameters`` (stored in the
+        create's transaction), else written first with ``PUT /storage/parameters.<id>``.
         """
         conn = self._connection()
         if conn is not None:
             brief = brief and BRIEF_CREATE in conn.extensions
             message = {"type": "create", "body": body, "brief": True} if brief else {"type": "create", "body": body}
+            if parameters_record is not None and CREATE_PARAMETERS in conn.extensions:
+                message["parameters_record"] = parameters_record.decode("utf-8")
+            elif parameters_record is not None:
+                self._write_parameters(body, parameters_record)
+                parameters_record = None
             from sync_worker.sockets import ConnectionLost
 
             try:
@@ -169,7 +182,16 @@ class SubmitTransport:
                 logger.debug("create over the rpc socket got no answer (%s); over REST", exc)
             else:
                 return self._brief_run(body, result) if brief else TaskRun.from_json(result)
+        if parameters_record is not None:
+            self._write_parameters(body, parameters_record)
         return TaskRun.from_json(self.client.request("POST", "/task_runs/", json_body=body).json())
+
+    def _write_parameters(self, body: Dict[str, Any], record: bytes) -> None:
+        """The record a create could not carry, written before it (a repeat of a create that
+        landed writes the same bytes again)."""
+        from sync_worker.storage import PARAMETERS_PREFIX, ServerStore
+
+        ServerStore(self.client).write(PARAMETERS_PREFIX + body["state"]["state_details"]["task_parameters_id"], record)
 
     def _brief_run(self, body: Dict[str, Any], result: Dict[str, Any]) -> TaskRun:
         state, proposed = result.get("state") or {}, body.get("state") or {}
@@ -287,11 +309,14 @@ class LazyTaskRun(TaskRun):
     @classmethod
     def delivered(cls, message: Dict[str, Any]) -> LazyTaskRun:
         """A run as a server delivers it (the whole run's JSON): what a worker needs read
-        now (id, name, key, state, labels; a malformed one raises KeyError, TypeError or
-        ValueError here, as :meth:`TaskRun.from_json` does), the rest when asked for."""
+        now (id, name, key, state, labels, the parameters record that came with it; a
+        malformed one raises KeyError, TypeError or ValueError here, as
+        :meth:`TaskRun.from_json` does), the rest when asked for."""
         state = message.get("state")
+        record = message.get("parameters_record")
         return cls(message, id=str(message["id"]), name=message.get("name") or "", task_key=message["task_key"],
-                   state=State.from_json(state) if state else None, labels=dict(message.get("labels") or {}))
+                   state=State.from_json(state) if state else None, labels=dict(message.get("labels") or {}),
+                   parameters_record=record if isinstance(record, str) else None)
 
 
 for _field in dataclasses.fields(TaskRun):

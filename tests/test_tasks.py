@@ -100,7 +100,7 @@ def test_an_unreachable_server_raises_server_unavailable_and_keeps_the_parameter
 def test_a_refused_create_removes_the_parameters(server, store, monkeypatch):
     from sync_worker.exceptions import APIError
 
-    def refused(self, body, brief=False):  # the server answers 422: certainly not created
+    def refused(self, body, brief=False, parameters_record=None):  # the server answers 422: certainly not created
         raise APIError("POST /task_runs/ failed with 422", status_code=422)
 
     monkeypatch.setattr(SubmitTransport, "create", refused)

@@ -27,12 +27,22 @@ DELIVERED = {
 def test_a_delivered_run_reads_the_rest_on_first_use_and_is_then_the_whole_run():
     run = LazyTaskRun.delivered(copy.deepcopy(DELIVERED))
     assert isinstance(run, TaskRun)
-    assert set(vars(run)) == {"id", "name", "task_key", "state", "labels", "_source"}
+    assert set(vars(run)) == {"id", "name", "task_key", "state", "labels", "parameters_record", "_source"}
     assert run.state.type is StateType.RUNNING and run.state.state_details.task_parameters_id == "p-1"
     assert "_source" in vars(run)  # nothing else read yet
     assert run.empirical_policy.retries == 2
     assert "_source" not in vars(run)
     assert vars(run) == vars(TaskRun.from_json(DELIVERED))
+
+
+def test_a_parameters_record_delivered_with_the_run_is_read_at_once():
+    record = '{"metadata": {}, "result": "{}"}'
+    run = LazyTaskRun.delivered({**copy.deepcopy(DELIVERED), "parameters_record": record})
+    assert "_source" in vars(run) and run.parameters_record == record
+    assert TaskRun.from_json({**DELIVERED, "parameters_record": record}).parameters_record == record
+    assert LazyTaskRun.delivered({**copy.deepcopy(DELIVERED), "parameters_record": 5}).parameters_record is None
+    assert LazyTaskRun.delivered(copy.deepcopy(DELIVERED)).parameters_record is None
+    assert "parameters_record" not in TaskRun.from_json({**DELIVERED, "parameters_record": record}).to_json()
 
 
 def test_concurrent_first_reads_give_one_consistent_run():

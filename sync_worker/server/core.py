@@ -19,7 +19,7 @@ from .database import QSTATE_MEMORY, QSTATE_NONE, Database, RunRow, Transaction
 from .database import dumps as _dumps
 from .models import DEFAULT_STATE_NAMES, TERMINAL, ValidationError, build_task_run, parse_time, validate_state
 from .orchestration import ACCEPT_DETAILS, orchestrate, orchestrate_prefect
-from .retention import delete_parameters_when_completed
+from .retention import PARAMETERS_RECORD, delete_parameters_when_completed
 from .runqueue import RunQueue
 
 logger = logging.getLogger("sync_worker.server.core")
@@ -28,6 +28,32 @@ logger = logging.getLogger("sync_worker.server.core")
 _ACCEPT_DETAILS = _dumps(ACCEPT_DETAILS)
 #: the result of an accepted proposal asked for ``answer="brief"`` (``brief_set_state``)
 BRIEF_ACCEPT = '{"status":"ACCEPT"}'
+#: Largest parameters record sent inside a delivered run (``inline_parameters``); a larger
+#: one is read by the worker from its store. The client's bound for carrying a record in a
+#: create, :data:`sync_worker.storage.INLINE_PARAMETERS_LIMIT`, is the same (not imported:
+#: the server does not load the client's storage module).
+INLINE_PARAMETERS_LIMIT = 64 * 1024
+
+
+def with_parameters_record(text: str, record: str) -> str:
+    """A delivered run's JSON with its parameters record added (``"parameters_record"``)."""
+    return f'{text[:-1]},"parameters_record":{_dumps(record)}}}'
+
+
+def held_parameters(tx: Transaction, run: dict[str, Any]) -> str | None:
+    """The parameters record this server stores for ``run``, as text, when it is small
+    enough to travel with the run (:data:`INLINE_PARAMETERS_LIMIT`; else None: the worker
+    reads it from its store)."""
+    params_id = run["state"]["state_details"].get("task_parameters_id")
+    if not params_id:
+        return None
+    data = tx.get_record(PARAMETERS_RECORD + params_id)
+    if data is None or len(data) > INLINE_PARAMETERS_LIMIT:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
 
 
 class NotFound(LookupError):
@@ -79,14 +105,18 @@ class Core:
         return hmac.compare_digest(token.encode("utf-8", "replace"), self.auth_string.encode())
 
     # -- task runs -------------------------------------------------------------------------------
-    def create_task_run(self, body: Any, brief: bool = False) -> str:
+    def create_task_run(self, body: Any, brief: bool = False, parameters_record: Any = None) -> str:
         """Validate and store a run (queued when SCHEDULED + deferred); returns its JSON text
         (``brief``: only ``{"id", "state": {"type", "name", "timestamp"}}``, see :func:`brief_json`).
 
         Idempotent by the client-chosen ``id``: repeating a create whose answer was lost
         returns the run it created (same id, same task key and dynamic key) instead of a
-        409, so clients can retry creates safely. A different run with that id is a 409."""
-        op, undo = self._create_op(body, brief)
+        409, so clients can retry creates safely. A different run with that id is a 409.
+
+        ``parameters_record``: the run's parameters record (text), stored with the run in
+        its transaction under ``parameters.<task_parameters_id>`` (as ``PUT
+        /api/storage/parameters.<id>`` would, one request fewer; see :mod:`.rpc`)."""
+        op, undo = self._create_op(body, brief, parameters_record)
         try:
             return self.db.write(op)
         except BaseException:
@@ -94,11 +124,11 @@ class Core:
             raise
 
     def create_task_run_async(self, body: Any, callback: Callable[[str | None, BaseException | None], None],
-                              brief: bool = False) -> None:
+                              brief: bool = False, parameters_record: Any = None) -> None:
         """:meth:`create_task_run` without waiting: ``callback(run_text, error)`` after the
         commit (see :meth:`set_states_async`). Invalid bodies raise ValidationError here.
         Inside ``db.gathering()`` the commit waits for the end of the block."""
-        op, undo = self._create_op(body, brief)
+        op, undo = self._create_op(body, brief, parameters_record)
 
         def done(result: Any, error: BaseException | None) -> None:
             if error is not None:
@@ -107,7 +137,8 @@ class Core:
 
         self.db.submit(op, done, inline=True)
 
-    def _create_op(self, body: Any, brief: bool = False) -> tuple[Callable[[Transaction], str], Callable[[], None]]:
+    def _create_op(self, body: Any, brief: bool = False, parameters_record: Any = None
+                   ) -> tuple[Callable[[Transaction], str], Callable[[], None]]:
         """The create's write operation, and what undoes its claim when it was not committed.
 
         Claim at create: a background run due now, with an idle ``claim_at_delivery``
@@ -119,6 +150,7 @@ class Core:
         now = time.time()
         run = build_task_run(body, now)
         state = run["state"]
+        record = _parameters_record(parameters_record, state)
         background = state["type"] == "SCHEDULED" and bool(state["state_details"].get("deferred"))
         row = RunRow(id=run["id"], task_key=run["task_key"], state_type=state["type"], run=run,
                      background=background)
@@ -140,6 +172,8 @@ class Core:
                     logger.debug("create of task run %s repeated: answering the existing run", row.id)
                     return brief_json(existing.run) if brief else existing.dump()
                 raise Conflict(f"A task run with id {row.id} already exists") from None
+            if record is not None:
+                tx.put_record(record[0], record[1])
             if background:
                 waiter = None
                 if row.qstate == QSTATE_MEMORY and not self.prefect_compatible:
@@ -154,6 +188,8 @@ class Core:
                         tx.delete_run(row.id)  # an operation that raises has written nothing
                         raise
                     delivered = row.dump()
+                    if record is not None and waiter.inline_parameters and len(record[1]) <= INLINE_PARAMETERS_LIMIT:
+                        delivered = with_parameters_record(delivered, parameters_record)
                     tx.after_commit(lambda: waiter.deliver_reserved(row.id, delivered))
             logger.debug("created task run %s (%s) in state %s", row.id, row.task_key, row.state_type)
             return answer
@@ -250,8 +286,8 @@ class Core:
 
     # -- claim at delivery (subscription extension) ----------------------------------------------
     def claim_at_delivery(self, run_ids: list[str], holder: str,
-                          before: list[tuple[str, dict[str, Any], bool, Callable[..., None], bool]] | None = None
-                          ) -> list[str | BaseException | None]:
+                          before: list[tuple[str, dict[str, Any], bool, Callable[..., None], bool]] | None = None,
+                          inline_parameters: bool = False) -> list[str | BaseException | None]:
         """RUNNING for runs about to be delivered to the subscription ``holder``, committed
         before they are sent (durable before delivered: the worker sends no RUNNING proposal
         of its own). One operation per run, queued together (so committed together when
@@ -260,7 +296,10 @@ class Core:
 
         ``before``: proposals of the same holder (as for :meth:`set_states_async`) queued
         ahead of the claims, so that the final states that freed the slots and the claim of
-        the next runs are one commit, not two."""
+        the next runs are one commit, not two.
+
+        ``inline_parameters``: each run's JSON carries the parameters record this server
+        holds for it (:func:`held_parameters`), read in the claim's transaction."""
         results: list[str | BaseException | None] = [None] * len(run_ids)
         left = [len(run_ids)]
         lock = threading.Lock()
@@ -279,6 +318,10 @@ class Core:
                 if row is None or row.state_type != "SCHEDULED":
                     return None
                 set_running(tx)  # SCHEDULED -> RUNNING: accepted by the table
+                if inline_parameters:
+                    record = held_parameters(tx, row.run)
+                    if record is not None:
+                        return with_parameters_record(row.dump(), record)
                 return row.dump()
 
             return op
@@ -462,6 +505,22 @@ def claim_proposal(holder: str) -> dict[str, Any]:
             _claim_proposals.clear()
         _claim_proposals[holder] = proposal
     return proposal
+
+
+def _parameters_record(record: Any, state: dict[str, Any]) -> tuple[str, bytes] | None:
+    """The key and bytes a create's ``parameters_record`` is stored under (None: none given)."""
+    if record is None:
+        return None
+    if not isinstance(record, str):
+        raise ValidationError(["parameters_record"], "Input should be a valid string", "string_type", record)
+    params_id = state["state_details"].get("task_parameters_id")
+    if not params_id:
+        raise ValidationError(["body", "state", "state_details", "task_parameters_id"],
+                              "Field required: the run's parameters_record is stored under it", "missing")
+    try:
+        return PARAMETERS_RECORD + params_id, record.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValidationError(["parameters_record"], "Input should be valid UTF-8 text", "string_unicode") from None
 
 
 def brief_json(run: dict[str, Any]) -> str:

@@ -259,6 +259,10 @@ class Transaction(ABC):
     def delete_record(self, key: str) -> bool:
         """Delete a blob; False if there was none."""
 
+    @abstractmethod
+    def get_record(self, key: str) -> bytes | None:
+        """A blob as this transaction sees it (None if there is none)."""
+
     def after_commit(self, fn: Callable[[], None]) -> None:
         """Run ``fn`` in the writer thread once this operation's writes are committed."""
         self._hooks.append(fn)
@@ -556,6 +560,10 @@ class _SQLiteTransaction(Transaction):
 
     def delete_record(self, key: str) -> bool:
         return self._conn.execute("DELETE FROM records WHERE key = ?", (key,)).rowcount > 0
+
+    def get_record(self, key: str) -> bytes | None:
+        values = self._conn.execute("SELECT data FROM records WHERE key = ?", (key,)).fetchone()
+        return None if values is None else bytes(values[0])
 
 
 class SQLiteDatabase(Database):

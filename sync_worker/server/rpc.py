@@ -9,6 +9,12 @@ back to REST there). One connection per client process carries many concurrent r
               (with ``"brief": true`` in the create — the ``brief_create`` extension, announced in
               ``auth_success``'s ``extensions`` — the result is only
               ``{"id": ID, "state": {"type": T, "name": N, "timestamp": TS}}``)
+              (with ``"parameters_record": "<record text>"`` in the create — the
+              ``create_parameters`` extension — the run's parameters record is stored with the
+              run, in its transaction, under ``parameters.<task_parameters_id>`` (which the
+              body's state must name): what ``PUT /api/storage/parameters.<id>`` before the
+              create would store, without that request; a create that is refused stores
+              nothing)
     client -> {"type": "wait", "request_id": R, "task_run_id": ID, "timeout": SECONDS}
     server -> {"type": "wait_result", "request_id": R, "status_code": 200, "result": {...TaskRun...}}
               (sent when the run reaches a terminal state, or with the run as it is when
@@ -66,8 +72,9 @@ MAX_WAITS = 10_000
 DEFAULT_WAIT_TIMEOUT = 60.0
 MAX_WAIT_TIMEOUT = 300.0
 #: announced in ``auth_success``: ``brief_create`` = a create with ``"brief": true`` is answered
-#: with the run's id and state only
-EXTENSIONS = ("brief_create",)
+#: with the run's id and state only; ``create_parameters`` = a create may carry the run's
+#: parameters record (``"parameters_record"``)
+EXTENSIONS = ("brief_create", "create_parameters")
 
 
 def handle_rpc(environ: dict[str, Any], core: Core, registry: SubscriptionRegistry,
@@ -165,11 +172,11 @@ class RpcChannel:
         if not isinstance(request_id, str) or not request_id:
             raise Close(PREFECT_VIOLATION, "Protocol violation: 'request_id' must be a non-empty string")
         if kind == "create":
-            self._create(request_id, value.get("body"), value.get("brief") is True)
+            self._create(request_id, value.get("body"), value.get("brief") is True, value.get("parameters_record"))
         else:
             self._wait(request_id, value.get("task_run_id"), value.get("timeout"))
 
-    def _create(self, request_id: str, body: Any, brief: bool = False) -> None:
+    def _create(self, request_id: str, body: Any, brief: bool = False, parameters_record: Any = None) -> None:
         def done(text: str | None, error: BaseException | None) -> None:
             if error is None:
                 self._reply("create_result", request_id, 201, result=text)
@@ -184,7 +191,7 @@ class RpcChannel:
                 self._reply("create_result", request_id, 500, detail=f"Internal error: {type(error).__name__}")
 
         try:
-            self.core.create_task_run_async(body, done, brief=brief)
+            self.core.create_task_run_async(body, done, brief=brief, parameters_record=parameters_record)
         except ValidationError as exc:
             self._reply("create_result", request_id, 422, detail=exc.detail)
         except DatabaseClosed as exc:

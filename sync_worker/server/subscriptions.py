@@ -64,6 +64,15 @@ runs one transaction claimed for a connection go out together (one frame with ba
 ``{"type": "task_runs", "task_runs": [run, ...]}`` (a single run is still sent alone, as a
 plain TaskRun), instead of one frame per run.
 
+``inline_parameters`` (offered in ``auth_success``; opt in with ``"inline_parameters": true`` next
+to ``claim_at_delivery``): a run whose parameters record this server stores (``PUT
+/api/storage/parameters.<task_parameters_id>``, or a create that carried it, see :mod:`.rpc`)
+is delivered with the record's text in an extra field of the run's JSON,
+``"parameters_record": "<record>"`` (records up to 64 KiB; a larger one is left to the worker's
+store), read in the claim's transaction: the worker makes no request for it. Records kept
+elsewhere (a local ``SYNC_WORKER_STORAGE`` directory) are not the server's: those runs arrive
+without the field.
+
 ``brief_set_state`` (offered in ``auth_success``; asked per request with ``"brief": true`` in a
 ``set_state`` message): when the proposal is accepted, the answer's ``result`` is just
 ``{"status": "ACCEPT"}``: no ``state`` (about 1 KB: the whole state with its result record) and
@@ -125,8 +134,10 @@ logger = logging.getLogger("sync_worker.server.subscriptions")
 #: ``batch_delivery`` (runs claimed together sent in one frame).
 #: ``brief_set_state`` (a ``set_state`` with ``"brief": true`` that is accepted is answered
 #: ``"result": {"status": "ACCEPT"}``, without the state, see the module docstring).
+#: ``inline_parameters`` (runs claimed at delivery carry the parameters record this server
+#: holds for them, see the module docstring).
 EXTENSIONS = ["set_state", "credit", "direct_running", "release", "release_run", "claim_at_delivery",
-              "batch_delivery", "brief_set_state"]
+              "batch_delivery", "brief_set_state", "inline_parameters"]
 #: seconds before delivery is tried again after a claim could not be written
 CLAIM_RETRY_DELAY = 1.0
 #: Most runs one connection may be granted, whatever credit it asks for.
@@ -154,15 +165,15 @@ def handle_websocket(environ: dict[str, Any], core: Core, registry: Subscription
             authenticate(ws, core, announce)
         elif core.auth_string is not None:
             raise _Close(PROTOCOL_ERROR, "'prefect' subprotocol required when auth is configured")
-        keys, client_id, credit, claim, batch, holding = _read_subscribe(ws, not core.prefect_compatible)
+        keys, client_id, credit, claim, batch, inline, holding = _read_subscribe(ws, not core.prefect_compatible)
         Subscription(ws, core, keys, client_id, peer, credit, claim_at_delivery=claim, batch_delivery=batch,
-                     holding=holding).run()
+                     holding=holding, inline_parameters=inline).run()
 
     serve_socket(environ, registry, max_message_size, "subscription", serve)
 
 
 def _read_subscribe(ws: WebSocket, extensions: bool = True
-                    ) -> tuple[list[str], str, int | None, bool, bool, set[str] | None]:
+                    ) -> tuple[list[str], str, int | None, bool, bool, bool, set[str] | None]:
     message = ws.receive(timeout=sockets.HANDSHAKE_TIMEOUT)
     if message is None and ws.connected:
         raise _Close(POLICY_VIOLATION, f"Expected 'subscribe' message within {sockets.HANDSHAKE_TIMEOUT:g} s")
@@ -190,12 +201,15 @@ def _read_subscribe(ws: WebSocket, extensions: bool = True
         raise _Close(PREFECT_VIOLATION, "Protocol violation: 'claim_at_delivery' requires 'credit'")
     if batch and not claim:
         raise _Close(PREFECT_VIOLATION, "Protocol violation: 'batch_delivery' requires 'claim_at_delivery'")
+    inline = _flag(value, "inline_parameters") if extensions else False
+    if inline and not claim:
+        raise _Close(PREFECT_VIOLATION, "Protocol violation: 'inline_parameters' requires 'claim_at_delivery'")
     holding = value.get("holding") if claim else None
     if holding is not None and (not isinstance(holding, list) or len(holding) > MAX_HOLDING
                                 or not all(isinstance(i, str) for i in holding)):
         raise _Close(PREFECT_VIOLATION, f"Protocol violation: 'holding' must be a list of at most {MAX_HOLDING} "
                                         "run ids")
-    return (list(dict.fromkeys(keys)), client_id, credit, claim, batch,
+    return (list(dict.fromkeys(keys)), client_id, credit, claim, batch, inline,
             None if holding is None else set(holding))
 
 
@@ -220,12 +234,15 @@ class Subscription:
 
     def __init__(self, ws: WebSocket, core: Core, keys: list[str], client_id: str, peer: str,
                  credit: int | None = None, claim_at_delivery: bool = False,
-                 batch_delivery: bool = False, holding: set[str] | None = None) -> None:
+                 batch_delivery: bool = False, holding: set[str] | None = None,
+                 inline_parameters: bool = False) -> None:
         #: claim_at_delivery: the runs the worker says it holds when it (re)subscribes
         #: (see RunQueue.adopt); None: every lease of its client_id is taken over
         self.holding = holding
         self.claim_at_delivery = claim_at_delivery
         self.batch_delivery = batch_delivery
+        #: runs delivered to it carry the parameters record this server holds for them
+        self.inline_parameters = inline_parameters
         self.limit = credit if credit is not None else 1  # runs it may hold at once (stats)
         self.rank = next(_ranks)  # older connections get runs first (runqueue._preference)
         self.connected_at = time.time()  # shown by the dashboard
@@ -839,7 +856,8 @@ class Subscription:
         for run in taken:  # leased before the commit: a connection lost meanwhile starts their lease
             self.queue.acked(self, run[0])
         try:
-            claimed = self.core.claim_at_delivery([run[0] for run in taken], self.client_id, before)
+            claimed = self.core.claim_at_delivery([run[0] for run in taken], self.client_id, before,
+                                                  self.inline_parameters)
         except DatabaseClosed as exc:
             for run in taken:
                 self.queue.give_back(self, *run)

@@ -32,7 +32,7 @@ def test_auth_success_advertises_extensions(wire, protocol):
     reply = json.loads(ws.recv())
     assert reply == {"type": "auth_success", "extensions": ["set_state", "credit", "direct_running", "release",
                                                         "release_run", "claim_at_delivery", "batch_delivery",
-                                                        "brief_set_state"],
+                                                        "brief_set_state", "inline_parameters"],
                      "lease_timeout": 30.0}
     ws.close()
 
