@@ -295,7 +295,7 @@ class TaskRun:
             expected_start_time=parse_datetime(data.get("expected_start_time")),
             start_time=parse_datetime(data.get("start_time")),
             end_time=parse_datetime(data.get("end_time")),
-            parameters_record=_record_text(data.get("parameters_record")),
+            parameters_record=parameters_record_text(data),
         )
 
     def to_json(self) -> Dict[str, Any]:
@@ -432,7 +432,9 @@ class OrchestrationResult:
         return float(self.details.get("delay_seconds") or 0)
 
 
-def _record_text(value: Any) -> Optional[str]:
+def parameters_record_text(data: Mapping[str, Any]) -> Optional[str]:
+    """The parameters record a delivered run's JSON carries (``inline_parameters``), if any."""
+    value = data.get("parameters_record")
     return value if isinstance(value, str) else None
 
 

@@ -49,7 +49,7 @@ from typing import TYPE_CHECKING, Any, Dict, Optional
 import tenacity
 
 from sync_worker import exceptions
-from sync_worker.schemas import TERMINAL_STATES, State, TaskRun
+from sync_worker.schemas import TERMINAL_STATES, State, TaskRun, parameters_record_text
 
 if TYPE_CHECKING:
     import requests
@@ -313,10 +313,9 @@ class LazyTaskRun(TaskRun):
         malformed one raises KeyError, TypeError or ValueError here, as
         :meth:`TaskRun.from_json` does), the rest when asked for."""
         state = message.get("state")
-        record = message.get("parameters_record")
         return cls(message, id=str(message["id"]), name=message.get("name") or "", task_key=message["task_key"],
                    state=State.from_json(state) if state else None, labels=dict(message.get("labels") or {}),
-                   parameters_record=record if isinstance(record, str) else None)
+                   parameters_record=parameters_record_text(message))
 
 
 for _field in dataclasses.fields(TaskRun):
