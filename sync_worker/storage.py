@@ -290,6 +290,22 @@ def parameters_record(parameters: dict[str, Any], serializer: str = "json") -> t
     return key, dump_record({"parameters": parameters, "context": {}}, serializer, key)
 
 
+def stage_parameters(store: RecordStore, client: Client, parameters: dict[str, Any],
+                     serializer: str = "json") -> tuple[str, bytes | None]:
+    """The key of a new run's parameters record, and the record when its create is to carry
+    it (else ``None``: it is stored already).
+
+    A record for the embedded server's store, submitted through the same client and no
+    larger than :data:`INLINE_PARAMETERS_LIMIT`, travels in the create
+    (``create_task_run(parameters_record=...)``): stored with the run, no request of its
+    own. Any other record is written to ``store`` here, before the create."""
+    key, record = parameters_record(parameters, serializer)
+    if isinstance(store, ServerStore) and store.client is client and len(record) <= INLINE_PARAMETERS_LIMIT:
+        return key, record
+    store.write(PARAMETERS_PREFIX + key, record)
+    return key, None
+
+
 def delete_parameters(store: RecordStore, key: str) -> None:
     store.delete(PARAMETERS_PREFIX + key)
 

@@ -29,15 +29,12 @@ from sync_worker.schemas import (
 )
 from sync_worker.settings import get_settings
 from sync_worker.storage import (
-    INLINE_PARAMETERS_LIMIT,
-    PARAMETERS_PREFIX,
     SERIALIZERS,
     RecordStore,
-    ServerStore,
     delete_parameters,
     get_store,
-    parameters_record,
     read_result,
+    stage_parameters,
 )
 
 if TYPE_CHECKING:
@@ -184,10 +181,7 @@ class Task(Generic[P, R]):
 
         parameters_id = record = None
         if parameters:
-            parameters_id, record = parameters_record(parameters, self.result_serializer)
-            if not (isinstance(store, ServerStore) and store.client is client and len(record) <= INLINE_PARAMETERS_LIMIT):
-                store.write(PARAMETERS_PREFIX + parameters_id, record)
-                record = None  # else it travels with the create: stored with the run, no request of its own
+            parameters_id, record = stage_parameters(store, client, parameters, self.result_serializer)
         body = task_run_create(  # state and policy as JSON: no objects built only to be written
             name=self.name,
             task_key=self.task_key,

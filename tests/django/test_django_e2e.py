@@ -196,3 +196,31 @@ def test_sigterm_drains_and_exits_zero(start_worker: Any) -> None:
     wait_finished(create_note.enqueue("before SIGTERM"))
     assert worker.stop() == 0, worker.output()
     assert re.search(r"Task worker \S+ stopped\.", worker.output()), worker.output()
+
+
+def test_server_storage_carries_the_arguments_in_the_create(start_worker: Any, api_env: dict[str, str],
+                                                            server: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``STORAGE: "server"``: enqueue() makes one request, the create, which carries the
+    parameters record; get_result() reads the arguments back from the server's store and the
+    worker runs the task with them, then the server deletes the record."""
+    from notes.models import Note
+    from notes.tasks import create_note
+    from sync_worker.client import Client
+
+    monkeypatch.setenv("SYNC_WORKER_STORAGE", "server")
+    api_env["SYNC_WORKER_STORAGE"] = "server"
+    writes: list[str] = []
+    original = Client.write_record
+    monkeypatch.setattr(Client, "write_record", lambda client, key, data: (writes.append(key), original(client, key, data)))
+
+    result = create_note.enqueue(text="stored with the run")
+    assert writes == []
+    key = "parameters." + create_note.get_backend().client.read_task_run(result.id).state.state_details.task_parameters_id
+    assert server.core.db.read_record(key) is not None
+    assert create_note.get_result(result.id).kwargs == {"text": "stored with the run"}
+
+    worker = start_worker("--limit", "2")
+    wait_finished(result)
+    assert result.status == "SUCCESSFUL", worker.output()
+    assert result.return_value == Note.objects.get(text="stored with the run").id
+    assert server.core.db.read_record(key) is None  # deleted with the COMPLETED state

@@ -11,7 +11,8 @@
     }
 
 ``enqueue()`` stores the call's arguments as a parameters record and creates a SCHEDULED
-deferred run on the server (the same run ``@task.delay()`` creates); the returned
+deferred run on the server (the same run ``@task.delay()`` creates; with ``"STORAGE":
+"server"`` the create carries the record, as ``.delay()``'s does); the returned
 ``TaskResult``'s id is the run id. A worker started with ``manage.py sync_worker``
 executes it. ``get_result(id)`` reads the run back and maps it to a ``TaskResult``.
 
@@ -173,7 +174,7 @@ class SyncWorkerBackend(BaseTaskBackend):
     # -- enqueue ------------------------------------------------------------------------
     def enqueue(self, task: Task, args: Any, kwargs: Any) -> TaskResult:
         """Create the run on the server; nothing is created if the arguments are not JSON."""
-        from sync_worker.storage import delete_parameters, write_parameters
+        from sync_worker.storage import delete_parameters, stage_parameters
 
         self.validate_task(task)
         args, kwargs = list(args), dict(kwargs)
@@ -191,8 +192,8 @@ class SyncWorkerBackend(BaseTaskBackend):
                 run_after = timezone.make_aware(run_after)
             scheduled_time = run_after.astimezone(dt_timezone.utc)
 
-        store = self.store
-        parameters_id = write_parameters(store, parameters)
+        client, store = self.client, self.store
+        parameters_id, record = stage_parameters(store, client, parameters)
         body = task_run_create(
             name=task.name,
             task_key=task_key(task.module_path, task.queue_name),
@@ -201,8 +202,10 @@ class SyncWorkerBackend(BaseTaskBackend):
             tags=["django", f"queue:{task.queue_name}"],
         )
         try:
-            task_run = self.client.create_task_run(body)
+            task_run = client.create_task_run(body, parameters_record=record)
         except BaseException:
+            if record is not None:  # carried by the create: a failed create stored nothing
+                raise
             try:
                 delete_parameters(store, parameters_id)
             except Exception as exc:  # noqa: BLE001 - the create's error is the one to raise
