@@ -36,6 +36,9 @@ def test_view_enqueues_worker_writes_row_and_result_page_shows_it(start_worker: 
     note = Note.objects.get(text="written by the worker")
     assert result.return_value == note.id
     assert result.args == ["written by the worker"] and result.kwargs == {}
+    read_again = create_note.get_result(result_id)  # the parameters record is gone: read from the result
+    assert read_again.args == ["written by the worker"] and read_again.kwargs == {}
+    assert read_again.status == "SUCCESSFUL" and read_again.return_value == note.id
     assert result.errors == []
     assert result.attempts == 1 and len(result.worker_ids) == 1 and result.worker_ids[0] != "unknown"
     assert result.enqueued_at <= result.started_at <= result.last_attempted_at <= result.finished_at
@@ -224,3 +227,4 @@ def test_server_storage_carries_the_arguments_in_the_create(start_worker: Any, a
     assert result.status == "SUCCESSFUL", worker.output()
     assert result.return_value == Note.objects.get(text="stored with the run").id
     assert server.core.db.read_record(key) is None  # deleted with the COMPLETED state
+    assert create_note.get_result(result.id).kwargs == {"text": "stored with the run"}  # from the result

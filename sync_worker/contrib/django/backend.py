@@ -252,8 +252,14 @@ class SyncWorkerBackend(BaseTaskBackend):
             raise TaskResultDoesNotExist(f"{result_id}: {module_path} is not a Django task")
         if task.queue_name != queue_name or task.backend != self.alias:
             task = dataclasses.replace(task, queue_name=queue_name, backend=self.alias)
-        args, kwargs = self._read_arguments(task_run)
-        return self.to_task_result(task, task_run, args, kwargs)
+        successful = task_run.state is not None and _STATUS.get(task_run.state.type) is TaskResultStatus.SUCCESSFUL
+        envelope = self._read_value(task_run) if successful else None
+        if isinstance(envelope, dict) and "args" in envelope and "kwargs" in envelope:
+            # the runner's result carries them: a COMPLETED run's parameters record is deleted
+            args, kwargs = list(envelope["args"] or []), dict(envelope["kwargs"] or {})
+        else:
+            args, kwargs = self._read_arguments(task_run)
+        return self.to_task_result(task, task_run, args, kwargs, envelope=envelope)
 
     def _read_arguments(self, task_run: TaskRun) -> tuple[list[Any], dict[str, Any]]:
         from sync_worker.exceptions import ParameterReadError
@@ -270,7 +276,7 @@ class SyncWorkerBackend(BaseTaskBackend):
         return list(parameters.get("args") or []), dict(parameters.get("kwargs") or {})
 
     def to_task_result(self, task: Task, task_run: TaskRun, args: list[Any], kwargs: dict[str, Any],
-                       *, running_on: str | None = None) -> TaskResult:
+                       *, running_on: str | None = None, envelope: Any = None) -> TaskResult:
         """Map a run to Django's TaskResult.
 
         ``worker_ids`` has one entry per attempt (``run_count``, counted by the server at
@@ -278,7 +284,8 @@ class SyncWorkerBackend(BaseTaskBackend):
         (in the RUNNING message, or in a successful result), so earlier ones read
         ``"unknown"``. ``last_attempted_at`` is the current attempt's start while RUNNING,
         else the first start (``start_time``): Django tasks are not retried, so these agree
-        unless a worker died and the run was delivered again.
+        unless a worker died and the run was delivered again. ``envelope``: the successful
+        run's result when the caller has read it already.
         """
         state = task_run.state
         state_type = state.type if state is not None else StateType.SCHEDULED
@@ -291,7 +298,8 @@ class SyncWorkerBackend(BaseTaskBackend):
             if match:
                 last_worker = match.group(1)
         if status is TaskResultStatus.SUCCESSFUL:
-            envelope = self._read_value(task_run)
+            if envelope is None:
+                envelope = self._read_value(task_run)
             if isinstance(envelope, dict) and "return_value" in envelope:
                 return_value = envelope["return_value"]
                 last_worker = envelope.get("worker_id") or last_worker

@@ -48,8 +48,10 @@ def current_task_run() -> Any:
 def make_runner(django_task: Any, backend: Any, worker_id: Callable[[], str]) -> Callable[..., Any]:
     """The function our engine calls for a run of ``django_task`` (parameters: args, kwargs).
 
-    Its result, the run's result record, is ``{"return_value": ..., "worker_id": ...}``:
-    the worker id is how ``get_result`` knows who ran a successful attempt.
+    Its result, the run's result record, is ``{"return_value": ..., "worker_id": ...,
+    "args": [...], "kwargs": {...}}``: the worker id is how ``get_result`` knows who ran a
+    successful attempt, and the arguments are how it still knows them once the server (or
+    the worker, for a local store) has deleted the COMPLETED run's parameters record.
     """
     from sync_worker.contrib.django import db
     from sync_worker.contrib.django.compat import TaskContext, normalize_json, task_finished, task_started
@@ -70,7 +72,8 @@ def make_runner(django_task: Any, backend: Any, worker_id: Callable[[], str]) ->
                 value = django_task.call(TaskContext(task_result=result), *args, **kwargs)
             else:
                 value = django_task.call(*args, **kwargs)
-            return {"return_value": normalize_json(value), "worker_id": worker_id()}
+            return {"return_value": normalize_json(value), "worker_id": worker_id(), "args": list(args),
+                    "kwargs": dict(kwargs)}
         except BaseException as exc:
             error = exc
             raise
