@@ -23,6 +23,8 @@ STATE_TYPES = ["SCHEDULED", "PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCEL
                "CANCELLING"]
 #: parameters shown by ``runs show`` up to this many characters of JSON
 SHOW_PARAMETERS_LIMIT = 2000
+#: the states in which a run is over (``runs retry`` copies only those)
+FINISHED_STATES = ("COMPLETED", "FAILED", "CANCELLED", "CRASHED")
 
 LS_EXAMPLES = """examples:
   sync-worker runs ls                          the 20 newest runs
@@ -261,6 +263,11 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
     with _client(args) as client:
         old = client.read_task_run(args.id)
+        state_type = old.state.type.value if old.state else None
+        if state_type not in FINISHED_STATES:  # it may still run: a copy would run the task twice
+            raise CommandError(f"cannot retry {args.id}: it is {state_type or 'without a state'}; only a finished "
+                               f"run ({', '.join(FINISHED_STATES)}) can be retried (cancel it first: "
+                               f"sync-worker runs cancel {args.id})")
         raw = client._retried(lambda: client.request("GET", f"/task_runs/{args.id}")).json()
         params_id = old.state.state_details.task_parameters_id if old.state else None
         new_params_id = None

@@ -100,6 +100,16 @@ def test_retry_of_a_completed_run_says_its_parameters_are_gone(api_env, runs):
     assert "its parameters are gone" in out.stderr and "COMPLETED has its parameters deleted" in out.stderr
 
 
+def test_retry_of_a_run_not_finished_is_refused_and_creates_nothing(api_env, runs):
+    waiting = runs["waiting"][0].task_run_id
+    before = len(Client().filter_task_runs({"limit": 100}))
+    out = cli(api_env, "runs", "retry", waiting)
+    assert out.returncode == 1
+    assert f"cannot retry {waiting}: it is SCHEDULED; only a finished run" in out.stderr
+    assert f"sync-worker runs cancel {waiting}" in out.stderr
+    assert len(Client().filter_task_runs({"limit": 100})) == before
+
+
 def test_cancel_waiting_runs_and_finished_ones_are_left_alone(api_env, runs):
     ids = [f.task_run_id for f in runs["waiting"]]
     out = cli(api_env, "runs", "cancel", *ids, runs["done"][0].task_run_id)
