@@ -24,6 +24,7 @@ import base64
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -64,7 +65,9 @@ def _is_retryable(exc: BaseException) -> bool:
     if requests is not None and isinstance(exc, (requests.ConnectionError, requests.Timeout)):
         return True
     status = _status(exc)
-    return status is not None and status >= 500
+    # 501 Not Implemented / 505 HTTP Version Not Supported: some other server at this URL;
+    # asking again will not change its answer
+    return status is not None and status >= 500 and status not in (501, 505)
 
 
 def _create_retryable(exc: BaseException) -> bool:
@@ -362,11 +365,24 @@ def _api_error(method: str, path: str, response: requests.Response) -> APIError:
     try:
         payload = response.json()
     except ValueError:
-        payload = response.text[:500]
+        payload = _not_an_api_answer(response)
     detail = payload
     if isinstance(payload, dict):
         detail = payload.get("detail") or payload.get("exception_detail") or payload.get("exception_message") or payload
     return error_for(f"{method} {path}", response.status_code, detail, response)
+
+
+def _not_an_api_answer(response: requests.Response) -> str:
+    """What to say of an error answer that is not JSON: one short line, never a whole page
+    (a proxy's or another web server's error page is not the API's)."""
+    text = response.text
+    if "html" in response.headers.get("Content-Type", "").lower() or text.lstrip()[:1] == "<":
+        title = re.search(r"<title[^>]*>(.*?)</title>", text, re.IGNORECASE | re.DOTALL)
+        named = f" ({' '.join(title.group(1).split())[:120]})" if title else ""
+        return (f"an HTML page{named}, not an API answer: is {response.url.split('?')[0]} on a sync_worker "
+                "or Prefect server's API?")
+    line = " ".join(text.split())
+    return line[:300] + ("…" if len(line) > 300 else "")
 
 
 _default_clients: Dict[tuple, Client] = {}

@@ -94,6 +94,8 @@ PUSHED_WAIT_CHUNK = 30.0
 #: How long past a pushed wait's own timeout its answer may take before the socket counts
 #: as silent (then the run is read over REST once and the wait goes on).
 PUSHED_WAIT_GRACE = 5.0
+#: a wait whose server does not answer tries again after at most this many seconds
+WAIT_RETRY_MAX = 2.0
 
 _UNSET: Any = object()
 
@@ -208,14 +210,38 @@ class SubmitTransport:
         Pushed over the rpc socket in chunks of at most :data:`PUSHED_WAIT_CHUNK` s (each
         answered when the run finishes or the chunk ends; nothing stays registered on the
         server); a chunk whose answer does not come (socket broken or silent) is followed
-        by one read over REST at once. Without the socket, polled over REST.
+        by one read over REST at once. Without the socket, polled over REST. A server that
+        cannot be reached (connection errors, 5xx) is tried again until ``timeout`` (a
+        restart does not end the wait); after it, :class:`~sync_worker.exceptions.ServerUnavailable`.
         """
+        from sync_worker.client import _is_retryable
+
         deadline = None if timeout is None else time.monotonic() + timeout
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(_is_retryable),
+            stop=lambda _state: deadline is not None and time.monotonic() >= deadline,
+            wait=tenacity.wait_exponential_jitter(multiplier=0.1, max=WAIT_RETRY_MAX),
+            before_sleep=lambda state: logger.warning(
+                "Waiting for task run %s: the server at %s did not answer (%s); trying again in %.1f s",
+                task_run_id, self.client.api_url, state.outcome.exception() if state.outcome else None,
+                state.next_action.sleep if state.next_action else 0),
+            reraise=True,
+        )
+        try:
+            return retrying(self._wait_until, task_run_id, deadline)
+        except Exception as exc:
+            if not _is_retryable(exc):
+                raise
+            raise exceptions.ServerUnavailable(
+                f"Could not read task run {task_run_id} from {self.client.api_url} within {timeout:g} s ({exc}); "
+                "the run itself may be fine: wait again once the server is back") from exc
+
+    def _wait_until(self, task_run_id: str, deadline: Optional[float]) -> TaskRun:
         run: Optional[TaskRun] = None
         while True:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
-                return run if run is not None else self.client.read_task_run(task_run_id)
+                return run if run is not None else self._read(task_run_id)
             conn = self._connection()
             if conn is None:
                 return self._poll(task_run_id, remaining)
@@ -228,9 +254,13 @@ class SubmitTransport:
                                                      "wait for task run", chunk + PUSHED_WAIT_GRACE))
             except ConnectionLost as exc:
                 logger.debug("wait over the rpc socket got no answer (%s); reading the run over REST", exc)
-                run = self.client.read_task_run(task_run_id)
+                run = self._read(task_run_id)
             if _finished(run):
                 return run
+
+    def _read(self, task_run_id: str) -> TaskRun:
+        """One read of the run (no retry: :meth:`wait`'s rule is the one)."""
+        return TaskRun.from_json(self.client.request("GET", f"/task_runs/{task_run_id}").json())
 
     def _poll(self, task_run_id: str, timeout: Optional[float]) -> TaskRun:
         """Read the run over REST until it is finished or ``timeout`` seconds passed."""
@@ -240,7 +270,7 @@ class SubmitTransport:
             stop=tenacity.stop_after_delay(timeout) if timeout is not None else tenacity.stop_never,
             retry_error_callback=lambda retry_state: retry_state.outcome.result(),
         )
-        return retrying(self.client.read_task_run, task_run_id)
+        return retrying(self._read, task_run_id)
 
     def close(self) -> None:
         """Close the rpc socket, if one was opened."""

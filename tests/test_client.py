@@ -155,6 +155,37 @@ def test_creates_stop_after_the_submit_timeout(rest_only, monkeypatch):
         flaky.close()
 
 
+def test_another_web_server_at_the_url_is_one_short_error_and_not_retried(rest_only, tmp_path):
+    """Python's own file server answers a POST with 501 and an HTML page: no API is there, so
+    asking again is pointless, and the error says so in one line instead of quoting the page."""
+    requests_seen = []
+
+    class FileServer(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(tmp_path), **kwargs)
+
+        def send_response(self, code, message=None):
+            requests_seen.append(code)
+            super().send_response(code, message)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), FileServer)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/api"
+    try:
+        with pytest.raises(APIError) as info:
+            create(Client(url))
+        assert info.value.status_code == 501 and requests_seen == [501]
+        message = str(info.value)
+        assert "\n" not in message and "<" not in message, message
+        assert f"an HTML page (Error response), not an API answer: is {url}/task_runs/ on a sync_worker" in message
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 def test_retries_are_bounded(rest_only):
     flaky = FlakyServer(failures=100, body=RUN)
     try:

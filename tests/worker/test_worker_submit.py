@@ -74,3 +74,44 @@ def test_delay_retried_across_a_server_restart_creates_exactly_one_run(server_fa
     server = restarted[0]
     assert Client(server.url).read_task_run(future.task_run_id).id == future.task_run_id
     assert _runs(server) == 2  # the first run and this one: no duplicate
+
+
+def test_result_waits_through_a_server_restart(server_factory, api_env, transport, monkeypatch, start_worker,
+                                              tmp_path: Path):
+    """``future.result(timeout)`` keeps waiting while the server is down and back (its client
+    gives up on a read at once here: retry_attempts=1, so only the wait's own rule holds)."""
+    from sync_worker.tasks import TaskRunFuture
+
+    port = free_port()
+    database = str(tmp_path / "restart.db")
+    first = server_factory(port=port, database=database)
+    monkeypatch.setenv("SYNC_WORKER_API_URL", first.url)
+    run_id = wt.add.delay(20, 22).task_run_id
+    first.stop()
+    outcome: list[Any] = []
+    waiter = threading.Thread(target=lambda: outcome.append(
+        TaskRunFuture(run_id, client=Client(first.url, retry_attempts=1)).result(timeout=60)))
+    waiter.start()
+    waiter.join(1.5)
+    assert waiter.is_alive() and outcome == []  # the server is down: still waiting, not failed
+    server_factory(port=port, database=database)
+    start_worker(wt.add, limit=1)
+    waiter.join(60)
+    assert outcome == [42]
+
+
+def test_result_says_the_server_is_unavailable_after_its_timeout(server_factory, api_env, transport, monkeypatch,
+                                                                 tmp_path: Path):
+    import time
+
+    from sync_worker.exceptions import ServerUnavailable
+    from sync_worker.tasks import TaskRunFuture
+
+    first = server_factory(database=str(tmp_path / "gone.db"))
+    monkeypatch.setenv("SYNC_WORKER_API_URL", first.url)
+    future = TaskRunFuture(wt.add.delay(1, 1).task_run_id, client=Client(first.url, retry_attempts=1))
+    first.stop()
+    started = time.monotonic()
+    with pytest.raises(ServerUnavailable, match=f"Could not read task run {future.task_run_id} from .* within 1.5 s"):
+        future.result(timeout=1.5)
+    assert 1.4 <= time.monotonic() - started < 5
