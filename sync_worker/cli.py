@@ -102,8 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         prog="sync-worker",
         description="Background tasks for synchronous Python (Prefect 3 task-run protocol).",
-        epilog="exit codes: 0 done, 1 a failure at run time (e.g. refused credentials), 2 a mistake in an "
-               "option or a SYNC_WORKER_* setting (one line naming it), 130 interrupted",
+        epilog="exit codes: 0 done (a worker: stopped with every run finished), 1 a failure at run time (e.g. "
+               "refused credentials; a worker: runs abandoned at the drain timeout), 2 a mistake in an option or a "
+               "SYNC_WORKER_* setting (one line naming it), 130 interrupted (a worker: a second Ctrl-C)",
     )
     from sync_worker import __version__
 

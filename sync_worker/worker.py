@@ -102,6 +102,9 @@ _SLOT_POLL_SECONDS = 0.1
 #: How soon a blocking start() in the main thread acts on a SIGTERM its handler noted, and
 #: how often a drain run by the handler itself looks whether the worker has finished.
 _SIGNAL_POLL_SECONDS = 0.25
+#: a stop that has no run left to wait for may take this long to close the worker's
+#: connection and threads, whatever ``SYNC_WORKER_DRAIN_TIMEOUT`` says (0 included)
+_STOP_GRACE_SECONDS = 5.0
 
 #: A task whose recent runs took at least this long (the function alone, a moving average)
 #: is "long": after handing one of its runs to a run thread with more runs of the same
@@ -356,6 +359,8 @@ class TaskWorker:
         self._stop_event = threading.Event()
         self._done = threading.Event()
         self._done.set()
+        #: the runs the last stop abandoned at the drain timeout (the worker commands exit 1)
+        self._abandoned_at_drain: list[str] = []
         #: set just before ``_done``: ``_done.set()`` takes the Event's lock, which the main
         #: thread a SIGTERM handler interrupted may hold; this flag needs none (see
         #: :meth:`_drain_polling`)
@@ -429,7 +434,8 @@ class TaskWorker:
         going at the drain timeout they are abandoned (their threads are daemons; the
         server re-delivers the runs) and ``KeyboardInterrupt`` propagates, as it does on a
         second Ctrl-C during the drain: a cold stop that hands back the runs not started
-        (the ``sync-worker worker`` command exits 130 in both cases).
+        (the ``sync-worker worker`` command exits 1 in the first case, 130 in the second:
+        see :func:`run_until_stopped`).
         """
         self._begin()
         if not block:
@@ -509,6 +515,7 @@ class TaskWorker:
             self._executor = _RunThreads(None if self._limit is None else 2 * self._limit, "sync-worker-run")
             self._stop_event.clear()
             self._drain_deadline = None
+            self._abandoned_at_drain = []
             self._finished = False
             self._done.clear()
             self._error = None
@@ -579,6 +586,8 @@ class TaskWorker:
         timeout = self.settings.drain_timeout
         if self.join(timeout):
             return True
+        if not self._held_run_ids() and self.join(_STOP_GRACE_SECONDS):  # nothing was left to wait for
+            return True
         return self._drain_timed_out(timeout)
 
     def _drain_polling(self) -> bool:
@@ -587,17 +596,25 @@ class TaskWorker:
         thread the handler interrupted may be holding (see :meth:`handle_sigterm`)."""
         timeout = self.settings.drain_timeout
         deadline = time.monotonic() + timeout
+        graced = False
         while not self._finished:
             if time.monotonic() >= deadline:
-                return self._drain_timed_out(timeout)
+                if graced or self._held_run_ids():
+                    return self._drain_timed_out(timeout)
+                graced, deadline = True, deadline + _STOP_GRACE_SECONDS  # as in _drain
             time.sleep(_SIGNAL_POLL_SECONDS)
         return True
 
     def _drain_timed_out(self, timeout: float) -> bool:
-        with self._lock:
-            abandoned = [run for runs in self.in_flight_task_runs.values() for run in runs]
-        logger.warning("Drain timeout (%ss) passed with %d run(s) still running: %s", timeout, len(abandoned),
-                       ", ".join(abandoned))
+        abandoned = self._held_run_ids()
+        self._abandoned_at_drain = abandoned
+        if abandoned:
+            logger.warning("Drain timeout (%gs, SYNC_WORKER_DRAIN_TIMEOUT) passed with %d run(s) still running, "
+                           "abandoned: %s; the server gives them to a worker again once their lease expires, so "
+                           "they may run twice", timeout, len(abandoned), ", ".join(abandoned))
+        else:
+            logger.warning("Drain timeout (%gs, SYNC_WORKER_DRAIN_TIMEOUT) passed before the worker's connection "
+                           "closed; no run was left running", timeout)
         return False
 
     def _cold_stop(self) -> None:
@@ -1079,6 +1096,27 @@ def serve(
             logger.info("Task worker stopped.")
 
 
+def run_until_stopped(task_worker: TaskWorker, status_port: int | None, timeout: float | None,
+                      error_prefix: str) -> int:
+    """Serve as :func:`serve` does; the exit status of the worker commands (``sync-worker
+    worker``, ``manage.py sync_worker``): 0 when a stop (SIGTERM, one Ctrl-C, ``--timeout``)
+    saw every run finish; 1 when runs were abandoned at the drain timeout, or on a failure
+    such as refused credentials; 130 on a second Ctrl-C (a cold stop)."""
+    from sync_worker.exceptions import CredentialsError
+
+    with status_server_running(task_worker, status_port):
+        try:
+            task_worker.start(timeout=timeout)
+        except CredentialsError as exc:
+            sys.stderr.write(f"{error_prefix}{exc}\n")  # as sync_worker.cli_support prints
+            return 1
+        except KeyboardInterrupt:
+            return 1 if task_worker._abandoned_at_drain else 130
+        except StopTaskWorker:
+            pass
+    return 1 if task_worker._abandoned_at_drain else 0
+
+
 # -- the CLI's worker command --------------------------------------------------------------
 class TaskSpecError(ValueError):
     """A ``MODULE:TASK`` argument that does not name a task."""
@@ -1127,19 +1165,10 @@ def run_worker_command(
     task_specs: list[str], limit: int | None = 10, status_port: int | None = None, timeout: float | None = None
 ) -> int:
     """``sync-worker worker MODULE:TASK ...``: load the tasks, serve them; the exit code."""
-    from sync_worker.exceptions import CredentialsError
-
     try:
         tasks = [load_task(spec) for spec in task_specs]
     except TaskSpecError as exc:
         sys.stderr.write(f"sync-worker worker: error: {exc}\n")  # as sync_worker.cli_support prints
         return 2
     _record_metrics_if_served()
-    try:
-        serve(*tasks, limit=limit, status_server_port=status_port, timeout=timeout)
-    except CredentialsError as exc:
-        sys.stderr.write(f"sync-worker worker: error: {exc}\n")  # as sync_worker.cli_support prints
-        return 1
-    except KeyboardInterrupt:
-        return 130
-    return 0
+    return run_until_stopped(TaskWorker(*tasks, limit=limit), status_port, timeout, "sync-worker worker: error: ")

@@ -89,7 +89,8 @@ def test_sigterm_with_runs_past_the_drain_timeout_exits_1(api_env, spawn, tmp_pa
     _, err = proc.communicate(timeout=30)
     assert proc.returncode == 1  # runs abandoned: not a clean exit
     assert time.monotonic() - sent < 10  # bounded by the drain timeout, not the 30 s run
-    assert "Drain timeout (1.0s) passed with 1 run(s) still running: " + future.task_run_id in err
+    assert "Drain timeout (1s, SYNC_WORKER_DRAIN_TIMEOUT) passed with 1 run(s) still running, abandoned: " \
+        + future.task_run_id in err
 
 
 def test_sigterm_handled_while_start_holds_a_lock_drains_and_exits_0(api_env, spawn):

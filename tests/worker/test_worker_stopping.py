@@ -109,8 +109,34 @@ def test_ctrl_c_honours_the_drain_timeout(api_env, spawn, tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=30)
     assert time.monotonic() - sent < 15  # bounded by the drain timeout, not the 60 s run
-    assert proc.returncode == 130, err  # interrupted with a run abandoned: not a clean exit
-    assert "Drain timeout (1.0s) passed with 1 run(s) still running: " + future.task_run_id in err
+    assert proc.returncode == 1, err  # a run abandoned: not a clean exit (as with SIGTERM)
+    assert ("Drain timeout (1s, SYNC_WORKER_DRAIN_TIMEOUT) passed with 1 run(s) still running, abandoned: "
+            + future.task_run_id + "; the server gives them to a worker again once their lease expires") in err
+
+
+def test_timeout_with_a_run_past_the_drain_timeout_exits_1(api_env, spawn, tmp_path):
+    marks = tmp_path / "marks"
+    env = {**api_env, "SYNC_WORKER_DRAIN_TIMEOUT": "1"}
+    proc = spawn(worker_command("tests.worker.worker_tasks:sleep_marked", limit=1) + ["--timeout", "2"], env)
+    future = wt.sleep_marked.delay(0, str(marks), 60.0)
+    wait_for(lambda: len(lines(marks, "start")) == 1, message="the run in flight")
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1, err
+    assert "Task worker timed out after 2.0 seconds" in err
+    assert "1 run(s) still running, abandoned: " + future.task_run_id in err
+
+
+def test_a_zero_drain_timeout_with_nothing_running_stops_cleanly(api_env, spawn):
+    """SYNC_WORKER_DRAIN_TIMEOUT=0 gives runs no time; a worker with none still closes its
+    connection and exits 0, without a warning about runs it does not have."""
+    env = {**api_env, "SYNC_WORKER_DRAIN_TIMEOUT": "0"}
+    proc = spawn(worker_command("tests.worker.worker_tasks:add"), env)
+    _read_until(proc, "Subscribed")
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=30)
+    err = proc.stderr.read()
+    assert proc.returncode == 0, err
+    assert "Drain timeout" not in err and "stopped." in err
 
 
 def test_second_ctrl_c_is_a_cold_stop_exiting_130(api_env, spawn, tmp_path):

@@ -243,23 +243,14 @@ def run_django_worker(
     status_port: int | None = None,
 ) -> int:
     """Serve until stopped (SIGTERM/Ctrl-C drain in-flight runs); the exit status."""
-    from sync_worker.exceptions import CredentialsError
-    from sync_worker.worker import status_server_running
+    from sync_worker.worker import run_until_stopped
 
     try:
         worker = build_worker(backend_alias, queues, limit, modules)
     except ValueError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
-    with status_server_running(worker, status_port):
-        try:
-            worker.start(timeout=timeout)
-        except CredentialsError as exc:
-            sys.stderr.write(f"error: {exc}\n")
-            return 1
-        except KeyboardInterrupt:
-            return 130
-    return 0
+    return run_until_stopped(worker, status_port, timeout, "error: ")
 
 
 def run_for_settings(settings_module: str, **options: Any) -> int:
