@@ -44,6 +44,11 @@ def _add_worker_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="set up this Django settings module and serve the project's tasks instead of MODULE:TASK")
     parser.add_argument("--queue", action="append", dest="queues", metavar="QUEUE",
                         help="with --django: serve this queue (repeatable; default: every queue in QUEUES)")
+    parser.add_argument("--module", action="append", dest="modules", default=[], metavar="MODULE",
+                        help="with --django: also import this module for tasks (repeatable; every installed "
+                             "app's tasks module is imported anyway)")
+    parser.add_argument("--backend", default=None, metavar="ALIAS",
+                        help="with --django: the TASKS alias to serve (default 'default')")
 
     def run(args: argparse.Namespace) -> int:
         from sync_worker.worker import run_worker_command
@@ -54,11 +59,13 @@ def _add_worker_parser(subparsers: argparse._SubParsersAction) -> None:
             from sync_worker.contrib.django.worker import run_for_settings
 
             return run_for_settings(args.django, queues=args.queues, limit=args.limit, timeout=args.timeout,
-                                    status_port=args.status_port)
+                                    status_port=args.status_port, modules=args.modules,
+                                    backend_alias=args.backend or "default")
         if not args.tasks:
             parser.error("the following arguments are required: MODULE:TASK (or --django SETTINGS_MODULE)")
-        if args.queues:
-            parser.error("--queue needs --django (queues are Django's)")
+        for given, name in ((args.queues, "--queue"), (args.modules, "--module"), (args.backend, "--backend")):
+            if given:
+                parser.error(f"{name} needs --django (it is about a Django project's tasks)")
 
         return run_worker_command(args.tasks, limit=args.limit, status_port=args.status_port, timeout=args.timeout)
 

@@ -64,6 +64,16 @@ def port(text: str) -> int:
     return value
 
 
+def api_url(text: str) -> str:
+    """``--api-url``: an http(s) URL, as ``SYNC_WORKER_API_URL`` must be."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http(s) URL (for example http://127.0.0.1:4200/api)")
+    return text
+
+
 def worker_limit(text: str) -> int | None:
     """``--limit``: a whole number >= 1, or ``none`` for no limit.
 

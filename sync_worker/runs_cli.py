@@ -377,7 +377,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 # -- parsers -----------------------------------------------------------------------------------
 def _common(parser: argparse.ArgumentParser, json_help: str = "print JSON instead of a table") -> None:
     parser.add_argument("--json", action="store_true", help=json_help)
-    parser.add_argument("--api-url", default=None, metavar="URL",
+    from sync_worker.cli_support import api_url
+
+    parser.add_argument("--api-url", type=api_url, default=None, metavar="URL",
                         help="the API (default: SYNC_WORKER_API_URL / PREFECT_API_URL)")
 
 

@@ -1134,7 +1134,9 @@ def load_task(spec: str) -> Task[..., Any]:
     except ModuleNotFoundError as exc:
         if exc.name and module_name.startswith(exc.name):
             raise TaskSpecError(f"{spec!r}: cannot import module {module_name!r} ({exc})") from exc
-        raise
+        raise TaskSpecError(_import_failed(spec, module_name, exc)) from exc
+    except Exception as exc:  # the module's own code failed (SyntaxError, a missing setting, ...)
+        raise TaskSpecError(_import_failed(spec, module_name, exc)) from exc
     value: Any = module
     for part in attribute.split("."):
         try:
@@ -1146,6 +1148,16 @@ def load_task(spec: str) -> Task[..., Any]:
             f"{spec!r} is a {type(value).__name__}, not a task: decorate it with @sync_worker.task"
         )
     return value
+
+
+def _import_failed(spec: str, module_name: str, exc: BaseException) -> str:
+    """One line for a task module whose import raised: the error and where (the innermost
+    frame, or a SyntaxError's own file and line)."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames and not isinstance(exc, SyntaxError) else ""
+    return f"{spec!r}: importing module {module_name!r} failed: {type(exc).__name__}: {exc}{where}"
 
 
 def _record_metrics_if_served() -> None:

@@ -68,6 +68,24 @@ def test_worker_rejects_bad_task_specs(spec, message):
     assert message in result.stderr
 
 
+@pytest.mark.parametrize("source,message", [
+    ("import not_installed_dependency_xyz\n",
+     "importing module 'broken_tasks' failed: ModuleNotFoundError: No module named 'not_installed_dependency_xyz' "
+     "(at {path}:1)"),
+    ("x = 1\nraise RuntimeError('SETTING missing')\n",
+     "importing module 'broken_tasks' failed: RuntimeError: SETTING missing (at {path}:2)"),
+    ("def f(:\n", "importing module 'broken_tasks' failed: SyntaxError: "),
+])
+def test_worker_with_a_task_module_whose_import_fails_is_one_line(tmp_path, source, message):
+    module = tmp_path / "broken_tasks.py"
+    module.write_text(source)
+    result = subprocess.run([sys.executable, "-m", "sync_worker", "worker", "broken_tasks:job"], capture_output=True,
+                            text=True, timeout=30, cwd=tmp_path, env=clean_env(tmp_path))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("sync-worker worker: error: 'broken_tasks:job': " + message.format(path=module))
+    assert len(result.stderr.splitlines()) == 1, result.stderr  # no traceback
+
+
 def test_worker_rejects_a_bad_limit():
     result = run("worker", "sync_worker.demo:add", "--limit", "-3", timeout=30)
     assert result.returncode == 2
@@ -131,6 +149,15 @@ def taken_port():
      "sync-worker server: error: argument --max-deliveries: 'x' is not a whole number (see sync-worker server --help)"),
     (["demo", "--runs", "0"],
      "sync-worker demo: error: argument --runs: '0': must be a whole number >= 1 (see sync-worker demo --help)"),
+    (["runs", "ls", "--api-url", "127.0.0.1:4200/api"],
+     "sync-worker runs ls: error: argument --api-url: '127.0.0.1:4200/api' is not an http(s) URL (for example "
+     "http://127.0.0.1:4200/api) (see sync-worker runs ls --help)"),
+    (["status", "--api-url", "localhost:4200/api"],
+     "sync-worker status: error: argument --api-url: 'localhost:4200/api' is not an http(s) URL (for example "
+     "http://127.0.0.1:4200/api) (see sync-worker status --help)"),
+    (["worker", "sync_worker.demo:add", "--module", "myapp.jobs"],
+     "sync-worker worker: error: --module needs --django (it is about a Django project's tasks) "
+     "(see sync-worker worker --help)"),
 ])
 def test_bad_options_are_one_line_naming_the_option(tmp_path, args, line):
     result = run_env(clean_env(tmp_path), *args, timeout=30)
@@ -309,4 +336,6 @@ def test_server_logs_where_its_database_is(tmp_path):
 
 def test_top_level_help_lists_the_exit_codes():
     result = run("--help")
-    assert "exit codes: 0 done, 1 a failure at run time" in " ".join(result.stdout.split())
+    text = " ".join(result.stdout.split())
+    assert "exit codes: 0 done (a worker: stopped with every run finished), 1 a failure at run time" in text
+    assert "runs abandoned at the drain timeout" in text and "130 interrupted (a worker: a second Ctrl-C)" in text

@@ -164,6 +164,17 @@ def test_our_own_task_runs_in_the_django_worker(start_worker: Any) -> None:
     assert future.result(timeout=60) == 1
 
 
+def test_cli_worker_with_django_settings_takes_module_and_backend(start_worker: Any) -> None:
+    from notes.jobs import count_notes
+    from notes.models import Note
+
+    Note.objects.create(text="cli: one")
+    future = count_notes.delay("cli:")
+    start_worker("worker", "--django", "mysite.settings", "--module", "notes.jobs", "--backend", "default",
+                 command=[sys.executable, "-m", "sync_worker"])
+    assert future.result(timeout=60) == 1
+
+
 def test_cli_worker_with_django_settings(start_worker: Any) -> None:
     from notes.tasks import create_note
 

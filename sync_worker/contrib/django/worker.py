@@ -260,7 +260,16 @@ def run_for_settings(settings_module: str, **options: Any) -> int:
     os.environ["DJANGO_SETTINGS_MODULE"] = settings_module
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())  # as manage.py would: the project's packages
-    import django
-
-    django.setup()
+    try:
+        import django
+    except ImportError:
+        sys.stderr.write("sync-worker worker: error: --django needs Django: python3 -m pip install django "
+                         "(Django 5.2 with django-tasks, or Django >= 6.0)\n")
+        return 2
+    try:
+        django.setup()
+    except Exception as exc:  # noqa: BLE001 - a settings module that does not load: say which and why
+        sys.stderr.write(f"sync-worker worker: error: --django {settings_module}: Django could not be set up: "
+                         f"{type(exc).__name__}: {exc}\n")
+        return 2
     return run_django_worker(**options)
