@@ -61,7 +61,9 @@ def _status(exc: BaseException) -> int | None:
 
 
 def _is_retryable(exc: BaseException) -> bool:
-    requests = sys.modules.get("requests")  # not loaded: no requests error can exist
+    from sync_worker.services import loaded_module
+
+    requests = loaded_module("requests")  # not loaded: no requests error can exist
     if requests is not None and isinstance(exc, (requests.ConnectionError, requests.Timeout)):
         return True
     status = _status(exc)

@@ -11,6 +11,7 @@ touched or the metrics server is started.
 """
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import os
@@ -61,6 +62,19 @@ def _status_code(exc: BaseException) -> int | None:
     return status if isinstance(status, int) else None
 
 
+def loaded_module(name: str) -> Any:
+    """The module ``name`` if something imported it already, else None (not imported here).
+
+    A module another thread is still importing is in ``sys.modules`` half made (without the
+    names its import has not reached yet): ``import_module`` then waits for that import to
+    finish instead of handing it out (a worker whose first REST fallback imported requests
+    while its service thread classified an error died of "partially initialized module").
+    For a module already loaded it is a dictionary lookup."""
+    if name not in sys.modules:
+        return None
+    return importlib.import_module(name)
+
+
 def is_intermittent(exc: BaseException) -> bool:
     """Whether ``exc`` is the kind of failure that is worth retrying later.
 
@@ -79,7 +93,7 @@ def is_intermittent(exc: BaseException) -> bool:
     imported: an exception can only be an instance of their classes if they are already
     loaded, so this costs no import time for code that uses neither.
     """
-    requests = sys.modules.get("requests")
+    requests = loaded_module("requests")
     if requests is not None:
         if isinstance(exc, requests.HTTPError):
             status = _status_code(exc)
@@ -87,7 +101,7 @@ def is_intermittent(exc: BaseException) -> bool:
         if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
             return True
 
-    ws_exceptions = sys.modules.get("websocket._exceptions")
+    ws_exceptions = loaded_module("websocket._exceptions")
     if ws_exceptions is not None:
         if isinstance(exc, ws_exceptions.WebSocketBadStatusException):
             status = _status_code(exc)

@@ -468,3 +468,26 @@ def test_importing_services_stays_light() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_an_error_is_classified_while_another_thread_still_imports_requests(tmp_path, monkeypatch) -> None:
+    """A module half imported by another thread is in sys.modules without its names yet:
+    classifying an error then waits for that import instead of failing on the half-made
+    module (a worker died of "partially initialized module 'requests' has no attribute
+    'HTTPError'" when its first REST fallback imported requests during a server restart)."""
+    from sync_worker.services import loaded_module
+
+    (tmp_path / "slow_http_lib.py").write_text(
+        "import time\nSTARTED = True\ntime.sleep(0.5)\nclass HTTPError(Exception):\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "slow_http_lib", raising=False)
+    importer = threading.Thread(target=__import__, args=("slow_http_lib",))
+    importer.start()
+    deadline = time.monotonic() + 10
+    while "slow_http_lib" not in sys.modules:  # the import under way, its module half made
+        assert time.monotonic() < deadline, "the import did not start"
+        time.sleep(0.001)
+    module = loaded_module("slow_http_lib")
+    assert module is not None and issubclass(module.HTTPError, Exception)
+    importer.join(10)
+    assert loaded_module("not_imported_anywhere_xyz") is None
