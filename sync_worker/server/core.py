@@ -19,7 +19,7 @@ from .database import QSTATE_MEMORY, QSTATE_NONE, Database, RunRow, Transaction
 from .database import dumps as _dumps
 from .models import DEFAULT_STATE_NAMES, TERMINAL, ValidationError, build_task_run, parse_time, validate_state
 from .orchestration import ACCEPT_DETAILS, orchestrate, orchestrate_prefect
-from .retention import PARAMETERS_RECORD, delete_parameters_when_completed
+from .retention import PARAMETERS_RECORD, delete_parameters_when_completed, record_keys
 from .runqueue import RunQueue
 
 logger = logging.getLogger("sync_worker.server.core")
@@ -215,6 +215,8 @@ class Core:
             row = tx.delete_run(run_id)
             if row is None:
                 return False
+            for key in record_keys(row.run):  # its records here go with it, as retention's do
+                tx.delete_record(key)
             tx.after_commit(lambda: queue.release(run_id))
             return True
 

@@ -175,3 +175,21 @@ def test_a_wrong_opt_in_closes_the_connection(wire, extra, reason):
         assert code == 4001 and reason in text
     finally:
         ws.close()
+
+
+def test_deleting_a_run_deletes_the_record_the_server_keeps_for_it(wire):
+    """``DELETE /api/task_runs/{id}`` (a user, or a worker that does not know the task):
+    nothing refers to the run's parameters record any more, so it goes with the run."""
+    body = wire.create_body(id=str(uuid.uuid4()))
+    ws, _ = rpc_socket(wire)
+    try:
+        assert _create(wire, ws, body)["status_code"] == 201
+    finally:
+        ws.close()
+    other = wire.create_body(id=str(uuid.uuid4()))
+    wire.http.put(f"{wire.url}/storage/parameters.{_params_id(other)}", data=RECORD.encode(), timeout=10)
+    assert wire.http.post(f"{wire.url}/task_runs/", json=other, timeout=10).status_code == 201
+    assert wire.http.delete(f"{wire.url}/task_runs/{body['id']}", timeout=10).status_code == 204
+    assert _stored(wire, _params_id(body)) == 404
+    assert _stored(wire, _params_id(other)) == RECORD  # another run's record is left alone
+    assert wire.http.get(f"{wire.url}/task_runs/{body['id']}", timeout=10).status_code == 404
