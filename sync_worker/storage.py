@@ -222,7 +222,7 @@ def make_record(value: Any, serializer: str = "json", key: str | None = None) ->
             # ``json.dumps(None, allow_nan=False)`` builds an encoder per call (~4 us); a task
             # that returns nothing is the common case, and its text is known
             payload = "null" if value is None else json.dumps(value, allow_nan=False)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
             raise SerializationError(
                 f"cannot serialize {_describe(value)} with the json serializer: {exc}. "
                 "Pass JSON-compatible values (str, int, float, bool, None, list, dict with "
@@ -434,6 +434,6 @@ def _describe(value: Any) -> str:
 def _json_ok(value: Any) -> bool:
     try:
         json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):
         return False
     return True

@@ -81,6 +81,11 @@ def test_wrong_call_fails_in_the_caller_before_any_request(unreachable_client, s
 def test_unserializable_parameters_create_nothing(unreachable_client, store):
     with pytest.raises(SerializationError, match="'x' \\(datetime\\)"):
         add.apply_async((datetime.datetime.now(),), client=unreachable_client, store=store)
+    nested: list = []
+    for _ in range(5000):  # deeper than the JSON encoder's recursion allows
+        nested = [nested]
+    with pytest.raises(SerializationError, match="'y' \\(list\\).*maximum recursion depth"):
+        add.apply_async((1, nested), client=unreachable_client, store=store)
     assert not store.path.exists() or not [p for p in store.path.rglob("*") if p.is_file()]
 
 

@@ -280,7 +280,8 @@ class App:
                     raise HTTPError(400, f"Malformed chunked request body: {exc}") from None
             if len(data) > self.max_body_size:
                 environ[CLOSE] = True
-                raise HTTPError(413, f"Request body is larger than the limit of {self.max_body_size} bytes")
+                raise HTTPError(413, f"Request body is larger than the limit of {self.max_body_size} bytes "
+                                     "(sync-worker server --max-body-size)")
             return data
         if not length_text:
             return b""
@@ -294,7 +295,7 @@ class App:
         if length > self.max_body_size:
             environ[CLOSE] = True  # the body is not read: this connection cannot be reused
             raise HTTPError(413, f"Request body of {length} bytes is larger than the limit of "
-                                 f"{self.max_body_size} bytes")
+                                 f"{self.max_body_size} bytes (sync-worker server --max-body-size)")
         if not length:
             return b""
         with self.bodies.reserve(length, environ):
