@@ -22,6 +22,7 @@ from .core import Conflict, Core, NotFound, parse_json_body
 from .database import DatabaseClosed, StorageError
 from .events import EventBus, handle_events_in, handle_events_out, validate_logs
 from .models import ValidationError, validate_set_state
+from .validation import check_uuid
 from .rpc import handle_rpc
 from .subscriptions import SubscriptionRegistry, handle_websocket
 
@@ -248,6 +249,12 @@ class App:
             return _error(401, "Unauthorized: this server requires 'Authorization: Basic <base64 of the auth "
                                "string>' (set SYNC_WORKER_API_AUTH_STRING / PREFECT_API_AUTH_STRING)",
                           {"exception_message": "Unauthorized"})
+        if "run_id" in args:  # any spelling uuid.UUID reads (upper case, no dashes), as Prefect's API takes
+            try:
+                args = {**args, "run_id": check_uuid(args["run_id"], ["path", "id"])}
+            except ValidationError as exc:
+                self._discard_body(environ)
+                return _json(422, exc.to_json())
         try:
             return self._handlers[endpoint](environ, **args)
         except HTTPError as exc:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import json
 import socket
+import uuid
 
 import pytest
 import requests
@@ -185,9 +186,25 @@ def test_set_state_bad_input(wire):
     assert wire.http.post(url, data=b"\xff\xfe", headers={"Content-Type": "application/json"}).status_code == 422
     # nothing changed
     assert wire.read(run["id"])["state"] == run["state"]
-    missing = wire.http.post(f"{wire.url}/task_runs/nope/set_state", json={"state": {"type": "PENDING"}})
+    missing = wire.http.post(f"{wire.url}/task_runs/{uuid.uuid4()}/set_state", json={"state": {"type": "PENDING"}})
     assert missing.status_code == 404
     assert missing.json()["detail"] == "Task not found"
+    not_an_id = wire.http.post(f"{wire.url}/task_runs/nope/set_state", json={"state": {"type": "PENDING"}})
+    assert not_an_id.status_code == 422  # as Prefect answers a path that is not a UUID
+    assert "Input should be a valid UUID, not 'nope'" in str(not_an_id.json()["detail"])
+
+
+def test_a_run_id_in_another_spelling_of_its_uuid_finds_the_run(wire):
+    """Upper case, or without dashes: uuid.UUID reads both, and so does Prefect's API."""
+    run = wire.create()
+    for spelling in (run["id"].upper(), run["id"].replace("-", "")):
+        response = wire.http.get(f"{wire.url}/task_runs/{spelling}")
+        assert response.status_code == 200 and response.json()["id"] == run["id"]
+    upper = run["id"].upper()
+    assert wire.http.post(f"{wire.url}/task_runs/{upper}/set_state",
+                          json={"state": {"type": "PENDING"}}).json()["status"] == "ACCEPT"
+    assert wire.http.delete(f"{wire.url}/task_runs/{upper}").status_code == 204
+    assert wire.http.get(f"{wire.url}/task_runs/{run['id']}").status_code == 404
 
 
 def test_oversized_body_is_413(server_factory):
