@@ -240,10 +240,14 @@ class Client:
         except Exception as exc:
             if not _create_retryable(exc):
                 raise
+            if _status(exc) is not None:  # the server answered, with 429 or 5xx: it runs, and says why
+                hint = ("the server is running but could not take it (its log says why); set "
+                        "SYNC_WORKER_SUBMIT_TIMEOUT to wait longer")
+            else:
+                hint = ("is the server running? Set SYNC_WORKER_API_URL to its address, or SYNC_WORKER_SUBMIT_TIMEOUT "
+                        "to wait longer")
             raise exceptions.ServerUnavailable(
-                f"Could not submit the task run to {self.api_url} within {limit:g} s ({exc}); is the server "
-                f"running? Set SYNC_WORKER_API_URL to its address, or SYNC_WORKER_SUBMIT_TIMEOUT to wait longer"
-            ) from exc
+                f"Could not submit the task run to {self.api_url} within {limit:g} s ({exc}); {hint}") from exc
 
     def emit_events(self, events: list[Dict[str, Any]]) -> None:
         """``POST /events``: Prefect's event intake (its callers wait for state-change events)."""

@@ -629,8 +629,9 @@ class TaskRunEngine:
 
     def _report_cancelled(self, exc: Cancelled) -> Outcome:
         """The run was cancelled while it ran here (see :mod:`sync_worker.cancellation`)."""
-        self.logger.info("%s cancelled: %s", self.label, exc)
-        result = self.propose(State(StateType.CANCELLED, "Cancelled", message=f"Cancelled while running: {exc}"))
+        why = f": {exc}" if str(exc) else ""  # raised into the thread, it carries no text
+        self.logger.info("%s cancelled while running%s", self.label, why)
+        result = self.propose(State(StateType.CANCELLED, "Cancelled", message=f"Cancelled while running{why}"))
         if result.status is SetStateStatus.ACCEPT:
             return Outcome.CANCELLED
         self.logger.warning("Server refused CANCELLED for %s (%s): %s", self.label, result.status.value,

@@ -419,7 +419,7 @@ def add_runs_parser(subparsers: argparse._SubParsersAction) -> None:
     cancel = sub.add_parser(
         "cancel", help="cancel runs: waiting ones are never delivered, running ones are interrupted",
         epilog="example:\n  sync-worker runs cancel ID1 ID2\n  sync-worker runs ls --state SCHEDULED --task "
-               "myapp.tasks.report --json | jq -r '.[].id' | xargs sync-worker runs cancel",
+               "myapp.tasks.report --json | jq -r '.[].id' | xargs -r sync-worker runs cancel",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     cancel.add_argument("ids", nargs="+", metavar="ID", help="one or more task run ids")
     _common(cancel, "print JSON")

@@ -1145,9 +1145,13 @@ def load_task(spec: str) -> Task[..., Any]:
             raise TaskSpecError(f"{spec!r}: module {module_name!r} has no attribute {attribute!r}") from None
     if not isinstance(value, Task):
         raise TaskSpecError(
-            f"{spec!r} is a {type(value).__name__}, not a task: decorate it with @sync_worker.task"
+            f"{spec!r} is {_a(type(value).__name__)}, not a task: decorate it with @sync_worker.task"
         )
     return value
+
+
+def _a(noun: str) -> str:
+    return f"{'an' if noun[:1].lower() in 'aeiou' else 'a'} {noun}"
 
 
 def _import_failed(spec: str, module_name: str, exc: BaseException) -> str:

@@ -150,6 +150,7 @@ def test_creates_stop_after_the_submit_timeout(rest_only, monkeypatch):
         with pytest.raises(ServerUnavailable) as info:
             create(Client(flaky.url, retry_attempts=2))
         assert isinstance(info.value.__cause__, APIError) and info.value.__cause__.status_code == 503
+        assert "the server is running but could not take it" in str(info.value)  # not "is it running?"
         assert flaky.requests >= 2
     finally:
         flaky.close()
