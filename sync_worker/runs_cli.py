@@ -334,6 +334,13 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
 def cmd_purge(args: argparse.Namespace) -> int:
     with _client(args) as client:
+        if not args.yes and sys.stdin.isatty():  # a person at a terminal: a slip in the duration must not wipe runs
+            states = ", ".join(args.state or FINISHED_STATES)
+            answer = input(f"Delete every {states} run that ended more than {args.older_than:g} s ago, with its "
+                           f"records, from {client.api_url}? [y/N] ")
+            if answer.strip().lower() not in ("y", "yes"):
+                print("nothing deleted")
+                return 1
         deleted = client.purge_task_runs(args.older_than, args.state or [])
     if args.json:
         _print_json({"deleted": deleted})
@@ -434,6 +441,8 @@ def add_runs_parser(subparsers: argparse._SubParsersAction) -> None:
                        help="runs that ended longer ago than this, e.g. 12h, 7d")
     purge.add_argument("--state", type=_state, action="append", metavar="STATE",
                        help="only runs in this finished state (repeatable; default all finished states)")
+    purge.add_argument("-y", "--yes", action="store_true",
+                       help="do not ask for confirmation (asked only when stdin is a terminal)")
     _common(purge, "print JSON")
     purge.set_defaults(func=_wrap(cmd_purge), log_level="ERROR")
 

@@ -137,6 +137,34 @@ def test_purge_deletes_finished_runs_of_the_given_states(api_env, runs):
     assert client.count_task_runs() == 3
 
 
+def test_purge_at_a_terminal_asks_first(api_env, runs):
+    """A person at a terminal confirms (a slip such as --older-than 0 deletes every finished
+    run); scripts (stdin not a terminal) and -y do not ask."""
+    import pty
+
+    def at_terminal(answer: str, *extra: str) -> tuple[int, str]:
+        leader, follower = pty.openpty()
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "sync_worker", "runs", "purge", "--older-than", "0",
+                                     *extra], cwd=REPO, env={**os.environ, **api_env, "PYTHONPATH": str(REPO)},
+                                    stdin=follower, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            os.write(leader, answer.encode())
+            out, _err = proc.communicate(timeout=60)
+            return proc.returncode, out
+        finally:
+            os.close(leader)
+            os.close(follower)
+
+    client = Client()
+    code, out = at_terminal("n\n")
+    assert code == 1 and "nothing deleted" in out
+    assert "Delete every COMPLETED, FAILED, CANCELLED, CRASHED run that ended more than 0 s ago" in out
+    assert client.count_task_runs() == 6
+    code, out = at_terminal("", "-y")
+    assert code == 0 and "Delete every" not in out and "deleted 4 finished run(s)" in out
+    assert client.count_task_runs() == 2  # the two waiting runs
+
+
 def test_status_shows_queues_and_workers(api_env, runs):
     out = cli(api_env, "status")
     assert out.returncode == 0, out.stderr
