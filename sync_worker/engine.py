@@ -332,9 +332,17 @@ class TaskRunEngine:
                 self.logger.error("Could not claim task run %s (%s); not starting it", self.label, exc)
                 self.outcome = Outcome.UNCLAIMED
             else:
-                self.logger.exception("Could not report the states of task run %s", self.label)
+                self._report_failed(exc)
                 self.outcome = Outcome.SKIPPED
         return self.outcome
+
+    def _report_failed(self, exc: BaseException) -> None:
+        """The server refused a report (401, 422, ...): its answer says all, one line; anything
+        else is unexpected and logged with its traceback."""
+        if isinstance(exc, exceptions.SyncWorkerError) and getattr(exc, "status_code", None) is not None:
+            self.logger.error("Could not report the states of task run %s: %s", self.label, exc)
+        else:
+            self.logger.error("Could not report the states of task run %s", self.label, exc_info=exc)
 
     def _run(self) -> Outcome:
         task, run = self.task, self.task_run
@@ -566,8 +574,8 @@ class TaskRunEngine:
             outcome = self._final(result, Outcome.COMPLETED)
         except exceptions.ObjectNotFound:
             self.logger.warning("Task run %s no longer exists on the server; skipping it", self.label)
-        except Exception:  # noqa: BLE001 - as run() does
-            self.logger.exception("Could not report the states of task run %s", self.label)
+        except Exception as exc:  # noqa: BLE001 - as run() does
+            self._report_failed(exc)
         finally:
             self._reported(outcome)
 

@@ -50,6 +50,7 @@ from sync_worker.jsoncodec import dumps_str
 from .core import Conflict, Core, NotFound
 from .database import DatabaseClosed, StorageError
 from .models import ValidationError
+from .validation import check_uuid
 from .sockets import (
     PREFECT_VIOLATION,
     Close,
@@ -200,6 +201,11 @@ class RpcChannel:
     def _wait(self, request_id: str, run_id: Any, timeout: Any = None) -> None:
         if not isinstance(run_id, str) or not run_id:
             self._reply("wait_result", request_id, 422, detail="task_run_id: Input should be a valid string")
+            return
+        try:
+            run_id = check_uuid(run_id, ["task_run_id"])  # as REST reads a run id
+        except ValidationError as exc:
+            self._reply("wait_result", request_id, 422, detail=exc.detail)
             return
         if timeout is None:
             timeout = DEFAULT_WAIT_TIMEOUT

@@ -118,6 +118,7 @@ from .sockets import decode as _decode
 from . import sockets, validation
 from .database import QSTATE_MEMORY, DatabaseClosed, StorageError
 from .models import ValidationError, validate_state
+from .validation import check_uuid
 
 logger = logging.getLogger("sync_worker.server.subscriptions")
 
@@ -698,6 +699,7 @@ class Subscription:
                 raise ValidationError(["request_id"], "Input should be a valid string", "string_type")
             if not isinstance(run_id, str) or not run_id:
                 raise ValidationError(["task_run_id"], "Input should be a valid string", "string_type")
+            run_id = check_uuid(run_id, ["task_run_id"])  # as REST reads a run id
             if "state" not in value:
                 raise ValidationError(["state"], "Field required", "missing")
             proposed = validate_state(value["state"], ["state"])

@@ -202,9 +202,11 @@ def test_set_state_extension(wire):
 
 def test_set_state_extension_errors(wire):
     subscriber = wire.subscribe()
-    missing = subscriber.set_state("no-such-run", "PENDING")
+    missing = subscriber.set_state("00000000-0000-0000-0000-000000000000", "PENDING")
     assert missing["status_code"] == 404
     assert missing["detail"] == "Task not found"
+    not_an_id = subscriber.set_state("no-such-run", "PENDING")  # as REST answers it
+    assert not_an_id["status_code"] == 422 and "Input should be a valid UUID, not 'no-such-run'" in not_an_id["detail"]
     run = wire.create()
     invalid = subscriber.set_state(run["id"], "EXPLODED")
     assert invalid["status_code"] == 422
