@@ -214,9 +214,15 @@ class SubmitTransport:
         cannot be reached (connection errors, 5xx) is tried again until ``timeout`` (a
         restart does not end the wait); after it, :class:`~sync_worker.exceptions.ServerUnavailable`.
         """
-        from sync_worker.client import _is_retryable
-
         deadline = None if timeout is None else time.monotonic() + timeout
+        try:  # the first attempt directly: the retry machinery is built only when it fails
+            return self._wait_until(task_run_id, deadline)
+        except Exception as exc:
+            from sync_worker.client import _is_retryable
+
+            if not _is_retryable(exc):
+                raise
+            first = exc
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception(_is_retryable),
             stop=lambda _state: deadline is not None and time.monotonic() >= deadline,
@@ -228,6 +234,10 @@ class SubmitTransport:
             reraise=True,
         )
         try:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise first
+            logger.warning("Waiting for task run %s: the server at %s did not answer (%s); trying again",
+                           task_run_id, self.client.api_url, first)
             return retrying(self._wait_until, task_run_id, deadline)
         except Exception as exc:
             if not _is_retryable(exc):
