@@ -218,3 +218,25 @@ def test_async_enqueue_and_get_result(backend: Any) -> None:
     result, again = asyncio.run(enqueue_and_read())
     assert result.status == again.status == "READY"
     assert again.id == result.id and again.args == ["from async code"]
+
+
+def test_a_refused_enqueue_over_rest_leaves_no_parameters_record_on_the_server(backend: Any, api_env: dict[str, str],
+                                                                               server: Any, monkeypatch: Any) -> None:
+    """``STORAGE: "server"`` without the rpc socket (REST): the record is written before the
+    create; a create the server refuses must not leave it behind."""
+    from notes.tasks import create_note
+    from sync_worker.exceptions import APIError
+    from sync_worker.server.models import ValidationError
+
+    monkeypatch.setenv("SYNC_WORKER_STORAGE", "server")
+    monkeypatch.setenv("SYNC_WORKER_FAST_PATH", "false")
+
+    def refuse(*_args: Any, **_kwargs: Any) -> str:
+        raise ValidationError(["body"], "refused for the test")
+
+    monkeypatch.setattr(server.core, "create_task_run", refuse)
+    with pytest.raises(APIError) as info:
+        create_note.enqueue("never stored")
+    assert info.value.status_code == 422
+    keys = [row[0] for row in server.core.db.read_all("SELECT key FROM records", [])]
+    assert keys == []

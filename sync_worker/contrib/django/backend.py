@@ -204,8 +204,7 @@ class SyncWorkerBackend(BaseTaskBackend):
         try:
             task_run = client.create_task_run(body, parameters_record=record)
         except BaseException:
-            if record is not None:  # carried by the create: a failed create stored nothing
-                raise
+            # also when the create was to carry the record: without the rpc socket it was PUT first
             try:
                 delete_parameters(store, parameters_id)
             except Exception as exc:  # noqa: BLE001 - the create's error is the one to raise
