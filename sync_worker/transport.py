@@ -223,21 +223,23 @@ class SubmitTransport:
             if not _is_retryable(exc):
                 raise
             first = exc
+
+        def unanswered(error: BaseException | None, delay: float) -> None:
+            logger.warning("Waiting for task run %s: the server at %s did not answer (%s); trying again in %.1f s",
+                           task_run_id, self.client.api_url, error, delay)
+
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception(_is_retryable),
             stop=lambda _state: deadline is not None and time.monotonic() >= deadline,
             wait=tenacity.wait_exponential_jitter(multiplier=0.1, max=WAIT_RETRY_MAX),
-            before_sleep=lambda state: logger.warning(
-                "Waiting for task run %s: the server at %s did not answer (%s); trying again in %.1f s",
-                task_run_id, self.client.api_url, state.outcome.exception() if state.outcome else None,
-                state.next_action.sleep if state.next_action else 0),
+            before_sleep=lambda state: unanswered(state.outcome.exception() if state.outcome else None,
+                                                  state.next_action.sleep if state.next_action else 0),
             reraise=True,
         )
         try:
             if deadline is not None and time.monotonic() >= deadline:
                 raise first
-            logger.warning("Waiting for task run %s: the server at %s did not answer (%s); trying again",
-                           task_run_id, self.client.api_url, first)
+            unanswered(first, 0)
             return retrying(self._wait_until, task_run_id, deadline)
         except Exception as exc:
             if not _is_retryable(exc):
