@@ -71,6 +71,9 @@ OPTION_VARIABLES = {
 #: The worker id of a run's earlier attempts, which the server does not keep.
 UNKNOWN_WORKER = "unknown"
 
+#: ``to_task_result(envelope=...)`` not given: the result is read there (``None`` is a result)
+_UNREAD: Any = object()
+
 _STATUS = {
     StateType.SCHEDULED: TaskResultStatus.READY,
     StateType.PENDING: TaskResultStatus.READY,
@@ -252,7 +255,7 @@ class SyncWorkerBackend(BaseTaskBackend):
         if task.queue_name != queue_name or task.backend != self.alias:
             task = dataclasses.replace(task, queue_name=queue_name, backend=self.alias)
         successful = task_run.state is not None and _STATUS.get(task_run.state.type) is TaskResultStatus.SUCCESSFUL
-        envelope = self._read_value(task_run) if successful else None
+        envelope = self._read_value(task_run) if successful else _UNREAD
         if isinstance(envelope, dict) and "args" in envelope and "kwargs" in envelope:
             # the runner's result carries them: a COMPLETED run's parameters record is deleted
             args, kwargs = list(envelope["args"] or []), dict(envelope["kwargs"] or {})
@@ -275,7 +278,7 @@ class SyncWorkerBackend(BaseTaskBackend):
         return list(parameters.get("args") or []), dict(parameters.get("kwargs") or {})
 
     def to_task_result(self, task: Task, task_run: TaskRun, args: list[Any], kwargs: dict[str, Any],
-                       *, running_on: str | None = None, envelope: Any = None) -> TaskResult:
+                       *, running_on: str | None = None, envelope: Any = _UNREAD) -> TaskResult:
         """Map a run to Django's TaskResult.
 
         ``worker_ids`` has one entry per attempt (``run_count``, counted by the server at
@@ -297,7 +300,7 @@ class SyncWorkerBackend(BaseTaskBackend):
             if match:
                 last_worker = match.group(1)
         if status is TaskResultStatus.SUCCESSFUL:
-            if envelope is None:
+            if envelope is _UNREAD:
                 envelope = self._read_value(task_run)
             if isinstance(envelope, dict) and "return_value" in envelope:
                 return_value = envelope["return_value"]
