@@ -61,15 +61,12 @@ def _status(exc: BaseException) -> int | None:
 
 
 def _is_retryable(exc: BaseException) -> bool:
-    from sync_worker.services import loaded_module
+    from sync_worker.services import is_intermittent_status, loaded_module
 
     requests = loaded_module("requests")  # not loaded: no requests error can exist
     if requests is not None and isinstance(exc, (requests.ConnectionError, requests.Timeout)):
         return True
-    status = _status(exc)
-    # 501 Not Implemented / 505 HTTP Version Not Supported: some other server at this URL;
-    # asking again will not change its answer
-    return status is not None and status >= 500 and status not in (501, 505)
+    return is_intermittent_status(_status(exc))
 
 
 def _create_retryable(exc: BaseException) -> bool:

@@ -75,6 +75,16 @@ def loaded_module(name: str) -> Any:
     return importlib.import_module(name)
 
 
+#: 5xx answers that are not outages: 501 Not Implemented and 505 HTTP Version Not Supported
+#: come from a web server that is not an API server, and come again on every retry.
+PERMANENT_5XX = frozenset({501, 505})
+
+
+def is_intermittent_status(status: int | None) -> bool:
+    """Whether an HTTP answer with this status is worth asking again: a 5xx outage."""
+    return status is not None and status >= 500 and status not in PERMANENT_5XX
+
+
 def is_intermittent(exc: BaseException) -> bool:
     """Whether ``exc`` is the kind of failure that is worth retrying later.
 
@@ -86,8 +96,10 @@ def is_intermittent(exc: BaseException) -> bool:
     (refused, reset, aborted, broken pipe) and socket timeouts.
 
     Everything else is not: a 4xx (including a websocket handshake answered 401/403)
-    means our request or credentials are wrong and retrying cannot fix it, and any other
-    exception is a bug or a deliberate control-flow signal.
+    means our request or credentials are wrong and retrying cannot fix it; a 501 or 505
+    (:data:`PERMANENT_5XX`) means some other web server answers at that URL, and asking
+    again will not change its answer; any other exception is a bug or a deliberate
+    control-flow signal.
 
     requests and websocket-client are looked up in ``sys.modules`` instead of being
     imported: an exception can only be an instance of their classes if they are already
@@ -96,16 +108,14 @@ def is_intermittent(exc: BaseException) -> bool:
     requests = loaded_module("requests")
     if requests is not None:
         if isinstance(exc, requests.HTTPError):
-            status = _status_code(exc)
-            return status is not None and status >= 500
+            return is_intermittent_status(_status_code(exc))
         if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
             return True
 
     ws_exceptions = loaded_module("websocket._exceptions")
     if ws_exceptions is not None:
         if isinstance(exc, ws_exceptions.WebSocketBadStatusException):
-            status = _status_code(exc)
-            return status is not None and status >= 500
+            return is_intermittent_status(_status_code(exc))
         if isinstance(
             exc,
             (
