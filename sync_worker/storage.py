@@ -25,6 +25,7 @@ import base64
 import functools
 import importlib
 import json
+import logging
 import os
 import re
 import stat
@@ -308,6 +309,22 @@ def stage_parameters(store: RecordStore, client: Client, parameters: dict[str, A
 
 def delete_parameters(store: RecordStore, key: str) -> None:
     store.delete(PARAMETERS_PREFIX + key)
+
+
+def discard_parameters_of_refused_create(store: RecordStore, key: str, error: BaseException) -> None:
+    """After a create failed with ``error``: delete the run's parameters record only if the
+    server refused the create (a 4xx: certainly not created). After connection errors, 5xx
+    (``ServerUnavailable``) or an interruption the run may exist: its record stays, so that
+    it never becomes a run without parameters (an orphan record costs less than a lost call)."""
+    from sync_worker import exceptions
+
+    if not isinstance(error, exceptions.APIError) or error.status_code >= 500:
+        return
+    try:
+        delete_parameters(store, key)
+    except Exception as exc:  # noqa: BLE001 - the create's error is the one the caller sees
+        logging.getLogger("sync_worker.storage").warning(
+            "Could not delete parameters %s after a refused create: %s", key, exc)
 
 
 def read_parameters(store: RecordStore, key: str, *, allow_pickle: bool = False,

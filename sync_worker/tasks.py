@@ -16,7 +16,6 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
-from sync_worker import exceptions
 from sync_worker.exceptions import SerializationError, TaskRunCancelled, TaskRunFailed
 from sync_worker.schemas import (
     EmpiricalPolicy,
@@ -31,7 +30,7 @@ from sync_worker.settings import get_settings
 from sync_worker.storage import (
     SERIALIZERS,
     RecordStore,
-    delete_parameters,
+    discard_parameters_of_refused_create,
     get_store,
     read_result,
     stage_parameters,
@@ -192,12 +191,9 @@ class Task(Generic[P, R]):
         )
         try:
             task_run = client.create_task_run(body, brief=True, parameters_record=record)
-        except exceptions.APIError as exc:
-            # refused (4xx): certainly not created, its parameters are of no use. After
-            # connection errors or 5xx (ServerUnavailable) the run may exist: its
-            # parameters stay, so that it never becomes a run without parameters.
-            if parameters_id and exc.status_code < 500:
-                _quietly_delete(store, parameters_id)
+        except BaseException as exc:
+            if parameters_id:
+                discard_parameters_of_refused_create(store, parameters_id, exc)
             raise
         logger.debug("Submitted %s run %s", self.name, task_run.id)
         return TaskRunFuture(task_run.id, client=client, store=store, task_run=task_run)
@@ -358,13 +354,6 @@ class TaskRunFuture(Generic[R]):
         if state.type is StateType.CANCELLED:
             return TaskRunCancelled(message, state=state)
         return TaskRunFailed(message, state=state, exception_type=details.get("type"), traceback=details.get("traceback"))
-
-
-def _quietly_delete(store: RecordStore, key: str) -> None:
-    try:
-        delete_parameters(store, key)
-    except Exception as exc:
-        logger.warning("Could not delete parameters %s after a failed submit: %s", key, exc)
 
 
 __all__ = ["Task", "TaskRunFuture", "task", "default_task_key", "SerializationError"]

@@ -240,3 +240,39 @@ def test_a_refused_enqueue_over_rest_leaves_no_parameters_record_on_the_server(b
     assert info.value.status_code == 422
     keys = [row[0] for row in server.core.db.read_all("SELECT key FROM records", [])]
     assert keys == []
+
+
+def test_an_enqueue_to_an_unreachable_server_keeps_the_parameters_record(backend: Any, api_env: dict[str, str],
+                                                                        monkeypatch: Any) -> None:
+    """The create's answer may be what was lost: the run may exist, so its arguments stay (as
+    ``.delay()`` keeps them); only a refused create (4xx) removes them."""
+    import socket
+
+    from notes.tasks import create_note
+    from sync_worker.exceptions import ServerUnavailable
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    monkeypatch.setenv("SYNC_WORKER_API_URL", f"http://127.0.0.1:{port}/api")
+    monkeypatch.setenv("SYNC_WORKER_SUBMIT_TIMEOUT", "0.5")
+    with pytest.raises(ServerUnavailable):
+        create_note.enqueue("kept")
+    files = _store_files(api_env)
+    assert len(files) == 1 and "kept" in files[0].read_text()
+
+
+def test_a_refused_enqueue_deletes_its_parameters_record(backend: Any, api_env: dict[str, str], server: Any,
+                                                         monkeypatch: Any) -> None:
+    from notes.tasks import create_note
+    from sync_worker.exceptions import APIError
+    from sync_worker.server.models import ValidationError
+
+    def refuse(*_args: Any, **_kwargs: Any) -> str:
+        raise ValidationError(["body"], "refused for the test")
+
+    monkeypatch.setattr(server.core, "_create_op", refuse)  # over the rpc socket and over REST
+    with pytest.raises(APIError) as info:
+        create_note.enqueue("never run")
+    assert info.value.status_code == 422
+    assert _store_files(api_env) == []

@@ -177,7 +177,7 @@ class SyncWorkerBackend(BaseTaskBackend):
     # -- enqueue ------------------------------------------------------------------------
     def enqueue(self, task: Task, args: Any, kwargs: Any) -> TaskResult:
         """Create the run on the server; nothing is created if the arguments are not JSON."""
-        from sync_worker.storage import delete_parameters, stage_parameters
+        from sync_worker.storage import discard_parameters_of_refused_create, stage_parameters
 
         self.validate_task(task)
         args, kwargs = list(args), dict(kwargs)
@@ -206,12 +206,9 @@ class SyncWorkerBackend(BaseTaskBackend):
         )
         try:
             task_run = client.create_task_run(body, parameters_record=record)
-        except BaseException:
+        except BaseException as exc:
             # also when the create was to carry the record: without the rpc socket it was PUT first
-            try:
-                delete_parameters(store, parameters_id)
-            except Exception as exc:  # noqa: BLE001 - the create's error is the one to raise
-                logger.warning("Could not delete parameters %s after a failed enqueue: %s", parameters_id, exc)
+            discard_parameters_of_refused_create(store, parameters_id, exc)
             raise
         result = self.to_task_result(task, task_run, parameters["args"], parameters["kwargs"])
         logger.debug("Enqueued %s as run %s", task.module_path, task_run.id)
