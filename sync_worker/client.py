@@ -226,10 +226,12 @@ class Client:
                 if not _create_retryable(exc) or time.monotonic() - started >= limit:
                     raise
                 logger.warning("Creating task run %s failed (%s); trying again", body["id"], exc)
+            backoff = tenacity.wait_exponential_jitter(multiplier=0.1, max=2.0)
             retrying = tenacity.Retrying(
                 retry=tenacity.retry_if_exception(_create_retryable),
                 stop=lambda _state: time.monotonic() - started >= limit,
-                wait=tenacity.wait_exponential_jitter(multiplier=0.1, max=2.0),
+                # the last attempt at the deadline, not a backoff's length past it
+                wait=lambda state: min(backoff(state), max(0.0, started + limit - time.monotonic())),
                 before_sleep=_log_retry,
                 reraise=True,
             )
@@ -335,10 +337,14 @@ class Client:
         return response.json() is True
 
     # -- records (embedded server only) ---------------------------------------------
-    def write_record(self, key: str, data: bytes) -> None:
-        self._retried(lambda: self.request(
-            "PUT", f"/storage/{key}", data=data, headers={"Content-Type": "application/octet-stream"}
-        ))
+    def write_record(self, key: str, data: bytes, *, retry: bool = True) -> None:
+        """``PUT /storage/{key}``. ``retry=False``: one request, for callers with their own
+        retry rule (a create's, which writes its parameters record first)."""
+        def call() -> requests.Response:
+            return self.request("PUT", f"/storage/{key}", data=data,
+                                headers={"Content-Type": "application/octet-stream"})
+
+        self._retried(call) if retry else call()
 
     def read_record(self, key: str) -> bytes:
         return self._retried(lambda: self.request("GET", f"/storage/{key}")).content

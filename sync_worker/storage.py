@@ -160,21 +160,22 @@ class ServerStore:
         self.client = client
 
     @staticmethod
-    def _remote(key: str) -> str:
+    def remote_key(key: str) -> str:
+        """The key under ``/api/storage/``: one path segment."""
         return check_key(key).replace("/", ".")
 
     def write(self, key: str, data: bytes) -> None:
-        self.client.write_record(self._remote(key), data)
+        self.client.write_record(self.remote_key(key), data)
 
     def read(self, key: str) -> bytes:
         try:
-            return self.client.read_record(self._remote(key))
+            return self.client.read_record(self.remote_key(key))
         except exceptions.ObjectNotFound:
             raise RecordNotFound(f"no record {key!r} on {self.client.api_url}") from None
 
     def delete(self, key: str) -> None:
         try:
-            self.client.delete_record(self._remote(key))
+            self.client.delete_record(self.remote_key(key))
         except exceptions.ObjectNotFound:
             pass
 
@@ -296,12 +297,14 @@ def stage_parameters(store: RecordStore, client: Client, parameters: dict[str, A
     """The key of a new run's parameters record, and the record when its create is to carry
     it (else ``None``: it is stored already).
 
-    A record for the embedded server's store, submitted through the same client and no
-    larger than :data:`INLINE_PARAMETERS_LIMIT`, travels in the create
-    (``create_task_run(parameters_record=...)``): stored with the run, no request of its
-    own. Any other record is written to ``store`` here, before the create."""
+    A record for the embedded server's store, submitted through the same client, goes with
+    the create (``create_task_run(parameters_record=...)``): inside its message when it is
+    no larger than :data:`INLINE_PARAMETERS_LIMIT` (no request of its own), else written by
+    each attempt of the create just before it, so that a server that is down is retried
+    for ``SYNC_WORKER_SUBMIT_TIMEOUT`` and reported as ``ServerUnavailable`` whatever the
+    record's size. Any other record is written to ``store`` here, before the create."""
     key, record = parameters_record(parameters, serializer)
-    if isinstance(store, ServerStore) and store.client is client and len(record) <= INLINE_PARAMETERS_LIMIT:
+    if isinstance(store, ServerStore) and store.client is client:
         return key, record
     store.write(PARAMETERS_PREFIX + key, record)
     return key, None

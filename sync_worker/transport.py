@@ -171,11 +171,14 @@ class SubmitTransport:
         if conn is not None:
             brief = brief and BRIEF_CREATE in conn.extensions
             message = {"type": "create", "body": body, "brief": True} if brief else {"type": "create", "body": body}
-            if parameters_record is not None and CREATE_PARAMETERS in conn.extensions:
-                message["parameters_record"] = parameters_record.decode("utf-8")
-            elif parameters_record is not None:
-                self._write_parameters(body, parameters_record)
-                parameters_record = None
+            if parameters_record is not None:
+                from sync_worker.storage import INLINE_PARAMETERS_LIMIT
+
+                if CREATE_PARAMETERS in conn.extensions and len(parameters_record) <= INLINE_PARAMETERS_LIMIT:
+                    message["parameters_record"] = parameters_record.decode("utf-8")
+                else:  # no websocket message grows without bound: a larger record has a request of its own
+                    self._write_parameters(body, parameters_record)
+                    parameters_record = None
             from sync_worker.sockets import ConnectionLost
 
             try:
@@ -189,11 +192,13 @@ class SubmitTransport:
         return TaskRun.from_json(self.client.request("POST", "/task_runs/", json_body=body).json())
 
     def _write_parameters(self, body: Dict[str, Any], record: bytes) -> None:
-        """The record a create could not carry, written before it (a repeat of a create that
-        landed writes the same bytes again)."""
+        """The record a create could not carry, written before it: one request, part of the
+        create's attempt, which the create's rule retries (a repeat of a create that landed
+        writes the same bytes again)."""
         from sync_worker.storage import PARAMETERS_PREFIX, ServerStore
 
-        ServerStore(self.client).write(PARAMETERS_PREFIX + body["state"]["state_details"]["task_parameters_id"], record)
+        key = PARAMETERS_PREFIX + body["state"]["state_details"]["task_parameters_id"]
+        self.client.write_record(ServerStore.remote_key(key), record, retry=False)
 
     def _brief_run(self, body: Dict[str, Any], result: Dict[str, Any]) -> TaskRun:
         state, proposed = result.get("state") or {}, body.get("state") or {}
@@ -228,10 +233,12 @@ class SubmitTransport:
             logger.warning("Waiting for task run %s: the server at %s did not answer (%s); trying again in %.1f s",
                            task_run_id, self.client.api_url, error, delay)
 
-        retrying = tenacity.Retrying(
+        backoff = tenacity.wait_exponential_jitter(multiplier=0.1, max=WAIT_RETRY_MAX)
+        retrying = tenacity.Retrying(  # the last attempt at the deadline, not a backoff's length past it
             retry=tenacity.retry_if_exception(_is_retryable),
             stop=lambda _state: deadline is not None and time.monotonic() >= deadline,
-            wait=tenacity.wait_exponential_jitter(multiplier=0.1, max=WAIT_RETRY_MAX),
+            wait=lambda state: backoff(state) if deadline is None else min(backoff(state),
+                                                                           max(0.0, deadline - time.monotonic())),
             before_sleep=lambda state: unanswered(state.outcome.exception() if state.outcome else None,
                                                   state.next_action.sleep if state.next_action else 0),
             reraise=True,

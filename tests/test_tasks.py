@@ -102,6 +102,29 @@ def test_an_unreachable_server_raises_server_unavailable_and_keeps_the_parameter
     assert [p for p in store.path.rglob("*") if p.is_file()]
 
 
+@pytest.mark.parametrize("size", [10, 100_000], ids=["carried-in-the-create", "too-large-to-carry"])
+def test_an_unreachable_server_with_server_storage_raises_server_unavailable_at_the_submit_timeout(
+        monkeypatch, size):
+    """``SYNC_WORKER_STORAGE=server``: a record too large for the create's message is written
+    by the create's own attempts, so the submit's one rule holds whatever the argument's size:
+    retried until ``SYNC_WORKER_SUBMIT_TIMEOUT`` (its last attempt at the deadline, not a
+    backoff past it), then ``ServerUnavailable``, not a raw ``requests`` error."""
+    import time
+
+    from sync_worker.exceptions import ServerUnavailable
+    from sync_worker.storage import ServerStore
+
+    monkeypatch.setenv("SYNC_WORKER_SUBMIT_TIMEOUT", "1.5")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    client = Client(f"http://127.0.0.1:{port}/api")
+    started = time.monotonic()
+    with pytest.raises(ServerUnavailable, match="within 1.5 s"):
+        add.apply_async(("x" * size,), client=client, store=ServerStore(client))
+    assert 1.5 <= time.monotonic() - started < 2.5
+
+
 def test_a_refused_create_removes_the_parameters(server, store, monkeypatch):
     from sync_worker.exceptions import APIError
 
