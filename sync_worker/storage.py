@@ -319,8 +319,6 @@ def discard_parameters_of_refused_create(store: RecordStore, key: str, error: Ba
     server refused the create (a 4xx: certainly not created). After connection errors, 5xx
     (``ServerUnavailable``) or an interruption the run may exist: its record stays, so that
     it never becomes a run without parameters (an orphan record costs less than a lost call)."""
-    from sync_worker import exceptions
-
     if not isinstance(error, exceptions.APIError) or error.status_code >= 500:
         return
     try:

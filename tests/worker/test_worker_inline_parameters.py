@@ -20,10 +20,11 @@ class RecordRequests:
         for name in ("write_record", "read_record", "delete_record"):
             original = getattr(Client, name)
 
-            def counting(client: Client, key: str, *args: Any, _name: str = name, _original: Any = original) -> Any:
+            def counting(client: Client, key: str, *args: Any, _name: str = name, _original: Any = original,
+                         **kwargs: Any) -> Any:
                 if key.startswith("parameters."):
                     self.calls.append(f"{_name} {key}")
-                return _original(client, key, *args)
+                return _original(client, key, *args, **kwargs)
 
             monkeypatch.setattr(Client, name, counting)
 
