@@ -16,13 +16,20 @@ from tests.server.test_server_claim_at_create import _idle
 from tests.server.test_server_claim_at_delivery import claiming
 
 
+def _only_subscriber(server: Any) -> Any:
+    """The one subscription (a connection waits in the run queue a moment before it is listed
+    among the server's subscribers: wait for that)."""
+    wait_for(lambda: len(server.core.subscribers) == 1, timeout=10, message="the subscriber listed")
+    (sub,) = list(server.core.subscribers)
+    return sub
+
+
 def _hold_the_reader(server: Any, client_id: str | None = None) -> tuple[threading.Event, threading.Event]:
     """The subscription's reader thread (the one subscription's, or that of ``client_id``)
     blocks in the next message it handles until ``release`` is set (``entered`` is set once
     it is blocked)."""
     if client_id is None:
-        wait_for(lambda: len(server.core.subscribers) == 1, timeout=10, message="the subscriber listed")
-        (sub,) = list(server.core.subscribers)
+        sub = _only_subscriber(server)
     else:
         (sub,) = [s for s in list(server.core.subscribers) if s.client_id == client_id]
     handler = sub._on_messages
@@ -98,7 +105,7 @@ def test_a_run_queued_while_the_claimers_input_is_unread_wakes_no_sender_thread(
     creates of a drain)."""
     subscriber = claiming(wire, 5)
     _idle(server)
-    (sub,) = list(server.core.subscribers)
+    sub = _only_subscriber(server)
     pokes: list[float] = []
     original_poke = sub.outbox.poke
 
@@ -134,7 +141,7 @@ def test_input_pending_once_found_answers_without_a_look_at_the_socket_until_the
     ``WebSocket.input_pending``.)"""
     subscriber = claiming(wire, 5)
     _idle(server)
-    (sub,) = list(server.core.subscribers)
+    sub = _only_subscriber(server)
     entered, release = _hold_the_reader(server)
     subscriber.send({"type": "ack"})  # (nothing to ack: ignored) the reader blocks handling it
     assert entered.wait(10)
@@ -166,7 +173,7 @@ def test_input_read_while_input_pending_looks_at_it_leaves_no_run_waiting(server
     15 s later; the idle worker says nothing else)."""
     subscriber = claiming(wire, 5)
     _idle(server)
-    (sub,) = list(server.core.subscribers)
+    sub = _only_subscriber(server)
     ws = sub.ws
     entered, release = _hold_the_reader(server)
     subscriber.send({"type": "ack"})  # (nothing to ack: ignored) the reader blocks handling it
