@@ -6,6 +6,9 @@ import re
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*$", re.IGNORECASE)
 _UNITS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
+#: The longest duration accepted: 100 years (36500d). Longer ones reach before year 1 when
+#: taken from now, which no date type holds; no run is that old anyway.
+MAX_SECONDS = 36500 * 86400.0
 
 
 def parse_duration(text: str) -> float:
@@ -14,7 +17,10 @@ def parse_duration(text: str) -> float:
     if not match:
         raise ValueError(f"invalid duration {text!r}: use a number with an optional unit s, m, h, d or w "
                          "(e.g. 90s, 15m, 1h, 7d)")
-    return float(match.group(1)) * _UNITS[match.group(2).lower()]
+    seconds = float(match.group(1)) * _UNITS[match.group(2).lower()]
+    if seconds > MAX_SECONDS:
+        raise ValueError(f"invalid duration {text!r}: at most 36500d (100 years)")
+    return seconds
 
 
 def format_duration(seconds: float) -> str:

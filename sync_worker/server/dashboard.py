@@ -45,7 +45,7 @@ from urllib.parse import parse_qs
 from .core import Conflict, Core, NotFound
 from .listing import task_key_summaries, worker_info
 from .models import STATE_TYPES, TERMINAL, ValidationError, iso, parse_time
-from .validation import check_uuid
+from .validation import SQLITE_MAX_INT, check_uuid
 
 logger = logging.getLogger("sync_worker.server.dashboard")
 
@@ -179,17 +179,18 @@ def _one(params: dict[str, list[str]], name: str) -> str | None:
     return values[-1] if values else None
 
 
-def _whole(params: dict[str, list[str]], name: str, low: int, high: int | None = None) -> int | None:
+def _whole(params: dict[str, list[str]], name: str, low: int, high: int = SQLITE_MAX_INT) -> int | None:
     text = _one(params, name)
     if text is None:
         return None
+    if not text.isascii():  # int() also reads other scripts' digits ("５")
+        raise ValidationError(["query", name], "Input should be a whole number", "int_parsing", text)
     try:
         value = int(text)
     except ValueError:
         raise ValidationError(["query", name], "Input should be a whole number", "int_parsing", text) from None
-    if value < low or (high is not None and value > high):
-        bound = f"from {low} to {high}" if high is not None else f">= {low}"
-        raise ValidationError(["query", name], f"Input should be a whole number {bound}", "range", value)
+    if not low <= value <= high:
+        raise ValidationError(["query", name], f"Input should be a whole number from {low} to {high}", "range", value)
     return value
 
 
@@ -247,7 +248,7 @@ def list_runs(db: Any, query_string: str) -> dict[str, Any]:
     task_key = _one(params, "task_key")
     limit = _whole(params, "limit", 1, MAX_PAGE_SIZE) or PAGE_SIZE
     before = _whole(params, "before", 0)
-    after = _whole(params, "after", 0)
+    after = _whole(params, "after", 0, SQLITE_MAX_INT - 1)  # (the page starts at after + 1)
     if before is not None and after is not None:
         raise ValidationError(["query", "after"], "Give 'before' or 'after', not both", "value_error")
     # a time range on the creation time becomes a range of seq (creation order)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .models import STATE_TYPES, ValidationError, iso, parse_time
+from .validation import SQLITE_MAX_INT
 
 #: Prefect's ``PREFECT_API_DEFAULT_LIMIT``: default and largest ``limit`` of a filter request.
 MAX_LIMIT = 200
@@ -197,9 +198,9 @@ def parse_query(body: Any, *, paged: bool = True) -> Query:
             raise ValidationError(loc + ["limit"], f"Input should be a whole number from 0 to {MAX_LIMIT}",
                                   "less_than_equal", limit)
         offset = body.get("offset", 0)
-        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
-            raise ValidationError(loc + ["offset"], "Input should be a whole number >= 0", "greater_than_equal",
-                                  offset)
+        if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset <= SQLITE_MAX_INT:
+            raise ValidationError(loc + ["offset"], f"Input should be a whole number from 0 to {SQLITE_MAX_INT}",
+                                  "range", offset)
         query.limit, query.offset = limit, offset
     return query
 

@@ -30,7 +30,7 @@ import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from sync_worker.durations import format_duration, parse_duration  # noqa: F401 - parse_duration re-exported
+from sync_worker.durations import MAX_SECONDS, format_duration, parse_duration  # noqa: F401 - parse_duration re-exported
 
 from .database import DatabaseClosed, Transaction
 from .models import TERMINAL, ValidationError, iso
@@ -70,9 +70,10 @@ def parse_purge(body: Any) -> tuple[float, list[str]]:
     if not isinstance(body, dict):
         raise ValidationError(loc, "Input should be a JSON object with 'older_than_seconds'", "dict_type", body)
     older = body.get("older_than_seconds")
-    if isinstance(older, bool) or not isinstance(older, (int, float)) or older < 0:
-        raise ValidationError(loc + ["older_than_seconds"], "Input should be a number of seconds >= 0",
-                              "greater_than_equal", older)
+    if isinstance(older, bool) or not isinstance(older, (int, float)) or not 0 <= older <= MAX_SECONDS:
+        raise ValidationError(loc + ["older_than_seconds"],
+                              f"Input should be a number of seconds from 0 to {MAX_SECONDS:.0f} (100 years)",
+                              "range", older)
     states = body.get("state_types") or sorted(TERMINAL)
     if not isinstance(states, list) or not all(isinstance(s, str) for s in states):
         raise ValidationError(loc + ["state_types"], "Input should be a list of state types", "list_type", states)

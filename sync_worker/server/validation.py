@@ -47,6 +47,8 @@ MAX_RETRIES = 10_000
 MAX_RETRY_DELAY = 365 * 24 * 3600.0
 #: the jitter factor spreads a delay by up to +/- this fraction of it
 MAX_JITTER_FACTOR = 10.0
+#: The largest whole number SQLite stores; a larger one in a query is refused with a 422.
+SQLITE_MAX_INT = 2**63 - 1
 
 UTC = timezone.utc  # noqa: UP017 - datetime.UTC needs Python 3.11
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)

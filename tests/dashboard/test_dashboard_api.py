@@ -126,7 +126,11 @@ def test_the_time_range_is_on_creation_time(server):
 
 @pytest.mark.parametrize("query, field", [("?state=DONE", "state"), ("?limit=0", "limit"), ("?limit=201", "limit"),
                                           ("?before=x", "before"), ("?since=yesterday", "since"),
-                                          ("?before=1&after=2", "after")])
+                                          ("?before=1&after=2", "after"),
+                                          # numbers past SQLite's integers: 422, not a 500
+                                          ("?before=9223372036854775808", "before"),
+                                          ("?after=9223372036854775807", "after"),
+                                          ("?limit=%EF%BC%95", "limit")])  # a fullwidth digit
 def test_bad_listing_queries_are_refused_with_the_field(server, query, field):
     response = requests.get(server.url + "/sync_worker/dashboard/runs" + query, timeout=10)
     assert response.status_code == 422, response.text

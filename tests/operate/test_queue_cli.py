@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import requests
 
 from sync_worker.client import Client
 from sync_worker.exceptions import TaskRunFailed
@@ -134,6 +135,13 @@ def test_purge_deletes_finished_runs_of_the_given_states(api_env, runs):
     assert client.count_task_runs() == 3  # the failed run and the two waiting ones
     out = cli(api_env, "runs", "purge", "--older-than", "0", "--state", "SCHEDULED")
     assert out.returncode == 1 and "Only finished runs can be purged" in out.stderr
+    assert client.count_task_runs() == 3
+    # a duration reaching before year 1: one line, nothing sent (it was a 500 from the server)
+    out = cli(api_env, "runs", "purge", "--older-than", "99999999999d", "-y")
+    assert out.returncode == 2 and "at most 36500d (100 years)" in out.stderr and "Traceback" not in out.stderr
+    response = requests.post(api_env["SYNC_WORKER_API_URL"] + "/sync_worker/purge", json={"older_than_seconds": 1e15},
+                             timeout=10)
+    assert response.status_code == 422 and "older_than_seconds" in response.text
     assert client.count_task_runs() == 3
 
 

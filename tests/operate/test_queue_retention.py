@@ -93,6 +93,9 @@ def test_finished_runs_and_records_are_deleted_while_a_workload_runs(short_reten
 def test_retention_option_of_the_server_command():
     out = cli({}, "server", "--retention", "soon", "--port", "0")
     assert out.returncode == 2 and "invalid duration 'soon'" in out.stderr
+    # refused at the start, not by every sweep after it (OverflowError, logged each minute)
+    out = cli({}, "server", "--retention", "99999999999d", "--port", "0")
+    assert out.returncode == 2 and "at most 36500d (100 years)" in out.stderr
     out = cli({}, "server", "--help")
     text = " ".join(out.stdout.split())
     assert "--retention DURATION" in text and "0 keeps everything (default 7d)" in text
