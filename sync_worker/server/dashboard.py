@@ -358,7 +358,7 @@ def _parameters(db: Any, run: dict[str, Any]) -> dict[str, Any]:
     if why is not None:
         return {"value": None, "note": why}
     parameters = value.get("parameters") if isinstance(value, dict) and "parameters" in value else value
-    text = json.dumps(parameters)
+    text = json.dumps(parameters, ensure_ascii=False)  # the limit counts characters, not \u escapes
     if len(text) > SHOW_PARAMETERS_LIMIT:
         return {"value": None, "note": f"{len(text)} characters of JSON: more than {SHOW_PARAMETERS_LIMIT}, not shown"}
     return {"value": parameters, "note": None}
@@ -390,12 +390,12 @@ def _outcome(db: Any, run: dict[str, Any]) -> dict[str, Any]:
     if why is not None:
         return {"note": why}
     if state.get("type") == "COMPLETED":
-        text = json.dumps(value, indent=2, default=repr)
+        text = json.dumps(value, indent=2, default=repr, ensure_ascii=False)  # "é", not "\u00e9"
         return {"result": _cut(text)}
     if isinstance(value, dict) and "traceback" in value:
         return {"error_type": str(value.get("type") or ""), "error_message": _cut(str(value.get("message") or "")),
                 "traceback": _cut(str(value.get("traceback") or ""))}
-    return {"result": _cut(json.dumps(value, indent=2, default=repr))}
+    return {"result": _cut(json.dumps(value, indent=2, default=repr, ensure_ascii=False))}
 
 
 def _history(states: list[tuple[Any, ...]]) -> list[dict[str, Any]]:

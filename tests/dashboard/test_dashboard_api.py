@@ -210,3 +210,18 @@ def test_user_password_auth_string_works_from_the_browser_prompt(server_factory)
     refused = requests.post(server.url + f"/sync_worker/task_runs/{uuid.uuid4()}/retry", json={},
                             auth=("admin", "pw"), headers={"Origin": "http://evil.example"}, timeout=10)
     assert refused.status_code == 403
+
+
+def test_non_ascii_results_and_parameters_are_shown_as_characters(server, api_env, start_worker, monkeypatch):
+    """The result as the characters it holds, not JSON's \\u escapes, and the parameters' size
+    limit counted in characters (800 "Ж" are 800 characters, not the 4,800 of their escapes)."""
+    monkeypatch.setenv("SYNC_WORKER_STORAGE", "server")
+    start_worker(dt.add, dt.boom, limit=2)
+    added = dt.add.delay("héllo ", "wörld 👍 任务")
+    failed = dt.boom.delay("Ж" * 800)
+    assert added.result(timeout=60) == "héllo wörld 👍 任务"
+    assert failed.wait(timeout=60).type.value == "FAILED"
+    shown = requests.get(server.url + f"/sync_worker/dashboard/runs/{added.task_run_id}", timeout=10).json()
+    assert shown["outcome"]["result"] == '"héllo wörld 👍 任务"'
+    shown = requests.get(server.url + f"/sync_worker/dashboard/runs/{failed.task_run_id}", timeout=10).json()
+    assert shown["parameters"] == {"value": {"message": "Ж" * 800}, "note": None}
