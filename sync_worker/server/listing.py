@@ -238,19 +238,25 @@ def task_key_summaries(db: Any, now: float) -> dict[str, dict[str, Any]]:
         item = entry(task_key)
         item["counts"][state_type] = count
         item["total"] += count
-    # seq is creation order: the smallest seq of a key's waiting runs is its oldest
-    oldest = db.read_all("SELECT task_key, min(seq) FROM task_runs WHERE state_type = 'SCHEDULED' "
-                         "GROUP BY task_key", [])
-    for task_key, seq in oldest:
-        rows = db.read_all("SELECT id, json_extract(data, '$.created') FROM task_runs WHERE seq = ?", [seq])
+    # The oldest waiting run: the first in creation order (seq) that is due. A run delayed
+    # (countdown/eta) or waiting for its retry is not waiting for a worker yet: counted, it
+    # would make a key look stuck. Its age counts from when it became due. The walk reads the
+    # key's SCHEDULED runs in seq order through the index and stops at the first due one.
+    for task_key, item in keys.items():
+        if not item["counts"].get("SCHEDULED"):
+            continue
+        rows = db.read_all(
+            "SELECT id, json_extract(data, '$.created'), due FROM task_runs INDEXED BY ix_task_runs_key_state "
+            "WHERE task_key = ? AND state_type = 'SCHEDULED' AND due <= ? ORDER BY seq LIMIT 1", [task_key, now])
         if not rows:
-            continue  # finished between the two reads
-        item = entry(task_key)
-        item["oldest_scheduled_id"], item["oldest_scheduled"] = rows[0]
+            continue  # none due (or finished since the counts were read)
+        run_id, created, due = rows[0]
+        item["oldest_scheduled_id"], item["oldest_scheduled"] = run_id, created
         try:
-            item["oldest_scheduled_age_seconds"] = round(max(0.0, now - parse_time(rows[0][1], [])), 3)
+            waiting_since = max(float(parse_time(created, [])), float(due or 0))
         except ValidationError:  # pragma: no cover - we wrote it
-            pass
+            continue
+        item["oldest_scheduled_age_seconds"] = round(max(0.0, now - waiting_since), 3)
     return keys
 
 

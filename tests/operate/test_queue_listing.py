@@ -123,6 +123,22 @@ def test_filter_without_body_lists_everything_and_bad_json_is_422(server, api_en
     assert requests.post(server.url + "/task_runs/count", data=b"{}", timeout=10).status_code == 415
 
 
+def test_a_delayed_run_is_not_the_oldest_waiting_one(server, api_env):
+    """A run delayed by a day is not waiting for a worker: it does not make its key look stuck
+    (the overview, ``sync-worker status``); the oldest waiting run is the first one due."""
+    client = Client(server.url)
+
+    def nobody() -> dict:
+        return {k["task_key"]: k for k in client.read_stats()["task_keys"]}["queue.nobody"]
+
+    qt.nobody.apply_async((1,), countdown=86400)
+    assert nobody()["counts"] == {"SCHEDULED": 1}
+    assert nobody()["oldest_scheduled_id"] is None and nobody()["oldest_scheduled_age_seconds"] is None
+    due = qt.nobody.delay(2)
+    assert nobody()["oldest_scheduled_id"] == due.task_run_id
+    assert 0 <= nobody()["oldest_scheduled_age_seconds"] < 60
+
+
 def test_stats_counts_oldest_scheduled_and_workers(server, populated):
     client = Client(server.url)
     time.sleep(0.05)  # the oldest waiting run has an age > 0
