@@ -244,7 +244,9 @@ class Subscription:
         self.batch_delivery = batch_delivery
         #: runs delivered to it carry the parameters record this server holds for them
         self.inline_parameters = inline_parameters
-        self.limit = credit if credit is not None else 1  # runs it may hold at once (stats)
+        # runs it may hold at once (stats): its free slots, plus the runs it holds when it
+        # reconnects while running some (its credit alone was shown as its limit then)
+        self.limit = (credit + len(holding or ())) if credit is not None else 1
         self.rank = next(_ranks)  # older connections get runs first (runqueue._preference)
         self.connected_at = time.time()  # shown by the dashboard
         self.ws = ws

@@ -54,6 +54,30 @@ def test_a_long_run_keeps_its_lease_when_its_worker_reconnects(server_factory, t
     assert _starts(marks, 1) == 1, marks.read_text()  # the server kept the lease for the same client_id
 
 
+def test_a_worker_that_reconnects_while_running_is_listed_with_its_limit(server, api_env, tmp_path, start_worker):
+    """The server lists a worker's limit (dashboard, ``sync-worker status``) as its free slots
+    plus the runs it says it holds when it subscribes again; its free slots alone were shown
+    (limit 3 for a ``--limit 5`` worker running two runs)."""
+    from sync_worker.client import Client
+    from sync_worker.subscription import ConnectionLost
+
+    marks = tmp_path / "marks"
+    worker = start_worker(wt.mark, limit=5)
+    runs = [wt.mark.delay(i, str(marks), 3.0) for i in range(2)]
+    wait_for(lambda: worker.current_tasks == 2, message="two runs in flight")
+    subscription = worker._subscription
+    connects = subscription.connects
+    subscription._conn.abort(ConnectionLost("simulated network blip"))
+    wait_for(lambda: subscription.connects > connects, message="the worker reconnected")
+    client = Client(server.url)
+    try:
+        wait_for(lambda: [w["limit"] for w in client.read_workers()] == [5], timeout=10,
+                 message=f"the worker listed with limit 5: {client.read_workers()}")
+    finally:
+        client.close()
+    assert [r.result(timeout=30) for r in runs] == [0, 1]
+
+
 def test_a_stopping_worker_keeps_its_connection_until_its_runs_finished(api_env, start_worker, tmp_path):
     marks = tmp_path / "marks"
     worker = start_worker(wt.mark, limit=1)
