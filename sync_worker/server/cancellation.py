@@ -5,11 +5,14 @@ What happens depends on where the run is:
 - SCHEDULED (waiting, delayed, or awaiting a retry), PENDING or PAUSED: it becomes CANCELLED
   at once and is never delivered (a worker that was already sent it is refused when it
   proposes PENDING/RUNNING: a terminal run never runs);
-- RUNNING: it becomes CANCELLING, and the worker holding it is sent
+- RUNNING, held by a worker connection (or its lease, after the connection was lost): it
+  becomes CANCELLING, and the worker holding it is sent
   ``{"type": "cancel", "task_run_id": ID}`` over its subscription socket; that worker raises
   :class:`sync_worker.exceptions.Cancelled` in the task's thread (the same mechanism, and the
   same limits, as ``timeout_seconds``) and reports CANCELLED. A run still CANCELLING when its
   worker's lease runs out becomes CANCELLED (it is never re-delivered);
+- RUNNING without a lease (a client moved it to RUNNING itself: no worker can be told, no
+  lease will run out): CANCELLED at once; a late final state from whoever runs it is refused;
 - finished (COMPLETED, FAILED, CANCELLED, CRASHED) or already CANCELLING: nothing changes.
 
 The message goes only to subscriptions that use the ``credit`` extension, i.e. sync_worker
@@ -49,9 +52,18 @@ def cancel_run(core: Core, run_id: str) -> dict[str, Any]:
         if current in TERMINAL or current == "CANCELLING":
             return "unchanged", row.dump()
         now = time.time()
-        if current in CANCEL_NOW:
-            system_state(row.run, "CANCELLED", now, message=f"Cancelled while {current}: it was not run.",
-                         deferred=row.background)
+        unleased = False
+        if current == "RUNNING":
+            with queue.lock:
+                unleased = run_id not in queue.outstanding
+        if current in CANCEL_NOW or unleased:
+            # RUNNING without a lease: no worker connection of this server was given it (a
+            # client moved it to RUNNING itself), so no worker can be told to stop and no
+            # lease will run out: CANCELLING would be for ever. A late final state from
+            # whoever runs it is refused (a finished run stays finished).
+            message = (f"Cancelled while {current}: it was not run." if current != "RUNNING" else
+                       "Cancelled while RUNNING: no worker connection of this server held it.")
+            system_state(row.run, "CANCELLED", now, message=message, deferred=row.background)
             row.state_type = "CANCELLED"
             row.qstate = QSTATE_NONE
             row.holder = None

@@ -174,3 +174,26 @@ def test_a_run_left_cancelling_by_a_stopped_server_is_cancelled_at_start(server_
     run = Client(second.url).read_task_run(future.task_run_id)
     assert run.state.type is StateType.CANCELLED
     assert "server restarted" in run.state.message
+
+
+def test_a_running_run_no_worker_was_given_is_cancelled_at_once(server, monkeypatch, tmp_path):
+    """A client moved the run to RUNNING itself (no worker connection of this server was given
+    it): no worker can be told and no lease will run out, so CANCELLING would be for ever (the
+    dashboard's buttons then off, Retry refused). It ends CANCELLED at once, and a late final
+    state from whoever runs it is refused."""
+    monkeypatch.setenv("SYNC_WORKER_STORAGE", str(tmp_path / "store"))
+    client = Client(server.url)
+    future = qt.nobody.apply_async(("x",), client=client)
+    for state in ("PENDING", "RUNNING"):
+        answer = requests.post(f"{server.url}/task_runs/{future.task_run_id}/set_state",
+                               json={"state": {"type": state}}, timeout=10).json()
+        assert answer["status"] == "ACCEPT", answer
+    answer = client.cancel_task_run(future.task_run_id)
+    assert answer["status"] == "cancelled" and answer["task_run"]["state"]["type"] == "CANCELLED"
+    assert "no worker connection of this server held it" in answer["task_run"]["state"]["message"]
+    late = requests.post(f"{server.url}/task_runs/{future.task_run_id}/set_state",
+                         json={"state": {"type": "COMPLETED"}}, timeout=10).json()
+    assert late["status"] == "REJECT"
+    assert client.read_task_run(future.task_run_id).state.type is StateType.CANCELLED
+    out = cli({"SYNC_WORKER_API_URL": server.url}, "runs", "retry", future.task_run_id)
+    assert out.returncode == 0, out.stderr  # a finished run can be retried
