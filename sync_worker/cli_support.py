@@ -150,9 +150,16 @@ def run_command(func: Callable[[argparse.Namespace], Any], args: argparse.Namesp
     from sync_worker.exceptions import ConfigurationError, SyncWorkerError
 
     try:
-        return int(func(args) or 0)
+        code = int(func(args) or 0)
+        sys.stdout.flush()  # here, where a closed pipe is handled, not at exit
+        return code
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `sync-worker runs ls | head`: the reader has what it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # the exit's own flush must not fail again
+        os.close(devnull)
+        return 141  # as a command ended by SIGPIPE (128 + 13)
     except ConfigurationError as exc:
         _print_error(prog, exc)
         return 2

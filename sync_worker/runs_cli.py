@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -71,7 +72,22 @@ class CommandError(SyncWorkerError):
 
 
 # -- output helpers ----------------------------------------------------------------------------
+#: Characters that a terminal obeys instead of showing: C0/C1 controls (ESC starts the sequences
+#: that clear the screen, set the window title or hide text) and the bidirectional overrides.
+#: Run data (task keys, messages, tracebacks) comes from whoever submitted or ran the task.
+_CONTROLS = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+_CONTROLS_AND_LINES = re.compile("[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+
+def _printable(text: str, *, lines: bool = False) -> str:
+    """``text`` with control characters written as escapes (``\x1b``, ``\n``): safe to print
+    to an operator's terminal. ``lines``: newlines and tabs are kept."""
+    pattern = _CONTROLS if lines else _CONTROLS_AND_LINES
+    return pattern.sub(lambda m: repr(m.group())[1:-1], text)
+
+
 def _table(rows: list[list[str]], headers: list[str]) -> str:
+    rows = [[_printable(cell) for cell in row] for row in rows]
     widths = [max([len(headers[i])] + [len(row[i]) for row in rows]) for i in range(len(headers))]
 
     def line(cells: list[str]) -> str:
@@ -251,7 +267,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         lines += ["  " + line for line in outcome["traceback"].rstrip().splitlines()]
     elif outcome.get("result_error"):
         lines.append(f"result:          not available ({outcome['result_error']})")
-    print("\n".join(lines))
+    print(_printable("\n".join(lines), lines=True))
     return 0
 
 
@@ -297,7 +313,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
     if args.json:
         _print_json({"retried": args.id, "task_run_id": new.id})
     else:
-        print(f"{args.id} -> new run {new.id} ({old.task_key})")
+        print(_printable(f"{args.id} -> new run {new.id} ({old.task_key})"))
     return 0
 
 

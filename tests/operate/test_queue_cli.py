@@ -200,3 +200,33 @@ def test_help_shows_examples():
     assert out.returncode == 0 and "examples:" in out.stdout and "--since 1h" in out.stdout
     out = cli({}, "status", "--help")
     assert "examples:" in out.stdout
+
+
+def test_show_and_ls_print_control_characters_as_escapes(api_env, start_worker):
+    """A task's message is written by whoever called it: its escape sequences (clear the
+    screen, set the window title, hide text) reach the operator's terminal as visible escapes,
+    not as commands."""
+    start_worker(qt.boom, limit=1)
+    hostile = "oops \x1b[2J\x1b]0;owned-title\x07\x1b[8mhidden"
+    failed = qt.boom.delay(hostile)
+    with pytest.raises(TaskRunFailed):
+        failed.result(timeout=30)
+    shown = cli(api_env, "runs", "show", failed.task_run_id)
+    assert shown.returncode == 0, shown.stderr
+    listed = cli(api_env, "runs", "ls", "--state", "FAILED")
+    assert listed.returncode == 0, listed.stderr
+    for out in (shown.stdout, listed.stdout):
+        assert "\x1b" not in out and "\x07" not in out
+    assert "oops \\x1b[2J\\x1b]0;owned-title\\x07\\x1b[8mhidden" in shown.stdout
+    assert "Traceback (most recent call last):\n" in shown.stdout  # the traceback keeps its lines
+
+
+def test_output_into_a_closed_pipe_ends_quietly(api_env, runs):
+    """``sync-worker runs ls | head -1``: the reader leaves early; the command ends as one ended
+    by SIGPIPE (141), without a BrokenPipeError traceback."""
+    full = {**os.environ, **api_env, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "sync_worker", "runs", "ls"], cwd=REPO, env=full,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # before the command has written anything: its first write finds no reader
+    _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 141 and b"Traceback" not in err and b"BrokenPipe" not in err, err
