@@ -37,8 +37,8 @@ UPGRADED = "sync_worker.upgraded"  # environ flag: the connection now belongs to
 CLOSE = "sync_worker.close"  # environ flag: close the HTTP connection after this response
 
 StartResponse = Callable[..., Any]
-#: the dashboard's endpoints (404 when it is turned off)
-_UI_ENDPOINTS = frozenset({"ui_index", "ui_static", "ui_overview", "ui_runs", "ui_run"})
+#: the dashboard's endpoints (404 when it is turned off; cancel stays: `sync-worker runs cancel` uses it)
+_UI_ENDPOINTS = frozenset({"ui_index", "ui_static", "ui_overview", "ui_runs", "ui_run", "retry"})
 Response = tuple[str, list[tuple[str, str]], bytes]
 
 _JSON = "application/json"

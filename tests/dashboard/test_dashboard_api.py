@@ -61,6 +61,10 @@ def test_no_ui_turns_the_dashboard_off(server_factory):
         response = requests.get(_root(server) + path, timeout=10)
         assert response.status_code == 404, path
         assert "--no-ui" in response.json()["detail"]
+    retry = requests.post(server.url + f"/sync_worker/task_runs/{uuid.uuid4()}/retry", json={}, timeout=10)
+    assert retry.status_code == 404 and "--no-ui" in retry.json()["detail"]  # the Retry button's endpoint
+    cancel = requests.post(server.url + f"/sync_worker/task_runs/{uuid.uuid4()}/cancel", json={}, timeout=10)
+    assert cancel.status_code == 404 and "--no-ui" not in cancel.text  # `runs cancel` uses it: an unknown run
     assert requests.get(server.url + "/health", timeout=10).status_code == 200
 
 
