@@ -80,7 +80,7 @@ from simple_websocket.errors import ConnectionClosed
 from . import sockets
 from .core import Core
 from .database import QSTATE_NONE, DatabaseClosed, Transaction
-from .sockets import GOING_AWAY, POLICY_VIOLATION, PROTOCOL_ERROR, UNSUPPORTED_DATA
+from .sockets import POLICY_VIOLATION, PROTOCOL_ERROR, SERVICE_RESTART, UNSUPPORTED_DATA
 from .sockets import Close as _Close
 from .sockets import WebSocket as _Socket
 from .models import DEFAULT_STATE_NAMES, STATE_TYPES, TERMINAL, ValidationError, iso, make_state, parse_time
@@ -733,7 +733,7 @@ class EventBus:
         try:
             row = self.core.db.read_run(run_id)
         except DatabaseClosed:
-            raise _Close(GOING_AWAY, "Server is shutting down") from None
+            raise _Close(SERVICE_RESTART, "Server is shutting down") from None
         if row is None or row.state_type not in TERMINAL:
             return None
         data = final_state_event(row.run)
@@ -762,7 +762,7 @@ class EventBus:
                 self._no_sockets.notify_all()
 
     def close(self, timeout: float = 1.5) -> None:
-        """Server stopping: every events connection is closed (1001) by its own handler
+        """Server stopping: every events connection is closed (1012) by its own handler
         thread, which notices within a quarter of a second; waits for that (bounded), then
         closes what is left itself."""
         with self._lock:
@@ -774,7 +774,7 @@ class EventBus:
             self._no_sockets.wait_for(lambda: not self._sockets, timeout=timeout)
             sockets = list(self._sockets)
         for ws in sockets:
-            _close(ws, GOING_AWAY, "Server is shutting down", wait=False)
+            _close(ws, SERVICE_RESTART, "Server is shutting down", wait=False)
 
     def stats(self) -> dict[str, int]:
         with self._lock:
@@ -806,7 +806,7 @@ def _receive_json(ws: _Socket, bus: EventBus, sized: bool = False, within: float
     deadline = None if within is None else time.monotonic() + within
     while True:
         if bus.closing:
-            raise _Close(GOING_AWAY, "Server is shutting down")
+            raise _Close(SERVICE_RESTART, "Server is shutting down")
         message = ws.receive(timeout=0.25)
         if message is None:
             if not ws.connected or not ws.thread.is_alive():
@@ -829,7 +829,7 @@ def _handshake(ws: _Socket, core: Core, bus: EventBus) -> bool:
     try:
         value = _receive_json(ws, bus, within=sockets.HANDSHAKE_TIMEOUT, expected="'auth' message")
     except _Close as close:
-        if close.code in (GOING_AWAY, POLICY_VIOLATION):
+        if close.code in (SERVICE_RESTART, POLICY_VIOLATION):
             raise
         value = {}
     if value is None:
@@ -851,7 +851,7 @@ def _serve(environ: dict[str, Any], core: Core, bus: EventBus, max_message_size:
     ws = _Socket(environ, subprotocols=["prefect"], max_message_size=max_message_size)
     peer = environ.get("REMOTE_ADDR", "?")
     if not bus.add_socket(ws):
-        _close(ws, GOING_AWAY, "Server is shutting down")
+        _close(ws, SERVICE_RESTART, "Server is shutting down")
         return
     try:
         if _handshake(ws, core, bus):
@@ -893,7 +893,7 @@ def handle_events_in(environ: dict[str, Any], core: Core, bus: EventBus, max_mes
             try:
                 bus.ingest(event)
             except DatabaseClosed:
-                raise _Close(GOING_AWAY, "Server is shutting down") from None
+                raise _Close(SERVICE_RESTART, "Server is shutting down") from None
             received += 1
         logger.debug("events connection from %s ended after %d event(s)", peer, received)
 
@@ -933,7 +933,7 @@ def _send_live(ws: _Socket, subscriber: _Subscriber) -> None:
                 if not ws.connected or not ws.thread.is_alive():
                     return
             if subscriber.closed:
-                raise _Close(GOING_AWAY, "Server is shutting down")
+                raise _Close(SERVICE_RESTART, "Server is shutting down")
             if subscriber.overflowed:
                 raise _Close(TRY_AGAIN_LATER, f"More than {MAX_OUTBOX} events waiting to be sent to this "
                                               "subscriber; reconnect to backfill")

@@ -47,6 +47,10 @@ POLICY_VIOLATION = 1008
 UNSUPPORTED_DATA = 1003
 PROTOCOL_ERROR = 1002
 GOING_AWAY = 1001
+#: The close code of a server that stops: what uvicorn, hence a Prefect server, sends. Prefect's
+#: clients (its task worker's subscription, its callers' event waits) reconnect after it, and
+#: stop for good after 1001 (websockets calls that a clean close, ``ConnectionClosedOK``).
+SERVICE_RESTART = 1012
 NORMAL = 1000
 PREFECT_VIOLATION = 4001
 #: seconds a new connection has for each handshake message (auth, subscribe) before it is
@@ -912,7 +916,7 @@ class SubscriptionRegistry:
         self._stop.set()
         for ws in sockets:
             try:
-                ws.close(GOING_AWAY, "Server is shutting down")
+                ws.close(SERVICE_RESTART, "Server is shutting down")
             except (ConnectionClosed, OSError):
                 pass
             ws.shutdown()
@@ -931,7 +935,7 @@ def serve_socket(environ: dict[str, Any], registry: SubscriptionRegistry, max_me
     ws = WebSocket(environ, reader=registry.reader, subprotocols=["prefect"], max_message_size=max_message_size)
     peer = environ.get("REMOTE_ADDR", "?")
     if not registry.add(ws):
-        close_socket(ws, GOING_AWAY, "Server is shutting down")
+        close_socket(ws, SERVICE_RESTART, "Server is shutting down")
         return
     try:
         try:

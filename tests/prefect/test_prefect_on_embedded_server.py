@@ -51,6 +51,14 @@ def boom(x: int) -> int:
     raise ValueError(f"boom-{x}")
 
 
+@task
+def sleepy(seconds: float) -> float:
+    import time
+
+    time.sleep(seconds)
+    return seconds
+
+
 @task(retries=2, retry_delay_seconds=0.2)
 def flaky(counter: str) -> str:
     path = Path(counter)
@@ -63,9 +71,9 @@ def flaky(counter: str) -> str:
 
 PREFECT_WORKER = '''
 from prefect.task_worker import serve
-from ptasks import add_one, boom, flaky
+from ptasks import add_one, boom, flaky, sleepy
 
-serve(add_one, boom, flaky)
+serve(add_one, boom, flaky, sleepy)
 '''
 
 
@@ -141,13 +149,14 @@ class EmbeddedServer:
                 self.process.wait(timeout=15)
 
 
-def start_embedded_server(home: Path, auth_string: str | None = None) -> EmbeddedServer:
+def start_embedded_server(home: Path, auth_string: str | None = None, port: int | None = None) -> EmbeddedServer:
+    """``port``: that one (a restart on the same address and database), else a free one."""
     import requests
 
     home.mkdir(parents=True, exist_ok=True)
     (home / "tasks").mkdir(exist_ok=True)
     (home / "tasks" / "ptasks.py").write_text(PREFECT_TASKS)
-    port = _free_port()
+    port = port or _free_port()
     api_url = f"http://127.0.0.1:{port}/api"
     cmd = [sys.executable, "-m", "sync_worker", "server", "--port", str(port), "--db", str(home / "server.db"),
            "--lease-timeout", str(LEASE_TIMEOUT), "--max-deliveries", "1", "--log-level", "DEBUG"]
@@ -197,7 +206,7 @@ def _caller(python_script, server: EmbeddedServer, body: str, auth_string: str |
     """A Prefect caller script; ``emit(**kw)`` prints one JSON line."""
     source = textwrap.dedent('''
         import json, time
-        from ptasks import add_one, boom, flaky
+        from ptasks import add_one, boom, flaky, sleepy
 
         def emit(**kw):
             print(json.dumps(kw), flush=True)
@@ -211,6 +220,41 @@ def _snapshot(server: EmbeddedServer, *scripts) -> str:
 
 
 # ----------------------------------------------------------------------------- Prefect caller + Prefect serve()
+
+
+def test_prefects_worker_and_a_waiting_caller_go_on_after_the_server_restarts(tmp_path, python_script):
+    """The server stops (SIGTERM) and starts again on the same address and database while
+    Prefect's ``serve()`` runs a task and a Prefect caller waits for it. The server closes their
+    sockets with 1012, as a Prefect server does: Prefect's worker and its caller's event wait
+    reconnect after it, and stopped for good after the 1001 sent before (the worker exited; the
+    caller woke only at its timeout)."""
+    server = start_embedded_server(tmp_path / "restart")
+    try:
+        worker = _worker(python_script, server)
+        caller = _caller(python_script, server, '''
+            first = add_one.delay(x=0)
+            emit(warm=first.result(timeout=90))
+            slow = sleepy.delay(seconds=4.0)
+            emit(submitted=str(slow.task_run_id))
+            started = time.monotonic()
+            emit(slow=slow.result(timeout=90), seconds=time.monotonic() - started)
+            emit(after=add_one.delay(x=5).result(timeout=90))
+            ''')
+        caller.expect("warm", 150)
+        run_id = caller.expect("submitted", 30)["submitted"]
+        deadline = time.monotonic() + 30
+        while server.read(run_id)["state_type"] != "RUNNING":
+            assert time.monotonic() < deadline, _snapshot(server, caller, worker)
+            time.sleep(0.05)
+        port = int(server.api_url.rsplit(":", 1)[1].split("/")[0])
+        server.stop()
+        server = start_embedded_server(server.home, port=port)
+        slow = caller.expect("slow", 90)
+        assert slow["slow"] == 4.0 and slow["seconds"] < 45, _snapshot(server, caller, worker)  # not at its timeout
+        assert caller.expect("after", 90)["after"] == 6, _snapshot(server, caller, worker)
+        assert worker.process.poll() is None, _snapshot(server, caller, worker)
+    finally:
+        server.stop()
 
 
 def test_prefect_serve_and_delay_result_returns_the_value_within_2_seconds(embedded, python_script):

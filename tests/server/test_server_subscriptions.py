@@ -270,7 +270,7 @@ def test_stop_closes_websockets_fast(server_factory, make_wire):
     server.stop()
     assert time.monotonic() - started < 1.0
     code, reason = subscriber.close_code()
-    assert code == 1001
+    assert code == 1012  # service restart, as a Prefect server (uvicorn) closes: Prefect's worker reconnects
     assert "shutting down" in reason
 
 
