@@ -69,7 +69,7 @@ class Core:
         self.db = db
         self.queue = queue
         # run id -> callbacks waiting for the run to reach a terminal state (rpc "wait")
-        self._finish_waiters: dict[str, list[Callable[[str], None]]] = {}
+        self._finish_waiters: dict[str, list[Callable[[str | None], None]]] = {}
         self._finish_lock = threading.Lock()
         queue.on_finished = self._finished  # a lease running out into CRASHED wakes waiters too
         #: called (run id, TaskRun JSON) after every final state, in the committing thread
@@ -218,6 +218,7 @@ class Core:
             for key in record_keys(row.run):  # its records here go with it, as retention's do
                 tx.delete_record(key)
             tx.after_commit(lambda: queue.release(run_id))
+            tx.after_commit(lambda: self.deleted(run_id))
             return True
 
         if not self.db.write(op):
@@ -389,8 +390,9 @@ class Core:
         return op
 
     # -- waiting for a run to finish (rpc "wait") ---------------------------------------------------
-    def when_finished(self, run_id: str, callback: Callable[[str], None]) -> Callable[[], None]:
-        """Call ``callback(run_text)`` once the run is in a terminal state (at once if it is).
+    def when_finished(self, run_id: str, callback: Callable[[str | None], None]) -> Callable[[], None]:
+        """Call ``callback(run_text)`` once the run is in a terminal state (at once if it is),
+        or ``callback(None)`` once it is deleted.
 
         Raises NotFound for an unknown run. Returns a function that cancels the wait.
         Terminal states set by orchestration notify waiters, and so does a lease running
@@ -409,7 +411,7 @@ class Core:
 
         return cancel
 
-    def _unregister(self, run_id: str, callback: Callable[[str], None]) -> bool:
+    def _unregister(self, run_id: str, callback: Callable[[str | None], None]) -> bool:
         with self._finish_lock:
             callbacks = self._finish_waiters.get(run_id)
             if not callbacks or callback not in callbacks:
@@ -418,6 +420,19 @@ class Core:
             if not callbacks:
                 del self._finish_waiters[run_id]
             return True
+
+    def deleted(self, run_id: str) -> None:
+        """A run was deleted (``DELETE``, retention, purge): its waiters learn it now, not at the
+        end of their wait (a Prefect worker deletes a run whose parameters it cannot read)."""
+        if run_id not in self._finish_waiters:
+            return
+        with self._finish_lock:
+            callbacks = self._finish_waiters.pop(run_id, [])
+        for callback in callbacks:
+            try:
+                callback(None)
+            except Exception:  # pragma: no cover - a waiter's bug must not break the commit path
+                logger.exception("delete callback of %s failed", run_id)
 
     def _finished(self, run_id: str, text: str, announce: bool = True) -> None:
         """A run reached a final state: tell the listeners (unless ``announce`` is False: the

@@ -217,9 +217,12 @@ class RpcChannel:
             self._reply("wait_result", request_id, 429, detail=f"more than {MAX_WAITS} waits on one connection")
             return
 
-        def finished(text: str) -> None:
+        def finished(text: str | None) -> None:
             self._waits.pop(request_id, None)
-            self._reply("wait_result", request_id, 200, result=text)
+            if text is None:  # deleted meanwhile
+                self._reply("wait_result", request_id, 404, detail="Task not found")
+            else:
+                self._reply("wait_result", request_id, 200, result=text)
 
         self._waits[request_id] = None  # reserved before registering: `finished` may run at once
         try:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import requests
 
 from sync_worker.client import Client
 from tests.helpers import free_port
@@ -115,3 +116,30 @@ def test_result_says_the_server_is_unavailable_after_its_timeout(server_factory,
     with pytest.raises(ServerUnavailable, match=f"Could not read task run {future.task_run_id} from .* within 1.5 s"):
         future.result(timeout=1.5)
     assert 1.4 <= time.monotonic() - started < 5
+
+
+def test_result_of_a_run_deleted_while_waited_for_ends_at_once(server, api_env, transport):
+    """A run deleted while a caller waits (a Prefect worker deletes a run whose parameters it
+    cannot read; an operator's DELETE) ends the wait now with ObjectNotFound, over the rpc
+    socket as over REST, not when the wait's own timeout runs out."""
+    import time
+
+    from sync_worker.exceptions import ObjectNotFound
+
+    future = wt.add.delay(1, 2)  # no worker: it waits
+    outcome: list[Any] = []
+
+    def wait() -> None:
+        started = time.monotonic()
+        try:
+            future.result(timeout=30)
+        except ObjectNotFound as exc:
+            outcome.append((exc, time.monotonic() - started))
+
+    waiter = threading.Thread(target=wait)
+    waiter.start()
+    time.sleep(0.3)  # (the wait is registered; deleting earlier would be answered at once anyway)
+    requests.delete(f"{server.url}/task_runs/{future.task_run_id}", timeout=10).raise_for_status()
+    waiter.join(20)
+    assert not waiter.is_alive() and len(outcome) == 1, outcome
+    assert outcome[0][1] < 5
