@@ -317,6 +317,14 @@ def cmd_retry(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cancelling_how(notified: bool, held_by: str | None) -> str:
+    if notified:
+        return "its worker was told to stop it"
+    if held_by == "connection":  # a Prefect worker: it takes no cancel message
+        return "its worker cannot be told to stop it (not a sync_worker worker); the run ends as that worker reports"
+    return "its worker's connection is gone; it ends CANCELLED when its lease runs out"
+
+
 def cmd_cancel(args: argparse.Namespace) -> int:
     results = []
     failed = False
@@ -330,7 +338,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
                 continue
             state = answer["task_run"].get("state") or {}
             results.append({"id": run_id, "status": answer["status"], "state": state.get("type"),
-                            "worker_notified": answer.get("notified", False)})
+                            "worker_notified": answer.get("notified", False), "held_by": answer.get("held_by")})
     if args.json:
         _print_json(results)
     else:
@@ -340,8 +348,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
             elif item["status"] == "unchanged":
                 print(f"{item['id']}: not cancelled, it is already {item['state']}")
             elif item["status"] == "cancelling":
-                how = "its worker was told to stop it" if item["worker_notified"] else \
-                    "no worker connection holds it; it ends CANCELLED when its lease runs out"
+                how = _cancelling_how(item["worker_notified"], item["held_by"])
                 print(f"{item['id']}: CANCELLING ({how})")
             else:
                 print(f"{item['id']}: CANCELLED")

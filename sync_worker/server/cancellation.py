@@ -18,7 +18,8 @@ What happens depends on where the run is:
 The message goes only to subscriptions that use the ``credit`` extension, i.e. sync_worker
 workers: a Prefect task worker would take an unknown message for a malformed task run.
 The answer says what was done: ``{"status": "cancelled" | "cancelling" | "unchanged",
-"notified": bool, "task_run": {...}}``.
+"notified": bool, "held_by": "connection" | "lease" | null, "task_run": {...}}`` (see
+:func:`notify_holder`).
 """
 from __future__ import annotations
 
@@ -82,23 +83,30 @@ def cancel_run(core: Core, run_id: str) -> dict[str, Any]:
         return "cancelling", row.dump()
 
     status, text = core.db.write(op)
-    notified = False
+    notified, held_by = False, None
     if status == "cancelling":
-        notified = notify_holder(core, run_id)
+        notified, held_by = notify_holder(core, run_id)
     logger.info("cancel %s: %s%s", run_id, status, " (worker notified)" if notified else "")
-    return {"status": status, "notified": notified, "task_run": json.loads(text)}
+    return {"status": status, "notified": notified, "held_by": held_by, "task_run": json.loads(text)}
 
 
-def notify_holder(core: Core, run_id: str) -> bool:
-    """Tell the worker connection holding ``run_id`` to stop it; False when no sync_worker
-    worker connection holds it (then its lease, or the worker's own report, ends it)."""
+def notify_holder(core: Core, run_id: str) -> tuple[bool, str | None]:
+    """Tell the worker connection holding ``run_id`` to stop it. Returns (told, held by):
+    ``"connection"``, a live worker connection (told when it is a sync_worker worker; a
+    Prefect worker takes no such message, and the run ends as it reports it); ``"lease"``,
+    the lease of a worker whose connection is gone (the lease running out ends it); None,
+    nobody."""
     with core.queue.lock:
         holder = core.queue.outstanding.get(run_id)
+    if holder is None:
+        return False, None
+    if getattr(holder, "_closed", True) or getattr(holder, "_done", None) is None or holder._done.is_set():
+        return False, "lease"  # (RECOVERED after a restart, or a connection that ended)
     post = getattr(holder, "_post", None)
     if post is None or getattr(holder, "_credit", None) is None:
-        return False
+        return False, "connection"
     post(json.dumps({"type": "cancel", "task_run_id": run_id}))
-    return True
+    return True, "connection"
 
 
 def finish_cancelling_op(tx: Transaction, run_id: str, message: str) -> bool:

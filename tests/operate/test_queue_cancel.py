@@ -144,8 +144,11 @@ def test_a_prefect_style_subscriber_is_not_sent_cancel_messages(server, monkeypa
     ws.send(json.dumps({"type": "ack"}))
     requests.post(f"{server.url}/task_runs/{future.task_run_id}/set_state",
                   json={"state": {"type": "RUNNING", "name": "Running"}}, timeout=10)
-    answer = client.cancel_task_run(future.task_run_id)
-    assert answer["status"] == "cancelling" and answer["notified"] is False
+    out = cli({"SYNC_WORKER_API_URL": server.url}, "runs", "cancel", future.task_run_id)
+    assert out.returncode == 0, out.stderr
+    assert "CANCELLING (its worker cannot be told to stop it (not a sync_worker worker); the run ends as that " \
+           "worker reports)" in out.stdout  # not "no worker connection holds it": one does
+    assert client.read_task_run(future.task_run_id).state.type is StateType.CANCELLING
     ws.settimeout(0.5)
     with pytest.raises(websocket.WebSocketTimeoutException):
         ws.recv()
@@ -197,3 +200,26 @@ def test_a_running_run_no_worker_was_given_is_cancelled_at_once(server, monkeypa
     assert client.read_task_run(future.task_run_id).state.type is StateType.CANCELLED
     out = cli({"SYNC_WORKER_API_URL": server.url}, "runs", "retry", future.task_run_id)
     assert out.returncode == 0, out.stderr  # a finished run can be retried
+
+
+def test_cancelling_a_run_whose_workers_connection_is_gone_says_the_lease_ends_it(server_factory, tmp_path,
+                                                                                  monkeypatch):
+    server = server_factory(lease_timeout=30)
+    monkeypatch.setenv("SYNC_WORKER_STORAGE", str(tmp_path / "store"))
+    client = Client(server.url)
+    future = qt.nobody.apply_async(("x",), client=client)
+    ws = _subscribe(server, ["queue.nobody"], credit=1)
+    assert json.loads(ws.recv())["id"] == future.task_run_id
+    ws.send(json.dumps({"type": "ack"}))
+    assert requests.post(f"{server.url}/task_runs/{future.task_run_id}/set_state", timeout=10,
+                         json={"state": {"type": "RUNNING", "name": "Running"}}).json()["status"] == "ACCEPT"
+    ws.close()
+    wait_for(lambda: not server.core.subscribers, 10, "the connection gone")
+    out = cli({"SYNC_WORKER_API_URL": server.url}, "runs", "cancel", future.task_run_id, "--json")
+    assert out.returncode == 0, out.stderr
+    [item] = json.loads(out.stdout)
+    assert (item["status"], item["worker_notified"], item["held_by"]) == ("cancelling", False, "lease")
+    from sync_worker.runs_cli import _cancelling_how
+
+    assert _cancelling_how(False, "lease") == \
+        "its worker's connection is gone; it ends CANCELLED when its lease runs out"
