@@ -53,12 +53,17 @@ _KEY = re.compile(r"^(parameters/)?[A-Za-z0-9._-]{1,200}$")
 #: Parameter records live in a ``parameters/`` namespace, as Prefect lays them out
 #: (``<storage>/parameters/<task_parameters_id>``), so both can share one directory.
 PARAMETERS_PREFIX = "parameters/"
+#: the object decoder Prefect's JSON records name (see :mod:`sync_worker.prefect_json`)
+PREFECT_DECODER = "prefect.serializers.prefect_json_object_decoder"
 
+#: Prefect's JSON serializer, without its object encoder and decoder: our records hold JSON's
+#: types only, and Prefect's decoder would turn a dict with a "__class__" key into an object of
+#: a class it imports (see :mod:`sync_worker.prefect_json`).
 _JSON_SERIALIZER = {
     "type": "json",
     "jsonlib": "json",
-    "object_encoder": "prefect.serializers.prefect_json_object_encoder",
-    "object_decoder": "prefect.serializers.prefect_json_object_decoder",
+    "object_encoder": None,
+    "object_decoder": None,
     "dumps_kwargs": {},
     "loads_kwargs": {},
 }
@@ -231,6 +236,8 @@ def make_record(value: Any, serializer: str = "json", key: str | None = None) ->
                 "str keys), or opt in to pickle with result_serializer='pickle'"
             ) from exc
         serializer_meta: dict[str, Any] = {**_JSON_SERIALIZER, "dumps_kwargs": {}, "loads_kwargs": {}}
+        if isinstance(value, dict) and "__exc_type__" in value:  # a failure (describe_exception):
+            serializer_meta["object_decoder"] = PREFECT_DECODER  # a Prefect caller rebuilds the exception
     elif serializer == "pickle":
         import pickle
 
@@ -263,6 +270,11 @@ def load_record(data: bytes | dict[str, Any], *, allow_pickle: bool = False) -> 
     if kind == "json":
         if serializer.get("jsonlib", "json") != "json":
             raise SerializationError(f"unsupported json library {serializer.get('jsonlib')!r} in record")
+        if serializer.get("object_decoder") == PREFECT_DECODER:  # written by Prefect: its envelopes
+            from sync_worker.prefect_json import object_hook
+
+            text = payload if isinstance(payload, str) else json.dumps(payload)
+            return json.loads(text, object_hook=object_hook)
         return json.loads(payload) if isinstance(payload, str) else payload
     if kind == "pickle":
         if not allow_pickle:

@@ -177,3 +177,51 @@ def test_concurrent_writers_of_one_key_leave_one_whole_record(store):
         thread.join(30)
     assert store.read("same") in payloads
     assert not [p for p in store.path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_our_json_records_name_no_object_decoder_except_a_failures():
+    """Prefect's decoder, named in a record, makes Prefect's readers import the class a dict's
+    "__class__" key names: our records hold JSON's types only, so they name none. A failure's
+    record names it: a Prefect caller turns its ``__exc_type__`` into the exception."""
+    import json as _json
+
+    from sync_worker.storage import PREFECT_DECODER, describe_exception, dump_record, load_record
+
+    plain = _json.loads(dump_record({"__class__": "evilmod.Thing", "data": {}}))
+    assert plain["metadata"]["serializer"]["object_decoder"] is None
+    assert load_record(plain) == {"__class__": "evilmod.Thing", "data": {}}
+    failure = _json.loads(dump_record(describe_exception(ValueError("bad"))))
+    assert failure["metadata"]["serializer"]["object_decoder"] == PREFECT_DECODER
+    read = load_record(failure)  # read by sync_worker: the description, not an exception object
+    assert read["type"] == "ValueError" and read["message"] == "bad" and read["traceback"] == "ValueError: bad\n"
+
+
+def test_prefect_json_records_give_standard_library_values_and_refuse_other_classes():
+    import datetime
+    import json as _json
+    import uuid
+
+    from sync_worker.exceptions import SerializationError
+    from sync_worker.storage import PREFECT_DECODER, load_record
+
+    def prefect_record(value):
+        return {"metadata": {"serializer": {"type": "json", "jsonlib": "json", "object_decoder": PREFECT_DECODER}},
+                "result": _json.dumps(value)}
+
+    value = load_record(prefect_record({"parameters": {
+        "when": {"__class__": "datetime.datetime", "data": "2024-01-02T03:04:05.5Z"},
+        "day": {"__class__": "datetime.date", "data": "2024-01-02"},
+        "wait": {"__class__": "datetime.timedelta", "data": "-P1DT2H0.5S"},
+        "id": {"__class__": "uuid.UUID", "data": "00000000-0000-0000-0000-000000000007"},
+        "tags": {"__class__": "builtins.set", "data": ["a"]},
+        "error": {"__exc_type__": "builtins.KeyError", "message": "k"},
+    }}))["parameters"]
+    assert value["when"] == datetime.datetime(2024, 1, 2, 3, 4, 5, 500000, tzinfo=datetime.timezone.utc)
+    assert value["day"] == datetime.date(2024, 1, 2)
+    assert value["wait"] == -datetime.timedelta(days=1, hours=2, seconds=0.5)
+    assert value["id"] == uuid.UUID(int=7) and value["tags"] == {"a"}
+    assert isinstance(value["error"], KeyError)
+    with pytest.raises(SerializationError, match="'myapp.models.Order' object, which only Prefect's own decoder"):
+        load_record(prefect_record({"order": {"__class__": "myapp.models.Order", "data": {"id": 1}}}))
+    with pytest.raises(SerializationError, match="datetime.date value 'yesterday' is not valid"):
+        load_record(prefect_record({"__class__": "datetime.date", "data": "yesterday"}))

@@ -52,6 +52,11 @@ def boom(x: int) -> int:
 
 
 @task
+def describe(value):
+    return repr(value)
+
+
+@task
 def sleepy(seconds: float) -> float:
     import time
 

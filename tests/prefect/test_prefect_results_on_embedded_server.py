@@ -135,3 +135,41 @@ def test_prefect_delay_run_by_the_sync_worker_worker_command(embedded, python_sc
         except subprocess.TimeoutExpired:
             worker.kill()
             worker.wait(timeout=10)
+
+
+def describe(value) -> str:
+    """sync_worker's side of Prefect's ``describe``: what the task received."""
+    return repr(value)
+
+
+def test_prefect_json_parameters_reach_a_sync_worker_task_as_the_values_prefect_sent(
+    embedded, python_script, sync_worker_env, start_worker
+):
+    """A Prefect caller whose records are JSON (``PREFECT_RESULTS_DEFAULT_SERIALIZER=json``)
+    wraps a datetime as ``{"__class__": "datetime.datetime", "data": ...}``; the task gets the
+    datetime, not that envelope (standard library types only: see sync_worker.prefect_json)."""
+    from sync_worker import task
+
+    sync_worker_env(embedded)
+    source = textwrap.dedent('''
+        import json
+        from datetime import datetime, timedelta, timezone
+        from uuid import UUID
+        from ptasks import describe
+
+        def emit(**kw):
+            print(json.dumps(kw), flush=True)
+
+        future = describe.delay(value={"when": datetime(2024, 1, 2, tzinfo=timezone.utc),
+                                       "wait": timedelta(seconds=90), "id": UUID(int=7)})
+        emit(keys=[describe.task_key])
+        emit(value=future.result(timeout=60))
+        ''')
+    env = embedded.client_env(PREFECT_RESULTS_DEFAULT_SERIALIZER="json")
+    caller = python_script(source, env, name="json_caller.py").start()
+    submitted = caller.expect("keys", timeout=90)
+    start_worker(task(describe, task_key=submitted["keys"][0]))
+    value = caller.expect("value", timeout=90)["value"]
+    assert value == ("{'when': datetime.datetime(2024, 1, 2, 0, 0, tzinfo=datetime.timezone.utc), "
+                     "'wait': datetime.timedelta(seconds=90), 'id': UUID('00000000-0000-0000-0000-000000000007')}"), \
+        _snapshot(embedded, caller)
