@@ -169,16 +169,18 @@ class Client:
         return urlunsplit((scheme, parts.netloc, parts.path, parts.query, ""))
 
     def request(self, method: str, path: str, *, json_body: Any = None, data: Optional[bytes] = None,
-                headers: Optional[Dict[str, str]] = None) -> requests.Response:
+                headers: Optional[Dict[str, str]] = None, timeout: Optional[float] = None) -> requests.Response:
         """One HTTP request to the API (no retry); error answers raise :func:`error_for`'s
-        exceptions, connection errors ``requests.ConnectionError``/``Timeout``."""
+        exceptions, connection errors ``requests.ConnectionError``/``Timeout``. ``timeout``:
+        seconds for this request (default ``SYNC_WORKER_REQUEST_TIMEOUT``)."""
         body = data
         request_headers = dict(headers or {})
         if json_body is not None:
             body = json.dumps(json_body).encode()
             request_headers["Content-Type"] = "application/json"
         response = self._http().request(
-            method, f"{self.api_url}{path}", data=body, headers=request_headers, timeout=self.timeout
+            method, f"{self.api_url}{path}", data=body, headers=request_headers,
+            timeout=self.timeout if timeout is None else timeout,
         )
         if response.status_code >= 400:
             if response.status_code == 404:  # a URL without /api? (checked only on this error path)
@@ -219,9 +221,10 @@ class Client:
             body = {**body, "id": str(uuid.uuid4())}
         started = time.monotonic()
         limit = self.settings.submit_timeout if timeout is None else timeout
+        deadline = started + limit  # each attempt's requests wait at most until then (a hung server)
         try:
             try:  # the first attempt directly: the retry machinery is built only when it fails
-                return self.transport.create(body, brief=brief, parameters_record=parameters_record)
+                return self.transport.create(body, brief=brief, parameters_record=parameters_record, deadline=deadline)
             except Exception as exc:
                 if not _create_retryable(exc) or time.monotonic() - started >= limit:
                     raise
@@ -235,7 +238,8 @@ class Client:
                 before_sleep=_log_retry,
                 reraise=True,
             )
-            return retrying(self.transport.create, body, brief=brief, parameters_record=parameters_record)
+            return retrying(self.transport.create, body, brief=brief, parameters_record=parameters_record,
+                            deadline=deadline)
         except Exception as exc:
             if not _create_retryable(exc):
                 raise
@@ -337,12 +341,12 @@ class Client:
         return response.json() is True
 
     # -- records (embedded server only) ---------------------------------------------
-    def write_record(self, key: str, data: bytes, *, retry: bool = True) -> None:
+    def write_record(self, key: str, data: bytes, *, retry: bool = True, timeout: Optional[float] = None) -> None:
         """``PUT /storage/{key}``. ``retry=False``: one request, for callers with their own
         retry rule (a create's, which writes its parameters record first)."""
         def call() -> requests.Response:
             return self.request("PUT", f"/storage/{key}", data=data,
-                                headers={"Content-Type": "application/octet-stream"})
+                                headers={"Content-Type": "application/octet-stream"}, timeout=timeout)
 
         self._retried(call) if retry else call()
 

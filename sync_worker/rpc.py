@@ -48,13 +48,17 @@ class RpcChannel:
         self._unsupported = False
         self._retry_at = 0.0
 
-    def connection(self) -> Connection:
+    def connection(self, deadline: float | None = None) -> Connection:
         """The open socket (opened now if need be), whose ``extensions`` are what its
         ``auth_success`` announced; :meth:`Connection.request` sends on it.
 
-        Raises :class:`RpcUnavailable` when there is none (nothing was sent).
+        Raises :class:`RpcUnavailable` when there is none (nothing was sent). ``deadline``
+        (monotonic): opening it, or waiting for another thread that opens it, ends then.
         """
-        with self._lock:
+        wait = -1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+        if not self._lock.acquire(timeout=wait):
+            raise RpcUnavailable("the rpc socket is being opened by another thread")
+        try:
             conn = self._conn
             if conn is not None and not conn.closed.is_set():
                 return conn
@@ -62,16 +66,21 @@ class RpcChannel:
                 raise RpcUnavailable(f"{self.url} is not served here")
             if time.monotonic() < self._retry_at:
                 raise RpcUnavailable("the rpc socket failed recently")
+            timeout = min(float(self.client.timeout or 30.0), 10.0)
+            if deadline is not None:
+                timeout = max(0.05, min(timeout, deadline - time.monotonic()))
             try:
-                self._conn = conn = self._open()
+                self._conn = conn = self._open(timeout)
             except RpcUnavailable:
                 self._retry_at = time.monotonic() + RETRY_AFTER_SECONDS
                 raise
             return conn
+        finally:
+            self._lock.release()
 
-    def _open(self) -> Connection:
+    def _open(self, timeout: float) -> Connection:
         try:
-            ws = open_socket(self.client, self.url, min(float(self.client.timeout or 30.0), 10.0))
+            ws = open_socket(self.client, self.url, timeout)
         except websocket.WebSocketBadStatusException as exc:
             if exc.status_code in (403, 404):  # a Prefect server: no such endpoint
                 self._unsupported = True

@@ -125,7 +125,7 @@ class SubmitTransport:
                     self._channel = RpcChannel(self.client) if self.client.settings.fast_path else None
         return self._channel
 
-    def _connection(self) -> Optional[Connection]:
+    def _connection(self, deadline: Optional[float] = None) -> Optional[Connection]:
         """The open rpc connection, or None: this attempt goes over REST."""
         channel = self.channel
         if channel is None:
@@ -133,7 +133,7 @@ class SubmitTransport:
         from sync_worker.rpc import RpcUnavailable
 
         try:
-            return channel.connection()
+            return channel.connection(deadline)
         except RpcUnavailable as exc:
             logger.debug("no rpc socket (%s): using REST", exc)
             return None
@@ -147,8 +147,17 @@ class SubmitTransport:
             raise error_for(what, status, reply.get("detail"))
         return reply.get("result")
 
+    def _seconds_left(self, deadline: Optional[float]) -> float:
+        """A request's timeout: ``SYNC_WORKER_REQUEST_TIMEOUT``, but not past ``deadline``
+        (monotonic; a create's submit timeout): a server that accepts connections and never
+        answers (stopped, swapping) must not hold ``.delay()`` for a request timeout per try."""
+        timeout = float(self.client.timeout or 30.0)
+        if deadline is None:
+            return timeout
+        return max(0.05, min(timeout, deadline - time.monotonic()))
+
     def create(self, body: Dict[str, Any], *, brief: bool = False,
-               parameters_record: Optional[bytes] = None) -> TaskRun:
+               parameters_record: Optional[bytes] = None, deadline: Optional[float] = None) -> TaskRun:
         """One attempt at creating the run ``body`` describes (it carries the run's ``id``).
 
         ``brief``: the caller needs the run's id and state only; a connection that
@@ -166,8 +175,9 @@ class SubmitTransport:
         :meth:`Client.create_task_run <sync_worker.client.Client.create_task_run>`): in the
         create's message when the connection announced ``create_parameters`` (stored in the
         create's transaction), else written first with ``PUT /storage/parameters.<id>``.
+        ``deadline`` (monotonic): no request of this attempt waits past it.
         """
-        conn = self._connection()
+        conn = self._connection(deadline)
         if conn is not None:
             brief = brief and BRIEF_CREATE in conn.extensions
             message = {"type": "create", "body": body, "brief": True} if brief else {"type": "create", "body": body}
@@ -177,28 +187,29 @@ class SubmitTransport:
                 if CREATE_PARAMETERS in conn.extensions and len(parameters_record) <= INLINE_PARAMETERS_LIMIT:
                     message["parameters_record"] = parameters_record.decode("utf-8")
                 else:  # no websocket message grows without bound: a larger record has a request of its own
-                    self._write_parameters(body, parameters_record)
+                    self._write_parameters(body, parameters_record, deadline)
                     parameters_record = None
             from sync_worker.sockets import ConnectionLost
 
             try:
-                result = self._rpc(conn, message, "POST /task_runs/", self.client.timeout)
+                result = self._rpc(conn, message, "POST /task_runs/", self._seconds_left(deadline))
             except ConnectionLost as exc:
                 logger.debug("create over the rpc socket got no answer (%s); over REST", exc)
             else:
                 return self._brief_run(body, result) if brief else TaskRun.from_json(result)
         if parameters_record is not None:
-            self._write_parameters(body, parameters_record)
-        return TaskRun.from_json(self.client.request("POST", "/task_runs/", json_body=body).json())
+            self._write_parameters(body, parameters_record, deadline)
+        return TaskRun.from_json(self.client.request("POST", "/task_runs/", json_body=body,
+                                                     timeout=self._seconds_left(deadline)).json())
 
-    def _write_parameters(self, body: Dict[str, Any], record: bytes) -> None:
+    def _write_parameters(self, body: Dict[str, Any], record: bytes, deadline: Optional[float] = None) -> None:
         """The record a create could not carry, written before it: one request, part of the
         create's attempt, which the create's rule retries (a repeat of a create that landed
         writes the same bytes again)."""
         from sync_worker.storage import PARAMETERS_PREFIX, ServerStore
 
         key = PARAMETERS_PREFIX + body["state"]["state_details"]["task_parameters_id"]
-        self.client.write_record(ServerStore.remote_key(key), record, retry=False)
+        self.client.write_record(ServerStore.remote_key(key), record, retry=False, timeout=self._seconds_left(deadline))
 
     def _brief_run(self, body: Dict[str, Any], result: Dict[str, Any]) -> TaskRun:
         state, proposed = result.get("state") or {}, body.get("state") or {}

@@ -125,10 +125,32 @@ def test_an_unreachable_server_with_server_storage_raises_server_unavailable_at_
     assert 1.5 <= time.monotonic() - started < 2.5
 
 
+@pytest.mark.parametrize("fast_path", ["true", "false"], ids=["rpc-first", "rest"])
+def test_a_server_that_never_answers_raises_server_unavailable_at_the_submit_timeout(store, monkeypatch, fast_path):
+    """A server that accepts connections and never answers (stopped with SIGSTOP, swapping):
+    each request of a create waits at most until the submit deadline, not a request timeout
+    (30 s) per attempt; ``.delay()`` took 213 s with SYNC_WORKER_SUBMIT_TIMEOUT=3."""
+    import time
+
+    from sync_worker.exceptions import ServerUnavailable
+
+    monkeypatch.setenv("SYNC_WORKER_SUBMIT_TIMEOUT", "1.5")
+    monkeypatch.setenv("SYNC_WORKER_FAST_PATH", fast_path)
+    with socket.socket() as listener:  # the kernel completes connections; nobody reads them
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        client = Client(f"http://127.0.0.1:{listener.getsockname()[1]}/api")
+        started = time.monotonic()
+        with pytest.raises(ServerUnavailable, match="within 1.5 s"):
+            add.apply_async((1,), client=client, store=store)
+        assert time.monotonic() - started < 3.0
+        client.close()
+
+
 def test_a_refused_create_removes_the_parameters(server, store, monkeypatch):
     from sync_worker.exceptions import APIError
 
-    def refused(self, body, brief=False, parameters_record=None):  # the server answers 422: certainly not created
+    def refused(self, body, brief=False, parameters_record=None, deadline=None):  # the server answers 422: certainly not created
         raise APIError("POST /task_runs/ failed with 422", status_code=422)
 
     monkeypatch.setattr(SubmitTransport, "create", refused)
