@@ -601,6 +601,7 @@ class SQLiteDatabase(Database):
         self._all_readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._failing_since: float | None = None  # first failed commit of the current outage
+        self._recovering = False  # recover() runs: a failure stops the start, it is no outage
         self._gathered = threading.local()  # .ops: what this thread submits inside gathering()
         self._gathering = _Gathering(self)
         try:
@@ -1038,6 +1039,9 @@ class SQLiteDatabase(Database):
 
     def _note_failure(self, error: BaseException) -> None:
         """Log the first failure of an outage as an error; the rest of it at debug level."""
+        if self._recovering:  # at start-up: the server refuses to start, naming the error
+            logger.debug("start-up write failed: %s", error)
+            return
         if self._failing_since is None:
             self._failing_since = time.monotonic()
             logger.error("writes to the database are failing and refused until this is fixed: %s", error)
@@ -1080,7 +1084,11 @@ class SQLiteDatabase(Database):
                 _LEASED_OF_KEY, (key,))]
             return RecoveryInfo(queued_keys=keys, delayed=delayed, leased=leased)
 
-        return self.write(op)
+        self._recovering = True
+        try:
+            return self.write(op)
+        finally:
+            self._recovering = False
 
     def close(self) -> None:
         with self._close_lock:

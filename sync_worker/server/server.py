@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import socket
+import sqlite3
 import sys
 import threading
 import time
@@ -24,7 +25,7 @@ from werkzeug.serving import DechunkedInput, ThreadedWSGIServer, WSGIRequestHand
 
 from .app import CLOSE, UPGRADED, App
 from .core import Core
-from .database import SQLiteDatabase
+from .database import DatabaseFileError, SQLiteDatabase
 from .events import EventBus
 from .runqueue import RunQueue
 from .security import RequestGuard
@@ -471,11 +472,15 @@ class Server:
                               buffer_size=self.buffer_size)
         self.db._on_commit_failure = self.queue.on_commit_failure  # type: ignore[method-assign]
         try:
-            self.queue.recover(self.db.recover())
-            self.core = Core(self.db, self.queue, self.auth_string)
             from .cancellation import recover_cancelling
 
-            recover_cancelling(self.core)
+            try:  # reads the whole queue: the first reads of pages past the file's header
+                self.queue.recover(self.db.recover())
+                self.core = Core(self.db, self.queue, self.auth_string)
+                recover_cancelling(self.core)
+            except sqlite3.DatabaseError as exc:
+                raise DatabaseFileError(f"database {self.database} is corrupted or unreadable: {exc} (restore it "
+                                        "from a backup, or start on a new file)") from None
             self.core.prefect_compatible = self.prefect_compatible
             app = App(self.core, self._registry, self.max_body_size)
             app.ui = self.ui

@@ -140,3 +140,25 @@ def readonly_db(tmp_path: Path):
 def test_a_read_only_database_is_refused(readonly_db):
     db, what = readonly_db
     assert_one_line_refusal(start_cli(str(db)), str(db), what)
+
+
+def test_a_database_damaged_past_its_header_is_refused(tmp_path: Path):
+    """Its header is fine, so it opens; the pages the start-up reads are not (the queue's
+    rebuild read them with a traceback)."""
+    db = tmp_path / "server.db"
+    server = Server(host="127.0.0.1", port=0, database=str(db)).start()
+    try:
+        from sync_worker.client import Client
+        from sync_worker.schemas import Scheduled, task_run_create
+
+        client = Client(server.url)
+        for i in range(200):
+            client.create_task_run(task_run_create(name="t", task_key=f"k{i % 7}", state=Scheduled(),
+                                                   empirical_policy={}, tags=["x" * 100]))
+        client.close()
+    finally:
+        server.stop()
+    with open(db, "r+b") as handle:
+        handle.seek(8192)
+        handle.write(b"\xff" * 8192)
+    assert_one_line_refusal(start_cli(str(db)), str(db), "corrupted or unreadable")
