@@ -95,3 +95,33 @@ def test_a_client_whose_pong_waits_unread_behind_a_busy_reader_is_not_dropped(se
     finally:
         release.set()
         ws.shutdown()
+
+
+def test_a_ping_whose_pong_cannot_be_sent_ends_the_connection_quietly(server_factory, monkeypatch, caplog):
+    """A client that sent a ping and went away before the pong (a broken pipe): no ERROR
+    "error reading a websocket connection" with a traceback (seen after a server's SIGSTOP),
+    and the server goes on serving."""
+    import logging
+
+    from sync_worker.server import sockets
+
+    server = server_factory()
+    ws = _rpc_socket(server)
+    sent: list[bytes] = []
+
+    def broken_pipe(self, frame: bytes) -> None:
+        sent.append(frame)
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(sockets.WebSocket, "_send_nowait", broken_pipe)
+    with caplog.at_level(logging.DEBUG, logger="sync_worker.server"):
+        ws.ping(b"are you there")
+        deadline = time.monotonic() + 10
+        while not sent and time.monotonic() < deadline:
+            time.sleep(0.01)
+        ws.shutdown()
+        monkeypatch.undo()
+        other = _rpc_socket(server)  # the server still serves
+        other.close()
+    assert sent, "the pong was not attempted"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

@@ -515,7 +515,10 @@ class WebSocket(simple_websocket.Server):
                 frame = self.ws.send(ping.response())
             except LocalProtocolError:
                 return
-            self._send_nowait(frame)
+            try:
+                self._send_nowait(frame)
+            except (ConnectionClosed, OSError):  # the peer went away (a broken pipe): the next read
+                pass  # finds the connection ended and closes it, quietly (it is no server bug)
             return
         with self.send_lock:
             connection = self.ws.connection
