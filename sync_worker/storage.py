@@ -71,7 +71,8 @@ _PICKLE_SERIALIZER = {"type": "pickle", "picklelib": "pickle", "picklelib_versio
 
 PICKLE_OPT_IN = (
     "reading it would unpickle data from the queue, which can execute arbitrary code; "
-    "set SYNC_WORKER_ALLOW_PICKLE=true on the worker if you trust every submitter"
+    "set SYNC_WORKER_ALLOW_PICKLE=true in the process that reads it (the worker for parameters, the caller "
+    "for a result) if you trust whoever wrote it"
 )
 
 
