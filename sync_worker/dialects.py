@@ -256,6 +256,18 @@ class PrefectDialect(Dialect):
 
 
 def _requeue(engine: TaskRunEngine, state: State) -> bool:
+    """Propose the retry's SCHEDULED state, unless the run left its AwaitingRetry meanwhile: a
+    Prefect server accepts CANCELLED -> SCHEDULED, so a run cancelled while it waited for its
+    retry would run again (past its retries). True when nothing more is to be done here."""
+    try:
+        current = engine.client.read_task_run(engine.task_run.id).state
+    except Exception as exc:  # noqa: BLE001 - the proposal below says whether the server is there
+        engine.logger.debug("Could not read %s before re-queueing its retry: %s", engine.label, exc)
+        current = None
+    if current is not None and current.type is not StateType.SCHEDULED:
+        engine.logger.info("Retry of %s not re-queued: the run is %s now (%s)", engine.label,
+                           current.type.value, current.name)
+        return True
     try:
         result = engine.propose(state)
     except Exception as exc:  # noqa: BLE001 - reported; the caller decides what next

@@ -217,3 +217,35 @@ def test_delay_survives_a_busy_prefect_database(prefect_server, sync_worker_env)
         holder.join(30)
     assert time.monotonic() - started >= 0.5  # it really waited for the lock
     assert read_run(prefect_server, future.task_run_id)["state_type"] == "SCHEDULED"
+
+
+def test_a_run_cancelled_while_it_waits_for_its_retry_is_not_run_again(prefect_server, sync_worker_env,
+                                                                       start_worker):
+    """A Prefect server accepts CANCELLED -> SCHEDULED: the worker's retry, re-proposed when
+    due, ran a run cancelled meanwhile again (past its retries, ending FAILED). The worker
+    reads the run first and leaves a cancelled one alone."""
+    from sync_worker import task
+    from sync_worker.client import Client
+    from sync_worker.exceptions import TaskRunCancelled
+
+    sync_worker_env(prefect_server)
+    calls: list[float] = []
+
+    @task(task_key=_key("cancel-retry"), retries=3, retry_delay_seconds=3.0)
+    def always_fails() -> None:
+        calls.append(time.monotonic())
+        raise RuntimeError("fails every time")
+
+    future = always_fails.delay()
+    start_worker(always_fails, limit=1)
+    client = Client()
+    deadline = time.monotonic() + 60
+    while client.read_task_run(future.task_run_id).state.name != "AwaitingRetry":
+        assert time.monotonic() < deadline, read_run(prefect_server, future.task_run_id)
+        time.sleep(0.05)
+    assert client.cancel_task_run(future.task_run_id)["status"] == "cancelled"
+    time.sleep(6.0)  # the retry was due 3 s after the failure: give it that and more
+    assert len(calls) == 1, f"ran {len(calls)} times"
+    assert read_run(prefect_server, future.task_run_id)["state_type"] == "CANCELLED"
+    with pytest.raises(TaskRunCancelled):
+        future.result(timeout=10)
