@@ -422,17 +422,20 @@ class Core:
             return True
 
     def deleted(self, run_id: str) -> None:
-        """A run was deleted (``DELETE``, retention, purge): its waiters learn it now, not at the
-        end of their wait (a Prefect worker deletes a run whose parameters it cannot read)."""
-        if run_id not in self._finish_waiters:
+        """A run was deleted (``DELETE``): its waiters learn it now, not at the end of their
+        wait (a Prefect worker deletes a run whose parameters it cannot read)."""
+        self._wake_waiters(run_id, None)
+
+    def _wake_waiters(self, run_id: str, text: str | None) -> None:
+        if run_id not in self._finish_waiters:  # the common case: nobody waits (checked again below)
             return
         with self._finish_lock:
             callbacks = self._finish_waiters.pop(run_id, [])
         for callback in callbacks:
             try:
-                callback(None)
+                callback(text)
             except Exception:  # pragma: no cover - a waiter's bug must not break the commit path
-                logger.exception("delete callback of %s failed", run_id)
+                logger.exception("wait callback of %s failed", run_id)
 
     def _finished(self, run_id: str, text: str, announce: bool = True) -> None:
         """A run reached a final state: tell the listeners (unless ``announce`` is False: the
@@ -443,15 +446,7 @@ class Core:
                     listener(run_id, text)
                 except Exception:  # pragma: no cover - a listener's bug must not break the commit path
                     logger.exception("finish listener failed for %s", run_id)
-        if run_id not in self._finish_waiters:  # the common case: nobody waits (checked again below)
-            return
-        with self._finish_lock:
-            callbacks = self._finish_waiters.pop(run_id, [])
-        for callback in callbacks:
-            try:
-                callback(text)
-            except Exception:  # pragma: no cover - a waiter's bug must not break the commit path
-                logger.exception("finish callback of %s failed", run_id)
+        self._wake_waiters(run_id, text)
 
     def set_state(self, run_id: str, proposed: dict[str, Any], force: bool) -> str:
         """Orchestrate a proposed state; returns the orchestration result as JSON text."""

@@ -105,19 +105,24 @@ def _subscribe(server, keys, credit=None):
     return ws
 
 
-def test_running_run_cancelled_and_worker_lost_ends_cancelled_not_redelivered(server_factory, tmp_path,
-                                                                              monkeypatch):
-    server = server_factory(lease_timeout=0.5)
+def _running_on_a_raw_worker(server, monkeypatch, tmp_path) -> tuple[Client, TaskRunFuture, websocket.WebSocket]:
+    """A run delivered to a raw sync_worker-style subscriber (``credit``), acknowledged, RUNNING."""
     monkeypatch.setenv("SYNC_WORKER_STORAGE", str(tmp_path / "store"))
     client = Client(server.url)
     future = qt.nobody.apply_async(("x",), client=client)
     ws = _subscribe(server, ["queue.nobody"], credit=1)
-    run = json.loads(ws.recv())
-    assert run["id"] == future.task_run_id
+    assert json.loads(ws.recv())["id"] == future.task_run_id
     ws.send(json.dumps({"type": "ack"}))
-    body = {"state": {"type": "RUNNING", "name": "Running"}}
-    assert requests.post(f"{server.url}/task_runs/{run['id']}/set_state", json=body, timeout=10).json()["status"] \
-        == "ACCEPT"
+    assert requests.post(f"{server.url}/task_runs/{future.task_run_id}/set_state", timeout=10,
+                         json={"state": {"type": "RUNNING", "name": "Running"}}).json()["status"] == "ACCEPT"
+    return client, future, ws
+
+
+def test_running_run_cancelled_and_worker_lost_ends_cancelled_not_redelivered(server_factory, tmp_path,
+                                                                              monkeypatch):
+    server = server_factory(lease_timeout=0.5)
+    client, future, ws = _running_on_a_raw_worker(server, monkeypatch, tmp_path)
+    run = {"id": future.task_run_id}
     answer = client.cancel_task_run(run["id"])
     assert answer["status"] == "cancelling" and answer["notified"] is True
     assert answer["task_run"]["state"]["type"] == "CANCELLING"
@@ -205,14 +210,7 @@ def test_a_running_run_no_worker_was_given_is_cancelled_at_once(server, monkeypa
 def test_cancelling_a_run_whose_workers_connection_is_gone_says_the_lease_ends_it(server_factory, tmp_path,
                                                                                   monkeypatch):
     server = server_factory(lease_timeout=30)
-    monkeypatch.setenv("SYNC_WORKER_STORAGE", str(tmp_path / "store"))
-    client = Client(server.url)
-    future = qt.nobody.apply_async(("x",), client=client)
-    ws = _subscribe(server, ["queue.nobody"], credit=1)
-    assert json.loads(ws.recv())["id"] == future.task_run_id
-    ws.send(json.dumps({"type": "ack"}))
-    assert requests.post(f"{server.url}/task_runs/{future.task_run_id}/set_state", timeout=10,
-                         json={"state": {"type": "RUNNING", "name": "Running"}}).json()["status"] == "ACCEPT"
+    _client, future, ws = _running_on_a_raw_worker(server, monkeypatch, tmp_path)
     ws.close()
     wait_for(lambda: not server.core.subscribers, 10, "the connection gone")
     out = cli({"SYNC_WORKER_API_URL": server.url}, "runs", "cancel", future.task_run_id, "--json")
