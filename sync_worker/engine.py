@@ -128,9 +128,22 @@ def should_try_to_read_parameters(task: Task[..., Any], task_run: TaskRun) -> bo
     return task.takes_parameters
 
 
+#: Longest state message the engine proposes. The embedded server refuses messages over
+#: 100,000 characters (422): a run whose exception text is longer would stay RUNNING, its
+#: FAILED refused. The whole text is in the failure's record (``data``) anyway.
+MAX_STATE_MESSAGE = 10_000
+
+
+def short_message(text: str) -> str:
+    """``text``, cut to :data:`MAX_STATE_MESSAGE` characters with a note of what was left out."""
+    if len(text) <= MAX_STATE_MESSAGE:
+        return text
+    return text[:MAX_STATE_MESSAGE] + f"... ({len(text) - MAX_STATE_MESSAGE} more characters in the run's result)"
+
+
 def exception_message(exc: BaseException) -> str:
-    """Prefect's wording of a failed run's message."""
-    return f"Task run encountered an exception {type(exc).__name__}: {exc}"
+    """Prefect's wording of a failed run's message (cut: see :data:`MAX_STATE_MESSAGE`)."""
+    return short_message(f"Task run encountered an exception {type(exc).__name__}: {exc}")
 
 
 class TaskRunEngine:
@@ -332,11 +345,11 @@ class TaskRunEngine:
                 self.logger.error("Could not claim task run %s (%s); not starting it", self.label, exc)
                 self.outcome = Outcome.UNCLAIMED
             else:
-                self._report_failed(exc)
+                self._log_report_refused(exc)
                 self.outcome = Outcome.SKIPPED
         return self.outcome
 
-    def _report_failed(self, exc: BaseException) -> None:
+    def _log_report_refused(self, exc: BaseException) -> None:
         """The server refused a report (401, 422, ...): its answer says all, one line; anything
         else is unexpected and logged with its traceback."""
         if isinstance(exc, exceptions.SyncWorkerError) and getattr(exc, "status_code", None) is not None:
@@ -575,7 +588,7 @@ class TaskRunEngine:
         except exceptions.ObjectNotFound:
             self.logger.warning("Task run %s no longer exists on the server; skipping it", self.label)
         except Exception as exc:  # noqa: BLE001 - as run() does
-            self._report_failed(exc)
+            self._log_report_refused(exc)
         finally:
             self._reported(outcome)
 
@@ -589,7 +602,8 @@ class TaskRunEngine:
         """The function ran but its result cannot be stored: FAILED for good, not retried
         (a retry would repeat the function's side effects and fail the same way)."""
         reason = str(exc) if isinstance(exc, SerializationError) else f"{type(exc).__name__}: {exc}"
-        message = f"Task run finished but its result could not be stored, so it is failed without retrying: {reason}"
+        message = short_message(
+            f"Task run finished but its result could not be stored, so it is failed without retrying: {reason}")
         self.logger.error("%s: %s", self.label, message)
         result = self.propose(Failed(message, data=self._exception_record(exc), deferred=False), force=True)
         return self._final(result, Outcome.FAILED)
@@ -637,7 +651,7 @@ class TaskRunEngine:
 
     def _report_cancelled(self, exc: Cancelled) -> Outcome:
         """The run was cancelled while it ran here (see :mod:`sync_worker.cancellation`)."""
-        why = f": {exc}" if str(exc) else ""  # raised into the thread, it carries no text
+        why = short_message(f": {exc}") if str(exc) else ""  # raised into the thread, it carries no text
         self.logger.info("%s cancelled while running%s", self.label, why)
         result = self.propose(State(StateType.CANCELLED, "Cancelled", message=f"Cancelled while running{why}"))
         if result.status is SetStateStatus.ACCEPT:

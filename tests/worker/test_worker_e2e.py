@@ -428,3 +428,51 @@ def test_start_serves_the_client_metrics_when_enabled(api_env, start_worker, fre
         assert "sync_worker_subscription_connects_total" in scrape
     finally:
         stop_client_metrics_server()
+
+
+def test_an_exception_with_a_huge_message_ends_the_run_failed(state_path, start_worker):
+    """The server refuses a state message over 100,000 characters (422): the FAILED of a task
+    whose exception text is longer was refused, the run stayed RUNNING and the worker's thread
+    died on a TypeError (two engine methods had one name). The message is cut; the failure's
+    record keeps the whole text."""
+    start_worker(wt.loud_failure, wt.add)
+    future = wt.loud_failure.delay(150_000)
+    with pytest.raises(TaskRunFailed) as info:
+        future.result(timeout=30)
+    state = future.state
+    assert state.type is StateType.FAILED
+    assert len(state.message) < 10_100 and state.message.endswith("more characters in the run's result)")
+    assert str(info.value).count("x") >= 150_000  # the whole text, from the failure's record
+    assert wt.add.delay(1, 2).result(timeout=30) == 3  # the worker goes on
+
+
+def test_a_report_the_server_refuses_is_one_log_line_and_the_worker_goes_on(server, api_env, start_worker,
+                                                                            monkeypatch, caplog):
+    """A final state refused with a 4xx (over REST: the server's orchestration raising inside
+    a socket's batch is another path): the answer is logged as one line, without a traceback,
+    and the worker goes on (the refusal's handler had the name of another engine method and
+    died on a TypeError)."""
+    import logging
+
+    from sync_worker.server.models import ValidationError
+
+    monkeypatch.setenv("SYNC_WORKER_FAST_PATH", "false")
+
+    refused: list[str] = []
+    original = server.core._set_state_op
+
+    def refuse_the_first_completed(run_id, proposed, force, *args, **kwargs):
+        if proposed.get("type") == "COMPLETED" and not refused:
+            refused.append(run_id)
+            raise ValidationError(["body", "state"], "refused for the test")
+        return original(run_id, proposed, force, *args, **kwargs)
+
+    monkeypatch.setattr(server.core, "_set_state_op", refuse_the_first_completed)
+    start_worker(wt.add, limit=1)
+    with caplog.at_level(logging.ERROR, logger="sync_worker"):
+        wt.add.delay(1, 1)
+        wait_for(lambda: any("Could not report the states of task run" in r.getMessage() for r in caplog.records),
+                 timeout=30, message="the refusal logged")
+        assert wt.add.delay(2, 2).result(timeout=30) == 4  # the worker goes on
+    [line] = [r for r in caplog.records if "Could not report the states" in r.getMessage()]
+    assert "refused for the test" in line.getMessage() and line.exc_info is None

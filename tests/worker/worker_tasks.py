@@ -172,3 +172,9 @@ def loaded_modules(names):
     import sys
 
     return [name for name in names if name in sys.modules]
+
+
+@task(task_key="tests.loud_failure")
+def loud_failure(size):
+    """Fails with an exception whose text is ``size`` characters long."""
+    raise ValueError("x" * size)
