@@ -13,6 +13,7 @@ import pytest
 import requests
 
 from sync_worker.client import Client
+from sync_worker.tasks import task
 from tests.dashboard import dashboard_tasks as dt
 from tests.dashboard.conftest import WAIT, screenshot
 
@@ -272,16 +273,239 @@ def test_an_unreachable_server_is_shown_as_such(browser, dashboard, server):
     assert "Overview" in text(browser, "h1")  # what it showed stays
 
 
+def phone(driver: Any, width: int = 390, height: int = 800) -> Any:
+    """Emulate a phone's viewport: headless Chromium does not make a window narrower than
+    ~485 px, so ``--window-size=390,...`` would not test 390 px."""
+    driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                           {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": True})
+    return driver
+
+
+def overflow(driver: Any, width: int = 390) -> int:
+    """How many px the page is wider than ``width`` (the emulated screen's width). A page wider
+    than a phone's screen is zoomed out (then innerWidth exceeds it too)."""
+    assert driver.execute_script("return screen.width") == width
+    return driver.execute_script("return document.documentElement.scrollWidth") - width
+
+
 def test_readable_at_phone_width(new_browser, dashboard, start_worker):
     start_worker(dt.add, limit=1)
     future = dt.add.delay(2, 3)
     assert future.result(timeout=60) == 5
-    phone = new_browser(390, 844)
-    phone.get(dashboard + "#/runs")
-    wait(phone, lambda d: texts(d, "#runs-table tbody tr"), "the runs table")
-    overflow = phone.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
-    assert overflow <= 0, f"the page is {overflow}px wider than a phone screen"
-    open_run(phone, dashboard, future.task_run_id)
-    wait(phone, lambda d: "5" in text(d, "#result"), "the result")
-    overflow = phone.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
-    assert overflow <= 0, f"the run page is {overflow}px wider than a phone screen"
+    browser = phone(new_browser())
+    browser.get(dashboard + "#/runs")
+    wait(browser, lambda d: texts(d, "#runs-table tbody tr"), "the runs table")
+    assert overflow(browser) <= 0, f"the page is {overflow(browser)}px wider than a phone screen"
+    open_run(browser, dashboard, future.task_run_id)
+    wait(browser, lambda d: "5" in text(d, "#result"), "the result")
+    assert overflow(browser) <= 0, f"the run page is {overflow(browser)}px wider than a phone screen"
+
+
+#: a task key no line can hold (the overview's row header, the workers table)
+LONG_KEY = "dash.a_task_key_" + "without_any_space_" * 8
+
+
+@task(task_key=LONG_KEY)
+def long_key(x):
+    return x
+
+
+def test_long_messages_and_task_keys_fit_a_phone(new_browser, dashboard, start_worker):
+    start_worker(dt.boom, long_key, limit=2)
+    url = "https://example.com/" + "a" * 230  # 250 characters, no space
+    huge = "x" * 90_000  # the state message (with Prefect's prefix) stays within the server's 100,000
+    runs = {name: dt.boom.delay(message) for name, message in (("url", url), ("huge", huge))}
+    for future in runs.values():
+        assert future.wait(timeout=60).type.value == "FAILED"
+    assert long_key.delay(1).result(timeout=60) == 1
+    dt.idle.delay("waits")
+    browser = phone(new_browser())
+    for name, future in runs.items():
+        open_run(browser, dashboard, future.task_run_id)
+        wait(browser, lambda d: "ValueError" in text(d, "#run-header"), f"the message of the {name} run")
+        assert overflow(browser) <= 0, f"the run page ({name}) is {overflow(browser)}px wider than 390 px"
+    # the very long message is in a box of bounded height, not a page 90,000 characters long
+    assert browser.execute_script("return document.getElementById('run-message').clientHeight") < 400
+    browser.get(dashboard)
+    wait(browser, lambda d: texts(d, f'tr[data-task-key="{LONG_KEY}"]'), "the long task key in the overview")
+    wait(browser, lambda d: texts(d, "#worker-table tbody tr"), "the worker in the workers table")
+    assert overflow(browser) <= 0, f"the overview is {overflow(browser)}px wider than 390 px"
+    # the long key wraps: the first count is on screen beside it (the table scrolls in its box)
+    left = browser.execute_script(
+        "return document.querySelector('#task-key-table thead th:nth-child(2)').getBoundingClientRect().left")
+    assert left < 390 / 2, f"the task key column is {left:.0f} px wide: the counts are off-screen"
+
+
+def polls_seen(driver: Any) -> int:
+    """Counts the page's successful polls from now on (each rewrites "Updated ...")."""
+    return driver.execute_script("return window.__polls || 0")
+
+
+def count_polls(driver: Any) -> None:
+    driver.execute_script("""
+        window.__polls = 0;
+        new MutationObserver(() => { window.__polls++; })
+          .observe(document.getElementById('updated'), {childList: true, characterData: true, subtree: true});""")
+
+
+def test_polling_keeps_selection_scroll_and_focus(browser, dashboard, start_worker):
+    start_worker(dt.boom, limit=1)
+    message = "\n".join(f"line {i} of a long message" for i in range(200))  # a traceback taller than its box
+    future = dt.boom.delay(message)
+    assert future.wait(timeout=60).type.value == "FAILED"
+    open_run(browser, dashboard, future.task_run_id)
+    wait(browser, lambda d: "line 199" in text(d, "#traceback"), "the traceback")
+    selected = browser.execute_script("""
+        const pre = document.getElementById('traceback');
+        pre.scrollTop = 150;
+        const node = pre.firstChild, range = document.createRange();
+        range.setStart(node, 10);
+        range.setEnd(node, 60);
+        const selection = window.getSelection();
+        selection.removeAllRanges();
+        selection.addRange(range);
+        return selection.toString();""")
+    assert len(selected) == 50
+    count_polls(browser)
+    wait(browser, lambda d: polls_seen(d) >= 3, "three more polls")
+    state = browser.execute_script("""
+        const pre = document.getElementById('traceback'), selection = window.getSelection();
+        return {text: selection.toString(), inside: selection.rangeCount > 0 && pre.contains(selection.anchorNode),
+                connected: pre.isConnected, scroll: pre.scrollTop};""")
+    assert state == {"text": selected, "inside": True, "connected": True, "scroll": 150}
+    # Runs page: a focused link keeps the focus, across polls and across a redraw with new data
+    browser.get(dashboard + "#/runs")
+    link = f'tr[data-run-id="{future.task_run_id}"] td.name a'
+    wait(browser, lambda d: texts(d, link), "the run in the table")
+    browser.execute_script("document.querySelector(arguments[0]).focus()", link)
+    focused = "return document.activeElement && document.activeElement.matches(arguments[0])"
+    assert browser.execute_script(focused, link)
+    count_polls(browser)
+    wait(browser, lambda d: polls_seen(d) >= 3, "three more polls")
+    assert browser.execute_script(focused, link), "the poll took the focus away"
+    dt.idle.delay("a new run: the table is drawn again")
+    wait(browser, lambda d: text(d, "#runs-total") == "2 runs match", "the new run")
+    assert browser.execute_script(focused, link), "the redraw took the focus away"
+
+
+def test_apply_keeps_the_seconds_of_from_and_to(browser, dashboard):
+    from urllib.parse import parse_qs, unquote, urlsplit
+
+    from selenium.webdriver.common.by import By
+
+    from sync_worker.schemas import format_datetime
+
+    ids = [dt.idle.delay(i).task_run_id for i in range(5)]
+    created = sorted(format_datetime(Client().read_task_run(i).created) for i in ids)
+    since, until = created[0], created[-1]  # to the microsecond: not on a minute's boundary
+    browser.get(f"{dashboard}#/runs?since={since}&until={until}")
+    wait(browser, lambda d: text(d, "#runs-total").endswith("match"), "the runs in the range")
+    before = text(browser, "#runs-total")
+    assert before in ("4 runs match", "5 runs match")
+    click(browser, "#filter-apply")  # nothing changed: the same address, the same runs
+
+    def asked(name: str) -> str:
+        return parse_qs(urlsplit(unquote(browser.current_url).replace("#", "")).query)[name][0]
+
+    assert (asked("since"), asked("until")) == (since, until)
+    wait(browser, lambda d: text(d, "#runs-total").endswith("match"), "the runs after Apply")
+    assert text(browser, "#runs-total") == before
+    assert browser.find_element(By.ID, "filter-since").get_attribute("value").count(":") == 2  # seconds shown
+    # a field the user changes keeps its seconds
+    field = browser.find_element(By.ID, "filter-until")
+    assert field.get_attribute("step") == "1"
+    browser.execute_script("arguments[0].value = '2000-01-02T03:04:05'", field)
+    click(browser, "#filter-apply")
+    wait(browser, lambda d: text(d, "#runs-empty"), "no run before 2000")
+    assert asked("until") == browser.execute_script("return new Date('2000-01-02T03:04:05').toISOString()")
+
+
+def test_a_range_moves_with_the_clock(browser, dashboard):
+    browser.get(dashboard + "#/runs?range=15m")
+    wait(browser, lambda d: texts(d, "#runs-total"), "the runs page")
+    browser.execute_script("""
+        window.__urls = [];
+        const fetch = window.fetch;
+        window.fetch = function (url, init) {
+          window.__urls.push(String(url));
+          return fetch.apply(this, arguments);
+        };""")
+    wait(browser, lambda d: len(d.execute_script("return window.__urls")) >= 2, "two polls")
+    urls = browser.execute_script("return window.__urls")[:2]
+    from urllib.parse import parse_qs, urlsplit
+    since = [parse_qs(urlsplit(u).query)["since"][0] for u in urls]
+    assert since[0] < since[1], f"every poll asks for the same window: {since}"
+
+
+def test_a_malformed_address_says_not_found(browser, dashboard):
+    missing = "00000000-0000-4000-8000-000000000000"
+    browser.get(f"{dashboard}#/runs/{missing}")
+    wait(browser, lambda d: "404" in text(d, "#banner"), "the server's 404 in the banner")
+    browser.execute_script("location.hash = '#/runs/%E0%A4%A'")
+    wait(browser, lambda d: text(d, "#not-found") == "Not found", "the not-found message")
+    assert "not valid" in text(browser, "#main")
+    assert not browser.find_element("id", "banner").is_displayed(), "the previous page's error stays"
+    errors = [e for e in browser.get_log("browser") if "URIError" in e.get("message", "")]
+    assert errors == []
+
+
+def test_retry_is_disabled_exactly_when_the_server_refuses(browser, dashboard, start_worker):
+    from sync_worker.schemas import Completed, Running, Scheduled, task_run_create
+
+    start_worker(dt.add, limit=1)
+    done = dt.add.delay(1, 2)
+    assert done.result(timeout=60) == 3
+    open_run(browser, dashboard, done.task_run_id)
+    wait(browser, lambda d: "deleted when the run completed" in text(d, "#parameters"), "the parameters note")
+    wait(browser, lambda d: "Completed" in text(d, "#run-state"), "the run COMPLETED")
+    assert not browser.find_element("id", "retry-button").is_enabled()
+    assert "parameters were deleted" in attribute(browser, "#retry-button", "title")
+    refused = requests.post(f"{dashboard}api/sync_worker/task_runs/{done.task_run_id}/retry", json={}, timeout=10)
+    assert refused.status_code == 409  # the server refuses too
+    # a COMPLETED run that had no parameters can be retried: the button is enabled
+    client = Client()
+    bare = client.create_task_run(task_run_create(name="no parameters", task_key="dash.idle", state=Scheduled()))
+    client.set_task_run_state(bare.id, Running(), force=True)
+    client.set_task_run_state(bare.id, Completed(), force=True)
+    open_run(browser, dashboard, str(bare.id))
+    wait(browser, lambda d: "Completed" in text(d, "#run-state"), "the run COMPLETED")
+    click(browser, "#retry-button")
+    wait(browser, lambda d: text(d, "#retried-run"), "the outcome of Retry")
+
+
+def fact(driver: Any, name: str) -> str:
+    return driver.execute_script("""
+        const dt = Array.from(document.querySelectorAll('dl.facts dt')).find(e => e.textContent === arguments[0]);
+        return dt ? dt.nextElementSibling.innerText.trim() : null;""", name)
+
+
+def test_run_time_of_waiting_and_running_runs(browser, dashboard):
+    from sync_worker.schemas import Running
+
+    future = dt.idle.delay("waits")  # no worker: SCHEDULED
+    open_run(browser, dashboard, future.task_run_id)
+    assert fact(browser, "Run time") == "\u2013"
+    Client().set_task_run_state(future.task_run_id, Running(), force=True)
+    wait(browser, lambda d: "Running" in text(d, "#run-state"), "the run RUNNING")
+
+    def elapsed(value: str | None) -> float:
+        return float(value.split()[0]) if value and value.endswith(" s") else 0.0
+
+    wait(browser, lambda d: elapsed(fact(d, "Run time")) >= 2, "a run time growing while it runs")
+    browser.get(dashboard + "#/runs")
+    cell = f'tr[data-run-id="{future.task_run_id}"] td:nth-child(6)'
+    wait(browser, lambda d: elapsed(text(d, cell)) >= 2, "the run time in the runs table")
+
+
+def test_times_say_their_zone(browser, dashboard):
+    import re
+
+    future = dt.idle.delay("waits")
+    browser.get(dashboard + "#/runs")
+    wait(browser, lambda d: texts(d, "#runs-table tbody tr"), "the runs table")
+    zone = r"UTC([+-]\d\d:\d\d)?"
+    assert re.fullmatch(rf"Created \({zone}\)", text(browser, "#runs-table thead th"))
+    title = attribute(browser, "#runs-table tbody time", "title")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(\.\d+)? UTC", title), title
+    open_run(browser, dashboard, future.task_run_id)
+    assert re.fullmatch(zone, fact(browser, "Times in"))

@@ -80,7 +80,44 @@
       pad(d.getMinutes()) + ":" + pad(d.getSeconds());
   }
 
-  function timeCell(iso) { return el("time", { datetime: iso || null, title: iso || null }, when(iso)); }
+  // the browser's offset from UTC, e.g. "UTC+02:00" (the CLI prints UTC; the page says which zone it shows)
+  function zone(date) {
+    var minutes = -(date || new Date()).getTimezoneOffset();
+    if (!minutes) return "UTC";
+    var sign = minutes < 0 ? "-" : "+";
+    minutes = Math.abs(minutes);
+    return "UTC" + sign + pad(Math.floor(minutes / 60)) + ":" + pad(minutes % 60);
+  }
+
+  function utcTitle(iso) {
+    var d = new Date(iso);
+    return isNaN(d.getTime()) ? String(iso) : d.toISOString().replace("T", " ").replace(/(\.\d+)?Z$/, " UTC");
+  }
+
+  // local time; the column header says the zone, the title gives the time in UTC
+  function timeCell(iso) {
+    return el("time", { datetime: iso || null, title: iso ? utcTitle(iso) : null }, when(iso));
+  }
+
+  // a RUNNING run's run time so far (from its start), refreshed at every poll (refreshElapsed)
+  function runTimeCell(type, startIso, total) {
+    if (type === "RUNNING" && startIso && !isNaN(new Date(startIso).getTime())) {
+      return el("span", { "data-since": startIso, title: "running: time since it started" },
+        elapsedText(startIso));
+    }
+    if (!startIso && !total) return "\u2013"; // not started yet
+    return seconds(total || 0);
+  }
+
+  function elapsedText(startIso) {
+    return seconds(Math.max(0, (Date.now() - new Date(startIso).getTime()) / 1000));
+  }
+
+  function refreshElapsed() {
+    Array.prototype.forEach.call(main.querySelectorAll("[data-since]"), function (node) {
+      node.textContent = elapsedText(node.getAttribute("data-since"));
+    });
+  }
 
   function seconds(value) {
     if (value === null || value === undefined) return "\u2013";
@@ -122,15 +159,49 @@
     });
   }
 
+  // redraw(box, draw): draw() rebuilds box's content; what the user had is kept where it can
+  // be: the page's scroll, the scroll of the boxes (pre, tables) and the focus on the same link
+  function keyOf(node) {
+    return node.tagName + "|" + (node.id || "") + "|" + (node.getAttribute("href") || "") + "|" + node.textContent;
+  }
+
+  function redraw(box, draw) {
+    var pageX = window.pageXOffset, pageY = window.pageYOffset;
+    var scrolled = [];
+    Array.prototype.forEach.call(box.querySelectorAll("pre, .scroll, .clamp"), function (node, i) {
+      if (node.scrollTop || node.scrollLeft) scrolled.push([node.id || i, node.scrollTop, node.scrollLeft]);
+    });
+    var active = document.activeElement;
+    var focusKey = active && active !== document.body && box.contains(active) ? keyOf(active) : null;
+    draw();
+    var boxes = box.querySelectorAll("pre, .scroll, .clamp");
+    scrolled.forEach(function (s) {
+      var node = typeof s[0] === "string" ? document.getElementById(s[0]) : boxes[s[0]];
+      if (node && box.contains(node)) { node.scrollTop = s[1]; node.scrollLeft = s[2]; }
+    });
+    if (focusKey && (!document.activeElement || document.activeElement === document.body ||
+        !box.contains(document.activeElement))) {
+      var candidates = box.querySelectorAll("a, button, input, select, textarea, [tabindex]");
+      for (var i = 0; i < candidates.length; i++) {
+        if (keyOf(candidates[i]) === focusKey) {
+          try { candidates[i].focus({ preventScroll: true }); } catch (e) { candidates[i].focus(); }
+          break;
+        }
+      }
+    }
+    window.scrollTo(pageX, pageY);
+  }
+
   function reachable() {
     lastSuccess = new Date();
     banner.hidden = true;
     clear(banner);
-    updated.textContent = "Updated " + when(lastSuccess.toISOString());
+    updated.textContent = "Updated " + when(lastSuccess.toISOString()) + " " + zone(lastSuccess);
   }
 
   function unreachable(error) {
     clear(banner);
+    banner.setAttribute("data-status", String(error.status));
     if (error.status === 0) {
       append(banner, "Cannot reach the sync-worker server at " + location.host + " (" + error.message + "). " +
         (lastSuccess ? "Showing what it said at " + when(lastSuccess.toISOString()) + "; " : "") +
@@ -141,15 +212,24 @@
     banner.hidden = false;
   }
 
-  // poll(load, render): load() returns a promise of data; render(data) draws it
-  function poll(load, render) {
+  // poll(load, render): load() returns a promise of data; render(data) draws it, only when the
+  // data differs from what was drawn last (a finished run is drawn once: the user's selection,
+  // scroll and focus stay); the running times are refreshed at every poll
+  function poll(load, render, always) {
     var mine = generation;
+    var drawn = null;
     function tick() {
       timer = null;
       load().then(function (data) {
         if (mine !== generation) return;
         reachable();
-        render(data);
+        var text = JSON.stringify(data);
+        if (text !== drawn) {
+          render(data);
+          drawn = text;
+        }
+        if (always) always(data);
+        refreshElapsed();
       }, function (error) {
         if (mine !== generation) return;
         unreachable(error);
@@ -174,12 +254,21 @@
     if (timer) { clearTimeout(timer); timer = null; }
     var r = parseHash();
     clear(main);
+    // an error the server gave the previous page is not about this one (a lost connection is)
+    if (!banner.hidden && banner.getAttribute("data-status") !== "0") { banner.hidden = true; clear(banner); }
     var runMatch = /^\/runs\/([^/]+)$/.exec(r.path);
     document.getElementById("nav-overview").removeAttribute("aria-current");
     document.getElementById("nav-runs").removeAttribute("aria-current");
+    var runId = null;
     if (runMatch) {
+      try { runId = decodeURIComponent(runMatch[1]); } catch (e) { runId = null; } // e.g. #/runs/%E0%A4%A
+    }
+    if (runMatch && runId === null) {
       document.getElementById("nav-runs").setAttribute("aria-current", "page");
-      runView(decodeURIComponent(runMatch[1]));
+      notFound("This address is not valid: a % in it is not followed by a valid escape.");
+    } else if (runMatch) {
+      document.getElementById("nav-runs").setAttribute("aria-current", "page");
+      runView(runId);
     } else if (r.path === "/runs") {
       document.getElementById("nav-runs").setAttribute("aria-current", "page");
       runsView(r.params);
@@ -187,6 +276,12 @@
       document.getElementById("nav-overview").setAttribute("aria-current", "page");
       overviewView();
     }
+  }
+
+  function notFound(why) {
+    document.title = "Not found \u2013 sync-worker";
+    append(main, [el("h1", { id: "not-found" }, "Not found"), el("p", null, why),
+      el("p", null, el("a", { href: "#/runs" }, "All runs"), " \u00B7 ", el("a", { href: "#/" }, "Overview"))]);
   }
 
   // -- Overview ----------------------------------------------------------------------------------
@@ -200,9 +295,11 @@
         el("section", null, el("h2", null, "Finished runs, last 15 minutes (per 10 s)"), chart),
         el("section", null, el("h2", { id: "workers-title" }, "Workers"), workers))]);
     poll(function () { return api("api/sync_worker/dashboard/overview"); }, function (data) {
-      renderKeys(keys, data);
-      renderChart(chart, data.throughput);
-      renderWorkers(workers, data.workers);
+      redraw(main, function () {
+        renderKeys(keys, data);
+        renderChart(chart, data.throughput);
+        renderWorkers(workers, data.workers);
+      });
     });
   }
 
@@ -313,7 +410,8 @@
         el("td", { "class": "num" }, String(w.in_flight)), el("td", null, timeCell(w.connected_since)));
     });
     append(box, el("div", { "class": "scroll" }, el("table", { id: "worker-table" }, el("thead", null,
-      el("tr", null, ["Client id", "Host", "Task keys", "Limit", "In flight", "Connected since"].map(function (h) {
+      el("tr", null, ["Client id", "Host", "Task keys", "Limit", "In flight", "Connected since (" + zone() + ")"]
+        .map(function (h) {
         return el("th", { scope: "col" }, h);
       }))), el("tbody", null, rows))));
   }
@@ -331,12 +429,14 @@
     return q.toString();
   }
 
+  // to the second (the inputs have step="1"); a field the user leaves as it is keeps the exact
+  // time of the address (see runsView)
   function localInput(iso) {
     if (!iso) return "";
     var d = new Date(iso);
     if (isNaN(d.getTime())) return "";
     return d.getFullYear() + "-" + pad(d.getMonth() + 1) + "-" + pad(d.getDate()) + "T" + pad(d.getHours()) + ":" +
-      pad(d.getMinutes());
+      pad(d.getMinutes()) + ":" + pad(d.getSeconds());
   }
 
   function runsView(params) {
@@ -350,11 +450,19 @@
     var range = el("select", { name: "range", id: "filter-range" }, RANGES.map(function (r) {
       return el("option", { value: r[0], selected: (params.get("range") || "") === r[0] }, r[1]);
     }));
-    var since = el("input", { type: "datetime-local", id: "filter-since", value: localInput(params.get("since")) });
-    var until = el("input", { type: "datetime-local", id: "filter-until", value: localInput(params.get("until")) });
+    var since = el("input", { type: "datetime-local", id: "filter-since", step: "1",
+      value: localInput(params.get("since")) });
+    var until = el("input", { type: "datetime-local", id: "filter-until", step: "1",
+      value: localInput(params.get("until")) });
+    var shown = { since: since.value, until: until.value }; // what the fields showed for the address
+    function timeValue(input, name) {
+      if (params.get(name) && input.value === shown[name]) return params.get(name); // left as it was
+      return new Date(input.value).toISOString();
+    }
     var form = el("form", { "class": "filters", role: "search", "aria-label": "Filter runs" },
       el("label", null, "State", state), el("label", null, "Task key", key),
-      el("label", null, "Created", range), el("label", null, "From", since), el("label", null, "To", until),
+      el("label", null, "Created", range), el("label", null, "From (" + zone() + ")", since),
+      el("label", null, "To (" + zone() + ")", until),
       el("button", { type: "submit", id: "filter-apply" }, "Apply"),
       el("a", { href: "#/runs" }, "Clear"));
     form.addEventListener("submit", function (event) {
@@ -363,15 +471,16 @@
       if (state.value) q.set("state", state.value);
       if (key.value.trim()) q.set("task_key", key.value.trim());
       if (range.value) q.set("range", range.value);
-      if (since.value) q.set("since", new Date(since.value).toISOString());
-      if (until.value) q.set("until", new Date(until.value).toISOString());
+      if (since.value) q.set("since", timeValue(since, "since"));
+      if (until.value) q.set("until", timeValue(until, "until"));
       location.hash = "#/runs" + (q.toString() ? "?" + q.toString() : "");
     });
     var box = el("div", { id: "runs" }, el("p", { "class": "note" }, "Loading\u2026"));
     append(main, [el("h1", null, "Runs"), form, box]);
-    var query = runsQuery(params);
-    poll(function () { return api("api/sync_worker/dashboard/runs" + (query ? "?" + query : "")); },
-      function (data) { renderRuns(box, data, params); });
+    poll(function () {
+      var query = runsQuery(params); // at every poll: "the last 15 minutes" moves with the clock
+      return api("api/sync_worker/dashboard/runs" + (query ? "?" + query : ""));
+    }, function (data) { redraw(main, function () { renderRuns(box, data, params); }); });
   }
 
   function pageHref(params, name, seq) {
@@ -386,7 +495,8 @@
   function renderRuns(box, data, params) {
     clear(box);
     var paging = params.get("before") || params.get("after");
-    var summary = data.total === null ? "" : data.total + (data.total === 1 ? " run matches" : " runs match");
+    var summary = data.total === null ? "Not counted (runs of more than 500 task keys: the count would read every run)"
+      : data.total + (data.total === 1 ? " run matches" : " runs match");
     var pager = el("nav", { "class": "pager", "aria-label": "Pages" },
       el("span", { id: "runs-total" }, summary),
       paging ? el("a", { href: pageHref(params), id: "page-newest" }, "\u00AB Newest") : null,
@@ -405,11 +515,11 @@
         el("td", { "class": "name" }, r.task_key),
         el("td", null, stateLabel(r.state_type, r.state_name)),
         el("td", { "class": "num hide-narrow" }, String(r.run_count || 0)),
-        el("td", { "class": "num hide-narrow" }, seconds(r.total_run_time)),
+        el("td", { "class": "num hide-narrow" }, runTimeCell(r.state_type, r.start_time, r.total_run_time)),
         el("td", { "class": "id hide-narrow" }, el("a", { href: runHref(r.id) }, r.id)));
     });
-    var head = el("tr", null, [["Created", ""], ["Name", ""], ["Task key", ""], ["State", ""], ["Runs", "num hide-narrow"],
-      ["Run time", "num hide-narrow"], ["Id", "hide-narrow"]].map(function (h) {
+    var head = el("tr", null, [["Created (" + zone() + ")", ""], ["Name", ""], ["Task key", ""], ["State", ""],
+      ["Runs", "num hide-narrow"], ["Run time", "num hide-narrow"], ["Id", "hide-narrow"]].map(function (h) {
       return el("th", { scope: "col", "class": h[1] || null }, h[0]);
     }));
     append(box, [pager, el("div", { "class": "scroll" }, el("table", { id: "runs-table" }, el("thead", null, head),
@@ -452,7 +562,9 @@
         if (answer.status === "cancelled") return "Cancelled: the run is CANCELLED and will not run.";
         if (answer.status === "cancelling") {
           return "Cancelling: " + (answer.notified ? "its worker was told to stop it."
-            : "no worker connection holds it; it ends CANCELLED when its lease runs out.");
+            : answer.held_by === "connection"
+              ? "its worker cannot be told to stop it (not a sync_worker worker); the run ends as that worker reports."
+              : "its worker's connection is gone; it ends CANCELLED when its lease runs out.");
         }
         return "Not cancelled: the run is already " + type + ".";
       });
@@ -468,15 +580,28 @@
       var run = data.task_run;
       var st = run.state || {};
       document.title = (run.name || id) + " \u2013 sync-worker";
-      clear(header);
-      append(header, [el("h1", null, run.name || id),
-        el("p", null, "State: ", el("span", { id: "run-state" }, stateLabel(st.type, st.name)),
-          st.message ? el("span", { "class": "note" }, " \u2014 " + st.message) : null)]);
+      redraw(main, function () {
+        clear(header);
+        append(header, [el("h1", null, run.name || id),
+          el("p", { "class": "run-state" }, "State: ", el("span", { id: "run-state" }, stateLabel(st.type, st.name))),
+          st.message ? el("div", { "class": "note clamp", id: "run-message" }, st.message) : null]);
+        renderRun(body, data);
+      });
+    }, function (data) { // at every poll, even when nothing changed: the buttons
+      var st = data.task_run.state || {};
+      // the server refuses to retry a COMPLETED run whose parameters record was deleted when it
+      // completed (dashboard.retry_run); a run without parameters can be retried
+      var gone = st.type === "COMPLETED" && data.parameters && data.parameters.value === null &&
+        data.parameters.note === "deleted when the run completed";
       if (!busy) {
         cancel.disabled = !ACTIVE[st.type];
-        retry.disabled = !FINISHED[st.type];
+        retry.disabled = !FINISHED[st.type] || gone;
       }
-      renderRun(body, data);
+      if (gone) retry.setAttribute("title", "Cannot retry: its parameters were deleted when the run completed");
+      else if (!FINISHED[st.type]) retry.setAttribute("title", "Only a finished run can be retried");
+      else retry.removeAttribute("title");
+      if (ACTIVE[st.type]) cancel.removeAttribute("title");
+      else cancel.setAttribute("title", "Only a waiting or running run can be cancelled");
     });
   }
 
@@ -484,9 +609,11 @@
     clear(box);
     var run = data.task_run;
     var policy = run.empirical_policy || {};
-    var facts = [["Id", run.id], ["Task key", run.task_key], ["Created", timeCell(run.created)],
+    var facts = [["Id", run.id], ["Task key", run.task_key], ["Times in", zone()], ["Created", timeCell(run.created)],
       ["Expected start", timeCell(run.expected_start_time)], ["Started", timeCell(run.start_time)],
-      ["Ended", timeCell(run.end_time)], ["Run time", seconds(run.total_run_time)],
+      ["Ended", timeCell(run.end_time)],
+      ["Run time", el("span", { id: "run-time" }, runTimeCell((run.state || {}).type, run.start_time,
+        run.total_run_time))],
       ["Attempts", String(run.run_count || 0) + " (retries allowed: " + (policy.retries || 0) + ")"],
       ["Tags", (run.tags || []).join(", ") || "\u2013"]];
     append(box, el("dl", { "class": "facts" }, facts.map(function (f) {
@@ -494,7 +621,7 @@
     })));
     append(box, el("h2", null, "States"));
     append(box, el("div", { "class": "scroll" }, el("table", { id: "states-table" },
-      el("thead", null, el("tr", null, ["Time", "State", "Duration", "Message"].map(function (h) {
+      el("thead", null, el("tr", null, ["Time (" + zone() + ")", "State", "Duration", "Message"].map(function (h) {
         return el("th", { scope: "col" }, h);
       }))),
       el("tbody", null, data.states.map(function (s, i) {
@@ -503,7 +630,7 @@
           : (last ? (FINISHED[s.type] ? "final" : "current") : "\u2013");
         return el("tr", null, el("td", null, timeCell(s.timestamp)), el("td", null, stateLabel(s.type, s.name)),
           el("td", { "class": "num" }, duration),
-          el("td", { "class": "name" }, s.message || ""));
+          el("td", { "class": "name message" }, s.message ? el("div", { "class": "clamp" }, s.message) : ""));
       })))));
     append(box, el("h2", null, "Parameters"));
     var p = data.parameters;
@@ -511,8 +638,8 @@
       : el("pre", { id: "parameters" }, JSON.stringify(p.value, null, 2)));
     var o = data.outcome;
     if (o.traceback !== undefined) {
-      append(box, [el("h2", null, "Error"), el("p", { id: "error-summary" }, (o.error_type || "Error") + ": " +
-        (o.error_message || "")), el("pre", { id: "traceback" }, o.traceback)]);
+      append(box, [el("h2", null, "Error"), el("p", { id: "error-summary", "class": "clamp" },
+        (o.error_type || "Error") + ": " + (o.error_message || "")), el("pre", { id: "traceback" }, o.traceback)]);
     } else if (o.result !== undefined) {
       append(box, [el("h2", null, "Result"), el("pre", { id: "result" }, o.result)]);
     } else if (o.note) {
