@@ -219,22 +219,21 @@ class Client:
         """
         if "id" not in body:
             body = {**body, "id": str(uuid.uuid4())}
-        started = time.monotonic()
         limit = self.settings.submit_timeout if timeout is None else timeout
-        deadline = started + limit  # each attempt's requests wait at most until then (a hung server)
+        deadline = time.monotonic() + limit  # each attempt's requests wait at most until then (a hung server)
         try:
             try:  # the first attempt directly: the retry machinery is built only when it fails
                 return self.transport.create(body, brief=brief, parameters_record=parameters_record, deadline=deadline)
             except Exception as exc:
-                if not _create_retryable(exc) or time.monotonic() - started >= limit:
+                if not _create_retryable(exc) or time.monotonic() >= deadline:
                     raise
                 logger.warning("Creating task run %s failed (%s); trying again", body["id"], exc)
-            backoff = tenacity.wait_exponential_jitter(multiplier=0.1, max=2.0)
+            from sync_worker.services import wait_until_deadline
+
             retrying = tenacity.Retrying(
                 retry=tenacity.retry_if_exception(_create_retryable),
-                stop=lambda _state: time.monotonic() - started >= limit,
-                # the last attempt at the deadline, not a backoff's length past it
-                wait=lambda state: min(backoff(state), max(0.0, started + limit - time.monotonic())),
+                stop=lambda _state: time.monotonic() >= deadline,
+                wait=wait_until_deadline(tenacity.wait_exponential_jitter(multiplier=0.1, max=2.0), deadline),
                 before_sleep=_log_retry,
                 reraise=True,
             )

@@ -134,6 +134,21 @@ def is_intermittent(exc: BaseException) -> bool:
 # --------------------------------------------------------------------------------------
 
 
+class wait_until_deadline(wait_base):
+    """Tenacity wait: ``wait``'s sleep, but none past ``deadline`` (``time.monotonic()``; None:
+    no deadline), so that the last attempt is made at the deadline, not a backoff after it."""
+
+    def __init__(self, wait: wait_base, deadline: float | None) -> None:
+        self.wait = wait
+        self.deadline = deadline
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
+        sleep = self.wait(retry_state)
+        if self.deadline is None:
+            return sleep
+        return min(sleep, max(0.0, self.deadline - time.monotonic()))
+
+
 class wait_clamped_poisson(wait_base):
     """Tenacity wait: a Poisson inter-arrival time around another wait's value.
 

@@ -244,12 +244,12 @@ class SubmitTransport:
             logger.warning("Waiting for task run %s: the server at %s did not answer (%s); trying again in %.1f s",
                            task_run_id, self.client.api_url, error, delay)
 
-        backoff = tenacity.wait_exponential_jitter(multiplier=0.1, max=WAIT_RETRY_MAX)
-        retrying = tenacity.Retrying(  # the last attempt at the deadline, not a backoff's length past it
+        from sync_worker.services import wait_until_deadline
+
+        retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception(_is_retryable),
             stop=lambda _state: deadline is not None and time.monotonic() >= deadline,
-            wait=lambda state: backoff(state) if deadline is None else min(backoff(state),
-                                                                           max(0.0, deadline - time.monotonic())),
+            wait=wait_until_deadline(tenacity.wait_exponential_jitter(multiplier=0.1, max=WAIT_RETRY_MAX), deadline),
             before_sleep=lambda state: unanswered(state.outcome.exception() if state.outcome else None,
                                                   state.next_action.sleep if state.next_action else 0),
             reraise=True,
