@@ -48,6 +48,8 @@ RECORD_VERSION = "3.8.8"
 
 SERIALIZERS = ("json", "pickle")
 
+logger = logging.getLogger("sync_worker.storage")
+
 _KEY = re.compile(r"^(parameters/)?[A-Za-z0-9._-]{1,200}$")
 
 #: Parameter records live in a ``parameters/`` namespace, as Prefect lays them out
@@ -337,8 +339,7 @@ def discard_parameters_of_refused_create(store: RecordStore, key: str, error: Ba
     try:
         delete_parameters(store, key)
     except Exception as exc:  # noqa: BLE001 - the create's error is the one the caller sees
-        logging.getLogger("sync_worker.storage").warning(
-            "Could not delete parameters %s after a refused create: %s", key, exc)
+        logger.warning("Could not delete parameters %s after a refused create: %s", key, exc)
 
 
 def read_parameters(store: RecordStore, key: str, *, allow_pickle: bool = False,
