@@ -26,6 +26,7 @@ _EXPORTS = {
     "task": "sync_worker.tasks",
     "Task": "sync_worker.tasks",
     "TaskRunFuture": "sync_worker.tasks",
+    "exponential_backoff": "sync_worker.tasks",
     "TaskWorker": "sync_worker.worker",
     "StopTaskWorker": "sync_worker.worker",
     "serve": "sync_worker.worker",
@@ -73,6 +74,7 @@ __all__ = [
     "TaskWorker",
     "Unauthorized",
     "critical_service_loop",
+    "exponential_backoff",
     "get_client",
     "get_settings",
     "serve",
@@ -117,5 +119,5 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     )
     from sync_worker.services import critical_service_loop, start_client_metrics_server, stop_client_metrics_server
     from sync_worker.settings import Settings, get_settings
-    from sync_worker.tasks import Task, TaskRunFuture, task
+    from sync_worker.tasks import Task, TaskRunFuture, exponential_backoff, task
     from sync_worker.worker import StopTaskWorker, TaskWorker, serve, should_try_to_read_parameters

@@ -117,15 +117,16 @@ class Outcome(str, enum.Enum):
 
 
 def should_try_to_read_parameters(task: Task[..., Any], task_run: TaskRun) -> bool:
-    """Whether a run's parameters must be read from the store before it can run.
+    """Whether a run's parameters should be read from the store before it can run.
 
-    True when the run's state names a parameters record (``task_parameters_id``) and the
-    function takes parameters at all; a function without parameters never needs them.
+    Prefect's answer: True when the function takes parameters at all (and the run has a
+    state whose details can name a record); a function without parameters never needs
+    them. A run that should but names no record (``task_parameters_id`` None) was created
+    without any: Prefect's worker skips it and leaves it SCHEDULED; this one calls the
+    function without arguments, so that it runs with its defaults or fails saying which
+    argument is missing.
     """
-    state = task_run.state
-    if state is None or not state.state_details.task_parameters_id:
-        return False
-    return task.takes_parameters
+    return task_run.state is not None and task.takes_parameters
 
 
 #: Longest state message the engine proposes. The embedded server refuses messages over
@@ -362,9 +363,8 @@ class TaskRunEngine:
         key = task.task_key
         parameters: dict[str, Any] = {}
         parameter_error: ParameterReadError | None = None
-        if should_try_to_read_parameters(task, run):
-            assert run.state is not None
-            params_id = run.state.state_details.task_parameters_id
+        params_id = run.state.state_details.task_parameters_id if run.state is not None else None
+        if params_id and should_try_to_read_parameters(task, run):
             record = run.parameters_record  # came with the run: kept (and deleted) by the server
             self._parameters_id = params_id if record is None else None
             try:
@@ -469,7 +469,12 @@ class TaskRunEngine:
 
     def _execute(self, parameters: dict[str, Any]) -> Outcome:
         task = self.task
-        fn = cancellation.guard(self.task_run.id, task.fn)  # cancellable while it runs
+        fn = task.fn
+        if task.log_prints:
+            from sync_worker.printlog import printing_to_log
+
+            fn = printing_to_log(fn, self.label)
+        fn = cancellation.guard(self.task_run.id, fn)  # cancellable while it runs
         self._started = True
         started = time.monotonic()
         if task.timeout_seconds is not None:

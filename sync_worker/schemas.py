@@ -184,6 +184,28 @@ class State:
     def is_failed(self) -> bool:
         return self.type is StateType.FAILED
 
+    # Prefect's State predicates, for code written against Prefect's futures
+    def is_final(self) -> bool:
+        return self.is_terminal()
+
+    def is_pending(self) -> bool:
+        return self.type is StateType.PENDING
+
+    def is_running(self) -> bool:
+        return self.type is StateType.RUNNING
+
+    def is_cancelled(self) -> bool:
+        return self.type is StateType.CANCELLED
+
+    def is_cancelling(self) -> bool:
+        return self.type is StateType.CANCELLING
+
+    def is_crashed(self) -> bool:
+        return self.type is StateType.CRASHED
+
+    def is_paused(self) -> bool:
+        return self.type is StateType.PAUSED
+
     def __str__(self) -> str:
         return f"{self.name}({self.type.value})" + (f": {self.message}" if self.message else "")
 

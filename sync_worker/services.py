@@ -12,6 +12,7 @@ touched or the metrics server is started.
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import math
 import os
@@ -89,7 +90,8 @@ def is_intermittent(exc: BaseException) -> bool:
     """Whether ``exc`` is the kind of failure that is worth retrying later.
 
     Intermittent: network trouble and server-side outages that usually pass —
-    requests' ``ConnectionError`` and ``Timeout``; an HTTP 5xx (``requests.HTTPError``,
+    requests' ``ConnectionError``, ``Timeout``, ``ChunkedEncodingError`` and
+    ``ContentDecodingError`` (an answer broken off or garbled in transit); an HTTP 5xx (``requests.HTTPError``,
     hence also :class:`sync_worker.exceptions.APIError`, with status >= 500);
     websocket-client's connection-closed, timeout and address errors and a handshake
     refused with a 5xx status; and the OS-level ``ConnectionError`` family
@@ -109,7 +111,10 @@ def is_intermittent(exc: BaseException) -> bool:
     if requests is not None:
         if isinstance(exc, requests.HTTPError):
             return is_intermittent_status(_status_code(exc))
-        if isinstance(exc, (requests.ConnectionError, requests.Timeout)):
+        # ChunkedEncodingError and ContentDecodingError: the answer broke off or came garbled
+        # in transit (httpx's RemoteProtocolError and DecodingError, which Prefect forgives)
+        if isinstance(exc, (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
+                            requests.exceptions.ContentDecodingError)):
             return True
 
     ws_exceptions = loaded_module("websocket._exceptions")
@@ -268,10 +273,9 @@ def critical_service_loop(
             each time; a logger method (``logger.warning``) works too.
         run_once: return after the first call (after handling its error, if any).
         jitter_range: if set, each sleep is drawn from a clamped Poisson distribution
-            (:class:`wait_clamped_poisson`) whose mean is the current interval, bounded
-            to ``mean*(1 - jitter_range) < sleep < mean*(1 + jitter_range)``. Unlike
-            Prefect, which ignores the backoff when jitter is set, the mean is the
-            backed-off interval, so backing off still slows the loop down. Must be > 0
+            (:class:`wait_clamped_poisson`) whose mean is the current interval (backed
+            off included, as in Prefect 3.8), bounded to
+            ``mean*(1 - jitter_range) < sleep < mean*(1 + jitter_range)``. Must be > 0
             (checked before the first call).
         stop_event: when set, the loop returns before its next call, and at once if it is
             sleeping (the sleep is ``stop_event.wait(seconds)``). A running ``workload``
@@ -279,6 +283,9 @@ def critical_service_loop(
         sleep: a replacement for the sleep (tests); when given it is used instead of
             waiting on ``stop_event``, which is then only checked between calls.
     """
+    if inspect.iscoroutinefunction(workload) or inspect.iscoroutinefunction(type(workload).__call__):
+        raise TypeError(f"{getattr(workload, '__qualname__', workload)!r} is a coroutine function: the service "
+                        f"loop calls synchronous workloads (its call would only create a coroutine, never run it)")
     backoff_wait = tenacity.wait_exponential(multiplier=interval, exp_base=2)
     wait: wait_base = backoff_wait
     if jitter_range is not None:

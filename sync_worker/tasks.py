@@ -49,6 +49,16 @@ R = TypeVar("R")
 
 logger = logging.getLogger("sync_worker.tasks")
 
+def exponential_backoff(backoff_factor: float) -> Callable[[int], list[float]]:
+    """Retry delays that double: ``backoff_factor * 2 ** attempt`` seconds for each retry
+    (Prefect's ``prefect.tasks.exponential_backoff``), for ``retry_delay_seconds=``."""
+
+    def retry_backoff_calculator(retries: int) -> list[float]:
+        return [backoff_factor * max(0, 2**r) for r in range(retries)]
+
+    return retry_backoff_calculator
+
+
 def default_task_key(fn: Callable[..., Any]) -> str:
     """``module.qualname``: stable across processes and restarts.
 
@@ -79,13 +89,22 @@ class Task(Generic[P, R]):
         name: str | None = None,
         task_key: str | None = None,
         retries: int = 0,
-        retry_delay_seconds: float | Sequence[float] = 0,
+        retry_delay_seconds: float | Sequence[float] | Callable[[int], Sequence[float]] = 0,
         retry_jitter_factor: float | None = None,
         timeout_seconds: float | None = None,
         tags: Iterable[str] | None = None,
         persist_result: bool = True,
         result_serializer: str = "json",
+        description: str | None = None,
+        version: str | None = None,
+        log_prints: bool = False,
+        **prefect_only: Any,
     ):
+        if prefect_only:
+            raise TypeError(
+                f"@task got {', '.join(sorted(prefect_only))}: Prefect task options that sync_worker does not "
+                f"implement. It takes: name, task_key, retries, retry_delay_seconds, retry_jitter_factor, "
+                f"timeout_seconds, tags, persist_result, result_serializer, description, version, log_prints")
         if not callable(fn):
             raise TypeError(f"@task needs a function, got {fn!r}")
         if inspect.iscoroutinefunction(fn):
@@ -100,9 +119,14 @@ class Task(Generic[P, R]):
         self.name = name or fn.__name__
         self.task_key = task_key or default_task_key(fn)
         self.retries = retries
+        if callable(retry_delay_seconds):  # as Prefect: a function of the retries, e.g. exponential_backoff(10)
+            retry_delay_seconds = retry_delay_seconds(retries)
         self.retry_delay_seconds = (
             [float(d) for d in retry_delay_seconds] if isinstance(retry_delay_seconds, (list, tuple)) else float(retry_delay_seconds)
         )
+        self.description = description if description is not None else inspect.getdoc(fn)
+        self.version = version
+        self.log_prints = bool(log_prints)
         self.retry_jitter_factor = retry_jitter_factor
         self.timeout_seconds = timeout_seconds
         self.tags = sorted(set(tags or ()))
@@ -123,7 +147,8 @@ class Task(Generic[P, R]):
             "name": self.name, "task_key": self.task_key, "retries": self.retries,
             "retry_delay_seconds": self.retry_delay_seconds, "retry_jitter_factor": self.retry_jitter_factor,
             "timeout_seconds": self.timeout_seconds, "tags": self.tags, "persist_result": self.persist_result,
-            "result_serializer": self.result_serializer,
+            "result_serializer": self.result_serializer, "description": self.description, "version": self.version,
+            "log_prints": self.log_prints,
         }
         current.update(options)
         return Task(self.fn, **current)
@@ -235,12 +260,15 @@ def task(
     name: str | None = ...,
     task_key: str | None = ...,
     retries: int = ...,
-    retry_delay_seconds: float | Sequence[float] = ...,
+    retry_delay_seconds: float | Sequence[float] | Callable[[int], Sequence[float]] = ...,
     retry_jitter_factor: float | None = ...,
     timeout_seconds: float | None = ...,
     tags: Iterable[str] | None = ...,
     persist_result: bool = ...,
     result_serializer: str = ...,
+    description: str | None = ...,
+    version: str | None = ...,
+    log_prints: bool = ...,
 ) -> Callable[[Callable[P, R]], Task[P, R]]: ...
 
 
@@ -356,4 +384,4 @@ class TaskRunFuture(Generic[R]):
         return TaskRunFailed(message, state=state, exception_type=details.get("type"), traceback=details.get("traceback"))
 
 
-__all__ = ["Task", "TaskRunFuture", "task", "default_task_key", "SerializationError"]
+__all__ = ["Task", "TaskRunFuture", "task", "default_task_key", "exponential_backoff", "SerializationError"]

@@ -325,16 +325,24 @@ class TaskWorker:
         limit: int | None = 10,
         client: Client | None = None,
     ):
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)):
+            raise TypeError(f"limit must be an int >= 1, or None for no limit (got {limit!r})")
         if limit is not None and limit < 1:
             raise ValueError("limit must be >= 1, or None for no limit")
         self.tasks: list[Task[..., Any]] = []
+        #: a key's run is executed by the first task given with that key, as Prefect's
+        #: worker does (``TaskWorker(t, t.with_options(retries=3))`` runs ``t``)
+        self._tasks_by_key: dict[str, Task[..., Any]] = {}
         for t in tasks:
             if not isinstance(t, Task):
                 logger.warning("Skipping %r: not a task (decorate the function with @task)", t)
                 continue
             self.tasks.append(t)
-        self.task_keys: set[str] = {t.task_key for t in self.tasks}
-        self._tasks_by_key = {t.task_key: t for t in self.tasks}
+            first = self._tasks_by_key.setdefault(t.task_key, t)
+            if first is not t:
+                logger.warning("Two tasks have the key %r; its runs execute %s, the first given",
+                               t.task_key, getattr(first.fn, "__qualname__", first.fn))
+        self.task_keys: set[str] = set(self._tasks_by_key)
         #: per task key, a moving average of the seconds its function took (:meth:`_ran`)
         #: (written by the run threads, read by the reader: a float per key, no lock needed)
         self._run_seconds: dict[str, float] = {}
@@ -940,14 +948,16 @@ class TaskWorker:
         """Execute one given run now, in the calling thread, within the limit (it waits
         for a free slot, shared with the runs the worker receives). Works whether or not
         the worker is started. Raises :class:`SlotError` if that run is already executing
-        in this worker."""
+        in this worker, and ``KeyError`` if none of its tasks has the run's key: the run is
+        left as it is (a run the server delivers with an unknown key is deleted instead,
+        per ``SYNC_WORKER_DELETE_FAILED_SUBMISSIONS``; one passed here by mistake is not)."""
+        task = self._tasks_by_key.get(task_run.task_key)
+        if task is None:
+            raise KeyError(f"task run {task_run.id} has the task key {task_run.task_key!r}, which none of this "
+                           f"worker's tasks has ({', '.join(sorted(self.task_keys)) or 'no tasks'})")
         self._settings = self._settings or get_settings()
         self._ensure_resources()
-        task = self._tasks_by_key.get(task_run.task_key)
         metrics.RUNS_RECEIVED.labels(task_key=task_run.task_key).inc()
-        if task is None:
-            self._unknown_task(task_run)
-            return None
         self._slots.acquire(task_run.id)
         self._track(task, task_run)
         return self._safe_run(task, task_run)
