@@ -481,8 +481,31 @@ def add_status_parser(subparsers: argparse._SubParsersAction) -> None:
     status.set_defaults(func=_wrap(cmd_status), log_level="ERROR")
 
 
+def _is_record_file(path: "os.DirEntry[str]") -> bool:
+    """Whether a directory entry is a record file that sync_worker or Prefect wrote: a
+    regular file (not a symlink), named as a record key, whose text begins as a record does
+    (``{"metadata": ... "serializer" ...``), or a temp file a writer that died left behind.
+    Prune deletes nothing else, so a mistaken ``--dir`` (a home, ``/etc``) loses nothing."""
+    from sync_worker.storage import is_record_key
+
+    if not path.is_file(follow_symlinks=False):
+        return False
+    if path.name.startswith(".tmp-"):
+        return True
+    if not is_record_key(path.name):
+        return False
+    try:
+        with open(path.path, "rb") as handle:
+            head = handle.read(4096)
+    except OSError:
+        return False
+    return head.lstrip().startswith(b"{") and b'"metadata"' in head and b'"serializer"' in head
+
+
 def cmd_storage_prune(args: argparse.Namespace) -> int:
-    """Delete record files older than ``--older-than`` from a local store directory."""
+    """Delete record files older than ``--older-than`` from a local store directory: its
+    records and its ``parameters/`` records, nothing below them and nothing that is not a
+    record (see :func:`_is_record_file`)."""
     import os
     import time
     from pathlib import Path
@@ -498,27 +521,40 @@ def cmd_storage_prune(args: argparse.Namespace) -> int:
     if not directory.is_dir():
         raise CommandError(f"{directory} is not a directory")
     cutoff = time.time() - args.older_than
-    parameters_dir = directory / PARAMETERS_PREFIX.rstrip("/")
-    deleted = kept = size = 0
-    for root, _dirs, files in os.walk(directory):
-        in_parameters = Path(root) == parameters_dir or parameters_dir in Path(root).parents
-        for name in files:
-            path = Path(root) / name
+    deleted = kept = size = others = 0
+    places = [(directory, False), (directory / PARAMETERS_PREFIX.rstrip("/"), True)]
+    for place, parameters in places:
+        if parameters and not args.include_parameters:
+            continue
+        try:
+            entries = list(os.scandir(place))
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False) and not parameters and entry.name == PARAMETERS_PREFIX.rstrip("/"):
+                continue
             try:
-                stat = path.stat()
-                if stat.st_mtime >= cutoff or (in_parameters and not args.include_parameters):
+                if not _is_record_file(entry):
+                    others += 1
+                    continue
+                stat = entry.stat(follow_symlinks=False)
+                if stat.st_mtime >= cutoff:
                     kept += 1
                     continue
-                path.unlink()
+                os.unlink(entry.path)
             except FileNotFoundError:
                 continue
             deleted += 1
             size += stat.st_size
     if args.json:
-        _print_json({"deleted": deleted, "bytes": size, "kept": kept, "directory": str(directory)})
+        _print_json({"deleted": deleted, "bytes": size, "kept": kept, "not_records": others,
+                     "directory": str(directory)})
     else:
         print(f"deleted {deleted} record file(s) ({size} bytes) older than {args.older_than:g}s from {directory}; "
-              f"kept {kept}")
+              f"kept {kept}" + (f"; left alone {others} entries that are not record files" if others else ""))
+    if deleted == 0 and kept == 0 and others:
+        print(f"warning: {directory} holds no record files ({others} other entries, left alone): "
+              f"is it the store directory?", file=sys.stderr)
     return 0
 
 
@@ -531,7 +567,9 @@ def add_storage_parser(subparsers: argparse._SubParsersAction) -> None:
     prune = sub.add_parser(
         "prune", help="delete result records older than a duration",
         description="Delete result (and failure) record files older than --older-than from a local store "
-                    "directory that no server manages. Parameter files are kept unless --include-parameters: "
+                    "directory that no server manages. Only record files are deleted (files named as records "
+                    "whose text is a record, in the directory and its parameters/ folder; no other file, "
+                    "folder or symlink). Parameter files are kept unless --include-parameters: "
                     "a run still waiting (a delayed one, or one whose key no worker serves yet) needs its "
                     "parameters; those of COMPLETED runs are deleted by the worker already.",
         epilog="examples:\n  sync-worker storage prune --older-than 7d\n"

@@ -95,6 +95,11 @@ class RecordStore(Protocol):
     def delete(self, key: str) -> None: ...
 
 
+def is_record_key(name: str) -> bool:
+    """Whether ``name`` can be a record's key (a file name in a store directory)."""
+    return _KEY.match(name) is not None
+
+
 def check_key(key: str) -> str:
     if not _KEY.match(key):
         raise ValueError(f"invalid record key {key!r}: use 1-200 characters from A-Z a-z 0-9 . _ - "

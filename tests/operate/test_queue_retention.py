@@ -3,6 +3,7 @@ period while a workload runs; parameters go when a run COMPLETES; ``--retention`
 ``future.result(timeout)`` says when no worker serves the key."""
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -11,6 +12,7 @@ import pytest
 from sync_worker.client import Client
 from sync_worker.exceptions import TaskRunFailed
 from sync_worker.schemas import StateType
+from sync_worker.storage import dump_record
 from tests.operate import queue_tasks as qt
 from tests.operate.test_queue_cli import cli
 from tests.helpers import wait_for
@@ -138,7 +140,7 @@ def test_storage_prune_deletes_old_result_files_and_keeps_parameters(tmp_path):
     (store / "parameters").mkdir(parents=True)
     old_result, new_result, old_params = store / "r-old", store / "r-new", store / "parameters" / "p-old"
     for path in (old_result, new_result, old_params):
-        path.write_text("{}")
+        path.write_bytes(dump_record({"a": 1}))
     week_ago = time.time() - 8 * 86400
     os.utime(old_result, (week_ago, week_ago))
     os.utime(old_params, (week_ago, week_ago))
@@ -151,3 +153,42 @@ def test_storage_prune_deletes_old_result_files_and_keeps_parameters(tmp_path):
     assert not old_params.exists() and new_result.exists()
     out = cli({}, "storage", "prune", "--older-than", "7d", "--dir", str(tmp_path / "missing"))
     assert out.returncode == 1 and "is not a directory" in out.stderr
+
+
+def test_storage_prune_deletes_only_record_files(tmp_path):
+    """A mistaken --dir (a home, /etc) loses nothing: prune deletes record files only, never
+    another file, a folder's contents or a symlink's target."""
+    import os
+
+    mistaken = tmp_path / "home"
+    (mistaken / "sub").mkdir(parents=True)
+    (mistaken / "parameters").mkdir()
+    target = tmp_path / "elsewhere.txt"
+    target.write_text("keep me")
+    files = {
+        mistaken / "notes.txt": "my notes",
+        mistaken / "config": "x = 1",
+        mistaken / "data.json": '{"metadata": 1}',  # JSON, but not a record
+        mistaken / "sub" / "r-deep": dump_record(1).decode(),  # a record, but below the store
+        mistaken / "parameters" / "p-old": dump_record({"parameters": {}}).decode(),
+    }
+    record = mistaken / "r-old"
+    files[record] = dump_record(1).decode()
+    for path, text in files.items():
+        path.write_text(text)
+    (mistaken / "link").symlink_to(target)
+    week_ago = time.time() - 8 * 86400
+    for path in [*files, target]:
+        os.utime(path, (week_ago, week_ago))
+    out = cli({}, "storage", "prune", "--older-than", "7d", "--dir", str(mistaken), "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["deleted"] == 1
+    assert not record.exists()
+    assert all(path.exists() for path in files if path != record)
+    assert (mistaken / "link").is_symlink() and target.read_text() == "keep me"
+    out = cli({}, "storage", "prune", "--older-than", "7d", "--dir", str(mistaken / "sub" / ".."), "--include-parameters")
+    assert out.returncode == 0 and "deleted 1 record file(s)" in out.stdout  # the parameters record
+    assert "left alone" in out.stdout
+    assert (mistaken / "notes.txt").read_text() == "my notes"
+    out = cli({}, "storage", "prune", "--older-than", "7d", "--dir", str(mistaken / "sub" / ".."))
+    assert "holds no record files" in out.stderr
