@@ -76,7 +76,9 @@ from sync_worker.storage import (
     LocalDirectoryStore,
     delete_parameters,
     describe_exception,
+    exception_text,
     read_parameters,
+    sendable_text,
 )
 from sync_worker.timeouts import TaskRunTimeoutError, call_with_timeout
 from sync_worker.transport import Transport
@@ -137,6 +139,7 @@ MAX_STATE_MESSAGE = 10_000
 
 def short_message(text: str) -> str:
     """``text``, cut to :data:`MAX_STATE_MESSAGE` characters with a note of what was left out."""
+    text = sendable_text(text)
     if len(text) <= MAX_STATE_MESSAGE:
         return text
     return text[:MAX_STATE_MESSAGE] + f"... ({len(text) - MAX_STATE_MESSAGE} more characters in the run's result)"
@@ -144,7 +147,7 @@ def short_message(text: str) -> str:
 
 def exception_message(exc: BaseException) -> str:
     """Prefect's wording of a failed run's message (cut: see :data:`MAX_STATE_MESSAGE`)."""
-    return short_message(f"Task run encountered an exception {type(exc).__name__}: {exc}")
+    return short_message(f"Task run encountered an exception {type(exc).__name__}: {exception_text(exc)}")
 
 
 class TaskRunEngine:
@@ -606,7 +609,8 @@ class TaskRunEngine:
     def _report_unstorable(self, exc: BaseException) -> Outcome:
         """The function ran but its result cannot be stored: FAILED for good, not retried
         (a retry would repeat the function's side effects and fail the same way)."""
-        reason = str(exc) if isinstance(exc, SerializationError) else f"{type(exc).__name__}: {exc}"
+        reason = exception_text(exc) if isinstance(exc, SerializationError) else \
+            f"{type(exc).__name__}: {exception_text(exc)}"
         message = short_message(
             f"Task run finished but its result could not be stored, so it is failed without retrying: {reason}")
         self.logger.error("%s: %s", self.label, message)
@@ -656,7 +660,8 @@ class TaskRunEngine:
 
     def _report_cancelled(self, exc: Cancelled) -> Outcome:
         """The run was cancelled while it ran here (see :mod:`sync_worker.cancellation`)."""
-        why = short_message(f": {exc}") if str(exc) else ""  # raised into the thread, it carries no text
+        text = exception_text(exc)
+        why = short_message(f": {text}") if text else ""  # raised into the thread, it carries no text
         self.logger.info("%s cancelled while running%s", self.label, why)
         result = self.propose(State(StateType.CANCELLED, "Cancelled", message=f"Cancelled while running{why}"))
         if result.status is SetStateStatus.ACCEPT:

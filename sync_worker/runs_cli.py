@@ -481,8 +481,8 @@ def add_status_parser(subparsers: argparse._SubParsersAction) -> None:
     status.set_defaults(func=_wrap(cmd_status), log_level="ERROR")
 
 
-def _is_record_file(path: "os.DirEntry[str]") -> bool:
-    """Whether a directory entry is a record file that sync_worker or Prefect wrote: a
+def _is_record_file(path: Any) -> bool:
+    """Whether a directory entry (``os.DirEntry``) is a record file that sync_worker or Prefect wrote: a
     regular file (not a symlink), named as a record key, whose text begins as a record does
     (``{"metadata": ... "serializer" ...``), or a temp file a writer that died left behind.
     Prune deletes nothing else, so a mistaken ``--dir`` (a home, ``/etc``) loses nothing."""

@@ -398,6 +398,27 @@ def write_exception(store: RecordStore, exc: BaseException) -> dict[str, Any]:
     return write_result(store, describe_exception(exc))  # type: ignore[return-value]
 
 
+def sendable_text(text: str) -> str:
+    """``text`` as valid UTF-8: lone surrogates (``os.fsdecode`` of a file name that is not
+    UTF-8 makes them) become ``\\udcff`` escapes. JSON encoders refuse them, and the server
+    refuses the state that carries them, which left a failed run RUNNING."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def exception_text(exc: BaseException) -> str:
+    """``str(exc)``, sendable (:func:`sendable_text`), even when the exception's ``__str__``
+    raises (the run must still end FAILED, saying so)."""
+    try:
+        text = str(exc)
+    except Exception as err:  # noqa: BLE001 - any error of user code
+        text = f"<str() of the {type(exc).__name__} raised {type(err).__name__}>"
+    return sendable_text(text)
+
+
 def describe_exception(exc: BaseException) -> dict[str, str]:
     """``type``/``message``/``traceback`` for sync_worker; ``__exc_type__`` lets Prefect's
     JSON decoder rebuild the exception for a Prefect caller (builtin types only: it refuses
@@ -407,8 +428,8 @@ def describe_exception(exc: BaseException) -> dict[str, str]:
     return {
         "__exc_type__": f"builtins.{cls.__name__}" if builtin else "builtins.Exception",
         "type": cls.__qualname__,
-        "message": str(exc),
-        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+        "message": exception_text(exc),
+        "traceback": sendable_text("".join(traceback.format_exception(type(exc), exc, exc.__traceback__))),
     }
 
 

@@ -140,3 +140,37 @@ def test_a_coroutine_workload_is_refused():
 
     with pytest.raises(TypeError, match="coroutine function"):
         critical_service_loop(workload, 0.01, run_once=True)
+
+
+class UnprintableError(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text for you")
+
+
+@task(task_key="tests.api.bad_text")
+def fails_with_bad_text(kind: str) -> None:
+    import os
+
+    if kind == "surrogate":  # a file name that is not UTF-8, as os.fsdecode gives it
+        name = os.fsdecode(b"report_\xff.csv")
+        raise ValueError(f"cannot parse {name}")
+    raise UnprintableError()
+
+
+@pytest.mark.parametrize("kind", ["surrogate", "unprintable"])
+def test_an_exception_whose_text_cannot_be_sent_still_ends_the_run_failed(state_path, start_worker, kind):
+    """A lone surrogate in the message (refused by JSON encoders and by the server) or a
+    ``__str__`` that raises left the run RUNNING, and every worker restart ran it again."""
+    from sync_worker.exceptions import TaskRunFailed
+
+    start_worker(fails_with_bad_text, limit=1)
+    future = fails_with_bad_text.delay(kind)
+    with pytest.raises(TaskRunFailed) as failed:
+        future.result(timeout=30)
+    state = future.state
+    assert state.type is StateType.FAILED
+    if kind == "surrogate":
+        assert "cannot parse report_\\udcff.csv" in state.message
+        assert "report_\\udcff.csv" in str(failed.value)
+    else:
+        assert "<str() of the UnprintableError raised RuntimeError>" in state.message
