@@ -66,11 +66,11 @@ def port(text: str) -> int:
 
 def api_url(text: str) -> str:
     """``--api-url``: an http(s) URL, as ``SYNC_WORKER_API_URL`` must be."""
-    from urllib.parse import urlsplit
+    from sync_worker.settings import api_url_problem
 
-    parts = urlsplit(text)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an http(s) URL (for example http://127.0.0.1:4200/api)")
+    problem = api_url_problem(text)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text!r} {problem}")
     return text
 
 

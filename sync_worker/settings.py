@@ -204,6 +204,18 @@ def _read(env: Mapping[str, str]) -> Settings:
     ))
 
 
+def api_url_problem(url: str) -> Optional[str]:
+    """What is wrong with an API URL (None: nothing), said after the URL itself."""
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in 0-65535
+    except ValueError as exc:  # "[::1" (an IPv6 address not closed), ":99999", ":abc"
+        return f"is not a valid URL ({exc}); for example http://127.0.0.1:4200/api"
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "is not an http(s) URL (for example http://127.0.0.1:4200/api)"
+    return None
+
+
 def _checked(env: Mapping[str, str], settings: Settings) -> Settings:
     """What parsing alone lets through: a URL without a scheme, a negative timeout, a port
     past 65535. Only values read from the environment can fail (the defaults are valid), and
@@ -213,14 +225,15 @@ def _checked(env: Mapping[str, str], settings: Settings) -> Settings:
         name, value = _lookup(env, *names)
         raise SettingsError(f"{name}={value!r} {why}")
 
-    parts = urlsplit(settings.api_url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        refuse(("SYNC_WORKER_API_URL", "PREFECT_API_URL"),
-               "is not an http(s) URL (for example http://127.0.0.1:4200/api)")
+    problem = api_url_problem(settings.api_url)
+    if problem:
+        refuse(("SYNC_WORKER_API_URL", "PREFECT_API_URL"), problem)
     if not (math.isfinite(settings.request_timeout) and settings.request_timeout > 0):
         refuse(("SYNC_WORKER_REQUEST_TIMEOUT", "PREFECT_API_REQUEST_TIMEOUT"), "must be a number of seconds > 0")
     if not (math.isfinite(settings.drain_timeout) and settings.drain_timeout >= 0):
         refuse(("SYNC_WORKER_DRAIN_TIMEOUT",), "must be a number of seconds >= 0")
+    if not (math.isfinite(settings.submit_timeout) and settings.submit_timeout > 0):
+        refuse(("SYNC_WORKER_SUBMIT_TIMEOUT",), "must be a number of seconds > 0")
     if not 0 <= settings.client_metrics_port <= 65535:
         refuse(("SYNC_WORKER_CLIENT_METRICS_PORT", "PREFECT_CLIENT_METRICS_PORT"), "is not a port (0-65535)")
     return settings

@@ -1,5 +1,8 @@
 from __future__ import annotations
 
+import os
+import re
+
 import pytest
 
 from sync_worker.settings import DEFAULT_API_URL, SettingsError, get_settings
@@ -132,3 +135,34 @@ def test_a_replaced_os_environ_is_read(monkeypatch):
     assert get_settings().api_url == "http://127.0.0.1:4998/api"
     os.environ["SYNC_WORKER_API_URL"] = "http://127.0.0.1:4997/api"
     assert get_settings().api_url == "http://127.0.0.1:4997/api"
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-5", "0"])
+def test_a_submit_timeout_that_is_not_a_positive_number_is_refused(value):
+    """nan made .delay() retry in a hot loop forever, inf raised OverflowError."""
+    with pytest.raises(SettingsError, match=f"SYNC_WORKER_SUBMIT_TIMEOUT='{value}' must be a number of seconds > 0"):
+        get_settings({"SYNC_WORKER_SUBMIT_TIMEOUT": value})
+
+
+@pytest.mark.parametrize("url,why", [
+    ("http://127.0.0.1:99999/api", "Port out of range"),
+    ("http://127.0.0.1:abc/api", "Port could not be cast"),
+    ("http://[::1", "Invalid IPv6 URL"),
+    ("http://:4200/api", "is not an http(s) URL"),
+])
+def test_an_api_url_with_a_bad_port_or_host_is_refused(url, why):
+    with pytest.raises(SettingsError, match=rf"SYNC_WORKER_API_URL='{re.escape(url)}' .*{re.escape(why)}"):
+        get_settings({"SYNC_WORKER_API_URL": url})
+
+
+def test_the_commands_refuse_a_bad_api_url_in_one_line():
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SYNC_WORKER_", "PREFECT_"))}
+    for args, extra in [(["runs", "ls", "--api-url", "http://127.0.0.1:99999/api"], {}),
+                        (["status"], {"SYNC_WORKER_API_URL": "http://[::1"})]:
+        out = subprocess.run([sys.executable, "-m", "sync_worker", *args], capture_output=True, text=True,
+                             timeout=60, env={**env, **extra})
+        assert out.returncode == 2, out.stderr
+        assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
