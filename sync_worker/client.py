@@ -242,14 +242,18 @@ class Client:
         except Exception as exc:
             if not _create_retryable(exc):
                 raise
+            run_id = body["id"]
             if _status(exc) is not None:  # the server answered, with 429 or 5xx: it runs, and says why
                 hint = ("the server is running but could not take it (its log says why); set "
                         "SYNC_WORKER_SUBMIT_TIMEOUT to wait longer")
             else:
-                hint = ("is the server running? Set SYNC_WORKER_API_URL to its address, or SYNC_WORKER_SUBMIT_TIMEOUT "
-                        "to wait longer")
+                hint = ("is the server running and answering? Set SYNC_WORKER_API_URL to its address, or "
+                        "SYNC_WORKER_SUBMIT_TIMEOUT to wait longer")
+            # an attempt may have reached a server that then stopped answering: the run may exist
+            hint += f"; if an attempt reached the server the run exists: look up {run_id} before submitting again"
             raise exceptions.ServerUnavailable(
-                f"Could not submit the task run to {self.api_url} within {limit:g} s ({exc}); {hint}") from exc
+                f"Could not submit task run {run_id} to {self.api_url} within {limit:g} s ({exc}); {hint}",
+                task_run_id=run_id) from exc
 
     def emit_events(self, events: list[Dict[str, Any]]) -> None:
         """``POST /events``: Prefect's event intake (its callers wait for state-change events)."""

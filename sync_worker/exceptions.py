@@ -56,7 +56,16 @@ class TaskRunFailed(SyncWorkerError):
 class ServerUnavailable(SyncWorkerError, ConnectionError):
     """The API could not be reached (connection errors, 5xx) for as long as the caller
     was willing to retry (``SYNC_WORKER_SUBMIT_TIMEOUT`` for submits). A
-    ``ConnectionError`` too, so code that forgives network errors treats it as one."""
+    ``ConnectionError`` too, so code that forgives network errors treats it as one.
+
+    ``task_run_id``: for a submit, the id the run was created under if one of the
+    attempts reached the server before it stopped answering (else None). Look it up before
+    submitting again (``TaskRunFuture(exc.task_run_id).state``, ``sync-worker runs show``):
+    a new ``.delay()`` is a new run."""
+
+    def __init__(self, message: str, task_run_id: str | None = None) -> None:
+        super().__init__(message)
+        self.task_run_id = task_run_id
 
 
 class CredentialsError(SyncWorkerError):
