@@ -94,6 +94,10 @@ PUSHED_WAIT_CHUNK = 30.0
 #: How long past a pushed wait's own timeout its answer may take before the socket counts
 #: as silent (then the run is read over REST once and the wait goes on).
 PUSHED_WAIT_GRACE = 5.0
+#: How long past its timeout a wait may take for its last answer: the server's answer to
+#: the last chunk, or the read of the run at the deadline (a stopped server must not hold
+#: ``result(timeout=3)`` for a grace and a request timeout: it took 38 s).
+LAST_READ_SECONDS = 1.0
 #: a wait whose server does not answer tries again after at most this many seconds
 WAIT_RETRY_MAX = 2.0
 
@@ -147,14 +151,15 @@ class SubmitTransport:
             raise error_for(what, status, reply.get("detail"))
         return reply.get("result")
 
-    def _seconds_left(self, deadline: Optional[float]) -> float:
+    def _seconds_left(self, deadline: Optional[float], floor: float = 0.05) -> float:
         """A request's timeout: ``SYNC_WORKER_REQUEST_TIMEOUT``, but not past ``deadline``
-        (monotonic; a create's submit timeout): a server that accepts connections and never
-        answers (stopped, swapping) must not hold ``.delay()`` for a request timeout per try."""
+        (monotonic; a create's submit timeout, a wait's timeout) by more than ``floor``: a
+        server that accepts connections and never answers (stopped, swapping) must not hold
+        ``.delay()`` or ``result(timeout=)`` for a request timeout per try."""
         timeout = float(self.client.timeout or 30.0)
         if deadline is None:
             return timeout
-        return max(0.05, min(timeout, deadline - time.monotonic()))
+        return max(floor, min(timeout, deadline - time.monotonic()))
 
     def create(self, body: Dict[str, Any], *, brief: bool = False,
                parameters_record: Optional[bytes] = None, deadline: Optional[float] = None) -> TaskRun:
@@ -271,26 +276,30 @@ class SubmitTransport:
         while True:
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
-                return run if run is not None else self._read(task_run_id)
-            conn = self._connection()
+                return run if run is not None else self._read(task_run_id, deadline)
+            conn = self._connection(deadline)
             if conn is None:
-                return self._poll(task_run_id, remaining)
+                return self._poll(task_run_id, None if deadline is None else max(0.0, deadline - time.monotonic()))
             chunk = PUSHED_WAIT_CHUNK if remaining is None else min(PUSHED_WAIT_CHUNK, remaining)
+            last_chunk = remaining is not None and remaining <= PUSHED_WAIT_CHUNK
+            grace = min(PUSHED_WAIT_GRACE, LAST_READ_SECONDS) if last_chunk else PUSHED_WAIT_GRACE
             from sync_worker.sockets import ConnectionLost
 
             try:
                 run = LazyTaskRun.answered(self._rpc(conn, {"type": "wait", "task_run_id": task_run_id,
                                                             "timeout": chunk},
-                                                     "wait for task run", chunk + PUSHED_WAIT_GRACE))
+                                                     "wait for task run", chunk + grace))
             except ConnectionLost as exc:
                 logger.debug("wait over the rpc socket got no answer (%s); reading the run over REST", exc)
-                run = self._read(task_run_id)
+                run = self._read(task_run_id, deadline)
             if _finished(run):
                 return run
 
-    def _read(self, task_run_id: str) -> TaskRun:
-        """One read of the run (no retry: :meth:`wait`'s rule is the one)."""
-        return TaskRun.from_json(self.client.request("GET", f"/task_runs/{task_run_id}").json())
+    def _read(self, task_run_id: str, deadline: Optional[float] = None) -> TaskRun:
+        """One read of the run (no retry: :meth:`wait`'s rule is the one), waiting at most
+        :data:`LAST_READ_SECONDS` past ``deadline``."""
+        timeout = self._seconds_left(deadline, floor=LAST_READ_SECONDS)
+        return TaskRun.from_json(self.client.request("GET", f"/task_runs/{task_run_id}", timeout=timeout).json())
 
     def _poll(self, task_run_id: str, timeout: Optional[float]) -> TaskRun:
         """Read the run over REST until it is finished or ``timeout`` seconds passed."""
@@ -300,7 +309,7 @@ class SubmitTransport:
             stop=tenacity.stop_after_delay(timeout) if timeout is not None else tenacity.stop_never,
             retry_error_callback=lambda retry_state: retry_state.outcome.result(),
         )
-        return retrying(self._read, task_run_id)
+        return retrying(self._read, task_run_id, None if timeout is None else time.monotonic() + timeout)
 
     def close(self) -> None:
         """Close the rpc socket, if one was opened."""

@@ -236,3 +236,28 @@ def test_each_create_body_has_its_own_id_and_dynamic_key():
     assert all(b["dynamic_key"] == "k-" + b["id"].replace("-", "") for b in bodies)
     given = task_run_create(name="n", task_key="k", state=Scheduled(), id="my-id")
     assert given["id"] == "my-id" and given["dynamic_key"].startswith("k-")
+
+
+@pytest.mark.parametrize("fast_path", ["true", "false"], ids=["rpc-first", "rest"])
+def test_result_from_a_server_that_never_answers_ends_near_its_timeout(monkeypatch, fast_path):
+    """A server that accepts connections and never answers (SIGSTOP): ``result(timeout=3)``
+    took 38 s (a 5 s grace for the rpc answer, then a REST read with the 30 s request
+    timeout); now at most LAST_READ_SECONDS past the timeout."""
+    import time
+    import uuid
+
+    from sync_worker.exceptions import ServerUnavailable
+    from sync_worker.tasks import TaskRunFuture
+
+    monkeypatch.setenv("SYNC_WORKER_FAST_PATH", fast_path)
+    with socket.socket() as listener:  # the kernel completes connections; nobody reads them
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        client = Client(f"http://127.0.0.1:{listener.getsockname()[1]}/api")
+        future = TaskRunFuture(str(uuid.uuid4()), client=client)
+        started = time.monotonic()
+        with pytest.raises(ServerUnavailable, match="within 1.5 s"):
+            future.result(timeout=1.5)
+        elapsed = time.monotonic() - started
+        client.close()
+    assert 1.4 <= elapsed < 4.0, elapsed
