@@ -88,7 +88,24 @@ def _in(column: str, values: list[str], params: list[Any]) -> str:
     return f"{column} IN ({', '.join('?' * len(values))})"
 
 
-def _time_range(spec: Any, loc: list[Any], column: str, params: list[Any], nullable: bool) -> list[str]:
+def _operator(spec: dict[str, Any], loc: list[Any]) -> str:
+    operator = spec.get("operator", "and_")
+    if operator not in ("and_", "or_"):
+        raise ValidationError(loc + ["operator"], "Input should be 'and_' or 'or_'", "enum", operator)
+    return operator
+
+
+def _combine(parts: list[str], operator: str = "and_") -> str:
+    """Prefect's ``as_sql_filter``: the parts joined by ``operator``; no part: TRUE."""
+    if not parts:
+        return "1"
+    if len(parts) == 1:
+        return parts[0]
+    joiner = " AND " if operator == "and_" else " OR "
+    return "(" + joiner.join(f"({p})" for p in parts) + ")"
+
+
+def _time_range(spec: Any, loc: list[Any], column: str, params: list[Any], nullable: bool) -> str:
     allowed = {"before_", "after_", "is_null_"} if nullable else {"before_", "after_"}
     spec = _obj(spec, loc, allowed)
     out: list[str] = []
@@ -101,81 +118,122 @@ def _time_range(spec: Any, loc: list[Any], column: str, params: list[Any], nulla
         out.append(f"{column} >= ?")
     if spec.get("is_null_") is not None:
         out.append(f"{column} IS NULL" if _bool(spec["is_null_"], loc + ["is_null_"]) else f"{column} IS NOT NULL")
-    return out
+    return _combine(out)  # always ANDed, whatever the filter's operator (Prefect: no operator here)
+
+
+def _tags(value: Any, loc: list[Any], params: list[Any]) -> str:
+    """Prefect's ``TaskRunFilterTags``: ``all_`` (the run has every tag: one criterion) and
+    ``is_null_``, combined by the tags filter's own ``operator``."""
+    tags = _obj(value, loc, {"all_", "is_null_", "operator"})
+    operator = _operator(tags, loc)
+    parts: list[str] = []
+    wanted = _strings(tags["all_"], loc + ["all_"]) if tags.get("all_") is not None else []
+    if wanted:  # Prefect: an empty all_ is no criterion
+        params.extend(wanted)
+        parts.append(_combine(["EXISTS (SELECT 1 FROM json_each(task_runs.data, '$.tags') WHERE value = ?)"]
+                              * len(wanted)))
+    if tags.get("is_null_") is not None:
+        empty = "json_array_length(data, '$.tags') = 0"
+        parts.append(empty if _bool(tags["is_null_"], loc + ["is_null_"]) else f"NOT ({empty})")
+    return _combine(parts, operator)
+
+
+def _state(value: Any, loc: list[Any], params: list[Any]) -> str:
+    """Prefect's ``TaskRunFilterState``: ``type.any_`` and ``name.any_``, combined by the state
+    filter's own ``operator``."""
+    state = _obj(value, loc, {"type", "name", "operator"})
+    operator = _operator(state, loc)
+    parts: list[str] = []
+    if state.get("type") is not None:
+        types = _obj(state["type"], loc + ["type"], {"any_"})
+        if types.get("any_") is not None:
+            wanted = _strings(types["any_"], loc + ["type", "any_"])
+            for i, kind in enumerate(wanted):
+                if kind not in STATE_TYPES:
+                    raise ValidationError(loc + ["type", "any_", i],
+                                          f"Input should be one of {', '.join(sorted(STATE_TYPES))}", "enum", kind)
+            parts.append(_in("state_type", wanted, params))
+    if state.get("name") is not None:
+        names = _obj(state["name"], loc + ["name"], {"any_"})
+        if names.get("any_") is not None:
+            parts.append(_in("json_extract(data, '$.state_name')", _strings(names["any_"], loc + ["name", "any_"]),
+                             params))
+    return _combine(parts, operator)
+
+
+def _flow_run_id(value: Any, loc: list[Any], params: list[Any]) -> str:
+    """Prefect's ``TaskRunFilterFlowRunId``. ``is_null_`` defaults to False, which alone means
+    "runs WITH a flow run" and beside ``any_`` means nothing (every Prefect client sends it):
+    Prefect builds one criterion, ``IS NULL`` if ``is_null_`` is true, else ``IN any_``, else
+    ``IS NOT NULL``. ``is_null_: true`` beside ``any_`` is two criteria: with ``operator: or_``
+    the runs of those flow runs OR without one; with ``and_`` (the default) Prefect's answer,
+    the runs without a flow run (a run in ``any_`` has one: ANDed, nothing would match)."""
+    flow = _obj(value, loc, {"any_", "is_null_", "operator"})
+    operator = _operator(flow, loc)
+    column = "json_extract(data, '$.flow_run_id')"
+    is_null = flow.get("is_null_", False)  # Prefect's default: runs WITH a flow run
+    if is_null is not None:
+        _bool(is_null, loc + ["is_null_"])
+    wanted = _strings(flow["any_"], loc + ["any_"]) if flow.get("any_") is not None else None
+    if is_null is True:
+        if wanted is not None and operator == "or_":
+            return _combine([_in(column, wanted, params), f"{column} IS NULL"], operator)
+        return f"{column} IS NULL"
+    if wanted is not None:
+        return _in(column, wanted, params)
+    return f"{column} IS NOT NULL" if is_null is False else "1"
 
 
 def _task_run_filter(value: Any, loc: list[Any], params: list[Any]) -> str:
+    """Prefect's ``TaskRunFilter`` as SQL, as Prefect builds it: each field filter is one
+    criterion (its own pieces ANDed, or combined by its own ``operator`` for ``tags``,
+    ``state`` and ``flow_run_id``; TRUE if it has none), and the top-level ``operator``
+    combines those criteria only."""
     spec = _obj(value, loc, _FILTER_FIELDS)
-    clauses: list[str] = []
+    operator = _operator(spec, loc)
+    criteria: list[str] = []
     if spec.get("id") is not None:
         ids = _obj(spec["id"], loc + ["id"], {"any_"})
+        parts = []
         if ids.get("any_") is not None:
-            clauses.append(_in("id", _strings(ids["any_"], loc + ["id", "any_"]), params))
+            parts.append(_in("id", _strings(ids["any_"], loc + ["id", "any_"]), params))
+        criteria.append(_combine(parts))
     if spec.get("name") is not None:
         name = _obj(spec["name"], loc + ["name"], {"any_", "like_"})
+        parts = []
         if name.get("any_") is not None:
-            clauses.append(_in("json_extract(data, '$.name')", _strings(name["any_"], loc + ["name", "any_"]), params))
+            parts.append(_in("json_extract(data, '$.name')", _strings(name["any_"], loc + ["name", "any_"]), params))
         if name.get("like_") is not None:
             if not isinstance(name["like_"], str):
                 raise ValidationError(loc + ["name", "like_"], "Input should be a valid string", "string_type")
             params.append(f"%{name['like_']}%")
-            clauses.append("json_extract(data, '$.name') LIKE ?")  # case-insensitive for ASCII, as ilike
+            parts.append("json_extract(data, '$.name') LIKE ?")  # case-insensitive for ASCII, as ilike
+        criteria.append(_combine(parts))
     if spec.get("task_key") is not None:
         keys = _obj(spec["task_key"], loc + ["task_key"], {"any_"})
+        parts = []
         if keys.get("any_") is not None:
-            clauses.append(_in("task_key", _strings(keys["any_"], loc + ["task_key", "any_"]), params))
+            parts.append(_in("task_key", _strings(keys["any_"], loc + ["task_key", "any_"]), params))
+        criteria.append(_combine(parts))
     if spec.get("tags") is not None:
-        tags = _obj(spec["tags"], loc + ["tags"], {"all_", "is_null_", "operator"})
-        for tag in _strings(tags["all_"], loc + ["tags", "all_"]) if tags.get("all_") is not None else []:
-            params.append(tag)
-            clauses.append("EXISTS (SELECT 1 FROM json_each(task_runs.data, '$.tags') WHERE value = ?)")
-        if tags.get("is_null_") is not None:
-            empty = "json_array_length(data, '$.tags') = 0"
-            clauses.append(empty if _bool(tags["is_null_"], loc + ["tags", "is_null_"]) else f"NOT ({empty})")
+        criteria.append(_tags(spec["tags"], loc + ["tags"], params))
     if spec.get("state") is not None:
-        state = _obj(spec["state"], loc + ["state"], {"type", "name", "operator"})
-        if state.get("type") is not None:
-            types = _obj(state["type"], loc + ["state", "type"], {"any_"})
-            if types.get("any_") is not None:
-                wanted = _strings(types["any_"], loc + ["state", "type", "any_"])
-                for i, kind in enumerate(wanted):
-                    if kind not in STATE_TYPES:
-                        raise ValidationError(loc + ["state", "type", "any_", i],
-                                              f"Input should be one of {', '.join(sorted(STATE_TYPES))}", "enum",
-                                              kind)
-                clauses.append(_in("state_type", wanted, params))
-        if state.get("name") is not None:
-            names = _obj(state["name"], loc + ["state", "name"], {"any_"})
-            if names.get("any_") is not None:
-                clauses.append(_in("json_extract(data, '$.state_name')",
-                                   _strings(names["any_"], loc + ["state", "name", "any_"]), params))
+        criteria.append(_state(spec["state"], loc + ["state"], params))
     if spec.get("start_time") is not None:
-        clauses += _time_range(spec["start_time"], loc + ["start_time"], "json_extract(data, '$.start_time')",
-                               params, nullable=True)
+        criteria.append(_time_range(spec["start_time"], loc + ["start_time"], "json_extract(data, '$.start_time')",
+                                    params, nullable=True))
     if spec.get("expected_start_time") is not None:
-        clauses += _time_range(spec["expected_start_time"], loc + ["expected_start_time"],
-                               "json_extract(data, '$.expected_start_time')", params, nullable=False)
+        criteria.append(_time_range(spec["expected_start_time"], loc + ["expected_start_time"],
+                                    "json_extract(data, '$.expected_start_time')", params, nullable=False))
     if spec.get("flow_run_id") is not None:
-        flow = _obj(spec["flow_run_id"], loc + ["flow_run_id"], {"any_", "is_null_", "operator"})
-        column = "json_extract(data, '$.flow_run_id')"
-        is_null = flow.get("is_null_", False)  # Prefect's default: runs WITH a flow run
-        if is_null is True:
-            clauses.append(f"{column} IS NULL")
-        elif flow.get("any_") is not None:
-            clauses.append(_in(column, _strings(flow["any_"], loc + ["flow_run_id", "any_"]), params))
-        elif is_null is False:
-            clauses.append(f"{column} IS NOT NULL")
+        criteria.append(_flow_run_id(spec["flow_run_id"], loc + ["flow_run_id"], params))
     if spec.get("subflow_runs") is not None:
         sub = _obj(spec["subflow_runs"], loc + ["subflow_runs"], {"exists_"})
-        if sub.get("exists_") is True:
-            clauses.append("0")  # a background run is never the parent of a subflow
-    operator = spec.get("operator", "and_")
-    if operator not in ("and_", "or_"):
-        raise ValidationError(loc + ["operator"], "Input should be 'and_' or 'or_'", "enum", operator)
-    if not clauses:
-        return "1"
-    joiner = " AND " if operator == "and_" else " OR "
-    return "(" + joiner.join(f"({c})" for c in clauses) + ")"
+        # a background run is never the parent of a subflow: exists_ true matches none, false all
+        criteria.append("0" if sub.get("exists_") is True else "1")
+    if operator == "and_":
+        criteria = [c for c in criteria if c != "1"]  # TRUE changes nothing in an AND (and has no parameters)
+    return _combine(criteria, operator)
 
 
 def parse_query(body: Any, *, paged: bool = True) -> Query:
