@@ -356,7 +356,11 @@ class TaskRunEngine:
     def _log_report_refused(self, exc: BaseException) -> None:
         """The server refused a report (401, 422, ...): its answer says all, one line; anything
         else is unexpected and logged with its traceback."""
-        if isinstance(exc, exceptions.SyncWorkerError) and getattr(exc, "status_code", None) is not None:
+        if is_intermittent(exc) and self.keep_trying is not None and not self.keep_trying():
+            # the worker stopped at its drain timeout before the server's answer came: no bug
+            self.logger.warning("Stopped before the server answered about task run %s (%s); the server has its "
+                                "state, or gives the run to a worker again when its lease expires", self.label, exc)
+        elif isinstance(exc, exceptions.SyncWorkerError) and getattr(exc, "status_code", None) is not None:
             self.logger.error("Could not report the states of task run %s: %s", self.label, exc)
         else:
             self.logger.error("Could not report the states of task run %s", self.label, exc_info=exc)

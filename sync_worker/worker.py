@@ -68,7 +68,7 @@ from typing import TYPE_CHECKING, Any, Callable, NoReturn
 
 from sync_worker import metrics
 from sync_worker.dialects import Dialect, choose_dialect
-from sync_worker.engine import Outcome, run_task_run, should_try_to_read_parameters
+from sync_worker.engine import REPORT_MAX_BACKOFF, Outcome, run_task_run, should_try_to_read_parameters
 from sync_worker.prefect_reporting import PrefectReporting
 from sync_worker.services import start_client_metrics_server
 from sync_worker.settings import Settings, get_settings
@@ -105,6 +105,10 @@ _SIGNAL_POLL_SECONDS = 0.25
 #: a stop that has no run left to wait for may take this long to close the worker's
 #: connection and threads, whatever ``SYNC_WORKER_DRAIN_TIMEOUT`` says (0 included)
 _STOP_GRACE_SECONDS = 5.0
+#: past the drain deadline, how long the stop waits for run threads before it abandons
+#: them: one report backoff, after which a thread that is only claiming or reporting its
+#: run has seen the deadline and given up (a run's function is not waited for)
+_ABANDON_GRACE_SECONDS = REPORT_MAX_BACKOFF + 1.0
 
 #: A task whose recent runs took at least this long (the function alone, a moving average)
 #: is "long": after handing one of its runs to a run thread with more runs of the same
@@ -461,6 +465,9 @@ class TaskWorker:
                     self.stop()
                     self._drain()
             except KeyboardInterrupt:
+                if self.stopping:  # a drain was under way (SIGTERM, stop(), timeout): as a second Ctrl-C
+                    self._cold_stop()
+                    raise
                 try:
                     logger.info("Task worker interrupted, stopping (press Ctrl-C again to stop at once)...")
                     self.stop()
@@ -591,29 +598,45 @@ class TaskWorker:
         return self._done.wait(timeout)
 
     def _drain(self) -> bool:
+        """Wait for the stop to finish: True if every run did, False if runs were abandoned
+        at the drain timeout (by the service thread, which gives up at the deadline
+        :meth:`stop` set, or here when it is not done by then). One deadline per stop: a
+        later stop path (Ctrl-C during a SIGTERM's drain) does not start it again. With no
+        run left to wait for, :data:`_STOP_GRACE_SECONDS` is enough (a connection still
+        being opened to a server that does not answer is not worth the drain timeout)."""
         timeout = self.settings.drain_timeout
-        if self.join(timeout):
-            return True
-        if not self._held_run_ids() and self.join(_STOP_GRACE_SECONDS):  # nothing was left to wait for
-            return True
-        return self._drain_timed_out(timeout)
+        deadline = (self._drain_deadline or time.monotonic() + timeout) + _ABANDON_GRACE_SECONDS + _STOP_GRACE_SECONDS
+        idle_since: float | None = None
+        while not self.join(min(_SIGNAL_POLL_SECONDS, max(0.0, deadline - time.monotonic()))):
+            now = time.monotonic()
+            if self._held_run_ids():
+                idle_since = None
+            elif idle_since is None:
+                idle_since = now
+            elif now - idle_since >= _STOP_GRACE_SECONDS:
+                logger.info("Stopped with no run left running; not waiting for the connection to close")
+                return True
+            if now >= deadline:
+                return self._drain_timed_out(timeout)
+        return not self._abandoned_at_drain
 
     def _drain_polling(self) -> bool:
         """:meth:`_drain` for a signal handler: looks at a plain attribute every
         :data:`_SIGNAL_POLL_SECONDS` instead of waiting on ``_done``, whose lock the main
         thread the handler interrupted may be holding (see :meth:`handle_sigterm`)."""
         timeout = self.settings.drain_timeout
-        deadline = time.monotonic() + timeout
-        graced = False
+        deadline = ((self._drain_deadline or time.monotonic() + timeout)  # as in _drain
+                    + _ABANDON_GRACE_SECONDS + _STOP_GRACE_SECONDS)
         while not self._finished:
             if time.monotonic() >= deadline:
-                if graced or self._held_run_ids():
-                    return self._drain_timed_out(timeout)
-                graced, deadline = True, deadline + _STOP_GRACE_SECONDS  # as in _drain
+                return self._drain_timed_out(timeout)
             time.sleep(_SIGNAL_POLL_SECONDS)
-        return True
+        return not self._abandoned_at_drain
 
     def _drain_timed_out(self, timeout: float) -> bool:
+        """Note (and log, once per stop) the runs abandoned at the drain timeout; False."""
+        if self._abandoned_at_drain:
+            return False  # noted already (the service thread, or another stop path)
         abandoned = self._held_run_ids()
         self._abandoned_at_drain = abandoned
         if abandoned:
@@ -696,8 +719,14 @@ class TaskWorker:
                 # From this thread, the only one that acks: no ack can cross the hand-back.
                 self._subscription.stop_receiving()
             executor = self._executor
-            if executor is not None:
-                executor.shutdown(wait=True)
+            # at most until the drain deadline, however the stop came (stop() from any
+            # thread or task, a signal, a timeout): a run that never returns is abandoned
+            # (its thread is a daemon; the server re-delivers the run after its lease)
+            # (plus one report backoff: a run thread still claiming or reporting its run sees
+            # the deadline at its next attempt, gives up and hands an unstarted run back)
+            if executor is not None and not executor.shutdown(
+                    wait=True, timeout=max(0.0, self._drain_deadline + _ABANDON_GRACE_SECONDS - time.monotonic())):
+                self._drain_timed_out(self.settings.drain_timeout)
             self._wait_for_reports()
             # Only now: on the embedded server the open connection is the lease of the
             # runs that were in flight. A run delivered but not acknowledged goes back to

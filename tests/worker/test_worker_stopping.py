@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from sync_worker.worker import Slots
+from sync_worker.worker import _ABANDON_GRACE_SECONDS, Slots
 from tests.helpers import wait_for
 from tests.worker import worker_tasks as wt
 from tests.worker.test_worker_processes import lines, worker_command
@@ -170,3 +170,71 @@ def test_a_run_delivered_again_while_it_executes_here_is_not_started_twice(api_e
     wt.GATE.opened.set()
     assert future.result(timeout=30) == "once"
     assert wt.GATE.calls == 1
+
+
+def test_stop_from_another_thread_ends_a_blocking_start_at_the_drain_timeout(api_env, monkeypatch, tmp_path, caplog):
+    """stop() from another thread (or from a task) applied no drain timeout to a blocking
+    start(): it returned when the 25 s run ended, and never for a run that never returns."""
+    import threading
+
+    from sync_worker.worker import TaskWorker
+
+    monkeypatch.setenv("SYNC_WORKER_DRAIN_TIMEOUT", "1")
+    marks = tmp_path / "marks"
+    worker = TaskWorker(wt.sleep_marked, limit=1)
+    returned = threading.Event()
+    thread = threading.Thread(target=lambda: (worker.start(), returned.set()), daemon=True)
+    thread.start()
+    future = wt.sleep_marked.delay(0, str(marks), 60.0)
+    wait_for(lambda: len(lines(marks, "start")) == 1, message="the run in flight")
+    stopped = time.monotonic()
+    worker.stop()
+    assert returned.wait(20), "start() still blocked 20 s after stop() with a 1 s drain timeout"
+    assert time.monotonic() - stopped < 1 + _ABANDON_GRACE_SECONDS + 2
+    assert worker._abandoned_at_drain == [future.task_run_id]
+    assert caplog.text.count("1 run(s) still running, abandoned: " + future.task_run_id) == 1
+
+
+def test_ctrl_c_during_a_sigterm_drain_is_a_cold_stop(api_env, spawn, tmp_path):
+    """A Ctrl-C while a SIGTERM's drain runs started the drain again (6 s for a 4 s drain
+    timeout); it is the second stop request: a cold stop at once."""
+    marks = tmp_path / "marks"
+    env = {**api_env, "SYNC_WORKER_DRAIN_TIMEOUT": "60"}
+    proc = spawn(worker_command("tests.worker.worker_tasks:sleep_marked", limit=1), env)
+    wt.sleep_marked.delay(0, str(marks), 60.0)
+    wait_for(lambda: len(lines(marks, "start")) == 1, message="the run in flight")
+    proc.send_signal(signal.SIGTERM)
+    _read_until(proc, "SIGTERM received")
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=30)
+    err = proc.stderr.read()
+    assert time.monotonic() - sent < 15
+    assert proc.returncode == 130, err
+    assert "Cold stop: abandoning 1 running run(s)" in err
+
+
+def test_a_stop_while_the_server_does_not_answer_the_handshake_is_prompt_and_clean(api_env, spawn):
+    """A server that accepts connections and never answers (SIGSTOP, a blackholed host):
+    SIGTERM waited out the whole drain timeout for the connection being opened, then
+    exited 1 ("drain timeout"), and a single Ctrl-C exited 130. Nothing runs: exit 0 soon."""
+    import socket
+
+    with socket.socket() as listener:  # the kernel completes connections; nobody reads them
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}/api"
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            env = {**api_env, "SYNC_WORKER_API_URL": url, "SYNC_WORKER_DRAIN_TIMEOUT": "30"}
+            proc = spawn(worker_command("tests.worker.worker_tasks:add"), env)
+            _read_until(proc, "Starting task worker")
+            listener.settimeout(30)
+            held, _ = listener.accept()  # the worker's connection: its handshake waits for an answer
+            sent = time.monotonic()
+            proc.send_signal(sig)
+            proc.wait(timeout=40)
+            held.close()
+            err = proc.stderr.read()
+            assert proc.returncode == 0, (sig, err)
+            assert time.monotonic() - sent < 12, err
+            assert "Drain timeout" not in err
