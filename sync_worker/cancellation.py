@@ -11,6 +11,8 @@ The engine then reports CANCELLED.
 
 Races, and how they end:
 
+- the function catches ``Cancelled`` and returns: the run is reported CANCELLED anyway (its
+  result is dropped), as a timeout is reported TimedOut however the function takes it;
 - the cancel arrives before the function starts (the run is between delivery and its call):
   it is remembered, and :func:`guard` raises ``Cancelled`` instead of calling the function;
 - the cancel arrives as the function returns: an interruption scheduled just before the
@@ -76,7 +78,7 @@ def guard(task_run_id: str, fn: Callable[..., Any]) -> Callable[..., Any]:
                 raise Cancelled(f"task run {task_run_id} was cancelled before it started")
             _running[task_run_id] = ident
         try:
-            return fn(**kwargs)
+            value = fn(**kwargs)
         finally:
             with _lock:
                 _running.pop(task_run_id, None)
@@ -85,6 +87,12 @@ def guard(task_run_id: str, fn: Callable[..., Any]) -> Callable[..., Any]:
             if interrupted:
                 # no new interruption can be scheduled now; drop one scheduled just before
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), None)
+        if interrupted:
+            # cancelled while running, and the function caught the interruption and returned:
+            # CANCELLED anyway, as a timeout is TimedOut anyway (cancel() said it cancels)
+            raise Cancelled(f"task run {task_run_id} was cancelled while running (its function caught the "
+                            "interruption and returned; its result is dropped)")
+        return value
 
     return call
 

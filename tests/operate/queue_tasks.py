@@ -51,3 +51,19 @@ def flaky(marker):
             handle.write("failed once")
         raise RuntimeError("first attempt fails")
     return "second attempt"
+
+
+@task(task_key="queue.stubborn")
+def stubborn(marker: str, seconds: float) -> str:
+    """Catches the cancellation's interruption and returns as if nothing happened."""
+    from sync_worker.exceptions import Cancelled
+
+    with open(marker, "w"):
+        pass
+    deadline = time.monotonic() + seconds
+    try:
+        while time.monotonic() < deadline:  # small steps: interruptible
+            time.sleep(0.02)
+    except Cancelled:
+        return "caught it"
+    return "slept"

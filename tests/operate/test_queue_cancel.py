@@ -78,6 +78,21 @@ def test_cancel_a_running_run_interrupts_its_thread(api_env, start_worker, tmp_p
     assert worker.started
 
 
+def test_a_run_whose_function_catches_the_cancel_ends_cancelled(api_env, start_worker, tmp_path):
+    """cancel() said True, yet the run ended COMPLETED and result() returned the value when
+    the function caught the interruption: it is CANCELLED anyway, as a timeout is TimedOut."""
+    start_worker(qt.stubborn, limit=1)
+    marker = str(tmp_path / "marker")
+    future = qt.stubborn.delay(marker, 60)
+    wait_for(lambda: os.path.exists(marker), 30, "the run started")
+    assert future.cancel() is True
+    with pytest.raises(TaskRunCancelled):
+        future.result(timeout=30)
+    state = Client().read_task_run(future.task_run_id).state
+    assert state.type is StateType.CANCELLED
+    assert "its function caught the interruption and returned" in state.message
+
+
 def test_runs_cancel_stops_a_run_in_a_worker_subprocess(api_env, spawn, tmp_path):
     proc = spawn([sys.executable, "-m", "sync_worker", "worker", "tests.operate.queue_tasks:slow", "--limit", "2"],
                  api_env)
