@@ -22,6 +22,7 @@ from sync_worker.exceptions import SyncWorkerError
 
 STATE_TYPES = ["SCHEDULED", "PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED", "CRASHED", "PAUSED",
                "CANCELLING"]
+FINISHED_STATE_TYPES = ["COMPLETED", "FAILED", "CANCELLED", "CRASHED"]
 #: parameters shown by ``runs show`` up to this many characters of JSON
 SHOW_PARAMETERS_LIMIT = 2000
 #: the states in which a run is over (``runs retry`` copies only those)
@@ -59,8 +60,19 @@ def _state(text: str) -> str:
     return value
 
 
+def _finished_state(text: str) -> str:
+    value = _state(text)
+    if value not in FINISHED_STATE_TYPES:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finished state: purge deletes runs in "
+                                         f"{', '.join(FINISHED_STATE_TYPES)}")
+    return value
+
+
 def _limit(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
     if not 1 <= value <= 200:
         raise argparse.ArgumentTypeError("must be 1-200 (the API's page size)")
     return value
@@ -462,7 +474,7 @@ def add_runs_parser(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     purge.add_argument("--older-than", type=_duration, required=True, metavar="DURATION",
                        help="runs that ended longer ago than this, e.g. 12h, 7d")
-    purge.add_argument("--state", type=_state, action="append", metavar="STATE",
+    purge.add_argument("--state", type=_finished_state, action="append", metavar="STATE",
                        help="only runs in this finished state (repeatable; default all finished states)")
     purge.add_argument("-y", "--yes", action="store_true",
                        help="do not ask for confirmation (asked only when stdin is a terminal)")

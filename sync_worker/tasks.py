@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
+from sync_worker.durations import MAX_SECONDS
 from sync_worker.exceptions import SerializationError, TaskRunCancelled, TaskRunFailed
 from sync_worker.schemas import (
     EmpiricalPolicy,
@@ -239,6 +240,9 @@ def scheduled_time_from(countdown: float | None, eta: datetime | None) -> dateti
             raise TypeError(f"apply_async(): countdown must be a number of seconds, not {countdown!r}")
         if countdown != countdown or countdown < 0:  # NaN, negative
             raise ValueError(f"apply_async(): countdown must be >= 0 seconds, not {countdown!r}")
+        if countdown > MAX_SECONDS:  # inf, 1e12: past what a datetime (and the server) can hold
+            raise ValueError(f"apply_async(): countdown must be at most {MAX_SECONDS / 86400:.0f} days, "
+                             f"not {countdown!r} seconds")
         return datetime.now(timezone.utc) + timedelta(seconds=countdown)
     if eta is not None:
         if not isinstance(eta, datetime):
@@ -246,7 +250,10 @@ def scheduled_time_from(countdown: float | None, eta: datetime | None) -> dateti
         if eta.tzinfo is None or eta.tzinfo.utcoffset(eta) is None:
             raise TypeError("apply_async(): eta must be an aware datetime (with a tzinfo, e.g. "
                             "datetime.now(timezone.utc) + timedelta(minutes=5)); a naive datetime is ambiguous")
-        return eta.astimezone(timezone.utc)
+        try:
+            return eta.astimezone(timezone.utc)
+        except OverflowError:  # datetime.max with a negative offset: past year 9999 in UTC
+            raise ValueError(f"apply_async(): eta {eta.isoformat()} is past what a datetime can hold in UTC") from None
     return None
 
 

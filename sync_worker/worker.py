@@ -231,6 +231,11 @@ class Slots:
                 self._freed.notify()
         return True
 
+    def held_ids(self) -> set[str]:
+        """The runs holding a slot: from before their claim until their function returned."""
+        with self._lock:
+            return set(self._held)
+
     @property
     def held(self) -> int:
         with self._lock:
@@ -639,11 +644,19 @@ class TaskWorker:
             return False  # noted already (the service thread, or another stop path)
         abandoned = self._held_run_ids()
         self._abandoned_at_drain = abandoned
-        if abandoned:
+        executing = self._slots.held_ids()
+        running = [run for run in abandoned if run in executing]
+        unreported = [run for run in abandoned if run not in executing]
+        if running:
             logger.warning("Drain timeout (%gs, SYNC_WORKER_DRAIN_TIMEOUT) passed with %d run(s) still running, "
                            "abandoned: %s; the server gives them to a worker again once their lease expires, so "
-                           "they may run twice", timeout, len(abandoned), ", ".join(abandoned))
-        else:
+                           "they may run twice", timeout, len(running), ", ".join(running))
+        if unreported:
+            logger.warning("Drain timeout (%gs, SYNC_WORKER_DRAIN_TIMEOUT) passed with %d run(s) executed here whose "
+                           "final state the server has not confirmed (unreachable?): %s; unless it got it, the "
+                           "server gives them to a worker again once their lease expires, so they may run twice",
+                           timeout, len(unreported), ", ".join(unreported))
+        if not abandoned:
             logger.warning("Drain timeout (%gs, SYNC_WORKER_DRAIN_TIMEOUT) passed before the worker's connection "
                            "closed; no run was left running", timeout)
         return False
@@ -1176,6 +1189,9 @@ def load_task(spec: str) -> Task[..., Any]:
         raise TaskSpecError(_import_failed(spec, module_name, exc)) from exc
     except Exception as exc:  # the module's own code failed (SyntaxError, a missing setting, ...)
         raise TaskSpecError(_import_failed(spec, module_name, exc)) from exc
+    except SystemExit as exc:  # the module calls sys.exit() when imported (a script's main code)
+        raise TaskSpecError(f"{spec!r}: importing module {module_name!r} called sys.exit({exc.code!r}); "
+                            "guard its script code with `if __name__ == \"__main__\":`") from None
     value: Any = module
     for part in attribute.split("."):
         try:

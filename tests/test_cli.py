@@ -75,6 +75,7 @@ def test_worker_rejects_bad_task_specs(spec, message):
     ("x = 1\nraise RuntimeError('SETTING missing')\n",
      "importing module 'broken_tasks' failed: RuntimeError: SETTING missing (at {path}:2)"),
     ("def f(:\n", "importing module 'broken_tasks' failed: SyntaxError: "),
+    ("import sys\nsys.exit(7)\n", "importing module 'broken_tasks' called sys.exit(7); guard its script code"),
 ])
 def test_worker_with_a_task_module_whose_import_fails_is_one_line(tmp_path, source, message):
     module = tmp_path / "broken_tasks.py"

@@ -261,3 +261,16 @@ def test_result_from_a_server_that_never_answers_ends_near_its_timeout(monkeypat
         elapsed = time.monotonic() - started
         client.close()
     assert 1.4 <= elapsed < 4.0, elapsed
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"countdown": float("inf")}, "countdown must be at most 36500 days"),
+    ({"countdown": 1e12}, "countdown must be at most 36500 days"),
+    ({"eta": __import__("datetime").datetime.max.replace(
+        tzinfo=__import__("datetime").timezone(__import__("datetime").timedelta(hours=-5)))},
+     "is past what a datetime can hold in UTC"),
+])
+def test_a_delay_past_what_a_datetime_holds_is_a_value_error(options, message):
+    """A bare OverflowError before; nothing is created."""
+    with pytest.raises(ValueError, match=message):
+        add.apply_async((1,), **options)

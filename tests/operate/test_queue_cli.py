@@ -134,7 +134,11 @@ def test_purge_deletes_finished_runs_of_the_given_states(api_env, runs):
     assert json.loads(out.stdout) == {"deleted": 3}
     assert client.count_task_runs() == 3  # the failed run and the two waiting ones
     out = cli(api_env, "runs", "purge", "--older-than", "0", "--state", "SCHEDULED")
-    assert out.returncode == 1 and "Only finished runs can be purged" in out.stderr
+    assert out.returncode == 2 and "'SCHEDULED' is not a finished state" in out.stderr  # refused before sending
+    assert client.count_task_runs() == 3
+    response = requests.post(api_env["SYNC_WORKER_API_URL"] + "/sync_worker/purge",
+                             json={"older_than_seconds": 0, "state_types": ["SCHEDULED"]}, timeout=10)
+    assert response.status_code == 422 and "Only finished runs can be purged" in response.text
     assert client.count_task_runs() == 3
     # a duration reaching before year 1: one line, nothing sent (it was a 500 from the server)
     out = cli(api_env, "runs", "purge", "--older-than", "99999999999d", "-y")
@@ -230,3 +234,14 @@ def test_output_into_a_closed_pipe_ends_quietly(api_env, runs):
     proc.stdout.close()  # before the command has written anything: its first write finds no reader
     _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 141 and b"Traceback" not in err and b"BrokenPipe" not in err, err
+
+
+@pytest.mark.parametrize("args,message", [
+    (["runs", "ls", "--limit", "x"], "argument --limit: 'x' is not a whole number"),
+    (["runs", "purge", "--older-than", "1d", "--state", "RUNNING", "--yes"],
+     "argument --state: 'RUNNING' is not a finished state: purge deletes runs in COMPLETED, FAILED, CANCELLED, CRASHED"),
+])
+def test_option_mistakes_are_one_line_and_exit_2(args, message):
+    out = cli({"SYNC_WORKER_API_URL": "http://127.0.0.1:9/api"}, *args)
+    assert out.returncode == 2, out.stderr
+    assert message in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr

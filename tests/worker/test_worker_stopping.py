@@ -238,3 +238,32 @@ def test_a_stop_while_the_server_does_not_answer_the_handshake_is_prompt_and_cle
             assert proc.returncode == 0, (sig, err)
             assert time.monotonic() - sent < 12, err
             assert "Drain timeout" not in err
+
+
+def test_a_run_executed_but_unreported_at_the_drain_timeout_is_not_called_still_running(
+        server_factory, api_env, monkeypatch, tmp_path, caplog):
+    """The server went away: a run whose function returned but whose final state got no
+    answer was logged "still running, abandoned", which it was not. Its thread gives up at
+    the drain deadline and says so: the server has the state or re-delivers the run."""
+    from pathlib import Path
+
+    from sync_worker.worker import TaskWorker
+
+    server = server_factory(database=str(Path(api_env["SYNC_WORKER_STORAGE"]).parent / "gone.db"))
+    monkeypatch.setenv("SYNC_WORKER_API_URL", server.url)
+    monkeypatch.setenv("SYNC_WORKER_DRAIN_TIMEOUT", "1")
+    marks = tmp_path / "marks"
+    worker = TaskWorker(wt.sleep_marked, limit=1).start(block=False)
+    try:
+        future = wt.sleep_marked.delay(0, str(marks), 1.0)
+        wait_for(lambda: len(lines(marks, "start")) == 1, message="the run in flight")
+        server.stop()
+        wait_for(lambda: len(lines(marks, "end")) == 1, message="the function returned")
+    finally:
+        worker.stop()
+        assert worker.join(30)
+    assert worker._abandoned_at_drain == []  # nothing left running: the function returned
+    assert (f"Stopped before the server answered about task run 'sleep_marked' ({future.task_run_id})"
+            in caplog.text)
+    assert "the server has its state, or gives the run to a worker again when its lease expires" in caplog.text
+    assert "still running" not in caplog.text and "Traceback" not in caplog.text
