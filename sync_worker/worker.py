@@ -1073,13 +1073,22 @@ def create_status_server(task_worker: TaskWorker, port: int = 0, host: str = "12
                 return
             self._send(200, status_payload(task_worker))
 
+        def _not_allowed(self) -> None:  # FastAPI's answer (Prefect's status server) to another method
+            if self.path.split("?", 1)[0].rstrip("/") != "/status":
+                self._send(404, {"detail": "Not Found"})
+                return
+            self._send(405, {"detail": "Method Not Allowed"})
+
+        do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _not_allowed
+
         def _send(self, status: int, body: dict[str, Any]) -> None:
             data = json.dumps(body).encode()
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(data)
+            if self.command != "HEAD":
+                self.wfile.write(data)
 
         def log_message(self, format: str, *args: Any) -> None:
             logger.debug("status server: " + format, *args)

@@ -250,6 +250,10 @@ def test_status_server_json(api_env, free_port):
     assert set(status["in_flight"]["tests.probe"]) <= {f.task_run_id for f in futures}
     assert status["finished"] == {"tests.add": 0, "tests.probe": 0}
     assert requests.get(f"http://127.0.0.1:{free_port}/nope", timeout=5).status_code == 404
+    for method in ("POST", "PUT", "DELETE", "HEAD"):  # as Prefect's (FastAPI) status server answers
+        answer = requests.request(method, url, timeout=5)
+        assert answer.status_code == 405, (method, answer.text)
+        assert answer.text == ("" if method == "HEAD" else '{"detail": "Method Not Allowed"}')
     [f.result(timeout=20) for f in futures]
     finished = wait_for(lambda: requests.get(url, timeout=5).json()["finished"]["tests.probe"] == 3, message="3 finished")
     assert finished
