@@ -28,6 +28,13 @@ def _default_auth_string() -> Any:
     return os.environ.get("SYNC_WORKER_SERVER_AUTH_STRING") or os.environ.get("PREFECT_SERVER_API_AUTH_STRING") or None
 
 
+def _auth_string(text: str) -> str:
+    """``--auth-string``: not empty (an empty one would serve without any auth, silently)."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty (leave the option out to serve without auth)")
+    return text
+
+
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Add the server's options to ``parser`` and set ``func=run``."""
     parser.add_argument("--host", default="127.0.0.1",
@@ -37,7 +44,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--db", default=DEFAULT_DB, metavar="PATH",
                         help=f"SQLite database file, created if missing; its directory must exist "
                              f"(default {DEFAULT_DB}, directory created)")
-    parser.add_argument("--auth-string", default=_default_auth_string(), metavar="S",
+    parser.add_argument("--auth-string", type=_auth_string, default=_default_auth_string(), metavar="S",
                         help="require HTTP Basic auth with this string (and it as the websocket token); "
                              "default from SYNC_WORKER_SERVER_AUTH_STRING or PREFECT_SERVER_API_AUTH_STRING")
     parser.add_argument("--lease-timeout", type=_positive_float, default=30.0, metavar="SECONDS",

@@ -128,3 +128,12 @@ def test_sigterm_handled_while_the_serving_loop_holds_a_lock_stops_the_server(tm
     assert process.returncode == 0, process.stderr
     assert "received SIGTERM, shutting down" in process.stderr
     assert "stopped in" in process.stderr
+
+
+def test_an_empty_auth_string_is_refused_not_served_without_auth(tmp_path):
+    """``--auth-string ''`` served without any auth and said nothing."""
+    result = subprocess.run([sys.executable, "-m", "sync_worker", "server", "--port", "0", "--auth-string", "",
+                             "--db", str(tmp_path / "s.db")], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "argument --auth-string: must not be empty" in result.stderr
+    assert not (tmp_path / "s.db").exists()
