@@ -29,7 +29,7 @@ from .database import DatabaseFileError, SQLiteDatabase
 from .events import EventBus
 from .runqueue import RunQueue
 from .security import RequestGuard
-from .sockets import coalescing
+from .sockets import coalescing, handshake_problem
 from .subscriptions import SubscriptionRegistry
 
 logger = logging.getLogger("sync_worker.server.server")
@@ -175,13 +175,14 @@ class _RequestHandler(WSGIRequestHandler):
             self.close_connection = "close" in connection
         return True
 
-    def _reject(self, code: int, detail: str) -> None:
+    def _reject(self, code: int, detail: str, headers: Iterable[tuple[str, str]] = ()) -> None:
         body = json.dumps({"detail": detail}).encode()
         self.close_connection = True
+        extra = "".join(f"{name}: {value}\r\n" for name, value in headers)
         try:
             self.wfile.write(
                 f"HTTP/1.1 {code} {HTTPStatus(code).phrase}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode("latin-1") + body
+                f"Content-Length: {len(body)}\r\n{extra}Connection: close\r\n\r\n".encode("latin-1") + body
             )
         except OSError:
             pass
@@ -233,6 +234,16 @@ class _RequestHandler(WSGIRequestHandler):
         if self.headers.get("Expect", "").lower().strip(" \t") == "100-continue":
             self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         environ = self.make_environ()
+        if self.command == "GET" and "websocket" in environ.get("HTTP_UPGRADE", "").lower():
+            # a malformed opening handshake is answered here, before a websocket handler takes
+            # the connection (wsproto would raise there: no answer, and a logged traceback)
+            problem = handshake_problem(environ)
+            if problem is not None:
+                code, detail, headers = problem
+                logger.info("refused websocket upgrade GET %s from %s (%d): %s", environ["PATH_INFO"][:200],
+                            environ["REMOTE_ADDR"], code, detail)
+                self._reject(code, detail, headers)
+                return
         response: list[Any] = []
 
         def start_response(status: str, headers: list[Any], exc_info: Any = None) -> Any:

@@ -12,6 +12,8 @@ handler may wait on a client: sends on those connections never block (:meth:`Web
 """
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 import os
@@ -25,8 +27,10 @@ from typing import Any
 
 import simple_websocket
 from simple_websocket.errors import ConnectionClosed
+from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
-from wsproto.events import Ping, Pong, TextMessage
+from wsproto.events import AcceptConnection, Ping, Pong, Request, TextMessage
+from wsproto.extensions import PerMessageDeflate
 from wsproto.utilities import LocalProtocolError
 
 from sync_worker import framing
@@ -137,6 +141,75 @@ def _text_frames(messages: list[str] | tuple[str, ...]) -> bytes:
     return b"".join([text_frame(message) for message in messages])
 
 
+#: the websocket protocol version this server speaks (RFC 6455)
+WEBSOCKET_VERSION = "13"
+
+
+def handshake_request(environ: dict[str, Any]) -> bytes:
+    """The opening handshake as wsproto is given it: rebuilt from the environ's ``HTTP_``
+    headers, as simple-websocket's ``Server.handshake`` does (:meth:`WebSocket.handshake` uses
+    this, so :func:`handshake_problem`'s trial parses exactly what the socket will parse)."""
+    data = b"GET / HTTP/1.1\r\n"
+    for key, value in environ.items():
+        if key.startswith("HTTP_"):
+            header = "-".join([p.capitalize() for p in key[5:].split("_")])
+            data += f"{header}: {value}\r\n".encode()
+    return data + b"\r\n"
+
+
+def handshake_problem(environ: dict[str, Any]) -> tuple[int, str, list[tuple[str, str]]] | None:
+    """What is wrong with a websocket upgrade request, as ``(status, detail, headers)`` of the
+    HTTP answer it gets instead of the upgrade (RFC 6455 4.2.1-4.2.2), or None if the socket
+    can accept it. wsproto raises on such a request (in the handler's thread, after the
+    handler took the connection: nothing was answered and a traceback was logged); so the
+    HTTP layer asks this first. An unsupported ``Sec-WebSocket-Version`` is 426 Upgrade
+    Required; a missing one, or anything else, 400; both name ``Sec-WebSocket-Version: 13``."""
+    problems: list[str] = []
+    headers: list[tuple[str, str]] = []
+    connection = [token.strip().lower() for token in environ.get("HTTP_CONNECTION", "").split(",")]
+    if "upgrade" not in connection:
+        problems.append("missing header 'Connection: Upgrade'")
+    upgrade = environ.get("HTTP_UPGRADE", "")
+    if upgrade.strip().lower() != "websocket":
+        problems.append(f"header 'Upgrade' must be 'websocket', not {upgrade[:100]!r}")
+    version = environ.get("HTTP_SEC_WEBSOCKET_VERSION", "").strip()
+    unsupported = bool(version) and version != WEBSOCKET_VERSION
+    if not version:
+        problems.append(f"missing header 'Sec-WebSocket-Version' (this server speaks version {WEBSOCKET_VERSION})")
+    elif unsupported:
+        problems.append(f"unsupported websocket version {version[:100]!r} (this server speaks version "
+                        f"{WEBSOCKET_VERSION})")
+    if version != WEBSOCKET_VERSION:
+        headers.append(("Sec-WebSocket-Version", WEBSOCKET_VERSION))
+    key = environ.get("HTTP_SEC_WEBSOCKET_KEY")
+    if key is None or not key.strip():
+        problems.append("missing header 'Sec-WebSocket-Key'")
+    else:
+        try:
+            nonce = base64.b64decode(key.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            nonce = b""
+        if len(nonce) != 16:
+            problems.append(f"header 'Sec-WebSocket-Key' must be 16 bytes in base64 (24 characters), not "
+                            f"{key[:100]!r}")
+    if not environ.get("HTTP_HOST"):
+        problems.append("missing header 'Host'")
+    if problems:
+        status = 426 if unsupported and len(problems) == 1 else 400
+        return status, "Bad websocket handshake: " + "; ".join(problems), headers
+    # A trial of what the socket will do with it (header syntax, extension offers).
+    try:
+        trial = WSConnection(ConnectionType.SERVER)
+        trial.receive_data(handshake_request(environ))
+        for event in trial.events():
+            if isinstance(event, Request):
+                subprotocol = "prefect" if "prefect" in event.subprotocols else None
+                trial.send(AcceptConnection(subprotocol=subprotocol, extensions=[PerMessageDeflate()]))
+    except Exception as exc:  # wsproto's RemoteProtocolError, a ValueError from an extension offer
+        return 400, f"Bad websocket handshake: {str(exc)[:200] or type(exc).__name__}", headers
+    return None
+
+
 class WebSocket(simple_websocket.Server):
     """simple-websocket server socket whose sends are thread-safe and complete (sendall)."""
 
@@ -170,6 +243,11 @@ class WebSocket(simple_websocket.Server):
         self._no_extensions: bool | None = None  # see _plain
         kwargs.setdefault("receive_bytes", RECEIVE_BYTES)
         super().__init__(environ, event_class=Signal, thread_class=self._make_reader, **kwargs)
+
+    def handshake(self) -> None:
+        # simple-websocket's, with the request built by the function handshake_problem tries
+        self.ws.receive_data(handshake_request(self.environ))
+        self.connected = self._handle_events()
 
     def _make_reader(self, target: Callable[[], None]) -> Any:
         """simple-websocket's ``thread_class``: this connection's reader, a thread of its own,
@@ -695,6 +773,8 @@ def decode(message: Any) -> dict[str, Any]:
 
 def parse(message: Any) -> Any:
     """One message as JSON (any value), with the server's input limits (:mod:`.validation`)."""
+    if message is None:  # receive() timed out just as the connection ended
+        raise ConnectionClosed()
     if isinstance(message, bytes):
         try:
             message = message.decode("utf-8")
@@ -967,7 +1047,11 @@ def close_socket(ws: WebSocket, code: int, reason: str) -> None:
 
 def authenticate(ws: WebSocket, core: Core, announce: dict[str, Any] | None = None) -> None:
     """Prefect's auth handshake: read ``{"type": "auth", "token": T}``, check the token, answer
-    ``auth_success`` (plus what ``announce`` adds, e.g. extensions) or close 1008."""
+    ``auth_success`` (plus what ``announce`` adds, e.g. extensions) or close 1008. Without the
+    ``prefect`` subprotocol while the server has an auth string: close 1002 (README, "Websocket
+    close codes", both sockets), before reading anything."""
+    if ws.subprotocol != "prefect" and core.auth_string is not None:
+        raise Close(PROTOCOL_ERROR, "'prefect' subprotocol required when auth is configured")
     message = ws.receive(timeout=HANDSHAKE_TIMEOUT)
     if message is None and ws.connected:
         raise Close(POLICY_VIOLATION, f"Expected 'auth' message within {HANDSHAKE_TIMEOUT:g} s")
