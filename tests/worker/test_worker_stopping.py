@@ -139,14 +139,18 @@ def test_a_zero_drain_timeout_with_nothing_running_stops_cleanly(api_env, spawn)
     assert "Drain timeout" not in err and "stopped." in err
 
 
-def test_second_ctrl_c_is_a_cold_stop_exiting_130(api_env, spawn, tmp_path):
+@pytest.mark.parametrize("first,logged", [(signal.SIGINT, "Task worker interrupted"),
+                                          (signal.SIGTERM, "SIGTERM received")], ids=["ctrl-c", "sigterm"])
+def test_ctrl_c_during_a_drain_is_a_cold_stop_exiting_130(api_env, spawn, tmp_path, first, logged):
+    """A second Ctrl-C, or a Ctrl-C during a SIGTERM's drain (which started the drain again:
+    6 s for a 4 s drain timeout): the second stop request, a cold stop at once."""
     marks = tmp_path / "marks"
     env = {**api_env, "SYNC_WORKER_DRAIN_TIMEOUT": "60"}
     proc = spawn(worker_command("tests.worker.worker_tasks:sleep_marked", limit=1), env)
     wt.sleep_marked.delay(0, str(marks), 60.0)
     wait_for(lambda: len(lines(marks, "start")) == 1, message="the run in flight")
-    proc.send_signal(signal.SIGINT)
-    _read_until(proc, "Task worker interrupted")
+    proc.send_signal(first)
+    _read_until(proc, logged)
     sent = time.monotonic()
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=30)
@@ -193,25 +197,6 @@ def test_stop_from_another_thread_ends_a_blocking_start_at_the_drain_timeout(api
     assert time.monotonic() - stopped < 1 + _ABANDON_GRACE_SECONDS + 2
     assert worker._abandoned_at_drain == [future.task_run_id]
     assert caplog.text.count("1 run(s) still running, abandoned: " + future.task_run_id) == 1
-
-
-def test_ctrl_c_during_a_sigterm_drain_is_a_cold_stop(api_env, spawn, tmp_path):
-    """A Ctrl-C while a SIGTERM's drain runs started the drain again (6 s for a 4 s drain
-    timeout); it is the second stop request: a cold stop at once."""
-    marks = tmp_path / "marks"
-    env = {**api_env, "SYNC_WORKER_DRAIN_TIMEOUT": "60"}
-    proc = spawn(worker_command("tests.worker.worker_tasks:sleep_marked", limit=1), env)
-    wt.sleep_marked.delay(0, str(marks), 60.0)
-    wait_for(lambda: len(lines(marks, "start")) == 1, message="the run in flight")
-    proc.send_signal(signal.SIGTERM)
-    _read_until(proc, "SIGTERM received")
-    sent = time.monotonic()
-    proc.send_signal(signal.SIGINT)
-    proc.wait(timeout=30)
-    err = proc.stderr.read()
-    assert time.monotonic() - sent < 15
-    assert proc.returncode == 130, err
-    assert "Cold stop: abandoning 1 running run(s)" in err
 
 
 def test_a_stop_while_the_server_does_not_answer_the_handshake_is_prompt_and_clean(api_env, spawn):
