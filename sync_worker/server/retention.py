@@ -69,6 +69,10 @@ def parse_purge(body: Any) -> tuple[float, list[str]]:
     loc: list[Any] = ["body"]
     if not isinstance(body, dict):
         raise ValidationError(loc, "Input should be a JSON object with 'older_than_seconds'", "dict_type", body)
+    for key in body:
+        if key not in ("older_than_seconds", "state_types"):  # a misspelt filter must not widen a delete
+            raise ValidationError(loc + [key], "Extra inputs are not permitted (purge takes older_than_seconds "
+                                  "and state_types)", "extra_forbidden", body[key])
     older = body.get("older_than_seconds")
     if isinstance(older, bool) or not isinstance(older, (int, float)) or not 0 <= older <= MAX_SECONDS:
         raise ValidationError(loc + ["older_than_seconds"],

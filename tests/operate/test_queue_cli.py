@@ -139,6 +139,10 @@ def test_purge_deletes_finished_runs_of_the_given_states(api_env, runs):
     response = requests.post(api_env["SYNC_WORKER_API_URL"] + "/sync_worker/purge",
                              json={"older_than_seconds": 0, "state_types": ["SCHEDULED"]}, timeout=10)
     assert response.status_code == 422 and "Only finished runs can be purged" in response.text
+    # a misspelt key ("states") was ignored: the purge deleted every finished run
+    response = requests.post(api_env["SYNC_WORKER_API_URL"] + "/sync_worker/purge",
+                             json={"older_than_seconds": 0, "states": ["CANCELLED"]}, timeout=10)
+    assert response.status_code == 422 and "Extra inputs are not permitted" in response.text
     assert client.count_task_runs() == 3
     # a duration reaching before year 1: one line, nothing sent (it was a 500 from the server)
     out = cli(api_env, "runs", "purge", "--older-than", "99999999999d", "-y")
