@@ -470,7 +470,9 @@ class TaskWorker:
                     self.stop()
                     self._drain()
             except KeyboardInterrupt:
-                if self.stopping:  # a drain was under way (SIGTERM, stop(), timeout): as a second Ctrl-C
+                # a drain was under way (SIGTERM, stop(), timeout), or a SIGTERM noted and about
+                # to start one: as a second Ctrl-C
+                if self.stopping or self._sigterm_noted:
                     self._cold_stop()
                     raise
                 try:
