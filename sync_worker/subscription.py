@@ -152,6 +152,7 @@ class Subscription:
         claim_at_delivery: Callable[[], bool] | bool = True,
         holding: Callable[[], list[str]] | None = None,
         yields_after: Callable[[TaskRun], bool] | None = None,
+        limit: int | None = None,
     ):
         self.keys = sorted(set(keys))
         if not self.keys:
@@ -186,6 +187,9 @@ class Subscription:
         #: Whether the reader yields the GIL after starting a run that more runs of the same
         #: message follow (see :attr:`Connection.yields_after`).
         self._yields_after = yields_after
+        #: The consumer's slots, named in the subscribe message (with ``credit``) so that the
+        #: server shows the worker's limit, not its free slots plus the runs it still holds.
+        self._limit = limit
         #: How the server of the current connection behaves (:mod:`sync_worker.dialects`),
         #: chosen once per connection from its ``auth_success``; None before the first.
         self.dialect: Dialect | None = None
@@ -265,6 +269,8 @@ class Subscription:
             claims = granting and wants_claims and "claim_at_delivery" in extensions
             if granting:
                 subscribe["credit"] = max(0, self._credit())
+                if self._limit is not None:
+                    subscribe["limit"] = self._limit
             if claims:
                 subscribe["claim_at_delivery"] = True
                 if "batch_delivery" in extensions:

@@ -527,6 +527,7 @@ class TaskWorker:
                 claim_at_delivery=self._claims_at_delivery,
                 holding=self._held_run_ids,
                 yields_after=self._yields_after_run,
+                limit=self.limit,
             )
             self._transport = Transport(self._client, self._subscription)
             self._prefect.start()

@@ -25,7 +25,9 @@ lets the next one go. The ``credit`` extension, offered in ``auth_success``, lif
   without waiting for acks (one credit each) and more only when the client grants them with
   ``{"type": "credit", "n": K}``. A worker grants one credit per free execution slot, so
   delivery is pipelined and a busy worker never holds a run it cannot start (the
-  sync_worker worker uses this one).
+  sync_worker worker uses this one). ``"limit": N`` next to it names the worker's slots,
+  which the server shows (``/api/workers``, ``sync-worker status``, the dashboard); without
+  it the server estimates them from the credit and ``holding``.
 
 Acks keep their meaning (they turn a delivered run into a leased one) and
 acknowledge the oldest unacknowledged run.
@@ -166,15 +168,16 @@ def handle_websocket(environ: dict[str, Any], core: Core, registry: Subscription
             authenticate(ws, core, announce)
         elif core.auth_string is not None:
             raise _Close(PROTOCOL_ERROR, "'prefect' subprotocol required when auth is configured")
-        keys, client_id, credit, claim, batch, inline, holding = _read_subscribe(ws, not core.prefect_compatible)
+        keys, client_id, credit, claim, batch, inline, holding, limit = _read_subscribe(
+            ws, not core.prefect_compatible)
         Subscription(ws, core, keys, client_id, peer, credit, claim_at_delivery=claim, batch_delivery=batch,
-                     holding=holding, inline_parameters=inline).run()
+                     holding=holding, inline_parameters=inline, limit=limit).run()
 
     serve_socket(environ, registry, max_message_size, "subscription", serve)
 
 
 def _read_subscribe(ws: WebSocket, extensions: bool = True
-                    ) -> tuple[list[str], str, int | None, bool, bool, bool, set[str] | None]:
+                    ) -> tuple[list[str], str, int | None, bool, bool, bool, set[str] | None, int | None]:
     message = ws.receive(timeout=sockets.HANDSHAKE_TIMEOUT)
     if message is None and ws.connected:
         raise _Close(POLICY_VIOLATION, f"Expected 'subscribe' message within {sockets.HANDSHAKE_TIMEOUT:g} s")
@@ -197,6 +200,9 @@ def _read_subscribe(ws: WebSocket, extensions: bool = True
     credit = value.get("credit")
     if credit is not None and (not isinstance(credit, int) or isinstance(credit, bool) or credit < 0):
         raise _Close(PREFECT_VIOLATION, "Protocol violation: 'credit' must be a whole number >= 0")
+    limit = value.get("limit") if credit is not None else None
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise _Close(PREFECT_VIOLATION, "Protocol violation: 'limit' must be a whole number >= 1")
     claim, batch = (_flag(value, "claim_at_delivery"), _flag(value, "batch_delivery")) if extensions else (False, False)
     if claim and credit is None:
         raise _Close(PREFECT_VIOLATION, "Protocol violation: 'claim_at_delivery' requires 'credit'")
@@ -211,7 +217,7 @@ def _read_subscribe(ws: WebSocket, extensions: bool = True
         raise _Close(PREFECT_VIOLATION, f"Protocol violation: 'holding' must be a list of at most {MAX_HOLDING} "
                                         "run ids")
     return (list(dict.fromkeys(keys)), client_id, credit, claim, batch, inline,
-            None if holding is None else set(holding))
+            None if holding is None else set(holding), limit)
 
 
 def _flag(value: dict[str, Any], name: str) -> bool:
@@ -236,7 +242,7 @@ class Subscription:
     def __init__(self, ws: WebSocket, core: Core, keys: list[str], client_id: str, peer: str,
                  credit: int | None = None, claim_at_delivery: bool = False,
                  batch_delivery: bool = False, holding: set[str] | None = None,
-                 inline_parameters: bool = False) -> None:
+                 inline_parameters: bool = False, limit: int | None = None) -> None:
         #: claim_at_delivery: the runs the worker says it holds when it (re)subscribes
         #: (see RunQueue.adopt); None: every lease of its client_id is taken over
         self.holding = holding
@@ -244,9 +250,13 @@ class Subscription:
         self.batch_delivery = batch_delivery
         #: runs delivered to it carry the parameters record this server holds for them
         self.inline_parameters = inline_parameters
-        # runs it may hold at once (stats): its free slots, plus the runs it holds when it
-        # reconnects while running some (its credit alone was shown as its limit then)
-        self.limit = (credit + len(holding or ())) if credit is not None else 1
+        # runs it may hold at once (stats): the limit it names; else its free slots plus the
+        # runs it holds when it reconnects while running some (an estimate: a run that is
+        # still reporting holds no slot, so it may count twice)
+        if limit is not None:
+            self.limit = limit
+        else:
+            self.limit = (credit + len(holding or ())) if credit is not None else 1
         self.rank = next(_ranks)  # older connections get runs first (runqueue._preference)
         self.connected_at = time.time()  # shown by the dashboard
         self.ws = ws

@@ -236,3 +236,32 @@ def test_bad_holding_closes_with_4001(wire, holding):
     subscriber = claiming(wire, 1, holding=holding)
     code, reason = read_close(subscriber.ws)
     assert code == 4001 and "'holding'" in reason
+
+
+def _listed_limits(wire) -> list[int]:
+    response = wire.http.get(f"{wire.url}/sync_worker/workers", timeout=10)
+    return [w["limit"] for w in response.json()]
+
+
+def test_a_worker_naming_its_limit_is_listed_with_it(server_factory, make_wire):
+    """A worker that reconnects with runs still reporting has free slots the server cannot tell
+    from held runs: credit 4 and four held runs were listed as limit 8 for a ``--limit 4``
+    worker. The limit it names is what is listed; without one, the server's estimate."""
+    wire = make_wire(server_factory())
+    held = [wire.create()["id"] for _ in range(4)]
+    first = claiming(wire, 4, client_id="blip")
+    assert sorted(first.next_run()["id"] for _ in range(4)) == sorted(held)
+    first.close()
+    again = claiming(wire, 4, client_id="blip", holding=held, limit=4)
+    wait_for(lambda: _listed_limits(wire) == [4], timeout=10, message="the listed limit")
+    again.close()
+    estimate = claiming(wire, 4, client_id="old", holding=held[:2])
+    wait_for(lambda: _listed_limits(wire) == [6], timeout=10, message="the listed limit")
+    estimate.close()
+
+
+@pytest.mark.parametrize("limit", [0, -1, "4", 2.5, True])
+def test_bad_limit_closes_with_4001(wire, limit):
+    subscriber = claiming(wire, 1, limit=limit)
+    code, reason = read_close(subscriber.ws)
+    assert code == 4001 and "'limit'" in reason
