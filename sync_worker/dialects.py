@@ -184,11 +184,12 @@ class PrefectDialect(Dialect):
             changes["end_time"] = state.timestamp
         run = dataclasses.replace(run, **changes) if changes else run
         state.state_details.task_run_id = run.id
-        event = state_event(run, last, state, run_time)
+        event = state_event(run, last, state, run_time, follows=engine.last_event_id)
         sent = (reporting.events.confirm(engine.client, run, state, event) if final
                 else reporting.events.send(engine.client, event))
         if sent:
             engine.task_run, engine.state, engine.total_run_time = run, state, run_time
+            engine.last_event_id = event["id"]
             if state.type is StateType.RUNNING:
                 engine.running_state = state
         return sent

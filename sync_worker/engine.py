@@ -233,6 +233,9 @@ class TaskRunEngine:
         self._running_sent = False
         #: the RUNNING state this worker sent as an event (what :meth:`Dialect.running_recorded` looks for)
         self.running_state: State | None = None
+        #: id of the last state event this engine sent: the next one ``follows`` it, as
+        #: Prefect's engine chains them (``TaskRunEngine._last_event``)
+        self.last_event_id: str | None = None
         self._started = False  # the function was called (a later failure to report is not "unclaimed")
 
     _claim_marker: str | None = None

@@ -51,27 +51,36 @@ REPEAT_EVENT_AFTER = 8.0
 
 
 def final_state_event(task_run: TaskRun, state: State) -> dict[str, Any]:
-    """The event Prefect's own engine emits when a task run enters ``state``.
+    """The event that wakes a Prefect caller waiting for ``task_run`` (its ``.result()``):
+    the labels and ``validated_state`` of Prefect's own engine event (:func:`state_event`),
+    but without ``"prefect.orchestration": "client"``. Sent for a state already recorded
+    (proposed over REST, or a repeat of an event): Prefect's ``task_run_recorder`` records
+    only client-orchestrated events, so this one is not recorded a second time.
 
-    Named after the state *type* (a Prefect caller's filter); the state's own name stays
-    in ``validated_state``."""
-    state_json = state.to_json()
-    state_json.setdefault("message", "")
+    Named after the state *type* (what a Prefect caller's filter names); the state's own
+    name stays in ``validated_state`` and the labels."""
+    timestamp = state.timestamp or datetime.now(timezone.utc)
+    message = state.message or ""
     return {
-        "id": state.id or str(uuid.uuid4()),
-        "occurred": format_datetime(state.timestamp or datetime.now(timezone.utc)),
+        "id": state.id or str(uuid.uuid4()),  # a repeat takes a new one
+        "occurred": format_datetime(timestamp),
         "event": f"prefect.task-run.{state.type.value.capitalize()}",
         "resource": {
             "prefect.resource.id": f"prefect.task-run.{task_run.id}",
             "prefect.resource.name": task_run.name,
-            "prefect.state-name": state.name,
+            "prefect.run-count": str(task_run.run_count),
+            "prefect.state-message": message,
+            "prefect.state-name": state.name or "",
+            "prefect.state-timestamp": format_datetime(timestamp),
             "prefect.state-type": state.type.value,
         },
-        "related": [],
+        "related": [{"prefect.resource.id": f"prefect.tag.{tag}", "prefect.resource.role": "tag"}
+                    for tag in sorted(task_run.tags)],
         "payload": {
             "intended": {"from": "RUNNING", "to": state.type.value},
             "initial_state": {"type": "RUNNING", "name": "Running", "message": "", "state_details": {}},
-            "validated_state": state_json,
+            "validated_state": {"type": state.type.value, "name": state.name, "message": message,
+                                "state_details": _details(state), "data": state.data},
         },
     }
 
@@ -100,16 +109,18 @@ def _details(state: State) -> dict[str, Any]:
     return {k: v for k, v in state.state_details.to_json().items() if k not in ("task_run_id", "flow_run_id")}
 
 
-def state_event(task_run: TaskRun, initial: State | None, state: State, total_run_time: float = 0.0) -> dict[str, Any]:
+def state_event(task_run: TaskRun, initial: State | None, state: State, total_run_time: float = 0.0,
+                follows: str | None = None) -> dict[str, Any]:
     """The event Prefect's engine emits when it sets ``state`` on ``task_run``
     (``prefect.utilities.engine.emit_task_run_state_change_event`` in Prefect 3.8.8):
     named after the state's *name*, id and ``occurred`` those of the state, and the
     resource marked ``"prefect.orchestration": "client"`` so that Prefect's
     ``task_run_recorder`` records it on the run (newest state timestamp wins there).
-    ``task_run`` must already carry what the state changes (``run_count``, times)."""
+    ``task_run`` must already carry what the state changes (``run_count``, times);
+    ``follows``: the id of the run's previous event from this engine (ordering hint)."""
     assert state.id is not None and state.timestamp is not None
     message = state.message or ""
-    return {
+    event: dict[str, Any] = {
         "id": state.id,
         "occurred": format_datetime(state.timestamp),
         "event": f"prefect.task-run.{state.name}",
@@ -134,6 +145,9 @@ def state_event(task_run: TaskRun, initial: State | None, state: State, total_ru
             "task_run": _task_run_payload(task_run, total_run_time),
         },
     }
+    if follows is not None:
+        event["follows"] = follows
+    return event
 
 
 def stamp(state: State) -> State:

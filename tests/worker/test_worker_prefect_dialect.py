@@ -11,7 +11,7 @@ import websocket
 
 from sync_worker.client import Client
 from sync_worker.schemas import StateType
-from tests.helpers import drop_events, wait_for
+from tests.helpers import drop_events, load_capture, wait_for
 from tests.worker import worker_tasks as wt
 
 
@@ -65,6 +65,48 @@ def test_runs_are_claimed_over_rest_and_report_running_and_completed_as_events(p
         history = [s["type"] for s in client.read_task_run_states(future.task_run_id)]
         assert history[-3:] == ["PENDING", "RUNNING", "COMPLETED"]
     assert worker._prefect.events.fallbacks == 0
+
+
+def _captured_events() -> dict[str, dict]:
+    """Prefect 3.8.8's own engine's events for one run (captured on /api/events/in)."""
+    return {e["event"]: e for e in load_capture("events_in_task_run_add.json")["events"]}
+
+
+def test_state_events_have_the_shape_of_prefects_own_and_completed_follows_running(prefect_like, start_worker,
+                                                                                    monkeypatch):
+    """As Prefect's engine chains them: COMPLETED ``follows`` the RUNNING event, with the same
+    resource labels and ``validated_state`` keys as the captured events. The repeat sent later
+    to wake late callers has the same labels but ``prefect.orchestration`` (not recorded again).
+    Before: no ``follows``, and the repeat lacked the run-count, state-message and
+    state-timestamp labels and carried the state's timestamp and task_run_id."""
+    posted: list[dict] = []
+    original_emit = Client.emit_events
+
+    def emitting(self, events):
+        posted.extend(events)
+        return original_emit(self, events)
+
+    monkeypatch.setattr(Client, "emit_events", emitting)
+    worker = start_worker(wt.add)
+    worker._prefect.events.repeat_after = 0.2
+    future = wt.add.delay(1, 2)
+    assert future.result(timeout=60) == 3
+    wait_for(lambda: len([e for e in posted if e["event"] == "prefect.task-run.Completed"]) >= 2, timeout=30,
+             message="the COMPLETED event and its repeat")
+    captured = _captured_events()
+    running = next(e for e in posted if e["event"] == "prefect.task-run.Running")
+    completed, repeat = [e for e in posted if e["event"] == "prefect.task-run.Completed"][:2]
+    assert completed["follows"] == running["id"] and "follows" not in running
+    for ours in (running, completed):
+        theirs = captured[ours["event"]]
+        assert sorted(ours["resource"]) == sorted(theirs["resource"])
+        assert sorted(ours["payload"]["validated_state"]) == sorted(theirs["payload"]["validated_state"])
+        assert "task_run_id" not in ours["payload"]["validated_state"]["state_details"]
+    assert sorted(repeat["resource"]) == sorted(set(captured["prefect.task-run.Completed"]["resource"])
+                                                - {"prefect.orchestration"})
+    assert sorted(repeat["payload"]["validated_state"]) == sorted(completed["payload"]["validated_state"])
+    assert repeat["payload"]["validated_state"]["state_details"] == completed["payload"]["validated_state"]["state_details"]
+    assert repeat["id"] != completed["id"]
 
 
 def test_a_completed_event_the_server_drops_is_proposed_over_rest(prefect_like, start_worker, monkeypatch):
