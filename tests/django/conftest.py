@@ -163,11 +163,16 @@ def postgres() -> Iterator[dict[str, str]]:
     import socket
     import tempfile
 
+    import importlib.util
+
     initdb, pg_ctl = _postgres_bin("initdb"), _postgres_bin("pg_ctl")
-    if not initdb or not pg_ctl:
+    missing = None if initdb and pg_ctl else "initdb/pg_ctl were not found"
+    if missing is None and not any(importlib.util.find_spec(name) for name in ("psycopg", "psycopg2")):
+        missing = "no PostgreSQL driver for Django (pip install psycopg2-binary)"
+    if missing:
         if os.environ.get("SYNC_WORKER_REQUIRE_POSTGRES") == "1":
-            raise RuntimeError("SYNC_WORKER_REQUIRE_POSTGRES=1 but initdb/pg_ctl were not found")
-        pytest.skip("PostgreSQL is not installed (initdb/pg_ctl not found)")
+            raise RuntimeError(f"SYNC_WORKER_REQUIRE_POSTGRES=1 but {missing}")
+        pytest.skip(f"PostgreSQL cannot be used here: {missing}")
     base = Path(tempfile.mkdtemp(prefix="sync-worker-pg-"))
     prefix: list[str] = []
     if os.geteuid() == 0:
