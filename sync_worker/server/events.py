@@ -36,11 +36,29 @@ Out (``/api/events/out``): ping -> auth -> ``auth_success`` (in-band only: Prefe
 subscriber sends no Authorization header), then ``{"type": "filter", "filter": EventFilter,
 "backfill": true}``; the server sends ``{"type": "event", "event": ...}`` for every matching
 event: first the backfill (events since ``filter.occurred.since``, at most 15 minutes back,
-oldest first), then live ones. An invalid filter closes with 1002 and the reason, as
-Prefect does. A ``prefect.task-run.<Completed|Failed|Cancelled|Crashed>`` event is emitted
+oldest first), then live ones; any false ``backfill`` (``null``, ``0``) means none. An invalid
+filter closes with 1002 and the reason, as Prefect does. A ``prefect.task-run.<Completed|Failed|Cancelled|Crashed>`` event is emitted
 for every final state this server records however it got there (a worker's ``set_state``,
 ``force``, a lease running out into CRASHED, cancellation), so a Prefect caller waiting on a
 run that a sync_worker worker finished wakes up too.
+
+The filter is matched as Prefect 3.8.8's server matches a live event (its ``includes``):
+
+- refused: unknown keys at any level (Prefect's filter models forbid extras: a misspelt
+  criterion would otherwise match everything), ``id.id`` entries that are not UUIDs,
+  ``text.query`` over 200 characters, ``order`` other than ``ASC``/``DESC``, a ``null``
+  ``occurred``/``id``/``order``, wrong types.
+- ``occurred``: ``since`` at most 15 minutes back (the default); given an ``occurred``
+  object, ``until`` defaults to the moment the filter is read, so later events are not sent.
+  Without ``occurred`` ``until`` stays open (Prefect would close it too; see EventFilter).
+- ``id.id``: compared as UUIDs (any spelling). ``event``: exact names and prefixes.
+- labels (``resource``, ``related``, ``any_resource``): each value an fnmatch glob (``*``,
+  ``?``), ``!glob`` negated, a label matches if any of its values does (``[]``: nothing); a
+  label the resource lacks never matches. ``related``/``any_resource`` may be lists (all must
+  match). ``related`` is applied as Prefect's backfill query does (its live stream ignores it).
+- ``text.query``: Prefect's parser: terms and ``"phrases"`` OR-ed, ``+term`` required,
+  ``-term``/``!term`` excluded, case-insensitive substrings of the event name, the label
+  values (not keys) of the resource and related resources, and ``str(payload)``.
 
 Events are kept in memory only (the last :data:`MAX_EVENTS`, at most
 :data:`MAX_BACKFILL_SECONDS` old, at most about :data:`MAX_EVENT_BYTES`): they are a
@@ -67,11 +85,13 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import time
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from fnmatch import fnmatchcase
 from typing import Any
 
 import simple_websocket
@@ -84,6 +104,7 @@ from .sockets import POLICY_VIOLATION, PROTOCOL_ERROR, SERVICE_RESTART, UNSUPPOR
 from .sockets import Close as _Close
 from .sockets import WebSocket as _Socket
 from .models import DEFAULT_STATE_NAMES, STATE_TYPES, TERMINAL, ValidationError, iso, make_state, parse_time
+from .validation import close_reason
 
 logger = logging.getLogger("sync_worker.server.events")
 
@@ -360,6 +381,21 @@ def final_state_event(run: dict[str, Any]) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- filters
+#
+# Prefect 3.8.8's server-side EventFilter (prefect/server/events/filters.py): its models
+# refuse unknown keys (extra="forbid"), and a subscriber is matched with their ``includes``.
+
+
+def _fields(value: Any, loc: str, allowed: frozenset[str]) -> dict[str, Any]:
+    """A filter object's keys, refusing unknown ones: a misspelt criterion must not be
+    silently ignored (the subscriber would get every event)."""
+    if not isinstance(value, dict):
+        raise ValueError(f"{loc}: Input should be a valid dictionary")
+    for key in value:
+        if key not in allowed:
+            where = f"{loc}.{key}" if loc != "filter" else str(key)
+            raise ValueError(f"{where[:60]}: Extra inputs are not permitted")
+    return value
 
 
 def _str_list(value: Any, loc: str) -> list[str] | None:
@@ -370,15 +406,8 @@ def _str_list(value: Any, loc: str) -> list[str] | None:
     return value
 
 
-def _object(value: Any, loc: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise ValueError(f"{loc}: Input should be a valid dictionary")
-    return value
-
-
 def _labels(value: Any, loc: str) -> dict[str, list[str]] | None:
+    """Prefect's ResourceSpecification: label -> a pattern or a list of patterns."""
     if value is None:
         return None
     if not isinstance(value, dict):
@@ -386,31 +415,80 @@ def _labels(value: Any, loc: str) -> dict[str, list[str]] | None:
     labels: dict[str, list[str]] = {}
     for key, expected in value.items():
         values = [expected] if isinstance(expected, str) else expected
-        labels[key] = _str_list(values, f"{loc}.{key}") or []
+        if not isinstance(values, list) or not all(isinstance(item, str) for item in values):
+            raise ValueError(f"{loc}.{key}: Input should be a string or a list of strings")
+        labels[key] = values
     return labels
 
 
-def _label_matches(actual: str | None, expected: list[str]) -> bool:
-    """Prefect's label matching: ``*`` any value, ``prefix*``, ``!value`` negation."""
-    positive = [v for v in expected if not v.startswith("!")]
-    negative = [v[1:] for v in expected if v.startswith("!")]
-    for value in negative:
-        if actual is not None and (actual == value or (value.endswith("*") and actual.startswith(value[:-1]))):
-            return False
-    if not positive:
-        return True
+_TRUE = frozenset({"1", "on", "t", "true", "y", "yes"})
+_FALSE = frozenset({"0", "off", "f", "false", "n", "no"})
+
+
+def _bool(value: Any, loc: str) -> bool:
+    """A boolean as pydantic (lax) reads one: ``distinct`` is one and Prefect refuses others."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.lower() in _TRUE | _FALSE:
+        return value.lower() in _TRUE
+    raise ValueError(f"{loc}: Input should be a valid boolean")
+
+
+_NUMBER = re.compile(r"[0-9]+(\.[0-9]*)?")
+
+
+def _time(value: Any, loc: str) -> float:
+    """``occurred.since``/``until``: ISO 8601, or epoch seconds (milliseconds past 2e10), as
+    pydantic reads a datetime."""
+    number: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str) and _NUMBER.fullmatch(value.strip()):
+        number = float(value)
+    if number is not None:
+        return number / 1000 if abs(number) > 2e10 else number
+    try:
+        return float(parse_time(value, loc.split(".")))
+    except ValidationError as exc:
+        raise ValueError(exc.detail) from None
+
+
+def _label_matches(actual: str | None, patterns: list[str]) -> bool:
+    """Prefect's label matching: each pattern is an fnmatch glob (``*``, ``?``, ``[...]``),
+    ``!pattern`` matches what the glob does not; the label matches if ANY pattern does (an
+    empty list: nothing). A label the resource lacks never matches, negated or not."""
     if actual is None:
         return False
-    return any(v == "*" or actual == v or (v.endswith("*") and actual.startswith(v[:-1])) for v in positive)
+    return any((not fnmatchcase(actual, p[1:])) if p.startswith("!") else fnmatchcase(actual, p)
+               for p in patterns)
+
+
+_RESOURCE_KEYS = frozenset({"id", "id_prefix", "labels", "distinct"})
+_RELATED_KEYS = frozenset({"id", "role", "resources_in_roles", "labels"})
+_ANY_RESOURCE_KEYS = frozenset({"id", "id_prefix", "labels"})
 
 
 class _ResourceFilter:
-    def __init__(self, value: Any, loc: str, role: bool = False) -> None:
-        value = _object(value, loc)
-        self.ids = _str_list(value.get("id"), f"{loc}.id")
-        self.prefixes = _str_list(value.get("id_prefix"), f"{loc}.id_prefix")
-        self.roles = _str_list(value.get("role"), f"{loc}.role") if role else None
-        self.labels = _labels(value.get("labels"), f"{loc}.labels")
+    """``resource``, one ``related`` or one ``any_resource`` criterion: all its parts must
+    match one resource."""
+
+    def __init__(self, value: Any, loc: str, keys: frozenset[str]) -> None:
+        fields = _fields(value, loc, keys)
+        self.ids = _str_list(fields.get("id"), f"{loc}.id")
+        self.prefixes = _str_list(fields.get("id_prefix"), f"{loc}.id_prefix")
+        self.roles = _str_list(fields.get("role"), f"{loc}.role")
+        self.in_roles: list[tuple[str, str]] | None = None
+        pairs = fields.get("resources_in_roles")
+        if pairs is not None:
+            if not isinstance(pairs, list) or not all(
+                    isinstance(p, list) and len(p) == 2 and all(isinstance(s, str) for s in p) for p in pairs):
+                raise ValueError(f"{loc}.resources_in_roles: Input should be a list of [resource id, role] pairs")
+            self.in_roles = [(p[0], p[1]) for p in pairs]
+        self.labels = _labels(fields.get("labels"), f"{loc}.labels")
+        if "distinct" in fields:
+            _bool(fields["distinct"], f"{loc}.distinct")  # validated only: it orders a query
 
     def matches(self, resource: dict[str, str]) -> bool:
         resource_id = resource.get("prefect.resource.id", "")
@@ -418,62 +496,139 @@ class _ResourceFilter:
             return False
         if self.prefixes and not any(resource_id.startswith(p) for p in self.prefixes):
             return False
-        if self.roles and resource.get("prefect.resource.role") not in self.roles:
+        role = resource.get("prefect.resource.role")
+        if self.roles and role not in self.roles:
+            return False
+        if self.in_roles and (resource_id, role) not in self.in_roles:
             return False
         if self.labels and not all(_label_matches(resource.get(k), v) for k, v in self.labels.items()):
             return False
         return True
 
 
+def _resource_filters(value: Any, loc: str, keys: frozenset[str]) -> list[_ResourceFilter]:
+    """``related``/``any_resource``: one criterion or a list of them (all must match)."""
+    if value is None:
+        return []
+    if isinstance(value, list):
+        return [_ResourceFilter(item, f"{loc}.{i}", keys) for i, item in enumerate(value)]
+    return [_ResourceFilter(value, loc, keys)]
+
+
+class TextQuery:
+    """Prefect's text search query (server/utilities/text_search_parser.py): plain terms
+    and ``"quoted phrases"`` are OR-ed, ``+term`` is required, ``-term``/``!term`` excluded;
+    case-insensitive substrings. A sign followed by a space (or nothing) is ignored; inside a
+    phrase ``\\"`` is a quote and ``\\\\`` a backslash."""
+
+    def __init__(self, query: str) -> None:
+        self.include: list[str] = []
+        self.required: list[str] = []
+        self.exclude: list[str] = []
+        by_sign = {"": self.include, "+": self.required, "-": self.exclude, "!": self.exclude}
+        i, n = 0, len(query)
+        while i < n:
+            if query[i].isspace():
+                i += 1
+                continue
+            sign = ""
+            if query[i] in "-!+":
+                if i + 1 == n or query[i + 1].isspace():
+                    i += 1  # a lone sign
+                    continue
+                sign = query[i]
+                i += 1
+            if query[i] == '"':
+                end = i + 1
+                while end < n and query[end] != '"':
+                    end += 2 if query[end] == "\\" and end + 1 < n else 1
+                term = _UNESCAPE.sub(r"\1", query[i + 1:end])  # an unclosed phrase runs to the end
+                i = end + 1
+                if not term.strip():
+                    continue
+            else:
+                end = i
+                while end < n and not query[end].isspace() and query[end] != '"':
+                    end += 1
+                term, i = query[i:end], end
+            by_sign[sign].append(term.lower())
+
+    def matches(self, text: str) -> bool:
+        """``text``: already lower-cased."""
+        if self.include and not any(term in text for term in self.include):
+            return False
+        if any(term in text for term in self.exclude):
+            return False
+        return all(term in text for term in self.required)
+
+
+_UNESCAPE = re.compile(r'\\(["\\])')
+
+
+def _searchable_text(event: Event) -> str:
+    """What Prefect's text filter searches: the event name, the label VALUES of the resource
+    and related resources (not their keys) and ``str(payload)`` (Python's repr), lower-cased."""
+    parts = [event.name, *event.resource.values()]
+    for related in event.related:
+        parts.extend(related.values())
+    parts.append(str(event.data["payload"] if event.data is not None else {}))
+    return " ".join(parts).lower()
+
+
+_FILTER_KEYS = frozenset({"occurred", "event", "resource", "related", "any_resource", "id", "text", "order"})
+_OCCURRED_KEYS = frozenset({"since", "until"})
+_EVENT_KEYS = frozenset({"prefix", "exclude_prefix", "name", "exclude_name"})
+MAX_TEXT_QUERY = 200  # Prefect's EventTextFilter.query max_length
+
+
 class EventFilter:
-    """Prefect's ``EventFilter`` (what ``/api/events/out`` subscribers send): occurred,
-    event names, resource, related, any_resource, id, text. ValueError names a bad field."""
+    """Prefect's server-side ``EventFilter`` (what ``/api/events/out`` subscribers send);
+    ValueError names a bad field, as Prefect refuses the filter (1002 ``Invalid filter``).
+
+    Time window: ``since`` defaults to 15 minutes back and is never earlier (Prefect's default,
+    180 days, clamped to PREFECT_EVENTS_MAXIMUM_WEBSOCKET_BACKFILL); with an ``occurred``
+    object, ``until`` defaults to *now* (Prefect's default: later events are not delivered).
+    Without ``occurred`` at all ``until`` is open (deliberate: Prefect would close it at now,
+    so such a subscriber would get no live event; Prefect's own client always sends
+    ``occurred`` with ``until`` a year ahead)."""
 
     def __init__(self, value: Any, now: float) -> None:
-        if not isinstance(value, dict):
-            raise ValueError("filter: Input should be a valid dictionary")
-        occurred = _object(value.get("occurred"), "occurred")
+        fields = _fields(value, "filter", _FILTER_KEYS)
         earliest = now - MAX_BACKFILL_SECONDS
         self.since = earliest
-        if occurred.get("since") is not None:
-            try:
-                self.since = max(parse_time(occurred["since"], ["occurred", "since"]), earliest)
-            except ValidationError as exc:
-                raise ValueError(exc.detail) from None
         self.until = float("inf")
-        if occurred.get("until") is not None:
-            try:
-                self.until = parse_time(occurred["until"], ["occurred", "until"])
-            except ValidationError as exc:
-                raise ValueError(exc.detail) from None
-        event = _object(value.get("event"), "event")
+        if "occurred" in fields:
+            occurred = _fields(fields["occurred"], "occurred", _OCCURRED_KEYS)
+            if "since" in occurred:
+                self.since = max(_time(occurred["since"], "occurred.since"), earliest)
+            self.until = _time(occurred["until"], "occurred.until") if "until" in occurred else now
+        event = fields.get("event")
+        event = {} if event is None else _fields(event, "event", _EVENT_KEYS)
         self.prefixes = _str_list(event.get("prefix"), "event.prefix")
         self.exclude_prefixes = _str_list(event.get("exclude_prefix"), "event.exclude_prefix")
         self.names = set(_str_list(event.get("name"), "event.name") or ()) or None
         self.exclude_names = set(_str_list(event.get("exclude_name"), "event.exclude_name") or ()) or None
-        self.resource = _ResourceFilter(value.get("resource"), "resource") if value.get("resource") else None
-        self.any_resource = (_ResourceFilter(value.get("any_resource"), "any_resource")
-                             if value.get("any_resource") else None)
-        related = value.get("related")
-        if isinstance(related, dict):
-            related = [related]
-        if related is not None and not isinstance(related, list):
-            raise ValueError("related: Input should be a valid dictionary or list")
-        self.related = [_ResourceFilter(r, f"related.{i}", role=True) for i, r in enumerate(related or [])]
-        ids = _object(value.get("id"), "id").get("id")
-        self.ids = set(_str_list(ids, "id.id") or ()) or None
-        text = value.get("text")
-        self.include_terms: list[str] = []
-        self.exclude_terms: list[str] = []
-        if text is not None:
-            query = _object(text, "text").get("query")
+        resource = fields.get("resource")
+        self.resource = None if resource is None else _ResourceFilter(resource, "resource", _RESOURCE_KEYS)
+        self.related = _resource_filters(fields.get("related"), "related", _RELATED_KEYS)
+        self.any_resource = _resource_filters(fields.get("any_resource"), "any_resource", _ANY_RESOURCE_KEYS)
+        self.ids: set[str] | None = None
+        if "id" in fields:
+            ids = _str_list(_fields(fields["id"], "id", frozenset({"id"})).get("id"), "id.id")
+            try:
+                self.ids = {str(uuid.UUID(i)) for i in ids or ()} or None  # any UUID spelling
+            except ValueError:
+                raise ValueError("id.id: Input should be a list of valid UUIDs") from None
+        self.text: TextQuery | None = None
+        if fields.get("text") is not None:
+            query = _fields(fields["text"], "text", frozenset({"query"})).get("query")
             if not isinstance(query, str):
-                raise ValueError("text.query: Input should be a valid string")
-            for term in query.lower().split():
-                if term.startswith("-") and len(term) > 1:
-                    self.exclude_terms.append(term[1:])
-                else:
-                    self.include_terms.append(term)
+                raise ValueError("text.query: Field required: a string")
+            if len(query) > MAX_TEXT_QUERY:
+                raise ValueError(f"text.query: String should have at most {MAX_TEXT_QUERY} characters")
+            self.text = TextQuery(query)
+        if "order" in fields and fields["order"] not in ("ASC", "DESC"):
+            raise ValueError("order: Input should be 'ASC' or 'DESC'")  # events are sent oldest first anyway
 
     def matches(self, event: Event) -> bool:
         if event.data is None and not event.materialize():
@@ -489,22 +644,17 @@ class EventFilter:
             return False
         if self.exclude_prefixes and any(name.startswith(p) for p in self.exclude_prefixes):
             return False
-        if self.ids is not None and event.id not in self.ids:
+        if self.ids is not None and event.id.lower() not in self.ids:
             return False
         if self.resource is not None and not self.resource.matches(event.resource):
             return False
-        if self.any_resource is not None and not any(
-                self.any_resource.matches(r) for r in [event.resource, *event.related]):
+        resources = [event.resource, *event.related]
+        if not all(any(f.matches(r) for r in resources) for f in self.any_resource):
             return False
-        for related in self.related:
-            if not any(related.matches(r) for r in event.related):
-                return False
-        if self.include_terms or self.exclude_terms:
-            text = event.text().lower()
-            if self.include_terms and not any(term in text for term in self.include_terms):
-                return False
-            if any(term in text for term in self.exclude_terms):
-                return False
+        if not all(any(f.matches(r) for r in event.related) for f in self.related):
+            return False
+        if self.text is not None and not self.text.matches(_searchable_text(event)):
+            return False
         return True
 
 
@@ -912,8 +1062,8 @@ def handle_events_out(environ: dict[str, Any], core: Core, bus: EventBus, max_me
         try:
             event_filter = EventFilter(message.get("filter"), time.time())
         except ValueError as exc:
-            raise _Close(PROTOCOL_ERROR, f"Invalid filter: {exc}") from None
-        backfill = message.get("backfill", True) is not False
+            raise _Close(PROTOCOL_ERROR, close_reason(f"Invalid filter: {exc}")) from None
+        backfill = bool(message.get("backfill", True))  # Prefect: any false value (null, 0) means none
         subscriber, past = bus.subscribe(event_filter, backfill)
         try:
             for event in past:
