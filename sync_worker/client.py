@@ -69,6 +69,19 @@ def _is_retryable(exc: BaseException) -> bool:
     return is_intermittent_status(_status(exc))
 
 
+def unavailable(client: "Client", doing: str, exc: BaseException,
+                task_run_id: str | None = None) -> BaseException:
+    """``exc`` as the user should see it: a connection error or a 5xx left after the retries
+    becomes :class:`ServerUnavailable` saying what could not be done and where (a raw
+    ``requests`` error named neither, and code written for ``ServerUnavailable`` after a
+    submit missed it); anything else is returned as it is."""
+    if not _is_retryable(exc):
+        return exc
+    return exceptions.ServerUnavailable(
+        f"Could not {doing} at {client.api_url} ({exc}); is the server running and answering? "
+        "(SYNC_WORKER_API_URL)", task_run_id=task_run_id)
+
+
 def _create_retryable(exc: BaseException) -> bool:
     return _is_retryable(exc) or _status(exc) == 429
 

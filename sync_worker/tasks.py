@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar, overload
 
 from sync_worker.durations import MAX_SECONDS
 from sync_worker.exceptions import SerializationError, TaskRunCancelled, TaskRunFailed
@@ -307,8 +307,22 @@ class TaskRunFuture(Generic[R]):
     def task_run(self) -> TaskRun:
         """The run as the server last reported it (refreshed unless already finished)."""
         if self._last is None or not self._finished(self._last):
-            self._last = self._client.read_task_run(self.task_run_id)
+            try:
+                self._last = self._client.read_task_run(self.task_run_id)
+            except Exception as exc:
+                self._raise_unavailable(exc, f"read task run {self.task_run_id}")
+        assert self._last is not None
         return self._last
+
+    def _raise_unavailable(self, exc: Exception, doing: str) -> NoReturn:
+        """Called in an ``except`` block: a server that cannot be reached as
+        :class:`ServerUnavailable`, anything else as it was."""
+        from sync_worker.client import unavailable
+
+        error = unavailable(self._client, doing, exc, self.task_run_id)
+        if error is exc:
+            raise exc
+        raise error from exc
 
     @property
     def state(self) -> State:
@@ -360,7 +374,10 @@ class TaskRunFuture(Generic[R]):
         one is interrupted by its worker (``Cancelled`` raised in the task's thread) and ends
         CANCELLED (True); a finished one is left alone (False). ``result()`` then raises
         :class:`TaskRunCancelled`."""
-        answer = self._client.cancel_task_run(self.task_run_id)
+        try:
+            answer = self._client.cancel_task_run(self.task_run_id)
+        except Exception as exc:
+            self._raise_unavailable(exc, f"cancel task run {self.task_run_id}")
         self._last = TaskRun.from_json(answer["task_run"])
         return answer.get("status") in ("cancelled", "cancelling")
 

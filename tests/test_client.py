@@ -80,6 +80,29 @@ def test_server_down_submit_raises_server_unavailable_naming_the_url_and_the_set
     assert url in str(info.value) and "SYNC_WORKER_SUBMIT_TIMEOUT" in str(info.value)
 
 
+def test_a_future_read_or_cancelled_with_the_server_down_raises_server_unavailable():
+    """After a ``ServerUnavailable`` at submit, the README says to look the run up with
+    ``TaskRunFuture(exc.task_run_id).state``: with the server still down that raised a raw
+    ``requests.ConnectionError``, which an ``except ServerUnavailable`` in a view missed."""
+    from sync_worker import TaskRunFuture
+
+    url = f"http://127.0.0.1:{free_port()}/api"
+    future = TaskRunFuture("6ba2cc65-0000-4000-8000-000000000000", client=Client(url, retry_attempts=2))
+    for action, doing in ((lambda: future.state, "read task run"), (future.cancel, "cancel task run")):
+        with pytest.raises(ServerUnavailable) as info:
+            action()
+        assert isinstance(info.value.__cause__, requests.ConnectionError)
+        assert info.value.task_run_id == future.task_run_id
+        assert doing in str(info.value) and url in str(info.value)
+
+
+def test_a_future_of_a_run_the_server_does_not_know_raises_object_not_found(server):
+    from sync_worker import TaskRunFuture
+
+    with pytest.raises(ObjectNotFound):
+        TaskRunFuture("6ba2cc65-0000-4000-8000-000000000000", client=Client(server.url)).state
+
+
 @pytest.fixture
 def rest_only(monkeypatch):
     """These tests are about the REST policy: no rpc socket (which a stub would count)."""
