@@ -276,3 +276,28 @@ def test_a_refused_enqueue_deletes_its_parameters_record(backend: Any, api_env: 
         create_note.enqueue("never run")
     assert info.value.status_code == 422
     assert _store_files(api_env) == []
+
+
+def test_a_bad_option_value_is_named_as_the_setting_it_is_in(api_env: dict[str, str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not as the SYNC_WORKER_* variable it stands for (which may be set right)."""
+    from django.core.exceptions import ImproperlyConfigured
+
+    from notes.tasks import create_note
+    from sync_worker.contrib.django import SyncWorkerBackend
+    from sync_worker.exceptions import ConfigurationError
+
+    with pytest.raises(ImproperlyConfigured) as caught:
+        backend = SyncWorkerBackend("probe", {"OPTIONS": {"API_URL": "127.0.0.1:4200/api"}})
+        backend.enqueue(create_note, ["x"], {})
+    assert str(caught.value).startswith("TASKS['probe']['OPTIONS']['API_URL']='127.0.0.1:4200/api' is not an "
+                                        "http(s) URL")
+    assert isinstance(caught.value, ConfigurationError)  # the worker commands: one line, exit 2
+    with pytest.raises(ImproperlyConfigured, match=r"^TASKS\['probe'\]\['OPTIONS'\]\['REQUEST_TIMEOUT'\]=-1 must be"):
+        SyncWorkerBackend("probe", {"OPTIONS": {"REQUEST_TIMEOUT": -1}}).enqueue(create_note, ["x"], {})
+    # a bad variable (no OPTIONS for it) is still named as the variable
+    monkeypatch.setenv("SYNC_WORKER_REQUEST_TIMEOUT", "abc")
+    with pytest.raises(ConfigurationError, match=r"^SYNC_WORKER_REQUEST_TIMEOUT='abc' is not a number"):
+        SyncWorkerBackend("probe", {}).enqueue(create_note, ["x"], {})
+    # ... unless OPTIONS set it: then the variable is not used
+    assert SyncWorkerBackend("probe", {"OPTIONS": {"REQUEST_TIMEOUT": 5}}).sync_worker_settings.request_timeout == 5

@@ -239,3 +239,38 @@ def test_server_storage_carries_the_arguments_in_the_create(start_worker: Any, a
     assert result.return_value == Note.objects.get(text="stored with the run").id
     assert server.core.db.read_record(key) is None  # deleted with the COMPLETED state
     assert create_note.get_result(result.id).kwargs == {"text": "stored with the run"}  # from the result
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        ({"API_URL": "127.0.0.1:4200/api"},
+         "TASKS['default']['OPTIONS']['API_URL']='127.0.0.1:4200/api' is not an http(s) URL"),
+        ({"REQUEST_TIMEOUT": "30s"}, "TASKS['default']['OPTIONS']['REQUEST_TIMEOUT']='30s' is not a number"),
+        ({"API_ULR": "http://127.0.0.1:4200/api"}, "TASKS['default']: unknown sync_worker OPTIONS API_ULR; known: "),
+    ],
+    ids=["api-url", "request-timeout", "unknown-key"],
+)
+@pytest.mark.parametrize("command", ["manage.py sync_worker", "sync-worker worker --django"])
+def test_a_mistake_in_options_is_one_line_naming_the_setting_and_exit_2(start_worker: Any, tmp_path: Any,
+                                                                         options: dict, named: str,
+                                                                         command: str) -> None:
+    import os
+
+    from tests.django.conftest import EXAMPLE, REPO
+
+    (tmp_path / "bad_options.py").write_text(
+        f"from mysite.settings import *  # noqa: F403\nTASKS['default']['OPTIONS'] = {options!r}\n")
+    env = {"DJANGO_SETTINGS_MODULE": "bad_options",
+           "PYTHONPATH": os.pathsep.join([str(tmp_path), str(EXAMPLE), str(REPO)])}
+    if command == "manage.py sync_worker":
+        worker = start_worker("--timeout", "5", env=env)
+        prefix = "CommandError: "
+    else:
+        worker = start_worker("worker", "--django", "bad_options", "--timeout", "5", env=env,
+                              command=[sys.executable, "-m", "sync_worker"])
+        prefix = "sync-worker worker: error: "
+    assert worker.proc.wait(60) == 2, worker.output()
+    lines = worker.output().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(prefix + named), worker.output()
+    assert "SYNC_WORKER_" not in lines[0]  # the variable is set right; the setting is wrong

@@ -32,6 +32,7 @@ from datetime import timezone as dt_timezone
 from typing import Any, Mapping
 
 from django.conf import settings as django_settings
+from django.core.exceptions import ImproperlyConfigured
 from django.utils import timezone
 from django.utils.module_loading import import_string
 
@@ -46,9 +47,9 @@ from sync_worker.contrib.django.compat import (
     normalize_json,
     task_enqueued,
 )
-from sync_worker.exceptions import ObjectNotFound, SyncWorkerError
+from sync_worker.exceptions import ConfigurationError, ObjectNotFound, SyncWorkerError
 from sync_worker.schemas import EmpiricalPolicy, Scheduled, StateType, TaskRun, task_run_create
-from sync_worker.settings import Settings, get_settings
+from sync_worker.settings import Settings, SettingsError, get_settings
 
 logger = logging.getLogger("sync_worker.contrib.django")
 
@@ -104,6 +105,13 @@ def parse_task_key(key: str) -> tuple[str, str] | None:
     return module_path, queue
 
 
+class OptionsError(ImproperlyConfigured, ConfigurationError):
+    """A ``TASKS[alias]["OPTIONS"]`` mistake: an unknown key, or a value that cannot be used.
+
+    Django's ``ImproperlyConfigured``, and our ``ConfigurationError`` (a ``ValueError``), so
+    the worker commands print it as one line and exit 2. The message names the setting."""
+
+
 def settings_environment(options: Mapping[str, Any]) -> dict[str, str]:
     """The ``SYNC_WORKER_*`` variables that OPTIONS stand for; ValueError for unknown keys."""
     unknown = sorted(set(options) - set(OPTION_VARIABLES))
@@ -136,16 +144,34 @@ class SyncWorkerBackend(BaseTaskBackend):
         try:
             self.environment = settings_environment(self.options)
         except ValueError as exc:
-            from django.core.exceptions import ImproperlyConfigured
+            raise OptionsError(f"TASKS[{alias!r}]: {exc}") from None
+        try:  # the OPTIONS alone: a mistake there is named as the setting it is in
+            get_settings(dict(self.environment))
+        except SettingsError as exc:
+            raise self._named_in_options(exc) from None
 
-            raise ImproperlyConfigured(f"TASKS[{alias!r}]: {exc}") from None
+    def _named_in_options(self, exc: SettingsError) -> Exception:
+        """``exc`` (which names a ``SYNC_WORKER_*`` variable) naming the OPTIONS key instead,
+        when the bad value came from there; else ``exc`` itself."""
+        text = str(exc)
+        for key, variable in OPTION_VARIABLES.items():
+            if variable not in self.environment:
+                continue
+            prefix = f"{variable}={self.environment[variable]!r} "
+            if text.startswith(prefix):
+                return OptionsError(f"TASKS[{self.alias!r}]['OPTIONS'][{key!r}]={self.options[key]!r} "
+                                    f"{text[len(prefix):]}")
+        return exc
 
     # -- configuration ------------------------------------------------------------------
     @property
     def sync_worker_settings(self) -> Settings:
         """Our settings: the environment, overridden by this backend's OPTIONS (read on
         each use, like :func:`sync_worker.settings.get_settings`)."""
-        return get_settings({**os.environ, **self.environment})
+        try:
+            return get_settings({**os.environ, **self.environment})
+        except SettingsError as exc:
+            raise self._named_in_options(exc) from None
 
     @property
     def client(self) -> Any:

@@ -190,27 +190,41 @@ def build_worker(
 
     Our settings come from the backend's OPTIONS (written to this process's environment,
     so that every part of the worker sees the same server and storage).
+
+    Raises ConfigurationError (a ``ValueError``; the worker commands print it as one line
+    and exit 2) for a setup mistake: an unknown backend alias or one that is not ours, a
+    mistake in its OPTIONS (named as ``TASKS[alias]['OPTIONS'][key]``) or in a
+    ``SYNC_WORKER_*`` variable, a queue not in its QUEUES, no task to serve.
     """
     import os
 
+    from django.core.exceptions import ImproperlyConfigured
+
     from sync_worker.contrib.django.backend import SyncWorkerBackend, task_key
     from sync_worker.contrib.django.compat import task_backends
+    from sync_worker.exceptions import ConfigurationError
 
-    backend = task_backends[backend_alias]
+    try:
+        backend = task_backends[backend_alias]
+    except ConfigurationError:
+        raise  # OPTIONS that cannot be used (OptionsError): named already
+    except ImproperlyConfigured as exc:
+        raise ConfigurationError(f"TASKS[{backend_alias!r}]: {exc}") from None
     if not isinstance(backend, SyncWorkerBackend):
-        raise ValueError(
+        raise ConfigurationError(
             f"TASKS[{backend_alias!r}] uses {type(backend).__module__}.{type(backend).__qualname__}, not "
             "sync_worker.contrib.django.SyncWorkerBackend: nothing for this worker to run"
         )
+    backend.sync_worker_settings  # noqa: B018 - a bad value fails here, named as the setting it came from
     os.environ.update(backend.environment)
     chosen = list(queues) if queues else sorted(backend.queues)
     unknown = [q for q in chosen if backend.queues and q not in backend.queues]
     if unknown:
-        raise ValueError(f"queue(s) {', '.join(unknown)} not in TASKS[{backend_alias!r}]['QUEUES'] "
-                         f"({', '.join(sorted(backend.queues))})")
+        raise ConfigurationError(f"queue(s) {', '.join(unknown)} not in TASKS[{backend_alias!r}]['QUEUES'] "
+                                 f"({', '.join(sorted(backend.queues))})")
     django_tasks, own_tasks = discover_tasks(backend_alias, modules)
     if not django_tasks and not own_tasks:
-        raise ValueError(
+        raise ConfigurationError(
             f"no tasks found for backend {backend_alias!r}: define them with @task in a tasks.py module of an "
             "app in INSTALLED_APPS (or pass --module)"
         )
@@ -242,14 +256,22 @@ def run_django_worker(
     modules: Iterable[str] = (),
     status_port: int | None = None,
 ) -> int:
-    """Serve until stopped (SIGTERM/Ctrl-C drain in-flight runs); the exit status."""
+    """Serve until stopped (SIGTERM/Ctrl-C drain in-flight runs); the exit status.
+
+    A setup mistake raises ConfigurationError (see :func:`build_worker`; also a status port
+    that cannot be used): ``sync-worker worker --django`` prints it as one line and exits
+    2, and so does ``manage.py sync_worker``."""
+    from django.core.exceptions import ImproperlyConfigured
+
+    from sync_worker.exceptions import ConfigurationError
     from sync_worker.worker import run_until_stopped
 
     try:
         worker = build_worker(backend_alias, queues, limit, modules)
-    except ValueError as exc:
-        sys.stderr.write(f"error: {exc}\n")
-        return 2
+    except ConfigurationError:
+        raise
+    except (ValueError, ImproperlyConfigured) as exc:
+        raise ConfigurationError(str(exc)) from None
     return run_until_stopped(worker, status_port, timeout, "error: ")
 
 

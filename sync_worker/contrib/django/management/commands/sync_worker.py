@@ -34,12 +34,16 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         from sync_worker.contrib.django.worker import run_django_worker
+        from sync_worker.exceptions import ConfigurationError
 
         if not logging.getLogger().handlers and not logging.getLogger("sync_worker").handlers:
             logging.basicConfig(format=LOG_FORMAT)  # unless the project's LOGGING already did
         logging.getLogger("sync_worker").setLevel(options["log_level"])
-        status = run_django_worker(backend_alias=options["backend"], queues=options["queues"],
-                                   limit=options["limit"], timeout=options["timeout"], modules=options["modules"],
-                                   status_port=options["status_port"])
+        try:
+            status = run_django_worker(backend_alias=options["backend"], queues=options["queues"],
+                                       limit=options["limit"], timeout=options["timeout"],
+                                       modules=options["modules"], status_port=options["status_port"])
+        except ConfigurationError as exc:  # a setup mistake: one line naming it, exit 2 (as sync-worker does)
+            raise CommandError(" ".join(str(exc).split()), returncode=2) from None
         if status:
             raise CommandError(f"sync_worker worker exited with status {status}", returncode=status)
