@@ -241,6 +241,17 @@ def test_server_storage_carries_the_arguments_in_the_create(start_worker: Any, a
     assert create_note.get_result(result.id).kwargs == {"text": "stored with the run"}  # from the result
 
 
+def test_a_failed_run_names_the_worker_of_its_only_attempt(start_worker: Any) -> None:
+    from notes.tasks import create_note
+
+    worker = start_worker()
+    result = wait_finished(create_note.enqueue("!rejected"))
+    assert result.status == "FAILED", worker.output()
+    assert result.attempts == 1
+    assert result.worker_ids == [f"{socket.gethostname()}-{worker.proc.pid}"], worker.output()
+    assert create_note.get_result(result.id).worker_ids == result.worker_ids
+
+
 @pytest.mark.parametrize(
     ("options", "named"),
     [

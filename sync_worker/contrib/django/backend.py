@@ -305,9 +305,9 @@ class SyncWorkerBackend(BaseTaskBackend):
         """Map a run to Django's TaskResult.
 
         ``worker_ids`` has one entry per attempt (``run_count``, counted by the server at
-        each RUNNING); the server keeps the worker of the current or last attempt only
-        (in the RUNNING message, or in a successful result), so earlier ones read
-        ``"unknown"``. ``last_attempted_at`` is the current attempt's start while RUNNING,
+        each RUNNING); the last one is the worker of the current or last attempt (the
+        RUNNING message, a successful result, or for a failed run the last RUNNING message
+        of its state history), earlier ones read ``"unknown"``. ``last_attempted_at`` is the current attempt's start while RUNNING,
         else the first start (``start_time``): Django tasks are not retried, so these agree
         unless a worker died and the run was delivered again. ``envelope``: the successful
         run's result when the caller has read it already.
@@ -332,6 +332,8 @@ class SyncWorkerBackend(BaseTaskBackend):
                 return_value = envelope
         elif status is TaskResultStatus.FAILED:
             errors.append(self._error(task_run))
+            if last_worker is None and task_run.run_count:
+                last_worker = self._last_claim(task_run)
         attempts = task_run.run_count
         if running_on is not None:
             attempts = max(attempts, 1)
@@ -360,6 +362,20 @@ class SyncWorkerBackend(BaseTaskBackend):
         )
         object.__setattr__(result, "_return_value", return_value)
         return result
+
+    def _last_claim(self, task_run: TaskRun) -> str | None:
+        """The worker of a failed run's last attempt: the message of the last RUNNING (or
+        claimed) state in its history ("Running on <worker id>"); None if unknown."""
+        try:
+            states = self.client.read_task_run_states(str(task_run.id))
+        except Exception as exc:  # noqa: BLE001 - the worker stays "unknown"; the rest of the result holds
+            logger.debug("No state history for run %s: %s", task_run.id, exc)
+            return None
+        for state in reversed(states if isinstance(states, list) else []):
+            match = _CLAIM.match(str((state or {}).get("message") or "")) if isinstance(state, dict) else None
+            if match:
+                return match.group(1)
+        return None
 
     def _read_value(self, task_run: TaskRun) -> Any:
         from sync_worker.storage import read_result
