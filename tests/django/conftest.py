@@ -87,9 +87,10 @@ def api_env(django_project: Path, server: Any, tmp_path: Path, monkeypatch: pyte
 
 
 class WorkerProcess:
-    def __init__(self, proc: subprocess.Popen, log: Path) -> None:
+    def __init__(self, proc: subprocess.Popen, log: Path, session: bool = False) -> None:
         self.proc = proc
         self.log = log
+        self.session = session  # its own process group (id = its pid), as a terminal's job
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -102,30 +103,46 @@ class WorkerProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(10)
+        if self.session:  # children it left (runserver's autoreloaded child): its own group only
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
         return self.proc.returncode
 
 
 @pytest.fixture
 def start_worker(api_env: dict[str, str], tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
-    """``start_worker(*args, env={...}, command=[...])``: ``manage.py sync_worker ARGS`` in the
-    example project (or ``command``), stopped with SIGTERM (then killed) at teardown."""
+    """``start_worker(*args, env={...}, command=[...], session=False)``: ``manage.py
+    sync_worker ARGS`` in the example project (or ``command``), stopped with SIGTERM (then
+    killed) at teardown. ``session=True``: in a new session (its own process group) with
+    SIGINT at its default (not ignored as in a background job), as a command started at a
+    terminal, so a test can send the group a terminal's Ctrl-C."""
     workers: list[WorkerProcess] = []
 
-    def start(*args: str, env: dict[str, str] | None = None, command: list[str] | None = None) -> WorkerProcess:
+    def start(*args: str, env: dict[str, str] | None = None, command: list[str] | None = None,
+              session: bool = False) -> WorkerProcess:
         full_env = {**os.environ, **api_env, **(env or {})}
         full_env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), full_env.get("PYTHONPATH")]))
-        full_env.pop("DJANGO_SETTINGS_MODULE", None)  # manage.py sets it; --django names it
+        if "DJANGO_SETTINGS_MODULE" not in (env or {}):
+            full_env.pop("DJANGO_SETTINGS_MODULE", None)  # manage.py sets it; --django names it
         log = tmp_path / f"worker-{len(workers)}.log"
         argv = command or [sys.executable, "manage.py", "sync_worker"]
         with open(log, "w") as out:
-            proc = subprocess.Popen([*argv, *args], cwd=EXAMPLE, env=full_env, stdout=out, stderr=subprocess.STDOUT)
-        worker = WorkerProcess(proc, log)
+            proc = subprocess.Popen([*argv, *args], cwd=EXAMPLE, env=full_env, stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=session,
+                                    preexec_fn=_default_sigint if session else None)
+        worker = WorkerProcess(proc, log, session)
         workers.append(worker)
         return worker
 
     yield start
     for worker in workers:
         worker.stop()
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def wait_finished(result: Any, timeout: float = 60.0) -> Any:

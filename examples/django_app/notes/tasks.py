@@ -48,3 +48,18 @@ def write_without_commit(text: str) -> int:
     transaction.set_autocommit(False)
     Note.objects.create(text=text)
     return Note.objects.count()
+
+
+@task
+def wait_for_file(path: str, timeout: float = 60.0) -> bool:
+    """Runs until the file ``path`` exists (at most ``timeout`` seconds; True if it came):
+    a run that stays in flight as long as the tests need (a web process stopped under it)."""
+    import os
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
