@@ -584,21 +584,26 @@ def send_all(sock: socket.socket, data: bytes) -> None:
         sock.sendall(memoryview(data)[sent:])
 
 
-def open_socket(client: Any, url: str, timeout: float) -> websocket.WebSocket:
+def open_socket(client: Any, url: str, timeout: float,
+                created: Callable[[websocket.WebSocket], None] | None = None) -> websocket.WebSocket:
     """A websocket to the API with the options every sync_worker socket uses (subscription,
-    rpc). Raises websocket-client's errors; callers say what they mean.
+    rpc). Raises websocket-client's errors; callers say what they mean. ``created`` is
+    given the socket object before it connects, so that another thread can cut a handshake
+    short (see :meth:`sync_worker.subscription.Subscription.abort_opening`).
 
     Cheaper framing than websocket-client's defaults, same bytes on the wire: mask keys
     from :class:`MaskKeys` (no ``os.urandom`` per frame; still masked, as RFC 6455 requires
     of a client) and buffered reads (:data:`READ_SIZE`; websocket-client's frame buffer
     keeps what a read returns beyond the bytes it asked for)."""
     headers = [f"{name}: {value}" for name, value in client.headers.items()]
-    ws = websocket.create_connection(
-        url, timeout=timeout, subprotocols=["prefect"], header=headers, enable_multithread=True,
-        # websocket-client's UTF-8 check of incoming frames is pure Python and cost a third
-        # of the worker's CPU; json.loads rejects invalid text anyway.
-        skip_utf8_validation=True,
-    )
+    # (websocket.create_connection, unrolled to hand the object out before it connects.)
+    # websocket-client's UTF-8 check of incoming frames is pure Python and cost a third of
+    # the worker's CPU; json.loads rejects invalid text anyway.
+    ws = websocket.WebSocket(enable_multithread=True, skip_utf8_validation=True)
+    ws.settimeout(timeout)
+    if created is not None:
+        created(ws)
+    ws.connect(url, timeout=timeout, subprotocols=["prefect"], header=headers)
     ws.set_mask_key(MaskKeys())
     frames = getattr(ws, "frame_buffer", None)
     recv = getattr(ws, "_recv", None)
@@ -623,10 +628,14 @@ def close_error(data: bytes, authenticated: bool = False) -> BaseException:
     being checked: once the server answered ``auth_success`` a 1008 (our server's "Ping/Pong
     timeout" when the link or this process stalled, an input rule) ends this connection and
     the subscription connects again, as Prefect's own client does, instead of stopping the
-    worker for good with a misleading "credentials refused"."""
+    worker for good with a misleading "credentials refused".
+
+    Nor does "Expected 'auth' message" (our server: "... within 5 s") refuse credentials:
+    this client sends ``auth`` first thing, so the server did not get it in time (a stalled
+    link, a reconnect under load) and connecting again is the cure."""
     code = struct.unpack("!H", data[:2])[0] if len(data) >= 2 else None
     reason = data[2:].decode("utf-8", "replace") if len(data) > 2 else ""
-    if code == CLOSE_POLICY_VIOLATION and not authenticated:
+    if code == CLOSE_POLICY_VIOLATION and not authenticated and not reason.startswith("Expected 'auth' message"):
         return SubscriptionAuthError(f"The server refused the subscription (close 1008: {reason or 'policy violation'}); {AUTH_HINT}")
     if code == CLOSE_PROTOCOL_VIOLATION:
         return SubscriptionError(f"The server rejected the subscription (close 4001: {reason})")
