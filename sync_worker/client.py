@@ -61,12 +61,12 @@ def _status(exc: BaseException) -> int | None:
 
 
 def _is_retryable(exc: BaseException) -> bool:
-    from sync_worker.services import is_intermittent_status, loaded_module
+    """The one rule of what is worth another attempt (:func:`sync_worker.services.is_intermittent`):
+    connection errors and timeouts, an answer broken off or garbled in transit (requests'
+    ``ChunkedEncodingError``: raised raw to ``.result()`` and ``.delay()`` before), a 5xx."""
+    from sync_worker.services import is_intermittent
 
-    requests = loaded_module("requests")  # not loaded: no requests error can exist
-    if requests is not None and isinstance(exc, (requests.ConnectionError, requests.Timeout)):
-        return True
-    return is_intermittent_status(_status(exc))
+    return is_intermittent(exc)
 
 
 def unavailable(client: "Client", doing: str, exc: BaseException,

@@ -604,10 +604,13 @@ def _api_errors(func: Callable[[argparse.Namespace], int], args: argparse.Namesp
     """The API's failures as :class:`CommandError` (printed as one line, exit code 1)."""
     import requests
 
+    from sync_worker.exceptions import ServerUnavailable
+
     try:
         return func(args)
-    except requests.ConnectionError as exc:
-        raise CommandError(f"cannot reach the API ({exc.__class__.__name__}); is the server running? "
-                           "(SYNC_WORKER_API_URL / --api-url)") from None
     except requests.HTTPError as exc:
         raise CommandError(str(exc)) from None
+    except (requests.RequestException, ServerUnavailable) as exc:
+        # refused, timed out, an answer broken off in transit: what went wrong, in one line
+        raise CommandError(f"cannot reach the API ({exc.__class__.__name__}); is the server running and "
+                           "answering? (SYNC_WORKER_API_URL / --api-url)") from None

@@ -100,7 +100,7 @@ def test_a_future_of_a_run_the_server_does_not_know_raises_object_not_found(serv
     from sync_worker import TaskRunFuture
 
     with pytest.raises(ObjectNotFound):
-        TaskRunFuture("6ba2cc65-0000-4000-8000-000000000000", client=Client(server.url)).state
+        _ = TaskRunFuture("6ba2cc65-0000-4000-8000-000000000000", client=Client(server.url)).state
 
 
 @pytest.fixture
@@ -110,9 +110,11 @@ def rest_only(monkeypatch):
 
 
 class FlakyServer:
-    """Answers 503 to the first ``failures`` requests, then ``body``; counts requests."""
+    """Answers 503 to the first ``failures`` requests, then ``body``; counts requests.
+    ``broken=True``: the failures are answers broken off mid-body instead (200, half the
+    bytes its Content-Length announces, then the connection closes)."""
 
-    def __init__(self, failures: int, body: dict):
+    def __init__(self, failures: int, body: dict, broken: bool = False):
         self.requests = 0
         outer = self
 
@@ -121,12 +123,17 @@ class FlakyServer:
                 length = int(self.headers.get("Content-Length") or 0)
                 self.rfile.read(length)
                 outer.requests += 1
-                status, payload = (503, {"detail": "try later"}) if outer.requests <= failures else (200, body)
+                failing = outer.requests <= failures
+                status, payload = (503, {"detail": "try later"}) if failing and not broken else (200, body)
                 data = json.dumps(payload).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
+                if failing and broken:
+                    self.wfile.write(data[: len(data) // 2])
+                    self.close_connection = True
+                    return
                 self.wfile.write(data)
 
             do_GET = do_POST = _answer
@@ -145,6 +152,29 @@ class FlakyServer:
 
 RUN = {"id": "r1", "name": "t", "task_key": "k", "dynamic_key": "d",
        "state": {"type": "SCHEDULED", "name": "Scheduled"}}
+
+
+def test_answers_broken_off_mid_body_are_retried_and_end_in_server_unavailable(rest_only, monkeypatch):
+    """An answer cut in transit raised requests' raw ChunkedEncodingError from ``.state``,
+    ``.result()`` and ``.delay()`` at the first try (a create that may have landed, with no
+    run id to look up). Now retried like any connection error; a create that never gets a
+    whole answer ends in ServerUnavailable naming the id it was sent under."""
+    flaky = FlakyServer(failures=2, body=RUN, broken=True)
+    try:
+        assert Client(flaky.url, retry_attempts=5).read_task_run("r1").id == "r1"
+        assert flaky.requests == 3
+    finally:
+        flaky.close()
+    monkeypatch.setenv("SYNC_WORKER_SUBMIT_TIMEOUT", "0.5")
+    flaky = FlakyServer(failures=1000, body=RUN, broken=True)
+    try:
+        with pytest.raises(ServerUnavailable) as info:
+            create(Client(flaky.url, retry_attempts=2))
+        assert isinstance(info.value.__cause__, requests.exceptions.ChunkedEncodingError)
+        assert info.value.task_run_id and info.value.task_run_id in str(info.value)
+        assert flaky.requests >= 2
+    finally:
+        flaky.close()
 
 
 def test_reads_are_retried_through_5xx(rest_only):

@@ -203,6 +203,36 @@ def test_commands_say_when_the_server_is_down(api_env, server):
     assert out.stderr.startswith("sync-worker status: error: cannot reach the API") and out.stderr.count("\n") == 1
 
 
+def test_commands_say_in_one_line_when_the_answer_breaks_off_or_never_comes(api_env):
+    """An answer cut mid-body, or none at all: a 90-line traceback (ChunkedEncodingError,
+    ReadTimeout) where a refused connection got one line."""
+    import socket
+    import threading
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+
+        def cut_answers() -> None:  # each request gets half an answer, then the connection ends
+            while True:
+                try:
+                    conn, _ = listener.accept()
+                except OSError:
+                    return
+                conn.recv(65536)
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n[{")
+                conn.close()
+
+        threading.Thread(target=cut_answers, daemon=True).start()
+        env = {**api_env, "SYNC_WORKER_API_URL": f"http://127.0.0.1:{listener.getsockname()[1]}/api",
+               "SYNC_WORKER_REQUEST_TIMEOUT": "1"}
+        for command in (("status",), ("runs", "ls")):
+            out = cli(env, *command)
+            assert out.returncode == 1, out.stderr
+            assert out.stderr.startswith(f"sync-worker {command[0]}: error: cannot reach the API"), out.stderr
+            assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
+
+
 def test_help_shows_examples():
     out = cli({}, "runs", "ls", "--help")
     assert out.returncode == 0 and "examples:" in out.stdout and "--since 1h" in out.stdout
