@@ -296,9 +296,11 @@ class SubmitTransport:
                 return run
 
     def _read(self, task_run_id: str, deadline: Optional[float] = None) -> TaskRun:
-        """One read of the run (no retry: :meth:`wait`'s rule is the one), waiting at most
-        :data:`LAST_READ_SECONDS` past ``deadline``."""
-        timeout = self._seconds_left(deadline, floor=LAST_READ_SECONDS)
+        """One read of the run (no retry: :meth:`wait`'s rule is the one), ending at most
+        :data:`LAST_READ_SECONDS` past ``deadline``: the bound of the whole wait, so a read
+        after a last chunk that got no answer (which had that second already) gets almost
+        none (it was a second more: ``result(timeout=1)`` took 3 s against a silent link)."""
+        timeout = self._seconds_left(None if deadline is None else deadline + LAST_READ_SECONDS)
         return TaskRun.from_json(self.client.request("GET", f"/task_runs/{task_run_id}", timeout=timeout).json())
 
     def _poll(self, task_run_id: str, timeout: Optional[float]) -> TaskRun:

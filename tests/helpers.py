@@ -55,3 +55,74 @@ def drop_events(monkeypatch: Any, drop: Callable[[dict], bool]) -> None:
             original(self, kept)
 
     monkeypatch.setattr(Client, "emit_events", emit)
+
+
+class Relay:
+    """A TCP relay on 127.0.0.1 in front of ``port``, for network faults a real link has:
+    :meth:`hold` stops forwarding in both directions while every connection stays open (a
+    partition, a blackholed route: nothing is refused, nothing arrives), :meth:`release`
+    forwards again. ``url`` is the API URL through it."""
+
+    def __init__(self, port: int) -> None:
+        import threading
+
+        self._target = port
+        self._flowing = threading.Event()
+        self._flowing.set()
+        self._closed = False
+        self._sockets: list[socket.socket] = []
+        self._listener = socket.socket()
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(64)
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}/api"
+        threading.Thread(target=self._accept, name="test-relay", daemon=True).start()
+
+    def hold(self) -> None:
+        self._flowing.clear()
+
+    def release(self) -> None:
+        self._flowing.set()
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self._closed:
+            try:
+                downstream, _ = self._listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self._target))
+            self._sockets += [downstream, upstream]
+            for source, sink in ((downstream, upstream), (upstream, downstream)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        while True:
+            try:
+                data = source.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                for sock in (source, sink):
+                    try:
+                        sock.shutdown(socket.SHUT_RDWR)
+                    except OSError:
+                        pass
+                return
+            while not self._flowing.wait(0.1):  # held: the bytes wait here, as on a dead route
+                if self._closed:
+                    return
+            try:
+                sink.sendall(data)
+            except OSError:
+                return
+
+    def close(self) -> None:
+        self._closed = True
+        self._flowing.set()
+        self._listener.close()
+        for sock in self._sockets:
+            try:
+                sock.close()
+            except OSError:
+                pass

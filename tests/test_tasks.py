@@ -263,6 +263,35 @@ def test_result_from_a_server_that_never_answers_ends_near_its_timeout(monkeypat
     assert 1.4 <= elapsed < 4.0, elapsed
 
 
+def test_result_over_a_link_gone_silent_ends_within_a_second_of_its_timeout(server):
+    """The rpc socket was open when the link went silent (a partition): the last chunk's
+    answer waited its second past the timeout, then a REST read waited another:
+    ``result(timeout=1)`` took 3 s, ``timeout=5`` 7 s."""
+    import time
+    import uuid
+
+    from sync_worker.exceptions import ObjectNotFound, ServerUnavailable
+    from sync_worker.tasks import TaskRunFuture
+    from tests.helpers import Relay
+
+    relay = Relay(int(server.url.rsplit(":", 1)[1].split("/", 1)[0]))
+    client = Client(relay.url)
+    try:
+        future = TaskRunFuture(str(uuid.uuid4()), client=client)
+        with pytest.raises(ObjectNotFound):
+            future.result(timeout=0.3)  # (no such run: the rpc socket is open now)
+        assert client.transport.channel is not None
+        relay.hold()
+        started = time.monotonic()
+        with pytest.raises(ServerUnavailable, match="within 2 s"):
+            future.result(timeout=2)
+        elapsed = time.monotonic() - started
+    finally:
+        client.close()
+        relay.close()
+    assert 1.9 <= elapsed < 2 + 1.5, elapsed
+
+
 @pytest.mark.parametrize("options,message", [
     ({"countdown": float("inf")}, "countdown must be at most 36500 days"),
     ({"countdown": 1e12}, "countdown must be at most 36500 days"),
