@@ -53,6 +53,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -195,6 +196,9 @@ class Subscription:
         self.dialect: Dialect | None = None
         self._grant_lock = threading.Lock()
         self.connects = 0
+        #: the socket being opened (handshake, auth, subscribe), until it is published or fails
+        self._opening: websocket.WebSocket | None = None
+        self._opening_aborted = False
 
     # -- state -----------------------------------------------------------------------
     @property
@@ -230,11 +234,38 @@ class Subscription:
         return list(self._extensions)
 
     # -- connecting --------------------------------------------------------------------
+    def _opened(self, ws: websocket.WebSocket) -> None:
+        with self._lock:
+            if self.closed or self._opening_aborted:
+                raise _Closed()
+            self._opening = ws
+
+    def abort_opening(self) -> None:
+        """Cut short a connection being opened (a server that accepts it and does not answer
+        holds the handshake for up to ``open_timeout``, 30 s): the worker stopping with no
+        run in flight needs no connection, and its stop should not wait for one. Safe from a
+        signal handler (no lock). A connection already published is left alone."""
+        self._opening_aborted = True  # (before the read: _open checks it when it publishes)
+        ws = self._opening
+        sock = getattr(ws, "sock", None)
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # the blocked read in _open returns at once
+            except OSError:
+                pass
+
     def _open(self) -> Connection:
         if self._stopping():
             raise _Closed()
         try:
-            ws = open_socket(self.client, self.url, self.open_timeout)
+            return self._open_socket()
+        finally:
+            with self._lock:
+                self._opening = None
+
+    def _open_socket(self) -> Connection:
+        try:
+            ws = open_socket(self.client, self.url, self.open_timeout, created=self._opened)
         except websocket.WebSocketBadStatusException as exc:
             if exc.status_code in (401, 403):
                 raise SubscriptionAuthError(
@@ -304,10 +335,11 @@ class Subscription:
             conn.yields_after = self._yields_after
         try:
             with self._lock:
-                if self.closed:
+                if self.closed or self._opening_aborted:
                     ws.shutdown()  # its reader thread never started: nobody else closes it
                     raise _Closed()
                 self._conn = conn
+                self._opening = None  # published: abort_opening leaves it alone from now on
         finally:
             self._grant_lock.release()
         conn.start()

@@ -378,6 +378,7 @@ class TaskWorker:
         self._done.set()
         #: the runs the last stop abandoned at the drain timeout (the worker commands exit 1)
         self._abandoned_at_drain: list[str] = []
+        self._join_warned = False  # join() said, once per stop, what it left behind (see join)
         #: set just before ``_done``: ``_done.set()`` takes the Event's lock, which the main
         #: thread a SIGTERM handler interrupted may hold; this flag needs none (see
         #: :meth:`_drain_polling`)
@@ -454,16 +455,19 @@ class TaskWorker:
         (the ``sync-worker worker`` command exits 1 in the first case, 130 in the second:
         see :func:`run_until_stopped`).
         """
-        self._begin()
         if not block:
+            self._begin()
             return self
         previous = None
         in_main = threading.current_thread() is threading.main_thread()
         if in_main:
+            # before the service starts: a SIGTERM as soon as it connects (a supervisor's
+            # quick restart) found the default action and killed the process, no drain
             self._sigterm_noted = False
             self._main_waiting = True
             previous = signal.signal(signal.SIGTERM, self.handle_sigterm)
         try:
+            self._begin()
             try:
                 if not (self._wait_in_main(timeout) if in_main else self._done.wait(timeout)):
                     logger.info("Task worker timed out after %s seconds. Exiting...", timeout)
@@ -539,6 +543,7 @@ class TaskWorker:
             self._stop_event.clear()
             self._drain_deadline = None
             self._abandoned_at_drain = []
+            self._join_warned = False
             self._finished = False
             self._done.clear()
             self._error = None
@@ -591,6 +596,11 @@ class TaskWorker:
             self._drain_deadline = time.monotonic() + self.settings.drain_timeout
             self._stop_event.set()
         logger.info("Stopping task worker %s...", self.client_id)
+        subscription = self._subscription
+        if subscription is not None and not self._held_run_ids():
+            # nothing to keep a lease for: a connection still being opened to a server that
+            # does not answer would hold the stop for its open timeout (up to 30 s)
+            subscription.abort_opening()
 
     _drain_deadline: float | None = None
 
@@ -602,8 +612,31 @@ class TaskWorker:
         return deadline is None or not self._stop_event.is_set() or time.monotonic() < deadline
 
     def join(self, timeout: float | None = None) -> bool:
-        """Wait until the worker has stopped and its in-flight runs finished; True if so."""
-        return self._done.wait(timeout)
+        """Wait until the worker has stopped and its in-flight runs finished; True if so.
+
+        Returning False after the drain timeout of a stop, it logs (once per stop) the runs
+        still running or reporting: the usual caller (``stop(); join(DRAIN_TIMEOUT)`` in a
+        WSGI server's exit hook) lets its process end right after, before the service
+        thread's own line about them, which comes a report backoff later."""
+        if self._done.wait(timeout):
+            return True
+        deadline = self._drain_deadline
+        if (self.stopping and not self._join_warned and deadline is not None and time.monotonic() >= deadline
+                and not self._abandoned_at_drain):
+            held = self._held_run_ids()
+            if not held:
+                return False  # nothing left behind: the connection is closing
+            self._join_warned = True
+            executing = self._slots.held_ids()
+            running = [run for run in held if run in executing]
+            reporting = [run for run in held if run not in executing]
+            logger.warning("join() returns after the drain timeout (%gs, SYNC_WORKER_DRAIN_TIMEOUT) with %d run(s) "
+                           "still running%s and %d whose final state the server has not confirmed%s; if this "
+                           "process ends now, the server gives them to a worker again once their lease expires, "
+                           "so they may run twice", self.settings.drain_timeout, len(running),
+                           f" ({', '.join(running)})" if running else "", len(reporting),
+                           f" ({', '.join(reporting)})" if reporting else "")
+        return False
 
     def _drain(self) -> bool:
         """Wait for the stop to finish: True if every run did, False if runs were abandoned
@@ -615,7 +648,7 @@ class TaskWorker:
         timeout = self.settings.drain_timeout
         deadline = (self._drain_deadline or time.monotonic() + timeout) + _ABANDON_GRACE_SECONDS + _STOP_GRACE_SECONDS
         idle_since: float | None = None
-        while not self.join(min(_SIGNAL_POLL_SECONDS, max(0.0, deadline - time.monotonic()))):
+        while not self._done.wait(min(_SIGNAL_POLL_SECONDS, max(0.0, deadline - time.monotonic()))):
             now = time.monotonic()
             if self._held_run_ids():
                 idle_since = None
@@ -743,7 +776,10 @@ class TaskWorker:
             if executor is not None and not executor.shutdown(
                     wait=True, timeout=max(0.0, self._drain_deadline + _ABANDON_GRACE_SECONDS - time.monotonic())):
                 self._drain_timed_out(self.settings.drain_timeout)
-            self._wait_for_reports()
+            if not self._wait_for_reports():
+                # final states sent over a link that then went silent (a partition): their
+                # runs may be given to another worker once their lease expires
+                self._drain_timed_out(self.settings.drain_timeout)
             # Only now: on the embedded server the open connection is the lease of the
             # runs that were in flight. A run delivered but not acknowledged goes back to
             # the queue when it closes.
@@ -800,6 +836,10 @@ class TaskWorker:
                            task_run.id)
             if self._ack(task_run):
                 subscription.grant()  # it took no slot
+                # now: with claims at delivery the grant waits for a set_state frame to carry
+                # it, and the next one may be this run's final state, long after (a free slot
+                # stayed unused until then)
+                subscription.flush_credit()
             return
         if not reserved:
             return  # stopping: never acked; stop_receiving() hands it back
@@ -978,16 +1018,18 @@ class TaskWorker:
             metrics.RUNS_IN_FLIGHT.dec()
             self._runs_done.notify_all()
 
-    def _wait_for_reports(self) -> None:
+    def _wait_for_reports(self) -> bool:
         """Once the run threads are done: the final states still waiting for their answer
         (sent without waiting, :attr:`Outcome.REPORTING`), until the drain deadline. Their
-        answers come over the subscription, which stays open until then."""
+        answers come over the subscription, which stays open until then. False if some
+        are still unanswered at the deadline."""
         with self._runs_done:
             while any(self.in_flight_task_runs.values()):
                 remaining = (self._drain_deadline or 0.0) - time.monotonic()
                 if remaining <= 0:
-                    return
+                    return False
                 self._runs_done.wait(remaining)
+        return True
 
     def execute_task_run(self, task_run: TaskRun) -> Outcome | None:
         """Execute one given run now, in the calling thread, within the limit (it waits

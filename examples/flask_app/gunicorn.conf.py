@@ -7,6 +7,12 @@ master (for example at import time with ``--preload``) would not run in the work
 installs no signal handler: gunicorn keeps its own. ``worker_exit`` stops taking runs and
 lets in-flight runs finish (at most SYNC_WORKER_DRAIN_TIMEOUT seconds).
 
+The drain must end before gunicorn kills the process: the master kills a worker
+``graceful_timeout`` seconds after a shutdown or reload, and ``timeout`` seconds after its
+last heartbeat on a recycle (``max_requests``): a worker in ``worker_exit`` sends none. A
+run killed that way is run again once its lease expires, with no line in the log. So the
+drain timeout defaults here to 5 s less than both, and a larger one is warned about.
+
 Needs gunicorn and Flask: ``python3 -m pip install '.[examples]'`` from the repository root.
 """
 from __future__ import annotations
@@ -18,6 +24,9 @@ workers = int(os.environ.get("GUNICORN_WORKERS", "2"))
 threads = int(os.environ.get("GUNICORN_THREADS", "4"))
 worker_class = "gthread"
 timeout = 30
+graceful_timeout = 30
+# leave gunicorn's kill 5 s after the drain's end (see above); an explicit setting wins
+os.environ.setdefault("SYNC_WORKER_DRAIN_TIMEOUT", str(min(timeout, graceful_timeout) - 5))
 
 _task_worker = None
 
@@ -31,9 +40,16 @@ def post_fork(server, worker):
     _task_worker = TaskWorker(*ALL_TASKS, limit=int(os.environ.get("TASK_WORKER_LIMIT", "4")))
     _task_worker.start(block=False)
     server.log.info("TaskWorker %s started in gunicorn worker %s", _task_worker.client_id, worker.pid)
+    kill_after = min(server.cfg.timeout, server.cfg.graceful_timeout)
+    if _task_worker.settings.drain_timeout >= kill_after:
+        server.log.warning("SYNC_WORKER_DRAIN_TIMEOUT (%gs) is not below gunicorn's timeout/graceful_timeout "
+                           "(%ss): gunicorn may kill a draining worker, and its runs run again after their lease",
+                           _task_worker.settings.drain_timeout, kill_after)
 
 
 def worker_exit(server, worker):
     if _task_worker is not None and _task_worker.started:
         _task_worker.stop()
-        _task_worker.join(float(os.environ.get("SYNC_WORKER_DRAIN_TIMEOUT", "30")))
+        # at most the drain timeout; runs still going then are logged by id (they run again
+        # after their lease)
+        _task_worker.join(_task_worker.settings.drain_timeout)

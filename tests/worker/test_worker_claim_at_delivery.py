@@ -150,7 +150,7 @@ def test_a_run_redelivered_after_its_lease_expired_is_not_started_twice(server_f
     monkeypatch.setenv("SYNC_WORKER_STORAGE", str(tmp_path / "store"))
     marks = tmp_path / "marks"
     worker = start_worker(wt.mark, limit=2)  # a free slot for the run when it is delivered again
-    long_run = wt.mark.delay(1, str(marks), 4.0)
+    long_run = wt.mark.delay(1, str(marks), 12.0)
     wait_for(lambda: worker.current_tasks == 1, message="the long run in flight")
     subscription = worker._subscription
     assert subscription.claims_at_delivery
@@ -170,6 +170,11 @@ def test_a_run_redelivered_after_its_lease_expired_is_not_started_twice(server_f
     wait_for(lambda: subscription.connects > connects, timeout=30, message="the worker reconnected")
     wait_for(lambda: "delivered again while it executes here" in caplog.text, timeout=30,
              message="the run delivered again after its lease expired")
+    # the delivery it refused gives its credit back at once: the free slot takes a new run
+    # now, not when the long run's final state carries the credit (it did, 8 s later)
+    short_run = wt.mark.delay(2, str(marks), 0.0)
+    assert short_run.result(timeout=5) == 2
+    assert not long_run.state.is_final()
     assert long_run.result(timeout=30) == 1
     time.sleep(1.5)
     assert _starts(marks, 1) == 1, marks.read_text()

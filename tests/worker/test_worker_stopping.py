@@ -225,6 +225,82 @@ def test_a_stop_while_the_server_does_not_answer_the_handshake_is_prompt_and_cle
             assert "Drain timeout" not in err
 
 
+def test_stop_and_join_end_at_once_while_the_handshake_gets_no_answer(api_env, monkeypatch):
+    """The WSGI pattern (``worker.stop(); worker.join(30)``) with nothing in flight: join()
+    waited for the connection being opened to time out (the request timeout, up to 30 s),
+    though the stop itself returned; a gunicorn worker's exit or reload hung that long."""
+    import socket
+
+    from sync_worker.worker import TaskWorker
+
+    with socket.socket() as listener:  # the kernel completes connections; nobody reads them
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        monkeypatch.setenv("SYNC_WORKER_API_URL", f"http://127.0.0.1:{listener.getsockname()[1]}/api")
+        monkeypatch.setenv("SYNC_WORKER_REQUEST_TIMEOUT", "25")
+        worker = TaskWorker(wt.add).start(block=False)
+        listener.settimeout(20)
+        held, _ = listener.accept()
+        try:
+            wait_for(lambda: getattr(worker._subscription, "_opening", held) is not None, message="the handshake under way")
+            stopped = time.monotonic()
+            worker.stop()
+            assert worker.join(10), "join() still waiting for the handshake 10 s after stop()"
+            assert time.monotonic() - stopped < 5
+        finally:
+            held.close()
+
+
+def test_join_past_the_drain_timeout_names_the_runs_it_leaves(api_env, monkeypatch, tmp_path, caplog):
+    """``stop(); join(DRAIN_TIMEOUT)`` in a WSGI server's exit hook: join() returned False at
+    the deadline and the process ended, before the service thread's "abandoned" line (a
+    report backoff later): runs were abandoned with nothing in the log."""
+    from sync_worker.worker import TaskWorker
+
+    monkeypatch.setenv("SYNC_WORKER_DRAIN_TIMEOUT", "1")
+    marks = tmp_path / "marks"
+    worker = TaskWorker(wt.sleep_marked, limit=1).start(block=False)
+    future = wt.sleep_marked.delay(0, str(marks), 30.0)
+    wait_for(lambda: len(lines(marks, "start")) == 1, message="the run in flight")
+    worker.stop()
+    assert worker.join(0.2) is False  # before the deadline: nothing said yet
+    assert "join() returns" not in caplog.text
+    assert worker.join(1.5) is False and worker.join(0.1) is False
+    assert caplog.text.count("join() returns after the drain timeout") == 1, caplog.text
+    assert f"1 run(s) still running ({future.task_run_id})" in caplog.text
+    assert worker.join(30)  # the service thread gives up too (its daemon run thread is abandoned)
+
+
+def test_a_final_state_lost_in_a_partition_at_the_stop_is_reported_as_abandoned(
+        api_env, monkeypatch, tmp_path, caplog):
+    """The link to the server went silent (a partition: nothing refused, nothing arriving)
+    after a run's final state was sent, then the worker was stopped: it waited for the
+    answer until the drain timeout and then ended as if all was well (exit 0, no line),
+    though the server gives the run to another worker once its lease expires."""
+    from tests.helpers import Relay
+    from sync_worker.worker import TaskWorker
+
+    from urllib.parse import urlsplit
+
+    relay = Relay(urlsplit(api_env["SYNC_WORKER_API_URL"]).port)
+    marks = tmp_path / "marks"
+    future = wt.sleep_marked.delay(0, str(marks), 0.5)
+    monkeypatch.setenv("SYNC_WORKER_API_URL", relay.url)
+    monkeypatch.setenv("SYNC_WORKER_DRAIN_TIMEOUT", "1")
+    worker = TaskWorker(wt.sleep_marked, limit=1).start(block=False)
+    try:
+        wait_for(lambda: len(lines(marks, "start")) == 1, message="the run in flight")
+        relay.hold()
+        wait_for(lambda: len(lines(marks, "end")) == 1, message="the function returned")
+        worker.stop()
+        assert worker.join(30)
+    finally:
+        relay.close()
+    assert worker._abandoned_at_drain == [future.task_run_id]
+    assert ("1 run(s) executed here whose final state the server has not confirmed (unreachable?): "
+            + future.task_run_id) in caplog.text
+
+
 def test_a_run_executed_but_unreported_at_the_drain_timeout_is_not_called_still_running(
         server_factory, api_env, monkeypatch, tmp_path, caplog):
     """The server went away: a run whose function returned but whose final state got no
