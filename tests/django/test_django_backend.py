@@ -153,6 +153,18 @@ def test_get_result_of_unknown_or_foreign_run(backend: Any) -> None:
         backend.get_result(foreign.task_run_id)
 
 
+def test_get_result_with_the_server_down_raises_server_unavailable(backend: Any, server: Any) -> None:
+    """As enqueue() does: a raw requests.ConnectionError before, which a view handling
+    ServerUnavailable (the README's advice after a failed enqueue) missed."""
+    from notes.tasks import create_note
+    from sync_worker.exceptions import ServerUnavailable
+
+    server.stop()
+    with pytest.raises(ServerUnavailable, match="read the result of 00000000-") as info:
+        create_note.get_result("00000000-0000-0000-0000-000000000000")
+    assert info.value.task_run_id == "00000000-0000-0000-0000-000000000000"
+
+
 def test_get_result_checks_the_task(backend: Any) -> None:
     from notes.tasks import create_note, whoami
     from sync_worker.contrib.django.compat import FRAMEWORK

@@ -47,7 +47,7 @@ from sync_worker.contrib.django.compat import (
     normalize_json,
     task_enqueued,
 )
-from sync_worker.exceptions import ConfigurationError, ObjectNotFound, SyncWorkerError
+from sync_worker.exceptions import ConfigurationError, ObjectNotFound
 from sync_worker.schemas import EmpiricalPolicy, Scheduled, StateType, TaskRun, task_run_create
 from sync_worker.settings import Settings, SettingsError, get_settings
 
@@ -261,10 +261,17 @@ class SyncWorkerBackend(BaseTaskBackend):
             task_run = self.client.read_task_run(str(result_id))
         except ObjectNotFound:
             raise TaskResultDoesNotExist(result_id) from None
-        except SyncWorkerError as exc:
+        except Exception as exc:
             if getattr(exc, "status_code", None) in (404, 422):  # not a run id at all
                 raise TaskResultDoesNotExist(result_id) from None
-            raise
+            # a server that cannot be reached: ServerUnavailable, as enqueue() raises (a raw
+            # requests error before, which a view handling ServerUnavailable missed)
+            from sync_worker.client import unavailable
+
+            error = unavailable(self.client, f"read the result of {result_id}", exc, str(result_id))
+            if error is exc:
+                raise
+            raise error from exc
         parsed = parse_task_key(task_run.task_key)
         if parsed is None:
             raise TaskResultDoesNotExist(f"{result_id} is a run of {task_run.task_key!r}, not of a Django task")
@@ -430,3 +437,4 @@ def _aware(value: datetime | None) -> datetime | None:
     if getattr(django_settings, "USE_TZ", True):
         return value
     return timezone.make_naive(value)
+
