@@ -717,7 +717,9 @@ class TaskRunEngine:
                 self._local_retry = self.dialect.awaiting_retry(self, state)
             return Outcome.RETRYING
         if result.status is SetStateStatus.ABORT:
-            self.logger.debug("Final state of %s aborted: %s", self.label, result.reason)
+            # e.g. its lease ran out during a partition and another worker ran it meanwhile:
+            # a line for whoever looks for why a run executed twice
+            self.logger.info("Final state of %s not recorded (ABORT): %s", self.label, result.reason)
         else:
             self.logger.warning("Server refused the final state of %s (%s): %s", self.label,
                                 result.status.value, result.reason or state)
