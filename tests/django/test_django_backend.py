@@ -165,6 +165,18 @@ def test_get_result_with_the_server_down_raises_server_unavailable(backend: Any,
     assert info.value.task_run_id == "00000000-0000-0000-0000-000000000000"
 
 
+def test_a_run_being_cancelled_is_still_running_for_django(backend: Any) -> None:
+    """CANCELLING: its worker has not stopped it yet (the task may run for seconds more). It
+    was FAILED, with a finished_at that changed once the run was really cancelled."""
+    from notes.tasks import create_note
+    from sync_worker.schemas import State, StateType, TaskRun
+
+    run = TaskRun(id="6ba2cc65-0000-4000-8000-000000000000", name="create_note", task_key="k", dynamic_key="k-1",
+                  state=State(type=StateType.CANCELLING, name="Cancelling"))
+    result = backend.to_task_result(create_note, run, [], {}, envelope=None)
+    assert result.status == "RUNNING" and result.finished_at is None
+
+
 def test_get_result_checks_the_task(backend: Any) -> None:
     from notes.tasks import create_note, whoami
     from sync_worker.contrib.django.compat import FRAMEWORK

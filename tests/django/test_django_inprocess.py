@@ -114,8 +114,35 @@ def test_a_test_client_request_starts_no_worker():
 '''
 
 
+_PROBE_LIVE_SERVER = '''
+import urllib.request
+
+from django.test import LiveServerTestCase
+
+
+class Probe(LiveServerTestCase):
+    def test_a_live_server_request_starts_no_worker(self):
+        from sync_worker.contrib.django import inprocess
+
+        with urllib.request.urlopen(self.live_server_url + "/") as answer:
+            self.assertEqual(answer.status, 200)
+        self.assertIsNone(inprocess._worker, "the in-process worker started in a test run")
+'''
+
+_RUNTESTS = '''
+import sys
+
+import django
+from django.conf import settings
+from django.test.utils import get_runner
+
+django.setup()
+sys.exit(bool(get_runner(settings)().run_tests(["probe_live"])))
+'''
+
+
 @pytest.mark.parametrize("runner", ["manage.py test", "python -m django test", "python -m pytest",
-                                    "python -m unittest"])
+                                    "python -m unittest", "runtests.py with a live server"])
 def test_no_worker_in_test_runs_and_the_queued_run_is_left_alone(api_env: Any, tmp_path: Any, runner: str) -> None:
     """SYNC_WORKER_IN_PROCESS=1 and a test that makes a test-client request: no worker starts,
     and a real run waiting on the server is not executed against the test database."""
@@ -128,6 +155,11 @@ def test_no_worker_in_test_runs_and_the_queued_run_is_left_alone(api_env: Any, t
     waiting = create_note.enqueue("a real user's note, not for the tests")
     (tmp_path / "probe_dj.py").write_text(_PROBE_DJANGO_TESTCASE)
     (tmp_path / "probe_std.py").write_text(_PROBE_STANDALONE)
+    # Django's documented way for a reusable app (a runtests.py calling the test runner): the
+    # live server's handler is a WSGIHandler, and its request started the worker, which ran
+    # the real queued run against the test database
+    (tmp_path / "probe_live.py").write_text(_PROBE_LIVE_SERVER)
+    (tmp_path / "runtests.py").write_text(_RUNTESTS)
     env = {**os.environ, "SYNC_WORKER_IN_PROCESS": "1", "DJANGO_SETTINGS_MODULE": "mysite.settings",
            "PYTHONPATH": os.pathsep.join([str(tmp_path), str(EXAMPLE), str(REPO)])}
     command = {
@@ -136,6 +168,7 @@ def test_no_worker_in_test_runs_and_the_queued_run_is_left_alone(api_env: Any, t
         "python -m pytest": ([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "probe_std.py"],
                              tmp_path),
         "python -m unittest": ([sys.executable, "-m", "unittest", "probe_std"], tmp_path),
+        "runtests.py with a live server": ([sys.executable, "runtests.py"], tmp_path),
     }[runner]
     done = subprocess.run(command[0], cwd=command[1], env=env, capture_output=True, text=True, timeout=120)
     output = done.stdout + done.stderr
@@ -260,6 +293,31 @@ def test_runserver_noreload_sigterm_drains_like_ctrl_c(start_worker: Any, tmp_pa
     assert "SIGTERM received: stopping as on Ctrl-C" in web.output()
     result = wait_finished(result, timeout=30)
     assert result.status == "SUCCESSFUL" and result.return_value is True, web.output()
+
+
+def test_a_second_sigterm_during_the_noreload_drain_is_a_cold_stop_naming_the_run(start_worker: Any,
+                                                                                    tmp_path: Any) -> None:
+    """It was a traceback from the atexit hook ("Exception ignored in atexit callback") and
+    the run left RUNNING unnamed. Started with ``--norel`` (an abbreviation Django takes),
+    which did not count as ``--noreload``: no worker started at all."""
+    import signal
+
+    from notes.tasks import wait_for_file
+
+    port = _free_port()
+    web = start_worker("runserver", "--norel", f"127.0.0.1:{port}",
+                       env={"SYNC_WORKER_IN_PROCESS": "1", "PYTHONUNBUFFERED": "1"},
+                       command=[sys.executable, "manage.py"])
+    _wait_http(f"http://127.0.0.1:{port}/", web)
+    result = wait_for_file.enqueue(str(tmp_path / "never"))
+    _wait_running(result, web)
+    web.proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: "Stopping task worker" in web.output(), timeout=30, message="the drain under way")
+    web.proc.send_signal(signal.SIGTERM)
+    web.proc.wait(60)
+    output = web.output()
+    assert f"Cold stop: abandoning 1 running run(s): {result.id}" in output, output
+    assert "Exception ignored in atexit" not in output and "Traceback" not in output, output
 
 
 def test_runserver_noreload_keeps_a_sigterm_handler_the_project_installed(api_env: Any) -> None:

@@ -84,7 +84,7 @@ _STATUS = {
     StateType.FAILED: TaskResultStatus.FAILED,
     StateType.CRASHED: TaskResultStatus.FAILED,
     StateType.CANCELLED: TaskResultStatus.FAILED,
-    StateType.CANCELLING: TaskResultStatus.FAILED,
+    StateType.CANCELLING: TaskResultStatus.RUNNING,  # still executing until its worker stops it
 }
 
 _CLAIM = re.compile(r"^(?:Running on|Claimed by) (\S+)")

@@ -13,8 +13,10 @@ worker would be wrong. The rule, in this order:
 2. ``runserver``: with the autoreloader Django runs two processes; the parent only watches
    files and restarts the child, and the worker starts in the child (``RUN_MAIN=true``),
    again after each reload. ``runserver --noreload``: in its one process.
-3. A test run: pytest (imported in the process: ``pytest``, ``python -m pytest``, or
-   anything run under them) or ``python -m unittest``: no worker.
+3. A test run: Django's test environment set up (``manage.py test``, a ``runtests.py``
+   calling the test runner, pytest-django, also when it is set up after ``ready()``, as a
+   ``LiveServerTestCase``'s server is), ``pytest``/``python -m pytest`` or ``python -m
+   unittest``: no worker, and one INFO line says why.
 4. Any other process: lazily, on the first request it serves through Django's
    ``WSGIHandler`` (or ``ASGIHandler``), i.e. a WSGI server: gunicorn, uwsgi, mod_wsgi,
    waitress, ... (``ready()`` may run in a ``--preload`` master before it forks, and a
@@ -61,6 +63,13 @@ def _main_module_name() -> str | None:
 
 
 def _command() -> str | None:
+    argv = _command_argv()
+    if argv is None:
+        return None
+    return argv[1] if len(argv) > 1 else "help"
+
+
+def _command_argv() -> list[str] | None:
     """The management command this process runs (``"help"`` without one), or None: not a
     management command (a WSGI server, a test runner, a script).
 
@@ -71,8 +80,7 @@ def _command() -> str | None:
         if frame.f_code.co_name == "execute":
             utility = frame.f_locals.get("self")
             if type(utility).__name__ == "ManagementUtility" and type(utility).__module__ == "django.core.management":
-                argv = list(getattr(utility, "argv", None) or [])
-                return argv[1] if len(argv) > 1 else "help"
+                return list(getattr(utility, "argv", None) or [])
         frame = frame.f_back
     argv = sys.argv
     if not argv:
@@ -82,14 +90,25 @@ def _command() -> str | None:
     is_module = _main_module_name() == "django.__main__" or (
         name == "__main__.py" and os.path.basename(os.path.dirname(argv[0])) == "django")
     if is_manage or is_module:
-        return argv[1] if len(argv) > 1 else "help"
+        return list(argv)
     return None
 
 
+def _no_reload(argv: list[str]) -> bool:
+    """``runserver --noreload``, or an abbreviation argparse takes (``--norel``)."""
+    return any(len(arg) >= 5 and "--noreload".startswith(arg) for arg in argv[2:])
+
+
 def _test_run() -> str | None:
-    """What says this process runs tests (pytest, ``python -m unittest``), or None."""
-    if "pytest" in sys.modules or "_pytest" in sys.modules:
-        return "pytest"
+    """What says this process runs tests, or None: Django's test environment is set up
+    (``setup_test_environment``: ``manage.py test``, a ``runtests.py`` calling the test
+    runner, pytest-django; it gives ``django.core.mail`` its ``outbox``), or the process is
+    pytest or ``python -m unittest``. Not "pytest is imported": project code may import it
+    at run time (that disabled the worker under gunicorn, without a word)."""
+    from django.core import mail
+
+    if hasattr(mail, "outbox"):
+        return "Django's test environment"
     if sys.argv and os.path.basename(sys.argv[0]) in ("pytest", "py.test"):
         return "pytest"
     if _main_module_name() in ("pytest", "pytest.__main__", "unittest.__main__"):
@@ -150,7 +169,7 @@ def install(options: Any) -> None:
     if command is not None and command != "runserver":
         return
     if command == "runserver":
-        if "--noreload" in sys.argv:
+        if _no_reload(_command_argv() or []):
             _sigterm_as_ctrl_c()
         elif os.environ.get("RUN_MAIN") != "true":
             return  # the autoreloader's parent: it serves nothing
@@ -161,7 +180,9 @@ def install(options: Any) -> None:
             autoreload_started.connect(_warn_on_stop_under_autoreloader, dispatch_uid="sync_worker_in_process")
         start_in_process_worker(**_options)
         return
-    if _test_run():
+    test_run = _test_run()
+    if test_run:
+        logger.info("In-process task worker not started: this process runs tests (%s)", test_run)
         return
     from django.core.signals import request_started
 
@@ -178,6 +199,8 @@ def _served_request(sender: Any) -> bool:
 
 def _start_on_request(sender: Any = None, **_kwargs: Any) -> None:
     if (_worker is None or _worker_pid != os.getpid()) and _served_request(sender):
+        if _test_run():  # set up after ready(): a LiveServerTestCase's server, say
+            return
         start_in_process_worker(**_options)
 
 
@@ -199,9 +222,15 @@ def start_in_process_worker(backend: str = "default", queues: list[str] | None =
 
 
 def _stop(worker: Any) -> None:
-    if worker.started:
-        worker.stop()
-    worker.join(worker.settings.drain_timeout)
+    """At exit: stop taking runs and let in-flight runs finish (the drain timeout). A second
+    Ctrl-C or SIGTERM meanwhile is a cold stop that names the runs it abandons (it was a
+    traceback from the atexit hook and the runs left unnamed)."""
+    try:
+        if worker.started:
+            worker.stop()
+        worker.join(worker.settings.drain_timeout)
+    except KeyboardInterrupt:
+        worker._cold_stop()
 
 
 # -- signals under runserver ---------------------------------------------------------------
