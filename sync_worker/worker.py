@@ -612,7 +612,9 @@ class TaskWorker:
         return deadline is None or not self._stop_event.is_set() or time.monotonic() < deadline
 
     def join(self, timeout: float | None = None) -> bool:
-        """Wait until the worker has stopped and its in-flight runs finished; True if so.
+        """Wait until the worker has stopped; True once it has (its runs finished, or the
+        ones still going at the drain timeout were abandoned: logged by id, and the
+        ``sync-worker worker`` command exits 1 then), False after ``timeout``.
 
         Returning False after the drain timeout of a stop, it logs (once per stop) the runs
         still running or reporting: the usual caller (``stop(); join(DRAIN_TIMEOUT)`` in a
@@ -620,23 +622,29 @@ class TaskWorker:
         thread's own line about them, which comes a report backoff later."""
         if self._done.wait(timeout):
             return True
-        deadline = self._drain_deadline
-        if (self.stopping and not self._join_warned and deadline is not None and time.monotonic() >= deadline
-                and not self._abandoned_at_drain):
-            held = self._held_run_ids()
-            if not held:
-                return False  # nothing left behind: the connection is closing
-            self._join_warned = True
-            executing = self._slots.held_ids()
-            running = [run for run in held if run in executing]
-            reporting = [run for run in held if run not in executing]
-            logger.warning("join() returns after the drain timeout (%gs, SYNC_WORKER_DRAIN_TIMEOUT) with %d run(s) "
-                           "still running%s and %d whose final state the server has not confirmed%s; if this "
-                           "process ends now, the server gives them to a worker again once their lease expires, "
-                           "so they may run twice", self.settings.drain_timeout, len(running),
-                           f" ({', '.join(running)})" if running else "", len(reporting),
-                           f" ({', '.join(reporting)})" if reporting else "")
+        self._note_left_behind()
         return False
+
+    def _note_left_behind(self) -> None:
+        """Past the drain deadline of a stop, once: log the runs still running or reporting
+        (see :meth:`join`; the context manager's exit too, whose process a WSGI server may
+        end at any moment from then on)."""
+        deadline = self._drain_deadline
+        if (not self.stopping or self._join_warned or deadline is None or time.monotonic() < deadline
+                or self._abandoned_at_drain):
+            return
+        held = self._held_run_ids()
+        if not held:
+            return  # nothing left behind: the connection is closing
+        self._join_warned = True
+        executing = self._slots.held_ids()
+        running = [run for run in held if run in executing]
+        reporting = [run for run in held if run not in executing]
+        logger.warning("Drain timeout (%gs, SYNC_WORKER_DRAIN_TIMEOUT) passed with %d run(s) still running%s and %d "
+                       "whose final state the server has not confirmed%s; if this process ends now, the server "
+                       "gives them to a worker again once their lease expires, so they may run twice",
+                       self.settings.drain_timeout, len(running), f" ({', '.join(running)})" if running else "",
+                       len(reporting), f" ({', '.join(reporting)})" if reporting else "")
 
     def _drain(self) -> bool:
         """Wait for the stop to finish: True if every run did, False if runs were abandoned
@@ -649,6 +657,7 @@ class TaskWorker:
         deadline = (self._drain_deadline or time.monotonic() + timeout) + _ABANDON_GRACE_SECONDS + _STOP_GRACE_SECONDS
         idle_since: float | None = None
         while not self._done.wait(min(_SIGNAL_POLL_SECONDS, max(0.0, deadline - time.monotonic()))):
+            self._note_left_behind()
             now = time.monotonic()
             if self._held_run_ids():
                 idle_since = None

@@ -11,7 +11,10 @@ The drain must end before gunicorn kills the process: the master kills a worker
 ``graceful_timeout`` seconds after a shutdown or reload, and ``timeout`` seconds after its
 last heartbeat on a recycle (``max_requests``): a worker in ``worker_exit`` sends none. A
 run killed that way is run again once its lease expires, with no line in the log. So the
-drain timeout defaults here to 5 s less than both, and a larger one is warned about.
+drain timeout defaults here to 5 s less than both (half of them when they are under 10 s),
+from gunicorn's settings as given, in this file, on the command line or in
+GUNICORN_CMD_ARGS; a drain timeout you set yourself is kept, and warned about if it is not
+below them.
 
 Needs gunicorn and Flask: ``python3 -m pip install '.[examples]'`` from the repository root.
 """
@@ -25,8 +28,6 @@ threads = int(os.environ.get("GUNICORN_THREADS", "4"))
 worker_class = "gthread"
 timeout = 30
 graceful_timeout = 30
-# leave gunicorn's kill 5 s after the drain's end (see above); an explicit setting wins
-os.environ.setdefault("SYNC_WORKER_DRAIN_TIMEOUT", str(min(timeout, graceful_timeout) - 5))
 
 _task_worker = None
 
@@ -37,10 +38,15 @@ def post_fork(server, worker):
 
     from sync_worker import TaskWorker
 
+    # gunicorn kills a draining worker after min(timeout, graceful_timeout) (see above): the
+    # drain ends before that, unless SYNC_WORKER_DRAIN_TIMEOUT is set (then it is warned about)
+    kill_after = min(server.cfg.timeout, server.cfg.graceful_timeout)
+    if "SYNC_WORKER_DRAIN_TIMEOUT" not in os.environ:  # (this process only: set after the fork)
+        os.environ["SYNC_WORKER_DRAIN_TIMEOUT"] = str(max(0.0, kill_after - min(5.0, kill_after / 2)))
     _task_worker = TaskWorker(*ALL_TASKS, limit=int(os.environ.get("TASK_WORKER_LIMIT", "4")))
     _task_worker.start(block=False)
-    server.log.info("TaskWorker %s started in gunicorn worker %s", _task_worker.client_id, worker.pid)
-    kill_after = min(server.cfg.timeout, server.cfg.graceful_timeout)
+    server.log.info("TaskWorker %s started in gunicorn worker %s (drain timeout %gs)", _task_worker.client_id,
+                    worker.pid, _task_worker.settings.drain_timeout)
     if _task_worker.settings.drain_timeout >= kill_after:
         server.log.warning("SYNC_WORKER_DRAIN_TIMEOUT (%gs) is not below gunicorn's timeout/graceful_timeout "
                            "(%ss): gunicorn may kill a draining worker, and its runs run again after their lease",

@@ -264,11 +264,34 @@ def test_join_past_the_drain_timeout_names_the_runs_it_leaves(api_env, monkeypat
     wait_for(lambda: len(lines(marks, "start")) == 1, message="the run in flight")
     worker.stop()
     assert worker.join(0.2) is False  # before the deadline: nothing said yet
-    assert "join() returns" not in caplog.text
+    assert "Drain timeout" not in caplog.text
     assert worker.join(1.5) is False and worker.join(0.1) is False
-    assert caplog.text.count("join() returns after the drain timeout") == 1, caplog.text
+    assert caplog.text.count("if this process ends now") == 1, caplog.text
     assert f"1 run(s) still running ({future.task_run_id})" in caplog.text
     assert worker.join(30)  # the service thread gives up too (its daemon run thread is abandoned)
+
+
+def test_a_with_block_exit_names_the_runs_it_leaves_at_the_drain_timeout(api_env, monkeypatch, tmp_path, caplog):
+    """``with TaskWorker(...)`` in a gunicorn worker: the exit drained until the drain
+    timeout plus 11 s and the "abandoned" line came 6 s past it, after gunicorn's kill. The
+    runs still going are named at the deadline itself, while the exit still waits."""
+    import threading
+
+    from sync_worker.worker import TaskWorker
+
+    monkeypatch.setenv("SYNC_WORKER_DRAIN_TIMEOUT", "1")
+    marks = tmp_path / "marks"
+    worker = TaskWorker(wt.sleep_marked, limit=1)
+    worker.__enter__()
+    future = wt.sleep_marked.delay(0, str(marks), 30.0)
+    wait_for(lambda: len(lines(marks, "start")) == 1, message="the run in flight")
+    leaving = threading.Thread(target=worker.__exit__, args=(None, None, None), daemon=True)
+    leaving.start()
+    wait_for(lambda: f"still running ({future.task_run_id})" in caplog.text, timeout=4,
+             message="the run named at the drain timeout")
+    assert leaving.is_alive()  # (the exit waits a report backoff longer)
+    leaving.join(30)
+    assert not leaving.is_alive()
 
 
 def test_a_final_state_lost_in_a_partition_at_the_stop_is_reported_as_abandoned(
