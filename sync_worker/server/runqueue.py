@@ -145,6 +145,10 @@ def _held_for_first(key: _Key, waiter: Any) -> bool:
     return slot_seconds is not None and slot_seconds < QUICK_SLOT_SECONDS and first.claim_at_delivery
 
 
+#: after a lease's expiry could not be written (database locked, disk full): the next try
+LEASE_RETRY_SECONDS = 1.0
+
+
 class RunQueue:
     def __init__(self, db: Database, *, lease_timeout: float = 30.0, max_deliveries: int = 3,
                  buffer_size: int = 1000, spill_delay: float = SPILL_DELAY) -> None:
@@ -159,6 +163,7 @@ class RunQueue:
         self._texts: dict[str, str] = {}  # TaskRun JSON of buffered runs: delivery needs no read
         self.outstanding: dict[str, Any] = {}  # run id -> Waiter (or RECOVERED)
         self._recovered_holders: dict[str, str] = {}  # run id -> client_id, for RECOVERED runs
+        self._lease_retrying: set[str] = set()  # lease expiries not written yet (logged once each)
         #: called (run id, TaskRun JSON) after the queue itself finished a run (CRASHED)
         self.on_finished: Callable[[str, str], None] | None = None
         self._timers: list[tuple[float, int, str, Any]] = []
@@ -175,7 +180,7 @@ class RunQueue:
             key = self._keys[task_key] = _Key()
         return key
 
-    def _push(self, task_key: str, seq: int, run_id: str, text: str | None = None) -> None:
+    def _push(self, task_key: str, seq: int, run_id: str, text: str | None = None, wake: bool = True) -> None:
         if text is not None:
             self._texts[run_id] = text
         if run_id in self._in_heap:
@@ -183,7 +188,8 @@ class RunQueue:
         key = self._key(task_key)
         heapq.heappush(key.heap, (seq, run_id))
         self._in_heap.add(run_id)
-        self._wake(key, 1)
+        if wake:
+            self._wake(key, 1)
 
     def _wake(self, key: _Key, count: int | None = None) -> None:
         """Wake one of the key's waiters (``count=1``; every one when None): one run pushed
@@ -474,14 +480,17 @@ class RunQueue:
             if self.outstanding.get(run_id) is waiter:
                 del self.outstanding[run_id]
 
-    def give_back(self, waiter: Waiter, run_id: str, task_key: str, seq: int, text: str | None = None) -> None:
+    def give_back(self, waiter: Waiter, run_id: str, task_key: str, seq: int, text: str | None = None,
+                  wake: bool = True) -> None:
         """A run sent to ``waiter`` was not acknowledged (or its claim at delivery was not
-        written): back in the buffer at once."""
+        written): back in the buffer at once. ``wake=False``: nobody is woken for it (a claim
+        the database refused is tried again by a timer: woken at once, the same subscriber
+        tried again at once, over a thousand times a second on a full disk)."""
         with self.lock:
             waiter.leased.discard(run_id)
             if self.outstanding.get(run_id) is waiter:
                 del self.outstanding[run_id]
-                self._push(task_key, seq, run_id, text)
+                self._push(task_key, seq, run_id, text, wake=wake)
 
     def hand_back(self, waiter: Waiter, run_id: str) -> bool:
         """An acknowledged run ``waiter`` will not start: its lease ends now (re-queued, or
@@ -628,11 +637,31 @@ class RunQueue:
                     elif kind == "lease":
                         run_id, owner = payload
                         if self.outstanding.get(run_id) is owner:
-                            self.db.submit(lambda tx, r=run_id, o=owner: self._lease_expired_op(tx, r, o))
+                            self.db.submit(lambda tx, r=run_id, o=owner: self._lease_expired_op(tx, r, o),
+                                           lambda _result, error, p=payload: self._lease_written(p, error))
                 except DatabaseClosed:
                     return
                 except Exception:  # pragma: no cover - keep the timers alive
                     logger.exception("queue timer failed")
+
+    def _lease_written(self, payload: tuple[str, Any], error: BaseException | None) -> None:
+        """After a lease's expiry was committed, or not: a run whose expiry could not be
+        written (database locked, disk full) tries again in :data:`LEASE_RETRY_SECONDS`.
+        Dropped, the run stayed RUNNING for good once the database was writable again."""
+        run_id, owner = payload
+        with self.lock:
+            if error is None or isinstance(error, DatabaseClosed):
+                self._lease_retrying.discard(run_id)
+                return
+            if self._stopped or self.outstanding.get(run_id) is not owner:
+                self._lease_retrying.discard(run_id)
+                return
+            self._add_timer(time.time() + LEASE_RETRY_SECONDS, "lease", payload)
+            first = run_id not in self._lease_retrying
+            self._lease_retrying.add(run_id)
+        (logger.warning if first else logger.debug)(
+            "could not re-queue run %s after its lease expired (%s); trying again every %g s",
+            run_id, error, LEASE_RETRY_SECONDS)
 
     # -- start/stop ------------------------------------------------------------------------------
     def recover(self, info: RecoveryInfo) -> None:

@@ -302,6 +302,7 @@ class Subscription:
         self._claiming = 0
         self._claimed: list[tuple[str, str]] = []
         self._deferred = 0  # runs the queue left waiting for this connection (wake) since it last took runs
+        self._retry_claims_at = 0.0  # (monotonic) a refused claim is tried again then, not before
         #: how long a run holds a slot of this worker, from its frame sent to its state read
         #: (moving average, seconds; None until measured): whether later workers of its keys
         #: wait for it (runqueue._held_for_first)
@@ -333,7 +334,13 @@ class Subscription:
         With several workers on the key (:meth:`.RunQueue._wake`): True when the reader
         will take the run (the connection still waits for runs), up to as many runs as it has
         free credits (:meth:`reserve`); False past them (the queue wakes the next waiter);
-        None when the sender thread was woken."""
+        None when the sender thread was woken.
+
+        True too while a claim the database refused waits for its retry (``_retry_claims_at``):
+        each run created meanwhile woke the sender thread, which tried its claim at once: on
+        a full disk, over a thousand refused commits and WARNING lines a second."""
+        if self._retry_claims_at and time.monotonic() < self._retry_claims_at:
+            return True
         if self.claim_at_delivery and not self._reserved_texts and self.ws.input_pending():
             if self._deferred < (self._credit or 0):
                 self._deferred += 1
@@ -823,8 +830,11 @@ class Subscription:
 
     def _take_due(self, limit: int) -> list[tuple[str, str, int, str | None]]:
         """Up to ``limit`` due runs taken from the queue for this connection (the stale ones
-        dropped), as (id, key, seq, text or None)."""
+        dropped), as (id, key, seq, text or None). None while a refused claim waits for its
+        retry (see :meth:`wake`)."""
         taken: list[tuple[str, str, int, str | None]] = []
+        if self._retry_claims_at and time.monotonic() < self._retry_claims_at:
+            return taken
         while len(taken) < limit:
             one = self.queue.take(self)
             if one is None:
@@ -890,7 +900,7 @@ class Subscription:
         for run, result in zip(taken, claimed, strict=True):
             if isinstance(result, BaseException):  # not written: the run stays queued
                 failed = result
-                self.queue.give_back(self, *run)
+                self.queue.give_back(self, *run, wake=False)  # (the timer below tries again)
             elif result is None:  # deleted or not SCHEDULED any more
                 self.queue.discard(self, run[0])
             else:
@@ -906,11 +916,16 @@ class Subscription:
         if failed is not None:
             logger.warning("could not claim runs for %r at delivery (%s); trying again in %g s", self.client_id,
                            failed, CLAIM_RETRY_DELAY)
-            timer = threading.Timer(CLAIM_RETRY_DELAY, self.wake)
+            self._retry_claims_at = time.monotonic() + CLAIM_RETRY_DELAY
+            timer = threading.Timer(CLAIM_RETRY_DELAY, self._retry_claims)
             timer.daemon = True
             timer.start()
             return False
         return bool(texts) or len(taken) > 0
+
+    def _retry_claims(self) -> None:
+        self._retry_claims_at = 0.0
+        self.wake()
 
     def _release_unsent(self, taken: list[tuple[str, str, int, str | None]],
                         claimed: list[str | BaseException | None]) -> None:

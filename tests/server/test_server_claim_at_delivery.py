@@ -265,3 +265,65 @@ def test_bad_limit_closes_with_4001(wire, limit):
     subscriber = claiming(wire, 1, limit=limit)
     code, reason = read_close(subscriber.ws)
     assert code == 4001 and "'limit'" in reason
+
+
+def test_a_lease_expiring_while_the_database_is_locked_is_re_queued_once_it_is_writable(
+        server_factory, make_wire, tmp_path, monkeypatch, caplog):
+    """The expiry's write failed (another process held the database) and the timer was
+    dropped without a word: the run stayed RUNNING for good, 12 lease periods later."""
+    import sqlite3
+
+    from sync_worker.server import database
+
+    monkeypatch.setattr(database, "BUSY_TIMEOUT", 0.2)
+    path = tmp_path / "locked.db"
+    wire = make_wire(server_factory(lease_timeout=0.5, database=str(path)))
+    run_id = wire.create()["id"]
+    gone = claiming(wire, 1, client_id="gone")
+    assert gone.next_run()["id"] == run_id
+    locker = sqlite3.connect(str(path), timeout=0, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        gone.close()
+        wait_for(lambda: f"could not re-queue run {run_id} after its lease expired" in caplog.text, timeout=30,
+                 message="the expiry refused by the locked database")
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    other = claiming(wire, 1, client_id="other")
+    run = other.next_run(timeout=15)
+    assert run["id"] == run_id and run["run_count"] == 2
+    assert caplog.text.count(f"could not re-queue run {run_id}") == 1  # then DEBUG while it lasts
+
+
+def test_a_claim_the_database_refuses_is_tried_again_once_a_second_not_in_a_loop(server_factory, make_wire,
+                                                                                 monkeypatch):
+    """On a full disk each refused claim gave its run back to the queue, which woke the same
+    subscriber at once: 1,100-1,700 attempts (and WARNING lines) a second, a log that kept
+    the disk full. Now the retry timer's second is kept."""
+    from sync_worker.server.database import StorageError
+
+    server = server_factory()
+    wire = make_wire(server)
+    core = server.core
+    original = core.claim_at_delivery
+    attempts: list[float] = []
+    refusing = {"until": time.monotonic() + 1.6}
+
+    def full_disk(run_ids, holder, before=None, inline_parameters=False):
+        if time.monotonic() < refusing["until"]:
+            attempts.append(time.monotonic())
+            return [StorageError(507, "disk full: cannot write to the database") for _ in run_ids]
+        return original(run_ids, holder, before, inline_parameters)
+
+    monkeypatch.setattr(core, "claim_at_delivery", full_disk)
+    first = wire.create()["id"]  # queued: the subscriber claims it at delivery
+    subscriber = claiming(wire, 5, client_id="full")
+    wait_for(lambda: attempts, timeout=10, message="the first claim refused")
+    connection = server.queue._keys["tests.add"].members[0]
+    for _ in range(30):  # as each run created meanwhile does: it tried again at once each time
+        connection.wake()
+        time.sleep(0.02)
+    run = subscriber.next_run(timeout=15)
+    assert run["id"] == first and run["state"]["type"] == "RUNNING"
+    assert 1 <= len(attempts) <= 4, len(attempts)
