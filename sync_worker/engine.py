@@ -116,6 +116,9 @@ class Outcome(str, enum.Enum):
     UNCLAIMED = "unclaimed"  # not started: its claim could not be recorded before the worker gave up
     #: executed; its final state is on its way, the outcome goes to ``on_reported`` (see TaskRunEngine)
     REPORTING = "reporting"
+    #: executed; the worker's drain deadline passed before the server took its final state
+    #: (no answer, or a 5xx such as a full disk): the server gives the run out again after its lease
+    UNCONFIRMED = "unconfirmed"
 
 
 def should_try_to_read_parameters(task: Task[..., Any], task_run: TaskRun) -> bool:
@@ -353,8 +356,13 @@ class TaskRunEngine:
                 self.outcome = Outcome.UNCLAIMED
             else:
                 self._log_report_refused(exc)
-                self.outcome = Outcome.SKIPPED
+                self.outcome = Outcome.UNCONFIRMED if self._gave_up(exc) else Outcome.SKIPPED
         return self.outcome
+
+    def _gave_up(self, exc: BaseException) -> bool:
+        """Whether reporting stopped at the worker's drain deadline on a failure that is
+        worth retrying (no answer, a 5xx): the state is not on the server."""
+        return self._started and is_intermittent(exc) and self.keep_trying is not None and not self.keep_trying()
 
     def _log_report_refused(self, exc: BaseException) -> None:
         """The server refused a report (401, 422, ...): its answer says all, one line; anything
@@ -604,6 +612,8 @@ class TaskRunEngine:
             self.logger.warning("Task run %s no longer exists on the server; skipping it", self.label)
         except Exception as exc:  # noqa: BLE001 - as run() does
             self._log_report_refused(exc)
+            if self._gave_up(exc):
+                outcome = Outcome.UNCONFIRMED
         finally:
             self._reported(outcome)
 

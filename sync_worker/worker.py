@@ -379,6 +379,8 @@ class TaskWorker:
         #: the runs the last stop abandoned at the drain timeout (the worker commands exit 1)
         self._abandoned_at_drain: list[str] = []
         self._join_warned = False  # join() said, once per stop, what it left behind (see join)
+        #: runs executed here whose final state the server had not taken by the drain deadline
+        self._unconfirmed: list[str] = []
         #: set just before ``_done``: ``_done.set()`` takes the Event's lock, which the main
         #: thread a SIGTERM handler interrupted may hold; this flag needs none (see
         #: :meth:`_drain_polling`)
@@ -544,6 +546,7 @@ class TaskWorker:
             self._drain_deadline = None
             self._abandoned_at_drain = []
             self._join_warned = False
+            self._unconfirmed = []
             self._finished = False
             self._done.clear()
             self._error = None
@@ -688,6 +691,8 @@ class TaskWorker:
         if self._abandoned_at_drain:
             return False  # noted already (the service thread, or another stop path)
         abandoned = self._held_run_ids()
+        with self._lock:
+            abandoned += [run for run in self._unconfirmed if run not in abandoned]
         self._abandoned_at_drain = abandoned
         executing = self._slots.held_ids()
         running = [run for run in abandoned if run in executing]
@@ -785,7 +790,7 @@ class TaskWorker:
             if executor is not None and not executor.shutdown(
                     wait=True, timeout=max(0.0, self._drain_deadline + _ABANDON_GRACE_SECONDS - time.monotonic())):
                 self._drain_timed_out(self.settings.drain_timeout)
-            if not self._wait_for_reports():
+            if not self._wait_for_reports() or self._unconfirmed:
                 # final states sent over a link that then went silent (a partition): their
                 # runs may be given to another worker once their lease expires
                 self._drain_timed_out(self.settings.drain_timeout)
@@ -990,7 +995,7 @@ class TaskWorker:
                 subscription=self._subscription, dialect=dialect, transport=transport, on_executed=release_slot,
                 keep_trying=self._keeps_trying, claimed_at_delivery=claimed,
                 # the final state's answer is handled by the socket's reader: this thread is free now
-                on_reported=(lambda outcome: self._run_done(task, task_run, delivered)) if claimed else None,
+                on_reported=(lambda outcome: self._reported(task, task_run, delivered, outcome)) if claimed else None,
                 run_later=self._run_later, on_ran=functools.partial(self._ran, task.task_key),
             )
             logger.debug("Task run %s finished here: %s", task_run.id, outcome.value)
@@ -1003,8 +1008,14 @@ class TaskWorker:
         finally:
             release_slot()
             if outcome is not Outcome.REPORTING:  # else when the answer comes (on_reported)
-                self._run_done(task, task_run, delivered)
+                self._reported(task, task_run, delivered, outcome)
         return outcome
+
+    def _reported(self, task: Task[..., Any], task_run: TaskRun, delivered: bool, outcome: Outcome | None) -> None:
+        if outcome is Outcome.UNCONFIRMED:  # abandoned at the drain deadline (see _drain_timed_out)
+            with self._lock:
+                self._unconfirmed.append(task_run.id)
+        self._run_done(task, task_run, delivered)
 
     def _run_later(self, fn: Callable[[], None]) -> None:
         """On a run thread (the rest of a report whose answer was not an ACCEPT); raises

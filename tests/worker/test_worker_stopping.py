@@ -346,7 +346,10 @@ def test_a_run_executed_but_unreported_at_the_drain_timeout_is_not_called_still_
     finally:
         worker.stop()
         assert worker.join(30)
-    assert worker._abandoned_at_drain == []  # nothing left running: the function returned
+    # nothing left running (the function returned), but its final state is not on the server: abandoned
+    assert worker._abandoned_at_drain == [future.task_run_id]  # (the command exits 1; it exited 0)
+    assert f"executed here whose final state the server has not confirmed (unreachable?): {future.task_run_id}" \
+        in caplog.text
     assert (f"Stopped before the server answered about task run 'sleep_marked' ({future.task_run_id})"
             in caplog.text)
     assert "the server has its state, or gives the run to a worker again when its lease expires" in caplog.text
