@@ -58,6 +58,11 @@ MIN_BODY_BUDGET = 64 * 1024 * 1024
 _CHUNK = 64 * 1024
 
 
+class ChunkTooLarge(OSError):
+    """A chunked body announced a chunk larger than the body limit (``max_chunk`` of the
+    server's chunked input): refused at once with 413, not read until a timeout."""
+
+
 def _read_chunks(stream: Any, limit: int) -> bytes:
     """Up to ``limit`` bytes, read as they arrive (``read(limit)`` would allocate all of
     ``limit`` at once, for a client that may send a fraction of it)."""
@@ -277,8 +282,14 @@ class App:
         length_text = environ.get("CONTENT_LENGTH")
         if environ.get("wsgi.input_terminated"):  # chunked
             with self.bodies.reserve(self.max_body_size + 1, environ):
+                if hasattr(stream, "max_chunk"):
+                    stream.max_chunk = self.max_body_size
                 try:
                     data = _read_chunks(stream, self.max_body_size + 1)
+                except ChunkTooLarge:
+                    environ[CLOSE] = True
+                    raise HTTPError(413, f"Request body is larger than the limit of {self.max_body_size} bytes "
+                                         "(sync-worker server --max-body-size)") from None
                 except TimeoutError:
                     environ[CLOSE] = True
                     raise HTTPError(408, "Request body not received in time") from None

@@ -23,7 +23,7 @@ from urllib.parse import unquote
 
 from werkzeug.serving import DechunkedInput, ThreadedWSGIServer, WSGIRequestHandler
 
-from .app import CLOSE, UPGRADED, App
+from .app import CLOSE, UPGRADED, App, ChunkTooLarge
 from .core import Core
 from .database import DatabaseFileError, SQLiteDatabase
 from .events import EventBus
@@ -285,7 +285,10 @@ class _RequestHandler(WSGIRequestHandler):
 
 class _BoundedDechunkedInput(DechunkedInput):
     """Werkzeug's chunked-body reader with a bounded chunk-size line (its own reads a line of
-    any length into memory)."""
+    any length into memory), refusing a chunk larger than ``max_chunk`` (set by the app to
+    its body limit) as soon as its size line is read."""
+
+    max_chunk: int | None = None
 
     def read_chunk_len(self) -> int:
         line = self._rfile.readline(1026)
@@ -297,6 +300,8 @@ class _BoundedDechunkedInput(DechunkedInput):
             raise OSError("Invalid chunk header") from None
         if size < 0:
             raise OSError("Negative chunk length not allowed")
+        if self.max_chunk is not None and size > self.max_chunk:
+            raise ChunkTooLarge(f"a chunk of {size} bytes")
         return size
 
 

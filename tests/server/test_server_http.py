@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 
+import pytest
 import requests
 
 
@@ -68,6 +69,20 @@ def test_chunked_body(server):
         status, _, response = _read_response(sock)
         assert status == 201, response
         assert json.loads(response)["task_key"] == "chunked"
+
+
+@pytest.mark.parametrize("size", [b"200000", b"ffffffffffffffffffff"])
+def test_a_chunk_announced_larger_than_the_body_limit_is_413_at_once(server_factory, size):
+    """The server read on until its request timeout (60 s), then answered 408, or nothing."""
+    server = server_factory(max_body_size=1024 * 1024)
+    with _connect(server) as sock:
+        sock.settimeout(10)
+        started = time.monotonic()
+        sock.sendall(b"POST /api/task_runs/ HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+                     b"Content-Type: application/json\r\n\r\n" + size + b"\r\n{")
+        status, _, response = _read_response(sock)
+        assert status == 413 and b"--max-body-size" in response, response
+        assert time.monotonic() - started < 5
 
 
 def test_expect_100_continue(server):
