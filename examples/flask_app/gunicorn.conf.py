@@ -58,4 +58,10 @@ def worker_exit(server, worker):
         _task_worker.stop()
         # at most the drain timeout; runs still going then are logged by id (they run again
         # after their lease)
-        _task_worker.join(_task_worker.settings.drain_timeout)
+        try:
+            _task_worker.join(_task_worker.settings.drain_timeout)
+        except BaseException:  # a second Ctrl-C: gunicorn's quick exit breaks into the drain
+            left = [run for runs in _task_worker.in_flight_task_runs.values() for run in runs]
+            server.log.warning("Drain interrupted: abandoning %d run(s)%s; the server gives them to a worker "
+                               "again once their lease expires", len(left), f": {', '.join(left)}" if left else "")
+            raise
