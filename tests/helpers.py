@@ -42,6 +42,21 @@ def load_capture(name: str) -> Any:
         return json.load(handle)
 
 
+def record_events(monkeypatch: Any) -> list[dict]:
+    """Every event our client POSTs from now on (passed on to the server unchanged)."""
+    from sync_worker.client import Client
+
+    posted: list[dict] = []
+    original = Client.emit_events
+
+    def emitting(self: Any, events: list[dict]) -> Any:
+        posted.extend(events)
+        return original(self, events)
+
+    monkeypatch.setattr(Client, "emit_events", emitting)
+    return posted
+
+
 def drop_events(monkeypatch: Any, drop: Callable[[dict], bool]) -> None:
     """Make ``Client.emit_events`` lose the events for which ``drop(event)`` is true (as an
     event intake without acknowledgement may) and pass the others on."""

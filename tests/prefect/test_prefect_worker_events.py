@@ -21,17 +21,9 @@ def _key(name: str) -> str:
 @pytest.fixture
 def recorded_events(monkeypatch: pytest.MonkeyPatch) -> list[dict]:
     """Every event our client POSTs (passed on to the server unchanged)."""
-    from sync_worker.client import Client
+    from tests.helpers import record_events
 
-    posted: list[dict] = []
-    original = Client.emit_events
-
-    def emitting(self, events):
-        posted.extend(events)
-        return original(self, events)
-
-    monkeypatch.setattr(Client, "emit_events", emitting)
-    return posted
+    return record_events(monkeypatch)
 
 
 def test_running_and_completed_are_events_prefect_records(prefect_server, sync_worker_env, start_worker,

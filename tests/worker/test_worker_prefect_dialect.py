@@ -11,7 +11,7 @@ import websocket
 
 from sync_worker.client import Client
 from sync_worker.schemas import StateType
-from tests.helpers import drop_events, load_capture, wait_for
+from tests.helpers import drop_events, load_capture, record_events, wait_for
 from tests.worker import worker_tasks as wt
 
 
@@ -79,14 +79,7 @@ def test_state_events_have_the_shape_of_prefects_own_and_completed_follows_runni
     to wake late callers has the same labels but ``prefect.orchestration`` (not recorded again).
     Before: no ``follows``, and the repeat lacked the run-count, state-message and
     state-timestamp labels and carried the state's timestamp and task_run_id."""
-    posted: list[dict] = []
-    original_emit = Client.emit_events
-
-    def emitting(self, events):
-        posted.extend(events)
-        return original_emit(self, events)
-
-    monkeypatch.setattr(Client, "emit_events", emitting)
+    posted = record_events(monkeypatch)
     worker = start_worker(wt.add)
     worker._prefect.events.repeat_after = 0.2
     future = wt.add.delay(1, 2)
