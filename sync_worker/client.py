@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Dict, NoReturn, Optional, Tuple, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import tenacity
@@ -69,17 +69,17 @@ def _is_retryable(exc: BaseException) -> bool:
     return is_intermittent(exc)
 
 
-def unavailable(client: "Client", doing: str, exc: BaseException,
-                task_run_id: str | None = None) -> BaseException:
-    """``exc`` as the user should see it: a connection error or a 5xx left after the retries
-    becomes :class:`ServerUnavailable` saying what could not be done and where (a raw
-    ``requests`` error named neither, and code written for ``ServerUnavailable`` after a
-    submit missed it); anything else is returned as it is."""
+def raise_unavailable(client: "Client", doing: str, exc: BaseException,
+                      task_run_id: str | None = None) -> NoReturn:
+    """Raise ``exc`` as the user should see it (call it in the ``except`` block): a
+    connection error or a 5xx left after the retries as :class:`ServerUnavailable` saying
+    what could not be done and where (a raw ``requests`` error named neither, and code
+    written for ``ServerUnavailable`` after a submit missed it); anything else as it is."""
     if not _is_retryable(exc):
-        return exc
-    return exceptions.ServerUnavailable(
+        raise exc
+    raise exceptions.ServerUnavailable(
         f"Could not {doing} at {client.api_url} ({exc}); is the server running and answering? "
-        "(SYNC_WORKER_API_URL)", task_run_id=task_run_id)
+        "(SYNC_WORKER_API_URL)", task_run_id=task_run_id) from exc
 
 
 def _create_retryable(exc: BaseException) -> bool:

@@ -359,15 +359,19 @@ class TaskRunEngine:
                 self.outcome = Outcome.UNCONFIRMED if self._gave_up(exc) else Outcome.SKIPPED
         return self.outcome
 
-    def _gave_up(self, exc: BaseException) -> bool:
+    def _past_deadline(self, exc: BaseException) -> bool:
         """Whether reporting stopped at the worker's drain deadline on a failure that is
         worth retrying (no answer, a 5xx): the state is not on the server."""
-        return self._started and is_intermittent(exc) and self.keep_trying is not None and not self.keep_trying()
+        return is_intermittent(exc) and self.keep_trying is not None and not self.keep_trying()
+
+    def _gave_up(self, exc: BaseException) -> bool:
+        """:meth:`_past_deadline` for a run whose function was called (abandoned, unconfirmed)."""
+        return self._started and self._past_deadline(exc)
 
     def _log_report_refused(self, exc: BaseException) -> None:
         """The server refused a report (401, 422, ...): its answer says all, one line; anything
         else is unexpected and logged with its traceback."""
-        if is_intermittent(exc) and self.keep_trying is not None and not self.keep_trying():
+        if self._past_deadline(exc):
             # the worker stopped at its drain timeout before the server's answer came: no bug
             self.logger.warning("Stopped before the server answered about task run %s (%s); the server has its "
                                 "state, or gives the run to a worker again when its lease expires", self.label, exc)

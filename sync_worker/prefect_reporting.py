@@ -50,21 +50,14 @@ logger = logging.getLogger("sync_worker.prefect_reporting")
 REPEAT_EVENT_AFTER = 8.0
 
 
-def final_state_event(task_run: TaskRun, state: State) -> dict[str, Any]:
-    """The event that wakes a Prefect caller waiting for ``task_run`` (its ``.result()``):
-    the labels and ``validated_state`` of Prefect's own engine event (:func:`state_event`),
-    but without ``"prefect.orchestration": "client"``. Sent for a state already recorded
-    (proposed over REST, or a repeat of an event): Prefect's ``task_run_recorder`` records
-    only client-orchestrated events, so this one is not recorded a second time.
-
-    Named after the state *type* (what a Prefect caller's filter names); the state's own
-    name stays in ``validated_state`` and the labels."""
-    timestamp = state.timestamp or datetime.now(timezone.utc)
+def _event(task_run: TaskRun, state: State, timestamp: datetime, name: str) -> dict[str, Any]:
+    """What every task-run state event carries (:func:`final_state_event`, :func:`state_event`):
+    Prefect's engine's labels, tags and ``validated_state``; the callers add the rest."""
     message = state.message or ""
     return {
-        "id": state.id or str(uuid.uuid4()),  # a repeat takes a new one
+        "id": state.id or str(uuid.uuid4()),
         "occurred": format_datetime(timestamp),
-        "event": f"prefect.task-run.{state.type.value.capitalize()}",
+        "event": f"prefect.task-run.{name}",
         "resource": {
             "prefect.resource.id": f"prefect.task-run.{task_run.id}",
             "prefect.resource.name": task_run.name,
@@ -76,13 +69,28 @@ def final_state_event(task_run: TaskRun, state: State) -> dict[str, Any]:
         },
         "related": [{"prefect.resource.id": f"prefect.tag.{tag}", "prefect.resource.role": "tag"}
                     for tag in sorted(task_run.tags)],
-        "payload": {
-            "intended": {"from": "RUNNING", "to": state.type.value},
-            "initial_state": {"type": "RUNNING", "name": "Running", "message": "", "state_details": {}},
-            "validated_state": {"type": state.type.value, "name": state.name, "message": message,
-                                "state_details": _details(state), "data": state.data},
-        },
+        "payload": {"validated_state": {"type": state.type.value, "name": state.name, "message": message,
+                                        "state_details": _details(state), "data": state.data}},
     }
+
+
+def final_state_event(task_run: TaskRun, state: State) -> dict[str, Any]:
+    """The event that wakes a Prefect caller waiting for ``task_run`` (its ``.result()``):
+    the labels and ``validated_state`` of Prefect's own engine event (:func:`state_event`),
+    but without ``"prefect.orchestration": "client"``. Sent for a state already recorded
+    (proposed over REST, or a repeat of an event, which takes a new id): Prefect's
+    ``task_run_recorder`` records only client-orchestrated events, so this one is not
+    recorded a second time.
+
+    Named after the state *type* (what a Prefect caller's filter names); the state's own
+    name stays in ``validated_state`` and the labels."""
+    event = _event(task_run, state, state.timestamp or datetime.now(timezone.utc), state.type.value.capitalize())
+    event["payload"] = {
+        "intended": {"from": "RUNNING", "to": state.type.value},
+        "initial_state": {"type": "RUNNING", "name": "Running", "message": "", "state_details": {}},
+        **event["payload"],
+    }
+    return event
 
 
 def _task_run_payload(task_run: TaskRun, total_run_time: float) -> dict[str, Any]:
@@ -119,31 +127,14 @@ def state_event(task_run: TaskRun, initial: State | None, state: State, total_ru
     ``task_run`` must already carry what the state changes (``run_count``, times);
     ``follows``: the id of the run's previous event from this engine (ordering hint)."""
     assert state.id is not None and state.timestamp is not None
-    message = state.message or ""
-    event: dict[str, Any] = {
-        "id": state.id,
-        "occurred": format_datetime(state.timestamp),
-        "event": f"prefect.task-run.{state.name}",
-        "resource": {
-            "prefect.resource.id": f"prefect.task-run.{task_run.id}",
-            "prefect.resource.name": task_run.name,
-            "prefect.run-count": str(task_run.run_count),
-            "prefect.state-message": message,
-            "prefect.state-name": state.name or "",
-            "prefect.state-timestamp": format_datetime(state.timestamp),
-            "prefect.state-type": state.type.value,
-            "prefect.orchestration": "client",
-        },
-        "related": [{"prefect.resource.id": f"prefect.tag.{tag}", "prefect.resource.role": "tag"}
-                    for tag in sorted(task_run.tags)],
-        "payload": {
-            "intended": {"from": initial.type.value if initial else None, "to": state.type.value},
-            "initial_state": ({"type": initial.type.value, "name": initial.name, "message": initial.message or "",
-                               "state_details": _details(initial)} if initial else None),
-            "validated_state": {"type": state.type.value, "name": state.name, "message": message,
-                                "state_details": _details(state), "data": state.data},
-            "task_run": _task_run_payload(task_run, total_run_time),
-        },
+    event = _event(task_run, state, state.timestamp, f"{state.name}")
+    event["resource"]["prefect.orchestration"] = "client"
+    event["payload"] = {
+        "intended": {"from": initial.type.value if initial else None, "to": state.type.value},
+        "initial_state": ({"type": initial.type.value, "name": initial.name, "message": initial.message or "",
+                           "state_details": _details(initial)} if initial else None),
+        **event["payload"],
+        "task_run": _task_run_payload(task_run, total_run_time),
     }
     if follows is not None:
         event["follows"] = follows

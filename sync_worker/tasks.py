@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any, Generic, NoReturn, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 from sync_worker.durations import MAX_SECONDS
 from sync_worker.exceptions import SerializationError, TaskRunCancelled, TaskRunFailed
@@ -310,19 +310,11 @@ class TaskRunFuture(Generic[R]):
             try:
                 self._last = self._client.read_task_run(self.task_run_id)
             except Exception as exc:
-                self._raise_unavailable(exc, f"read task run {self.task_run_id}")
+                from sync_worker.client import raise_unavailable
+
+                raise_unavailable(self._client, f"read task run {self.task_run_id}", exc, self.task_run_id)
         assert self._last is not None
         return self._last
-
-    def _raise_unavailable(self, exc: Exception, doing: str) -> NoReturn:
-        """Called in an ``except`` block: a server that cannot be reached as
-        :class:`ServerUnavailable`, anything else as it was."""
-        from sync_worker.client import unavailable
-
-        error = unavailable(self._client, doing, exc, self.task_run_id)
-        if error is exc:
-            raise exc
-        raise error from exc
 
     @property
     def state(self) -> State:
@@ -377,7 +369,9 @@ class TaskRunFuture(Generic[R]):
         try:
             answer = self._client.cancel_task_run(self.task_run_id)
         except Exception as exc:
-            self._raise_unavailable(exc, f"cancel task run {self.task_run_id}")
+            from sync_worker.client import raise_unavailable
+
+            raise_unavailable(self._client, f"cancel task run {self.task_run_id}", exc, self.task_run_id)
         self._last = TaskRun.from_json(answer["task_run"])
         return answer.get("status") in ("cancelled", "cancelling")
 

@@ -640,9 +640,7 @@ class TaskWorker:
         if not held:
             return  # nothing left behind: the connection is closing
         self._join_warned = True
-        executing = self._slots.held_ids()
-        running = [run for run in held if run in executing]
-        reporting = [run for run in held if run not in executing]
+        running, reporting = self._running_and_reporting(held)
         logger.warning("Drain timeout (%gs, SYNC_WORKER_DRAIN_TIMEOUT) passed with %d run(s) still running%s and %d "
                        "whose final state the server has not confirmed%s; if this process ends now, the server "
                        "gives them to a worker again once their lease expires, so they may run twice",
@@ -686,6 +684,11 @@ class TaskWorker:
             time.sleep(_SIGNAL_POLL_SECONDS)
         return not self._abandoned_at_drain
 
+    def _running_and_reporting(self, runs: list[str]) -> tuple[list[str], list[str]]:
+        """``runs`` split into those executing (holding a slot) and those only reporting."""
+        executing = self._slots.held_ids()
+        return [run for run in runs if run in executing], [run for run in runs if run not in executing]
+
     def _drain_timed_out(self, timeout: float) -> bool:
         """Note (and log, once per stop) the runs abandoned at the drain timeout; False."""
         if self._abandoned_at_drain:
@@ -694,9 +697,7 @@ class TaskWorker:
         with self._lock:
             abandoned += [run for run in self._unconfirmed if run not in abandoned]
         self._abandoned_at_drain = abandoned
-        executing = self._slots.held_ids()
-        running = [run for run in abandoned if run in executing]
-        unreported = [run for run in abandoned if run not in executing]
+        running, unreported = self._running_and_reporting(abandoned)
         if running:
             logger.warning("Drain timeout (%gs, SYNC_WORKER_DRAIN_TIMEOUT) passed with %d run(s) still running, "
                            "abandoned: %s; the server gives them to a worker again once their lease expires, so "

@@ -650,10 +650,8 @@ class RunQueue:
         Dropped, the run stayed RUNNING for good once the database was writable again."""
         run_id, owner = payload
         with self.lock:
-            if error is None or isinstance(error, DatabaseClosed):
-                self._lease_retrying.discard(run_id)
-                return
-            if self._stopped or self.outstanding.get(run_id) is not owner:
+            if (error is None or isinstance(error, DatabaseClosed) or self._stopped
+                    or self.outstanding.get(run_id) is not owner):
                 self._lease_retrying.discard(run_id)
                 return
             self._add_timer(time.time() + LEASE_RETRY_SECONDS, "lease", payload)

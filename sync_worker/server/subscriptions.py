@@ -339,7 +339,7 @@ class Subscription:
         True too while a claim the database refused waits for its retry (``_retry_claims_at``):
         each run created meanwhile woke the sender thread, which tried its claim at once: on
         a full disk, over a thousand refused commits and WARNING lines a second."""
-        if self._retry_claims_at and time.monotonic() < self._retry_claims_at:
+        if self._claims_paused():
             return True
         if self.claim_at_delivery and not self._reserved_texts and self.ws.input_pending():
             if self._deferred < (self._credit or 0):
@@ -833,7 +833,7 @@ class Subscription:
         dropped), as (id, key, seq, text or None). None while a refused claim waits for its
         retry (see :meth:`wake`)."""
         taken: list[tuple[str, str, int, str | None]] = []
-        if self._retry_claims_at and time.monotonic() < self._retry_claims_at:
+        if self._claims_paused():
             return taken
         while len(taken) < limit:
             one = self.queue.take(self)
@@ -922,6 +922,10 @@ class Subscription:
             timer.start()
             return False
         return bool(texts) or len(taken) > 0
+
+    def _claims_paused(self) -> bool:
+        """A claim the database refused waits for its retry (:data:`CLAIM_RETRY_DELAY`)."""
+        return bool(self._retry_claims_at) and time.monotonic() < self._retry_claims_at
 
     def _retry_claims(self) -> None:
         self._retry_claims_at = 0.0

@@ -266,12 +266,9 @@ class SyncWorkerBackend(BaseTaskBackend):
                 raise TaskResultDoesNotExist(result_id) from None
             # a server that cannot be reached: ServerUnavailable, as enqueue() raises (a raw
             # requests error before, which a view handling ServerUnavailable missed)
-            from sync_worker.client import unavailable
+            from sync_worker.client import raise_unavailable
 
-            error = unavailable(self.client, f"read the result of {result_id}", exc, str(result_id))
-            if error is exc:
-                raise
-            raise error from exc
+            raise_unavailable(self.client, f"read the result of {result_id}", exc, str(result_id))
         parsed = parse_task_key(task_run.task_key)
         if parsed is None:
             raise TaskResultDoesNotExist(f"{result_id} is a run of {task_run.task_key!r}, not of a Django task")
@@ -437,4 +434,3 @@ def _aware(value: datetime | None) -> datetime | None:
     if getattr(django_settings, "USE_TZ", True):
         return value
     return timezone.make_naive(value)
-

@@ -62,16 +62,10 @@ def _main_module_name() -> str | None:
     return getattr(spec, "name", None)
 
 
-def _command() -> str | None:
-    argv = _command_argv()
-    if argv is None:
-        return None
-    return argv[1] if len(argv) > 1 else "help"
-
-
 def _command_argv() -> list[str] | None:
-    """The management command this process runs (``"help"`` without one), or None: not a
-    management command (a WSGI server, a test runner, a script).
+    """The argv of the management command this process runs (``argv[1]`` is the command;
+    none: ``help``), or None: not a management command (a WSGI server, a test runner, a
+    script).
 
     Read from Django's own ``ManagementUtility`` when it is on the call stack (``ready()``
     runs inside its ``execute()``), whatever started it; else from ``sys.argv``."""
@@ -165,11 +159,12 @@ def install(options: Any) -> None:
     this module's docstring) whether this process gets a worker, and when."""
     global _options
     _options = validate_options(options)
-    command = _command()
+    argv = _command_argv()
+    command = None if argv is None else (argv[1] if len(argv) > 1 else "help")
     if command is not None and command != "runserver":
         return
     if command == "runserver":
-        if _no_reload(_command_argv() or []):
+        if _no_reload(argv or []):
             _sigterm_as_ctrl_c()
         elif os.environ.get("RUN_MAIN") != "true":
             return  # the autoreloader's parent: it serves nothing
