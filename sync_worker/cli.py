@@ -129,7 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from sync_worker.durations import attach_signed_values
+
     parser = build_parser()
+    argv = attach_signed_values(list(sys.argv[1:] if argv is None else argv),
+                                ("--since", "--older-than", "--retention"))
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
         parser.print_help()

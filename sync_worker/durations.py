@@ -14,6 +14,8 @@ MAX_SECONDS = 36500 * 86400.0
 def parse_duration(text: str) -> float:
     """``"90"``/``"90s"``, ``"15m"``, ``"1h"``, ``"7d"``, ``"2w"`` -> seconds; ValueError otherwise."""
     match = _DURATION.match(str(text))
+    if not match and str(text).strip().startswith("-") and _DURATION.match(str(text).strip()[1:]):
+        raise ValueError(f"invalid duration {text!r}: a duration has no sign (write {str(text).strip()[1:]})")
     if not match:
         raise ValueError(f"invalid duration {text!r}: use a number with an optional unit s, m, h, d or w "
                          "(e.g. 90s, 15m, 1h, 7d)")
@@ -21,6 +23,19 @@ def parse_duration(text: str) -> float:
     if seconds > MAX_SECONDS:
         raise ValueError(f"invalid duration {text!r}: at most 36500d (100 years)")
     return seconds
+
+
+def attach_signed_values(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    """``--since -5m`` -> ``--since=-5m``: argparse takes a value that starts with ``-`` (and is
+    not a plain negative number) for an option and stops with "expected one argument", which
+    does not tell the user what is wrong; joined, the option's own check names the value."""
+    out: list[str] = []
+    for token in argv:
+        if out and out[-1] in options and re.match(r"^-\d", token):
+            out[-1] = f"{out[-1]}={token}"
+        else:
+            out.append(token)
+    return out
 
 
 def format_duration(seconds: float) -> str:

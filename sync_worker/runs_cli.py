@@ -53,6 +53,12 @@ def _duration(text: str) -> float:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _since(text: str) -> float:
+    """``--since``: ``-5m`` reads as "5 minutes ago" too (the sign says which way)."""
+    stripped = text.strip()
+    return _duration(stripped[1:] if stripped.startswith("-") else stripped)
+
+
 def _state(text: str) -> str:
     value = text.upper()
     if value not in STATE_TYPES:
@@ -438,8 +444,8 @@ def add_runs_parser(subparsers: argparse._SubParsersAction) -> None:
     ls.add_argument("--state", type=_state, action="append", metavar="STATE",
                     help=f"only runs in this state type (repeatable): {', '.join(STATE_TYPES)}")
     ls.add_argument("--task", action="append", metavar="KEY", help="only runs of this task key (repeatable)")
-    ls.add_argument("--since", type=_duration, metavar="DURATION",
-                    help="only runs expected to start within this long ago, e.g. 90s, 15m, 1h, 7d")
+    ls.add_argument("--since", type=_since, metavar="DURATION",
+                    help="only runs expected to start within this long ago, e.g. 90s, 15m, 1h, 7d (-15m alike)")
     ls.add_argument("--limit", type=_limit, default=20, help="most runs to list (1-200, default 20)")
     _common(ls)
     ls.set_defaults(func=_wrap(cmd_ls), log_level="ERROR")

@@ -62,6 +62,16 @@ def test_ls_table_json_and_filters(api_env, runs):
     assert out.returncode == 2 and "invalid duration" in out.stderr
 
 
+def test_a_signed_duration_is_read_or_named(api_env, runs):
+    """``--since -5m`` is "5 minutes ago" (argparse stopped at it with "expected one argument");
+    a sign elsewhere is named as the mistake."""
+    out = cli(api_env, "runs", "ls", "--task", "queue.nobody", "--since", "-1h", "--json")
+    assert out.returncode == 0, out.stderr
+    assert sorted(r["id"] for r in json.loads(out.stdout)) == sorted(f.task_run_id for f in runs["waiting"])
+    out = cli(api_env, "runs", "purge", "--older-than", "-5m", "-y")
+    assert out.returncode == 2 and "a duration has no sign (write 5m)" in out.stderr, out.stderr
+
+
 def test_show_failed_run_has_parameters_and_traceback(api_env, runs):
     out = cli(api_env, "runs", "show", runs["failed"].task_run_id)
     assert out.returncode == 0, out.stderr
