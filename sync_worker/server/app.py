@@ -46,8 +46,10 @@ _STATUS = {
     200: "200 OK", 201: "201 Created", 204: "204 No Content", 400: "400 Bad Request",
     401: "401 Unauthorized", 404: "404 Not Found", 405: "405 Method Not Allowed", 408: "408 Request Timeout",
     409: "409 Conflict",
-    411: "411 Length Required", 413: "413 Content Too Large", 422: "422 Unprocessable Entity",
-    426: "426 Upgrade Required", 500: "500 Internal Server Error", 503: "503 Service Unavailable",
+    411: "411 Length Required", 413: "413 Content Too Large", 415: "415 Unsupported Media Type",
+    422: "422 Unprocessable Entity",
+    426: "426 Upgrade Required", 500: "500 Internal Server Error", 501: "501 Not Implemented",
+    503: "503 Service Unavailable",
     507: "507 Insufficient Storage",
 }
 
@@ -61,6 +63,23 @@ _CHUNK = 64 * 1024
 class ChunkTooLarge(OSError):
     """A chunked body announced a chunk larger than the body limit (``max_chunk`` of the
     server's chunked input): refused at once with 413, not read until a timeout."""
+
+
+def _refuse_encodings(environ: dict[str, Any]) -> None:
+    """A body we cannot decode is refused by name (RFC 9112 6.1: 501 for a transfer coding the
+    server does not implement; RFC 7694: 415 for a content coding). Unchecked, a gzip body was
+    read as no body, or as JSON, and answered 422 "needs a JSON body", which sent the user
+    looking at their JSON."""
+    codings = [c.strip().lower() for c in environ.get("HTTP_TRANSFER_ENCODING", "").split(",") if c.strip()]
+    if codings and codings != ["chunked"]:
+        environ[CLOSE] = True  # the body's length is not known: the connection cannot go on
+        raise HTTPError(501, f"Transfer-Encoding {environ['HTTP_TRANSFER_ENCODING']!r} is not supported: "
+                             "send the body as it is, with Content-Length or 'Transfer-Encoding: chunked'")
+    content = environ.get("HTTP_CONTENT_ENCODING", "").strip().lower()
+    if content and content != "identity":
+        environ[CLOSE] = True  # (its body is not read)
+        raise HTTPError(415, f"Content-Encoding {environ['HTTP_CONTENT_ENCODING']!r} is not supported: "
+                             "send the JSON body uncompressed")
 
 
 def _read_chunks(stream: Any, limit: int) -> bytes:
@@ -278,6 +297,7 @@ class App:
 
     # -- bodies ----------------------------------------------------------------------------------
     def _read_body(self, environ: dict[str, Any]) -> bytes:
+        _refuse_encodings(environ)
         stream = environ["wsgi.input"]
         length_text = environ.get("CONTENT_LENGTH")
         if environ.get("wsgi.input_terminated"):  # chunked

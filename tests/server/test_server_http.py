@@ -85,6 +85,28 @@ def test_a_chunk_announced_larger_than_the_body_limit_is_413_at_once(server_fact
         assert time.monotonic() - started < 5
 
 
+@pytest.mark.parametrize("header, status", [
+    (b"Transfer-Encoding: gzip, chunked", 501),
+    (b"Transfer-Encoding: gzip", 501),
+    (b"Content-Encoding: gzip", 415),
+])
+def test_a_body_in_an_encoding_the_server_cannot_decode_is_refused_by_name(server, header, status):
+    """It was read as no body (or as its compressed bytes) and answered 422 "needs a JSON body"."""
+    import gzip
+
+    body = gzip.compress(json.dumps({"task_key": "gz", "dynamic_key": "d"}).encode())
+    if b"chunked" in header:
+        body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    with _connect(server) as sock:
+        sock.sendall(b"POST /api/task_runs/ HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     + header + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        code, headers, response = _read_response(sock)
+        assert code == status, response
+        assert header.split(b":")[0].decode() in json.loads(response)["detail"]
+        assert headers.get("connection") == "close"
+    assert requests.post(f"{server.url}/task_runs/filter", json={}, timeout=10).json() == []  # nothing created
+
+
 def test_expect_100_continue(server):
     body = json.dumps({"task_key": "expect", "dynamic_key": "d"}).encode()
     with _connect(server) as sock:
