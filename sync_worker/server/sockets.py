@@ -31,6 +31,7 @@ from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import AcceptConnection, Ping, Pong, Request, TextMessage
 from wsproto.extensions import PerMessageDeflate
+from wsproto.frame_protocol import CloseReason
 from wsproto.utilities import LocalProtocolError
 
 from sync_worker import framing
@@ -50,6 +51,8 @@ _PEEK_NOWAIT = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
 POLICY_VIOLATION = 1008
 UNSUPPORTED_DATA = 1003
 PROTOCOL_ERROR = 1002
+#: Close codes of a connection that simply ended (normal, going away, none given, dropped).
+_ENDED = {1000, 1001, 1005, 1006}
 GOING_AWAY = 1001
 #: The close code of a server that stops: what uvicorn, hence a Prefect server, sends. Prefect's
 #: clients (its task worker's subscription, its callers' event waits) reconnect after it, and
@@ -632,6 +635,16 @@ class WebSocket(simple_websocket.Server):
             self.flush_tail()
         keep_going = super()._handle_events()
         if not keep_going:
+            if self.close_reason == CloseReason.NO_STATUS_RCVD and self.max_message_size \
+                    and self.incoming_message_len > self.max_message_size:
+                # simple-websocket sends 1009 for a message over the limit without noting it
+                self.close_reason, self.close_message = CloseReason.MESSAGE_TOO_BIG, "Message is too big"
+            if self.close_reason not in _ENDED:
+                # a frame error (1002 malformed, 1007 bad UTF-8, 1009 too big): said by wsproto's
+                # close frame only, so a client sending one just vanished from the log
+                logger.info("websocket %s from %s closed: %s (%s)", self.environ.get("PATH_INFO", "?"),
+                            self.environ.get("REMOTE_ADDR", "?"), self.close_message or "no reason given",
+                            int(self.close_reason))
             self._linger()
         return keep_going
 

@@ -345,20 +345,28 @@ def _exists(wire, run_id: str) -> bool:
     ("8-byte length with the MSB set", 1002), ("ping over 125 bytes", 1002), ("fragmented ping", 1002),
     ("lone continuation", 1002), ("close bad code", 1002),
 ])
-def test_close_codes_after_lean_messages(wire, name, code):
+def test_close_codes_after_lean_messages(wire, name, code, caplog):
     """A create and a bad frame in one write: the create is read (the run exists) and the
-    bad frame closes the connection with wsproto's code."""
+    bad frame closes the connection with wsproto's code, which the server's log names."""
+    caplog.set_level("INFO", logger="sync_worker.server.sockets")
     ws = _rpc(wire)
     run_id = str(uuid.uuid4())
     try:
         ws.sock.sendall(_create_frame(wire, run_id) + BAD[name]())
         assert _read_close_code(ws) == code
         wait_for(lambda: _exists(wire, run_id), timeout=10)
+        wait_for(lambda: _close_logged(caplog, code), timeout=10)
     finally:
         ws.close()
 
 
-def test_too_big_after_lean_messages_closes_1009(server_factory, make_wire):
+def _close_logged(caplog, code: int) -> bool:
+    return any(r.name == "sync_worker.server.sockets" and "closed: " in r.getMessage()
+               and r.getMessage().endswith(f"({code})") and "127.0.0.1" in r.getMessage() for r in caplog.records)
+
+
+def test_too_big_after_lean_messages_closes_1009(server_factory, make_wire, caplog):
+    caplog.set_level("INFO", logger="sync_worker.server.sockets")
     wire = make_wire(server_factory(max_body_size=2000))
     ws = _rpc(wire)
     run_id = str(uuid.uuid4())
@@ -366,6 +374,8 @@ def test_too_big_after_lean_messages_closes_1009(server_factory, make_wire):
         ws.sock.sendall(_create_frame(wire, run_id) + BAD["too big"]())
         assert _read_close_code(ws) == 1009
         wait_for(lambda: _exists(wire, run_id), timeout=10)
+        wait_for(lambda: _close_logged(caplog, 1009), timeout=10)
+        assert any("too big" in r.getMessage() for r in caplog.records)
     finally:
         ws.close()
 
