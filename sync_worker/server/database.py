@@ -97,6 +97,10 @@ SCHEMA_VERSION = 4
 # means restoring a copy of the file from before the upgrade.
 #: seconds a write waits for a lock held by another process before answering "database locked"
 BUSY_TIMEOUT = 5.0
+#: after an outage of writes ends, a new one within this many seconds is counted and summed up
+#: once, not logged line by line: on a disk nearly full, small commits pass between big ones
+#: that fail, and each outage logged an ERROR and a "writable again" (46-80 pairs per outage)
+FLAPPING_QUIET_SECONDS = 60.0
 #: the WAL file is truncated back to this size after checkpoints
 JOURNAL_SIZE_LIMIT = 64 * 1024 * 1024
 #: operations committed between two checkpoints of the WAL into the database (by the
@@ -601,6 +605,9 @@ class SQLiteDatabase(Database):
         self._all_readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._failing_since: float | None = None  # first failed commit of the current outage
+        self._outage_logged = False  # the current outage's start was logged (so will its end be)
+        self._quiet_until = 0.0  # until then, a new outage is counted, not logged (see _note_failure)
+        self._quiet_outages = 0
         self._recovering = False  # recover() runs: a failure stops the start, it is no outage
         self._gathered = threading.local()  # .ops: what this thread submits inside gathering()
         self._gathering = _Gathering(self)
@@ -1021,10 +1028,8 @@ class SQLiteDatabase(Database):
                 self._complete(item)
             self._on_commit_failure()
             return
-        if self._failing_since is not None:
-            logger.warning("database %s is writable again after %.1f s: writes are accepted again",
-                           self.path, time.monotonic() - self._failing_since)
-            self._failing_since = None
+        if self._failing_since is not None or self._quiet_outages:
+            self._note_success()
         self._ops_since_checkpoint += len(batch)  # (one committer at a time)
         if self._ops_since_checkpoint >= CHECKPOINT_OPS or self._bytes_since_checkpoint >= CHECKPOINT_BYTES:
             self._ops_since_checkpoint = self._bytes_since_checkpoint = 0
@@ -1042,11 +1047,37 @@ class SQLiteDatabase(Database):
         if self._recovering:  # at start-up: the server refuses to start, naming the error
             logger.debug("start-up write failed: %s", error)
             return
-        if self._failing_since is None:
-            self._failing_since = time.monotonic()
-            logger.error("writes to the database are failing and refused until this is fixed: %s", error)
-        else:
+        if self._failing_since is not None:
             logger.debug("write failed again: %s", error)
+            return
+        now = self._failing_since = time.monotonic()
+        if now < self._quiet_until:  # an outage soon after the last one ended: on and off
+            self._quiet_outages += 1
+            self._outage_logged = False
+            if self._quiet_outages == 1:
+                logger.warning("writes to the database are failing again (on and off: a disk nearly full?): "
+                               "%s; outages in the next %.0f s are counted, not logged one by one",
+                               error, self._quiet_until - now)
+            else:
+                logger.debug("writes failing again: %s", error)
+            return
+        self._outage_logged = True
+        logger.error("writes to the database are failing and refused until this is fixed: %s", error)
+
+    def _note_success(self) -> None:
+        """A commit went through: end the outage (its line only when its start was logged),
+        and once the quiet period is over, sum up the outages it counted."""
+        now = time.monotonic()
+        if self._failing_since is not None:
+            if self._outage_logged:
+                logger.warning("database %s is writable again after %.1f s: writes are accepted again",
+                               self.path, now - self._failing_since)
+                self._quiet_until = now + FLAPPING_QUIET_SECONDS
+            self._failing_since = None
+        if self._quiet_outages and now >= self._quiet_until:
+            logger.warning("database %s is writable again: writes failed in %d more outage(s) in the last "
+                           "%.0f s", self.path, self._quiet_outages, FLAPPING_QUIET_SECONDS)
+            self._quiet_outages = 0
 
     def _on_commit_failure(self) -> None:
         """Hook for the server: in-memory queue state may be stale after a failed commit."""

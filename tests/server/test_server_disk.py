@@ -149,6 +149,47 @@ def test_a_locked_database_is_503_and_then_served_again(server_factory, monkeypa
         wire.close()
 
 
+def test_writes_failing_on_and_off_are_summed_up_not_logged_one_by_one(server_factory, monkeypatch, caplog):
+    """On a disk nearly full, small commits pass between big ones that fail: each outage logged
+    an ERROR and a "writable again" (46-80 pairs per outage in a QA run)."""
+    monkeypatch.setattr(database, "BUSY_TIMEOUT", 0.2)
+    monkeypatch.setattr(database, "FLAPPING_QUIET_SECONDS", 3.0)
+    caplog.set_level(logging.DEBUG, logger="sync_worker.server.database")
+    server = server_factory()
+    wire = Wire(server.url)
+    other = sqlite3.connect(server.database, isolation_level=None, timeout=5)
+
+    def lines() -> list[tuple[int, str]]:
+        return [(r.levelno, r.getMessage()) for r in caplog.records
+                if r.name == "sync_worker.server.database" and r.levelno >= logging.WARNING]
+
+    try:
+        for _ in range(5):  # five outages in a row, a success after each
+            other.execute("BEGIN EXCLUSIVE")
+            assert wire.http.post(server.url + "/task_runs/", json=wire.create_body(), timeout=30).status_code == 503
+            other.execute("ROLLBACK")
+            wire.create()
+        logged = lines()
+        assert [level for level, _ in logged] == [logging.ERROR, logging.WARNING, logging.WARNING], logged
+        assert "refused until this is fixed" in logged[0][1] and "writable again" in logged[1][1]
+        assert "failing again (on and off" in logged[2][1]
+        started = time.monotonic()
+        while time.monotonic() - started < 3.2:  # the quiet period passes; the next commit sums up
+            time.sleep(0.1)
+        wire.create()
+        summary = lines()[3:]
+        assert len(summary) == 1 and "writable again" in summary[0][1] and "4 more outage(s)" in summary[0][1], summary
+        # a later outage is logged as a new one
+        other.execute("BEGIN EXCLUSIVE")
+        assert wire.http.post(server.url + "/task_runs/", json=wire.create_body(), timeout=30).status_code == 503
+        other.execute("ROLLBACK")
+        wire.create()
+        assert [level for level, _ in lines()[4:]] == [logging.ERROR, logging.WARNING], lines()
+    finally:
+        other.close()
+        wire.close()
+
+
 def test_the_wal_is_bounded(server_factory):
     server = server_factory()
     conn = server.db._writer_conn
