@@ -633,13 +633,15 @@ class WebSocket(simple_websocket.Server):
     def _handle_events(self) -> bool:
         if self._tail is not None or self._late:  # wsproto's answers (pong, close) go out without the lock
             self.flush_tail()
+        connection = self.ws.connection
+        answering = connection is not None and connection.state is ConnectionState.LOCAL_CLOSING
         keep_going = super()._handle_events()
         if not keep_going:
             if self.close_reason == CloseReason.NO_STATUS_RCVD and self.max_message_size \
                     and self.incoming_message_len > self.max_message_size:
                 # simple-websocket sends 1009 for a message over the limit without noting it
                 self.close_reason, self.close_message = CloseReason.MESSAGE_TOO_BIG, "Message is too big"
-            if self.close_reason not in _ENDED:
+            if self.close_reason not in _ENDED and not answering:  # (a close we sent is logged where sent)
                 # a frame error (1002 malformed, 1007 bad UTF-8, 1009 too big): said by wsproto's
                 # close frame only, so a client sending one just vanished from the log
                 logger.info("websocket %s from %s closed: %s (%s)", self.environ.get("PATH_INFO", "?"),
