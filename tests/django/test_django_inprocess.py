@@ -263,12 +263,14 @@ def test_a_misspelt_option_stops_the_web_process_at_start_naming_it(start_worker
 
 
 # -- stopping under runserver ----------------------------------------------------------------
-def _wait_running(result: Any, web: Any, timeout: float = 60.0) -> None:
+def _wait_running(started: Any, web: Any, timeout: float = 60.0) -> None:
+    """Until the task's body has begun (it created the file ``started``). Not the result's
+    RUNNING status: a run is RUNNING once a worker claimed it at delivery, and a stop before
+    its body starts hands it back instead of draining it (which failed these tests 1 in ~30)."""
     def running() -> bool:
         if web.proc.poll() is not None:
             raise AssertionError(f"web process exited {web.proc.returncode}:\n{web.output()}")
-        result.refresh()
-        return result.status == "RUNNING"
+        return started.exists()
 
     wait_for(running, timeout=timeout)
 
@@ -284,8 +286,8 @@ def test_runserver_noreload_sigterm_drains_like_ctrl_c(start_worker: Any, tmp_pa
                        command=[sys.executable, "manage.py"])
     _wait_http(f"http://127.0.0.1:{port}/", web)
     release = tmp_path / "release"
-    result = wait_for_file.enqueue(str(release))
-    _wait_running(result, web)
+    result = wait_for_file.enqueue(str(release), started=str(tmp_path / "started"))
+    _wait_running(tmp_path / "started", web)
     web.proc.send_signal(signal.SIGTERM)
     wait_for(lambda: web.proc.poll() is not None or "Stopping task worker" in web.output(), timeout=30)
     release.touch()  # the run in flight finishes now: during the drain, if there is one
@@ -309,8 +311,8 @@ def test_a_second_sigterm_during_the_noreload_drain_is_a_cold_stop_naming_the_ru
                        env={"SYNC_WORKER_IN_PROCESS": "1", "PYTHONUNBUFFERED": "1"},
                        command=[sys.executable, "manage.py"])
     _wait_http(f"http://127.0.0.1:{port}/", web)
-    result = wait_for_file.enqueue(str(tmp_path / "never"))
-    _wait_running(result, web)
+    result = wait_for_file.enqueue(str(tmp_path / "never"), started=str(tmp_path / "started"))
+    _wait_running(tmp_path / "started", web)
     web.proc.send_signal(signal.SIGTERM)
     wait_for(lambda: "Stopping task worker" in web.output(), timeout=30, message="the drain under way")
     web.proc.send_signal(signal.SIGTERM)
@@ -356,8 +358,8 @@ def test_runserver_autoreloader_ctrl_c_warns_that_runs_in_flight_will_run_again(
                        command=[sys.executable, "manage.py"], session=True)
     _wait_http(f"http://127.0.0.1:{port}/", web)
     wait_for(lambda: "Watching for file changes" in web.output(), timeout=30)  # autoreload_started was sent
-    result = wait_for_file.enqueue(str(tmp_path / "never"), 30.0)
-    _wait_running(result, web)
+    result = wait_for_file.enqueue(str(tmp_path / "never"), 30.0, started=str(tmp_path / "started"))
+    _wait_running(tmp_path / "started", web)
     os.killpg(web.proc.pid, signal.SIGINT)
     web.proc.wait(30)
     output = web.output()

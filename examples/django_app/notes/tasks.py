@@ -51,12 +51,16 @@ def write_without_commit(text: str) -> int:
 
 
 @task
-def wait_for_file(path: str, timeout: float = 60.0) -> bool:
+def wait_for_file(path: str, timeout: float = 60.0, started: str = "") -> bool:
     """Runs until the file ``path`` exists (at most ``timeout`` seconds; True if it came):
-    a run that stays in flight as long as the tests need (a web process stopped under it)."""
+    a run that stays in flight as long as the tests need (a web process stopped under it).
+    It creates the file ``started`` first, if named: the sign that its body runs (RUNNING
+    on the server means only that a worker claimed it)."""
     import os
     import time
 
+    if started:
+        open(started, "w").close()
     deadline = time.monotonic() + timeout
     while not os.path.exists(path):
         if time.monotonic() >= deadline:
