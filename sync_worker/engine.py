@@ -491,7 +491,7 @@ class TaskRunEngine:
 
     def _execute(self, parameters: dict[str, Any]) -> Outcome:
         task = self.task
-        fn = task.fn
+        fn = task.callable_by_name(task.fn)
         if task.log_prints:
             from sync_worker.printlog import printing_to_log
 

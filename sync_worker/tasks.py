@@ -134,6 +134,8 @@ class Task(Generic[P, R]):
         self.persist_result = persist_result
         self.result_serializer = result_serializer
         self._signature = inspect.signature(fn)
+        self._spread = any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.POSITIONAL_ONLY)
+                           for p in self._signature.parameters.values())  # see callable_by_name
         functools.update_wrapper(self, fn)  # type: ignore[arg-type]
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R:
@@ -159,6 +161,22 @@ class Task(Generic[P, R]):
         """Whether the function has parameters at all (a worker reads a run's parameters
         record only then)."""
         return bool(self._signature.parameters)
+
+    def callable_by_name(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """``fn`` called as ``call(**parameters)`` with the stored parameters: as it is, unless
+        the signature has ``*args``, ``**kwargs`` or positional-only parameters, which are
+        passed back the way they were bound (Prefect's ``parameters_to_args_kwargs``): called
+        with keywords, ``f(*args)`` got ``args=[...]`` as a keyword."""
+        if not self._spread:
+            return fn
+        signature = self._signature
+
+        def call(**parameters: Any) -> Any:
+            bound = signature.bind_partial()
+            bound.arguments = parameters
+            return fn(*bound.args, **bound.kwargs)
+
+        return call
 
     def bind(self, args: Sequence[Any] = (), kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
         """The call's parameters by name, defaults applied; TypeError for a wrong call."""

@@ -480,3 +480,18 @@ def test_a_report_the_server_refuses_is_one_log_line_and_the_worker_goes_on(serv
         assert wt.add.delay(2, 2).result(timeout=30) == 4  # the worker goes on
     [line] = [r for r in caplog.records if "Could not report the states" in r.getMessage()]
     assert "refused for the test" in line.getMessage() and line.exc_info is None
+
+
+@pytest.mark.parametrize("timeout", [None, 30])
+def test_varargs_kwargs_and_positional_only_are_passed_back_as_bound(api_env, start_worker, timeout):
+    """``f(*args, **kwargs)`` was called with ``args=[...]`` and ``kwargs={...}`` as keywords."""
+    from sync_worker import task
+
+    @task(task_key="e2e.spread", timeout_seconds=timeout)
+    def spread(a, /, b, *args, c=0, **kwargs):
+        return {"a": a, "b": b, "args": list(args), "c": c, "kwargs": kwargs}
+
+    start_worker(spread)
+    assert spread.delay(1, 2, 3, 4, c=5, d=6).result(timeout=30) == \
+        {"a": 1, "b": 2, "args": [3, 4], "c": 5, "kwargs": {"d": 6}}
+    assert spread.delay(1, b=2).result(timeout=30) == {"a": 1, "b": 2, "args": [], "c": 0, "kwargs": {}}
