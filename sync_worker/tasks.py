@@ -304,6 +304,26 @@ def task(fn: Callable[..., Any] | None = None, **options: Any) -> Any:
     return Task(fn, **options)
 
 
+#: a result record missing when its COMPLETED state is read is looked for again this many
+#: times, this far apart: Prefect's worker writes it after it reports the state, and Prefect's
+#: own futures wait the same way (``prefect.states._get_state_result_data_with_retries``)
+RESULT_RECORD_ATTEMPTS = 10
+RESULT_RECORD_WAIT = 0.25
+
+
+def _read_result_written_late(store: RecordStore, data: Any, allow_pickle: bool) -> Any:
+    import tenacity
+
+    from sync_worker.storage import RecordNotFound
+
+    for attempt in tenacity.Retrying(stop=tenacity.stop_after_attempt(RESULT_RECORD_ATTEMPTS),
+                                     wait=tenacity.wait_fixed(RESULT_RECORD_WAIT),
+                                     retry=tenacity.retry_if_exception_type(RecordNotFound), reraise=True):
+        with attempt:
+            return read_result(store, data, allow_pickle=allow_pickle)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 class TaskRunFuture(Generic[R]):
     """A handle on a submitted run: poll its state, wait for it, fetch its result."""
 
@@ -373,7 +393,7 @@ class TaskRunFuture(Generic[R]):
         settings = get_settings()
         store = self._store or get_store(settings, self._client)
         if state.type is StateType.COMPLETED:
-            return read_result(store, state.data, allow_pickle=settings.allow_pickle)
+            return _read_result_written_late(store, state.data, settings.allow_pickle)
         error = self._failure(state, store)
         if raise_on_failure:
             raise error
