@@ -404,6 +404,10 @@ class TaskRunEngine:
             return Outcome.SKIPPED
 
         if parameter_error is not None:
+            if claimed and not dialect.checks_finished and self._already_finished():
+                # a stale delivery (the run finished elsewhere and its parameters went with
+                # it): the forced FAILED below would replace its final state
+                return Outcome.SKIPPED
             # A retry would read the same bad record: fail for good, with the reason.
             message = f"Task run could not start: {parameter_error}"
             self.logger.error("%s: %s", self.label, message)
@@ -463,7 +467,8 @@ class TaskRunEngine:
     def _already_finished(self) -> bool:
         """(Prefect dialect) a late delivery of a FAILED run, or of a COMPLETED one without result
         data, would be accepted again (Prefect only protects COMPLETED-with-data), so
-        read the run's current state first. The embedded server refuses the claim itself."""
+        read the run's current state first. The embedded server refuses the claim itself
+        (read here too before a forced report of a claimed run that could not start)."""
         current = self.client.read_task_run(self.task_run.id).state
         if current is not None and current.is_terminal():
             self.logger.info("Task run %s is already %s; not running it again", self.label, current.name)

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import queue
+import select
 import socket
 import struct
 import threading
@@ -147,6 +148,11 @@ class FrameReader:
         self._recv = ws._recv
         self._fragments: list[bytes] | None = None
         self._fragments_opcode = _OP_TEXT
+        #: bytes at the start of the buffer that :meth:`ends_next` scanned (whole frames,
+        #: none a close), so that each frame is looked at once however often it is called
+        self._scanned = 0
+        self._poll: Any = None
+        self._polled: Any = None
 
     @staticmethod
     def usable(ws: Any) -> bool:
@@ -212,8 +218,61 @@ class FrameReader:
                         else:
                             payload = bytes(buf[start:end])
                         del buf[:end]
+                        self._scanned = self._scanned - end if self._scanned > end else 0
                         return first, payload
             buf += self._read()
+
+    def ends_next(self) -> bool:
+        """Whether the stream ends right after the frame just read: a close frame among the
+        bytes that arrived behind it, or the end of the stream (or a reset) already waiting
+        in the socket. Never blocks.
+
+        Why: a run delivered (claimed) on a connection the server has since closed is no
+        longer this worker's: the server re-queues it when its lease runs out, and may have
+        finished it elsewhere. A worker paused past its lease (SIGSTOP, a debugger, a
+        swapped-out machine) finds the delivery and the close together in its socket when
+        it resumes; started, the run would execute a second time."""
+        sock = self.ws.sock
+        if sock is not None:
+            # poll, not MSG_DONTWAIT: Python waits for a socket with a timeout to be readable
+            # before its recv, whatever the flags
+            if self._poll is None or self._polled is not sock:
+                self._poll, self._polled = select.poll(), sock
+                self._poll.register(sock, select.POLLIN)
+            try:
+                if self._poll.poll(0):  # bytes, the end of the stream or an error wait
+                    data = sock.recv(READ_SIZE) if sock.__class__ is socket.socket else self._recv(READ_SIZE)
+                    if not data:
+                        return True
+                    self._buf += data
+            except (OSError, websocket.WebSocketException):
+                return True  # reset, or ended
+        return self._close_buffered()
+
+    def _close_buffered(self) -> bool:
+        """Whether a close frame is among the whole or partial frames in the buffer."""
+        buf = self._buf
+        have = len(buf)
+        pos = self._scanned
+        while pos + 2 <= have:
+            if buf[pos] & 0x0F == _OP_CLOSE:
+                return True
+            length = buf[pos + 1] & 0x7F
+            start = pos + 2
+            if length == 126:
+                if have < pos + 4:
+                    break
+                length, start = int.from_bytes(buf[pos + 2:pos + 4], "big"), pos + 4
+            elif length == 127:
+                if have < pos + 10:
+                    break
+                length, start = int.from_bytes(buf[pos + 2:pos + 10], "big"), pos + 10
+            end = start + (4 if buf[pos + 1] & 0x80 else 0) + length
+            if end > have:
+                break
+            pos = end
+        self._scanned = pos
+        return False
 
     def _read(self) -> bytes:
         """The socket's next bytes (at most :data:`READ_SIZE`): ``recv`` on a plain TCP socket
@@ -263,6 +322,8 @@ class Connection:
         self._pending: dict[str, Pending | Answered] = {}
         self._pending_lock = threading.Lock()
         self._pong_due: float | None = None
+        #: the reader's look-ahead (FrameReader.ends_next); None for a socket it cannot read
+        self._ends_next: Callable[[], bool] | None = None
         #: frames queued by senders while another thread writes (see _send_frame)
         self._out: list[bytes] = []
         self._out_lock = threading.Lock()
@@ -404,7 +465,8 @@ class Connection:
     def _read_loop(self) -> None:
         try:
             if FrameReader.usable(self.ws):
-                recv_data = FrameReader(self.ws).recv_data
+                frames = FrameReader(self.ws)
+                recv_data, self._ends_next = frames.recv_data, frames.ends_next
             else:  # another kind of socket (a test's): websocket-client reads it
                 recv_data = functools.partial(self.ws.recv_data, control_frame=True)
             timeout, loads, dispatch = websocket.WebSocketTimeoutException, jsoncodec.loads, self._dispatch
@@ -441,11 +503,14 @@ class Connection:
             return
         kind = message.get("type")
         if kind is None:
-            self._run_arrived(message)  # alone in its message: no yield (see _started)
+            if not self._closing_behind(1):
+                self._run_arrived(message)  # alone in its message: no yield (see _started)
         elif kind == "task_runs" and self.claims:  # batch_delivery: runs claimed together
             runs = message.get("task_runs")
             if not isinstance(runs, list):
                 logger.warning("Ignoring malformed task_runs message: %.500r", message)
+                return
+            if self._closing_behind(len(runs)):
                 return
             last = len(runs) - 1
             for i, item in enumerate(runs):
@@ -469,6 +534,17 @@ class Connection:
             request(message.get("task_run_id"))
         else:
             logger.debug("Ignoring control message of type %r", kind)
+
+    def _closing_behind(self, runs: int) -> bool:
+        """Whether the server closed this connection right after delivering ``runs``
+        run(s): then they are not started (see :meth:`FrameReader.ends_next`). The server
+        gives them to a worker again: unacknowledged ones at once, claimed ones when their
+        lease runs out (unless they finished meanwhile)."""
+        if self._ends_next is None or not self._ends_next():
+            return False
+        logger.info("Not starting %d run(s) delivered just before the server closed the connection: they are "
+                    "no longer this worker's (their lease ends with it); the server delivers them again", runs)
+        return True
 
     def _started(self, run: TaskRun, more_runs: bool) -> None:
         """``run`` was handed to a run thread: yield the GIL to it now if ``more_runs`` of

@@ -488,6 +488,11 @@ class Subscription:
         conn = self._holding_conn
         if conn is None:
             raise ConnectionLost("no run is held (or its connection is gone)")
+        if conn.claims and conn.closed.is_set():
+            # claimed on a connection lost since: its lease ends with it (a new connection
+            # takes over only the runs the worker executes), and the server delivers it again
+            self._holding = self._holding_conn = None
+            raise ConnectionLost("its connection was lost while it waited for a free slot")
         if not conn.claims:  # claimed at delivery: already leased, nothing to send
             conn.send_json({"type": "ack"})
         self._holding = self._holding_conn = None

@@ -131,3 +131,50 @@ def test_final_state_reported_after_a_75_s_outage(server_factory, tmp_path, monk
              timeout=60, message="the final state reported after the outage")
     time.sleep(6)  # past the lease of the recovered run: it must not be delivered again
     assert _starts(marks, 1) == 1, marks.read_text()
+
+
+@pytest.mark.parametrize("storage", ["server", "local"])
+def test_a_worker_paused_past_its_lease_does_not_start_the_run_delivered_before_the_pause(
+        server_factory, tmp_path, monkeypatch, start_worker, storage):
+    """SIGSTOP (a debugger, a suspended laptop) longer than the lease: the server drops the
+    connection, re-queues the run claimed on it and another worker finishes it. On SIGCONT
+    the paused worker found the delivery (and the close behind it) in its socket and ran the
+    function a second time; with local parameter records (deleted by the worker that ran
+    it) it reported FAILED "could not start" with force, over COMPLETED."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.worker.conftest import REPO
+
+    server = server_factory(lease_timeout=1.0, ping_interval=0.5)
+    env = {**os.environ, "SYNC_WORKER_API_URL": server.url, "PYTHONPATH": str(REPO),
+           "SYNC_WORKER_STORAGE": "server" if storage == "server" else str(tmp_path / "store")}
+    for name, value in env.items():
+        if name.startswith("SYNC_WORKER_"):
+            monkeypatch.setenv(name, value)
+    marks, log = tmp_path / "marks", tmp_path / "paused.log"
+    with open(log, "w") as out:
+        paused = subprocess.Popen([sys.executable, "-m", "sync_worker", "worker", "tests.worker.worker_tasks:mark",
+                                   "--limit", "1"], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: "Subscribed to" in log.read_text(), timeout=30, message="the worker subscribed")
+        paused.send_signal(signal.SIGSTOP)
+        future = wt.mark.delay(1, str(marks))
+        client = Client()
+        wait_for(lambda: client.read_task_run(future.task_run_id).state.type.value == "RUNNING",
+                 message="the run claimed at its delivery to the paused worker")
+        start_worker(wt.mark, limit=1)  # gets it once the lease has run out
+        assert future.result(timeout=30) == 1
+        paused.send_signal(signal.SIGCONT)
+        wait_for(lambda: "Not starting 1 run(s) delivered just before the server closed the connection"
+                 in log.read_text(), timeout=30, message=f"the stale delivery refused:\n{log.read_text()}")
+        wait_for(lambda: log.read_text().count("Subscribed to") == 2, timeout=30, message="the worker reconnected")
+        assert _starts(marks, 1) == 1, marks.read_text()
+        state = client.read_task_run(future.task_run_id).state
+        assert state.type.value == "COMPLETED", state
+    finally:
+        paused.send_signal(signal.SIGCONT)
+        paused.kill()
+        paused.wait(10)
