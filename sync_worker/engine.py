@@ -102,6 +102,9 @@ MAX_WAIT_SECONDS = 30.0
 REPORT_RETRY_SECONDS = 60.0
 #: Cap of the wait between two attempts of one proposal.
 REPORT_MAX_BACKOFF = 5.0
+#: How long a delivered run the server says does not exist (404) is read again before it
+#: counts as deleted: Prefect's server can deliver a run before its create is readable.
+NOT_YET_READABLE_SECONDS = 5.0
 
 
 class Outcome(str, enum.Enum):
@@ -468,8 +471,21 @@ class TaskRunEngine:
         """(Prefect dialect) a late delivery of a FAILED run, or of a COMPLETED one without result
         data, would be accepted again (Prefect only protects COMPLETED-with-data), so
         read the run's current state first. The embedded server refuses the claim itself
-        (read here too before a forced report of a claimed run that could not start)."""
-        current = self.client.read_task_run(self.task_run.id).state
+        (read here too before a forced report of a claimed run that could not start).
+
+        A 404 is read again for :data:`NOT_YET_READABLE_SECONDS`: Prefect 3.8.8's server
+        queues a run for delivery before its create is readable (1-6 runs in 100 were lost,
+        left SCHEDULED forever, when the first 404 meant "deleted")."""
+        reading = tenacity.Retrying(
+            retry=tenacity.retry_if_exception_type(exceptions.ObjectNotFound),
+            wait=tenacity.wait_exponential(multiplier=0.02, max=0.5),
+            stop=tenacity.stop_after_delay(NOT_YET_READABLE_SECONDS),
+            before_sleep=lambda rs: self.logger.debug(
+                "Task run %s not found yet (delivered before its creation is readable?); reading it again",
+                self.label),
+            reraise=True,
+        )
+        current = reading(self.client.read_task_run, self.task_run.id).state
         if current is not None and current.is_terminal():
             self.logger.info("Task run %s is already %s; not running it again", self.label, current.name)
             return True
