@@ -55,6 +55,26 @@ def test_delay_and_task_worker_complete_runs_on_prefect(prefect_server, sync_wor
     assert read_run(prefect_server, sums[0].task_run_id)["task_inputs"] == {"x": [], "y": []}
 
 
+def test_runs_delivered_before_their_create_is_readable_are_all_run(prefect_server, sync_worker_env, start_worker):
+    """Prefect queues a run for its websocket before its create is readable over REST: the
+    worker's first read got 404 for 1-6 runs in 100, took them for deleted ("no longer
+    exists on the server; skipping it") and they stayed Scheduled for good."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sync_worker import task
+
+    sync_worker_env(prefect_server)
+
+    @task(task_key=_key("echo"))
+    def echo(i: int) -> int:
+        return i
+
+    start_worker(echo, limit=10)  # waiting when the runs are created: each read races its create
+    with ThreadPoolExecutor(4) as pool:
+        futures = list(pool.map(echo.delay, range(100)))
+    assert [future.result(timeout=90) for future in futures] == list(range(100))
+
+
 def test_failing_task_without_retries_ends_failed_with_the_exception(prefect_server, sync_worker_env, start_worker):
     from sync_worker import TaskRunFailed, task
 
