@@ -493,6 +493,11 @@ class TaskRunEngine:
 
     def _running(self) -> State:
         state = Running()
+        delivered = self.task_run.state
+        if delivered is not None and delivered.name == "AwaitingRetry":
+            # named as Prefect's engine names it (its server renames only what it
+            # orchestrates; a RUNNING sent as an event is recorded as named)
+            state.name = "Retrying"
         state.message = f"Running on {self.claim}"
         return state
 

@@ -114,8 +114,10 @@ def test_retry_goes_back_to_prefects_queue_and_completes(prefect_server, sync_wo
     assert future.result(timeout=10) == 42
     assert run["state_type"] == "COMPLETED" and run["run_count"] == 2
     assert attempts == [21, 21]  # the parameters were read again for the retry
-    names = [state["name"] for state in state_history(prefect_server, future.task_run_id)]
-    assert "AwaitingRetry" in names
+    names = [state["name"] for state in settled_history(prefect_server, future.task_run_id, 7)]
+    # the second attempt is "Retrying", as Prefect's own engine names it (it was "Running")
+    assert names[:4] == ["Scheduled", "Pending", "Running", "AwaitingRetry"], str(names)
+    assert names[-3:] == ["Pending", "Retrying", "Completed"], str(names)
 
 
 def test_retries_exhausted_end_failed(prefect_server, sync_worker_env, start_worker):
