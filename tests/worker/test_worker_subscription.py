@@ -256,3 +256,25 @@ def test_a_1008_in_place_of_auth_success_still_refuses_the_credentials():
     finally:
         sub.close()
         server.close()
+
+
+def test_a_run_claimed_on_a_connection_lost_since_is_not_acknowledged(api_env):
+    """A claimed run queued for a free slot while its connection was lost: the new
+    connection does not take it over (only runs the worker executes are named), so its lease
+    ends and the server delivers it again. Acknowledged, the worker would start it too."""
+    from sync_worker.subscription import ConnectionLost
+
+    sub = Subscription([wt.add.task_key], "lost-1", client=Client(), credit=lambda: 1)
+    future = wt.add.delay(1, 2)
+    try:
+        runs = iter(sub)
+        run = next(runs)
+        assert run.id == future.task_run_id
+        conn = sub._holding_conn
+        assert conn is not None and conn.claims
+        conn.abort(ConnectionLost("simulated network blip"))
+        with pytest.raises(ConnectionLost, match="lost while it waited for a free slot"):
+            sub.ack()
+        assert sub.holding is None
+    finally:
+        sub.close()
