@@ -148,7 +148,7 @@ class FrameReader:
         self._recv = ws._recv
         self._fragments: list[bytes] | None = None
         self._fragments_opcode = _OP_TEXT
-        #: bytes at the start of the buffer that :meth:`ends_next` scanned (whole frames,
+        #: bytes at the start of the buffer that :meth:`dropped_next` scanned (whole frames,
         #: none a close), so that each frame is looked at once however often it is called
         self._scanned = 0
         self._poll: Any = None
@@ -222,16 +222,19 @@ class FrameReader:
                         return first, payload
             buf += self._read()
 
-    def ends_next(self) -> bool:
-        """Whether the stream ends right after the frame just read: a close frame among the
-        bytes that arrived behind it, or the end of the stream (or a reset) already waiting
-        in the socket. Never blocks.
+    def dropped_next(self) -> bool:
+        """Whether the server dropped this connection as dead right after the frame just
+        read: a close frame with code 1008 (the embedded server's "Ping/Pong timeout")
+        among the bytes that arrived behind it. Never blocks.
 
-        Why: a run delivered (claimed) on a connection the server has since closed is no
-        longer this worker's: the server re-queues it when its lease runs out, and may have
+        Why: a run delivered (claimed) on a connection the server gave up on is no longer
+        this worker's: the server re-queues it when its lease runs out, and may have
         finished it elsewhere. A worker paused past its lease (SIGSTOP, a debugger, a
-        swapped-out machine) finds the delivery and the close together in its socket when
-        it resumes; started, the run would execute a second time."""
+        swapped-out machine) finds the delivery and that close together in its socket when
+        it resumes; started, the run would execute a second time. Any other end (a server
+        stopping or killed, 1012 or a bare end of stream) keeps the run: started, it is
+        named when the worker subscribes again and the server (restarted) leaves it the
+        lease; refused, it would wait for its lease to run out and lose an attempt."""
         sock = self.ws.sock
         if sock is not None:
             # poll, not MSG_DONTWAIT: Python waits for a socket with a timeout to be readable
@@ -242,21 +245,18 @@ class FrameReader:
             try:
                 if self._poll.poll(0):  # bytes, the end of the stream or an error wait
                     data = sock.recv(READ_SIZE) if sock.__class__ is socket.socket else self._recv(READ_SIZE)
-                    if not data:
-                        return True
-                    self._buf += data
+                    if data:
+                        self._buf += data
             except (OSError, websocket.WebSocketException):
-                return True  # reset, or ended
-        return self._close_buffered()
+                pass  # reset or ended: the next read says so
+        return self._close_buffered() == CLOSE_POLICY_VIOLATION
 
-    def _close_buffered(self) -> bool:
-        """Whether a close frame is among the whole or partial frames in the buffer."""
+    def _close_buffered(self) -> int | None:
+        """The code of a (whole) close frame among the frames in the buffer, if any."""
         buf = self._buf
         have = len(buf)
         pos = self._scanned
         while pos + 2 <= have:
-            if buf[pos] & 0x0F == _OP_CLOSE:
-                return True
             length = buf[pos + 1] & 0x7F
             start = pos + 2
             if length == 126:
@@ -267,12 +267,20 @@ class FrameReader:
                 if have < pos + 10:
                     break
                 length, start = int.from_bytes(buf[pos + 2:pos + 10], "big"), pos + 10
-            end = start + (4 if buf[pos + 1] & 0x80 else 0) + length
+            masked = buf[pos + 1] & 0x80
+            end = start + (4 if masked else 0) + length
             if end > have:
                 break
+            if buf[pos] & 0x0F == _OP_CLOSE:
+                if length < 2:
+                    return 1005  # no status code
+                body = bytes(buf[start + 4:end]) if masked else bytes(buf[start:end])
+                if masked:
+                    body = mask(body, bytes(buf[start:start + 4]))
+                return int.from_bytes(body[:2], "big")
             pos = end
         self._scanned = pos
-        return False
+        return None
 
     def _read(self) -> bytes:
         """The socket's next bytes (at most :data:`READ_SIZE`): ``recv`` on a plain TCP socket
@@ -322,8 +330,8 @@ class Connection:
         self._pending: dict[str, Pending | Answered] = {}
         self._pending_lock = threading.Lock()
         self._pong_due: float | None = None
-        #: the reader's look-ahead (FrameReader.ends_next); None for a socket it cannot read
-        self._ends_next: Callable[[], bool] | None = None
+        #: the reader's look-ahead (FrameReader.dropped_next); None for a socket it cannot read
+        self._dropped_next: Callable[[], bool] | None = None
         #: frames queued by senders while another thread writes (see _send_frame)
         self._out: list[bytes] = []
         self._out_lock = threading.Lock()
@@ -466,7 +474,7 @@ class Connection:
         try:
             if FrameReader.usable(self.ws):
                 frames = FrameReader(self.ws)
-                recv_data, self._ends_next = frames.recv_data, frames.ends_next
+                recv_data, self._dropped_next = frames.recv_data, frames.dropped_next
             else:  # another kind of socket (a test's): websocket-client reads it
                 recv_data = functools.partial(self.ws.recv_data, control_frame=True)
             timeout, loads, dispatch = websocket.WebSocketTimeoutException, jsoncodec.loads, self._dispatch
@@ -536,14 +544,15 @@ class Connection:
             logger.debug("Ignoring control message of type %r", kind)
 
     def _closing_behind(self, runs: int) -> bool:
-        """Whether the server closed this connection right after delivering ``runs``
-        run(s): then they are not started (see :meth:`FrameReader.ends_next`). The server
-        gives them to a worker again: unacknowledged ones at once, claimed ones when their
-        lease runs out (unless they finished meanwhile)."""
-        if self._ends_next is None or not self._ends_next():
+        """Whether the server dropped this connection as dead right after delivering
+        ``runs`` run(s): then they are not started (see :meth:`FrameReader.dropped_next`).
+        The server gives them to a worker again: unacknowledged ones at once, claimed ones
+        when their lease runs out (unless they finished meanwhile)."""
+        if self._dropped_next is None or not self._dropped_next():
             return False
-        logger.info("Not starting %d run(s) delivered just before the server closed the connection: they are "
-                    "no longer this worker's (their lease ends with it); the server delivers them again", runs)
+        logger.info("Not starting %d run(s) delivered just before the server dropped the connection (no answer "
+                    "to its pings: this process was paused?): they are no longer this worker's; the server "
+                    "delivers them again", runs)
         return True
 
     def _started(self, run: TaskRun, more_runs: bool) -> None:

@@ -168,7 +168,7 @@ def test_a_worker_paused_past_its_lease_does_not_start_the_run_delivered_before_
         start_worker(wt.mark, limit=1)  # gets it once the lease has run out
         assert future.result(timeout=30) == 1
         paused.send_signal(signal.SIGCONT)
-        wait_for(lambda: "Not starting 1 run(s) delivered just before the server closed the connection"
+        wait_for(lambda: "Not starting 1 run(s) delivered just before the server dropped the connection"
                  in log.read_text(), timeout=30, message=f"the stale delivery refused:\n{log.read_text()}")
         wait_for(lambda: log.read_text().count("Subscribed to") == 2, timeout=30, message="the worker reconnected")
         assert _starts(marks, 1) == 1, marks.read_text()

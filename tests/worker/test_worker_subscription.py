@@ -144,10 +144,11 @@ class SilentServer:
     """A websocket server that authenticates, then never says anything again (no pongs
     either): a link that died without a FIN, as behind a dropped NAT entry."""
 
-    def __init__(self, after_auth: bytes = b"", auth_reply: bytes | None = None) -> None:
+    def __init__(self, after_auth: bytes = b"", auth_reply: bytes | None = None, end: bool = False) -> None:
         import socket
 
         self.after_auth = after_auth
+        self.end = end  # end the stream (FIN) after ``after_auth``, as a killed server's kernel does
         payload = b'{"type": "auth_success"}'
         self.auth_reply = bytes([0x81, len(payload)]) + payload if auth_reply is None else auth_reply
         self.listener = socket.socket()
@@ -161,6 +162,7 @@ class SilentServer:
     def _serve(self) -> None:
         import base64
         import hashlib
+        import socket
 
         while True:
             try:
@@ -178,6 +180,8 @@ class SilentServer:
             conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                          b"Sec-WebSocket-Protocol: prefect\r\nSec-WebSocket-Accept: " + accept + b"\r\n\r\n")
             conn.sendall(self.auth_reply + self.after_auth)  # then silence
+            if self.end:
+                conn.shutdown(socket.SHUT_WR)
 
     def close(self) -> None:
         self.listener.close()
@@ -278,3 +282,42 @@ def test_a_run_claimed_on_a_connection_lost_since_is_not_acknowledged(api_env):
         assert sub.holding is None
     finally:
         sub.close()
+
+
+def _text_frame(message: dict[str, Any]) -> bytes:
+    import json
+
+    payload = json.dumps(message).encode()
+    assert len(payload) < 126
+    return bytes([0x81, len(payload)]) + payload
+
+
+@pytest.mark.parametrize("close, started", [
+    # the server gave up on this worker (no pong): a paused worker finds the delivery and
+    # this close together when it resumes; the run is no longer its own (run elsewhere)
+    (_close_frame(1008, "Ping/Pong timeout"), False),
+    # the server stops (or is killed: a bare end of stream) right after a delivery: the run
+    # is kept, and named when the worker subscribes again (refused, it lost an attempt to
+    # a lease that ran out after the restart, seen in a crash soak)
+    (_close_frame(1012, "Server is shutting down"), True),
+    (b"", True),
+], ids=["1008-dropped", "1012-restart", "end-of-stream"])
+def test_a_delivery_followed_by_the_close_is_started_unless_the_server_dropped_the_worker(close, started):
+    run_id = "5f0c5a5e-0000-4000-8000-000000000001"
+    delivery = _text_frame({"id": run_id, "name": "t", "task_key": "k", "state": None})
+    server = SilentServer(after_auth=delivery + close, end=not close)
+    client = Client(api_url=f"http://127.0.0.1:{server.port}/api")
+    sub = Subscription(["k"], "c-drop", client=client, ping_interval=5, max_backoff=0.2)
+    received: list[str] = []
+    thread = threading.Thread(target=lambda: received.extend(run.id for run in sub), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 10
+        while server.accepted < 3 and time.monotonic() < deadline:  # delivered, closed, again
+            time.sleep(0.02)
+        assert server.accepted >= 3
+    finally:
+        sub.close()
+        thread.join(5)
+        server.close()
+    assert (run_id in received) is started, received
