@@ -246,7 +246,7 @@ class Core:
             if self.prefect_compatible:
                 decision = orchestrate_prefect(row.run, proposed, force, now)
             else:
-                decision = orchestrate(row.run, proposed, force, now, row.background)
+                decision = orchestrate(row.run, proposed, force, now, row.background, row.deliveries)
             if decision.changed:
                 new_type = decision.state["type"]
                 row.state_type = new_type

@@ -15,11 +15,14 @@ RUNNING                 RUNNING                                ABORT: already ru
 COMPLETED, FAILED,      any other state                        REJECT with the current state (use
 CANCELLED, CRASHED                                             force=true to override)
 RUNNING                 FAILED, retries left                   REJECT with SCHEDULED "AwaitingRetry"
-                        (run_count <= retries, not             (message kept, scheduled_time = now +
+                        (attempts <= retries, not              (message kept, scheduled_time = now +
                         retriable=false)                       retry_delay[attempt] with jitter); the run
                                                                goes back on the queue when due
 anything else           anything                               ACCEPT
 ======================  =====================================  ==========================================
+
+``attempts`` is ``run_count`` less the deliveries re-queued because their worker's lease ran
+out (they are counted by ``max_deliveries``, not by ``retries``).
 
 Effects of an accepted state:
 
@@ -131,10 +134,16 @@ def retry_delay(policy: dict[str, Any], run_count: int) -> float:
 
 
 def orchestrate(run: dict[str, Any], proposed: dict[str, Any], force: bool, now: float,
-                background: bool) -> Decision:
+                background: bool, lost: int = 0) -> Decision:
     """Apply the table to ``run`` (a stored TaskRun dict, modified in place when the state
     changes). ``proposed`` comes from :func:`models.validate_state`; ``background`` says the
-    run was created deferred (it goes back on the queue when rescheduled)."""
+    run was created deferred (it goes back on the queue when rescheduled).
+
+    ``lost``: the deliveries re-queued because their worker's lease ran out. Their RUNNING
+    counts in ``run_count`` (the history shows it) but not as an attempt of the retry rule:
+    ``retries`` is for failures the task reported; lost workers are what ``max_deliveries``
+    counts. (A claim at delivery is RUNNING before the function starts: a worker paused or
+    killed before it started the run cost the run a retry.)"""
     current_state = run.get("state")
     current = current_state["type"] if current_state else None
     target = proposed["type"]
@@ -160,9 +169,9 @@ def orchestrate(run: dict[str, Any], proposed: dict[str, Any], force: bool, now:
     if action == RETRY:
         policy = run.get("empirical_policy") or {}
         retries = policy.get("retries")
-        run_count = run.get("run_count", 0)
-        if details.get("retriable") is not False and retries is not None and run_count <= retries:
-            due = now + retry_delay(policy, run_count)
+        attempts = max(1, run.get("run_count", 0) - lost)
+        if details.get("retriable") is not False and retries is not None and attempts <= retries:
+            due = now + retry_delay(policy, attempts)
             details["deferred"] = background or bool(details.get("deferred"))
             state = make_state("SCHEDULED", run_id, now, name="AwaitingRetry", message=proposed["message"],
                                data=proposed["data"], details=details, scheduled_time=due)

@@ -200,6 +200,27 @@ def test_batch_delivery_sends_runs_claimed_together_in_one_frame(wire):
     assert single["id"] == ids[4] and single["state"]["type"] == "RUNNING"
 
 
+def test_a_delivery_lost_with_its_worker_does_not_use_up_a_retry(server_factory, make_wire):
+    """A claim at delivery is RUNNING before the function starts: a worker killed or paused
+    after the delivery (its lease ran out) cost the run a retry, and a task with
+    ``retries=1`` that then failed once ended FAILED without being retried (crash soak)."""
+    wire = make_wire(server_factory(lease_timeout=0.5))
+    run_id = wire.create(empirical_policy={"retries": 1, "retry_delay": 0})["id"]
+    lost = claiming(wire, 1, client_id="dies")
+    assert lost.next_run()["id"] == run_id
+    lost.close()  # never starts it
+    other = claiming(wire, 1, client_id="other")
+    again = other.next_run(timeout=15)
+    assert again["id"] == run_id and again["run_count"] == 2  # the history still counts the lost RUNNING
+    failed = other.set_state(run_id, "FAILED", message="boom")["result"]
+    assert (failed["status"], failed["state"]["name"]) == ("REJECT", "AwaitingRetry")  # its one retry
+    other.send({"type": "credit", "n": 1})  # the slot it freed
+    retried = other.next_run(timeout=15)
+    assert retried["id"] == run_id and retried["run_count"] == 3
+    final = other.set_state(run_id, "FAILED", message="boom again")["result"]
+    assert (final["status"], final["state"]["type"]) == ("ACCEPT", "FAILED")  # and no more
+
+
 def test_a_reconnect_naming_no_run_gets_a_lost_delivery_again(server_factory, make_wire):
     """A run is leased before its frame is sent: if the frame is lost with the connection, the
     worker's next connection (same client_id) must not hold it unknowingly, RUNNING for as long
