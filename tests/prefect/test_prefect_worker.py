@@ -12,7 +12,7 @@ import time
 import uuid
 
 import pytest
-from prefect_support import prefect_api, read_run, settled_history, state_history, wait_for_run
+from prefect_support import prefect_api, read_run, settled_history, wait_for_run
 
 
 def _key(name: str) -> str:
