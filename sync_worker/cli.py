@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
+
+from sync_worker.exceptions import ConfigurationError, SyncWorkerError
 
 # option types, logging and error handling shared by every subcommand (positive_int and
 # LOG_FORMAT are also imported from here by the server's options)
@@ -67,9 +70,63 @@ def _add_worker_parser(subparsers: argparse._SubParsersAction) -> None:
             if given:
                 parser.error(f"{name} needs --django (it is about a Django project's tasks)")
 
-        return run_worker_command(args.tasks, limit=args.limit, status_port=args.status_port, timeout=args.timeout)
+        from sync_worker.worker import TaskSpecError, load_task
+
+        logging.getLogger("sync_worker.worker").addFilter(_ReportedByTheCommand())
+
+        try:  # here, so that the error line goes through run_command (a JSON record with --log-format json)
+            for spec in args.tasks:
+                load_task(spec)
+        except TaskSpecError as exc:
+            raise ConfigurationError(str(exc)) from exc
+        try:
+            return run_worker_command(args.tasks, limit=args.limit, status_port=args.status_port,
+                                      timeout=args.timeout)
+        except SyncWorkerError as exc:
+            wrong_path = _wrong_api_path(exc)
+            if wrong_path is None:
+                raise
+            raise wrong_path from exc
 
     parser.set_defaults(func=run)
+
+
+class _ReportedByTheCommand(logging.Filter):
+    """Drops the worker's "Task worker ... failed: <error>" record when the error is one of
+    sync_worker's own: the command ends with that error as its one line (run_command), and
+    printing it twice reads as two failures. A library caller of serve() still gets the log.
+    (Matches the record's format string in sync_worker.worker._service.)"""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        failed = isinstance(record.msg, str) and record.msg.startswith("Task worker %s failed")
+        return not (failed and isinstance(record.args, tuple) and record.args
+                    and isinstance(record.args[-1], SyncWorkerError))
+
+
+def _status_code(exc: BaseException) -> int | None:
+    """The HTTP status behind a failed API call or websocket handshake (None for anything else)."""
+    for error in (exc, exc.__cause__):
+        code = getattr(error, "status_code", None)
+        if isinstance(code, int):
+            return code
+    return None
+
+
+def _wrong_api_path(exc: SyncWorkerError) -> ConfigurationError | None:
+    """A 404 for the task-run API means the API URL names the wrong path (``/api/v1``, ...):
+    a setting mistake (exit 2) that names the URL and the setting, not a run-time failure."""
+    if isinstance(exc, ConfigurationError) or _status_code(exc) != 404:
+        return None
+    if getattr(exc, "detail", None) == "Task not found":  # the route exists: a run that is gone
+        return None
+    from sync_worker.diagnostics import _setting_name
+    from sync_worker.settings import get_settings
+
+    api_url = get_settings().api_url
+    label, variable = _setting_name(api_url)
+    return ConfigurationError(
+        f"{label} is {api_url}, which the server answers 404 for (the API URL should end in /api, "
+        f"e.g. http://host:4200/api); set {variable} to the server's API URL ({exc})")
 
 
 def _add_server_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -170,8 +170,37 @@ def run_command(func: Callable[[argparse.Namespace], Any], args: argparse.Namesp
 
 def _print_error(prog: str, exc: BaseException) -> None:
     text = " ".join(str(exc).split("\n\n", 1)[0].split())  # one line, without a remote traceback
+    if _json_logging():
+        # --log-format json: a log collector parses every stderr line, so the last one is a record too
+        logging.getLogger("sync_worker.cli").error("%s: error: %s", prog, text)
+        return
     sys.stderr.write(f"{prog}: error: {text}\n")
     sys.stderr.flush()
+
+
+def _json_logging() -> bool:
+    """Whether configure_logging set up JSON records on the root logger."""
+    return any(isinstance(handler.formatter, JsonFormatter) for handler in logging.getLogger().handlers)
+
+
+#: modules of the ``[server]`` extra that the embedded server (and so the demo) imports
+SERVER_EXTRA_MODULES = ("werkzeug", "simple_websocket")
+
+
+def require_server_extra(command: str) -> None:
+    """Raise a one-line ConfigurationError when the ``[server]`` extra is not installed,
+    instead of letting the server's first import end in a traceback."""
+    import importlib
+
+    from sync_worker.exceptions import ConfigurationError
+
+    for module in SERVER_EXTRA_MODULES:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            raise ConfigurationError(
+                f"{command} needs the [server] extra ({module} is not installed): "
+                f"pip install 'sync_worker[server]'") from None
 
 
 @contextmanager

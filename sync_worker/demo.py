@@ -42,7 +42,10 @@ def _say(text: str = "") -> None:
 
 
 def run_demo(runs: int = 20, limit: int = 10, log_level: str = "ERROR") -> int:
+    from sync_worker.cli_support import require_server_extra
     from sync_worker.exceptions import TaskRunFailed
+
+    require_server_extra("sync-worker demo")
     from sync_worker.server import Server
 
     with tempfile.TemporaryDirectory(prefix="sync-worker-demo-") as tmp:

@@ -531,13 +531,17 @@ def cmd_storage_prune(args: argparse.Namespace) -> int:
     from sync_worker.settings import get_settings
     from sync_worker.storage import PARAMETERS_PREFIX
 
+    from sync_worker.exceptions import ConfigurationError
+
+    # a setting or --dir that names no local store is a usage mistake: exit code 2, like every other
     settings = get_settings()
     directory = Path(args.dir or settings.storage).expanduser()
     if not args.dir and settings.uses_server_storage:
-        raise CommandError("SYNC_WORKER_STORAGE=server: the embedded server deletes its records itself "
-                           "(--retention); pass --dir for a local directory")
+        raise ConfigurationError("SYNC_WORKER_STORAGE=server: the embedded server deletes its records itself "
+                                 "(--retention); pass --dir for a local directory")
     if not directory.is_dir():
-        raise CommandError(f"{directory} is not a directory")
+        where = "--dir" if args.dir else "SYNC_WORKER_STORAGE"
+        raise ConfigurationError(f"{directory} ({where}) is not a directory")
     cutoff = time.time() - args.older_than
     deleted = kept = size = others = 0
     places = [(directory, False), (directory / PARAMETERS_PREFIX.rstrip("/"), True)]

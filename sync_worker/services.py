@@ -413,7 +413,9 @@ def start_client_metrics_server(*, addr: str | None = None) -> int | None:
                     f"client metrics port {port} is in use; set SYNC_WORKER_CLIENT_METRICS_PORT "
                     "to a free port or disable with SYNC_WORKER_CLIENT_METRICS_ENABLED=false",
                 ) from exc
-            logger.debug("Client metrics server listening on %s:%s", addr, _metrics_server[0].server_port)
+            # INFO, with the URL: with SYNC_WORKER_CLIENT_METRICS_PORT=0 this line is the only way to find the port
+            host = f"[{addr}]" if ":" in addr else addr
+            logger.info("Client metrics server on http://%s:%s/metrics", host, _metrics_server[0].server_port)
         return _metrics_server[0].server_port
 
 

@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from sync_worker.cli import positive_int
-from sync_worker.cli_support import add_logging_options, configure_logging, port, positive_float, removed_on_failure
+from sync_worker.cli_support import (
+    add_logging_options,
+    configure_logging,
+    port,
+    positive_float,
+    removed_on_failure,
+    require_server_extra,
+)
 
 logger = logging.getLogger("sync_worker.server.cli")
 
@@ -93,6 +100,7 @@ def _duration(text: str) -> float:
 def run(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT, then stop cleanly (exit code 0)."""
     configure_logging(args.log_level, getattr(args, "log_format", "text"))
+    require_server_extra("sync-worker server")
 
     from sync_worker.server import Server
 

@@ -152,7 +152,7 @@ def test_storage_prune_deletes_old_result_files_and_keeps_parameters(tmp_path):
     assert out.returncode == 0 and "deleted 1 record file(s)" in out.stdout
     assert not old_params.exists() and new_result.exists()
     out = cli({}, "storage", "prune", "--older-than", "7d", "--dir", str(tmp_path / "missing"))
-    assert out.returncode == 1 and "is not a directory" in out.stderr
+    assert out.returncode == 2 and "is not a directory" in out.stderr  # a usage mistake
 
 
 def test_storage_prune_deletes_only_record_files(tmp_path):

@@ -1,0 +1,142 @@
+"""Defects found walking through the README as a new user: each command's failure is one
+line (or one JSON record) naming the fix, with the exit code the CLI documents (2 for a
+mistake in an option or a setting), and what the README says matches what the code does."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+CI_RUN = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
+
+#: runs ``python -m sync_worker`` with the [server] extra's modules unimportable, as after
+#: ``pip install sync_worker`` without ``[server]`` (None in sys.modules makes import fail)
+WITHOUT_SERVER_EXTRA = (
+    "import runpy, sys\n"
+    "for name in ('werkzeug', 'simple_websocket'):\n"
+    "    sys.modules[name] = None\n"
+    "sys.argv = ['sync-worker'] + sys.argv[1:]\n"
+    "runpy.run_module('sync_worker', run_name='__main__', alter_sys=True)\n"
+)
+
+
+def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """This environment without sync_worker/Prefect settings, a private home and store, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SYNC_WORKER_", "PREFECT_"))}
+    env["HOME"] = str(tmp_path)
+    env["SYNC_WORKER_STORAGE"] = str(tmp_path / "store")
+    env.update(extra)
+    return env
+
+
+def sync_worker(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sync_worker", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+# -- r1: no [server] extra ---------------------------------------------------------------------
+@pytest.mark.parametrize("args", [["server", "--port", "0"], ["demo"]])
+def test_without_the_server_extra_is_one_line_naming_the_install(tmp_path, args):
+    if args[0] == "server":
+        args = [*args, "--db", str(tmp_path / "s.db")]
+    result = subprocess.run([sys.executable, "-c", WITHOUT_SERVER_EXTRA, *args], capture_output=True,
+                            text=True, timeout=60, env=clean_env(tmp_path))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [
+        f"sync-worker {args[0]}: error: sync-worker {args[0]} needs the [server] extra (werkzeug is not "
+        "installed): pip install 'sync_worker[server]'"]
+    assert not (tmp_path / "s.db").exists()
+
+
+# -- r8: a wrong API path ----------------------------------------------------------------------
+@pytest.mark.parametrize("log_level", ["INFO", "ERROR"])
+def test_api_url_with_a_wrong_path_is_a_setting_mistake(tmp_path, server, log_level):
+    url = f"{server.url}/v1"
+    result = sync_worker(clean_env(tmp_path, SYNC_WORKER_API_URL=url), "worker", "sync_worker.demo:add",
+                         "--timeout", "20", "--log-level", log_level)
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith(f"sync-worker worker: error: SYNC_WORKER_API_URL is {url}, which the server "
+                           "answers 404 for (the API URL should end in /api"), last
+    assert "HTTP 404" in last
+    assert result.stderr.count("HTTP 404") == 1  # the error once, not also as a log line
+
+
+# -- r4: a fatal setting error is printed once ---------------------------------------------------
+def test_api_url_without_api_is_printed_once(tmp_path, server):
+    base = server.url[: -len("/api")]
+    result = sync_worker(clean_env(tmp_path, SYNC_WORKER_API_URL=base), "worker", "sync_worker.demo:add",
+                         "--timeout", "20", "--log-level", "WARNING")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("lacks /api") == 1, result.stderr
+    assert result.stderr.splitlines()[-1].startswith(f"sync-worker worker: error: SYNC_WORKER_API_URL is {base}")
+
+
+# -- r6: --log-format json makes the final error a JSON record too --------------------------------
+@pytest.mark.parametrize("args", [
+    ["worker", "nosuchmodule:task"],
+    ["worker", "sync_worker.demo:add", "--timeout", "20"],  # a run-time setting mistake (API URL)
+])
+def test_json_log_format_makes_the_error_line_a_record(tmp_path, server, args):
+    env = clean_env(tmp_path, SYNC_WORKER_API_URL=server.url[: -len("/api")])
+    result = sync_worker(env, *args, "--log-format", "json")
+    assert result.returncode == 2, result.stderr
+    records = [json.loads(line) for line in result.stderr.splitlines() if line.strip()]
+    assert records[-1]["level"] == "ERROR"
+    assert records[-1]["message"].startswith("sync-worker worker: error: ")
+    # and in text format it stays the plain line the README shows
+    text = sync_worker(env, *args)
+    assert text.returncode == 2
+    assert text.stderr.splitlines()[-1] == records[-1]["message"]
+
+
+# -- r3: storage prune's setting/usage mistakes exit 2 --------------------------------------------
+def test_storage_prune_with_a_missing_dir_is_a_usage_mistake(tmp_path):
+    missing = tmp_path / "no-such-dir"
+    result = sync_worker(clean_env(tmp_path), "storage", "prune", "--older-than", "7d", "--dir", str(missing))
+    assert result.returncode == 2
+    assert result.stderr == f"sync-worker storage: error: {missing} (--dir) is not a directory\n"
+
+
+def test_storage_prune_of_server_storage_is_a_usage_mistake(tmp_path):
+    result = sync_worker(clean_env(tmp_path, SYNC_WORKER_STORAGE="server"), "storage", "prune",
+                         "--older-than", "7d")
+    assert result.returncode == 2
+    assert result.stderr.startswith("sync-worker storage: error: SYNC_WORKER_STORAGE=server: ")
+    assert len(result.stderr.splitlines()) == 1
+
+
+# -- r5: the client metrics server says where it listens -------------------------------------------
+def test_client_metrics_server_logs_its_url(tmp_path, server):
+    pytest.importorskip("prometheus_client")
+    env = clean_env(tmp_path, SYNC_WORKER_API_URL=server.url, SYNC_WORKER_CLIENT_METRICS_ENABLED="true",
+                    SYNC_WORKER_CLIENT_METRICS_PORT="0")
+    result = sync_worker(env, "worker", "sync_worker.demo:add", "--timeout", "2")
+    assert result.returncode == 0, result.stderr
+    lines = [line for line in result.stderr.splitlines() if "Client metrics server on" in line]
+    assert len(lines) == 1, result.stderr
+    assert " INFO " in lines[0]
+    match = re.search(r"http://127\.0\.0\.1:(\d+)/metrics$", lines[0])
+    assert match and int(match.group(1)) > 0, lines[0]
+
+
+# -- r7 / r2: README sentences -------------------------------------------------------------------
+def test_readme_try_it_names_every_preparation_of_ci_run():
+    assert "chromium chromium-driver" in CI_RUN and "SYNC_WORKER_REQUIRE_BROWSER=1" in CI_RUN
+    try_it = README[README.index("## Try it"):README.index("## Quickstart")]
+    assert "Chromium" in try_it and "SYNC_WORKER_REQUIRE_BROWSER=1" in try_it
+    assert "plus those two" not in try_it
+
+
+def test_readme_says_a_running_run_overruns_the_drain_timeout():
+    stopping = README[README.index("* **Stopping**"):]
+    first_sentence = " ".join(stopping[:stopping.index("The worker commands then")].split())
+    assert "still executing at that deadline" in first_sentence and "about 6 s after it" in first_sentence
+    row = next(line for line in README.splitlines() if line.startswith("| `SYNC_WORKER_DRAIN_TIMEOUT`"))
+    assert "about 6 s after it" in row
