@@ -363,6 +363,14 @@ class App:
             raise HTTPError(422, error, {"exception_message": "Invalid request received."})
         return value
 
+    def _optional_json_body(self, environ: dict[str, Any]) -> None:
+        """Read an unused body but refuse malformed JSON, so a garbled request changes nothing."""
+        raw = self._read_body(environ)
+        if raw.strip():
+            _value, error = parse_json_body(raw)
+            if error is not None:
+                raise HTTPError(422, error, {"exception_message": "Invalid request received."})
+
     # -- endpoints -------------------------------------------------------------------------------
     def health(self, environ: dict[str, Any]) -> Response:
         self._discard_body(environ)
@@ -476,7 +484,7 @@ class App:
     def cancel(self, environ: dict[str, Any], run_id: str) -> Response:
         from .cancellation import cancel_run
 
-        self._discard_body(environ)
+        self._optional_json_body(environ)
         return _json(200, cancel_run(self.core, run_id))
 
     def purge(self, environ: dict[str, Any]) -> Response:
@@ -530,7 +538,7 @@ class App:
     def retry(self, environ: dict[str, Any], run_id: str) -> Response:
         from .dashboard import retry_run
 
-        self._discard_body(environ)
+        self._optional_json_body(environ)
         return _json(201, retry_run(self.core, run_id))
 
     def subscribe(self, environ: dict[str, Any], handler: Callable[..., None] = handle_websocket) -> Response:

@@ -334,12 +334,18 @@ def _decode_record(record: Any) -> tuple[Any, str | None]:
             record = json.loads(record)
         serializer = record["metadata"]["serializer"]["type"]
         payload = record["result"]
+    except RecursionError:  # a hostile record must not turn the run page into a 500
+        return None, "JSON nested too deeply to show"
     except (ValueError, KeyError, TypeError):
         return None, "not a record this server can read"
     if serializer != "json":
         return None, f"serialized with {serializer!r}; not shown (the server never unpickles)"
     try:
-        return (json.loads(payload) if isinstance(payload, str) else payload), None
+        value = json.loads(payload) if isinstance(payload, str) else payload
+        json.dumps(value)  # values too deep to encode again are refused here, not as a 500 later
+        return value, None
+    except RecursionError:
+        return None, "JSON nested too deeply to show"
     except ValueError:
         return None, "not valid JSON"
 

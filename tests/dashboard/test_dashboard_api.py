@@ -229,3 +229,40 @@ def test_non_ascii_results_and_parameters_are_shown_as_characters(server, api_en
     assert shown["outcome"]["result"] == '"héllo wörld 👍 任务"'
     shown = requests.get(server.url + f"/sync_worker/dashboard/runs/{failed.task_run_id}", timeout=10).json()
     assert shown["parameters"] == {"value": {"message": "Ж" * 800}, "note": None}
+
+
+def test_deeply_nested_results_and_parameters_get_a_note_not_a_500(server):
+    """A 5,000-deep JSON string (accepted by REST) must not raise RecursionError in the run endpoint."""
+    deep = "[" * 5000 + "]" * 5000
+    run = _create(server, name="deep")
+    state = {"type": "COMPLETED", "data": {"metadata": {"serializer": {"type": "json"}}, "result": deep}}
+    response = requests.post(f"{server.url}/task_runs/{run['id']}/set_state", json={"state": state, "force": True},
+                             timeout=10)
+    assert response.status_code in (200, 201), response.text
+    shown = requests.get(f"{server.url}/sync_worker/dashboard/runs/{run['id']}", timeout=10)
+    assert shown.status_code == 200, shown.text
+    assert "too deeply" in json.dumps(shown.json())
+
+    params_id = str(uuid.uuid4())
+    record = {"metadata": {"serializer": {"type": "json"}, "storage_key": params_id}, "result": deep}
+    put = requests.put(f"{server.url}/storage/parameters.{params_id}", data=json.dumps(record),
+                       headers={"Content-Type": "application/json"}, timeout=10)
+    assert put.status_code < 300, put.text
+    run2 = _create(server, name="deep-params", task_parameters_id=params_id)
+    shown = requests.get(f"{server.url}/sync_worker/dashboard/runs/{run2['id']}", timeout=10)
+    assert shown.status_code == 200, shown.text
+    assert "too deeply" in json.dumps(shown.json())
+
+
+def test_retry_and_cancel_refuse_malformed_json_bodies_and_change_nothing(server):
+    run = _create(server, name="garbled")
+    headers = {"Content-Type": "application/json"}
+    before = requests.post(server.url + "/task_runs/count", json={}, timeout=10).json()
+    for action, body in (("retry", "[1,2"), ("cancel", "{{{")):
+        response = requests.post(f"{server.url}/sync_worker/task_runs/{run['id']}/{action}", data=body,
+                                 headers=headers, timeout=10)
+        assert response.status_code == 422, (action, response.status_code, response.text)
+        assert "JSON" in response.json()["detail"]
+    assert requests.post(server.url + "/task_runs/count", json={}, timeout=10).json() == before
+    shown = requests.get(f"{server.url}/sync_worker/dashboard/runs/{run['id']}", timeout=10).json()
+    assert "SCHEDULED" in json.dumps(shown)

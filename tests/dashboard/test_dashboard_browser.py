@@ -509,3 +509,11 @@ def test_times_say_their_zone(browser, dashboard):
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d(\.\d+)? UTC", title), title
     open_run(browser, dashboard, future.task_run_id)
     assert re.fullmatch(zone, fact(browser, "Times in"))
+
+
+@pytest.mark.parametrize("query", ["state=BOGUS&range=zz", "before=abc", "since=garbage"])
+def test_a_bad_filter_in_the_address_says_so_instead_of_loading_forever(browser, dashboard, query):
+    browser.get(dashboard + "#/runs?" + query)
+    wait(browser, lambda d: "cannot be shown" in text(d, "#runs"), "the refused filter explained")
+    assert not text(browser, "#runs").startswith("Loading")
+    assert "422" in text(browser, "#banner")

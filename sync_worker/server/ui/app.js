@@ -215,7 +215,7 @@
   // poll(load, render): load() returns a promise of data; render(data) draws it, only when the
   // data differs from what was drawn last (a finished run is drawn once: the user's selection,
   // scroll and focus stay); the running times are refreshed at every poll
-  function poll(load, render, always) {
+  function poll(load, render, always, failed) {
     var mine = generation;
     var drawn = null;
     function tick() {
@@ -233,6 +233,7 @@
       }, function (error) {
         if (mine !== generation) return;
         unreachable(error);
+        if (failed) failed(error);
       }).then(function () {
         if (mine === generation) timer = setTimeout(tick, POLL_MS);
       });
@@ -480,7 +481,13 @@
     poll(function () {
       var query = runsQuery(params); // at every poll: "the last 15 minutes" moves with the clock
       return api("api/sync_worker/dashboard/runs" + (query ? "?" + query : ""));
-    }, function (data) { redraw(main, function () { renderRuns(box, data, params); }); });
+    }, function (data) { redraw(main, function () { renderRuns(box, data, params); }); }, null, function (error) {
+      // a refused query (e.g. a hand-edited #/runs?state=BOGUS) will not load: say so, not "Loading..."
+      if (error.status >= 400 && error.status < 500) {
+        clear(box);
+        append(box, el("p", { "class": "note", id: "runs-error" }, "These filters cannot be shown: " + error.message));
+      }
+    });
   }
 
   function pageHref(params, name, seq) {
