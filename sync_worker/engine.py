@@ -474,7 +474,7 @@ class TaskRunEngine:
         (read here too before a forced report of a claimed run that could not start).
 
         A 404 is read again for :data:`NOT_YET_READABLE_SECONDS`: Prefect 3.8.8's server
-        queues a run for delivery before its create is readable (1-6 runs in 100 were lost,
+        queues a run for delivery before its create is readable (2-4 runs in 100 were lost,
         left SCHEDULED forever, when the first 404 meant "deleted")."""
         reading = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type(exceptions.ObjectNotFound),
