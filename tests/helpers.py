@@ -5,7 +5,10 @@ One place for them so that a fix to one (a bound, a message) reaches every test.
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -141,3 +144,17 @@ class Relay:
                 sock.close()
             except OSError:
                 pass
+
+
+def clean_env(tmp_path: Any, **extra: str) -> dict[str, str]:
+    """This environment without sync_worker/Prefect settings, a private store, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SYNC_WORKER_", "PREFECT_"))}
+    env["SYNC_WORKER_STORAGE"] = str(tmp_path / "store")
+    env.update(extra)
+    return env
+
+
+def run_env(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    """``python -m sync_worker ARGS`` in ``env``, its output captured."""
+    return subprocess.run([sys.executable, "-m", "sync_worker", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)

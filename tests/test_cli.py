@@ -95,26 +95,13 @@ def test_worker_rejects_a_bad_limit():
 
 # -- user mistakes: one line naming the option or setting, exit code 2 ----------------------------
 import json  # noqa: E402
-import os  # noqa: E402
 import re  # noqa: E402
 import signal  # noqa: E402
 import socket  # noqa: E402
 import threading  # noqa: E402
 
 from sync_worker.cli import build_parser  # noqa: E402
-
-
-def clean_env(tmp_path, **extra: str) -> dict[str, str]:
-    """This environment without sync_worker/Prefect settings, a private store, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SYNC_WORKER_", "PREFECT_"))}
-    env["SYNC_WORKER_STORAGE"] = str(tmp_path / "store")
-    env.update(extra)
-    return env
-
-
-def run_env(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sync_worker", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+from tests.helpers import clean_env, run_env  # noqa: E402
 
 
 @pytest.fixture

@@ -4,13 +4,15 @@ mistake in an option or a setting), and what the README says matches what the co
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests import helpers
+from tests.helpers import run_env
 
 README = (Path(__file__).resolve().parent.parent / "README.md").read_text()
 CI_RUN = (Path(__file__).resolve().parent.parent / ".ci" / "run").read_text()
@@ -27,17 +29,8 @@ WITHOUT_SERVER_EXTRA = (
 
 
 def clean_env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    """This environment without sync_worker/Prefect settings, a private home and store, plus ``extra``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SYNC_WORKER_", "PREFECT_"))}
-    env["HOME"] = str(tmp_path)
-    env["SYNC_WORKER_STORAGE"] = str(tmp_path / "store")
-    env.update(extra)
-    return env
-
-
-def sync_worker(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "sync_worker", *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    """:func:`tests.helpers.clean_env` with a private home too."""
+    return helpers.clean_env(tmp_path, HOME=str(tmp_path), **extra)
 
 
 # -- r1: no [server] extra ---------------------------------------------------------------------
@@ -58,7 +51,7 @@ def test_without_the_server_extra_is_one_line_naming_the_install(tmp_path, args)
 @pytest.mark.parametrize("log_level", ["INFO", "ERROR"])
 def test_api_url_with_a_wrong_path_is_a_setting_mistake(tmp_path, server, log_level):
     url = f"{server.url}/v1"
-    result = sync_worker(clean_env(tmp_path, SYNC_WORKER_API_URL=url), "worker", "sync_worker.demo:add",
+    result = run_env(clean_env(tmp_path, SYNC_WORKER_API_URL=url), "worker", "sync_worker.demo:add",
                          "--timeout", "20", "--log-level", log_level)
     assert result.returncode == 2, result.stderr
     last = result.stderr.splitlines()[-1]
@@ -71,7 +64,7 @@ def test_api_url_with_a_wrong_path_is_a_setting_mistake(tmp_path, server, log_le
 # -- r4: a fatal setting error is printed once ---------------------------------------------------
 def test_api_url_without_api_is_printed_once(tmp_path, server):
     base = server.url[: -len("/api")]
-    result = sync_worker(clean_env(tmp_path, SYNC_WORKER_API_URL=base), "worker", "sync_worker.demo:add",
+    result = run_env(clean_env(tmp_path, SYNC_WORKER_API_URL=base), "worker", "sync_worker.demo:add",
                          "--timeout", "20", "--log-level", "WARNING")
     assert result.returncode == 2, result.stderr
     assert result.stderr.count("lacks /api") == 1, result.stderr
@@ -85,13 +78,13 @@ def test_api_url_without_api_is_printed_once(tmp_path, server):
 ])
 def test_json_log_format_makes_the_error_line_a_record(tmp_path, server, args):
     env = clean_env(tmp_path, SYNC_WORKER_API_URL=server.url[: -len("/api")])
-    result = sync_worker(env, *args, "--log-format", "json")
+    result = run_env(env, *args, "--log-format", "json")
     assert result.returncode == 2, result.stderr
     records = [json.loads(line) for line in result.stderr.splitlines() if line.strip()]
     assert records[-1]["level"] == "ERROR"
     assert records[-1]["message"].startswith("sync-worker worker: error: ")
     # and in text format it stays the plain line the README shows
-    text = sync_worker(env, *args)
+    text = run_env(env, *args)
     assert text.returncode == 2
     assert text.stderr.splitlines()[-1] == records[-1]["message"]
 
@@ -99,13 +92,13 @@ def test_json_log_format_makes_the_error_line_a_record(tmp_path, server, args):
 # -- r3: storage prune's setting/usage mistakes exit 2 --------------------------------------------
 def test_storage_prune_with_a_missing_dir_is_a_usage_mistake(tmp_path):
     missing = tmp_path / "no-such-dir"
-    result = sync_worker(clean_env(tmp_path), "storage", "prune", "--older-than", "7d", "--dir", str(missing))
+    result = run_env(clean_env(tmp_path), "storage", "prune", "--older-than", "7d", "--dir", str(missing))
     assert result.returncode == 2
     assert result.stderr == f"sync-worker storage: error: {missing} (--dir) is not a directory\n"
 
 
 def test_storage_prune_of_server_storage_is_a_usage_mistake(tmp_path):
-    result = sync_worker(clean_env(tmp_path, SYNC_WORKER_STORAGE="server"), "storage", "prune",
+    result = run_env(clean_env(tmp_path, SYNC_WORKER_STORAGE="server"), "storage", "prune",
                          "--older-than", "7d")
     assert result.returncode == 2
     assert result.stderr.startswith("sync-worker storage: error: SYNC_WORKER_STORAGE=server: ")
@@ -117,7 +110,7 @@ def test_client_metrics_server_logs_its_url(tmp_path, server):
     pytest.importorskip("prometheus_client")
     env = clean_env(tmp_path, SYNC_WORKER_API_URL=server.url, SYNC_WORKER_CLIENT_METRICS_ENABLED="true",
                     SYNC_WORKER_CLIENT_METRICS_PORT="0")
-    result = sync_worker(env, "worker", "sync_worker.demo:add", "--timeout", "2")
+    result = run_env(env, "worker", "sync_worker.demo:add", "--timeout", "2")
     assert result.returncode == 0, result.stderr
     lines = [line for line in result.stderr.splitlines() if "Client metrics server on" in line]
     assert len(lines) == 1, result.stderr
