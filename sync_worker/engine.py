@@ -476,16 +476,19 @@ class TaskRunEngine:
         A 404 is read again for :data:`NOT_YET_READABLE_SECONDS`: Prefect 3.8.8's server
         queues a run for delivery before its create is readable (2-4 runs in 100 were lost,
         left SCHEDULED forever, when the first 404 meant "deleted")."""
-        reading = tenacity.Retrying(
-            retry=tenacity.retry_if_exception_type(exceptions.ObjectNotFound),
-            wait=tenacity.wait_exponential(multiplier=0.02, max=0.5),
-            stop=tenacity.stop_after_delay(NOT_YET_READABLE_SECONDS),
-            before_sleep=lambda rs: self.logger.debug(
-                "Task run %s not found yet (delivered before its creation is readable?); reading it again",
-                self.label),
-            reraise=True,
-        )
-        current = reading(self.client.read_task_run, self.task_run.id).state
+        try:  # nearly always readable: no retry policy built per run
+            current = self.client.read_task_run(self.task_run.id).state
+        except exceptions.ObjectNotFound:
+            reading = tenacity.Retrying(
+                retry=tenacity.retry_if_exception_type(exceptions.ObjectNotFound),
+                wait=tenacity.wait_exponential(multiplier=0.02, max=0.5),
+                stop=tenacity.stop_after_delay(NOT_YET_READABLE_SECONDS),
+                before_sleep=lambda rs: self.logger.debug(
+                    "Task run %s not found yet (delivered before its creation is readable?); reading it again",
+                    self.label),
+                reraise=True,
+            )
+            current = reading(self.client.read_task_run, self.task_run.id).state
         if current is not None and current.is_terminal():
             self.logger.info("Task run %s is already %s; not running it again", self.label, current.name)
             return True

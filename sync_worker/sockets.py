@@ -151,8 +151,11 @@ class FrameReader:
         #: bytes at the start of the buffer that :meth:`dropped_next` scanned (whole frames,
         #: none a close), so that each frame is looked at once however often it is called
         self._scanned = 0
+        #: whether bytes (or the stream's end) wait on the socket, without reading: for dropped_next
         self._poll: Any = None
-        self._polled: Any = None
+        if ws.sock is not None:
+            self._poll = select.poll()
+            self._poll.register(ws.sock, select.POLLIN)
 
     @staticmethod
     def usable(ws: Any) -> bool:
@@ -236,12 +239,9 @@ class FrameReader:
         named when the worker subscribes again and the server (restarted) leaves it the
         lease; refused, it would wait for its lease to run out and lose an attempt."""
         sock = self.ws.sock
-        if sock is not None:
+        if sock is not None and self._poll is not None:
             # poll, not MSG_DONTWAIT: Python waits for a socket with a timeout to be readable
             # before its recv, whatever the flags
-            if self._poll is None or self._polled is not sock:
-                self._poll, self._polled = select.poll(), sock
-                self._poll.register(sock, select.POLLIN)
             try:
                 if self._poll.poll(0):  # bytes, the end of the stream or an error wait
                     data = sock.recv(READ_SIZE) if sock.__class__ is socket.socket else self._recv(READ_SIZE)
