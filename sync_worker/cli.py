@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Sequence
 
@@ -70,15 +69,6 @@ def _add_worker_parser(subparsers: argparse._SubParsersAction) -> None:
             if given:
                 parser.error(f"{name} needs --django (it is about a Django project's tasks)")
 
-        from sync_worker.worker import TaskSpecError, load_task
-
-        logging.getLogger("sync_worker.worker").addFilter(_ReportedByTheCommand())
-
-        try:  # here, so that the error line goes through run_command (a JSON record with --log-format json)
-            for spec in args.tasks:
-                load_task(spec)
-        except TaskSpecError as exc:
-            raise ConfigurationError(str(exc)) from exc
         try:
             return run_worker_command(args.tasks, limit=args.limit, status_port=args.status_port,
                                       timeout=args.timeout)
@@ -89,18 +79,6 @@ def _add_worker_parser(subparsers: argparse._SubParsersAction) -> None:
             raise wrong_path from exc
 
     parser.set_defaults(func=run)
-
-
-class _ReportedByTheCommand(logging.Filter):
-    """Drops the worker's "Task worker ... failed: <error>" record when the error is one of
-    sync_worker's own: the command ends with that error as its one line (run_command), and
-    printing it twice reads as two failures. A library caller of serve() still gets the log.
-    (Matches the record's format string in sync_worker.worker._service.)"""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        failed = isinstance(record.msg, str) and record.msg.startswith("Task worker %s failed")
-        return not (failed and isinstance(record.args, tuple) and record.args
-                    and isinstance(record.args[-1], SyncWorkerError))
 
 
 def _status_code(exc: BaseException) -> int | None:

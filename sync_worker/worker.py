@@ -69,6 +69,7 @@ from typing import TYPE_CHECKING, Any, Callable, NoReturn
 from sync_worker import metrics
 from sync_worker.dialects import Dialect, choose_dialect
 from sync_worker.engine import REPORT_MAX_BACKOFF, Outcome, run_task_run, should_try_to_read_parameters
+from sync_worker.exceptions import ConfigurationError
 from sync_worker.prefect_reporting import PrefectReporting
 from sync_worker.services import start_client_metrics_server
 from sync_worker.settings import Settings, get_settings
@@ -389,6 +390,7 @@ class TaskWorker:
         self._main_waiting = False
         self._sigterm_noted = False
         self._error: BaseException | None = None
+        self._start_raises_errors = False  # a blocking start() waits: it raises what ends the service
         #: Prefect-only machinery (final-state events, retry timers), used by the Prefect
         #: dialect of this worker's connections; started and stopped with the worker.
         self._prefect = PrefectReporting()
@@ -458,8 +460,10 @@ class TaskWorker:
         see :func:`run_until_stopped`).
         """
         if not block:
+            self._start_raises_errors = False
             self._begin()
             return self
+        self._start_raises_errors = True
         previous = None
         in_main = threading.current_thread() is threading.main_thread()
         if in_main:
@@ -771,7 +775,10 @@ class TaskWorker:
             pass
         except BaseException as exc:  # noqa: BLE001 - reported by start()/join()
             self._error = exc
-            logger.error("Task worker %s failed: %s", self.client_id, exc)
+            # A blocking start() raises it to its caller (the worker command prints it as its
+            # one error line); a worker started with block=False has no caller to raise to.
+            log = logger.debug if self._start_raises_errors else logger.error
+            log("Task worker %s failed: %s", self.client_id, exc)
         finally:
             with self._lock:
                 self.stopping = True
@@ -1223,20 +1230,15 @@ def serve(
             logger.info("Task worker stopped.")
 
 
-def run_until_stopped(task_worker: TaskWorker, status_port: int | None, timeout: float | None,
-                      error_prefix: str) -> int:
+def run_until_stopped(task_worker: TaskWorker, status_port: int | None, timeout: float | None) -> int:
     """Serve as :func:`serve` does; the exit status of the worker commands (``sync-worker
     worker``, ``manage.py sync_worker``): 0 when a stop (SIGTERM, one Ctrl-C, ``--timeout``)
-    saw every run finish; 1 when runs were abandoned at the drain timeout, or on a failure
-    such as refused credentials; 130 on a second Ctrl-C (a cold stop)."""
-    from sync_worker.exceptions import CredentialsError
-
+    saw every run finish; 1 when runs were abandoned at the drain timeout; 130 on a second
+    Ctrl-C (a cold stop). An error that ends the service (refused credentials) propagates,
+    for the command to print as its one error line."""
     with status_server_running(task_worker, status_port):
         try:
             task_worker.start(timeout=timeout)
-        except CredentialsError as exc:
-            sys.stderr.write(f"{error_prefix}{exc}\n")  # as sync_worker.cli_support prints
-            return 1
         except KeyboardInterrupt:
             return 1 if task_worker._abandoned_at_drain else 130
         except StopTaskWorker:
@@ -1245,8 +1247,9 @@ def run_until_stopped(task_worker: TaskWorker, status_port: int | None, timeout:
 
 
 # -- the CLI's worker command --------------------------------------------------------------
-class TaskSpecError(ValueError):
-    """A ``MODULE:TASK`` argument that does not name a task."""
+class TaskSpecError(ConfigurationError):
+    """A ``MODULE:TASK`` argument that does not name a task (a user mistake: the command
+    prints it as one line and exits 2)."""
 
 
 def load_task(spec: str) -> Task[..., Any]:
@@ -1310,11 +1313,12 @@ def _record_metrics_if_served() -> None:
 def run_worker_command(
     task_specs: list[str], limit: int | None = 10, status_port: int | None = None, timeout: float | None = None
 ) -> int:
-    """``sync-worker worker MODULE:TASK ...``: load the tasks, serve them; the exit code."""
-    try:
-        tasks = [load_task(spec) for spec in task_specs]
-    except TaskSpecError as exc:
-        sys.stderr.write(f"sync-worker worker: error: {exc}\n")  # as sync_worker.cli_support prints
-        return 2
+    """``sync-worker worker MODULE:TASK ...``: load the tasks, serve them; the exit code.
+
+    A spec that names no task raises :class:`TaskSpecError`, and an error that ends the
+    worker (refused credentials) propagates: the command prints either as its one error
+    line (:func:`sync_worker.cli_support.run_command`, a JSON record with ``--log-format
+    json``)."""
+    tasks = [load_task(spec) for spec in task_specs]
     _record_metrics_if_served()
-    return run_until_stopped(TaskWorker(*tasks, limit=limit), status_port, timeout, "sync-worker worker: error: ")
+    return run_until_stopped(TaskWorker(*tasks, limit=limit), status_port, timeout)

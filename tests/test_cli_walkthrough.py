@@ -89,6 +89,25 @@ def test_json_log_format_makes_the_error_line_a_record(tmp_path, server, args):
     assert text.stderr.splitlines()[-1] == records[-1]["message"]
 
 
+# -- refused credentials: the command's one error line (exit 1), a JSON record with --log-format json
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_refused_credentials_are_the_one_error_line_of_the_command(tmp_path, server_factory, log_format):
+    secured = server_factory(auth_string="admin:right")
+    env = clean_env(tmp_path, SYNC_WORKER_API_URL=secured.url, SYNC_WORKER_API_AUTH_STRING="admin:wrong")
+    result = run_env(env, "worker", "sync_worker.demo:add", "--timeout", "20", "--log-format", log_format)
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.stderr.count("SYNC_WORKER_API_AUTH_STRING") == 1, result.stderr  # once, not also logged
+    if log_format == "json":
+        records = [json.loads(line) for line in lines]  # every line a record, the last one included
+        last = records[-1]["message"]
+        assert records[-1]["level"] == "ERROR"
+    else:
+        last = lines[-1]
+    assert last.startswith("sync-worker worker: error: "), last
+    assert "SYNC_WORKER_API_AUTH_STRING" in last
+
+
 # -- r3: storage prune's setting/usage mistakes exit 2 --------------------------------------------
 def test_storage_prune_with_a_missing_dir_is_a_usage_mistake(tmp_path):
     missing = tmp_path / "no-such-dir"

@@ -343,7 +343,7 @@ def test_lost_answers_are_recognised_when_the_proposal_is_repeated(api_env, tmp_
     assert marks.read_text().count("start 7") == 1  # executed once
 
 
-def test_wrong_credentials_stop_the_worker_with_a_clear_error(server_factory, api_env, monkeypatch):
+def test_wrong_credentials_stop_the_worker_with_a_clear_error(server_factory, api_env, monkeypatch, caplog):
     secured = server_factory(auth_string="admin:right", database=str(Path(api_env["SYNC_WORKER_STORAGE"]).parent / "auth.db"))
     monkeypatch.setenv("SYNC_WORKER_API_URL", secured.url)
     monkeypatch.setenv("SYNC_WORKER_API_AUTH_STRING", "admin:wrong")
@@ -351,14 +351,19 @@ def test_wrong_credentials_stop_the_worker_with_a_clear_error(server_factory, ap
 
     worker = TaskWorker(wt.add)
     started = time.monotonic()
-    with pytest.raises(SubscriptionAuthError) as info:
+    with caplog.at_level(logging.INFO, logger="sync_worker"), pytest.raises(SubscriptionAuthError) as info:
         worker.start(timeout=20)
     assert time.monotonic() - started < 10  # no endless retry
     assert "SYNC_WORKER_API_AUTH_STRING" in str(info.value) and "PREFECT_API_AUTH_STRING" in str(info.value)
     assert not worker.started
+    # raised to the caller, not also logged as an error (the command would show it twice)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
     background = TaskWorker(wt.add).start(block=False)  # a WSGI app's worker: the error is kept
     assert background.join(10)
     assert isinstance(background.error, SubscriptionAuthError) and not background.started
+    # and logged: nobody else would see it
+    failed = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(failed) == 1 and "failed" in failed[0] and "SYNC_WORKER_API_AUTH_STRING" in failed[0], failed
 
 
 def test_right_credentials_work(server_factory, api_env, monkeypatch, start_worker):

@@ -6,6 +6,7 @@ Timeout enforcement, parameter-reading decision, task specs of the CLI, fork saf
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import time
 import pytest
 
 from sync_worker.engine import exception_message
+from sync_worker.exceptions import ConfigurationError
 from sync_worker.schemas import Scheduled, TaskRun
 from sync_worker.tasks import task
 from sync_worker.timeouts import TaskRunTimeoutError, call_with_timeout
@@ -104,7 +106,7 @@ def test_should_try_to_read_parameters():
 
 
 # -- CLI task specs ------------------------------------------------------------------------------
-def test_load_task_and_clear_errors(capsys):
+def test_load_task_and_clear_errors():
     assert load_task("tests.worker.worker_tasks:add").task_key.endswith("add")
     cases = {
         "no_colon": "is not MODULE:TASK",
@@ -113,8 +115,8 @@ def test_load_task_and_clear_errors(capsys):
         "tests.worker.worker_tasks:plain_function": "is a function, not a task",
     }
     for spec, message in cases.items():
-        assert run_worker_command([spec], limit=1, status_port=None, timeout=1) == 2
-        assert message in capsys.readouterr().err
+        with pytest.raises(ConfigurationError, match=re.escape(message)):  # the command prints it, exit 2
+            run_worker_command([spec], limit=1, status_port=None, timeout=1)
 
 
 def test_stop_before_start_is_an_error():

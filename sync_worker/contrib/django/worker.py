@@ -260,7 +260,8 @@ def run_django_worker(
 
     A setup mistake raises ConfigurationError (see :func:`build_worker`; also a status port
     that cannot be used): ``sync-worker worker --django`` prints it as one line and exits
-    2, and so does ``manage.py sync_worker``."""
+    2, and so does ``manage.py sync_worker``. An error that ends the worker (refused
+    credentials) propagates too: both print it as one line and exit 1."""
     from django.core.exceptions import ImproperlyConfigured
 
     from sync_worker.exceptions import ConfigurationError
@@ -272,7 +273,7 @@ def run_django_worker(
         raise
     except (ValueError, ImproperlyConfigured) as exc:
         raise ConfigurationError(str(exc)) from None
-    return run_until_stopped(worker, status_port, timeout, "error: ")
+    return run_until_stopped(worker, status_port, timeout)
 
 
 def run_for_settings(settings_module: str, **options: Any) -> int:

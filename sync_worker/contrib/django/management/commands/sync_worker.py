@@ -34,7 +34,7 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         from sync_worker.contrib.django.worker import run_django_worker
-        from sync_worker.exceptions import ConfigurationError
+        from sync_worker.exceptions import ConfigurationError, SyncWorkerError
 
         if not logging.getLogger().handlers and not logging.getLogger("sync_worker").handlers:
             logging.basicConfig(format=LOG_FORMAT)  # unless the project's LOGGING already did
@@ -45,5 +45,7 @@ class Command(BaseCommand):
                                        modules=options["modules"], status_port=options["status_port"])
         except ConfigurationError as exc:  # a setup mistake: one line naming it, exit 2 (as sync-worker does)
             raise CommandError(" ".join(str(exc).split()), returncode=2) from None
+        except SyncWorkerError as exc:  # what ended the worker (refused credentials): one line, exit 1
+            raise CommandError(" ".join(str(exc).split("\n\n", 1)[0].split()), returncode=1) from None
         if status:
             raise CommandError(f"sync_worker worker exited with status {status}", returncode=status)
