@@ -285,3 +285,23 @@ def test_a_mistake_in_options_is_one_line_naming_the_setting_and_exit_2(start_wo
     lines = worker.output().strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(prefix + named), worker.output()
     assert "SYNC_WORKER_" not in lines[0]  # the variable is set right; the setting is wrong
+
+
+@pytest.mark.parametrize("command", ["manage.py sync_worker", "sync-worker worker --django"])
+def test_refused_credentials_are_one_line_and_exit_1(start_worker: Any, server_factory: Any, tmp_path: Any,
+                                                      command: str) -> None:
+    secured = server_factory(auth_string="admin:right", database=str(tmp_path / "secured.db"))
+    env = {"SYNC_WORKER_API_URL": secured.url, "SYNC_WORKER_API_AUTH_STRING": "admin:wrong"}
+    if command == "manage.py sync_worker":
+        worker = start_worker("--timeout", "20", env=env)
+        prefix = "CommandError: "
+    else:
+        env["DJANGO_SETTINGS_MODULE"] = "mysite.settings"
+        worker = start_worker("worker", "--django", "mysite.settings", "--timeout", "20", env=env,
+                              command=[sys.executable, "-m", "sync_worker"])
+        prefix = "sync-worker worker: error: "
+    assert worker.proc.wait(60) == 1, worker.output()
+    output = worker.output()
+    assert output.count("SYNC_WORKER_API_AUTH_STRING") == 1, output  # the error once, not also logged
+    last = output.strip().splitlines()[-1]
+    assert last.startswith(prefix) and "SYNC_WORKER_API_AUTH_STRING" in last, output
