@@ -669,12 +669,40 @@ def send_all(sock: socket.socket, data: bytes) -> None:
         sock.sendall(memoryview(data)[sent:])
 
 
+class _OpeningWebSocket(websocket.WebSocket):
+    """websocket-client's WebSocket while it connects, telling ``cut_short`` the moment its
+    TCP socket exists. Another thread cuts a handshake short by shutting down ``ws.sock``
+    (:meth:`sync_worker.subscription.Subscription.abort_opening`), but ``connect()``
+    assigns that socket and then waits for the server's answer with no way in between: an
+    abort that looked just before the assignment found no socket, and the stop waited out
+    the open timeout (a flaky test, 1 in ~10 under load). Checked at the assignment, an
+    abort either finds the socket or is found by it. Once connected the object becomes a
+    plain WebSocket again (no property on the hot path)."""
+
+    cut_short: Callable[[], bool] | None = None
+
+    @property  # type: ignore[override]
+    def sock(self) -> socket.socket | None:
+        return self.__dict__.get("sock")
+
+    @sock.setter
+    def sock(self, value: socket.socket | None) -> None:
+        self.__dict__["sock"] = value
+        if value is not None and self.cut_short is not None and self.cut_short():
+            try:
+                value.shutdown(socket.SHUT_RDWR)  # the handshake's read returns at once
+            except OSError:
+                pass
+
+
 def open_socket(client: Any, url: str, timeout: float,
-                created: Callable[[websocket.WebSocket], None] | None = None) -> websocket.WebSocket:
+                created: Callable[[websocket.WebSocket], None] | None = None,
+                cut_short: Callable[[], bool] | None = None) -> websocket.WebSocket:
     """A websocket to the API with the options every sync_worker socket uses (subscription,
     rpc). Raises websocket-client's errors; callers say what they mean. ``created`` is
     given the socket object before it connects, so that another thread can cut a handshake
-    short (see :meth:`sync_worker.subscription.Subscription.abort_opening`).
+    short (see :meth:`sync_worker.subscription.Subscription.abort_opening`); ``cut_short``
+    says whether it has, when the TCP socket is made (see :class:`_OpeningWebSocket`).
 
     Cheaper framing than websocket-client's defaults, same bytes on the wire: mask keys
     from :class:`MaskKeys` (no ``os.urandom`` per frame; still masked, as RFC 6455 requires
@@ -684,11 +712,16 @@ def open_socket(client: Any, url: str, timeout: float,
     # (websocket.create_connection, unrolled to hand the object out before it connects.)
     # websocket-client's UTF-8 check of incoming frames is pure Python and cost a third of
     # the worker's CPU; json.loads rejects invalid text anyway.
-    ws = websocket.WebSocket(enable_multithread=True, skip_utf8_validation=True)
+    if cut_short is None:
+        ws = websocket.WebSocket(enable_multithread=True, skip_utf8_validation=True)
+    else:
+        ws = _OpeningWebSocket(enable_multithread=True, skip_utf8_validation=True)
+        ws.cut_short = cut_short
     ws.settimeout(timeout)
     if created is not None:
         created(ws)
     ws.connect(url, timeout=timeout, subprotocols=["prefect"], header=headers)
+    ws.__class__ = websocket.WebSocket  # (an _OpeningWebSocket's socket stays in its __dict__)
     ws.set_mask_key(MaskKeys())
     frames = getattr(ws, "frame_buffer", None)
     recv = getattr(ws, "_recv", None)

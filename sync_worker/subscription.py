@@ -265,7 +265,8 @@ class Subscription:
 
     def _open_socket(self) -> Connection:
         try:
-            ws = open_socket(self.client, self.url, self.open_timeout, created=self._opened)
+            ws = open_socket(self.client, self.url, self.open_timeout, created=self._opened,
+                             cut_short=lambda: self._opening_aborted)
         except websocket.WebSocketBadStatusException as exc:
             if exc.status_code in (401, 403):
                 raise SubscriptionAuthError(

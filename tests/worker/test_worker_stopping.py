@@ -251,6 +251,41 @@ def test_stop_and_join_end_at_once_while_the_handshake_gets_no_answer(api_env, m
             held.close()
 
 
+def test_a_stop_just_before_the_handshake_socket_exists_still_ends_at_once(api_env, monkeypatch):
+    """The same stop, timed into the window where the connection object exists but its TCP
+    socket does not yet (websocket-client assigns it inside ``connect()``, then waits for the
+    answer): the stop found no socket to cut, and join() waited out the open timeout. The
+    window is forced here: the stop runs in the opening thread just before the TCP connect."""
+    import socket
+
+    import websocket._core
+
+    from sync_worker.worker import TaskWorker
+
+    real_connect = websocket._core.connect
+    workers: list[TaskWorker] = []
+
+    def stop_then_connect(*args, **kwargs):
+        if workers:
+            workers.pop().stop()  # from the opening thread: ws.sock is still None here
+        return real_connect(*args, **kwargs)
+
+    monkeypatch.setattr(websocket._core, "connect", stop_then_connect)
+    with socket.socket() as listener:  # the kernel completes connections; nobody reads them
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        monkeypatch.setenv("SYNC_WORKER_API_URL", f"http://127.0.0.1:{listener.getsockname()[1]}/api")
+        monkeypatch.setenv("SYNC_WORKER_REQUEST_TIMEOUT", "25")
+        worker = TaskWorker(wt.add)
+        workers.append(worker)
+        started = time.monotonic()
+        worker.start(block=False)
+        assert worker.join(10), "join() still waiting for the handshake 10 s after stop()"
+        assert not workers  # the stop did come from inside the connect
+        assert time.monotonic() - started < 5
+        assert worker.error is None
+
+
 def test_join_past_the_drain_timeout_names_the_runs_it_leaves(api_env, monkeypatch, tmp_path, caplog):
     """``stop(); join(DRAIN_TIMEOUT)`` in a WSGI server's exit hook: join() returned False at
     the deadline and the process ended, before the service thread's "abandoned" line (a
