@@ -10,6 +10,7 @@ from sync_worker.exceptions import ConfigurationError, SyncWorkerError
 # option types, logging and error handling shared by every subcommand (positive_int and
 # LOG_FORMAT are also imported from here by the server's options)
 from sync_worker.cli_support import (
+    COMMAND_PROG,
     LOG_FORMAT,  # noqa: F401
     ArgumentParser,
     add_logging_options,
@@ -128,7 +129,9 @@ def _add_demo_parser(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     parser.add_argument("--runs", type=positive_int, default=20, help="how many runs to submit (default 20)")
-    parser.add_argument("--limit", type=positive_int, default=10, help="the worker's concurrency limit (default 10)")
+    parser.add_argument("--limit", type=worker_limit, default=10, metavar="N",
+                        help="the worker's concurrency limit, as worker --limit takes it: a whole number >= 1 "
+                             "(default 10), or 'none' for no limit")
     # ERROR: the demo's failing and retried runs fail on purpose, their tracebacks are noise here
     add_logging_options(parser, default_level="ERROR")
 
@@ -174,7 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     configure_logging(getattr(args, "log_level", "INFO"), getattr(args, "log_format", "text"))
-    return run_command(args.func, args, f"{parser.prog} {args.command}")
+    # the innermost command run (``sync-worker runs ls``) names its error lines, as argparse's do
+    return run_command(args.func, args, getattr(args, COMMAND_PROG, None) or f"{parser.prog} {args.command}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -22,12 +22,65 @@ LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 LOG_LEVELS = ["DEBUG", "INFO", "WARNING", "ERROR"]
 
 
+#: the namespace attribute naming the innermost (sub)command that parsed the arguments
+#: (``sync-worker runs ls``): the program name of its error lines
+COMMAND_PROG = "command_prog"
+
+
 class ArgumentParser(argparse.ArgumentParser):
     """argparse with a one-line error: ``prog: error: argument --port: ...`` (no usage
-    block, which for the server is ten lines that push the reason off the screen)."""
+    block, which for the server is ten lines that push the reason off the screen).
+
+    Subcommand parsers made by :meth:`add_subparsers` are of this class too. Each one sets
+    its own ``prog`` as the default of :data:`COMMAND_PROG`, and a subcommand's defaults
+    override its parent's, so after parsing ``args.command_prog`` names the command the user
+    ran (``sync-worker runs ls``, not ``sync-worker runs``). Unrecognized arguments are
+    reported by that command, not by the top-level parser, with the option meant when a
+    known one is close (``--limt``: did you mean ``--limit``?).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.set_defaults(**{COMMAND_PROG: self.prog})
 
     def error(self, message: str) -> Any:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_args(self, args: Sequence[str] | None = None, namespace: Any = None) -> Any:  # type: ignore[override]
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = self._command_parser(getattr(namespace, COMMAND_PROG, None))
+            command.error(unrecognized_message(command, extras))
+        return namespace
+
+    def _command_parser(self, prog: str | None) -> argparse.ArgumentParser:
+        """This parser or the (nested) subcommand parser whose ``prog`` is ``prog``."""
+        pending: list[argparse.ArgumentParser] = [self]
+        while pending:
+            parser = pending.pop()
+            if parser.prog == prog:
+                return parser
+            for action in parser._actions:
+                if isinstance(action, argparse._SubParsersAction):
+                    pending.extend(action.choices.values())
+        return self
+
+
+def unrecognized_message(parser: argparse.ArgumentParser, extras: Sequence[str]) -> str:
+    """``unrecognized arguments: --limt 3; did you mean --limit?``: the hint names the known
+    option of ``parser`` closest to the first unknown one, when one is close enough."""
+    import difflib
+
+    message = f"unrecognized arguments: {' '.join(extras)}"
+    # compared without the leading "--", which would make every option look alike ("--bogus", "--runs")
+    known = [option[2:] for action in parser._actions for option in action.option_strings if option.startswith("--")]
+    for extra in extras:
+        if not extra.startswith("--") or extra == "--":
+            continue
+        close = difflib.get_close_matches(extra[2:].split("=", 1)[0], known, n=1)
+        if close:
+            return f"{message}; did you mean --{close[0]}?"
+    return message
 
 
 # -- option types: argparse prints "argument --opt: <message>" -----------------------------
@@ -161,14 +214,15 @@ def run_command(func: Callable[[argparse.Namespace], Any], args: argparse.Namesp
         os.close(devnull)
         return 141  # as a command ended by SIGPIPE (128 + 13)
     except ConfigurationError as exc:
-        _print_error(prog, exc)
+        print_error(prog, exc)
         return 2
     except SyncWorkerError as exc:
-        _print_error(prog, exc)
+        print_error(prog, exc)
         return 1
 
 
-def _print_error(prog: str, exc: BaseException) -> None:
+def print_error(prog: str, exc: object) -> None:
+    """``prog: error: <exc>`` on stderr, in one line (a JSON record with ``--log-format json``)."""
     text = " ".join(str(exc).split("\n\n", 1)[0].split())  # one line, without a remote traceback
     if _json_logging():
         # --log-format json: a log collector parses every stderr line, so the last one is a record too

@@ -41,7 +41,9 @@ def _say(text: str = "") -> None:
     print(text, flush=True)
 
 
-def run_demo(runs: int = 20, limit: int = 10, log_level: str = "ERROR") -> int:
+def run_demo(runs: int = 20, limit: int | None = 10, log_level: str = "ERROR") -> int:
+    """Run the demo; ``limit`` is the worker's concurrency limit (None: no limit, as
+    ``sync-worker worker --limit none``)."""
     from sync_worker.cli_support import require_server_extra
     from sync_worker.exceptions import TaskRunFailed
 
@@ -52,13 +54,14 @@ def run_demo(runs: int = 20, limit: int = 10, log_level: str = "ERROR") -> int:
         server = Server(host="127.0.0.1", port=0, database=os.path.join(tmp, "demo.db")).start()
         os.environ["SYNC_WORKER_API_URL"] = server.url
         os.environ["SYNC_WORKER_STORAGE"] = os.path.join(tmp, "records")
+        shown_limit = "none" if limit is None else str(limit)
         _say(f"embedded server: {server.url} (database {tmp}/demo.db)")
         worker = subprocess.Popen(
             [sys.executable, "-m", "sync_worker", "worker", "sync_worker.demo:add", "sync_worker.demo:flaky",
-             "sync_worker.demo:divide", "--limit", str(limit), "--log-level", log_level],
+             "sync_worker.demo:divide", "--limit", shown_limit, "--log-level", log_level],
             env=dict(os.environ),
         )
-        _say(f"worker process: pid {worker.pid}, limit {limit}")
+        _say(f"worker process: pid {worker.pid}, limit {shown_limit}")
         try:
             started = time.perf_counter()
             futures = [add.delay(i, i * i) for i in range(runs)]

@@ -39,8 +39,11 @@ def attach_signed_values(argv: list[str], options: tuple[str, ...]) -> list[str]
 
 
 def format_duration(seconds: float) -> str:
-    """The shortest exact form: 604800 -> ``7d``, 90 -> ``90s``."""
-    for unit, size in (("w", 7 * 86400), ("d", 86400), ("h", 3600), ("m", 60)):
+    """The largest whole unit up to days: 604800 -> ``7d``, 5400 -> ``90m``, 90 -> ``90s``.
+
+    Never weeks: the README and ``--help`` write the retention default as ``7d``, so the
+    server's log says ``7d`` too (``2w`` is still accepted as input and is written ``14d``)."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size and seconds % size == 0:
             return f"{seconds / size:g}{unit}"
     return f"{seconds:g}s"

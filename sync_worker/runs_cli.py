@@ -360,9 +360,12 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(results)
     else:
+        from sync_worker.cli_support import COMMAND_PROG, print_error
+
+        prog = getattr(args, COMMAND_PROG, None) or "sync-worker runs cancel"
         for item in results:
-            if item["status"] == "error":
-                print(f"{item['id']}: {item['error']}", file=sys.stderr)
+            if item["status"] == "error":  # one error line per run, as every other command's
+                print_error(prog, f"{item['id']}: {item['error']}")
             elif item["status"] == "unchanged":
                 print(f"{item['id']}: not cancelled, it is already {item['state']}")
             elif item["status"] == "cancelling":

@@ -113,14 +113,14 @@ def test_storage_prune_with_a_missing_dir_is_a_usage_mistake(tmp_path):
     missing = tmp_path / "no-such-dir"
     result = run_env(clean_env(tmp_path), "storage", "prune", "--older-than", "7d", "--dir", str(missing))
     assert result.returncode == 2
-    assert result.stderr == f"sync-worker storage: error: {missing} (--dir) is not a directory\n"
+    assert result.stderr == f"sync-worker storage prune: error: {missing} (--dir) is not a directory\n"
 
 
 def test_storage_prune_of_server_storage_is_a_usage_mistake(tmp_path):
     result = run_env(clean_env(tmp_path, SYNC_WORKER_STORAGE="server"), "storage", "prune",
                          "--older-than", "7d")
     assert result.returncode == 2
-    assert result.stderr.startswith("sync-worker storage: error: SYNC_WORKER_STORAGE=server: ")
+    assert result.stderr.startswith("sync-worker storage prune: error: SYNC_WORKER_STORAGE=server: ")
     assert len(result.stderr.splitlines()) == 1
 
 
@@ -152,3 +152,125 @@ def test_readme_says_a_running_run_overruns_the_drain_timeout():
     assert "still executing at that deadline" in first_sentence and "about 6 s after it" in first_sentence
     row = next(line for line in README.splitlines() if line.startswith("| `SYNC_WORKER_DRAIN_TIMEOUT`"))
     assert "about 6 s after it" in row
+
+
+# -- w1: an error line of `runs <sub>` / `storage <sub>` names the subcommand the user ran ----------
+UNKNOWN_RUN = "1b4e28ba-2fa1-11d2-883f-0016d3cca427"
+
+
+@pytest.mark.parametrize("args,reason", [
+    (["runs", "ls"], "POST /task_runs/filter failed with 404"),
+    (["runs", "show", UNKNOWN_RUN], f"GET /task_runs/{UNKNOWN_RUN} failed with 404"),
+    (["runs", "retry", UNKNOWN_RUN], f"GET /task_runs/{UNKNOWN_RUN} failed with 404"),
+    (["runs", "purge", "--older-than", "7d", "-y"], "POST /sync_worker/purge failed with 404"),
+    (["status"], "GET /sync_worker/stats failed with 404"),
+])
+def test_runs_subcommand_errors_name_the_subcommand(tmp_path, server, args, reason):
+    result = run_env(clean_env(tmp_path), *args, "--api-url", f"{server.url}/nope")
+    assert result.returncode == 1, result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    prog = "sync-worker " + " ".join(args[:2] if args[0] == "runs" else args[:1])
+    assert result.stderr.startswith(f"{prog}: error: {reason}"), result.stderr
+
+
+def test_runs_subcommand_cannot_reach_the_api_names_the_subcommand(tmp_path):
+    import socket
+
+    with socket.socket() as unused:  # a port nothing listens on
+        unused.bind(("127.0.0.1", 0))
+        closed = unused.getsockname()[1]
+    result = run_env(clean_env(tmp_path), "runs", "ls", "--api-url", f"http://127.0.0.1:{closed}/api")
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("sync-worker runs ls: error: cannot reach the API"), result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+def test_runs_cancel_error_lines_name_the_subcommand(tmp_path, server):
+    result = run_env(clean_env(tmp_path), "runs", "cancel", UNKNOWN_RUN, "--api-url", server.url)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines() == [
+        f"sync-worker runs cancel: error: {UNKNOWN_RUN}: POST /sync_worker/task_runs/{UNKNOWN_RUN}/cancel "
+        "failed with 404: Task not found"]
+
+
+# -- w2: a misspelled option: one line naming the subcommand, its --help, and the option meant -----
+@pytest.mark.parametrize("args,line", [
+    (["worker", "sync_worker.demo:add", "--limt", "3"],
+     "sync-worker worker: error: unrecognized arguments: --limt 3; did you mean --limit? "
+     "(see sync-worker worker --help)"),
+    (["worker", "sync_worker.demo:add", "--staus-port=8081"],
+     "sync-worker worker: error: unrecognized arguments: --staus-port=8081; did you mean --status-port? "
+     "(see sync-worker worker --help)"),
+    (["runs", "ls", "--sate", "FAILED"],
+     "sync-worker runs ls: error: unrecognized arguments: --sate FAILED; did you mean --state? "
+     "(see sync-worker runs ls --help)"),
+    (["storage", "prune", "--older-than", "7d", "--include-params"],
+     "sync-worker storage prune: error: unrecognized arguments: --include-params; did you mean "
+     "--include-parameters? (see sync-worker storage prune --help)"),
+    (["server", "--prot", "4300"],
+     "sync-worker server: error: unrecognized arguments: --prot 4300; did you mean --port? "
+     "(see sync-worker server --help)"),
+    (["demo", "--bogus"],
+     "sync-worker demo: error: unrecognized arguments: --bogus (see sync-worker demo --help)"),
+    (["runs", "ls", "extra"],
+     "sync-worker runs ls: error: unrecognized arguments: extra (see sync-worker runs ls --help)"),
+])
+def test_misspelled_option_is_one_line_of_the_subcommand(tmp_path, args, line):
+    result = run_env(clean_env(tmp_path), *args)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [line]
+    assert result.stdout == ""
+
+
+# -- w3: demo --limit takes what worker --limit takes ---------------------------------------------
+def test_demo_accepts_limit_none_as_the_worker_does(tmp_path):
+    for command in ("worker", "demo"):
+        text = " ".join(run_env(clean_env(tmp_path), command, "--help").stdout.split())
+        assert "or 'none' for no limit" in text, (command, text)
+    result = run_env(clean_env(tmp_path), "demo", "--runs", "1", "--limit", "none", timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "limit none" in result.stdout
+    assert "worker stopped (exit code 0)" in result.stdout
+    refused = run_env(clean_env(tmp_path), "demo", "--limit", "0")
+    assert refused.returncode == 2
+    assert refused.stderr == ("sync-worker demo: error: argument --limit: '0': must be >= 1 (use --limit none "
+                              "for no limit) (see sync-worker demo --help)\n")
+
+
+# -- w4: the retention default reads as the README writes it ---------------------------------------
+def test_server_retention_default_is_printed_as_the_readme_writes_it(tmp_path):
+    import signal
+    import threading
+
+    assert "`sync-worker server --retention 7d` (the default;" in README
+    help_text = " ".join(run_env(clean_env(tmp_path), "server", "--help").stdout.split())
+    assert "(default 7d)" in help_text
+    process = subprocess.Popen([sys.executable, "-m", "sync_worker", "server", "--port", "0",
+                                "--db", str(tmp_path / "q.db")],
+                               stderr=subprocess.PIPE, text=True, env=clean_env(tmp_path))
+    lines: list[str] = []
+    found = threading.Event()
+
+    def read() -> None:
+        for text in process.stderr:
+            lines.append(text)
+            if "retention:" in text:
+                found.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert found.wait(30), "".join(lines)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+    logged = next(text for text in lines if "retention:" in text)
+    assert "finished runs are deleted 7d after they end" in logged, logged
+
+
+def test_format_duration_writes_days_not_weeks():
+    from sync_worker.durations import format_duration, parse_duration
+
+    assert [format_duration(s) for s in (604800, 1209600, 86400, 5400, 3600, 90, 0.5)] == [
+        "7d", "14d", "1d", "90m", "1h", "90s", "0.5s"]
+    for text in ("7d", "2w", "12h", "90s"):  # what it writes reads back as the same duration
+        assert parse_duration(format_duration(parse_duration(text))) == parse_duration(text)

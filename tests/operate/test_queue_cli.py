@@ -239,7 +239,7 @@ def test_commands_say_in_one_line_when_the_answer_breaks_off_or_never_comes(api_
         for command in (("status",), ("runs", "ls")):
             out = cli(env, *command)
             assert out.returncode == 1, out.stderr
-            assert out.stderr.startswith(f"sync-worker {command[0]}: error: cannot reach the API"), out.stderr
+            assert out.stderr.startswith(f"sync-worker {' '.join(command)}: error: cannot reach the API"), out.stderr
             assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr
 
 
