@@ -268,9 +268,9 @@ class Client:
                 f"Could not submit task run {run_id} to {self.api_url} within {limit:g} s ({exc}); {hint}",
                 task_run_id=run_id) from exc
 
-    def emit_events(self, events: list[Dict[str, Any]]) -> None:
+    def emit_events(self, events: list[Dict[str, Any]], timeout: Optional[float] = None) -> None:
         """``POST /events``: Prefect's event intake (its callers wait for state-change events)."""
-        self.request("POST", "/events", json_body=events)
+        self.request("POST", "/events", json_body=events, timeout=timeout)
 
     def read_task_run(self, task_run_id: str) -> TaskRun:
         response = self._retried(lambda: self.request("GET", f"/task_runs/{task_run_id}"))

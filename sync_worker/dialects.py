@@ -106,6 +106,9 @@ class Dialect:
         state; False when this server is told states by proposals only."""
         return False
 
+    def claimed(self, engine: TaskRunEngine, delivered: State | None) -> None:
+        """The server accepted the engine's PENDING claim of a run delivered in ``delivered``."""
+
     def running_recorded(self, engine: TaskRunEngine) -> bool:
         """Whether the server shows the RUNNING sent by :meth:`send_state` (or a newer state)."""
         return True
@@ -193,6 +196,21 @@ class PrefectDialect(Dialect):
             if state.type is StateType.RUNNING:
                 engine.running_state = state
         return sent
+
+    def claimed(self, engine: TaskRunEngine, delivered: State | None) -> None:
+        """Announce the claim as Prefect's task worker does after its PENDING proposal: the
+        Pending state as an event (recorded already; the event is for Prefect's event feed
+        and automations), which the run's next event follows. Sent by the worker's events
+        thread; nothing without a worker or on a server without an event intake."""
+        from sync_worker.prefect_reporting import state_event
+
+        reporting, pending = self.reporting, engine.state
+        if (reporting is None or pending is None or pending.id is None or pending.timestamp is None
+                or not reporting.events.accepts_events(engine.client)):
+            return
+        event = state_event(engine.task_run, delivered, pending)
+        if reporting.events.send(engine.client, event):
+            engine.last_event_id = event["id"]
 
     def running_recorded(self, engine: TaskRunEngine, timeout: float | None = None) -> bool:
         """Read the run until the server shows this worker's RUNNING event recorded (its

@@ -508,8 +508,10 @@ class TaskRunEngine:
         """PENDING with ``deferred=True``: the claim that makes a delivery ours."""
         claim = Pending(deferred=True)
         claim.message = f"Claimed by {self.claim}"
+        delivered = self.state
         result = self.propose(claim)
         if result.status is SetStateStatus.ACCEPT:
+            self.dialect.claimed(self, delivered)
             return True
         if result.status is SetStateStatus.ABORT:
             self.logger.debug("Task run %s is claimed elsewhere (%s); skipping", self.label, result.reason)

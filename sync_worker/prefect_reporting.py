@@ -141,6 +141,28 @@ def state_event(task_run: TaskRun, initial: State | None, state: State, total_ru
     return event
 
 
+#: Seconds ``.delay()`` waits for the server to take a run's Scheduled event.
+ANNOUNCE_TIMEOUT = 2.0
+
+
+def announce_scheduled(client: Client, task_run: TaskRun) -> None:
+    """What Prefect's ``Task.apply_async`` does after its create: the run's Scheduled state
+    as a client-orchestrated event, so that Prefect's event feed and automations see the run
+    appear. Best effort, and bounded (:data:`ANNOUNCE_TIMEOUT`): the run exists either way,
+    and ``.delay()`` must not wait a request timeout on a server that stopped answering."""
+    state = task_run.state
+    if state is None or state.id is None or state.timestamp is None:  # a brief answer: nothing to announce
+        return
+    try:
+        client.emit_events([state_event(task_run, None, state)],
+                           timeout=min(float(client.timeout or ANNOUNCE_TIMEOUT), ANNOUNCE_TIMEOUT))
+    except exceptions.ObjectNotFound:  # no event intake
+        pass
+    except Exception as exc:  # noqa: BLE001 - see above
+        logger.warning("Could not send the Scheduled event of task run %s (the run is created): %s",
+                       task_run.id, exc)
+
+
 def stamp(state: State) -> State:
     """Give a client-side state the id and timestamp an event needs (Prefect's states get
     both when created)."""

@@ -48,6 +48,12 @@ class RpcChannel:
         self._unsupported = False
         self._retry_at = 0.0
 
+    @property
+    def unsupported(self) -> bool:
+        """The server answered the rpc handshake 403/404: not the embedded server (a Prefect
+        server), whose callers do over REST what the rpc socket would do."""
+        return self._unsupported
+
     def connection(self, deadline: float | None = None) -> Connection:
         """The open socket (opened now if need be), whose ``extensions`` are what its
         ``auth_success`` announced; :meth:`Connection.request` sends on it.

@@ -239,6 +239,10 @@ class Task(Generic[P, R]):
             if parameters_id:
                 discard_parameters_of_refused_create(store, parameters_id, exc)
             raise
+        if client.transport.on_prefect_server():
+            from sync_worker.prefect_reporting import announce_scheduled
+
+            announce_scheduled(client, task_run)
         logger.debug("Submitted %s run %s", self.name, task_run.id)
         return TaskRunFuture(task_run.id, client=client, store=store, task_run=task_run)
 

@@ -129,6 +129,12 @@ class SubmitTransport:
                     self._channel = RpcChannel(self.client) if self.client.settings.fast_path else None
         return self._channel
 
+    def on_prefect_server(self) -> bool:
+        """Whether the server refused the rpc socket as only a Prefect server does (known
+        after the first create; False with ``SYNC_WORKER_FAST_PATH=0``, which never asks)."""
+        channel = self._channel
+        return channel is not _UNSET and channel is not None and channel.unsupported
+
     def _connection(self, deadline: Optional[float] = None) -> Optional[Connection]:
         """The open rpc connection, or None: this attempt goes over REST."""
         channel = self.channel

@@ -52,9 +52,9 @@ def record_events(monkeypatch: Any) -> list[dict]:
     posted: list[dict] = []
     original = Client.emit_events
 
-    def emitting(self: Any, events: list[dict]) -> Any:
+    def emitting(self: Any, events: list[dict], *args: Any, **kwargs: Any) -> Any:
         posted.extend(events)
-        return original(self, events)
+        return original(self, events, *args, **kwargs)
 
     monkeypatch.setattr(Client, "emit_events", emitting)
     return posted
@@ -67,10 +67,10 @@ def drop_events(monkeypatch: Any, drop: Callable[[dict], bool]) -> None:
 
     original = Client.emit_events
 
-    def emit(self: Client, events: list) -> None:
+    def emit(self: Client, events: list, *args: Any, **kwargs: Any) -> None:
         kept = [event for event in events if not drop(event)]
         if kept:
-            original(self, kept)
+            original(self, kept, *args, **kwargs)
 
     monkeypatch.setattr(Client, "emit_events", emit)
 

@@ -107,3 +107,53 @@ def test_a_failed_run_with_retries_is_retried_by_prefects_rule(prefect_server, s
     run = read_run(prefect_server, future.task_run_id)
     assert (run["state_type"], run["run_count"]) == ("FAILED", 3)
     assert attempts.read_text() == "xxx"
+
+
+def test_delay_and_the_claim_send_the_scheduled_and_pending_events_prefects_own_do(prefect_server, sync_worker_env,
+                                                                                  start_worker, recorded_events):
+    """Prefect's ``apply_async`` sends the run's Scheduled event and its task worker a Pending
+    event after its claim (shared/prefect-protocol/events_in_task_run_add.json: Scheduled,
+    Pending, Running, Completed); Prefect's event feed and automations see the run appear
+    and be claimed. Read back from Prefect's own event store."""
+    import time
+
+    from prefect_support import prefect_api
+
+    from sync_worker import task
+
+    sync_worker_env(prefect_server)
+
+    @task(task_key=_key("dbl"))
+    def dbl(x: int) -> int:
+        return 2 * x
+
+    futures = [dbl.delay(i) for i in range(3)]
+    start_worker(dbl)
+    assert [f.result(timeout=60) for f in futures] == [0, 2, 4]
+
+    def names(run_id: str) -> list[str]:
+        body = {"filter": {"resource": {"id": [f"prefect.task-run.{run_id}"]},
+                           "occurred": {"since": "2000-01-01T00:00:00Z", "until": "2100-01-01T00:00:00Z"}},
+                "limit": 50}
+        response = prefect_api().post(f"{prefect_server.api_url}/events/filter", json=body,
+                                      headers=prefect_server.auth_header(), timeout=30)
+        response.raise_for_status()
+        events = sorted(response.json()["events"], key=lambda e: e["occurred"])
+        return [e["event"] for e in events if e["resource"].get("prefect.orchestration") == "client"]
+
+    expected = ["prefect.task-run.Scheduled", "prefect.task-run.Pending", "prefect.task-run.Running",
+                "prefect.task-run.Completed"]
+    for future in futures:
+        deadline = time.monotonic() + 30  # Prefect's persister writes events in batches
+        while names(future.task_run_id) != expected and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert names(future.task_run_id) == expected
+        scheduled = next(e for e in recorded_events if e["event"] == "prefect.task-run.Scheduled"
+                         and e["resource"]["prefect.resource.id"] == f"prefect.task-run.{future.task_run_id}")
+        assert scheduled["payload"]["intended"] == {"from": None, "to": "SCHEDULED"}
+        assert scheduled["payload"]["validated_state"]["state_details"]["deferred"] is True
+        pending = next(e for e in recorded_events if e["event"] == "prefect.task-run.Pending"
+                       and e["resource"]["prefect.resource.id"] == f"prefect.task-run.{future.task_run_id}")
+        assert pending["payload"]["intended"] == {"from": "SCHEDULED", "to": "PENDING"}
+        history = settled_history(prefect_server, future.task_run_id, 4)
+        assert [s["name"] for s in history] == ["Scheduled", "Pending", "Running", "Completed"]  # no state twice

@@ -53,9 +53,9 @@ def test_prefect_events_belong_to_the_worker_and_stop_with_it(prefect_like, star
     posted: list[str] = []
     original = Client.emit_events
 
-    def counting(self, events):
-        posted.extend(event["event"] for event in events if event["event"] != "prefect.task-run.Running")
-        return original(self, events)
+    def counting(self, events, **kwargs):
+        posted.extend(event["event"] for event in events if event["event"] == "prefect.task-run.Completed")
+        return original(self, events, **kwargs)
 
     monkeypatch.setattr(Client, "emit_events", counting)
     worker = start_worker(wt.add)

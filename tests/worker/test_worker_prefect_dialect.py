@@ -41,9 +41,9 @@ def test_runs_are_claimed_over_rest_and_report_running_and_completed_as_events(p
         calls.append(state.type.value)
         return original_set(self, run_id, state, *args, **kwargs)
 
-    def emitting(self, events):
+    def emitting(self, events, **kwargs):
         posted.extend(events)
-        return original_emit(self, events)
+        return original_emit(self, events, **kwargs)
 
     monkeypatch.setattr(Client, "set_task_run_state", counting)
     monkeypatch.setattr(Client, "emit_events", emitting)
@@ -53,8 +53,8 @@ def test_runs_are_claimed_over_rest_and_report_running_and_completed_as_events(p
     assert calls == ["PENDING"] * 20
     assert not worker._subscription.supports_set_state
     recorded = {e["id"]: e for e in posted if e["resource"].get("prefect.orchestration") == "client"}
-    assert sorted(e["event"] for e in recorded.values()) == ["prefect.task-run.Completed"] * 20 + [
-        "prefect.task-run.Running"] * 20
+    assert sorted(e["event"] for e in recorded.values()) == sorted(
+        f"prefect.task-run.{name}" for name in ("Scheduled", "Pending", "Running", "Completed") for _ in range(20))
     client = Client()
     for future in futures:
         run = client.read_task_run(future.task_run_id)
@@ -74,7 +74,9 @@ def _captured_events() -> dict[str, dict]:
 
 def test_state_events_have_the_shape_of_prefects_own_and_completed_follows_running(prefect_like, start_worker,
                                                                                     monkeypatch):
-    """As Prefect's engine chains them: COMPLETED ``follows`` the RUNNING event, with the same
+    """As Prefect's engine chains them: COMPLETED ``follows`` the RUNNING event, RUNNING the
+    PENDING one (the claim; SCHEDULED is sent by ``.delay()``, as Prefect's ``apply_async``
+    does), with the same
     resource labels and ``validated_state`` keys as the captured events. The repeat sent later
     to wake late callers has the same labels but ``prefect.orchestration`` (not recorded again).
     Before: no ``follows``, and the repeat lacked the run-count, state-message and
@@ -87,10 +89,15 @@ def test_state_events_have_the_shape_of_prefects_own_and_completed_follows_runni
     wait_for(lambda: len([e for e in posted if e["event"] == "prefect.task-run.Completed"]) >= 2, timeout=30,
              message="the COMPLETED event and its repeat")
     captured = _captured_events()
+    scheduled = next(e for e in posted if e["event"] == "prefect.task-run.Scheduled")  # sent by .delay()
+    pending = next(e for e in posted if e["event"] == "prefect.task-run.Pending")  # the claim, sent by the worker
     running = next(e for e in posted if e["event"] == "prefect.task-run.Running")
     completed, repeat = [e for e in posted if e["event"] == "prefect.task-run.Completed"][:2]
-    assert completed["follows"] == running["id"] and "follows" not in running
-    for ours in (running, completed):
+    assert completed["follows"] == running["id"] and running["follows"] == pending["id"]
+    assert "follows" not in pending and "follows" not in scheduled
+    assert scheduled["payload"]["intended"] == captured["prefect.task-run.Scheduled"]["payload"]["intended"]
+    assert pending["payload"]["intended"] == captured["prefect.task-run.Pending"]["payload"]["intended"]
+    for ours in (scheduled, pending, running, completed):
         theirs = captured[ours["event"]]
         assert sorted(ours["resource"]) == sorted(theirs["resource"])
         assert sorted(ours["payload"]["validated_state"]) == sorted(theirs["payload"]["validated_state"])
