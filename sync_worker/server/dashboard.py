@@ -13,8 +13,13 @@ together. Every page makes ONE read call, answered from a reader connection:
   rather than by offset, so that every page costs the same at any depth. ``since``/``until``
   bound the creation time (ISO 8601);
 - ``GET /api/sync_worker/dashboard/runs/{id}``: the run, its states with the time spent in each,
-  its parameters when they are JSON, small and kept on this server, and its result or failure
-  (type, message, traceback) when the state carries it inline or names a record on this server.
+  its parameters when they are JSON, small and kept on this server (also as the text the page
+  shows: JSON.parse would round a big integer), and its result or failure (type, message,
+  traceback) when the state carries it inline or names a record on this server.
+
+The runs and the run carry ``run_time``: the time spent RUNNING or CANCELLING summed over the
+attempts (not the waits for a retry between them), read from the state history (see
+:func:`run_time`).
 
 Actions: ``POST /api/sync_worker/task_runs/{id}/cancel`` (cancellation.py) and
 ``POST /api/sync_worker/task_runs/{id}/retry`` (here): a new run of the same task with the same
@@ -236,6 +241,52 @@ def _task_keys(db: Any) -> list[str]:
     return keys
 
 
+#: the states in which a run's code executes (CANCELLING: until its worker stops it): a run's
+#: run time is the time it spent in them
+RUNNING_TYPES = ("RUNNING", "CANCELLING")
+
+
+def run_time(states: list[tuple[str, str]], run: dict[str, Any]) -> dict[str, Any] | None:
+    """How long a run has run: ``{"seconds": s, "since": t}`` from its states ``(type,
+    timestamp)``, oldest first. ``seconds`` sums the RUNNING and CANCELLING states that have
+    ended; ``since`` is the start of the current state when the run is RUNNING or CANCELLING
+    (the page adds the time since then, so the answer stays the same while the run runs and
+    the page is not redrawn at every poll). None for a run that never ran.
+
+    Why not the run's ``total_run_time``: it is its end time less its first start, which
+    counts the waits for a retry (AwaitingRetry) between the attempts."""
+    seconds, since, ran = 0.0, None, False
+    for i, (state_type, timestamp) in enumerate(states):
+        if state_type not in RUNNING_TYPES:
+            continue
+        ran = True
+        if i + 1 == len(states):
+            since = timestamp
+            continue
+        try:
+            seconds += max(0.0, float(parse_time(states[i + 1][1], [])) - float(parse_time(timestamp, [])))
+        except ValidationError:  # pragma: no cover - the server wrote them
+            pass
+    if not ran:
+        if run.get("start_time") and run.get("total_run_time"):  # a history that lost its RUNNING rows
+            return {"seconds": run["total_run_time"], "since": None}
+        return None
+    return {"seconds": round(seconds, 6), "since": since}
+
+
+def _run_times(db: Any, runs: list[tuple[int, dict[str, Any]]]) -> dict[int, dict[str, Any] | None]:
+    """:func:`run_time` of a page of runs ``(seq, run)``: one read of the states of the runs
+    that have started (the history's key is (run_seq, seq): one seek per run)."""
+    started = [seq for seq, run in runs if run.get("start_time")]
+    states: dict[int, list[tuple[str, str]]] = {seq: [] for seq, _run in runs}
+    if started:
+        for run_seq, state_type, timestamp in db.read_all(
+                f"SELECT run_seq, type, timestamp FROM task_run_states WHERE run_seq IN "
+                f"({', '.join('?' * len(started))}) ORDER BY run_seq, seq", started):
+            states[run_seq].append((state_type, timestamp))
+    return {seq: run_time(states[seq], run) if run.get("start_time") else None for seq, run in runs}
+
+
 def list_runs(db: Any, query_string: str) -> dict[str, Any]:
     """A page of runs, newest first, with the number of runs that match (see the module
     docstring). Every query reads an index or walks ``seq`` from a bound: the cost of a page
@@ -307,15 +358,16 @@ def list_runs(db: Any, query_string: str) -> dict[str, Any]:
         has_older = len(rows) > limit
         rows = rows[:limit]
         has_newer = before is not None and bool(rows) and bool(between(rows[0][0] + 1, high, "ASC", 1))
+    read = [(seq, json.loads(data)) for seq, data in rows]
+    times = _run_times(db, read)
     runs = []
-    for seq, data in rows:
-        run = json.loads(data)
+    for seq, run in read:
         state_obj = run.get("state") or {}
         runs.append({"seq": seq, "id": run.get("id"), "name": run.get("name"), "task_key": run.get("task_key"),
                      "state_type": state_obj.get("type"), "state_name": state_obj.get("name"),
                      "created": run.get("created"), "start_time": run.get("start_time"),
                      "end_time": run.get("end_time"), "run_count": run.get("run_count", 0),
-                     "total_run_time": run.get("total_run_time")})
+                     "total_run_time": run.get("total_run_time"), "run_time": times[seq]})
     return {"runs": runs, "total": total, "limit": limit,
             "older": runs[-1]["seq"] if runs and has_older else None,
             "newer": runs[0]["seq"] if runs and has_newer else None}
@@ -351,23 +403,28 @@ def _decode_record(record: Any) -> tuple[Any, str | None]:
 
 
 def _parameters(db: Any, run: dict[str, Any]) -> dict[str, Any]:
+    """``value`` (the parameters, for API clients), ``note`` (why they are not shown) and
+    ``text``: the parameters as the page shows them, written here because the page's
+    JSON.parse would turn 2**64 + 1 into the double 18446744073709551616 (null with a note)."""
     details = (run.get("state") or {}).get("state_details") or {}
     params_id = details.get("task_parameters_id")
     if not params_id:
-        return {"value": {}, "note": None}
+        return {"value": {}, "note": None, "text": "{}"}
     raw = _record_on_server(db, "parameters/" + str(params_id))
     if raw is None:
         if (run.get("state") or {}).get("type") == "COMPLETED":
-            return {"value": None, "note": "deleted when the run completed"}
-        return {"value": None, "note": "kept in the submitter's store (SYNC_WORKER_STORAGE), not on this server"}
+            return {"value": None, "note": "deleted when the run completed", "text": None}
+        return {"value": None, "note": "kept in the submitter's store (SYNC_WORKER_STORAGE), not on this server",
+                "text": None}
     value, why = _decode_record(raw)
     if why is not None:
-        return {"value": None, "note": why}
+        return {"value": None, "note": why, "text": None}
     parameters = value.get("parameters") if isinstance(value, dict) and "parameters" in value else value
     text = json.dumps(parameters, ensure_ascii=False)  # the limit counts characters, not \u escapes
     if len(text) > SHOW_PARAMETERS_LIMIT:
-        return {"value": None, "note": f"{len(text)} characters of JSON: more than {SHOW_PARAMETERS_LIMIT}, not shown"}
-    return {"value": parameters, "note": None}
+        return {"value": None, "note": f"{len(text)} characters of JSON: more than {SHOW_PARAMETERS_LIMIT}, not shown",
+                "text": None}
+    return {"value": parameters, "note": None, "text": json.dumps(parameters, indent=2, ensure_ascii=False)}
 
 
 def _cut(text: str) -> str:
@@ -426,8 +483,9 @@ def run_details(db: Any, run_id: str) -> dict[str, Any]:
     if not rows:
         raise NotFound("Task not found")
     run = json.loads(rows[0][0])
-    return {"task_run": run, "states": _history(db.read_states(run_id)), "parameters": _parameters(db, run),
-            "outcome": _outcome(db, run)}
+    states = db.read_states(run_id)
+    return {"task_run": run, "states": _history(states), "parameters": _parameters(db, run),
+            "outcome": _outcome(db, run), "run_time": run_time([(s[1], s[3]) for s in states], run)}
 
 
 def retry_run(core: Core, run_id: str) -> dict[str, Any]:

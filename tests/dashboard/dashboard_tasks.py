@@ -38,3 +38,12 @@ def fails_once(marker):
 @task(task_key="dash.xss", name=XSS_NAME)
 def xss(text):
     raise ValueError(text)
+
+
+#: a right-to-left override: shown raw, it turns the rest of its line around ("evil.exe" ...)
+BIDI = "\u202e"
+
+
+@task(task_key="dash.bidi" + BIDI + "gpj.exe")
+def bidi(text):
+    raise ValueError("bad " + BIDI + text)

@@ -172,7 +172,8 @@ def test_retry_copies_parameters_kept_on_the_server(server, api_env, start_worke
     failed = dt.fails_once.delay(str(tmp_path / "marker"))
     assert failed.wait(timeout=60).type.value == "FAILED"
     details = requests.get(server.url + f"/sync_worker/dashboard/runs/{failed.task_run_id}", timeout=10).json()
-    assert details["parameters"] == {"value": {"marker": str(tmp_path / "marker")}, "note": None}
+    assert details["parameters"]["value"] == {"marker": str(tmp_path / "marker")}
+    assert details["parameters"]["note"] is None
     assert details["outcome"]["error_type"] == "RuntimeError"
     assert [s["type"] for s in details["states"]][0] == "SCHEDULED" and details["states"][-1]["type"] == "FAILED"
     assert details["states"][0]["duration_seconds"] >= 0 and details["states"][-1]["duration_seconds"] is None
@@ -228,7 +229,8 @@ def test_non_ascii_results_and_parameters_are_shown_as_characters(server, api_en
     shown = requests.get(server.url + f"/sync_worker/dashboard/runs/{added.task_run_id}", timeout=10).json()
     assert shown["outcome"]["result"] == '"héllo wörld 👍 任务"'
     shown = requests.get(server.url + f"/sync_worker/dashboard/runs/{failed.task_run_id}", timeout=10).json()
-    assert shown["parameters"] == {"value": {"message": "Ж" * 800}, "note": None}
+    assert shown["parameters"]["value"] == {"message": "Ж" * 800} and shown["parameters"]["note"] is None
+    assert shown["parameters"]["text"] == json.dumps({"message": "Ж" * 800}, indent=2, ensure_ascii=False)
 
 
 def test_deeply_nested_results_and_parameters_get_a_note_not_a_500(server):
@@ -266,3 +268,68 @@ def test_retry_and_cancel_refuse_malformed_json_bodies_and_change_nothing(server
     assert requests.post(server.url + "/task_runs/count", json={}, timeout=10).json() == before
     shown = requests.get(f"{server.url}/sync_worker/dashboard/runs/{run['id']}", timeout=10).json()
     assert "SCHEDULED" in json.dumps(shown)
+
+
+def test_big_integers_come_as_exact_text(server, api_env, start_worker, monkeypatch):
+    """JSON.parse in the page would round 2**64 + 1 to a double: the server also sends the
+    parameters as the text the page shows (the result always was)."""
+    monkeypatch.setenv("SYNC_WORKER_STORAGE", "server")
+    start_worker(dt.add, dt.boom, limit=2)
+    big = 2**64 + 1
+    added = dt.add.delay(2**64, 1)
+    failed = dt.boom.delay(big)
+    assert added.result(timeout=60) == big
+    assert failed.wait(timeout=60).type.value == "FAILED"
+    shown = requests.get(server.url + f"/sync_worker/dashboard/runs/{failed.task_run_id}", timeout=10).json()
+    assert shown["parameters"]["value"] == {"message": big}  # as it was, for API clients
+    assert shown["parameters"]["text"] == '{\n  "message": 18446744073709551617\n}'
+    shown = requests.get(server.url + f"/sync_worker/dashboard/runs/{added.task_run_id}", timeout=10).json()
+    assert shown["outcome"]["result"] == "18446744073709551617"
+    waiting = _create(server, name="no parameters")
+    shown = requests.get(server.url + f"/sync_worker/dashboard/runs/{waiting['id']}", timeout=10).json()
+    assert shown["parameters"] == {"value": {}, "note": None, "text": "{}"}
+
+
+def _force(server, run_id: str, state_type: str, name: str) -> None:
+    state = {"type": state_type, "name": name, "state_details": {"deferred": True}}
+    response = requests.post(f"{server.url}/task_runs/{run_id}/set_state", json={"state": state, "force": True},
+                             timeout=10)
+    assert response.status_code in (200, 201), response.text
+
+
+def test_run_time_is_the_time_spent_running(server):
+    """Run time: the RUNNING (and CANCELLING) states summed over the attempts, not the wait
+    for a retry between them; ``since``: the start of the current RUNNING or CANCELLING state."""
+    import time
+
+    retried = _create(server, name="retried")["id"]
+    _force(server, retried, "RUNNING", "Running")
+    time.sleep(0.2)
+    _force(server, retried, "SCHEDULED", "AwaitingRetry")
+    time.sleep(1.5)
+    _force(server, retried, "RUNNING", "Retrying")
+    time.sleep(0.2)
+    _force(server, retried, "FAILED", "Failed")
+    shown = requests.get(server.url + f"/sync_worker/dashboard/runs/{retried}", timeout=10).json()
+    running = sum(s["duration_seconds"] for s in shown["states"] if s["type"] == "RUNNING")
+    assert shown["run_time"] == {"seconds": pytest.approx(running, abs=1e-5), "since": None}
+    assert shown["run_time"]["seconds"] < 1.5 <= shown["task_run"]["total_run_time"]  # that one counts the wait
+    (listed,) = [r for r in _runs(server)["runs"] if r["id"] == retried]
+    assert listed["run_time"] == shown["run_time"]
+
+    cancelling = _create(server, name="cancelling")["id"]
+    _force(server, cancelling, "RUNNING", "Running")
+    time.sleep(0.2)
+    _force(server, cancelling, "CANCELLING", "Cancelling")
+    shown = requests.get(server.url + f"/sync_worker/dashboard/runs/{cancelling}", timeout=10).json()
+    running = sum(s["duration_seconds"] for s in shown["states"] if s["type"] == "RUNNING")
+    assert running >= 0.2
+    assert shown["run_time"] == {"seconds": pytest.approx(running, abs=1e-5),
+                                 "since": shown["states"][-1]["timestamp"]}  # still running: the page adds to it
+    (listed,) = [r for r in _runs(server)["runs"] if r["id"] == cancelling]
+    assert listed["run_time"] == shown["run_time"]
+
+    waiting = _create(server, name="waiting")["id"]
+    shown = requests.get(server.url + f"/sync_worker/dashboard/runs/{waiting}", timeout=10).json()
+    assert shown["run_time"] is None  # never started
+    assert [r["run_time"] for r in _runs(server)["runs"] if r["id"] == waiting] == [None]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from typing import Any
 
 import pytest
@@ -438,9 +439,8 @@ def test_a_range_moves_with_the_clock(browser, dashboard):
 
 
 def test_a_malformed_address_says_not_found(browser, dashboard):
-    missing = "00000000-0000-4000-8000-000000000000"
-    browser.get(f"{dashboard}#/runs/{missing}")
-    wait(browser, lambda d: "404" in text(d, "#banner"), "the server's 404 in the banner")
+    browser.get(f"{dashboard}#/runs?state=BOGUS")
+    wait(browser, lambda d: "422" in text(d, "#banner"), "the server's 422 in the banner")
     browser.execute_script("location.hash = '#/runs/%E0%A4%A'")
     wait(browser, lambda d: text(d, "#not-found") == "Not found", "the not-found message")
     assert "not valid" in text(browser, "#main")
@@ -517,3 +517,171 @@ def test_a_bad_filter_in_the_address_says_so_instead_of_loading_forever(browser,
     wait(browser, lambda d: "cannot be shown" in text(d, "#runs"), "the refused filter explained")
     assert not text(browser, "#runs").startswith("Loading")
     assert "422" in text(browser, "#banner")
+
+
+def force_state(dashboard: str, run_id: str, state_type: str, name: str, **details: Any) -> None:
+    """Set a run's state as a worker would (REST, ``force``: any transition)."""
+    state = {"type": state_type, "name": name, "state_details": {"deferred": True, **details}}
+    response = requests.post(f"{dashboard}api/task_runs/{run_id}/set_state", json={"state": state, "force": True},
+                             timeout=10)
+    assert response.status_code in (200, 201), response.text
+
+
+def test_a_hung_server_is_shown_as_unreachable(browser, dashboard, monkeypatch):
+    """A server that takes the connection but never answers (SIGSTOPped, deadlocked) is shown
+    as one that cannot be reached, once a poll has waited its timeout; and no longer once an
+    answer comes again."""
+    import threading
+
+    from sync_worker.server import dashboard as module
+
+    answer, release = module.overview, threading.Event()
+
+    def hung(*args: Any, **kwargs: Any) -> Any:
+        release.wait(60)  # the connection stays open, no answer comes
+        return answer(*args, **kwargs)
+
+    browser.get(dashboard)
+    wait(browser, lambda d: text(d, "#updated").startswith("Updated"), "a first update")
+    browser.execute_script("window.syncWorkerFetchTimeoutMs = 1000")  # not the 10 s a user gets
+    monkeypatch.setattr(module, "overview", hung)
+    try:
+        wait(browser, lambda d: "Cannot reach the sync-worker server" in text(d, "#banner"),
+             "the banner within a bounded wait", timeout=8)
+        assert "no answer within 1 s" in text(browser, "#banner")
+        assert "Overview" in text(browser, "h1")  # what it showed stays
+    finally:
+        monkeypatch.setattr(module, "overview", answer)
+        release.set()
+    wait(browser, lambda d: not d.find_element("id", "banner").is_displayed(), "the banner gone with an answer")
+
+
+def test_big_integers_are_shown_exactly(browser, dashboard, start_worker, monkeypatch):
+    monkeypatch.setenv("SYNC_WORKER_STORAGE", "server")  # parameters on the server: the page shows them
+    start_worker(dt.add, dt.boom, limit=2)
+    big = 2**64 + 1  # 18446744073709551617: a double would make it ...616
+    added = dt.add.delay(2**64, 1)
+    failed = dt.boom.delay(big)
+    assert added.result(timeout=60) == big
+    assert failed.wait(timeout=60).type.value == "FAILED"
+    open_run(browser, dashboard, failed.task_run_id)
+    wait(browser, lambda d: text(d, "#parameters"), "the parameters")
+    assert text(browser, "#parameters") == '{\n  "message": 18446744073709551617\n}'
+    open_run(browser, dashboard, added.task_run_id)
+    wait(browser, lambda d: text(d, "#result") == "18446744073709551617", "the exact result")
+
+
+def test_run_time_leaves_out_the_wait_for_a_retry_and_counts_cancelling(browser, dashboard):
+    from sync_worker.schemas import Failed, Running, Scheduled
+
+    client = Client()
+    retried = dt.idle.delay("retried").task_run_id
+    client.set_task_run_state(retried, Running(), force=True)
+    client.set_task_run_state(retried, Scheduled(), force=True)  # waiting for its retry: not run time
+    browser.get(dashboard + "#/runs")
+    cell = f'tr[data-run-id="{retried}"] td:nth-child(6)'
+    wait(browser, lambda d: text(d, cell).endswith(" ms"), "the run time of the first attempt")
+    time.sleep(2.5)  # the wait for the retry: 2.5 s that the old "end - first start" counted
+    client.set_task_run_state(retried, Running(), force=True)
+    client.set_task_run_state(retried, Failed("failed again"), force=True)
+    wait(browser, lambda d: "Failed" in text(d, f'tr[data-run-id="{retried}"]'), "the run FAILED")
+    assert text(browser, cell).endswith(" ms"), f"the wait for the retry is counted: {text(browser, cell)}"
+    open_run(browser, dashboard, retried)
+    assert fact(browser, "Run time").endswith(" ms"), fact(browser, "Run time")
+    # a CANCELLING run is still running: its run time grows
+    cancelling = dt.idle.delay("cancelling").task_run_id
+    client.set_task_run_state(cancelling, Running(), force=True)
+    force_state(dashboard, cancelling, "CANCELLING", "Cancelling")
+    open_run(browser, dashboard, cancelling)
+
+    def elapsed(value: str | None) -> float:
+        return float(value.split()[0]) if value and value.endswith(" s") else 0.0
+
+    wait(browser, lambda d: elapsed(fact(d, "Run time")) >= 2, "a run time growing while it is cancelled")
+    browser.get(dashboard + "#/runs")
+    cell = f'tr[data-run-id="{cancelling}"] td:nth-child(6)'
+    wait(browser, lambda d: elapsed(text(d, cell)) >= 2, "the run time of the CANCELLING run in the runs table")
+
+
+def test_unknown_addresses_say_not_found(browser, dashboard):
+    missing = "00000000-0000-4000-8000-000000000000"
+    for address, says in (("#/nope", "No page"), (f"#/runs/{missing}", f"No run with id {missing}"),
+                          ("#/runs/nope", "No run with id nope")):
+        browser.get(dashboard + address)
+        wait(browser, lambda d: text(d, "#not-found") == "Not found", f"the not-found page of {address}")
+        assert says in text(browser, "#main"), text(browser, "#main")
+        assert attribute(browser, '#main a[href="#/"]', "href") == "#/"  # a way back to the overview
+        assert "Loading" not in text(browser, "#main")
+    click(browser, '#main a[href="#/"]')
+    wait(browser, lambda d: text(d, "h1") == "Overview", "the overview")
+
+
+def test_bidi_controls_are_shown_escaped(browser, dashboard, start_worker, monkeypatch):
+    monkeypatch.setenv("SYNC_WORKER_STORAGE", "server")  # parameters on the server: the page shows them
+    start_worker(dt.bidi, limit=1)
+    future = dt.bidi.delay("fdp." + dt.BIDI + "txt")
+    assert future.wait(timeout=60).type.value == "FAILED"
+    shown = "return document.getElementById('main').innerText"
+
+    def escaped(d: Any) -> bool:
+        page = d.execute_script(shown)
+        return dt.BIDI not in page and "dash.bidi\\u202egpj.exe" in page
+
+    browser.get(dashboard)
+    wait(browser, lambda d: texts(d, "#worker-table tbody tr") and escaped(d), "the overview's keys escaped")
+    assert "dash.bidi\\u202egpj.exe" in text(browser, "#worker-table tbody tr")
+    browser.get(dashboard + "#/runs")
+    wait(browser, lambda d: texts(d, f'tr[data-run-id="{future.task_run_id}"]') and escaped(d), "the runs escaped")
+    open_run(browser, dashboard, future.task_run_id)
+    wait(browser, lambda d: "ValueError" in text(d, "#traceback"), "the traceback")
+    page = browser.execute_script(shown)
+    assert dt.BIDI not in page, "a raw right-to-left override on the run page"
+    assert "bad \\u202efdp.\\u202etxt" in text(browser, "#error-summary")
+    assert "fdp.\\u202etxt" in text(browser, "#parameters") and "\\u202e" in text(browser, "#traceback")
+    assert "\\u202e" in text(browser, "#run-header")  # the name and the state's message
+    # in a style of their own, and the tooltip names the character
+    assert attribute(browser, "#error-summary .control", "title").startswith("U+202E")
+
+
+def test_a_very_long_name_keeps_the_buttons_on_screen(browser, dashboard):
+    from sync_worker.schemas import Scheduled, task_run_create
+
+    client = Client()
+    name, key = "n" * 500, "k" * 1900  # about the longest the server takes (its dynamic key holds it), no space
+    run = client.create_task_run(task_run_create(name=name, task_key=key, state=Scheduled()))
+    open_run(browser, dashboard, str(run.id))
+    wait(browser, lambda d: d.find_element("id", "cancel-button").is_enabled(), "the Cancel button")
+    inside = """
+        const r = document.getElementById(arguments[0]).getBoundingClientRect();
+        return r.top >= 0 && r.left >= 0 && r.bottom <= innerHeight && r.right <= innerWidth;"""
+    for button in ("cancel-button", "retry-button"):
+        assert browser.execute_script(inside, button), f"{button} is off screen"
+    assert attribute(browser, "#run-header h1", "title") == name  # the whole name, when cut
+    assert browser.execute_script("return document.documentElement.scrollWidth <= innerWidth")
+    assert browser.execute_script(  # the task key does not push the states below the first screen
+        "return document.getElementById('states-table').getBoundingClientRect().top < innerHeight")
+    browser.get(dashboard + "#/runs")
+    row = f'tr[data-run-id="{run.id}"]'
+    wait(browser, lambda d: texts(d, row), "the run in the table")
+    # the row's last column (its id) is on screen, and the row is not a screen tall
+    rect = browser.execute_script("return document.querySelector(arguments[0]).getBoundingClientRect().toJSON()",
+                                  row + " td:last-child")
+    assert rect["right"] <= 1280 and rect["height"] < 200, rect
+    assert attribute(browser, row + " td:nth-child(3) [title]", "title") == key
+
+
+def test_apply_keeps_spaces_in_the_task_key(browser, dashboard):
+    from selenium.webdriver.common.by import By
+
+    from sync_worker.schemas import Scheduled, task_run_create
+
+    key = "  spaced key "
+    Client().create_task_run(task_run_create(name="spaced", task_key=key, state=Scheduled()))
+    dt.idle.delay("another key")
+    browser.get(dashboard + "#/runs")
+    wait(browser, lambda d: text(d, "#runs-total") == "2 runs match", "both runs")
+    field = browser.find_element(By.ID, "filter-task-key")
+    field.send_keys(key)
+    click(browser, "#filter-apply")
+    wait(browser, lambda d: text(d, "#runs-total") == "1 run matches", "the run of the key with spaces")
+    assert browser.find_element(By.ID, "filter-task-key").get_attribute("value") == key

@@ -7,12 +7,25 @@
  *
  * Routes are hash routes (#/, #/runs?state=FAILED, #/runs/<id>): real links that work on reload.
  * Each view polls its one JSON endpoint every POLL_MS (the next poll is scheduled when the
- * previous one has finished, so a slow server is never asked twice at once).
+ * previous one has finished, so a slow server is never asked twice at once); a poll that has no
+ * answer within FETCH_TIMEOUT_MS gives up and says so (a stopped server keeps the connection open).
+ *
+ * User data (names, task keys, parameters, messages) goes through shown(): the characters that
+ * change how text is laid out rather than what it says (U+202E turns "gpj.exe" into "exe.jpg")
+ * are shown as their \u escape.
  */
 (function () {
   "use strict";
 
   var POLL_MS = 2000;
+  // a poll with no answer by then is given up: the banner says the server cannot be reached.
+  // window.syncWorkerFetchTimeoutMs overrides it (the tests, which do not wait 10 s)
+  var FETCH_TIMEOUT_MS = 10000;
+  // format and control characters: bidi overrides, embeddings, isolates and marks, and the C0 and
+  // C1 controls but tab, newline and carriage return (a traceback's lines)
+  var CONTROL = /[\u0000-\u0008\u000B\u000C\u000E-\u001F\u007F-\u009F\u061C\u200E\u200F\u202A-\u202E\u2066-\u2069]/g;
+  // names longer than this get a tooltip with the whole of them: the page may cut them (CSS .cut)
+  var LONG = 80;
   var STATE_ORDER = ["SCHEDULED", "PENDING", "RUNNING", "CANCELLING", "PAUSED", "COMPLETED", "FAILED",
     "CRASHED", "CANCELLED"];
   // a symbol and a word for every state: never colour alone
@@ -62,10 +75,39 @@
 
   function clear(node) { while (node.firstChild) node.removeChild(node.firstChild); }
 
+  function escapeOf(ch) { return "\\u" + ("000" + ch.charCodeAt(0).toString(16)).slice(-4); }
+
+  // user data as text nodes, its control characters as their escape in a span of their own
+  // (class "control"), so that they can be seen and cannot turn the text around them
+  function shown(value) {
+    var text = String(value), parts = [], last = 0;
+    text.replace(CONTROL, function (ch, at) {
+      if (at > last) parts.push(text.slice(last, at));
+      parts.push(el("span", { "class": "control", title: "U+" + escapeOf(ch).slice(2).toUpperCase() +
+        ": a control character, shown as its escape" }, escapeOf(ch)));
+      last = at + 1;
+      return ch;
+    });
+    if (last < text.length || !parts.length) parts.push(text.slice(last));
+    return parts;
+  }
+
+  // the same for where there can be no markup: attributes, the window's title
+  function plain(value) { return String(value).replace(CONTROL, escapeOf); }
+
+  // a name that may be very long (up to 2,000 characters, no space): cut to a few lines (.cut)
+  // with the whole of it in the tooltip, so that it cannot push the buttons or the table away
+  function longName(tag, attrs, value) {
+    attrs = attrs || {};
+    attrs["class"] = "cut" + (attrs["class"] ? " " + attrs["class"] : "");
+    if (String(value).length > LONG) attrs.title = plain(value);
+    return el(tag, attrs, shown(value));
+  }
+
   function stateLabel(type, name) {
     var text = (STATE_MARK[type] || "\u2022") + " " + (name || type || "unknown");
     if (name && type && name.toUpperCase() !== type) text += " (" + type + ")";
-    return el("span", { "class": "state state-" + (type || "UNKNOWN"), "data-state": type || "" }, text);
+    return el("span", { "class": "state state-" + (type || "UNKNOWN"), "data-state": type || "" }, shown(text));
   }
 
   function runHref(id) { return "#/runs/" + encodeURIComponent(id); }
@@ -99,23 +141,26 @@
     return el("time", { datetime: iso || null, title: iso ? utcTitle(iso) : null }, when(iso));
   }
 
-  // a RUNNING run's run time so far (from its start), refreshed at every poll (refreshElapsed)
-  function runTimeCell(type, startIso, total) {
-    if (type === "RUNNING" && startIso && !isNaN(new Date(startIso).getTime())) {
-      return el("span", { "data-since": startIso, title: "running: time since it started" },
-        elapsedText(startIso));
+  // a run's run time: the time it spent RUNNING or CANCELLING over all its attempts, not the
+  // waits for a retry between them (the server sums its states: rt.seconds), plus, while it is
+  // RUNNING or CANCELLING, the time since that state began (rt.since), refreshed at every poll
+  // (refreshElapsed); "-" for a run that never ran
+  function runTimeCell(rt) {
+    if (!rt) return "\u2013";
+    if (rt.since && !isNaN(new Date(rt.since).getTime())) {
+      return el("span", { "data-since": rt.since, "data-base": rt.seconds || 0,
+        title: "running: its time so far" }, elapsedText(rt.since, rt.seconds));
     }
-    if (!startIso && !total) return "\u2013"; // not started yet
-    return seconds(total || 0);
+    return seconds(rt.seconds || 0);
   }
 
-  function elapsedText(startIso) {
-    return seconds(Math.max(0, (Date.now() - new Date(startIso).getTime()) / 1000));
+  function elapsedText(sinceIso, base) {
+    return seconds((Number(base) || 0) + Math.max(0, (Date.now() - new Date(sinceIso).getTime()) / 1000));
   }
 
   function refreshElapsed() {
     Array.prototype.forEach.call(main.querySelectorAll("[data-since]"), function (node) {
-      node.textContent = elapsedText(node.getAttribute("data-since"));
+      node.textContent = elapsedText(node.getAttribute("data-since"), node.getAttribute("data-base"));
     });
   }
 
@@ -131,6 +176,14 @@
   // -- the server --------------------------------------------------------------------------------
   function ApiError(status, message) { this.status = status; this.message = message; }
 
+  function fetchTimeout() {
+    var ms = Number(window.syncWorkerFetchTimeoutMs);
+    return ms > 0 ? ms : FETCH_TIMEOUT_MS;
+  }
+
+  // a GET (a poll) is given up after fetchTimeout(): a server that is stopped (SIGSTOP) or hung
+  // keeps the connection open and would leave the page showing old data as current, forever.
+  // A POST (a button) is not: giving up would not undo what the server may still do
   function api(path, options) {
     options = options || {};
     var init = { method: options.method || "GET", credentials: "same-origin", cache: "no-store",
@@ -138,6 +191,17 @@
     if (options.body !== undefined) {
       init.headers["Content-Type"] = "application/json";
       init.body = JSON.stringify(options.body);
+    }
+    var limit = init.method === "GET" && window.AbortController ? fetchTimeout() : 0;
+    var timedOut = false, abort = null;
+    if (limit) {
+      var controller = new AbortController();
+      init.signal = controller.signal;
+      abort = setTimeout(function () { timedOut = true; controller.abort(); }, limit);
+    }
+    function lost(error) { // no answer, or not all of it: the server cannot be reached
+      throw new ApiError(0, timedOut ? "no answer within " + limit / 1000 + " s"
+        : String(error && error.message ? error.message : error));
     }
     // an absolute URL without user:password@ (a page opened as http://user:pw@host/ may not fetch
     // relative URLs); the browser adds the credentials it has for this origin itself
@@ -153,9 +217,13 @@
           throw new ApiError(response.status, response.status + ": " + detail);
         }
         return body;
-      });
+      }, lost);
+    }, lost).then(function (body) {
+      if (abort) clearTimeout(abort);
+      return body;
     }, function (error) {
-      throw new ApiError(0, String(error && error.message ? error.message : error));
+      if (abort) clearTimeout(abort);
+      throw error;
     });
   }
 
@@ -203,11 +271,11 @@
     clear(banner);
     banner.setAttribute("data-status", String(error.status));
     if (error.status === 0) {
-      append(banner, "Cannot reach the sync-worker server at " + location.host + " (" + error.message + "). " +
+      append(banner, shown("Cannot reach the sync-worker server at " + location.host + " (" + error.message + "). " +
         (lastSuccess ? "Showing what it said at " + when(lastSuccess.toISOString()) + "; " : "") +
-        "retrying every " + POLL_MS / 1000 + " s.");
+        "retrying every " + POLL_MS / 1000 + " s."));
     } else {
-      append(banner, "The server answered " + error.message);
+      append(banner, shown("The server answered " + error.message)); // it may quote the address
     }
     banner.hidden = false;
   }
@@ -250,9 +318,14 @@
     return { path: path, params: params };
   }
 
-  function route() {
+  // the current view's polls stop: its late answers are dropped, no next poll is scheduled
+  function stopPolling() {
     generation++;
     if (timer) { clearTimeout(timer); timer = null; }
+  }
+
+  function route() {
+    stopPolling();
     var r = parseHash();
     clear(main);
     // an error the server gave the previous page is not about this one (a lost connection is)
@@ -270,19 +343,21 @@
     } else if (runMatch) {
       document.getElementById("nav-runs").setAttribute("aria-current", "page");
       runView(runId);
-    } else if (r.path === "/runs") {
+    } else if (r.path === "/runs" || r.path === "/runs/") {
       document.getElementById("nav-runs").setAttribute("aria-current", "page");
       runsView(r.params);
-    } else {
+    } else if (r.path === "/") {
       document.getElementById("nav-overview").setAttribute("aria-current", "page");
       overviewView();
+    } else { // a page that does not exist says so: not an overview that looks like an answer
+      notFound(["No page has the address #", shown(r.path), "."]);
     }
   }
 
   function notFound(why) {
     document.title = "Not found \u2013 sync-worker";
-    append(main, [el("h1", { id: "not-found" }, "Not found"), el("p", null, why),
-      el("p", null, el("a", { href: "#/runs" }, "All runs"), " \u00B7 ", el("a", { href: "#/" }, "Overview"))]);
+    append(main, [el("h1", { id: "not-found" }, "Not found"), el("p", { id: "not-found-why" }, why),
+      el("p", null, el("a", { href: "#/" }, "Overview"), " \u00B7 ", el("a", { href: "#/runs" }, "All runs"))]);
   }
 
   // -- Overview ----------------------------------------------------------------------------------
@@ -319,11 +394,12 @@
     var rows = data.task_keys.map(function (k) {
       var query = "#/runs?task_key=" + encodeURIComponent(k.task_key);
       return el("tr", { "data-task-key": k.task_key },
-        el("th", { scope: "row", "class": "name" }, el("a", { href: query }, k.task_key)),
+        el("th", { scope: "row", "class": "name" }, longName("a", { href: query }, k.task_key)),
         present.map(function (type) {
           var n = k.counts[type] || 0;
           return el("td", { "class": "num", "data-state": type },
-            n ? el("a", { href: query + "&state=" + type, "aria-label": n + " " + type + " runs of " + k.task_key },
+            n ? el("a", { href: query + "&state=" + type,
+              "aria-label": n + " " + type + " runs of " + plain(k.task_key) },
               String(n)) : "0");
         }),
         el("td", { "class": "num", "data-total": "" }, String(k.total)),
@@ -405,8 +481,10 @@
       return;
     }
     var rows = workers.map(function (w) {
-      return el("tr", { "data-client-id": w.client_id || "" }, el("td", { "class": "name" }, w.client_id || "\u2013"),
-        el("td", null, w.host || "\u2013"), el("td", { "class": "name" }, (w.task_keys || []).join(", ")),
+      return el("tr", { "data-client-id": w.client_id || "" },
+        el("td", { "class": "name" }, w.client_id ? shown(w.client_id) : "\u2013"),
+        el("td", null, w.host ? shown(w.host) : "\u2013"),
+        el("td", { "class": "name" }, longName("span", null, (w.task_keys || []).join(", "))),
         el("td", { "class": "num" }, w.limit === null ? "\u2013" : String(w.limit)),
         el("td", { "class": "num" }, String(w.in_flight)), el("td", null, timeCell(w.connected_since)));
     });
@@ -455,9 +533,9 @@
       value: localInput(params.get("since")) });
     var until = el("input", { type: "datetime-local", id: "filter-until", step: "1",
       value: localInput(params.get("until")) });
-    var shown = { since: since.value, until: until.value }; // what the fields showed for the address
+    var initial = { since: since.value, until: until.value }; // what the fields showed for the address
     function timeValue(input, name) {
-      if (params.get(name) && input.value === shown[name]) return params.get(name); // left as it was
+      if (params.get(name) && input.value === initial[name]) return params.get(name); // left as it was
       return new Date(input.value).toISOString();
     }
     var form = el("form", { "class": "filters", role: "search", "aria-label": "Filter runs" },
@@ -470,7 +548,7 @@
       event.preventDefault();
       var q = new URLSearchParams();
       if (state.value) q.set("state", state.value);
-      if (key.value.trim()) q.set("task_key", key.value.trim());
+      if (key.value) q.set("task_key", key.value); // as typed: a task key may begin or end with a space
       if (range.value) q.set("range", range.value);
       if (since.value) q.set("since", timeValue(since, "since"));
       if (until.value) q.set("until", timeValue(until, "until"));
@@ -485,7 +563,8 @@
       // a refused query (e.g. a hand-edited #/runs?state=BOGUS) will not load: say so, not "Loading..."
       if (error.status >= 400 && error.status < 500) {
         clear(box);
-        append(box, el("p", { "class": "note", id: "runs-error" }, "These filters cannot be shown: " + error.message));
+        append(box, el("p", { "class": "note", id: "runs-error" },
+          shown("These filters cannot be shown: " + error.message)));
       }
     });
   }
@@ -518,11 +597,11 @@
     var rows = data.runs.map(function (r) {
       return el("tr", { "data-run-id": r.id },
         el("td", null, timeCell(r.created)),
-        el("td", { "class": "name" }, el("a", { href: runHref(r.id) }, r.name || r.id)),
-        el("td", { "class": "name" }, r.task_key),
+        el("td", { "class": "name" }, longName("a", { href: runHref(r.id) }, r.name || r.id)),
+        el("td", { "class": "name" }, longName("span", null, r.task_key)),
         el("td", null, stateLabel(r.state_type, r.state_name)),
         el("td", { "class": "num hide-narrow" }, String(r.run_count || 0)),
-        el("td", { "class": "num hide-narrow" }, runTimeCell(r.state_type, r.start_time, r.total_run_time)),
+        el("td", { "class": "num hide-narrow" }, runTimeCell(r.run_time)),
         el("td", { "class": "id hide-narrow" }, el("a", { href: runHref(r.id) }, r.id)));
     });
     var head = el("tr", null, [["Created (" + zone() + ")", ""], ["Name", ""], ["Task key", ""], ["State", ""],
@@ -536,7 +615,7 @@
   // -- Run ---------------------------------------------------------------------------------------
   function runView(id) {
     document.title = "Run \u2013 sync-worker";
-    var header = el("div", { id: "run-header" }, el("h1", null, "Run " + id));
+    var header = el("div", { id: "run-header" }, longName("h1", null, "Run " + id));
     var outcome = el("p", { "class": "outcome", id: "action-outcome", role: "status", "aria-live": "polite" });
     var cancel = el("button", { type: "button", id: "cancel-button", disabled: true }, "Cancel");
     var retry = el("button", { type: "button", id: "retry-button", disabled: true }, "Retry");
@@ -586,12 +665,12 @@
     poll(function () { return api("api/sync_worker/dashboard/runs/" + encodeURIComponent(id)); }, function (data) {
       var run = data.task_run;
       var st = run.state || {};
-      document.title = (run.name || id) + " \u2013 sync-worker";
+      document.title = plain(run.name || id) + " \u2013 sync-worker";
       redraw(main, function () {
         clear(header);
-        append(header, [el("h1", null, run.name || id),
+        append(header, [longName("h1", null, run.name || id),
           el("p", { "class": "run-state" }, "State: ", el("span", { id: "run-state" }, stateLabel(st.type, st.name))),
-          st.message ? el("div", { "class": "note clamp", id: "run-message" }, st.message) : null]);
+          st.message ? el("div", { "class": "note clamp", id: "run-message" }, shown(st.message)) : null]);
         renderRun(body, data);
       });
     }, function (data) { // at every poll, even when nothing changed: the buttons
@@ -609,6 +688,15 @@
       else retry.removeAttribute("title");
       if (ACTIVE[st.type]) cancel.removeAttribute("title");
       else cancel.setAttribute("title", "Only a waiting or running run can be cancelled");
+    }, function (error) {
+      // no such run (404; 422: not even a run id): say so instead of "Loading..." forever, and
+      // stop asking (a deleted run does not come back)
+      if (error.status !== 404 && error.status !== 422) return;
+      stopPolling();
+      banner.hidden = true;
+      clear(banner);
+      clear(main);
+      notFound(["No run with id ", shown(id), "."]);
     });
   }
 
@@ -616,13 +704,13 @@
     clear(box);
     var run = data.task_run;
     var policy = run.empirical_policy || {};
-    var facts = [["Id", run.id], ["Task key", run.task_key], ["Times in", zone()], ["Created", timeCell(run.created)],
+    var facts = [["Id", run.id], ["Task key", el("div", { "class": "clamp" }, shown(run.task_key))],
+      ["Times in", zone()], ["Created", timeCell(run.created)],
       ["Expected start", timeCell(run.expected_start_time)], ["Started", timeCell(run.start_time)],
       ["Ended", timeCell(run.end_time)],
-      ["Run time", el("span", { id: "run-time" }, runTimeCell((run.state || {}).type, run.start_time,
-        run.total_run_time))],
+      ["Run time", el("span", { id: "run-time" }, runTimeCell(data.run_time))],
       ["Attempts", String(run.run_count || 0) + " (retries allowed: " + (policy.retries || 0) + ")"],
-      ["Tags", (run.tags || []).join(", ") || "\u2013"]];
+      ["Tags", shown((run.tags || []).join(", ") || "\u2013")]];
     append(box, el("dl", { "class": "facts" }, facts.map(function (f) {
       return [el("dt", null, f[0]), el("dd", null, f[1])];
     })));
@@ -637,20 +725,22 @@
           : (last ? (FINISHED[s.type] ? "final" : "current") : "\u2013");
         return el("tr", null, el("td", null, timeCell(s.timestamp)), el("td", null, stateLabel(s.type, s.name)),
           el("td", { "class": "num" }, duration),
-          el("td", { "class": "name message" }, s.message ? el("div", { "class": "clamp" }, s.message) : ""));
+          el("td", { "class": "name message" }, s.message ? el("div", { "class": "clamp" }, shown(s.message)) : ""));
       })))));
     append(box, el("h2", null, "Parameters"));
     var p = data.parameters;
-    append(box, p.note ? el("p", { "class": "note", id: "parameters" }, p.note)
-      : el("pre", { id: "parameters" }, JSON.stringify(p.value, null, 2)));
+    // the server's text: JSON.parse has made a double of a big integer in p.value
+    append(box, p.note ? el("p", { "class": "note", id: "parameters" }, shown(p.note))
+      : el("pre", { id: "parameters" }, shown(typeof p.text === "string" ? p.text : JSON.stringify(p.value, null, 2))));
     var o = data.outcome;
     if (o.traceback !== undefined) {
       append(box, [el("h2", null, "Error"), el("p", { id: "error-summary", "class": "clamp" },
-        (o.error_type || "Error") + ": " + (o.error_message || "")), el("pre", { id: "traceback" }, o.traceback)]);
+        shown((o.error_type || "Error") + ": " + (o.error_message || ""))),
+        el("pre", { id: "traceback" }, shown(o.traceback))]);
     } else if (o.result !== undefined) {
-      append(box, [el("h2", null, "Result"), el("pre", { id: "result" }, o.result)]);
+      append(box, [el("h2", null, "Result"), el("pre", { id: "result" }, shown(o.result))]);
     } else if (o.note) {
-      append(box, [el("h2", null, "Result"), el("p", { "class": "note", id: "result-note" }, o.note)]);
+      append(box, [el("h2", null, "Result"), el("p", { "class": "note", id: "result-note" }, shown(o.note))]);
     }
   }
 
