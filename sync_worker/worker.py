@@ -135,12 +135,49 @@ def _now() -> _dt.datetime:
 _workers: weakref.WeakSet[TaskWorker] = weakref.WeakSet()
 
 
+#: Seconds a fork waits, in all, for log records being written by other threads (see below).
+_FORK_WAITS_FOR_LOGGING = 2.0
+_held_for_fork: list[Any] = []
+
+
+def _logging_locks() -> list[Any]:
+    """The locks of every handler of the root logger and of the named loggers."""
+    loggers = [logging.getLogger()] + [logger for logger in list(logging.Logger.manager.loggerDict.values())
+                                       if isinstance(logger, logging.Logger)]
+    handlers = {id(h): h for logger in loggers for h in list(logger.handlers)}
+    return [h.lock for h in handlers.values() if getattr(h, "lock", None) is not None]
+
+
+def _before_fork() -> None:
+    """While a worker runs here, a fork waits until no log record is being written.
+
+    A thread of ours writing a record to stderr holds the stream's buffer lock during the
+    write; forked at that moment, the child inherits that lock held by a thread it does not
+    have, and its first write to stderr (our "started before it forked" warning, or any log
+    line of the app) hangs forever (seen once in CI: the fork test's child never exited).
+    logging re-creates its handlers' locks in the child, not the stream's: holding every
+    handler's lock across the fork (a record is written under it) keeps the stream free.
+    Bounded: a handler still busy after :data:`_FORK_WAITS_FOR_LOGGING` s is not waited for."""
+    if not any(worker.started for worker in list(_workers)):
+        return
+    deadline = time.monotonic() + _FORK_WAITS_FOR_LOGGING
+    for lock in _logging_locks():
+        if lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            _held_for_fork.append(lock)
+
+
+def _after_fork_in_parent() -> None:
+    while _held_for_fork:
+        _held_for_fork.pop().release()
+
+
 def _after_fork_in_child() -> None:
+    _held_for_fork.clear()  # logging gave the child new handler locks: these are the parent's
     for worker in list(_workers):
         worker._forget_after_fork()
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
 
 
 class SlotError(RuntimeError):

@@ -174,6 +174,47 @@ def test_worker_started_before_fork_is_not_running_in_the_child_and_warns():
     assert "post_fork" in proc.stderr
 
 
+def test_a_fork_waits_for_a_log_record_being_written(monkeypatch):
+    """A fork while another thread writes a log record to stderr gave the child that
+    stream's lock, held by a thread the child does not have: the child's first stderr line
+    (our "started before it forked" warning) hung forever (CI, once, in the test above). While
+    a worker runs, a fork now waits for the record: forced here with a handler whose write is
+    held for 0.3 s, the fork returns after it, not during it."""
+    import logging
+
+    monkeypatch.setenv("SYNC_WORKER_API_URL", "http://127.0.0.1:9/api")  # nothing listens: fine
+    entered, release = threading.Event(), threading.Event()
+
+    class HeldWrite(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            entered.set()
+            release.wait(10)
+
+    log = logging.getLogger("tests.worker.fork_while_logging")
+    handler = HeldWrite()
+    monkeypatch.setattr(log, "handlers", [handler])
+    monkeypatch.setattr(log, "propagate", False)
+    worker = TaskWorker(_with_params, limit=2).start(block=False)
+    writer = threading.Thread(target=log.warning, args=("being written",), daemon=True)
+    try:
+        writer.start()
+        assert entered.wait(10)
+        timer = threading.Timer(0.3, release.set)
+        timer.start()
+        began = time.monotonic()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            os._exit(0)
+        waited = time.monotonic() - began
+        os.waitpid(pid, 0)
+        assert waited >= 0.25, f"the fork did not wait for the record being written ({waited:.3f} s)"
+    finally:
+        release.set()
+        worker.stop()
+        assert worker.join(10)
+        writer.join(10)
+
+
 def test_worker_thread_count_does_not_grow_when_stopped(monkeypatch):
     before = threading.active_count()
     monkeypatch.setenv("SYNC_WORKER_API_URL", "http://127.0.0.1:9/api")  # nothing listens: fine
