@@ -154,6 +154,33 @@ def clean_env(tmp_path: Any, **extra: str) -> dict[str, str]:
     return env
 
 
+def server_log_until(env: dict[str, str], args: list[str], marker: str,
+                     timeout: float = 30) -> tuple[list[str], int]:
+    """Start ``python -m sync_worker server ARGS``, read its log until a line holds
+    ``marker`` (at most ``timeout`` s), stop it with SIGTERM; the lines read and its exit code."""
+    import signal
+    import threading
+
+    process = subprocess.Popen([sys.executable, "-m", "sync_worker", "server", *args], stderr=subprocess.PIPE,
+                               text=True, env=env)
+    lines: list[str] = []
+    found = threading.Event()
+
+    def read() -> None:
+        for text in process.stderr:
+            lines.append(text)
+            if marker in text:
+                found.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    try:
+        assert found.wait(timeout), "".join(lines)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+    return lines, process.returncode
+
+
 def run_env(env: dict[str, str], *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     """``python -m sync_worker ARGS`` in ``env``, its output captured."""
     return subprocess.run([sys.executable, "-m", "sync_worker", *args], capture_output=True, text=True,

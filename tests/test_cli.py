@@ -96,12 +96,10 @@ def test_worker_rejects_a_bad_limit():
 # -- user mistakes: one line naming the option or setting, exit code 2 ----------------------------
 import json  # noqa: E402
 import re  # noqa: E402
-import signal  # noqa: E402
 import socket  # noqa: E402
-import threading  # noqa: E402
 
 from sync_worker.cli import build_parser  # noqa: E402
-from tests.helpers import clean_env, run_env  # noqa: E402
+from tests.helpers import clean_env, run_env, server_log_until  # noqa: E402
 
 
 @pytest.fixture
@@ -298,28 +296,12 @@ def test_worker_logs_json(tmp_path, server):
 
 def test_server_logs_where_its_database_is(tmp_path):
     database = tmp_path / "q.db"
-    process = subprocess.Popen([sys.executable, "-m", "sync_worker", "server", "--port", "0", "--db", str(database)],
-                               stderr=subprocess.PIPE, text=True, env=clean_env(tmp_path))
-    lines: list[str] = []
-    found = threading.Event()
-
-    def read():
-        for line in process.stderr:
-            lines.append(line)
-            if "are kept in" in line:
-                found.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    try:
-        assert found.wait(30), "".join(lines)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)
+    lines, code = server_log_until(clean_env(tmp_path), ["--port", "0", "--db", str(database)], "are kept in")
     text = "".join(lines)
     assert f"(database {database})" in text
     assert (f"Task runs and parameter/result records (SYNC_WORKER_STORAGE=server) are kept in {database}; "
             "stop the server before copying or deleting it") in text
-    assert process.returncode == 0
+    assert code == 0
 
 
 def test_top_level_help_lists_the_exit_codes():

@@ -239,30 +239,12 @@ def test_demo_accepts_limit_none_as_the_worker_does(tmp_path):
 
 # -- w4: the retention default reads as the README writes it ---------------------------------------
 def test_server_retention_default_is_printed_as_the_readme_writes_it(tmp_path):
-    import signal
-    import threading
-
     assert "`sync-worker server --retention 7d` (the default;" in README
     help_text = " ".join(run_env(clean_env(tmp_path), "server", "--help").stdout.split())
     assert "(default 7d)" in help_text
-    process = subprocess.Popen([sys.executable, "-m", "sync_worker", "server", "--port", "0",
-                                "--db", str(tmp_path / "q.db")],
-                               stderr=subprocess.PIPE, text=True, env=clean_env(tmp_path))
-    lines: list[str] = []
-    found = threading.Event()
-
-    def read() -> None:
-        for text in process.stderr:
-            lines.append(text)
-            if "retention:" in text:
-                found.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    try:
-        assert found.wait(30), "".join(lines)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(timeout=30)
+    lines, code = helpers.server_log_until(clean_env(tmp_path), ["--port", "0", "--db", str(tmp_path / "q.db")],
+                                           "retention:")
+    assert code == 0
     logged = next(text for text in lines if "retention:" in text)
     assert "finished runs are deleted 7d after they end" in logged, logged
 

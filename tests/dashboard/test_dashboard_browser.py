@@ -487,14 +487,19 @@ def test_run_time_of_waiting_and_running_runs(browser, dashboard):
     assert fact(browser, "Run time") == "\u2013"
     Client().set_task_run_state(future.task_run_id, Running(), force=True)
     wait(browser, lambda d: "Running" in text(d, "#run-state"), "the run RUNNING")
+    _wait_for_a_growing_run_time(browser, dashboard, future.task_run_id)
+
+
+def _wait_for_a_growing_run_time(browser, dashboard, run_id: str) -> None:
+    """On the run's page (open) and in the runs table: a run time of 2 s or more."""
 
     def elapsed(value: str | None) -> float:
         return float(value.split()[0]) if value and value.endswith(" s") else 0.0
 
-    wait(browser, lambda d: elapsed(fact(d, "Run time")) >= 2, "a run time growing while it runs")
+    wait(browser, lambda d: elapsed(fact(d, "Run time")) >= 2, f"a run time growing on the page of {run_id}")
     browser.get(dashboard + "#/runs")
-    cell = f'tr[data-run-id="{future.task_run_id}"] td:nth-child(6)'
-    wait(browser, lambda d: elapsed(text(d, cell)) >= 2, "the run time in the runs table")
+    cell = f'tr[data-run-id="{run_id}"] td:nth-child(6)'
+    wait(browser, lambda d: elapsed(text(d, cell)) >= 2, f"the run time of {run_id} in the runs table")
 
 
 def test_times_say_their_zone(browser, dashboard):
@@ -593,14 +598,7 @@ def test_run_time_leaves_out_the_wait_for_a_retry_and_counts_cancelling(browser,
     client.set_task_run_state(cancelling, Running(), force=True)
     force_state(dashboard, cancelling, "CANCELLING", "Cancelling")
     open_run(browser, dashboard, cancelling)
-
-    def elapsed(value: str | None) -> float:
-        return float(value.split()[0]) if value and value.endswith(" s") else 0.0
-
-    wait(browser, lambda d: elapsed(fact(d, "Run time")) >= 2, "a run time growing while it is cancelled")
-    browser.get(dashboard + "#/runs")
-    cell = f'tr[data-run-id="{cancelling}"] td:nth-child(6)'
-    wait(browser, lambda d: elapsed(text(d, cell)) >= 2, "the run time of the CANCELLING run in the runs table")
+    _wait_for_a_growing_run_time(browser, dashboard, cancelling)
 
 
 def test_unknown_addresses_say_not_found(browser, dashboard):
