@@ -414,7 +414,11 @@ def _not_an_api_answer(response: requests.Response) -> str:
     return line[:300] + ("…" if len(line) > 300 else "")
 
 
-_default_clients: Dict[tuple, Client] = {}
+#: one client per configuration: keyed by the whole Settings value (a frozen dataclass), not
+#: by the API address alone, which handed a client made for other settings (e.g.
+#: SYNC_WORKER_FAST_PATH=1) to a process whose settings had changed since (seen in the test
+#: suite, when a server's port was used again by a later test's server)
+_default_clients: Dict[Settings, Client] = {}
 _default_lock = threading.Lock()
 
 
@@ -426,11 +430,10 @@ def get_client(settings: Optional[Settings] = None) -> Client:
     last = _last_client
     if last is not None and last[0] is settings:  # the same settings object as last time (cached)
         return last[1]
-    key = (settings.api_url, settings.auth_string, settings.api_key, settings.request_timeout)
     with _default_lock:
-        client = _default_clients.get(key)
+        client = _default_clients.get(settings)
         if client is None:
-            client = _default_clients[key] = Client(settings=settings)
+            client = _default_clients[settings] = Client(settings=settings)
         _last_client = (settings, client)
         return client
 

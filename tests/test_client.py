@@ -302,3 +302,21 @@ def test_a_repeated_create_answers_the_run_it_created(server):
     with pytest.raises(APIError) as info:  # a different run with a taken id
         client.create_task_run(other)
     assert info.value.status_code == 409
+
+
+def test_the_process_client_follows_every_setting_not_only_the_address(monkeypatch):
+    """get_client() kept one client per API address: a setting changed since (here
+    SYNC_WORKER_FAST_PATH) was ignored for the same address, and .delay() went on using the
+    rpc socket it had been told not to (a flaky test in CI, when a port was used again)."""
+    from sync_worker.client import get_client
+
+    monkeypatch.setenv("SYNC_WORKER_API_URL", "http://127.0.0.1:9/api")
+    monkeypatch.setenv("SYNC_WORKER_FAST_PATH", "true")
+    fast = get_client()
+    assert fast.settings.fast_path is True and get_client() is fast
+    monkeypatch.setenv("SYNC_WORKER_FAST_PATH", "false")
+    rest = get_client()
+    assert rest is not fast and rest.settings.fast_path is False
+    assert rest.transport.channel is None  # no rpc socket asked for
+    monkeypatch.setenv("SYNC_WORKER_FAST_PATH", "true")
+    assert get_client() is fast  # the same configuration again: the same client
