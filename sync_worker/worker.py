@@ -510,10 +510,12 @@ class TaskWorker:
             self._main_waiting = True
             previous = signal.signal(signal.SIGTERM, self.handle_sigterm)
         try:
-            interrupted = self._begin_holding_ctrl_c() if in_main else self._begin()
+            presses = self._begin_holding_ctrl_c() if in_main else self._begin()
             try:
-                if interrupted:
-                    raise KeyboardInterrupt  # a Ctrl-C while it began: handled as any other below
+                if presses:  # Ctrl-C while it began: handled as any other below
+                    if presses > 1:
+                        self.stop()  # the second press of the two: a cold stop
+                    raise KeyboardInterrupt
                 if not (self._wait_in_main(timeout) if in_main else self._done.wait(timeout)):
                     logger.info("Task worker timed out after %s seconds. Exiting...", timeout)
                     self.stop()
@@ -557,25 +559,24 @@ class TaskWorker:
             if deadline is not None and time.monotonic() >= deadline:
                 return False
 
-    def _begin_holding_ctrl_c(self) -> bool:
-        """:meth:`_begin` with a Ctrl-C held back until it returns; True if one came. Its
+    def _begin_holding_ctrl_c(self) -> int:
+        """:meth:`_begin` with a Ctrl-C held back until it returns; how many came. Its
         last step starts the service thread, which may connect before ``Thread.start()``
         returns: a Ctrl-C then escaped ``start()``'s handling (the command exited 130 with
         no word, the worker half started). A SIGINT handler other than Python's default
         (the host's own, or SIG_IGN in a background job) is left as it is."""
         if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-            self._begin()
-            return False
+            return self._begin()
         pressed: list[int] = []
         signal.signal(signal.SIGINT, lambda signum, _frame: pressed.append(signum))
         try:
             self._begin()
         finally:
             signal.signal(signal.SIGINT, signal.default_int_handler)
-        return bool(pressed)
+        return len(pressed)
 
-    def _begin(self) -> bool:
-        """Start the service thread and what it needs (False: no Ctrl-C held back here)."""
+    def _begin(self) -> int:
+        """Start the service thread and what it needs (0: no Ctrl-C held back here)."""
         with self._lock:
             if self.started or not self._done.is_set():
                 raise RuntimeError("This task worker is already running; stop() and join() it before starting again")
@@ -625,7 +626,7 @@ class TaskWorker:
                         self._limit or "none", getattr(self._client, "api_url", "?"), keys)
             self._service_thread = threading.Thread(target=self._service, name="sync-worker-service", daemon=True)
             self._service_thread.start()
-        return False
+        return 0
 
     _ever_started = False
 
