@@ -256,17 +256,15 @@ def run_time(states: list[tuple[str, str]], run: dict[str, Any]) -> dict[str, An
     Why not the run's ``total_run_time``: it is its end time less its first start, which
     counts the waits for a retry (AwaitingRetry) between the attempts."""
     seconds, since, ran = 0.0, None, False
-    for i, (state_type, timestamp) in enumerate(states):
+    durations = _durations([timestamp for _type, timestamp in states])
+    for i, ((state_type, timestamp), duration) in enumerate(zip(states, durations, strict=True)):
         if state_type not in RUNNING_TYPES:
             continue
         ran = True
         if i + 1 == len(states):
             since = timestamp
-            continue
-        try:
-            seconds += max(0.0, float(parse_time(states[i + 1][1], [])) - float(parse_time(timestamp, [])))
-        except ValidationError:  # pragma: no cover - the server wrote them
-            pass
+        elif duration is not None:  # (None: a time that does not parse; the server wrote them)
+            seconds += max(0.0, duration)
     if not ran:
         if run.get("start_time") and run.get("total_run_time"):  # a history that lost its RUNNING rows
             return {"seconds": run["total_run_time"], "since": None}
@@ -461,20 +459,24 @@ def _outcome(db: Any, run: dict[str, Any]) -> dict[str, Any]:
     return {"result": _cut(json.dumps(value, indent=2, default=repr, ensure_ascii=False))}
 
 
-def _history(states: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
-    out = []
+def _durations(timestamps: list[str]) -> list[float | None]:
+    """The seconds from each state's timestamp to the next one's, oldest first (None for the
+    last state, and next to a time that does not parse)."""
     times: list[float | None] = []
-    for _state_id, _type, _name, timestamp, _message in states:
+    for timestamp in timestamps:
         try:
             times.append(float(parse_time(timestamp, [])))
         except ValidationError:
             times.append(None)
-    for i, (state_id, state_type, name, timestamp, message) in enumerate(states):
-        start = times[i]
-        end = times[i + 1] if i + 1 < len(times) else None
-        out.append({"id": state_id, "type": state_type, "name": name, "timestamp": timestamp, "message": message,
-                    "duration_seconds": round(end - start, 6) if start is not None and end is not None else None})
-    return out
+    return [end - start if start is not None and end is not None else None
+            for start, end in zip(times, times[1:] + [None], strict=True)]
+
+
+def _history(states: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
+    durations = _durations([state[3] for state in states])
+    return [{"id": state_id, "type": state_type, "name": name, "timestamp": timestamp, "message": message,
+             "duration_seconds": round(duration, 6) if duration is not None else None}
+            for (state_id, state_type, name, timestamp, message), duration in zip(states, durations, strict=True)]
 
 
 def run_details(db: Any, run_id: str) -> dict[str, Any]:
