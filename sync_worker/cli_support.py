@@ -221,9 +221,14 @@ def run_command(func: Callable[[argparse.Namespace], Any], args: argparse.Namesp
         return 1
 
 
+def one_line(exc: object) -> str:
+    """An error's text as one line, without a remote traceback (what follows a blank line)."""
+    return " ".join(str(exc).split("\n\n", 1)[0].split())
+
+
 def print_error(prog: str, exc: object) -> None:
     """``prog: error: <exc>`` on stderr, in one line (a JSON record with ``--log-format json``)."""
-    text = " ".join(str(exc).split("\n\n", 1)[0].split())  # one line, without a remote traceback
+    text = one_line(exc)
     if _json_logging():
         # --log-format json: a log collector parses every stderr line, so the last one is a record too
         logging.getLogger("sync_worker.cli").error("%s: error: %s", prog, text)

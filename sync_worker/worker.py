@@ -510,7 +510,11 @@ class TaskWorker:
             self._main_waiting = True
             previous = signal.signal(signal.SIGTERM, self.handle_sigterm)
         try:
-            presses = self._begin_holding_ctrl_c() if in_main else self._begin()
+            presses = 0
+            if in_main:
+                presses = self._begin_holding_ctrl_c()
+            else:
+                self._begin()
             try:
                 if presses:  # Ctrl-C while it began: handled as any other below
                     if presses > 1:
@@ -566,7 +570,8 @@ class TaskWorker:
         no word, the worker half started). A SIGINT handler other than Python's default
         (the host's own, or SIG_IGN in a background job) is left as it is."""
         if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-            return self._begin()
+            self._begin()
+            return 0
         pressed: list[int] = []
         signal.signal(signal.SIGINT, lambda signum, _frame: pressed.append(signum))
         try:
@@ -575,8 +580,7 @@ class TaskWorker:
             signal.signal(signal.SIGINT, signal.default_int_handler)
         return len(pressed)
 
-    def _begin(self) -> int:
-        """Start the service thread and what it needs (0: no Ctrl-C held back here)."""
+    def _begin(self) -> None:
         with self._lock:
             if self.started or not self._done.is_set():
                 raise RuntimeError("This task worker is already running; stop() and join() it before starting again")
@@ -626,7 +630,6 @@ class TaskWorker:
                         self._limit or "none", getattr(self._client, "api_url", "?"), keys)
             self._service_thread = threading.Thread(target=self._service, name="sync-worker-service", daemon=True)
             self._service_thread.start()
-        return 0
 
     _ever_started = False
 

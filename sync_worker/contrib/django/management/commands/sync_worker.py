@@ -6,7 +6,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError
 
-from sync_worker.cli_support import LOG_FORMAT, port, positive_float, worker_limit
+from sync_worker.cli_support import LOG_FORMAT, one_line, port, positive_float, worker_limit
 
 
 class Command(BaseCommand):
@@ -46,6 +46,6 @@ class Command(BaseCommand):
         except ConfigurationError as exc:  # a setup mistake: one line naming it, exit 2 (as sync-worker does)
             raise CommandError(" ".join(str(exc).split()), returncode=2) from None
         except SyncWorkerError as exc:  # what ended the worker (refused credentials): one line, exit 1
-            raise CommandError(" ".join(str(exc).split("\n\n", 1)[0].split()), returncode=1) from None
+            raise CommandError(one_line(exc), returncode=1) from None
         if status:
             raise CommandError(f"sync_worker worker exited with status {status}", returncode=status)
